@@ -1,0 +1,192 @@
+"""Bases on real ext4 images, read back without trusting our own code (blkid, debugfs, hg)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, Cli
+
+pytestmark = pytest.mark.usefixtures("root")
+HG = str(REPO / ".venv" / "bin" / "hg")
+
+
+def debugfs(image: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def show(cli: Cli, name: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(cli.ok("base", "show", name, "--json").output)
+
+
+def test_create_keeps_everything(cli: Cli, src_tree: Path) -> None:
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    data = show(cli, "deb")
+    assert data["name"] == "deb" and data["latest"] == 1
+    gen = data["generations"][0]
+    assert gen["number"] == 1 and gen["size"] >= 64 << 20 and gen["created"]
+    image = Path(gen["image"])
+    assert image.stat().st_mode & 0o777 == 0o600
+    label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", str(image)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert label == "BASE"
+    st = debugfs(image, "stat /bin/tool")
+    assert "Mode:  04755" in st
+    conf = debugfs(image, "stat /etc/app/app.conf")
+    assert "User:   123   Group:   456" in conf
+    assert "user.unionimg-test" in debugfs(image, "ea_list /etc/app/app.conf")
+    assert "Fast link dest: \"../etc/hostname\"" in debugfs(image, "stat /bin/hostlink")
+    assert "01:03" in debugfs(image, "stat /dev/null")
+    assert "Mode:  01777" in debugfs(image, "stat /empty")
+    assert "n\\xc3\\xa4me.txt" in debugfs(image, 'ls -l "/dir with space"')
+    hard = debugfs(image, "stat /etc/motd")
+    assert "Links: 2" in hard
+    # history: plain hg works, one changeset, sidecar keeps what hg drops
+    hist = data["history"]
+    log = subprocess.run([HG, "-R", hist, "log", "-T", "{rev}:{desc}\\n"], capture_output=True,
+                         text=True, check=True).stdout
+    assert log.strip() == f"0:deb generation 1: created from {src_tree}"
+    side = subprocess.run([HG, "-R", hist, "cat", "-r", "tip", f"{hist}/.unionimg/manifest.jsonl"],
+                          capture_output=True, text=True, check=True).stdout
+    dev = [json.loads(line) for line in side.splitlines() if '"/dev/null"' in line]
+    assert dev and dev[0]["kind"] == "chr"
+    assert any('"/empty"' in line for line in side.splitlines())
+
+
+def test_update_three_ways_never_touch_old_generation(cli: Cli, src_tree: Path, tmp_path: Path
+                                                       ) -> None:
+    busybox = Path("/bin/busybox")
+    if busybox.exists():
+        (src_tree / "bin" / "busybox").write_bytes(busybox.read_bytes())
+        os.chmod(src_tree / "bin" / "busybox", 0o755)
+        os.symlink("busybox", src_tree / "bin" / "sh")
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    g1 = Path(show(cli, "deb")["generations"][0]["image"])
+    before = sha(g1)
+
+    patch = tmp_path / "patch"
+    (patch / "etc").mkdir(parents=True)
+    (patch / "etc" / "hostname").write_text("patched\n")
+    (patch / "etc" / "added").write_text("new\n")
+    cli.ok("base", "update", "deb", "--apply-dir", str(patch))
+    d = json.loads(cli.ok("base", "diff", "deb", "--json").output)
+    assert d["from"] == 1 and d["to"] == 2
+    assert d["added"] == ["/etc/added"] and d["modified"] == ["/etc/hostname"]
+    assert d["deleted"] == []
+
+    if busybox.exists():
+        cli.ok("base", "update", "deb", "--run", "echo ran > /etc/ran; rm /etc/motd.hard")
+        d = json.loads(cli.ok("base", "diff", "deb", "--json").output)
+        assert d["added"] == ["/etc/ran"] and d["deleted"] == ["/etc/motd.hard"]
+        bad = cli.fails("base", "update", "deb", "--run", "exit 7")
+        assert "exit status 7" in bad.output
+
+    exact = tmp_path / "exact"
+    (exact / "etc").mkdir(parents=True)
+    (exact / "etc" / "only").write_text("x\n")
+    cli.ok("base", "update", "deb", "--from-dir", str(exact))
+    data = show(cli, "deb")
+    last = data["generations"][-1]
+    d = json.loads(cli.ok("base", "diff", "deb", "--from", "1", "--json").output)
+    assert "/etc/only" in d["added"] and "/etc/hostname" in d["deleted"]
+    assert sha(g1) == before, "generation 1 was modified"
+    log = json.loads(cli.ok("base", "log", "deb", "--json").output)
+    assert len(log) == last["number"] == len(data["generations"])
+
+
+def test_gc_and_remove(cli: Cli, src_tree: Path, tmp_path: Path) -> None:
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    cli.ok("instance", "create", "vm1", "--base", "deb")
+    patch = tmp_path / "p"
+    patch.mkdir()
+    (patch / "f").write_text("1")
+    cli.ok("base", "update", "deb", "--apply-dir", str(patch))
+    cli.ok("base", "update", "deb", "--apply-dir", str(patch))
+    out = json.loads(cli.ok("base", "gc", "--json").output)
+    assert out == [{"base": "deb", "generation": 2}]  # 1 is used by vm1, 3 is the latest
+    assert [g["number"] for g in show(cli, "deb")["generations"]] == [1, 3]
+    res = cli.fails("base", "remove", "deb")
+    assert "used by instance(s) vm1" in res.output
+    cli.ok("instance", "remove", "vm1")
+    cli.ok("base", "remove", "deb")
+    assert json.loads(cli.ok("base", "list", "--json").output) == []
+
+
+def tree_listing(root: Path) -> list[tuple[str, int]]:
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.name.endswith(".lock"):
+                continue
+            out.append((str(p.relative_to(root)), p.stat().st_size))
+    return sorted(out)
+
+
+def test_bad_input_leaves_store_unchanged(cli: Cli, src_tree: Path, tmp_path: Path) -> None:
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    cli.ok("instance", "create", "vm1", "--base", "deb", "--mac", "52:54:00:00:00:01")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.ok("mount", "vm1", str(mnt))
+    try:
+        snapshot = tree_listing(cli.store)
+        huge = tmp_path / "huge"
+        huge.mkdir()
+        (huge / "big").write_bytes(b"\1" * (40 << 20))
+        bad = [
+            (("base", "create", "a/b", "--from-dir", str(src_tree)), "not allowed"),
+            (("base", "create", "..", "--from-dir", str(src_tree)), "not allowed"),
+            (("base", "create", "has space", "--from-dir", str(src_tree)), "not allowed"),
+            (("base", "create", "ctl\x07", "--from-dir", str(src_tree)), "not allowed"),
+            (("base", "create", "x" * 65, "--from-dir", str(src_tree)), "at most 64"),
+            (("base", "create", "deb", "--from-dir", str(src_tree)), "already exists"),
+            (("base", "create", "new", "--from-dir", str(tmp_path / "missing")), "does not exist"),
+            (("base", "create", "new", "--from-dir", str(huge), "--size", "20M"), "too small"),
+            (("base", "create", "new", "--from-dir", str(src_tree), "--kernel",
+              str(tmp_path / "vmlinuz")), "kernel"),
+            (("base", "update", "deb"), "exactly one"),
+            (("base", "update", "nope", "--apply-dir", str(src_tree)), "does not exist"),
+            (("instance", "create", "vm2", "--base", "deb", "--mac", "01:00:5e:00:00:01"),
+             "multicast"),
+            (("instance", "create", "vm2", "--base", "deb", "--mac", "52:54:00:zz:00:01"),
+             "malformed"),
+            (("instance", "create", "vm2", "--base", "deb", "--mac", "52:54:00:00:00:01"),
+             "already used by instance 'vm1'"),
+            (("instance", "create", "vm2", "--base", "deb", "--hypervisor", "vmware"),
+             "unknown hypervisor"),
+            (("instance", "create", "vm2", "--base", "nope"), "does not exist"),
+            (("instance", "create", "vm2", "--base", "deb", "--generation", "9"),
+             "no generation 9"),
+            (("instance", "create", "vm2", "--base", "deb", "--size", "1M"), "too small"),
+            (("instance", "create", "vm1", "--base", "deb"), "already exists"),
+            (("base", "remove", "deb"), "used by instance"),
+            (("mount", "vm1", str(tmp_path)), "already mounted"),
+            (("instance", "remove", "vm1"), "mounted"),
+            (("umount", str(tmp_path)), "not a unionimg mount"),
+            (("status", "ghost"), "does not exist"),
+        ]
+        for args, expected in bad:
+            res = cli.fails(*args)
+            assert expected in res.output, (args, res.output)
+            assert tree_listing(cli.store) == snapshot, f"store changed by {args}"
+    finally:
+        cli.ok("umount", str(mnt))
+
+
+def test_debug_shows_traceback(cli: Cli) -> None:
+    res = cli.runner.invoke(
+        __import__("unionimg.cli").cli.main,
+        ["--store", str(cli.store), "--debug", "instance", "show", "ghost"],
+    )
+    assert res.exit_code != 0 and res.exception is not None

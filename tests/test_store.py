@@ -1,0 +1,70 @@
+"""Store primitives: atomic writes, staging sweep after a crash, locks (no root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unionimg.errors import Conflict
+from unionimg.store import Store, read_json, write_json
+
+
+def test_init_is_private_and_idempotent(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    s.init()
+    assert (tmp_path / "st").stat().st_mode & 0o777 == 0o700
+    assert read_json(tmp_path / "st" / "store.json")["format"] == 1
+
+
+def test_write_json_atomic_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    write_json(target, {"a": 1})
+    write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_sweep_removes_dead_owner_staging_only(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = s.tmp_dir / f"{dead}.1.base-x.abcd"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    with s.staging("live") as live:
+        removed = s.sweep_tmp()
+        assert stale in removed
+        assert live.exists()
+    assert not live.exists()
+    assert list(s.tmp_dir.iterdir()) == []
+
+
+def test_lock_names_holder(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from unionimg.store import Store\n"
+        "s = Store(%r)\n"
+        "with s.lock('instance-x', purpose='reconcile x'):\n"
+        "    print('held', flush=True); time.sleep(30)\n"
+    ) % (str(Path(__file__).resolve().parent.parent), str(s.root))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(Conflict, match=f"pid {proc.pid} reconcile x"), \
+                s.lock("instance-x", wait=False):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with s.lock("instance-x", wait=False):
+        assert os.path.exists(s.locks_dir / "instance-x.lock")

@@ -1,0 +1,468 @@
+"""Bases: named OS images made of immutable, numbered generations with Mercurial history.
+
+A generation is built entirely in staging (``tmp/``) — image, manifest, kernel, metadata,
+and its changeset in the base's history — and appears by one ``rename(2)``. A crash before
+the rename leaves at most a history changeset that no generation names; the next update
+strips it before committing (:func:`_repair_history`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import hgrepo
+from .faults import checkpoint
+from .errors import Conflict, NotFound, UsageError
+from .image import default_size, disk_usage, make_ext4, usage_of
+from .manifest import Entry, Manifest, diff_manifests, scan_tree, sidecar_text, write_manifest
+from .mounts import mount_image, mount_overlay, require_root, umount
+from .names import check_name, human_size
+from .runner import run
+from .store import Store, now_iso, read_json, write_json
+
+RESERVED_TOP = (".unionimg", ".hg")
+
+
+@dataclass(frozen=True)
+class Generation:
+    base: str
+    number: int
+    dir: Path
+    created: str
+    size: int
+    node: str
+    kernel: str | None
+    files: int
+    source: str
+
+    @property
+    def image(self) -> Path:
+        return self.dir / "base.img"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.sqlite"
+
+    def manifest(self) -> Manifest:
+        return Manifest(self.manifest_path)
+
+    @property
+    def kernel_path(self) -> Path | None:
+        return self.dir / "vmlinuz" if self.kernel else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "image": str(self.image),
+            "created": self.created,
+            "size": self.size,
+            "disk_usage": disk_usage(self.image),
+            "files": self.files,
+            "hg_node": self.node,
+            "kernel": str(self.kernel_path) if self.kernel_path else None,
+            "kernel_version": self.kernel,
+            "source": self.source,
+        }
+
+
+def _load_generation(base: str, gdir: Path) -> Generation:
+    meta = read_json(gdir / "generation.json")
+    return Generation(
+        base=base,
+        number=int(meta["number"]),
+        dir=gdir,
+        created=meta["created"],
+        size=int(meta["size"]),
+        node=meta["hg_node"],
+        kernel=meta.get("kernel"),
+        files=int(meta["files"]),
+        source=meta.get("source", ""),
+    )
+
+
+def list_bases(store: Store) -> list[str]:
+    if not store.bases_dir.is_dir():
+        return []
+    return sorted(p.name for p in store.bases_dir.iterdir() if (p / "base.json").is_file())
+
+
+def generations(store: Store, name: str) -> list[Generation]:
+    bdir = store.base_dir(name)
+    if not (bdir / "base.json").is_file():
+        raise NotFound(f"base '{name}' does not exist; see 'unionimg base list'")
+    gens = []
+    for gdir in (bdir / "generations").iterdir():
+        if gdir.name.isdigit() and (gdir / "generation.json").is_file():
+            gens.append(_load_generation(name, gdir))
+    return sorted(gens, key=lambda g: g.number)
+
+
+def get_generation(store: Store, name: str, number: int | None = None) -> Generation:
+    gens = generations(store, name)
+    if not gens:
+        raise NotFound(f"base '{name}' has no generation")
+    if number is None:
+        return gens[-1]
+    for g in gens:
+        if g.number == number:
+            return g
+    have = ", ".join(str(g.number) for g in gens)
+    raise NotFound(f"base '{name}' has no generation {number} (it has {have})")
+
+
+# -- building -----------------------------------------------------------------------------
+def _check_dir(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist; give an existing directory")
+    if not path.is_dir():
+        raise UsageError(f"{what} {path} is not a directory")
+    return path.resolve()
+
+
+def _check_kernel(kernel: Path | None) -> Path | None:
+    if kernel is None:
+        return None
+    if not kernel.is_file():
+        raise UsageError(f"kernel {kernel} does not exist; give the path of a vmlinuz file")
+    return kernel.resolve()
+
+
+def _kernel_version(vmlinuz: Path) -> str:
+    """``6.1.0-28-amd64`` from ``vmlinuz-6.1.0-28-amd64``, else the kernel's own banner."""
+    name = vmlinuz.name
+    if name.startswith("vmlinuz-"):
+        return name[len("vmlinuz-") :]
+    res = run(["file", "-b", str(vmlinuz)], check=False) if shutil.which("file") else None
+    if res and "version" in res.stdout:
+        return res.stdout.split("version", 1)[1].split()[0]
+    return "unknown"
+
+
+def _tree_kernel(tree: Path) -> Path | None:
+    found = sorted(glob.glob(str(tree / "boot" / "vmlinuz-*")))
+    return Path(found[-1]) if found else None
+
+
+@contextlib.contextmanager
+def _staging_tree(store: Store, stage: Path, lowers: list[Path]) -> Iterator[Path]:
+    """An overlay over ``lowers`` with a private upper in ``stage``: the generation's tree,
+    writable without touching the source directory or the previous generation."""
+    upper, work, tree = stage / "upper", stage / "work", stage / "tree"
+    for d in (upper, work, tree):
+        d.mkdir(mode=0o755)
+    mount_overlay(lowers, upper, work, tree)
+    try:
+        yield tree
+    finally:
+        umount(tree)
+
+
+def _build_generation(
+    store: Store,
+    name: str,
+    number: int,
+    tree: Path,
+    gdir: Path,
+    *,
+    size: int | None,
+    kernel: Path | None,
+    source: str,
+    parent: Generation | None,
+    history: Path,
+    message: str,
+) -> Generation:
+    op = "base-create" if parent is None else "base-update"
+    checkpoint(f"{op}:staged")
+    entries = list(scan_tree(tree, skip_top=("lost+found",)))
+    for e in entries:
+        if e.path.split("/")[1] in RESERVED_TOP and e.path != "/":
+            raise UsageError(
+                f"the tree holds {e.path}, a name unionimg reserves for its history; "
+                "remove it from the source directory"
+            )
+    used, inodes = usage_of(entries)
+    if size is None:
+        size = max(default_size(used, inodes), parent.size if parent else 0)
+    elif size < used:
+        raise UsageError(
+            f"size {human_size(size)} is too small for {source} "
+            f"({human_size(used)} of files); give a larger --size"
+        )
+    gdir.mkdir(mode=0o700)
+    make_ext4(gdir / "base.img", "BASE", tree, size, inodes=inodes)
+    write_manifest(entries, gdir / "manifest.sqlite", {"base": name, "generation": str(number)})
+    checkpoint(f"{op}:image-made")
+    kernel_src = kernel or _tree_kernel(tree)
+    kernel_version = None
+    if kernel_src is None and parent is not None and parent.kernel_path is not None:
+        kernel_src = parent.kernel_path
+        kernel_version = parent.kernel
+    if kernel_src is not None:
+        shutil.copyfile(kernel_src, gdir / "vmlinuz")
+        os.chmod(gdir / "vmlinuz", 0o600)
+        kernel_version = kernel_version or _kernel_version(kernel_src)
+    # history: the sidecar goes next to the files in the overlay's upper, never in the image
+    hgrepo.write_sidecar(tree, sidecar_text(entries), {"generation": f"{name} {number}\n"})
+    node = hgrepo.commit_tree_into(history, tree, parent.node if parent else None, message)
+    checkpoint(f"{op}:committed")
+    shutil.rmtree(tree / hgrepo.SIDECAR_DIR)
+    meta = {
+        "number": number,
+        "created": now_iso(),
+        "size": size,
+        "hg_node": node,
+        "kernel": kernel_version,
+        "files": len(entries),
+        "source": source,
+    }
+    write_json(gdir / "generation.json", meta)
+    return _load_generation(name, gdir)
+
+
+def create(
+    store: Store, name: str, from_dir: Path, *, size: int | None = None, kernel: Path | None = None
+) -> Generation:
+    check_name(name, "base")
+    src = _check_dir(from_dir, "source directory")
+    kernel = _check_kernel(kernel)
+    require_root("base create")
+    with store.lock(f"base-{name}", purpose=f"base create {name}"):
+        if store.base_dir(name).exists():
+            raise Conflict(f"base '{name}' already exists; use 'unionimg base update {name}'")
+        with store.staging(f"base-{name}") as stage:
+            bdir = stage / "base"
+            bdir.mkdir(mode=0o700)
+            (bdir / "generations").mkdir(mode=0o700)
+            history = bdir / "history"
+            hgrepo.init_repo(history)
+            write_json(bdir / "base.json", {"name": name, "created": now_iso()})
+            with _staging_tree(store, stage, [src]) as tree:
+                gen = _build_generation(
+                    store,
+                    name,
+                    1,
+                    tree,
+                    bdir / "generations" / "1",
+                    size=size,
+                    kernel=kernel,
+                    source=str(src),
+                    parent=None,
+                    history=history,
+                    message=f"{name} generation 1: created from {src}",
+                )
+            os.rename(bdir, store.base_dir(name))
+            checkpoint("base-create:published")
+    return get_generation(store, name, gen.number)
+
+
+def _repair_history(store: Store, name: str, gens: list[Generation]) -> None:
+    """Strip changesets a crashed update committed without making its generation."""
+    known = {g.node for g in gens}
+    with hgrepo.open_repo(store.base_dir(name) / "history") as repo:
+        while (tip := repo.tip()) is not None and tip not in known:
+            repo.strip(tip)
+
+
+def update(
+    store: Store,
+    name: str,
+    *,
+    from_dir: Path | None = None,
+    apply_dir: Path | None = None,
+    command: str | None = None,
+    size: int | None = None,
+    kernel: Path | None = None,
+) -> Generation:
+    check_name(name, "base")
+    modes = [m for m in (from_dir, apply_dir, command) if m is not None]
+    if len(modes) != 1:
+        raise UsageError("give exactly one of --from-dir, --apply-dir or --run")
+    src = _check_dir(from_dir or apply_dir, "directory") if command is None else None  # type: ignore[arg-type]
+    if command is not None and not command.strip():
+        raise UsageError("--run needs a command, e.g. --run 'apt-get -y upgrade'")
+    kernel = _check_kernel(kernel)
+    require_root("base update")
+    with store.lock(f"base-{name}", purpose=f"base update {name}"):
+        gens = generations(store, name)
+        parent = gens[-1]
+        _repair_history(store, name, gens)
+        number = parent.number + 1
+        history = store.base_dir(name) / "history"
+        with store.staging(f"gen-{name}-{number}") as stage:
+            lower = stage / "lower"
+            lowers: list[Path] = []
+            if from_dir is not None:
+                source = str(src)
+                lowers = [src]  # type: ignore[list-item]
+            else:
+                mount_image(parent.image, lower, readonly=True)
+                if apply_dir is not None:
+                    source = f"{src} laid over generation {parent.number}"
+                    lowers = [src, lower]  # type: ignore[list-item]
+                else:
+                    source = f"generation {parent.number} changed by: {command}"
+                    lowers = [lower]
+            try:
+                with _staging_tree(store, stage, lowers) as tree:
+                    if command is not None:
+                        run_in_chroot(tree, command)
+                    gen = _build_generation(
+                        store,
+                        name,
+                        number,
+                        tree,
+                        stage / "gen",
+                        size=size,
+                        kernel=kernel,
+                        source=source,
+                        parent=parent,
+                        history=history,
+                        message=f"{name} generation {number}: {source}",
+                    )
+            finally:
+                umount(lower)
+            os.rename(stage / "gen", store.base_dir(name) / "generations" / str(number))
+            checkpoint("base-update:published")
+    return get_generation(store, name, gen.number)
+
+
+def run_in_chroot(tree: Path, command: str) -> None:
+    """Run ``command`` with the tree's own ``/bin/sh -c``, chrooted, with /proc, /sys, /dev
+    and the host's resolver; everything mounted here is unmounted before returning."""
+    if not (tree / "bin" / "sh").exists() and not (tree / "bin" / "sh").is_symlink():
+        raise UsageError("the base has no /bin/sh, so --run cannot run a command in it")
+    mounted: list[Path] = []
+    try:
+        for fstype, src, dst in (("proc", "proc", "proc"), ("sysfs", "sys", "sys")):
+            target = tree / dst
+            if target.is_dir():
+                run(["mount", "-t", fstype, src, str(target)], what=f"mounting {dst}")
+                mounted.append(target)
+        if (tree / "dev").is_dir():
+            run(["mount", "--rbind", "/dev", str(tree / "dev")], what="binding /dev")
+            run(["mount", "--make-rslave", str(tree / "dev")], what="isolating /dev")
+            mounted.append(tree / "dev")
+        resolv = tree / "etc" / "resolv.conf"
+        if resolv.is_file() and not resolv.is_symlink() and Path("/etc/resolv.conf").exists():
+            run(
+                ["mount", "--bind", "-o", "ro", "/etc/resolv.conf", str(resolv)],
+                what="binding resolv.conf",
+            )
+            mounted.append(resolv)
+        res = run(
+            ["chroot", str(tree), "/bin/sh", "-c", command],
+            check=False,
+            env={
+                "DEBIAN_FRONTEND": "noninteractive",
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            },
+        )
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()
+            raise UsageError(
+                f"command {command!r} failed in the base with exit status {res.returncode}"
+                f"{': ' + tail[-1] if tail else ''}; no generation was made"
+            )
+    finally:
+        for target in reversed(mounted):
+            run(["umount", "-R", "-l", str(target)], check=False)
+
+
+# -- reading ------------------------------------------------------------------------------
+def show(store: Store, name: str) -> dict[str, Any]:
+    gens = generations(store, name)
+    meta = read_json(store.base_dir(name) / "base.json")
+    return {
+        "name": name,
+        "created": meta["created"],
+        "latest": gens[-1].number if gens else None,
+        "history": str(store.base_dir(name) / "history"),
+        "generations": [g.to_json() for g in gens],
+    }
+
+
+def log(store: Store, name: str) -> list[hgrepo.Changeset]:
+    with store.lock(f"base-{name}", purpose=f"base log {name}"):
+        _repair_history(store, name, generations(store, name))
+    with hgrepo.open_repo(store.base_dir(name) / "history") as repo:
+        return repo.log()
+
+
+def diff(store: Store, name: str, from_gen: int | None, to_gen: int | None) -> dict[str, Any]:
+    gens = generations(store, name)
+    b = get_generation(store, name, to_gen) if to_gen is not None else gens[-1]
+    if from_gen is None:
+        earlier = [g for g in gens if g.number < b.number]
+        a = earlier[-1] if earlier else b
+    else:
+        a = get_generation(store, name, from_gen)
+    changes = diff_manifests(a.manifest_path, b.manifest_path)
+    out: dict[str, Any] = {
+        "base": name,
+        "from": a.number,
+        "to": b.number,
+        "added": [],
+        "modified": [],
+        "deleted": [],
+        "metadata_only": [],
+    }
+    for c in changes:
+        status = c.status
+        if status == "metadata":
+            out["modified"].append(c.path)
+            out["metadata_only"].append(c.path)
+        else:
+            out[status].append(c.path)
+    return out
+
+
+def users(store: Store) -> dict[tuple[str, int], list[str]]:
+    """(base, generation) → instances pinned to it."""
+    from .instance import list_instances
+
+    out: dict[tuple[str, int], list[str]] = {}
+    for inst in list_instances(store):
+        out.setdefault((inst.base, inst.generation), []).append(inst.name)
+    return out
+
+
+def gc(store: Store, name: str | None = None) -> list[tuple[str, int]]:
+    """Remove generations that are not the latest of their base and no instance uses."""
+    removed = []
+    for bname in [name] if name else list_bases(store):
+        with store.lock(f"base-{bname}", purpose="base gc"), store.lock("store"):
+            used = users(store)
+            gens = generations(store, bname)
+            for g in gens[:-1]:
+                if (bname, g.number) in used:
+                    continue
+                with store.staging(f"gc-{bname}-{g.number}") as stage:
+                    os.rename(g.dir, stage / "gen")
+                removed.append((bname, g.number))
+    return removed
+
+
+def remove(store: Store, name: str) -> None:
+    check_name(name, "base")
+    with store.lock(f"base-{name}", purpose="base remove"), store.lock("store"):
+        generations(store, name)
+        using = sorted({v for (b, _), vs in users(store).items() if b == name for v in vs})
+        if using:
+            raise Conflict(
+                f"base '{name}' is used by instance(s) {', '.join(using)}; "
+                "remove those instances first"
+            )
+        with store.staging(f"rm-{name}") as stage:
+            os.rename(store.base_dir(name), stage / "base")
+
+
+def entry_of(gen: Generation, path: str) -> Entry | None:
+    with gen.manifest() as m:
+        return m.get(path)

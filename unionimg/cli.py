@@ -1,0 +1,461 @@
+"""The ``unionimg`` command line (click). Errors a user can cause are one line + exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import base as base_mod
+from . import instance as inst_mod
+from . import status as status_mod
+from . import union as union_mod
+from .errors import UnionimgError
+from .names import HYPERVISORS, human_size, parse_size
+from .store import DEFAULT_STORE, Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    def __init__(self, store_path: str, debug: bool) -> None:
+        self.store_path = store_path
+        self.debug = debug
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.store_path)
+            self._store.init()
+        return self._store
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+    else:
+        human(data)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def size_type(value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
+class UnionimgGroup(click.Group):
+    """Turns UnionimgError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UnionimgError as exc:
+            obj = ctx.find_object(Ctx)
+            if obj is not None and obj.debug:
+                raise
+            click.echo(f"unionimg: error: {exc.message}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("unionimg: interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            obj = ctx.find_object(Ctx)
+            if obj is not None and obj.debug:
+                raise
+            click.echo(
+                f"unionimg: internal error: {type(exc).__name__}: {exc} "
+                "(rerun with --debug for the traceback)",
+                err=True,
+            )
+            ctx.exit(70)
+
+
+@click.group(cls=UnionimgGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store",
+    "store_path",
+    envvar="UNIONIMG_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="Store directory (also UNIONIMG_STORE).",
+)
+@click.option("--debug", is_flag=True, help="Log every program run; show tracebacks.")
+@click.version_option(package_name="unionimg")
+@click.pass_context
+def main(ctx: click.Context, store_path: str, debug: bool) -> None:
+    """Shared read-only BASE images, one small writable U image per VM, reconciled with
+    Mercurial; the same images boot under KVM, Xen, VirtualBox and User-Mode Linux."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="unionimg: %(message)s"
+    )
+    ctx.obj = Ctx(store_path, debug)
+
+
+# -- base ---------------------------------------------------------------------------------
+@main.group()
+def base() -> None:
+    """Bases: named OS images with numbered, immutable generations."""
+
+
+def _print_generation(g: base_mod.Generation, verb: str) -> None:
+    click.echo(
+        f"{verb} base {g.base} generation {g.number}: {g.image} "
+        f"({human_size(g.size)}, {g.files} paths, hg {g.node[:12]})"
+    )
+
+
+@base.command("create")
+@click.argument("name")
+@click.option(
+    "--from-dir",
+    "from_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory holding exactly the OS tree.",
+)
+@click.option("--size", default=None, help="Image size (e.g. 2G); default fits the tree.")
+@click.option(
+    "--kernel",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="vmlinuz to boot this base with (default: the tree's /boot/vmlinuz-*).",
+)
+@pass_ctx
+def base_create(c: Ctx, name: str, from_dir: Path, size: str | None, kernel: Path | None) -> None:
+    """Create base NAME, generation 1, from DIR (owners, modes, xattrs, devices kept)."""
+    g = base_mod.create(c.store, name, from_dir, size=size_type(size), kernel=kernel)
+    _print_generation(g, "created")
+
+
+@base.command("update")
+@click.argument("name")
+@click.option(
+    "--from-dir",
+    "from_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The new generation is exactly this directory.",
+)
+@click.option(
+    "--apply-dir",
+    "apply_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="This directory's files laid over the latest generation.",
+)
+@click.option(
+    "--run",
+    "command",
+    default=None,
+    help="Run this with the base's /bin/sh -c, chrooted in a copy of the latest.",
+)
+@click.option("--size", default=None, help="Image size; default fits the tree.")
+@click.option("--kernel", type=click.Path(path_type=Path), default=None)
+@pass_ctx
+def base_update(
+    c: Ctx,
+    name: str,
+    from_dir: Path | None,
+    apply_dir: Path | None,
+    command: str | None,
+    size: str | None,
+    kernel: Path | None,
+) -> None:
+    """Make generation N+1 of NAME; existing generations are never modified."""
+    g = base_mod.update(
+        c.store,
+        name,
+        from_dir=from_dir,
+        apply_dir=apply_dir,
+        command=command,
+        size=size_type(size),
+        kernel=kernel,
+    )
+    _print_generation(g, "made")
+
+
+@base.command("list")
+@json_option
+@pass_ctx
+def base_list(c: Ctx, as_json: bool) -> None:
+    """List bases and their latest generation."""
+    rows = [base_mod.show(c.store, n) for n in base_mod.list_bases(c.store)]
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            click.echo(f"{r['name']}\tlatest {r['latest']}\t{len(r['generations'])} generation(s)")
+
+    emit(rows, as_json, human)
+
+
+@base.command("show")
+@click.argument("name")
+@json_option
+@pass_ctx
+def base_show(c: Ctx, name: str, as_json: bool) -> None:
+    """Show a base and its generations."""
+    data = base_mod.show(c.store, name)
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"base {d['name']} (latest generation {d['latest']})")
+        for g in d["generations"]:
+            click.echo(
+                f"  {g['number']}\t{g['created']}\t{human_size(g['size'])}\t"
+                f"{g['files']} paths\t{g['image']}"
+            )
+
+    emit(data, as_json, human)
+
+
+@base.command("log")
+@click.argument("name")
+@json_option
+@pass_ctx
+def base_log(c: Ctx, name: str, as_json: bool) -> None:
+    """The base's Mercurial history: one changeset per generation."""
+    _print_log(base_mod.log(c.store, name), as_json)
+
+
+def _print_log(csets: list[Any], as_json: bool) -> None:
+    def human(rows: list[Any]) -> None:
+        for cs in rows:
+            click.echo(f"{cs.rev}:{cs.node[:12]}  {cs.date}  {cs.desc}")
+
+    if as_json:
+        click.echo(json.dumps([cs.to_json() for cs in csets], indent=2))
+    else:
+        human(csets)
+
+
+@base.command("diff")
+@click.argument("name")
+@click.option("--from", "from_gen", type=int, default=None, help="Generation (default: to-1).")
+@click.option("--to", "to_gen", type=int, default=None, help="Generation (default: latest).")
+@json_option
+@pass_ctx
+def base_diff(c: Ctx, name: str, from_gen: int | None, to_gen: int | None, as_json: bool) -> None:
+    """Paths added, modified and deleted between two generations."""
+    data = base_mod.diff(c.store, name, from_gen, to_gen)
+
+    def human(d: dict[str, Any]) -> None:
+        meta = set(d["metadata_only"])
+        for key, mark in (("added", "A"), ("modified", "M"), ("deleted", "D")):
+            for p in d[key]:
+                click.echo(f"{'m' if p in meta else mark} {p}")
+
+    emit(data, as_json, human)
+
+
+@base.command("gc")
+@click.argument("name", required=False)
+@json_option
+@pass_ctx
+def base_gc(c: Ctx, name: str | None, as_json: bool) -> None:
+    """Remove generations that are not the latest and that no instance uses."""
+    removed = base_mod.gc(c.store, name)
+    emit(
+        [{"base": b, "generation": g} for b, g in removed],
+        as_json,
+        lambda rows: click.echo(
+            "\n".join(f"removed {r['base']} generation {r['generation']}" for r in rows)
+            or "nothing to remove"
+        ),
+    )
+
+
+@base.command("remove")
+@click.argument("name")
+@pass_ctx
+def base_remove(c: Ctx, name: str) -> None:
+    """Remove a base no instance uses (all generations and history)."""
+    base_mod.remove(c.store, name)
+    click.echo(f"removed base {name}")
+
+
+# -- instance -----------------------------------------------------------------------------
+@main.group()
+def instance() -> None:
+    """Instances (VMs): a base generation plus a writable U image."""
+
+
+@instance.command("create")
+@click.argument("vm")
+@click.option("--base", "base_name", required=True)
+@click.option("--generation", type=int, default=None, help="Default: the base's latest.")
+@click.option("--mac", default=None, help="Fixed MAC (default: derived from the name).")
+@click.option(
+    "--hypervisor", default="kvm", show_default=True, help=f"One of {', '.join(HYPERVISORS)}."
+)
+@click.option("--size", default=None, help="U image size, sparse (default 4G).")
+@click.option("--memory", type=int, default=512, show_default=True, help="MiB.")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option(
+    "--nic-name",
+    default="eth0",
+    show_default=True,
+    help="Name the guest gives the NIC with the instance's MAC.",
+)
+@pass_ctx
+def instance_create(
+    c: Ctx,
+    vm: str,
+    base_name: str,
+    generation: int | None,
+    mac: str | None,
+    hypervisor: str,
+    size: str | None,
+    memory: int,
+    vcpus: int,
+    nic_name: str,
+) -> None:
+    """Create instance VM on a base generation."""
+    inst = inst_mod.create(
+        c.store,
+        vm,
+        base_name,
+        generation=generation,
+        mac=mac,
+        hypervisor=hypervisor,
+        size=size_type(size),
+        memory=memory,
+        vcpus=vcpus,
+        nic_name=nic_name,
+    )
+    click.echo(
+        f"created instance {inst.name} on {inst.base} generation {inst.generation} "
+        f"(mac {inst.mac}, {inst.hypervisor})"
+    )
+
+
+@instance.command("list")
+@json_option
+@pass_ctx
+def instance_list(c: Ctx, as_json: bool) -> None:
+    """List instances."""
+    rows = [inst_mod.describe(c.store, i) for i in inst_mod.list_instances(c.store)]
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            click.echo(
+                f"{r['name']}\t{r['base']}:{r['generation']}\t{r['mac']}\t"
+                f"{r['hypervisor']}\t{r['state']}"
+            )
+
+    emit(rows, as_json, human)
+
+
+@instance.command("show")
+@click.argument("vm")
+@json_option
+@pass_ctx
+def instance_show(c: Ctx, vm: str, as_json: bool) -> None:
+    """Show one instance."""
+    data = inst_mod.describe(c.store, inst_mod.load(c.store, vm))
+    emit(data, as_json, lambda d: click.echo("\n".join(f"{k}: {v}" for k, v in sorted(d.items()))))
+
+
+@instance.command("remove")
+@click.argument("vm")
+@pass_ctx
+def instance_remove(c: Ctx, vm: str) -> None:
+    """Remove an instance that is neither mounted nor running (its U image is deleted)."""
+    inst_mod.remove(c.store, vm)
+    click.echo(f"removed instance {vm}")
+
+
+# -- union, status, history ---------------------------------------------------------------
+@main.command("mount")
+@click.argument("vm")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--readonly", is_flag=True, help="Mount the union read-only.")
+@click.option(
+    "--driver",
+    type=click.Choice(["auto", "overlay", "fuse-overlayfs"]),
+    default="auto",
+    show_default=True,
+)
+@pass_ctx
+def mount_cmd(c: Ctx, vm: str, directory: Path, readonly: bool, driver: str) -> None:
+    """Mount the union of VM's base generation and its U layer at DIRECTORY."""
+    rec = union_mod.mount(c.store, vm, directory, readonly=readonly, driver=driver)
+    click.echo(
+        f"mounted {vm} at {rec['target']} ({rec['driver']}{', read-only' if readonly else ''})"
+    )
+
+
+@main.command("umount")
+@click.argument("directory", type=click.Path(path_type=Path))
+@pass_ctx
+def umount_cmd(c: Ctx, directory: Path) -> None:
+    """Unmount a union mounted with 'unionimg mount'."""
+    name = union_mod.umount_union(c.store, directory)
+    click.echo(f"unmounted {name} from {os.path.abspath(directory)}")
+
+
+@main.command("status")
+@click.argument("vm")
+@json_option
+@pass_ctx
+def status_cmd(c: Ctx, vm: str, as_json: bool) -> None:
+    """VM's local changes against its base generation, read from its upper layer."""
+    data = status_mod.status(c.store, vm)
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(
+            f"{d['name']}: base {d['base']} generation {d['generation']}"
+            + (
+                f" (generation {d['latest_generation']} is available)"
+                if d["newer_generation"]
+                else ""
+            )
+        )
+        for key, mark in (
+            ("added", "A"),
+            ("modified", "M"),
+            ("deleted", "D"),
+            ("metadata", "m"),
+            ("opaque", "O"),
+            ("identical", "="),
+            ("special", "!"),
+        ):
+            for p in d[key]:
+                click.echo(f"{mark} {p}")
+
+    emit(data, as_json, human)
+
+
+@main.command("commit")
+@click.argument("vm")
+@click.option("-m", "--message", default=None)
+@pass_ctx
+def commit_cmd(c: Ctx, vm: str, message: str | None) -> None:
+    """Record VM's current local changes in its Mercurial history."""
+    node = status_mod.commit(c.store, vm, message)
+    click.echo(f"committed {node[:12]}" if node else "nothing changed")
+
+
+@main.command("log")
+@click.argument("vm")
+@json_option
+@pass_ctx
+def log_cmd(c: Ctx, vm: str, as_json: bool) -> None:
+    """VM's Mercurial history."""
+    _print_log(status_mod.log(c.store, vm), as_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

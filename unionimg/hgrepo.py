@@ -1,0 +1,189 @@
+"""Mercurial history on the layers, driven through python-hglib (one command server per use).
+
+* A base's history is a normal repository (``bases/NAME/history``) whose working copy stays
+  empty; a generation is committed from its staging tree through a *share* of that
+  repository, so the tree is never copied.
+* An instance's history lives at the root of its U image (``.hg`` next to ``upper/`` and
+  ``work/``), so it travels with the image; ``work/`` is ignored.
+
+Both commit a sidecar ``.unionimg/manifest.jsonl`` (see :func:`manifest.sidecar_text`) with
+what Mercurial cannot hold. Plain ``hg log``/``hg diff`` work on both for an admin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hglib
+import hglib.error
+
+from .errors import ToolFailed
+
+USER = "unionimg <unionimg@localhost>"
+SIDECAR_DIR = ".unionimg"
+SIDECAR = f"{SIDECAR_DIR}/manifest.jsonl"
+_CONFIGS = [
+    "extensions.share=",
+    "extensions.strip=",
+    "ui.merge=internal:fail",
+    "ui.interactive=false",
+    "ui.username=" + USER,
+]
+
+
+def _hg_binary() -> str:
+    """The venv's hg (next to our interpreter) unless ``HGPATH`` says otherwise."""
+    env = os.environ.get("HGPATH")
+    if env:
+        return env
+    candidate = Path(sys.executable).parent / "hg"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("hg")
+    if found is None:
+        from .errors import MissingCapability
+
+        raise MissingCapability("Mercurial (hg) is not installed; run make setup")
+    return found
+
+
+def _b(*args: str | bytes) -> list[bytes]:
+    return [a if isinstance(a, bytes) else os.fsencode(a) for a in args]
+
+
+@dataclass(frozen=True)
+class Changeset:
+    rev: int
+    node: str
+    date: str
+    desc: str
+    files: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rev": self.rev,
+            "node": self.node,
+            "date": self.date,
+            "message": self.desc,
+            "files": self.files,
+        }
+
+
+class Repo:
+    """A thin, typed wrapper over an hglib client."""
+
+    def __init__(self, client: Any, root: Path) -> None:
+        self._c = client
+        self.root = root
+
+    def cmd(self, *args: str | bytes) -> bytes:
+        try:
+            out: bytes = self._c.rawcommand(_b(*args))
+        except hglib.error.CommandError as exc:
+            err = (exc.err or exc.out or b"").decode(errors="replace").strip().splitlines()
+            raise ToolFailed(
+                f"hg {os.fsdecode(_b(*args)[0])} failed in {self.root}: "
+                f"{err[-1] if err else exc.ret}"
+            ) from exc
+        return out
+
+    def tip(self) -> str | None:
+        node = self.cmd("log", "-r", "tip", "-T", "{node}").decode().strip()
+        return None if not node or set(node) == {"0"} else node
+
+    def commit_all(self, message: str) -> str | None:
+        """addremove + commit; returns the new node, or None when nothing changed."""
+        self.cmd("addremove", "-q")
+        if not self.cmd("status", "-amrd").strip():
+            return None
+        self.cmd("commit", "-m", message, "-u", USER)
+        return self.tip()
+
+    def log(self, limit: int | None = None) -> list[Changeset]:
+        args = ["log", "-T", "{rev}\\0{node}\\0{date|isodatesec}\\0{desc}\\0{files|count}\\n"]
+        if limit:
+            args += ["-l", str(limit)]
+        out = []
+        for line in self.cmd(*args).decode("utf-8", "replace").split("\n"):
+            if not line:
+                continue
+            rev, node, date, desc, nfiles = line.split("\0")
+            out.append(Changeset(int(rev), node, date, desc, int(nfiles)))
+        return out
+
+    def strip(self, node: str) -> None:
+        self.cmd("strip", "--no-backup", "-q", "-r", node)
+
+
+@contextlib.contextmanager
+def open_repo(path: Path) -> Iterator[Repo]:
+    hglib.HGPATH = _hg_binary()
+    try:
+        client = hglib.open(os.fsencode(path), configs=_CONFIGS)
+    except hglib.error.ServerError as exc:
+        raise ToolFailed(f"cannot open Mercurial repository {path}: {exc}") from exc
+    try:
+        yield Repo(client, path)
+    finally:
+        client.close()
+
+
+def init_repo(path: Path, template: Path | None = None) -> None:
+    """``hg init path``. With ``template`` (a directory owned by the store), the first call
+    runs a real ``hg init`` there and later ones copy its ``.hg``: an empty repository is a
+    few small files, and this saves a Mercurial start-up per instance."""
+    if template is not None:
+        if not (template / ".hg" / "requires").is_file():
+            staging = template.with_name(f".{template.name}.{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            init_repo(staging)
+            shutil.rmtree(template, ignore_errors=True)
+            os.rename(staging, template)
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(template / ".hg", path / ".hg", symlinks=True)
+        return
+    hglib.HGPATH = _hg_binary()
+    try:
+        hglib.init(os.fsencode(path))
+    except hglib.error.CommandError as exc:
+        raise ToolFailed(f"hg init failed for {path}: {exc}") from exc
+
+
+def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) -> None:
+    side = tree / SIDECAR_DIR
+    side.mkdir(mode=0o755, exist_ok=True)
+    (side / "manifest.jsonl").write_text(text, encoding="utf-8")
+    for name, content in (extra or {}).items():
+        (side / name).write_text(content, encoding="utf-8")
+
+
+def commit_tree_into(history: Path, tree: Path, parent: str | None, message: str) -> str:
+    """Commit ``tree`` (a staging tree holding the sidecar) as a child of ``parent`` in the
+    repository at ``history``, without copying the tree; returns the new node.
+
+    The tree gets a temporary ``.hg`` that shares ``history``'s store; the dirstate is
+    rebuilt from ``parent`` so Mercurial records exactly what changed since then.
+    """
+    with open_repo(history) as repo:
+        repo.cmd("share", "-U", str(history), str(tree))
+    try:
+        with open_repo(tree) as work:
+            if parent:
+                work.cmd("debugsetparents", parent)
+                work.cmd("debugrebuilddirstate")
+            work.cmd("addremove", "-q")
+            work.cmd("commit", "-m", message, "-u", USER)
+            node = work.tip()
+    finally:
+        shutil.rmtree(tree / ".hg")
+    if node is None:
+        raise ToolFailed(f"hg commit of {tree} recorded nothing")
+    return node

@@ -1,0 +1,244 @@
+"""Instances (VMs): a base generation, a sparse U image with ``upper/``, ``work/`` and the
+instance's own Mercurial history, a fixed MAC, a hypervisor and resources."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import hgrepo
+from .faults import checkpoint
+from .base import generations, get_generation
+from .errors import Conflict, NotFound, UsageError
+from .image import disk_usage, make_ext4
+from .mac import derive_mac
+from .mounts import is_mounted, mount_image, require_root, umount
+from .names import check_hypervisor, check_name, human_size, parse_mac
+from .store import Store, now_iso, read_json, write_json
+
+DEFAULT_U_SIZE = 4 << 30
+MIN_U_SIZE = 32 << 20
+HGIGNORE = "syntax: regexp\n^work/\n^lost\\+found/\n"
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    base: str
+    generation: int
+    mac: str
+    hypervisor: str
+    size: int
+    memory: int
+    vcpus: int
+    created: str
+    nic_name: str = "eth0"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def instance_dir(store: Store, name: str) -> Path:
+    return store.instance_dir(name)
+
+
+def upper_image(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "upper.img"
+
+
+def load(store: Store, name: str) -> Instance:
+    check_name(name, "instance")
+    path = store.instance_dir(name) / "instance.json"
+    if not path.is_file():
+        raise NotFound(f"instance '{name}' does not exist; see 'unionimg instance list'")
+    data = read_json(path)
+    return Instance(**{k: data[k] for k in Instance.__dataclass_fields__ if k in data})
+
+
+def save(store: Store, inst: Instance) -> None:
+    write_json(store.instance_dir(inst.name) / "instance.json", inst.to_json())
+
+
+def list_instances(store: Store) -> list[Instance]:
+    if not store.instances_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(store.instances_dir.iterdir()):
+        if (p / "instance.json").is_file():
+            out.append(load(store, p.name))
+    return out
+
+
+# -- mount records ------------------------------------------------------------------------
+def mount_record(store: Store, name: str) -> dict[str, Any] | None:
+    """The union mount of the instance, if it is really mounted (stale records are dropped)."""
+    path = store.instance_dir(name) / "mount.json"
+    if not path.is_file():
+        return None
+    rec: dict[str, Any] = read_json(path)
+    if is_mounted(rec["target"]):
+        return rec
+    return None
+
+
+def state(store: Store, name: str) -> str:
+    from .hypervisors_state import running_on
+
+    if running_on(store, name):
+        return "running"
+    return "mounted" if mount_record(store, name) else "stopped"
+
+
+def describe(store: Store, inst: Instance) -> dict[str, Any]:
+    img = upper_image(store, inst.name)
+    rec = mount_record(store, inst.name)
+    latest = generations(store, inst.base)[-1].number
+    out = inst.to_json()
+    out.update(
+        {
+            "upper_image": str(img),
+            "upper_disk_usage": disk_usage(img),
+            "state": state(store, inst.name),
+            "mounted_at": rec["target"] if rec else None,
+            "latest_generation": latest,
+        }
+    )
+    return out
+
+
+# -- create / remove ----------------------------------------------------------------------
+def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
+    """The content of a new U image: empty upper/ and work/, and the history repository.
+
+    The repository starts empty: an instance with no local changes has nothing to record,
+    and its first ``commit`` (or reconcile) records the base generation it sits on.
+    """
+    for d in ("upper", "work"):
+        (root / d).mkdir(mode=0o755)
+    (root / ".hgignore").write_text(HGIGNORE, encoding="utf-8")
+    hgrepo.init_repo(root, template=store.root / "templates" / "hg-empty")
+    hgrepo.write_sidecar(root, "", {"base.json": _base_ref(inst)})
+
+
+def _base_ref(inst: Instance) -> str:
+    import json
+
+    return (
+        json.dumps(
+            {"instance": inst.name, "base": inst.base, "generation": inst.generation},
+            sort_keys=True,
+        )
+        + "\n"
+    )
+
+
+def create(
+    store: Store,
+    name: str,
+    base: str,
+    *,
+    generation: int | None = None,
+    mac: str | None = None,
+    hypervisor: str = "kvm",
+    size: int | None = None,
+    memory: int = 512,
+    vcpus: int = 1,
+    nic_name: str = "eth0",
+) -> Instance:
+    check_name(name, "instance")
+    check_name(base, "base")
+    check_hypervisor(hypervisor)
+    mac_norm = parse_mac(mac) if mac is not None else None
+    size = DEFAULT_U_SIZE if size is None else size
+    if size < MIN_U_SIZE:
+        raise UsageError(
+            f"upper image size {human_size(size)} is too small; "
+            f"give at least {human_size(MIN_U_SIZE)}"
+        )
+    if memory < 32:
+        raise UsageError(f"memory {memory} MiB is too small; give at least 32")
+    if not 1 <= vcpus <= 256:
+        raise UsageError(f"vcpus {vcpus} is out of range; give 1 to 256")
+    gen = get_generation(store, base, generation)
+    with store.lock("store", purpose=f"instance create {name}"):
+        if store.instance_dir(name).exists():
+            raise Conflict(
+                f"instance '{name}' already exists; remove it first or pick another name"
+            )
+        taken = {i.mac: i.name for i in list_instances(store)}
+        if mac_norm is not None and mac_norm in taken:
+            raise Conflict(
+                f"MAC {mac_norm} is already used by instance '{taken[mac_norm]}'; "
+                "give another --mac or leave it out to derive one"
+            )
+        inst = Instance(
+            name=name,
+            base=base,
+            generation=gen.number,
+            mac=mac_norm or derive_mac(name, taken),
+            hypervisor=hypervisor,
+            size=size,
+            memory=memory,
+            vcpus=vcpus,
+            created=now_iso(),
+            nic_name=nic_name,
+        )
+        with store.staging(f"inst-{name}") as stage:
+            u_tree = stage / "u"
+            u_tree.mkdir(mode=0o755)
+            _prepare_u_tree(store, u_tree, inst)
+            checkpoint("instance-create:staged")
+            idir = stage / "instance"
+            idir.mkdir(mode=0o700)
+            make_ext4(idir / "upper.img", "U", u_tree, size)
+            checkpoint("instance-create:image-made")
+            write_json(idir / "instance.json", inst.to_json())
+            os.rename(idir, store.instance_dir(name))
+            checkpoint("instance-create:published")
+    return inst
+
+
+def remove(store: Store, name: str) -> None:
+    load(store, name)
+    with store.lock(f"instance-{name}", wait=False, purpose="instance remove"):
+        st = state(store, name)
+        if st != "stopped":
+            raise Conflict(
+                f"instance '{name}' is {st}; {'umount it' if st == 'mounted' else 'stop it'} first"
+            )
+        with store.lock("store"), store.staging(f"rm-{name}") as stage:
+            os.rename(store.instance_dir(name), stage / "instance")
+
+
+# -- access to the U layer from the host ---------------------------------------------------
+@contextlib.contextmanager
+def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
+    """The root of the instance's U filesystem on the host (``upper/``, ``work/``, ``.hg``).
+
+    Reuses the mount of a mounted union; otherwise mounts the image for the duration.
+    """
+    rec = mount_record(store, name)
+    if rec is not None:
+        if write and rec.get("readonly"):
+            raise Conflict(
+                f"instance '{name}' is mounted read-only at {rec['target']}; umount it first"
+            )
+        yield Path(rec["u"])
+        return
+    from .hypervisors_state import running_on
+
+    if running_on(store, name):
+        raise Conflict(f"instance '{name}' is running; stop it first")
+    require_root("reading the upper layer")
+    mnt = store.run_dir / name / "u"
+    if is_mounted(mnt):
+        umount(mnt)
+    mount_image(upper_image(store, name), mnt, readonly=not write)
+    try:
+        yield mnt
+    finally:
+        umount(mnt)

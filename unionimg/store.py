@@ -1,0 +1,218 @@
+"""The store: everything unionimg owns on a host, and how it is written safely.
+
+Layout (format 1)::
+
+    STORE/                    0700
+      store.json              {"format": 1}
+      locks/                  flock files: store.lock, base-NAME.lock, instance-VM.lock
+      tmp/PID.START.RAND/     staging; a dead owner's staging is unmounted and removed
+      bases/NAME/
+        base.json             name, created
+        history/              Mercurial repository, one changeset per generation
+        generations/N/        immutable once renamed into place:
+          base.img            raw ext4 labeled BASE (0600)
+          manifest.sqlite     every path's type/mode/owner/xattrs/sha256 (indexed lookups)
+          generation.json     number, created, size, hg node, kernel
+          vmlinuz             the generation's kernel, when it has one
+      instances/VM/
+        instance.json         name, base, generation, mac, hypervisor, resources
+        upper.img             sparse ext4 labeled U: upper/, work/, .hg (the VM's history)
+        mount.json            present while the union is mounted
+      run/VM/                 mount points of the layers of a mounted union
+      layers/ systems/ hosts/ snapshots/    reserved for later issues
+
+Objects appear only by ``rename(2)`` of a fully built staging directory, so a crash at any
+point leaves either the old state or the new one, never half an object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import Conflict, UsageError
+
+DEFAULT_STORE = "/var/lib/unionimg"
+FORMAT = 1
+RESERVED = ("layers", "systems", "hosts", "snapshots")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename + fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _proc_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # field 22 (starttime); the command name (field 2) may hold spaces, so split after ')'
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    def bases_dir(self) -> Path:
+        return self.root / "bases"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.root / "instances"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    def base_dir(self, name: str) -> Path:
+        return self.bases_dir / name
+
+    def instance_dir(self, name: str) -> Path:
+        return self.instances_dir / name
+
+    def exists(self) -> bool:
+        return (self.root / "store.json").is_file()
+
+    def init(self) -> None:
+        """Create the store if needed (0700) and sweep staging left by dead processes."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"store path {self.root} exists and is not a directory")
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        for sub in (self.bases_dir, self.instances_dir, self.tmp_dir, self.run_dir, self.locks_dir):
+            sub.mkdir(mode=0o700, exist_ok=True)
+        if not self.exists():
+            write_json(self.root / "store.json", {"format": FORMAT, "created": now_iso()})
+        else:
+            fmt = read_json(self.root / "store.json").get("format")
+            if fmt != FORMAT:
+                raise UsageError(
+                    f"store {self.root} has format {fmt}, this unionimg reads {FORMAT}; "
+                    "use the unionimg version that made it"
+                )
+        self.sweep_tmp()
+
+    # -- staging ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self, label: str) -> Iterator[Path]:
+        """A private directory under ``tmp/``; removed on exit unless renamed away.
+
+        The name carries our pid and its start time so :meth:`sweep_tmp` can tell a dead
+        owner's leftovers (after SIGKILL) from a live process's work.
+        """
+        start = _proc_start(os.getpid()) or "0"
+        path = self.tmp_dir / f"{os.getpid()}.{start}.{label}.{secrets.token_hex(4)}"
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            if path.exists():
+                self._remove_staging(path)
+
+    def sweep_tmp(self) -> list[Path]:
+        removed: list[Path] = []
+        if not self.tmp_dir.is_dir():
+            return removed
+        for entry in self.tmp_dir.iterdir():
+            parts = entry.name.split(".")
+            try:
+                pid = int(parts[0])
+            except ValueError:
+                pid = -1
+            if pid > 0 and len(parts) > 1 and _proc_start(pid) == parts[1]:
+                continue  # owner alive
+            self._remove_staging(entry)
+            removed.append(entry)
+        return removed
+
+    def _remove_staging(self, path: Path) -> None:
+        from .mounts import unmount_tree
+
+        unmount_tree(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=False)
+        else:
+            path.unlink(missing_ok=True)
+
+    # -- locks --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str, *, wait: bool = True, purpose: str = "") -> Iterator[None]:
+        """An exclusive flock ``locks/NAME.lock``; the file says who holds it.
+
+        With ``wait=False`` a held lock raises :class:`Conflict` naming the holder.
+        """
+        self.locks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.locks_dir / f"{name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                if not wait:
+                    raise Conflict(
+                        f"{name} is locked by {holder}; wait for it to finish and retry"
+                    ) from None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} {purpose}".strip().encode(), 0)
+            yield
+        finally:
+            os.close(fd)
