@@ -162,7 +162,7 @@ def stat_entry(
     elif kind in (CHR, BLK):
         rdev = st.st_rdev
     link = None
-    if links is not None and kind != DIR and st.st_nlink > 1:
+    if links is not None and kind == FILE and st.st_nlink > 1:
         link = links.setdefault((st.st_dev, st.st_ino), guest_path)
     redirect = overlay.get("redirect")
     return Entry(
