@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,16 +18,18 @@ HG = str(REPO / ".venv" / "bin" / "hg")
 
 
 def debugfs(image: Path, request: str) -> str:
-    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        ["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def show(cli: Cli, name: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(cli.ok("base", "show", name, "--json").output)
+def show(cli: Cli, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(cli.ok("base", "show", name, "--json").output)
+    return data
 
 
 def test_create_keeps_everything(cli: Cli, src_tree: Path) -> None:
@@ -37,15 +40,19 @@ def test_create_keeps_everything(cli: Cli, src_tree: Path) -> None:
     assert gen["number"] == 1 and gen["size"] >= 64 << 20 and gen["created"]
     image = Path(gen["image"])
     assert image.stat().st_mode & 0o777 == 0o600
-    label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", str(image)],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    label = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "LABEL", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert label == "BASE"
     st = debugfs(image, "stat /bin/tool")
     assert "Mode:  04755" in st
     conf = debugfs(image, "stat /etc/app/app.conf")
     assert "User:   123   Group:   456" in conf
     assert "user.unionimg-test" in debugfs(image, "ea_list /etc/app/app.conf")
-    assert "Fast link dest: \"../etc/hostname\"" in debugfs(image, "stat /bin/hostlink")
+    assert 'Fast link dest: "../etc/hostname"' in debugfs(image, "stat /bin/hostlink")
     assert "01:03" in debugfs(image, "stat /dev/null")
     assert "Mode:  01777" in debugfs(image, "stat /empty")
     assert "n\\xc3\\xa4me.txt" in debugfs(image, 'ls -l "/dir with space"')
@@ -53,18 +60,24 @@ def test_create_keeps_everything(cli: Cli, src_tree: Path) -> None:
     assert "Links: 2" in hard
     # history: plain hg works, one changeset, sidecar keeps what hg drops
     hist = data["history"]
-    log = subprocess.run([HG, "-R", hist, "log", "-T", "{rev}:{desc}\\n"], capture_output=True,
-                         text=True, check=True).stdout
+    log = subprocess.run(
+        [HG, "-R", hist, "log", "-T", "{rev}:{desc}\\n"], capture_output=True, text=True, check=True
+    ).stdout
     assert log.strip() == f"0:deb generation 1: created from {src_tree}"
-    side = subprocess.run([HG, "-R", hist, "cat", "-r", "tip", f"{hist}/.unionimg/manifest.jsonl"],
-                          capture_output=True, text=True, check=True).stdout
+    side = subprocess.run(
+        [HG, "-R", hist, "cat", "-r", "tip", f"{hist}/.unionimg/manifest.jsonl"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     dev = [json.loads(line) for line in side.splitlines() if '"/dev/null"' in line]
     assert dev and dev[0]["kind"] == "chr"
     assert any('"/empty"' in line for line in side.splitlines())
 
 
-def test_update_three_ways_never_touch_old_generation(cli: Cli, src_tree: Path, tmp_path: Path
-                                                       ) -> None:
+def test_update_three_ways_never_touch_old_generation(
+    cli: Cli, src_tree: Path, tmp_path: Path
+) -> None:
     busybox = Path("/bin/busybox")
     if busybox.exists():
         (src_tree / "bin" / "busybox").write_bytes(busybox.read_bytes())
@@ -153,21 +166,41 @@ def test_bad_input_leaves_store_unchanged(cli: Cli, src_tree: Path, tmp_path: Pa
             (("base", "create", "deb", "--from-dir", str(src_tree)), "already exists"),
             (("base", "create", "new", "--from-dir", str(tmp_path / "missing")), "does not exist"),
             (("base", "create", "new", "--from-dir", str(huge), "--size", "20M"), "too small"),
-            (("base", "create", "new", "--from-dir", str(src_tree), "--kernel",
-              str(tmp_path / "vmlinuz")), "kernel"),
+            (
+                (
+                    "base",
+                    "create",
+                    "new",
+                    "--from-dir",
+                    str(src_tree),
+                    "--kernel",
+                    str(tmp_path / "vmlinuz"),
+                ),
+                "kernel",
+            ),
             (("base", "update", "deb"), "exactly one"),
             (("base", "update", "nope", "--apply-dir", str(src_tree)), "does not exist"),
-            (("instance", "create", "vm2", "--base", "deb", "--mac", "01:00:5e:00:00:01"),
-             "multicast"),
-            (("instance", "create", "vm2", "--base", "deb", "--mac", "52:54:00:zz:00:01"),
-             "malformed"),
-            (("instance", "create", "vm2", "--base", "deb", "--mac", "52:54:00:00:00:01"),
-             "already used by instance 'vm1'"),
-            (("instance", "create", "vm2", "--base", "deb", "--hypervisor", "vmware"),
-             "unknown hypervisor"),
+            (
+                ("instance", "create", "vm2", "--base", "deb", "--mac", "01:00:5e:00:00:01"),
+                "multicast",
+            ),
+            (
+                ("instance", "create", "vm2", "--base", "deb", "--mac", "52:54:00:zz:00:01"),
+                "malformed",
+            ),
+            (
+                ("instance", "create", "vm2", "--base", "deb", "--mac", "52:54:00:00:00:01"),
+                "already used by instance 'vm1'",
+            ),
+            (
+                ("instance", "create", "vm2", "--base", "deb", "--hypervisor", "vmware"),
+                "unknown hypervisor",
+            ),
             (("instance", "create", "vm2", "--base", "nope"), "does not exist"),
-            (("instance", "create", "vm2", "--base", "deb", "--generation", "9"),
-             "no generation 9"),
+            (
+                ("instance", "create", "vm2", "--base", "deb", "--generation", "9"),
+                "no generation 9",
+            ),
             (("instance", "create", "vm2", "--base", "deb", "--size", "1M"), "too small"),
             (("instance", "create", "vm1", "--base", "deb"), "already exists"),
             (("base", "remove", "deb"), "used by instance"),

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,8 +29,9 @@ def vm(cli: Cli, src_tree: Path) -> str:
     return "vm1"
 
 
-def show(cli: Cli, vm: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(cli.ok("instance", "show", vm, "--json").output)
+def show(cli: Cli, vm: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(cli.ok("instance", "show", vm, "--json").output)
+    return data
 
 
 def test_instance_image_is_small_sparse_labeled_u(cli: Cli, vm: str) -> None:
@@ -40,11 +42,16 @@ def test_instance_image_is_small_sparse_labeled_u(cli: Cli, vm: str) -> None:
     assert img.stat().st_size == 4 << 30
     assert img.stat().st_blocks * 512 < 5 << 20
     assert img.stat().st_mode & 0o777 == 0o600
-    label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", str(img)],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    label = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "LABEL", str(img)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert label == "U"
-    listing = subprocess.run(["debugfs", "-R", "ls /", str(img)], capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls /", str(img)], capture_output=True, text=True, check=True
+    ).stdout
     assert "upper" in listing and "work" in listing and ".hg" in listing
     mac = data["mac"]
     assert int(mac[:2], 16) & 3 == 2
@@ -53,8 +60,9 @@ def test_instance_image_is_small_sparse_labeled_u(cli: Cli, vm: str) -> None:
 
 
 def test_union_writes_go_to_upper_only(cli: Cli, vm: str, tmp_path: Path) -> None:
-    base_img = Path(json.loads(cli.ok("base", "show", "deb", "--json").output)
-                    ["generations"][0]["image"])
+    base_img = Path(
+        json.loads(cli.ok("base", "show", "deb", "--json").output)["generations"][0]["image"]
+    )
     before = sha(base_img)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -82,13 +90,15 @@ def test_union_writes_go_to_upper_only(cli: Cli, vm: str, tmp_path: Path) -> Non
         assert cli.ok("commit", vm).output.strip() == "nothing changed"
         # plain hg on the instance's repository, inside its U layer
         u = cli.store / "run" / vm / "u"
-        log = subprocess.run([HG, "-R", str(u), "log", "-T", "{desc}\\n"], capture_output=True,
-                             text=True, check=True).stdout
+        log = subprocess.run(
+            [HG, "-R", str(u), "log", "-T", "{desc}\\n"], capture_output=True, text=True, check=True
+        ).stdout
         assert log.splitlines() == ["my edits"]
         side = (u / ".unionimg" / "manifest.jsonl").read_text()
         assert '"kind": "whiteout", "mode": "0000", "path": "/etc/motd"' in side
-        files = subprocess.run([HG, "--cwd", str(u), "files"], capture_output=True, text=True,
-                               check=True).stdout.splitlines()
+        files = subprocess.run(
+            [HG, "--cwd", str(u), "files"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         assert "upper/etc/hostname" in files and not any(f.startswith("work/") for f in files)
         res = cli.fails("mount", vm, str(tmp_path))
         assert "already mounted" in res.output
