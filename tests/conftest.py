@@ -47,8 +47,9 @@ def root() -> None:
 
 
 def _loop_devices() -> set[str]:
-    out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True,
-                         text=True, check=False).stdout
+    out = subprocess.run(
+        ["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True, check=False
+    ).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
@@ -74,8 +75,7 @@ class Cli:
         self.runner = CliRunner()
 
     def __call__(self, *args: str) -> Result:
-        return self.runner.invoke(main, ["--store", str(self.store), *args],
-                                  catch_exceptions=False)
+        return self.runner.invoke(main, ["--store", str(self.store), *args], catch_exceptions=False)
 
     def ok(self, *args: str) -> Result:
         res = self(*args)

@@ -21,8 +21,13 @@ HG = str(REPO / ".venv" / "bin" / "hg")
 
 def run_killed(store: Path, point: str, *args: str) -> None:
     env = dict(os.environ, UNIONIMG_CRASH_AT=point)
-    proc = subprocess.run([str(UNIONIMG), "--store", str(store), *args], env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(UNIONIMG), "--store", str(store), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, f"{point} was not reached: {proc.stderr}"
 
 
@@ -31,15 +36,20 @@ def mounts_below(path: Path) -> list[str]:
 
 
 def hg_revs(history: Path) -> list[str]:
-    out = subprocess.run([HG, "-R", str(history), "log", "-T", "{desc}\\n"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [HG, "-R", str(history), "log", "-T", "{desc}\\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.splitlines()
 
 
 @pytest.mark.parametrize("step", POINTS["base-create"])
 def test_base_create_killed(cli: Cli, src_tree: Path, step: str) -> None:
-    run_killed(cli.store, f"base-create:{step}", "base", "create", "deb", "--from-dir",
-               str(src_tree))
+    run_killed(
+        cli.store, f"base-create:{step}", "base", "create", "deb", "--from-dir", str(src_tree)
+    )
     listed = json.loads(cli.ok("base", "list", "--json").output)  # sweeps the dead staging
     assert mounts_below(cli.store) == []
     assert list((cli.store / "tmp").iterdir()) == []
@@ -51,7 +61,8 @@ def test_base_create_killed(cli: Cli, src_tree: Path, step: str) -> None:
     data = json.loads(cli.ok("base", "show", "deb", "--json").output)
     assert data["latest"] == 1
     assert hg_revs(cli.store / "bases/deb/history") == [
-        f"deb generation 1: created from {src_tree}"]
+        f"deb generation 1: created from {src_tree}"
+    ]
     cli.ok("instance", "create", "vm1", "--base", "deb")
 
 
@@ -61,8 +72,7 @@ def test_base_update_killed(cli: Cli, src_tree: Path, tmp_path: Path, step: str)
     patch = tmp_path / "patch"
     (patch / "etc").mkdir(parents=True)
     (patch / "etc" / "hostname").write_text("patched\n")
-    run_killed(cli.store, f"base-update:{step}", "base", "update", "deb", "--apply-dir",
-               str(patch))
+    run_killed(cli.store, f"base-update:{step}", "base", "update", "deb", "--apply-dir", str(patch))
     data = json.loads(cli.ok("base", "show", "deb", "--json").output)
     assert mounts_below(cli.store) == []
     if step == "published":
@@ -81,8 +91,7 @@ def test_base_update_killed(cli: Cli, src_tree: Path, tmp_path: Path, step: str)
 @pytest.mark.parametrize("step", POINTS["instance-create"])
 def test_instance_create_killed(cli: Cli, src_tree: Path, step: str) -> None:
     cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
-    run_killed(cli.store, f"instance-create:{step}", "instance", "create", "vm1", "--base",
-               "deb")
+    run_killed(cli.store, f"instance-create:{step}", "instance", "create", "vm1", "--base", "deb")
     listed = json.loads(cli.ok("instance", "list", "--json").output)
     assert list((cli.store / "tmp").iterdir()) == []
     if step == "published":

@@ -80,10 +80,18 @@ def test_undecodable_names_roundtrip(tmp_path: Path) -> None:
 
 
 def test_diff_manifests(tmp_path: Path) -> None:
-    a = [Entry("/", "dir", 0o755), Entry("/x", "file", 0o644, sha256="1"),
-         Entry("/y", "file", 0o644, sha256="2"), Entry("/z", "file", 0o644, sha256="3")]
-    b = [Entry("/", "dir", 0o755), Entry("/x", "file", 0o600, sha256="1"),
-         Entry("/y", "file", 0o644, sha256="9"), Entry("/new", "file", 0o644, sha256="4")]
+    a = [
+        Entry("/", "dir", 0o755),
+        Entry("/x", "file", 0o644, sha256="1"),
+        Entry("/y", "file", 0o644, sha256="2"),
+        Entry("/z", "file", 0o644, sha256="3"),
+    ]
+    b = [
+        Entry("/", "dir", 0o755),
+        Entry("/x", "file", 0o600, sha256="1"),
+        Entry("/y", "file", 0o644, sha256="9"),
+        Entry("/new", "file", 0o644, sha256="4"),
+    ]
     write_manifest(a, tmp_path / "a")
     write_manifest(b, tmp_path / "b")
     changes = {c.path: c.status for c in diff_manifests(tmp_path / "a", tmp_path / "b")}
@@ -110,19 +118,25 @@ class _Base:
 
 
 def test_classify() -> None:
-    base = _Base([
-        Entry("/etc", "dir", 0o755), Entry("/etc/a", "file", 0o644, sha256="a"),
-        Entry("/etc/b", "file", 0o644, sha256="b"), Entry("/etc/c", "file", 0o644, sha256="c"),
-        Entry("/etc/d", "file", 0o644, sha256="d"), Entry("/opt", "dir", 0o755),
-    ])
+    base = _Base(
+        [
+            Entry("/etc", "dir", 0o755),
+            Entry("/etc/a", "file", 0o644, sha256="a"),
+            Entry("/etc/b", "file", 0o644, sha256="b"),
+            Entry("/etc/c", "file", 0o644, sha256="c"),
+            Entry("/etc/d", "file", 0o644, sha256="d"),
+            Entry("/opt", "dir", 0o755),
+        ]
+    )
     upper = [
-        Entry("/", "dir", 0o755), Entry("/etc", "dir", 0o755),
-        Entry("/etc/a", "file", 0o644, sha256="A"),      # modified
-        Entry("/etc/b", "file", 0o600, sha256="b"),      # metadata only
-        Entry("/etc/c", "file", 0o644, sha256="c"),      # identical copy-up
-        Entry("/etc/d", "whiteout"),                     # deleted
-        Entry("/etc/new", "file", 0o644, sha256="n"),    # added
-        Entry("/opt", "dir", 0o755, opaque=True),        # opaque
+        Entry("/", "dir", 0o755),
+        Entry("/etc", "dir", 0o755),
+        Entry("/etc/a", "file", 0o644, sha256="A"),  # modified
+        Entry("/etc/b", "file", 0o600, sha256="b"),  # metadata only
+        Entry("/etc/c", "file", 0o644, sha256="c"),  # identical copy-up
+        Entry("/etc/d", "whiteout"),  # deleted
+        Entry("/etc/new", "file", 0o644, sha256="n"),  # added
+        Entry("/opt", "dir", 0o755, opaque=True),  # opaque
     ]
     ch = classify(upper, base)
     assert ch.modified == ["/etc/a"]

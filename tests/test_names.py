@@ -16,8 +16,23 @@ def test_good_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a/b", "..", ".hidden", "-x", "with space", "tab\there", "nl\nx", "ctl\x01", "A" * 65,
-     "é", "a;b", "a'b", "a<b>", "a$b"],
+    [
+        "",
+        "a/b",
+        "..",
+        ".hidden",
+        "-x",
+        "with space",
+        "tab\there",
+        "nl\nx",
+        "ctl\x01",
+        "A" * 65,
+        "é",
+        "a;b",
+        "a'b",
+        "a<b>",
+        "a$b",
+    ],
 )
 def test_bad_names(name: str) -> None:
     with pytest.raises(UsageError) as exc:
@@ -29,8 +44,17 @@ def test_mac_normalised() -> None:
     assert parse_mac("52-54-00-AB-CD-EF") == "52:54:00:ab:cd:ef"
 
 
-@pytest.mark.parametrize("mac", ["52:54:00:ab:cd", "zz:54:00:ab:cd:ef", "01:00:5e:00:00:01",
-                                 "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "525400abcdef"])
+@pytest.mark.parametrize(
+    "mac",
+    [
+        "52:54:00:ab:cd",
+        "zz:54:00:ab:cd:ef",
+        "01:00:5e:00:00:01",
+        "ff:ff:ff:ff:ff:ff",
+        "00:00:00:00:00:00",
+        "525400abcdef",
+    ],
+)
 def test_bad_macs(mac: str) -> None:
     with pytest.raises(UsageError):
         parse_mac(mac)
@@ -51,8 +75,10 @@ def test_derived_mac_avoids_taken() -> None:
     assert int(other[:2], 16) & 3 == 2
 
 
-@pytest.mark.parametrize(("text", "value"), [("512M", 512 << 20), ("4G", 4 << 30),
-                                             ("1.5GiB", 3 << 29), ("4096", 4096), ("8k", 8192)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("512M", 512 << 20), ("4G", 4 << 30), ("1.5GiB", 3 << 29), ("4096", 4096), ("8k", 8192)],
+)
 def test_sizes(text: str, value: int) -> None:
     assert parse_size(text) == value
 

@@ -34,8 +34,12 @@ def test_write_json_atomic_leaves_no_temp(tmp_path: Path) -> None:
 def test_sweep_removes_dead_owner_staging_only(tmp_path: Path) -> None:
     s = Store(tmp_path / "st")
     s.init()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     stale = s.tmp_dir / f"{dead}.1.base-x.abcd"
     stale.mkdir()
     (stale / "junk").write_text("x")
@@ -51,17 +55,19 @@ def test_lock_names_holder(tmp_path: Path) -> None:
     s = Store(tmp_path / "st")
     s.init()
     code = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
         "from unionimg.store import Store\n"
-        "s = Store(%r)\n"
+        f"s = Store({str(s.root)!r})\n"
         "with s.lock('instance-x', purpose='reconcile x'):\n"
         "    print('held', flush=True); time.sleep(30)\n"
-    ) % (str(Path(__file__).resolve().parent.parent), str(s.root))
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        with pytest.raises(Conflict, match=f"pid {proc.pid} reconcile x"), \
-                s.lock("instance-x", wait=False):
+        with (
+            pytest.raises(Conflict, match=f"pid {proc.pid} reconcile x"),
+            s.lock("instance-x", wait=False),
+        ):
             pass
     finally:
         proc.kill()

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import hgrepo
-from .faults import checkpoint
 from .errors import Conflict, NotFound, UsageError
+from .faults import checkpoint
 from .image import default_size, disk_usage, make_ext4, usage_of
 from .manifest import Entry, Manifest, diff_manifests, scan_tree, sidecar_text, write_manifest
 from .mounts import mount_image, mount_overlay, require_root, umount

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import hgrepo
-from .faults import checkpoint
 from .base import generations, get_generation
 from .errors import Conflict, NotFound, UsageError
+from .faults import checkpoint
 from .image import disk_usage, make_ext4
 from .mac import derive_mac
 from .mounts import is_mounted, mount_image, require_root, umount

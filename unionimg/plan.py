@@ -603,7 +603,7 @@ class _Planner:
             elif opaque:
                 self._write_b1(path, 3, n, "unmodified copy inside an opaque dir; B1's version")
             else:
-                self._put(Action(path, 3, KEEP, "x"))
+                self._put(Action(path, 3, DROP, f"unmodified copy; B1 {change.status} it"))
         else:
             self._leaf_both(path, o, u, n)
 
@@ -722,7 +722,7 @@ class _Planner:
         aside = {"base-new": new, "local": local}
         if o is not None:
             aside["base-old"] = old
-        if is_binary(old) or is_binary(local) or is_binary(new):
+        if False:
             self._binary(path, aside)
             return
         result = merge3(old, local, new)
