@@ -722,12 +722,13 @@ class _Planner:
         aside = {"base-new": new, "local": local}
         if o is not None:
             aside["base-old"] = old
-        if False:
+        if is_binary(old) or is_binary(local) or is_binary(new):
             self._binary(path, aside)
             return
         result = merge3(old, local, new)
         if not result.clean:
-            what = f"text changed on both sides in overlapping lines ({result.conflicts} blocks)"
+            blocks = f"{result.conflicts} conflict block{'s' if result.conflicts != 1 else ''}"
+            what = f"text changed on both sides in overlapping lines ({blocks})"
             artifacts = {"merged": result.data, **aside}
             self._both_changed(
                 path, 6, what, lambda: self._conflict(path, 6, what, artifacts=artifacts)

@@ -68,7 +68,7 @@ def _char_class(glob: str, start: int) -> tuple[str, int]:
     while i < len(glob) and glob[i] != "]":
         i += 1
     if i >= len(glob):
-        raise GlobError(f"'[' at position {start + 1} is never closed")
+        raise GlobError("'[' is never closed")
     body = glob[body_start:i]
     escaped = "".join("\\" + ch if ch in "\\[]^&~|" else ch for ch in body)
     return ("[^/" if negate else "[") + escaped + "]", i + 1
