@@ -16,7 +16,7 @@ from . import base as base_mod
 from . import instance as inst_mod
 from . import status as status_mod
 from . import union as union_mod
-from .errors import UnionimgError
+from .errors import UnionimgError, UsageError
 from .names import HYPERVISORS, human_size, parse_size
 from .store import DEFAULT_STORE, Store
 
@@ -455,6 +455,196 @@ def commit_cmd(c: Ctx, vm: str, message: str | None) -> None:
 def log_cmd(c: Ctx, vm: str, as_json: bool) -> None:
     """VM's Mercurial history."""
     _print_log(status_mod.log(c.store, vm), as_json)
+
+
+# -- reconcile ------------------------------------------------------------------------------
+@main.command("reconcile")
+@click.argument("vms", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every instance in the store.")
+@click.option("--to-generation", type=int, default=None, help="Default: the base's latest.")
+@click.option("--dry-run", is_flag=True, help="Print the plan that apply would execute.")
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML policy: per-glob merge | keep-local | take-base | fail.",
+)
+@click.option(
+    "--jobs", type=int, default=1, show_default=True, help="Instances reconciled in parallel."
+)
+@click.option(
+    "--undo",
+    is_flag=True,
+    help="Restore VM's upper layer and generation to before its last reconcile.",
+)
+@json_option
+@pass_ctx
+def reconcile_cmd(
+    c: Ctx,
+    vms: tuple[str, ...],
+    all_: bool,
+    to_generation: int | None,
+    dry_run: bool,
+    policy_file: Path | None,
+    jobs: int,
+    undo: bool,
+    as_json: bool,
+) -> None:
+    """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 2 error)."""
+    from . import reconcile as rec
+    from .policy import load_policy
+
+    if undo:
+        if len(vms) != 1 or all_:
+            raise UsageError("--undo takes exactly one VM")
+        out = rec.undo(c.store, vms[0])
+        emit(
+            out, as_json, lambda d: click.echo(f"{d['name']}: back to generation {d['generation']}")
+        )
+        return
+    if bool(vms) == all_:
+        raise UsageError("name instances to reconcile, or give --all")
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    policy = load_policy(policy_file)
+    names = [i.name for i in inst_mod.list_instances(c.store)] if all_ else list(vms)
+    for n in names:
+        inst_mod.load(c.store, n)
+    reports = _run_reconcile(c.store, names, policy, dry_run, to_generation, jobs, as_json)
+    rec.save_report(c.store, reports, dry_run=dry_run)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"dry_run": dry_run, "instances": [r.to_json() for r in reports]},
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+    code = rec.exit_code(reports)
+    if code:
+        sys.exit(code)
+
+
+def _run_reconcile(
+    store: Store,
+    names: list[str],
+    policy: Any,
+    dry_run: bool,
+    to_generation: int | None,
+    jobs: int,
+    as_json: bool,
+) -> list[Any]:
+    from . import reconcile as rec
+
+    def line(r: rec.InstanceReport) -> str:
+        verb = "would " if dry_run else ""
+        if r.status == "error":
+            return f"{r.name}: error: {r.error}"
+        if r.from_generation == r.to_generation and not r.actions:
+            return f"{r.name}: generation {r.to_generation}, nothing to do"
+        changed = sum(1 for a in r.actions if a["action"] in ("drop", "write", "set-meta"))
+        return (
+            f"{r.name}: generation {r.from_generation} -> {r.to_generation}: {verb}change "
+            f"{changed} path(s), {len(r.conflicts)} conflict(s)"
+            + "".join(f"\n  conflict {x['path']}: {x['reason']}" for x in r.conflicts)
+        )
+
+    if sys.stderr.isatty() and not as_json:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("reconciling", total=len(names))
+
+            def tick(r: rec.InstanceReport) -> None:
+                bar.advance(task)
+                bar.console.print(line(r), markup=False, highlight=False)
+
+            return rec.Reconciler(
+                store, policy, dry_run=dry_run, to_generation=to_generation, progress=tick
+            ).run(names, jobs)
+
+    def echo(r: rec.InstanceReport) -> None:
+        if not as_json:
+            click.echo(line(r))
+
+    return rec.Reconciler(
+        store, policy, dry_run=dry_run, to_generation=to_generation, progress=echo
+    ).run(names, jobs)
+
+
+@main.command("conflicts")
+@click.argument("vm")
+@json_option
+@pass_ctx
+def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
+    """Conflicts a reconcile left for VM, with where their versions are kept."""
+    from . import reconcile as rec
+
+    rows = rec.list_conflicts(c.store, vm)
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            click.echo(f"{vm}: no conflicts")
+        for r in rows:
+            click.echo(f"{r['path']}\t{r['reason']}\t{r['dir']}")
+
+    emit(rows, as_json, human)
+
+
+@main.command("resolve")
+@click.argument("vm")
+@click.argument("path")
+@click.option("--take", type=click.Choice(["local", "base", "merged"]), default=None)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Use this file's content for PATH.",
+)
+@pass_ctx
+def resolve_cmd(c: Ctx, vm: str, path: str, take: str | None, file: Path | None) -> None:
+    """Settle one conflict of VM; recorded in its history."""
+    from . import reconcile as rec
+
+    out = rec.resolve(c.store, vm, path, take=take, file=file)
+    click.echo(f"resolved {out['path']} in {out['name']}: took {out['took']}")
+
+
+# -- timer --------------------------------------------------------------------------------
+@main.group()
+def timer() -> None:
+    """Run 'reconcile --all' unattended (systemd timer, or cron where systemd does not run)."""
+
+
+@timer.command("install")
+@click.option("--every", default="15m", show_default=True, help="15m, 2h, 1d ...")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Install below this directory (for an image being prepared).",
+)
+@pass_ctx
+def timer_install(c: Ctx, every: str, root: Path) -> None:
+    """Install the schedule (replaces an earlier one)."""
+    from . import timer as timer_mod
+
+    for path in timer_mod.install(every, c.store.root, root):
+        click.echo(f"wrote {path}")
+
+
+@timer.command("remove")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True)
+@pass_ctx
+def timer_remove(c: Ctx, root: Path) -> None:
+    """Remove the schedule."""
+    from . import timer as timer_mod
+
+    removed = timer_mod.remove(root)
+    click.echo("\n".join(f"removed {p}" for p in removed) or "no schedule installed")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,12 @@ class Changeset:
 
 
 class Repo:
-    """A thin, typed wrapper over an hglib client."""
+    """A thin, typed wrapper over an hglib client, bound to one repository.
+
+    Every command names its repository (``-R ROOT --cwd ROOT``), so one command server can
+    serve many repositories: reconcile runs one server per worker for a whole fleet instead
+    of paying Mercurial's start-up (~0.4 s) per instance.
+    """
 
     def __init__(self, client: Any, root: Path) -> None:
         self._c = client
@@ -85,7 +90,9 @@ class Repo:
 
     def cmd(self, *args: str | bytes) -> bytes:
         try:
-            out: bytes = self._c.rawcommand(_b(*args))
+            out: bytes = self._c.rawcommand(
+                _b("-R", str(self.root), "--cwd", str(self.root), *args)
+            )
         except hglib.error.CommandError as exc:
             err = (exc.err or exc.out or b"").decode(errors="replace").strip().splitlines()
             raise ToolFailed(
@@ -122,17 +129,37 @@ class Repo:
         self.cmd("strip", "--no-backup", "-q", "-r", node)
 
 
+class Server:
+    """One Mercurial command server; :meth:`repo` binds it to any repository."""
+
+    def __init__(self, anchor: Path) -> None:
+        hglib.HGPATH = _hg_binary()
+        try:
+            self._client = hglib.open(os.fsencode(anchor), configs=_CONFIGS)
+        except hglib.error.ServerError as exc:
+            raise ToolFailed(f"cannot open Mercurial repository {anchor}: {exc}") from exc
+
+    def repo(self, root: Path) -> Repo:
+        return Repo(self._client, root)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@contextlib.contextmanager
+def open_server(anchor: Path) -> Iterator[Server]:
+    """A command server started in ``anchor`` (a repository that stays mounted)."""
+    server = Server(anchor)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @contextlib.contextmanager
 def open_repo(path: Path) -> Iterator[Repo]:
-    hglib.HGPATH = _hg_binary()
-    try:
-        client = hglib.open(os.fsencode(path), configs=_CONFIGS)
-    except hglib.error.ServerError as exc:
-        raise ToolFailed(f"cannot open Mercurial repository {path}: {exc}") from exc
-    try:
-        yield Repo(client, path)
-    finally:
-        client.close()
+    with open_server(path) as server:
+        yield server.repo(path)
 
 
 def init_repo(path: Path, template: Path | None = None) -> None:

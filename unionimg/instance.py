@@ -22,7 +22,7 @@ from .store import Store, now_iso, read_json, write_json
 
 DEFAULT_U_SIZE = 4 << 30
 MIN_U_SIZE = 32 << 20
-HGIGNORE = "syntax: regexp\n^work/\n^lost\\+found/\n"
+HGIGNORE = "syntax: regexp\n^work/\n^upper\\.(new|prev)/\n^lost\\+found/\n"
 
 
 @dataclass(frozen=True)

@@ -98,17 +98,17 @@ def commit(store: Store, name: str, message: str | None) -> str | None:
         return commit_u(u, inst, message)
 
 
+def write_history_sidecar(u: Path, inst: Instance) -> None:
+    """The sidecar of the upper layer and the base generation it sits on, ready to commit."""
+    ref = {"instance": inst.name, "base": inst.base, "generation": inst.generation}
+    hgrepo.write_sidecar(
+        u, sidecar_text(scan_upper(u)), {"base.json": json.dumps(ref, sort_keys=True) + "\n"}
+    )
+
+
 def commit_u(u: Path, inst: Instance, message: str | None) -> str | None:
     """Record the upper layer (files in hg, the rest in the sidecar) as one changeset."""
-    entries = scan_upper(u)
-    ref = (
-        json.dumps(
-            {"instance": inst.name, "base": inst.base, "generation": inst.generation},
-            sort_keys=True,
-        )
-        + "\n"
-    )
-    hgrepo.write_sidecar(u, sidecar_text(entries), {"base.json": ref})
+    write_history_sidecar(u, inst)
     msg = message or f"local changes of {inst.name} on {inst.base} generation {inst.generation}"
     with hgrepo.open_repo(u) as repo:
         return repo.commit_all(msg)

@@ -1,0 +1,591 @@
+"""Reconcile: bring instances from base generation B0 to B1, merging into their upper layers.
+
+Per run, the base delta B0→B1 is computed once per (base, B0, B1) inside SQLite and shared by
+every instance; each instance then costs O(|U| + |delta|): its upper layer is scanned, the
+pure planner (:mod:`unionimg.plan`) decides every path, and the plan is applied like this::
+
+    lock instance-VM; mount U read-write (the instance must be neither mounted nor running)
+    commit U's current state to its hg repository            (so nothing local is lost)
+    journal "staging"  → build upper.new = hardlink copy of upper, apply the plan to it,
+                         set conflict artefacts aside in the store
+    journal "swap"     → renameat2(RENAME_EXCHANGE) upper <-> upper.new   (the atomic step)
+                         upper.new (now the old tree) becomes upper.prev (for --undo)
+    instance.json generation = B1; conflicts.json updated
+    commit "reconcile ...: generation B0 -> B1"; journal removed; last-reconcile.json kept
+
+A crash (SIGKILL) anywhere is repaired by the next run from the journal: before the swap
+the staging tree is thrown away and planning starts again; after it (the journal records the
+inode number of upper.new, so the swap is recognised even if the journal was not updated)
+the run rolls forward. Live files are only ever replaced by ``rename(2)`` of complete files
+built in upper.new, and conflict markers only ever go into the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from . import fsops, hgrepo
+from .base import Generation, get_generation
+from .errors import Conflict, NotFound, UnionimgError, UsageError
+from .faults import checkpoint
+from .instance import Instance, load, save, state, u_layer
+from .manifest import Change, diff_manifests
+from .mounts import mount_image, umount
+from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
+from .policy import Policy
+from .status import scan_upper
+from .store import Store, now_iso, read_json, write_json
+
+STEPS = ("pre-committed", "staged", "swap-journaled", "swapped", "generation", "committed")
+REPORTS_KEPT = 50
+
+
+@dataclass
+class InstanceReport:
+    name: str
+    from_generation: int | None = None
+    to_generation: int | None = None
+    status: str = "clean"  # clean | conflicts | error
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    unaffected: int = 0
+    applied: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "from_generation": self.from_generation,
+            "to_generation": self.to_generation,
+            "status": self.status,
+            "actions": self.actions,
+            "conflicts": self.conflicts,
+            "error": self.error,
+            "unaffected": self.unaffected,
+            "applied": self.applied,
+        }
+
+
+def exit_code(reports: Sequence[InstanceReport]) -> int:
+    if any(r.status == "error" for r in reports):
+        return 2
+    if any(r.status == "conflicts" for r in reports):
+        return 1
+    return 0
+
+
+# -- per-instance files in the store ------------------------------------------------------
+def _journal(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "reconcile-journal.json"
+
+
+def _last(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "last-reconcile.json"
+
+
+def conflicts_path(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "conflicts.json"
+
+
+def conflicts_dir(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "conflicts"
+
+
+def list_conflicts(store: Store, name: str) -> list[dict[str, Any]]:
+    load(store, name)
+    path = conflicts_path(store, name)
+    data: list[dict[str, Any]] = read_json(path) if path.is_file() else []
+    return data
+
+
+def _conflict_key(path: str) -> str:
+    return hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+
+
+class _Content:
+    """Reads for the planner: U's copies and files of the two generations (mounted lazily)."""
+
+    def __init__(self, upper: Path, gens: Callable[[Literal["b0", "b1"]], Path]) -> None:
+        self._upper = upper
+        self._gens = gens
+
+    def upper(self, path: str) -> bytes:
+        return fsops.read_file(self._upper, path)
+
+    def base(self, which: Literal["b0", "b1"], path: str) -> bytes:
+        return fsops.read_file(self._gens(which), path)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy,
+        *,
+        dry_run: bool = False,
+        to_generation: int | None = None,
+        progress: Callable[[InstanceReport], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.dry_run = dry_run
+        self.to_generation = to_generation
+        self.progress = progress
+        self._deltas: dict[tuple[str, int, int], dict[str, Change]] = {}
+        self._mounts: dict[tuple[str, int], Path] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._servers: list[hgrepo.Server] = []
+
+    # -- shared, per run ------------------------------------------------------------------
+    def delta(self, b0: Generation, b1: Generation) -> dict[str, Change]:
+        key = (b0.base, b0.number, b1.number)
+        with self._lock:
+            if key not in self._deltas:
+                changes = diff_manifests(b0.manifest_path, b1.manifest_path)
+                self._deltas[key] = {c.path: c for c in changes}
+            return self._deltas[key]
+
+    def gen_root(self, gen: Generation) -> Path:
+        key = (gen.base, gen.number)
+        with self._lock:
+            if key not in self._mounts:
+                mnt = self.store.run_dir / "_generations" / f"{gen.base}-{gen.number}-{os.getpid()}"
+                umount(mnt)
+                mount_image(gen.image, mnt, readonly=True)
+                self._mounts[key] = mnt
+            return self._mounts[key]
+
+    def hg(self, root: Path) -> hgrepo.Repo:
+        server = getattr(self._local, "server", None)
+        if server is None:
+            anchor = self.store.root / "templates" / "hg-anchor"
+            if not (anchor / ".hg").is_dir():
+                hgrepo.init_repo(anchor, template=self.store.root / "templates" / "hg-empty")
+            server = hgrepo.Server(anchor)
+            self._local.server = server
+            with self._lock:
+                self._servers.append(server)
+        repo: hgrepo.Repo = server.repo(root)
+        return repo
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for mnt in self._mounts.values():
+            umount(mnt)
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
+        self._mounts.clear()
+
+    # -- the fleet --------------------------------------------------------------------------
+    def run(self, names: Sequence[str], jobs: int = 1) -> list[InstanceReport]:
+        try:
+            if jobs <= 1:
+                return [self._report(n) for n in names]
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                return list(pool.map(self._report, names))
+        finally:
+            self.close()
+
+    def _report(self, name: str) -> InstanceReport:
+        report = InstanceReport(name)
+        try:
+            self.one(name, report)
+        except UnionimgError as exc:
+            report.status = "error"
+            report.error = exc.message
+        except OSError as exc:
+            report.status = "error"
+            report.error = f"{exc.strerror or exc} ({exc.filename or name})"
+        if self.progress:
+            self.progress(report)
+        return report
+
+    def one(self, name: str, report: InstanceReport) -> None:
+        inst = load(self.store, name)
+        report.from_generation = inst.generation
+        st = state(self.store, name)
+        if st != "stopped":
+            raise Conflict(
+                f"instance '{name}' is {st}; "
+                f"{'umount it' if st == 'mounted' else 'stop it'} before reconciling"
+            )
+        with self.store.lock(f"instance-{name}", purpose=f"reconcile {name}"):
+            journal = _journal(self.store, name)
+            if journal.is_file() and not self.dry_run:
+                with u_layer(self.store, name, write=True) as u:
+                    self._recover(inst, u)
+                inst = load(self.store, name)
+                report.from_generation = inst.generation
+            elif journal.is_file():
+                raise Conflict(
+                    f"instance '{name}' has an interrupted reconcile; run reconcile "
+                    "without --dry-run to finish it"
+                )
+            b0 = get_generation(self.store, inst.base, inst.generation)
+            b1 = get_generation(self.store, inst.base, self.to_generation)
+            report.to_generation = b1.number
+            if b0.number == b1.number:  # case 17
+                return
+            delta = self.delta(b0, b1)
+            with u_layer(self.store, name, write=not self.dry_run) as u:
+                upper = u / "upper"
+
+                def gens(which: Literal["b0", "b1"]) -> Path:
+                    return self.gen_root(b0 if which == "b0" else b1)
+
+                entries = scan_upper(u)
+                with b0.manifest() as m0, b1.manifest() as m1:
+                    plan = plan_instance(entries, delta, m0, m1, self.policy, _Content(upper, gens))
+                report.unaffected = plan.unaffected
+                report.actions = [
+                    {"path": a.path, "case": a.case, "action": a.action, "reason": a.reason}
+                    for a in plan.actions
+                    if a.action != KEEP
+                ]
+                report.conflicts = [
+                    {"path": a.path, "reason": a.reason, "case": a.case} for a in plan.conflicts
+                ]
+                if plan.errors:
+                    report.status = "error"
+                    report.error = "; ".join(f"{a.path}: {a.reason}" for a in plan.errors)
+                    return
+                report.status = "conflicts" if plan.conflicts else "clean"
+                if self.dry_run:
+                    return
+                self._apply(inst, u, b0, b1, plan.actions)
+                report.applied = True
+
+    # -- applying -------------------------------------------------------------------------
+    def _apply(
+        self, inst: Instance, u: Path, b0: Generation, b1: Generation, actions: Sequence[Action]
+    ) -> None:
+        name = inst.name
+        repo = self.hg(u)
+        pre = _commit(
+            repo,
+            u,
+            inst,
+            f"local state of {name} before reconcile to {inst.base} generation {b1.number}",
+        )
+        checkpoint("reconcile:pre-committed")
+        new, prev = u / "upper.new", u / "upper.prev"
+        fsops.remove_tree(new)
+        write_json(
+            _journal(self.store, name),
+            {
+                "phase": "staging",
+                "from": b0.number,
+                "to": b1.number,
+                "pre_node": pre,
+                "started": now_iso(),
+            },
+        )
+        fsops.link_copy(u / "upper", new)
+        for action in actions:
+            _apply_action(new, action)
+        aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
+        checkpoint("reconcile:staged")
+        fsops.remove_tree(prev)
+        write_json(
+            _journal(self.store, name),
+            {
+                "phase": "swap",
+                "from": b0.number,
+                "to": b1.number,
+                "pre_node": pre,
+                "new_ino": os.lstat(new).st_ino,
+                "conflicts": aside,
+                "started": now_iso(),
+            },
+        )
+        checkpoint("reconcile:swap-journaled")
+        fsops.exchange(u / "upper", new)
+        checkpoint("reconcile:swapped")
+        self._finish(inst, u, read_json(_journal(self.store, name)))
+
+    def _finish(self, inst: Instance, u: Path, journal: dict[str, Any]) -> None:
+        """Everything after the swap; idempotent, so recovery can run it again."""
+        name = inst.name
+        new, prev = u / "upper.new", u / "upper.prev"
+        if new.exists():
+            fsops.remove_tree(prev)
+            os.rename(new, prev)
+        before = list_conflicts(self.store, name)
+        if inst.generation != journal["to"]:
+            save(self.store, replace(inst, generation=journal["to"]))
+            inst = replace(inst, generation=journal["to"])
+        checkpoint("reconcile:generation")
+        if (
+            not _last(self.store, name).is_file()
+            or read_json(_last(self.store, name)).get("pre_node") != journal["pre_node"]
+        ):
+            write_json(
+                _last(self.store, name),
+                {
+                    "from": journal["from"],
+                    "to": journal["to"],
+                    "pre_node": journal["pre_node"],
+                    "conflicts_before": before,
+                    "finished": None,
+                },
+            )
+        merged = {c["path"]: c for c in before}
+        for c in journal["conflicts"]:
+            merged[c["path"]] = c
+        write_json(
+            conflicts_path(self.store, name), sorted(merged.values(), key=lambda c: c["path"])
+        )
+        repo = self.hg(u)
+        post = _commit(
+            repo,
+            u,
+            inst,
+            f"reconcile {name}: base {inst.base} generation "
+            f"{journal['from']} -> {journal['to']}"
+            + (
+                f" ({len(journal['conflicts'])} conflict(s) kept aside)"
+                if journal["conflicts"]
+                else ""
+            ),
+        )
+        checkpoint("reconcile:committed")
+        last = read_json(_last(self.store, name))
+        last.update({"post_node": post, "finished": now_iso()})
+        write_json(_last(self.store, name), last)
+        _journal(self.store, name).unlink(missing_ok=True)
+
+    def _recover(self, inst: Instance, u: Path) -> None:
+        journal = read_json(_journal(self.store, inst.name))
+        new = u / "upper.new"
+        swapped = journal["phase"] == "swap" and (
+            not new.exists() or os.lstat(u / "upper").st_ino == journal["new_ino"]
+        )
+        if swapped:
+            self._finish(inst, u, journal)
+            return
+        fsops.remove_tree(new)  # not swapped: the live upper is the old one, untouched
+        _journal(self.store, inst.name).unlink(missing_ok=True)
+
+    def _set_aside(
+        self, name: str, b1: Generation, conflicts: Sequence[Action]
+    ) -> list[dict[str, Any]]:
+        """Write each conflict's artefacts to conflicts/KEY-G/ (complete, then renamed)."""
+        out = []
+        root = conflicts_dir(self.store, name)
+        root.mkdir(mode=0o700, exist_ok=True)
+        for action in conflicts:
+            key = f"{_conflict_key(action.path)}-{b1.number}"
+            final = root / key
+            if not final.is_dir():
+                tmp = root / f".{key}.{os.getpid()}"
+                fsops.remove_tree(tmp)
+                tmp.mkdir(mode=0o700)
+                for label, data in action.artifacts.items():
+                    (tmp / label).write_bytes(data)
+                os.rename(tmp, final)
+            out.append(
+                {
+                    "path": action.path,
+                    "reason": action.reason,
+                    "case": action.case,
+                    "generation": b1.number,
+                    "dir": str(final),
+                    "files": sorted(action.artifacts),
+                }
+            )
+        return out
+
+
+def _commit(repo: hgrepo.Repo, u: Path, inst: Instance, message: str) -> str | None:
+    from .status import write_history_sidecar
+
+    write_history_sidecar(u, inst)
+    node = repo.commit_all(message)
+    return node or repo.tip()
+
+
+def _apply_action(tree: Path, action: Action) -> None:
+    if action.action == DROP:
+        fsops.remove_entry(tree, action.path)
+    elif action.action == WRITE:
+        assert action.entry is not None
+        fsops.write_entry(tree, action.path, action.entry, action.data)
+    elif action.action == SET_META:
+        assert action.entry is not None
+        fsops.set_meta(tree, action.path, action.entry)
+    elif action.action == ERROR:
+        raise UsageError(f"{action.path}: {action.reason}")
+
+
+# -- undo, conflicts, resolve ---------------------------------------------------------------
+def undo(store: Store, name: str) -> dict[str, Any]:
+    inst = load(store, name)
+    st = state(store, name)
+    if st != "stopped":
+        raise Conflict(f"instance '{name}' is {st}; stop or umount it before undoing")
+    with store.lock(f"instance-{name}", purpose=f"reconcile --undo {name}"):
+        if _journal(store, name).is_file():
+            raise Conflict(
+                f"instance '{name}' has an interrupted reconcile; run "
+                f"'unionimg reconcile {name}' first"
+            )
+        last_path = _last(store, name)
+        if not last_path.is_file():
+            raise NotFound(f"instance '{name}' has no reconcile to undo")
+        last = read_json(last_path)
+        with u_layer(store, name, write=True) as u, hgrepo.open_repo(u) as repo:
+            prev = u / "upper.prev"
+            if not prev.is_dir():
+                raise NotFound(f"instance '{name}' has no saved upper layer to go back to")
+            from .status import write_history_sidecar
+
+            write_history_sidecar(u, inst)
+            repo.cmd("addremove", "-q")
+            if repo.cmd("status", "-amrd").strip() or repo.tip() != last.get("post_node"):
+                raise Conflict(
+                    f"instance '{name}' changed since its reconcile; undo would lose those "
+                    f"changes (commit them with 'unionimg commit {name}' and revert by hand)"
+                )
+            fsops.exchange(u / "upper", prev)
+            save(store, replace(inst, generation=last["from"]))
+            inst = replace(inst, generation=last["from"])
+            write_json(conflicts_path(store, name), last.get("conflicts_before", []))
+            node = _commit(
+                repo,
+                u,
+                inst,
+                f"undo reconcile of {name}: back to base {inst.base} generation {last['from']}",
+            )
+            fsops.remove_tree(prev)
+        last_path.unlink()
+    return {"name": name, "generation": last["from"], "node": node}
+
+
+def resolve(
+    store: Store, name: str, path: str, *, take: str | None, file: Path | None
+) -> dict[str, Any]:
+    inst = load(store, name)
+    if (take is None) == (file is None):
+        raise UsageError("give exactly one of --take local|base|merged or --file F")
+    st = state(store, name)
+    if st != "stopped":
+        raise Conflict(f"instance '{name}' is {st}; stop or umount it before resolving")
+    with store.lock(f"instance-{name}", purpose=f"resolve {name}"):
+        conflicts = list_conflicts(store, name)
+        match = [c for c in conflicts if c["path"] == path]
+        if not match:
+            raise NotFound(
+                f"instance '{name}' has no conflict at {path}; see 'unionimg conflicts {name}'"
+            )
+        c = match[0]
+        aside = Path(c["dir"])
+        how = take or f"file {file}"
+        with u_layer(store, name, write=True) as u, hgrepo.open_repo(u) as repo:
+            upper = u / "upper"
+            gen = get_generation(store, inst.base, c["generation"])
+            with gen.manifest() as m:
+                b1 = m.get(path)
+            local = _upper_entry(upper, path)
+            if take == "local":
+                pass
+            elif take == "base":
+                if local is not None and local.kind == "dir":
+                    raise UsageError(
+                        f"{path} is a directory in the upper layer; remove or "
+                        "replace it by hand, then use --take local"
+                    )
+                if b1 is not None and _under_opaque(upper, path):
+                    data = (aside / "base-new").read_bytes() if b1.kind == "file" else None
+                    fsops.write_entry(upper, path, b1, data)
+                else:
+                    fsops.remove_entry(upper, path)  # the base's version shows through
+            else:
+                if take == "merged":
+                    source = aside / "merged"
+                    if not source.is_file():
+                        raise NotFound(
+                            f"conflict at {path} has no merged file (binary or "
+                            "structural conflict); use --take local|base or --file"
+                        )
+                else:
+                    assert file is not None
+                    source = file
+                    if not source.is_file():
+                        raise UsageError(f"file {source} does not exist")
+                data = source.read_bytes()
+                if take == "merged" and _has_markers(data):
+                    raise UsageError(
+                        f"{source} still holds conflict markers; edit it first "
+                        "or use --take local|base"
+                    )
+                meta = local if local is not None and local.kind == "file" else b1
+                if meta is None or meta.kind != "file":
+                    raise UsageError(
+                        f"{path} is not a regular file on either side; use --take local|base"
+                    )
+                fsops.write_entry(upper, path, replace(meta, kind="file"), data)
+            write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
+            node = _commit(repo, u, inst, f"resolve {path} in {name}: took {how}")
+        fsops.remove_tree(aside)
+    return {"name": name, "path": path, "took": how, "node": node}
+
+
+def _upper_entry(upper: Path, path: str) -> Any:
+    from .manifest import stat_entry
+
+    real = upper / os.fsdecode(os.fsencode(path).lstrip(b"/"))
+    if not os.path.lexists(real):
+        return None
+    return stat_entry(str(real), path)
+
+
+def _under_opaque(upper: Path, path: str) -> bool:
+    """Whether a directory above ``path`` in the upper layer is opaque (hides the base)."""
+    parts = os.fsencode(path).strip(b"/").split(b"/")[:-1]
+    cur = os.fsencode(upper)
+    for comp in parts:
+        cur = cur + b"/" + comp
+        try:
+            if os.getxattr(cur, "trusted.overlay.opaque", follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _has_markers(data: bytes) -> bool:
+    return any(line.startswith((b"<<<<<<< ", b">>>>>>> ")) for line in data.splitlines())
+
+
+# -- reports kept in the store ---------------------------------------------------------------
+def save_report(store: Store, reports: Sequence[InstanceReport], *, dry_run: bool) -> Path:
+    rdir = store.root / "reports"
+    rdir.mkdir(mode=0o700, exist_ok=True)
+    stamp = now_iso().replace(":", "")
+    path = rdir / f"reconcile-{stamp}-{os.getpid()}.json"
+    write_json(
+        path,
+        {"finished": now_iso(), "dry_run": dry_run, "instances": [r.to_json() for r in reports]},
+    )
+    with open(rdir / "reconcile.log", "a", encoding="utf-8") as log:
+        for r in reports:
+            log.write(
+                f"{now_iso()} {r.name} {r.from_generation}->{r.to_generation} "
+                f"{r.status} actions={len(r.actions)} conflicts={len(r.conflicts)}"
+                f"{' dry-run' if dry_run else ''}{' error=' + repr(r.error) if r.error else ''}"
+                "\n"
+            )
+    kept = sorted(rdir.glob("reconcile-*.json"))
+    for old in kept[:-REPORTS_KEPT]:
+        old.unlink(missing_ok=True)
+    return path
