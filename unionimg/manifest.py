@@ -185,15 +185,18 @@ def stat_entry(
 
 def scan_tree(
     root: str | os.PathLike[str], *, hash_files: bool = True, skip_top: Iterable[str] = ()
-) -> Iterator[Entry]:
+) -> list[Entry]:
     """Every path below ``root`` (and ``/`` itself), parents before children.
 
     ``skip_top`` names top-level entries to leave out (e.g. ``.hg`` of a working copy).
+    A file is marked as hardlinked (``link``) only when two of its names are in the tree:
+    links from outside it (say, a saved copy of an upper layer) are not the tree's concern.
     """
     top = os.fspath(root)
     skip = set(skip_top)
     links: dict[tuple[int, int], str] = {}
-    yield stat_entry(top, "/", hash_files=hash_files, links=links)
+    names: dict[tuple[int, int], int] = {}
+    out = [stat_entry(top, "/", hash_files=hash_files, links=links)]
     stack: list[tuple[str, str]] = [(top, "/")]
     while stack:
         real_dir, guest_dir = stack.pop()
@@ -205,9 +208,16 @@ def scan_tree(
             guest = join(guest_dir, child.name)
             st = child.stat(follow_symlinks=False)
             entry = stat_entry(child.path, guest, st, hash_files=hash_files, links=links)
-            yield entry
+            if entry.link is not None:
+                key = (st.st_dev, st.st_ino)
+                names[key] = names.get(key, 0) + 1
+            out.append(entry)
             if entry.kind == DIR:
                 stack.append((child.path, guest))
+    if links:
+        shared = {first for key, first in links.items() if names.get(key, 0) > 1}
+        out = [e if e.link is None or e.link in shared else replace(e, link=None) for e in out]
+    return out
 
 
 # -- SQLite manifests ---------------------------------------------------------------------

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -235,6 +237,7 @@ class Reconciler:
             b1 = get_generation(self.store, inst.base, self.to_generation)
             report.to_generation = b1.number
             if b0.number == b1.number:  # case 17
+                self._pending(name, report)
                 return
             delta = self.delta(b0, b1)
             with u_layer(self.store, name, write=not self.dry_run) as u:
@@ -264,6 +267,22 @@ class Reconciler:
                     return
                 self._apply(inst, u, b0, b1, plan.actions)
                 report.applied = True
+            self._pending(name, report)
+
+    def _pending(self, name: str, report: InstanceReport) -> None:
+        """Conflicts of earlier runs still unresolved keep the instance in 'conflicts'."""
+        seen = {c["path"] for c in report.conflicts}
+        for c in list_conflicts(self.store, name):
+            if c["path"] not in seen:
+                report.conflicts.append(
+                    {
+                        "path": c["path"],
+                        "case": c.get("case"),
+                        "reason": f"pending since generation {c['generation']}: {c['reason']}",
+                    }
+                )
+        if report.conflicts and report.status == "clean":
+            report.status = "conflicts"
 
     # -- applying -------------------------------------------------------------------------
     def _apply(
@@ -534,6 +553,16 @@ def resolve(
                         f"{path} is not a regular file on either side; use --take local|base"
                     )
                 fsops.write_entry(upper, path, replace(meta, kind="file"), data)
+            record = {
+                "path": path,
+                "took": how,
+                "generation": c["generation"],
+                "resolved": now_iso(),
+            }
+            side = u / hgrepo.SIDECAR_DIR
+            side.mkdir(mode=0o755, exist_ok=True)
+            with open(side / "resolutions.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
             write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
             node = _commit(repo, u, inst, f"resolve {path} in {name}: took {how}")
         fsops.remove_tree(aside)
@@ -572,7 +601,7 @@ def save_report(store: Store, reports: Sequence[InstanceReport], *, dry_run: boo
     rdir = store.root / "reports"
     rdir.mkdir(mode=0o700, exist_ok=True)
     stamp = now_iso().replace(":", "")
-    path = rdir / f"reconcile-{stamp}-{os.getpid()}.json"
+    path = rdir / f"reconcile-{stamp}-{time.time_ns() % 10**9:09d}-{os.getpid()}.json"
     write_json(
         path,
         {"finished": now_iso(), "dry_run": dry_run, "instances": [r.to_json() for r in reports]},

@@ -1,0 +1,468 @@
+"""Start and supervise User-Mode Linux guests: tap devices, the ``linux.uml`` process, and a
+clean stop through UML's management console.
+
+The argv comes rendered (see :mod:`unionimg.profiles`); this module runs it detached and
+finds it again later by pid (a later CLI invocation is not the guest's parent).
+
+Facts this module builds on (Debian 12 ``user-mode-linux`` 6.1, measured):
+
+- ``linux.uml`` is one process group of several host processes sharing the command line
+  (kernel, I/O helper, one per guest address space). It keeps guest memory in an unlinked
+  file under ``$TMPDIR`` (else ``/dev/shm`` if a tmpfs, else ``/tmp``); we point TMPDIR at
+  ``/dev/shm`` after checking it is a tmpfs with room for ``mem=``.
+- It writes ``<uml_dir>/<umid>/pid`` and the socket ``<uml_dir>/<umid>/mconsole`` at start
+  and removes that directory when it exits; ``uml_dir`` defaults to ``$HOME/.uml`` and the
+  driver sets HOME to the instance's workdir.
+- SIGTERM, SIGINT and SIGHUP make UML clean up its helpers and exit at once (no guest
+  shutdown, like pulling the plug). The mconsole command ``halt`` does the same. ``cad``
+  sends ctrl-alt-del to the guest's init, which sysvinit and systemd turn into a REBOOT, and
+  UML re-executes itself on reboot, so it is no way to stop a guest.
+- So a clean stop here is: mconsole ``sysrq s`` (sync) and ``sysrq u`` (remount every
+  filesystem read-only, which leaves U clean on disk), wait until the guest's ``/proc/mounts``
+  (mconsole ``proc mounts``) shows its ubd filesystems read-only, then ``halt``. The
+  mconsole protocol is a small datagram exchange spoken here directly, so ``uml_mconsole``
+  (package uml-utilities) is not needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+from .errors import Conflict, MissingCapability, ToolFailed, UsageError
+from .runner import run, which
+
+log = logging.getLogger(__name__)
+
+UML = "linux.uml"
+SHM = Path("/dev/shm")
+TAP_MAX = 15  # IFNAMSIZ - 1
+_TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+POLL = 0.1
+START_GRACE = 3.0  # seconds to catch an immediate failure of linux.uml
+
+#: Popen objects of guests this process started, so they are reaped (no zombies, no warnings).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+# --- tap devices ---------------------------------------------------------------------------
+
+
+def tap_name(instance_name: str) -> str:
+    """A short deterministic tap name for an instance: ``ui`` + 8 hex digits of a hash."""
+    return "ui" + hashlib.sha256(instance_name.encode()).hexdigest()[:8]
+
+
+def _check_tap(name: str) -> None:
+    if not _TAP_RE.match(name) or name in (".", ".."):
+        raise UsageError(
+            f"bad tap device name '{name}': use 1-{TAP_MAX} letters, digits, '_', '.', '-'"
+        )
+
+
+def tap_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def make_tap(name: str) -> None:
+    """Create tap device ``name`` (if missing) and bring it up. Needs CAP_NET_ADMIN."""
+    _check_tap(name)
+    if tap_exists(name):
+        if not Path("/sys/class/net", name, "tun_flags").exists():
+            raise Conflict(
+                f"network device {name} exists and is not a tap device; remove it or pick "
+                "another tap name"
+            )
+    else:
+        if not Path("/dev/net/tun").exists():
+            raise MissingCapability(
+                "/dev/net/tun is missing; load the tun module (modprobe tun) to make tap devices"
+            )
+        if os.geteuid() != 0:
+            raise MissingCapability(f"creating tap device {name} needs root; run as root")
+        run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], what=f"creating tap {name}")
+    run(["ip", "link", "set", name, "up"], what=f"bringing tap {name} up")
+
+
+def remove_tap(name: str) -> None:
+    """Delete tap device ``name``; quiet if it does not exist."""
+    _check_tap(name)
+    if not tap_exists(name):
+        return
+    result = run(["ip", "link", "del", name], check=False, what=f"removing tap {name}")
+    if result.returncode != 0 and tap_exists(name):
+        lines = [ln.strip() for ln in result.stderr.splitlines() if ln.strip()]
+        raise ToolFailed(
+            f"could not remove tap device {name}: {lines[-1] if lines else result.returncode}"
+        )
+
+
+# --- argv and /proc --------------------------------------------------------------------------
+
+
+def _arg(argv: list[str], key: str) -> str | None:
+    """The value of the last ``key=value`` argument."""
+    found = None
+    for arg in argv[1:]:
+        if arg.startswith(key + "="):
+            found = arg[len(key) + 1 :]
+    return found
+
+
+def umid_of(argv: list[str]) -> str | None:
+    """The ``umid=`` of a UML argv (None: UML makes up a random one)."""
+    return _arg(argv, "umid")
+
+
+def _mem_bytes(argv: list[str]) -> int:
+    """Guest memory from ``mem=`` (UML's default is 32 MiB)."""
+    value = _arg(argv, "mem")
+    if value is None:
+        return 32 << 20
+    m = re.fullmatch(r"(\d+)([KkMmGg]?)", value)
+    if not m:
+        raise UsageError(f"bad UML argument mem={value}; use e.g. mem=256M")
+    shift = {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+    return int(m.group(1)) << shift
+
+
+def _proc_args(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0") if a]
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :][:1]
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of a guest this process started (no-op for others)."""
+    proc = _children.get(pid)
+    if proc is not None:
+        if proc.poll() is not None:
+            del _children[pid]
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def is_running(pid: int, argv0_hint: str = UML, *, umid: str | None = None) -> bool:
+    """Whether ``pid`` is a live ``linux.uml`` (argv0 contains ``argv0_hint``) with ``umid=``
+    ``umid`` when given — so a recycled pid is not mistaken for the guest."""
+    _reap(pid)
+    state = _proc_state(pid)
+    if state is None or state in ("Z", "X"):
+        return False
+    args = _proc_args(pid)
+    if not args or argv0_hint not in os.path.basename(args[0]):
+        return False
+    return umid is None or f"umid={umid}" in args[1:]
+
+
+def wait(pid: int, timeout: float, *, umid: str | None = None) -> bool:
+    """Wait until the guest ``pid`` has exited; False if it still runs after ``timeout``.
+    Works whether or not this process started it (polls /proc)."""
+    deadline = time.monotonic() + timeout
+    while is_running(pid, umid=umid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def _uml_dir(args: list[str], env_home: str | None) -> Path | None:
+    explicit = _arg(args, "uml_dir")
+    if explicit:
+        return Path(explicit)
+    return Path(env_home) / ".uml" if env_home else None
+
+
+def _home_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in environ.split(b"\0"):
+        if item.startswith(b"HOME="):
+            return item[5:].decode(errors="surrogateescape")
+    return None
+
+
+def mconsole_socket(pid: int) -> Path | None:
+    """The management console socket of the running guest ``pid`` (None if not found)."""
+    args = _proc_args(pid)
+    if not args:
+        return None
+    base = _uml_dir(args, _home_of(pid))
+    if base is None:
+        return None
+    umid = _arg(args, "umid")
+    candidates = [base / umid] if umid else sorted(p for p in base.glob("*") if p.is_dir())
+    for umid_dir in candidates:
+        try:
+            owner = int((umid_dir / "pid").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if owner == pid and (umid_dir / "mconsole").exists():
+            return umid_dir / "mconsole"
+    return None
+
+
+# --- the management console ------------------------------------------------------------------
+
+_MC_MAGIC = 0xCAFEBABE
+_MC_VERSION = 2
+_MC_MAX_DATA = 512
+
+
+def mconsole(sock: Path, command: str, *, timeout: float = 5.0) -> str:
+    """Send one mconsole command (``version``, ``halt``, ``sysrq s``, ``proc mounts``...) to
+    the guest behind ``sock`` and return its reply; ToolFailed if UML reports an error."""
+    data = command.encode()
+    if len(data) >= _MC_MAX_DATA:
+        raise UsageError(f"mconsole command too long: {command[:40]}...")
+    request = struct.pack("=III", _MC_MAGIC, _MC_VERSION, len(data)) + data.ljust(
+        _MC_MAX_DATA, b"\0"
+    )
+    reply = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        # an abstract address: nothing to clean up, and UML can answer to it
+        s.bind(f"\0unionimg-mconsole-{os.getpid()}-{time.monotonic_ns()}")
+        s.settimeout(timeout)
+        try:
+            s.sendto(request, str(sock))
+            while True:
+                packet = s.recv(12 + _MC_MAX_DATA)
+                err, more, length = struct.unpack("=III", packet[:12])
+                reply += packet[12 : 12 + length]
+                if not more:
+                    break
+        except OSError as exc:
+            raise ToolFailed(
+                f"UML management console {sock} did not answer '{command}': "
+                f"{exc.strerror or exc}"
+            ) from exc
+    text = reply.replace(b"\0", b"").decode(errors="replace")
+    if err:
+        raise ToolFailed(f"UML mconsole '{command}' failed: {text.strip()}")
+    return text
+
+
+def _ubd_rw_mounts(sock: Path) -> list[str]:
+    """The guest's ubd-backed filesystems still mounted read-write."""
+    mounts = mconsole(sock, "proc mounts")
+    busy = []
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0].startswith("/dev/ubd"):
+            if "rw" in fields[3].split(","):
+                busy.append(fields[0])
+    return busy
+
+
+def _sync_and_halt(sock: Path, timeout: float) -> None:
+    """Sync, remount read-only, wait for it, halt."""
+    mconsole(sock, "sysrq s")
+    mconsole(sock, "sysrq u")
+    deadline = time.monotonic() + timeout
+    while busy := _ubd_rw_mounts(sock):
+        if time.monotonic() >= deadline:
+            log.warning("guest filesystems %s still read-write after %.0f s", busy, timeout)
+            break
+        time.sleep(POLL)
+    with contextlib.suppress(ToolFailed):  # UML may exit before its reply is read
+        mconsole(sock, "halt", timeout=2.0)
+
+
+# --- starting and stopping -------------------------------------------------------------------
+
+
+def _tmpfs_mounted(path: Path) -> bool:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    return any(
+        len(f) >= 3 and f[1] == str(path) and f[2] == "tmpfs" for f in (ln.split() for ln in lines)
+    )
+
+
+def _check_shm(argv: list[str]) -> None:
+    if not _tmpfs_mounted(SHM):
+        raise MissingCapability(
+            f"UML keeps guest memory in a tmpfs file but {SHM} is not a tmpfs; "
+            f"mount one (mount -t tmpfs -o mode=1777 tmpfs {SHM})"
+        )
+    need = _mem_bytes(argv)
+    st = os.statvfs(SHM)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise MissingCapability(
+            f"{SHM} has {free >> 20} MiB free but the UML guest needs {need >> 20} MiB (mem=); "
+            f"free some or enlarge it (mount -o remount,size=... {SHM})"
+        )
+
+
+def _spawn(argv: list[str], *, out: IO[bytes], env: dict[str, str], cwd: Path) -> int:
+    """The one place a long-running guest process is started: detached in its own session,
+    stdin /dev/null, stdout and stderr into ``out``. Returns its pid."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        close_fds=True,
+    )
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+def _tail(path: Path, lines: int = 1) -> str:
+    try:
+        text = path.read_bytes()[-4096:].decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(kept[-lines:])
+
+
+def start(argv: list[str], console_log: Path, workdir: Path) -> int:
+    """Start ``argv`` (``linux.uml ...``) detached; its console (stdout+stderr) is appended to
+    ``console_log``, HOME is ``workdir`` (so ``uml_dir`` defaults to ``workdir/.uml``).
+    Returns the pid. Conflict if a guest with the same umid runs."""
+    if not argv:
+        raise UsageError("empty UML command line")
+    try:
+        program = which(argv[0])
+    except MissingCapability as exc:
+        raise MissingCapability(
+            f"{argv[0]} not found; install user-mode-linux (apt-get install user-mode-linux)"
+        ) from exc
+    _check_shm(argv)
+    workdir.mkdir(parents=True, exist_ok=True)
+    console_log.parent.mkdir(parents=True, exist_ok=True)
+    umid = umid_of(argv)
+    uml_dir = _uml_dir(argv, str(workdir))
+    if umid and uml_dir is not None:
+        try:
+            owner = int((uml_dir / umid / "pid").read_text().strip())
+        except (OSError, ValueError):
+            owner = 0
+        if owner and is_running(owner, umid=umid):
+            raise Conflict(f"UML guest {umid} is already running (pid {owner}); stop it first")
+    env = dict(os.environ)
+    env.update({"HOME": str(workdir), "TMPDIR": str(SHM)})
+    full = [program, *argv[1:]]
+    with console_log.open("ab") as out:
+        pid = _spawn(full, out=out, env=env, cwd=workdir)
+    log.info("started %s as pid %d (console %s)", argv[0], pid, console_log)
+    # catch an immediate failure (bad argument, no memory): UML writes its pid file early
+    deadline = time.monotonic() + START_GRACE
+    pidfile = uml_dir / umid / "pid" if umid and uml_dir is not None else None
+    while time.monotonic() < deadline:
+        if not is_running(pid):
+            proc = _children.get(pid)
+            code = proc.returncode if proc is not None else None
+            raise ToolFailed(
+                f"{argv[0]} exited at once (status {code}): "
+                f"{_tail(console_log) or 'no output'}; see {console_log}"
+            )
+        if pidfile is not None and pidfile.exists():
+            break
+        time.sleep(POLL)
+    return pid
+
+
+def exit_status(pid: int) -> int | None:
+    """The exit status of a guest this process started and that has exited, else None."""
+    proc = _children.get(pid)
+    if proc is None:
+        return None
+    return proc.poll()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the guest's process group (its helpers too) if it leads one, else just it."""
+    try:
+        group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        group = True  # the leader is gone; helpers may remain in its group
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise MissingCapability(
+            f"not allowed to signal UML guest pid {pid}; run as its owner or root"
+        ) from exc
+
+
+def stop(pid: int, *, force: bool, timeout: float = 30.0, umid: str | None = None) -> None:
+    """Stop the UML guest ``pid``. Without ``force``: sync and remount its filesystems
+    read-only through the mconsole, then halt (SIGTERM if there is no mconsole); after
+    ``timeout`` s, or at once with ``force``, SIGKILL its whole process group. Quiet if it is
+    not running. ``umid`` guards against a recycled pid."""
+    if not is_running(pid, umid=umid):
+        return
+    if not force:
+        sock = mconsole_socket(pid)
+        try:
+            if sock is not None:
+                _sync_and_halt(sock, min(timeout / 2, 15.0))
+            else:
+                log.info("UML pid %d has no mconsole; sending SIGTERM", pid)
+                _signal_group(pid, signal.SIGTERM)
+        except ToolFailed as exc:
+            log.warning("clean stop of UML pid %d failed (%s); sending SIGTERM", pid, exc)
+            _signal_group(pid, signal.SIGTERM)
+        if wait(pid, timeout, umid=umid):
+            _signal_group(pid, signal.SIGKILL)  # stray helpers, if any
+            return
+        log.warning("UML pid %d still runs %.0f s after the stop request; killing it", pid, timeout)
+    _signal_group(pid, signal.SIGKILL)
+    if not wait(pid, 10.0, umid=umid):
+        raise ToolFailed(f"UML guest pid {pid} survived SIGKILL for 10 s")
+    _signal_group(pid, signal.SIGKILL)
+
+
+def group_members(pid: int) -> list[int]:
+    """Live processes whose process group is ``pid`` (to check nothing was left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) >= 3 and fields[0] not in ("Z", "X") and int(fields[2]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+_ = errno  # (kept for callers matching OSError numbers)
