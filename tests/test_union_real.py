@@ -161,3 +161,20 @@ def test_fuse_overlayfs_driver(cli: Cli, vm: str, tmp_path: Path) -> None:
         cli.ok("umount", str(mnt))
     status = json.loads(cli.ok("status", vm, "--json").output)
     assert status["modified"] == ["/etc/hostname"] and status["deleted"] == ["/etc/motd"]
+
+
+def test_two_unions_share_one_base_generation(cli: Cli, vm: str, tmp_path: Path) -> None:
+    cli.ok("instance", "create", "vm2", "--base", "deb")
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    m1.mkdir()
+    m2.mkdir()
+    cli.ok("mount", vm, str(m1))
+    try:
+        cli.ok("mount", "vm2", str(m2))
+        try:
+            (m1 / "etc/hostname").write_text("one\n")
+            assert (m2 / "etc/hostname").read_text() == "base\n"
+        finally:
+            cli.ok("umount", str(m2))
+    finally:
+        cli.ok("umount", str(m1))

@@ -14,6 +14,14 @@ POINTS: dict[str, tuple[str, ...]] = {
     "base-create": ("staged", "image-made", "committed", "published"),
     "base-update": ("staged", "image-made", "committed", "published"),
     "instance-create": ("staged", "image-made", "published"),
+    "reconcile": (
+        "pre-committed",
+        "staged",
+        "swap-journaled",
+        "swapped",
+        "generation",
+        "committed",
+    ),
 }
 
 

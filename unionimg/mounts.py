@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingCapability, ToolFailed, UsageError
+from .errors import Conflict, MissingCapability, ToolFailed, UsageError
 from .runner import run
 
 # Overlay features that would make an upper layer unportable or unreconcilable are off:
@@ -81,11 +82,26 @@ def mount_image(image: Path, target: Path, *, readonly: bool) -> None:
     """
     require_root("mounting an image")
     target.mkdir(parents=True, exist_ok=True)
+    if not readonly:  # a BASE image is shared read-only by many unions at once
+        _wait_loop_released(image)
     opts = "loop,ro,noload" if readonly else "loop,rw"
     run(
         ["mount", "-t", "ext4", "-o", opts, str(image), str(target)],
         what=f"mounting {image.name} at {target}",
     )
+
+
+def _wait_loop_released(image: Path, timeout: float = 10.0) -> None:
+    """A lazily unmounted image keeps its loop device until its last user goes; mounting the
+    same ext4 image again meanwhile would fail or, worse, run two journals on one file."""
+    deadline = time.monotonic() + timeout
+    while run(["losetup", "-j", str(image)], check=False).stdout.strip():
+        if time.monotonic() > deadline:
+            raise Conflict(
+                f"{image} is still in use by an earlier mount; close what uses it "
+                "(see 'losetup -j') and retry"
+            )
+        time.sleep(0.1)
 
 
 def _check_layer_path(path: Path) -> str:

@@ -348,9 +348,7 @@ def _check_spec(spec: BootSpec) -> None:
         raise UsageError(f"instance {spec.name}: memory {spec.memory_mib} MiB; give at least 16")
     if isinstance(spec.vcpus, bool) or not isinstance(spec.vcpus, int) or spec.vcpus < 1:
         raise UsageError(f"instance {spec.name}: vcpus {spec.vcpus!r}; give at least 1")
-    _check_paths(
-        spec, "base_image", "upper_image", "kernel", "initrd", "console_log", "workdir"
-    )
+    _check_paths(spec, "base_image", "upper_image", "kernel", "initrd", "console_log", "workdir")
 
 
 def kernel_cmdline(hypervisor: str, spec: BootSpec) -> str:

@@ -46,7 +46,6 @@ from .policy import Policy
 from .status import scan_upper
 from .store import Store, now_iso, read_json, write_json
 
-STEPS = ("pre-committed", "staged", "swap-journaled", "swapped", "generation", "committed")
 REPORTS_KEPT = 50
 
 
@@ -146,6 +145,8 @@ class Reconciler:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._servers: list[hgrepo.Server] = []
+        self._stage_ctx: contextlib.AbstractContextManager[Path] | None = None
+        self._stage: Path | None = None
 
     # -- shared, per run ------------------------------------------------------------------
     def delta(self, b0: Generation, b1: Generation) -> dict[str, Change]:
@@ -160,8 +161,11 @@ class Reconciler:
         key = (gen.base, gen.number)
         with self._lock:
             if key not in self._mounts:
-                mnt = self.store.run_dir / "_generations" / f"{gen.base}-{gen.number}-{os.getpid()}"
-                umount(mnt)
+                if self._stage is None:
+                    # a pid-tagged staging dir: a killed run's mounts are swept by the next
+                    self._stage_ctx = self.store.staging("reconcile-generations")
+                    self._stage = self._stage_ctx.__enter__()
+                mnt = self._stage / f"{gen.base}-{gen.number}"
                 mount_image(gen.image, mnt, readonly=True)
                 self._mounts[key] = mnt
             return self._mounts[key]
@@ -184,9 +188,10 @@ class Reconciler:
             server.close()
         for mnt in self._mounts.values():
             umount(mnt)
-            with contextlib.suppress(OSError):
-                mnt.rmdir()
         self._mounts.clear()
+        if self._stage_ctx is not None:
+            self._stage_ctx.__exit__(None, None, None)
+            self._stage_ctx = self._stage = None
 
     # -- the fleet --------------------------------------------------------------------------
     def run(self, names: Sequence[str], jobs: int = 1) -> list[InstanceReport]:

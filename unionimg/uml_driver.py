@@ -27,7 +27,6 @@ Facts this module builds on (Debian 12 ``user-mode-linux`` 6.1, measured):
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -52,8 +51,10 @@ _TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 POLL = 0.1
 START_GRACE = 3.0  # seconds to catch an immediate failure of linux.uml
 
-#: Popen objects of guests this process started, so they are reaped (no zombies, no warnings).
+#: Popen objects of guests this process started, so they are reaped (no zombies, no warnings),
+#: and the exit status of those reaped.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+_exits: dict[int, int] = {}
 
 
 # --- tap devices ---------------------------------------------------------------------------
@@ -157,7 +158,9 @@ def _reap(pid: int) -> None:
     """Collect the exit status of a guest this process started (no-op for others)."""
     proc = _children.get(pid)
     if proc is not None:
-        if proc.poll() is not None:
+        code = proc.poll()
+        if code is not None:
+            _exits[pid] = code
             del _children[pid]
         return
     with contextlib.suppress(ChildProcessError, OSError):
@@ -257,8 +260,7 @@ def mconsole(sock: Path, command: str, *, timeout: float = 5.0) -> str:
                     break
         except OSError as exc:
             raise ToolFailed(
-                f"UML management console {sock} did not answer '{command}': "
-                f"{exc.strerror or exc}"
+                f"UML management console {sock} did not answer '{command}': {exc.strerror or exc}"
             ) from exc
     text = reply.replace(b"\0", b"").decode(errors="replace")
     if err:
@@ -272,9 +274,8 @@ def _ubd_rw_mounts(sock: Path) -> list[str]:
     busy = []
     for line in mounts.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and fields[0].startswith("/dev/ubd"):
-            if "rw" in fields[3].split(","):
-                busy.append(fields[0])
+        if len(fields) >= 4 and fields[0].startswith("/dev/ubd") and "rw" in fields[3].split(","):
+            busy.append(fields[0])
     return busy
 
 
@@ -335,6 +336,7 @@ def _spawn(argv: list[str], *, out: IO[bytes], env: dict[str, str], cwd: Path) -
         close_fds=True,
     )
     _children[proc.pid] = proc
+    _exits.pop(proc.pid, None)  # a recycled pid of an earlier guest
     return proc.pid
 
 
@@ -382,8 +384,7 @@ def start(argv: list[str], console_log: Path, workdir: Path) -> int:
     pidfile = uml_dir / umid / "pid" if umid and uml_dir is not None else None
     while time.monotonic() < deadline:
         if not is_running(pid):
-            proc = _children.get(pid)
-            code = proc.returncode if proc is not None else None
+            code = exit_status(pid)
             raise ToolFailed(
                 f"{argv[0]} exited at once (status {code}): "
                 f"{_tail(console_log) or 'no output'}; see {console_log}"
@@ -396,18 +397,20 @@ def start(argv: list[str], console_log: Path, workdir: Path) -> int:
 
 def exit_status(pid: int) -> int | None:
     """The exit status of a guest this process started and that has exited, else None."""
-    proc = _children.get(pid)
-    if proc is None:
-        return None
-    return proc.poll()
+    _reap(pid)
+    return _exits.get(pid)
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    """Signal the guest's process group (its helpers too) if it leads one, else just it."""
+def _leads_group(pid: int) -> bool:
     try:
-        group = os.getpgid(pid) == pid
+        return os.getpgid(pid) == pid
     except ProcessLookupError:
-        group = True  # the leader is gone; helpers may remain in its group
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals, *, group: bool) -> None:
+    """Signal the guest's whole process group (its helpers too) when it leads one (as
+    :func:`start` makes it), else just the process."""
     try:
         if group:
             os.killpg(pid, sig)
@@ -428,6 +431,7 @@ def stop(pid: int, *, force: bool, timeout: float = 30.0, umid: str | None = Non
     not running. ``umid`` guards against a recycled pid."""
     if not is_running(pid, umid=umid):
         return
+    group = _leads_group(pid)  # decided while the pid is known to be the guest
     if not force:
         sock = mconsole_socket(pid)
         try:
@@ -435,18 +439,20 @@ def stop(pid: int, *, force: bool, timeout: float = 30.0, umid: str | None = Non
                 _sync_and_halt(sock, min(timeout / 2, 15.0))
             else:
                 log.info("UML pid %d has no mconsole; sending SIGTERM", pid)
-                _signal_group(pid, signal.SIGTERM)
+                _signal(pid, signal.SIGTERM, group=group)
         except ToolFailed as exc:
             log.warning("clean stop of UML pid %d failed (%s); sending SIGTERM", pid, exc)
-            _signal_group(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM, group=group)
         if wait(pid, timeout, umid=umid):
-            _signal_group(pid, signal.SIGKILL)  # stray helpers, if any
+            if group:
+                _signal(pid, signal.SIGKILL, group=True)  # stray helpers, if any
             return
         log.warning("UML pid %d still runs %.0f s after the stop request; killing it", pid, timeout)
-    _signal_group(pid, signal.SIGKILL)
+    _signal(pid, signal.SIGKILL, group=group)
     if not wait(pid, 10.0, umid=umid):
         raise ToolFailed(f"UML guest pid {pid} survived SIGKILL for 10 s")
-    _signal_group(pid, signal.SIGKILL)
+    if group:
+        _signal(pid, signal.SIGKILL, group=True)
 
 
 def group_members(pid: int) -> list[int]:
@@ -463,6 +469,3 @@ def group_members(pid: int) -> list[int]:
         if len(fields) >= 3 and fields[0] not in ("Z", "X") and int(fields[2]) == pid:
             found.append(int(entry.name))
     return found
-
-
-_ = errno  # (kept for callers matching OSError numbers)

@@ -1,0 +1,521 @@
+"""The drivers that start real guests: libvirt (QEMU), the KVM probe, User-Mode Linux.
+
+Real components throughout: the ``tiny`` fixture rootfs in an ext4 BASE image, an empty ext4
+U image, the unionimg initramfs, libvirtd (started here if no daemon answers, and stopped
+again afterwards), QEMU TCG, ``linux.uml`` with a tap NIC. The tiny guest's /sbin/init prints
+``unionimg-guest: nic NAME mac MAC`` and ``unionimg-guest: boot N`` and powers off (or runs a
+shell with ``unionimg.shell`` on its command line).
+
+The domain XML and UML argv below are TEST FIXTURES written by hand: the drivers take them as
+input, whatever renders them (unionimg.profiles) is tested elsewhere.
+
+Missing root, QEMU, UML, libvirtd or kernels skip with the reason; with
+UNIONIMG_REQUIRE_REAL=1 they fail. Nothing is left behind: domains undefined, taps removed,
+guest processes gone, temporary directories removed, daemons we started stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from unionimg import kvmprobe, libvirt_driver, uml_driver
+from unionimg.bootspec import instance_uuid
+from unionimg.errors import Conflict, ToolFailed, UsageError
+from unionimg.initramfs import InitramfsInfo, build_initramfs
+from unionimg.runner import run
+
+REQUIRE_REAL = os.environ.get("UNIONIMG_REQUIRE_REAL") == "1"
+REPO = Path(__file__).resolve().parent.parent
+LINUX_UML = Path("/usr/bin/linux.uml")
+QEMU_MAC = "52:54:00:5a:00:01"
+UML_MAC = "52:54:00:5a:00:02"
+BOOT_TIMEOUT = 120.0
+RUN_ID = f"{os.getpid()}"
+
+
+def require(ok: object, reason: str) -> None:
+    """Skip (printing why) unless ``ok``; under UNIONIMG_REQUIRE_REAL=1 fail instead."""
+    if ok:
+        return
+    if REQUIRE_REAL:
+        pytest.fail(f"UNIONIMG_REQUIRE_REAL=1 but {reason}")
+    print(f"skipping: {reason}")
+    pytest.skip(reason)
+
+
+def program(name: str) -> str | None:
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def require_programs(*names: str) -> None:
+    lacking = [n for n in names if program(n) is None]
+    require(not lacking, f"programs not installed: {', '.join(lacking)}")
+
+
+def require_root(why: str) -> None:
+    require(os.geteuid() == 0, f"{why} needs root")
+
+
+def qemu_guest_kernel() -> Path | None:
+    """The newest /boot/vmlinuz-VERSION whose modules are installed."""
+    for vmlinuz in sorted(Path("/boot").glob("vmlinuz-*"), reverse=True):
+        version = vmlinuz.name.removeprefix("vmlinuz-")
+        if (Path("/lib/modules") / version / "modules.dep").is_file():
+            return vmlinuz
+    return None
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wait_for_text(path: Path, text: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_bytes().decode(errors="replace"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def console_text(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace") if path.exists() else ""
+
+
+def assert_guest_saw(console: str, mac: str, boot: int) -> None:
+    tail = console[-3000:]
+    assert re.search(rf"^unionimg-guest: nic \S+ mac {re.escape(mac)}\s*$", console, re.M), tail
+    assert re.search(rf"^unionimg-guest: boot {boot}\s*$", console, re.M), tail
+
+
+def uml_processes(umid: str) -> list[int]:
+    """Live processes whose command line carries ``umid=UMID`` (UML guest and helpers)."""
+    found = []
+    marker = f"umid={umid}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if marker in args and stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+# --- the shared lab: BASE, initramfs ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lab:
+    dir: Path
+    base: Path
+    base_sha256: str
+    udir: Path
+    initrd: InitramfsInfo
+
+    def new_u(self, name: str) -> Path:
+        path = self.dir / name
+        run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "U", "-d", str(self.udir), str(path), "64M"])
+        return path
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    require(Path("/bin/busybox").is_file(), "/bin/busybox missing (apt-get install busybox-static)")
+    require_programs("modprobe", "cpio", "mke2fs", "debugfs", "e2fsck")
+    from vm_fixtures import build
+
+    rootfs = build("tiny")
+    with tempfile.TemporaryDirectory(prefix="unionimg-drivers-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the images
+        base = work / "BASE.img"
+        run(["mke2fs", "-q", "-t", "ext4", "-L", "BASE", "-d", str(rootfs), str(base), "64M"])
+        base.chmod(0o444)
+        udir = work / "udir"
+        (udir / "upper").mkdir(parents=True)
+        (udir / "work").mkdir()
+        info = build_initramfs(work / "initrd.cpio.gz")
+        yield Lab(work, base, sha256(base), udir, info)
+
+
+def check_images(lab: Lab, u_image: Path, *, boots: int | None) -> None:
+    """From the host: BASE untouched and root's, U root's and clean, its boot count."""
+    assert sha256(lab.base) == lab.base_sha256
+    assert lab.base.stat().st_uid == 0, "BASE was left chowned"
+    assert u_image.stat().st_uid == 0, "U was left chowned"
+    run(["e2fsck", "-fn", str(u_image)], what="checking U after the guest stopped")
+    if boots is not None:
+        log = run(["debugfs", "-R", "cat /upper/var/log/boots", str(u_image)]).stdout
+        assert len(log.splitlines()) == boots, log
+
+
+# --- libvirt -----------------------------------------------------------------------------
+
+
+def domain_xml(
+    name: str, *, kernel: Path, lab: Lab, u_image: Path, console: Path, cmdline: str = ""
+) -> str:
+    """TEST FIXTURE: a minimal type='qemu' domain booting the union (not profiles' output)."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{instance_uuid(name)}</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{lab.initrd.path}</initrd>
+    <cmdline>console=ttyS0 panic=-1 {cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{lab.base}'><seclabel model='dac' relabel='no'/></source>
+      <target dev='vda' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{u_image}'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <interface type='user'>
+      <mac address='{QEMU_MAC}'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'>
+      <source path='{console}'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[Any]:
+    require_root("libvirt's qemu:///system")
+    require_programs("libvirtd", "virtlogd", "qemu-system-x86_64")
+    before = libvirt_driver.daemon_pids()
+    started = time.monotonic()
+    connection = libvirt_driver.connect()
+    seconds = time.monotonic() - started
+    ours = {n: p for n, p in libvirt_driver.daemon_pids().items() if before.get(n) != p}
+    print(f"libvirt answered after {seconds:.1f} s (daemons started here: {sorted(ours)})")
+    try:
+        yield connection
+    finally:
+        connection.close()
+        for name in ("libvirtd", "virtlogd"):  # leave the host as we found it
+            if name in ours:
+                os.kill(ours[name], signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while set(libvirt_driver.daemon_pids()) & set(ours) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not set(libvirt_driver.daemon_pids()) & set(ours), "a daemon we started survived"
+
+
+@pytest.fixture
+def domains(conn: Any) -> Iterator[list[str]]:
+    """Names of domains a test defines; all destroyed and undefined afterwards."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        libvirt_driver.stop(conn, name, force=True)
+        libvirt_driver.undefine(conn, name)
+        assert libvirt_driver.state(conn, name) == "absent"
+
+
+def guest_kernel() -> Path:
+    kernel = qemu_guest_kernel()
+    require(kernel, "no Debian kernel in /boot with modules in /lib/modules (linux-image-amd64)")
+    assert kernel is not None
+    return kernel
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_libvirt_boots_the_union_to_shutoff(lab: Lab, conn: Any, domains: list[str]) -> None:
+    kernel = guest_kernel()
+    name = f"uitest-{RUN_ID}-boot"
+    domains.append(name)
+    u_image = lab.new_u("U-libvirt.img")
+    console = lab.dir / "libvirt-boot.log"
+    xml = domain_xml(name, kernel=kernel, lab=lab, u_image=u_image, console=console)
+    assert libvirt_driver.state(conn, name) == "absent"
+    started = time.monotonic()
+    libvirt_driver.define_and_start(conn, xml)
+    assert libvirt_driver.state(conn, name) in ("running", "shutoff")
+    assert libvirt_driver.wait_shutoff(conn, name, BOOT_TIMEOUT), console_text(console)[-3000:]
+    print(f"libvirt type='qemu' start to shut off: {time.monotonic() - started:.1f} s")
+    assert libvirt_driver.state(conn, name) == "shutoff"
+    assert_guest_saw(console_text(console), QEMU_MAC, boot=1)
+    check_images(lab, u_image, boots=1)
+    libvirt_driver.undefine(conn, name)
+    assert libvirt_driver.state(conn, name) == "absent"
+    libvirt_driver.undefine(conn, name)  # idempotent
+    libvirt_driver.stop(conn, name, force=False)  # absent: nothing to do
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_libvirt_conflict_and_forced_stop(lab: Lab, conn: Any, domains: list[str]) -> None:
+    kernel = guest_kernel()
+    name = f"uitest-{RUN_ID}-shell"
+    domains.append(name)
+    u_image = lab.new_u("U-libvirt-shell.img")
+    console = lab.dir / "libvirt-shell.log"
+    xml = domain_xml(
+        name, kernel=kernel, lab=lab, u_image=u_image, console=console, cmdline="unionimg.shell"
+    )
+    libvirt_driver.define_and_start(conn, xml)
+    assert wait_for_text(console, "unionimg-guest: shell", BOOT_TIMEOUT), console_text(console)
+    assert libvirt_driver.state(conn, name) == "running"
+    with pytest.raises(Conflict, match=f"instance {name} is already running under libvirt"):
+        libvirt_driver.define_and_start(conn, xml)
+    with pytest.raises(Conflict, match="stop it before undefining"):
+        libvirt_driver.undefine(conn, name)
+    # the tiny guest has no ACPI handler: the power button is ignored, a clear error follows
+    with pytest.raises(ToolFailed, match="did not shut down within 2 s"):
+        libvirt_driver.stop(conn, name, force=False, timeout=2)
+    assert libvirt_driver.wait_shutoff(conn, name, 0.5) is False
+    started = time.monotonic()
+    libvirt_driver.stop(conn, name, force=True)
+    print(f"libvirt destroy: {time.monotonic() - started:.2f} s")
+    assert libvirt_driver.state(conn, name) == "shutoff"
+    assert sha256(lab.base) == lab.base_sha256
+    assert u_image.stat().st_uid == 0 and lab.base.stat().st_uid == 0
+    # shut off: starting again is allowed and redefines it (boot 2 on the same U)
+    libvirt_driver.define_and_start(conn, xml)
+    assert wait_for_text(console, "unionimg-guest: boot 2", BOOT_TIMEOUT), console_text(console)
+    libvirt_driver.stop(conn, name, force=True)
+    libvirt_driver.undefine(conn, name)
+    assert libvirt_driver.state(conn, name) == "absent"
+
+
+def test_libvirt_rejects_bad_xml_in_one_line() -> None:
+    conn = libvirt_driver.connect("test:///default")
+    try:
+        with pytest.raises(UsageError, match="not well-formed"):
+            libvirt_driver.define_and_start(conn, "<domain")
+        with pytest.raises(UsageError, match="no <name>"):
+            libvirt_driver.define_and_start(conn, "<domain type='test'/>")
+        with pytest.raises(ToolFailed) as info:
+            libvirt_driver.define_and_start(
+                conn, "<domain type='test'><name>x</name><memory>1</memory></domain>"
+            )
+        assert "\n" not in info.value.message and "instance x" in info.value.message
+    finally:
+        conn.close()
+
+
+# --- the KVM probe -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kvm_probe_answers_consistently_and_caches(tmp_path: Path) -> None:
+    require_programs("qemu-system-x86_64")
+    kernel = guest_kernel()
+    cache = tmp_path / "kvm-probe.json"
+    started = time.monotonic()
+    ok, reason = kvmprobe.kvm_works(cache, kernel, timeout=15)
+    first = time.monotonic() - started
+    print(f"KVM probe: {ok} in {first:.1f} s: {reason}")
+    assert isinstance(ok, bool) and reason
+    if not Path("/dev/kvm").exists():
+        assert not ok and "/dev/kvm is absent" in reason
+        assert not cache.exists()
+    elif ok:
+        assert "runs a guest kernel" in reason
+    else:
+        assert "does not boot under it" in reason and "using QEMU TCG" in reason
+    assert kvmprobe.domain_type(cache, kernel) == ("kvm" if ok else "qemu", reason)
+    if not Path("/dev/kvm").exists():
+        return
+    stamp = cache.stat().st_mtime_ns
+    entries = json.loads(cache.read_text())["entries"]
+    (entry,) = entries.values()
+    assert entry["ok"] is ok and entry["reason"] == reason
+    assert entry["key"]["host_kernel"] == os.uname().release
+    assert entry["key"]["guest_kernel"] == str(kernel.resolve())
+    started = time.monotonic()
+    assert kvmprobe.kvm_works(cache, kernel, timeout=15) == (ok, reason)
+    second = time.monotonic() - started
+    print(f"KVM probe, cached: {second:.2f} s")
+    assert second < 2.0 and cache.stat().st_mtime_ns == stamp  # no boot, no rewrite
+
+
+@pytest.mark.slow
+def test_probe_recognises_a_kernel_that_runs_and_one_that_does_not(tmp_path: Path) -> None:
+    """The probe's own judgement, checked where the answer is known: TCG always runs the
+    kernel; a file that is no kernel never does."""
+    require_programs("qemu-system-x86_64")
+    kernel = guest_kernel()
+    good = kvmprobe.boot_probe(kernel, accel="tcg", timeout=90)
+    print(f"TCG probe: {good}")
+    assert good.ok, good.detail
+    not_a_kernel = tmp_path / "vmlinuz-garbage"
+    not_a_kernel.write_bytes(b"\0" * 4096)
+    bad = kvmprobe.boot_probe(not_a_kernel, accel="tcg", timeout=30)
+    assert not bad.ok and bad.detail.startswith("QEMU failed:"), bad
+
+
+# --- User-Mode Linux ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def uml_ready(lab: Lab) -> str:
+    require(LINUX_UML.is_file(), f"{LINUX_UML} missing (apt-get install user-mode-linux)")
+    version = run([str(LINUX_UML), "--version"], timeout=30).stdout.strip()
+    require(
+        version in {k.version for k in lab.initrd.kernels},
+        f"no modules for UML kernel {version} in /usr/lib/uml/modules",
+    )
+    return version
+
+
+def uml_argv(lab: Lab, u_image: Path, umid: str, *extra: str) -> list[str]:
+    """TEST FIXTURE: a UML command line booting the union (not profiles' output)."""
+    return [
+        str(LINUX_UML),
+        "mem=256M",
+        f"ubd0r={lab.base}",
+        f"ubd1={u_image}",
+        f"initrd={lab.initrd.path}",
+        "con=null",
+        "con0=fd:0,fd:1",
+        f"umid={umid}",
+        *extra,
+    ]
+
+
+START_ELSEWHERE = """
+import json, sys
+from pathlib import Path
+from unionimg import uml_driver
+print(uml_driver.start(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
+"""
+
+
+def start_from_another_process(argv: list[str], console: Path, workdir: Path) -> int:
+    """Start the guest the way a CLI invocation does: from a process that exits at once, so
+    the guest is not the test's child."""
+    out = subprocess.run(
+        [sys.executable, "-c", START_ELSEWHERE, json.dumps(argv), str(console), str(workdir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    return int(out.stdout.strip())
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_uml_boots_twice_on_a_tap(lab: Lab, uml_ready: str) -> None:
+    require_root("a tap device")
+    require_programs("ip")
+    require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
+    umid = f"uitest-{RUN_ID}-tap"
+    tap = uml_driver.tap_name(umid)
+    assert re.fullmatch(r"ui[0-9a-f]{8}", tap) and tap == uml_driver.tap_name(umid)
+    u_image = lab.new_u("U-uml.img")
+    workdir = lab.dir / "uml-tap"
+    console = workdir / "console.log"
+    argv = uml_argv(lab, u_image, umid, f"eth0=tuntap,{tap},{UML_MAC}")
+    uml_driver.make_tap(tap)
+    try:
+        uml_driver.make_tap(tap)  # idempotent
+        flags = int(Path(f"/sys/class/net/{tap}/flags").read_text(), 16)
+        assert flags & 0x1, "tap is not up"
+
+        started = time.monotonic()
+        pid = uml_driver.start(argv, console, workdir)
+        assert uml_driver.wait(pid, BOOT_TIMEOUT, umid=umid), console_text(console)[-3000:]
+        print(f"UML start to power-off: {time.monotonic() - started:.1f} s")
+        assert uml_driver.exit_status(pid) == 0
+        assert_guest_saw(console_text(console), UML_MAC, boot=1)
+
+        # a later invocation: the guest is not our child; wait() polls /proc
+        pid2 = start_from_another_process(argv, console, workdir)
+        assert uml_driver.exit_status(pid2) is None
+        assert uml_driver.wait(pid2, BOOT_TIMEOUT, umid=umid), console_text(console)[-3000:]
+        assert_guest_saw(console_text(console), UML_MAC, boot=2)
+        assert not uml_processes(umid) and not uml_driver.group_members(pid2)
+    finally:
+        uml_driver.remove_tap(tap)
+    assert not uml_driver.tap_exists(tap)
+    uml_driver.remove_tap(tap)  # idempotent
+    check_images(lab, u_image, boots=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("force", [False, True], ids=["clean", "force"])
+def test_uml_stop_leaves_nothing_behind(lab: Lab, uml_ready: str, force: bool) -> None:
+    umid = f"uitest-{RUN_ID}-{'force' if force else 'clean'}"
+    u_image = lab.new_u(f"U-uml-{umid}.img")
+    workdir = lab.dir / umid
+    console = workdir / "console.log"
+    argv = uml_argv(lab, u_image, umid, "unionimg.shell")
+    pid = uml_driver.start(argv, console, workdir)
+    try:
+        assert wait_for_text(console, "unionimg-guest: shell", 60), console_text(console)[-3000:]
+        assert uml_driver.is_running(pid, umid=umid)
+        assert not uml_driver.is_running(pid, umid="some-other-guest")  # pid-reuse guard
+        assert not uml_driver.is_running(pid, "qemu-system")
+        assert len(uml_processes(umid)) > 1  # UML's helpers share the command line
+        with pytest.raises(Conflict, match="already running"):
+            uml_driver.start(argv, console, workdir)
+        assert uml_driver.wait(pid, 0.3, umid=umid) is False
+        started = time.monotonic()
+        uml_driver.stop(pid, force=force, timeout=20, umid=umid)
+        print(f"UML stop (force={force}): {time.monotonic() - started:.2f} s")
+    finally:
+        if uml_driver.is_running(pid, umid=umid):
+            os.killpg(pid, signal.SIGKILL)
+    assert not uml_driver.is_running(pid)
+    assert not uml_processes(umid), "UML processes left behind"
+    assert not uml_driver.group_members(pid)
+    uml_driver.stop(pid, force=True, umid=umid)  # not running: nothing to do
+    if not force:
+        assert "Emergency Remount complete" in console_text(console)
+        check_images(lab, u_image, boots=1)
+    assert sha256(lab.base) == lab.base_sha256
+
+
+def test_tap_names_are_checked() -> None:
+    assert len(uml_driver.tap_name("x" * 64)) <= 15
+    assert uml_driver.tap_name("a") != uml_driver.tap_name("b")
+    for bad in ("", "a" * 16, "a/b", "a b"):
+        with pytest.raises(UsageError, match="bad tap device name"):
+            uml_driver.make_tap(bad)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
