@@ -104,7 +104,7 @@ def main() -> int:
     cli("mount", "web1", str(mnt), "--readonly")
     print("$ sed -n '1,4p;15p;20p' .../web1/etc/tiny/services.conf")
     lines = (mnt / "etc/tiny/services.conf").read_text().splitlines()
-    print("\n".join(lines[:4] + [lines[14], lines[19]]))
+    print("\n".join([*lines[:4], lines[14], lines[19]]))
     cli("umount", str(mnt))
 
     _boot_demo()
