@@ -58,6 +58,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
 #: busybox applets ``guest_init.sh`` calls (the debug shell installs the rest at run time).
 INIT_APPLETS: tuple[str, ...] = (
     "cat",
+    "cp",
     "cttyhack",
     "dmesg",
     "findfs",
