@@ -208,7 +208,9 @@ def read_back(xml: str) -> Readback:
     for disk in root.iterfind("devices/disk"):
         source, target = disk.find("source"), disk.find("target")
         assert source is not None and target is not None
-        disks.append((target.get("dev", ""), source.get("file", ""), disk.find("readonly") is not None))
+        disks.append(
+            (target.get("dev", ""), source.get("file", ""), disk.find("readonly") is not None)
+        )
     mac = root.find("devices/interface/mac")
     assert mac is not None
     return Readback(
@@ -257,7 +259,7 @@ HOSTILE = "a'b\"c<d>&e"
 
 def test_xml_escapes_every_special_character() -> None:
     spec = dataclasses.replace(
-        SPEC, cmdline=HOSTILE, base_image=Path("/srv/it's <base> & \"more\"/BASE.img")
+        SPEC, cmdline=HOSTILE, base_image=Path('/srv/it\'s <base> & "more"/BASE.img')
     )
     xml = profiles.render("kvm", spec)["domain.xml"]
     assert "<d>" not in xml and "&e" not in xml.replace("&amp;", "")
@@ -305,7 +307,7 @@ def test_xl_quote_refuses(value: str) -> None:
 
 
 def test_xen_profile_refuses_unquotable_path() -> None:
-    with pytest.raises(UsageError, match="xl.cfg"):
+    with pytest.raises(UsageError, match=r"xl\.cfg"):
         profiles.render("xen", dataclasses.replace(SPEC, upper_image=Path("/srv/a'b\"c/U.img")))
 
 
@@ -583,9 +585,9 @@ def option(call: list[str], name: str, count: int = 1) -> list[str]:
 def test_vbox_script_passes_the_exact_values(tmp_path: Path) -> None:
     work = Path("/srv/vm's dir/$HOME `x` *;/run")  # no '"': a VMDK descriptor cannot hold it
     spec = dataclasses.replace(SPEC, workdir=work, console_log=work / 'the "console" log')
-    calls = run_vbox_script(tmp_path, profiles.render("virtualbox", spec, disk_sectors=SECTORS)[
-        "create-vm.sh"
-    ])
+    calls = run_vbox_script(
+        tmp_path, profiles.render("virtualbox", spec, disk_sectors=SECTORS)["create-vm.sh"]
+    )
     create, modify, ctl, *attach = calls
     assert create[:2] == ["createvm", "--name"] and option(create, "--name") == ["web1"]
     assert option(create, "--uuid") == [SPEC.uuid]
@@ -599,7 +601,9 @@ def test_vbox_script_passes_the_exact_values(tmp_path: Path) -> None:
     assert option(modify, "--uartmode1", 2) == ["file", str(spec.console_log)]
     assert option(modify, "--boot1") == ["disk"]
     assert option(ctl, "--add") == ["sata"] and option(ctl, "--controller") == ["IntelAhci"]
-    media = [(option(a, "--port")[0], option(a, "--mtype")[0], option(a, "--medium")[0]) for a in attach]
+    media = [
+        (option(a, "--port")[0], option(a, "--mtype")[0], option(a, "--medium")[0]) for a in attach
+    ]
     assert media == [
         ("0", "normal", str(work / "boot.vmdk")),
         ("1", "immutable", str(work / "base.vmdk")),
@@ -687,7 +691,7 @@ def test_vmdk_descriptors_with_qemu_img(vbox_spec: BootSpec) -> None:
 def test_disk_sectors_stat_the_images(vbox_spec: BootSpec) -> None:
     assert vbox.disk_sectors(vbox_spec) == {"boot": 6144, "base": 16384, "upper": 8192}
     (vbox_spec.workdir / "boot.img").unlink()
-    with pytest.raises(NotFound, match="boot.img"):
+    with pytest.raises(NotFound, match=r"boot\.img"):
         profiles.render("virtualbox", vbox_spec)
     (vbox_spec.workdir / "boot.img").write_bytes(b"x" * 1000)
     with pytest.raises(UsageError, match="whole number of sectors"):
@@ -772,7 +776,14 @@ def test_relative_paths_are_refused(field: str) -> None:
 
 
 def test_spec_numbers_and_uuid_are_checked() -> None:
-    for change in ({"memory_mib": 0}, {"vcpus": 0}, {"uuid": "not-a-uuid"}, {"mac": "01:02"}):
+    changes: list[dict[str, object]] = [
+        {"memory_mib": 0},
+        {"vcpus": 0},
+        {"memory_mib": True},
+        {"uuid": "not-a-uuid"},
+        {"mac": "01:02"},
+    ]
+    for change in changes:
         with pytest.raises(UsageError):
             profiles.render("kvm", dataclasses.replace(SPEC, **change))  # type: ignore[arg-type]
 
@@ -871,7 +882,9 @@ def guest_spec(guest: Guest, name: str, mac: str, **change: object) -> BootSpec:
 def check_console(console: str, guest: Guest, spec: BootSpec) -> None:
     tail = console[-3000:]
     assert "unionimg-init: error" not in console, tail
-    assert re.search(rf"^unionimg-guest: nic \S+ mac {re.escape(spec.mac)}\s*$", console, re.M), tail
+    assert re.search(rf"^unionimg-guest: nic \S+ mac {re.escape(spec.mac)}\s*$", console, re.M), (
+        tail
+    )
     assert re.search(r"^unionimg-guest: root overlay / overlay rw,", console, re.M), tail
     assert "unionimg-guest: boot 1" in console, tail
     boots = run(["debugfs", "-R", "cat /upper/var/log/boots", str(spec.upper_image)]).stdout
@@ -888,7 +901,11 @@ def test_virtualbox_layout_boots_under_qemu(guest: Guest) -> None:
     need_boot_disk_tools()
     spec = guest_spec(guest, "vbox1", "52:54:00:0b:0c:01")
     vbox.prepare(spec)
-    drives = [("boot", "boot.vmdk", ""), ("base", "base.vmdk", ",snapshot=on"), ("upper", "upper.vmdk", "")]
+    drives = [
+        ("boot", "boot.vmdk", ""),
+        ("base", "base.vmdk", ",snapshot=on"),
+        ("upper", "upper.vmdk", ""),
+    ]
     argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic"]
     argv += ["-no-reboot", "-device", "ahci,id=ahci"]
     for port, (drive, vmdk, extra) in enumerate(drives):
@@ -898,7 +915,9 @@ def test_virtualbox_layout_boots_under_qemu(guest: Guest) -> None:
     argv += ["-netdev", "user,id=n0", "-device", f"e1000,netdev=n0,mac={spec.mac}"]
     started = time.monotonic()
     result = run(argv, check=False, timeout=300, input="")
-    print(f"VirtualBox layout under QEMU-TCG, start to power-off: {time.monotonic() - started:.1f} s")
+    print(
+        f"VirtualBox layout under QEMU-TCG, start to power-off: {time.monotonic() - started:.1f} s"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert "SYSLINUX" in result.stdout
     check_console(result.stdout, guest, spec)
@@ -914,7 +933,9 @@ def test_kvm_domain_boots_under_libvirt(guest: Guest) -> None:
         conn = libvirt.open("qemu:///system")
     except libvirt.libvirtError as exc:
         pytest.skip(f"libvirtd not reachable ({exc}); start it with: virtlogd -d; libvirtd -d")
-    spec = guest_spec(guest, f"unionimg-test-{os.getpid()}", "52:54:00:0b:0c:02", domain_type="qemu")
+    spec = guest_spec(
+        guest, f"unionimg-test-{os.getpid()}", "52:54:00:0b:0c:02", domain_type="qemu"
+    )
     started = time.monotonic()
     dom = conn.createXML(profiles.render("kvm", spec)["domain.xml"], 0)
     try:
@@ -930,7 +951,9 @@ def test_kvm_domain_boots_under_libvirt(guest: Guest) -> None:
             pytest.fail("the domain did not power off within 300 s")
     finally:
         conn.close()
-    print(f"kvm profile (type qemu) under libvirt, start to gone: {time.monotonic() - started:.1f} s")
+    print(
+        f"kvm profile (type qemu) under libvirt, start to gone: {time.monotonic() - started:.1f} s"
+    )
     check_console(spec.console_log.read_text(errors="replace"), guest, spec)
 
 

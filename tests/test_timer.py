@@ -33,7 +33,7 @@ def test_bad_interval(every: str) -> None:
 
 def test_cron_line_is_well_formed(tmp_path: Path) -> None:
     text = render_cron("15m", tmp_path / "my store")
-    line = [ln for ln in text.splitlines() if not ln.startswith("#")][0]
+    line = next(ln for ln in text.splitlines() if not ln.startswith("#"))
     fields = line.split(None, 6)
     assert fields[:6] == ["*/15", "*", "*", "*", "*", "root"]
     assert "reconcile --all --json" in fields[6]

@@ -123,7 +123,7 @@ def _start_daemons() -> None:
     for name, program in (("virtlogd", virtlogd), ("libvirtd", libvirtd)):
         if name in running:
             continue
-        log.warning("no %s answers; starting '%s -d' (no systemd on this host)", name, name)
+        log.warning("%s is not running; starting '%s -d' (no systemd on this host)", name, name)
         # -d forks into the background and closes stdio, so run() returns at once; a second
         # starter racing us fails on the pid file lock, which is fine: one daemon runs.
         result = run([program, "-d"], check=False, cwd="/", timeout=60, what=f"starting {name}")
@@ -139,21 +139,35 @@ def _autostart_allowed(uri: str) -> bool:
     return uri.split("?")[0] in (SYSTEM_URI, "qemu+unix:///system") and os.geteuid() == 0
 
 
+def _systemd_host() -> bool:
+    """systemd is the init: it owns the daemons (socket activation); do not start them."""
+    return Path("/run/systemd/system").is_dir()
+
+
 def connect(uri: str = SYSTEM_URI, *, start_timeout: float = START_TIMEOUT) -> libvirt.virConnect:
-    """A libvirt connection to ``uri``; for ``qemu:///system`` as root, virtlogd and libvirtd
-    are started first if no daemon answers (there is no systemd to socket-activate them).
+    """A libvirt connection to ``uri``; for ``qemu:///system`` as root on a host without
+    systemd, virtlogd and libvirtd are started first if they do not run (nobody else would).
 
     Raises MissingCapability (libvirtd not installed, no permission) or ToolFailed.
     Returns a ``libvirt.virConnect``.
     """
     _silence_default_handler()
+    autostart = _autostart_allowed(uri) and not _systemd_host()
     try:
-        return libvirt.open(uri)
+        conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         first = _one_line(exc)
-    if not _autostart_allowed(uri):
+    else:
+        if autostart and "virtlogd" not in daemon_pids():
+            _start_daemons()  # libvirtd alone cannot start a domain (its logs go via virtlogd)
+        return conn
+    if not autostart:
         if "Permission denied" in first or "authentication" in first.lower():
             raise MissingCapability(f"cannot connect to {uri}: {first}; run as root")
+        if _autostart_allowed(uri):
+            raise ToolFailed(
+                f"cannot connect to libvirt at {uri}: {first}; start it (systemctl start libvirtd)"
+            )
         raise ToolFailed(f"cannot connect to libvirt at {uri}: {first}")
     started = time.monotonic()
     _start_daemons()
@@ -165,7 +179,7 @@ def connect(uri: str = SYSTEM_URI, *, start_timeout: float = START_TIMEOUT) -> l
             last = _one_line(exc)
             time.sleep(0.25)
             continue
-        log.warning("libvirtd answers at %s after %.1f s", uri, time.monotonic() - started)
+        log.info("libvirtd answers at %s after %.1f s", uri, time.monotonic() - started)
         return conn
     raise ToolFailed(
         f"libvirtd started but {uri} did not answer within {start_timeout:.0f} s ({last}); "

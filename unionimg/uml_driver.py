@@ -180,11 +180,11 @@ def is_running(pid: int, argv0_hint: str = UML, *, umid: str | None = None) -> b
     return umid is None or f"umid={umid}" in args[1:]
 
 
-def wait(pid: int, timeout: float, *, umid: str | None = None) -> bool:
+def wait(pid: int, timeout: float, *, umid: str | None = None, argv0_hint: str = UML) -> bool:
     """Wait until the guest ``pid`` has exited; False if it still runs after ``timeout``.
     Works whether or not this process started it (polls /proc)."""
     deadline = time.monotonic() + timeout
-    while is_running(pid, umid=umid):
+    while is_running(pid, argv0_hint, umid=umid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL)
@@ -322,6 +322,19 @@ def _check_shm(argv: list[str]) -> None:
         )
 
 
+def _check_taps(argv: list[str]) -> None:
+    """Every tap an ``ethN=tuntap,TAP,...`` or ``vecN:...ifname=TAP`` argument names exists."""
+    for arg in argv[1:]:
+        m = re.match(r"^(eth\d+)=tuntap,([^,]+)", arg) or re.match(
+            r"^(vec\d+):.*\bifname=([^,]+)", arg
+        )
+        if m and not tap_exists(m.group(2)):
+            raise MissingCapability(
+                f"tap device {m.group(2)} for the guest's {m.group(1)} does not exist; "
+                "create it first (uml_driver.make_tap)"
+            )
+
+
 def _spawn(argv: list[str], *, out: IO[bytes], env: dict[str, str], cwd: Path) -> int:
     """The one place a long-running guest process is started: detached in its own session,
     stdin /dev/null, stdout and stderr into ``out``. Returns its pid."""
@@ -362,6 +375,7 @@ def start(argv: list[str], console_log: Path, workdir: Path) -> int:
             f"{argv[0]} not found; install user-mode-linux (apt-get install user-mode-linux)"
         ) from exc
     _check_shm(argv)
+    _check_taps(argv)
     workdir.mkdir(parents=True, exist_ok=True)
     console_log.parent.mkdir(parents=True, exist_ok=True)
     umid = umid_of(argv)
@@ -383,7 +397,7 @@ def start(argv: list[str], console_log: Path, workdir: Path) -> int:
     deadline = time.monotonic() + START_GRACE
     pidfile = uml_dir / umid / "pid" if umid and uml_dir is not None else None
     while time.monotonic() < deadline:
-        if not is_running(pid):
+        if not is_running(pid, os.path.basename(program)):
             code = exit_status(pid)
             raise ToolFailed(
                 f"{argv[0]} exited at once (status {code}): "
@@ -424,12 +438,19 @@ def _signal(pid: int, sig: signal.Signals, *, group: bool) -> None:
         ) from exc
 
 
-def stop(pid: int, *, force: bool, timeout: float = 30.0, umid: str | None = None) -> None:
+def stop(
+    pid: int,
+    *,
+    force: bool,
+    timeout: float = 30.0,
+    umid: str | None = None,
+    argv0_hint: str = UML,
+) -> None:
     """Stop the UML guest ``pid``. Without ``force``: sync and remount its filesystems
     read-only through the mconsole, then halt (SIGTERM if there is no mconsole); after
     ``timeout`` s, or at once with ``force``, SIGKILL its whole process group. Quiet if it is
-    not running. ``umid`` guards against a recycled pid."""
-    if not is_running(pid, umid=umid):
+    not running. ``umid`` (and ``argv0_hint``) guard against a recycled pid."""
+    if not is_running(pid, argv0_hint, umid=umid):
         return
     group = _leads_group(pid)  # decided while the pid is known to be the guest
     if not force:
@@ -443,13 +464,13 @@ def stop(pid: int, *, force: bool, timeout: float = 30.0, umid: str | None = Non
         except ToolFailed as exc:
             log.warning("clean stop of UML pid %d failed (%s); sending SIGTERM", pid, exc)
             _signal(pid, signal.SIGTERM, group=group)
-        if wait(pid, timeout, umid=umid):
+        if wait(pid, timeout, umid=umid, argv0_hint=argv0_hint):
             if group:
                 _signal(pid, signal.SIGKILL, group=True)  # stray helpers, if any
             return
         log.warning("UML pid %d still runs %.0f s after the stop request; killing it", pid, timeout)
     _signal(pid, signal.SIGKILL, group=group)
-    if not wait(pid, 10.0, umid=umid):
+    if not wait(pid, 10.0, umid=umid, argv0_hint=argv0_hint):
         raise ToolFailed(f"UML guest pid {pid} survived SIGKILL for 10 s")
     if group:
         _signal(pid, signal.SIGKILL, group=True)
