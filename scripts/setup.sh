@@ -8,7 +8,8 @@ cd "$here"
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils user-mode-linux linux-image-amd64 busybox-static mercurial
   libvirt-daemon-system libvirt-clients fuse-overlayfs e2fsprogs libxml2-utils libvirt-dev
-  pkg-config mmdebstrap attr cpio kmod iproute2 util-linux
+  pkg-config mmdebstrap attr cpio kmod iproute2 util-linux syslinux syslinux-common mtools
+  dosfstools zstd
 )
 
 missing=()

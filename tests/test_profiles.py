@@ -274,7 +274,14 @@ def test_xml_escapes_every_special_character() -> None:
 
 def test_xml_refuses_characters_xml_cannot_hold() -> None:
     with pytest.raises(UsageError, match="libvirt XML"):
-        profiles.render("kvm", dataclasses.replace(SPEC, cmdline="a\x01b"))
+        profiles.render("kvm", dataclasses.replace(SPEC, base_image=Path("/srv/a\x01b")))
+
+
+@pytest.mark.parametrize("hypervisor", ["kvm", "xen", "virtualbox", "uml"])
+def test_cmdline_with_control_characters_is_refused(hypervisor: str) -> None:
+    spec = dataclasses.replace(UML_SPEC if hypervisor == "uml" else SPEC, cmdline="a\nb")
+    with pytest.raises(UsageError, match="kernel command line"):
+        profiles.render(hypervisor, spec, disk_sectors=SECTORS)
 
 
 def test_names_are_validated_before_rendering() -> None:
@@ -940,11 +947,9 @@ def test_kvm_domain_boots_under_libvirt(guest: Guest) -> None:
     dom = conn.createXML(profiles.render("kvm", spec)["domain.xml"], 0)
     try:
         while time.monotonic() - started < 300:
-            try:
-                if dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF:
-                    break
-            except libvirt.libvirtError:
-                break  # a transient domain is gone once it powered off
+            # a transient domain is gone once it powered off (on_poweroff destroy)
+            if spec.uuid not in {d.UUIDString() for d in conn.listAllDomains()}:
+                break
             time.sleep(0.2)
         else:
             dom.destroy()

@@ -46,6 +46,7 @@ from .names import HYPERVISORS, check_name, parse_mac
 
 __all__ = [
     "HYPERVISORS",
+    "TEMPLATES",
     "VBOX_BOOT_IMAGE",
     "XEN_BRIDGE",
     "TemplateBug",
@@ -353,7 +354,12 @@ def _check_spec(spec: BootSpec) -> None:
 
 def kernel_cmdline(hypervisor: str, spec: BootSpec) -> str:
     """The guest kernel's command line under ``hypervisor``: its console, then spec.cmdline."""
-    extra = " ".join(spec.cmdline.split())
+    extra = spec.cmdline.strip()
+    if _CONTROL.search(extra):
+        raise UsageError(
+            f"instance {spec.name}: kernel command line '{_show(extra)}' contains a newline or "
+            "another control character"
+        )
     console = CONSOLE.get(hypervisor, "")
     return " ".join(part for part in (console, extra) if part)
 
