@@ -612,6 +612,134 @@ def resolve_cmd(c: Ctx, vm: str, path: str, take: str | None, file: Path | None)
     click.echo(f"resolved {out['path']} in {out['name']}: took {out['took']}")
 
 
+# -- booting ------------------------------------------------------------------------------
+def _hv_option(f: Any) -> Any:
+    return click.option(
+        "--hypervisor",
+        default=None,
+        help=f"One of {', '.join(HYPERVISORS)} (default: the instance's).",
+    )(f)
+
+
+@main.command("render")
+@click.argument("vm")
+@_hv_option
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True)
+@pass_ctx
+def render_cmd(c: Ctx, vm: str, hypervisor: str | None, out: Path) -> None:
+    """Write VM's boot configuration for a hypervisor (and its initramfs) into OUT."""
+    from . import boot as boot_mod
+
+    for path in boot_mod.render(c.store, vm, hypervisor, out):
+        click.echo(str(path))
+
+
+@main.command("boot")
+@click.argument("vm")
+@_hv_option
+@click.option("--wait", is_flag=True, help="Return when the guest powers off.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds --wait waits; exit 1 when it runs out (the guest keeps running).",
+)
+@click.option("--append", default="", help="Extra kernel command line arguments.")
+@json_option
+@pass_ctx
+def boot_cmd(
+    c: Ctx, vm: str, hypervisor: str | None, wait: bool, timeout: float, append: str, as_json: bool
+) -> None:
+    """Boot VM's BASE + U images under a hypervisor (kvm and uml run here)."""
+    from . import boot as boot_mod
+
+    out = boot_mod.boot(c.store, vm, hypervisor, wait=wait, timeout=timeout, append=append)
+    _print_boot(out, as_json)
+    if wait and not out.get("stopped"):
+        click.echo(f"unionimg: error: {vm} still runs after {timeout:.0f} s", err=True)
+        sys.exit(1)
+
+
+def _print_boot(out: dict[str, Any], as_json: bool) -> None:
+    def human(d: dict[str, Any]) -> None:
+        how = d["hypervisor"] + (
+            f" (libvirt domain type {d['domain_type']}: {d['why']})" if d.get("domain_type") else ""
+        )
+        click.echo(
+            f"booted {d['name']} under {how} in {d['overhead_s']:.2f} s; console: {d['console']}"
+        )
+        if "stopped" in d:
+            click.echo(
+                f"{d['name']} "
+                + ("powered off" if d["stopped"] else "still runs")
+                + f" after {d['elapsed_s']:.1f} s"
+            )
+
+    emit(out, as_json, human)
+
+
+@main.command("stop")
+@click.argument("vm")
+@click.option("--force", is_flag=True, help="Pull the plug instead of a clean shutdown.")
+@pass_ctx
+def stop_cmd(c: Ctx, vm: str, force: bool) -> None:
+    """Stop a running VM."""
+    from . import boot as boot_mod
+
+    hv = boot_mod.stop(c.store, vm, force=force)
+    click.echo(f"stopped {vm} ({hv})")
+
+
+@main.command("console")
+@click.argument("vm")
+@pass_ctx
+def console_cmd(c: Ctx, vm: str) -> None:
+    """The serial console log of VM's last boot."""
+    from . import boot as boot_mod
+
+    click.echo(boot_mod.console(c.store, vm), nl=False)
+
+
+@main.command("switch")
+@click.argument("vm")
+@click.option("--to", "to", required=True, help=f"One of {', '.join(HYPERVISORS)}.")
+@click.option("--boot", "boot_after", is_flag=True, help="Boot it on the new hypervisor.")
+@click.option("--wait", is_flag=True, help="With --boot: return when the guest powers off.")
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+@click.option("--append", default="", help="Extra kernel command line arguments.")
+@json_option
+@pass_ctx
+def switch_cmd(
+    c: Ctx,
+    vm: str,
+    to: str,
+    boot_after: bool,
+    wait: bool,
+    timeout: float,
+    append: str,
+    as_json: bool,
+) -> None:
+    """Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy."""
+    from . import boot as boot_mod
+
+    out = boot_mod.switch(
+        c.store, vm, to, boot_after=boot_after, wait=wait, timeout=timeout, append=append
+    )
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(
+            f"switched {d['name']} from {d['from']} to {d['to']} in "
+            f"{d['elapsed_s']:.2f} s (no disk copied)"
+        )
+        if "boot" in d:
+            _print_boot(d["boot"], False)
+
+    emit(out, as_json, human)
+    if wait and boot_after and not out["boot"].get("stopped"):
+        sys.exit(1)
+
+
 # -- timer --------------------------------------------------------------------------------
 @main.group()
 def timer() -> None:

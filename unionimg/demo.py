@@ -113,11 +113,7 @@ def main() -> int:
 
 
 def _boot_demo() -> None:
-    """Boot one VM under QEMU (libvirt) and switch it to UML, when this build can."""
-    try:
-        from . import boot  # noqa: F401
-    except ImportError:
-        return
+    """Boot one VM under QEMU (libvirt) and switch it to UML."""
     say("boot web1 under QEMU through libvirt, then switch it to User-Mode Linux")
     cli("boot", "web1", "--hypervisor", "kvm", "--wait", "--timeout", "180")
     cli("console", "web1")

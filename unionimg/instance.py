@@ -210,6 +210,9 @@ def remove(store: Store, name: str) -> None:
             raise Conflict(
                 f"instance '{name}' is {st}; {'umount it' if st == 'mounted' else 'stop it'} first"
             )
+        from .boot import forget
+
+        forget(store, name)
         with store.lock("store"), store.staging(f"rm-{name}") as stage:
             os.rename(store.instance_dir(name), stage / "instance")
 
