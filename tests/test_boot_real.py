@@ -1,0 +1,182 @@
+"""End to end: the same BASE + U images boot under QEMU (through libvirt) and UML with the
+instance's MAC; switching hypervisor copies no disk; a running VM is protected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, need, need_root
+from unionimg.mounts import unmount_tree
+
+
+def need_guests() -> None:
+    need_root()
+    need(Path("/usr/bin/linux.uml").exists(), "user-mode-linux is not installed")
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86 is not installed")
+    need(shutil.which("libvirtd") is not None, "libvirt-daemon-system is not installed")
+    need(bool(list(Path("/boot").glob("vmlinuz-*"))), "no guest kernel in /boot")
+    need(Path("/dev/net/tun").exists(), "/dev/net/tun is missing (UML's tap NIC)")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def guest_lines(cli: Cli, vm: str) -> list[str]:
+    out = cli.ok("console", vm).output
+    return [ln.strip() for ln in out.splitlines() if "unionimg-guest:" in ln]
+
+
+def cleanup_guest(cli: Cli, vm: str) -> None:
+    if json.loads(cli.ok("instance", "show", vm, "--json").output)["state"] == "running":
+        cli("stop", vm, "--force")
+    cli("instance", "remove", vm)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    need_guests()
+    from vm_fixtures import build
+
+    tmp = tmp_path_factory.mktemp("boot")
+    cli = Cli(tmp / "store")
+    cli.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
+    try:
+        yield cli
+    finally:
+        for inst in json.loads(cli.ok("instance", "list", "--json").output):
+            cleanup_guest(cli, inst["name"])
+        unmount_tree(tmp)
+
+
+def test_boot_kvm_then_switch_to_uml(tiny_store: Cli) -> None:
+    cli = tiny_store
+    cli.ok("instance", "create", "sw1", "--base", "tiny", "--mac", "52:54:00:aa:bb:01")
+    base_img = Path(json.loads(cli.ok("base", "show", "tiny", "--json").output)
+                    ["generations"][0]["image"])
+    before = sha(base_img)
+    try:
+        res = cli.ok("boot", "sw1", "--hypervisor", "kvm", "--wait", "--timeout", "240",
+                     "--json")
+        out = json.loads(res.output)
+        assert out["stopped"] is True and out["domain_type"] in ("kvm", "qemu")
+        lines = guest_lines(cli, "sw1")
+        assert "unionimg-guest: nic eth0 mac 52:54:00:aa:bb:01" in lines
+        assert "unionimg-guest: boot 1" in lines
+        assert any("upperdir=/run/unionimg/u/upper" in ln for ln in lines)
+        show = json.loads(cli.ok("instance", "show", "sw1", "--json").output)
+        assert show["state"] == "stopped" and show["hypervisor"] == "kvm"
+
+        u_before = Path(show["upper_image"]).stat().st_size
+        res = cli.ok("switch", "sw1", "--to", "uml", "--boot", "--wait", "--json")
+        out = json.loads(res.output)
+        assert out["from"] == "kvm" and out["to"] == "uml" and out["boot"]["stopped"]
+        lines = guest_lines(cli, "sw1")
+        assert "unionimg-guest: nic eth0 mac 52:54:00:aa:bb:01" in lines
+        assert "unionimg-guest: boot 2" in lines, "the first boot's write is not in U"
+        show = json.loads(cli.ok("instance", "show", "sw1", "--json").output)
+        assert show["hypervisor"] == "uml" and show["state"] == "stopped"
+        assert Path(show["upper_image"]).stat().st_size == u_before  # same image, no copy
+        assert not [n for n in os.listdir("/sys/class/net") if n == out["boot"]["tap"]]
+        # the log shows the guest wrote in both boots; the BASE image never changed
+        status = json.loads(cli.ok("status", "sw1", "--json").output)
+        assert "/var/log/boots" in status["added"] + status["modified"]
+        assert sha(base_img) == before
+        assert base_img.stat().st_uid == 0 and base_img.stat().st_mode & 0o777 == 0o600
+    finally:
+        cleanup_guest(cli, "sw1")
+
+
+def _keep_running(cli: Cli, vm: str, tmp: Path) -> None:
+    """A boot hook in the VM's own layer keeps the tiny guest up for a while."""
+    mnt = tmp / f"hook-{vm}"
+    mnt.mkdir()
+    cli.ok("mount", vm, str(mnt))
+    try:
+        hook = mnt / "etc/unionimg-boot.d/50-stay-up"
+        hook.write_text("#!/bin/sh\nsleep 300\n")
+        hook.chmod(0o755)
+    finally:
+        cli.ok("umount", str(mnt))
+
+
+def test_running_vm_is_protected(tiny_store: Cli, tmp_path: Path) -> None:
+    cli = tiny_store
+    cli.ok("instance", "create", "run1", "--base", "tiny", "--hypervisor", "uml")
+    cli.ok("instance", "create", "twin", "--base", "tiny", "--hypervisor", "uml")
+    _keep_running(cli, "run1", tmp_path)
+    try:
+        cli.ok("boot", "run1")
+        deadline = time.monotonic() + 60
+        while not any("running /etc/unionimg-boot.d" in ln or "50-stay-up" in ln
+                      for ln in cli.ok("console", "run1").output.splitlines()):
+            assert time.monotonic() < deadline, cli.ok("console", "run1").output
+            time.sleep(0.5)
+        show = json.loads(cli.ok("instance", "show", "run1", "--json").output)
+        assert show["state"] == "running"
+        mnt = tmp_path / "m"
+        mnt.mkdir()
+        for args, expected in [
+            (("boot", "run1"), "already running under uml"),
+            (("mount", "run1", str(mnt)), "running"),
+            (("instance", "remove", "run1"), "running"),
+            (("status", "run1"), "running"),
+        ]:
+            res = cli.fails(*args)
+            assert expected in res.output, (args, res.output)
+        rec = cli("reconcile", "run1", "--json")
+        assert rec.exit_code == 2 and "running" in rec.output
+        # another VM with the running VM's MAC must not start
+        inst = cli.store / "instances" / "twin" / "instance.json"
+        data = json.loads(inst.read_text())
+        data["mac"] = show["mac"]
+        inst.write_text(json.dumps(data))
+        res = cli.fails("boot", "twin")
+        assert "in use by running instance 'run1'" in res.output
+        cli.ok("stop", "run1", "--force")
+        assert json.loads(cli.ok("instance", "show", "run1", "--json").output)["state"] == \
+            "stopped"
+    finally:
+        cleanup_guest(cli, "run1")
+        cleanup_guest(cli, "twin")
+
+
+def test_bad_boot_input(tiny_store: Cli, tmp_path: Path) -> None:
+    cli = tiny_store
+    cli.ok("instance", "create", "bad1", "--base", "tiny")
+    try:
+        assert "unknown hypervisor 'vmware'" in cli.fails(
+            "boot", "bad1", "--hypervisor", "vmware").output
+        assert "render its configuration" in cli.fails(
+            "boot", "bad1", "--hypervisor", "xen").output
+        assert "render its configuration" in cli.fails(
+            "boot", "bad1", "--hypervisor", "virtualbox").output
+        assert "not allowed" in cli.fails("boot", "a'b<c>").output
+        assert "not running" in cli.fails("stop", "bad1").output
+        assert "not been booted" in cli.fails("console", "bad1").output
+        assert "unknown hypervisor" in cli.fails("switch", "bad1", "--to", "hyperv").output
+        out = tmp_path / "render"
+        for hv in ("kvm", "uml", "xen", "virtualbox"):
+            files = cli.ok("render", "bad1", "--hypervisor", hv, "--out", str(out / hv))
+            assert str(out / hv / "initrd.img") in files.output
+        assert (out / "xen" / "xl.cfg").is_file() and (out / "virtualbox" / "boot.img").is_file()
+        assert (out / "kvm" / "net" / "70-unionimg-net.rules").is_file()
+    finally:
+        cleanup_guest(cli, "bad1")
+
+
+def test_missing_kernel_is_one_line(cli: Cli, tmp_path: Path, root: None) -> None:
+    need_guests()
+    src = tmp_path / "t"
+    (src / "etc").mkdir(parents=True)
+    res = cli.fails("base", "create", "k", "--from-dir", str(src), "--kernel",
+                    str(tmp_path / "no-vmlinuz"))
+    assert "kernel" in res.output and "does not exist" in res.output
