@@ -60,12 +60,12 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
 def test_boot_kvm_then_switch_to_uml(tiny_store: Cli) -> None:
     cli = tiny_store
     cli.ok("instance", "create", "sw1", "--base", "tiny", "--mac", "52:54:00:aa:bb:01")
-    base_img = Path(json.loads(cli.ok("base", "show", "tiny", "--json").output)
-                    ["generations"][0]["image"])
+    base_img = Path(
+        json.loads(cli.ok("base", "show", "tiny", "--json").output)["generations"][0]["image"]
+    )
     before = sha(base_img)
     try:
-        res = cli.ok("boot", "sw1", "--hypervisor", "kvm", "--wait", "--timeout", "240",
-                     "--json")
+        res = cli.ok("boot", "sw1", "--hypervisor", "kvm", "--wait", "--timeout", "240", "--json")
         out = json.loads(res.output)
         assert out["stopped"] is True and out["domain_type"] in ("kvm", "qemu")
         lines = guest_lines(cli, "sw1")
@@ -116,8 +116,10 @@ def test_running_vm_is_protected(tiny_store: Cli, tmp_path: Path) -> None:
     try:
         cli.ok("boot", "run1")
         deadline = time.monotonic() + 60
-        while not any("running /etc/unionimg-boot.d" in ln or "50-stay-up" in ln
-                      for ln in cli.ok("console", "run1").output.splitlines()):
+        while not any(
+            "running /etc/unionimg-boot.d" in ln or "50-stay-up" in ln
+            for ln in cli.ok("console", "run1").output.splitlines()
+        ):
             assert time.monotonic() < deadline, cli.ok("console", "run1").output
             time.sleep(0.5)
         show = json.loads(cli.ok("instance", "show", "run1", "--json").output)
@@ -142,8 +144,7 @@ def test_running_vm_is_protected(tiny_store: Cli, tmp_path: Path) -> None:
         res = cli.fails("boot", "twin")
         assert "in use by running instance 'run1'" in res.output
         cli.ok("stop", "run1", "--force")
-        assert json.loads(cli.ok("instance", "show", "run1", "--json").output)["state"] == \
-            "stopped"
+        assert json.loads(cli.ok("instance", "show", "run1", "--json").output)["state"] == "stopped"
     finally:
         cleanup_guest(cli, "run1")
         cleanup_guest(cli, "twin")
@@ -153,12 +154,15 @@ def test_bad_boot_input(tiny_store: Cli, tmp_path: Path) -> None:
     cli = tiny_store
     cli.ok("instance", "create", "bad1", "--base", "tiny")
     try:
-        assert "unknown hypervisor 'vmware'" in cli.fails(
-            "boot", "bad1", "--hypervisor", "vmware").output
-        assert "render its configuration" in cli.fails(
-            "boot", "bad1", "--hypervisor", "xen").output
-        assert "render its configuration" in cli.fails(
-            "boot", "bad1", "--hypervisor", "virtualbox").output
+        assert (
+            "unknown hypervisor 'vmware'"
+            in cli.fails("boot", "bad1", "--hypervisor", "vmware").output
+        )
+        assert "render its configuration" in cli.fails("boot", "bad1", "--hypervisor", "xen").output
+        assert (
+            "render its configuration"
+            in cli.fails("boot", "bad1", "--hypervisor", "virtualbox").output
+        )
         assert "not allowed" in cli.fails("boot", "a'b<c>").output
         assert "not running" in cli.fails("stop", "bad1").output
         assert "not been booted" in cli.fails("console", "bad1").output
@@ -177,6 +181,68 @@ def test_missing_kernel_is_one_line(cli: Cli, tmp_path: Path, root: None) -> Non
     need_guests()
     src = tmp_path / "t"
     (src / "etc").mkdir(parents=True)
-    res = cli.fails("base", "create", "k", "--from-dir", str(src), "--kernel",
-                    str(tmp_path / "no-vmlinuz"))
+    res = cli.fails(
+        "base", "create", "k", "--from-dir", str(src), "--kernel", str(tmp_path / "no-vmlinuz")
+    )
     assert "kernel" in res.output and "does not exist" in res.output
+
+
+@pytest.mark.slow
+def test_debian_udev_names_nic_on_kvm_and_uml(cli: Cli, root: None) -> None:
+    """systemd-udevd in a real Debian guest names the NIC by the rendered rule, under QEMU
+    (where its own policy would say enp0s*) and under UML."""
+    need_guests()
+    need(
+        os.environ.get("UNIONIMG_TEST_DEBIAN") == "1"
+        or os.environ.get("UNIONIMG_REQUIRE_REAL") == "1",
+        "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
+    )
+    from vm_fixtures import build
+
+    cli.ok("base", "create", "deb", "--from-dir", str(build("debian")))
+    gen = json.loads(cli.ok("base", "show", "deb", "--json").output)["generations"][0]
+    assert gen["kernel_version"], "the debian base carries its own kernel"
+    cli.ok(
+        "instance",
+        "create",
+        "d1",
+        "--base",
+        "deb",
+        "--nic-name",
+        "lan0",
+        "--memory",
+        "768",
+        "--mac",
+        "52:54:00:de:b1:01",
+    )
+    try:
+        for hv in ("kvm", "uml"):
+            if hv == "kvm":
+                cli.ok(
+                    "boot",
+                    "d1",
+                    "--hypervisor",
+                    "kvm",
+                    "--append",
+                    "unionimg.selftest=1",
+                    "--wait",
+                    "--timeout",
+                    "600",
+                )
+            else:
+                cli.ok(
+                    "switch",
+                    "d1",
+                    "--to",
+                    "uml",
+                    "--boot",
+                    "--wait",
+                    "--timeout",
+                    "300",
+                    "--append",
+                    "unionimg.selftest=1",
+                )
+            lines = guest_lines(cli, "d1")
+            assert "unionimg-guest: nic lan0 mac 52:54:00:de:b1:01" in lines, (hv, lines)
+    finally:
+        cleanup_guest(cli, "d1")
