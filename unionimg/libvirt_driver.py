@@ -164,11 +164,14 @@ def connect(uri: str = SYSTEM_URI, *, start_timeout: float = START_TIMEOUT) -> l
     if not autostart:
         if "Permission denied" in first or "authentication" in first.lower():
             raise MissingCapability(f"cannot connect to {uri}: {first}; run as root")
-        if _autostart_allowed(uri):
-            raise ToolFailed(
-                f"cannot connect to libvirt at {uri}: {first}; start it (systemctl start libvirtd)"
-            )
-        raise ToolFailed(f"cannot connect to libvirt at {uri}: {first}")
+        system = uri.split("?")[0] in (SYSTEM_URI, "qemu+unix:///system")
+        if system and _systemd_host():
+            hint = "start it (systemctl start libvirtd)"
+        elif system:
+            hint = "run as root (libvirtd is then started) or start it as root (libvirtd -d)"
+        else:
+            hint = "check the URI"
+        raise ToolFailed(f"cannot connect to libvirt at {uri}: {first}; {hint}")
     started = time.monotonic()
     _start_daemons()
     last = first

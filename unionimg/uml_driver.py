@@ -146,12 +146,17 @@ def _proc_args(pid: int) -> list[str] | None:
     return [a.decode(errors="surrogateescape") for a in raw.split(b"\0") if a]
 
 
-def _proc_state(pid: int) -> str | None:
+PF_KTHREAD = 0x00200000
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, flags) of ``pid`` from /proc/PID/stat, None if it does not exist."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rfind(")") + 2 :][:1]
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[0], int(fields[6])
 
 
 def _reap(pid: int) -> None:
@@ -171,23 +176,34 @@ def is_running(pid: int, argv0_hint: str = UML, *, umid: str | None = None) -> b
     """Whether ``pid`` is a live ``linux.uml`` (argv0 contains ``argv0_hint``) with ``umid=``
     ``umid`` when given — so a recycled pid is not mistaken for the guest."""
     _reap(pid)
-    state = _proc_state(pid)
-    if state is None or state in ("Z", "X"):
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X") or stat[1] & PF_KTHREAD:
         return False
     args = _proc_args(pid)
-    if not args or argv0_hint not in os.path.basename(args[0]):
+    if not args:
+        # A live user process with no command line is between states: exec'ing (UML at
+        # start) or exiting (its memory already gone). Still there: count it as running, so
+        # wait() returns only once it is really gone.
+        return True
+    if argv0_hint not in os.path.basename(args[0]):
         return False
     return umid is None or f"umid={umid}" in args[1:]
 
 
 def wait(pid: int, timeout: float, *, umid: str | None = None, argv0_hint: str = UML) -> bool:
-    """Wait until the guest ``pid`` has exited; False if it still runs after ``timeout``.
-    Works whether or not this process started it (polls /proc)."""
+    """Wait until the guest ``pid`` and its helper processes have exited; False if it still
+    runs after ``timeout``. Works whether or not this process started it (polls /proc)."""
     deadline = time.monotonic() + timeout
     while is_running(pid, argv0_hint, umid=umid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL)
+    # UML's helper processes (its process group) end a moment after the main one: only then
+    # are the images really let go
+    while group_members(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
     return True
 
 
@@ -279,14 +295,52 @@ def _ubd_rw_mounts(sock: Path) -> list[str]:
     return busy
 
 
-def _sync_and_halt(sock: Path, timeout: float) -> None:
-    """Sync, remount read-only, wait for it, halt."""
+_UBD_RE = re.compile(r"^ubd(\d+)([a-z]*)=([^,:]+)")
+_EXT4_MAGIC = 0xEF53
+_EXT4_VALID_FS = 0x0001
+_EXT4_INCOMPAT_RECOVER = 0x0004
+
+
+def writable_disks(args: list[str], cwd: Path) -> list[Path]:
+    """The images a UML argv attaches read-write (``ubdN=`` without the ``r`` flag)."""
+    found = []
+    for arg in args[1:]:
+        m = _UBD_RE.match(arg)
+        if m and "r" not in m.group(2):
+            found.append(cwd / m.group(3))
+    return found
+
+
+def ext4_clean(image: Path) -> bool | None:
+    """Whether the ext4 filesystem in ``image`` is clean on disk (valid, no journal to
+    replay): True after a read-only remount or unmount, False while mounted read-write.
+    None if ``image`` holds no ext4."""
+    try:
+        with image.open("rb") as fh:
+            fh.seek(1024)
+            sb = fh.read(0x64)
+    except OSError:
+        return None
+    if len(sb) < 0x64 or struct.unpack_from("<H", sb, 0x38)[0] != _EXT4_MAGIC:
+        return None
+    (state,) = struct.unpack_from("<H", sb, 0x3A)
+    (incompat,) = struct.unpack_from("<I", sb, 0x60)
+    return bool(state & _EXT4_VALID_FS) and not incompat & _EXT4_INCOMPAT_RECOVER
+
+
+def _sync_and_halt(sock: Path, disks: list[Path], timeout: float) -> None:
+    """Sync, remount every filesystem read-only, wait until the guest shows its ubd mounts
+    read-only AND the writable ext4 images are clean on disk (the guest flags a filesystem
+    read-only before its last superblock write), then halt."""
     mconsole(sock, "sysrq s")
     mconsole(sock, "sysrq u")
     deadline = time.monotonic() + timeout
-    while busy := _ubd_rw_mounts(sock):
+    while True:
+        busy = _ubd_rw_mounts(sock) + [str(d) for d in disks if ext4_clean(d) is False]
+        if not busy:
+            break
         if time.monotonic() >= deadline:
-            log.warning("guest filesystems %s still read-write after %.0f s", busy, timeout)
+            log.warning("guest filesystems %s not clean after %.0f s; halting", busy, timeout)
             break
         time.sleep(POLL)
     with contextlib.suppress(ToolFailed):  # UML may exit before its reply is read
@@ -385,7 +439,7 @@ def start(argv: list[str], console_log: Path, workdir: Path) -> int:
             owner = int((uml_dir / umid / "pid").read_text().strip())
         except (OSError, ValueError):
             owner = 0
-        if owner and is_running(owner, umid=umid):
+        if owner and is_running(owner, os.path.basename(program), umid=umid):
             raise Conflict(f"UML guest {umid} is already running (pid {owner}); stop it first")
     env = dict(os.environ)
     env.update({"HOME": str(workdir), "TMPDIR": str(SHM)})
@@ -397,13 +451,13 @@ def start(argv: list[str], console_log: Path, workdir: Path) -> int:
     deadline = time.monotonic() + START_GRACE
     pidfile = uml_dir / umid / "pid" if umid and uml_dir is not None else None
     while time.monotonic() < deadline:
-        if not is_running(pid, os.path.basename(program)):
-            code = exit_status(pid)
+        code = exit_status(pid)  # our child: its own status, no /proc guessing
+        if code is not None:
             raise ToolFailed(
                 f"{argv[0]} exited at once (status {code}): "
                 f"{_tail(console_log) or 'no output'}; see {console_log}"
             )
-        if pidfile is not None and pidfile.exists():
+        if pidfile.exists() if pidfile is not None else mconsole_socket(pid) is not None:
             break
         time.sleep(POLL)
     return pid
@@ -457,7 +511,12 @@ def stop(
         sock = mconsole_socket(pid)
         try:
             if sock is not None:
-                _sync_and_halt(sock, min(timeout / 2, 15.0))
+                try:
+                    cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+                except OSError:
+                    cwd = Path("/")
+                disks = writable_disks(_proc_args(pid) or [], cwd)
+                _sync_and_halt(sock, disks, min(timeout / 2, 15.0))
             else:
                 log.info("UML pid %d has no mconsole; sending SIGTERM", pid)
                 _signal(pid, signal.SIGTERM, group=group)
@@ -466,14 +525,27 @@ def stop(
             _signal(pid, signal.SIGTERM, group=group)
         if wait(pid, timeout, umid=umid, argv0_hint=argv0_hint):
             if group:
-                _signal(pid, signal.SIGKILL, group=True)  # stray helpers, if any
+                _reap_group(pid)
             return
         log.warning("UML pid %d still runs %.0f s after the stop request; killing it", pid, timeout)
     _signal(pid, signal.SIGKILL, group=group)
     if not wait(pid, 10.0, umid=umid, argv0_hint=argv0_hint):
         raise ToolFailed(f"UML guest pid {pid} survived SIGKILL for 10 s")
     if group:
-        _signal(pid, signal.SIGKILL, group=True)
+        _reap_group(pid)
+
+
+def _reap_group(pgid: int, timeout: float = 5.0) -> None:
+    """After the guest's main process is gone: kill what is left of its process group (UML's
+    helpers die a moment later than it) and wait until none of it runs."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        _signal(pgid, signal.SIGKILL, group=True)
+        if time.monotonic() >= deadline:
+            raise ToolFailed(
+                f"UML helper processes {group_members(pgid)} of guest pid {pgid} survived SIGKILL"
+            )
+        time.sleep(0.02)
 
 
 def group_members(pid: int) -> list[int]:
