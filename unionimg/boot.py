@@ -34,11 +34,16 @@ from . import profiles
 from .base import Generation, get_generation
 from .bootspec import BootSpec, instance_uuid
 from .errors import Conflict, MissingCapability, NotFound
-from .initramfs import DEFAULT_MODULES, KernelModules, build_initramfs, guest_init_script
+from .initramfs import (
+    DEFAULT_MODULES,
+    KernelModules,
+    build_initramfs,
+    guest_init_script,
+    pack_cpio,
+)
 from .instance import Instance, list_instances, load, mount_record, save, upper_image
 from .mounts import mount_image, umount
 from .names import check_hypervisor
-from .runner import run
 from .store import Store, now_iso, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -161,21 +166,7 @@ def instance_initramfs(shared: Path, net_files: dict[str, str], out: Path, stage
     for name, text in net_files.items():
         (net / name).write_text(text, encoding="utf-8")
     names = ["unionimg", "unionimg/net", *(f"unionimg/net/{n}" for n in sorted(net_files))]
-    run(
-        [
-            "cpio",
-            "--create",
-            "--format=newc",
-            "--owner=0:0",
-            "--reproducible",
-            "--quiet",
-            "-O",
-            str(stage / "net.cpio"),
-        ],
-        input="\n".join(names) + "\n",
-        cwd=str(root),
-        what="packing the NIC naming files",
-    )
+    pack_cpio(root, names, stage / "net.cpio")
     extra = gzip.compress((stage / "net.cpio").read_bytes(), mtime=0)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(shared.read_bytes() + extra)

@@ -366,6 +366,25 @@ def _archive_names(root: Path, mtime: int) -> list[str]:
     return [str(p) for p in names]
 
 
+def pack_cpio(root: Path, names: Sequence[str], out: Path) -> None:
+    """A newc archive of ``names`` (relative to ``root``, parents first), owned by root,
+    reproducible; the format the kernel unpacks into its rootfs."""
+    run(
+        [
+            "cpio",
+            "--create",
+            "--format=newc",
+            "--owner=0:0",
+            "--reproducible",
+            "--quiet",
+            f"--file={out}",
+        ],
+        input="".join(f"{n}\n" for n in names),
+        cwd=str(root),
+        what=f"packing {out.name}",
+    )
+
+
 def build_initramfs(
     out: Path,
     *,
@@ -404,20 +423,7 @@ def build_initramfs(
         _stage(stage, busybox, kernels, resolved)
         names = _archive_names(stage, mtime)
         cpio_file = Path(tmp) / "initramfs.cpio"
-        run(
-            [
-                "cpio",
-                "--create",
-                "--format=newc",
-                "--owner=0:0",
-                "--reproducible",
-                "--quiet",
-                f"--file={cpio_file}",
-            ],
-            input="".join(f"{n}\n" for n in names),
-            cwd=str(stage),
-            what="packing the initramfs",
-        )
+        pack_cpio(stage, names, cpio_file)
         fd, tmp_out = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
         try:
             with os.fdopen(fd, "wb") as raw_out:

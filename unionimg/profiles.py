@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 import shlex
-import tempfile
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ import jinja2
 from .bootspec import BootSpec
 from .errors import MissingCapability, UsageError
 from .names import HYPERVISORS, check_name, parse_mac
+from .store import write_atomic
 
 __all__ = [
     "HYPERVISORS",
@@ -541,9 +540,8 @@ def render_net_naming(spec: BootSpec) -> dict[str, str]:
 
 
 def write_rendered(files: Mapping[str, str], out: Path) -> list[Path]:
-    """Write ``files`` into directory ``out`` (made if missing): each through a temporary file,
-    fsync and rename, mode 0600 (``*.sh`` 0700); then fsync the directory. Returns the paths.
-    """
+    """Write ``files`` into directory ``out`` (made if missing), each atomically (see
+    :func:`unionimg.store.write_atomic`), mode 0600 (``*.sh`` 0700). Returns the paths."""
     out = Path(out)
     for name in files:
         if not name or "/" in name or name in (".", "..") or "\0" in name:
@@ -552,21 +550,6 @@ def write_rendered(files: Mapping[str, str], out: Path) -> list[Path]:
     written = []
     for name, content in sorted(files.items()):
         target = out / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fh.fileno(), 0o700 if name.endswith(".sh") else 0o600)
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, content.encode("utf-8"), mode=0o700 if name.endswith(".sh") else 0o600)
         written.append(target)
-    dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return written

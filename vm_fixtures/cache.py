@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unionimg.errors import Conflict, UnionimgError, UsageError
+from unionimg.store import fsync_dir
 
 from .tree import disk_usage, fingerprint
 
@@ -130,14 +131,6 @@ def _sync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def ensure(recipe: Recipe, cache_dir: Path, *, force: bool = False) -> Path:
     """Path of the ready rootfs of ``recipe`` in ``cache_dir``, building it if needed."""
     entry = entry_dir(cache_dir, recipe)
@@ -185,7 +178,7 @@ def ensure(recipe: Recipe, cache_dir: Path, *, force: bool = False) -> Path:
         if entry.exists():
             entry.rename(old)
         partial.rename(entry)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir)
         remove_tree(old)
         say(f"fixture {recipe.name} ready in {seconds:.1f} s, {size / 1e6:.1f} MB: {entry}")
     return entry / "rootfs"
