@@ -394,6 +394,7 @@ def _boot_uml(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
     spec = make_spec(store, inst, "uml", out=wd, append=append)
     argv = profiles.uml_argv(spec)
     profiles.write_rendered(profiles.render("uml", spec), wd)
+    Path(profiles.UML_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
     uml_driver.make_tap(spec.tap)
     try:
         pid = uml_driver.start(argv, spec.console_log, wd)
@@ -476,7 +477,7 @@ def switch(
     t0 = time.monotonic()
     was = running_on(store, name)
     if was:
-        stop(store, name)
+        stop(store, name, force=force)
     if inst.hypervisor == "kvm" and to != "kvm":
         _undefine(name)
     if inst.hypervisor != to:

@@ -218,6 +218,8 @@ def domain_name(xml: str) -> str:
 
 
 def _warn_relabelled_readonly_disks(root: ET.Element, name: str) -> None:
+    if any(s.get("model") == "dac" and s.get("relabel") == "no" for s in root.findall("seclabel")):
+        return  # the whole domain is exempt from relabelling (unionimg's profile does this)
     for disk in root.iter("disk"):
         if disk.find("readonly") is None:
             continue

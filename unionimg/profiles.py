@@ -422,6 +422,10 @@ def _xen(spec: BootSpec) -> dict[str, str]:
     }
 
 
+#: where UML keeps its per-guest directory (pid file, mconsole socket): short on purpose
+UML_DIR: Final = "/run/unionimg-uml"
+
+
 def _uml(spec: BootSpec) -> dict[str, str]:
     ctx = _common(spec, "uml")
     if spec.kernel.name.startswith("vmlinuz"):
@@ -435,7 +439,7 @@ def _uml(spec: BootSpec) -> dict[str, str]:
             "(ip tuntap add dev TAP mode tap; ip link set TAP up)"
         )
     check_ifname(spec.tap, "tap device")
-    ctx |= {"tap": spec.tap, "cmdline_words": spec.cmdline.split()}
+    ctx |= {"tap": spec.tap, "cmdline_words": spec.cmdline.split(), "uml_dir": UML_DIR}
     return {"uml.argv": _render_template("uml/uml.argv.j2", ctx)}
 
 
