@@ -470,6 +470,7 @@ def switch(
     wait: bool = False,
     timeout: float = 300.0,
     append: str = "",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Stop (if running), re-render for ``to``, record it, boot when asked. No disk copy."""
     inst = load(store, name)

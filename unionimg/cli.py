@@ -708,6 +708,7 @@ def console_cmd(c: Ctx, vm: str) -> None:
 @click.option("--wait", is_flag=True, help="With --boot: return when the guest powers off.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 @click.option("--append", default="", help="Extra kernel command line arguments.")
+@click.option("--force", is_flag=True, help="Pull the plug if the VM runs (no clean shutdown).")
 @json_option
 @pass_ctx
 def switch_cmd(
@@ -718,13 +719,21 @@ def switch_cmd(
     wait: bool,
     timeout: float,
     append: str,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy."""
     from . import boot as boot_mod
 
     out = boot_mod.switch(
-        c.store, vm, to, boot_after=boot_after, wait=wait, timeout=timeout, append=append
+        c.store,
+        vm,
+        to,
+        boot_after=boot_after,
+        wait=wait,
+        timeout=timeout,
+        append=append,
+        force=force,
     )
 
     def human(d: dict[str, Any]) -> None:
