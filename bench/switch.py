@@ -109,6 +109,7 @@ def conventional(store: Path, vm: str, work: Path) -> dict[str, float]:
                     "root=/dev/ubda",
                     "rw",
                     "init=/sbin/init",
+                    SELFTEST,
                     f"eth0=tuntap,{tap},{mac}",
                     "con=null",
                     "con0=null,fd:1",
@@ -159,6 +160,8 @@ def main() -> int:
                     "--timeout",
                     "900",
                     "--json",
+                    "--append",
+                    SELFTEST,
                 )
             )
             print(
