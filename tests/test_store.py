@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,25 @@ def test_lock_names_holder(tmp_path: Path) -> None:
         proc.wait()
     with s.lock("instance-x", wait=False):
         assert os.path.exists(s.locks_dir / "instance-x.lock")
+
+
+def test_waiting_lock_says_who_holds_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from unionimg.store import Store\n"
+        f"s = Store({str(s.root)!r})\n"
+        "with s.lock('instance-y', purpose='reconcile y'):\n"
+        "    print('held', flush=True); time.sleep(1.5)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING"), s.lock("instance-y"):
+            assert time.monotonic() - t0 > 1.0, "got the lock while the other process held it"
+        assert f"held by pid {proc.pid} reconcile y" in caplog.text
+    finally:
+        proc.kill()
+        proc.wait()

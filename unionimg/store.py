@@ -31,6 +31,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -41,6 +42,7 @@ from typing import Any
 
 from .errors import Conflict, UsageError
 
+log = logging.getLogger(__name__)
 DEFAULT_STORE = "/var/lib/unionimg"
 FORMAT = 1
 RESERVED = ("layers", "systems", "hosts", "snapshots")
@@ -210,6 +212,7 @@ class Store:
                     raise Conflict(
                         f"{name} is locked by {holder}; wait for it to finish and retry"
                     ) from None
+                log.warning("waiting for %s, held by %s", name, holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} {purpose}".strip().encode(), 0)
