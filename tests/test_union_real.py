@@ -70,6 +70,16 @@ def test_union_writes_go_to_upper_only(cli: Cli, vm: str, tmp_path: Path) -> Non
     try:
         data = show(cli, vm)
         assert data["state"] == "mounted" and data["mounted_at"] == str(mnt)
+        # the loop devices under the union, read back from sysfs through pyudev
+        import pyudev
+
+        loops = {}
+        for dev in pyudev.Context().list_devices(subsystem="block"):
+            backing = dev.attributes.get("loop/backing_file")
+            if dev.sys_name.startswith("loop") and backing:
+                loops[backing.decode().strip()] = dev.attributes.get("ro").decode().strip()
+        assert loops.get(str(base_img)) == "1", "BASE must sit on a read-only loop device"
+        assert loops.get(data["upper_image"]) == "0"
         assert (mnt / "etc/hostname").read_text() == "base\n"
         (mnt / "etc/hostname").write_text("mine\n")
         (mnt / "etc/new file é").write_text("new\n")
