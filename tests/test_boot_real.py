@@ -246,3 +246,33 @@ def test_debian_udev_names_nic_on_kvm_and_uml(cli: Cli, root: None) -> None:
             assert "unionimg-guest: nic lan0 mac 52:54:00:de:b1:01" in lines, (hv, lines)
     finally:
         cleanup_guest(cli, "d1")
+
+
+def test_union_mounted_while_libvirt_guest_starts_is_released(
+    tiny_store: Cli, tmp_path: Path
+) -> None:
+    """libvirt gives QEMU a private copy of every mount; unionimg makes / shared (as systemd
+    does) so unmounting a union afterwards really releases its U image."""
+    import subprocess
+
+    cli = tiny_store
+    cli.ok("instance", "create", "ns1", "--base", "tiny")
+    cli.ok("instance", "create", "ns2", "--base", "tiny", "--hypervisor", "kvm")
+    _keep_running(cli, "ns2", tmp_path)
+    mnt = tmp_path / "ns1"
+    mnt.mkdir()
+    if not Path("/run/systemd/system").is_dir():
+        subprocess.run(["mount", "--make-rprivate", "/"], check=True)  # a fresh host's state
+    try:
+        cli.ok("mount", "ns1", str(mnt))
+        cli.ok("boot", "ns2")  # QEMU's mount namespace is a copy taken now
+        deadline = time.monotonic() + 120
+        while "50-stay-up" not in cli.ok("console", "ns2").output:
+            assert time.monotonic() < deadline, "the guest did not come up"
+            time.sleep(1)
+        cli.ok("umount", str(mnt))
+        cli.ok("mount", "ns1", str(mnt))  # fails if the U image is still pinned
+        cli.ok("umount", str(mnt))
+    finally:
+        cleanup_guest(cli, "ns2")
+        cleanup_guest(cli, "ns1")

@@ -302,7 +302,7 @@ def update(
                 source = str(src)
                 lowers = [src]  # type: ignore[list-item]
             else:
-                mount_image(parent.image, lower, readonly=True)
+                mount_image(parent.image, lower, readonly=True, exclusive=False)
                 if apply_dir is not None:
                     source = f"{src} laid over generation {parent.number}"
                     lowers = [src, lower]  # type: ignore[list-item]

@@ -134,7 +134,7 @@ def shared_initramfs(store: Store, gen: Generation, hypervisor: str) -> tuple[Pa
         kernels = [k for kind, k, _ in sources if kind != "base"]
         if base_modules:
             mnt = stage / "base"
-            mount_image(gen.image, mnt, readonly=True)
+            mount_image(gen.image, mnt, readonly=True, exclusive=False)
             try:
                 in_base = KernelModules.in_root(gen.kernel or "", mnt)
                 host = KernelModules.in_root(gen.kernel or "")
@@ -322,6 +322,14 @@ def boot(
             raise Conflict(
                 f"instance '{name}' is mounted at {rec['target']}; umount it before booting"
             )
+        from .mounts import loop_users
+
+        if loop_users(upper_image(store, name)):
+            raise Conflict(
+                f"the U image of '{name}' is still attached to a loop device (a mount of it is "
+                "pinned by another process, see 'losetup -j'); booting now would give it two "
+                "writers, so wait for that process to end and retry"
+            )
         user = _mac_in_use(store, inst, hv)
         if user:
             raise Conflict(
@@ -354,6 +362,9 @@ def _boot_kvm(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
     spec = make_spec(store, inst, "kvm", out=wd, append=append, domain_type=dtype)
     files = profiles.render("kvm", spec)
     profiles.write_rendered(files, wd)
+    from .mounts import ensure_shared_root
+
+    ensure_shared_root()
     conn = libvirt_driver.connect()
     try:
         dom = conn.lookupByName(inst.name) if inst.name in conn.listDefinedDomains() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from .errors import Conflict, MissingCapability, ToolFailed, UsageError
 from .runner import run
+
+log = logging.getLogger(__name__)
 
 # Overlay features that would make an upper layer unportable or unreconcilable are off:
 # renamed directories would need trusted.overlay.redirect, chmod of a lower file would
@@ -74,7 +77,7 @@ def require_root(action: str) -> None:
         raise MissingCapability(f"{action} needs root (loop devices and mounts); run it as root")
 
 
-def mount_image(image: Path, target: Path, *, readonly: bool) -> None:
+def mount_image(image: Path, target: Path, *, readonly: bool, exclusive: bool = True) -> None:
     """Mount a raw ext4 image through a loop device that is detached on unmount.
 
     Read-only mounts use a read-only loop device and skip journal replay (``noload``),
@@ -82,7 +85,7 @@ def mount_image(image: Path, target: Path, *, readonly: bool) -> None:
     """
     require_root("mounting an image")
     target.mkdir(parents=True, exist_ok=True)
-    if not readonly:  # a BASE image is shared read-only by many unions at once
+    if exclusive:  # only BASE images are mounted many times at once (read-only)
         _wait_loop_released(image)
     opts = "loop,ro,noload" if readonly else "loop,rw"
     run(
@@ -91,11 +94,36 @@ def mount_image(image: Path, target: Path, *, readonly: bool) -> None:
     )
 
 
+def loop_users(image: Path) -> str:
+    """The loop devices attached to ``image`` (``losetup -j``), empty when none."""
+    return run(["losetup", "-j", str(image)], check=False).stdout.strip()
+
+
+def ensure_shared_root() -> None:
+    """Make ``/`` a shared mount (what systemd does at boot) on hosts without systemd.
+
+    libvirt starts each QEMU in a private mount namespace that copies every mount present at
+    that moment, as a slave of the host's. Only if ``/`` is shared do later unmounts on the
+    host propagate into those copies; otherwise a union mounted while a guest starts stays
+    pinned (its U image attached) until that guest exits.
+    """
+    if Path("/run/systemd/system").is_dir():
+        return
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+        roots = [line.split(" - ")[0].split() for line in fh if line.split()[4] == "/"]
+    if roots and not any(f.startswith("shared:") for f in roots[-1][6:]):
+        log.warning(
+            "making / a shared mount (as systemd does) so unmounts reach the mount "
+            "namespaces of libvirt's QEMU processes"
+        )
+        run(["mount", "--make-rshared", "/"], what="making / a shared mount")
+
+
 def _wait_loop_released(image: Path, timeout: float = 10.0) -> None:
     """A lazily unmounted image keeps its loop device until its last user goes; mounting the
     same ext4 image again meanwhile would fail or, worse, run two journals on one file."""
     deadline = time.monotonic() + timeout
-    while run(["losetup", "-j", str(image)], check=False).stdout.strip():
+    while loop_users(image):
         if time.monotonic() > deadline:
             raise Conflict(
                 f"{image} is still in use by an earlier mount; close what uses it "

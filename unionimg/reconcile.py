@@ -166,7 +166,7 @@ class Reconciler:
                     self._stage_ctx = self.store.staging("reconcile-generations")
                     self._stage = self._stage_ctx.__enter__()
                 mnt = self._stage / f"{gen.base}-{gen.number}"
-                mount_image(gen.image, mnt, readonly=True)
+                mount_image(gen.image, mnt, readonly=True, exclusive=False)
                 self._mounts[key] = mnt
             return self._mounts[key]
 

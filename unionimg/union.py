@@ -40,7 +40,7 @@ def mount(
             umount(leftover)
         mounted: list[Path] = []
         try:
-            mount_image(gen.image, lower, readonly=True)
+            mount_image(gen.image, lower, readonly=True, exclusive=False)
             mounted.append(lower)
             mount_image(upper_image(store, name), u, readonly=readonly)
             mounted.append(u)
