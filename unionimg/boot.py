@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 UML_KERNEL = Path("/usr/bin/linux.uml")
 UML_MODULES = Path("/usr/lib/uml/modules")
 STARTABLE = ("kvm", "uml")
+KVM_PROBE_CACHE = Path("/var/cache/unionimg/kvm-probe.json")
 
 
 # -- where things are -------------------------------------------------------------------------
@@ -357,7 +358,8 @@ def _boot_kvm(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
 
     gen = get_generation(store, inst.base, inst.generation)
     probe_kernel = gen.kernel_path or _host_kernel()[0]
-    dtype, why = kvmprobe.domain_type(store.root / "boot" / "kvm-probe.json", probe_kernel)
+    # a property of the host (cached per host kernel, QEMU and guest kernel), not of a store
+    dtype, why = kvmprobe.domain_type(KVM_PROBE_CACHE, probe_kernel)
     log.warning("%s: domain type %s (%s)", inst.name, dtype, why)
     spec = make_spec(store, inst, "kvm", out=wd, append=append, domain_type=dtype)
     files = profiles.render("kvm", spec)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import ToolFailed, UsageError
 from .runner import run
+from .store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,11 @@ def _load(cache_file: Path) -> dict[str, object]:
 
 
 def _store(cache_file: Path, entries: dict[str, object]) -> None:
-    """Write the cache atomically (temp file, fsync, rename); a failure only costs a re-probe."""
+    """Write the cache atomically; a failure only costs a re-probe."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"version": CACHE_VERSION, "entries": entries}, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, cache_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        text = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=2) + "\n"
+        write_atomic(cache_file, text.encode(), mode=0o644)
     except OSError as exc:
         log.warning("could not write the KVM probe cache %s: %s", cache_file, exc.strerror)
 
