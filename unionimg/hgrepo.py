@@ -106,11 +106,34 @@ class Repo:
         return None if not node or set(node) == {"0"} else node
 
     def commit_all(self, message: str) -> str | None:
-        """addremove + commit; returns the new node, or None when nothing changed."""
-        self.cmd("addremove", "-q")
-        if not self.cmd("status", "-amrd").strip():
-            return None
-        self.cmd("commit", "-m", message, "-u", USER)
+        """addremove + commit in one Mercurial command; the new node, or None when nothing
+        changed."""
+        try:
+            out: bytes = self._c.rawcommand(
+                _b(
+                    "-R",
+                    str(self.root),
+                    "--cwd",
+                    str(self.root),
+                    "commit",
+                    "--addremove",
+                    "--debug",
+                    "-m",
+                    message,
+                    "-u",
+                    USER,
+                )
+            )
+        except hglib.error.CommandError as exc:
+            if exc.ret == 1 and b"nothing changed" in (exc.out or b"") + (exc.err or b""):
+                return None
+            err = (exc.err or exc.out or b"").decode(errors="replace").strip().splitlines()
+            raise ToolFailed(
+                f"hg commit failed in {self.root}: {err[-1] if err else exc.ret}"
+            ) from exc
+        for line in reversed(out.decode("utf-8", "replace").splitlines()):
+            if line.startswith("committed changeset "):
+                return line.rsplit(":", 1)[1].strip()
         return self.tip()
 
     def log(self, limit: int | None = None) -> list[Changeset]:

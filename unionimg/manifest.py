@@ -19,7 +19,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 FILE, DIR, SYMLINK, CHR, BLK, FIFO, SOCK, WHITEOUT = (
@@ -78,10 +78,18 @@ class Entry:
             "uid": self.uid,
             "gid": self.gid,
         }
-        for key, value in asdict(self).items():
-            if key in out or value in (None, (), False) or (key == "size" and not value):
-                continue
-            out[key] = dict(value) if key == "xattrs" else value
+        if self.size:
+            out["size"] = self.size
+        for key in ("sha256", "target", "rdev", "link", "redirect"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.xattrs:
+            out["xattrs"] = dict(self.xattrs)
+        if self.opaque:
+            out["opaque"] = True
+        if self.metacopy:
+            out["metacopy"] = True
         return out
 
 

@@ -39,7 +39,7 @@ from .base import Generation, get_generation
 from .errors import Conflict, NotFound, UnionimgError, UsageError
 from .faults import checkpoint
 from .instance import Instance, load, save, state, u_layer
-from .manifest import Change, diff_manifests
+from .manifest import Change, Entry, diff_manifests
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
@@ -270,7 +270,7 @@ class Reconciler:
                 report.status = "conflicts" if plan.conflicts else "clean"
                 if self.dry_run:
                     return
-                self._apply(inst, u, b0, b1, plan.actions)
+                self._apply(inst, u, b0, b1, plan.actions, entries)
                 report.applied = True
             self._pending(name, report)
 
@@ -291,7 +291,13 @@ class Reconciler:
 
     # -- applying -------------------------------------------------------------------------
     def _apply(
-        self, inst: Instance, u: Path, b0: Generation, b1: Generation, actions: Sequence[Action]
+        self,
+        inst: Instance,
+        u: Path,
+        b0: Generation,
+        b1: Generation,
+        actions: Sequence[Action],
+        entries: list[Entry],
     ) -> None:
         name = inst.name
         repo = self.hg(u)
@@ -300,6 +306,7 @@ class Reconciler:
             u,
             inst,
             f"local state of {name} before reconcile to {inst.base} generation {b1.number}",
+            entries,  # the scan the plan was made from: the upper layer as it is now
         )
         checkpoint("reconcile:pre-committed")
         new, prev = u / "upper.new", u / "upper.prev"
@@ -430,10 +437,12 @@ class Reconciler:
         return out
 
 
-def _commit(repo: hgrepo.Repo, u: Path, inst: Instance, message: str) -> str | None:
+def _commit(
+    repo: hgrepo.Repo, u: Path, inst: Instance, message: str, entries: list[Entry] | None = None
+) -> str | None:
     from .status import write_history_sidecar
 
-    write_history_sidecar(u, inst)
+    write_history_sidecar(u, inst, entries)
     node = repo.commit_all(message)
     return node or repo.tip()
 

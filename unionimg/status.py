@@ -98,11 +98,14 @@ def commit(store: Store, name: str, message: str | None) -> str | None:
         return commit_u(u, inst, message)
 
 
-def write_history_sidecar(u: Path, inst: Instance) -> None:
-    """The sidecar of the upper layer and the base generation it sits on, ready to commit."""
+def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None = None) -> None:
+    """The sidecar of the upper layer (``entries``: a fresh scan of it, if the caller has
+    one) and the base generation it sits on, ready to commit."""
     ref = {"instance": inst.name, "base": inst.base, "generation": inst.generation}
     hgrepo.write_sidecar(
-        u, sidecar_text(scan_upper(u)), {"base.json": json.dumps(ref, sort_keys=True) + "\n"}
+        u,
+        sidecar_text(scan_upper(u) if entries is None else entries),
+        {"base.json": json.dumps(ref, sort_keys=True) + "\n"},
     )
 
 
