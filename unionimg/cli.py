@@ -471,7 +471,11 @@ def log_cmd(c: Ctx, vm: str, as_json: bool) -> None:
     help="TOML policy: per-glob merge | keep-local | take-base | fail.",
 )
 @click.option(
-    "--jobs", type=int, default=1, show_default=True, help="Instances reconciled in parallel."
+    "--jobs",
+    type=int,
+    default=lambda: min(os.cpu_count() or 1, 8),
+    show_default="the number of CPUs, at most 8",
+    help="Instances reconciled in parallel.",
 )
 @click.option(
     "--undo",
