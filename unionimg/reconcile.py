@@ -325,6 +325,7 @@ class Reconciler:
         for action in actions:
             _apply_action(new, action)
         aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
+        fsops.syncfs(u)  # upper.new is durable before the journal says it may go live
         checkpoint("reconcile:staged")
         fsops.remove_tree(prev)
         write_json(
@@ -422,7 +423,10 @@ class Reconciler:
                 fsops.remove_tree(tmp)
                 tmp.mkdir(mode=0o700)
                 for label, data in action.artifacts.items():
-                    (tmp / label).write_bytes(data)
+                    with open(tmp / label, "wb") as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
                 os.rename(tmp, final)
             out.append(
                 {
@@ -567,6 +571,7 @@ def resolve(
                         f"{path} is not a regular file on either side; use --take local|base"
                     )
                 fsops.write_entry(upper, path, replace(meta, kind="file"), data)
+            fsops.syncfs(upper)
             record = {
                 "path": path,
                 "took": how,
