@@ -25,13 +25,23 @@ REPO = Path(__file__).resolve().parent.parent
 UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
 
 
-def need(condition: bool, reason: str) -> None:
+def need(condition: object, reason: str) -> None:
     """Skip (printing the reason) unless the real component is required, then fail."""
     if condition:
         return
     if REQUIRE_REAL:
-        pytest.fail(f"required real component missing: {reason}")
+        pytest.fail(f"UNIONIMG_REQUIRE_REAL=1 but {reason}")
+    print(f"skipping: {reason}")
     pytest.skip(reason)
+
+
+def program(name: str) -> str | None:
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def need_programs(*names: str) -> None:
+    lacking = [n for n in names if program(n) is None]
+    need(not lacking, f"programs not installed: {', '.join(lacking)}")
 
 
 def need_root() -> None:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,38 +32,20 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import need as require
+from tests.conftest import need_programs as require_programs
 from unionimg import kvmprobe, libvirt_driver, uml_driver
 from unionimg.bootspec import instance_uuid
 from unionimg.errors import Conflict, ToolFailed, UsageError
 from unionimg.initramfs import InitramfsInfo, build_initramfs
 from unionimg.runner import run
 
-REQUIRE_REAL = os.environ.get("UNIONIMG_REQUIRE_REAL") == "1"
 REPO = Path(__file__).resolve().parent.parent
 LINUX_UML = Path("/usr/bin/linux.uml")
 QEMU_MAC = "52:54:00:5a:00:01"
 UML_MAC = "52:54:00:5a:00:02"
 BOOT_TIMEOUT = 120.0
 RUN_ID = f"{os.getpid()}"
-
-
-def require(ok: object, reason: str) -> None:
-    """Skip (printing why) unless ``ok``; under UNIONIMG_REQUIRE_REAL=1 fail instead."""
-    if ok:
-        return
-    if REQUIRE_REAL:
-        pytest.fail(f"UNIONIMG_REQUIRE_REAL=1 but {reason}")
-    print(f"skipping: {reason}")
-    pytest.skip(reason)
-
-
-def program(name: str) -> str | None:
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-
-
-def require_programs(*names: str) -> None:
-    lacking = [n for n in names if program(n) is None]
-    require(not lacking, f"programs not installed: {', '.join(lacking)}")
 
 
 def require_root(why: str) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need as require
+from tests.conftest import need_programs as require_programs
 from unionimg.errors import MissingCapability, UsageError
 from unionimg.initramfs import (
     DEFAULT_MODULES,
@@ -46,7 +48,6 @@ from unionimg.initramfs import (
 from unionimg.mounts import OVERLAY_OPTIONS
 from unionimg.runner import run
 
-REQUIRE_REAL = os.environ.get("UNIONIMG_REQUIRE_REAL") == "1"
 BUSYBOX = Path("/bin/busybox")
 LINUX_UML = Path("/usr/bin/linux.uml")
 QEMU_MAC = "52:54:00:12:34:56"
@@ -54,25 +55,6 @@ UML_MAC = "52:54:00:12:34:57"
 GUEST_FILE = "guest-wrote.txt"
 GUEST_TEXT = "written by the guest\n"
 BOOT_TIMEOUT = 120.0
-
-
-def require(ok: object, reason: str) -> None:
-    """Skip (printing why) unless ``ok``; under UNIONIMG_REQUIRE_REAL=1 fail instead."""
-    if ok:
-        return
-    if REQUIRE_REAL:
-        pytest.fail(f"UNIONIMG_REQUIRE_REAL=1 but {reason}")
-    print(f"skipping: {reason}")
-    pytest.skip(reason)
-
-
-def program(name: str) -> str | None:
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-
-
-def require_programs(*names: str) -> None:
-    lacking = [n for n in names if program(n) is None]
-    require(not lacking, f"programs not installed: {', '.join(lacking)}")
 
 
 def qemu_guest_kernel() -> tuple[Path, str] | None:
