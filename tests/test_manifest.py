@@ -145,3 +145,25 @@ def test_classify() -> None:
     assert ch.deleted == ["/etc/d"]
     assert ch.added == ["/etc/new"]
     assert ch.opaque == ["/opt"]
+
+
+def test_delta_json_roundtrip(tmp_path: Path) -> None:
+    from unionimg.manifest import changes_from_json, changes_to_json
+
+    odd = os.fsdecode(b"/latin1-\xe9")
+    a = [
+        Entry("/", "dir", 0o755),
+        Entry("/x", "file", 0o644, sha256="1", xattrs=(("user.a", "00ff"),)),
+        Entry(odd, "symlink", 0o777, target="t"),
+        Entry("/d", "chr", 0o600, rdev=259),
+    ]
+    b = [
+        Entry("/", "dir", 0o755),
+        Entry("/x", "file", 0o600, sha256="2"),
+        Entry("/new", "file", 0o644, sha256="4", link="/new"),
+    ]
+    write_manifest(a, tmp_path / "a")
+    write_manifest(b, tmp_path / "b")
+    changes = diff_manifests(tmp_path / "a", tmp_path / "b")
+    assert changes_from_json(changes_to_json(changes)) == changes
+    assert {c.path for c in changes} == {"/x", odd, "/d", "/new"}

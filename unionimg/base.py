@@ -445,6 +445,9 @@ def gc(store: Store, name: str | None = None) -> list[tuple[str, int]]:
                     continue
                 with store.staging(f"gc-{bname}-{g.number}") as stage:
                     os.rename(g.dir, stage / "gen")
+                for cached in (store.base_dir(bname) / "deltas").glob("*.json"):
+                    if str(g.number) in cached.stem.split("-"):
+                        cached.unlink()  # reconcile's saved deltas that involve it
                 removed.append((bname, g.number))
     return removed
 

@@ -375,6 +375,33 @@ class Change:
         return "modified"
 
 
+def _entry_json(e: Entry | None) -> dict[str, object] | None:
+    if e is None:
+        return None
+    return {k: getattr(e, k) for k in Entry.__dataclass_fields__}
+
+
+def _entry_from_json(d: dict[str, object] | None) -> Entry | None:
+    if d is None:
+        return None
+    xattrs = tuple((str(n), str(v)) for n, v in d.pop("xattrs") or ())  # type: ignore[attr-defined]
+    return Entry(xattrs=xattrs, **d)  # type: ignore[arg-type]
+
+
+def changes_to_json(changes: Iterable[Change]) -> str:
+    """A delta as JSON text (paths stay str; undecodable bytes survive as surrogates)."""
+    return json.dumps(
+        [{"path": c.path, "old": _entry_json(c.old), "new": _entry_json(c.new)} for c in changes]
+    )
+
+
+def changes_from_json(text: str) -> list[Change]:
+    return [
+        Change(row["path"], _entry_from_json(row["old"]), _entry_from_json(row["new"]))
+        for row in json.loads(text)
+    ]
+
+
 def diff_manifests(old_db: Path, new_db: Path) -> list[Change]:
     """Every path whose entry differs between two stored manifests, in path order.
 

@@ -39,12 +39,12 @@ from .base import Generation, get_generation
 from .errors import Conflict, NotFound, UnionimgError, UsageError
 from .faults import checkpoint
 from .instance import Instance, load, save, state, u_layer
-from .manifest import Change, Entry, diff_manifests
+from .manifest import Change, Entry, changes_from_json, changes_to_json, diff_manifests
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
 from .status import scan_upper
-from .store import Store, now_iso, read_json, write_json
+from .store import Store, now_iso, read_json, write_atomic, write_json
 
 REPORTS_KEPT = 50
 
@@ -90,6 +90,10 @@ def _journal(store: Store, name: str) -> Path:
 
 def _last(store: Store, name: str) -> Path:
     return store.instance_dir(name) / "last-reconcile.json"
+
+
+def delta_path(store: Store, base: str, b0: int, b1: int) -> Path:
+    return store.base_dir(base) / "deltas" / f"{b0}-{b1}.json"
 
 
 def conflicts_path(store: Store, name: str) -> Path:
@@ -150,10 +154,18 @@ class Reconciler:
 
     # -- shared, per run ------------------------------------------------------------------
     def delta(self, b0: Generation, b1: Generation) -> dict[str, Change]:
+        """The changes B0 -> B1: computed once per pair of generations (one pass over both
+        manifests, O(base)) and kept next to them, so later runs only read the delta."""
         key = (b0.base, b0.number, b1.number)
         with self._lock:
             if key not in self._deltas:
-                changes = diff_manifests(b0.manifest_path, b1.manifest_path)
+                cache = delta_path(self.store, b0.base, b0.number, b1.number)
+                if cache.is_file():
+                    changes = changes_from_json(cache.read_text(encoding="utf-8"))
+                else:
+                    changes = diff_manifests(b0.manifest_path, b1.manifest_path)
+                    cache.parent.mkdir(mode=0o700, exist_ok=True)
+                    write_atomic(cache, changes_to_json(changes).encode())
                 self._deltas[key] = {c.path: c for c in changes}
             return self._deltas[key]
 

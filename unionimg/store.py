@@ -14,10 +14,16 @@ Layout (format 1)::
           manifest.sqlite     every path's type/mode/owner/xattrs/sha256 (indexed lookups)
           generation.json     number, created, size, hg node, kernel
           vmlinuz             the generation's kernel, when it has one
+        deltas/B0-B1.json     reconcile's base delta, computed once per pair of generations
       instances/VM/
         instance.json         name, base, generation, mac, hypervisor, resources
         upper.img             sparse ext4 labeled U: upper/, work/, .hg (the VM's history)
         mount.json            present while the union is mounted
+        running.json          present while its guest runs (hypervisor, pid or domain)
+        conflicts.json, conflicts/KEY-G/   conflicts set aside by reconcile
+        reconcile-journal.json, last-reconcile.json   apply journal, undo record
+      boot/                   initramfs per kernel (shared by instances)
+      reports/                reconcile reports (last 50) and reconcile.log
       run/VM/                 mount points of the layers of a mounted union
       layers/ systems/ hosts/ snapshots/    reserved for later issues
 
