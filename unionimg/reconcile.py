@@ -6,8 +6,8 @@ pure planner (:mod:`unionimg.plan`) decides every path, and the plan is applied 
 
     lock instance-VM; mount U read-write (the instance must be neither mounted nor running)
     commit U's current state to its hg repository            (so nothing local is lost)
-    journal "staging"  → build upper.new = hardlink copy of upper, apply the plan to it,
-                         set conflict artefacts aside in the store
+    (no journal yet)   → build upper.new = hardlink copy of upper, apply the plan to it,
+                         set conflict artefacts aside in the store, syncfs
     journal "swap"     → renameat2(RENAME_EXCHANGE) upper <-> upper.new   (the atomic step)
                          upper.new (now the old tree) becomes upper.prev (for --undo)
     instance.json generation = B1; conflicts.json updated
@@ -322,17 +322,7 @@ class Reconciler:
         )
         checkpoint("reconcile:pre-committed")
         new, prev = u / "upper.new", u / "upper.prev"
-        fsops.remove_tree(new)
-        write_json(
-            _journal(self.store, name),
-            {
-                "phase": "staging",
-                "from": b0.number,
-                "to": b1.number,
-                "pre_node": pre,
-                "started": now_iso(),
-            },
-        )
+        fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
         fsops.link_copy(u / "upper", new)
         for action in actions:
             _apply_action(new, action)
@@ -349,6 +339,7 @@ class Reconciler:
                 "pre_node": pre,
                 "new_ino": os.lstat(new).st_ino,
                 "conflicts": aside,
+                "conflicts_before": list_conflicts(self.store, name),
                 "started": now_iso(),
             },
         )
@@ -364,25 +355,11 @@ class Reconciler:
         if new.exists():
             fsops.remove_tree(prev)
             os.rename(new, prev)
-        before = list_conflicts(self.store, name)
+        before = journal["conflicts_before"]
         if inst.generation != journal["to"]:
             save(self.store, replace(inst, generation=journal["to"]))
             inst = replace(inst, generation=journal["to"])
         checkpoint("reconcile:generation")
-        if (
-            not _last(self.store, name).is_file()
-            or read_json(_last(self.store, name)).get("pre_node") != journal["pre_node"]
-        ):
-            write_json(
-                _last(self.store, name),
-                {
-                    "from": journal["from"],
-                    "to": journal["to"],
-                    "pre_node": journal["pre_node"],
-                    "conflicts_before": before,
-                    "finished": None,
-                },
-            )
         merged = {c["path"]: c for c in before}
         for c in journal["conflicts"]:
             merged[c["path"]] = c
@@ -403,9 +380,17 @@ class Reconciler:
             ),
         )
         checkpoint("reconcile:committed")
-        last = read_json(_last(self.store, name))
-        last.update({"post_node": post, "finished": now_iso()})
-        write_json(_last(self.store, name), last)
+        write_json(
+            _last(self.store, name),
+            {
+                "from": journal["from"],
+                "to": journal["to"],
+                "pre_node": journal["pre_node"],
+                "post_node": post,
+                "conflicts_before": before,
+                "finished": now_iso(),
+            },
+        )
         _journal(self.store, name).unlink(missing_ok=True)
 
     def _recover(self, inst: Instance, u: Path) -> None:
