@@ -56,25 +56,26 @@ def root() -> None:
     need_root()
 
 
-def _loop_devices() -> set[str]:
+def _loop_devices(below: Path) -> set[str]:
+    """Loop devices whose backing file lies below ``below`` (other work on the machine may
+    attach its own meanwhile)."""
     out = subprocess.run(
         ["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True, check=False
     ).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+    rows = [line.split(None, 1) for line in out.splitlines() if line.strip()]
+    return {row[0] for row in rows if len(row) == 2 and row[1].strip().startswith(str(below))}
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Path]:
     """A fresh store; afterwards nothing may stay mounted or attached below it."""
     path = tmp_path / "store"
-    loops_before = _loop_devices() if os.geteuid() == 0 else set()
     yield path
     leaked = [m.target for m in mountinfo() if m.target.startswith(str(tmp_path))]
     unmount_tree(tmp_path)
-    loops_after = _loop_devices() if os.geteuid() == 0 else set()
+    loops = _loop_devices(tmp_path) if os.geteuid() == 0 else set()
     assert not leaked, f"test left mounts behind: {leaked}"
-    new_loops = loops_after - loops_before
-    assert not new_loops, f"test left loop devices attached: {new_loops}"
+    assert not loops, f"test left loop devices attached: {loops}"
 
 
 class Cli:

@@ -396,3 +396,27 @@ def test_refuses_mounted_and_reports_lock_holder(cli: Cli, tmp_path: Path, root:
     finally:
         cli.ok("umount", str(mnt))
     shutil.rmtree(mnt)
+
+
+def test_each_u_is_released_when_its_instance_is_done(cli: Cli, tmp_path: Path, root: None) -> None:
+    """The long-lived hg command server must not pin U filesystems (Mercurial mmaps its
+    branch cache unless told not to): each U image is detached as soon as its instance is
+    reconciled, not when the whole run ends."""
+    from unionimg.mounts import loop_users
+    from unionimg.policy import load_policy
+    from unionimg.reconcile import InstanceReport, Reconciler
+    from unionimg.store import Store
+
+    build(cli, tmp_path)
+    cli.ok("instance", "create", "vm2", "--base", "os", "--generation", "1")
+    pinned: list[str] = []
+
+    def check(report: InstanceReport) -> None:
+        if loop_users(cli.store / "instances" / report.name / "upper.img"):
+            pinned.append(report.name)
+
+    store = Store(cli.store)
+    store.init()
+    reports = Reconciler(store, load_policy(None), progress=check).run(["vm1", "vm2"], jobs=1)
+    assert [r.status for r in reports] == ["conflicts", "clean"]
+    assert pinned == []

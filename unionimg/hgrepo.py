@@ -35,6 +35,9 @@ _CONFIGS = [
     "ui.merge=internal:fail",
     "ui.interactive=false",
     "ui.username=" + USER,
+    # read the branch cache instead of mmapping it: a mapping held by the long-lived command
+    # server would pin every U filesystem it touched (umount: target is busy)
+    "storage.revbranchcache.mmap=no",
 ]
 
 
