@@ -207,23 +207,26 @@ def mount_overlay(
     return chosen
 
 
-def umount(target: Path, *, lazy_fallback: bool = True) -> None:
+def umount(target: Path, *, lazy_fallback: bool = True, busy_wait: float = 3.0) -> None:
+    """Unmount ``target``. While it is busy (say, a killed command's helper is still
+    exiting) retry for ``busy_wait`` seconds, then fall back to a lazy unmount."""
     entry = find_mount(target)
     if entry is None:
         return
-    if entry.fstype.startswith("fuse"):
-        res = (
-            run(["fusermount3", "-u", str(target)], check=False)
-            if shutil.which("fusermount3")
-            else run(["umount", str(target)], check=False)
-        )
-    else:
-        res = run(["umount", str(target)], check=False)
+    fuse = entry.fstype.startswith("fuse") and shutil.which("fusermount3")
+    argv = ["fusermount3", "-u", str(target)] if fuse else ["umount", str(target)]
+    deadline = time.monotonic() + busy_wait
+    while True:
+        res = run(argv, check=False)
+        if res.returncode == 0 or not is_mounted(target) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if res.returncode != 0 and is_mounted(target):
         if not lazy_fallback:
             raise ToolFailed(
                 f"cannot unmount {target}: {res.stderr.strip()}; close programs using it and retry"
             )
+        log.warning("%s is busy; unmounting it lazily", target)
         run(["umount", "-l", str(target)], what=f"lazily unmounting {target}")
 
 
