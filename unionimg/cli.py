@@ -70,6 +70,11 @@ class UnionimgGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("unionimg: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`unionimg instance list | head`): stop quietly, like cat
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(141)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
