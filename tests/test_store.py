@@ -52,19 +52,25 @@ def test_sweep_removes_dead_owner_staging_only(tmp_path: Path) -> None:
     assert list(s.tmp_dir.iterdir()) == []
 
 
-def test_lock_names_holder(tmp_path: Path) -> None:
-    s = Store(tmp_path / "st")
-    s.init()
+def hold_lock(store: Store, name: str, purpose: str, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding ``name`` for ``seconds``; returns once it holds it."""
     code = (
         f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
         "from unionimg.store import Store\n"
-        f"s = Store({str(s.root)!r})\n"
-        "with s.lock('instance-x', purpose='reconcile x'):\n"
-        "    print('held', flush=True); time.sleep(30)\n"
+        f"s = Store({str(store.root)!r})\n"
+        f"with s.lock({name!r}, purpose={purpose!r}):\n"
+        f"    print('held', flush=True); time.sleep({seconds})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_names_holder(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    proc = hold_lock(s, "instance-x", "reconcile x", 30)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         with (
             pytest.raises(Conflict, match=f"pid {proc.pid} reconcile x"),
             s.lock("instance-x", wait=False),
@@ -80,16 +86,8 @@ def test_lock_names_holder(tmp_path: Path) -> None:
 def test_waiting_lock_says_who_holds_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     s = Store(tmp_path / "st")
     s.init()
-    code = (
-        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from unionimg.store import Store\n"
-        f"s = Store({str(s.root)!r})\n"
-        "with s.lock('instance-y', purpose='reconcile y'):\n"
-        "    print('held', flush=True); time.sleep(1.5)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = hold_lock(s, "instance-y", "reconcile y", 1.5)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         t0 = time.monotonic()
         with caplog.at_level("WARNING"), s.lock("instance-y"):
             assert time.monotonic() - t0 > 1.0, "got the lock while the other process held it"

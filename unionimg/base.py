@@ -21,7 +21,7 @@ from . import hgrepo
 from .errors import Conflict, NotFound, UsageError
 from .faults import checkpoint
 from .image import default_size, disk_usage, make_ext4, usage_of
-from .manifest import Entry, Manifest, diff_manifests, scan_tree, sidecar_text, write_manifest
+from .manifest import Manifest, diff_manifests, scan_tree, sidecar_text, write_manifest
 from .mounts import mount_image, mount_overlay, require_root, umount
 from .names import check_name, human_size
 from .runner import run
@@ -464,8 +464,3 @@ def remove(store: Store, name: str) -> None:
             )
         with store.staging(f"rm-{name}") as stage:
             os.rename(store.base_dir(name), stage / "base")
-
-
-def entry_of(gen: Generation, path: str) -> Entry | None:
-    with gen.manifest() as m:
-        return m.get(path)

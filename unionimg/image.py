@@ -84,13 +84,6 @@ def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int =
         raise ToolFailed(f"mke2fs failed for {image.name}: {lines[-1] if lines else ''}")
 
 
-def read_label(image: Path) -> str:
-    return run(
-        ["blkid", "-p", "-o", "value", "-s", "LABEL", str(image)],
-        what=f"reading the label of {image}",
-    ).stdout.strip()
-
-
 def disk_usage(path: Path) -> int:
     """Bytes really allocated on disk (sparse files count what they hold)."""
     return os.stat(path).st_blocks * 512

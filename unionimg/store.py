@@ -51,7 +51,6 @@ from .errors import Conflict, UsageError
 log = logging.getLogger(__name__)
 DEFAULT_STORE = "/var/lib/unionimg"
 FORMAT = 1
-RESERVED = ("layers", "systems", "hosts", "snapshots")
 
 
 def fsync_dir(path: Path) -> None:
