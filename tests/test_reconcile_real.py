@@ -90,6 +90,27 @@ def test_generation_advanced_and_history_names_b1(applied: Applied) -> None:
     assert msgs[1].startswith("local state of vm1 before reconcile")
 
 
+def test_history_holds_the_whole_result(applied: Applied) -> None:
+    """The post-reconcile commit looks only at the paths the plan touched: nothing else may
+    be left uncommitted, and the committed sidecar is that of the upper layer as it is."""
+    from unionimg.manifest import scan_tree, sidecar_text
+
+    u = applied.upper.parent
+    status = subprocess.run(
+        [HG, "-R", str(u), "--cwd", str(u), "status", "-amrd"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout == ""
+    committed = subprocess.run(
+        [HG, "-R", str(u), "--cwd", str(u), "cat", "-r", "tip", ".unionimg/manifest.jsonl"],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert committed == sidecar_text(scan_tree(applied.upper, hash_files=False))
+
+
 def test_case_01_base_change_not_in_u(applied: Applied) -> None:
     assert (applied.union / "c01/file").read_text() == "case 1 patched by the base\n"
     assert not (applied.upper / "c01").exists()

@@ -11,6 +11,7 @@ make a tree live, instead of an fsync per file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
@@ -58,6 +59,14 @@ def read_file(root: Path, path: str) -> bytes:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         with os.fdopen(fd, "rb") as fh:
             return fh.read()
+
+
+def sha256_of(root: Path, path: str) -> str:
+    """The sha256 (hex) of the regular file ``path`` inside ``root``."""
+    with parent_fd(root, path) as (dfd, name):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        with os.fdopen(fd, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _set_xattrs(target: bytes, entry: Entry, dfd: int | None) -> None:

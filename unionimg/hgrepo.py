@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import hglib.error
 from .errors import ToolFailed
 
 USER = "unionimg <unionimg@localhost>"
+_MAX_PATHS = 2000  # past this, a full walk of the working copy is cheaper than the patterns
 SIDECAR_DIR = ".unionimg"
 SIDECAR = f"{SIDECAR_DIR}/manifest.jsonl"
 _CONFIGS = [
@@ -38,6 +39,8 @@ _CONFIGS = [
     # read the branch cache instead of mmapping it: a mapping held by the long-lived command
     # server would pin every U filesystem it touched (umount: target is busy)
     "storage.revbranchcache.mmap=no",
+    # unionimg never reads "created new head"; computing it loads the branch map per commit
+    "commands.commit.report-head-changes=false",
 ]
 
 
@@ -108,9 +111,14 @@ class Repo:
         node = self.cmd("log", "-r", "tip", "-T", "{node}").decode().strip()
         return None if not node or set(node) == {"0"} else node
 
-    def commit_all(self, message: str) -> str | None:
+    def commit_all(self, message: str, paths: Sequence[str] | None = None) -> str | None:
         """addremove + commit in one Mercurial command; the new node, or None when nothing
-        changed."""
+        changed. With ``paths`` (relative to the root; a directory stands for everything
+        below it) only those are looked at: the caller knows nothing else changed, and
+        Mercurial is spared comparing every file of the working copy."""
+        pats: list[bytes] = []
+        for path in paths if paths is not None and len(paths) <= _MAX_PATHS else ():
+            pats += [b"-I", b"path:" + os.fsencode(path)]  # -I: no abort on unchanged paths
         try:
             out: bytes = self._c.rawcommand(
                 _b(
@@ -125,6 +133,7 @@ class Repo:
                     message,
                     "-u",
                     USER,
+                    *pats,
                 )
             )
         except hglib.error.CommandError as exc:

@@ -95,8 +95,23 @@ def mount_image(image: Path, target: Path, *, readonly: bool, exclusive: bool = 
 
 
 def loop_users(image: Path) -> str:
-    """The loop devices attached to ``image`` (``losetup -j``), empty when none."""
-    return run(["losetup", "-j", str(image)], check=False).stdout.strip()
+    """The loop devices attached to ``image``, as ``losetup -j`` would list them; empty when
+    none. Read from sysfs (``/sys/block/loopN/loop/backing_file``): no process per call."""
+    want = os.path.realpath(image)
+    found = []
+    try:
+        devices = sorted(d for d in os.listdir("/sys/block") if d.startswith("loop"))
+    except OSError:
+        return ""
+    for dev in devices:
+        try:
+            with open(f"/sys/block/{dev}/loop/backing_file", encoding="utf-8") as fh:
+                backing = fh.read().rstrip("\n")
+        except OSError:  # not attached, or detached meanwhile
+            continue
+        if backing == want:
+            found.append(f"/dev/{dev}: ({backing})")
+    return "\n".join(found)
 
 
 def ensure_shared_root() -> None:

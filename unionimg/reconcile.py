@@ -39,7 +39,14 @@ from .base import Generation, get_generation
 from .errors import Conflict, NotFound, UnionimgError, UsageError
 from .faults import checkpoint
 from .instance import Instance, load, save, state, u_layer
-from .manifest import Change, Entry, changes_from_json, changes_to_json, diff_manifests
+from .manifest import (
+    FILE,
+    Change,
+    Entry,
+    changes_from_json,
+    changes_to_json,
+    diff_manifests,
+)
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
@@ -263,7 +270,7 @@ class Reconciler:
                 def gens(which: Literal["b0", "b1"]) -> Path:
                     return self.gen_root(b0 if which == "b0" else b1)
 
-                entries = scan_upper(u)
+                entries = _hash_files_in(upper, scan_upper(u, hash_files=False), delta)
                 with b0.manifest() as m0, b1.manifest() as m1:
                     plan = plan_instance(entries, delta, m0, m1, self.policy, _Content(upper, gens))
                 report.unaffected = plan.unaffected
@@ -338,6 +345,7 @@ class Reconciler:
                 "to": b1.number,
                 "pre_node": pre,
                 "new_ino": os.lstat(new).st_ino,
+                "commit_paths": _commit_paths(actions),  # all the post-commit looks at
                 "conflicts": aside,
                 "conflicts_before": list_conflicts(self.store, name),
                 "started": now_iso(),
@@ -378,6 +386,7 @@ class Reconciler:
                 if journal["conflicts"]
                 else ""
             ),
+            paths=journal.get("commit_paths"),
         )
         checkpoint("reconcile:committed")
         write_json(
@@ -438,13 +447,38 @@ class Reconciler:
         return out
 
 
+def _hash_files_in(upper: Path, entries: list[Entry], delta: dict[str, Change]) -> list[Entry]:
+    """Content hashes for the upper layer's regular files the base delta touches: the only
+    ones the planner compares with the base (it reads any other it needs)."""
+    return [
+        replace(e, sha256=fsops.sha256_of(upper, e.path))
+        if e.kind == FILE and e.sha256 is None and e.path in delta
+        else e
+        for e in entries
+    ]
+
+
+def _commit_paths(actions: Sequence[Action]) -> list[str]:
+    """What a reconcile changes in U, relative to U's root (for :meth:`Repo.commit_all`)."""
+    paths = {hgrepo.SIDECAR_DIR}
+    for a in actions:
+        if a.action in (WRITE, DROP, SET_META):
+            paths.add("upper" + a.path if a.path != "/" else "upper")
+    return sorted(paths)
+
+
 def _commit(
-    repo: hgrepo.Repo, u: Path, inst: Instance, message: str, entries: list[Entry] | None = None
+    repo: hgrepo.Repo,
+    u: Path,
+    inst: Instance,
+    message: str,
+    entries: list[Entry] | None = None,
+    paths: Sequence[str] | None = None,
 ) -> str | None:
     from .status import write_history_sidecar
 
     write_history_sidecar(u, inst, entries)
-    node = repo.commit_all(message)
+    node = repo.commit_all(message, paths)
     return node or repo.tip()
 
 

@@ -69,8 +69,8 @@ def classify(upper: Iterable[Entry], base: Lookup) -> Changes:
     return out
 
 
-def scan_upper(u_root: Path) -> list[Entry]:
-    return list(scan_tree(u_root / "upper"))
+def scan_upper(u_root: Path, *, hash_files: bool = True) -> list[Entry]:
+    return scan_tree(u_root / "upper", hash_files=hash_files)
 
 
 def status(store: Store, name: str) -> dict[str, Any]:
@@ -104,7 +104,8 @@ def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None =
     ref = {"instance": inst.name, "base": inst.base, "generation": inst.generation}
     hgrepo.write_sidecar(
         u,
-        sidecar_text(scan_upper(u) if entries is None else entries),
+        # the sidecar leaves content to Mercurial: no need to hash anything here
+        sidecar_text(scan_upper(u, hash_files=False) if entries is None else entries),
         {"base.json": json.dumps(ref, sort_keys=True) + "\n"},
     )
 
