@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from .manifest import DIR, FILE, SYMLINK, Entry
@@ -69,6 +70,20 @@ def sha256_of(root: Path, path: str) -> str:
             return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _overlay_xattrs(dfd: int, name: bytes) -> dict[str, bytes]:
+    """overlay's own xattrs of ``name`` (kept when the entry is replaced by a fresh copy)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        try:
+            names = os.listxattr(proc)
+        except OSError:  # a symlink through O_PATH: Linux keeps no user xattrs there
+            return {}
+        return {n: os.getxattr(proc, n) for n in names if n.startswith(_KEEP_XATTRS)}
+    finally:
+        os.close(fd)
+
+
 def _set_xattrs(target: bytes, entry: Entry, dfd: int | None) -> None:
     """Make the user-visible xattrs exactly ``entry.xattrs`` (overlay's own are kept)."""
     if dfd is not None:
@@ -92,26 +107,49 @@ def _set_xattrs(target: bytes, entry: Entry, dfd: int | None) -> None:
 
 
 def set_meta(root: Path, path: str, entry: Entry) -> None:
-    """Give an existing entry ``entry``'s owner, mode and xattrs, in place (directories), or
-    by a fresh copy renamed over it (files: their inode may be shared with another tree)."""
+    """Give an existing entry ``entry``'s owner, mode and xattrs: in place for directories
+    (a hardlink copy has its own), by a fresh copy renamed over it for everything else
+    (its inode may be shared with another tree, which must not change)."""
     with parent_fd(root, path) as (dfd, name):
         st = os.lstat(name, dir_fd=dfd)
+        kept = {} if stat.S_ISDIR(st.st_mode) else _overlay_xattrs(dfd, name)
         if stat.S_ISREG(st.st_mode):
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             with os.fdopen(fd, "rb") as fh:
                 data = fh.read()
-            _write_new(dfd, name, entry, data)
-            return
-        os.chown(name, entry.uid, entry.gid, dir_fd=dfd, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode):
+            _write_new(dfd, name, replace(entry, kind=FILE), data, keep=kept)
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.fsdecode(os.readlink(name, dir_fd=dfd))
+            _write_new(dfd, name, replace(entry, kind=SYMLINK, target=target), None, keep=kept)
+        elif stat.S_ISDIR(st.st_mode):
+            os.chown(name, entry.uid, entry.gid, dir_fd=dfd, follow_symlinks=False)
             os.chmod(name, entry.mode, dir_fd=dfd)
-        _set_xattrs(name, entry, dfd)
+            _set_xattrs(name, entry, dfd)
+        else:  # device node, whiteout, fifo: a new node of the same kind
+            _write_new(
+                dfd, name, entry, None, node=(stat.S_IFMT(st.st_mode), st.st_rdev), keep=kept
+            )
 
 
-def _write_new(dfd: int, name: bytes, entry: Entry, data: bytes | None) -> None:
+def _write_new(
+    dfd: int,
+    name: bytes,
+    entry: Entry,
+    data: bytes | None,
+    *,
+    node: tuple[int, int] | None = None,
+    keep: dict[str, bytes] | None = None,
+) -> None:
+    """Create ``entry`` under a temporary name, then rename it over ``name``. ``node``
+    (file type bits, rdev) makes a device node, whiteout or fifo instead; ``keep``: overlay
+    xattrs the replaced entry carried."""
     tmp = b".unionimg-" + secrets.token_hex(6).encode()
     try:
-        if entry.kind == FILE:
+        if node is not None:
+            os.mknod(tmp, node[0] | entry.mode, node[1], dir_fd=dfd)
+            os.chown(tmp, entry.uid, entry.gid, dir_fd=dfd, follow_symlinks=False)
+            os.chmod(tmp, entry.mode, dir_fd=dfd)
+        elif entry.kind == FILE:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd
             )
@@ -124,7 +162,15 @@ def _write_new(dfd: int, name: bytes, entry: Entry, data: bytes | None) -> None:
             os.chown(tmp, entry.uid, entry.gid, dir_fd=dfd, follow_symlinks=False)
         else:
             raise ValueError(f"cannot write an entry of kind {entry.kind}")
-        _set_xattrs(tmp, entry, dfd)
+        if node is None:
+            _set_xattrs(tmp, entry, dfd)
+        if keep:
+            fd = os.open(tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                for xname, value in keep.items():
+                    os.setxattr(f"/proc/self/fd/{fd}", xname, value)
+            finally:
+                os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except BaseException:
         with contextlib.suppress(OSError):

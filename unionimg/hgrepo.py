@@ -82,6 +82,10 @@ class Changeset:
         }
 
 
+class _Abandoned(Exception):
+    """The repository holds the journal of an interrupted transaction."""
+
+
 class Repo:
     """A thin, typed wrapper over an hglib client, bound to one repository.
 
@@ -120,6 +124,15 @@ class Repo:
         for path in paths if paths is not None and len(paths) <= _MAX_PATHS else ():
             pats += [b"-I", b"path:" + os.fsencode(path)]  # -I: no abort on unchanged paths
         try:
+            return self._commit(message, pats)
+        except _Abandoned:
+            # a commit cut short (power loss, host crash) left its transaction behind:
+            # roll it back (its changeset was never recorded) and commit again
+            self.cmd("recover")
+            return self._commit(message, pats)
+
+    def _commit(self, message: str, pats: list[bytes]) -> str | None:
+        try:
             out: bytes = self._c.rawcommand(
                 _b(
                     "-R",
@@ -137,8 +150,11 @@ class Repo:
                 )
             )
         except hglib.error.CommandError as exc:
-            if exc.ret == 1 and b"nothing changed" in (exc.out or b"") + (exc.err or b""):
+            said = (exc.out or b"") + (exc.err or b"")
+            if exc.ret == 1 and b"nothing changed" in said:
                 return None
+            if b"abandoned transaction found" in said:
+                raise _Abandoned from exc
             err = (exc.err or exc.out or b"").decode(errors="replace").strip().splitlines()
             raise ToolFailed(
                 f"hg commit failed in {self.root}: {err[-1] if err else exc.ret}"

@@ -5,13 +5,14 @@ every instance; each instance then costs O(|U| + |delta|): its upper layer is sc
 pure planner (:mod:`unionimg.plan`) decides every path, and the plan is applied like this::
 
     lock instance-VM; mount U read-write (the instance must be neither mounted nor running)
-    commit U's current state to its hg repository            (so nothing local is lost)
-    (no journal yet)   → build upper.new = hardlink copy of upper, apply the plan to it,
-                         set conflict artefacts aside in the store, syncfs
+    (no journal yet)   → commit U's current state to its hg repository (nothing local is
+                         lost), while beside it upper.new = hardlink copy of upper gets the
+                         plan applied and conflict artefacts go aside in the store; syncfs
     journal "swap"     → renameat2(RENAME_EXCHANGE) upper <-> upper.new   (the atomic step)
                          upper.new (now the old tree) becomes upper.prev (for --undo)
     instance.json generation = B1; conflicts.json updated
-    commit "reconcile ...: generation B0 -> B1"; journal removed; last-reconcile.json kept
+    commit "reconcile ...: generation B0 -> B1" (only the paths the plan touched + the
+    sidecar); journal removed; last-reconcile.json kept
 
 A crash (SIGKILL) anywhere is repaired by the next run from the journal: before the swap
 the staging tree is thrown away and planning starts again; after it (the journal records the
@@ -29,7 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._servers: list[hgrepo.Server] = []
+        self._pools: list[ThreadPoolExecutor] = []
         self._stage_ctx: contextlib.AbstractContextManager[Path] | None = None
         self._stage: Path | None = None
 
@@ -202,7 +204,19 @@ class Reconciler:
         repo: hgrepo.Repo = server.repo(root)
         return repo
 
+    def _committer(self) -> ThreadPoolExecutor:
+        """This worker's helper thread for Mercurial commits (its server is the worker's)."""
+        pool: ThreadPoolExecutor | None = getattr(self._local, "committer", None)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hg-commit")
+            self._local.committer = pool
+            with self._lock:
+                self._pools.append(pool)
+        return pool
+
     def close(self) -> None:
+        for pool in self._pools:
+            pool.shutdown()
         for server in self._servers:
             server.close()
         for mnt in self._mounts.values():
@@ -320,21 +334,29 @@ class Reconciler:
     ) -> None:
         name = inst.name
         repo = self.hg(u)
-        pre = _commit(
+        new, prev = u / "upper.new", u / "upper.prev"
+        fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
+        # Mercurial records the upper layer as it is (in its own process) while upper.new
+        # is staged beside it: staging never changes an inode of upper/ (fsops replaces
+        # what it changes), and .hgignore keeps upper.new out of the commit
+        pre_commit = self._committer().submit(
+            _commit,
             repo,
             u,
             inst,
             f"local state of {name} before reconcile to {inst.base} generation {b1.number}",
             entries,  # the scan the plan was made from: the upper layer as it is now
         )
+        try:
+            fsops.link_copy(u / "upper", new)
+            for action in actions:
+                _apply_action(new, action)
+            aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
+        finally:
+            wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
+        pre = pre_commit.result()
         checkpoint("reconcile:pre-committed")
-        new, prev = u / "upper.new", u / "upper.prev"
-        fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
-        fsops.link_copy(u / "upper", new)
-        for action in actions:
-            _apply_action(new, action)
-        aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
-        fsops.syncfs(u)  # upper.new is durable before the journal says it may go live
+        fsops.syncfs(u)  # upper.new (and the commit) durable before the journal may say swap
         checkpoint("reconcile:staged")
         fsops.remove_tree(prev)
         write_json(
