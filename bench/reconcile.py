@@ -8,7 +8,7 @@ update does not touch, and 10 files it does, of which 8 edit other lines than th
 1 → 2) that edits one line in each of 200 files, among which every VM's 10 overlapping files.
 
 OURS: ``unionimg reconcile --all --json`` as an admin runs it (default ``--jobs``: one
-worker per CPU, at most 8), timed, then checked path by path against what the data implies
+more than the CPUs, at most 8), timed, then checked path by path against what the data implies
 (every instance at generation 2, 8 clean merges and 2 conflicts each, the other 190 changed
 files showing through). This first run also commits each VM's 50 local changes to its
 history before merging (nobody committed them). The store is saved before it, and the first
@@ -608,7 +608,7 @@ def report(
 ) -> None:
     n = args.instances
     cpus = os.cpu_count() or 1
-    jobs = min(cpus, 8)
+    jobs = min(cpus + 1, 8)  # as unionimg reconcile --help says
     print()
     print(
         f"reconcile benchmark: {n} instances; the base update changes {UPDATE_FILES} files; "

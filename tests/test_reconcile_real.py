@@ -369,11 +369,17 @@ def test_multi_generation_skip_and_fleet(cli: Cli, tmp_path: Path, root: None) -
             edit(prev.read_text() if prev.exists() else TEXT, line, f"base line {line}")
         )
         cli.ok("base", "update", "os", "--apply-dir", str(patch))
+    deltas = cli.store / "bases" / "os" / "deltas"
+    assert sorted(p.name for p in deltas.iterdir()) == ["1-2.json", "2-3.json"]  # by update
     cli.ok("mount", "c", str(mnt))
     try:
         res = cli("reconcile", "--all", "--jobs", "2", "--json")
     finally:
         cli.ok("umount", str(mnt))
+    # generations skipped: 1 -> 3 computed once for the fleet, and kept
+    assert sorted(p.name for p in deltas.iterdir()) == ["1-2.json", "1-3.json", "2-3.json"]
+    saved = json.loads((deltas / "1-3.json").read_text())
+    assert [c["path"] for c in saved] == ["/etc/conf"]
     reports = {r["name"]: r for r in json.loads(res.output)["instances"]}
     assert res.exit_code == 2  # c was mounted: an error that does not stop a and b
     assert reports["c"]["status"] == "error" and "mounted" in reports["c"]["error"]

@@ -21,11 +21,20 @@ from . import hgrepo
 from .errors import Conflict, NotFound, UsageError
 from .faults import checkpoint
 from .image import default_size, disk_usage, make_ext4, usage_of
-from .manifest import Manifest, diff_manifests, scan_tree, sidecar_text, write_manifest
+from .manifest import (
+    Change,
+    Manifest,
+    changes_from_json,
+    changes_to_json,
+    diff_manifests,
+    scan_tree,
+    sidecar_text,
+    write_manifest,
+)
 from .mounts import mount_image, mount_overlay, require_root, umount
 from .names import check_name, human_size
 from .runner import run
-from .store import Store, now_iso, read_json, write_json
+from .store import Store, now_iso, read_json, write_atomic, write_json
 
 RESERVED_TOP = (".unionimg", ".hg")
 
@@ -330,7 +339,9 @@ def update(
                 umount(lower)
             os.rename(stage / "gen", store.base_dir(name) / "generations" / str(number))
             checkpoint("base-update:published")
-    return get_generation(store, name, gen.number)
+        new = get_generation(store, name, gen.number)
+        delta(store, parent, new)  # while both manifests are warm: reconcile only reads it
+    return new
 
 
 def run_in_chroot(tree: Path, command: str) -> None:
@@ -433,6 +444,25 @@ def users(store: Store) -> dict[tuple[str, int], list[str]]:
     return out
 
 
+# -- deltas between generations ----------------------------------------------------------
+def delta_path(store: Store, base: str, b0: int, b1: int) -> Path:
+    return store.base_dir(base) / "deltas" / f"{b0}-{b1}.json"
+
+
+def delta(store: Store, b0: Generation, b1: Generation) -> list[Change]:
+    """The changes B0 -> B1: read if saved, else computed (one pass over both manifests,
+    O(base)) and saved beside the generations, so it is computed once per pair. ``base
+    update`` saves each new generation's delta from its parent; reconcile asks for others
+    (generations skipped) once per pair."""
+    saved = delta_path(store, b0.base, b0.number, b1.number)
+    if saved.is_file():
+        return changes_from_json(saved.read_text(encoding="utf-8"))
+    changes = diff_manifests(b0.manifest_path, b1.manifest_path)
+    saved.parent.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(saved, changes_to_json(changes).encode())
+    return changes
+
+
 def gc(store: Store, name: str | None = None) -> list[tuple[str, int]]:
     """Remove generations that are not the latest of their base and no instance uses."""
     removed = []
@@ -447,7 +477,7 @@ def gc(store: Store, name: str | None = None) -> list[tuple[str, int]]:
                     os.rename(g.dir, stage / "gen")
                 for cached in (store.base_dir(bname) / "deltas").glob("*.json"):
                     if str(g.number) in cached.stem.split("-"):
-                        cached.unlink()  # reconcile's saved deltas that involve it
+                        cached.unlink()  # saved deltas that involve it
                 removed.append((bname, g.number))
     return removed
 

@@ -478,9 +478,10 @@ def log_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 @click.option(
     "--jobs",
     type=int,
-    default=lambda: min(os.cpu_count() or 1, 8),
-    show_default="the number of CPUs, at most 8",
-    help="Instances reconciled in parallel.",
+    default=lambda: min((os.cpu_count() or 1) + 1, 8),
+    show_default="one more than the CPUs, at most 8",
+    help="Instances reconciled in parallel (each also waits on disk flushes, so one more "
+    "than the CPUs keeps them busy).",
 )
 @click.option(
     "--undo",

@@ -1,8 +1,10 @@
 """Reconcile: bring instances from base generation B0 to B1, merging into their upper layers.
 
-Per run, the base delta B0→B1 is computed once per (base, B0, B1) inside SQLite and shared by
-every instance; each instance then costs O(|U| + |delta|): its upper layer is scanned, the
-pure planner (:mod:`unionimg.plan`) decides every path, and the plan is applied like this::
+The base delta B0→B1 is computed once per pair of generations (a join of their two SQLite
+manifests; ``base update`` saves each new generation's delta from its parent, so usually it
+is only read) and shared by every instance; each instance then costs O(|U| + |delta|): its
+upper layer is scanned, the pure planner (:mod:`unionimg.plan`) decides every path, and the
+plan is applied like this::
 
     lock instance-VM; mount U read-write (the instance must be neither mounted nor running)
     (no journal yet)   → commit U's current state to its hg repository (nothing local is
@@ -37,6 +39,7 @@ from typing import Any, Literal
 
 from . import fsops, hgrepo
 from .base import Generation, get_generation
+from .base import delta as base_delta
 from .errors import Conflict, NotFound, UnionimgError, UsageError
 from .faults import checkpoint
 from .instance import Instance, load, save, state, u_layer
@@ -44,15 +47,12 @@ from .manifest import (
     FILE,
     Change,
     Entry,
-    changes_from_json,
-    changes_to_json,
-    diff_manifests,
 )
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
 from .status import scan_upper
-from .store import Store, now_iso, read_json, write_atomic, write_json
+from .store import Store, now_iso, read_json, write_json
 
 REPORTS_KEPT = 50
 
@@ -98,10 +98,6 @@ def _journal(store: Store, name: str) -> Path:
 
 def _last(store: Store, name: str) -> Path:
     return store.instance_dir(name) / "last-reconcile.json"
-
-
-def delta_path(store: Store, base: str, b0: int, b1: int) -> Path:
-    return store.base_dir(base) / "deltas" / f"{b0}-{b1}.json"
 
 
 def conflicts_path(store: Store, name: str) -> Path:
@@ -163,19 +159,11 @@ class Reconciler:
 
     # -- shared, per run ------------------------------------------------------------------
     def delta(self, b0: Generation, b1: Generation) -> dict[str, Change]:
-        """The changes B0 -> B1: computed once per pair of generations (one pass over both
-        manifests, O(base)) and kept next to them, so later runs only read the delta."""
+        """The changes B0 -> B1 by path, read (or computed) once per run for all instances."""
         key = (b0.base, b0.number, b1.number)
         with self._lock:
             if key not in self._deltas:
-                cache = delta_path(self.store, b0.base, b0.number, b1.number)
-                if cache.is_file():
-                    changes = changes_from_json(cache.read_text(encoding="utf-8"))
-                else:
-                    changes = diff_manifests(b0.manifest_path, b1.manifest_path)
-                    cache.parent.mkdir(mode=0o700, exist_ok=True)
-                    write_atomic(cache, changes_to_json(changes).encode())
-                self._deltas[key] = {c.path: c for c in changes}
+                self._deltas[key] = {c.path: c for c in base_delta(self.store, b0, b1)}
             return self._deltas[key]
 
     def gen_root(self, gen: Generation) -> Path:
