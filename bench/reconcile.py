@@ -320,8 +320,14 @@ def reconcile_all(store: Store, jobs: int | None) -> tuple[float, str]:
     os.sync()
     t0 = time.perf_counter()
     extra = [] if jobs is None else ["--jobs", str(jobs)]
-    out = store.cli("reconcile", "--all", *extra, "--json", ok=(0, 1))
+    out = store.cli("reconcile", "--all", *extra, "--json", ok=(0, 1, 2))
     seconds = time.perf_counter() - t0
+    failed = [r for r in json.loads(out)["instances"] if r["status"] == "error"]
+    if failed:
+        raise BenchError(
+            f"reconcile --all: {len(failed)} instance(s) failed, e.g. "
+            + "; ".join(f"{r['name']}: {r['error']}" for r in failed[:3])
+        )
     return seconds, out
 
 

@@ -13,10 +13,12 @@ what Mercurial cannot hold. Plain ``hg log``/``hg diff`` work on both for an adm
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,21 +220,34 @@ def init_repo(path: Path, template: Path | None = None) -> None:
     runs a real ``hg init`` there and later ones copy its ``.hg``: an empty repository is a
     few small files, and this saves a Mercurial start-up per instance."""
     if template is not None:
-        if not (template / ".hg" / "requires").is_file():
-            staging = template.with_name(f".{template.name}.{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            init_repo(staging)
-            shutil.rmtree(template, ignore_errors=True)
-            os.rename(staging, template)
+        publish_dir(template, lambda tmp: init_repo(tmp))
         path.mkdir(parents=True, exist_ok=True)
         shutil.copytree(template / ".hg", path / ".hg", symlinks=True)
         return
     hglib.HGPATH = _hg_binary()
+    path.mkdir(parents=True, exist_ok=True)
     try:
         hglib.init(os.fsencode(path))
     except hglib.error.CommandError as exc:
         raise ToolFailed(f"hg init failed for {path}: {exc}") from exc
+
+
+def publish_dir(final: Path, build: Callable[[Path], None]) -> None:
+    """Make directory ``final`` with ``build`` unless it exists: built under a name of its
+    own, then renamed into place, so threads and processes racing to make it all see one
+    complete directory (the losers throw theirs away)."""
+    if final.is_dir():
+        return
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) -> None:

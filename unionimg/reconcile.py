@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -182,9 +183,13 @@ class Reconciler:
     def hg(self, root: Path) -> hgrepo.Repo:
         server = getattr(self._local, "server", None)
         if server is None:
-            anchor = self.store.root / "templates" / "hg-anchor"
-            if not (anchor / ".hg").is_dir():
-                hgrepo.init_repo(anchor, template=self.store.root / "templates" / "hg-empty")
+            templates = self.store.root / "templates"
+            anchor = templates / "hg-anchor"  # any repository will do to start a server
+            if anchor.is_dir() and not (anchor / ".hg" / "requires").is_file():
+                shutil.rmtree(anchor)  # left half-made by an older unionimg
+            hgrepo.publish_dir(
+                anchor, lambda tmp: hgrepo.init_repo(tmp, template=templates / "hg-empty")
+            )
             server = hgrepo.Server(anchor)
             self._local.server = server
             with self._lock:
