@@ -341,7 +341,6 @@ def settle(where: Path, limit: float = 180.0) -> float:
 
 def reconcile_all(store: Store, jobs: int | None) -> tuple[float, str]:
     """``reconcile --all`` (``jobs`` None: unionimg's default)."""
-    os.sync()
     waited = settle(store.root.parent)
     if waited > 2:
         log(f"waited {waited:.0f} s for the disk to settle before timing")
@@ -359,10 +358,10 @@ def reconcile_all(store: Store, jobs: int | None) -> tuple[float, str]:
 
 
 def restore(snapshot: Path, store: Store) -> None:
-    """Put the store back as it was before the first reconcile (sparse copy, then sync)."""
+    """Put the store back as it was before the first reconcile (a sparse copy; the timed run
+    that follows waits for it to reach the disk)."""
     shutil.rmtree(store.root)
     run(["cp", "-a", "--sparse=always", snapshot, store.root])
-    os.sync()
 
 
 NOTES: list[str] = []  # unionimg misbehaviour seen during the run, printed with the table
@@ -428,7 +427,6 @@ def bench_ours(
                     f"{clean} merges, {conflicts} conflicts"
                 )
         spot_check(store, work, ds)
-        shutil.rmtree(snapshot)
 
         again_s = None
         if again:
@@ -561,6 +559,7 @@ def one_size(
     again: bool,
     repeat: int,
     naive: tuple[int, float] | None,
+    keep: bool,
 ) -> tuple[Ours, Naive | None]:
     log(f"[{files}] generating the base tree and the data set")
     ds = make_dataset(files, instances)
@@ -568,6 +567,8 @@ def one_size(
     write_tree(tree, ds)
     ours = bench_ours(work, ds, instances, again, tree, repeat)
     shutil.rmtree(work / f"store-{files}")
+    if not keep:  # the store as it was before the first reconcile: for profiling
+        shutil.rmtree(work / f"store-{files}.before")
     result = None
     if naive is not None:
         result = bench_naive(work, ds, tree, instances, *naive)
@@ -600,7 +601,12 @@ def main() -> int:
         help="first runs per --jobs setting, each from the same saved state (median used)",
     )
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the run")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory, with store-N.before: each store as it was just before "
+        "its first reconcile (to profile one: copy it, then run reconcile on the copy)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/reconcile.py needs root (images are loop-mounted)", file=sys.stderr)
@@ -615,11 +621,18 @@ def main() -> int:
             not args.no_again,
             args.repeat,
             (args.naive_vms, args.naive_budget),
+            args.keep,
         )
         big = None
         if not args.skip_big:
             big, _ = one_size(
-                work, args.big_files, args.instances, not args.no_again, args.repeat, None
+                work,
+                args.big_files,
+                args.instances,
+                not args.no_again,
+                args.repeat,
+                None,
+                args.keep,
             )
     except BenchError as exc:
         print(f"bench/reconcile.py: benchmark failed: {exc}", file=sys.stderr)

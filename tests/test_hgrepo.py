@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 from unionimg import hgrepo
@@ -59,32 +57,3 @@ def test_commit_paths_leaves_the_rest(tmp_path: Path) -> None:
         assert node is not None
         left = repo.cmd("status").decode()
     assert left == "M d/y\n"
-
-
-def test_publish_dir_under_a_race(tmp_path: Path) -> None:
-    """Workers of one reconcile (threads) and concurrent runs (processes) may all try to
-    make the store's template repositories at once: one complete directory wins."""
-    final = tmp_path / "hg-anchor"
-    errors: list[BaseException] = []
-    start = threading.Barrier(6)
-
-    def build(tmp: Path) -> None:
-        tmp.mkdir()
-        (tmp / "who").write_text(threading.current_thread().name)
-        time.sleep(0.05)
-
-    def worker() -> None:
-        try:
-            start.wait()
-            hgrepo.publish_dir(final, build)
-        except BaseException as exc:  # collected for the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, name=f"w{i}") for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert (final / "who").read_text().startswith("w")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hg-anchor"]  # no leftovers

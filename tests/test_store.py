@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,3 +96,35 @@ def test_waiting_lock_says_who_holds_it(tmp_path: Path, caplog: pytest.LogCaptur
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_publish_under_a_race(tmp_path: Path) -> None:
+    """Workers of one reconcile (threads) and concurrent runs (processes) may all try to
+    make the store's template repositories at once: one complete directory wins."""
+    store = Store(tmp_path / "store")
+    store.init()
+    final = store.root / "templates" / "hg-anchor"
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "who").write_text(threading.current_thread().name)
+        time.sleep(0.05)
+
+    def worker() -> None:
+        try:
+            start.wait()
+            assert store.publish(final, build) == final
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, name=f"w{i}") for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (final / "who").read_text().startswith("w")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["hg-anchor"]  # no leftovers
+    assert list(store.tmp_dir.iterdir()) == []  # the losers' copies went with their staging

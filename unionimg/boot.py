@@ -325,11 +325,12 @@ def boot(
             )
         from .mounts import loop_users
 
-        if loop_users(upper_image(store, name)):
+        devices = loop_users(upper_image(store, name))
+        if devices:
             raise Conflict(
-                f"the U image of '{name}' is still attached to a loop device (a mount of it is "
-                "pinned by another process, see 'losetup -j'); booting now would give it two "
-                "writers, so wait for that process to end and retry"
+                f"the U image of '{name}' is still attached to {', '.join(devices)} (a mount "
+                "of it is pinned by another process); booting now would give it two writers, "
+                "so wait for that process to end and retry"
             )
         user = _mac_in_use(store, inst, hv)
         if user:

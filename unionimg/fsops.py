@@ -63,36 +63,40 @@ def read_file(root: Path, path: str) -> bytes:
 
 
 def sha256_of(root: Path, path: str) -> str:
-    """The sha256 (hex) of the regular file ``path`` inside ``root``."""
+    """The sha256 (hex) of the regular file ``path`` inside ``root``, opened without
+    following a symlink anywhere on the way (the tree is the guest's)."""
     with parent_fd(root, path) as (dfd, name):
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         with os.fdopen(fd, "rb") as fh:
             return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _overlay_xattrs(dfd: int, name: bytes) -> dict[str, bytes]:
-    """overlay's own xattrs of ``name`` (kept when the entry is replaced by a fresh copy)."""
+@contextlib.contextmanager
+def _xattr_path(dfd: int, name: bytes) -> Iterator[str]:
+    """A path for xattr calls on ``name`` in directory ``dfd`` (they take no dir_fd): its
+    O_PATH descriptor under /proc/self/fd, never following a symlink."""
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        proc = f"/proc/self/fd/{fd}"
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _overlay_xattrs(dfd: int, name: bytes) -> dict[str, bytes]:
+    """overlay's own xattrs of ``name`` (kept when the entry is replaced by a fresh copy)."""
+    with _xattr_path(dfd, name) as proc:
         try:
             names = os.listxattr(proc)
         except OSError:  # a symlink through O_PATH: Linux keeps no user xattrs there
             return {}
         return {n: os.getxattr(proc, n) for n in names if n.startswith(_KEEP_XATTRS)}
-    finally:
-        os.close(fd)
 
 
 def _set_xattrs(target: bytes, entry: Entry, dfd: int | None) -> None:
     """Make the user-visible xattrs exactly ``entry.xattrs`` (overlay's own are kept)."""
     if dfd is not None:
-        # xattr calls have no dir_fd: go through /proc/self/fd of an O_PATH descriptor
-        fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            _set_xattrs(f"/proc/self/fd/{fd}".encode(), entry, None)
-        finally:
-            os.close(fd)
+        with _xattr_path(dfd, target) as proc:
+            _set_xattrs(os.fsencode(proc), entry, None)
         return
     if entry.kind == SYMLINK:
         return  # Linux keeps no user xattrs on symlinks; security.* stays as the kernel set it
@@ -165,12 +169,9 @@ def _write_new(
         if node is None:
             _set_xattrs(tmp, entry, dfd)
         if keep:
-            fd = os.open(tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            try:
+            with _xattr_path(dfd, tmp) as proc:
                 for xname, value in keep.items():
-                    os.setxattr(f"/proc/self/fd/{fd}", xname, value)
-            finally:
-                os.close(fd)
+                    os.setxattr(proc, xname, value)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except BaseException:
         with contextlib.suppress(OSError):

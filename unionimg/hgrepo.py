@@ -13,12 +13,10 @@ what Mercurial cannot hold. Plain ``hg log``/``hg diff`` work on both for an adm
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,38 +214,18 @@ def open_repo(path: Path) -> Iterator[Repo]:
 
 
 def init_repo(path: Path, template: Path | None = None) -> None:
-    """``hg init path``. With ``template`` (a directory owned by the store), the first call
-    runs a real ``hg init`` there and later ones copy its ``.hg``: an empty repository is a
-    few small files, and this saves a Mercurial start-up per instance."""
+    """``hg init path``; with ``template`` (an empty repository made by ``hg init``) its
+    ``.hg`` is copied instead: an empty repository is a few small files, and this saves a
+    Mercurial start-up per instance."""
+    path.mkdir(parents=True, exist_ok=True)
     if template is not None:
-        publish_dir(template, lambda tmp: init_repo(tmp))
-        path.mkdir(parents=True, exist_ok=True)
         shutil.copytree(template / ".hg", path / ".hg", symlinks=True)
         return
     hglib.HGPATH = _hg_binary()
-    path.mkdir(parents=True, exist_ok=True)
     try:
         hglib.init(os.fsencode(path))
     except hglib.error.CommandError as exc:
         raise ToolFailed(f"hg init failed for {path}: {exc}") from exc
-
-
-def publish_dir(final: Path, build: Callable[[Path], None]) -> None:
-    """Make directory ``final`` with ``build`` unless it exists: built under a name of its
-    own, then renamed into place, so threads and processes racing to make it all see one
-    complete directory (the losers throw theirs away)."""
-    if final.is_dir():
-        return
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build(tmp)
-        os.rename(tmp, final)
-    except OSError as exc:
-        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) -> None:

@@ -111,6 +111,11 @@ def describe(store: Store, inst: Instance) -> dict[str, Any]:
 
 
 # -- create / remove ----------------------------------------------------------------------
+def hg_template(store: Store) -> Path:
+    """The store's empty Mercurial repository, made by ``hg init`` the first time."""
+    return store.publish(store.root / "templates" / "hg-empty", hgrepo.init_repo)
+
+
 def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
     """The content of a new U image: empty upper/ and work/, and the history repository.
 
@@ -120,7 +125,7 @@ def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
     for d in ("upper", "work"):
         (root / d).mkdir(mode=0o755)
     (root / ".hgignore").write_text(HGIGNORE, encoding="utf-8")
-    hgrepo.init_repo(root, template=store.root / "templates" / "hg-empty")
+    hgrepo.init_repo(root, template=hg_template(store))
     hgrepo.write_sidecar(root, "", {"base.json": _base_ref(inst)})
 
 

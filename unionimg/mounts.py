@@ -94,15 +94,15 @@ def mount_image(image: Path, target: Path, *, readonly: bool, exclusive: bool = 
     )
 
 
-def loop_users(image: Path) -> str:
-    """The loop devices attached to ``image``, as ``losetup -j`` would list them; empty when
-    none. Read from sysfs (``/sys/block/loopN/loop/backing_file``): no process per call."""
+def loop_users(image: Path) -> list[str]:
+    """The loop devices attached to ``image`` (``/dev/loopN``), read from sysfs
+    (``/sys/block/loopN/loop/backing_file``): no process per call."""
     want = os.path.realpath(image)
     found = []
     try:
         devices = sorted(d for d in os.listdir("/sys/block") if d.startswith("loop"))
     except OSError:
-        return ""
+        return []
     for dev in devices:
         try:
             with open(f"/sys/block/{dev}/loop/backing_file", encoding="utf-8") as fh:
@@ -110,8 +110,8 @@ def loop_users(image: Path) -> str:
         except OSError:  # not attached, or detached meanwhile
             continue
         if backing == want:
-            found.append(f"/dev/{dev}: ({backing})")
-    return "\n".join(found)
+            found.append(f"/dev/{dev}")
+    return found
 
 
 def ensure_shared_root() -> None:
@@ -138,11 +138,11 @@ def _wait_loop_released(image: Path, timeout: float = 10.0) -> None:
     """A lazily unmounted image keeps its loop device until its last user goes; mounting the
     same ext4 image again meanwhile would fail or, worse, run two journals on one file."""
     deadline = time.monotonic() + timeout
-    while loop_users(image):
+    while devices := loop_users(image):
         if time.monotonic() > deadline:
             raise Conflict(
-                f"{image} is still in use by an earlier mount; close what uses it "
-                "(see 'losetup -j') and retry"
+                f"{image} is still in use by an earlier mount ({', '.join(devices)}); close "
+                "what uses it and retry"
             )
         time.sleep(0.1)
 

@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,12 +42,8 @@ from .base import Generation, get_generation
 from .base import delta as base_delta
 from .errors import Conflict, NotFound, UnionimgError, UsageError
 from .faults import checkpoint
-from .instance import Instance, load, save, state, u_layer
-from .manifest import (
-    FILE,
-    Change,
-    Entry,
-)
+from .instance import Instance, hg_template, load, save, state, u_layer
+from .manifest import FILE, Change, Entry
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
@@ -183,12 +178,10 @@ class Reconciler:
     def hg(self, root: Path) -> hgrepo.Repo:
         server = getattr(self._local, "server", None)
         if server is None:
-            templates = self.store.root / "templates"
-            anchor = templates / "hg-anchor"  # any repository will do to start a server
-            if anchor.is_dir() and not (anchor / ".hg" / "requires").is_file():
-                shutil.rmtree(anchor)  # left half-made by an older unionimg
-            hgrepo.publish_dir(
-                anchor, lambda tmp: hgrepo.init_repo(tmp, template=templates / "hg-empty")
+            template = hg_template(self.store)
+            anchor = self.store.publish(  # any repository will do to start a server
+                template.with_name("hg-anchor"),
+                lambda tmp: hgrepo.init_repo(tmp, template=template),
             )
             server = hgrepo.Server(anchor)
             self._local.server = server
@@ -352,24 +345,22 @@ class Reconciler:
         fsops.syncfs(u)  # upper.new (and the commit) durable before the journal may say swap
         checkpoint("reconcile:staged")
         fsops.remove_tree(prev)
-        write_json(
-            _journal(self.store, name),
-            {
-                "phase": "swap",
-                "from": b0.number,
-                "to": b1.number,
-                "pre_node": pre,
-                "new_ino": os.lstat(new).st_ino,
-                "commit_paths": _commit_paths(actions),  # all the post-commit looks at
-                "conflicts": aside,
-                "conflicts_before": list_conflicts(self.store, name),
-                "started": now_iso(),
-            },
-        )
+        journal: dict[str, Any] = {
+            "phase": "swap",
+            "from": b0.number,
+            "to": b1.number,
+            "pre_node": pre,
+            "new_ino": os.lstat(new).st_ino,
+            "commit_paths": _commit_paths(actions),  # all the post-commit looks at
+            "conflicts": aside,
+            "conflicts_before": list_conflicts(self.store, name),
+            "started": now_iso(),
+        }
+        write_json(_journal(self.store, name), journal)
         checkpoint("reconcile:swap-journaled")
         fsops.exchange(u / "upper", new)
         checkpoint("reconcile:swapped")
-        self._finish(inst, u, read_json(_journal(self.store, name)))
+        self._finish(inst, u, journal)
 
     def _finish(self, inst: Instance, u: Path, journal: dict[str, Any]) -> None:
         """Everything after the swap; idempotent, so recovery can run it again."""

@@ -23,6 +23,7 @@ Layout (format 1)::
         conflicts.json, conflicts/KEY-G/   conflicts set aside by reconcile
         reconcile-journal.json, last-reconcile.json   apply journal, undo record
       boot/                   initramfs per kernel (shared by instances)
+      templates/              hg-empty (copied into each new U), hg-anchor (starts hg servers)
       reports/                reconcile reports (last 50) and reconcile.log
       run/VM/                 mount points of the layers of a mounted union
       layers/ systems/ hosts/ snapshots/    reserved for later issues
@@ -42,7 +43,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,22 @@ class Store:
         finally:
             if path.exists():
                 self._remove_staging(path)
+
+    def publish(self, final: Path, build: Callable[[Path], None]) -> Path:
+        """Directory ``final`` (inside the store), made by ``build`` unless it exists: built
+        in a staging directory and renamed into place, so threads and processes racing to
+        make it all see one complete directory; a loser's copy goes with its staging."""
+        if final.is_dir():
+            return final
+        with self.staging(final.name) as stage:
+            build(stage / final.name)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                os.rename(stage / final.name, final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+                    raise
+        return final
 
     def sweep_tmp(self) -> list[Path]:
         removed: list[Path] = []
