@@ -41,6 +41,12 @@ def final_state(cli: Cli) -> dict[str, Any]:
         "conflicts": sorted((c["path"], c["reason"]) for c in conflicts),
         "history": [c["message"] for c in log],
         "uncommitted": clean,
+        # set-aside conflict versions: complete directories only, no half-built leftovers
+        "aside": sorted(
+            (d.name, sorted(f.name for f in d.iterdir()))
+            for d in (cli.store / "instances" / "vm1" / "conflicts").iterdir()
+        ),
+        "staging": sorted(p.name for p in (cli.store / "tmp").iterdir()),
     }
 
 
@@ -93,5 +99,7 @@ def test_killed_then_rerun_converges(
     assert state["conflicts"] == reference["conflicts"]
     assert state["history"] == reference["history"]
     assert state["uncommitted"] == ""
+    assert state["aside"] == reference["aside"] != []
+    assert state["staging"] == reference["staging"] == []
     again = cli("reconcile", "vm1", "--json")
     assert json.loads(again.output)["instances"][0]["actions"] == []

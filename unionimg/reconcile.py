@@ -31,7 +31,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -179,7 +179,9 @@ class Reconciler:
         server = getattr(self._local, "server", None)
         if server is None:
             template = hg_template(self.store)
-            anchor = self.store.publish(  # any repository will do to start a server
+            # any repository will do to start a server, but not the template itself: a
+            # server may write caches into its repository, and the template is copied
+            anchor = self.store.publish(
                 template.with_name("hg-anchor"),
                 lambda tmp: hgrepo.init_repo(tmp, template=template),
             )
@@ -423,23 +425,13 @@ class Reconciler:
     def _set_aside(
         self, name: str, b1: Generation, conflicts: Sequence[Action]
     ) -> list[dict[str, Any]]:
-        """Write each conflict's artefacts to conflicts/KEY-G/ (complete, then renamed)."""
+        """Write each conflict's artefacts to conflicts/KEY-G/ (built in the store's staging,
+        then renamed into place: a crash leaves nothing half-written there)."""
         out = []
         root = conflicts_dir(self.store, name)
-        root.mkdir(mode=0o700, exist_ok=True)
         for action in conflicts:
             key = f"{_conflict_key(action.path)}-{b1.number}"
-            final = root / key
-            if not final.is_dir():
-                tmp = root / f".{key}.{os.getpid()}"
-                fsops.remove_tree(tmp)
-                tmp.mkdir(mode=0o700)
-                for label, data in action.artifacts.items():
-                    with open(tmp / label, "wb") as fh:
-                        fh.write(data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                os.rename(tmp, final)
+            final = self.store.publish(root / key, _artifact_writer(action.artifacts))
             out.append(
                 {
                     "path": action.path,
@@ -451,6 +443,20 @@ class Reconciler:
                 }
             )
         return out
+
+
+def _artifact_writer(artifacts: Mapping[str, bytes]) -> Callable[[Path], None]:
+    """Builds a conflict's directory: one durable file per version (merged, base, ...)."""
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(mode=0o700)
+        for label, data in artifacts.items():
+            with open(tmp / label, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    return build
 
 
 def _hash_files_in(upper: Path, entries: list[Entry], delta: dict[str, Change]) -> list[Entry]:

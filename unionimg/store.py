@@ -186,6 +186,8 @@ class Store:
             except OSError as exc:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
                     raise
+            else:
+                fsync_dir(final.parent)
         return final
 
     def sweep_tmp(self) -> list[Path]:
