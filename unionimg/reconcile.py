@@ -48,7 +48,7 @@ from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
 from .status import scan_upper
-from .store import Store, now_iso, read_json, write_json
+from .store import Store, now_iso, read_json, write_atomic, write_json
 
 REPORTS_KEPT = 50
 
@@ -446,15 +446,13 @@ class Reconciler:
 
 
 def _artifact_writer(artifacts: Mapping[str, bytes]) -> Callable[[Path], None]:
-    """Builds a conflict's directory: one durable file per version (merged, base, ...)."""
+    """Builds a conflict's directory: one durable file per version (merged, base, ...), its
+    name durable in the directory too, before the journal may point at it."""
 
     def build(tmp: Path) -> None:
         tmp.mkdir(mode=0o700)
         for label, data in artifacts.items():
-            with open(tmp / label, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_atomic(tmp / label, data)
 
     return build
 
