@@ -334,7 +334,7 @@ def test_policy_overrides(scenario: Cli, tmp_path: Path) -> None:
         '[[rule]]\nglob = "/c09/*"\naction = "fail"\n'
     )
     res = cli("reconcile", "vm1", "--policy", str(policy), "--json")
-    assert res.exit_code == 2
+    assert res.exit_code == 10
     r = json.loads(res.output)["instances"][0]
     assert r["status"] == "error" and "/c09/file" in r["error"]
     assert json.loads(cli.ok("instance", "show", "vm1", "--json").output)["generation"] == 1
@@ -381,7 +381,7 @@ def test_multi_generation_skip_and_fleet(cli: Cli, tmp_path: Path, root: None) -
     saved = json.loads((deltas / "1-3.json").read_text())
     assert [c["path"] for c in saved] == ["/etc/conf"]
     reports = {r["name"]: r for r in json.loads(res.output)["instances"]}
-    assert res.exit_code == 2  # c was mounted: an error that does not stop a and b
+    assert res.exit_code == 10  # c was mounted: an error that does not stop a and b
     assert reports["c"]["status"] == "error" and "mounted" in reports["c"]["error"]
     assert reports["a"]["status"] == "clean" and reports["a"]["to_generation"] == 3
     assert reports["b"]["actions"] == []
@@ -407,7 +407,7 @@ def test_redirect_upper_refused(cli: Cli, tmp_path: Path, root: None) -> None:
     finally:
         subprocess.run(["umount", str(u)], check=True)
     res = cli("reconcile", "vm1", "--json")
-    assert res.exit_code == 2
+    assert res.exit_code == 10
     r = json.loads(res.output)["instances"][0]
     assert "redirect" in r["error"] and "/redir" in r["error"]
 
@@ -419,7 +419,7 @@ def test_refuses_mounted_and_reports_lock_holder(cli: Cli, tmp_path: Path, root:
     cli.ok("mount", "vm1", str(mnt))
     try:
         res = cli("reconcile", "vm1")
-        assert res.exit_code == 2 and "umount it before reconciling" in res.output
+        assert res.exit_code == 10 and "umount it before reconciling" in res.output
     finally:
         cli.ok("umount", str(mnt))
     shutil.rmtree(mnt)

@@ -501,7 +501,7 @@ def reconcile_cmd(
     undo: bool,
     as_json: bool,
 ) -> None:
-    """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 2 error)."""
+    """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 10 an instance failed)."""
     from . import reconcile as rec
     from .policy import load_policy
 

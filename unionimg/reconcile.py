@@ -40,7 +40,15 @@ from typing import Any, Literal
 from . import fsops, hgrepo
 from .base import Generation, get_generation
 from .base import delta as base_delta
-from .errors import Conflict, NotFound, UnionimgError, UsageError
+from .errors import (
+    EXIT_CONFLICTS,
+    EXIT_OK,
+    EXIT_RECONCILE_FAILED,
+    Conflict,
+    NotFound,
+    UnionimgError,
+    UsageError,
+)
 from .faults import checkpoint
 from .instance import Instance, hg_template, load, save, state, u_layer
 from .manifest import FILE, Change, Entry
@@ -81,10 +89,10 @@ class InstanceReport:
 
 def exit_code(reports: Sequence[InstanceReport]) -> int:
     if any(r.status == "error" for r in reports):
-        return 2
+        return EXIT_RECONCILE_FAILED
     if any(r.status == "conflicts" for r in reports):
-        return 1
-    return 0
+        return EXIT_CONFLICTS
+    return EXIT_OK
 
 
 # -- per-instance files in the store ------------------------------------------------------
