@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import hgrepo
-from .errors import Conflict, NotFound, UsageError
+from . import hgrepo, sandbox
+from .errors import Conflict, NotFound, ToolFailed, UsageError
 from .faults import checkpoint
 from .image import default_size, disk_usage, make_ext4, usage_of
 from .manifest import (
@@ -32,7 +32,7 @@ from .manifest import (
     write_manifest,
 )
 from .mounts import mount_image, mount_overlay, require_root, umount
-from .names import check_name, human_size
+from .names import check_name, human_size, shown
 from .runner import run
 from .store import Store, now_iso, read_json, write_atomic, write_json
 
@@ -135,11 +135,57 @@ def _check_dir(path: Path, what: str) -> Path:
     return path.resolve()
 
 
+#: x86 boot protocol (Documentation/arch/x86/boot.rst): the setup header of a bzImage.
+_BOOT_FLAG_AT, _HDRS_AT, _PROTOCOL_AT, _VERSION_PTR_AT = 0x1FE, 0x202, 0x206, 0x20E
+_MIN_PROTOCOL = 0x0200  # an initrd needs boot protocol 2.00 or later
+
+
+def _bzimage_version(head: bytes) -> str | None:
+    """The version banner a bzImage's setup header points at, or None when ``head`` (its
+    first 64 KiB) has no x86 boot header: boot flag 0xAA55, magic ``HdrS``, protocol ≥ 2.00."""
+    if len(head) < _VERSION_PTR_AT + 2 or head[_HDRS_AT : _HDRS_AT + 4] != b"HdrS":
+        return None
+    if int.from_bytes(head[_BOOT_FLAG_AT : _BOOT_FLAG_AT + 2], "little") != 0xAA55:
+        return None
+    if int.from_bytes(head[_PROTOCOL_AT : _PROTOCOL_AT + 2], "little") < _MIN_PROTOCOL:
+        return None
+    ptr = int.from_bytes(head[_VERSION_PTR_AT : _VERSION_PTR_AT + 2], "little")
+    banner = head[ptr + 0x200 : ptr + 0x200 + 256].split(b"\0", 1)[0] if ptr else b""
+    text = banner.decode("ascii", "replace").split(" ", 1)[0]
+    return text if text.isprintable() and text else ""
+
+
 def _check_kernel(kernel: Path | None) -> Path | None:
+    """``--kernel``: an x86 bzImage (a ``vmlinuz``), what QEMU, Xen and SYSLINUX (VirtualBox)
+    boot directly. An ELF (an uncompressed ``vmlinux`` or a UML kernel) is refused by name."""
     if kernel is None:
         return None
+    shown_path = shown(str(kernel), 200)
+    if not kernel.exists():
+        raise UsageError(f"kernel {shown_path} does not exist; give the path of a vmlinuz file")
+    if kernel.is_dir():
+        raise UsageError(
+            f"kernel {shown_path} is a directory; give the path of a vmlinuz file in it"
+        )
     if not kernel.is_file():
-        raise UsageError(f"kernel {kernel} does not exist; give the path of a vmlinuz file")
+        raise UsageError(f"kernel {shown_path} is not a regular file; give a vmlinuz file")
+    try:
+        with open(kernel, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise UsageError(f"kernel {shown_path} cannot be read: {exc.strerror}") from None
+    if not head:
+        raise UsageError(f"kernel {shown_path} is empty; give the path of a vmlinuz file")
+    if head.startswith(b"\x7fELF"):
+        raise UsageError(
+            f"kernel {shown_path} is an ELF file (an uncompressed vmlinux or a UML kernel), "
+            "not a bootable x86 kernel image; give a bzImage such as /boot/vmlinuz-VERSION"
+        )
+    if _bzimage_version(head) is None:
+        raise UsageError(
+            f"kernel {shown_path} is not a bootable x86 kernel image (no bzImage boot "
+            "header, 'HdrS' at 0x202); give a vmlinuz file such as /boot/vmlinuz-VERSION"
+        )
     return kernel.resolve()
 
 
@@ -148,10 +194,8 @@ def _kernel_version(vmlinuz: Path) -> str:
     name = vmlinuz.name
     if name.startswith("vmlinuz-"):
         return name[len("vmlinuz-") :]
-    res = run(["file", "-b", str(vmlinuz)], check=False) if shutil.which("file") else None
-    if res and "version" in res.stdout:
-        return res.stdout.split("version", 1)[1].split()[0]
-    return "unknown"
+    with open(vmlinuz, "rb") as fh:
+        return _bzimage_version(fh.read(1 << 16)) or "unknown"
 
 
 def _tree_kernel(tree: Path) -> Path | None:
@@ -346,44 +390,23 @@ def update(
 
 def run_in_chroot(tree: Path, command: str) -> None:
     """Run ``command`` with the tree's own ``/bin/sh -c``, chrooted, with /proc, /sys, /dev
-    and the host's resolver; everything mounted here is unmounted before returning."""
+    and the host's resolver, in a PID and mount namespace of its own (:mod:`.sandbox`): the
+    mounts are never visible on the host, and if unionimg dies (even by SIGKILL) every process
+    of the command dies with it."""
     if not (tree / "bin" / "sh").exists() and not (tree / "bin" / "sh").is_symlink():
         raise UsageError("the base has no /bin/sh, so --run cannot run a command in it")
-    mounted: list[Path] = []
-    try:
-        for fstype, src, dst in (("proc", "proc", "proc"), ("sysfs", "sys", "sys")):
-            target = tree / dst
-            if target.is_dir():
-                run(["mount", "-t", fstype, src, str(target)], what=f"mounting {dst}")
-                mounted.append(target)
-        if (tree / "dev").is_dir():
-            run(["mount", "--rbind", "/dev", str(tree / "dev")], what="binding /dev")
-            run(["mount", "--make-rslave", str(tree / "dev")], what="isolating /dev")
-            mounted.append(tree / "dev")
-        resolv = tree / "etc" / "resolv.conf"
-        if resolv.is_file() and not resolv.is_symlink() and Path("/etc/resolv.conf").exists():
-            run(
-                ["mount", "--bind", "-o", "ro", "/etc/resolv.conf", str(resolv)],
-                what="binding resolv.conf",
-            )
-            mounted.append(resolv)
-        res = run(
-            ["chroot", str(tree), "/bin/sh", "-c", command],
-            check=False,
-            env={
-                "DEBIAN_FRONTEND": "noninteractive",
-                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            },
+    res = run(sandbox.argv(tree, command), check=False)
+    tail = (res.stderr or res.stdout).strip().splitlines()
+    if res.returncode == sandbox.SETUP_FAILED and tail and tail[-1].startswith(sandbox.PREFIX):
+        raise ToolFailed(
+            f"could not start --run's command: {tail[-1][len(sandbox.PREFIX) :]}; "
+            "no generation was made"
         )
-        if res.returncode != 0:
-            tail = (res.stderr or res.stdout).strip().splitlines()
-            raise UsageError(
-                f"command {command!r} failed in the base with exit status {res.returncode}"
-                f"{': ' + tail[-1] if tail else ''}; no generation was made"
-            )
-    finally:
-        for target in reversed(mounted):
-            run(["umount", "-R", "-l", str(target)], check=False)
+    if res.returncode != 0:
+        raise UsageError(
+            f"command {command!r} failed in the base with exit status {res.returncode}"
+            f"{': ' + tail[-1] if tail else ''}; no generation was made"
+        )
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from . import instance as inst_mod
 from . import status as status_mod
 from . import union as union_mod
 from .errors import UnionimgError, UsageError
-from .names import HYPERVISORS, human_size, parse_size
+from .names import HYPERVISORS, human_size, parse_int, parse_size
 from .store import DEFAULT_STORE, Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,8 +51,24 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
 
-def size_type(value: str | None) -> int | None:
-    return None if value is None else parse_size(value)
+def size_type(value: str | None, of: str = "") -> int | None:
+    return None if value is None else parse_size(value, "--size", of)
+
+
+class AsciiInt(click.ParamType[int]):
+    """A whole number in ASCII digits (click's INT takes ``int()``'s Unicode digits and
+    ``1_000``); refused as one ``unionimg: error:`` line, exit 2. Bounds: the commands."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        what = param.opts[0] if param is not None and param.opts else "number"
+        return parse_int(str(value), what)
+
+
+ASCII_INT = AsciiInt()
 
 
 class UnionimgGroup(click.Group):
@@ -142,7 +158,9 @@ def _print_generation(g: base_mod.Generation, verb: str) -> None:
 @pass_ctx
 def base_create(c: Ctx, name: str, from_dir: Path, size: str | None, kernel: Path | None) -> None:
     """Create base NAME, generation 1, from DIR (owners, modes, xattrs, devices kept)."""
-    g = base_mod.create(c.store, name, from_dir, size=size_type(size), kernel=kernel)
+    g = base_mod.create(
+        c.store, name, from_dir, size=size_type(size, f" for base {name}"), kernel=kernel
+    )
     _print_generation(g, "created")
 
 
@@ -187,7 +205,7 @@ def base_update(
         from_dir=from_dir,
         apply_dir=apply_dir,
         command=command,
-        size=size_type(size),
+        size=size_type(size, f" for base {name}"),
         kernel=kernel,
     )
     _print_generation(g, "made")
@@ -248,8 +266,10 @@ def _print_log(csets: list[Any], as_json: bool) -> None:
 
 @base.command("diff")
 @click.argument("name")
-@click.option("--from", "from_gen", type=int, default=None, help="Generation (default: to-1).")
-@click.option("--to", "to_gen", type=int, default=None, help="Generation (default: latest).")
+@click.option(
+    "--from", "from_gen", type=ASCII_INT, default=None, help="Generation (default: to-1)."
+)
+@click.option("--to", "to_gen", type=ASCII_INT, default=None, help="Generation (default: latest).")
 @json_option
 @pass_ctx
 def base_diff(c: Ctx, name: str, from_gen: int | None, to_gen: int | None, as_json: bool) -> None:
@@ -300,14 +320,14 @@ def instance() -> None:
 @instance.command("create")
 @click.argument("vm")
 @click.option("--base", "base_name", required=True)
-@click.option("--generation", type=int, default=None, help="Default: the base's latest.")
+@click.option("--generation", type=ASCII_INT, default=None, help="Default: the base's latest.")
 @click.option("--mac", default=None, help="Fixed MAC (default: derived from the name).")
 @click.option(
     "--hypervisor", default="kvm", show_default=True, help=f"One of {', '.join(HYPERVISORS)}."
 )
 @click.option("--size", default=None, help="U image size, sparse (default 4G).")
-@click.option("--memory", type=int, default=512, show_default=True, help="MiB.")
-@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--memory", type=ASCII_INT, default=512, show_default=True, help="MiB (32-4194304).")
+@click.option("--vcpus", type=ASCII_INT, default=1, show_default=True, help="1-256.")
 @click.option(
     "--nic-name",
     default="eth0",
@@ -335,7 +355,7 @@ def instance_create(
         generation=generation,
         mac=mac,
         hypervisor=hypervisor,
-        size=size_type(size),
+        size=size_type(size, f" for instance {vm}"),
         memory=memory,
         vcpus=vcpus,
         nic_name=nic_name,
@@ -466,7 +486,7 @@ def log_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 @main.command("reconcile")
 @click.argument("vms", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every instance in the store.")
-@click.option("--to-generation", type=int, default=None, help="Default: the base's latest.")
+@click.option("--to-generation", type=ASCII_INT, default=None, help="Default: the base's latest.")
 @click.option("--dry-run", is_flag=True, help="Print the plan that apply would execute.")
 @click.option(
     "--policy",
@@ -477,7 +497,7 @@ def log_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 )
 @click.option(
     "--jobs",
-    type=int,
+    type=ASCII_INT,
     default=lambda: min((os.cpu_count() or 1) + 1, 8),
     show_default="one more than the CPUs, at most 8",
     help="Instances reconciled in parallel (each also waits on disk flushes, so one more "

@@ -17,11 +17,12 @@ from .faults import checkpoint
 from .image import disk_usage, make_ext4
 from .mac import derive_mac
 from .mounts import is_mounted, mount_image, require_root, umount
-from .names import check_hypervisor, check_name, human_size, parse_mac
+from .names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
 from .store import Store, now_iso, read_json, write_json
 
 DEFAULT_U_SIZE = 4 << 30
 MIN_U_SIZE = 32 << 20
+MAX_MEMORY_MIB = 4 << 20  # 4 TiB
 HGIGNORE = "syntax: regexp\n^work/\n^upper\\.(new|prev)/\n^lost\\+found/\n"
 
 
@@ -157,15 +158,19 @@ def create(
     check_name(name, "instance")
     check_name(base, "base")
     check_hypervisor(hypervisor)
-    mac_norm = parse_mac(mac) if mac is not None else None
+    mac_norm = parse_mac(mac, of=f" for instance {name}") if mac is not None else None
+    check_nic_name(nic_name, of=f" for instance {name}")
     size = DEFAULT_U_SIZE if size is None else size
     if size < MIN_U_SIZE:
         raise UsageError(
             f"upper image size {human_size(size)} is too small; "
             f"give at least {human_size(MIN_U_SIZE)}"
         )
-    if memory < 32:
-        raise UsageError(f"memory {memory} MiB is too small; give at least 32")
+    if not 32 <= memory <= MAX_MEMORY_MIB:
+        raise UsageError(
+            f"memory {memory} MiB for instance {name} is out of range; "
+            f"give 32 to {MAX_MEMORY_MIB} (4 TiB)"
+        )
     if not 1 <= vcpus <= 256:
         raise UsageError(f"vcpus {vcpus} is out of range; give 1 to 256")
     gen = get_generation(store, base, generation)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsageError
+from .names import shown
 from .runner import run
 from .store import write_atomic
 
@@ -19,9 +20,10 @@ SYSTEMD_DIR = "etc/systemd/system"
 
 def parse_every(text: str) -> tuple[int, str]:
     """``15m`` / ``2h`` / ``1d`` → (seconds, cron schedule fields)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([mhd])\s*", text)
+    # ASCII digits, no blanks: the text is written verbatim into the cron file and the units
+    m = re.fullmatch(r"([0-9]{1,4})([mhd])", text)
     if not m:
-        raise UsageError(f"interval '{text}' is not understood; write e.g. 15m, 2h or 1d")
+        raise UsageError(f"interval '{shown(text)}' is not understood; write e.g. 15m, 2h or 1d")
     n, unit = int(m.group(1)), m.group(2)
     if n < 1:
         raise UsageError(f"interval '{text}' must be at least 1")
@@ -90,6 +92,7 @@ def render_systemd(every: str, store: Path) -> dict[str, str]:
 
 def install(every: str, store: Path, root: Path = Path("/")) -> list[Path]:
     """Install the schedule; returns the files written. Rerunning replaces them."""
+    parse_every(every)  # refuse a bad interval before anything is made below ``root``
     if systemd_running(root):
         written = []
         for name, text in render_systemd(every, store).items():
