@@ -110,7 +110,9 @@ def test_union_writes_go_to_upper_only(cli: Cli, vm: str, tmp_path: Path) -> Non
             [HG, "--cwd", str(u), "files"], capture_output=True, text=True, check=True
         ).stdout.splitlines()
         assert "upper/etc/hostname" in files and not any(f.startswith("work/") for f in files)
-        res = cli.fails("mount", vm, str(tmp_path))
+        other = tmp_path / "other"
+        other.mkdir()
+        res = cli.fails("mount", vm, str(other))
         assert "already mounted" in res.output
     finally:
         cli.ok("umount", str(mnt))

@@ -2,6 +2,10 @@
 
 Every path is walked component by component with ``O_NOFOLLOW`` from the tree's root, so a
 symlink a guest planted in its upper layer can never make the host read or write outside it.
+Paths beneath a U root (``upper``, ``work``, ``.hg``, the sidecars) are resolved with
+:func:`open_beneath`: ``openat2(2)`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV`` where the kernel has it, else the same walk with
+``O_NOFOLLOW`` and a device check on every component.
 Files are replaced by writing a new inode and renaming it over the old name, never by
 writing in place: a tree that shares inodes with another (a hardlink copy) stays untouched,
 and a reader never sees half a file. For durability, callers :func:`syncfs` once before they
@@ -11,6 +15,8 @@ make a tree live, instead of an fsync per file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import secrets
@@ -19,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from .errors import GuestDataRefused
 from .manifest import DIR, FILE, SYMLINK, Entry
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -272,3 +279,278 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
         return
     shutil.rmtree(path)
+
+
+# -- resolving beneath a guest-written root, never through a symlink ------------------------
+_SYS_OPENAT2 = 437  # x86_64 and every other Linux architecture (the unified syscall table)
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+class _Openat2:
+    """``openat2(2)`` through ``syscall(2)`` (Python has no wrapper); ``usable`` turns False
+    the first time the kernel says it lacks the call (ENOSYS), and the O_NOFOLLOW walk
+    takes over."""
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._syscall = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.syscall
+            fn.restype = ctypes.c_long
+            fn.argtypes = [
+                ctypes.c_long,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.POINTER(_OpenHow),
+                ctypes.c_size_t,
+            ]
+            self._syscall = fn
+        except (OSError, AttributeError):
+            self.usable = False
+
+    def __call__(self, dirfd: int, path: bytes, flags: int, mode: int) -> int | None:
+        """The new fd, or None when the kernel has no openat2."""
+        if not self.usable or self._syscall is None:
+            return None
+        how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, _RESOLVE)
+        fd = int(self._syscall(_SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how)))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            self.usable = False
+            return None
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+
+
+openat2 = _Openat2()
+
+
+class UnsafePath(GuestDataRefused):
+    """A path beneath a guest-written root is a symlink, crosses a mount, or is not the kind
+    of object it must be. ``rel`` is the path relative to that root."""
+
+    def __init__(self, rel: str, why: str) -> None:
+        super().__init__(f"{rel} {why}")
+        self.rel = rel
+        self.why = why
+
+
+def _why(err: int) -> str:
+    if err == errno.ELOOP:
+        return "is a symlink (or lies under one); unionimg never follows links in guest data"
+    if err == errno.EXDEV:
+        return "leaves the file system it must be on"
+    if err == errno.ENOTDIR:
+        return "lies under something that is not a directory"
+    return os.strerror(err).lower()
+
+
+def _walk_nofollow(dirfd: int, parts: list[bytes], flags: int, mode: int) -> int:
+    """What openat2 does, by hand: every component opened with O_NOFOLLOW (O_PATH, so
+    nothing is read), a symlink refused (ELOOP), a change of device refused (EXDEV)."""
+    dev = os.fstat(dirfd).st_dev
+    fd = os.dup(dirfd)
+    try:
+        for comp in parts[:-1]:
+            nfd = os.open(comp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            st = os.fstat(nfd)
+            os.close(fd)
+            fd = nfd
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(comp))
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fsdecode(comp))
+            if st.st_dev != dev:
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), os.fsdecode(comp))
+        last = parts[-1]
+        if not flags & os.O_CREAT or not flags & os.O_EXCL:
+            # the last component: a symlink or another device is refused before it is used
+            try:
+                pfd = os.open(last, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                if not flags & os.O_CREAT:
+                    raise
+            else:
+                try:
+                    st = os.fstat(pfd)
+                finally:
+                    os.close(pfd)
+                if stat.S_ISLNK(st.st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(last))
+                if st.st_dev != dev:
+                    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), os.fsdecode(last))
+        return os.open(last, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_beneath(dirfd: int, rel: str, flags: int, mode: int = 0o644) -> int:
+    """Open ``rel`` beneath the directory ``dirfd`` without following any symlink, without
+    leaving it (no ``..``, no absolute path) and without crossing a mount. Raises
+    :class:`OSError` (ELOOP for a symlink, EXDEV for a mount crossing, ENOENT, ...)."""
+    parts = _parts(rel)
+    if not parts:
+        return os.dup(dirfd)
+    fd = openat2(dirfd, b"/".join(parts), flags, mode)
+    if fd is not None:
+        return fd
+    return _walk_nofollow(dirfd, parts, flags, mode)
+
+
+@contextlib.contextmanager
+def opened_root(root: Path) -> Iterator[int]:
+    """An fd of the directory ``root`` (a trusted path: a mount point in the store)."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def lstat_beneath(root: Path, rel: str) -> os.stat_result | None:
+    """The stat of ``rel`` beneath ``root`` (None when it does not exist); a symlink on the
+    way or at the end raises :class:`UnsafePath`."""
+    with opened_root(root) as rfd:
+        try:
+            fd = open_beneath(rfd, rel, os.O_PATH)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise UnsafePath(rel, _why(exc.errno or 0)) from exc
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
+def _open_parent(rfd: int, rel: str) -> tuple[int, bytes]:
+    """(fd of the parent of ``rel`` beneath ``rfd``, created if missing; last component)."""
+    parts = _parts(rel)
+    if not parts:
+        raise ValueError("the root itself has no parent")
+    fd = os.dup(rfd)
+    try:
+        for comp in parts[:-1]:
+            try:
+                nfd = open_beneath(fd, os.fsdecode(comp), os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                nfd = open_beneath(fd, os.fsdecode(comp), os.O_RDONLY | os.O_DIRECTORY)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def write_beneath(root: Path, rel: str, data: bytes, *, append: bool = False) -> None:
+    """Write (replace, or with ``append`` append to) the regular file ``rel`` beneath
+    ``root``, missing directories created, no symlink followed anywhere: a replaced file is
+    written under a temporary name and renamed over ``rel``; an existing ``rel`` that is
+    not a regular file (a symlink, a fifo, ...) is refused with :class:`UnsafePath`."""
+    with opened_root(root) as rfd:
+        try:
+            dfd, name = _open_parent(rfd, rel)
+        except OSError as exc:
+            raise UnsafePath(rel, _why(exc.errno or 0)) from exc
+        try:
+            try:
+                st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                why = _why(errno.ELOOP) if stat.S_ISLNK(st.st_mode) else "is not a regular file"
+                raise UnsafePath(rel, why)
+            if append:
+                # O_NONBLOCK: a fifo put there meanwhile must not hang the host (checked below)
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                try:
+                    fd = open_beneath(dfd, os.fsdecode(name), flags, 0o644)
+                except OSError as exc:
+                    raise UnsafePath(rel, _why(exc.errno or 0)) from exc
+                with os.fdopen(fd, "ab") as fh:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise UnsafePath(rel, "is not a regular file")
+                    fh.write(data)
+                return
+            tmp = b".unionimg-" + secrets.token_hex(6).encode()
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=dfd,
+            )
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
+        finally:
+            os.close(dfd)
+
+
+def check_tree_plain(root: Path, rel: str, allowed_links: dict[str, bytes] | None = None) -> int:
+    """Walk the directory ``rel`` beneath ``root`` (say, a Mercurial repository) and refuse
+    (:class:`UnsafePath`) any symlink, device node, fifo or socket in it, and any directory
+    on another device: afterwards a program may use it by path (as long as nobody else can
+    write it: the caller holds the file system exclusively). Returns the entries seen.
+    ``allowed_links``: symlinks (relative to ``root``) tolerated with exactly that target.
+
+    Iterative (a guest may nest directories thousands deep) and by path below the checked
+    top: nothing but the host writes the tree while it is checked and used."""
+    top_st = lstat_beneath(root, rel)
+    if top_st is None:
+        return 0
+    if not stat.S_ISDIR(top_st.st_mode):
+        raise UnsafePath(rel, "is not a directory")
+    base = os.fsencode(root)
+    stack = [os.fsencode(rel).strip(b"/")]
+    seen = 0
+    while stack:
+        cur = stack.pop()
+        try:
+            with os.scandir(base + b"/" + cur) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise UnsafePath(os.fsdecode(cur), _why(exc.errno or 0)) from exc
+        for entry in entries:
+            seen += 1
+            sub = cur + b"/" + entry.name
+            try:
+                # the type comes from the directory entry (no stat); directories are stat'ed
+                if entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.is_symlink():
+                    want = (allowed_links or {}).get(os.fsdecode(sub))
+                    if want is not None and os.readlink(entry.path) == want:
+                        continue
+                    raise UnsafePath(os.fsdecode(sub), _why(errno.ELOOP))
+                if not entry.is_dir(follow_symlinks=False):
+                    raise UnsafePath(os.fsdecode(sub), "is a device node, fifo or socket")
+                if entry.stat(follow_symlinks=False).st_dev != top_st.st_dev:
+                    raise UnsafePath(os.fsdecode(sub), _why(errno.EXDEV))
+            except UnsafePath:
+                raise
+            except OSError as exc:
+                raise UnsafePath(os.fsdecode(sub), _why(exc.errno or 0)) from exc
+            stack.append(sub)
+    return seen

@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 # leave a metadata-only copy (metacopy). The guest's early boot mounts with the same set.
 OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off,xino=off"
 
+# Every host mount of guest data (a U image, an instance's union): a setuid file the guest
+# planted gives no privilege, a device node it made opens nothing, nothing on it runs on the
+# host. U images also get errors=remount-ro whatever their superblock asks for (a guest may
+# set errors=panic there). BASE images are the admin's and keep their own behaviour.
+GUEST_FLAGS = "nosuid,nodev,noexec"
+GUEST_EXT4_OPTIONS = f"{GUEST_FLAGS},errors=remount-ro"
+
 
 @dataclass(frozen=True)
 class MountEntry:
@@ -77,17 +84,23 @@ def require_root(action: str) -> None:
         raise MissingCapability(f"{action} needs root (loop devices and mounts); run it as root")
 
 
-def mount_image(image: Path, target: Path, *, readonly: bool, exclusive: bool = True) -> None:
+def mount_image(
+    image: Path, target: Path, *, readonly: bool, exclusive: bool = True, guest: bool = False
+) -> None:
     """Mount a raw ext4 image through a loop device that is detached on unmount.
 
     Read-only mounts use a read-only loop device and skip journal replay (``noload``),
-    so not a single byte of the image is written.
+    so not a single byte of the image is written. ``guest``: the image is guest data (a U
+    image; see :mod:`unionimg.ucheck`, which checks it first): mounted with
+    :data:`GUEST_EXT4_OPTIONS`.
     """
     require_root("mounting an image")
     target.mkdir(parents=True, exist_ok=True)
     if exclusive:  # only BASE images are mounted many times at once (read-only)
         _wait_loop_released(image)
     opts = "loop,ro,noload" if readonly else "loop,rw"
+    if guest:
+        opts += "," + GUEST_EXT4_OPTIONS
     run(
         ["mount", "-t", "ext4", "-o", opts, str(image), str(target)],
         what=f"mounting {image.name} at {target}",
@@ -184,15 +197,19 @@ def mount_overlay(
     target: Path,
     *,
     driver: str = "auto",
+    guest: bool = False,
 ) -> str:
     """Mount the union of ``lowers`` (first is topmost) with ``upper`` at ``target``.
 
-    Returns the driver used. With ``upper=None`` the union is read-only.
+    Returns the driver used. With ``upper=None`` the union is read-only. ``guest``: the
+    union shows guest data (an instance's): mounted ``nosuid,nodev,noexec``.
     """
     target.mkdir(parents=True, exist_ok=True)
     opts = "lowerdir=" + ":".join(_check_layer_path(p) for p in lowers)
     if upper is not None and work is not None:
         opts += f",upperdir={_check_layer_path(upper)},workdir={_check_layer_path(work)}"
+    if guest:
+        opts += "," + GUEST_FLAGS
     chosen = overlay_driver(driver)
     if chosen == "overlay":
         try:
