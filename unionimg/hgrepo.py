@@ -229,11 +229,12 @@ def init_repo(path: Path, template: Path | None = None) -> None:
 
 
 def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) -> None:
-    side = tree / SIDECAR_DIR
-    side.mkdir(mode=0o755, exist_ok=True)
-    (side / "manifest.jsonl").write_text(text, encoding="utf-8")
+    # beneath tree without following a symlink (a U root is the guest's): fsops refuses one
+    from .fsops import write_beneath
+
+    write_beneath(tree, SIDECAR, text.encode("utf-8"))
     for name, content in (extra or {}).items():
-        (side / name).write_text(content, encoding="utf-8")
+        write_beneath(tree, f"{SIDECAR_DIR}/{name}", content.encode("utf-8"))
 
 
 def commit_tree_into(history: Path, tree: Path, parent: str | None, message: str) -> str:

@@ -16,7 +16,7 @@ from .errors import Conflict, NotFound, UsageError
 from .faults import checkpoint
 from .image import disk_usage, make_ext4
 from .mac import derive_mac
-from .mounts import is_mounted, mount_image, require_root, umount
+from .mounts import is_mounted, require_root, umount
 from .names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
 from .store import Store, now_iso, read_json, write_json
 
@@ -234,13 +234,16 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
 
     Reuses the mount of a mounted union; otherwise mounts the image for the duration.
     """
+    from . import ucheck  # U is guest data: checked, mounted nosuid/nodev/noexec, no symlinks
+
     rec = mount_record(store, name)
     if rec is not None:
         if write and rec.get("readonly"):
             raise Conflict(
                 f"instance '{name}' is mounted read-only at {rec['target']}; umount it first"
             )
-        yield Path(rec["u"])
+        with ucheck.guarded(store, name, Path(rec["u"]), check=True):
+            yield Path(rec["u"])
         return
     from .hypervisors_state import running_on
 
@@ -250,8 +253,11 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
     mnt = store.run_dir / name / "u"
     if is_mounted(mnt):
         umount(mnt)
-    mount_image(upper_image(store, name), mnt, readonly=not write)
+    ucheck.mount_u(store, name, mnt, readonly=not write)
+    vouch = False  # a clean unmount after a run without errors vouches for the image
     try:
-        yield mnt
+        with ucheck.guarded(store, name, mnt):
+            yield mnt
+        vouch = True
     finally:
-        umount(mnt)
+        ucheck.release_u(store, name, mnt, vouch=vouch)

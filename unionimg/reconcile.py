@@ -627,10 +627,12 @@ def resolve(
                 "generation": c["generation"],
                 "resolved": now_iso(),
             }
-            side = u / hgrepo.SIDECAR_DIR
-            side.mkdir(mode=0o755, exist_ok=True)
-            with open(side / "resolutions.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fsops.write_beneath(  # no symlink followed beneath U (fsops refuses one)
+                u,
+                f"{hgrepo.SIDECAR_DIR}/resolutions.jsonl",
+                (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"),
+                append=True,
+            )
             write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
             node = _commit(repo, u, inst, f"resolve {path} in {name}: took {how}")
         fsops.remove_tree(aside)
