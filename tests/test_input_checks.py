@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UNIONIMG, Cli, _loop_devices, need, need_programs, need_root
+from unionimg import sandbox
 from unionimg.base import _bzimage_version
 from unionimg.mounts import mountinfo, unmount_tree
+from unionimg.sandbox import proc_start
 
 Listing = list[tuple[str, int, int, int]]
 
@@ -362,6 +364,20 @@ def test_run_sees_only_its_own_processes(cli: Cli, tmp_path: Path, root: None) -
     assert mounts_below(cli.store) == []
 
 
+def test_run_leaves_no_daemon(cli: Cli, tmp_path: Path, root: None) -> None:
+    """A process the command leaves running in the background (a daemon a package started)
+    is killed when the command's shell exits; unionimg does not wait for it."""
+    need_programs("busybox", "unshare")
+    cli.ok("base", "create", "b", "--from-dir", str(busybox_tree(tmp_path / "src")))
+    token = f"DAEMON{secrets.token_hex(6)}"
+    start = time.monotonic()
+    cli.ok("base", "update", "b", "--run", f"( while :; do sleep 0.2; done ) & echo {token}")
+    elapsed = time.monotonic() - start
+    assert elapsed < 60, elapsed
+    assert processes_with(token.encode()) == []
+    assert mounts_below(cli.store) == [] and os.listdir(cli.store / "tmp") == []
+
+
 def test_failed_run_reports_status(cli: Cli, tmp_path: Path, root: None) -> None:
     need_programs("busybox", "unshare")
     cli.ok("base", "create", "b", "--from-dir", str(busybox_tree(tmp_path / "src")))
@@ -370,17 +386,32 @@ def test_failed_run_reports_status(cli: Cli, tmp_path: Path, root: None) -> None
     assert "exit status 3: oops" in res.output
     assert listing(cli.store / "bases") == before
     assert mounts_below(cli.store) == [] and os.listdir(cli.store / "tmp") == []
+    res = cli.fails("base", "update", "b", "--run", "kill -TERM $$", code=2)
+    assert "exit status 143" in res.output  # 128 + SIGTERM, as a shell reports it
 
 
 def test_sandbox_refuses_outside_a_new_pid_namespace(tmp_path: Path) -> None:
-    for args in (["inside", str(tmp_path), "true"], ["nonsense"]):
+    """The namespace's init refuses to run anywhere else, or once unionimg is gone (a
+    parent that died before the death signal was set would leave nothing to kill it)."""
+    me, start = str(os.getpid()), proc_start(os.getpid()) or "0"
+    full = sandbox.argv(tmp_path, "true")
+    boot = full[full.index(sys.executable) : full.index("inside")]  # python -I -S -c BOOT
+    for args in (["inside", str(tmp_path), "true", me, start], ["nonsense"]):
+        res = subprocess.run([*boot, *args], capture_output=True, text=True, check=False)
+        assert res.returncode == 125 and res.stderr.startswith("unionimg-sandbox: ")
+    need_root()
+    need_programs("unshare")
+    marker = tmp_path / "ran"
+    ns = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--"]
+    for parent, parent_start, code in ((me, "1", 125), ("999999999", start, 125)):
         res = subprocess.run(
-            [sys.executable, "-I", "-m", "unionimg.sandbox", *args],
+            [*ns, *boot, "inside", str(tmp_path), f"touch {marker}", parent, parent_start],
             capture_output=True,
             text=True,
             check=False,
         )
-        assert res.returncode == 125 and res.stderr.startswith("unionimg-sandbox: ")
+        assert res.returncode == code and "exited before the command started" in res.stderr
+    assert not marker.exists()
 
 
 def test_listing_sees_changes(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,8 +404,13 @@ def run_in_chroot(tree: Path, command: str) -> None:
             "no generation was made"
         )
     if res.returncode != 0:
+        status = (
+            f"exit status {res.returncode}"
+            if res.returncode > 0
+            else f"signal {-res.returncode} ({signal.strsignal(-res.returncode)})"
+        )
         raise UsageError(
-            f"command {command!r} failed in the base with exit status {res.returncode}"
+            f"command {command!r} failed in the base with {status}"
             f"{': ' + tail[-1] if tail else ''}; no generation was made"
         )
 
