@@ -17,6 +17,7 @@ from .runner import run
 
 REPO = Path(__file__).resolve().parent.parent
 STORE = Path(os.environ.get("UNIONIMG_DEMO_STORE", REPO / "demo-store"))
+STORE_DIR = STORE / "store"  # unionimg's store; the unions are mounted beside it, never in it
 UNIONIMG = str(Path(sys.executable).parent / "unionimg")
 
 
@@ -26,7 +27,7 @@ def say(text: str) -> None:
 
 def cli(*args: str, ok: tuple[int, ...] = (0,)) -> str:
     print(f"$ unionimg {' '.join(args)}", flush=True)
-    res = run([UNIONIMG, "--store", str(STORE), *args], check=False)
+    res = run([UNIONIMG, "--store", str(STORE_DIR), *args], check=False)
     out = (res.stdout + res.stderr).rstrip()
     if out:
         print(out, flush=True)
@@ -108,7 +109,7 @@ def main() -> int:
     cli("umount", str(mnt))
 
     _boot_demo()
-    say("done: the store is at " + str(STORE))
+    say("done: the store is at " + str(STORE_DIR))
     return 0
 
 

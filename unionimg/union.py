@@ -50,6 +50,15 @@ def check_target(store: Store, target: Path, *, allow_non_empty: bool = False) -
     return target
 
 
+def _refuse_mounted(store: Store, name: str) -> None:
+    rec = mount_record(store, name)
+    if rec is not None:
+        raise Conflict(
+            f"instance '{name}' is already mounted at {rec['target']}; "
+            f"run 'unionimg umount {rec['target']}' first"
+        )
+
+
 def mount(
     store: Store,
     name: str,
@@ -60,15 +69,11 @@ def mount(
     allow_non_empty: bool = False,
 ) -> dict[str, Any]:
     inst = load(store, name)
+    _refuse_mounted(store, name)  # the first thing to say, whatever the target
     target = check_target(store, target, allow_non_empty=allow_non_empty)
     require_root("mount")
     with store.lock(f"instance-{name}", wait=False, purpose=f"mount {name}"):
-        rec = mount_record(store, name)
-        if rec is not None:
-            raise Conflict(
-                f"instance '{name}' is already mounted at {rec['target']}; "
-                f"run 'unionimg umount {rec['target']}' first"
-            )
+        _refuse_mounted(store, name)
         st = state(store, name)
         if st == "running":
             raise Conflict(f"instance '{name}' is running; stop it before mounting")
