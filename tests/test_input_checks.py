@@ -202,6 +202,18 @@ def test_unicode_digits_refused_elsewhere(stocked: Cli) -> None:
     refused(stocked, "reconcile", "vm1", "--jobs", "\u0662", expect="--jobs")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e3", "\u0661\u0660", "9999999999", " 5"])
+def test_bad_seconds_refused(stocked: Cli, value: str) -> None:
+    """click's FLOAT took all of these ('nan' and 'inf' made --wait return at once or never)."""
+    for args in (
+        ("boot", "vm1", "--wait", "--timeout", value),
+        ("switch", "vm1", "--to", "uml", "--boot", "--wait", "--timeout", value),
+        ("stop", "vm1", "--timeout", value),
+    ):
+        line = refused(stocked, *args, expect="--timeout")
+        assert "seconds" in line
+
+
 @pytest.mark.parametrize("name", ["web1\n", "web1 ", "w\u00e9b", "web\u0661"])
 def test_names_must_match_whole(stocked: Cli, name: str) -> None:
     """'$' in a regular expression also matches before a trailing newline."""

@@ -13,6 +13,7 @@ from unionimg.names import (
     check_nic_name,
     parse_int,
     parse_mac,
+    parse_seconds,
     parse_size,
     shown,
 )
@@ -192,6 +193,16 @@ def test_parse_int() -> None:
     for out in ("31", "1025", "9" * 5000):
         with pytest.raises(UsageError, match="out of range; give 32 to 1024"):
             parse_int(out, "--memory", 32, 1024)
+
+
+def test_parse_seconds() -> None:
+    assert parse_seconds("300", "--timeout") == 300.0
+    assert parse_seconds("0.5", "--timeout") == 0.5
+    for bad in ("nan", "inf", "-1", "1e3", "\u0661", "", " 1", "1.", ".5"):
+        with pytest.raises(UsageError, match="not a number of seconds"):
+            parse_seconds(bad, "--timeout")
+    with pytest.raises(UsageError, match="more than 2678400 seconds"):
+        parse_seconds("2678401", "--timeout")
 
 
 def test_shown_escapes_controls() -> None:

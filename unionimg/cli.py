@@ -17,7 +17,7 @@ from . import instance as inst_mod
 from . import status as status_mod
 from . import union as union_mod
 from .errors import UnionimgError, UsageError
-from .names import HYPERVISORS, human_size, parse_int, parse_size
+from .names import HYPERVISORS, human_size, parse_int, parse_seconds, parse_size
 from .store import DEFAULT_STORE, Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,6 +69,24 @@ class AsciiInt(click.ParamType[int]):
 
 
 ASCII_INT = AsciiInt()
+
+
+class Seconds(click.ParamType[float]):
+    """Seconds in ASCII digits, optional fraction, at most 31 days (click's FLOAT takes
+    ``nan``, ``inf``, negatives and Unicode digits)."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float | int):
+            return float(value)
+        what = param.opts[0] if param is not None and param.opts else "seconds"
+        return parse_seconds(str(value), what)
+
+
+SECONDS = Seconds()
 
 
 class UnionimgGroup(click.Group):
@@ -711,7 +729,7 @@ def render_cmd(c: Ctx, vm: str, hypervisor: str | None, out: Path) -> None:
 @click.option("--wait", is_flag=True, help="Return when the guest powers off.")
 @click.option(
     "--timeout",
-    type=float,
+    type=SECONDS,
     default=300.0,
     show_default=True,
     help="Seconds --wait waits; exit 1 when it runs out (the guest keeps running).",
@@ -777,7 +795,7 @@ def console_cmd(c: Ctx, vm: str) -> None:
 @click.option("--to", "to", required=True, help=f"One of {', '.join(HYPERVISORS)}.")
 @click.option("--boot", "boot_after", is_flag=True, help="Boot it on the new hypervisor.")
 @click.option("--wait", is_flag=True, help="With --boot: return when the guest powers off.")
-@click.option("--timeout", type=float, default=300.0, show_default=True)
+@click.option("--timeout", type=SECONDS, default=300.0, show_default=True)
 @click.option("--append", default="", help="Extra kernel command line arguments.")
 @click.option("--force", is_flag=True, help="Pull the plug if the VM runs (no clean shutdown).")
 @json_option

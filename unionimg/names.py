@@ -173,6 +173,24 @@ def parse_int(
     return value
 
 
+_SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+MAX_SECONDS = 31 * 86400
+
+
+def parse_seconds(text: str, what: str) -> float:
+    """A duration in seconds: ASCII digits with an optional fraction (``300``, ``0.5``), at
+    most :data:`MAX_SECONDS` (31 days). ``float()`` alone also takes ``nan``, ``inf``,
+    ``-1``, ``1e9`` and Unicode digits."""
+    if not _SECONDS_RE.fullmatch(text):
+        raise UsageError(
+            f"{what} '{shown(text)}' is not a number of seconds; write digits 0-9, e.g. 300 or 2.5"
+        )
+    value = float(text)
+    if value > MAX_SECONDS:
+        raise UsageError(f"{what} {shown(text, 30)} is more than {MAX_SECONDS} seconds (31 days)")
+    return value
+
+
 def check_hypervisor(name: str) -> str:
     if name not in HYPERVISORS:
         raise UsageError(
