@@ -37,10 +37,33 @@ SELFTEST = "unionimg.selftest=1"
 
 
 def ui(store: Path, *args: str) -> str:
+    """Run the CLI; a failure (a guest that panicked or crashed exits 9 with its cause) ends
+    the benchmark with that command's error line and status: nothing is measured from a
+    boot that did not reach the VM's init."""
     res = subprocess.run(
-        [str(UNIONIMG), "--store", str(store), *args], check=True, capture_output=True, text=True
+        [str(UNIONIMG), "--store", str(store), *args], check=False, capture_output=True, text=True
     )
+    if res.returncode != 0:
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("unionimg: error:")]
+        print(
+            f"bench/switch.py: 'unionimg {' '.join(args)}' exited {res.returncode}: "
+            f"{errors[-1] if errors else res.stderr.strip()}",
+            file=sys.stderr,
+        )
+        raise SystemExit(res.returncode)
     return res.stdout
+
+
+def wait_not_running(store: Path, vm: str, timeout: float) -> str:
+    """The VM's state once it no longer runs (stopped, or crashed with a reason)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = str(json.loads(ui(store, "instance", "show", vm, "--json"))["state"])
+        if state != "running":
+            return state
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"bench/switch.py: {vm} still runs after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def images(store: Path) -> dict[str, tuple[int, int]]:
@@ -171,14 +194,18 @@ def main() -> int:
             )
             rounds = []
             for _ in range(args.rounds):
+                # returns once the guest's init runs on the union root (exit 9 if it failed)
                 ui(store, "boot", "vm", "--hypervisor", "kvm", "--append", SELFTEST)
-                # running under KVM now: the switch has to stop it first... but a tiny guest
-                # powers itself off; wait for that so both paths start from a stopped VM
-                ui(store, "instance", "show", "vm")
-                while (
-                    json.loads(ui(store, "instance", "show", "vm", "--json"))["state"] == "running"
-                ):
-                    time.sleep(0.2)
+                # a tiny guest powers itself off; wait for that so both paths start from a
+                # stopped VM (a crash after its init started is reported as such)
+                state = wait_not_running(store, "vm", 900.0)
+                if state != "stopped":
+                    show = json.loads(ui(store, "instance", "show", "vm", "--json"))
+                    print(
+                        f"bench/switch.py: the kvm guest ended {state}: {show['crash_reason']}",
+                        file=sys.stderr,
+                    )
+                    return 9
                 rounds.append(ours(store, "vm"))
             conv = conventional(store, "vm", work)
         finally:

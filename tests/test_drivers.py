@@ -290,20 +290,29 @@ def test_libvirt_conflict_and_forced_stop(lab: Lab, conn: Any, domains: list[str
         libvirt_driver.define_and_start(conn, xml)
     with pytest.raises(Conflict, match="stop it before undefining"):
         libvirt_driver.undefine(conn, name)
-    # the tiny guest has no ACPI handler: the power button is ignored, a clear error follows
-    with pytest.raises(ToolFailed, match="did not shut down within 2 s"):
-        libvirt_driver.stop(conn, name, force=False, timeout=2)
+    # the tiny guest has no ACPI handler: the power button is ignored; without the hard
+    # fallback a clear error names --force
+    with pytest.raises(ToolFailed, match=r"did not shut down within 2 s.*--force"):
+        libvirt_driver.stop(conn, name, force=False, timeout=2, hard_after=False)
     assert libvirt_driver.wait_shutoff(conn, name, 0.5) is False
     started = time.monotonic()
-    libvirt_driver.stop(conn, name, force=True)
+    assert libvirt_driver.stop(conn, name, force=True) == "forced"
     print(f"libvirt destroy: {time.monotonic() - started:.2f} s")
-    assert libvirt_driver.state(conn, name) == "shutoff"
+    assert libvirt_driver.state_reason(conn, name) == ("shutoff", "destroyed")
     assert sha256(lab.base) == lab.base_sha256
     assert u_image.stat().st_uid == 0 and lab.base.stat().st_uid == 0
     # shut off: starting again is allowed (the definition is replaced, even with a new uuid)
     libvirt_driver.define_and_start(conn, xml.replace(instance_uuid(name), instance_uuid("x")))
     assert libvirt_driver.state(conn, name) == "running"
-    libvirt_driver.stop(conn, name, force=True)
+    # by default a guest that ignores the power button is destroyed when the timeout runs out
+    notices: list[float] = []
+    started = time.monotonic()
+    how = libvirt_driver.stop(
+        conn, name, force=False, timeout=3, notice=notices.append, notice_after=1
+    )
+    assert how == "hard" and notices == [3]
+    assert 3 <= time.monotonic() - started < 15
+    assert libvirt_driver.state(conn, name) == "shutoff"
     libvirt_driver.undefine(conn, name)
     assert libvirt_driver.state(conn, name) == "absent"
 

@@ -14,6 +14,17 @@ what changes is only the rendered profile. Per boot:
   ``uml``: ``linux.uml`` started and supervised by unionimg, its NIC on a tap with the MAC;
   ``xen`` and ``virtualbox``: rendered (``unionimg render``), not startable on a host
   without them.
+
+Every boot tells the truth. ``boot`` returns only when the guest reached its init on the
+union root: the initramfs printed its readiness line (``unionimg-init: switching root ...``)
+and no panic followed for :data:`SETTLE` s (an init that cannot be executed or exits at once
+panics the kernel). A kernel panic, an initramfs error (a missing BASE or U disk, a failed
+mount), a guest that stopped before the readiness line, or a crash the hypervisor reports
+(libvirt: pvpanic + ``on_crash``; UML: its exit status) is GuestFailed (exit 9) with the cause
+quoted from the console, and is recorded (``crashed.json`` in the instance's directory, see
+:mod:`unionimg.hypervisors_state`) so that ``instance show``, ``stop`` and ``console`` tell a
+crashed guest from a stopped one until the next boot. The guest kernel always gets
+``panic=-1`` (reset at once on a panic rather than hang).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +45,22 @@ from typing import Any
 from . import profiles
 from .base import Generation, get_generation
 from .bootspec import BootSpec, instance_uuid
-from .errors import Conflict, MissingCapability, NotFound
+from .errors import (
+    Conflict,
+    GuestFailed,
+    MissingCapability,
+    NotFound,
+    ToolFailed,
+    UsageError,
+)
+from .hypervisors_state import (
+    clear_crash,
+    console_verdict,
+    crash_record,
+    record_crash,
+    signal_name,
+    stop_reason,
+)
 from .initramfs import (
     DEFAULT_MODULES,
     KernelModules,
@@ -200,7 +227,9 @@ def make_spec(
         upper_image=upper_image(store, inst.name),
         kernel=kernel,
         initrd=out / "initrd.img",
-        cmdline=" ".join(p for p in (f"unionimg.instance={inst.name}", append.strip()) if p),
+        cmdline=" ".join(
+            p for p in (f"unionimg.instance={inst.name}", PANIC_ARGS, append.strip()) if p
+        ),
         console_log=out / "console.log",
         workdir=out,
         domain_type=domain_type,
@@ -245,32 +274,63 @@ def _libvirt_conn(autostart: bool) -> Any:
 
 
 def running_on(store: Store, name: str) -> str | None:
-    """The hypervisor the instance's guest runs on now, or None (stale records are cleared)."""
+    """The hypervisor the instance's guest runs on now, or None. A guest found gone has its
+    record cleared and, when it failed, its crash recorded (:func:`_cleanup`)."""
     path = _running_path(store, name)
     if not path.is_file():
         return None
     rec = read_json(path)
     alive = False
+    evidence: str | None = None
     if rec["hypervisor"] == "uml":
-        from .uml_driver import is_running
+        from .uml_driver import exit_status, is_running
 
         alive = is_running(int(rec["pid"]), umid=rec.get("umid"))
+        code = None if alive else exit_status(int(rec["pid"]))
+        if code is not None and code != 0:
+            # known only to the process that started it (boot --wait, switch --boot --wait)
+            evidence = (
+                f"linux.uml was killed by {signal_name(-code)}"
+                if code < 0
+                else f"linux.uml exited with status {code}"
+            )
     elif rec["hypervisor"] == "kvm":
         from . import libvirt_driver
 
         conn = _libvirt_conn(autostart=False)
         if conn is not None:
             try:
-                alive = libvirt_driver.state(conn, name) not in ("shutoff", "absent", "crashed")
+                st, why = libvirt_driver.state_reason(conn, name)
             finally:
                 conn.close()
+            alive = st not in ("shutoff", "absent", "crashed")
+            if st == "crashed" or why in ("crashed", "failed"):
+                evidence = f"libvirt reports the domain {st}, reason {why}"
     if not alive:
-        _cleanup(store, name, rec)
+        _cleanup(store, name, rec, evidence)
         return None
     return str(rec["hypervisor"])
 
 
-def _cleanup(store: Store, name: str, rec: dict[str, Any]) -> None:
+def _cleanup(store: Store, name: str, rec: dict[str, Any], evidence: str | None = None) -> None:
+    """The guest is gone: record why if it failed, then forget that it ran."""
+    console = Path(rec.get("console") or console_log(store, name))
+    verdict = console_verdict(console)
+    reason = stop_reason(
+        verdict,
+        hypervisor_says=evidence,
+        stop_requested=bool(rec.get("stopping")),
+    )
+    if reason is not None:
+        record_crash(
+            store,
+            name,
+            hypervisor=str(rec["hypervisor"]),
+            reason=reason,
+            console=str(console),
+            ready=verdict.ready,
+            evidence=evidence,
+        )
     if rec.get("tap"):
         from .uml_driver import remove_tap
 
@@ -295,6 +355,34 @@ def _mac_in_use(store: Store, inst: Instance, hypervisor: str) -> str | None:
 
 
 # -- boot / stop / wait ---------------------------------------------------------------------------
+#: ``boot`` without ``--wait`` waits this long for the guest to reach its init on the union root
+READY_TIMEOUT = 120.0
+#: after the readiness line, the guest must run (or have powered off) this long without a panic
+#: for its base's init to count as running: switch_root's exec failing, or an init that dies at
+#: once, panics the kernel within milliseconds of guest time (TCG included)
+SETTLE = 1.0
+#: a guest whose console shows a panic or an initramfs error gets this long to stop by itself
+#: (pvpanic, panic=-1, the initramfs's power-off) before it is pulled
+FAIL_GRACE = 15.0
+POLL = 0.1
+#: always on the guest kernel's command line, before --append (the last value wins): reset at
+#: once on a panic instead of hanging; the kvm profile ends the domain on that reset
+#: (on_reboot=destroy) when pvpanic could not report it first
+PANIC_ARGS = "panic=-1"
+
+
+def _failed(name: str, reason: str, *, ready: bool = False) -> GuestFailed:
+    what = "crashed" if ready else "failed to boot"
+    return GuestFailed(f"instance '{name}' {what}: {reason}; see 'unionimg console {name}'")
+
+
+def _crash_error(store: Store, name: str) -> GuestFailed | None:
+    crash = crash_record(store, name)
+    if crash is None:
+        return None
+    return _failed(name, str(crash.get("reason")), ready=bool(crash.get("ready")))
+
+
 def boot(
     store: Store,
     name: str,
@@ -304,6 +392,11 @@ def boot(
     timeout: float = 300.0,
     append: str = "",
 ) -> dict[str, Any]:
+    """Start the instance's guest and return once it reached its init on the union root (the
+    initramfs's readiness line, then no panic for :data:`SETTLE` s), or with ``wait`` once it
+    powered off too (``timeout`` bounds the whole). GuestFailed (exit 9) with the cause quoted
+    from the console when it panics, misses a disk, its initramfs fails or it crashes; the
+    crash is recorded for ``instance show``."""
     inst = load(store, name)
     hv = check_hypervisor(hypervisor or inst.hypervisor)
     if hv not in STARTABLE:
@@ -311,6 +404,8 @@ def boot(
             f"{hv} cannot run on this host; render its configuration with "
             f"'unionimg render {name} --hypervisor {hv} --out DIR' and start it there"
         )
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g} for instance {name}: give a number of seconds > 0")
     with store.lock(f"instance-{name}", wait=False, purpose=f"boot {name}"):
         current = running_on(store, name)
         if current:
@@ -342,16 +437,85 @@ def boot(
         log_path = console_log(store, name)
         if log_path.exists():
             os.replace(log_path, log_path.with_name("console.log.1"))
+        clear_crash(store, name)
         t0 = time.monotonic()
         if hv == "kvm":
             out = _boot_kvm(store, inst, wd, append)
         else:
             out = _boot_uml(store, inst, wd, append)
         out["overhead_s"] = round(time.monotonic() - t0, 3)
+    limit = timeout if wait else READY_TIMEOUT
+    deadline = t0 + limit
+    out["ready_s"] = round(_await_ready(store, name, hv, deadline, limit) - t0, 3)
     if wait:
-        out["stopped"] = wait_stopped(store, name, timeout)
+        out["stopped"] = wait_stopped(store, name, max(0.0, deadline - time.monotonic()))
+        if out["stopped"]:
+            error = _crash_error(store, name)
+            if error is not None:
+                raise error
         out["elapsed_s"] = round(time.monotonic() - t0, 3)
+    out["state"] = "running" if running_on(store, name) else "stopped"
+    error = _crash_error(store, name)  # it crashed right after it was found ready
+    if error is not None:
+        raise error
     return out
+
+
+def _await_ready(store: Store, name: str, hv: str, deadline: float, limit: float) -> float:
+    """Wait until the guest reached its init on the union root; returns when (monotonic).
+    GuestFailed if it failed first, or if ``deadline`` passes before (it keeps running)."""
+    path = console_log(store, name)
+    ready_at: float | None = None
+    failed_at: float | None = None
+    while True:
+        verdict = console_verdict(path)
+        if running_on(store, name) is None:  # gone: _cleanup recorded a failure, if any
+            error = _crash_error(store, name)
+            if error is not None:
+                raise error
+            return ready_at if ready_at is not None else time.monotonic()
+        now = time.monotonic()
+        if verdict.failure is not None:
+            if failed_at is None:
+                failed_at = now
+            elif now - failed_at >= FAIL_GRACE:
+                # a failed guest that neither reset nor powered off (e.g. a kernel without
+                # pvpanic and panic=-1 overridden): pull it; _cleanup records the failure
+                _hard_stop(store, name, hv)
+                running_on(store, name)
+                raise _failed(name, f"{verdict.failure} (it did not stop by itself: pulled)")
+        elif verdict.ready:
+            if ready_at is None:
+                ready_at = now
+            elif now - ready_at >= SETTLE:
+                return ready_at
+        if now >= deadline and failed_at is None:
+            last = f" (last console line: '{verdict.last_line}')" if verdict.last_line else ""
+            raise GuestFailed(
+                f"instance '{name}' did not reach its init on the union root within "
+                f"{limit:.0f} s{last}; it still runs: see 'unionimg console {name}', "
+                f"stop it with 'unionimg stop {name} --force'"
+            )
+        time.sleep(POLL)
+
+
+def _hard_stop(store: Store, name: str, hv: str) -> None:
+    try:
+        rec = read_json(_running_path(store, name))
+    except FileNotFoundError:
+        return  # it stopped meanwhile
+    if hv == "kvm":
+        from . import libvirt_driver
+
+        conn = libvirt_driver.connect()
+        try:
+            libvirt_driver.stop(conn, name, force=True)
+        finally:
+            conn.close()
+    else:
+        from . import uml_driver
+
+        uml_driver.stop(int(rec["pid"]), force=True, umid=rec.get("umid"))
 
 
 def _boot_kvm(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, Any]:
@@ -412,6 +576,16 @@ def _boot_uml(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
     uml_driver.make_tap(spec.tap)
     try:
         pid = uml_driver.start(argv, spec.console_log, wd)
+    except ToolFailed as exc:
+        uml_driver.remove_tap(spec.tap)
+        failure = console_verdict(spec.console_log).failure
+        if failure is None:
+            raise
+        # the kernel ran and failed at once (a panic before its pid file): the guest failed
+        record_crash(
+            store, inst.name, hypervisor="uml", reason=failure, console=str(spec.console_log)
+        )
+        raise _failed(inst.name, failure) from exc
     except BaseException:
         uml_driver.remove_tap(spec.tap)
         raise
@@ -444,27 +618,62 @@ def wait_stopped(store: Store, name: str, timeout: float) -> bool:
     return False
 
 
-def stop(store: Store, name: str, *, force: bool = False, timeout: float = 60.0) -> str:
+#: seconds ``stop`` waits for a clean shutdown before it pulls the plug
+STOP_TIMEOUT = 30.0
+
+
+def stop(
+    store: Store,
+    name: str,
+    *,
+    force: bool = False,
+    timeout: float = STOP_TIMEOUT,
+    notice: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Stop the running guest: a clean shutdown (kvm: the ACPI power button; uml: sync,
+    remount read-only, halt through its mconsole) and, when it is not down after
+    ``timeout`` s, a hard stop; with ``force`` a hard stop at once. ``notice(timeout)`` is
+    called when the wait for a clean shutdown starts to take a while.
+
+    Returns ``{"hypervisor", "how"}`` (how: clean | forced | hard) and ``"crash"`` when the
+    console shows the guest had failed. Conflict if it is not running; GuestFailed (9) if it
+    is not running because its last boot failed."""
     load(store, name)
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g} for instance {name}: give a number of seconds > 0")
     hv = running_on(store, name)
     if hv is None:
+        crash = crash_record(store, name)
+        if crash is not None:
+            raise GuestFailed(
+                f"instance '{name}' is not running: it crashed ({crash.get('reason')}); "
+                f"see 'unionimg console {name}'"
+            )
         raise Conflict(f"instance '{name}' is not running")
-    rec = read_json(_running_path(store, name))
+    path = _running_path(store, name)
+    rec = read_json(path)
+    # a guest gone after this was stopped, not crashed (unless its console shows a failure)
+    write_json(path, {**rec, "stopping": True})
     if hv == "kvm":
         from . import libvirt_driver
 
         conn = libvirt_driver.connect()
         try:
-            libvirt_driver.stop(conn, name, force=force, timeout=timeout)
+            how = libvirt_driver.stop(conn, name, force=force, timeout=timeout, notice=notice)
         finally:
             conn.close()
     else:
         from . import uml_driver
 
         uml_driver.stop(int(rec["pid"]), force=force, timeout=timeout, umid=rec.get("umid"))
+        how = "forced" if force else "clean"
     if not wait_stopped(store, name, 15.0):
         raise Conflict(f"instance '{name}' did not stop; try 'unionimg stop {name} --force'")
-    return hv
+    out: dict[str, Any] = {"name": name, "hypervisor": hv, "how": how}
+    crash = crash_record(store, name)
+    if crash is not None:
+        out["crash"] = crash.get("reason")
+    return out
 
 
 def console(store: Store, name: str) -> str:
@@ -473,6 +682,14 @@ def console(store: Store, name: str) -> str:
     if not path.is_file():
         raise NotFound(f"instance '{name}' has not been booted yet; no console log")
     return path.read_text(encoding="utf-8", errors="replace")
+
+
+def last_failure(store: Store, name: str) -> str | None:
+    """Why the instance's last boot failed, when it is not running and it did; else None."""
+    if running_on(store, name) is not None:
+        return None
+    crash = crash_record(store, name)
+    return None if crash is None else str(crash.get("reason"))
 
 
 def switch(

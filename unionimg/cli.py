@@ -726,28 +726,52 @@ def render_cmd(c: Ctx, vm: str, hypervisor: str | None, out: Path) -> None:
 @main.command("boot")
 @click.argument("vm")
 @_hv_option
-@click.option("--wait", is_flag=True, help="Return when the guest powers off.")
+@click.option(
+    "--wait", is_flag=True, help="Return when the guest powers off (default: once its init runs)."
+)
 @click.option(
     "--timeout",
     type=SECONDS,
-    default=300.0,
-    show_default=True,
-    help="Seconds --wait waits; exit 1 when it runs out (the guest keeps running).",
+    default=None,
+    help="With --wait: seconds to wait (default 300); exit 1 when it runs out while the "
+    "guest runs on.",
 )
 @click.option("--append", default="", help="Extra kernel command line arguments.")
 @json_option
 @pass_ctx
 def boot_cmd(
-    c: Ctx, vm: str, hypervisor: str | None, wait: bool, timeout: float, append: str, as_json: bool
+    c: Ctx,
+    vm: str,
+    hypervisor: str | None,
+    wait: bool,
+    timeout: float | None,
+    append: str,
+    as_json: bool,
 ) -> None:
-    """Boot VM's BASE + U images under a hypervisor (kvm and uml run here)."""
+    """Boot VM's BASE + U images under a hypervisor (kvm and uml run here).
+
+    Returns once the guest's init runs on the union root (with --wait: once it powered off).
+    A kernel panic, a missing disk, an initramfs error or a crash exits 9 with the cause
+    quoted from the console; 'instance show' then says 'crashed'."""
     from . import boot as boot_mod
 
-    out = boot_mod.boot(c.store, vm, hypervisor, wait=wait, timeout=timeout, append=append)
+    if timeout is not None and not wait:
+        raise UsageError(f"--timeout needs --wait (boot {vm} --wait --timeout S)")
+    out = boot_mod.boot(
+        c.store,
+        vm,
+        hypervisor,
+        wait=wait,
+        timeout=DEFAULT_WAIT if timeout is None else timeout,
+        append=append,
+    )
     _print_boot(out, as_json)
     if wait and not out.get("stopped"):
-        click.echo(f"unionimg: error: {vm} still runs after {timeout:.0f} s", err=True)
+        click.echo(f"unionimg: error: {vm} still runs after {out['elapsed_s']:.0f} s", err=True)
         sys.exit(1)
+
+
+DEFAULT_WAIT = 300.0
 
 
 def _print_boot(out: dict[str, Any], as_json: bool) -> None:
@@ -756,7 +780,8 @@ def _print_boot(out: dict[str, Any], as_json: bool) -> None:
             f" (libvirt domain type {d['domain_type']}: {d['why']})" if d.get("domain_type") else ""
         )
         click.echo(
-            f"booted {d['name']} under {how} in {d['overhead_s']:.2f} s; console: {d['console']}"
+            f"booted {d['name']} under {how} in {d['overhead_s']:.2f} s; its init runs on the "
+            f"union root after {d['ready_s']:.1f} s; console: {d['console']}"
         )
         if "stopped" in d:
             click.echo(
@@ -770,24 +795,50 @@ def _print_boot(out: dict[str, Any], as_json: bool) -> None:
 
 @main.command("stop")
 @click.argument("vm")
-@click.option("--force", is_flag=True, help="Pull the plug instead of a clean shutdown.")
+@click.option("--force", is_flag=True, help="Pull the plug at once instead of a clean shutdown.")
+@click.option(
+    "--timeout",
+    type=SECONDS,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a clean shutdown before pulling the plug.",
+)
 @pass_ctx
-def stop_cmd(c: Ctx, vm: str, force: bool) -> None:
-    """Stop a running VM."""
+def stop_cmd(c: Ctx, vm: str, force: bool, timeout: float) -> None:
+    """Stop a running VM: a clean shutdown, a hard stop after --timeout (or at once with
+    --force). Exits 9 if the VM is not running because its last boot crashed."""
     from . import boot as boot_mod
 
-    hv = boot_mod.stop(c.store, vm, force=force)
-    click.echo(f"stopped {vm} ({hv})")
+    def notice(limit: float) -> None:
+        click.echo(
+            f"unionimg: waiting up to {limit:.0f} s for {vm} to shut down cleanly, then pulling "
+            "the plug (--force does that at once)",
+            err=True,
+        )
+
+    out = boot_mod.stop(c.store, vm, force=force, timeout=timeout, notice=notice)
+    how = {
+        "clean": "clean shutdown",
+        "forced": "forced",
+        "hard": f"no clean shutdown within {timeout:.0f} s: pulled the plug",
+        "gone": "it stopped by itself",
+    }.get(out["how"], out["how"])
+    click.echo(f"stopped {vm} ({out['hypervisor']}, {how})")
+    if out.get("crash"):
+        click.echo(f"unionimg: warning: {vm} had crashed: {out['crash']}", err=True)
 
 
 @main.command("console")
 @click.argument("vm")
 @pass_ctx
 def console_cmd(c: Ctx, vm: str) -> None:
-    """The serial console log of VM's last boot."""
+    """The serial console log of VM's last boot (and, on stderr, why it crashed if it did)."""
     from . import boot as boot_mod
 
     click.echo(boot_mod.console(c.store, vm), nl=False)
+    failure = boot_mod.last_failure(c.store, vm)
+    if failure is not None:
+        click.echo(f"unionimg: {vm} crashed: {failure}", err=True)
 
 
 @main.command("switch")
@@ -795,7 +846,7 @@ def console_cmd(c: Ctx, vm: str) -> None:
 @click.option("--to", "to", required=True, help=f"One of {', '.join(HYPERVISORS)}.")
 @click.option("--boot", "boot_after", is_flag=True, help="Boot it on the new hypervisor.")
 @click.option("--wait", is_flag=True, help="With --boot: return when the guest powers off.")
-@click.option("--timeout", type=SECONDS, default=300.0, show_default=True)
+@click.option("--timeout", type=SECONDS, default=None, help="With --wait: seconds (default 300).")
 @click.option("--append", default="", help="Extra kernel command line arguments.")
 @click.option("--force", is_flag=True, help="Pull the plug if the VM runs (no clean shutdown).")
 @json_option
@@ -806,21 +857,28 @@ def switch_cmd(
     to: str,
     boot_after: bool,
     wait: bool,
-    timeout: float,
+    timeout: float | None,
     append: str,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy."""
+    """Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy.
+    With --boot, a guest that fails to boot exits 9 like 'boot'."""
     from . import boot as boot_mod
 
+    if wait and not boot_after:
+        raise UsageError(f"--wait needs --boot (switch {vm} --to {to} --boot --wait)")
+    if timeout is not None and not wait:
+        raise UsageError(
+            f"--timeout needs --wait (switch {vm} --to {to} --boot --wait --timeout S)"
+        )
     out = boot_mod.switch(
         c.store,
         vm,
         to,
         boot_after=boot_after,
         wait=wait,
-        timeout=timeout,
+        timeout=DEFAULT_WAIT if timeout is None else timeout,
         append=append,
         force=force,
     )

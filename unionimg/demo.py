@@ -8,9 +8,11 @@ Every step is the real CLI, printed as it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .runner import run
@@ -25,14 +27,25 @@ def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def cli(*args: str, ok: tuple[int, ...] = (0,)) -> str:
-    print(f"$ unionimg {' '.join(args)}", flush=True)
+def cli(
+    *args: str,
+    ok: tuple[int, ...] = (0,),
+    quiet: bool = False,
+    on_failure: Callable[[], None] | None = None,
+) -> str:
+    """Run the real CLI, printing the command and its output (``quiet``: neither); a
+    status not in ``ok`` ends the demo with that status after ``on_failure``."""
+    if not quiet:
+        print(f"$ unionimg {' '.join(args)}", flush=True)
     res = run([UNIONIMG, "--store", str(STORE_DIR), *args], check=False)
     out = (res.stdout + res.stderr).rstrip()
-    if out:
+    if out and (not quiet or res.returncode not in ok):
         print(out, flush=True)
     if res.returncode not in ok:
-        raise SystemExit(f"demo: 'unionimg {' '.join(args)}' exited {res.returncode}")
+        if on_failure is not None:
+            on_failure()
+        print(f"demo: 'unionimg {' '.join(args)}' exited {res.returncode}", file=sys.stderr)
+        raise SystemExit(res.returncode or 1)
     return res.stdout
 
 
@@ -114,13 +127,32 @@ def main() -> int:
 
 
 def _boot_demo() -> None:
-    """Boot one VM under QEMU (libvirt) and switch it to UML."""
+    """Boot one VM under QEMU (libvirt) and switch it to UML; each boot must really reach the
+    VM's init on the union root and power off cleanly (exit 9 with the cause otherwise)."""
     say("boot web1 under QEMU through libvirt, then switch it to User-Mode Linux")
-    cli("boot", "web1", "--hypervisor", "kvm", "--wait", "--timeout", "180")
-    cli("console", "web1")
-    cli("switch", "web1", "--to", "uml", "--boot", "--wait")
-    cli("console", "web1")
+    mac = json.loads(cli("instance", "show", "web1", "--json", quiet=True))["mac"]
+    for args in (
+        ("boot", "web1", "--hypervisor", "kvm", "--wait", "--timeout", "300"),
+        ("switch", "web1", "--to", "uml", "--boot", "--wait", "--timeout", "300"),
+    ):
+        cli(*args, on_failure=lambda: _console_tail("web1"))
+        console = cli("console", "web1", quiet=True)
+        nics = [ln.strip() for ln in console.splitlines() if "unionimg-guest: nic" in ln]
+        for line in nics:
+            print(f"  console: {line}")
+        state = json.loads(cli("instance", "show", "web1", "--json", quiet=True))["state"]
+        if state != "stopped" or f"unionimg-guest: nic eth0 mac {mac}" not in nics:
+            _console_tail("web1")
+            raise SystemExit(f"demo: web1 did not boot as it should (state {state}, NICs {nics})")
+    print(f"the same MAC {mac} under kvm and uml; web1 is stopped, not crashed")
     cli("instance", "show", "web1")
+
+
+def _console_tail(vm: str, lines: int = 15) -> None:
+    res = run([UNIONIMG, "--store", str(STORE_DIR), "console", vm], check=False)
+    tail = res.stdout.splitlines()[-lines:]
+    print(f"--- last {len(tail)} console lines of {vm} ---", flush=True)
+    print("\n".join(tail) + ("\n" + res.stderr.rstrip() if res.stderr.strip() else ""), flush=True)
 
 
 if __name__ == "__main__":

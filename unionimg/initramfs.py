@@ -39,7 +39,8 @@ from .runner import run
 log = logging.getLogger(__name__)
 
 #: Drivers for every hypervisor unionimg targets, plus the two filesystems of the union.
-#: virtio (QEMU/KVM), xen front ends (Xen), AHCI/PIIX + sd_mod + e1000 (VirtualBox).
+#: virtio (QEMU/KVM), xen front ends (Xen), AHCI/PIIX + sd_mod + e1000 (VirtualBox);
+#: pvpanic-mmio reports a guest panic to QEMU's ISA pvpanic device (the kvm profile's).
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_pci",
     "virtio_blk",
@@ -53,6 +54,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "e1000",
     "ext4",
     "overlay",
+    "pvpanic-mmio",
 )
 
 #: busybox applets ``guest_init.sh`` calls (the debug shell installs the rest at run time).

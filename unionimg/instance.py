@@ -99,11 +99,17 @@ def describe(store: Store, inst: Instance) -> dict[str, Any]:
     rec = mount_record(store, inst.name)
     latest = generations(store, inst.base)[-1].number
     out = inst.to_json()
+    st = state(store, inst.name)
+    from .hypervisors_state import crash_record
+
+    crash = crash_record(store, inst.name) if st != "running" else None
     out.update(
         {
             "upper_image": str(img),
             "upper_disk_usage": disk_usage(img),
-            "state": state(store, inst.name),
+            # a guest whose last boot failed is "crashed" (until its next boot), not "stopped"
+            "state": "crashed" if crash is not None and st == "stopped" else st,
+            "crash_reason": None if crash is None else crash.get("reason"),
             "mounted_at": rec["target"] if rec else None,
             "latest_generation": latest,
         }

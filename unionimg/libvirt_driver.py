@@ -27,6 +27,7 @@ import os
 import re
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
@@ -52,6 +53,21 @@ _STATES: dict[int, str] = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
+
+#: why a domain is shut off (virDomainShutoffReason)
+_SHUTOFF_REASONS: dict[int, str] = {
+    0: "unknown",
+    1: "shutdown",
+    2: "destroyed",
+    3: "crashed",
+    4: "migrated",
+    5: "saved",
+    6: "failed",
+    7: "from-snapshot",
+    8: "daemon",
+}
+#: why a domain is in state crashed (virDomainCrashedReason; on_crash=preserve)
+_CRASHED_REASONS: dict[int, str] = {0: "unknown", 1: "panicked"}
 
 _quiet = False
 
@@ -281,16 +297,29 @@ def define_and_start(conn: libvirt.virConnect, xml: str) -> None:
 def state(conn: libvirt.virConnect, name: str) -> str:
     """``running`` | ``shutoff`` | ``absent`` | ``paused`` | ``shutting-down`` | ``crashed``
     | ``pmsuspended`` | ``nostate``."""
+    return state_reason(conn, name)[0]
+
+
+def state_reason(conn: libvirt.virConnect, name: str) -> tuple[str, str]:
+    """(:func:`state`, why): for ``shutoff`` one of ``shutdown`` (the guest powered off),
+    ``destroyed`` (pulled: a forced stop, or a reboot under on_reboot=destroy), ``crashed``
+    (a panic the guest reported through pvpanic, with on_crash=destroy, or QEMU died),
+    ``failed``...; for ``crashed`` (on_crash=preserve) ``panicked``; else ``""``."""
     dom = _lookup(conn, name)
     if dom is None:
-        return "absent"
+        return "absent", ""
     try:
-        code = dom.state()[0]
+        code, reason = dom.state()
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return "absent"  # undefined meanwhile (a transient domain that stopped)
+            return "absent", ""  # undefined meanwhile (a transient domain that stopped)
         raise ToolFailed(f"libvirt could not query instance {name}: {_one_line(exc)}") from exc
-    return _STATES.get(code, f"state-{code}")
+    text = _STATES.get(code, f"state-{code}")
+    if code == libvirt.VIR_DOMAIN_SHUTOFF:
+        return text, _SHUTOFF_REASONS.get(reason, f"reason-{reason}")
+    if code == libvirt.VIR_DOMAIN_CRASHED:
+        return text, _CRASHED_REASONS.get(reason, f"reason-{reason}")
+    return text, ""
 
 
 def wait_shutoff(conn: libvirt.virConnect, name: str, timeout: float) -> bool:
@@ -304,32 +333,66 @@ def wait_shutoff(conn: libvirt.virConnect, name: str, timeout: float) -> bool:
         time.sleep(POLL)
 
 
-def stop(conn: libvirt.virConnect, name: str, *, force: bool, timeout: float = 30.0) -> None:
-    """Shut the domain down: ACPI power button and wait up to ``timeout`` s, or with
-    ``force`` pull the plug (destroy). Returns quietly if it is shut off or absent already.
-    Raises ToolFailed if the guest ignores the power button."""
-    dom = _lookup(conn, name)
-    if dom is None or not _is_active(dom, name):
-        return
+def _destroy(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str) -> None:
     try:
-        if force:
-            dom.destroy()
-        else:
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        dom.destroy()
     except libvirt.libvirtError as exc:
         if not _is_active(dom, name):
             return  # it stopped by itself meanwhile
-        action = "destroy" if force else "shut down"
-        raise ToolFailed(f"libvirt could not {action} instance {name}: {_one_line(exc)}") from exc
+        raise ToolFailed(f"libvirt could not destroy instance {name}: {_one_line(exc)}") from exc
+    if not wait_shutoff(conn, name, 10.0):
+        raise ToolFailed(f"instance {name} still runs 10 s after libvirt destroyed it")
+
+
+def stop(
+    conn: libvirt.virConnect,
+    name: str,
+    *,
+    force: bool,
+    timeout: float = 30.0,
+    hard_after: bool = True,
+    notice: Callable[[float], None] | None = None,
+    notice_after: float = 3.0,
+) -> str:
+    """Shut the domain down: the ACPI power button, then wait up to ``timeout`` s; with
+    ``force`` pull the plug (destroy) at once. A guest that ignores the power button (its OS
+    does not handle ACPI) is destroyed when ``timeout`` runs out (``hard_after``; else
+    ToolFailed naming ``--force``). ``notice(timeout)`` is called once when the guest still
+    runs ``notice_after`` s after the button, so a caller can say it is waiting.
+
+    Returns ``"clean"``, ``"forced"`` (``force``), ``"hard"`` (destroyed after the timeout)
+    or ``"gone"`` (it was shut off or absent already)."""
+    dom = _lookup(conn, name)
+    if dom is None or not _is_active(dom, name):
+        return "gone"
     if force:
-        if not wait_shutoff(conn, name, 10.0):
-            raise ToolFailed(f"instance {name} still runs 10 s after libvirt destroyed it")
-        return
-    if not wait_shutoff(conn, name, timeout):
+        _destroy(conn, dom, name)
+        return "forced"
+    try:
+        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+    except libvirt.libvirtError as exc:
+        if not _is_active(dom, name):
+            return "gone"  # it stopped by itself meanwhile
+        raise ToolFailed(f"libvirt could not shut down instance {name}: {_one_line(exc)}") from exc
+    first = min(notice_after, timeout) if notice is not None else timeout
+    if wait_shutoff(conn, name, first):
+        return "clean"
+    if notice is not None and first < timeout:
+        notice(timeout)
+        if wait_shutoff(conn, name, timeout - first):
+            return "clean"
+    if not hard_after:
         raise ToolFailed(
             f"instance {name} did not shut down within {timeout:.0f} s of the ACPI power "
-            "button (does its OS handle it?); stop it with force to pull the plug"
+            f"button (does its OS handle it?); 'unionimg stop {name} --force' pulls the plug"
         )
+    log.warning(
+        "instance %s ignored the ACPI power button for %.0f s; pulling the plug (destroy)",
+        name,
+        timeout,
+    )
+    _destroy(conn, dom, name)
+    return "hard"
 
 
 def undefine(conn: libvirt.virConnect, name: str) -> None:

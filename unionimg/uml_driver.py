@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -404,6 +405,9 @@ def _spawn(argv: list[str], *, out: IO[bytes], env: dict[str, str], cwd: Path) -
     )
     _children[proc.pid] = proc
     _exits.pop(proc.pid, None)  # a recycled pid of an earlier guest
+    # a panicking UML kernel abort()s: no core dump of the guest's memory into the workdir
+    with contextlib.suppress(OSError):
+        resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))
     return proc.pid
 
 
