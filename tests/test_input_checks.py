@@ -220,6 +220,23 @@ def test_names_must_match_whole(stocked: Cli, name: str) -> None:
     refused(stocked, "instance", "create", name, "--base", "b", expect="not allowed")
 
 
+def test_directories_overlapping_the_store_refused(stocked: Cli) -> None:
+    """A base made from the store (or from a directory holding it) would copy the store into
+    itself: it failed with a traceback ('Too many levels of symbolic links') or made a base
+    of the store's images; render --out inside the store wrote among its objects."""
+    store = stocked.store
+    for src, expect in (
+        (store, "is inside the store"),
+        (store / "bases" / "b", "is inside the store"),
+        (store.parent, "holds the store"),
+    ):
+        refused(stocked, "base", "create", "x", "--from-dir", str(src), expect=expect)
+        refused(stocked, "base", "update", "b", "--apply-dir", str(src), expect=expect)
+        refused(stocked, "base", "update", "b", "--from-dir", str(src), expect=expect)
+    refused(stocked, "render", "vm1", "--out", str(store / "instances" / "vm1"), expect="inside")
+    refused(stocked, "render", "vm1", "--out", str(store), expect="is inside the store")
+
+
 # -- --kernel ------------------------------------------------------------------------------
 def host_vmlinuz() -> Path:
     found = sorted(Path("/boot").glob("vmlinuz-*"))

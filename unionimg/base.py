@@ -33,7 +33,7 @@ from .manifest import (
     write_manifest,
 )
 from .mounts import mount_image, mount_overlay, require_root, umount
-from .names import check_name, human_size, shown
+from .names import check_name, check_outside_store, human_size, shown
 from .runner import run
 from .store import Store, now_iso, read_json, write_atomic, write_json
 
@@ -285,6 +285,7 @@ def create(
 ) -> Generation:
     check_name(name, "base")
     src = _check_dir(from_dir, "source directory")
+    check_outside_store(src, store.root, "source directory")
     kernel = _check_kernel(kernel)
     require_root("base create")
     with store.lock(f"base-{name}", purpose=f"base create {name}"):
@@ -339,6 +340,8 @@ def update(
     if len(modes) != 1:
         raise UsageError("give exactly one of --from-dir, --apply-dir or --run")
     src = _check_dir(from_dir or apply_dir, "directory") if command is None else None  # type: ignore[arg-type]
+    if src is not None:
+        check_outside_store(src, store.root, "--from-dir" if from_dir else "--apply-dir")
     if command is not None and not command.strip():
         raise UsageError("--run needs a command, e.g. --run 'apt-get -y upgrade'")
     kernel = _check_kernel(kernel)

@@ -17,7 +17,14 @@ from . import instance as inst_mod
 from . import status as status_mod
 from . import union as union_mod
 from .errors import UnionimgError, UsageError
-from .names import HYPERVISORS, human_size, parse_int, parse_seconds, parse_size
+from .names import (
+    HYPERVISORS,
+    check_outside_store,
+    human_size,
+    parse_int,
+    parse_seconds,
+    parse_size,
+)
 from .store import DEFAULT_STORE, Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -719,6 +726,7 @@ def render_cmd(c: Ctx, vm: str, hypervisor: str | None, out: Path) -> None:
     """Write VM's boot configuration for a hypervisor (and its initramfs) into OUT."""
     from . import boot as boot_mod
 
+    check_outside_store(out, c.store.root, "--out", may_hold_store=True)
     for path in boot_mod.render(c.store, vm, hypervisor, out):
         click.echo(str(path))
 

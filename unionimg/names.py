@@ -9,7 +9,9 @@ which accept any Unicode digit: ``int('1٠')`` is 10). Refused input raises
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -189,6 +191,25 @@ def parse_seconds(text: str, what: str) -> float:
     if value > MAX_SECONDS:
         raise UsageError(f"{what} {shown(text, 30)} is more than {MAX_SECONDS} seconds (31 days)")
     return value
+
+
+def check_outside_store(
+    path: Path, store_root: Path, what: str, *, may_hold_store: bool = False
+) -> None:
+    """Refuse a directory given for reading or writing that lies inside the store (it would
+    read or overwrite the store's own objects) or, unless ``may_hold_store``, holds the
+    store (a base made from it would contain the store, and the base being made)."""
+    where, store = os.path.realpath(path), os.path.realpath(store_root)
+    if where == store or where.startswith(store + os.sep):
+        raise UsageError(
+            f"{what} {shown(str(path), 200)} is inside the store {store}; "
+            "give a directory outside it"
+        )
+    if not may_hold_store and store.startswith(where.rstrip(os.sep) + os.sep):
+        raise UsageError(
+            f"{what} {shown(str(path), 200)} holds the store {store}, which would go into "
+            "the base; give a directory that does not contain the store"
+        )
 
 
 def check_hypervisor(name: str) -> str:
