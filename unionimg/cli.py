@@ -173,12 +173,14 @@ def _print_generation(g: base_mod.Generation, verb: str) -> None:
     type=click.Path(path_type=Path),
     help="Directory holding exactly the OS tree.",
 )
-@click.option("--size", default=None, help="Image size (e.g. 2G); default fits the tree.")
+@click.option(
+    "--size", default=None, help="Image size (e.g. 2G, at most 8T); default fits the tree."
+)
 @click.option(
     "--kernel",
     type=click.Path(path_type=Path),
     default=None,
-    help="vmlinuz to boot this base with (default: the tree's /boot/vmlinuz-*).",
+    help="x86 bzImage (vmlinuz) to boot this base with (default: the tree's /boot/vmlinuz-*).",
 )
 @pass_ctx
 def base_create(c: Ctx, name: str, from_dir: Path, size: str | None, kernel: Path | None) -> None:
@@ -211,8 +213,14 @@ def base_create(c: Ctx, name: str, from_dir: Path, size: str | None, kernel: Pat
     default=None,
     help="Run this with the base's /bin/sh -c, chrooted in a copy of the latest.",
 )
-@click.option("--size", default=None, help="Image size; default fits the tree.")
-@click.option("--kernel", type=click.Path(path_type=Path), default=None)
+@click.option("--size", default=None, help="Image size (at most 8T); default fits the tree.")
+@click.option(
+    "--kernel",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="x86 bzImage (vmlinuz) to boot this generation with (default: the tree's, else "
+    "the previous generation's).",
+)
 @pass_ctx
 def base_update(
     c: Ctx,
@@ -346,18 +354,23 @@ def instance() -> None:
 @click.argument("vm")
 @click.option("--base", "base_name", required=True)
 @click.option("--generation", type=ASCII_INT, default=None, help="Default: the base's latest.")
-@click.option("--mac", default=None, help="Fixed MAC (default: derived from the name).")
+@click.option(
+    "--mac",
+    default=None,
+    help="Fixed unicast MAC, 52:54:00:12:34:56 (default: derived from the name).",
+)
 @click.option(
     "--hypervisor", default="kvm", show_default=True, help=f"One of {', '.join(HYPERVISORS)}."
 )
-@click.option("--size", default=None, help="U image size, sparse (default 4G).")
+@click.option("--size", default=None, help="U image size, sparse (default 4G, at most 8T).")
 @click.option("--memory", type=ASCII_INT, default=512, show_default=True, help="MiB (32-4194304).")
 @click.option("--vcpus", type=ASCII_INT, default=1, show_default=True, help="1-256.")
 @click.option(
     "--nic-name",
     default="eth0",
     show_default=True,
-    help="Name the guest gives the NIC with the instance's MAC.",
+    help="Name the guest gives the NIC with the instance's MAC: 1-15 letters, digits, "
+    "'_', '.', '-'.",
 )
 @pass_ctx
 def instance_create(
