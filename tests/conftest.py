@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 
 from unionimg.cli import main
 from unionimg.mounts import mountinfo, unmount_tree
+from unionimg.umlprobe import UmlKernel
 
 REQUIRE_REAL = os.environ.get("UNIONIMG_REQUIRE_REAL") == "1"
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,27 @@ def need_root() -> None:
     need(shutil.which("mke2fs") is not None, "mke2fs (e2fsprogs) not installed")
     with open("/proc/filesystems", encoding="ascii") as fh:
         need("overlay" in fh.read(), "kernel has no overlayfs")
+
+
+def need_uml_kernel() -> UmlKernel:
+    """The UML kernel unionimg boots on this host (:func:`unionimg.umlprobe.select`: Debian's
+    linux.uml, or the project-built one where that one panics), or skip/fail saying why."""
+    from unionimg import umlprobe
+    from unionimg.errors import UnionimgError
+
+    try:
+        return umlprobe.select()
+    except UnionimgError as exc:
+        need(False, str(exc))
+        raise
+
+
+def uml_nic_arg(kernel: UmlKernel, tap: str, mac: str) -> str:
+    """TEST FIXTURE: the UML argument putting the guest's NIC (MAC ``mac``) on host ``tap``,
+    in the transport ``kernel`` has (the legacy eth0=tuntap, or the vector driver)."""
+    if kernel.transport == "tuntap":
+        return f"eth0=tuntap,{tap},{mac}"
+    return f"vec0:transport=tap,ifname={tap},mac={mac}"
 
 
 @pytest.fixture

@@ -34,14 +34,15 @@ import pytest
 
 from tests.conftest import need as require
 from tests.conftest import need_programs as require_programs
+from tests.conftest import need_uml_kernel, uml_nic_arg
 from unionimg import kvmprobe, libvirt_driver, uml_driver
 from unionimg.bootspec import instance_uuid
 from unionimg.errors import Conflict, ToolFailed, UsageError
 from unionimg.initramfs import InitramfsInfo, build_initramfs
 from unionimg.runner import run
+from unionimg.umlprobe import UmlKernel
 
 REPO = Path(__file__).resolve().parent.parent
-LINUX_UML = Path("/usr/bin/linux.uml")
 QEMU_MAC = "52:54:00:5a:00:01"
 UML_MAC = "52:54:00:5a:00:02"
 BOOT_TIMEOUT = 120.0
@@ -387,20 +388,21 @@ def test_probe_recognises_a_kernel_that_runs_and_a_qemu_that_fails() -> None:
 
 
 @pytest.fixture
-def uml_ready(lab: Lab) -> str:
-    require(LINUX_UML.is_file(), f"{LINUX_UML} missing (apt-get install user-mode-linux)")
-    version = run([str(LINUX_UML), "--version"], timeout=30).stdout.strip()
+def uml_ready(lab: Lab) -> UmlKernel:
+    """The UML kernel that boots here; a packaged one needs its modules in the initramfs, a
+    project-built one has everything built in."""
+    kernel = need_uml_kernel()
     require(
-        version in {k.version for k in lab.initrd.kernels},
-        f"no modules for UML kernel {version} in /usr/lib/uml/modules",
+        kernel.modules_dir is None or kernel.release in {k.version for k in lab.initrd.kernels},
+        f"no modules for UML kernel {kernel.release} in /usr/lib/uml/modules",
     )
-    return version
+    return kernel
 
 
 def uml_argv(lab: Lab, u_image: Path, umid: str, *extra: str) -> list[str]:
     """TEST FIXTURE: a UML command line booting the union (not profiles' output)."""
     return [
-        str(LINUX_UML),
+        str(need_uml_kernel().path),
         "mem=256M",
         f"ubd0r={lab.base}",
         f"ubd1={u_image}",
@@ -436,7 +438,7 @@ def start_from_another_process(argv: list[str], console: Path, workdir: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.root
-def test_uml_boots_twice_on_a_tap(lab: Lab, uml_ready: str) -> None:
+def test_uml_boots_twice_on_a_tap(lab: Lab, uml_ready: UmlKernel) -> None:
     require_root("a tap device")
     require_programs("ip")
     require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
@@ -446,7 +448,7 @@ def test_uml_boots_twice_on_a_tap(lab: Lab, uml_ready: str) -> None:
     u_image = lab.new_u("U-uml.img")
     workdir = lab.dir / "uml-tap"
     console = workdir / "console.log"
-    argv = uml_argv(lab, u_image, umid, f"eth0=tuntap,{tap},{UML_MAC}")
+    argv = uml_argv(lab, u_image, umid, uml_nic_arg(uml_ready, tap, UML_MAC))
     uml_driver.make_tap(tap)
     try:
         uml_driver.make_tap(tap)  # idempotent
@@ -475,7 +477,7 @@ def test_uml_boots_twice_on_a_tap(lab: Lab, uml_ready: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("force", [False, True], ids=["clean", "force"])
-def test_uml_stop_leaves_nothing_behind(lab: Lab, uml_ready: str, force: bool) -> None:
+def test_uml_stop_leaves_nothing_behind(lab: Lab, uml_ready: UmlKernel, force: bool) -> None:
     umid = f"uitest-{RUN_ID}-{'force' if force else 'clean'}"
     u_image = lab.new_u(f"U-uml-{umid}.img")
     workdir = lab.dir / umid

@@ -28,6 +28,7 @@ import pytest
 
 from tests.conftest import need as require
 from tests.conftest import need_programs as require_programs
+from tests.conftest import need_uml_kernel, uml_nic_arg
 from unionimg.errors import MissingCapability, UsageError
 from unionimg.initramfs import (
     DEFAULT_MODULES,
@@ -49,7 +50,6 @@ from unionimg.mounts import OVERLAY_OPTIONS
 from unionimg.runner import run
 
 BUSYBOX = Path("/bin/busybox")
-LINUX_UML = Path("/usr/bin/linux.uml")
 QEMU_MAC = "52:54:00:12:34:56"
 UML_MAC = "52:54:00:12:34:57"
 GUEST_FILE = "guest-wrote.txt"
@@ -441,7 +441,7 @@ def uml_env(home: Path) -> dict[str, str]:
 
 def uml_argv(lab: Lab, home: Path, *disks_and_args: str) -> list[str]:
     return [
-        str(LINUX_UML),
+        str(need_uml_kernel().path),
         "mem=256M",
         f"initrd={lab.initrd.path}",
         "con=null",
@@ -453,13 +453,12 @@ def uml_argv(lab: Lab, home: Path, *disks_and_args: str) -> list[str]:
 
 
 def uml_version(lab: Lab) -> str:
-    require(LINUX_UML.is_file(), f"{LINUX_UML} missing (apt-get install user-mode-linux)")
-    version = run([str(LINUX_UML), "--version"], timeout=30).stdout.strip()
+    kernel = need_uml_kernel()  # Debian's, or the project-built one (everything built in)
     require(
-        version in {k.version for k in lab.initrd.kernels},
-        f"no modules for UML kernel {version} in /usr/lib/uml/modules",
+        kernel.modules_dir is None or kernel.release in {k.version for k in lab.initrd.kernels},
+        f"no modules for UML kernel {kernel.release} in /usr/lib/uml/modules",
     )
-    return version
+    return kernel.release
 
 
 @pytest.mark.slow
@@ -518,7 +517,7 @@ def test_boot_uml_with_tap_nic(lab: Lab, u_image: Path) -> None:
                     Path(home),
                     f"ubd0r={lab.base}",
                     f"ubd1={u_image}",
-                    f"eth0=tuntap,{tap},{UML_MAC}",
+                    uml_nic_arg(need_uml_kernel(), tap, UML_MAC),
                 ),
                 env=uml_env(Path(home)),
             )

@@ -41,7 +41,7 @@ from unionimg.initramfs import build_initramfs
 from unionimg.runner import run
 from vm_fixtures import build
 
-from .conftest import need
+from .conftest import need, need_uml_kernel
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGEN = os.environ.get("UNIONIMG_REGEN_GOLDEN") == "1"
@@ -66,6 +66,9 @@ SPEC = BootSpec(
     tap="uitap-web1",
 )
 UML_SPEC = dataclasses.replace(SPEC, kernel=Path("/usr/bin/linux.uml"))
+UML_VECTOR_SPEC = dataclasses.replace(
+    SPEC, kernel=Path("/var/cache/unionimg/uml/7.2.12-1~bpo13+1/linux"), uml_transport="vector"
+)
 QEMU_SPEC = dataclasses.replace(SPEC, domain_type="qemu")
 
 
@@ -89,12 +92,14 @@ def rendered(case: str) -> dict[str, str]:
         return profiles.render("virtualbox", SPEC, disk_sectors=SECTORS)
     if case == "uml":
         return profiles.render("uml", UML_SPEC)
+    if case == "uml-vector":
+        return profiles.render("uml", UML_VECTOR_SPEC)
     if case == "net":
         return profiles.render_net_naming(SPEC)
     raise AssertionError(case)
 
 
-CASES = ("kvm", "kvm-qemu", "xen", "virtualbox", "uml", "net")
+CASES = ("kvm", "kvm-qemu", "xen", "virtualbox", "uml", "uml-vector", "net")
 
 
 # --- golden files ----------------------------------------------------------------------------
@@ -757,6 +762,13 @@ def test_uml_argv_is_the_rendered_file() -> None:
     assert f"ubd0r={SPEC.base_image}" in argv and f"ubd1={SPEC.upper_image}" in argv
     assert f"eth0=tuntap,{SPEC.tap},{SPEC.mac}" in argv
     assert argv[-2:] == ["quiet", "unionimg.timeout=20"]
+    vector = profiles.uml_argv(UML_VECTOR_SPEC)
+    assert f"vec0:transport=tap,ifname={SPEC.tap},mac={SPEC.mac}" in vector
+    assert not [a for a in vector if a.startswith("eth")]
+    # the variants differ only in the kernel and the NIC argument
+    assert [a for a in argv[1:] if not a.startswith("eth0=")] == [
+        a for a in vector[1:] if not a.startswith("vec0:")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -768,6 +780,7 @@ def test_uml_argv_is_the_rendered_file() -> None:
         ({"tap": ""}, "tap device"),
         ({"tap": "tap/0"}, "tap device"),
         ({"kernel": Path("/boot/vmlinuz-6.1.0-56-amd64")}, "UML kernel"),
+        ({"uml_transport": "slirp"}, "transport"),
     ],
 )
 def test_uml_refuses(change: Mapping[str, object], message: str) -> None:
@@ -965,21 +978,23 @@ def test_kvm_domain_boots_under_libvirt(guest: Guest) -> None:
 @pytest.mark.slow
 @pytest.mark.root
 def test_uml_argv_boots(guest: Guest) -> None:
-    linux_uml = Path("/usr/bin/linux.uml")
-    need(linux_uml.is_file(), "user-mode-linux not installed")
     need(os.geteuid() == 0, "a tap device needs root")
     need(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
     need_programs("ip")
-    version = run([str(linux_uml), "--version"], timeout=30).stdout.strip()
-    need(
-        (Path("/usr/lib/uml/modules") / version).is_dir(),
-        f"no modules for UML kernel {version}",
-    )
+    uml = need_uml_kernel()  # Debian's linux.uml, or the project-built one where that panics
+    linux_uml = uml.path
     tap = f"uiprof{os.getpid() % 100000}"
     run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
     try:
         run(["ip", "link", "set", tap, "up"])
-        spec = guest_spec(guest, "uml1", "52:54:00:0b:0c:03", kernel=linux_uml, tap=tap)
+        spec = guest_spec(
+            guest,
+            "uml1",
+            "52:54:00:0b:0c:03",
+            kernel=linux_uml,
+            tap=tap,
+            uml_transport=uml.transport,
+        )
         started = time.monotonic()
         result = run(profiles.uml_argv(spec), check=False, timeout=120, input="")
         print(f"UML argv, start to power-off: {time.monotonic() - started:.1f} s")

@@ -32,4 +32,5 @@ class BootSpec:
     workdir: Path  # the instance's run directory (rendered files, UML's uml_dir, sockets)
     domain_type: str = "kvm"  # libvirt domain type for the kvm profile: kvm | qemu (TCG)
     tap: str = ""  # host tap device carrying the MAC (UML)
+    uml_transport: str = "tuntap"  # UML NIC: tuntap (ethN=tuntap, UML < 6.15) | vector (vecN:)
     emulator: str = "/usr/bin/qemu-system-x86_64"

@@ -800,6 +800,9 @@ def _print_boot(out: dict[str, Any], as_json: bool) -> None:
         how = d["hypervisor"] + (
             f" (libvirt domain type {d['domain_type']}: {d['why']})" if d.get("domain_type") else ""
         )
+        if d.get("uml_kernel"):
+            k = d["uml_kernel"]
+            how += f" (kernel {k['path']}, {k['release'] or 'unknown release'}: {k['why']})"
         click.echo(
             f"booted {d['name']} under {how} in {d['overhead_s']:.2f} s; its init runs on the "
             f"union root after {d['ready_s']:.1f} s; console: {d['console']}"
@@ -847,6 +850,23 @@ def stop_cmd(c: Ctx, vm: str, force: bool, timeout: float) -> None:
     click.echo(f"stopped {vm} ({out['hypervisor']}, {how})")
     if out.get("crash"):
         click.echo(f"unionimg: warning: {vm} had crashed: {out['crash']}", err=True)
+
+
+@main.command("uml-kernel")
+@click.option("--reprobe", is_flag=True, help="Boot the candidates again instead of the cache.")
+@json_option
+def uml_kernel_cmd(reprobe: bool, as_json: bool) -> None:
+    """Which User-Mode Linux kernel 'boot --hypervisor uml' uses on this host, and why."""
+    from . import umlprobe
+
+    data = umlprobe.select(refresh=reprobe).as_dict()
+
+    def human(d: dict[str, str]) -> None:
+        click.echo(f"UML kernel: {d['path']} ({d['release'] or 'unknown release'}, {d['source']})")
+        click.echo(f"NIC transport: {d['transport']}; modules: {d['modules'] or 'none (built in)'}")
+        click.echo(f"why: {d['why']}")
+
+    emit(data, as_json, human)
 
 
 @main.command("console")

@@ -15,6 +15,13 @@
 # unionimg.timeout=SECONDS (how long to wait for the disks, default 10).
 # Every message starts with "unionimg-init:"; a failure prints "unionimg-init: error: ..."
 # and powers the machine off so that nothing waits forever on a console.
+#
+# The host reads this console (unionimg.hypervisors_state): the last line before the hand-over,
+# "unionimg-init: switching root to the union of BASE and U, starting INIT", is the READINESS
+# LINE (everything above succeeded); "unionimg-init: error: ..." is a failure quoted to the
+# admin (boot exits 9). If switch_root cannot execute INIT, or INIT exits, PID 1 is gone and
+# the kernel panics ("Attempted to kill init!"); the kernel runs with panic=-1, so the guest
+# resets at once and the host reports the panic. Keep these lines' wording.
 
 PATH=/bin:/sbin
 export PATH
@@ -151,6 +158,24 @@ if [ -d /unionimg/net ]; then
 	for f in /unionimg/net/*.rules; do [ -f "$f" ] && cp "$f" /run/udev/rules.d/; done
 	for f in /unionimg/net/*.link; do [ -f "$f" ] && cp "$f" /run/systemd/network/; done
 	say "NIC naming rules installed in /run for udev"
+	# A NIC the hypervisor names otherwise (UML's vector driver: vec0) gets its name here,
+	# from the rule udev would apply, so guests without udev see it too.
+	while read -r line; do
+		case "$line" in *'ATTR{address}=="'*'NAME="'*) ;; *) continue ;; esac
+		mac=${line#*ATTR\{address\}==\"}
+		mac=${mac%%\"*}
+		nic=${line#*NAME=\"}
+		nic=${nic%%\"*}
+		for dev in /sys/class/net/*; do
+			[ -e "$dev/address" ] && [ "${dev##*/}" != "$nic" ] || continue
+			[ "$(cat "$dev/address")" = "$mac" ] || continue
+			if ip link set "${dev##*/}" name "$nic"; then
+				say "NIC ${dev##*/} (MAC $mac) renamed $nic"
+			else
+				say "warning: cannot rename NIC ${dev##*/} (MAC $mac) to $nic"
+			fi
+		done
+	done </unionimg/net/70-unionimg-net.rules 2>/dev/null
 fi
 
 if [ ! -L "$NEWROOT$REAL_INIT" ] && [ ! -x "$NEWROOT$REAL_INIT" ]; then

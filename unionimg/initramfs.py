@@ -65,6 +65,7 @@ INIT_APPLETS: tuple[str, ...] = (
     "dmesg",
     "findfs",
     "insmod",
+    "ip",
     "ls",
     "lsmod",
     "mkdir",

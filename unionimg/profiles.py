@@ -424,6 +424,10 @@ def _xen(spec: BootSpec) -> dict[str, str]:
 
 #: where UML keeps its per-guest directory (pid file, mconsole socket): short on purpose
 UML_DIR: Final = "/run/unionimg-uml"
+#: How the argv attaches the tap NIC: UML's legacy ``eth0=tuntap,TAP,MAC`` (gone from UML
+#: 6.15 on; the guest NIC is eth0) or the vector driver ``vec0:transport=tap,ifname=TAP,mac=MAC``
+#: (the guest NIC is vec0 until the initramfs renames it by MAC). unionimg.umlprobe decides.
+UML_TRANSPORTS: Final = ("tuntap", "vector")
 
 
 def _uml(spec: BootSpec) -> dict[str, str]:
@@ -439,7 +443,17 @@ def _uml(spec: BootSpec) -> dict[str, str]:
             "(ip tuntap add dev TAP mode tap; ip link set TAP up)"
         )
     check_ifname(spec.tap, "tap device")
-    ctx |= {"tap": spec.tap, "cmdline_words": spec.cmdline.split(), "uml_dir": UML_DIR}
+    if spec.uml_transport not in UML_TRANSPORTS:
+        raise UsageError(
+            f"instance {spec.name}: UML NIC transport '{_show(spec.uml_transport)}' is not "
+            f"supported; use one of {', '.join(UML_TRANSPORTS)}"
+        )
+    ctx |= {
+        "tap": spec.tap,
+        "transport": spec.uml_transport,
+        "cmdline_words": spec.cmdline.split(),
+        "uml_dir": UML_DIR,
+    }
     return {"uml.argv": _render_template("uml/uml.argv.j2", ctx)}
 
 
