@@ -503,13 +503,14 @@ def stop(
     timeout: float = 30.0,
     umid: str | None = None,
     argv0_hint: str = UML,
-) -> None:
+) -> str:
     """Stop the UML guest ``pid``. Without ``force``: sync and remount its filesystems
     read-only through the mconsole, then halt (SIGTERM if there is no mconsole); after
     ``timeout`` s, or at once with ``force``, SIGKILL its whole process group. Quiet if it is
-    not running. ``umid`` (and ``argv0_hint``) guard against a recycled pid."""
+    not running. ``umid`` (and ``argv0_hint``) guard against a recycled pid. Returns how:
+    ``clean``, ``forced``, ``hard`` (killed after ``timeout``) or ``gone``."""
     if not is_running(pid, argv0_hint, umid=umid):
-        return
+        return "gone"
     group = _leads_group(pid)  # decided while the pid is known to be the guest
     if not force:
         sock = mconsole_socket(pid)
@@ -530,13 +531,14 @@ def stop(
         if wait(pid, timeout, umid=umid, argv0_hint=argv0_hint):
             if group:
                 _reap_group(pid)
-            return
+            return "clean"
         log.warning("UML pid %d still runs %.0f s after the stop request; killing it", pid, timeout)
     _signal(pid, signal.SIGKILL, group=group)
     if not wait(pid, 10.0, umid=umid, argv0_hint=argv0_hint):
         raise ToolFailed(f"UML guest pid {pid} survived SIGKILL for 10 s")
     if group:
         _reap_group(pid)
+    return "forced" if force else "hard"
 
 
 def _reap_group(pgid: int, timeout: float = 5.0) -> None:
