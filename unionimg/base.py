@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from . import hgrepo, sandbox
-from .errors import Conflict, NotFound, ToolFailed, UsageError
+from .errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
 from .faults import checkpoint
 from .image import default_size, disk_usage, make_ext4, usage_of
 from .manifest import (
     Change,
+    Entry,
     Manifest,
     changes_from_json,
     changes_to_json,
@@ -35,7 +36,17 @@ from .manifest import (
 from .mounts import mount_image, mount_overlay, require_root, umount
 from .names import check_name, check_outside_store, human_size, shown
 from .runner import run
-from .store import Store, now_iso, read_json, write_atomic, write_json
+from .store import (
+    SPACE_MARGIN,
+    Store,
+    free_space,
+    full_message,
+    now_iso,
+    read_json,
+    require_space,
+    write_atomic,
+    write_json,
+)
 
 RESERVED_TOP = (".unionimg", ".hg")
 
@@ -249,7 +260,13 @@ def _build_generation(
             f"size {human_size(size)} is too small for {source} "
             f"({human_size(used)} of files); give a larger --size"
         )
+    require_space(
+        gdir.parent,
+        _generation_estimate(entries, used, inodes, size, kernel or _tree_kernel(tree), parent),
+        f"{'create' if parent is None else 'update'} base {name}",
+    )
     gdir.mkdir(mode=0o700)
+    checkpoint(f"{op}:space-checked")
     make_ext4(gdir / "base.img", "BASE", tree, size, inodes=inodes)
     write_manifest(entries, gdir / "manifest.sqlite", {"base": name, "generation": str(number)})
     checkpoint(f"{op}:image-made")
@@ -280,6 +297,32 @@ def _build_generation(
     return _load_generation(name, gdir)
 
 
+def _generation_estimate(
+    entries: list[Entry],
+    used: int,
+    inodes: int,
+    size: int,
+    kernel: Path | None,
+    parent: Generation | None,
+) -> int:
+    """About how many bytes a new generation adds to the store: the image's data and the
+    metadata mke2fs writes (it stays sparse), the SQLite manifest, the history (each file
+    that changed since ``parent``, compressed at worst = raw; the sidecar; the manifest
+    revision) and the kernel."""
+    changed = used
+    if parent is not None:
+        changed = 0
+        with parent.manifest() as m:
+            for e in entries:
+                if e.kind == "file" and not e.same_content(m.get(e.path)):
+                    changed += e.size
+    if kernel is None and parent is not None:
+        kernel = parent.kernel_path
+    kernel_bytes = kernel.stat().st_size if kernel is not None and kernel.is_file() else 0
+    image = used + inodes * 256 + (4 << 20) + size // 65536
+    return image + changed + len(entries) * 1100 + kernel_bytes
+
+
 def create(
     store: Store, name: str, from_dir: Path, *, size: int | None = None, kernel: Path | None = None
 ) -> Generation:
@@ -291,6 +334,7 @@ def create(
     with store.lock(f"base-{name}", purpose=f"base create {name}"):
         if store.base_dir(name).exists():
             raise Conflict(f"base '{name}' already exists; use 'unionimg base update {name}'")
+        require_space(store.root, 0, f"create base {name}")  # the tree's own check comes later
         with store.staging(f"base-{name}") as stage:
             bdir = stage / "base"
             bdir.mkdir(mode=0o700)
@@ -349,6 +393,7 @@ def update(
     with store.lock(f"base-{name}", purpose=f"base update {name}"):
         gens = generations(store, name)
         parent = gens[-1]
+        require_space(store.root, 0, f"update base {name}")  # the tree's own check comes later
         _repair_history(store, name, gens)
         number = parent.number + 1
         history = store.base_dir(name) / "history"
@@ -369,7 +414,15 @@ def update(
             try:
                 with _staging_tree(store, stage, lowers) as tree:
                     if command is not None:
-                        run_in_chroot(tree, command)
+                        try:
+                            run_in_chroot(tree, command)
+                        except UsageError as exc:  # the command's writes filled the store?
+                            if free_space(store.root) < SPACE_MARGIN:
+                                raise StoreFull(
+                                    full_message(store.root, SPACE_MARGIN, f"update base {name}")
+                                    + f" (the command failed: {exc.message})"
+                                ) from exc
+                            raise
                     gen = _build_generation(
                         store,
                         name,

@@ -118,6 +118,13 @@ class UnionimgGroup(click.Group):
             ctx.exit(141)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except OSError as exc:
+            obj = ctx.find_object(Ctx)
+            full = _full_disk(exc, obj)
+            if full is None or (obj is not None and obj.debug):
+                raise
+            click.echo(f"unionimg: error: {full.message}", err=True)
+            ctx.exit(full.exit_code)
         except Exception as exc:
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.debug:
@@ -128,6 +135,16 @@ class UnionimgGroup(click.Group):
                 err=True,
             )
             ctx.exit(70)
+
+
+def _full_disk(exc: OSError, obj: Ctx | None) -> UnionimgError | None:
+    """A write that failed for lack of space, anywhere a check did not foresee it: said as
+    "store full" (exit 7), never as an internal error."""
+    from .store import write_failure
+
+    where = exc.filename or (obj.store_path if obj is not None else ".")
+    store_root = Path(obj.store_path) if obj is not None else None
+    return write_failure(exc, str(where), "writing " + str(where), store_path=store_root)
 
 
 @click.group(cls=UnionimgGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -621,7 +638,13 @@ def reconcile_cmd(
     for n in names:
         inst_mod.load(c.store, n)
     reports = _run_reconcile(c.store, names, policy, dry_run, to_generation, jobs, as_json)
-    rec.save_report(c.store, reports, dry_run=dry_run)
+    unsaved = None
+    try:
+        rec.save_report(c.store, reports, dry_run=dry_run)
+    except OSError as exc:  # what was reconciled stands; the report alone is missing
+        unsaved = _full_disk(exc, c)
+        if unsaved is None:
+            raise
     if as_json:
         click.echo(
             json.dumps(
@@ -630,6 +653,8 @@ def reconcile_cmd(
                 ensure_ascii=False,
             )
         )
+    if unsaved is not None:
+        raise unsaved
     code = rec.exit_code(reports)
     if code:
         sys.exit(code)

@@ -259,3 +259,34 @@ def commit_tree_into(history: Path, tree: Path, parent: str | None, message: str
     if node is None:
         raise ToolFailed(f"hg commit of {tree} recorded nothing")
     return node
+
+
+def verify_node(root: Path, node: str, repo: Repo | None = None) -> None:
+    """Check that the repository at ``root`` holds changeset ``node``, after the caller made
+    the filesystem durable (syncfs checked), so what is read is what the disk holds: the
+    changelog's cached pages (clean after the sync) are dropped first, so it is read from
+    the disk again. ``repo``: a command server to ask (reconcile's workers: no start-up per
+    instance); without it a fresh Mercurial process. Raises :class:`ToolFailed` otherwise."""
+    for name in ("00changelog.i", "00changelog.d"):
+        with contextlib.suppress(OSError):
+            fd = os.open(root / ".hg" / "store" / name, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    try:
+        if repo is not None:
+            found = repo.cmd("log", "-r", node, "-T", "{node}").decode().strip()
+        else:
+            with open_repo(root) as fresh:
+                found = fresh.cmd("log", "-r", node, "-T", "{node}").decode().strip()
+    except ToolFailed as exc:
+        raise ToolFailed(
+            f"changeset {node[:12]} is not in the repository at {root} after the commit "
+            f"({exc.message}); nothing was recorded"
+        ) from exc
+    if found != node:
+        raise ToolFailed(
+            f"changeset {node[:12]} is not in the repository at {root} after the commit; "
+            "nothing was recorded"
+        )

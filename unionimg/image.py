@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ToolFailed, UsageError
+from .errors import StoreFull, ToolFailed, UsageError
 from .manifest import Entry
 from .names import human_size
 from .runner import run
@@ -71,8 +71,12 @@ def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int =
     if res.returncode != 0:
         image.unlink(missing_ok=True)
         text = res.stderr + res.stdout
+        if "No space left on device" in text:  # the host's ENOSPC: the store is full
+            from .store import full_message
+
+            raise StoreFull(full_message(image.parent, _tree_bytes(source), f"make {image.name}"))
         if re.search(
-            r"Could not allocate|No space left|No free space|too many inodes|"
+            r"Could not allocate|No free space|too many inodes|"
             r"Could not allocate inode",
             text,
             re.IGNORECASE,
@@ -87,3 +91,16 @@ def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int =
 def disk_usage(path: Path) -> int:
     """Bytes really allocated on disk (sparse files count what they hold)."""
     return os.stat(path).st_blocks * 512
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes the files below ``root`` occupy, plus what mke2fs writes beside them (for the
+    "about Y needed" of a full store)."""
+    total = 4 << 20
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total

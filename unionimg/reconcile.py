@@ -46,6 +46,8 @@ from .errors import (
     EXIT_RECONCILE_FAILED,
     Conflict,
     NotFound,
+    StoreFull,
+    ToolFailed,
     UnionimgError,
     UsageError,
 )
@@ -55,8 +57,18 @@ from .manifest import FILE, Change, Entry
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
-from .status import scan_upper
-from .store import Store, now_iso, read_json, write_atomic, write_json
+from .status import blame_space, commit_estimate, require_u_space, scan_upper
+from .store import (
+    Store,
+    WriteWatch,
+    now_iso,
+    read_json,
+    require_space,
+    sync_image,
+    write_atomic,
+    write_failure,
+    write_json,
+)
 
 REPORTS_KEPT = 50
 
@@ -72,6 +84,7 @@ class InstanceReport:
     error: str | None = None
     unaffected: int = 0
     applied: bool = False
+    full: bool = False  # the error was a full disk (not in the JSON: the error says so)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,7 +101,10 @@ class InstanceReport:
 
 
 def exit_code(reports: Sequence[InstanceReport]) -> int:
-    if any(r.status == "error" for r in reports):
+    failed = [r for r in reports if r.status == "error"]
+    if failed and all(r.full for r in failed):
+        return StoreFull.exit_code  # only space was lacking: free it and rerun
+    if failed:
         return EXIT_RECONCILE_FAILED
     if any(r.status == "conflicts" for r in reports):
         return EXIT_CONFLICTS
@@ -224,6 +240,8 @@ class Reconciler:
 
     # -- the fleet --------------------------------------------------------------------------
     def run(self, names: Sequence[str], jobs: int = 1) -> list[InstanceReport]:
+        if not self.dry_run:  # a full store: one line, not one failure per instance
+            require_space(self.store.root, 0, "reconcile")
         try:
             if jobs <= 1:
                 return [self._report(n) for n in names]
@@ -239,9 +257,19 @@ class Reconciler:
         except UnionimgError as exc:
             report.status = "error"
             report.error = exc.message
+            report.full = isinstance(exc, StoreFull)
         except OSError as exc:
             report.status = "error"
-            report.error = f"{exc.strerror or exc} ({exc.filename or name})"
+            full = write_failure(
+                exc,
+                exc.filename or self.store.root,
+                f"reconcile {name}",
+                store_path=self.store.root,
+            )
+            report.full = full is not None
+            report.error = (
+                full.message if full else f"{exc.strerror or exc} ({exc.filename or name})"
+            )
         if self.progress:
             self.progress(report)
         return report
@@ -259,7 +287,10 @@ class Reconciler:
             journal = _journal(self.store, name)
             if journal.is_file() and not self.dry_run:
                 with u_layer(self.store, name, write=True) as u:
-                    self._recover(inst, u)
+                    try:
+                        self._recover(inst, u)
+                    except (OSError, ToolFailed) as exc:
+                        raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
                 inst = load(self.store, name)
                 report.from_generation = inst.generation
             elif journal.is_file():
@@ -299,7 +330,11 @@ class Reconciler:
                 report.status = "conflicts" if plan.conflicts else "clean"
                 if self.dry_run:
                     return
-                self._apply(inst, u, b0, b1, plan.actions, entries)
+                self._require_space(name, u, plan.actions, entries)
+                try:
+                    self._apply(inst, u, b0, b1, plan.actions, entries)
+                except (OSError, ToolFailed) as exc:
+                    raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
                 report.applied = True
             self._pending(name, report)
 
@@ -319,6 +354,31 @@ class Reconciler:
             report.status = "conflicts"
 
     # -- applying -------------------------------------------------------------------------
+    def _require_space(
+        self, name: str, u: Path, actions: Sequence[Action], entries: list[Entry]
+    ) -> None:
+        """Room, in U and in the store (U is sparse there), for what applying the plan
+        writes: the local commit, upper.new (new directories and inodes; files are
+        hardlinks), the files the plan writes and their commit, and in the store the
+        conflict versions set aside and the report."""
+        written = [len(a.data) for a in actions if a.action == WRITE and a.data is not None]
+        dirs = sum(1 for e in entries if e.kind == "dir")
+        u_need = (
+            dirs * 4096
+            + len(entries) * 256
+            + sum((n + 4095) // 4096 * 4096 for n in written)
+            + commit_estimate(u, entries, written)
+        )
+        aside = sum(
+            len(data) + 4096
+            for a in actions
+            if a.action == CONFLICT
+            for data in a.artifacts.values()
+        )
+        what = f"reconcile {name}"
+        require_u_space(self.store, u, name, u_need, what)
+        require_space(self.store.root, u_need + aside + (64 << 10), what)
+
     def _apply(
         self,
         inst: Instance,
@@ -331,6 +391,7 @@ class Reconciler:
         name = inst.name
         repo = self.hg(u)
         new, prev = u / "upper.new", u / "upper.prev"
+        watch = WriteWatch(u)  # before any write: its sync reports every write-back error
         fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
         # Mercurial records the upper layer as it is (in its own process) while upper.new
         # is staged beside it: staging never changes an inode of upper/ (fsops replaces
@@ -350,9 +411,14 @@ class Reconciler:
             aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
         finally:
             wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
-        pre = pre_commit.result()
-        checkpoint("reconcile:pre-committed")
-        fsops.syncfs(u)  # upper.new (and the commit) durable before the journal may say swap
+        try:
+            pre = pre_commit.result()
+            checkpoint("reconcile:pre-committed")
+            # upper.new (and the commit) durable before the journal may say swap
+            sync_image(watch, self.store.root, name, f"reconcile {name}")
+        except BaseException:
+            watch.close()
+            raise
         checkpoint("reconcile:staged")
         fsops.remove_tree(prev)
         journal: dict[str, Any] = {
@@ -368,12 +434,29 @@ class Reconciler:
         }
         write_json(_journal(self.store, name), journal)
         checkpoint("reconcile:swap-journaled")
-        fsops.exchange(u / "upper", new)
-        checkpoint("reconcile:swapped")
-        self._finish(inst, u, journal)
+        try:
+            fsops.exchange(u / "upper", new)
+            checkpoint("reconcile:swapped")
+            self._finish(inst, u, journal, watch)
+        finally:
+            watch.close()
 
-    def _finish(self, inst: Instance, u: Path, journal: dict[str, Any]) -> None:
-        """Everything after the swap; idempotent, so recovery can run it again."""
+    def _finish(
+        self, inst: Instance, u: Path, journal: dict[str, Any], watch: WriteWatch | None = None
+    ) -> None:
+        """Everything after the swap; idempotent, so recovery can run it again. The journal
+        goes only once the post-reconcile changeset is on disk (U synced, node re-read)."""
+        own = watch is None
+        watch = watch or WriteWatch(u)
+        try:
+            self._finish_watched(inst, u, journal, watch)
+        finally:
+            if own:
+                watch.close()
+
+    def _finish_watched(
+        self, inst: Instance, u: Path, journal: dict[str, Any], watch: WriteWatch
+    ) -> None:
         name = inst.name
         new, prev = u / "upper.new", u / "upper.prev"
         if new.exists():
@@ -404,6 +487,9 @@ class Reconciler:
             ),
             paths=journal.get("commit_paths"),
         )
+        sync_image(watch, self.store.root, name, f"reconcile {name}")
+        if post is not None:
+            hgrepo.verify_node(u, post, repo)
         checkpoint("reconcile:committed")
         write_json(
             _last(self.store, name),
@@ -428,6 +514,11 @@ class Reconciler:
             self._finish(inst, u, journal)
             return
         fsops.remove_tree(new)  # not swapped: the live upper is the old one, untouched
+        if inst.generation != journal["from"]:
+            # the swap was made, then lost with U's writes after a write error (a full
+            # store aborted U's journal): the store follows U back to the old generation
+            save(self.store, replace(inst, generation=journal["from"]))
+            write_json(conflicts_path(self.store, inst.name), journal["conflicts_before"])
         _journal(self.store, inst.name).unlink(missing_ok=True)
 
     def _set_aside(
@@ -576,12 +667,23 @@ def resolve(
         c = match[0]
         aside = Path(c["dir"])
         how = take or f"file {file}"
-        with u_layer(store, name, write=True) as u, hgrepo.open_repo(u) as repo:
+        what = f"resolve {path} in {name}"
+        with (
+            u_layer(store, name, write=True) as u,
+            WriteWatch(u) as watch,
+            hgrepo.open_repo(u) as repo,
+        ):
             upper = u / "upper"
             gen = get_generation(store, inst.base, c["generation"])
             with gen.manifest() as m:
                 b1 = m.get(path)
             local = _upper_entry(upper, path)
+            # the file written (its data, then its revlog) and whatever else the commit adds
+            sizes = {"merged": aside / "merged", "base": aside / "base-new", None: file}
+            incoming = _size_of(sizes.get(take))
+            entries = scan_upper(u, hash_files=False)
+            require_u_space(store, u, name, commit_estimate(u, entries, [incoming] * 2), what)
+            checkpoint("resolve:checked")
             if take == "local":
                 pass
             elif take == "base":
@@ -633,10 +735,23 @@ def resolve(
                 (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"),
                 append=True,
             )
+            try:
+                node = _commit(repo, u, inst, f"resolve {path} in {name}: took {how}")
+                sync_image(watch, store.root, name, what)
+            except (OSError, ToolFailed) as exc:
+                raise blame_space(exc, store, u, name, what) from exc
+            if node is not None:  # on disk: only now is the conflict settled
+                hgrepo.verify_node(u, node, repo)
             write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
-            node = _commit(repo, u, inst, f"resolve {path} in {name}: took {how}")
         fsops.remove_tree(aside)
     return {"name": name, "path": path, "took": how, "node": node}
+
+
+def _size_of(path: Path | None) -> int:
+    try:
+        return os.stat(path).st_size if path is not None else 0
+    except OSError:
+        return 0
 
 
 def _upper_entry(upper: Path, path: str) -> Any:

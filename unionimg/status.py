@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -11,9 +12,28 @@ from typing import Any, Protocol
 
 from . import hgrepo
 from .base import generations, get_generation
+from .errors import StoreFull, ToolFailed, UnionimgError
+from .faults import checkpoint
 from .instance import Instance, load, u_layer
-from .manifest import DIR, WHITEOUT, Entry, scan_tree, sidecar_text
-from .store import Store
+from .manifest import DIR, FILE, WHITEOUT, Entry, scan_tree, sidecar_text
+from .store import (
+    SPACE_MARGIN,
+    Store,
+    WriteWatch,
+    free_space,
+    mount_point,
+    require_space,
+    sync_image,
+    write_failure,
+)
+
+# What a commit adds to U per file beyond its content (its revlog's inode, directory entry
+# and the journal blocks of that metadata) and per path (its sidecar line, committed too,
+# and its line in the manifest revision); what U keeps free beyond an estimate.
+HG_FILE_OVERHEAD = 8 << 10
+HG_PATH_OVERHEAD = 512
+U_MARGIN = 2 << 20
+HG_MAX_FILE = 2 << 30  # Mercurial stores no file this large, so it adds nothing to U
 
 
 class Lookup(Protocol):
@@ -90,12 +110,118 @@ def status(store: Store, name: str) -> dict[str, Any]:
 
 
 def commit(store: Store, name: str, message: str | None) -> str | None:
+    """Commit the upper layer; the changeset is reported only once it is on disk: U is
+    synced (every write-back error since the commit began is caught) and a fresh Mercurial
+    process finds the changeset. Space is checked first on U and on the store."""
     inst = load(store, name)
+    what = f"commit {name}"
     with (
         store.lock(f"instance-{name}", purpose=f"commit {name}"),
         u_layer(store, name, write=True) as u,
+        WriteWatch(u) as watch,
     ):
-        return commit_u(u, inst, message)
+        check_u_writable(store, u, name, what)
+        entries = scan_upper(u, hash_files=False)
+        require_u_space(store, u, name, commit_estimate(u, entries), what)
+        checkpoint("commit:checked")
+        try:
+            node = commit_u(u, inst, message, entries)
+            sync_image(watch, store.root, name, what)
+        except (OSError, ToolFailed) as exc:
+            raise blame_space(exc, store, u, name, what) from exc
+        if node is not None:
+            hgrepo.verify_node(u, node)
+        return node
+
+
+# -- space and durability of writes into U ---------------------------------------------------
+def commit_estimate(u: Path, entries: Iterable[Entry], extra_files: Iterable[int] = ()) -> int:
+    """About how many bytes committing the upper layer adds to U (and so, U being sparse, to
+    the store): every regular file changed since Mercurial last wrote its dirstate (by its
+    ctime; content stored compressed, at worst raw), ``extra_files`` (sizes of files the
+    caller is about to write), and per path its sidecar and manifest lines."""
+    try:
+        since = os.lstat(u / ".hg" / "dirstate").st_mtime - 2
+    except OSError:
+        since = float("-inf")  # never committed: everything is new
+    upper = os.fsencode(u / "upper")
+    total = 0
+    for e in entries:
+        total += HG_PATH_OVERHEAD
+        if e.kind != FILE or e.size >= HG_MAX_FILE:
+            continue
+        try:
+            st = os.lstat(upper + os.fsencode(e.path))
+        except OSError:
+            continue
+        if st.st_ctime >= since:
+            total += _file_cost(e.size)
+    return total + sum(_file_cost(n) for n in extra_files if n < HG_MAX_FILE)
+
+
+def _file_cost(size: int) -> int:
+    return (size + 64 + 4095) // 4096 * 4096 + HG_FILE_OVERHEAD
+
+
+def require_u_space(store: Store, u: Path, name: str, needed: int, what: str) -> None:
+    """Room for ``needed`` more bytes in U's own filesystem and in the store's (U is a
+    sparse file there: its growth is the store's); :class:`StoreFull` otherwise."""
+    require_space(
+        u,
+        needed,
+        what,
+        margin=U_MARGIN,
+        hint=f"the U image of {name} is full: remove files in the VM, then retry",
+    )
+    require_space(store.root, needed, what)
+
+
+def check_u_writable(store: Store, u: Path, name: str, what: str) -> None:
+    """Refuse a U whose filesystem went read-only (its journal aborted after a write error,
+    e.g. the store filled up while the union was mounted): what was written there since is
+    lost, and writing more would report changes that never reach the disk."""
+    from .mounts import find_mount
+
+    entry = find_mount(u)
+    opts = set(entry.options.split(",")) if entry is not None else set()
+    if not os.statvfs(u).f_flag & os.ST_RDONLY and not opts & {"ro", "emergency_ro"}:
+        return
+    free = free_space(store.root)
+    said = (
+        f"the U image of {name} went read-only after a write error (its recent writes are "
+        f"lost); umount it, free space, and retry to {what}"
+    )
+    if free < SPACE_MARGIN:
+        from .names import human_size
+
+        raise StoreFull(f"store full: {human_size(free)} free on {mount_point(store.root)}; {said}")
+    raise ToolFailed(said)
+
+
+def blame_space(
+    exc: OSError | UnionimgError, store: Store, u: Path, name: str, what: str
+) -> BaseException:
+    """The error to report for a write into U that failed: :class:`StoreFull` when U or the
+    store ran out of space (hg says 'No space left on device', 'Input/output error' or
+    'Read-only file system' after U's journal aborted), else ``exc`` itself."""
+    if isinstance(exc, StoreFull):
+        return exc
+    if isinstance(exc, OSError):
+        full = write_failure(exc, u, what, store_path=store.root)
+        return full if full is not None else exc
+    text = exc.message
+    if "No space left on device" in text and free_space(u) < U_MARGIN:
+        return StoreFull(
+            f"store full: the U image of {name} is full ({text}); remove files in the VM, "
+            f"then retry to {what}"
+        )
+    if free_space(store.root) < SPACE_MARGIN and any(
+        s in text for s in ("No space left", "Input/output error", "Read-only file system")
+    ):
+        full = write_failure(OSError(errno.EIO, "I/O error"), u, what, store_path=store.root)
+        if full is not None:
+            return full
+    return exc
 
 
 def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None = None) -> None:
@@ -110,9 +236,12 @@ def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None =
     )
 
 
-def commit_u(u: Path, inst: Instance, message: str | None) -> str | None:
-    """Record the upper layer (files in hg, the rest in the sidecar) as one changeset."""
-    write_history_sidecar(u, inst)
+def commit_u(
+    u: Path, inst: Instance, message: str | None, entries: list[Entry] | None = None
+) -> str | None:
+    """Record the upper layer (files in hg, the rest in the sidecar) as one changeset.
+    ``entries``: a fresh unhashed scan of it, if the caller has one."""
+    write_history_sidecar(u, inst, entries)
     msg = message or f"local changes of {inst.name} on {inst.base} generation {inst.generation}"
     with hgrepo.open_repo(u) as repo:
         return repo.commit_all(msg)
