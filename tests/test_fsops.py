@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import subprocess
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from unionimg import fsops
 from unionimg.manifest import stat_entry
@@ -53,3 +57,109 @@ def test_set_meta_replaces_shared_inodes(tmp_path: Path) -> None:
     assert os.readlink(new / "d" / "link") == "file"
     assert os.lstat(new / "d" / "wh").st_rdev == os.makedev(0, 0)
     assert os.getxattr(new / "d" / "file", "trusted.overlay.test") == b"kept"
+
+
+def test_lookups_in_an_upper_layer_never_follow_its_symlinks(tmp_path: Path) -> None:
+    """resolve's lookups (entry_at, opaque_above) through a guest's symlinked directory see
+    nothing of the host directory it points at."""
+    need_root()  # trusted.* xattrs
+    host = tmp_path / "host"
+    (host / "etc").mkdir(parents=True)
+    (host / "etc" / "shadow").write_text("secret\n")
+    os.setxattr(host / "etc", "trusted.overlay.opaque", b"y")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    os.symlink(host, upper / "link")
+    (upper / "real" / "sub").mkdir(parents=True)
+    (upper / "real" / "sub" / "f").write_text("mine\n")
+    os.setxattr(upper / "real", "trusted.overlay.opaque", b"y")
+    assert fsops.entry_at(upper, "/link/etc/shadow") is None
+    assert fsops.opaque_above(upper, "/link/etc/shadow") is False
+    entry = fsops.entry_at(upper, "/real/sub/f")
+    assert entry is not None and entry.kind == "file" and entry.size == 5
+    link = fsops.entry_at(upper, "/link")
+    assert link is not None and link.kind == "symlink" and link.target == str(host)
+    assert fsops.opaque_above(upper, "/real/sub/f") is True
+    assert fsops.entry_at(upper, "/missing/x") is None
+
+
+def test_open_beneath_both_ways(tmp_path: Path) -> None:
+    """openat2 and the O_NOFOLLOW walk refuse the same things: symlinks anywhere, '..',
+    absolute paths, mount crossings; they open plain paths."""
+    root = tmp_path / "u"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "e" / "f").write_text("x")
+    os.symlink("e", root / "d" / "ln")
+    os.symlink("/etc", root / "abs")
+    saved = fsops.openat2.usable
+    try:
+        for use in (True, False):
+            fsops.openat2.usable = use
+            with fsops.opened_root(root) as rfd:
+                fd = fsops.open_beneath(rfd, "d/e/f", os.O_RDONLY)
+                assert os.read(fd, 10) == b"x"
+                os.close(fd)
+                for bad in ("d/ln/f", "d/ln", "abs/passwd", "abs"):
+                    with pytest.raises(OSError) as info:
+                        os.close(fsops.open_beneath(rfd, bad, os.O_RDONLY))
+                    assert info.value.errno == errno.ELOOP, (use, bad)
+                for bad in ("../u/d", "d/../d"):
+                    with pytest.raises(ValueError):
+                        fsops.open_beneath(rfd, bad, os.O_RDONLY)
+    finally:
+        fsops.openat2.usable = saved
+
+
+def test_open_beneath_refuses_a_mount_crossing(tmp_path: Path) -> None:
+    need_root()
+    root = tmp_path / "u"
+    (root / "m").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(root / "m")], check=True)
+    saved = fsops.openat2.usable
+    try:
+        (root / "m" / "f").write_text("x")
+        for use in (True, False):
+            fsops.openat2.usable = use
+            with fsops.opened_root(root) as rfd, pytest.raises(OSError) as info:
+                os.close(fsops.open_beneath(rfd, "m/f", os.O_RDONLY))
+            assert info.value.errno == errno.EXDEV, use
+    finally:
+        fsops.openat2.usable = saved
+        subprocess.run(["umount", str(root / "m")], check=True)
+
+
+def test_check_tree_plain_deep_and_hostile(tmp_path: Path) -> None:
+    """A guest's .hg nested 3000 deep is walked without recursion; a symlink or fifo at the
+    bottom is found; Mercurial's own checklink link is tolerated with its own target only."""
+    root = tmp_path / "u"
+    deep = root / ".hg"
+    deep.mkdir(parents=True)
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # by fd: the path would exceed PATH_MAX
+        for _ in range(3000):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.symlink("/etc/passwd", "evil", dir_fd=fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(fsops.UnsafePath):
+        fsops.check_tree_plain(root, ".hg")  # the symlink, or a path too long: refused
+    shallow = tmp_path / "v"
+    (shallow / ".hg" / "wcache").mkdir(parents=True)
+    (shallow / ".hg" / "store" / "data").mkdir(parents=True)
+    (shallow / ".hg" / "store" / "data" / "a.i").write_bytes(b"\0")
+    os.symlink("checklink-target", shallow / ".hg" / "wcache" / "checklink")
+    allowed = {".hg/wcache/checklink": b"checklink-target"}
+    assert fsops.check_tree_plain(shallow, ".hg", allowed) == 5
+    with pytest.raises(fsops.UnsafePath):
+        fsops.check_tree_plain(shallow, ".hg")
+    os.unlink(shallow / ".hg" / "wcache" / "checklink")
+    os.symlink("/etc/passwd", shallow / ".hg" / "wcache" / "checklink")
+    with pytest.raises(fsops.UnsafePath):
+        fsops.check_tree_plain(shallow, ".hg", allowed)
+    os.unlink(shallow / ".hg" / "wcache" / "checklink")
+    os.mkfifo(shallow / ".hg" / "store" / "data" / "b.i")
+    with pytest.raises(fsops.UnsafePath, match="fifo"):
+        fsops.check_tree_plain(shallow, ".hg", allowed)

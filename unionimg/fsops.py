@@ -24,6 +24,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .errors import GuestDataRefused
 from .manifest import DIR, FILE, SYMLINK, Entry
@@ -218,30 +219,70 @@ def remove_entry(root: Path, path: str) -> None:
 def link_copy(src: Path, dst: Path) -> None:
     """A copy of the tree ``src`` at ``dst`` whose non-directories are hardlinks (cheap:
     O(entries), no data copied); directories get their owner, mode and every xattr,
-    overlay's opaque markers included."""
+    overlay's opaque markers included. By directory descriptors: any depth (a guest may
+    nest thousands of directories, far past PATH_MAX), a bounded number of them open."""
 
-    def copy_dir_meta(s: str, d: str) -> None:
-        st = os.lstat(s)
-        os.chown(d, st.st_uid, st.st_gid)
-        os.chmod(d, stat.S_IMODE(st.st_mode))
-        for name in os.listxattr(s):
-            os.setxattr(d, name, os.getxattr(s, name))
+    def copy_dir_meta(sfd: int, dfd: int) -> None:
+        st = os.fstat(sfd)
+        os.fchown(dfd, st.st_uid, st.st_gid)
+        os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+        for name in os.listxattr(sfd):
+            os.setxattr(dfd, name, os.getxattr(sfd, name))
+
+    def fill(sfd: int, dfd: int) -> list[str]:
+        """Link every non-directory of ``sfd`` into ``dfd``; make (and return) its
+        subdirectories."""
+        copy_dir_meta(sfd, dfd)
+        subdirs = []
+        with os.scandir(sfd) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    os.mkdir(entry.name, 0o700, dir_fd=dfd)
+                    subdirs.append(entry.name)
+                else:  # symlinks (also to directories), files, nodes, whiteouts
+                    os.link(
+                        entry.name,
+                        entry.name,
+                        src_dir_fd=sfd,
+                        dst_dir_fd=dfd,
+                        follow_symlinks=False,
+                    )
+        return subdirs[::-1]
 
     os.mkdir(dst, 0o755)
-    copy_dir_meta(str(src), str(dst))
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        out = dst if rel == "." else dst / rel
-        for d in dirnames:
-            s = os.path.join(dirpath, d)
-            if os.path.islink(s):
-                os.link(s, out / d, follow_symlinks=False)
+    frames: list[list[Any]] = []  # [src fd | None, dst fd | None, subdirectories left]
+    try:
+        sfd = os.open(src, _DIR_FLAGS)
+        frames.append([sfd, None, []])
+        frames[-1][1] = os.open(dst, _DIR_FLAGS)
+        frames[-1][2] = fill(frames[-1][0], frames[-1][1])
+        while frames:
+            frame = frames[-1]
+            if not frame[2]:
+                frames.pop()
+                if frames and frames[-1][0] is None:  # came back up past the kept fds
+                    frames[-1][0] = os.open("..", _DIR_FLAGS, dir_fd=frame[0])
+                    frames[-1][1] = os.open("..", _DIR_FLAGS, dir_fd=frame[1])
+                os.close(frame[0])
+                os.close(frame[1])
                 continue
-            os.mkdir(out / d, 0o700)
-            copy_dir_meta(s, str(out / d))
-        for f in filenames:
-            os.link(os.path.join(dirpath, f), out / f, follow_symlinks=False)
-    # os.walk lists symlinks to directories among dirnames and does not descend: handled
+            name = frame[2].pop()
+            child: list[Any] = [os.open(name, _DIR_FLAGS, dir_fd=frame[0]), None, []]
+            frames.append(child)
+            child[1] = os.open(name, _DIR_FLAGS, dir_fd=frame[1])
+            if len(frames) > _FDS_KEPT:
+                os.close(frame[0])
+                os.close(frame[1])
+                frame[0] = frame[1] = None
+            child[2] = fill(child[0], child[1])
+    finally:
+        for frame in frames:
+            for fd in frame[:2]:
+                if fd is not None:
+                    os.close(fd)
+
+
+_FDS_KEPT = 32  # directory descriptors kept open on the way down a deep tree
 
 
 def syncfs(path: Path) -> None:
@@ -272,13 +313,52 @@ def exchange(a: Path, b: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """rm -r without following symlinks (a tree of an upper layer: whiteouts and all)."""
-    import shutil
-
+    """rm -r without following symlinks (a tree of an upper layer: whiteouts and all). By
+    directory descriptors, iterative: any depth, a bounded number of them open."""
     if path.is_symlink() or not path.exists():
         path.unlink(missing_ok=True)
         return
-    shutil.rmtree(path)
+    if not path.is_dir():
+        path.unlink()
+        return
+    parent = os.open(path.parent, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    frames: list[list[Any]] = [[parent, None, []]]  # [fd | None, name in parent, dirs left]
+
+    def clear(fd: int) -> list[str]:
+        """Unlink every non-directory of ``fd``; return its subdirectories."""
+        subdirs = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+        return subdirs
+
+    try:
+        frames.append([os.open(path.name, _DIR_FLAGS, dir_fd=parent), path.name, []])
+        frames[-1][2] = clear(frames[-1][0])
+        while len(frames) > 1:
+            frame = frames[-1]
+            if frame[2]:
+                name = frame[2].pop()
+                frames.append([os.open(name, _DIR_FLAGS, dir_fd=frame[0]), name, []])
+                if len(frames) > _FDS_KEPT:
+                    os.close(frame[0])
+                    frame[0] = None
+                frames[-1][2] = clear(frames[-1][0])
+                continue
+            frames.pop()
+            up = frames[-1]
+            if up[0] is None:  # came back up past the kept fds
+                up[0] = os.open("..", _DIR_FLAGS, dir_fd=frame[0])
+            os.close(frame[0])
+            frame[0] = None
+            os.rmdir(frame[1], dir_fd=up[0])
+    finally:
+        for frame in frames:
+            if frame[0] is not None:
+                os.close(frame[0])
 
 
 # -- resolving beneath a guest-written root, never through a symlink ------------------------
@@ -554,3 +634,42 @@ def check_tree_plain(root: Path, rel: str, allowed_links: dict[str, bytes] | Non
                 raise UnsafePath(os.fsdecode(sub), _why(exc.errno or 0)) from exc
             stack.append(sub)
     return seen
+
+
+def entry_at(root: Path, path: str) -> Entry | None:
+    """The :class:`Entry` of ``path`` inside the tree ``root`` (an upper layer), or None if
+    it is not there — also when a symlink lies on the way (its target is not in the tree)."""
+    from .manifest import stat_entry
+
+    try:
+        with parent_fd(root, path) as (dfd, name):
+            st = os.lstat(name, dir_fd=dfd)
+            return stat_entry(f"/proc/self/fd/{dfd}/{os.fsdecode(name)}", path, st)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None
+        raise
+
+
+def opaque_above(root: Path, path: str) -> bool:
+    """Whether a directory above ``path`` in the tree ``root`` is opaque (overlay's
+    ``trusted.overlay.opaque``), the directories opened without following a symlink."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for comp in _parts(path)[:-1]:
+            try:
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                return False
+            os.close(fd)
+            fd = nfd
+            try:
+                if os.getxattr(fd, "trusted.overlay.opaque") == b"y":
+                    return True
+            except OSError:
+                continue
+        return False
+    finally:
+        os.close(fd)

@@ -755,26 +755,12 @@ def _size_of(path: Path | None) -> int:
 
 
 def _upper_entry(upper: Path, path: str) -> Any:
-    from .manifest import stat_entry
-
-    real = upper / os.fsdecode(os.fsencode(path).lstrip(b"/"))
-    if not os.path.lexists(real):
-        return None
-    return stat_entry(str(real), path)
+    return fsops.entry_at(upper, path)  # no symlink in the guest's upper followed
 
 
 def _under_opaque(upper: Path, path: str) -> bool:
     """Whether a directory above ``path`` in the upper layer is opaque (hides the base)."""
-    parts = os.fsencode(path).strip(b"/").split(b"/")[:-1]
-    cur = os.fsencode(upper)
-    for comp in parts:
-        cur = cur + b"/" + comp
-        try:
-            if os.getxattr(cur, "trusted.overlay.opaque", follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
+    return fsops.opaque_above(upper, path)
 
 
 def _has_markers(data: bytes) -> bool:
