@@ -6,7 +6,9 @@ what changes is only the rendered profile. Per boot:
 * kernel: the base's own (kept with its generation), else the host's newest
   ``/boot/vmlinuz-*``; UML boots ``/usr/bin/linux.uml``;
 * initramfs: built by unionimg (:mod:`unionimg.initramfs`) with the modules of that kernel
-  (from the base image when the kernel is the base's) plus UML's, cached in ``STORE/boot/``,
+  (from the base image when the kernel is the base's) plus UML's, cached in ``STORE/boot/``;
+  the UML kernel is the one :func:`unionimg.umlprobe.select` finds booting on this host
+  (Debian's ``/usr/bin/linux.uml``, else the project-built one; said on stderr),
   followed by a small per-instance archive holding the NIC naming files rendered from
   ``udev_rules/`` for the instance's MAC (the guest's /init installs them in /run);
 * ``kvm``: a libvirt domain (type ``kvm`` where a probe shows KVM really boots a guest,
@@ -72,9 +74,9 @@ from .instance import Instance, list_instances, load, mount_record, save, upper_
 from .mounts import mount_image, umount
 from .names import check_hypervisor
 from .store import Store, now_iso, read_json, write_json
+from .umlprobe import UmlKernel
 
 log = logging.getLogger(__name__)
-UML_KERNEL = Path("/usr/bin/linux.uml")
 UML_MODULES = Path("/usr/lib/uml/modules")
 STARTABLE = ("kvm", "uml")
 KVM_PROBE_CACHE = Path("/var/cache/unionimg/kvm-probe.json")
@@ -118,13 +120,25 @@ def _uml_modules() -> list[KernelModules]:
     return [KernelModules(p.name, p) for p in sorted(UML_MODULES.iterdir()) if p.is_dir()]
 
 
-def shared_initramfs(store: Store, gen: Generation, hypervisor: str) -> tuple[Path, Path]:
+def uml_kernel() -> UmlKernel:
+    """The UML kernel that boots on this host, and why (probed once per host and kernel)."""
+    from . import umlprobe
+
+    return umlprobe.select()
+
+
+def shared_initramfs(
+    store: Store, gen: Generation, hypervisor: str, uml_chosen: UmlKernel | None = None
+) -> tuple[Path, Path]:
     """(kernel, initramfs shared by every instance booting this kernel), built once."""
     uml = _uml_modules()
     if hypervisor == "uml":
-        if not UML_KERNEL.exists():
-            raise MissingCapability(f"{UML_KERNEL} is missing; install user-mode-linux")
-        kernel, sources = UML_KERNEL, [("uml", k, _dir_stamp(k.modules_dir)) for k in uml]
+        chosen = uml_chosen or uml_kernel()
+        mods = chosen.modules_dir  # None for a kernel with everything built in
+        kernel = chosen.path
+        sources = (
+            [] if mods is None else [("uml", KernelModules(chosen.release, mods), _dir_stamp(mods))]
+        )
         base_modules = False
     elif gen.kernel_path is not None and gen.kernel:
         kernel = gen.kernel_path
@@ -212,10 +226,13 @@ def make_spec(
     out: Path,
     append: str = "",
     domain_type: str = "qemu",
+    uml: UmlKernel | None = None,
 ) -> BootSpec:
     """Everything a profile needs; builds the kernel/initramfs pieces into ``out``."""
     gen = get_generation(store, inst.base, inst.generation)
-    kernel, shared = shared_initramfs(store, gen, hypervisor)
+    if hypervisor == "uml" and uml is None:
+        uml = uml_kernel()
+    kernel, shared = shared_initramfs(store, gen, hypervisor, uml)
     spec = BootSpec(
         name=inst.name,
         uuid=instance_uuid(inst.name),
@@ -234,6 +251,7 @@ def make_spec(
         workdir=out,
         domain_type=domain_type,
         tap=_tap(inst.name) if hypervisor == "uml" else "",
+        uml_transport=uml.transport if uml is not None else "tuntap",
     )
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     with store.staging(f"spec-{inst.name}") as stage:
@@ -569,7 +587,9 @@ def _boot_kvm(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
 def _boot_uml(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, Any]:
     from . import uml_driver
 
-    spec = make_spec(store, inst, "uml", out=wd, append=append)
+    chosen = uml_kernel()
+    log.warning("%s: UML kernel %s (%s)", inst.name, chosen.path, chosen.reason)
+    spec = make_spec(store, inst, "uml", out=wd, append=append, uml=chosen)
     argv = profiles.uml_argv(spec)
     profiles.write_rendered(profiles.render("uml", spec), wd)
     Path(profiles.UML_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -605,6 +625,7 @@ def _boot_uml(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
         "hypervisor": "uml",
         "pid": pid,
         "tap": spec.tap,
+        "uml_kernel": chosen.as_dict(),
         "console": str(spec.console_log),
     }
 
