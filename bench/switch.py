@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
 sys.path.insert(0, str(REPO))
 MiB = 1 << 20
+
+from unionimg.boot import uml_kernel  # noqa: E402  (after the sys.path line)
+from unionimg.hypervisors_state import console_verdict  # noqa: E402
+
 # the debian fixture's guest reports its NICs and powers off only when asked to (tiny always)
 SELFTEST = "unionimg.selftest=1"
 
@@ -116,6 +120,11 @@ def conventional(store: Path, vm: str, work: Path) -> dict[str, float]:
     subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], check=False)
     subprocess.run(["ip", "link", "set", tap, "up"], check=True)
     mac = json.loads(ui(store, "instance", "show", vm, "--json"))["mac"]
+    uml = uml_kernel()  # the UML kernel unionimg uses on this host, with its NIC transport
+    if uml.transport == "tuntap":
+        nic = f"eth0=tuntap,{tap},{mac}"
+    else:
+        nic = f"vec0:transport=tap,ifname={tap},mac={mac}"
     try:
         t0 = time.perf_counter()
         subprocess.run(["qemu-img", "convert", "-O", "raw", str(kvm_disk), str(target)], check=True)
@@ -124,16 +133,16 @@ def conventional(store: Path, vm: str, work: Path) -> dict[str, float]:
         uml_dir.mkdir(exist_ok=True)
         log = work / "console.log"
         with open(log, "wb") as out:
-            subprocess.run(
+            done = subprocess.run(
                 [
-                    "/usr/bin/linux.uml",
+                    str(uml.path),
                     "mem=256M",
                     f"ubd0={target}",
                     "root=/dev/ubda",
                     "rw",
                     "init=/sbin/init",
                     SELFTEST,
-                    f"eth0=tuntap,{tap},{mac}",
+                    nic,
                     "con=null",
                     "con0=null,fd:1",
                     f"uml_dir={uml_dir}",
@@ -147,8 +156,15 @@ def conventional(store: Path, vm: str, work: Path) -> dict[str, float]:
                 env=dict(os.environ, HOME=str(uml_dir)),
             )
         whole = time.perf_counter() - t0
-        text = log.read_text(errors="replace")
-        assert f"mac {mac}" in text, "the conventional guest did not come up"
+        # the same truth as unionimg's boots: a panic or a crash is no measurement
+        failure = console_verdict(log).failure
+        if failure is not None or done.returncode != 0:
+            raise SystemExit(
+                f"bench/switch.py: the conventional UML boot failed (status {done.returncode}): "
+                f"{failure or 'see ' + str(log)}"
+            )
+        if f"mac {mac}" not in log.read_text(errors="replace"):
+            raise SystemExit(f"bench/switch.py: the conventional guest did not come up; see {log}")
         copied = target.stat().st_blocks * 512
     finally:
         subprocess.run(["ip", "link", "del", tap], check=False)
