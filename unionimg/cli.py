@@ -16,6 +16,7 @@ from . import base as base_mod
 from . import instance as inst_mod
 from . import status as status_mod
 from . import union as union_mod
+from .display import shown
 from .errors import UnionimgError, UsageError
 from .names import (
     HYPERVISORS,
@@ -47,9 +48,16 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def json_text(data: Any, **kw: Any) -> str:
+    """JSON for output: UTF-8 as it is; a byte that was no UTF-8 in a guest's file name
+    (a lone surrogate from os.fsdecode) as its ``\\udcXX`` escape, still valid JSON."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, **kw)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+        click.echo(json_text(data, sort_keys=True))
     else:
         human(data)
 
@@ -106,7 +114,8 @@ class UnionimgGroup(click.Group):
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.debug:
                 raise
-            click.echo(f"unionimg: error: {exc.message}", err=True)
+            # one line whatever the message quotes (guest file names): controls escaped
+            click.echo(f"unionimg: error: {shown(exc.message, backslash=False)}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("unionimg: interrupted", err=True)
@@ -123,14 +132,15 @@ class UnionimgGroup(click.Group):
             full = _full_disk(exc, obj)
             if full is None or (obj is not None and obj.debug):
                 raise
-            click.echo(f"unionimg: error: {full.message}", err=True)
+            click.echo(f"unionimg: error: {shown(full.message, backslash=False)}", err=True)
             ctx.exit(full.exit_code)
         except Exception as exc:
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.debug:
                 raise
             click.echo(
-                f"unionimg: internal error: {type(exc).__name__}: {exc} "
+                f"unionimg: internal error: {type(exc).__name__}: "
+                f"{shown(str(exc), backslash=False)} "
                 "(rerun with --debug for the traceback)",
                 err=True,
             )
@@ -306,10 +316,10 @@ def base_log(c: Ctx, name: str, as_json: bool) -> None:
 def _print_log(csets: list[Any], as_json: bool) -> None:
     def human(rows: list[Any]) -> None:
         for cs in rows:
-            click.echo(f"{cs.rev}:{cs.node[:12]}  {cs.date}  {cs.desc}")
+            click.echo(f"{cs.rev}:{cs.node[:12]}  {cs.date}  {shown(cs.desc)}")
 
     if as_json:
-        click.echo(json.dumps([cs.to_json() for cs in csets], indent=2))
+        click.echo(json_text([cs.to_json() for cs in csets]))
     else:
         human(csets)
 
@@ -445,7 +455,11 @@ def instance_list(c: Ctx, as_json: bool) -> None:
 def instance_show(c: Ctx, vm: str, as_json: bool) -> None:
     """Show one instance."""
     data = inst_mod.describe(c.store, inst_mod.load(c.store, vm))
-    emit(data, as_json, lambda d: click.echo("\n".join(f"{k}: {v}" for k, v in sorted(d.items()))))
+    emit(
+        data,
+        as_json,
+        lambda d: click.echo("\n".join(f"{k}: {shown(str(v))}" for k, v in sorted(d.items()))),
+    )
 
 
 @instance.command("remove")
@@ -554,7 +568,7 @@ def status_cmd(c: Ctx, vm: str, as_json: bool) -> None:
             ("special", "!"),
         ):
             for p in d[key]:
-                click.echo(f"{mark} {p}")
+                click.echo(f"{mark} {shown(p)}")  # a guest's name: one visible line
 
     emit(data, as_json, human)
 
@@ -646,13 +660,7 @@ def reconcile_cmd(
         if unsaved is None:
             raise
     if as_json:
-        click.echo(
-            json.dumps(
-                {"dry_run": dry_run, "instances": [r.to_json() for r in reports]},
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
+        click.echo(json_text({"dry_run": dry_run, "instances": [r.to_json() for r in reports]}))
     if unsaved is not None:
         raise unsaved
     code = rec.exit_code(reports)
@@ -674,14 +682,17 @@ def _run_reconcile(
     def line(r: rec.InstanceReport) -> str:
         verb = "would " if dry_run else ""
         if r.status == "error":
-            return f"{r.name}: error: {r.error}"
+            return f"{r.name}: error: {shown(r.error or '', backslash=False)}"
         if r.from_generation == r.to_generation and not r.actions:
             return f"{r.name}: generation {r.to_generation}, nothing to do"
         changed = sum(1 for a in r.actions if a["action"] in ("drop", "write", "set-meta"))
         return (
             f"{r.name}: generation {r.from_generation} -> {r.to_generation}: {verb}change "
             f"{changed} path(s), {len(r.conflicts)} conflict(s)"
-            + "".join(f"\n  conflict {x['path']}: {x['reason']}" for x in r.conflicts)
+            + "".join(
+                f"\n  conflict {shown(x['path'])}: {shown(x['reason'], backslash=False)}"
+                for x in r.conflicts
+            )
         )
 
     if sys.stderr.isatty() and not as_json:
@@ -721,7 +732,9 @@ def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
         if not rows:
             click.echo(f"{vm}: no conflicts")
         for r in rows:
-            click.echo(f"{r['path']}\t{r['reason']}\t{r['dir']}")
+            click.echo(
+                f"{shown(r['path'])}\t{shown(r['reason'], backslash=False)}\t{shown(r['dir'])}"
+            )
 
     emit(rows, as_json, human)
 
@@ -743,7 +756,7 @@ def resolve_cmd(c: Ctx, vm: str, path: str, take: str | None, file: Path | None)
     from . import reconcile as rec
 
     out = rec.resolve(c.store, vm, path, take=take, file=file)
-    click.echo(f"resolved {out['path']} in {out['name']}: took {out['took']}")
+    click.echo(f"resolved {shown(out['path'])} in {out['name']}: took {shown(out['took'])}")
 
 
 # -- booting ------------------------------------------------------------------------------

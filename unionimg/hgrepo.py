@@ -8,6 +8,14 @@
 
 Both commit a sidecar ``.unionimg/manifest.jsonl`` (see :func:`manifest.sidecar_text`) with
 what Mercurial cannot hold. Plain ``hg log``/``hg diff`` work on both for an admin.
+
+Trust: an instance's ``.hg`` is written by its guest. The repository stays on U (history
+travels with the image, no second copy to keep in step), but no Mercurial process unionimg
+starts reads configuration from it: ``HGRCSKIPREPO=1`` and an empty ``HGRCPATH`` (only the
+``--config`` values below apply: no hooks, extensions, aliases, merge tools, %include), and
+:func:`check_repo` refuses what Mercurial would act on before any command: unknown or
+shared requirements, ``sharedpath``, symlinks/devices/sparse files in ``.hg``, transaction
+files naming paths outside it (hg unlinks/copies those unchecked), subrepositories.
 """
 
 from __future__ import annotations
@@ -15,16 +23,20 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hglib
+import hglib.client
 import hglib.error
 
-from .errors import ToolFailed
+from .errors import GuestDataRefused, ToolFailed
+from .manifest import MAX_HG_PATH
 
 USER = "unionimg <unionimg@localhost>"
 _MAX_PATHS = 2000  # past this, a full walk of the working copy is cheaper than the patterns
@@ -41,7 +53,45 @@ _CONFIGS = [
     "storage.revbranchcache.mmap=no",
     # unionimg never reads "created new head"; computing it loads the branch map per commit
     "commands.commit.report-head-changes=false",
+    # a guest may commit .hgsub into its history: never touch (or run git/svn for) a subrepo
+    "subrepos.allowed=false",
+    "ui.portablefilenames=ignore",
+    # a lock a guest planted in .hg (unionimg holds the instance lock: no other hg runs)
+    "ui.timeout=60",
 ]
+# every hg process: no configuration from any repository (an instance's .hg is the guest's)
+# and none from the host's files either (only _CONFIGS: the same behaviour on every host)
+HG_ENV = {"HGRCSKIPREPO": "1", "HGRCPATH": "", "HGPLAIN": "1"}
+# formats of the repositories unionimg creates: what check_repo accepts, and no format
+# whose docket names other files (dirstate-v2, persistent nodemap)
+_INIT_CONFIGS = [
+    "format.use-share-safe=yes",
+    "format.use-dirstate-v2=no",
+    "format.use-persistent-nodemap=no",
+]
+# what .hg/requires and .hg/store/requires may list (requirements of plain revlog storage)
+ALLOWED_REQUIREMENTS = frozenset(
+    {
+        "share-safe",
+        "store",
+        "fncache",
+        "dotencode",
+        "generaldelta",
+        "revlogv1",
+        "sparserevlog",
+        "revlog-compression-zstd",
+    }
+)
+# the only symlinks Mercurial itself makes in .hg: its locks and its symlink probe
+_HG_SYMLINKS = frozenset({"wlock", "lock", "store/lock", "wcache/checklink", "cache/checklink"})
+# Mercurial's transaction files that name other files: it joins those names to .hg (no
+# check for '..' or '/') to copy and unlink them, at every commit (undo.backupfiles) and
+# on recover (journal*)
+_TX_LISTS = ("store/undo.backupfiles", "store/journal.backupfiles", "undo.backupfiles")
+_TX_JOURNALS = ("store/journal", "journal")
+_SMALL = 16 << 20  # a requires file or transaction list longer than this is not Mercurial's
+# what unionimg commits of a U root: the rest (work/, junk a guest put there) is never seen
+U_SCOPE = ("upper", SIDECAR_DIR, ".hgignore")
 
 
 def _hg_binary() -> str:
@@ -62,6 +112,168 @@ def _hg_binary() -> str:
 
 def _b(*args: str | bytes) -> list[bytes]:
     return [a if isinstance(a, bytes) else os.fsencode(a) for a in args]
+
+
+# -- what Mercurial would act on in a guest-written repository --------------------------------
+def check_repo(root: Path, guest: str | None = None) -> None:
+    """Refuse (:class:`GuestDataRefused`, naming ``guest`` and the path) a repository at
+    ``root`` holding anything Mercurial would act on beyond plain history: requirements not
+    in :data:`ALLOWED_REQUIREMENTS` (``shared``/``relshared`` would point it at another
+    repository, ``largefiles``/``lfs``/``git`` load extensions, dockets name files),
+    ``.hg/sharedpath``, a symlink (but Mercurial's own locks), device node, fifo, socket,
+    sparse file or other filesystem in ``.hg``, and transaction files naming paths outside
+    ``.hg``. Configuration files (``.hg/hgrc``, ``hgrc-not-shared``) are never read
+    (:data:`HG_ENV`), so they are left alone."""
+    who = f"instance '{guest}'" if guest else "repository"
+    hg = root / ".hg"
+
+    def refuse(rel: str, why: str) -> GuestDataRefused:
+        return GuestDataRefused(
+            f"{who}: {hg}/{rel} {why}; unionimg lets Mercurial act on none of it (restore "
+            "the U image from a backup, or remove that path by hand)"
+            if rel
+            else f"{who}: {hg} {why}; unionimg lets Mercurial act on none of it (restore "
+            "the U image from a backup)"
+        )
+
+    try:
+        st = os.lstat(hg)
+    except FileNotFoundError:
+        raise refuse("", "is missing: the instance's history is gone") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise refuse("", "is not a directory (a symlink?)")
+    _walk_hg(hg, st.st_dev, refuse)
+    wc = _read_list(hg, "requires", refuse)
+    if wc is None:
+        raise refuse("requires", "is missing")
+    reqs = set(wc.decode("ascii", "replace").split())
+    if "share-safe" in reqs:
+        store = _read_list(hg, "store/requires", refuse)
+        if store is None:
+            raise refuse("store/requires", "is missing")
+        reqs |= set(store.decode("ascii", "replace").split())
+    for shared in ("shared", "relshared"):
+        if shared in reqs:
+            raise refuse("requires", f"makes it a share ({shared}) of another repository")
+    unknown = sorted(reqs - ALLOWED_REQUIREMENTS)
+    if unknown:
+        raise refuse(
+            "requires", f"lists requirements unionimg does not allow: {', '.join(unknown)}"
+        )
+    if os.path.lexists(hg / "sharedpath"):
+        raise refuse("sharedpath", "exists: it would point Mercurial at another repository")
+    check_transactions(root, guest)
+
+
+def check_transactions(root: Path, guest: str | None = None) -> None:
+    """Refuse transaction files (:data:`_TX_LISTS`, :data:`_TX_JOURNALS`) naming a path
+    that is absolute or climbs out with ``..``: Mercurial would unlink or overwrite it."""
+    who = f"instance '{guest}'" if guest else "repository"
+    hg = root / ".hg"
+
+    def refuse(rel: str, why: str) -> GuestDataRefused:
+        return GuestDataRefused(
+            f"{who}: {hg}/{rel} {why}; unionimg lets Mercurial act on none of it (restore "
+            "the U image from a backup, or remove that path by hand)"
+        )
+
+    for rel in _TX_LISTS:
+        data = _read_list(hg, rel, refuse)
+        for line in (data or b"").split(b"\n")[1:]:
+            if not line:
+                continue
+            fields = line.split(b"\0")
+            if len(fields) != 4 or fields[0] not in (b"", b"plain", b"store"):
+                raise refuse(rel, "is not a transaction list Mercurial wrote")
+            for name in fields[1:3]:
+                if name and not _plain_rel(name):
+                    raise refuse(rel, f"names {os.fsdecode(name)!r}, outside the repository")
+    for rel in _TX_JOURNALS:
+        data = _read_list(hg, rel, refuse)
+        for line in (data or b"").split(b"\n"):
+            name = line.split(b"\0", 1)[0]
+            if name and not _plain_rel(name):
+                raise refuse(rel, f"names {os.fsdecode(name)!r}, outside the repository")
+
+
+def _plain_rel(name: bytes) -> bool:
+    parts = name.split(b"/")
+    return not name.startswith(b"/") and b".." not in parts and b"" not in parts
+
+
+def _read_list(hg: Path, rel: str, refuse: Any) -> bytes | None:
+    """The small regular file ``rel`` in ``hg`` (None when missing), read without
+    following a symlink and refused when too large to be Mercurial's."""
+    try:
+        fd = os.open(hg / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise refuse(rel, f"cannot be read safely ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(rel, "is not a regular file")
+        if st.st_size > _SMALL:
+            raise refuse(rel, f"is {st.st_size} bytes long, not a file Mercurial wrote")
+        return fh.read(_SMALL + 1)
+
+
+def _walk_hg(hg: Path, dev: int, refuse: Any) -> None:
+    """Every entry of ``hg``: directories and regular files of the same filesystem, none
+    sparse (Mercurial reads some files whole: a huge sparse one would take the host's
+    memory); symlinks only where Mercurial makes its own. Iterative, by path: nothing
+    but the host writes U while it is checked and used."""
+    base = os.fsencode(hg)
+    stack = [b""]
+    while stack:
+        cur = stack.pop()
+        try:
+            with os.scandir(base + b"/" + cur if cur else base) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise refuse(os.fsdecode(cur), f"cannot be listed ({exc.strerror})") from exc
+        for entry in entries:
+            rel = cur + b"/" + entry.name if cur else entry.name
+            shown = os.fsdecode(rel)
+            try:
+                if entry.is_symlink():
+                    if shown not in _HG_SYMLINKS:
+                        raise refuse(shown, "is a symlink; Mercurial would follow it")
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise refuse(shown, f"cannot be examined ({exc.strerror})") from exc
+            if st.st_dev != dev:
+                raise refuse(shown, "is on another filesystem")
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(rel)
+            elif not stat.S_ISREG(st.st_mode):
+                raise refuse(shown, "is a device node, fifo or socket")
+            elif st.st_size > st.st_blocks * 512 + (1 << 20):
+                raise refuse(shown, f"is a sparse file of {st.st_size} bytes")
+
+
+# Patterns (bytes regexps, unanchored) for what Mercurial cannot hold by its very path (see
+# manifest.hg_unfit): a newline or CR anywhere; a path longer than manifest.MAX_HG_PATH; a
+# component its path auditor refuses (.hg in any case, with the code points HFS+ ignores
+# anywhere, and the Windows short names). Ignored, Mercurial never walks into them, so it
+# never aborts on them; files too large for it are excluded per commit instead.
+_IGN = r"(?:\xe2\x80[\x8c-\x8f\xaa-\xae]|\xe2\x81[\xaa-\xaf]|\xef\xbb\xbf)*"
+U_HGIGNORE_EXTRA = (
+    r"[\x0a\x0d]",
+    rf"^[\x00-\xff]{{{MAX_HG_PATH + 1}}}",
+    rf"(?:^|/){_IGN}\.{_IGN}[hH]{_IGN}[gG]{_IGN}(?:\.{_IGN})?(?:/|$)",
+    r"(?:^|/)(?:[hH][gG]|[hH][gG]8[bB]6[cC])~[0-9]+(?:/|$)",
+)
+
+
+def hgignore_text() -> str:
+    """The ``.hgignore`` of a U root: unionimg's own patterns (``work/``, ...) and
+    :data:`U_HGIGNORE_EXTRA`. Fixed text: whatever a guest wrote there is replaced."""
+    from .instance import HGIGNORE
+
+    return HGIGNORE + "".join(line + "\n" for line in U_HGIGNORE_EXTRA)
 
 
 @dataclass(frozen=True)
@@ -94,9 +306,17 @@ class Repo:
     of paying Mercurial's start-up (~0.4 s) per instance.
     """
 
-    def __init__(self, client: Any, root: Path) -> None:
+    def __init__(self, client: Any, root: Path, scope: Sequence[str] | None = None) -> None:
         self._c = client
         self.root = root
+        # what of the working copy commands look at (U_SCOPE for a U root), None: all of it
+        self.scope = tuple(scope) if scope is not None else None
+
+    def _scope_args(self) -> list[bytes]:
+        pats: list[bytes] = []
+        for path in self.scope or ():
+            pats += [b"-I", b"path:" + os.fsencode(path)]
+        return pats
 
     def cmd(self, *args: str | bytes) -> bytes:
         try:
@@ -115,23 +335,61 @@ class Repo:
         node = self.cmd("log", "-r", "tip", "-T", "{node}").decode().strip()
         return None if not node or set(node) == {"0"} else node
 
-    def commit_all(self, message: str, paths: Sequence[str] | None = None) -> str | None:
+    def commit_all(
+        self, message: str, paths: Sequence[str] | None = None, outside: Sequence[str] = ()
+    ) -> str | None:
         """addremove + commit in one Mercurial command; the new node, or None when nothing
         changed. With ``paths`` (relative to the root; a directory stands for everything
         below it) only those are looked at: the caller knows nothing else changed, and
-        Mercurial is spared comparing every file of the working copy."""
+        Mercurial is spared comparing every file of the working copy. ``outside``: paths
+        (relative to the root; directories with all below) Mercurial must not hold: files
+        among them it tracks are forgotten (recorded as removed), none is added."""
         pats: list[bytes] = []
         for path in paths if paths is not None and len(paths) <= _MAX_PATHS else ():
             pats += [b"-I", b"path:" + os.fsencode(path)]  # -I: no abort on unchanged paths
+        if not pats:
+            pats = self._scope_args()
         try:
-            return self._commit(message, pats)
+            return self._commit_outside(message, pats, outside)
         except _Abandoned:
             # a commit cut short (power loss, host crash) left its transaction behind:
-            # roll it back (its changeset was never recorded) and commit again
+            # roll it back (its changeset was never recorded) and commit again; what the
+            # rollback touches was checked (a guest can plant a journal too)
+            check_transactions(self.root)
             self.cmd("recover")
-            return self._commit(message, pats)
+            return self._commit_outside(message, pats, outside)
 
-    def _commit(self, message: str, pats: list[bytes]) -> str | None:
+    def _commit_outside(
+        self, message: str, pats: list[bytes], outside: Sequence[str]
+    ) -> str | None:
+        if not outside:
+            return self._commit(message, pats)
+        # forget, add the rest, commit without --addremove (it would add the forgotten
+        # files right back: the dirstate still knows them)
+        with _excluded(outside) as excl:
+            try:
+                self._c.rawcommand(
+                    _b("-R", str(self.root), "--cwd", str(self.root), "forget", excl[1])
+                )
+            except hglib.error.CommandError as exc:
+                if exc.ret != 1:  # 1: some were not tracked, the usual case
+                    raise _tool_failed("forget", self.root, exc) from exc
+            self.cmd("addremove", "-q", *pats, *excl)
+            return self._commit(message, pats, addremove=False)
+
+    def addremove(self, outside: Sequence[str] = ()) -> None:
+        """Mark new and missing files (of :attr:`scope`, but ``outside``) as added and
+        removed."""
+        with _excluded(outside) as excl:
+            self.cmd("addremove", "-q", *self._scope_args(), *excl)
+
+    def changed(self, outside: Sequence[str] = ()) -> bool:
+        """Whether the working copy (of :attr:`scope`, but ``outside``) differs from its
+        parent changeset."""
+        with _excluded(outside) as excl:
+            return bool(self.cmd("status", "-amrd", *self._scope_args(), *excl).strip())
+
+    def _commit(self, message: str, pats: list[bytes], *, addremove: bool = True) -> str | None:
         try:
             out: bytes = self._c.rawcommand(
                 _b(
@@ -140,7 +398,7 @@ class Repo:
                     "--cwd",
                     str(self.root),
                     "commit",
-                    "--addremove",
+                    *(["--addremove"] if addremove else []),
                     "--debug",
                     "-m",
                     message,
@@ -180,27 +438,64 @@ class Repo:
         self.cmd("strip", "--no-backup", "-q", "-r", node)
 
 
-class Server:
-    """One Mercurial command server; :meth:`repo` binds it to any repository."""
+@contextlib.contextmanager
+def _excluded(outside: Sequence[str]) -> Iterator[list[bytes]]:
+    """``-X listfile0:FILE`` for the paths ``outside`` (names may hold newlines: the list
+    is NUL-separated, in a private temporary directory of the host), or nothing."""
+    if not outside:
+        yield []
+        return
+    with tempfile.TemporaryDirectory(prefix="unionimg-hg-") as tmp:
+        listfile = os.path.join(tmp, "outside")
+        with open(listfile, "wb") as fh:
+            fh.write(b"".join(b"path:" + os.fsencode(p) + b"\0" for p in outside))
+        yield [b"-X", b"listfile0:" + os.fsencode(listfile)]
 
-    def __init__(self, anchor: Path) -> None:
+
+def _tool_failed(what: str, root: Path, exc: hglib.error.CommandError) -> ToolFailed:
+    err = (exc.err or exc.out or b"").decode(errors="replace").strip().splitlines()
+    return ToolFailed(f"hg {what} failed in {root}: {err[-1] if err else exc.ret}")
+
+
+class Server:
+    """One Mercurial command server; :meth:`repo` binds it to any repository.
+
+    Started with :data:`HG_ENV`, so no command it runs reads a repository's configuration;
+    ``anchor`` is checked (:func:`check_repo`) before the server opens it."""
+
+    def __init__(self, anchor: Path, *, guest: str | None = None, trusted: bool = False) -> None:
+        if not trusted:
+            check_repo(anchor, guest)
         hglib.HGPATH = _hg_binary()
+        self._checked = {anchor} if not trusted else set()
         try:
-            self._client = hglib.open(os.fsencode(anchor), configs=_CONFIGS)
+            # hglib.open, with HG_ENV added to the server's environment
+            client = hglib.client.hgclient(os.fsencode(anchor), None, _CONFIGS, connect=False)
+            client._env.update(HG_ENV)
+            client.open()
+            self._client = client
         except hglib.error.ServerError as exc:
             raise ToolFailed(f"cannot open Mercurial repository {anchor}: {exc}") from exc
 
-    def repo(self, root: Path) -> Repo:
-        return Repo(self._client, root)
+    def repo(self, root: Path, *, guest: str | None = None, trusted: bool = False) -> Repo:
+        """``root`` for commands; a guest's repository (``guest``: the instance's name) is
+        checked first (once per server: the guest does not run while unionimg holds its U)
+        and its commands see only :data:`U_SCOPE`."""
+        if not trusted and root not in self._checked:
+            check_repo(root, guest)
+            self._checked.add(root)
+        return Repo(self._client, root, U_SCOPE if guest is not None else None)
 
     def close(self) -> None:
         self._client.close()
 
 
 @contextlib.contextmanager
-def open_server(anchor: Path) -> Iterator[Server]:
+def open_server(
+    anchor: Path, *, guest: str | None = None, trusted: bool = False
+) -> Iterator[Server]:
     """A command server started in ``anchor`` (a repository that stays mounted)."""
-    server = Server(anchor)
+    server = Server(anchor, guest=guest, trusted=trusted)
     try:
         yield server
     finally:
@@ -208,9 +503,11 @@ def open_server(anchor: Path) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def open_repo(path: Path) -> Iterator[Repo]:
-    with open_server(path) as server:
-        yield server.repo(path)
+def open_repo(path: Path, *, guest: str | None = None, trusted: bool = False) -> Iterator[Repo]:
+    """A command server on the repository at ``path``, checked unless ``trusted`` (a
+    base's history in the store); ``guest``: the instance whose U root ``path`` is."""
+    with open_server(path, guest=guest, trusted=trusted) as server:
+        yield server.repo(path, guest=guest, trusted=True)
 
 
 def init_repo(path: Path, template: Path | None = None) -> None:
@@ -221,11 +518,10 @@ def init_repo(path: Path, template: Path | None = None) -> None:
     if template is not None:
         shutil.copytree(template / ".hg", path / ".hg", symlinks=True)
         return
-    hglib.HGPATH = _hg_binary()
-    try:
-        hglib.init(os.fsencode(path))
-    except hglib.error.CommandError as exc:
-        raise ToolFailed(f"hg init failed for {path}: {exc}") from exc
+    from .runner import run
+
+    configs = [a for c in _INIT_CONFIGS for a in ("--config", c)]
+    run([_hg_binary(), "init", *configs, str(path)], env=HG_ENV, what=f"making {path}")
 
 
 def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) -> None:
@@ -244,10 +540,10 @@ def commit_tree_into(history: Path, tree: Path, parent: str | None, message: str
     The tree gets a temporary ``.hg`` that shares ``history``'s store; the dirstate is
     rebuilt from ``parent`` so Mercurial records exactly what changed since then.
     """
-    with open_repo(history) as repo:
+    with open_repo(history, trusted=True) as repo:
         repo.cmd("share", "-U", str(history), str(tree))
     try:
-        with open_repo(tree) as work:
+        with open_repo(tree, trusted=True) as work:
             if parent:
                 work.cmd("debugsetparents", parent)
                 work.cmd("debugrebuilddirstate")

@@ -13,12 +13,13 @@ the upper layer, not with the base.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import sqlite3
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class Entry:
     opaque: bool = False
     redirect: str | None = None
     metacopy: bool = False
+    # kept out of Mercurial (why: OUT_*), only set by scans that ask; then ``digest``
+    outside: str | None = None
+    digest: str | None = None
 
     # -- comparisons used by status and reconcile ---------------------------------------
     def content_key(self) -> tuple[object, ...]:
@@ -90,6 +94,10 @@ class Entry:
             out["opaque"] = True
         if self.metacopy:
             out["metacopy"] = True
+        if self.outside is not None:
+            out["outside"] = self.outside
+        if self.digest is not None:
+            out["digest"] = self.digest
         return out
 
 
@@ -119,17 +127,15 @@ def _kind(st: os.stat_result) -> str:
     return SOCK
 
 
-def _xattrs(path: str) -> tuple[dict[str, bytes], tuple[tuple[str, str], ...]]:
+def _split_xattrs(
+    names: Iterable[str], get: Callable[[str], bytes]
+) -> tuple[dict[str, bytes], tuple[tuple[str, str], ...]]:
     """(overlay's own xattrs, the rest as sorted (name, hex) pairs)."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}, ()
     overlay: dict[str, bytes] = {}
     rest = []
     for name in names:
         try:
-            value = os.getxattr(path, name, follow_symlinks=False)
+            value = get(name)
         except OSError:
             continue
         if name.startswith(OVERLAY_XATTR_PREFIXES):
@@ -139,34 +145,153 @@ def _xattrs(path: str) -> tuple[dict[str, bytes], tuple[tuple[str, str], ...]]:
     return overlay, tuple(sorted(rest))
 
 
+def _xattrs_at(dfd: int, name: str) -> tuple[dict[str, bytes], tuple[tuple[str, str], ...]]:
+    """The xattrs of ``name`` in the directory ``dfd``, never following a symlink. xattr
+    calls take no dir_fd: the path goes through the directory's descriptor under
+    /proc/self/fd, so it stays short however deep the directory lies."""
+    proc = f"/proc/self/fd/{dfd}/".encode() + os.fsencode(name)
+    try:
+        names = os.listxattr(proc, follow_symlinks=False)
+    except OSError:
+        return {}, ()
+    return _split_xattrs(names, lambda n: os.getxattr(proc, n, follow_symlinks=False))
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def stat_entry(
-    real: str,
+# -- what Mercurial cannot hold -----------------------------------------------------------
+# Mercurial reads a file whole into memory to commit it (about its size again per copy; a
+# 2 GiB file took 2.1 GB and is refused: "exceeds maximum revlog storage of 2GiB") and keeps
+# every version of it for good. Files from this size on stay out of the history: the
+# sidecar records their size and a digest instead. 64 MiB keeps a commit's memory in the
+# low hundreds of MiB and the repository, which travels inside the small U image, small,
+# while every configuration file, script and ordinary binary of an OS stays in it.
+LARGE_FILE = 64 << 20
+# Mercurial opens each file by its absolute path, so one longer than PATH_MAX (4096) aborts
+# the whole commit ("File name too long"). A path deeper than this, relative to the
+# repository root, stays out of the history; the U root's own path has the rest.
+MAX_HG_PATH = 1024
+# why a path stays out of Mercurial (``Entry.outside``); anything below it stays out too
+OUT_LARGE = "large"  # a regular file of LARGE_FILE bytes or more
+OUT_NAME = "name"  # a newline or carriage return in its name (Mercurial aborts)
+OUT_RESERVED = "reserved"  # a name Mercurial reserves (.hg, .HG, .h<U+200C>g, hg~1, ...)
+OUT_DEEP = "deep"  # longer than MAX_HG_PATH
+OUT_REPOSITORY = "repository"  # a directory holding .hg: Mercurial skips it as a nested repo
+_HFS_IGNORED = [
+    chr(c).encode()
+    for c in (*range(0x200C, 0x2010), *range(0x202A, 0x202F), *range(0x206A, 0x2070), 0xFEFF)
+]
+
+
+def _reserved(name: bytes) -> bool:
+    """Whether Mercurial refuses ``name`` as a path component (its path auditor): .hg in
+    any case, also with the code points HFS+ ignores, and the Windows short names."""
+    low = name.lower()
+    if b"\xe2" in low or b"\xef" in low:
+        for ignored in _HFS_IGNORED:
+            low = low.replace(ignored, b"")
+    if low in (b".hg", b".hg."):
+        return True
+    if b"~" in name:
+        first, last = name.split(b"~", 1)
+        return last.isdigit() and first.upper() in (b"HG", b"HG8B6C")
+    return False
+
+
+def hg_unfit(rel: bytes, name: bytes, kind: str, size: int) -> str | None:
+    """Why the entry ``name`` at ``rel`` (its path relative to the repository root) cannot
+    go into Mercurial, or None. Pure."""
+    if b"\n" in name or b"\r" in name:
+        return OUT_NAME
+    if _reserved(name):
+        return OUT_RESERVED
+    if len(rel) > MAX_HG_PATH:
+        return OUT_DEEP
+    if kind == FILE and size >= LARGE_FILE:
+        return OUT_LARGE
+    return None
+
+
+# The digest of a file kept out of Mercurial: sha256 over the file's size (8 bytes, big
+# endian) followed by the sha256 of each 4 MiB block (the last one short). Blocks that lie
+# in a hole of a sparse file are not read (their digest is the digest of zeros), so the
+# cost follows the data the file really holds, not its apparent size: a guest's 16 TiB
+# sparse file costs seconds, not hours. Memory: one block.
+DIGEST_BLOCK = 4 << 20
+DIGEST_KIND = "sha256-4m"
+_ZERO_BLOCK = hashlib.sha256(bytes(DIGEST_BLOCK)).digest()
+
+
+def sparse_digest(fd: int, size: int) -> str:
+    """``DIGEST_KIND:hex`` of the first ``size`` bytes of the open file ``fd``."""
+    outer = hashlib.sha256(size.to_bytes(8, "big"))
+    pos = 0
+    data_at = 0  # the first offset >= pos that may hold data
+    while pos < size:
+        if data_at <= pos:
+            try:
+                data_at = min(os.lseek(fd, pos, os.SEEK_DATA), size)
+            except OSError as exc:  # ENXIO: only a hole is left; else no SEEK_DATA: read
+                data_at = size if exc.errno == errno.ENXIO else pos
+        if data_at >= pos + DIGEST_BLOCK:  # whole blocks of hole
+            count = (min(data_at, size) - pos) // DIGEST_BLOCK
+            while count:
+                batch = min(count, 1 << 16)
+                outer.update(_ZERO_BLOCK * batch)
+                count -= batch
+                pos += batch * DIGEST_BLOCK
+            continue
+        length = min(DIGEST_BLOCK, size - pos)
+        if data_at >= pos + length:  # the short last block, all hole
+            outer.update(hashlib.sha256(bytes(length)).digest())
+        else:
+            block = os.pread(fd, length, pos)
+            if len(block) < length:  # shrank meanwhile: what is gone reads as zeros
+                block += bytes(length - len(block))
+            outer.update(hashlib.sha256(block).digest())
+        pos += length
+    return f"{DIGEST_KIND}:{outer.hexdigest()}"
+
+
+# -- scanning -----------------------------------------------------------------------------
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_FDS_KEPT = 32  # open directory descriptors kept on the way down a deep tree
+
+
+def _entry_at(
+    dfd: int,
+    name: str,
     guest_path: str,
-    st: os.stat_result | None = None,
+    st: os.stat_result,
     *,
-    hash_files: bool = True,
-    links: dict[tuple[int, int], str] | None = None,
+    hash_files: bool,
+    links: dict[tuple[int, int], str] | None,
+    outside: str | None = None,
+    digest: bool = False,
 ) -> Entry:
-    """The :class:`Entry` of the file at host path ``real`` shown to the guest as
-    ``guest_path``."""
-    if st is None:
-        st = os.lstat(real)
+    """The :class:`Entry` of ``name`` in the directory ``dfd`` (lstat ``st``), shown to the
+    guest as ``guest_path``; ``digest``: a regular file gets :func:`sparse_digest`."""
     kind = _kind(st)
-    overlay, xattrs = _xattrs(real)
-    sha = target = None
+    overlay, xattrs = _xattrs_at(dfd, name)
+    sha = target = dig = None
     rdev = None
     if kind == FILE:
         if overlay.get("whiteout") is not None and st.st_size == 0:
             kind = WHITEOUT
-        elif hash_files:
-            sha = sha256_file(real)
+        elif hash_files or digest:
+            fd = os.open(name, _FILE_OPEN, dir_fd=dfd)
+            with os.fdopen(fd, "rb", buffering=0) as fh:
+                if digest:
+                    dig = sparse_digest(fd, st.st_size)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                if hash_files:
+                    sha = hashlib.file_digest(fh, "sha256").hexdigest()
     elif kind == SYMLINK:
-        target = os.readlink(real)
+        target = os.fsdecode(os.readlink(name, dir_fd=dfd))
     elif kind in (CHR, BLK):
         rdev = st.st_rdev
     link = None
@@ -188,44 +313,175 @@ def stat_entry(
         opaque=overlay.get("opaque") in (b"y", b"x"),
         redirect=redirect.decode("utf-8", "surrogateescape") if redirect else None,
         metacopy="metacopy" in overlay,
+        outside=outside,
+        digest=dig,
     )
 
 
+def stat_entry(
+    real: str,
+    guest_path: str,
+    st: os.stat_result | None = None,
+    *,
+    hash_files: bool = True,
+    links: dict[tuple[int, int], str] | None = None,
+) -> Entry:
+    """The :class:`Entry` of the file at host path ``real`` shown to the guest as
+    ``guest_path`` (the last component is never followed)."""
+    head, tail = os.path.split(os.fspath(real))
+    dfd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if st is None:
+            st = os.stat(tail, dir_fd=dfd, follow_symlinks=False)
+        return _entry_at(dfd, tail, guest_path, st, hash_files=hash_files, links=links)
+    finally:
+        os.close(dfd)
+
+
+@dataclass
+class _Frame:
+    """A directory on the way down: its descriptor (None while a deep descendant holds
+    the walk), identity, paths, why it is outside Mercurial, and the subdirectories left."""
+
+    fd: int | None
+    ident: tuple[int, int]
+    guest: str
+    rel: bytes
+    outside: str | None
+    index: int  # of its own entry in the output
+    todo: list[tuple[str, str, bytes, str | None, int]]  # (name, guest, rel, outside, index)
+
+
 def scan_tree(
-    root: str | os.PathLike[str], *, hash_files: bool = True, skip_top: Iterable[str] = ()
+    root: str | os.PathLike[str],
+    *,
+    hash_files: bool = True,
+    skip_top: Iterable[str] = (),
+    hg_prefix: str | None = None,
+    digests: bool = True,
 ) -> list[Entry]:
     """Every path below ``root`` (and ``/`` itself), parents before children.
 
     ``skip_top`` names top-level entries to leave out (e.g. ``.hg`` of a working copy).
     A file is marked as hardlinked (``link``) only when two of its names are in the tree:
     links from outside it (say, a saved copy of an upper layer) are not the tree's concern.
+
+    With ``hg_prefix`` (the tree's path inside a Mercurial working copy, e.g. ``upper``),
+    entries Mercurial cannot hold get ``outside`` (:func:`hg_unfit`; everything below such
+    a directory too) and, with ``digests``, their regular files a :func:`sparse_digest`.
+
+    The walk goes by directory descriptors, never by long paths, and never follows a
+    symlink (``root`` itself included): any depth works, with a bounded number of open
+    descriptors, in bounded memory per directory.
     """
-    top = os.fspath(root)
     skip = set(skip_top)
     links: dict[tuple[int, int], str] = {}
     names: dict[tuple[int, int], int] = {}
-    out = [stat_entry(top, "/", hash_files=hash_files, links=links)]
-    stack: list[tuple[str, str]] = [(top, "/")]
-    while stack:
-        real_dir, guest_dir = stack.pop()
-        with os.scandir(real_dir) as it:
-            children = sorted(it, key=lambda d: os.fsencode(d.name))
-        for child in children:
-            if guest_dir == "/" and child.name in skip:
+    prefix = os.fsencode(hg_prefix) if hg_prefix is not None else None
+    top = os.open(root, _DIR_OPEN)
+    head, tail = os.path.split(os.fspath(root).rstrip("/") or "/")
+    try:
+        top_st = os.fstat(top)
+        pfd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            first = _entry_at(pfd, tail, "/", top_st, hash_files=False, links=None)
+        finally:
+            os.close(pfd)
+    except BaseException:
+        os.close(top)
+        raise
+    out = [first]
+    frames = [_Frame(top, (top_st.st_dev, top_st.st_ino), "/", prefix or b"", None, 0, [])]
+    try:
+        _list_dir(frames[-1], out, skip, prefix, hash_files, digests, links, names)
+        while frames:
+            frame = frames[-1]
+            if not frame.todo:
+                frames.pop()
+                if frames and frames[-1].fd is None:
+                    assert frame.fd is not None
+                    frames[-1].fd = _reopen_parent(frame.fd, frames[-1].ident)
+                if frame.fd is not None:
+                    os.close(frame.fd)
                 continue
-            guest = join(guest_dir, child.name)
-            st = child.stat(follow_symlinks=False)
-            entry = stat_entry(child.path, guest, st, hash_files=hash_files, links=links)
-            if entry.link is not None:
-                key = (st.st_dev, st.st_ino)
-                names[key] = names.get(key, 0) + 1
-            out.append(entry)
-            if entry.kind == DIR:
-                stack.append((child.path, guest))
+            name, guest, rel, outside, index = frame.todo.pop()
+            assert frame.fd is not None
+            fd = os.open(name, _DIR_OPEN, dir_fd=frame.fd)
+            st = os.fstat(fd)
+            child = _Frame(fd, (st.st_dev, st.st_ino), guest, rel, outside, index, [])
+            if len(frames) >= _FDS_KEPT:
+                os.close(frame.fd)
+                frame.fd = None
+            frames.append(child)
+            _list_dir(child, out, set(), prefix, hash_files, digests, links, names)
+    finally:
+        for frame in frames:
+            if frame.fd is not None:
+                os.close(frame.fd)
     if links:
         shared = {first for key, first in links.items() if names.get(key, 0) > 1}
         out = [e if e.link is None or e.link in shared else replace(e, link=None) for e in out]
     return out
+
+
+def _reopen_parent(fd: int, ident: tuple[int, int]) -> int:
+    parent = os.open("..", _DIR_OPEN, dir_fd=fd)
+    st = os.fstat(parent)
+    if (st.st_dev, st.st_ino) != ident:
+        os.close(parent)
+        raise OSError(errno.ESTALE, "a directory moved while it was scanned")
+    return parent
+
+
+def _list_dir(
+    frame: _Frame,
+    out: list[Entry],
+    skip: set[str],
+    prefix: bytes | None,
+    hash_files: bool,
+    digests: bool,
+    links: dict[tuple[int, int], str],
+    names: dict[tuple[int, int], int],
+) -> None:
+    """Append the entries of ``frame``'s directory to ``out`` (sorted by name) and queue
+    its subdirectories."""
+    assert frame.fd is not None
+    dfd = frame.fd
+    with os.scandir(dfd) as it:
+        children = sorted(
+            ((c.name, c.stat(follow_symlinks=False)) for c in it if c.name not in skip),
+            key=lambda c: os.fsencode(c[0]),
+        )
+    outside = frame.outside
+    nested = any(n == ".hg" and stat.S_ISDIR(s.st_mode) for n, s in children)
+    if prefix is not None and outside is None and nested:
+        outside = frame.outside = OUT_REPOSITORY
+        out[frame.index] = replace(out[frame.index], outside=outside)
+    subdirs = []
+    for name, st in children:
+        guest = join(frame.guest, name)
+        bname = os.fsencode(name)
+        rel = frame.rel + b"/" + bname
+        why = outside
+        if prefix is not None and why is None:
+            why = hg_unfit(rel, bname, _kind(st), st.st_size)
+        entry = _entry_at(
+            dfd,
+            name,
+            guest,
+            st,
+            hash_files=hash_files,
+            links=links,
+            outside=why,
+            digest=digests and why is not None,
+        )
+        if entry.link is not None:
+            key = (st.st_dev, st.st_ino)
+            names[key] = names.get(key, 0) + 1
+        out.append(entry)
+        if entry.kind == DIR:
+            subdirs.append((name, guest, rel, why, len(out) - 1))
+    frame.todo = subdirs[::-1]  # popped from the end: visited in name order
 
 
 # -- SQLite manifests ---------------------------------------------------------------------
@@ -441,10 +697,19 @@ def diff_manifests(old_db: Path, new_db: Path) -> list[Change]:
 def sidecar_text(entries: Iterable[Entry]) -> str:
     """One JSON object per line for what Mercurial cannot hold: type, full mode, owner,
     xattrs, device numbers, hardlinks, empty dirs, whiteouts and overlay markers. Content
-    and size are left to Mercurial, so ``hg diff`` of this file shows metadata changes only.
+    and size are left to Mercurial, so ``hg diff`` of this file shows metadata changes only
+    — except for entries kept out of Mercurial (``outside``: why), whose line also holds
+    the size and, for a regular file, its :func:`sparse_digest`.
     """
     lines = []
     for e in sorted(entries, key=lambda e: os.fsencode(e.path)):
-        obj = replace(e, size=0, sha256=None).to_json()
+        obj = replace(e, sha256=None, size=e.size if e.outside else 0).to_json()
         lines.append(json.dumps(obj, sort_keys=True, ensure_ascii=True))
     return "\n".join(lines) + "\n"
+
+
+def outside_roots(entries: Iterable[Entry]) -> list[str]:
+    """The topmost paths kept out of Mercurial (everything below each is out too), in
+    path order."""
+    out = {e.path for e in entries if e.outside is not None}
+    return sorted((p for p in out if p == "/" or parent_of(p) not in out), key=os.fsencode)

@@ -52,7 +52,20 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
 from .errors import UsageError
-from .manifest import BLK, CHR, DIR, FIFO, FILE, SOCK, SYMLINK, WHITEOUT, Change, Entry, parent_of
+from .manifest import (
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    FILE,
+    LARGE_FILE,
+    SOCK,
+    SYMLINK,
+    WHITEOUT,
+    Change,
+    Entry,
+    parent_of,
+)
 from .merge import is_binary, merge3
 from .policy import FAIL, KEEP_LOCAL, MERGE, TAKE_BASE, Policy
 
@@ -717,6 +730,10 @@ class _Planner:
             )
             return
         # both changed the content: the only place file contents are read for a merge
+        if max(e.size for e in (o, u, n) if e is not None) >= LARGE_FILE:
+            # never read whole into memory (a guest's sparse file may claim terabytes)
+            self._binary(path, {}, "file too large to merge changed on both sides")
+            return
         old = self._read("b0", path) if o is not None else b""
         local, new = self._read("upper", path), self._read("b1", path)
         aside = {"base-new": new, "local": local}
@@ -745,8 +762,9 @@ class _Planner:
             path, 5, why, lambda: self._finish(path, 5, u, n, result.data, meta, why)
         )
 
-    def _binary(self, path: str, aside: dict[str, bytes]) -> None:
-        what = "binary file changed on both sides"
+    def _binary(
+        self, path: str, aside: dict[str, bytes], what: str = "binary file changed on both sides"
+    ) -> None:
 
         def resolve() -> None:
             binary = self.policy.binary

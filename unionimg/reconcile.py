@@ -199,7 +199,7 @@ class Reconciler:
                 self._mounts[key] = mnt
             return self._mounts[key]
 
-    def hg(self, root: Path) -> hgrepo.Repo:
+    def hg(self, root: Path, guest: str | None = None) -> hgrepo.Repo:
         server = getattr(self._local, "server", None)
         if server is None:
             template = hg_template(self.store)
@@ -213,7 +213,7 @@ class Reconciler:
             self._local.server = server
             with self._lock:
                 self._servers.append(server)
-        repo: hgrepo.Repo = server.repo(root)
+        repo: hgrepo.Repo = server.repo(root, guest=guest)  # guest's .hg: checked first
         return repo
 
     def _committer(self) -> ThreadPoolExecutor:
@@ -389,7 +389,7 @@ class Reconciler:
         entries: list[Entry],
     ) -> None:
         name = inst.name
-        repo = self.hg(u)
+        repo = self.hg(u, name)
         new, prev = u / "upper.new", u / "upper.prev"
         watch = WriteWatch(u)  # before any write: its sync reports every write-back error
         fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
@@ -473,7 +473,7 @@ class Reconciler:
         write_json(
             conflicts_path(self.store, name), sorted(merged.values(), key=lambda c: c["path"])
         )
-        repo = self.hg(u)
+        repo = self.hg(u, name)
         post = _commit(
             repo,
             u,
@@ -558,10 +558,19 @@ def _artifact_writer(artifacts: Mapping[str, bytes]) -> Callable[[Path], None]:
 
 def _hash_files_in(upper: Path, entries: list[Entry], delta: dict[str, Change]) -> list[Entry]:
     """Content hashes for the upper layer's regular files the base delta touches: the only
-    ones the planner compares with the base (it reads any other it needs)."""
+    ones the planner compares with the base (it reads any other it needs) — and of those
+    only files as large as a base version (another size differs already: a guest's huge
+    sparse file is never read)."""
+
+    def same_size(e: Entry) -> bool:
+        c = delta.get(e.path)
+        return c is not None and any(
+            x is not None and x.kind == FILE and x.size == e.size for x in (c.old, c.new)
+        )
+
     return [
         replace(e, sha256=fsops.sha256_of(upper, e.path))
-        if e.kind == FILE and e.sha256 is None and e.path in delta
+        if e.kind == FILE and e.sha256 is None and same_size(e)
         else e
         for e in entries
     ]
@@ -586,8 +595,8 @@ def _commit(
 ) -> str | None:
     from .status import write_history_sidecar
 
-    write_history_sidecar(u, inst, entries)
-    node = repo.commit_all(message, paths)
+    outside = write_history_sidecar(u, inst, entries)  # what Mercurial cannot hold: kept out
+    node = repo.commit_all(message, paths, outside)
     return node or repo.tip()
 
 
@@ -620,15 +629,15 @@ def undo(store: Store, name: str) -> dict[str, Any]:
         if not last_path.is_file():
             raise NotFound(f"instance '{name}' has no reconcile to undo")
         last = read_json(last_path)
-        with u_layer(store, name, write=True) as u, hgrepo.open_repo(u) as repo:
+        with u_layer(store, name, write=True) as u, hgrepo.open_repo(u, guest=name) as repo:
             prev = u / "upper.prev"
             if not prev.is_dir():
                 raise NotFound(f"instance '{name}' has no saved upper layer to go back to")
             from .status import write_history_sidecar
 
-            write_history_sidecar(u, inst)
-            repo.cmd("addremove", "-q")
-            if repo.cmd("status", "-amrd").strip() or repo.tip() != last.get("post_node"):
+            outside = write_history_sidecar(u, inst)
+            repo.addremove(outside)
+            if repo.changed(outside) or repo.tip() != last.get("post_node"):
                 raise Conflict(
                     f"instance '{name}' changed since its reconcile; undo would lose those "
                     f"changes (commit them with 'unionimg commit {name}' and revert by hand)"
@@ -671,7 +680,7 @@ def resolve(
         with (
             u_layer(store, name, write=True) as u,
             WriteWatch(u) as watch,
-            hgrepo.open_repo(u) as repo,
+            hgrepo.open_repo(u, guest=name) as repo,
         ):
             upper = u / "upper"
             gen = get_generation(store, inst.base, c["generation"])

@@ -6,16 +6,16 @@ import errno
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import hgrepo
+from . import fsops, hgrepo
 from .base import generations, get_generation
 from .errors import StoreFull, ToolFailed, UnionimgError
 from .faults import checkpoint
 from .instance import Instance, load, u_layer
-from .manifest import DIR, FILE, WHITEOUT, Entry, scan_tree, sidecar_text
+from .manifest import DIR, FILE, WHITEOUT, Entry, outside_roots, scan_tree, sidecar_text
 from .store import (
     SPACE_MARGIN,
     Store,
@@ -89,8 +89,24 @@ def classify(upper: Iterable[Entry], base: Lookup) -> Changes:
     return out
 
 
-def scan_upper(u_root: Path, *, hash_files: bool = True) -> list[Entry]:
-    return scan_tree(u_root / "upper", hash_files=hash_files)
+def scan_upper(u_root: Path, *, hash_files: bool = True, digests: bool = True) -> list[Entry]:
+    """The upper layer's entries; those Mercurial cannot hold (see
+    :func:`manifest.hg_unfit`) carry ``outside`` and, with ``digests``, their digest."""
+    return scan_tree(u_root / "upper", hash_files=hash_files, hg_prefix="upper", digests=digests)
+
+
+def _hashed_like_base(upper: Path, entries: list[Entry], base: Lookup) -> list[Entry]:
+    """``entries`` with the sha256 of each regular file whose base counterpart is a file of
+    the same size: the only ones whose content needs reading to compare (a size that
+    differs already says "modified"). So a guest's huge sparse file costs nothing here."""
+    out = []
+    for e in entries:
+        if e.kind == FILE and e.sha256 is None:
+            b = base.get(e.path)
+            if b is not None and b.kind == FILE and b.size == e.size:
+                e = replace(e, sha256=fsops.sha256_of(upper, e.path))
+        out.append(e)
+    return out
 
 
 def status(store: Store, name: str) -> dict[str, Any]:
@@ -98,7 +114,8 @@ def status(store: Store, name: str) -> dict[str, Any]:
     gen = get_generation(store, inst.base, inst.generation)
     latest = generations(store, inst.base)[-1].number
     with u_layer(store, name, write=False) as u, gen.manifest() as m:
-        changes = classify(scan_upper(u), m)
+        entries = scan_upper(u, hash_files=False, digests=False)
+        changes = classify(_hashed_like_base(u / "upper", entries, m), m)
     return {
         "name": name,
         "base": inst.base,
@@ -148,8 +165,8 @@ def commit_estimate(u: Path, entries: Iterable[Entry], extra_files: Iterable[int
     total = 0
     for e in entries:
         total += HG_PATH_OVERHEAD
-        if e.kind != FILE or e.size >= HG_MAX_FILE:
-            continue
+        if e.kind != FILE or e.size >= HG_MAX_FILE or e.outside is not None:
+            continue  # out of Mercurial: nothing goes into U for it
         try:
             st = os.lstat(upper + os.fsencode(e.path))
         except OSError:
@@ -224,16 +241,26 @@ def blame_space(
     return exc
 
 
-def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None = None) -> None:
-    """The sidecar of the upper layer (``entries``: a fresh scan of it, if the caller has
-    one) and the base generation it sits on, ready to commit."""
+def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None = None) -> list[str]:
+    """The sidecar of the upper layer (``entries``: a fresh scan of it by
+    :func:`scan_upper`, if the caller has one) and the base generation it sits on, and
+    U's ``.hgignore``, ready to commit. Returns the paths (relative to U's root) to keep
+    out of Mercurial (pass them to :meth:`hgrepo.Repo.commit_all`): what it cannot hold
+    is recorded in the sidecar by size and digest instead, and never blocks a commit."""
     ref = {"instance": inst.name, "base": inst.base, "generation": inst.generation}
+    if entries is None:
+        # the sidecar leaves content to Mercurial: hash nothing but what it cannot hold
+        entries = scan_upper(u, hash_files=False)
     hgrepo.write_sidecar(
         u,
-        # the sidecar leaves content to Mercurial: no need to hash anything here
-        sidecar_text(scan_upper(u, hash_files=False) if entries is None else entries),
+        sidecar_text(entries),
         {"base.json": json.dumps(ref, sort_keys=True) + "\n"},
     )
+    outside = ["upper" + ("" if p == "/" else p) for p in outside_roots(entries)]
+    # unionimg's own file: a guest's version could read host files (include:), hide the
+    # upper layer or stall Mercurial on a pathological pattern
+    fsops.write_beneath(u, ".hgignore", hgrepo.hgignore_text().encode())
+    return outside
 
 
 def commit_u(
@@ -241,13 +268,13 @@ def commit_u(
 ) -> str | None:
     """Record the upper layer (files in hg, the rest in the sidecar) as one changeset.
     ``entries``: a fresh unhashed scan of it, if the caller has one."""
-    write_history_sidecar(u, inst, entries)
+    outside = write_history_sidecar(u, inst, entries)
     msg = message or f"local changes of {inst.name} on {inst.base} generation {inst.generation}"
-    with hgrepo.open_repo(u) as repo:
-        return repo.commit_all(msg)
+    with hgrepo.open_repo(u, guest=inst.name) as repo:
+        return repo.commit_all(msg, outside=outside)
 
 
 def log(store: Store, name: str) -> list[hgrepo.Changeset]:
     load(store, name)
-    with u_layer(store, name, write=False) as u, hgrepo.open_repo(u) as repo:
+    with u_layer(store, name, write=False) as u, hgrepo.open_repo(u, guest=name) as repo:
         return repo.log()
