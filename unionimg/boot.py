@@ -73,7 +73,7 @@ from .initramfs import (
 from .instance import Instance, list_instances, load, mount_record, save, upper_image
 from .mounts import mount_image, umount
 from .names import check_hypervisor
-from .store import Store, now_iso, read_json, write_json
+from .store import Store, now_iso, read_json, require_space, write_json
 from .umlprobe import UmlKernel
 
 log = logging.getLogger(__name__)
@@ -451,6 +451,9 @@ def boot(
                 f"MAC {inst.mac} of instance '{name}' is in use by running {user}; "
                 "stop it or give this instance another MAC"
             )
+        # the guest writes into U, a sparse file in the store: a full store would abort its
+        # journal under the guest
+        require_space(store.root, 0, f"boot {name}")
         wd = workdir(store, name)
         log_path = console_log(store, name)
         if log_path.exists():

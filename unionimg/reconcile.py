@@ -629,6 +629,7 @@ def undo(store: Store, name: str) -> dict[str, Any]:
         if not last_path.is_file():
             raise NotFound(f"instance '{name}' has no reconcile to undo")
         last = read_json(last_path)
+        require_space(store.root, 0, f"undo the reconcile of {name}")
         with u_layer(store, name, write=True) as u, hgrepo.open_repo(u, guest=name) as repo:
             prev = u / "upper.prev"
             if not prev.is_dir():

@@ -223,8 +223,8 @@ def blame_space(
     'Read-only file system' after U's journal aborted), else ``exc`` itself."""
     if isinstance(exc, StoreFull):
         return exc
-    if isinstance(exc, OSError):
-        full = write_failure(exc, u, what, store_path=store.root)
+    if isinstance(exc, OSError):  # its file names the filesystem that is full: U's or the store's
+        full = write_failure(exc, exc.filename or u, what, store_path=store.root)
         return full if full is not None else exc
     text = exc.message
     if "No space left on device" in text and free_space(u) < U_MARGIN:

@@ -367,7 +367,12 @@ def sync_image(watch: WriteWatch, store_root: Path, owner: str, what: str) -> No
     try:
         watch.sync()
     except OSError as exc:
-        # TODO(H4): mark the U image as needing a check before its next mount
+        from .ucheck import forget
+
+        try:
+            forget(Store(store_root), owner)  # U lost writes: e2fsck before its next mount
+        except OSError as err:
+            log.warning("cannot drop the check stamp of %s: %s", owner, err)
         full = write_failure(exc, store_root, what, store_path=store_root)
         if full is not None:
             raise full from exc
