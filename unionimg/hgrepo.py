@@ -10,12 +10,13 @@ Both commit a sidecar ``.unionimg/manifest.jsonl`` (see :func:`manifest.sidecar_
 what Mercurial cannot hold. Plain ``hg log``/``hg diff`` work on both for an admin.
 
 Trust: an instance's ``.hg`` is written by its guest. The repository stays on U (history
-travels with the image, no second copy to keep in step), but no Mercurial process unionimg
-starts reads configuration from it: ``HGRCSKIPREPO=1`` and an empty ``HGRCPATH`` (only the
-``--config`` values below apply: no hooks, extensions, aliases, merge tools, %include), and
-:func:`check_repo` refuses what Mercurial would act on before any command: unknown or
-shared requirements, ``sharedpath``, symlinks/devices/sparse files in ``.hg``, transaction
-files naming paths outside it (hg unlinks/copies those unchecked), subrepositories.
+travels with the image, no second copy to keep in step and no store space per VM), but no
+Mercurial process unionimg starts reads configuration from it: ``HGRCSKIPREPO=1`` and an
+empty ``HGRCPATH`` (only ``_CONFIGS`` apply: no hooks, extensions, aliases, merge tools,
+%include; subrepos off), and :func:`check_repo` refuses, before any command, what Mercurial
+would act on beyond plain history: unknown or shared requirements, ``sharedpath``,
+symlinks/devices/sparse files in ``.hg``, transaction files naming paths outside it (hg
+unlinks and copies those unchecked). Commands on a U root see only :data:`U_SCOPE`.
 """
 
 from __future__ import annotations
