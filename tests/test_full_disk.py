@@ -11,6 +11,7 @@ rerun succeeds.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from tests.conftest import REPO, Cli, _loop_devices
 from unionimg.faults import fill
 from unionimg.instance import u_layer
 from unionimg.mounts import mountinfo, unmount_tree
-from unionimg.store import Store
+from unionimg.store import Store, WriteWatch
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")
@@ -431,3 +432,28 @@ def test_fault_hook_fills_to_the_brim(small: Small) -> None:
         (small.mnt / "x").write_bytes(b"y" * 8192)
     small.free()
     shutil.rmtree(small.mnt / "x", ignore_errors=True)
+
+
+def test_write_watch_sees_what_a_later_descriptor_misses(small: Small) -> None:
+    """Why writes into U are synced through a descriptor opened before them: once the store
+    is full, writes inside a sparse image fail only at write-back (U's journal aborts), the
+    kernel reports that once per open descriptor, and a descriptor opened after it was
+    reported syncs "fine" (and umount reports nothing)."""
+    img, mnt = small.mnt / "u.img", small.mnt.parent / "u"
+    with open(img, "wb") as fh:
+        fh.truncate(32 << 20)
+    lazy = "lazy_itable_init=1,lazy_journal_init=1"  # sparse, like a U image
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", lazy, str(img)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        with WriteWatch(mnt) as early:
+            small.fill()
+            (mnt / "data").write_bytes(os.urandom(2 << 20))  # into the page cache: "succeeds"
+            with pytest.raises(OSError) as err:
+                early.sync()
+            assert err.value.errno in (errno.EIO, errno.ENOSPC), err.value
+        with WriteWatch(mnt) as late:
+            late.sync()  # the same lost writes, and a later descriptor never hears of them
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

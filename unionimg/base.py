@@ -39,11 +39,13 @@ from .runner import run
 from .store import (
     SPACE_MARGIN,
     Store,
+    WriteWatch,
     free_space,
     full_message,
     now_iso,
     read_json,
     require_space,
+    sync_store,
     write_atomic,
     write_json,
 )
@@ -335,7 +337,7 @@ def create(
         if store.base_dir(name).exists():
             raise Conflict(f"base '{name}' already exists; use 'unionimg base update {name}'")
         require_space(store.root, 0, f"create base {name}")  # the tree's own check comes later
-        with store.staging(f"base-{name}") as stage:
+        with store.staging(f"base-{name}") as stage, WriteWatch(stage) as watch:
             bdir = stage / "base"
             bdir.mkdir(mode=0o700)
             (bdir / "generations").mkdir(mode=0o700)
@@ -356,6 +358,7 @@ def create(
                     history=history,
                     message=f"{name} generation 1: created from {src}",
                 )
+            sync_store(watch, f"create base {name}")  # all of it on disk before it appears
             os.rename(bdir, store.base_dir(name))
             checkpoint("base-create:published")
     return get_generation(store, name, gen.number)
@@ -397,7 +400,7 @@ def update(
         _repair_history(store, name, gens)
         number = parent.number + 1
         history = store.base_dir(name) / "history"
-        with store.staging(f"gen-{name}-{number}") as stage:
+        with store.staging(f"gen-{name}-{number}") as stage, WriteWatch(stage) as watch:
             lower = stage / "lower"
             lowers: list[Path] = []
             if from_dir is not None:
@@ -438,6 +441,7 @@ def update(
                     )
             finally:
                 umount(lower)
+            sync_store(watch, f"update base {name}")  # all of it on disk before it appears
             os.rename(stage / "gen", store.base_dir(name) / "generations" / str(number))
             checkpoint("base-update:published")
         new = get_generation(store, name, gen.number)

@@ -382,6 +382,21 @@ def sync_image(watch: WriteWatch, store_root: Path, owner: str, what: str) -> No
         ) from exc
 
 
+def sync_store(watch: WriteWatch, what: str) -> None:
+    """Make what was written into the store durable before it is published (``watch``
+    opened on the store before the writes: Mercurial, for one, never fsyncs)."""
+    try:
+        watch.sync()
+    except OSError as exc:
+        full = write_failure(exc, watch.path, what)
+        if full is not None:
+            raise full from exc
+        raise ToolFailed(
+            f"writing the store failed while trying to {what} ({exc.strerror or exc}); "
+            f"nothing was published; check the disk holding {mount_point(watch.path)}"
+        ) from exc
+
+
 def _syncfs(fd: int) -> None:
     import ctypes
 
