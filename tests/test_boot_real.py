@@ -68,6 +68,8 @@ def test_boot_kvm_then_switch_to_uml(tiny_store: Cli) -> None:
         res = cli.ok("boot", "sw1", "--hypervisor", "kvm", "--wait", "--timeout", "240", "--json")
         out = json.loads(res.output)
         assert out["stopped"] is True and out["domain_type"] in ("kvm", "qemu")
+        # it returned because the guest reached its init on the union root, then powered off
+        assert out["state"] == "stopped" and 0 < out["ready_s"] <= out["elapsed_s"]
         lines = guest_lines(cli, "sw1")
         assert "unionimg-guest: nic eth0 mac 52:54:00:aa:bb:01" in lines
         assert "unionimg-guest: boot 1" in lines
@@ -79,6 +81,7 @@ def test_boot_kvm_then_switch_to_uml(tiny_store: Cli) -> None:
         res = cli.ok("switch", "sw1", "--to", "uml", "--boot", "--wait", "--json")
         out = json.loads(res.output)
         assert out["from"] == "kvm" and out["to"] == "uml" and out["boot"]["stopped"]
+        assert out["boot"]["state"] == "stopped" and out["boot"]["ready_s"] > 0
         lines = guest_lines(cli, "sw1")
         assert "unionimg-guest: nic eth0 mac 52:54:00:aa:bb:01" in lines
         assert "unionimg-guest: boot 2" in lines, "the first boot's write is not in U"
