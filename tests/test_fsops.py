@@ -144,8 +144,11 @@ def test_check_tree_plain_deep_and_hostile(tmp_path: Path) -> None:
         os.symlink("/etc/passwd", "evil", dir_fd=fd)
     finally:
         os.close(fd)
-    with pytest.raises(fsops.UnsafePath):
-        fsops.check_tree_plain(root, ".hg")  # the symlink, or a path too long: refused
+    try:
+        with pytest.raises(fsops.UnsafePath):
+            fsops.check_tree_plain(root, ".hg")  # the symlink, or a path too long: refused
+    finally:  # rm handles any depth; pytest's own clean-up (shutil.rmtree) would recurse
+        subprocess.run(["rm", "-rf", str(root)], check=True)
     shallow = tmp_path / "v"
     (shallow / ".hg" / "wcache").mkdir(parents=True)
     (shallow / ".hg" / "store" / "data").mkdir(parents=True)
