@@ -333,3 +333,44 @@ def test_reserved_names_and_nested_repositories(cli: Cli, vm: str, tmp_path: Pat
     assert not canary.exists()
     assert reconciled(cli)["status"] == "clean"
     assert json.loads(cli.ok("status", "vm1", "--json").output)["generation"] == 2
+
+
+# -- what the admin reads ----------------------------------------------------------------------
+def test_conflicts_reconcile_and_show_escape_guest_text(cli: Cli, tmp_path: Path) -> None:
+    """A conflict at a path holding an escape sequence and a newline: the human reports of
+    reconcile, conflicts and resolve print it escaped, one line each; JSON keeps it."""
+    nasty = "/etc/\x1b[1mbold\nconf"
+    g1 = base_tree(tmp_path / "g1")
+    (g1 / nasty.lstrip("/")).write_text(CONF)
+    cli.ok("base", "create", "os", "--from-dir", str(g1))
+    cli.ok("instance", "create", "vm1", "--base", "os")
+    def mine(m: Path) -> None:
+        (m / nasty.lstrip("/")).write_text(CONF.replace("setting3 = 3", "mine"))
+
+    as_guest(cli, tmp_path, mine)
+    g2 = tmp_path / "g2"
+    shutil.copytree(g1, g2)
+    (g2 / nasty.lstrip("/")).write_text(CONF.replace("setting3 = 3", "theirs"))
+    cli.ok("base", "update", "os", "--from-dir", str(g2))
+
+    res = cli("reconcile", "vm1")
+    assert res.exit_code == 1, res.output
+    shown_path = "/etc/\\e[1mbold\\nconf"
+    assert f"  conflict {shown_path}: text changed on both sides" in res.output
+    assert "\x1b" not in res.output and len(res.output.splitlines()) == 2
+    listing = cli.ok("conflicts", "vm1").output
+    assert listing.startswith(shown_path + "\t") and "\x1b" not in listing
+    assert len(listing.splitlines()) == 1
+    assert json.loads(cli.ok("conflicts", "vm1", "--json").output)[0]["path"] == nasty
+    out = cli.ok("resolve", "vm1", nasty, "--take", "local").output
+    assert out == f"resolved {shown_path} in vm1: took local\n"
+
+    mnt = tmp_path / "m\x1b]0;owned\x07"
+    mnt.mkdir()
+    cli.ok("mount", "vm1", str(mnt), "--readonly")
+    try:
+        show = cli.ok("instance", "show", "vm1").output
+        assert "mounted_at: " + str(tmp_path) + "/m\\e]0;owned\\x07" in show
+        assert "\x1b" not in show and "\x07" not in show
+    finally:
+        cli.ok("umount", str(mnt))

@@ -27,6 +27,7 @@ from unionimg.manifest import (
     Manifest,
     diff_manifests,
     hg_unfit,
+    mark_outside,
     outside_roots,
     parent_of,
     scan_tree,
@@ -295,8 +296,13 @@ def test_scan_marks_what_hg_cannot_hold(tmp_path: Path) -> None:
     }
     assert side["/big"]["size"] == LARGE_FILE and side["/big"]["outside"] == "large"
     assert "size" not in side["/etc/ok"] and "digest" not in side["/etc/ok"]
-    # without hg_prefix nothing is classified (base trees, comparisons)
-    assert all(e.outside is None for e in scan_tree(up))
+    # without hg_prefix nothing is classified (base trees, comparisons); mark_outside does
+    # it afterwards, the same way
+    plain = scan_tree(up)
+    assert all(e.outside is None for e in plain)
+    marked = {e.path: e.outside for e in mark_outside(plain, "upper")}
+    assert marked == {p: e.outside for p, e in entries.items()}
+    assert mark_outside(plain)[0].outside is None  # a base's root
 
 
 def test_scan_any_depth_with_few_descriptors(tmp_path: Path) -> None:

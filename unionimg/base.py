@@ -29,6 +29,8 @@ from .manifest import (
     changes_from_json,
     changes_to_json,
     diff_manifests,
+    mark_outside,
+    outside_roots,
     scan_tree,
     sidecar_text,
     write_manifest,
@@ -282,8 +284,10 @@ def _build_generation(
         os.chmod(gdir / "vmlinuz", 0o600)
         kernel_version = kernel_version or _kernel_version(kernel_src)
     # history: the sidecar goes next to the files in the overlay's upper, never in the image
-    hgrepo.write_sidecar(tree, sidecar_text(entries), {"generation": f"{name} {number}\n"})
-    node = hgrepo.commit_tree_into(history, tree, parent.node if parent else None, message)
+    marked = mark_outside(entries)  # what Mercurial cannot hold: in the sidecar only
+    hgrepo.write_sidecar(tree, sidecar_text(marked), {"generation": f"{name} {number}\n"})
+    outside = [p[1:] for p in outside_roots(marked)]
+    node = hgrepo.commit_tree_into(history, tree, parent.node if parent else None, message, outside)
     checkpoint(f"{op}:committed")
     shutil.rmtree(tree / hgrepo.SIDECAR_DIR)
     meta = {

@@ -534,9 +534,12 @@ def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) ->
         write_beneath(tree, f"{SIDECAR_DIR}/{name}", content.encode("utf-8"))
 
 
-def commit_tree_into(history: Path, tree: Path, parent: str | None, message: str) -> str:
+def commit_tree_into(
+    history: Path, tree: Path, parent: str | None, message: str, outside: Sequence[str] = ()
+) -> str:
     """Commit ``tree`` (a staging tree holding the sidecar) as a child of ``parent`` in the
-    repository at ``history``, without copying the tree; returns the new node.
+    repository at ``history``, without copying the tree; returns the new node. ``outside``:
+    paths (relative to the tree) Mercurial cannot hold, left out (forgotten if tracked).
 
     The tree gets a temporary ``.hg`` that shares ``history``'s store; the dirstate is
     rebuilt from ``parent`` so Mercurial records exactly what changed since then.
@@ -548,7 +551,11 @@ def commit_tree_into(history: Path, tree: Path, parent: str | None, message: str
             if parent:
                 work.cmd("debugsetparents", parent)
                 work.cmd("debugrebuilddirstate")
-            work.cmd("addremove", "-q")
+            with _excluded(outside) as excl:
+                if excl:
+                    with contextlib.suppress(ToolFailed):  # exit 1: none was tracked
+                        work.cmd("forget", excl[1])
+                work.cmd("addremove", "-q", *excl)
             work.cmd("commit", "-m", message, "-u", USER)
             node = work.tip()
     finally:

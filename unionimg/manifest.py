@@ -699,13 +699,39 @@ def sidecar_text(entries: Iterable[Entry]) -> str:
     xattrs, device numbers, hardlinks, empty dirs, whiteouts and overlay markers. Content
     and size are left to Mercurial, so ``hg diff`` of this file shows metadata changes only
     — except for entries kept out of Mercurial (``outside``: why), whose line also holds
-    the size and, for a regular file, its :func:`sparse_digest`.
+    the size and, for a regular file, its :func:`sparse_digest` (or, in a base's
+    history, its sha256).
     """
     lines = []
     for e in sorted(entries, key=lambda e: os.fsencode(e.path)):
-        obj = replace(e, sha256=None, size=e.size if e.outside else 0).to_json()
+        # out of Mercurial: the size, and the digest (a base's entries: their sha256)
+        sha = e.sha256 if e.outside and e.digest is None else None
+        obj = replace(e, sha256=sha, size=e.size if e.outside else 0).to_json()
         lines.append(json.dumps(obj, sort_keys=True, ensure_ascii=True))
     return "\n".join(lines) + "\n"
+
+
+def mark_outside(entries: Iterable[Entry], prefix: str = "") -> list[Entry]:
+    """``entries`` (a scan: parents before children) with ``outside`` set as
+    :func:`scan_tree` with ``hg_prefix=prefix`` would set it (no digests): for trees
+    scanned without it, such as a base generation's. Pure."""
+    entries = list(entries)
+    nested = {parent_of(e.path) for e in entries if e.kind == DIR and e.path.endswith("/.hg")}
+    why: dict[str, str | None] = {}
+    out = []
+    for e in entries:
+        reason = None
+        if e.path != "/":
+            reason = why.get(parent_of(e.path))
+        if reason is None and e.path in nested:
+            reason = OUT_REPOSITORY
+        if reason is None and e.path != "/":
+            rel = os.fsencode(prefix + e.path if prefix else e.path[1:])
+            name = os.fsencode(e.path.rsplit("/", 1)[1])
+            reason = hg_unfit(rel, name, e.kind, e.size)
+        why[e.path] = reason
+        out.append(replace(e, outside=reason) if reason != e.outside else e)
+    return out
 
 
 def outside_roots(entries: Iterable[Entry]) -> list[str]:
