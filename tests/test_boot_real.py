@@ -138,7 +138,7 @@ def test_running_vm_is_protected(tiny_store: Cli, tmp_path: Path) -> None:
             res = cli.fails(*args)
             assert expected in res.output, (args, res.output)
         rec = cli("reconcile", "run1", "--json")
-        assert rec.exit_code == 2 and "running" in rec.output
+        assert rec.exit_code == 10 and "running" in rec.output  # an instance failed
         # another VM with the running VM's MAC must not start
         inst = cli.store / "instances" / "twin" / "instance.json"
         data = json.loads(inst.read_text())
