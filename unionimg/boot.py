@@ -324,6 +324,9 @@ def running_on(store: Store, name: str) -> str | None:
             alive = st not in ("shutoff", "absent", "crashed")
             if st == "crashed" or why in ("crashed", "failed"):
                 evidence = f"libvirt reports the domain {st}, reason {why}"
+        else:
+            # libvirtd is down but the QEMU it started may run on: ask /proc, not libvirt
+            alive = libvirt_driver.qemu_running(name)
     if not alive:
         _cleanup(store, name, rec, evidence)
         return None

@@ -322,6 +322,20 @@ def state_reason(conn: libvirt.virConnect, name: str) -> tuple[str, str]:
     return text, ""
 
 
+QEMU_RUN_DIR = Path("/run/libvirt/qemu")
+
+
+def qemu_running(name: str) -> bool:
+    """Whether the QEMU process libvirt started for domain ``name`` runs (read from its pid
+    file and /proc, so it works while libvirtd is down)."""
+    try:
+        pid = int((QEMU_RUN_DIR / f"{name}.pid").read_text().strip())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return any(a.startswith(f"guest={name},".encode()) for a in args)
+
+
 def wait_shutoff(conn: libvirt.virConnect, name: str, timeout: float) -> bool:
     """Wait until the domain is shut off (or gone); False if it still runs after ``timeout``."""
     deadline = time.monotonic() + timeout
