@@ -31,6 +31,7 @@ import pytest
 
 from tests.conftest import UNIONIMG, Cli, need_programs
 from tests.test_boot_real import cleanup_guest, need_guests
+from unionimg import libvirt_driver
 from unionimg.hypervisors_state import analyse, quote, read_console, stop_reason
 from unionimg.mounts import unmount_tree
 
@@ -373,6 +374,8 @@ def test_stop_pulls_the_plug_after_its_timeout(truth: Cli, tmp_path: Path) -> No
     try:
         add_hook(cli, vm, tmp_path, "sleep 600")
         cli.ok("boot", vm)
+        # seen from /proc too (what running_on asks while libvirtd is down)
+        assert libvirt_driver.qemu_running(vm) and not libvirt_driver.qemu_running("no-such-vm")
         started = time.monotonic()
         res = cli.ok("stop", vm, "--timeout", "6")
         took = time.monotonic() - started
@@ -382,6 +385,7 @@ def test_stop_pulls_the_plug_after_its_timeout(truth: Cli, tmp_path: Path) -> No
         assert "waiting up to 6 s" in res.stderr and "--force" in res.stderr
         data = show(cli, vm)
         assert data["state"] == "stopped" and data["crash_reason"] is None
+        assert not libvirt_driver.qemu_running(vm)
     finally:
         cleanup_guest(cli, vm)
 
