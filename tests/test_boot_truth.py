@@ -309,6 +309,27 @@ def test_missing_u_disk(truth: Cli, hv: str) -> None:
         cleanup_guest(cli, vm)
 
 
+def test_failed_guest_that_hangs_is_pulled(truth: Cli) -> None:
+    """unionimg.debug: after its error the initramfs waits in a shell on the serial console
+    (a file under kvm: no input ever comes), so the guest never stops by itself. boot pulls
+    it after FAIL_GRACE and reports the failure."""
+    cli = truth
+    vm = "hang-kvm"
+    new_vm(cli, vm, "kvm")
+    image = cli.store / "instances" / vm / "upper.img"
+    subprocess.run(["e2label", str(image), "NOTU"], check=True)
+    try:
+        line = fails_with(cli, "boot", vm, "--append", "unionimg.timeout=1 unionimg.debug")
+        assert "the initramfs failed: no disk with LABEL=U after 1 s" in line, line
+        assert "(it did not stop by itself: pulled)" in line, line
+        assert "unionimg.debug: starting a shell" in cli.ok("console", vm).stdout
+        assert_crashed(cli, vm, "no disk with LABEL=U")
+        assert not libvirt_driver.qemu_running(vm)
+    finally:
+        subprocess.run(["e2label", str(image), "U"], check=False)
+        cleanup_guest(cli, vm)
+
+
 @pytest.mark.parametrize("hv", HYPERVISORS)
 def test_init_exits(truth: Cli, hv: str) -> None:
     cli = truth
