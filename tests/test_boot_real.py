@@ -32,7 +32,9 @@ def sha(path: Path) -> str:
 
 def guest_lines(cli: Cli, vm: str) -> list[str]:
     out = cli.ok("console", vm).output
-    return [ln.strip() for ln in out.splitlines() if "unionimg-guest:" in ln]
+    # a getty prompt may share the console line ("debian-fixture login: unionimg-guest: ...")
+    marker = "unionimg-guest:"
+    return [ln[ln.index(marker) :].strip() for ln in out.splitlines() if marker in ln]
 
 
 def cleanup_guest(cli: Cli, vm: str) -> None:
