@@ -22,13 +22,6 @@
 # admin (boot exits 9). If switch_root cannot execute INIT, or INIT exits, PID 1 is gone and
 # the kernel panics ("Attempted to kill init!"); the kernel runs with panic=-1, so the guest
 # resets at once and the host reports the panic. Keep these lines' wording.
-#
-# The host reads this console (unionimg.hypervisors_state): the last line before the hand-over,
-# "unionimg-init: switching root to the union of BASE and U, starting INIT", is the READINESS
-# LINE (everything above succeeded); "unionimg-init: error: ..." is a failure quoted to the
-# admin (boot exits 9). If switch_root cannot execute INIT, or INIT exits, PID 1 is gone and
-# the kernel panics ("Attempted to kill init!"); the kernel runs with panic=-1, so the guest
-# resets at once and the host reports the panic. Keep these lines' wording.
 
 PATH=/bin:/sbin
 export PATH
