@@ -14,7 +14,10 @@
 #   nothing (no network).
 #
 # Usage: build-uml-kernel.sh [--cache DIR] [--jobs N] [--force] [--print-recipe]
-#   prints the kernel's path on stdout (progress on stderr).
+#                            [--resolve-only] [--version V]
+#   prints the kernel's path on stdout (progress on stderr); --resolve-only prints the source
+#   package and version it would build ("PACKAGE VERSION") and stops; --version V asks for
+#   another version of the pinned package (the newest >= 6.13 if that one is not there).
 # Build dependencies (scripts/setup.sh installs them): gcc make flex bison bc libelf-dev
 # xz-utils, and apt-get/dpkg-deb.
 set -euo pipefail
@@ -52,6 +55,8 @@ while [ $# -gt 0 ]; do
     --jobs) JOBS=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     --print-recipe) PRINT_RECIPE=1; shift ;;
+    --resolve-only) RESOLVE_ONLY=1; shift ;;
+    --version) PIN_VERSION=$2; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-uml-kernel: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -82,7 +87,8 @@ exec 9>"$CACHE/.lock"
 flock -w 3600 9 || die "another build holds $CACHE/.lock"
 
 # 1. The pinned version already built: nothing to do (no network).
-if [ "$FORCE" = 0 ] && done_build "$CACHE/$PIN_VERSION" "$PIN_VERSION"; then
+if [ "$FORCE" = 0 ] && [ "${RESOLVE_ONLY:-0}" = 0 ] \
+    && done_build "$CACHE/$PIN_VERSION" "$PIN_VERSION"; then
   say "cached: $CACHE/$PIN_VERSION/linux.uml"
   finish "$CACHE/$PIN_VERSION"
   exit 0
@@ -133,6 +139,7 @@ else
   say "pinned $PIN_PACKAGE $PIN_VERSION is gone from ${SUITES[*]}; using $best_pkg $best_ver"
   PKG=$best_pkg VERSION=$best_ver
 fi
+if [ "${RESOLVE_ONLY:-0}" = 1 ]; then echo "$PKG $VERSION"; exit 0; fi
 DEST=$CACHE/$VERSION
 if [ "$FORCE" = 0 ] && done_build "$DEST" "$VERSION"; then
   say "cached: $DEST/linux.uml"

@@ -250,6 +250,36 @@ def test_build_script_recipe_and_cached_rerun() -> None:
     assert "CONFIG_UML_NET_VECTOR=y" in config and "# CONFIG_MODULES is not set" in config
 
 
+@pytest.mark.slow
+@pytest.mark.root
+def test_build_script_resolves_the_pin_or_the_newest_source() -> None:
+    """The pinned linux-source version, or when it is gone the newest linux-source-X.Y >=
+    6.13 in the suites' index (a private apt state; Debian's package registry only)."""
+    need_root()
+    script = str(REPO / "scripts" / "build-uml-kernel.sh")
+    pin = subprocess.run(
+        [script, "--resolve-only"], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()
+    recipe = subprocess.run(
+        [script, "--print-recipe"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    assert f"package={pin[0]}\nversion={pin[1]}\n" in recipe
+    gone = subprocess.run(
+        [script, "--resolve-only", "--version", "0.0-gone"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    package, version = gone.stdout.split()
+    assert "0.0-gone is gone" in gone.stderr
+    series = tuple(int(x) for x in package.removeprefix("linux-source-").split("."))
+    assert series >= (6, 13) and series >= tuple(int(x) for x in pin[0].split("-")[-1].split("."))
+    assert not version.startswith("0.0")
+    # the host's own apt state was not touched
+    assert not list(Path("/var/lib/apt/lists").glob("*trixie-backports*"))
+
+
 # --- set-up on Debian 12 and 13 ---------------------------------------------------------------
 
 
