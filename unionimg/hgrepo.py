@@ -251,7 +251,7 @@ def _walk_hg(hg: Path, dev: int, refuse: Any) -> None:
                 stack.append(rel)
             elif not stat.S_ISREG(st.st_mode):
                 raise refuse(shown, "is a device node, fifo or socket")
-            elif st.st_size > st.st_blocks * 512 + (1 << 20):
+            elif st.st_size > 4 * st.st_blocks * 512 + (1 << 20):  # (4x: fs compression)
                 raise refuse(shown, f"is a sparse file of {st.st_size} bytes")
 
 
@@ -567,11 +567,12 @@ def commit_tree_into(
 
 def verify_node(root: Path, node: str, repo: Repo | None = None) -> None:
     """Check that the repository at ``root`` holds changeset ``node``, after the caller made
-    the filesystem durable (syncfs checked), so what is read is what the disk holds: the
-    changelog's cached pages (clean after the sync) are dropped first, so it is read from
-    the disk again. ``repo``: a command server to ask (reconcile's workers: no start-up per
-    instance); without it a fresh Mercurial process. Raises :class:`ToolFailed` otherwise."""
-    for name in ("00changelog.i", "00changelog.d"):
+    the filesystem durable (syncfs checked), so what is read is what the disk holds.
+    ``repo``: a command server to ask (reconcile's workers: no start-up, no extra read per
+    instance); without it a fresh Mercurial process, and the changelog's cached pages
+    (clean after the sync) are dropped first, so it is read from the disk again. Raises
+    :class:`ToolFailed` otherwise."""
+    for name in ("00changelog.i", "00changelog.d") if repo is None else ():
         with contextlib.suppress(OSError):
             fd = os.open(root / ".hg" / "store" / name, os.O_RDONLY | os.O_NOFOLLOW)
             try:
