@@ -8,10 +8,11 @@
 #   Debian's linux-source-X.Y package, fetched by name from another suite's index kept in a
 #   private apt state directory (the host's own apt sources and lists stay untouched)
 #   -> dpkg -x -> untar -> make ARCH=um defconfig + the options below built in (no modules)
-#   -> make ARCH=um linux -> strip -> CACHE/<source-version>/linux.uml (unionimg finds its
-#   guests by that name), built aside and renamed into place, with config, recipe and
-#   build-info beside it; CACHE/current points at the newest build. A rerun finds it and does
-#   nothing (no network).
+#   -> make ARCH=um linux -> strip -> CACHE/<source-version>.<build time>/linux.uml (unionimg
+#   finds its guests by that name) with config, recipe and build-info beside it, built aside
+#   and renamed into place; then the symlink CACHE/current is switched to it atomically
+#   (builds other than current are removed a day later). A rerun finds CACHE/current built
+#   by the same recipe and does nothing (no network).
 #
 # Usage: build-uml-kernel.sh [--cache DIR] [--jobs N] [--force] [--print-recipe]
 #                            [--resolve-only] [--version V]
@@ -76,21 +77,32 @@ die() { echo "build-uml-kernel: error: $*" >&2; exit 1; }
 done_build() {  # $1 = dir, $2 = version
   [ -x "$1/linux.uml" ] && [ -f "$1/recipe" ] && [ "$(cat "$1/recipe")" = "$(recipe "$2")" ]
 }
-finish() {  # $1 = dir: point CACHE/current at it (atomic rename), print the kernel path
-  ln -sfn "$(basename "$1")" "$CACHE/.current.new"
-  mv -T "$CACHE/.current.new" "$CACHE/current"
+finish() {  # $1 = dir: point CACHE/current at it (atomic rename), drop older builds, print
+  local dir name
+  name=$(basename "$1")
+  if [ "$(readlink "$CACHE/current" 2>/dev/null)" != "$name" ]; then
+    ln -sfn "$name" "$CACHE/.current.new"
+    mv -T "$CACHE/.current.new" "$CACHE/current"
+  fi
+  for dir in "$CACHE"/*/; do  # other builds, once a day old (nobody is about to start them)
+    dir=${dir%/}
+    if [ -f "$dir/recipe" ] && [ "$(basename "$dir")" != "$name" ] \
+        && [ -n "$(find "$dir/recipe" -mmin +1440)" ]; then
+      rm -rf "$dir"
+    fi
+  done
   echo "$1/linux.uml"
 }
+CURRENT=$CACHE/current
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock -w 3600 9 || die "another build holds $CACHE/.lock"
 
 # 1. The pinned version already built: nothing to do (no network).
-if [ "$FORCE" = 0 ] && [ "${RESOLVE_ONLY:-0}" = 0 ] \
-    && done_build "$CACHE/$PIN_VERSION" "$PIN_VERSION"; then
-  say "cached: $CACHE/$PIN_VERSION/linux.uml"
-  finish "$CACHE/$PIN_VERSION"
+if [ "$FORCE" = 0 ] && [ "${RESOLVE_ONLY:-0}" = 0 ] && done_build "$CURRENT" "$PIN_VERSION"; then
+  say "cached: $(readlink -f "$CURRENT")/linux.uml"
+  finish "$(readlink -f "$CURRENT")"
   exit 0
 fi
 
@@ -140,12 +152,12 @@ else
   PKG=$best_pkg VERSION=$best_ver
 fi
 if [ "${RESOLVE_ONLY:-0}" = 1 ]; then echo "$PKG $VERSION"; exit 0; fi
-DEST=$CACHE/$VERSION
-if [ "$FORCE" = 0 ] && done_build "$DEST" "$VERSION"; then
-  say "cached: $DEST/linux.uml"
-  finish "$DEST"
+if [ "$FORCE" = 0 ] && done_build "$CURRENT" "$VERSION"; then
+  say "cached: $(readlink -f "$CURRENT")/linux.uml"
+  finish "$(readlink -f "$CURRENT")"
   exit 0
 fi
+DEST=$CACHE/$VERSION.$(date -u +%Y%m%dT%H%M%SZ)
 
 # 4. Build aside, in the cache's file system (so the final rename is atomic).
 WORK=$(mktemp -d "$CACHE/.build-XXXXXX")
@@ -203,9 +215,6 @@ end=$(date +%s)
 } >"$WORK/out/build-info"
 recipe "$VERSION" >"$WORK/out/recipe"
 cd /
-rm -rf "$DEST.old"
-[ -e "$DEST" ] && mv -T "$DEST" "$DEST.old"
 mv -T "$WORK/out" "$DEST"
-rm -rf "$DEST.old"
 say "built $PKG $VERSION (release $release) in $((end - start)) s: $DEST/linux.uml"
 finish "$DEST"

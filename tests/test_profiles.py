@@ -67,7 +67,9 @@ SPEC = BootSpec(
 )
 UML_SPEC = dataclasses.replace(SPEC, kernel=Path("/usr/bin/linux.uml"))
 UML_VECTOR_SPEC = dataclasses.replace(
-    SPEC, kernel=Path("/var/cache/unionimg/uml/7.2.12-1~bpo13+1/linux"), uml_transport="vector"
+    SPEC,
+    kernel=Path("/var/cache/unionimg/uml/7.2.12-1~bpo13+1.20261201T210200Z/linux.uml"),
+    uml_transport="vector",
 )
 QEMU_SPEC = dataclasses.replace(SPEC, domain_type="qemu")
 
