@@ -306,3 +306,23 @@ def test_nested_repository_in_upper_is_inert(
     cli.ok("commit", "vm1", "-m", "nested repo")
     assert cli("reconcile", "vm1").exit_code == 1
     assert ran(canaries) == []
+
+
+def test_stale_and_planted_locks_never_stall_a_commit(cli: Cli, vm: str, tmp_path: Path) -> None:
+    """A crash mid-commit leaves Mercurial's lock links; a guest can plant them naming another
+    host (Mercurial would wait ``ui.timeout`` and fail). Neither makes the U refused nor the
+    commit wait: no live process of this host holds them, so they are removed unfollowed."""
+    target = tmp_path / "lock-target"
+    target.write_text("host file\n")
+    with Planted(cli, tmp_path) as u:
+        os.symlink(f"{os.uname().nodename}:999999999", u / ".hg/wlock")
+        os.symlink("guest-host:1", u / ".hg/store/lock")
+        os.symlink(str(target), u / ".hg/lock")
+    res = cli.ok("commit", "vm1", "-m", "after a crash")
+    assert "committed" in res.output
+    assert target.read_text() == "host file\n"
+    with Planted(cli, tmp_path) as u:
+        for rel in ("wlock", "lock", "store/lock"):
+            assert not os.path.lexists(u / ".hg" / rel)
+    log = json.loads(cli.ok("log", "vm1", "--json").output)
+    assert any("after a crash" in str(entry) for entry in log)

@@ -21,7 +21,7 @@ import hashlib
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -588,12 +588,15 @@ def write_beneath(root: Path, rel: str, data: bytes, *, append: bool = False) ->
             os.close(dfd)
 
 
-def check_tree_plain(root: Path, rel: str, allowed_links: dict[str, bytes] | None = None) -> int:
+def check_tree_plain(
+    root: Path, rel: str, allowed_links: Mapping[str, bytes | None] | None = None
+) -> int:
     """Walk the directory ``rel`` beneath ``root`` (say, a Mercurial repository) and refuse
     (:class:`UnsafePath`) any symlink, device node, fifo or socket in it, and any directory
     on another device: afterwards a program may use it by path (as long as nobody else can
     write it: the caller holds the file system exclusively). Returns the entries seen.
-    ``allowed_links``: symlinks (relative to ``root``) tolerated with exactly that target.
+    ``allowed_links``: symlinks (relative to ``root``) tolerated with exactly that target
+    (``None``: any target — for links that are only ever read with ``readlink``).
 
     Iterative (a guest may nest directories thousands deep) and by path below the checked
     top: nothing but the host writes the tree while it is checked and used."""
@@ -620,9 +623,12 @@ def check_tree_plain(root: Path, rel: str, allowed_links: dict[str, bytes] | Non
                 if entry.is_file(follow_symlinks=False):
                     continue
                 if entry.is_symlink():
-                    want = (allowed_links or {}).get(os.fsdecode(sub))
-                    if want is not None and os.readlink(entry.path) == want:
-                        continue
+                    links = allowed_links or {}
+                    name = os.fsdecode(sub)
+                    if name in links:
+                        want = links[name]
+                        if want is None or os.readlink(entry.path) == want:
+                            continue
                     raise UnsafePath(os.fsdecode(sub), _why(errno.ELOOP))
                 if not entry.is_dir(follow_symlinks=False):
                     raise UnsafePath(os.fsdecode(sub), "is a device node, fifo or socket")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -144,6 +145,8 @@ def check_repo(root: Path, guest: str | None = None) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise refuse("", "is not a directory (a symlink?)")
     _walk_hg(hg, st.st_dev, refuse)
+    if guest is not None:
+        _clear_stale_locks(hg)
     wc = _read_list(hg, "requires", refuse)
     if wc is None:
         raise refuse("requires", "is missing")
@@ -218,6 +221,32 @@ def _read_list(hg: Path, rel: str, refuse: Any) -> bytes | None:
         if st.st_size > _SMALL:
             raise refuse(rel, f"is {st.st_size} bytes long, not a file Mercurial wrote")
         return fh.read(_SMALL + 1)
+
+
+def _clear_stale_locks(hg: Path) -> None:
+    """Remove Mercurial lock links that no live process of this host holds: left by a crash
+    mid-commit, or planted by the guest (which would make every host commit wait for
+    ``ui.timeout`` and fail). A lock is a symlink to ``host[/ns]:pid`` that Mercurial only
+    ``readlink()``s; ``unlink`` never follows it, and the walk just checked ``.hg`` and
+    ``.hg/store`` are real directories on U."""
+    me = socket.gethostname()
+    for rel in ("wlock", "lock", "store/lock"):
+        path = hg / rel
+        try:
+            target = os.readlink(path)
+        except OSError:
+            continue  # absent, or not a link (then Mercurial treats it as held and says so)
+        host, _, pid = target.rpartition(":")
+        if host.split("/", 1)[0] == me and pid.isascii() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # held by a live process here (e.g. a concurrent read of this VM)
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _walk_hg(hg: Path, dev: int, refuse: Any) -> None:

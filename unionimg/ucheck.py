@@ -65,9 +65,17 @@ OPTIONAL_FILES = (
     ".unionimg/base.json",
     ".unionimg/resolutions.jsonl",
 )
-# Mercurial's own symlink: it caches "this file system has symlinks" as a link it only
-# lstat()s (never opens, never writes through); tolerated with exactly its own target
-HG_OWN_LINKS = {".hg/wcache/checklink": b"checklink-target"}
+# Mercurial's own symlinks, which it never follows: it caches "this file system has symlinks"
+# as a link it only lstat()s (tolerated with exactly its own target), and its locks are links
+# to "host:pid" it only readlink()s (left behind by a crash mid-commit: tolerated with any
+# target, so a crashed commit does not make the VM's U refused; hg clears a stale one)
+HG_OWN_LINKS: dict[str, bytes | None] = {
+    ".hg/wcache/checklink": b"checklink-target",
+    ".hg/cache/checklink": b"checklink-target",
+    ".hg/wlock": None,
+    ".hg/lock": None,
+    ".hg/store/lock": None,
+}
 FORBIDDEN = (".hg/sharedpath",)  # would make Mercurial use another repository's store
 _HGIGNORE_MAX = 64 << 10
 
