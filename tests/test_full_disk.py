@@ -346,6 +346,20 @@ def test_commit_space_runs_out_midway(vm: Small, monkeypatch: Any) -> None:
     hg_verify(vm)
 
 
+def test_commit_u_image_full(vm: Small) -> None:
+    """U itself (not the store) cannot hold the commit: said so, naming U and the VM."""
+    cli = vm.cli
+    put_upper(vm.store, "vm1", "srv/big.bin", os.urandom(28 << 20))  # U is 48 MiB
+    before = snapshot(vm)
+    res = cli("commit", "vm1", "-m", "big")
+    assert res.exit_code == 7, res.output
+    line = res.output.strip()
+    assert line.startswith("unionimg: error: store full: "), line
+    assert f" free on {vm.store}/run/vm1/u, about " in line, line
+    assert "the U image of vm1 is full" in line, line
+    same(before, snapshot(vm))
+
+
 # -- reconcile and resolve -------------------------------------------------------------------
 def test_reconcile_checks_space_first(vm: Small) -> None:
     s = vm

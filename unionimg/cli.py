@@ -631,7 +631,8 @@ def reconcile_cmd(
     undo: bool,
     as_json: bool,
 ) -> None:
-    """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 10 an instance failed)."""
+    """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 10 an
+    instance failed, 7 only space was lacking: free it and rerun)."""
     from . import reconcile as rec
     from .policy import load_policy
 

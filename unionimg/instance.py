@@ -274,14 +274,30 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
     # umount reports no write-back error: sync U through a descriptor opened before any
     # write, so nothing written into U is lost silently (say, the store filled up)
     watch = WriteWatch(mnt) if write else None
+    if watch is not None:
+        _WATCHES[os.fspath(mnt)] = watch
     vouch = False  # a clean unmount after a run without errors vouches for the image
     try:
         with ucheck.guarded(store, name, mnt):
             yield mnt
-        if watch is not None:
+        if watch is not None and not watch.durable:
             sync_image(watch, store.root, name, f"write the U image of {name}")
         vouch = True
     finally:
         if watch is not None:
+            _WATCHES.pop(os.fspath(mnt), None)
             watch.close()
         ucheck.release_u(store, name, mnt, vouch=vouch)
+
+
+# the write watches of the U layers u_layer mounted, by mount point
+_WATCHES: dict[str, WriteWatch] = {}
+
+
+def durable(u: Path) -> None:
+    """Tell :func:`u_layer` that everything written into ``u`` was synced (by the caller's
+    own watch, opened before its writes) and that nothing more is written before the end
+    of its block: its final sync (a flush of the loop device) is skipped."""
+    watch = _WATCHES.get(os.fspath(u))
+    if watch is not None:
+        watch.durable = True

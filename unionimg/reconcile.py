@@ -52,7 +52,7 @@ from .errors import (
     UsageError,
 )
 from .faults import checkpoint
-from .instance import Instance, hg_template, load, save, state, u_layer
+from .instance import Instance, durable, hg_template, load, save, state, u_layer
 from .manifest import FILE, Change, Entry
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
@@ -490,6 +490,7 @@ class Reconciler:
         sync_image(watch, self.store.root, name, f"reconcile {name}")
         if post is not None:
             hgrepo.verify_node(u, post, repo)
+        durable(u)  # nothing more is written into U: no second flush when it is unmounted
         checkpoint("reconcile:committed")
         write_json(
             _last(self.store, name),
@@ -752,6 +753,7 @@ def resolve(
                 raise blame_space(exc, store, u, name, what) from exc
             if node is not None:  # on disk: only now is the conflict settled
                 hgrepo.verify_node(u, node, repo)
+            durable(u)
             write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
         fsops.remove_tree(aside)
     return {"name": name, "path": path, "took": how, "node": node}

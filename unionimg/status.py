@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from . import fsops, hgrepo
 from .base import generations, get_generation
 from .errors import StoreFull, ToolFailed, UnionimgError
 from .faults import checkpoint
-from .instance import Instance, load, u_layer
+from .instance import Instance, durable, load, u_layer
 from .manifest import DIR, FILE, WHITEOUT, Entry, outside_roots, scan_tree, sidecar_text
 from .store import (
     SPACE_MARGIN,
@@ -26,6 +27,8 @@ from .store import (
     sync_image,
     write_failure,
 )
+
+logger = logging.getLogger(__name__)
 
 # What a commit adds to U per file beyond its content (its revlog's inode, directory entry
 # and the journal blocks of that metadata) and per path (its sidecar line, committed too,
@@ -148,6 +151,7 @@ def commit(store: Store, name: str, message: str | None) -> str | None:
             raise blame_space(exc, store, u, name, what) from exc
         if node is not None:
             hgrepo.verify_node(u, node)
+        durable(u)
         return node
 
 
@@ -220,25 +224,33 @@ def blame_space(
 ) -> BaseException:
     """The error to report for a write into U that failed: :class:`StoreFull` when U or the
     store ran out of space (hg says 'No space left on device', 'Input/output error' or
-    'Read-only file system' after U's journal aborted), else ``exc`` itself."""
+    'Read-only file system' after U's journal aborted), else ``exc`` itself. U may then
+    have lost writes: it is checked (e2fsck) before its next mount."""
     if isinstance(exc, StoreFull):
         return exc
+    full: StoreFull | None = None
     if isinstance(exc, OSError):  # its file names the filesystem that is full: U's or the store's
         full = write_failure(exc, exc.filename or u, what, store_path=store.root)
-        return full if full is not None else exc
-    text = exc.message
-    if "No space left on device" in text and free_space(u) < U_MARGIN:
-        return StoreFull(
-            f"store full: the U image of {name} is full ({text}); remove files in the VM, "
-            f"then retry to {what}"
+    elif "No space left on device" in exc.message and free_space(u) < U_MARGIN:
+        from .names import human_size
+
+        full = StoreFull(
+            f"store full: {human_size(free_space(u))} free on {u} (the U image of {name}); "
+            f"{what} failed ({exc.message}); remove files in the VM, then retry"
         )
-    if free_space(store.root) < SPACE_MARGIN and any(
-        s in text for s in ("No space left", "Input/output error", "Read-only file system")
+    elif free_space(store.root) < SPACE_MARGIN and any(
+        s in exc.message for s in ("No space left", "Input/output error", "Read-only file system")
     ):
         full = write_failure(OSError(errno.EIO, "I/O error"), u, what, store_path=store.root)
-        if full is not None:
-            return full
-    return exc
+    if full is None:
+        return exc
+    from .ucheck import forget
+
+    try:
+        forget(store, name)
+    except OSError as err:
+        logger.warning("cannot drop the check stamp of %s: %s", name, err)
+    return full
 
 
 def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None = None) -> list[str]:
