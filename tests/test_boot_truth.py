@@ -117,7 +117,7 @@ def test_guest_text_is_escaped_and_cut() -> None:
     _, failure = verdict_of(evil)
     assert failure is not None
     assert "\x1b" not in failure and "\x07" not in failure
-    assert "\\x1b]0;owned\\x07\\x1b[2J" in failure
+    assert "\\e]0;owned\\x07\\e[2J" in failure
     assert len(failure) < 300
     assert quote("a\\b\u202ec") == "a\\\\b\\u202ec"
 

@@ -206,7 +206,7 @@ def test_parse_seconds() -> None:
 
 
 def test_shown_escapes_controls() -> None:
-    assert shown("a\nb\x1b[31m\u00e9\\") == "a\\nb\\x1b[31m\\xe9\\\\"
+    assert shown("a\nb\x1b[31m\u00e9\\") == "a\\nb\\e[31m\u00e9\\\\"
     assert len(shown("x" * 500)) == 60
 
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 
-def shown(text: str, *, backslash: bool = True) -> str:
+def shown(text: str, limit: int | None = None, *, backslash: bool = True) -> str:
     """``text`` with every non-printable character escaped: ``\\n``, ``\\r``, ``\\t``,
     ``\\e`` (ESC), ``\\xHH`` for other ASCII controls and for bytes that were not UTF-8
     (Python's surrogateescape: os.fsdecode of a file name), ``\\uHHHH``/``\\UHHHHHHHH``
     for the rest (C1 controls, bidi and zero-width formatting, line separators,
     unassigned code points). ``backslash`` escapes ``\\`` too, so that the output is
     unambiguous (a name holding a literal ``\\n`` shows as ``\\\\n``); a sentence quoting
-    such text may leave it off."""
+    such text may leave it off. ``limit`` cuts the result (``...`` at its end) to that many
+    characters, for one line of a message."""
     if text.isprintable() and (not backslash or "\\" not in text):
-        return text  # the common case, in C
+        return _cut(text, limit)  # the common case, in C
     out = []
     for ch in text:
         if ch == "\\":
@@ -40,4 +41,8 @@ def shown(text: str, *, backslash: bool = True) -> str:
                 out.append(f"\\u{code:04x}")
             else:
                 out.append(f"\\U{code:08x}")
-    return "".join(out)
+    return _cut("".join(out), limit)
+
+
+def _cut(text: str, limit: int | None) -> str:
+    return text if limit is None or len(text) <= limit else text[: max(limit - 3, 0)] + "..."

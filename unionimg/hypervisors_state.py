@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import display
 from .store import Store, now_iso, read_json, write_json
 
 CRASH_FILE = "crashed.json"
@@ -81,19 +82,7 @@ def quote(text: str, limit: int = QUOTE_MAX) -> str:
     """Guest-written text made safe for one line of a terminal: every control character
     (ESC included) and other unprintable character becomes a ``\\xNN``/``\\uNNNN`` escape,
     backslashes are doubled, and the result is cut at ``limit`` characters."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        elif code < 0x100:
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(f"\\u{code:04x}")
-    result = "".join(out)
-    return result if len(result) <= limit else result[: limit - 3] + "..."
+    return display.shown(text, limit)
 
 
 def _lines(data: bytes) -> list[str]:

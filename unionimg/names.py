@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from . import display
 from .errors import UsageError
 
 HYPERVISORS = ("kvm", "uml", "xen", "virtualbox")
@@ -21,12 +22,8 @@ MAX_NAME = 64
 
 
 def shown(text: str, limit: int = 60) -> str:
-    """``text`` for an error message: backslash escapes for anything not printable ASCII."""
-    out = "".join(
-        c if 32 <= ord(c) < 127 and c != "\\" else c.encode("unicode_escape").decode("ascii")
-        for c in text
-    )
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+    """``text`` for an error message, escaped (:func:`unionimg.display.shown`) and cut."""
+    return display.shown(text, limit)
 
 
 def check_name(name: str, what: str) -> str:

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import fsops
+from . import display, fsops
 from .errors import Conflict, GuestDataRefused, ToolFailed
 from .mounts import loop_users, mount_image, umount
 from .runner import Result, run
@@ -85,21 +85,8 @@ def image_path(store: Store, name: str) -> Path:
 
 
 def printable(text: str, limit: int = 200) -> str:
-    """Guest-derived text (file names in e2fsck's output) made safe for a terminal: control
-    characters and undecodable bytes escaped, long lines cut."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd byte
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
-            out.append(f"\\x{code:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        else:
-            out.append(ch)
-    s = "".join(out)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+    """Guest-derived text (file names in e2fsck's output) made safe for a terminal, cut."""
+    return display.shown(text, limit)
 
 
 # -- the fast path: has the image changed since the host last vouched for it? ---------------
