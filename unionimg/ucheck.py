@@ -189,7 +189,10 @@ def check_image(store: Store, name: str) -> bool:
     if unchanged(store, name):
         return False
     _check(name, image_path(store, name))
-    record(store, name, "e2fsck")
+    try:
+        record(store, name, "e2fsck")
+    except OSError as exc:  # the stamp is an optimisation: a full store only costs a recheck
+        log.warning("cannot record the check of %s: %s", image_path(store, name), exc)
     return True
 
 
