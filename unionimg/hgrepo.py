@@ -28,7 +28,7 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,21 @@ def _b(*args: str | bytes) -> list[bytes]:
 
 
 # -- what Mercurial would act on in a guest-written repository --------------------------------
+def _refuser(root: Path, guest: str | None) -> Callable[[str, str], GuestDataRefused]:
+    """The one-line refusal of a path in ``root``'s ``.hg`` ("" for ``.hg`` itself)."""
+    who = f"instance '{guest}'" if guest else "repository"
+    hg = root / ".hg"
+
+    def refuse(rel: str, why: str) -> GuestDataRefused:
+        where, fix = (f"{hg}/{rel}", ", or remove that path by hand") if rel else (str(hg), "")
+        return GuestDataRefused(
+            f"{who}: {where} {why}; unionimg lets Mercurial act on none of it (restore "
+            f"the U image from a backup{fix})"
+        )
+
+    return refuse
+
+
 def check_repo(root: Path, guest: str | None = None) -> None:
     """Refuse (:class:`GuestDataRefused`, naming ``guest`` and the path) a repository at
     ``root`` holding anything Mercurial would act on beyond plain history: requirements not
@@ -126,18 +141,8 @@ def check_repo(root: Path, guest: str | None = None) -> None:
     sparse file or other filesystem in ``.hg``, and transaction files naming paths outside
     ``.hg``. Configuration files (``.hg/hgrc``, ``hgrc-not-shared``) are never read
     (:data:`HG_ENV`), so they are left alone."""
-    who = f"instance '{guest}'" if guest else "repository"
     hg = root / ".hg"
-
-    def refuse(rel: str, why: str) -> GuestDataRefused:
-        return GuestDataRefused(
-            f"{who}: {hg}/{rel} {why}; unionimg lets Mercurial act on none of it (restore "
-            "the U image from a backup, or remove that path by hand)"
-            if rel
-            else f"{who}: {hg} {why}; unionimg lets Mercurial act on none of it (restore "
-            "the U image from a backup)"
-        )
-
+    refuse = _refuser(root, guest)
     try:
         st = os.lstat(hg)
     except FileNotFoundError:
@@ -172,14 +177,8 @@ def check_repo(root: Path, guest: str | None = None) -> None:
 def check_transactions(root: Path, guest: str | None = None) -> None:
     """Refuse transaction files (:data:`_TX_LISTS`, :data:`_TX_JOURNALS`) naming a path
     that is absolute or climbs out with ``..``: Mercurial would unlink or overwrite it."""
-    who = f"instance '{guest}'" if guest else "repository"
     hg = root / ".hg"
-
-    def refuse(rel: str, why: str) -> GuestDataRefused:
-        return GuestDataRefused(
-            f"{who}: {hg}/{rel} {why}; unionimg lets Mercurial act on none of it (restore "
-            "the U image from a backup, or remove that path by hand)"
-        )
+    refuse = _refuser(root, guest)
 
     for rel in _TX_LISTS:
         data = _read_list(hg, rel, refuse)
