@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli, need, need_root
+from unionimg import umlprobe
 from unionimg.mounts import unmount_tree
 
 
@@ -83,6 +84,10 @@ def test_boot_kvm_then_switch_to_uml(tiny_store: Cli) -> None:
         res = cli.ok("switch", "sw1", "--to", "uml", "--boot", "--wait", "--json")
         out = json.loads(res.output)
         assert out["from"] == "kvm" and out["to"] == "uml" and out["boot"]["stopped"]
+        # it says which UML kernel it booted and why (the packaged one, or the built one)
+        chosen = umlprobe.select()
+        assert out["boot"]["uml_kernel"]["path"] == str(chosen.path)
+        assert out["boot"]["uml_kernel"]["why"] == chosen.reason
         assert out["boot"]["state"] == "stopped" and out["boot"]["ready_s"] > 0
         lines = guest_lines(cli, "sw1")
         assert "unionimg-guest: nic eth0 mac 52:54:00:aa:bb:01" in lines
