@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 #: virtio (QEMU/KVM), xen front ends (Xen), AHCI/PIIX + sd_mod + e1000 (VirtualBox);
 #: pvpanic-mmio reports a guest panic to QEMU's ISA pvpanic device (the kvm profile's).
 DEFAULT_MODULES: tuple[str, ...] = (
+    "pvpanic-mmio",  # first: a panic later in the initramfs already reaches the hypervisor
     "virtio_pci",
     "virtio_blk",
     "virtio_net",
@@ -54,7 +55,6 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "e1000",
     "ext4",
     "overlay",
-    "pvpanic-mmio",
 )
 
 #: busybox applets ``guest_init.sh`` calls (the debug shell installs the rest at run time).
