@@ -13,8 +13,6 @@ QEMU version, guest kernel path and mtime, effective uid), so the probe runs onc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -22,9 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import probecache
 from .errors import ToolFailed, UsageError
 from .runner import run
-from .store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -124,31 +122,6 @@ def cache_key(kernel: Path, qemu: str = QEMU) -> dict[str, object]:
     }
 
 
-def _digest(key: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _load(cache_file: Path) -> dict[str, object]:
-    try:
-        data = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-        return {}
-    entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
-
-
-def _store(cache_file: Path, entries: dict[str, object]) -> None:
-    """Write the cache atomically; a failure only costs a re-probe."""
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=2) + "\n"
-        write_atomic(cache_file, text.encode(), mode=0o644)
-    except OSError as exc:
-        log.warning("could not write the KVM probe cache %s: %s", cache_file, exc.strerror)
-
-
 def kvm_works(
     cache_file: Path, kernel: Path, *, timeout: float = 25.0, qemu: str = QEMU
 ) -> tuple[bool, str]:
@@ -158,8 +131,8 @@ def kvm_works(
     if not KVM_DEVICE.exists():
         return False, f"{KVM_DEVICE} is absent (no KVM on this host); using QEMU TCG"
     key = cache_key(kernel, qemu)
-    digest = _digest(key)
-    entries = _load(cache_file)
+    digest = probecache.digest(key)
+    entries = probecache.load(cache_file, CACHE_VERSION)
     hit = entries.get(digest)
     if isinstance(hit, dict) and isinstance(hit.get("ok"), bool):
         return bool(hit["ok"]), str(hit.get("reason", ""))
@@ -182,7 +155,7 @@ def kvm_works(
         "seconds": round(probe.seconds, 2),
         "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _store(cache_file, entries)
+    probecache.save(cache_file, CACHE_VERSION, entries, "KVM")
     return probe.ok, reason
 
 

@@ -25,7 +25,6 @@ modules are (none for the built kernel: everything is built in).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -34,10 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import probecache
 from .errors import MissingCapability, ToolFailed, UsageError
 from .initramfs import UML_MODULES_BASE, elf_is_static, pack_cpio
 from .runner import run
-from .store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -242,31 +241,6 @@ def boot_probe(kernel: Path, *, timeout: float = 30.0, busybox: Path = BUSYBOX) 
 # --- the cache -------------------------------------------------------------------------------
 
 
-def _digest(key: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _load(cache_file: Path) -> dict[str, object]:
-    try:
-        data = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-        return {}
-    entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
-
-
-def _store(cache_file: Path, entries: dict[str, object]) -> None:
-    """Write the cache atomically; a failure only costs a re-probe."""
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=2) + "\n"
-        write_atomic(cache_file, text.encode(), mode=0o644)
-    except OSError as exc:
-        log.warning("could not write the UML probe cache %s: %s", cache_file, exc.strerror)
-
-
 @dataclass(frozen=True)
 class Probed:
     """A candidate kernel and what its (possibly cached) probe found."""
@@ -284,8 +258,8 @@ def probe(
 ) -> Probed:
     """Probe ``kernel`` once per host (cached in ``cache_file``); ``refresh`` probes again."""
     key = cache_key(kernel)
-    digest = _digest(key)
-    entries = _load(cache_file)
+    digest = probecache.digest(key)
+    entries = probecache.load(cache_file, CACHE_VERSION)
     hit = entries.get(digest)
     if (
         not refresh
@@ -316,7 +290,7 @@ def probe(
         "seconds": round(result.seconds, 2),
         "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _store(cache_file, entries)
+    probecache.save(cache_file, CACHE_VERSION, entries, "UML")
     return Probed(kernel, result.ok, result.detail, release, transport, cached=False)
 
 
