@@ -1,4 +1,4 @@
-"""A reconcile scenario with one path per case of the DESIGN.md table, built for real:
+"""A reconcile scenario with one path per case of the docs/design.md table, built for real:
 a base made from a directory, an instance whose changes are made through its mounted union
 (so the upper layer is exactly what overlayfs writes), and a base update."""
 

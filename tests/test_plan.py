@@ -1,4 +1,4 @@
-"""The pure reconcile planner, one test per row of the table in DESIGN.md and then some.
+"""The pure reconcile planner, one test per row of the table in docs/design.md and then some.
 
 BaseView and ContentReader are fakes here (the planner is pure); they count what the planner
 asks, so the cost rule (no walk of the base, no content reads outside cases 5-7) is checked.

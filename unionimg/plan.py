@@ -4,7 +4,7 @@ Given the instance's upper layer U (its entries), the base delta B0→B1 (comput
 of generations), point lookups into B1's manifest, the policy, and a way to read file
 contents, :func:`plan_instance` returns an :class:`InstancePlan`: one :class:`Action` per
 upper entry (plus case-16 reports), each naming its case of the reconcile table in
-``DESIGN.md``. Nothing here touches a file system, a mount or Mercurial; the executor applies
+``docs/design.md``. Nothing here touches a file system, a mount or Mercurial; the executor applies
 the plan, and a dry run prints the same plan.
 
 What the executor does for each action (apply in list order; a directory's ``drop`` comes
