@@ -344,6 +344,7 @@ def test_conflicts_reconcile_and_show_escape_guest_text(cli: Cli, tmp_path: Path
     (g1 / nasty.lstrip("/")).write_text(CONF)
     cli.ok("base", "create", "os", "--from-dir", str(g1))
     cli.ok("instance", "create", "vm1", "--base", "os")
+
     def mine(m: Path) -> None:
         (m / nasty.lstrip("/")).write_text(CONF.replace("setting3 = 3", "mine"))
 
