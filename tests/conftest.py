@@ -3,6 +3,15 @@
 Integration tests use real components: ext4 images, loop devices, overlayfs, Mercurial.
 A missing capability skips with its reason locally and FAILS when UNIONIMG_REQUIRE_REAL=1
 (set by ``make test`` under CI=true).
+
+Root: a test that needs root says so by requesting the ``root`` fixture (itself, or through a
+fixture that requests it, or ``pytestmark = pytest.mark.usefixtures("root")``);
+:func:`pytest_collection_modifyitems` then marks it ``root``, so ``-m "not root"`` selects the
+tests a non-root user can run. :func:`need_root` fails a test that calls it without that
+mark, so a new root-needing test cannot slip out of the marker.
+
+Golden files (``tests/golden/``): ``pytest --regenerate-output`` rewrites them instead of
+comparing (:class:`Golden`; ``UNIONIMG_REGEN_GOLDEN=1`` does the same); review the diff.
 """
 
 from __future__ import annotations
@@ -24,6 +33,40 @@ from unionimg.umlprobe import UmlKernel
 REQUIRE_REAL = os.environ.get("UNIONIMG_REQUIRE_REAL") == "1"
 REPO = Path(__file__).resolve().parent.parent
 UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+ROOT_FIXTURE = "root"
+
+_running: list[pytest.Item] = []  # the test being set up, run or torn down (for need_root)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate-output",
+        action="store_true",
+        default=False,
+        help="unionimg: rewrite the golden files under tests/golden/ instead of comparing them",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``root`` every test whose fixture closure holds the ``root`` fixture."""
+    del config
+    for item in items:
+        if ROOT_FIXTURE in getattr(item, "fixturenames", ()) and not item.get_closest_marker(
+            "root"
+        ):
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    del item
+    _running.clear()
 
 
 def need(condition: object, reason: str) -> None:
@@ -46,6 +89,12 @@ def need_programs(*names: str) -> None:
 
 
 def need_root() -> None:
+    item = _running[0] if _running else None
+    if item is not None and item.get_closest_marker("root") is None:
+        pytest.fail(
+            f"{item.nodeid} needs root but is not marked root: request the 'root' fixture "
+            "(in the test or in the fixture that needs root) instead of calling need_root()"
+        )
     need(os.geteuid() == 0, "needs root for loop devices and mounts")
     need(shutil.which("mke2fs") is not None, "mke2fs (e2fsprogs) not installed")
     with open("/proc/filesystems", encoding="ascii") as fh:
@@ -73,9 +122,42 @@ def uml_nic_arg(kernel: UmlKernel, tap: str, mac: str) -> str:
     return f"vec0:transport=tap,ifname={tap},mac={mac}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def root() -> None:
+    """Skip (fail under UNIONIMG_REQUIRE_REAL=1) unless root; marks its users ``root``.
+    Session-scoped so that module-scoped fixtures can request it."""
     need_root()
+
+
+class Golden:
+    """Compare files with ``tests/golden/<case>/``, or rewrite them with --regenerate-output."""
+
+    def __init__(self, regenerate: bool) -> None:
+        self.regenerate = regenerate
+
+    def check(self, case: str, files: dict[str, str]) -> None:
+        folder = GOLDEN / case
+        if self.regenerate:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for name, content in files.items():
+                (folder / name).write_text(content, encoding="utf-8")
+            print(f"regenerated {folder}")
+            return
+        assert folder.is_dir(), f"no golden files for {case}; run pytest --regenerate-output"
+        expected = {p.name: p.read_text(encoding="utf-8") for p in folder.iterdir()}
+        assert sorted(files) == sorted(expected), f"{case}: files differ from {folder}"
+        for name, content in files.items():
+            assert content == expected[name], (
+                f"{case}/{name} differs from {folder / name}; if the change is intended, "
+                "regenerate with pytest --regenerate-output and review the diff"
+            )
+
+
+@pytest.fixture
+def golden_files(request: pytest.FixtureRequest) -> Golden:
+    regenerate = bool(request.config.getoption("--regenerate-output"))
+    return Golden(regenerate or os.environ.get("UNIONIMG_REGEN_GOLDEN") == "1")
 
 
 def _loop_devices(below: Path) -> set[str]:
@@ -143,10 +225,10 @@ def make_tree(root: Path) -> Path:
     os.chmod(root / "bin/tool", 0o4755)
     os.symlink("../etc/hostname", root / "bin/hostlink")
     os.link(root / "etc/motd", root / "etc/motd.hard")
-    os.chown(root / "etc/app/app.conf", 123, 456)
     os.chmod(root / "empty", 0o1777)
     os.setxattr(root / "etc/app/app.conf", "user.unionimg-test", b"v1")
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # a non-root user gets the same tree with its own owner, no nodes
+        os.chown(root / "etc/app/app.conf", 123, 456)
         os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         os.mknod(root / "dev/fifo", 0o600 | stat.S_IFIFO)
     (root / "dir with space").mkdir(exist_ok=True)

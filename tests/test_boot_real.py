@@ -45,7 +45,7 @@ def cleanup_guest(cli: Cli, vm: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
     need_guests()
     from vm_fixtures import build
 

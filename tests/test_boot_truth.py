@@ -156,7 +156,7 @@ def test_console_reading_is_bounded(tmp_path: Path) -> None:
 
 # -- real guests ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def truth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+def truth(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
     need_guests()
     need_programs("e2label")
     from vm_fixtures import build

@@ -200,7 +200,7 @@ def domain_xml(
 
 
 @pytest.fixture(scope="module")
-def conn() -> Iterator[Any]:
+def conn(root: None) -> Iterator[Any]:
     require_root("libvirt's qemu:///system")
     require_programs("libvirtd", "virtlogd", "virt-admin", "qemu-system-x86_64")
     before = libvirt_driver.daemon_pids()

@@ -84,7 +84,7 @@ def test_elf_interpreter_tells_dynamic_from_static(tmp_path: Path) -> None:
     assert tiny.elf_interpreter(not_elf) is None
 
 
-def test_tiny_busybox_runs_in_chroot(tiny_root: Path) -> None:
+def test_tiny_busybox_runs_in_chroot(tiny_root: Path, root: None) -> None:
     need_root("chroot into the tiny rootfs")
     out = run(["chroot", str(tiny_root), "/bin/busybox", "--help"], what="running busybox")
     assert "BusyBox" in out.stdout + out.stderr
@@ -151,7 +151,7 @@ def test_tiny_etc_and_modes(tiny_root: Path) -> None:
             assert (st.st_uid, st.st_gid) == (0, 0), path
 
 
-def test_tiny_device_nodes(tiny_root: Path) -> None:
+def test_tiny_device_nodes(tiny_root: Path, root: None) -> None:
     need_root("mknod /dev/console and /dev/null")
     for rel, dev in (("dev/console", (5, 1)), ("dev/null", (1, 3))):
         st = (tiny_root / rel).lstat()
@@ -226,7 +226,7 @@ def test_leftover_of_a_crash_is_removed_by_the_next_build(tmp_path: Path) -> Non
     assert not list(tmp_path.glob(".tiny-*.partial-*"))
 
 
-def test_leftover_with_a_mount_inside_is_refused(tmp_path: Path) -> None:
+def test_leftover_with_a_mount_inside_is_refused(tmp_path: Path, root: None) -> None:
     need_root("mount a tmpfs inside a leftover build")
     digest = vm_fixtures.recipe("tiny").digest[: cache.KEY_CHARS]
     leftover = tmp_path / f".tiny-{digest}.partial-999999"

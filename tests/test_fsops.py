@@ -27,6 +27,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
     return out
 
 
+@pytest.mark.usefixtures("root")
 def test_set_meta_replaces_shared_inodes(tmp_path: Path) -> None:
     need_root()
     src = tmp_path / "upper"
@@ -59,6 +60,7 @@ def test_set_meta_replaces_shared_inodes(tmp_path: Path) -> None:
     assert os.getxattr(new / "d" / "file", "trusted.overlay.test") == b"kept"
 
 
+@pytest.mark.usefixtures("root")
 def test_lookups_in_an_upper_layer_never_follow_its_symlinks(tmp_path: Path) -> None:
     """resolve's lookups (entry_at, opaque_above) through a guest's symlinked directory see
     nothing of the host directory it points at."""
@@ -110,6 +112,7 @@ def test_open_beneath_both_ways(tmp_path: Path) -> None:
         fsops.openat2.usable = saved
 
 
+@pytest.mark.usefixtures("root")
 def test_open_beneath_refuses_a_mount_crossing(tmp_path: Path) -> None:
     need_root()
     root = tmp_path / "u"

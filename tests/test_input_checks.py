@@ -52,7 +52,7 @@ def busybox_tree(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stocked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+def stocked(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
     """A store with base 'b' (generation 1) and instance 'vm1', shared by the module's
     refusal tests (none of which may change it)."""
     need_root()
@@ -419,7 +419,7 @@ def test_failed_run_reports_status(cli: Cli, tmp_path: Path, root: None) -> None
     assert "exit status 143" in res.output  # 128 + SIGTERM, as a shell reports it
 
 
-def test_sandbox_refuses_outside_a_new_pid_namespace(tmp_path: Path) -> None:
+def test_sandbox_refuses_outside_a_new_pid_namespace(tmp_path: Path, root: None) -> None:
     """The namespace's init refuses to run anywhere else, or once unionimg is gone (a
     parent that died before the death signal was set would leave nothing to kill it)."""
     me, start = str(os.getpid()), proc_start(os.getpid()) or "0"

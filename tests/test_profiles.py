@@ -1,7 +1,7 @@
 """Hypervisor profiles: golden files, the real validators, escaping, and real boots.
 
 - Golden files: every profile's output for one fixed BootSpec is compared with
-  ``tests/golden/<case>/<file>``; ``UNIONIMG_REGEN_GOLDEN=1`` rewrites them all.
+  ``tests/golden/<case>/<file>``; ``pytest --regenerate-output`` rewrites them all.
 - Real validators: ``virt-xml-validate`` (kvm, qemu, xen XML), libvirt's in-process
   ``test:///default`` driver (define, read back), ``qemu-img`` (VMDK descriptors), ``bash -n``
   and ``sh -n`` (VBoxManage script) and the script run against a recording VBoxManage stub; a
@@ -41,10 +41,8 @@ from unionimg.initramfs import build_initramfs
 from unionimg.runner import run
 from vm_fixtures import build
 
-from .conftest import need, need_uml_kernel
+from .conftest import Golden, need, need_uml_kernel
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-REGEN = os.environ.get("UNIONIMG_REGEN_GOLDEN") == "1"
 ROOT = Path("/var/lib/unionimg")
 SECTORS = {"boot": 40960, "base": 4194304, "upper": 2097152}
 
@@ -108,24 +106,8 @@ CASES = ("kvm", "kvm-qemu", "xen", "virtualbox", "uml", "uml-vector", "net")
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden(case: str) -> None:
-    files = rendered(case)
-    folder = GOLDEN / case
-    if REGEN:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for name, content in files.items():
-            (folder / name).write_text(content, encoding="utf-8")
-        print(f"regenerated {folder}")
-        return
-    assert folder.is_dir(), f"no golden files for {case}; run with UNIONIMG_REGEN_GOLDEN=1"
-    expected = {p.name: p.read_text(encoding="utf-8") for p in folder.iterdir()}
-    assert sorted(files) == sorted(expected)
-    for name, content in files.items():
-        assert content == expected[name], (
-            f"{case}/{name} differs from {folder / name}; if the change is intended, "
-            "regenerate with UNIONIMG_REGEN_GOLDEN=1 and review the diff"
-        )
+def test_golden(case: str, golden_files: Golden) -> None:
+    golden_files.check(case, rendered(case))
 
 
 def test_every_template_has_a_format() -> None:
@@ -946,7 +928,7 @@ def test_virtualbox_layout_boots_under_qemu(guest: Guest) -> None:
 
 
 @pytest.mark.slow
-def test_kvm_domain_boots_under_libvirt(guest: Guest) -> None:
+def test_kvm_domain_boots_under_libvirt(guest: Guest, root: None) -> None:
     """The kvm profile's XML (type qemu: TCG) started by the running libvirtd."""
     import libvirt
 

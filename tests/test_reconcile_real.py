@@ -36,7 +36,7 @@ class Applied:
 
 
 @pytest.fixture(scope="module")
-def applied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applied]:
+def applied(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Applied]:
     need_root()
     tmp = tmp_path_factory.mktemp("reconcile")
     cli = Cli(tmp / "store")

@@ -51,7 +51,7 @@ def need_uml() -> None:
 
 
 @pytest.fixture(scope="module")
-def chosen(tmp_path_factory: pytest.TempPathFactory) -> umlprobe.UmlKernel:
+def chosen(tmp_path_factory: pytest.TempPathFactory, root: None) -> umlprobe.UmlKernel:
     """The kernel this host selects, probed afresh (a private cache)."""
     need_uml()
     cache = tmp_path_factory.mktemp("umlprobe") / "probe.json"
@@ -84,7 +84,7 @@ def test_the_selected_kernel_boots_here(chosen: umlprobe.UmlKernel) -> None:
         assert chosen.path == umlprobe.PACKAGED and chosen.modules_dir is not None
 
 
-def test_the_packaged_kernel_is_probed_as_it_really_is(cache: Path) -> None:
+def test_the_packaged_kernel_is_probed_as_it_really_is(cache: Path, root: None) -> None:
     need_uml()
     need(umlprobe.PACKAGED.is_file(), "user-mode-linux is not installed")
     p = umlprobe.probe(cache, umlprobe.PACKAGED)
@@ -125,7 +125,7 @@ def test_a_passing_packaged_kernel_wins(chosen: umlprobe.UmlKernel, cache: Path)
     assert got.source == "packaged" and got.reason.startswith("the packaged kernel boots here")
 
 
-def test_no_working_kernel_is_one_clear_error(cache: Path, tmp_path: Path) -> None:
+def test_no_working_kernel_is_one_clear_error(cache: Path, tmp_path: Path, root: None) -> None:
     need_uml()
     fake = fake_kernel(tmp_path / "pkg")
     also_fake = fake_kernel(tmp_path / "built")
@@ -156,7 +156,7 @@ def test_the_override(chosen: umlprobe.UmlKernel, cache: Path, tmp_path: Path) -
 
 
 def test_probe_cache_hits_and_misses(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: None
 ) -> None:
     need_uml()
     fake = fake_kernel(tmp_path / "k")
@@ -222,7 +222,7 @@ def test_cli_says_which_kernel_and_why(
 # --- the build script ------------------------------------------------------------------------
 
 
-def test_build_script_recipe_and_cached_rerun() -> None:
+def test_build_script_recipe_and_cached_rerun(root: None) -> None:
     script = REPO / "scripts" / "build-uml-kernel.sh"
     recipe = subprocess.run(
         [str(script), "--print-recipe"], capture_output=True, text=True, check=True, timeout=30
