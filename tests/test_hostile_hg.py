@@ -126,6 +126,17 @@ def hostile_hgrc(u: Path, canaries: Path) -> None:
     (hg / "hgrc-not-shared").write_text(f"[hooks]\npre-log = touch {canaries}/not-shared\n")
 
 
+def tip_of(repo: Path) -> str:
+    """The tip node of a (trusted, store) repository, read by plain hg."""
+    return subprocess.run(
+        [HG, "-R", str(repo), "log", "-r", "tip", "-T", "{node}"],
+        env=SAFE_ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def ran(canaries: Path) -> list[str]:
     return sorted(p.name for p in canaries.iterdir())
 
@@ -175,13 +186,7 @@ def test_share_of_a_host_repository_refused(cli: Cli, vm: str, tmp_path: Path) -
     """requires 'shared' + sharedpath at the base's history: a commit would write the
     guest's changesets into a store repository."""
     history = cli.store / "bases/os/history/.hg"
-    tip = subprocess.run(
-        [HG, "-R", str(history.parent), "log", "-r", "tip", "-T", "{node}"],
-        env=SAFE_ENV,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    tip = tip_of(history.parent)
     with Planted(cli, tmp_path) as u:
         (u / ".hg/requires").write_text("share-safe\nshared\n")
         (u / ".hg/sharedpath").write_text(str(history))
@@ -191,13 +196,7 @@ def test_share_of_a_host_repository_refused(cli: Cli, vm: str, tmp_path: Path) -
         assert res.exit_code in (8, 10), res.output
         line = res.output.strip().splitlines()[-1]
         assert "vm1" in line and ("requires" in line or "sharedpath" in line), line
-    after = subprocess.run(
-        [HG, "-R", str(history.parent), "log", "-r", "tip", "-T", "{node}"],
-        env=SAFE_ENV,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    after = tip_of(history.parent)
     assert after == tip
 
 
