@@ -1,8 +1,9 @@
 """``make demo``: the whole story on an embedded store (``<repo>/demo-store``, remade each run).
 
 A busybox base (the ``tiny`` fixture), two VMs with local changes made through their mounted
-unions, a base patch, ``reconcile --all`` with one real conflict, and its resolution; then
-(when the machine can run guests) a boot under QEMU through libvirt and a switch to UML.
+unions, a base patch, ``reconcile --all`` with one real conflict, and its resolution; a
+hostile guest whose planted Mercurial hook never runs and whose planted symlink is refused;
+then (when the machine can run guests) a boot under QEMU through libvirt and a switch to UML.
 Every step is the real CLI, printed as it runs.
 """
 
@@ -121,9 +122,65 @@ def main() -> int:
     print("\n".join([*lines[:4], lines[14], lines[19]]))
     cli("umount", str(mnt))
 
+    _hostile_guest_demo()
     _boot_demo()
     say("done: the store is at " + str(STORE_DIR))
     return 0
+
+
+def _as_guest(vm: str, change: Callable[[Path], None]) -> None:
+    """Write into the VM's U image as its own kernel could (loop-mounted here: the demo
+    plays the guest)."""
+    u = STORE / "guest" / vm
+    u.mkdir(parents=True, exist_ok=True)
+    image = STORE_DIR / "instances" / vm / "upper.img"
+    run(["mount", "-o", "loop,nosuid,nodev,noexec", str(image), str(u)])
+    try:
+        change(u)
+    finally:
+        run(["umount", str(u)])
+
+
+def _hostile_guest_demo() -> None:
+    """The guest is untrusted: what it writes into its U image never makes the host run code
+    or follow a link (docs/security.md)."""
+    canary = STORE / "canary"
+    canary.mkdir()
+    (canary / "host-file").write_text("a host file\n")
+
+    def plant_hook(u: Path) -> None:
+        (u / ".hg" / "hgrc").write_text(
+            f"[hooks]\nprecommit = touch {canary}/pwned\npre-log = touch {canary}/pwned\n"
+        )
+        (u / "upper" / "etc" / "guest-note").write_text("written by web2's guest\n")
+
+    say("a hostile guest: web2 plants a Mercurial hook; the host's commit and log run none of it")
+    _as_guest("web2", plant_hook)
+    cli("commit", "web2", "-m", "after the guest's hook")
+    cli("log", "web2", quiet=True)
+    if (canary / "pwned").exists():
+        print("demo: the guest's hook ran on the host", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"no hook ran: {canary}/pwned does not exist")
+
+    def plant_link(u: Path) -> None:
+        shutil.rmtree(u / "work")
+        (u / "work").symlink_to(canary)
+
+    def unplant_link(u: Path) -> None:
+        (u / "work").unlink()
+        (u / "work").mkdir()
+
+    say("the guest makes U's work/ a symlink to a host directory: refused, nothing followed")
+    _as_guest("web2", plant_link)
+    mnt = STORE / "mnt" / "web2"
+    cli("mount", "web2", str(mnt), ok=(8,))
+    if sorted(p.name for p in canary.iterdir()) != ["host-file"]:
+        print("demo: the host directory behind the link changed", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{canary} untouched: {sorted(p.name for p in canary.iterdir())}")
+    _as_guest("web2", unplant_link)
+    cli("status", "web2")
 
 
 def _boot_demo() -> None:
