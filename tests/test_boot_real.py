@@ -44,12 +44,12 @@ def cleanup_guest(cli: Cli, vm: str) -> None:
     cli("instance", "remove", vm)
 
 
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
+def guest_store(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Cli]:
+    """A store holding the 'tiny' base; every guest made in it is stopped and removed after."""
     need_guests()
     from vm_fixtures import build
 
-    tmp = tmp_path_factory.mktemp("boot")
+    tmp = tmp_path_factory.mktemp(name)
     cli = Cli(tmp / "store")
     cli.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
     try:
@@ -58,6 +58,11 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator
         for inst in json.loads(cli.ok("instance", "list", "--json").output):
             cleanup_guest(cli, inst["name"])
         unmount_tree(tmp)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
+    yield from guest_store(tmp_path_factory, "boot")
 
 
 def test_boot_kvm_then_switch_to_uml(tiny_store: Cli) -> None:

@@ -30,10 +30,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UNIONIMG, Cli, need_programs
-from tests.test_boot_real import cleanup_guest, need_guests
+from tests.test_boot_real import cleanup_guest, guest_store
 from unionimg import libvirt_driver
 from unionimg.hypervisors_state import analyse, quote, read_console, stop_reason
-from unionimg.mounts import unmount_tree
 
 HYPERVISORS = ("kvm", "uml")
 #: generous: QEMU TCG on a loaded 2-core machine takes 5-30 s to reach the union root
@@ -157,19 +156,8 @@ def test_console_reading_is_bounded(tmp_path: Path) -> None:
 # -- real guests ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def truth(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
-    need_guests()
     need_programs("e2label")
-    from vm_fixtures import build
-
-    tmp = tmp_path_factory.mktemp("truth")
-    cli = Cli(tmp / "store")
-    cli.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
-    try:
-        yield cli
-    finally:
-        for inst in json.loads(cli.ok("instance", "list", "--json").output):
-            cleanup_guest(cli, inst["name"])
-        unmount_tree(tmp)
+    yield from guest_store(tmp_path_factory, "truth")
 
 
 def allow_core_dumps() -> None:
