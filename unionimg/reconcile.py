@@ -53,7 +53,7 @@ from .errors import (
 )
 from .faults import checkpoint
 from .instance import Instance, durable, hg_template, load, save, state, u_layer
-from .manifest import FILE, Change, Entry
+from .manifest import DIR, FILE, Change, Entry
 from .mounts import mount_image, umount
 from .plan import CONFLICT, DROP, ERROR, KEEP, SET_META, WRITE, Action, plan_instance
 from .policy import Policy
@@ -362,7 +362,7 @@ class Reconciler:
         hardlinks), the files the plan writes and their commit, and in the store the
         conflict versions set aside and the report."""
         written = [len(a.data) for a in actions if a.action == WRITE and a.data is not None]
-        dirs = sum(1 for e in entries if e.kind == "dir")
+        dirs = sum(1 for e in entries if e.kind == DIR)
         u_need = (
             dirs * 4096
             + len(entries) * 256
@@ -375,9 +375,9 @@ class Reconciler:
             if a.action == CONFLICT
             for data in a.artifacts.values()
         )
-        what = f"reconcile {name}"
-        require_u_space(self.store, u, name, u_need, what)
-        require_space(self.store.root, u_need + aside + (64 << 10), what)
+        require_u_space(
+            self.store, u, name, u_need, f"reconcile {name}", store_extra=aside + (64 << 10)
+        )
 
     def _apply(
         self,

@@ -184,9 +184,13 @@ def _file_cost(size: int) -> int:
     return (size + 64 + 4095) // 4096 * 4096 + HG_FILE_OVERHEAD
 
 
-def require_u_space(store: Store, u: Path, name: str, needed: int, what: str) -> None:
-    """Room for ``needed`` more bytes in U's own filesystem and in the store's (U is a
-    sparse file there: its growth is the store's); :class:`StoreFull` otherwise."""
+def require_u_space(
+    store: Store, u: Path, name: str, needed: int, what: str, *, store_extra: int = 0
+) -> None:
+    """Room for ``needed`` more bytes in U's own filesystem and for ``needed`` +
+    ``store_extra`` in the store's (U is a sparse file there: its growth is the store's;
+    ``store_extra``: what the caller writes into the store itself); :class:`StoreFull`
+    otherwise."""
     require_space(
         u,
         needed,
@@ -194,7 +198,7 @@ def require_u_space(store: Store, u: Path, name: str, needed: int, what: str) ->
         margin=U_MARGIN,
         hint=f"the U image of {name} is full: remove files in the VM, then retry",
     )
-    require_space(store.root, needed, what)
+    require_space(store.root, needed + store_extra, what)
 
 
 def check_u_writable(store: Store, u: Path, name: str, what: str) -> None:
@@ -231,11 +235,11 @@ def blame_space(
     full: StoreFull | None = None
     if isinstance(exc, OSError):  # its file names the filesystem that is full: U's or the store's
         full = write_failure(exc, exc.filename or u, what, store_path=store.root)
-    elif "No space left on device" in exc.message and free_space(u) < U_MARGIN:
+    elif "No space left on device" in exc.message and (u_free := free_space(u)) < U_MARGIN:
         from .names import human_size
 
         full = StoreFull(
-            f"store full: {human_size(free_space(u))} free on {u} (the U image of {name}); "
+            f"store full: {human_size(u_free)} free on {u} (the U image of {name}); "
             f"{what} failed ({exc.message}); remove files in the VM, then retry"
         )
     elif free_space(store.root) < SPACE_MARGIN and any(

@@ -259,9 +259,7 @@ class Store:
 
 def mount_point(path: str | os.PathLike[str]) -> str:
     """The mount point of the filesystem holding ``path`` (the nearest existing ancestor's)."""
-    p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
+    p = _existing(path)
     dev = os.stat(p).st_dev
     while p != p.parent and os.stat(p.parent).st_dev == dev:
         p = p.parent
