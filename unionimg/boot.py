@@ -79,7 +79,6 @@ from .umlprobe import UmlKernel
 log = logging.getLogger(__name__)
 UML_MODULES = Path("/usr/lib/uml/modules")
 STARTABLE = ("kvm", "uml")
-KVM_PROBE_CACHE = Path("/var/cache/unionimg/kvm-probe.json")
 
 
 # -- where things are -------------------------------------------------------------------------
@@ -131,7 +130,6 @@ def shared_initramfs(
     store: Store, gen: Generation, hypervisor: str, uml_chosen: UmlKernel | None = None
 ) -> tuple[Path, Path]:
     """(kernel, initramfs shared by every instance booting this kernel), built once."""
-    uml = _uml_modules()
     if hypervisor == "uml":
         chosen = uml_chosen or uml_kernel()
         mods = chosen.modules_dir  # None for a kernel with everything built in
@@ -158,7 +156,7 @@ def shared_initramfs(
         sources = [("host", host, _dir_stamp(host.modules_dir))]
         base_modules = False
     if hypervisor != "uml":
-        sources += [("uml", k, _dir_stamp(k.modules_dir)) for k in uml]
+        sources += [("uml", k, _dir_stamp(k.modules_dir)) for k in _uml_modules()]
     key = hashlib.sha256(
         json.dumps(
             [
@@ -475,13 +473,9 @@ def boot(
     out["ready_s"] = round(_await_ready(store, name, hv, deadline, limit) - t0, 3)
     if wait:
         out["stopped"] = wait_stopped(store, name, max(0.0, deadline - time.monotonic()), hv)
-        if out["stopped"]:
-            error = _crash_error(store, name)
-            if error is not None:
-                raise error
         out["elapsed_s"] = round(time.monotonic() - t0, 3)
     out["state"] = "running" if running_on(store, name) else "stopped"
-    error = _crash_error(store, name)  # it crashed right after it was found ready
+    error = _crash_error(store, name)  # it crashed after it was found ready (or while waited for)
     if error is not None:
         raise error
     return out
@@ -550,7 +544,7 @@ def _boot_kvm(store: Store, inst: Instance, wd: Path, append: str) -> dict[str, 
     gen = get_generation(store, inst.base, inst.generation)
     probe_kernel = gen.kernel_path or _host_kernel()[0]
     # a property of the host (cached per host kernel, QEMU and guest kernel), not of a store
-    dtype, why = kvmprobe.domain_type(KVM_PROBE_CACHE, probe_kernel)
+    dtype, why = kvmprobe.domain_type(kvmprobe.PROBE_CACHE, probe_kernel)
     log.warning("%s: domain type %s (%s)", inst.name, dtype, why)
     spec = make_spec(store, inst, "kvm", out=wd, append=append, domain_type=dtype)
     files = profiles.render("kvm", spec)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
 KVM_DEVICE = Path("/dev/kvm")
+PROBE_CACHE = probecache.CACHE_DIR / "kvm-probe.json"
 CACHE_VERSION = 1
 #: What the guest kernel prints when it really runs: its banner, then (no root disk) the panic.
 BANNER = "Linux version"

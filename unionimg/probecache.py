@@ -17,6 +17,9 @@ from .store import write_atomic
 
 log = logging.getLogger(__name__)
 
+#: where the probe caches (and the project-built UML kernel) live
+CACHE_DIR = Path("/var/cache/unionimg")
+
 
 def digest(key: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]

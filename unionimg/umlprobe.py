@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 PACKAGED = Path("/usr/bin/linux.uml")
 #: scripts/build-uml-kernel.sh's cache: ``<source version>/linux``; ``current`` -> the newest.
-BUILT_DIR = Path("/var/cache/unionimg/uml")
+BUILT_DIR = probecache.CACHE_DIR / "uml"
 BUILT = BUILT_DIR / "current" / "linux.uml"
-PROBE_CACHE = Path("/var/cache/unionimg/uml-probe.json")
+PROBE_CACHE = probecache.CACHE_DIR / "uml-probe.json"
 ENV_KERNEL = "UNIONIMG_UML_KERNEL"
 BUSYBOX = Path("/bin/busybox")
 CACHE_VERSION = 1
@@ -117,7 +117,8 @@ def cpu_flags() -> set[str]:
 
 def cpu_summary(flags: set[str] | None = None) -> str:
     """``"CPU has amx_tile avx512f xsave"`` (the features of :data:`CPU_FEATURES` present)."""
-    present = [f for f in CPU_FEATURES if f in (cpu_flags() if flags is None else flags)]
+    flags = cpu_flags() if flags is None else flags
+    present = [f for f in CPU_FEATURES if f in flags]
     return f"CPU has {' '.join(present)}" if present else "CPU lacks " + " ".join(CPU_FEATURES)
 
 
