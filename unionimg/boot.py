@@ -4,7 +4,7 @@ The same two raw images (the generation's BASE and the instance's U) serve every
 what changes is only the rendered profile. Per boot:
 
 * kernel: the base's own (kept with its generation), else the host's newest
-  ``/boot/vmlinuz-*``; UML boots ``/usr/bin/linux.uml``;
+  ``/boot/vmlinuz-*``; UML boots the kernel :func:`unionimg.umlprobe.select` picks;
 * initramfs: built by unionimg (:mod:`unionimg.initramfs`) with the modules of that kernel
   (from the base image when the kernel is the base's) plus UML's, cached in ``STORE/boot/``;
   the UML kernel is the one :func:`unionimg.umlprobe.select` finds booting on this host
@@ -481,14 +481,25 @@ def boot(
     return out
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def _await_ready(store: Store, name: str, hv: str, deadline: float, limit: float) -> float:
     """Wait until the guest reached its init on the union root; returns when (monotonic).
     GuestFailed if it failed first, or if ``deadline`` passes before (it keeps running)."""
     path = console_log(store, name)
     ready_at: float | None = None
     failed_at: float | None = None
+    seen_size = _size(path)
+    verdict = console_verdict(path)
     while True:
-        verdict = console_verdict(path)
+        size = _size(path)
+        if size != seen_size:  # the console only grows: read it again only when it did
+            verdict, seen_size = console_verdict(path), size
         if running_on(store, name) is None:  # gone: _cleanup recorded a failure, if any
             error = _crash_error(store, name)
             if error is not None:
