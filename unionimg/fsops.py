@@ -592,11 +592,13 @@ def check_tree_plain(
     root: Path, rel: str, allowed_links: Mapping[str, bytes | None] | None = None
 ) -> int:
     """Walk the directory ``rel`` beneath ``root`` (say, a Mercurial repository) and refuse
-    (:class:`UnsafePath`) any symlink, device node, fifo or socket in it, and any directory
-    on another device: afterwards a program may use it by path (as long as nobody else can
+    (:class:`UnsafePath`) any symlink, device node, fifo or socket in it, and anything on
+    another device: afterwards a program may use it by path (as long as nobody else can
     write it: the caller holds the file system exclusively). Returns the entries seen.
     ``allowed_links``: symlinks (relative to ``root``) tolerated with exactly that target
     (``None``: any target — for links that are only ever read with ``readlink``).
+    A sparse regular file is refused too (a reader that takes a file whole, as Mercurial
+    does its dirstate, would take the host's memory).
 
     Iterative (a guest may nest directories thousands deep) and by path below the checked
     top: nothing but the host writes the tree while it is checked and used."""
@@ -619,9 +621,6 @@ def check_tree_plain(
             seen += 1
             sub = cur + b"/" + entry.name
             try:
-                # the type comes from the directory entry (no stat); directories are stat'ed
-                if entry.is_file(follow_symlinks=False):
-                    continue
                 if entry.is_symlink():
                     links = allowed_links or {}
                     name = os.fsdecode(sub)
@@ -630,15 +629,17 @@ def check_tree_plain(
                         if want is None or os.readlink(entry.path) == want:
                             continue
                     raise UnsafePath(os.fsdecode(sub), _why(errno.ELOOP))
-                if not entry.is_dir(follow_symlinks=False):
-                    raise UnsafePath(os.fsdecode(sub), "is a device node, fifo or socket")
-                if entry.stat(follow_symlinks=False).st_dev != top_st.st_dev:
-                    raise UnsafePath(os.fsdecode(sub), _why(errno.EXDEV))
-            except UnsafePath:
-                raise
+                st = entry.stat(follow_symlinks=False)
             except OSError as exc:
                 raise UnsafePath(os.fsdecode(sub), _why(exc.errno or 0)) from exc
-            stack.append(sub)
+            if st.st_dev != top_st.st_dev:
+                raise UnsafePath(os.fsdecode(sub), _why(errno.EXDEV))
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(sub)
+            elif not stat.S_ISREG(st.st_mode):
+                raise UnsafePath(os.fsdecode(sub), "is a device node, fifo or socket")
+            elif st.st_size > 4 * st.st_blocks * 512 + (1 << 20):  # (4x: fs compression)
+                raise UnsafePath(os.fsdecode(sub), f"is a sparse file of {st.st_size} bytes")
     return seen
 
 

@@ -37,6 +37,7 @@ import hglib
 import hglib.client
 import hglib.error
 
+from . import fsops
 from .errors import GuestDataRefused, ToolFailed
 from .manifest import MAX_HG_PATH
 
@@ -84,8 +85,18 @@ ALLOWED_REQUIREMENTS = frozenset(
         "revlog-compression-zstd",
     }
 )
-# the only symlinks Mercurial itself makes in .hg: its locks and its symlink probe
-_HG_SYMLINKS = frozenset({"wlock", "lock", "store/lock", "wcache/checklink", "cache/checklink"})
+# the only symlinks Mercurial itself makes in .hg (relative to the repository's root), which
+# it never follows: it caches "this file system has symlinks" as a link it only lstat()s
+# (tolerated with exactly its own target), and its locks are links to "host:pid" it only
+# readlink()s (left behind by a crash mid-commit: tolerated with any target, so a crashed
+# commit does not make the VM's U refused; check_repo clears a stale one)
+HG_OWN_LINKS: dict[str, bytes | None] = {
+    ".hg/wcache/checklink": b"checklink-target",
+    ".hg/cache/checklink": b"checklink-target",
+    ".hg/wlock": None,
+    ".hg/lock": None,
+    ".hg/store/lock": None,
+}
 # Mercurial's transaction files that name other files: it joins those names to .hg (no
 # check for '..' or '/') to copy and unlink them, at every commit (undo.backupfiles) and
 # on recover (journal*)
@@ -149,7 +160,11 @@ def check_repo(root: Path, guest: str | None = None) -> None:
         raise refuse("", "is missing: the instance's history is gone") from None
     if not stat.S_ISDIR(st.st_mode):
         raise refuse("", "is not a directory (a symlink?)")
-    _walk_hg(hg, st.st_dev, refuse)
+    if os.fspath(root) not in _WALKED:
+        try:
+            walk_hg(root)
+        except fsops.UnsafePath as exc:
+            raise refuse(exc.rel.removeprefix(".hg").lstrip("/"), exc.why) from None
     if guest is not None:
         _clear_stale_locks(hg)
     wc = _read_list(hg, "requires", refuse)
@@ -248,39 +263,25 @@ def _clear_stale_locks(hg: Path) -> None:
             os.unlink(path)
 
 
-def _walk_hg(hg: Path, dev: int, refuse: Any) -> None:
-    """Every entry of ``hg``: directories and regular files of the same filesystem, none
-    sparse (Mercurial reads some files whole: a huge sparse one would take the host's
-    memory); symlinks only where Mercurial makes its own. Iterative, by path: nothing
-    but the host writes U while it is checked and used."""
-    base = os.fsencode(hg)
-    stack = [b""]
-    while stack:
-        cur = stack.pop()
-        try:
-            with os.scandir(base + b"/" + cur if cur else base) as it:
-                entries = list(it)
-        except OSError as exc:
-            raise refuse(os.fsdecode(cur), f"cannot be listed ({exc.strerror})") from exc
-        for entry in entries:
-            rel = cur + b"/" + entry.name if cur else entry.name
-            shown = os.fsdecode(rel)
-            try:
-                if entry.is_symlink():
-                    if shown not in _HG_SYMLINKS:
-                        raise refuse(shown, "is a symlink; Mercurial would follow it")
-                    continue
-                st = entry.stat(follow_symlinks=False)
-            except OSError as exc:
-                raise refuse(shown, f"cannot be examined ({exc.strerror})") from exc
-            if st.st_dev != dev:
-                raise refuse(shown, "is on another filesystem")
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(rel)
-            elif not stat.S_ISREG(st.st_mode):
-                raise refuse(shown, "is a device node, fifo or socket")
-            elif st.st_size > 4 * st.st_blocks * 512 + (1 << 20):  # (4x: fs compression)
-                raise refuse(shown, f"is a sparse file of {st.st_size} bytes")
+# U roots whose whole .hg this process walked while it holds them (ucheck.check_layout,
+# with the image mounted by this process or checked for this command): check_repo does not
+# walk them again; ucheck forgets a root when it releases it
+_WALKED: set[str] = set()
+
+
+def walk_hg(root: Path, *, remember: bool = False) -> None:
+    """Every entry of ``root``'s ``.hg`` (if any; :func:`fsops.check_tree_plain`):
+    directories and regular files of the same filesystem, none sparse (Mercurial reads some
+    files whole: a huge sparse one would take the host's memory); symlinks only where
+    Mercurial makes its own (:data:`HG_OWN_LINKS`). Raises :class:`fsops.UnsafePath`.
+    ``remember``: :func:`check_repo` skips this walk for ``root`` until :func:`forget_walk`."""
+    fsops.check_tree_plain(root, ".hg", HG_OWN_LINKS)
+    if remember:
+        _WALKED.add(os.fspath(root))
+
+
+def forget_walk(root: Path) -> None:
+    _WALKED.discard(os.fspath(root))
 
 
 # Patterns (bytes regexps, unanchored) for what Mercurial cannot hold by its very path (see

@@ -25,7 +25,9 @@ Every host mount of a U image goes through :func:`mount_u` and :func:`release_u`
    (``openat2`` with ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS``, see :mod:`unionimg.fsops`).
    The whole of ``.hg`` is walked: Mercurial opens its files by path and appends to
    revlogs, so one symlink there would make a host ``commit`` write a host file; a
-   ``.hg/sharedpath`` would point it at another repository.
+   ``.hg/sharedpath`` would point it at another repository. It is the walk
+   :func:`hgrepo.check_repo` makes (:func:`hgrepo.walk_hg`: sparse files refused too), done
+   once: a Mercurial command on the same U while this process holds it does not walk again.
 
 The check-then-use is sound because the host holds U exclusively while it is mounted: the
 guest is not running (boot refuses a mounted instance, mount refuses a running one), the
@@ -45,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import display, fsops
+from . import display, fsops, hgrepo
 from .errors import Conflict, GuestDataRefused, ToolFailed
 from .mounts import loop_users, mount_image, umount
 from .runner import Result, run
@@ -65,17 +67,6 @@ OPTIONAL_FILES = (
     ".unionimg/base.json",
     ".unionimg/resolutions.jsonl",
 )
-# Mercurial's own symlinks, which it never follows: it caches "this file system has symlinks"
-# as a link it only lstat()s (tolerated with exactly its own target), and its locks are links
-# to "host:pid" it only readlink()s (left behind by a crash mid-commit: tolerated with any
-# target, so a crashed commit does not make the VM's U refused; hg clears a stale one)
-HG_OWN_LINKS: dict[str, bytes | None] = {
-    ".hg/wcache/checklink": b"checklink-target",
-    ".hg/cache/checklink": b"checklink-target",
-    ".hg/wlock": None,
-    ".hg/lock": None,
-    ".hg/store/lock": None,
-}
 FORBIDDEN = (".hg/sharedpath",)  # would make Mercurial use another repository's store
 _HGIGNORE_MAX = 64 << 10
 
@@ -201,6 +192,7 @@ def check_layout(u: Path) -> None:
     """Refuse (:class:`fsops.UnsafePath`) a U root whose entries are symlinks, other kinds
     than they must be, or on another file system; walk ``.hg`` entirely."""
     root_st = os.stat(u)
+    has_hgignore = False
     for rel in REQUIRED_DIRS + OPTIONAL_DIRS + OPTIONAL_FILES:
         st = fsops.lstat_beneath(u, rel)
         if st is None:
@@ -214,14 +206,16 @@ def check_layout(u: Path) -> None:
             raise fsops.UnsafePath(rel, "is not a regular file")
         if st.st_dev != root_st.st_dev:
             raise fsops.UnsafePath(rel, "is not on the U file system")
-        if rel == ".hgignore" and st.st_size > _HGIGNORE_MAX:
-            raise fsops.UnsafePath(rel, f"is larger than {_HGIGNORE_MAX} bytes")
+        if rel == ".hgignore":
+            if st.st_size > _HGIGNORE_MAX:
+                raise fsops.UnsafePath(rel, f"is larger than {_HGIGNORE_MAX} bytes")
+            has_hgignore = True
     for rel in FORBIDDEN:
         if fsops.lstat_beneath(u, rel) is not None:
             raise fsops.UnsafePath(rel, "exists: it would point Mercurial at another repository")
-    if fsops.lstat_beneath(u, ".hgignore") is not None:
+    if has_hgignore:
         _check_hgignore(u)
-    fsops.check_tree_plain(u, ".hg", HG_OWN_LINKS)
+    hgrepo.walk_hg(u, remember=True)  # check_repo, on the same U, does not walk it again
 
 
 def _check_hgignore(u: Path) -> None:
@@ -272,6 +266,9 @@ def guarded(store: Store, name: str, u: Path, *, check: bool = False) -> Iterato
         yield
     except fsops.UnsafePath as exc:
         raise refused(name, image_path(store, name), exc) from exc
+    finally:
+        if check:
+            hgrepo.forget_walk(u)
 
 
 def has_errors(image: Path) -> bool:
@@ -290,6 +287,7 @@ def release_u(
     was mounted). A lazy unmount or a loop device still attached leaves no stamp: the next
     mount checks again."""
     image = image_path(store, name)
+    hgrepo.forget_walk(target)
     umount(target)
     if not vouch:
         return
