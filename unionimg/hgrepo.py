@@ -298,12 +298,14 @@ U_HGIGNORE_EXTRA = (
 )
 
 
+# a U root's own entries that are never history
+U_HGIGNORE = "syntax: regexp\n^work/\n^upper\\.(new|prev)/\n^lost\\+found/\n"
+
+
 def hgignore_text() -> str:
     """The ``.hgignore`` of a U root: unionimg's own patterns (``work/``, ...) and
     :data:`U_HGIGNORE_EXTRA`. Fixed text: whatever a guest wrote there is replaced."""
-    from .instance import HGIGNORE
-
-    return HGIGNORE + "".join(line + "\n" for line in U_HGIGNORE_EXTRA)
+    return U_HGIGNORE + "".join(line + "\n" for line in U_HGIGNORE_EXTRA)
 
 
 @dataclass(frozen=True)

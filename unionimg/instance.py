@@ -31,7 +31,6 @@ from .store import (
 DEFAULT_U_SIZE = 4 << 30
 MIN_U_SIZE = 32 << 20
 MAX_MEMORY_MIB = 4 << 20  # 4 TiB
-HGIGNORE = "syntax: regexp\n^work/\n^upper\\.(new|prev)/\n^lost\\+found/\n"
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
     """
     for d in ("upper", "work"):
         (root / d).mkdir(mode=0o755)
-    (root / ".hgignore").write_text(HGIGNORE, encoding="utf-8")
+    (root / ".hgignore").write_text(hgrepo.hgignore_text(), encoding="utf-8")
     hgrepo.init_repo(root, template=hg_template(store))
     hgrepo.write_sidecar(root, "", {"base.json": _base_ref(inst)})
 
