@@ -8,11 +8,11 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	$(VENV)/python -m unionimg.demo
+	$(VENV)/python -m dev.demo
 
 lint: setup
-	$(VENV)/ruff check unionimg vm_fixtures bench tests
-	$(VENV)/ruff format --check unionimg vm_fixtures bench tests
+	$(VENV)/ruff check unionimg vm_fixtures dev bench tests
+	$(VENV)/ruff format --check unionimg vm_fixtures dev bench tests
 	$(VENV)/mypy
 
 test: setup lint

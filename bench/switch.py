@@ -33,8 +33,8 @@ UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
 sys.path.insert(0, str(REPO))
 MiB = 1 << 20
 
-from unionimg.boot import uml_kernel  # noqa: E402  (after the sys.path line)
-from unionimg.hypervisors_state import console_verdict  # noqa: E402
+from unionimg.boot.control import uml_kernel  # noqa: E402  (after the sys.path line)
+from unionimg.boot.running import console_verdict  # noqa: E402
 
 # the debian fixture's guest reports its NICs and powers off only when asked to (tiny always)
 SELFTEST = "unionimg.selftest=1"

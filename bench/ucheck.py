@@ -34,11 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from unionimg import instance, status, ucheck, union  # noqa: E402
-from unionimg.base import create as base_create  # noqa: E402
-from unionimg.mounts import mount_image, umount  # noqa: E402
+from unionimg.fs.mounts import mount_image, umount  # noqa: E402
+from unionimg.layers import instance, status, ucheck, union  # noqa: E402
+from unionimg.layers.base import create as base_create  # noqa: E402
 from unionimg.names import parse_size  # noqa: E402
-from unionimg.store import Store  # noqa: E402
+from unionimg.store.layout import Store  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -171,7 +171,7 @@ def main() -> int:
         )
         return 0
     finally:
-        from unionimg.mounts import unmount_tree
+        from unionimg.fs.mounts import unmount_tree
 
         unmount_tree(work)
         import shutil

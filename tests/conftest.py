@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from unionimg.boot.umlprobe import UmlKernel
 from unionimg.cli import main
-from unionimg.mounts import mountinfo, unmount_tree
-from unionimg.umlprobe import UmlKernel
+from unionimg.fs.mounts import mountinfo, unmount_tree
 
 REQUIRE_REAL = os.environ.get("UNIONIMG_REQUIRE_REAL") == "1"
 REPO = Path(__file__).resolve().parent.parent
@@ -102,9 +102,9 @@ def need_root() -> None:
 
 
 def need_uml_kernel() -> UmlKernel:
-    """The UML kernel unionimg boots on this host (:func:`unionimg.umlprobe.select`: Debian's
+    """The UML kernel unionimg boots on this host (:func:`unionimg.boot.umlprobe.select`: Debian's
     linux.uml, or the project-built one where that one panics), or skip/fail saying why."""
-    from unionimg import umlprobe
+    from unionimg.boot import umlprobe
     from unionimg.errors import UnionimgError
 
     try:

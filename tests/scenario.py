@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Cli
-from unionimg.instance import u_layer
-from unionimg.manifest import scan_tree
-from unionimg.store import Store
+from unionimg.fs.manifest import scan_tree
+from unionimg.layers.instance import u_layer
+from unionimg.store.layout import Store
 
 LINES = [f"line {i:02d} of a config file\n" for i in range(1, 31)]
 TEXT = "".join(LINES)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli, need, need_root
-from unionimg import umlprobe
-from unionimg.mounts import unmount_tree
+from unionimg.boot import umlprobe
+from unionimg.fs.mounts import unmount_tree
 
 
 def need_guests() -> None:

@@ -31,8 +31,8 @@ import pytest
 
 from tests.conftest import UNIONIMG, Cli, need_programs
 from tests.test_boot_real import cleanup_guest, guest_store
-from unionimg import libvirt_driver
-from unionimg.hypervisors_state import analyse, quote, read_console, stop_reason
+from unionimg.boot.running import analyse, quote, read_console, stop_reason
+from unionimg.hypervisors import kvm
 
 HYPERVISORS = ("kvm", "uml")
 #: generous: QEMU TCG on a loaded 2-core machine takes 5-30 s to reach the union root
@@ -312,7 +312,7 @@ def test_failed_guest_that_hangs_is_pulled(truth: Cli) -> None:
         assert "(it did not stop by itself: pulled)" in line, line
         assert "unionimg.debug: starting a shell" in cli.ok("console", vm).stdout
         assert_crashed(cli, vm, "no disk with LABEL=U")
-        assert not libvirt_driver.qemu_running(vm)
+        assert not kvm.qemu_running(vm)
     finally:
         subprocess.run(["e2label", str(image), "U"], check=False)
         cleanup_guest(cli, vm)
@@ -384,7 +384,7 @@ def test_stop_pulls_the_plug_after_its_timeout(truth: Cli, tmp_path: Path) -> No
         add_hook(cli, vm, tmp_path, "sleep 600")
         cli.ok("boot", vm)
         # seen from /proc too (what running_on asks while libvirtd is down)
-        assert libvirt_driver.qemu_running(vm) and not libvirt_driver.qemu_running("no-such-vm")
+        assert kvm.qemu_running(vm) and not kvm.qemu_running("no-such-vm")
         started = time.monotonic()
         res = cli.ok("stop", vm, "--timeout", "6")
         took = time.monotonic() - started
@@ -394,7 +394,7 @@ def test_stop_pulls_the_plug_after_its_timeout(truth: Cli, tmp_path: Path) -> No
         assert "waiting up to 6 s" in res.stderr and "--force" in res.stderr
         data = show(cli, vm)
         assert data["state"] == "stopped" and data["crash_reason"] is None
-        assert not libvirt_driver.qemu_running(vm)
+        assert not kvm.qemu_running(vm)
     finally:
         cleanup_guest(cli, vm)
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Cli, Golden
 from tests.scenario import build
-from unionimg.mounts import unmount_tree
+from unionimg.fs.mounts import unmount_tree
 
 _HEX = re.compile(r"\b[0-9a-f]{40}\b|\b[0-9a-f]{64}\b")
 _TIME = re.compile(r"\b\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?\b")

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, UNIONIMG, Cli
 from unionimg.faults import POINTS
-from unionimg.mounts import mountinfo
+from unionimg.fs.mounts import mountinfo
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")

@@ -7,7 +7,7 @@ again afterwards), QEMU TCG, ``linux.uml`` with a tap NIC. The tiny guest's /sbi
 shell with ``unionimg.shell`` on its command line).
 
 The domain XML and UML argv below are TEST FIXTURES written by hand: the drivers take them as
-input, whatever renders them (unionimg.profiles) is tested elsewhere.
+input, whatever renders them (unionimg.hypervisors.profiles) is tested elsewhere.
 
 Missing root, QEMU, UML, libvirtd or kernels skip with the reason; with
 UNIONIMG_REQUIRE_REAL=1 they fail. Nothing is left behind: domains undefined, taps removed,
@@ -35,12 +35,12 @@ import pytest
 from tests.conftest import need as require
 from tests.conftest import need_programs as require_programs
 from tests.conftest import need_uml_kernel, uml_nic_arg
-from unionimg import kvmprobe, libvirt_driver, uml_driver
-from unionimg.bootspec import instance_uuid
+from unionimg.boot.initramfs import InitramfsInfo, build_initramfs
+from unionimg.boot.umlprobe import UmlKernel
 from unionimg.errors import Conflict, ToolFailed, UsageError
-from unionimg.initramfs import InitramfsInfo, build_initramfs
+from unionimg.hypervisors import kvm, kvmprobe, uml
+from unionimg.hypervisors.spec import instance_uuid
 from unionimg.runner import run
-from unionimg.umlprobe import UmlKernel
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU_MAC = "52:54:00:5a:00:01"
@@ -203,11 +203,11 @@ def domain_xml(
 def conn(root: None) -> Iterator[Any]:
     require_root("libvirt's qemu:///system")
     require_programs("libvirtd", "virtlogd", "virt-admin", "qemu-system-x86_64")
-    before = libvirt_driver.daemon_pids()
+    before = kvm.daemon_pids()
     started = time.monotonic()
-    connection = libvirt_driver.connect()
+    connection = kvm.connect()
     seconds = time.monotonic() - started
-    ours = {n: p for n, p in libvirt_driver.daemon_pids().items() if before.get(n) != p}
+    ours = {n: p for n, p in kvm.daemon_pids().items() if before.get(n) != p}
     print(f"libvirt answered after {seconds:.1f} s (daemons started here: {sorted(ours)})")
     try:
         yield connection
@@ -225,9 +225,9 @@ def conn(root: None) -> Iterator[Any]:
                 if name in ours:
                     os.kill(ours[name], signal.SIGTERM)
             deadline = time.monotonic() + 30
-            while set(libvirt_driver.daemon_pids()) & set(ours) and time.monotonic() < deadline:
+            while set(kvm.daemon_pids()) & set(ours) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert not set(libvirt_driver.daemon_pids()) & set(ours), "our daemon survived"
+            assert not set(kvm.daemon_pids()) & set(ours), "our daemon survived"
 
 
 @pytest.fixture
@@ -236,9 +236,9 @@ def domains(conn: Any) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        libvirt_driver.stop(conn, name, force=True)
-        libvirt_driver.undefine(conn, name)
-        assert libvirt_driver.state(conn, name) == "absent"
+        kvm.stop(conn, name, force=True)
+        kvm.undefine(conn, name)
+        assert kvm.state(conn, name) == "absent"
         Path(f"/var/log/libvirt/qemu/{name}.log").unlink(missing_ok=True)  # libvirt's own log
 
 
@@ -258,19 +258,19 @@ def test_libvirt_boots_the_union_to_shutoff(lab: Lab, conn: Any, domains: list[s
     u_image = lab.new_u("U-libvirt.img")
     console = lab.dir / "libvirt-boot.log"
     xml = domain_xml(name, kernel=kernel, lab=lab, u_image=u_image, console=console)
-    assert libvirt_driver.state(conn, name) == "absent"
+    assert kvm.state(conn, name) == "absent"
     started = time.monotonic()
-    libvirt_driver.define_and_start(conn, xml)
-    assert libvirt_driver.state(conn, name) in ("running", "shutoff")
-    assert libvirt_driver.wait_shutoff(conn, name, BOOT_TIMEOUT), console_text(console)[-3000:]
+    kvm.define_and_start(conn, xml)
+    assert kvm.state(conn, name) in ("running", "shutoff")
+    assert kvm.wait_shutoff(conn, name, BOOT_TIMEOUT), console_text(console)[-3000:]
     print(f"libvirt type='qemu' start to shut off: {time.monotonic() - started:.1f} s")
-    assert libvirt_driver.state(conn, name) == "shutoff"
+    assert kvm.state(conn, name) == "shutoff"
     assert_guest_saw(console_text(console), QEMU_MAC, boot=1)
     check_images(lab, u_image, boots=1)
-    libvirt_driver.undefine(conn, name)
-    assert libvirt_driver.state(conn, name) == "absent"
-    libvirt_driver.undefine(conn, name)  # idempotent
-    libvirt_driver.stop(conn, name, force=False)  # absent: nothing to do
+    kvm.undefine(conn, name)
+    assert kvm.state(conn, name) == "absent"
+    kvm.undefine(conn, name)  # idempotent
+    kvm.stop(conn, name, force=False)  # absent: nothing to do
 
 
 @pytest.mark.slow
@@ -284,49 +284,47 @@ def test_libvirt_conflict_and_forced_stop(lab: Lab, conn: Any, domains: list[str
     xml = domain_xml(
         name, kernel=kernel, lab=lab, u_image=u_image, console=console, cmdline="unionimg.shell"
     )
-    libvirt_driver.define_and_start(conn, xml)
+    kvm.define_and_start(conn, xml)
     assert wait_for_text(console, "unionimg-guest: shell", BOOT_TIMEOUT), console_text(console)
-    assert libvirt_driver.state(conn, name) == "running"
+    assert kvm.state(conn, name) == "running"
     with pytest.raises(Conflict, match=f"instance {name} is already running under libvirt"):
-        libvirt_driver.define_and_start(conn, xml)
+        kvm.define_and_start(conn, xml)
     with pytest.raises(Conflict, match="stop it before undefining"):
-        libvirt_driver.undefine(conn, name)
+        kvm.undefine(conn, name)
     # the tiny guest has no ACPI handler: the power button is ignored; without the hard
     # fallback a clear error names --force
     with pytest.raises(ToolFailed, match=r"did not shut down within 2 s.*--force"):
-        libvirt_driver.stop(conn, name, force=False, timeout=2, hard_after=False)
-    assert libvirt_driver.wait_shutoff(conn, name, 0.5) is False
+        kvm.stop(conn, name, force=False, timeout=2, hard_after=False)
+    assert kvm.wait_shutoff(conn, name, 0.5) is False
     started = time.monotonic()
-    assert libvirt_driver.stop(conn, name, force=True) == "forced"
+    assert kvm.stop(conn, name, force=True) == "forced"
     print(f"libvirt destroy: {time.monotonic() - started:.2f} s")
-    assert libvirt_driver.state_reason(conn, name) == ("shutoff", "destroyed")
+    assert kvm.state_reason(conn, name) == ("shutoff", "destroyed")
     assert sha256(lab.base) == lab.base_sha256
     assert u_image.stat().st_uid == 0 and lab.base.stat().st_uid == 0
     # shut off: starting again is allowed (the definition is replaced, even with a new uuid)
-    libvirt_driver.define_and_start(conn, xml.replace(instance_uuid(name), instance_uuid("x")))
-    assert libvirt_driver.state(conn, name) == "running"
+    kvm.define_and_start(conn, xml.replace(instance_uuid(name), instance_uuid("x")))
+    assert kvm.state(conn, name) == "running"
     # by default a guest that ignores the power button is destroyed when the timeout runs out
     notices: list[float] = []
     started = time.monotonic()
-    how = libvirt_driver.stop(
-        conn, name, force=False, timeout=3, notice=notices.append, notice_after=1
-    )
+    how = kvm.stop(conn, name, force=False, timeout=3, notice=notices.append, notice_after=1)
     assert how == "hard" and notices == [3]
     assert 3 <= time.monotonic() - started < 15
-    assert libvirt_driver.state(conn, name) == "shutoff"
-    libvirt_driver.undefine(conn, name)
-    assert libvirt_driver.state(conn, name) == "absent"
+    assert kvm.state(conn, name) == "shutoff"
+    kvm.undefine(conn, name)
+    assert kvm.state(conn, name) == "absent"
 
 
 def test_libvirt_rejects_bad_xml_in_one_line() -> None:
-    conn = libvirt_driver.connect("test:///default")
+    conn = kvm.connect("test:///default")
     try:
         with pytest.raises(UsageError, match="not well-formed"):
-            libvirt_driver.define_and_start(conn, "<domain")
+            kvm.define_and_start(conn, "<domain")
         with pytest.raises(UsageError, match="no <name>"):
-            libvirt_driver.define_and_start(conn, "<domain type='test'/>")
+            kvm.define_and_start(conn, "<domain type='test'/>")
         with pytest.raises(ToolFailed) as info:
-            libvirt_driver.define_and_start(
+            kvm.define_and_start(
                 conn, "<domain type='test'><name>x</name><memory>1</memory></domain>"
             )
         assert "\n" not in info.value.message and "instance x" in info.value.message
@@ -417,8 +415,8 @@ def uml_argv(lab: Lab, u_image: Path, umid: str, *extra: str) -> list[str]:
 START_ELSEWHERE = """
 import json, sys
 from pathlib import Path
-from unionimg import uml_driver
-print(uml_driver.start(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
+from unionimg.hypervisors import uml
+print(uml.start(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
 """
 
 
@@ -443,35 +441,35 @@ def test_uml_boots_twice_on_a_tap(lab: Lab, uml_ready: UmlKernel) -> None:
     require_programs("ip")
     require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
     umid = f"uitest-{RUN_ID}-tap"
-    tap = uml_driver.tap_name(umid)
-    assert re.fullmatch(r"ui[0-9a-f]{8}", tap) and tap == uml_driver.tap_name(umid)
+    tap = uml.tap_name(umid)
+    assert re.fullmatch(r"ui[0-9a-f]{8}", tap) and tap == uml.tap_name(umid)
     u_image = lab.new_u("U-uml.img")
     workdir = lab.dir / "uml-tap"
     console = workdir / "console.log"
     argv = uml_argv(lab, u_image, umid, uml_nic_arg(uml_ready, tap, UML_MAC))
-    uml_driver.make_tap(tap)
+    uml.make_tap(tap)
     try:
-        uml_driver.make_tap(tap)  # idempotent
+        uml.make_tap(tap)  # idempotent
         flags = int(Path(f"/sys/class/net/{tap}/flags").read_text(), 16)
         assert flags & 0x1, "tap is not up"
 
         started = time.monotonic()
-        pid = uml_driver.start(argv, console, workdir)
-        assert uml_driver.wait(pid, BOOT_TIMEOUT, umid=umid), console_text(console)[-3000:]
+        pid = uml.start(argv, console, workdir)
+        assert uml.wait(pid, BOOT_TIMEOUT, umid=umid), console_text(console)[-3000:]
         print(f"UML start to power-off: {time.monotonic() - started:.1f} s")
-        assert uml_driver.exit_status(pid) == 0
+        assert uml.exit_status(pid) == 0
         assert_guest_saw(console_text(console), UML_MAC, boot=1)
 
         # a later invocation: the guest is not our child; wait() polls /proc
         pid2 = start_from_another_process(argv, console, workdir)
-        assert uml_driver.exit_status(pid2) is None
-        assert uml_driver.wait(pid2, BOOT_TIMEOUT, umid=umid), console_text(console)[-3000:]
+        assert uml.exit_status(pid2) is None
+        assert uml.wait(pid2, BOOT_TIMEOUT, umid=umid), console_text(console)[-3000:]
         assert_guest_saw(console_text(console), UML_MAC, boot=2)
-        assert not uml_processes(umid) and not uml_driver.group_members(pid2)
+        assert not uml_processes(umid) and not uml.group_members(pid2)
     finally:
-        uml_driver.remove_tap(tap)
-    assert not uml_driver.tap_exists(tap)
-    uml_driver.remove_tap(tap)  # idempotent
+        uml.remove_tap(tap)
+    assert not uml.tap_exists(tap)
+    uml.remove_tap(tap)  # idempotent
     check_images(lab, u_image, boots=2)
 
 
@@ -483,44 +481,44 @@ def test_uml_stop_leaves_nothing_behind(lab: Lab, uml_ready: UmlKernel, force: b
     workdir = lab.dir / umid
     console = workdir / "console.log"
     argv = uml_argv(lab, u_image, umid, "unionimg.shell")
-    pid = uml_driver.start(argv, console, workdir)
+    pid = uml.start(argv, console, workdir)
     try:
         assert wait_for_text(console, "unionimg-guest: shell", 60), console_text(console)[-3000:]
-        assert uml_driver.is_running(pid, umid=umid)
-        assert not uml_driver.is_running(pid, umid="some-other-guest")  # pid-reuse guard
-        assert not uml_driver.is_running(pid, "qemu-system")
+        assert uml.is_running(pid, umid=umid)
+        assert not uml.is_running(pid, umid="some-other-guest")  # pid-reuse guard
+        assert not uml.is_running(pid, "qemu-system")
         # UML's helpers are in its process group (6.1's share its command line; 7.x execs a
         # stub per address space)
-        assert len(uml_driver.group_members(pid)) > 1
+        assert len(uml.group_members(pid)) > 1
         with pytest.raises(Conflict, match="already running"):
-            uml_driver.start(argv, console, workdir)
-        assert uml_driver.wait(pid, 0.3, umid=umid) is False
+            uml.start(argv, console, workdir)
+        assert uml.wait(pid, 0.3, umid=umid) is False
         started = time.monotonic()
-        uml_driver.stop(pid, force=force, timeout=20, umid=umid)
+        uml.stop(pid, force=force, timeout=20, umid=umid)
         print(f"UML stop (force={force}): {time.monotonic() - started:.2f} s")
     finally:
-        if uml_driver.is_running(pid, umid=umid):
+        if uml.is_running(pid, umid=umid):
             os.killpg(pid, signal.SIGKILL)
-    assert not uml_driver.is_running(pid)
+    assert not uml.is_running(pid)
     assert not uml_processes(umid), "UML processes left behind"
-    assert not uml_driver.group_members(pid)
-    uml_driver.stop(pid, force=True, umid=umid)  # not running: nothing to do
+    assert not uml.group_members(pid)
+    uml.stop(pid, force=True, umid=umid)  # not running: nothing to do
     if not force:
         # The clean path went through the mconsole (not SIGTERM), and the guest was halted
         # once its writable disk was clean on disk; it may be halted before it logs
         # "Emergency Remount complete", which comes after its last, non-ubd filesystem.
         assert "Emergency Remount R/O" in console_text(console)
-        assert uml_driver.ext4_clean(u_image) is True, "U left needing journal recovery"
+        assert uml.ext4_clean(u_image) is True, "U left needing journal recovery"
         check_images(lab, u_image, boots=1)
     assert sha256(lab.base) == lab.base_sha256
 
 
 def test_tap_names_are_checked() -> None:
-    assert len(uml_driver.tap_name("x" * 64)) <= 15
-    assert uml_driver.tap_name("a") != uml_driver.tap_name("b")
+    assert len(uml.tap_name("x" * 64)) <= 15
+    assert uml.tap_name("a") != uml.tap_name("b")
     for bad in ("", "a" * 16, "a/b", "a b"):
         with pytest.raises(UsageError, match="bad tap device name"):
-            uml_driver.make_tap(bad)
+            uml.make_tap(bad)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from unionimg import fsops
-from unionimg.manifest import stat_entry
+from unionimg.fs import fsops
+from unionimg.fs.manifest import stat_entry
 
 from .conftest import need_root
 

@@ -26,9 +26,9 @@ from click.testing import Result
 
 from tests.conftest import REPO, Cli, _loop_devices
 from unionimg.faults import fill
-from unionimg.instance import u_layer
-from unionimg.mounts import mountinfo, unmount_tree
-from unionimg.store import Store, WriteWatch
+from unionimg.fs.mounts import mountinfo, unmount_tree
+from unionimg.layers.instance import u_layer
+from unionimg.store.layout import Store, WriteWatch
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from unionimg import hgrepo
 from unionimg.errors import GuestDataRefused
-from unionimg.manifest import MAX_HG_PATH, hg_unfit
+from unionimg.fs.manifest import MAX_HG_PATH, hg_unfit
+from unionimg.layers import history
 
 from .conftest import REPO
 
@@ -23,9 +23,9 @@ def test_commit_after_an_interrupted_transaction(tmp_path: Path) -> None:
     """A commit cut short (host crash) leaves a journal: the next commit rolls it back and
     goes on, instead of failing forever with 'abandoned transaction found'."""
     root = tmp_path / "repo"
-    hgrepo.init_repo(root)
+    history.init_repo(root)
     (root / "a").write_text("one\n")
-    with hgrepo.open_repo(root) as repo:
+    with history.open_repo(root) as repo:
         first = repo.commit_all("first")
     assert first is not None
     # what a half-done transaction leaves: bytes appended to a revlog, and the journal
@@ -38,7 +38,7 @@ def test_commit_after_an_interrupted_transaction(tmp_path: Path) -> None:
     (store / "journal").write_bytes(b"00changelog.i\0" + str(size).encode() + b"\n")
 
     (root / "a").write_text("two\n")
-    with hgrepo.open_repo(root) as repo:
+    with history.open_repo(root) as repo:
         second = repo.commit_all("second")
         assert second is not None and second != first
         assert [c.desc for c in repo.log()] == ["second", "first"]
@@ -47,12 +47,12 @@ def test_commit_after_an_interrupted_transaction(tmp_path: Path) -> None:
 
 def test_commit_paths_leaves_the_rest(tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    hgrepo.init_repo(root)
+    history.init_repo(root)
     (root / "d").mkdir()
     for name in ("x", "y"):
         (root / "d" / name).write_text("0\n")
     (root / "gone").write_text("0\n")
-    with hgrepo.open_repo(root) as repo:
+    with history.open_repo(root) as repo:
         repo.commit_all("first")
         (root / "d" / "x").write_text("1\n")
         (root / "d" / "y").write_text("1\n")
@@ -69,9 +69,9 @@ def test_commit_paths_leaves_the_rest(tmp_path: Path) -> None:
 # -- a repository written by a guest ----------------------------------------------------------
 def _repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
-    hgrepo.init_repo(root)
+    history.init_repo(root)
     (root / "a").write_text("one\n")
-    with hgrepo.open_repo(root) as repo:
+    with history.open_repo(root) as repo:
         repo.commit_all("first")
     return root
 
@@ -80,8 +80,8 @@ def test_init_makes_only_allowed_requirements(tmp_path: Path) -> None:
     root = _repo(tmp_path)
     reqs = set((root / ".hg/requires").read_text().split())
     reqs |= set((root / ".hg/store/requires").read_text().split())
-    assert "share-safe" in reqs and reqs <= hgrepo.ALLOWED_REQUIREMENTS
-    hgrepo.check_repo(root, "vm")  # Mercurial's own files pass, wcache/checklink included
+    assert "share-safe" in reqs and reqs <= history.ALLOWED_REQUIREMENTS
+    history.check_repo(root, "vm")  # Mercurial's own files pass, wcache/checklink included
 
 
 def test_repository_configuration_is_never_read(tmp_path: Path) -> None:
@@ -107,13 +107,13 @@ def test_repository_configuration_is_never_read(tmp_path: Path) -> None:
     (root / "upper").mkdir()
     (root / "upper/b").write_text("two\n")
     (root / "junk").write_text("at the root\n")
-    with hgrepo.open_repo(root, guest="vm") as repo:
+    with history.open_repo(root, guest="vm") as repo:
         assert repo.commit_all("second") is not None
         assert repo.commit_all("third", ["upper/b"]) is None
         repo.addremove()
         assert not repo.changed()  # the junk at the root is outside the scope
         assert len(repo.log()) == 2
-    with hgrepo.open_repo(root) as repo:
+    with history.open_repo(root) as repo:
         assert repo.commit_all("all") is not None
         assert [c.desc for c in repo.log()] == ["all", "second", "first"]
         assert repo.cmd("files").split() == [b"a", b"junk", b"upper/b"]
@@ -122,18 +122,18 @@ def test_repository_configuration_is_never_read(tmp_path: Path) -> None:
 
 def _refused(root: Path, *words: str) -> None:
     with pytest.raises(GuestDataRefused) as err:
-        hgrepo.check_repo(root, "vm7")
+        history.check_repo(root, "vm7")
     msg = err.value.message
     assert "instance 'vm7'" in msg and "\n" not in msg
     assert all(w in msg for w in words), msg
-    with pytest.raises(GuestDataRefused), hgrepo.open_repo(root, guest="vm7"):
+    with pytest.raises(GuestDataRefused), history.open_repo(root, guest="vm7"):
         pass
 
 
 def test_shares_and_requirements_refused(tmp_path: Path) -> None:
     root = _repo(tmp_path)
     other = tmp_path / "other"
-    hgrepo.init_repo(other)
+    history.init_repo(other)
     (root / ".hg/sharedpath").write_text(str(other / ".hg"))
     _refused(root, "sharedpath")
     (root / ".hg/sharedpath").unlink()
@@ -188,13 +188,13 @@ def test_transaction_files_naming_outside_paths_refused(tmp_path: Path) -> None:
             (root / ".hg" / rel).unlink()
         else:
             (root / ".hg" / rel).write_bytes(saved)
-    hgrepo.check_repo(root, "vm7")  # Mercurial's own transaction files pass
+    history.check_repo(root, "vm7")  # Mercurial's own transaction files pass
     assert victim.read_text() == "keep\n"
 
 
 def test_u_hgignore_matches_what_hg_cannot_hold() -> None:
     """The fixed .hgignore patterns agree with manifest.hg_unfit on names and depth."""
-    pats = [re.compile(p.encode()) for p in hgrepo.U_HGIGNORE_EXTRA]
+    pats = [re.compile(p.encode()) for p in history.U_HGIGNORE_EXTRA]
 
     def ignored(rel: bytes) -> bool:
         return any(p.search(rel) for p in pats)

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, UNIONIMG, Cli
-from unionimg.instance import u_layer
-from unionimg.manifest import DIGEST_BLOCK, LARGE_FILE, MAX_HG_PATH
-from unionimg.store import Store
+from unionimg.fs.manifest import DIGEST_BLOCK, LARGE_FILE, MAX_HG_PATH
+from unionimg.layers.instance import u_layer
+from unionimg.store.layout import Store
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")

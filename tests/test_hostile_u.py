@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cli, need_programs
-from unionimg import fsops, ucheck
-from unionimg.mounts import find_mount, loop_users, mountinfo
+from unionimg.fs import fsops
+from unionimg.fs.mounts import find_mount, loop_users, mountinfo
+from unionimg.layers import ucheck
 
 pytestmark = pytest.mark.usefixtures("root")
 

@@ -29,8 +29,7 @@ import pytest
 from tests.conftest import need as require
 from tests.conftest import need_programs as require_programs
 from tests.conftest import need_uml_kernel, uml_nic_arg
-from unionimg.errors import MissingCapability, UsageError
-from unionimg.initramfs import (
+from unionimg.boot.initramfs import (
     DEFAULT_MODULES,
     INIT_APPLETS,
     LOAD_LIST,
@@ -46,7 +45,8 @@ from unionimg.initramfs import (
     resolve_modules,
     uml_kernels,
 )
-from unionimg.mounts import OVERLAY_OPTIONS
+from unionimg.errors import MissingCapability, UsageError
+from unionimg.fs.mounts import OVERLAY_OPTIONS
 from unionimg.runner import run
 
 BUSYBOX = Path("/bin/busybox")

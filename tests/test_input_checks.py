@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UNIONIMG, Cli, _loop_devices, need, need_programs, need_root
-from unionimg import sandbox
-from unionimg.base import _bzimage_version
-from unionimg.mounts import mountinfo, unmount_tree
-from unionimg.sandbox import proc_start
+from unionimg.fs.mounts import mountinfo, unmount_tree
+from unionimg.layers import sandbox
+from unionimg.layers.base import _bzimage_version
+from unionimg.layers.sandbox import proc_start
 
 Listing = list[tuple[str, int, int, int]]
 

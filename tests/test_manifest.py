@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_tree
-from unionimg.fsops import remove_tree
-from unionimg.manifest import (
+from unionimg.fs.fsops import remove_tree
+from unionimg.fs.manifest import (
     DIGEST_BLOCK,
     DIGEST_KIND,
     LARGE_FILE,
@@ -36,7 +36,7 @@ from unionimg.manifest import (
     stat_entry,
     write_manifest,
 )
-from unionimg.status import classify
+from unionimg.layers.status import classify
 
 
 def test_scan_keeps_what_hg_drops(tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ def test_classify() -> None:
 
 
 def test_delta_json_roundtrip(tmp_path: Path) -> None:
-    from unionimg.manifest import changes_from_json, changes_to_json
+    from unionimg.fs.manifest import changes_from_json, changes_to_json
 
     odd = os.fsdecode(b"/latin1-\xe9")
     a = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from unionimg.merge import MergeResult, is_binary, merge3, split_lines
+from unionimg.reconcile.merge import MergeResult, is_binary, merge3, split_lines
 
 BASE = b"a\nb\nc\nd\ne\n"
 

@@ -15,7 +15,7 @@ from typing import Literal
 import pytest
 
 from unionimg.errors import UsageError
-from unionimg.manifest import (
+from unionimg.fs.manifest import (
     BLK,
     CHR,
     DIR,
@@ -28,8 +28,8 @@ from unionimg.manifest import (
     Entry,
     parent_of,
 )
-from unionimg.plan import Action, InstancePlan, check_upper, plan_instance
-from unionimg.policy import Policy, parse_policy
+from unionimg.reconcile.plan import Action, InstancePlan, check_upper, plan_instance
+from unionimg.reconcile.policy import Policy, parse_policy
 
 CONF = b"".join(b"line %d\n" % i for i in range(1, 11))
 

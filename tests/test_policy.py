@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from unionimg.errors import UsageError
-from unionimg.policy import GlobError, Policy, compile_glob, load_policy, parse_policy
+from unionimg.reconcile.policy import GlobError, Policy, compile_glob, load_policy, parse_policy
 
 EXAMPLE = """
 default = "merge"

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import pytest
 
-from unionimg import profiles, vbox
-from unionimg.bootspec import BootSpec, instance_uuid
+from unionimg.boot.initramfs import build_initramfs
 from unionimg.errors import NotFound, UsageError
-from unionimg.initramfs import build_initramfs
+from unionimg.hypervisors import profiles, virtualbox
+from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.runner import run
 from vm_fixtures import build
 
@@ -685,13 +685,13 @@ def test_vmdk_descriptors_with_qemu_img(vbox_spec: BootSpec) -> None:
 
 
 def test_disk_sectors_stat_the_images(vbox_spec: BootSpec) -> None:
-    assert vbox.disk_sectors(vbox_spec) == {"boot": 6144, "base": 16384, "upper": 8192}
+    assert virtualbox.disk_sectors(vbox_spec) == {"boot": 6144, "base": 16384, "upper": 8192}
     (vbox_spec.workdir / "boot.img").unlink()
     with pytest.raises(NotFound, match=r"boot\.img"):
         profiles.render("virtualbox", vbox_spec)
     (vbox_spec.workdir / "boot.img").write_bytes(b"x" * 1000)
     with pytest.raises(UsageError, match="whole number of sectors"):
-        vbox.disk_sectors(vbox_spec)
+        virtualbox.disk_sectors(vbox_spec)
 
 
 # --- the VirtualBox boot disk ----------------------------------------------------------------
@@ -699,7 +699,7 @@ def test_disk_sectors_stat_the_images(vbox_spec: BootSpec) -> None:
 
 def need_boot_disk_tools() -> None:
     need_programs("mkfs.fat", "mcopy", "mdir", "syslinux")
-    need(any(p.is_file() for p in vbox.MBR_CANDIDATES), "syslinux-common's mbr.bin missing")
+    need(any(p.is_file() for p in virtualbox.MBR_CANDIDATES), "syslinux-common's mbr.bin missing")
 
 
 def test_make_boot_disk(tmp_path: Path) -> None:
@@ -707,17 +707,17 @@ def test_make_boot_disk(tmp_path: Path) -> None:
     kernel = raw_image(tmp_path / "vmlinuz", 3 << 20)
     initrd = raw_image(tmp_path / "initrd", 1 << 20)
     started = time.monotonic()
-    disk = vbox.make_boot_disk(tmp_path / "out/boot.img", kernel, initrd, "console=ttyS0 a=b")
+    disk = virtualbox.make_boot_disk(tmp_path / "out/boot.img", kernel, initrd, "console=ttyS0 a=b")
     print(f"boot disk made in {time.monotonic() - started:.2f} s")
     assert disk.path.stat().st_size == disk.size == 17 << 20
     head = disk.path.read_bytes()[:512]
     assert head[510:] == b"\x55\xaa"
-    assert head[:440] == vbox.mbr_code()
+    assert head[:440] == virtualbox.mbr_code()
     entry = head[446:462]
     assert entry[0] == 0x80 and entry[4] == 0x0E
-    assert int.from_bytes(entry[8:12], "little") == vbox.PART_START
-    assert int.from_bytes(entry[12:16], "little") == disk.sectors - vbox.PART_START
-    image = f"{disk.path}@@{vbox.PART_START * 512}"
+    assert int.from_bytes(entry[8:12], "little") == virtualbox.PART_START
+    assert int.from_bytes(entry[12:16], "little") == disk.sectors - virtualbox.PART_START
+    image = f"{disk.path}@@{virtualbox.PART_START * 512}"
     env = {"MTOOLS_SKIP_CHECK": "1"}
     cfg = run(["mtype", "-i", image, "::/syslinux.cfg"], env=env).stdout
     assert "  APPEND console=ttyS0 a=b\n" in cfg and "  INITRD /initrd.img\n" in cfg
@@ -729,10 +729,10 @@ def test_make_boot_disk(tmp_path: Path) -> None:
 def test_make_boot_disk_refuses(tmp_path: Path) -> None:
     kernel = raw_image(tmp_path / "vmlinuz", 1 << 20)
     with pytest.raises(NotFound, match="initramfs"):
-        vbox.make_boot_disk(tmp_path / "b.img", kernel, tmp_path / "missing", "x")
+        virtualbox.make_boot_disk(tmp_path / "b.img", kernel, tmp_path / "missing", "x")
     need_boot_disk_tools()
     with pytest.raises(UsageError, match="SYSLINUX"):
-        vbox.make_boot_disk(tmp_path / "b.img", kernel, kernel, "a\nDEFAULT evil")
+        virtualbox.make_boot_disk(tmp_path / "b.img", kernel, kernel, "a\nDEFAULT evil")
     assert not (tmp_path / "b.img").exists()
 
 
@@ -904,7 +904,7 @@ def test_virtualbox_layout_boots_under_qemu(guest: Guest) -> None:
     need_programs("qemu-system-x86_64")
     need_boot_disk_tools()
     spec = guest_spec(guest, "vbox1", "52:54:00:0b:0c:01")
-    vbox.prepare(spec)
+    virtualbox.prepare(spec)
     drives = [
         ("boot", "boot.vmdk", ""),
         ("base", "base.vmdk", ",snapshot=on"),

@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import REPO, UNIONIMG, Cli
 from tests.scenario import build, upper_state
 from unionimg.faults import POINTS
-from unionimg.instance import u_layer
-from unionimg.store import Store
+from unionimg.layers.instance import u_layer
+from unionimg.store.layout import Store
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")

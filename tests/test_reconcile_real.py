@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, Cli, need_root
 from tests.scenario import SPACE_NAME, TEXT, build, edit
-from unionimg.mounts import mountinfo, unmount_tree
+from unionimg.fs.mounts import mountinfo, unmount_tree
 
 HG = str(REPO / ".venv" / "bin" / "hg")
 
@@ -93,7 +93,7 @@ def test_generation_advanced_and_history_names_b1(applied: Applied) -> None:
 def test_history_holds_the_whole_result(applied: Applied) -> None:
     """The post-reconcile commit looks only at the paths the plan touched: nothing else may
     be left uncommitted, and the committed sidecar is that of the upper layer as it is."""
-    from unionimg.manifest import scan_tree, sidecar_text
+    from unionimg.fs.manifest import scan_tree, sidecar_text
 
     u = applied.upper.parent
     status = subprocess.run(
@@ -429,10 +429,10 @@ def test_each_u_is_released_when_its_instance_is_done(cli: Cli, tmp_path: Path, 
     """The long-lived hg command server must not pin U filesystems (Mercurial mmaps its
     branch cache unless told not to): each U image is detached as soon as its instance is
     reconciled, not when the whole run ends."""
-    from unionimg.mounts import loop_users
-    from unionimg.policy import load_policy
-    from unionimg.reconcile import InstanceReport, Reconciler
-    from unionimg.store import Store
+    from unionimg.fs.mounts import loop_users
+    from unionimg.reconcile.apply import InstanceReport, Reconciler
+    from unionimg.reconcile.policy import load_policy
+    from unionimg.store.layout import Store
 
     build(cli, tmp_path)
     cli.ok("instance", "create", "vm2", "--base", "os", "--generation", "1")

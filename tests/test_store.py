@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from unionimg.errors import Conflict
-from unionimg.store import Store, read_json, write_json
+from unionimg.store.layout import Store, read_json, write_json
 
 
 def test_init_is_private_and_idempotent(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def hold_lock(store: Store, name: str, purpose: str, seconds: float) -> subproce
     """Another process holding ``name`` for ``seconds``; returns once it holds it."""
     code = (
         f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from unionimg.store import Store\n"
+        "from unionimg.store.layout import Store\n"
         f"s = Store({str(store.root)!r})\n"
         f"with s.lock({name!r}, purpose={purpose!r}):\n"
         f"    print('held', flush=True); time.sleep({seconds})\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli, need, need_root
-from unionimg import umlprobe
+from unionimg.boot import umlprobe
 from unionimg.errors import MissingCapability, UsageError
 
 REPO = Path(__file__).resolve().parent.parent

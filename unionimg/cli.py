@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 import click
 
-from . import base as base_mod
-from . import instance as inst_mod
-from . import status as status_mod
-from . import union as union_mod
-from .display import shown
-from .errors import UnionimgError, UsageError
-from .names import (
+from unionimg.display import shown
+from unionimg.errors import UnionimgError, UsageError
+from unionimg.layers import base as base_mod
+from unionimg.layers import instance as inst_mod
+from unionimg.layers import status as status_mod
+from unionimg.layers import union as union_mod
+from unionimg.names import (
     HYPERVISORS,
     check_outside_store,
     human_size,
@@ -26,7 +26,7 @@ from .names import (
     parse_seconds,
     parse_size,
 )
-from .store import DEFAULT_STORE, Store
+from unionimg.store.layout import DEFAULT_STORE, Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -150,7 +150,7 @@ class UnionimgGroup(click.Group):
 def _full_disk(exc: OSError, obj: Ctx | None) -> UnionimgError | None:
     """A write that failed for lack of space, anywhere a check did not foresee it: said as
     "store full" (exit 7), never as an internal error."""
-    from .store import write_failure
+    from unionimg.store.layout import write_failure
 
     where = exc.filename or (obj.store_path if obj is not None else ".")
     store_root = Path(obj.store_path) if obj is not None else None
@@ -528,7 +528,7 @@ def fsck_cmd(c: Ctx, vm: str, repair: bool, as_json: bool) -> None:
 
     VM must be neither mounted nor running. Exit 0: clean (or repaired); 8: damaged, or
     something in it unionimg refuses to follow (a planted symlink: fix it by hand)."""
-    from . import ucheck
+    from unionimg.layers import ucheck
 
     data = ucheck.fsck(c.store, vm, repair=repair)
 
@@ -633,8 +633,8 @@ def reconcile_cmd(
 ) -> None:
     """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 10 an
     instance failed, 7 only space was lacking: free it and rerun)."""
-    from . import reconcile as rec
-    from .policy import load_policy
+    from unionimg.reconcile import apply as rec
+    from unionimg.reconcile.policy import load_policy
 
     if undo:
         if len(vms) != 1 or all_:
@@ -678,7 +678,7 @@ def _run_reconcile(
     jobs: int,
     as_json: bool,
 ) -> list[Any]:
-    from . import reconcile as rec
+    from unionimg.reconcile import apply as rec
 
     def line(r: rec.InstanceReport) -> str:
         verb = "would " if dry_run else ""
@@ -725,7 +725,7 @@ def _run_reconcile(
 @pass_ctx
 def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
     """Conflicts a reconcile left for VM, with where their versions are kept."""
-    from . import reconcile as rec
+    from unionimg.reconcile import apply as rec
 
     rows = rec.list_conflicts(c.store, vm)
 
@@ -754,7 +754,7 @@ def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 @pass_ctx
 def resolve_cmd(c: Ctx, vm: str, path: str, take: str | None, file: Path | None) -> None:
     """Settle one conflict of VM; recorded in its history."""
-    from . import reconcile as rec
+    from unionimg.reconcile import apply as rec
 
     out = rec.resolve(c.store, vm, path, take=take, file=file)
     click.echo(f"resolved {shown(out['path'])} in {out['name']}: took {shown(out['took'])}")
@@ -776,7 +776,7 @@ def _hv_option(f: Any) -> Any:
 @pass_ctx
 def render_cmd(c: Ctx, vm: str, hypervisor: str | None, out: Path) -> None:
     """Write VM's boot configuration for a hypervisor (and its initramfs) into OUT."""
-    from . import boot as boot_mod
+    from unionimg.boot import control as boot_mod
 
     check_outside_store(out, c.store.root, "--out", may_hold_store=True)
     for path in boot_mod.render(c.store, vm, hypervisor, out):
@@ -813,7 +813,7 @@ def boot_cmd(
     Returns once the guest's init runs on the union root (with --wait: once it powered off).
     A kernel panic, a missing disk, an initramfs error or a crash exits 9 with the cause
     quoted from the console; 'instance show' then says 'crashed'."""
-    from . import boot as boot_mod
+    from unionimg.boot import control as boot_mod
 
     if timeout is not None and not wait:
         raise UsageError(f"--timeout needs --wait (boot {vm} --wait --timeout S)")
@@ -870,7 +870,7 @@ def _print_boot(out: dict[str, Any], as_json: bool) -> None:
 def stop_cmd(c: Ctx, vm: str, force: bool, timeout: float) -> None:
     """Stop a running VM: a clean shutdown, a hard stop after --timeout (or at once with
     --force). Exits 9 if the VM is not running because its last boot crashed."""
-    from . import boot as boot_mod
+    from unionimg.boot import control as boot_mod
 
     def notice(limit: float) -> None:
         click.echo(
@@ -896,7 +896,7 @@ def stop_cmd(c: Ctx, vm: str, force: bool, timeout: float) -> None:
 @json_option
 def uml_kernel_cmd(reprobe: bool, as_json: bool) -> None:
     """Which User-Mode Linux kernel 'boot --hypervisor uml' uses on this host, and why."""
-    from . import umlprobe
+    from unionimg.boot import umlprobe
 
     data = umlprobe.select(refresh=reprobe).as_dict()
 
@@ -913,7 +913,7 @@ def uml_kernel_cmd(reprobe: bool, as_json: bool) -> None:
 @pass_ctx
 def console_cmd(c: Ctx, vm: str) -> None:
     """The serial console log of VM's last boot (and, on stderr, why it crashed if it did)."""
-    from . import boot as boot_mod
+    from unionimg.boot import control as boot_mod
 
     click.echo(boot_mod.console(c.store, vm), nl=False)
     failure = boot_mod.last_failure(c.store, vm)
@@ -944,7 +944,7 @@ def switch_cmd(
 ) -> None:
     """Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy.
     With --boot, a guest that fails to boot exits 9 like 'boot'."""
-    from . import boot as boot_mod
+    from unionimg.boot import control as boot_mod
 
     if wait and not boot_after:
         raise UsageError(f"--wait needs --boot (switch {vm} --to {to} --boot --wait)")
@@ -994,7 +994,7 @@ def timer() -> None:
 @pass_ctx
 def timer_install(c: Ctx, every: str, root: Path) -> None:
     """Install the schedule (replaces an earlier one)."""
-    from . import timer as timer_mod
+    from unionimg import timer as timer_mod
 
     for path in timer_mod.install(every, c.store.root, root):
         click.echo(f"wrote {path}")
@@ -1005,7 +1005,7 @@ def timer_install(c: Ctx, every: str, root: Path) -> None:
 @pass_ctx
 def timer_remove(c: Ctx, root: Path) -> None:
     """Remove the schedule."""
-    from . import timer as timer_mod
+    from unionimg import timer as timer_mod
 
     removed = timer_mod.remove(root)
     click.echo("\n".join(f"removed {p}" for p in removed) or "no schedule installed")

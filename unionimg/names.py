@@ -13,8 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from . import display
-from .errors import UsageError
+from unionimg import display
+from unionimg.errors import UsageError
 
 HYPERVISORS = ("kvm", "uml", "xen", "virtualbox")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

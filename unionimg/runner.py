@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import MissingCapability, ToolFailed
+from unionimg.errors import MissingCapability, ToolFailed
 
 log = logging.getLogger(__name__)
 

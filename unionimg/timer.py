@@ -8,10 +8,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import UsageError
-from .names import shown
-from .runner import run
-from .store import write_atomic
+from unionimg.errors import UsageError
+from unionimg.names import shown
+from unionimg.runner import run
+from unionimg.store.layout import write_atomic
 
 UNIT = "unionimg-reconcile"
 CRON_FILE = "etc/cron.d/unionimg"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unionimg.errors import Conflict, UnionimgError, UsageError
-from unionimg.store import fsync_dir
+from unionimg.store.layout import fsync_dir
 
 from .tree import disk_usage, fingerprint
 

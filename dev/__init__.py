@@ -1,0 +1,1 @@
+"""Development tools: the demo (not installed with the product)."""

@@ -1,0 +1,253 @@
+"""Whether an instance's guest runs, whether its last boot failed, and why.
+
+``running_on`` is a thin door into :mod:`unionimg.boot.control`, so the modules that only need the
+answer do not import the hypervisor drivers.
+
+**What the console says.** The serial console log of a boot (``STORE/run/VM/guest/
+console.log``) is read for three things:
+
+* the readiness line ``unionimg-init: switching root to the union of ...``: the initramfs
+  (:file:`guest_init.sh`) found BASE and U, mounted their union and is handing over to the
+  base's init (:data:`READY`);
+* ``unionimg-init: error: ...``: the initramfs gave up (a missing BASE or U disk, a mount
+  that failed, no init in the union) and powers the guest off (:data:`INIT_ERROR`);
+* ``Kernel panic - not syncing: ...``: the guest's kernel panicked; ``Attempted to kill
+  init! exitcode=0x...`` in it means PID 1 exited (the initramfs's /init, switch_root, or
+  the base's init), and its status is decoded (:data:`PANIC`).
+
+The console is written by the guest, which is untrusted: what is quoted from it is escaped
+(no control characters or terminal escapes reach the admin's terminal) and cut short, and
+only a bounded part of the log is read (its head for the readiness line, its tail for the
+failure).
+
+**The crash record.** When a guest that was not asked to stop is found gone and its console,
+its hypervisor (libvirt's shut-off reason ``crashed`` after a pvpanic report, UML's exit
+status) or the missing readiness line says it failed, ``crashed.json`` is written in the
+instance's directory (:func:`record_crash`); ``instance show`` then says ``crashed`` with the
+reason, and the next boot clears it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unionimg import display
+from unionimg.store.layout import Store, now_iso, read_json, write_json
+
+CRASH_FILE = "crashed.json"
+HEAD_BYTES = 4 << 20
+"""How much of the start of a console log is searched for the readiness line."""
+TAIL_BYTES = 64 << 10
+"""How much of the end of a console log is searched for the failure."""
+QUOTE_MAX = 240
+"""Longest piece of console text quoted in a message."""
+
+READY = re.compile(r"^unionimg-init: switching root to the union of ")
+INIT_ERROR = re.compile(r"^unionimg-init: error: (.*)$")
+PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)$")
+INIT_EXIT = re.compile(r"Attempted to kill init! exitcode=(0x[0-9a-fA-F]+)")
+#: a kernel log line's time stamp, ``[    1.234567] ``
+_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+#: a line before the panic that may say why (switch_root's error, UML's ptrace failure...)
+_CAUSE = re.compile(
+    r"error|fail|can't|cannot|unable|not found|no such|denied|BUG:|Oops|fault", re.IGNORECASE
+)
+#: kernel lines that follow a panic or an oops and never explain it
+_NOISE = re.compile(
+    r"^(CPU:|Hardware name:|Call Trace:|<TASK>|</TASK>|RIP:|RSP:|RAX:|RDX:|RBP:|R\d+:|FS:|CS:|"
+    r"CR2:|Code:|Modules linked in:|Kernel Offset:|Rebooting in|---\[ end|\?|dump_stack|panic\+)"
+)
+_SIGNALS = {
+    1: "SIGHUP",
+    2: "SIGINT",
+    4: "SIGILL",
+    6: "SIGABRT",
+    7: "SIGBUS",
+    8: "SIGFPE",
+    9: "SIGKILL",
+    11: "SIGSEGV",
+    13: "SIGPIPE",
+    15: "SIGTERM",
+}
+
+
+def signal_name(number: int) -> str:
+    return _SIGNALS.get(number, f"signal {number}")
+
+
+def quote(text: str, limit: int = QUOTE_MAX) -> str:
+    """Guest-written text made safe for one line of a terminal: every control character
+    (ESC included) and other unprintable character becomes a ``\\xNN``/``\\uNNNN`` escape,
+    backslashes are doubled, and the result is cut at ``limit`` characters."""
+    return display.shown(text, limit)
+
+
+def _lines(data: bytes) -> list[str]:
+    text = data.decode("utf-8", errors="replace")
+    out = []
+    for raw in text.replace("\r", "\n").split("\n"):
+        line = _STAMP.sub("", raw.strip()).strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def read_console(path: Path) -> tuple[list[str], list[str]]:
+    """(lines of the log's head, lines of its tail), both bounded; ([], []) if it is absent."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(HEAD_BYTES)
+            size = fh.seek(0, 2)
+            if size <= HEAD_BYTES:
+                return _lines(head), _lines(head)
+            fh.seek(max(size - TAIL_BYTES, HEAD_BYTES))
+            tail = fh.read(TAIL_BYTES)
+    except OSError:
+        return [], []
+    # the tail's first line may be cut in the middle: drop it
+    return _lines(head), _lines(tail)[1:]
+
+
+@dataclass(frozen=True)
+class ConsoleVerdict:
+    """What a boot's console log shows."""
+
+    ready: bool
+    """The readiness line is there: the union root was prepared and handed to the base's init."""
+    failure: str | None
+    """One line saying why the boot failed (quoted, escaped), or None."""
+    last_line: str
+    """The log's last line (quoted), for messages about a guest that stopped silently."""
+
+
+def _init_exit(code_hex: str, ready: bool, cause: str | None) -> str:
+    code = int(code_hex, 16)
+    if cause is not None and cause.startswith("switch_root:"):
+        who = "switch_root (PID 1)"
+    elif ready:
+        who = "the base's init (PID 1)"
+    else:
+        who = "the initramfs's /init (PID 1)"
+    if code & 0x7F:
+        return f"{who} was killed by {signal_name(code & 0x7F)}"
+    return f"{who} exited with status {(code >> 8) & 0xFF}"
+
+
+def _cause_before(lines: list[str], index: int) -> str | None:
+    """The nearest of the few lines before ``lines[index]`` that looks like a cause."""
+    for line in reversed(lines[max(0, index - 8) : index]):
+        if _NOISE.match(line) or INIT_ERROR.match(line) or line.startswith("unionimg-init:"):
+            continue
+        if _CAUSE.search(line):
+            return line
+    return None
+
+
+def analyse(head: list[str], tail: list[str]) -> ConsoleVerdict:
+    """The verdict of a console log given as :func:`read_console` returns it."""
+    ready = any(READY.match(line) for line in head)
+    last = quote(tail[-1]) if tail else ""
+    for line in tail:
+        m = INIT_ERROR.match(line)
+        if m:
+            return ConsoleVerdict(ready, f"the initramfs failed: {quote(m.group(1))}", last)
+    for index, line in enumerate(tail):
+        m = PANIC.search(line)
+        if not m:
+            continue
+        message = m.group(1).strip()
+        reason = f"kernel panic: {quote(message)}"
+        cause = _cause_before(tail, index)
+        exited = INIT_EXIT.search(message)
+        if exited:
+            reason += f" ({_init_exit(exited.group(1), ready, cause)})"
+        if cause:
+            reason += f" after '{quote(cause)}'"
+        return ConsoleVerdict(ready, reason, last)
+    return ConsoleVerdict(ready, None, last)
+
+
+def console_verdict(path: Path) -> ConsoleVerdict:
+    return analyse(*read_console(path))
+
+
+def stop_reason(
+    verdict: ConsoleVerdict, *, hypervisor_says: str | None, stop_requested: bool
+) -> str | None:
+    """Why a guest that is gone failed, or None when it ended well: it powered off after the
+    readiness line, or an admin stopped it (a panic on the console still counts then).
+    ``hypervisor_says``: the hypervisor's own evidence of a crash (libvirt's shut-off reason
+    ``crashed``, UML killed by a signal or exiting non-zero), or None."""
+    if verdict.failure:
+        return verdict.failure
+    if stop_requested:
+        return None
+    last = f"; last console line: '{verdict.last_line}'" if verdict.last_line else "; no output"
+    if hypervisor_says:
+        return f"{hypervisor_says}{last}"
+    if not verdict.ready:
+        return (
+            "the guest stopped before its init started on the union root (no "
+            f"'unionimg-init: switching root' line){last}"
+        )
+    return None
+
+
+# -- the crash record -------------------------------------------------------------------------
+def _crash_path(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / CRASH_FILE
+
+
+def crash_record(store: Store, name: str) -> dict[str, Any] | None:
+    """The record of the instance's last boot failure, or None."""
+    path = _crash_path(store, name)
+    if not path.is_file():
+        return None
+    try:
+        rec = read_json(path)
+    except (OSError, ValueError):
+        return {"reason": f"unreadable crash record {path}"}
+    return rec if isinstance(rec, dict) else None
+
+
+def record_crash(
+    store: Store,
+    name: str,
+    *,
+    hypervisor: str,
+    reason: str,
+    console: str,
+    ready: bool = False,
+    evidence: str | None = None,
+) -> None:
+    """Write the crash record: ``reason`` (one line), whether the guest had reached its init
+    on the union root (``ready``) and what the hypervisor said (``evidence``)."""
+    if not store.instance_dir(name).is_dir():
+        return  # removed meanwhile
+    write_json(
+        _crash_path(store, name),
+        {
+            "hypervisor": hypervisor,
+            "reason": reason,
+            "ready": ready,
+            "evidence": evidence,
+            "at": now_iso(),
+            "console": console,
+        },
+    )
+
+
+def clear_crash(store: Store, name: str) -> None:
+    _crash_path(store, name).unlink(missing_ok=True)
+
+
+def running_on(store: Store, name: str) -> str | None:
+    """The hypervisor the instance runs on now, or None."""
+    if not (store.instance_dir(name) / "running.json").is_file():
+        return None
+    from unionimg.boot.control import running_on as live
+
+    return live(store, name)

@@ -1,0 +1,1 @@
+"""File systems: confined file operations, mounts, ext4 images, manifests of trees."""

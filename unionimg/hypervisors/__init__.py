@@ -1,0 +1,1 @@
+"""Hypervisor drivers: what a driver needs (spec), rendered profiles, kvm, uml, xen, virtualbox."""

@@ -1,0 +1,1 @@
+"""The layers: bases and generations, instances, unions, local changes, history (hg), U checks."""

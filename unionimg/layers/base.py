@@ -1,0 +1,589 @@
+"""Bases: named OS images made of immutable, numbered generations with Mercurial history.
+
+A generation is built entirely in staging (``tmp/``) — image, manifest, kernel, metadata,
+and its changeset in the base's history — and appears by one ``rename(2)``. A crash before
+the rename leaves at most a history changeset that no generation names; the next update
+strips it before committing (:func:`_repair_history`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
+from unionimg.faults import checkpoint
+from unionimg.fs.image import default_size, disk_usage, make_ext4, usage_of
+from unionimg.fs.manifest import (
+    Change,
+    Entry,
+    Manifest,
+    changes_from_json,
+    changes_to_json,
+    diff_manifests,
+    mark_outside,
+    outside_roots,
+    scan_tree,
+    sidecar_text,
+    write_manifest,
+)
+from unionimg.fs.mounts import mount_image, mount_overlay, require_root, umount
+from unionimg.layers import history, sandbox
+from unionimg.names import check_name, check_outside_store, human_size, shown
+from unionimg.runner import run
+from unionimg.store.layout import (
+    SPACE_MARGIN,
+    Store,
+    WriteWatch,
+    free_space,
+    full_message,
+    now_iso,
+    read_json,
+    require_space,
+    sync_store,
+    write_atomic,
+    write_json,
+)
+
+RESERVED_TOP = (".unionimg", ".hg")
+
+
+@dataclass(frozen=True)
+class Generation:
+    base: str
+    number: int
+    dir: Path
+    created: str
+    size: int
+    node: str
+    kernel: str | None
+    files: int
+    source: str
+
+    @property
+    def image(self) -> Path:
+        return self.dir / "base.img"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.sqlite"
+
+    def manifest(self) -> Manifest:
+        return Manifest(self.manifest_path)
+
+    @property
+    def kernel_path(self) -> Path | None:
+        return self.dir / "vmlinuz" if self.kernel else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "image": str(self.image),
+            "created": self.created,
+            "size": self.size,
+            "disk_usage": disk_usage(self.image),
+            "files": self.files,
+            "hg_node": self.node,
+            "kernel": str(self.kernel_path) if self.kernel_path else None,
+            "kernel_version": self.kernel,
+            "source": self.source,
+        }
+
+
+def _load_generation(base: str, gdir: Path) -> Generation:
+    meta = read_json(gdir / "generation.json")
+    return Generation(
+        base=base,
+        number=int(meta["number"]),
+        dir=gdir,
+        created=meta["created"],
+        size=int(meta["size"]),
+        node=meta["hg_node"],
+        kernel=meta.get("kernel"),
+        files=int(meta["files"]),
+        source=meta.get("source", ""),
+    )
+
+
+def list_bases(store: Store) -> list[str]:
+    if not store.bases_dir.is_dir():
+        return []
+    return sorted(p.name for p in store.bases_dir.iterdir() if (p / "base.json").is_file())
+
+
+def generations(store: Store, name: str) -> list[Generation]:
+    bdir = store.base_dir(name)
+    if not (bdir / "base.json").is_file():
+        raise NotFound(f"base '{name}' does not exist; see 'unionimg base list'")
+    gens = []
+    for gdir in (bdir / "generations").iterdir():
+        if gdir.name.isdigit() and (gdir / "generation.json").is_file():
+            gens.append(_load_generation(name, gdir))
+    return sorted(gens, key=lambda g: g.number)
+
+
+def get_generation(store: Store, name: str, number: int | None = None) -> Generation:
+    gens = generations(store, name)
+    if not gens:
+        raise NotFound(f"base '{name}' has no generation")
+    if number is None:
+        return gens[-1]
+    for g in gens:
+        if g.number == number:
+            return g
+    have = ", ".join(str(g.number) for g in gens)
+    raise NotFound(f"base '{name}' has no generation {number} (it has {have})")
+
+
+# -- building -----------------------------------------------------------------------------
+def _check_dir(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist; give an existing directory")
+    if not path.is_dir():
+        raise UsageError(f"{what} {path} is not a directory")
+    return path.resolve()
+
+
+#: x86 boot protocol (Documentation/arch/x86/boot.rst): the setup header of a bzImage.
+_BOOT_FLAG_AT, _HDRS_AT, _PROTOCOL_AT, _VERSION_PTR_AT = 0x1FE, 0x202, 0x206, 0x20E
+_MIN_PROTOCOL = 0x0200  # an initrd needs boot protocol 2.00 or later
+
+
+def _bzimage_version(head: bytes) -> str | None:
+    """The version banner a bzImage's setup header points at, or None when ``head`` (its
+    first 64 KiB) has no x86 boot header: boot flag 0xAA55, magic ``HdrS``, protocol ≥ 2.00."""
+    if len(head) < _VERSION_PTR_AT + 2 or head[_HDRS_AT : _HDRS_AT + 4] != b"HdrS":
+        return None
+    if int.from_bytes(head[_BOOT_FLAG_AT : _BOOT_FLAG_AT + 2], "little") != 0xAA55:
+        return None
+    if int.from_bytes(head[_PROTOCOL_AT : _PROTOCOL_AT + 2], "little") < _MIN_PROTOCOL:
+        return None
+    ptr = int.from_bytes(head[_VERSION_PTR_AT : _VERSION_PTR_AT + 2], "little")
+    banner = head[ptr + 0x200 : ptr + 0x200 + 256].split(b"\0", 1)[0] if ptr else b""
+    text = banner.decode("ascii", "replace").split(" ", 1)[0]
+    return text if text.isprintable() and text else ""
+
+
+def _check_kernel(kernel: Path | None) -> Path | None:
+    """``--kernel``: an x86 bzImage (a ``vmlinuz``), what QEMU, Xen and SYSLINUX (VirtualBox)
+    boot directly. An ELF (an uncompressed ``vmlinux`` or a UML kernel) is refused by name."""
+    if kernel is None:
+        return None
+    shown_path = shown(str(kernel), 200)
+    if not kernel.exists():
+        raise UsageError(f"kernel {shown_path} does not exist; give the path of a vmlinuz file")
+    if kernel.is_dir():
+        raise UsageError(
+            f"kernel {shown_path} is a directory; give the path of a vmlinuz file in it"
+        )
+    if not kernel.is_file():
+        raise UsageError(f"kernel {shown_path} is not a regular file; give a vmlinuz file")
+    try:
+        with open(kernel, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise UsageError(f"kernel {shown_path} cannot be read: {exc.strerror}") from None
+    if not head:
+        raise UsageError(f"kernel {shown_path} is empty; give the path of a vmlinuz file")
+    if head.startswith(b"\x7fELF"):
+        raise UsageError(
+            f"kernel {shown_path} is an ELF file (an uncompressed vmlinux or a UML kernel), "
+            "not a bootable x86 kernel image; give a bzImage such as /boot/vmlinuz-VERSION"
+        )
+    if _bzimage_version(head) is None:
+        raise UsageError(
+            f"kernel {shown_path} is not a bootable x86 kernel image (no bzImage boot "
+            "header, 'HdrS' at 0x202); give a vmlinuz file such as /boot/vmlinuz-VERSION"
+        )
+    return kernel.resolve()
+
+
+def _kernel_version(vmlinuz: Path) -> str:
+    """``6.1.0-28-amd64`` from ``vmlinuz-6.1.0-28-amd64``, else the kernel's own banner."""
+    name = vmlinuz.name
+    if name.startswith("vmlinuz-"):
+        return name[len("vmlinuz-") :]
+    with open(vmlinuz, "rb") as fh:
+        return _bzimage_version(fh.read(1 << 16)) or "unknown"
+
+
+def _tree_kernel(tree: Path) -> Path | None:
+    found = sorted(glob.glob(str(tree / "boot" / "vmlinuz-*")))
+    return Path(found[-1]) if found else None
+
+
+@contextlib.contextmanager
+def _staging_tree(store: Store, stage: Path, lowers: list[Path]) -> Iterator[Path]:
+    """An overlay over ``lowers`` with a private upper in ``stage``: the generation's tree,
+    writable without touching the source directory or the previous generation."""
+    upper, work, tree = stage / "upper", stage / "work", stage / "tree"
+    for d in (upper, work, tree):
+        d.mkdir(mode=0o755)
+    mount_overlay(lowers, upper, work, tree)
+    try:
+        yield tree
+    finally:
+        umount(tree)
+
+
+def _build_generation(
+    store: Store,
+    name: str,
+    number: int,
+    tree: Path,
+    gdir: Path,
+    *,
+    size: int | None,
+    kernel: Path | None,
+    source: str,
+    parent: Generation | None,
+    repo: Path,
+    message: str,
+) -> Generation:
+    op = "base-create" if parent is None else "base-update"
+    checkpoint(f"{op}:staged")
+    entries = list(scan_tree(tree, skip_top=("lost+found",)))
+    for e in entries:
+        if e.path.split("/")[1] in RESERVED_TOP and e.path != "/":
+            raise UsageError(
+                f"the tree holds {e.path}, a name unionimg reserves for its history; "
+                "remove it from the source directory"
+            )
+    used, inodes = usage_of(entries)
+    if size is None:
+        size = max(default_size(used, inodes), parent.size if parent else 0)
+    elif size < used:
+        raise UsageError(
+            f"size {human_size(size)} is too small for {source} "
+            f"({human_size(used)} of files); give a larger --size"
+        )
+    require_space(
+        gdir.parent,
+        _generation_estimate(entries, used, inodes, size, kernel or _tree_kernel(tree), parent),
+        f"{'create' if parent is None else 'update'} base {name}",
+    )
+    gdir.mkdir(mode=0o700)
+    checkpoint(f"{op}:space-checked")
+    make_ext4(gdir / "base.img", "BASE", tree, size, inodes=inodes)
+    write_manifest(entries, gdir / "manifest.sqlite", {"base": name, "generation": str(number)})
+    checkpoint(f"{op}:image-made")
+    kernel_src = kernel or _tree_kernel(tree)
+    kernel_version = None
+    if kernel_src is None and parent is not None and parent.kernel_path is not None:
+        kernel_src = parent.kernel_path
+        kernel_version = parent.kernel
+    if kernel_src is not None:
+        shutil.copyfile(kernel_src, gdir / "vmlinuz")
+        os.chmod(gdir / "vmlinuz", 0o600)
+        kernel_version = kernel_version or _kernel_version(kernel_src)
+    # history: the sidecar goes next to the files in the overlay's upper, never in the image
+    marked = mark_outside(entries)  # what Mercurial cannot hold: in the sidecar only
+    history.write_sidecar(tree, sidecar_text(marked), {"generation": f"{name} {number}\n"})
+    outside = [p[1:] for p in outside_roots(marked)]
+    node = history.commit_tree_into(repo, tree, parent.node if parent else None, message, outside)
+    checkpoint(f"{op}:committed")
+    shutil.rmtree(tree / history.SIDECAR_DIR)
+    meta = {
+        "number": number,
+        "created": now_iso(),
+        "size": size,
+        "hg_node": node,
+        "kernel": kernel_version,
+        "files": len(entries),
+        "source": source,
+    }
+    write_json(gdir / "generation.json", meta)
+    return _load_generation(name, gdir)
+
+
+def _generation_estimate(
+    entries: list[Entry],
+    used: int,
+    inodes: int,
+    size: int,
+    kernel: Path | None,
+    parent: Generation | None,
+) -> int:
+    """About how many bytes a new generation adds to the store: the image's data and the
+    metadata mke2fs writes (it stays sparse), the SQLite manifest, the history (each file
+    that changed since ``parent``, compressed at worst = raw; the sidecar; the manifest
+    revision) and the kernel."""
+    changed = used
+    if parent is not None:
+        changed = 0
+        with parent.manifest() as m:
+            for e in entries:
+                if e.kind == "file" and not e.same_content(m.get(e.path)):
+                    changed += e.size
+    if kernel is None and parent is not None:
+        kernel = parent.kernel_path
+    kernel_bytes = kernel.stat().st_size if kernel is not None and kernel.is_file() else 0
+    image = used + inodes * 256 + (4 << 20) + size // 65536
+    return image + changed + len(entries) * 1100 + kernel_bytes
+
+
+def create(
+    store: Store, name: str, from_dir: Path, *, size: int | None = None, kernel: Path | None = None
+) -> Generation:
+    check_name(name, "base")
+    src = _check_dir(from_dir, "source directory")
+    check_outside_store(src, store.root, "source directory")
+    kernel = _check_kernel(kernel)
+    require_root("base create")
+    with store.lock(f"base-{name}", purpose=f"base create {name}"):
+        if store.base_dir(name).exists():
+            raise Conflict(f"base '{name}' already exists; use 'unionimg base update {name}'")
+        require_space(store.root, 0, f"create base {name}")  # the tree's own check comes later
+        with store.staging(f"base-{name}") as stage, WriteWatch(stage) as watch:
+            bdir = stage / "base"
+            bdir.mkdir(mode=0o700)
+            (bdir / "generations").mkdir(mode=0o700)
+            repo = bdir / "history"
+            history.init_repo(repo)
+            write_json(bdir / "base.json", {"name": name, "created": now_iso()})
+            with _staging_tree(store, stage, [src]) as tree:
+                gen = _build_generation(
+                    store,
+                    name,
+                    1,
+                    tree,
+                    bdir / "generations" / "1",
+                    size=size,
+                    kernel=kernel,
+                    source=str(src),
+                    parent=None,
+                    repo=repo,
+                    message=f"{name} generation 1: created from {src}",
+                )
+            sync_store(watch, f"create base {name}")  # all of it on disk before it appears
+            os.rename(bdir, store.base_dir(name))
+            checkpoint("base-create:published")
+    return get_generation(store, name, gen.number)
+
+
+def _repair_history(store: Store, name: str, gens: list[Generation]) -> None:
+    """Strip changesets a crashed update committed without making its generation."""
+    known = {g.node for g in gens}
+    with history.open_repo(store.base_dir(name) / "history") as repo:
+        while (tip := repo.tip()) is not None and tip not in known:
+            repo.strip(tip)
+
+
+def update(
+    store: Store,
+    name: str,
+    *,
+    from_dir: Path | None = None,
+    apply_dir: Path | None = None,
+    command: str | None = None,
+    size: int | None = None,
+    kernel: Path | None = None,
+) -> Generation:
+    check_name(name, "base")
+    modes = [m for m in (from_dir, apply_dir, command) if m is not None]
+    if len(modes) != 1:
+        raise UsageError("give exactly one of --from-dir, --apply-dir or --run")
+    src = _check_dir(from_dir or apply_dir, "directory") if command is None else None  # type: ignore[arg-type]
+    if src is not None:
+        check_outside_store(src, store.root, "--from-dir" if from_dir else "--apply-dir")
+    if command is not None and not command.strip():
+        raise UsageError("--run needs a command, e.g. --run 'apt-get -y upgrade'")
+    kernel = _check_kernel(kernel)
+    require_root("base update")
+    with store.lock(f"base-{name}", purpose=f"base update {name}"):
+        gens = generations(store, name)
+        parent = gens[-1]
+        require_space(store.root, 0, f"update base {name}")  # the tree's own check comes later
+        _repair_history(store, name, gens)
+        number = parent.number + 1
+        repo = store.base_dir(name) / "history"
+        with store.staging(f"gen-{name}-{number}") as stage, WriteWatch(stage) as watch:
+            lower = stage / "lower"
+            lowers: list[Path] = []
+            if from_dir is not None:
+                source = str(src)
+                lowers = [src]  # type: ignore[list-item]
+            else:
+                mount_image(parent.image, lower, readonly=True, exclusive=False)
+                if apply_dir is not None:
+                    source = f"{src} laid over generation {parent.number}"
+                    lowers = [src, lower]  # type: ignore[list-item]
+                else:
+                    source = f"generation {parent.number} changed by: {command}"
+                    lowers = [lower]
+            try:
+                with _staging_tree(store, stage, lowers) as tree:
+                    if command is not None:
+                        try:
+                            run_in_chroot(tree, command)
+                        except UsageError as exc:  # the command's writes filled the store?
+                            if free_space(store.root) < SPACE_MARGIN:
+                                raise StoreFull(
+                                    full_message(store.root, SPACE_MARGIN, f"update base {name}")
+                                    + f" (the command failed: {exc.message})"
+                                ) from exc
+                            raise
+                    gen = _build_generation(
+                        store,
+                        name,
+                        number,
+                        tree,
+                        stage / "gen",
+                        size=size,
+                        kernel=kernel,
+                        source=source,
+                        parent=parent,
+                        repo=repo,
+                        message=f"{name} generation {number}: {source}",
+                    )
+            finally:
+                umount(lower)
+            sync_store(watch, f"update base {name}")  # all of it on disk before it appears
+            os.rename(stage / "gen", store.base_dir(name) / "generations" / str(number))
+            checkpoint("base-update:published")
+        new = get_generation(store, name, gen.number)
+        delta(store, parent, new)  # while both manifests are warm: reconcile only reads it
+    return new
+
+
+def run_in_chroot(tree: Path, command: str) -> None:
+    """Run ``command`` with the tree's own ``/bin/sh -c``, chrooted, with /proc, /sys, /dev
+    and the host's resolver, in a PID and mount namespace of its own (:mod:`.sandbox`): the
+    mounts are never visible on the host, and if unionimg dies (even by SIGKILL) every process
+    of the command dies with it."""
+    if not (tree / "bin" / "sh").exists() and not (tree / "bin" / "sh").is_symlink():
+        raise UsageError("the base has no /bin/sh, so --run cannot run a command in it")
+    res = run(sandbox.argv(tree, command), check=False)
+    tail = (res.stderr or res.stdout).strip().splitlines()
+    if res.returncode == sandbox.SETUP_FAILED and tail and tail[-1].startswith(sandbox.PREFIX):
+        raise ToolFailed(
+            f"could not start --run's command: {tail[-1][len(sandbox.PREFIX) :]}; "
+            "no generation was made"
+        )
+    if res.returncode != 0:
+        status = (
+            f"exit status {res.returncode}"
+            if res.returncode > 0
+            else f"signal {-res.returncode} ({signal.strsignal(-res.returncode)})"
+        )
+        raise UsageError(
+            f"command {command!r} failed in the base with {status}"
+            f"{': ' + tail[-1] if tail else ''}; no generation was made"
+        )
+
+
+# -- reading ------------------------------------------------------------------------------
+def show(store: Store, name: str) -> dict[str, Any]:
+    gens = generations(store, name)
+    meta = read_json(store.base_dir(name) / "base.json")
+    return {
+        "name": name,
+        "created": meta["created"],
+        "latest": gens[-1].number if gens else None,
+        "history": str(store.base_dir(name) / "history"),
+        "generations": [g.to_json() for g in gens],
+    }
+
+
+def log(store: Store, name: str) -> list[history.Changeset]:
+    with store.lock(f"base-{name}", purpose=f"base log {name}"):
+        _repair_history(store, name, generations(store, name))
+    with history.open_repo(store.base_dir(name) / "history") as repo:
+        return repo.log()
+
+
+def diff(store: Store, name: str, from_gen: int | None, to_gen: int | None) -> dict[str, Any]:
+    gens = generations(store, name)
+    b = get_generation(store, name, to_gen) if to_gen is not None else gens[-1]
+    if from_gen is None:
+        earlier = [g for g in gens if g.number < b.number]
+        a = earlier[-1] if earlier else b
+    else:
+        a = get_generation(store, name, from_gen)
+    changes = diff_manifests(a.manifest_path, b.manifest_path)
+    out: dict[str, Any] = {
+        "base": name,
+        "from": a.number,
+        "to": b.number,
+        "added": [],
+        "modified": [],
+        "deleted": [],
+        "metadata_only": [],
+    }
+    for c in changes:
+        status = c.status
+        if status == "metadata":
+            out["modified"].append(c.path)
+            out["metadata_only"].append(c.path)
+        else:
+            out[status].append(c.path)
+    return out
+
+
+def users(store: Store) -> dict[tuple[str, int], list[str]]:
+    """(base, generation) → instances pinned to it."""
+    from unionimg.layers.instance import list_instances
+
+    out: dict[tuple[str, int], list[str]] = {}
+    for inst in list_instances(store):
+        out.setdefault((inst.base, inst.generation), []).append(inst.name)
+    return out
+
+
+# -- deltas between generations ----------------------------------------------------------
+def delta_path(store: Store, base: str, b0: int, b1: int) -> Path:
+    return store.base_dir(base) / "deltas" / f"{b0}-{b1}.json"
+
+
+def delta(store: Store, b0: Generation, b1: Generation) -> list[Change]:
+    """The changes B0 -> B1: read if saved, else computed (one pass over both manifests,
+    O(base)) and saved beside the generations, so it is computed once per pair. ``base
+    update`` saves each new generation's delta from its parent; reconcile asks for others
+    (generations skipped) once per pair."""
+    saved = delta_path(store, b0.base, b0.number, b1.number)
+    if saved.is_file():
+        return changes_from_json(saved.read_text(encoding="utf-8"))
+    changes = diff_manifests(b0.manifest_path, b1.manifest_path)
+    saved.parent.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(saved, changes_to_json(changes).encode())
+    return changes
+
+
+def gc(store: Store, name: str | None = None) -> list[tuple[str, int]]:
+    """Remove generations that are not the latest of their base and no instance uses."""
+    removed = []
+    for bname in [name] if name else list_bases(store):
+        with store.lock(f"base-{bname}", purpose="base gc"), store.lock("store"):
+            used = users(store)
+            gens = generations(store, bname)
+            for g in gens[:-1]:
+                if (bname, g.number) in used:
+                    continue
+                with store.staging(f"gc-{bname}-{g.number}") as stage:
+                    os.rename(g.dir, stage / "gen")
+                for cached in (store.base_dir(bname) / "deltas").glob("*.json"):
+                    if str(g.number) in cached.stem.split("-"):
+                        cached.unlink()  # saved deltas that involve it
+                removed.append((bname, g.number))
+    return removed
+
+
+def remove(store: Store, name: str) -> None:
+    check_name(name, "base")
+    with store.lock(f"base-{name}", purpose="base remove"), store.lock("store"):
+        generations(store, name)
+        using = sorted({v for (b, _), vs in users(store).items() if b == name for v in vs})
+        if using:
+            raise Conflict(
+                f"base '{name}' is used by instance(s) {', '.join(using)}; "
+                "remove those instances first"
+            )
+        with store.staging(f"rm-{name}") as stage:
+            os.rename(store.base_dir(name), stage / "base")

@@ -1,0 +1,304 @@
+"""Instances (VMs): a base generation, a sparse U image with ``upper/``, ``work/`` and the
+instance's own Mercurial history, a fixed MAC, a hypervisor and resources."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from unionimg.errors import Conflict, NotFound, UsageError
+from unionimg.faults import checkpoint
+from unionimg.fs.image import disk_usage, make_ext4
+from unionimg.fs.mounts import is_mounted, require_root, umount
+from unionimg.layers import history
+from unionimg.layers.base import generations, get_generation
+from unionimg.mac import derive_mac
+from unionimg.names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
+from unionimg.store.layout import (
+    Store,
+    WriteWatch,
+    now_iso,
+    read_json,
+    require_space,
+    sync_image,
+    write_json,
+)
+
+DEFAULT_U_SIZE = 4 << 30
+MIN_U_SIZE = 32 << 20
+MAX_MEMORY_MIB = 4 << 20  # 4 TiB
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    base: str
+    generation: int
+    mac: str
+    hypervisor: str
+    size: int
+    memory: int
+    vcpus: int
+    created: str
+    nic_name: str = "eth0"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def instance_dir(store: Store, name: str) -> Path:
+    return store.instance_dir(name)
+
+
+def upper_image(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "upper.img"
+
+
+def load(store: Store, name: str) -> Instance:
+    check_name(name, "instance")
+    path = store.instance_dir(name) / "instance.json"
+    if not path.is_file():
+        raise NotFound(f"instance '{name}' does not exist; see 'unionimg instance list'")
+    data = read_json(path)
+    return Instance(**{k: data[k] for k in Instance.__dataclass_fields__ if k in data})
+
+
+def save(store: Store, inst: Instance) -> None:
+    write_json(store.instance_dir(inst.name) / "instance.json", inst.to_json())
+
+
+def list_instances(store: Store) -> list[Instance]:
+    if not store.instances_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(store.instances_dir.iterdir()):
+        if (p / "instance.json").is_file():
+            out.append(load(store, p.name))
+    return out
+
+
+# -- mount records ------------------------------------------------------------------------
+def mount_record(store: Store, name: str) -> dict[str, Any] | None:
+    """The union mount of the instance, if it is really mounted (stale records are dropped)."""
+    path = store.instance_dir(name) / "mount.json"
+    if not path.is_file():
+        return None
+    rec: dict[str, Any] = read_json(path)
+    if is_mounted(rec["target"]):
+        return rec
+    return None
+
+
+def state(store: Store, name: str) -> str:
+    from unionimg.boot.running import running_on
+
+    if running_on(store, name):
+        return "running"
+    return "mounted" if mount_record(store, name) else "stopped"
+
+
+def describe(store: Store, inst: Instance) -> dict[str, Any]:
+    img = upper_image(store, inst.name)
+    rec = mount_record(store, inst.name)
+    latest = generations(store, inst.base)[-1].number
+    out = inst.to_json()
+    st = state(store, inst.name)
+    from unionimg.boot.running import crash_record
+
+    crash = crash_record(store, inst.name) if st != "running" else None
+    out.update(
+        {
+            "upper_image": str(img),
+            "upper_disk_usage": disk_usage(img),
+            # a guest whose last boot failed is "crashed" (until its next boot), not "stopped"
+            "state": "crashed" if crash is not None and st == "stopped" else st,
+            "crash_reason": None if crash is None else crash.get("reason"),
+            "mounted_at": rec["target"] if rec else None,
+            "latest_generation": latest,
+        }
+    )
+    return out
+
+
+# -- create / remove ----------------------------------------------------------------------
+def hg_template(store: Store) -> Path:
+    """The store's empty Mercurial repository, made by ``hg init`` the first time."""
+    return store.publish(store.root / "templates" / "hg-empty", history.init_repo)
+
+
+def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
+    """The content of a new U image: empty upper/ and work/, and the history repository.
+
+    The repository starts empty: an instance with no local changes has nothing to record,
+    and its first ``commit`` (or reconcile) records the base generation it sits on.
+    """
+    for d in ("upper", "work"):
+        (root / d).mkdir(mode=0o755)
+    (root / ".hgignore").write_text(history.hgignore_text(), encoding="utf-8")
+    history.init_repo(root, template=hg_template(store))
+    history.write_sidecar(root, "", {"base.json": _base_ref(inst)})
+
+
+def _base_ref(inst: Instance) -> str:
+    import json
+
+    return (
+        json.dumps(
+            {"instance": inst.name, "base": inst.base, "generation": inst.generation},
+            sort_keys=True,
+        )
+        + "\n"
+    )
+
+
+def create(
+    store: Store,
+    name: str,
+    base: str,
+    *,
+    generation: int | None = None,
+    mac: str | None = None,
+    hypervisor: str = "kvm",
+    size: int | None = None,
+    memory: int = 512,
+    vcpus: int = 1,
+    nic_name: str = "eth0",
+) -> Instance:
+    check_name(name, "instance")
+    check_name(base, "base")
+    check_hypervisor(hypervisor)
+    mac_norm = parse_mac(mac, of=f" for instance {name}") if mac is not None else None
+    check_nic_name(nic_name, of=f" for instance {name}")
+    size = DEFAULT_U_SIZE if size is None else size
+    if size < MIN_U_SIZE:
+        raise UsageError(
+            f"upper image size {human_size(size)} is too small; "
+            f"give at least {human_size(MIN_U_SIZE)}"
+        )
+    if not 32 <= memory <= MAX_MEMORY_MIB:
+        raise UsageError(
+            f"memory {memory} MiB for instance {name} is out of range; "
+            f"give 32 to {MAX_MEMORY_MIB} (4 TiB)"
+        )
+    if not 1 <= vcpus <= 256:
+        raise UsageError(f"vcpus {vcpus} is out of range; give 1 to 256")
+    gen = get_generation(store, base, generation)
+    with store.lock("store", purpose=f"instance create {name}"):
+        if store.instance_dir(name).exists():
+            raise Conflict(
+                f"instance '{name}' already exists; remove it first or pick another name"
+            )
+        taken = {i.mac: i.name for i in list_instances(store)}
+        if mac_norm is not None and mac_norm in taken:
+            raise Conflict(
+                f"MAC {mac_norm} is already used by instance '{taken[mac_norm]}'; "
+                "give another --mac or leave it out to derive one"
+            )
+        inst = Instance(
+            name=name,
+            base=base,
+            generation=gen.number,
+            mac=mac_norm or derive_mac(name, taken),
+            hypervisor=hypervisor,
+            size=size,
+            memory=memory,
+            vcpus=vcpus,
+            created=now_iso(),
+            nic_name=nic_name,
+        )
+        # what mke2fs writes into the sparse U (measured: 2.2 MiB for 4 GiB, 16 MiB for 1 TiB)
+        require_space(store.root, (4 << 20) + size // 65536, f"create instance {name}")
+        with store.staging(f"inst-{name}") as stage:
+            u_tree = stage / "u"
+            u_tree.mkdir(mode=0o755)
+            _prepare_u_tree(store, u_tree, inst)
+            checkpoint("instance-create:staged")
+            idir = stage / "instance"
+            idir.mkdir(mode=0o700)
+            checkpoint("instance-create:space-checked")  # full-disk tests fill it here
+            make_ext4(idir / "upper.img", "U", u_tree, size)
+            checkpoint("instance-create:image-made")
+            write_json(idir / "instance.json", inst.to_json())
+            os.rename(idir, store.instance_dir(name))
+            checkpoint("instance-create:published")
+    return inst
+
+
+def remove(store: Store, name: str) -> None:
+    load(store, name)
+    with store.lock(f"instance-{name}", wait=False, purpose="instance remove"):
+        st = state(store, name)
+        if st != "stopped":
+            raise Conflict(
+                f"instance '{name}' is {st}; {'umount it' if st == 'mounted' else 'stop it'} first"
+            )
+        from unionimg.boot.control import forget
+
+        forget(store, name)
+        with store.lock("store"), store.staging(f"rm-{name}") as stage:
+            os.rename(store.instance_dir(name), stage / "instance")
+
+
+# -- access to the U layer from the host ---------------------------------------------------
+@contextlib.contextmanager
+def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
+    """The root of the instance's U filesystem on the host (``upper/``, ``work/``, ``.hg``).
+
+    Reuses the mount of a mounted union; otherwise mounts the image for the duration.
+    """
+    from unionimg.layers import (
+        ucheck,  # U is guest data: checked, mounted nosuid/nodev/noexec, no symlinks
+    )
+
+    rec = mount_record(store, name)
+    if rec is not None:
+        if write and rec.get("readonly"):
+            raise Conflict(
+                f"instance '{name}' is mounted read-only at {rec['target']}; umount it first"
+            )
+        with ucheck.guarded(store, name, Path(rec["u"]), check=True):
+            yield Path(rec["u"])
+        return
+    from unionimg.boot.running import running_on
+
+    if running_on(store, name):
+        raise Conflict(f"instance '{name}' is running; stop it first")
+    require_root("reading the upper layer")
+    mnt = store.run_dir / name / "u"
+    if is_mounted(mnt):
+        umount(mnt)
+    ucheck.mount_u(store, name, mnt, readonly=not write)
+    # umount reports no write-back error: sync U through a descriptor opened before any
+    # write, so nothing written into U is lost silently (say, the store filled up)
+    watch = WriteWatch(mnt) if write else None
+    if watch is not None:
+        _WATCHES[os.fspath(mnt)] = watch
+    vouch = False  # a clean unmount after a run without errors vouches for the image
+    try:
+        with ucheck.guarded(store, name, mnt):
+            yield mnt
+        if watch is not None and not watch.durable:
+            sync_image(watch, store.root, name, f"write the U image of {name}")
+        vouch = True
+    finally:
+        if watch is not None:
+            _WATCHES.pop(os.fspath(mnt), None)
+            watch.close()
+        ucheck.release_u(store, name, mnt, vouch=vouch)
+
+
+# the write watches of the U layers u_layer mounted, by mount point
+_WATCHES: dict[str, WriteWatch] = {}
+
+
+def durable(u: Path) -> None:
+    """Tell :func:`u_layer` that everything written into ``u`` was synced (by the caller's
+    own watch, opened before its writes) and that nothing more is written before the end
+    of its block: its final sync (a flush of the loop device) is skipped."""
+    watch = _WATCHES.get(os.fspath(u))
+    if watch is not None:
+        watch.durable = True

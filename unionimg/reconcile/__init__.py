@@ -1,0 +1,1 @@
+"""Reconcile: pure planners (plan, merge, policy) and the executor (apply)."""

@@ -1,0 +1,813 @@
+"""Reconcile: bring instances from base generation B0 to B1, merging into their upper layers.
+
+The base delta B0→B1 is computed once per pair of generations (a join of their two SQLite
+manifests; ``base update`` saves each new generation's delta from its parent, so usually it
+is only read) and shared by every instance; each instance then costs O(|U| + |delta|): its
+upper layer is scanned, the pure planner (:mod:`unionimg.reconcile.plan`) decides every path,
+and the plan is applied like this::
+
+    lock instance-VM; mount U read-write (the instance must be neither mounted nor running)
+    (no journal yet)   → commit U's current state to its hg repository (nothing local is
+                         lost), while beside it upper.new = hardlink copy of upper gets the
+                         plan applied and conflict artefacts go aside in the store; syncfs
+    journal "swap"     → renameat2(RENAME_EXCHANGE) upper <-> upper.new   (the atomic step)
+                         upper.new (now the old tree) becomes upper.prev (for --undo)
+    instance.json generation = B1; conflicts.json updated
+    commit "reconcile ...: generation B0 -> B1" (only the paths the plan touched + the
+    sidecar); journal removed; last-reconcile.json kept
+
+A crash (SIGKILL) anywhere is repaired by the next run from the journal: before the swap
+the staging tree is thrown away and planning starts again; after it (the journal records the
+inode number of upper.new, so the swap is recognised even if the journal was not updated)
+the run rolls forward. Live files are only ever replaced by ``rename(2)`` of complete files
+built in upper.new, and conflict markers only ever go into the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from unionimg.errors import (
+    EXIT_CONFLICTS,
+    EXIT_OK,
+    EXIT_RECONCILE_FAILED,
+    Conflict,
+    NotFound,
+    StoreFull,
+    ToolFailed,
+    UnionimgError,
+    UsageError,
+)
+from unionimg.faults import checkpoint
+from unionimg.fs import fsops
+from unionimg.fs.manifest import DIR, FILE, Change, Entry
+from unionimg.fs.mounts import mount_image, umount
+from unionimg.layers import history
+from unionimg.layers.base import Generation, get_generation
+from unionimg.layers.base import delta as base_delta
+from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
+from unionimg.layers.status import blame_space, commit_estimate, require_u_space, scan_upper
+from unionimg.reconcile.plan import (
+    CONFLICT,
+    DROP,
+    ERROR,
+    KEEP,
+    SET_META,
+    WRITE,
+    Action,
+    plan_instance,
+)
+from unionimg.reconcile.policy import Policy
+from unionimg.store.layout import (
+    Store,
+    WriteWatch,
+    now_iso,
+    read_json,
+    require_space,
+    sync_image,
+    write_atomic,
+    write_failure,
+    write_json,
+)
+
+REPORTS_KEPT = 50
+
+
+@dataclass
+class InstanceReport:
+    name: str
+    from_generation: int | None = None
+    to_generation: int | None = None
+    status: str = "clean"  # clean | conflicts | error
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    unaffected: int = 0
+    applied: bool = False
+    full: bool = False  # the error was a full disk (not in the JSON: the error says so)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "from_generation": self.from_generation,
+            "to_generation": self.to_generation,
+            "status": self.status,
+            "actions": self.actions,
+            "conflicts": self.conflicts,
+            "error": self.error,
+            "unaffected": self.unaffected,
+            "applied": self.applied,
+        }
+
+
+def exit_code(reports: Sequence[InstanceReport]) -> int:
+    failed = [r for r in reports if r.status == "error"]
+    if failed and all(r.full for r in failed):
+        return StoreFull.exit_code  # only space was lacking: free it and rerun
+    if failed:
+        return EXIT_RECONCILE_FAILED
+    if any(r.status == "conflicts" for r in reports):
+        return EXIT_CONFLICTS
+    return EXIT_OK
+
+
+# -- per-instance files in the store ------------------------------------------------------
+def _journal(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "reconcile-journal.json"
+
+
+def _last(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "last-reconcile.json"
+
+
+def conflicts_path(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "conflicts.json"
+
+
+def conflicts_dir(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / "conflicts"
+
+
+def list_conflicts(store: Store, name: str) -> list[dict[str, Any]]:
+    load(store, name)
+    path = conflicts_path(store, name)
+    data: list[dict[str, Any]] = read_json(path) if path.is_file() else []
+    return data
+
+
+def _conflict_key(path: str) -> str:
+    return hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+
+
+class _Content:
+    """Reads for the planner: U's copies and files of the two generations (mounted lazily)."""
+
+    def __init__(self, upper: Path, gens: Callable[[Literal["b0", "b1"]], Path]) -> None:
+        self._upper = upper
+        self._gens = gens
+
+    def upper(self, path: str) -> bytes:
+        return fsops.read_file(self._upper, path)
+
+    def base(self, which: Literal["b0", "b1"], path: str) -> bytes:
+        return fsops.read_file(self._gens(which), path)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy,
+        *,
+        dry_run: bool = False,
+        to_generation: int | None = None,
+        progress: Callable[[InstanceReport], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.dry_run = dry_run
+        self.to_generation = to_generation
+        self.progress = progress
+        self._deltas: dict[tuple[str, int, int], dict[str, Change]] = {}
+        self._mounts: dict[tuple[str, int], Path] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._servers: list[history.Server] = []
+        self._pools: list[ThreadPoolExecutor] = []
+        self._stage_ctx: contextlib.AbstractContextManager[Path] | None = None
+        self._stage: Path | None = None
+
+    # -- shared, per run ------------------------------------------------------------------
+    def delta(self, b0: Generation, b1: Generation) -> dict[str, Change]:
+        """The changes B0 -> B1 by path, read (or computed) once per run for all instances."""
+        key = (b0.base, b0.number, b1.number)
+        with self._lock:
+            if key not in self._deltas:
+                self._deltas[key] = {c.path: c for c in base_delta(self.store, b0, b1)}
+            return self._deltas[key]
+
+    def gen_root(self, gen: Generation) -> Path:
+        key = (gen.base, gen.number)
+        with self._lock:
+            if key not in self._mounts:
+                if self._stage is None:
+                    # a pid-tagged staging dir: a killed run's mounts are swept by the next
+                    self._stage_ctx = self.store.staging("reconcile-generations")
+                    self._stage = self._stage_ctx.__enter__()
+                mnt = self._stage / f"{gen.base}-{gen.number}"
+                mount_image(gen.image, mnt, readonly=True, exclusive=False)
+                self._mounts[key] = mnt
+            return self._mounts[key]
+
+    def hg(self, root: Path, guest: str | None = None) -> history.Repo:
+        server = getattr(self._local, "server", None)
+        if server is None:
+            template = hg_template(self.store)
+            # any repository will do to start a server, but not the template itself: a
+            # server may write caches into its repository, and the template is copied
+            anchor = self.store.publish(
+                template.with_name("hg-anchor"),
+                lambda tmp: history.init_repo(tmp, template=template),
+            )
+            server = history.Server(anchor)
+            self._local.server = server
+            with self._lock:
+                self._servers.append(server)
+        repo: history.Repo = server.repo(root, guest=guest)  # guest's .hg: checked first
+        return repo
+
+    def _committer(self) -> ThreadPoolExecutor:
+        """This worker's helper thread for Mercurial commits (its server is the worker's)."""
+        pool: ThreadPoolExecutor | None = getattr(self._local, "committer", None)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hg-commit")
+            self._local.committer = pool
+            with self._lock:
+                self._pools.append(pool)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.shutdown()
+        for server in self._servers:
+            server.close()
+        for mnt in self._mounts.values():
+            umount(mnt)
+        self._mounts.clear()
+        if self._stage_ctx is not None:
+            self._stage_ctx.__exit__(None, None, None)
+            self._stage_ctx = self._stage = None
+
+    # -- the fleet --------------------------------------------------------------------------
+    def run(self, names: Sequence[str], jobs: int = 1) -> list[InstanceReport]:
+        if not self.dry_run:  # a full store: one line, not one failure per instance
+            require_space(self.store.root, 0, "reconcile")
+        try:
+            if jobs <= 1:
+                return [self._report(n) for n in names]
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                return list(pool.map(self._report, names))
+        finally:
+            self.close()
+
+    def _report(self, name: str) -> InstanceReport:
+        report = InstanceReport(name)
+        try:
+            self.one(name, report)
+        except UnionimgError as exc:
+            report.status = "error"
+            report.error = exc.message
+            report.full = isinstance(exc, StoreFull)
+        except OSError as exc:
+            report.status = "error"
+            full = write_failure(
+                exc,
+                exc.filename or self.store.root,
+                f"reconcile {name}",
+                store_path=self.store.root,
+            )
+            report.full = full is not None
+            report.error = (
+                full.message if full else f"{exc.strerror or exc} ({exc.filename or name})"
+            )
+        if self.progress:
+            self.progress(report)
+        return report
+
+    def one(self, name: str, report: InstanceReport) -> None:
+        inst = load(self.store, name)
+        report.from_generation = inst.generation
+        st = state(self.store, name)
+        if st != "stopped":
+            raise Conflict(
+                f"instance '{name}' is {st}; "
+                f"{'umount it' if st == 'mounted' else 'stop it'} before reconciling"
+            )
+        with self.store.lock(f"instance-{name}", purpose=f"reconcile {name}"):
+            journal = _journal(self.store, name)
+            if journal.is_file() and not self.dry_run:
+                with u_layer(self.store, name, write=True) as u:
+                    try:
+                        self._recover(inst, u)
+                    except (OSError, ToolFailed) as exc:
+                        raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
+                inst = load(self.store, name)
+                report.from_generation = inst.generation
+            elif journal.is_file():
+                raise Conflict(
+                    f"instance '{name}' has an interrupted reconcile; run reconcile "
+                    "without --dry-run to finish it"
+                )
+            b0 = get_generation(self.store, inst.base, inst.generation)
+            b1 = get_generation(self.store, inst.base, self.to_generation)
+            report.to_generation = b1.number
+            if b0.number == b1.number:  # case 17
+                self._pending(name, report)
+                return
+            delta = self.delta(b0, b1)
+            with u_layer(self.store, name, write=not self.dry_run) as u:
+                upper = u / "upper"
+
+                def gens(which: Literal["b0", "b1"]) -> Path:
+                    return self.gen_root(b0 if which == "b0" else b1)
+
+                entries = _hash_files_in(upper, scan_upper(u, hash_files=False), delta)
+                with b0.manifest() as m0, b1.manifest() as m1:
+                    plan = plan_instance(entries, delta, m0, m1, self.policy, _Content(upper, gens))
+                report.unaffected = plan.unaffected
+                report.actions = [
+                    {"path": a.path, "case": a.case, "action": a.action, "reason": a.reason}
+                    for a in plan.actions
+                    if a.action != KEEP
+                ]
+                report.conflicts = [
+                    {"path": a.path, "reason": a.reason, "case": a.case} for a in plan.conflicts
+                ]
+                if plan.errors:
+                    report.status = "error"
+                    report.error = "; ".join(f"{a.path}: {a.reason}" for a in plan.errors)
+                    return
+                report.status = "conflicts" if plan.conflicts else "clean"
+                if self.dry_run:
+                    return
+                self._require_space(name, u, plan.actions, entries)
+                try:
+                    self._apply(inst, u, b0, b1, plan.actions, entries)
+                except (OSError, ToolFailed) as exc:
+                    raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
+                report.applied = True
+            self._pending(name, report)
+
+    def _pending(self, name: str, report: InstanceReport) -> None:
+        """Conflicts of earlier runs still unresolved keep the instance in 'conflicts'."""
+        seen = {c["path"] for c in report.conflicts}
+        for c in list_conflicts(self.store, name):
+            if c["path"] not in seen:
+                report.conflicts.append(
+                    {
+                        "path": c["path"],
+                        "case": c.get("case"),
+                        "reason": f"pending since generation {c['generation']}: {c['reason']}",
+                    }
+                )
+        if report.conflicts and report.status == "clean":
+            report.status = "conflicts"
+
+    # -- applying -------------------------------------------------------------------------
+    def _require_space(
+        self, name: str, u: Path, actions: Sequence[Action], entries: list[Entry]
+    ) -> None:
+        """Room, in U and in the store (U is sparse there), for what applying the plan
+        writes: the local commit, upper.new (new directories and inodes; files are
+        hardlinks), the files the plan writes and their commit, and in the store the
+        conflict versions set aside and the report."""
+        written = [len(a.data) for a in actions if a.action == WRITE and a.data is not None]
+        dirs = sum(1 for e in entries if e.kind == DIR)
+        u_need = (
+            dirs * 4096
+            + len(entries) * 256
+            + sum((n + 4095) // 4096 * 4096 for n in written)
+            + commit_estimate(u, entries, written)
+        )
+        aside = sum(
+            len(data) + 4096
+            for a in actions
+            if a.action == CONFLICT
+            for data in a.artifacts.values()
+        )
+        require_u_space(
+            self.store, u, name, u_need, f"reconcile {name}", store_extra=aside + (64 << 10)
+        )
+
+    def _apply(
+        self,
+        inst: Instance,
+        u: Path,
+        b0: Generation,
+        b1: Generation,
+        actions: Sequence[Action],
+        entries: list[Entry],
+    ) -> None:
+        name = inst.name
+        repo = self.hg(u, name)
+        new, prev = u / "upper.new", u / "upper.prev"
+        watch = WriteWatch(u)  # before any write: its sync reports every write-back error
+        fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
+        # Mercurial records the upper layer as it is (in its own process) while upper.new
+        # is staged beside it: staging never changes an inode of upper/ (fsops replaces
+        # what it changes), and .hgignore keeps upper.new out of the commit
+        pre_commit = self._committer().submit(
+            _commit,
+            repo,
+            u,
+            inst,
+            f"local state of {name} before reconcile to {inst.base} generation {b1.number}",
+            entries,  # the scan the plan was made from: the upper layer as it is now
+        )
+        try:
+            fsops.link_copy(u / "upper", new)
+            for action in actions:
+                _apply_action(new, action)
+            aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
+        finally:
+            wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
+        try:
+            pre = pre_commit.result()
+            checkpoint("reconcile:pre-committed")
+            # upper.new (and the commit) durable before the journal may say swap
+            sync_image(watch, self.store.root, name, f"reconcile {name}")
+        except BaseException:
+            watch.close()
+            raise
+        checkpoint("reconcile:staged")
+        fsops.remove_tree(prev)
+        journal: dict[str, Any] = {
+            "phase": "swap",
+            "from": b0.number,
+            "to": b1.number,
+            "pre_node": pre,
+            "new_ino": os.lstat(new).st_ino,
+            "commit_paths": _commit_paths(actions),  # all the post-commit looks at
+            "conflicts": aside,
+            "conflicts_before": list_conflicts(self.store, name),
+            "started": now_iso(),
+        }
+        write_json(_journal(self.store, name), journal)
+        checkpoint("reconcile:swap-journaled")
+        try:
+            fsops.exchange(u / "upper", new)
+            checkpoint("reconcile:swapped")
+            self._finish(inst, u, journal, watch)
+        finally:
+            watch.close()
+
+    def _finish(
+        self, inst: Instance, u: Path, journal: dict[str, Any], watch: WriteWatch | None = None
+    ) -> None:
+        """Everything after the swap; idempotent, so recovery can run it again. The journal
+        goes only once the post-reconcile changeset is on disk (U synced, node re-read)."""
+        own = watch is None
+        watch = watch or WriteWatch(u)
+        try:
+            self._finish_watched(inst, u, journal, watch)
+        finally:
+            if own:
+                watch.close()
+
+    def _finish_watched(
+        self, inst: Instance, u: Path, journal: dict[str, Any], watch: WriteWatch
+    ) -> None:
+        name = inst.name
+        new, prev = u / "upper.new", u / "upper.prev"
+        if new.exists():
+            fsops.remove_tree(prev)
+            os.rename(new, prev)
+        before = journal["conflicts_before"]
+        if inst.generation != journal["to"]:
+            save(self.store, replace(inst, generation=journal["to"]))
+            inst = replace(inst, generation=journal["to"])
+        checkpoint("reconcile:generation")
+        merged = {c["path"]: c for c in before}
+        for c in journal["conflicts"]:
+            merged[c["path"]] = c
+        write_json(
+            conflicts_path(self.store, name), sorted(merged.values(), key=lambda c: c["path"])
+        )
+        repo = self.hg(u, name)
+        post = _commit(
+            repo,
+            u,
+            inst,
+            f"reconcile {name}: base {inst.base} generation "
+            f"{journal['from']} -> {journal['to']}"
+            + (
+                f" ({len(journal['conflicts'])} conflict(s) kept aside)"
+                if journal["conflicts"]
+                else ""
+            ),
+            paths=journal.get("commit_paths"),
+        )
+        sync_image(watch, self.store.root, name, f"reconcile {name}")
+        if post is not None:
+            history.verify_node(u, post, repo)
+        durable(u)  # nothing more is written into U: no second flush when it is unmounted
+        checkpoint("reconcile:committed")
+        write_json(
+            _last(self.store, name),
+            {
+                "from": journal["from"],
+                "to": journal["to"],
+                "pre_node": journal["pre_node"],
+                "post_node": post,
+                "conflicts_before": before,
+                "finished": now_iso(),
+            },
+        )
+        _journal(self.store, name).unlink(missing_ok=True)
+
+    def _recover(self, inst: Instance, u: Path) -> None:
+        journal = read_json(_journal(self.store, inst.name))
+        new = u / "upper.new"
+        swapped = journal["phase"] == "swap" and (
+            not new.exists() or os.lstat(u / "upper").st_ino == journal["new_ino"]
+        )
+        if swapped:
+            self._finish(inst, u, journal)
+            return
+        fsops.remove_tree(new)  # not swapped: the live upper is the old one, untouched
+        if inst.generation != journal["from"]:
+            # the swap was made, then lost with U's writes after a write error (a full
+            # store aborted U's journal): the store follows U back to the old generation
+            save(self.store, replace(inst, generation=journal["from"]))
+            write_json(conflicts_path(self.store, inst.name), journal["conflicts_before"])
+        _journal(self.store, inst.name).unlink(missing_ok=True)
+
+    def _set_aside(
+        self, name: str, b1: Generation, conflicts: Sequence[Action]
+    ) -> list[dict[str, Any]]:
+        """Write each conflict's artefacts to conflicts/KEY-G/ (built in the store's staging,
+        then renamed into place: a crash leaves nothing half-written there)."""
+        out = []
+        root = conflicts_dir(self.store, name)
+        for action in conflicts:
+            key = f"{_conflict_key(action.path)}-{b1.number}"
+            final = self.store.publish(root / key, _artifact_writer(action.artifacts))
+            out.append(
+                {
+                    "path": action.path,
+                    "reason": action.reason,
+                    "case": action.case,
+                    "generation": b1.number,
+                    "dir": str(final),
+                    "files": sorted(action.artifacts),
+                }
+            )
+        return out
+
+
+def _artifact_writer(artifacts: Mapping[str, bytes]) -> Callable[[Path], None]:
+    """Builds a conflict's directory: one durable file per version (merged, base, ...), its
+    name durable in the directory too, before the journal may point at it."""
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(mode=0o700)
+        for label, data in artifacts.items():
+            write_atomic(tmp / label, data)
+
+    return build
+
+
+def _hash_files_in(upper: Path, entries: list[Entry], delta: dict[str, Change]) -> list[Entry]:
+    """Content hashes for the upper layer's regular files the base delta touches: the only
+    ones the planner compares with the base (it reads any other it needs) — and of those
+    only files as large as a base version (another size differs already: a guest's huge
+    sparse file is never read)."""
+
+    def same_size(e: Entry) -> bool:
+        c = delta.get(e.path)
+        return c is not None and any(
+            x is not None and x.kind == FILE and x.size == e.size for x in (c.old, c.new)
+        )
+
+    return [
+        replace(e, sha256=fsops.sha256_of(upper, e.path))
+        if e.kind == FILE and e.sha256 is None and same_size(e)
+        else e
+        for e in entries
+    ]
+
+
+def _commit_paths(actions: Sequence[Action]) -> list[str]:
+    """What a reconcile changes in U, relative to U's root (for :meth:`Repo.commit_all`)."""
+    paths = {history.SIDECAR_DIR}
+    for a in actions:
+        if a.action in (WRITE, DROP, SET_META):
+            paths.add("upper" + a.path if a.path != "/" else "upper")
+    return sorted(paths)
+
+
+def _commit(
+    repo: history.Repo,
+    u: Path,
+    inst: Instance,
+    message: str,
+    entries: list[Entry] | None = None,
+    paths: Sequence[str] | None = None,
+) -> str | None:
+    from unionimg.layers.status import write_history_sidecar
+
+    outside = write_history_sidecar(u, inst, entries)  # what Mercurial cannot hold: kept out
+    node = repo.commit_all(message, paths, outside)
+    return node or repo.tip()
+
+
+def _apply_action(tree: Path, action: Action) -> None:
+    if action.action == DROP:
+        fsops.remove_entry(tree, action.path)
+    elif action.action == WRITE:
+        assert action.entry is not None
+        fsops.write_entry(tree, action.path, action.entry, action.data)
+    elif action.action == SET_META:
+        assert action.entry is not None
+        fsops.set_meta(tree, action.path, action.entry)
+    elif action.action == ERROR:
+        raise UsageError(f"{action.path}: {action.reason}")
+
+
+# -- undo, conflicts, resolve ---------------------------------------------------------------
+def undo(store: Store, name: str) -> dict[str, Any]:
+    inst = load(store, name)
+    st = state(store, name)
+    if st != "stopped":
+        raise Conflict(f"instance '{name}' is {st}; stop or umount it before undoing")
+    with store.lock(f"instance-{name}", purpose=f"reconcile --undo {name}"):
+        if _journal(store, name).is_file():
+            raise Conflict(
+                f"instance '{name}' has an interrupted reconcile; run "
+                f"'unionimg reconcile {name}' first"
+            )
+        last_path = _last(store, name)
+        if not last_path.is_file():
+            raise NotFound(f"instance '{name}' has no reconcile to undo")
+        last = read_json(last_path)
+        require_space(store.root, 0, f"undo the reconcile of {name}")
+        with u_layer(store, name, write=True) as u, history.open_repo(u, guest=name) as repo:
+            prev = u / "upper.prev"
+            if not prev.is_dir():
+                raise NotFound(f"instance '{name}' has no saved upper layer to go back to")
+            from unionimg.layers.status import write_history_sidecar
+
+            outside = write_history_sidecar(u, inst)
+            repo.addremove(outside)
+            if repo.changed(outside) or repo.tip() != last.get("post_node"):
+                raise Conflict(
+                    f"instance '{name}' changed since its reconcile; undo would lose those "
+                    f"changes (commit them with 'unionimg commit {name}' and revert by hand)"
+                )
+            fsops.exchange(u / "upper", prev)
+            save(store, replace(inst, generation=last["from"]))
+            inst = replace(inst, generation=last["from"])
+            write_json(conflicts_path(store, name), last.get("conflicts_before", []))
+            node = _commit(
+                repo,
+                u,
+                inst,
+                f"undo reconcile of {name}: back to base {inst.base} generation {last['from']}",
+            )
+            fsops.remove_tree(prev)
+        last_path.unlink()
+    return {"name": name, "generation": last["from"], "node": node}
+
+
+def resolve(
+    store: Store, name: str, path: str, *, take: str | None, file: Path | None
+) -> dict[str, Any]:
+    inst = load(store, name)
+    if (take is None) == (file is None):
+        raise UsageError("give exactly one of --take local|base|merged or --file F")
+    st = state(store, name)
+    if st != "stopped":
+        raise Conflict(f"instance '{name}' is {st}; stop or umount it before resolving")
+    with store.lock(f"instance-{name}", purpose=f"resolve {name}"):
+        conflicts = list_conflicts(store, name)
+        match = [c for c in conflicts if c["path"] == path]
+        if not match:
+            raise NotFound(
+                f"instance '{name}' has no conflict at {path}; see 'unionimg conflicts {name}'"
+            )
+        c = match[0]
+        aside = Path(c["dir"])
+        how = take or f"file {file}"
+        what = f"resolve {path} in {name}"
+        with (
+            u_layer(store, name, write=True) as u,
+            WriteWatch(u) as watch,
+            history.open_repo(u, guest=name) as repo,
+        ):
+            upper = u / "upper"
+            gen = get_generation(store, inst.base, c["generation"])
+            with gen.manifest() as m:
+                b1 = m.get(path)
+            local = _upper_entry(upper, path)
+            # the file written (its data, then its revlog) and whatever else the commit adds
+            sizes = {"merged": aside / "merged", "base": aside / "base-new", None: file}
+            incoming = _size_of(sizes.get(take))
+            entries = scan_upper(u, hash_files=False)
+            require_u_space(store, u, name, commit_estimate(u, entries, [incoming] * 2), what)
+            checkpoint("resolve:checked")
+            if take == "local":
+                pass
+            elif take == "base":
+                if local is not None and local.kind == "dir":
+                    raise UsageError(
+                        f"{path} is a directory in the upper layer; remove or "
+                        "replace it by hand, then use --take local"
+                    )
+                if b1 is not None and _under_opaque(upper, path):
+                    data = (aside / "base-new").read_bytes() if b1.kind == "file" else None
+                    fsops.write_entry(upper, path, b1, data)
+                else:
+                    fsops.remove_entry(upper, path)  # the base's version shows through
+            else:
+                if take == "merged":
+                    source = aside / "merged"
+                    if not source.is_file():
+                        raise NotFound(
+                            f"conflict at {path} has no merged file (binary or "
+                            "structural conflict); use --take local|base or --file"
+                        )
+                else:
+                    assert file is not None
+                    source = file
+                    if not source.is_file():
+                        raise UsageError(f"file {source} does not exist")
+                data = source.read_bytes()
+                if take == "merged" and _has_markers(data):
+                    raise UsageError(
+                        f"{source} still holds conflict markers; edit it first "
+                        "or use --take local|base"
+                    )
+                meta = local if local is not None and local.kind == "file" else b1
+                if meta is None or meta.kind != "file":
+                    raise UsageError(
+                        f"{path} is not a regular file on either side; use --take local|base"
+                    )
+                fsops.write_entry(upper, path, replace(meta, kind="file"), data)
+            fsops.syncfs(upper)
+            record = {
+                "path": path,
+                "took": how,
+                "generation": c["generation"],
+                "resolved": now_iso(),
+            }
+            fsops.write_beneath(  # no symlink followed beneath U (fsops refuses one)
+                u,
+                f"{history.SIDECAR_DIR}/resolutions.jsonl",
+                (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"),
+                append=True,
+            )
+            try:
+                node = _commit(repo, u, inst, f"resolve {path} in {name}: took {how}")
+                sync_image(watch, store.root, name, what)
+            except (OSError, ToolFailed) as exc:
+                raise blame_space(exc, store, u, name, what) from exc
+            if node is not None:  # on disk: only now is the conflict settled
+                history.verify_node(u, node, repo)
+            durable(u)
+            write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
+        fsops.remove_tree(aside)
+    return {"name": name, "path": path, "took": how, "node": node}
+
+
+def _size_of(path: Path | None) -> int:
+    try:
+        return os.stat(path).st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _upper_entry(upper: Path, path: str) -> Any:
+    return fsops.entry_at(upper, path)  # no symlink in the guest's upper followed
+
+
+def _under_opaque(upper: Path, path: str) -> bool:
+    """Whether a directory above ``path`` in the upper layer is opaque (hides the base)."""
+    return fsops.opaque_above(upper, path)
+
+
+def _has_markers(data: bytes) -> bool:
+    return any(line.startswith((b"<<<<<<< ", b">>>>>>> ")) for line in data.splitlines())
+
+
+# -- reports kept in the store ---------------------------------------------------------------
+def save_report(store: Store, reports: Sequence[InstanceReport], *, dry_run: bool) -> Path:
+    rdir = store.root / "reports"
+    rdir.mkdir(mode=0o700, exist_ok=True)
+    stamp = now_iso().replace(":", "")
+    path = rdir / f"reconcile-{stamp}-{time.time_ns() % 10**9:09d}-{os.getpid()}.json"
+    write_json(
+        path,
+        {"finished": now_iso(), "dry_run": dry_run, "instances": [r.to_json() for r in reports]},
+    )
+    with open(rdir / "reconcile.log", "a", encoding="utf-8") as log:
+        for r in reports:
+            log.write(
+                f"{now_iso()} {r.name} {r.from_generation}->{r.to_generation} "
+                f"{r.status} actions={len(r.actions)} conflicts={len(r.conflicts)}"
+                f"{' dry-run' if dry_run else ''}{' error=' + repr(r.error) if r.error else ''}"
+                "\n"
+            )
+    kept = sorted(rdir.glob("reconcile-*.json"))
+    for old in kept[:-REPORTS_KEPT]:
+        old.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""The store: its layout, locks, atomic writes and space checks; probe caches."""
