@@ -27,8 +27,9 @@ from click.testing import Result
 from tests.conftest import REPO, Cli, _loop_devices
 from unionimg.faults import fill
 from unionimg.fs.mounts import mountinfo, unmount_tree
+from unionimg.fs.space import WriteWatch
 from unionimg.layers.instance import u_layer
-from unionimg.store.layout import Store, WriteWatch
+from unionimg.store.layout import Store
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")

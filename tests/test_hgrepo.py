@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from unionimg.entries import MAX_HG_PATH, hg_unfit
 from unionimg.errors import GuestDataRefused
-from unionimg.fs.manifest import MAX_HG_PATH, hg_unfit
 from unionimg.layers import history
 
 from .conftest import REPO

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, UNIONIMG, Cli
-from unionimg.fs.manifest import DIGEST_BLOCK, LARGE_FILE, MAX_HG_PATH
+from unionimg.entries import LARGE_FILE, MAX_HG_PATH
+from unionimg.fs.manifest import DIGEST_BLOCK
 from unionimg.layers.instance import u_layer
 from unionimg.store.layout import Store
 

@@ -12,10 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_tree
-from unionimg.fs.fsops import remove_tree
-from unionimg.fs.manifest import (
-    DIGEST_BLOCK,
-    DIGEST_KIND,
+from unionimg.entries import (
     LARGE_FILE,
     MAX_HG_PATH,
     OUT_DEEP,
@@ -24,14 +21,19 @@ from unionimg.fs.manifest import (
     OUT_REPOSITORY,
     OUT_RESERVED,
     Entry,
-    Manifest,
-    diff_manifests,
     hg_unfit,
     mark_outside,
     outside_roots,
     parent_of,
-    scan_tree,
     sidecar_text,
+)
+from unionimg.fs.fsops import remove_tree
+from unionimg.fs.manifest import (
+    DIGEST_BLOCK,
+    DIGEST_KIND,
+    Manifest,
+    diff_manifests,
+    scan_tree,
     sparse_digest,
     stat_entry,
     write_manifest,
@@ -168,7 +170,7 @@ def test_classify() -> None:
 
 
 def test_delta_json_roundtrip(tmp_path: Path) -> None:
-    from unionimg.fs.manifest import changes_from_json, changes_to_json
+    from unionimg.entries import changes_from_json, changes_to_json
 
     odd = os.fsdecode(b"/latin1-\xe9")
     a = [

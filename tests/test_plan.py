@@ -14,8 +14,7 @@ from typing import Literal
 
 import pytest
 
-from unionimg.errors import UsageError
-from unionimg.fs.manifest import (
+from unionimg.entries import (
     BLK,
     CHR,
     DIR,
@@ -28,6 +27,7 @@ from unionimg.fs.manifest import (
     Entry,
     parent_of,
 )
+from unionimg.errors import UsageError
 from unionimg.reconcile.plan import Action, InstancePlan, check_upper, plan_instance
 from unionimg.reconcile.policy import Policy, parse_policy
 

@@ -93,7 +93,8 @@ def test_generation_advanced_and_history_names_b1(applied: Applied) -> None:
 def test_history_holds_the_whole_result(applied: Applied) -> None:
     """The post-reconcile commit looks only at the paths the plan touched: nothing else may
     be left uncommitted, and the committed sidecar is that of the upper layer as it is."""
-    from unionimg.fs.manifest import scan_tree, sidecar_text
+    from unionimg.entries import sidecar_text
+    from unionimg.fs.manifest import scan_tree
 
     u = applied.upper.parent
     status = subprocess.run(

@@ -69,12 +69,13 @@ from unionimg.errors import (
     UsageError,
 )
 from unionimg.fs.mounts import mount_image, umount
+from unionimg.fs.space import require_space
 from unionimg.hypervisors import profiles
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.layers.base import Generation, get_generation
 from unionimg.layers.instance import Instance, list_instances, load, mount_record, save, upper_image
 from unionimg.names import check_hypervisor
-from unionimg.store.layout import Store, now_iso, read_json, require_space, write_json
+from unionimg.store.layout import Store, now_iso, read_json, write_json
 
 log = logging.getLogger(__name__)
 UML_MODULES = Path("/usr/lib/uml/modules")

@@ -150,7 +150,7 @@ class UnionimgGroup(click.Group):
 def _full_disk(exc: OSError, obj: Ctx | None) -> UnionimgError | None:
     """A write that failed for lack of space, anywhere a check did not foresee it: said as
     "store full" (exit 7), never as an internal error."""
-    from unionimg.store.layout import write_failure
+    from unionimg.fs.space import write_failure
 
     where = exc.filename or (obj.store_path if obj is not None else ".")
     store_root = Path(obj.store_path) if obj is not None else None

@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from unionimg.entries import DIR, FILE, SYMLINK, Entry
 from unionimg.errors import GuestDataRefused
-from unionimg.fs.manifest import DIR, FILE, SYMLINK, Entry
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEEP_XATTRS = ("trusted.overlay.", "user.overlay.")

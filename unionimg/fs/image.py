@@ -7,8 +7,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from unionimg.entries import Entry
 from unionimg.errors import StoreFull, ToolFailed, UsageError
-from unionimg.fs.manifest import Entry
+from unionimg.fs.space import full_message
 from unionimg.names import human_size
 from unionimg.runner import run
 
@@ -72,8 +73,6 @@ def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int =
         image.unlink(missing_ok=True)
         text = res.stderr + res.stdout
         if "No space left on device" in text:  # the host's ENOSPC: the store is full
-            from unionimg.store.layout import full_message
-
             raise StoreFull(full_message(image.parent, _tree_bytes(source), f"make {image.name}"))
         if re.search(
             r"Could not allocate|No free space|too many inodes|"

@@ -1,4 +1,4 @@
-"""What a tree holds, path by path: the model every other part (status, diff, reconcile) uses.
+"""Scanning trees into :class:`~unionimg.entries.Entry` records, digests, and the SQLite manifests.
 
 An :class:`Entry` is one path as the guest sees it (``/etc/hostname``) with everything a
 filesystem keeps that matters for an OS image: type, full mode (setuid etc.), owner, size,
@@ -22,92 +22,24 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
-FILE, DIR, SYMLINK, CHR, BLK, FIFO, SOCK, WHITEOUT = (
-    "file",
-    "dir",
-    "symlink",
-    "chr",
-    "blk",
-    "fifo",
-    "sock",
-    "whiteout",
+from unionimg.entries import (
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    FILE,
+    OUT_REPOSITORY,
+    OVERLAY_XATTR_PREFIXES,
+    SOCK,
+    SYMLINK,
+    WHITEOUT,
+    Change,
+    Entry,
+    hg_unfit,
+    join,
 )
-OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    path: str
-    kind: str
-    mode: int = 0
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    sha256: str | None = None
-    target: str | None = None
-    rdev: int | None = None
-    xattrs: tuple[tuple[str, str], ...] = ()
-    link: str | None = None  # first path of this file's hardlink group (nlink > 1)
-    # overlay markers, only ever set on entries of an upper layer
-    opaque: bool = False
-    redirect: str | None = None
-    metacopy: bool = False
-    # kept out of Mercurial (why: OUT_*), only set by scans that ask; then ``digest``
-    outside: str | None = None
-    digest: str | None = None
-
-    # -- comparisons used by status and reconcile ---------------------------------------
-    def content_key(self) -> tuple[object, ...]:
-        """What the guest reads: type and payload, not metadata."""
-        return (self.kind, self.sha256, self.target, self.rdev)
-
-    def meta_key(self) -> tuple[object, ...]:
-        return (self.mode, self.uid, self.gid, self.xattrs)
-
-    def same_content(self, other: Entry | None) -> bool:
-        return other is not None and self.content_key() == other.content_key()
-
-    def same_meta(self, other: Entry | None) -> bool:
-        return other is not None and self.meta_key() == other.meta_key()
-
-    def same(self, other: Entry | None) -> bool:
-        return self.same_content(other) and self.same_meta(other)
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            "path": self.path,
-            "kind": self.kind,
-            "mode": f"{self.mode:04o}",
-            "uid": self.uid,
-            "gid": self.gid,
-        }
-        if self.size:
-            out["size"] = self.size
-        for key in ("sha256", "target", "rdev", "link", "redirect"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        if self.xattrs:
-            out["xattrs"] = dict(self.xattrs)
-        if self.opaque:
-            out["opaque"] = True
-        if self.metacopy:
-            out["metacopy"] = True
-        if self.outside is not None:
-            out["outside"] = self.outside
-        if self.digest is not None:
-            out["digest"] = self.digest
-        return out
-
-
-def join(parent: str, name: str) -> str:
-    return ("/" if parent == "/" else parent + "/") + name
-
-
-def parent_of(path: str) -> str:
-    head = path.rsplit("/", 1)[0]
-    return head or "/"
 
 
 def _kind(st: os.stat_result) -> str:
@@ -160,59 +92,6 @@ def _xattrs_at(dfd: int, name: str) -> tuple[dict[str, bytes], tuple[tuple[str, 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-# -- what Mercurial cannot hold -----------------------------------------------------------
-# Mercurial reads a file whole into memory to commit it (about its size again per copy; a
-# 2 GiB file took 2.1 GB and is refused: "exceeds maximum revlog storage of 2GiB") and keeps
-# every version of it for good. Files from this size on stay out of the history: the
-# sidecar records their size and a digest instead. 64 MiB keeps a commit's memory in the
-# low hundreds of MiB and the repository, which travels inside the small U image, small,
-# while every configuration file, script and ordinary binary of an OS stays in it.
-LARGE_FILE = 64 << 20
-# Mercurial opens each file by its absolute path, so one longer than PATH_MAX (4096) aborts
-# the whole commit ("File name too long"). A path deeper than this, relative to the
-# repository root, stays out of the history; the U root's own path has the rest.
-MAX_HG_PATH = 1024
-# why a path stays out of Mercurial (``Entry.outside``); anything below it stays out too
-OUT_LARGE = "large"  # a regular file of LARGE_FILE bytes or more
-OUT_NAME = "name"  # a newline or carriage return in its name (Mercurial aborts)
-OUT_RESERVED = "reserved"  # a name Mercurial reserves (.hg, .HG, .h<U+200C>g, hg~1, ...)
-OUT_DEEP = "deep"  # longer than MAX_HG_PATH
-OUT_REPOSITORY = "repository"  # a directory holding .hg: Mercurial skips it as a nested repo
-_HFS_IGNORED = [
-    chr(c).encode()
-    for c in (*range(0x200C, 0x2010), *range(0x202A, 0x202F), *range(0x206A, 0x2070), 0xFEFF)
-]
-
-
-def _reserved(name: bytes) -> bool:
-    """Whether Mercurial refuses ``name`` as a path component (its path auditor): .hg in
-    any case, also with the code points HFS+ ignores, and the Windows short names."""
-    low = name.lower()
-    if b"\xe2" in low or b"\xef" in low:
-        for ignored in _HFS_IGNORED:
-            low = low.replace(ignored, b"")
-    if low in (b".hg", b".hg."):
-        return True
-    if b"~" in name:
-        first, last = name.split(b"~", 1)
-        return last.isdigit() and first.upper() in (b"HG", b"HG8B6C")
-    return False
-
-
-def hg_unfit(rel: bytes, name: bytes, kind: str, size: int) -> str | None:
-    """Why the entry ``name`` at ``rel`` (its path relative to the repository root) cannot
-    go into Mercurial, or None. Pure."""
-    if b"\n" in name or b"\r" in name:
-        return OUT_NAME
-    if _reserved(name):
-        return OUT_RESERVED
-    if len(rel) > MAX_HG_PATH:
-        return OUT_DEEP
-    if kind == FILE and size >= LARGE_FILE:
-        return OUT_LARGE
-    return None
 
 
 # The digest of a file kept out of Mercurial: sha256 over the file's size (8 bytes, big
@@ -521,20 +400,25 @@ def _row(e: Entry) -> tuple[object, ...]:
 
 
 def _entry(row: tuple[object, ...]) -> Entry:
+    # rows come from manifests this module wrote (_row): the casts only name their types
     path, kind, mode, uid, gid, size, sha, target, rdev, xattrs, link = row
     return Entry(
-        path=_dec(path),  # type: ignore[arg-type]
-        kind=kind,  # type: ignore[arg-type]
-        mode=mode,  # type: ignore[arg-type]
-        uid=uid,  # type: ignore[arg-type]
-        gid=gid,  # type: ignore[arg-type]
-        size=size,  # type: ignore[arg-type]
-        sha256=sha,  # type: ignore[arg-type]
-        target=_dec(target),  # type: ignore[arg-type]
-        rdev=rdev,  # type: ignore[arg-type]
-        xattrs=tuple(tuple(x) for x in json.loads(xattrs)) if xattrs else (),  # type: ignore[arg-type]
-        link=_dec(link),  # type: ignore[arg-type]
+        path=cast(str, _dec(cast(bytes, path))),
+        kind=cast(str, kind),
+        mode=cast(int, mode),
+        uid=cast(int, uid),
+        gid=cast(int, gid),
+        size=cast(int, size),
+        sha256=cast("str | None", sha),
+        target=_dec(cast("bytes | None", target)),
+        rdev=cast("int | None", rdev),
+        xattrs=_xattrs(cast("str | None", xattrs)),
+        link=_dec(cast("bytes | None", link)),
     )
+
+
+def _xattrs(text: str | None) -> tuple[tuple[str, str], ...]:
+    return tuple((str(n), str(v)) for n, v in json.loads(text)) if text else ()
 
 
 def write_manifest(
@@ -614,50 +498,6 @@ class Manifest:
         return dict(self._conn.execute("SELECT key, value FROM info").fetchall())
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    path: str
-    old: Entry | None
-    new: Entry | None
-
-    @property
-    def status(self) -> str:
-        if self.old is None:
-            return "added"
-        if self.new is None:
-            return "deleted"
-        if self.old.same_content(self.new):
-            return "metadata"
-        return "modified"
-
-
-def _entry_json(e: Entry | None) -> dict[str, object] | None:
-    if e is None:
-        return None
-    return {k: getattr(e, k) for k in Entry.__dataclass_fields__}
-
-
-def _entry_from_json(d: dict[str, object] | None) -> Entry | None:
-    if d is None:
-        return None
-    xattrs = tuple((str(n), str(v)) for n, v in d.pop("xattrs") or ())  # type: ignore[attr-defined]
-    return Entry(xattrs=xattrs, **d)  # type: ignore[arg-type]
-
-
-def changes_to_json(changes: Iterable[Change]) -> str:
-    """A delta as JSON text (paths stay str; undecodable bytes survive as surrogates)."""
-    return json.dumps(
-        [{"path": c.path, "old": _entry_json(c.old), "new": _entry_json(c.new)} for c in changes]
-    )
-
-
-def changes_from_json(text: str) -> list[Change]:
-    return [
-        Change(row["path"], _entry_from_json(row["old"]), _entry_from_json(row["new"]))
-        for row in json.loads(text)
-    ]
-
-
 def diff_manifests(old_db: Path, new_db: Path) -> list[Change]:
     """Every path whose entry differs between two stored manifests, in path order.
 
@@ -687,55 +527,8 @@ def diff_manifests(old_db: Path, new_db: Path) -> list[Change]:
     for row in rows:
         old = _entry(row[:width]) if row[0] is not None else None
         new = _entry(row[width:]) if row[width] is not None else None
-        path = (old or new).path  # type: ignore[union-attr]
-        changes.append(Change(path, old, new))
+        either = old or new
+        assert either is not None  # a row has an old or a new side (the SQL's two halves)
+        changes.append(Change(either.path, old, new))
     changes.sort(key=lambda c: os.fsencode(c.path))
     return changes
-
-
-# -- the sidecar kept in Mercurial next to the files --------------------------------------
-def sidecar_text(entries: Iterable[Entry]) -> str:
-    """One JSON object per line for what Mercurial cannot hold: type, full mode, owner,
-    xattrs, device numbers, hardlinks, empty dirs, whiteouts and overlay markers. Content
-    and size are left to Mercurial, so ``hg diff`` of this file shows metadata changes only
-    — except for entries kept out of Mercurial (``outside``: why), whose line also holds
-    the size and, for a regular file, its :func:`sparse_digest` (or, in a base's
-    history, its sha256).
-    """
-    lines = []
-    for e in sorted(entries, key=lambda e: os.fsencode(e.path)):
-        # out of Mercurial: the size, and the digest (a base's entries: their sha256)
-        sha = e.sha256 if e.outside and e.digest is None else None
-        obj = replace(e, sha256=sha, size=e.size if e.outside else 0).to_json()
-        lines.append(json.dumps(obj, sort_keys=True, ensure_ascii=True))
-    return "\n".join(lines) + "\n"
-
-
-def mark_outside(entries: Iterable[Entry], prefix: str = "") -> list[Entry]:
-    """``entries`` (a scan: parents before children) with ``outside`` set as
-    :func:`scan_tree` with ``hg_prefix=prefix`` would set it (no digests): for trees
-    scanned without it, such as a base generation's. Pure."""
-    entries = list(entries)
-    nested = {parent_of(e.path) for e in entries if e.kind == DIR and e.path.endswith("/.hg")}
-    why: dict[str, str | None] = {}
-    out = []
-    for e in entries:
-        reason = None
-        if e.path != "/":
-            reason = why.get(parent_of(e.path))
-        if reason is None and e.path in nested:
-            reason = OUT_REPOSITORY
-        if reason is None and e.path != "/":
-            rel = os.fsencode(prefix + e.path if prefix else e.path[1:])
-            name = os.fsencode(e.path.rsplit("/", 1)[1])
-            reason = hg_unfit(rel, name, e.kind, e.size)
-        why[e.path] = reason
-        out.append(replace(e, outside=reason) if reason != e.outside else e)
-    return out
-
-
-def outside_roots(entries: Iterable[Entry]) -> list[str]:
-    """The topmost paths kept out of Mercurial (everything below each is out too), in
-    path order."""
-    out = {e.path for e in entries if e.outside is not None}
-    return sorted((p for p in out if p == "/" or parent_of(p) not in out), key=os.fsencode)

@@ -18,39 +18,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unionimg.entries import (
+    Change,
+    Entry,
+    changes_from_json,
+    changes_to_json,
+    mark_outside,
+    outside_roots,
+    sidecar_text,
+)
 from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
 from unionimg.faults import checkpoint
 from unionimg.fs.image import default_size, disk_usage, make_ext4, usage_of
-from unionimg.fs.manifest import (
-    Change,
-    Entry,
-    Manifest,
-    changes_from_json,
-    changes_to_json,
-    diff_manifests,
-    mark_outside,
-    outside_roots,
-    scan_tree,
-    sidecar_text,
-    write_manifest,
-)
+from unionimg.fs.manifest import Manifest, diff_manifests, scan_tree, write_manifest
 from unionimg.fs.mounts import mount_image, mount_overlay, require_root, umount
-from unionimg.layers import history, sandbox
-from unionimg.names import check_name, check_outside_store, human_size, shown
-from unionimg.runner import run
-from unionimg.store.layout import (
+from unionimg.fs.space import (
     SPACE_MARGIN,
-    Store,
     WriteWatch,
     free_space,
     full_message,
-    now_iso,
-    read_json,
     require_space,
     sync_store,
-    write_atomic,
-    write_json,
 )
+from unionimg.layers import history, sandbox
+from unionimg.names import check_name, check_outside_store, human_size, shown
+from unionimg.runner import run
+from unionimg.store.layout import Store, now_iso, read_json, write_atomic, write_json
 
 RESERVED_TOP = (".unionimg", ".hg")
 

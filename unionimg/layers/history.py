@@ -37,9 +37,9 @@ import hglib
 import hglib.client
 import hglib.error
 
+from unionimg.entries import MAX_HG_PATH
 from unionimg.errors import GuestDataRefused, ToolFailed
 from unionimg.fs import fsops
-from unionimg.fs.manifest import MAX_HG_PATH
 
 USER = "unionimg <unionimg@localhost>"
 _MAX_PATHS = 2000  # past this, a full walk of the working copy is cheaper than the patterns

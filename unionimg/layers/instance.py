@@ -14,19 +14,13 @@ from unionimg.errors import Conflict, NotFound, UsageError
 from unionimg.faults import checkpoint
 from unionimg.fs.image import disk_usage, make_ext4
 from unionimg.fs.mounts import is_mounted, require_root, umount
+from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import history
 from unionimg.layers.base import generations, get_generation
+from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
 from unionimg.names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
-from unionimg.store.layout import (
-    Store,
-    WriteWatch,
-    now_iso,
-    read_json,
-    require_space,
-    sync_image,
-    write_json,
-)
+from unionimg.store.layout import Store, now_iso, read_json, write_json
 
 DEFAULT_U_SIZE = 4 << 30
 MIN_U_SIZE = 32 << 20

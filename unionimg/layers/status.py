@@ -11,23 +11,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from unionimg.entries import DIR, FILE, WHITEOUT, Entry, outside_roots, sidecar_text
 from unionimg.errors import StoreFull, ToolFailed, UnionimgError
 from unionimg.faults import checkpoint
 from unionimg.fs import fsops
-from unionimg.fs.manifest import DIR, FILE, WHITEOUT, Entry, outside_roots, scan_tree, sidecar_text
-from unionimg.layers import history
-from unionimg.layers.base import generations, get_generation
-from unionimg.layers.instance import Instance, durable, load, u_layer
-from unionimg.store.layout import (
+from unionimg.fs.manifest import scan_tree
+from unionimg.fs.space import (
     SPACE_MARGIN,
-    Store,
     WriteWatch,
     free_space,
     mount_point,
     require_space,
-    sync_image,
     write_failure,
 )
+from unionimg.layers import history
+from unionimg.layers.base import generations, get_generation
+from unionimg.layers.instance import Instance, durable, load, u_layer
+from unionimg.layers.ucheck import sync_image
+from unionimg.store.layout import Store
 
 logger = logging.getLogger(__name__)
 

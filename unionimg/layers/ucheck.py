@@ -51,6 +51,7 @@ from unionimg import display
 from unionimg.errors import Conflict, GuestDataRefused, ToolFailed
 from unionimg.fs import fsops
 from unionimg.fs.mounts import loop_users, mount_image, umount
+from unionimg.fs.space import WriteWatch, write_failure
 from unionimg.layers import history
 from unionimg.runner import Result, run
 from unionimg.store.layout import Store, now_iso, read_json, write_json
@@ -352,3 +353,24 @@ def fsck(store: Store, name: str, *, repair: bool) -> dict[str, Any]:
         "repaired": repaired,
         "found": found if repair else problems(res),
     }
+
+
+def sync_image(watch: WriteWatch, store_root: Path, owner: str, what: str) -> None:
+    """Make what was written into the U image of ``owner`` durable (``watch`` was opened
+    before the writes). A write-back error — EIO after U's journal aborted because the store
+    could not hold the image's new blocks — raises instead of letting anything report
+    writes that are lost."""
+    try:
+        watch.sync()
+    except OSError as exc:
+        try:
+            forget(Store(store_root), owner)  # U lost writes: e2fsck before its next mount
+        except OSError as err:
+            log.warning("cannot drop the check stamp of %s: %s", owner, err)
+        full = write_failure(exc, store_root, what, store_path=store_root)
+        if full is not None:
+            raise full from exc
+        raise ToolFailed(
+            f"writing the U image of {owner} failed ({exc.strerror or exc}) while trying to "
+            f"{what}; nothing was recorded; check the disk holding {store_root}"
+        ) from exc

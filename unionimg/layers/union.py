@@ -15,11 +15,13 @@ from typing import Any
 
 from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
 from unionimg.fs.mounts import is_mounted, mount_image, mount_overlay, require_root, umount
+from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import ucheck
 from unionimg.layers.base import get_generation
 from unionimg.layers.instance import list_instances, load, mount_record, state
 from unionimg.layers.status import check_u_writable
-from unionimg.store.layout import Store, WriteWatch, now_iso, require_space, sync_image, write_json
+from unionimg.layers.ucheck import sync_image
+from unionimg.store.layout import Store, now_iso, write_json
 
 
 def check_target(store: Store, target: Path, *, allow_non_empty: bool = False) -> Path:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from unionimg.entries import DIR, FILE, Change, Entry
 from unionimg.errors import (
     EXIT_CONFLICTS,
     EXIT_OK,
@@ -50,13 +51,14 @@ from unionimg.errors import (
 )
 from unionimg.faults import checkpoint
 from unionimg.fs import fsops
-from unionimg.fs.manifest import DIR, FILE, Change, Entry
 from unionimg.fs.mounts import mount_image, umount
+from unionimg.fs.space import WriteWatch, require_space, write_failure
 from unionimg.layers import history
 from unionimg.layers.base import Generation, get_generation
 from unionimg.layers.base import delta as base_delta
 from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
 from unionimg.layers.status import blame_space, commit_estimate, require_u_space, scan_upper
+from unionimg.layers.ucheck import sync_image
 from unionimg.reconcile.plan import (
     CONFLICT,
     DROP,
@@ -68,17 +70,7 @@ from unionimg.reconcile.plan import (
     plan_instance,
 )
 from unionimg.reconcile.policy import Policy
-from unionimg.store.layout import (
-    Store,
-    WriteWatch,
-    now_iso,
-    read_json,
-    require_space,
-    sync_image,
-    write_atomic,
-    write_failure,
-    write_json,
-)
+from unionimg.store.layout import Store, now_iso, read_json, write_atomic, write_json
 
 REPORTS_KEPT = 50
 

@@ -51,8 +51,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
-from unionimg.errors import UsageError
-from unionimg.fs.manifest import (
+from unionimg.entries import (
     BLK,
     CHR,
     DIR,
@@ -66,6 +65,7 @@ from unionimg.fs.manifest import (
     Entry,
     parent_of,
 )
+from unionimg.errors import UsageError
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.policy import FAIL, KEEP_LOCAL, MERGE, TAKE_BASE, Policy
 
