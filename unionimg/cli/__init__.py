@@ -14,6 +14,7 @@ import click
 
 from unionimg.display import shown
 from unionimg.errors import UnionimgError, UsageError
+from unionimg import ops
 from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import status as status_mod
@@ -351,7 +352,7 @@ def base_diff(c: Ctx, name: str, from_gen: int | None, to_gen: int | None, as_js
 @pass_ctx
 def base_gc(c: Ctx, name: str | None, as_json: bool) -> None:
     """Remove generations that are not the latest and that no instance uses."""
-    removed = base_mod.gc(c.store, name)
+    removed = ops.gc_bases(c.store, name)
     emit(
         [{"base": b, "generation": g} for b, g in removed],
         as_json,
@@ -367,7 +368,7 @@ def base_gc(c: Ctx, name: str | None, as_json: bool) -> None:
 @pass_ctx
 def base_remove(c: Ctx, name: str) -> None:
     """Remove a base no instance uses (all generations and history)."""
-    base_mod.remove(c.store, name)
+    ops.remove_base(c.store, name)
     click.echo(f"removed base {name}")
 
 
@@ -467,7 +468,7 @@ def instance_show(c: Ctx, vm: str, as_json: bool) -> None:
 @pass_ctx
 def instance_remove(c: Ctx, vm: str) -> None:
     """Remove an instance that is neither mounted nor running (its U image is deleted)."""
-    inst_mod.remove(c.store, vm)
+    ops.remove_instance(c.store, vm)
     click.echo(f"removed instance {vm}")
 
 
@@ -528,9 +529,7 @@ def fsck_cmd(c: Ctx, vm: str, repair: bool, as_json: bool) -> None:
 
     VM must be neither mounted nor running. Exit 0: clean (or repaired); 8: damaged, or
     something in it unionimg refuses to follow (a planted symlink: fix it by hand)."""
-    from unionimg.layers import ucheck
-
-    data = ucheck.fsck(c.store, vm, repair=repair)
+    data = ops.fsck_instance(c.store, vm, repair=repair)
 
     def human(d: dict[str, Any]) -> None:
         for line in d["found"]:

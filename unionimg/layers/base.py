@@ -520,16 +520,6 @@ def diff(store: Store, name: str, from_gen: int | None, to_gen: int | None) -> d
     return out
 
 
-def users(store: Store) -> dict[tuple[str, int], list[str]]:
-    """(base, generation) → instances pinned to it."""
-    from unionimg.layers.instance import list_instances
-
-    out: dict[tuple[str, int], list[str]] = {}
-    for inst in list_instances(store):
-        out.setdefault((inst.base, inst.generation), []).append(inst.name)
-    return out
-
-
 # -- deltas between generations ----------------------------------------------------------
 def delta_path(store: Store, base: str, b0: int, b1: int) -> Path:
     return store.base_dir(base) / "deltas" / f"{b0}-{b1}.json"
@@ -547,36 +537,3 @@ def delta(store: Store, b0: Generation, b1: Generation) -> list[Change]:
     saved.parent.mkdir(mode=0o700, exist_ok=True)
     write_atomic(saved, changes_to_json(changes).encode())
     return changes
-
-
-def gc(store: Store, name: str | None = None) -> list[tuple[str, int]]:
-    """Remove generations that are not the latest of their base and no instance uses."""
-    removed = []
-    for bname in [name] if name else list_bases(store):
-        with store.lock(f"base-{bname}", purpose="base gc"), store.lock("store"):
-            used = users(store)
-            gens = generations(store, bname)
-            for g in gens[:-1]:
-                if (bname, g.number) in used:
-                    continue
-                with store.staging(f"gc-{bname}-{g.number}") as stage:
-                    os.rename(g.dir, stage / "gen")
-                for cached in (store.base_dir(bname) / "deltas").glob("*.json"):
-                    if str(g.number) in cached.stem.split("-"):
-                        cached.unlink()  # saved deltas that involve it
-                removed.append((bname, g.number))
-    return removed
-
-
-def remove(store: Store, name: str) -> None:
-    check_name(name, "base")
-    with store.lock(f"base-{name}", purpose="base remove"), store.lock("store"):
-        generations(store, name)
-        using = sorted({v for (b, _), vs in users(store).items() if b == name for v in vs})
-        if using:
-            raise Conflict(
-                f"base '{name}' is used by instance(s) {', '.join(using)}; "
-                "remove those instances first"
-            )
-        with store.staging(f"rm-{name}") as stage:
-            os.rename(store.base_dir(name), stage / "base")

@@ -222,21 +222,6 @@ def create(
     return inst
 
 
-def remove(store: Store, name: str) -> None:
-    load(store, name)
-    with store.lock(f"instance-{name}", wait=False, purpose="instance remove"):
-        st = state(store, name)
-        if st != "stopped":
-            raise Conflict(
-                f"instance '{name}' is {st}; {'umount it' if st == 'mounted' else 'stop it'} first"
-            )
-        from unionimg.boot.control import forget
-
-        forget(store, name)
-        with store.lock("store"), store.staging(f"rm-{name}") as stage:
-            os.rename(store.instance_dir(name), stage / "instance")
-
-
 # -- access to the U layer from the host ---------------------------------------------------
 @contextlib.contextmanager
 def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:

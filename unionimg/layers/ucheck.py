@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from unionimg import display
-from unionimg.errors import Conflict, GuestDataRefused, ToolFailed
+from unionimg.errors import GuestDataRefused, ToolFailed
 from unionimg.fs import fsops
 from unionimg.fs.mounts import loop_users, mount_image, umount
 from unionimg.fs.space import WriteWatch, write_failure
@@ -312,41 +312,32 @@ def release_u(
 # -- unionimg fsck VM [--repair] ----------------------------------------------------------------
 def fsck(store: Store, name: str, *, repair: bool) -> dict[str, Any]:
     """Check (``e2fsck -f -n``) or repair (``e2fsck -f -y``) the instance's U image, then
-    its layout (mounted read-only); the instance must be neither mounted nor running."""
-    from unionimg.layers.instance import load, state
-
-    load(store, name)
+    its layout (mounted read-only). The caller (:func:`unionimg.ops.fsck_instance`) holds
+    the instance's lock and has made sure it is neither mounted nor running."""
     image = image_path(store, name)
-    with store.lock(f"instance-{name}", wait=False, purpose=f"fsck {name}"):
-        st = state(store, name)
-        if st != "stopped":
-            raise Conflict(
-                f"instance '{name}' is {st}; {'umount it' if st == 'mounted' else 'stop it'} "
-                "before checking its U image"
+    forget(store, name)
+    found: list[str] = []
+    repaired = False
+    if repair:
+        res = e2fsck(image, "-f", "-y")
+        found = problems(res)
+        if res.returncode >= 8:
+            raise ToolFailed(
+                f"e2fsck could not repair {image}: "
+                f"{found[-1] if found else f'exit status {res.returncode}'}"
             )
-        forget(store, name)
-        found: list[str] = []
-        repaired = False
-        if repair:
-            res = e2fsck(image, "-f", "-y")
-            found = problems(res)
-            if res.returncode >= 8:
-                raise ToolFailed(
-                    f"e2fsck could not repair {image}: "
-                    f"{found[-1] if found else f'exit status {res.returncode}'}"
-                )
-            if res.returncode & 4:
-                raise GuestDataRefused(
-                    f"instance '{name}': e2fsck could not repair every problem of its U image "
-                    f"{image} ({found[0] if found else 'exit status 4'}); restore the image "
-                    "or remove the instance"
-                )
-            repaired = bool(res.returncode & 3)
-        res = _check(name, image)
-        record(store, name, "fsck")
-        mnt = store.run_dir / name / "fsck"
-        mount_u(store, name, mnt, readonly=True)  # the layout: refused with its path
-        release_u(store, name, mnt)
+        if res.returncode & 4:
+            raise GuestDataRefused(
+                f"instance '{name}': e2fsck could not repair every problem of its U image "
+                f"{image} ({found[0] if found else 'exit status 4'}); restore the image "
+                "or remove the instance"
+            )
+        repaired = bool(res.returncode & 3)
+    res = _check(name, image)
+    record(store, name, "fsck")
+    mnt = store.run_dir / name / "fsck"
+    mount_u(store, name, mnt, readonly=True)  # the layout: refused with its path
+    release_u(store, name, mnt)
     return {
         "name": name,
         "image": str(image),
