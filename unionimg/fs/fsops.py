@@ -28,6 +28,7 @@ from typing import Any
 
 from unionimg.entries import DIR, FILE, SYMLINK, Entry
 from unionimg.errors import GuestDataRefused
+from unionimg.fs.manifest import stat_entry
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEEP_XATTRS = ("trusted.overlay.", "user.overlay.")
@@ -288,8 +289,6 @@ _FDS_KEPT = 32  # directory descriptors kept open on the way down a deep tree
 def syncfs(path: Path) -> None:
     """Flush the whole filesystem holding ``path`` (one call instead of an fsync per file:
     callers build a tree, sync once, then make it live with one atomic rename)."""
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -302,8 +301,6 @@ def syncfs(path: Path) -> None:
 
 def exchange(a: Path, b: Path) -> None:
     """Atomically swap two directory entries (renameat2 RENAME_EXCHANGE)."""
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     at_fdcwd, rename_exchange = -100, 2
     res = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
@@ -646,8 +643,6 @@ def check_tree_plain(
 def entry_at(root: Path, path: str) -> Entry | None:
     """The :class:`Entry` of ``path`` inside the tree ``root`` (an upper layer), or None if
     it is not there — also when a symlink lies on the way (its target is not in the tree)."""
-    from unionimg.fs.manifest import stat_entry
-
     try:
         with parent_fd(root, path) as (dfd, name):
             st = os.lstat(name, dir_fd=dfd)

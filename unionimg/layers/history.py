@@ -38,8 +38,10 @@ import hglib.client
 import hglib.error
 
 from unionimg.entries import MAX_HG_PATH
-from unionimg.errors import GuestDataRefused, ToolFailed
+from unionimg.errors import GuestDataRefused, MissingCapability, ToolFailed
 from unionimg.fs import fsops
+from unionimg.fs.fsops import write_beneath
+from unionimg.runner import run
 
 USER = "unionimg <unionimg@localhost>"
 _MAX_PATHS = 2000  # past this, a full walk of the working copy is cheaper than the patterns
@@ -117,8 +119,6 @@ def _hg_binary() -> str:
         return str(candidate)
     found = shutil.which("hg")
     if found is None:
-        from unionimg.errors import MissingCapability
-
         raise MissingCapability("Mercurial (hg) is not installed; run make setup")
     return found
 
@@ -550,16 +550,12 @@ def init_repo(path: Path, template: Path | None = None) -> None:
     if template is not None:
         shutil.copytree(template / ".hg", path / ".hg", symlinks=True)
         return
-    from unionimg.runner import run
-
     configs = [a for c in _INIT_CONFIGS for a in ("--config", c)]
     run([_hg_binary(), "init", *configs, str(path)], env=HG_ENV, what=f"making {path}")
 
 
 def write_sidecar(tree: Path, text: str, extra: dict[str, str] | None = None) -> None:
     # beneath tree without following a symlink (a U root is the guest's): fsops refuses one
-    from unionimg.fs.fsops import write_beneath
-
     write_beneath(tree, SIDECAR, text.encode("utf-8"))
     for name, content in (extra or {}).items():
         write_beneath(tree, f"{SIDECAR_DIR}/{name}", content.encode("utf-8"))

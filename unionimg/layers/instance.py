@@ -4,6 +4,7 @@ instance's own Mercurial history, a fixed MAC, a hypervisor and resources."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -138,8 +139,6 @@ def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
 
 
 def _base_ref(inst: Instance) -> str:
-    import json
-
     return (
         json.dumps(
             {"instance": inst.name, "base": inst.base, "generation": inst.generation},

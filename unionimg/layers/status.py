@@ -16,6 +16,7 @@ from unionimg.errors import StoreFull, ToolFailed, UnionimgError
 from unionimg.faults import checkpoint
 from unionimg.fs import fsops
 from unionimg.fs.manifest import scan_tree
+from unionimg.fs.mounts import find_mount
 from unionimg.fs.space import (
     SPACE_MARGIN,
     WriteWatch,
@@ -27,7 +28,8 @@ from unionimg.fs.space import (
 from unionimg.layers import history
 from unionimg.layers.base import generations, get_generation
 from unionimg.layers.instance import Instance, durable, load, u_layer
-from unionimg.layers.ucheck import sync_image
+from unionimg.layers.ucheck import forget, sync_image
+from unionimg.names import human_size
 from unionimg.store.layout import Store
 
 logger = logging.getLogger(__name__)
@@ -207,8 +209,6 @@ def check_u_writable(store: Store, u: Path, name: str, what: str) -> None:
     """Refuse a U whose filesystem went read-only (its journal aborted after a write error,
     e.g. the store filled up while the union was mounted): what was written there since is
     lost, and writing more would report changes that never reach the disk."""
-    from unionimg.fs.mounts import find_mount
-
     entry = find_mount(u)
     opts = set(entry.options.split(",")) if entry is not None else set()
     if not os.statvfs(u).f_flag & os.ST_RDONLY and not opts & {"ro", "emergency_ro"}:
@@ -219,8 +219,6 @@ def check_u_writable(store: Store, u: Path, name: str, what: str) -> None:
         f"lost); umount it, free space, and retry to {what}"
     )
     if free < SPACE_MARGIN:
-        from unionimg.names import human_size
-
         raise StoreFull(f"store full: {human_size(free)} free on {mount_point(store.root)}; {said}")
     raise ToolFailed(said)
 
@@ -238,8 +236,6 @@ def blame_space(
     if isinstance(exc, OSError):  # its file names the filesystem that is full: U's or the store's
         full = write_failure(exc, exc.filename or u, what, store_path=store.root)
     elif "No space left on device" in exc.message and (u_free := free_space(u)) < U_MARGIN:
-        from unionimg.names import human_size
-
         full = StoreFull(
             f"store full: {human_size(u_free)} free on {u} (the U image of {name}); "
             f"{what} failed ({exc.message}); remove files in the VM, then retry"
@@ -250,8 +246,6 @@ def blame_space(
         full = write_failure(OSError(errno.EIO, "I/O error"), u, what, store_path=store.root)
     if full is None:
         return exc
-    from unionimg.layers.ucheck import forget
-
     try:
         forget(store, name)
     except OSError as err:

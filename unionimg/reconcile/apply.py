@@ -57,7 +57,13 @@ from unionimg.layers import history
 from unionimg.layers.base import Generation, get_generation
 from unionimg.layers.base import delta as base_delta
 from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
-from unionimg.layers.status import blame_space, commit_estimate, require_u_space, scan_upper
+from unionimg.layers.status import (
+    blame_space,
+    commit_estimate,
+    require_u_space,
+    scan_upper,
+    write_history_sidecar,
+)
 from unionimg.layers.ucheck import sync_image
 from unionimg.reconcile.plan import (
     CONFLICT,
@@ -596,8 +602,6 @@ def _commit(
     entries: list[Entry] | None = None,
     paths: Sequence[str] | None = None,
 ) -> str | None:
-    from unionimg.layers.status import write_history_sidecar
-
     outside = write_history_sidecar(u, inst, entries)  # what Mercurial cannot hold: kept out
     node = repo.commit_all(message, paths, outside)
     return node or repo.tip()
@@ -637,8 +641,6 @@ def undo(store: Store, name: str) -> dict[str, Any]:
             prev = u / "upper.prev"
             if not prev.is_dir():
                 raise NotFound(f"instance '{name}' has no saved upper layer to go back to")
-            from unionimg.layers.status import write_history_sidecar
-
             outside = write_history_sidecar(u, inst)
             repo.addremove(outside)
             if repo.changed(outside) or repo.tip() != last.get("post_node"):
