@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from unionimg import poll
 from unionimg.errors import Conflict, MissingCapability, ToolFailed, UsageError
-from unionimg.runner import run
+from unionimg.runner import Result, run
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,11 @@ def ensure_shared_root() -> None:
 def _wait_loop_released(image: Path, timeout: float = 10.0) -> None:
     """A lazily unmounted image keeps its loop device until its last user goes; mounting the
     same ext4 image again meanwhile would fail or, worse, run two journals on one file."""
-    deadline = time.monotonic() + timeout
-    while devices := loop_users(image):
-        if time.monotonic() > deadline:
-            raise Conflict(
-                f"{image} is still in use by an earlier mount ({', '.join(devices)}); close "
-                "what uses it and retry"
-            )
-        time.sleep(0.1)
+    if not poll.until(lambda: not loop_users(image), timeout) and (devices := loop_users(image)):
+        raise Conflict(
+            f"{image} is still in use by an earlier mount ({', '.join(devices)}); close "
+            "what uses it and retry"
+        )
 
 
 def _check_layer_path(path: Path) -> str:
@@ -247,12 +244,14 @@ def umount(target: Path, *, lazy_fallback: bool = True, busy_wait: float = 3.0) 
         return
     fuse = entry.fstype.startswith("fuse") and shutil.which("fusermount3")
     argv = ["fusermount3", "-u", str(target)] if fuse else ["umount", str(target)]
-    deadline = time.monotonic() + busy_wait
-    while True:
-        res = run(argv, check=False)
-        if res.returncode == 0 or not is_mounted(target) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    tried: list[Result] = []
+
+    def unmounted() -> bool:  # retried while busy (a killed command's helper still exiting)
+        tried.append(run(argv, check=False))
+        return tried[-1].returncode == 0 or not is_mounted(target)
+
+    poll.until(unmounted, busy_wait)
+    res = tried[-1]
     if res.returncode != 0 and is_mounted(target):
         if not lazy_fallback:
             raise ToolFailed(
