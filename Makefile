@@ -14,6 +14,7 @@ lint: setup
 	$(VENV)/ruff check unionimg vm_fixtures dev bench tests
 	$(VENV)/ruff format --check unionimg vm_fixtures dev bench tests
 	$(VENV)/mypy
+	$(VENV)/lint-imports --no-cache
 
 test: setup lint
 	UNIONIMG_REQUIRE_REAL=$${UNIONIMG_REQUIRE_REAL:-$$( [ "$${CI:-}" = true ] && echo 1 || echo 0 )} \
