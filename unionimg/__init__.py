@@ -14,6 +14,7 @@ Foundation (no unionimg imports beyond each other):
 
 store/  the store on disk
     layout             the store's layout, locks, atomic writes, space checks
+    records            every JSON file unionimg writes, as a typed record (the one schema)
     probecache         the on-disk cache of capability probes
 
 fs/  file systems

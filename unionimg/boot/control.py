@@ -438,7 +438,7 @@ def boot(
         rec = mount_record(store, name)
         if rec is not None:
             raise Conflict(
-                f"instance '{name}' is mounted at {rec['target']}; umount it before booting"
+                f"instance '{name}' is mounted at {rec.target}; umount it before booting"
             )
         from unionimg.fs.mounts import loop_users
 

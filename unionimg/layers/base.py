@@ -16,7 +16,6 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from unionimg.entries import (
     Change,
@@ -43,7 +42,8 @@ from unionimg.fs.space import (
 from unionimg.layers import history, sandbox
 from unionimg.names import check_name, check_outside_store, human_size, shown
 from unionimg.runner import run
-from unionimg.store.layout import Store, now_iso, read_json, write_atomic, write_json
+from unionimg.store.layout import Store, now_iso, read_record, write_atomic, write_record
+from unionimg.store.records import BaseMeta, GenerationMeta, JsonObject
 
 RESERVED_TOP = (".unionimg", ".hg")
 
@@ -75,7 +75,8 @@ class Generation:
     def kernel_path(self) -> Path | None:
         return self.dir / "vmlinuz" if self.kernel else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
+        """What ``base show --json`` says of the generation."""
         return {
             "number": self.number,
             "image": str(self.image),
@@ -91,33 +92,33 @@ class Generation:
 
 
 def _load_generation(base: str, gdir: Path) -> Generation:
-    meta = read_json(gdir / "generation.json")
+    meta = read_record(gdir / GenerationMeta.FILE, GenerationMeta)
     return Generation(
         base=base,
-        number=int(meta["number"]),
+        number=meta.number,
         dir=gdir,
-        created=meta["created"],
-        size=int(meta["size"]),
-        node=meta["hg_node"],
-        kernel=meta.get("kernel"),
-        files=int(meta["files"]),
-        source=meta.get("source", ""),
+        created=meta.created,
+        size=meta.size,
+        node=meta.hg_node,
+        kernel=meta.kernel,
+        files=meta.files,
+        source=meta.source,
     )
 
 
 def list_bases(store: Store) -> list[str]:
     if not store.bases_dir.is_dir():
         return []
-    return sorted(p.name for p in store.bases_dir.iterdir() if (p / "base.json").is_file())
+    return sorted(p.name for p in store.bases_dir.iterdir() if (p / BaseMeta.FILE).is_file())
 
 
 def generations(store: Store, name: str) -> list[Generation]:
     bdir = store.base_dir(name)
-    if not (bdir / "base.json").is_file():
+    if not (bdir / BaseMeta.FILE).is_file():
         raise NotFound(f"base '{name}' does not exist; see 'unionimg base list'")
     gens = []
     for gdir in (bdir / "generations").iterdir():
-        if gdir.name.isdigit() and (gdir / "generation.json").is_file():
+        if gdir.name.isdigit() and (gdir / GenerationMeta.FILE).is_file():
             gens.append(_load_generation(name, gdir))
     return sorted(gens, key=lambda g: g.number)
 
@@ -283,16 +284,16 @@ def _build_generation(
     node = history.commit_tree_into(repo, tree, parent.node if parent else None, message, outside)
     checkpoint(f"{op}:committed")
     shutil.rmtree(tree / history.SIDECAR_DIR)
-    meta = {
-        "number": number,
-        "created": now_iso(),
-        "size": size,
-        "hg_node": node,
-        "kernel": kernel_version,
-        "files": len(entries),
-        "source": source,
-    }
-    write_json(gdir / "generation.json", meta)
+    meta = GenerationMeta(
+        number=number,
+        created=now_iso(),
+        size=size,
+        hg_node=node,
+        kernel=kernel_version,
+        files=len(entries),
+        source=source,
+    )
+    write_record(gdir / GenerationMeta.FILE, meta)
     return _load_generation(name, gdir)
 
 
@@ -340,7 +341,7 @@ def create(
             (bdir / "generations").mkdir(mode=0o700)
             repo = bdir / "history"
             history.init_repo(repo)
-            write_json(bdir / "base.json", {"name": name, "created": now_iso()})
+            write_record(bdir / BaseMeta.FILE, BaseMeta(name, now_iso()))
             with _staging_tree(store, stage, [src]) as tree:
                 gen = _build_generation(
                     store,
@@ -473,12 +474,12 @@ def run_in_chroot(tree: Path, command: str) -> None:
 
 
 # -- reading ------------------------------------------------------------------------------
-def show(store: Store, name: str) -> dict[str, Any]:
+def show(store: Store, name: str) -> JsonObject:
     gens = generations(store, name)
-    meta = read_json(store.base_dir(name) / "base.json")
+    meta = read_record(store.base_dir(name) / BaseMeta.FILE, BaseMeta)
     return {
         "name": name,
-        "created": meta["created"],
+        "created": meta.created,
         "latest": gens[-1].number if gens else None,
         "history": str(store.base_dir(name) / "history"),
         "generations": [g.to_json() for g in gens],
@@ -492,7 +493,7 @@ def log(store: Store, name: str) -> list[history.Changeset]:
         return repo.log()
 
 
-def diff(store: Store, name: str, from_gen: int | None, to_gen: int | None) -> dict[str, Any]:
+def diff(store: Store, name: str, from_gen: int | None, to_gen: int | None) -> JsonObject:
     gens = generations(store, name)
     b = get_generation(store, name, to_gen) if to_gen is not None else gens[-1]
     if from_gen is None:
@@ -501,7 +502,7 @@ def diff(store: Store, name: str, from_gen: int | None, to_gen: int | None) -> d
     else:
         a = get_generation(store, name, from_gen)
     changes = diff_manifests(a.manifest_path, b.manifest_path)
-    out: dict[str, Any] = {
+    out: JsonObject = {
         "base": name,
         "from": a.number,
         "to": b.number,

@@ -4,12 +4,9 @@ instance's own Mercurial history, a fixed MAC, a hypervisor and resources."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from unionimg.errors import Conflict, NotFound, UsageError
 from unionimg.faults import checkpoint
@@ -21,28 +18,13 @@ from unionimg.layers.base import generations, get_generation
 from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
 from unionimg.names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
-from unionimg.store.layout import Store, now_iso, read_json, write_json
+from unionimg.store.layout import Store, now_iso, read_record, write_record
+from unionimg.store.records import BaseRef, JsonObject, MountRecord, compact
+from unionimg.store.records import Instance as Instance  # the record, with the others' schemas
 
 DEFAULT_U_SIZE = 4 << 30
 MIN_U_SIZE = 32 << 20
 MAX_MEMORY_MIB = 4 << 20  # 4 TiB
-
-
-@dataclass(frozen=True)
-class Instance:
-    name: str
-    base: str
-    generation: int
-    mac: str
-    hypervisor: str
-    size: int
-    memory: int
-    vcpus: int
-    created: str
-    nic_name: str = "eth0"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def instance_dir(store: Store, name: str) -> Path:
@@ -55,15 +37,14 @@ def upper_image(store: Store, name: str) -> Path:
 
 def load(store: Store, name: str) -> Instance:
     check_name(name, "instance")
-    path = store.instance_dir(name) / "instance.json"
+    path = store.instance_dir(name) / Instance.FILE
     if not path.is_file():
         raise NotFound(f"instance '{name}' does not exist; see 'unionimg instance list'")
-    data = read_json(path)
-    return Instance(**{k: data[k] for k in Instance.__dataclass_fields__ if k in data})
+    return read_record(path, Instance)
 
 
 def save(store: Store, inst: Instance) -> None:
-    write_json(store.instance_dir(inst.name) / "instance.json", inst.to_json())
+    write_record(store.instance_dir(inst.name) / Instance.FILE, inst)
 
 
 def list_instances(store: Store) -> list[Instance]:
@@ -71,19 +52,19 @@ def list_instances(store: Store) -> list[Instance]:
         return []
     out = []
     for p in sorted(store.instances_dir.iterdir()):
-        if (p / "instance.json").is_file():
+        if (p / Instance.FILE).is_file():
             out.append(load(store, p.name))
     return out
 
 
 # -- mount records ------------------------------------------------------------------------
-def mount_record(store: Store, name: str) -> dict[str, Any] | None:
+def mount_record(store: Store, name: str) -> MountRecord | None:
     """The union mount of the instance, if it is really mounted (stale records are dropped)."""
-    path = store.instance_dir(name) / "mount.json"
+    path = store.instance_dir(name) / MountRecord.FILE
     if not path.is_file():
         return None
-    rec: dict[str, Any] = read_json(path)
-    if is_mounted(rec["target"]):
+    rec = read_record(path, MountRecord)
+    if is_mounted(rec.target):
         return rec
     return None
 
@@ -96,7 +77,8 @@ def state(store: Store, name: str) -> str:
     return "mounted" if mount_record(store, name) else "stopped"
 
 
-def describe(store: Store, inst: Instance) -> dict[str, Any]:
+def describe(store: Store, inst: Instance) -> JsonObject:
+    """What ``instance show --json`` says: the record and the instance's state."""
     img = upper_image(store, inst.name)
     rec = mount_record(store, inst.name)
     latest = generations(store, inst.base)[-1].number
@@ -112,7 +94,7 @@ def describe(store: Store, inst: Instance) -> dict[str, Any]:
             # a guest whose last boot failed is "crashed" (until its next boot), not "stopped"
             "state": "crashed" if crash is not None and st == "stopped" else st,
             "crash_reason": None if crash is None else crash.get("reason"),
-            "mounted_at": rec["target"] if rec else None,
+            "mounted_at": rec.target if rec else None,
             "latest_generation": latest,
         }
     )
@@ -135,17 +117,12 @@ def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
         (root / d).mkdir(mode=0o755)
     (root / ".hgignore").write_text(history.hgignore_text(), encoding="utf-8")
     history.init_repo(root, template=hg_template(store))
-    history.write_sidecar(root, "", {"base.json": _base_ref(inst)})
+    history.write_sidecar(root, "", {BaseRef.FILE: compact(base_ref(inst))})
 
 
-def _base_ref(inst: Instance) -> str:
-    return (
-        json.dumps(
-            {"instance": inst.name, "base": inst.base, "generation": inst.generation},
-            sort_keys=True,
-        )
-        + "\n"
-    )
+def base_ref(inst: Instance) -> BaseRef:
+    """What U's ``.unionimg/base.json`` says: the base generation the instance sits on."""
+    return BaseRef(instance=inst.name, base=inst.base, generation=inst.generation)
 
 
 def create(
@@ -215,7 +192,7 @@ def create(
             checkpoint("instance-create:space-checked")  # full-disk tests fill it here
             make_ext4(idir / "upper.img", "U", u_tree, size)
             checkpoint("instance-create:image-made")
-            write_json(idir / "instance.json", inst.to_json())
+            write_record(idir / Instance.FILE, inst)
             os.rename(idir, store.instance_dir(name))
             checkpoint("instance-create:published")
     return inst
@@ -234,12 +211,12 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
 
     rec = mount_record(store, name)
     if rec is not None:
-        if write and rec.get("readonly"):
+        if write and rec.readonly:
             raise Conflict(
-                f"instance '{name}' is mounted read-only at {rec['target']}; umount it first"
+                f"instance '{name}' is mounted read-only at {rec.target}; umount it first"
             )
-        with ucheck.guarded(store, name, Path(rec["u"]), check=True):
-            yield Path(rec["u"])
+        with ucheck.guarded(store, name, Path(rec.u), check=True):
+            yield Path(rec.u)
         return
     from unionimg.boot.running import running_on
 

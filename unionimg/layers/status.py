@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from unionimg.entries import DIR, FILE, WHITEOUT, Entry, outside_roots, sidecar_text
 from unionimg.errors import StoreFull, ToolFailed, UnionimgError
@@ -27,10 +26,11 @@ from unionimg.fs.space import (
 )
 from unionimg.layers import history
 from unionimg.layers.base import generations, get_generation
-from unionimg.layers.instance import Instance, durable, load, u_layer
+from unionimg.layers.instance import Instance, base_ref, durable, load, u_layer
 from unionimg.layers.ucheck import forget, sync_image
 from unionimg.names import human_size
 from unionimg.store.layout import Store
+from unionimg.store.records import BaseRef, JsonObject, compact
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _hashed_like_base(upper: Path, entries: list[Entry], base: Lookup) -> list[E
     return out
 
 
-def status(store: Store, name: str) -> dict[str, Any]:
+def status(store: Store, name: str) -> JsonObject:
     inst = load(store, name)
     gen = get_generation(store, inst.base, inst.generation)
     latest = generations(store, inst.base)[-1].number
@@ -259,14 +259,13 @@ def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None =
     U's ``.hgignore``, ready to commit. Returns the paths (relative to U's root) to keep
     out of Mercurial (pass them to :meth:`history.Repo.commit_all`): what it cannot hold
     is recorded in the sidecar by size and digest instead, and never blocks a commit."""
-    ref = {"instance": inst.name, "base": inst.base, "generation": inst.generation}
     if entries is None:
         # the sidecar leaves content to Mercurial: hash nothing but what it cannot hold
         entries = scan_upper(u, hash_files=False)
     history.write_sidecar(
         u,
         sidecar_text(entries),
-        {"base.json": json.dumps(ref, sort_keys=True) + "\n"},
+        {BaseRef.FILE: compact(base_ref(inst))},
     )
     outside = ["upper" + ("" if p == "/" else p) for p in outside_roots(entries)]
     # unionimg's own file: a guest's version could read host files (include:), hide the

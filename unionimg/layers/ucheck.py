@@ -45,7 +45,6 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from unionimg import display
 from unionimg.errors import GuestDataRefused, ToolFailed
@@ -54,11 +53,12 @@ from unionimg.fs.mounts import loop_users, mount_image, umount
 from unionimg.fs.space import WriteWatch, write_failure
 from unionimg.layers import history
 from unionimg.runner import Result, run
-from unionimg.store.layout import Store, now_iso, read_json, write_json
+from unionimg.store.layout import Store, now_iso, read_record, write_record
+from unionimg.store.records import BaseRef, DamagedRecord, JsonObject, Resolution, UCheckStamp
 
 log = logging.getLogger(__name__)
 
-STAMP = "u-checked.json"
+STAMP = UCheckStamp.FILE
 E2FSCK_TIMEOUT = 1800.0  # seconds; a big U legitimately takes a while, a hung one must not
 
 # directories U must have, may have, and regular files it may have (relative to its root)
@@ -67,8 +67,8 @@ OPTIONAL_DIRS = (".hg", ".unionimg", "upper.new", "upper.prev")
 OPTIONAL_FILES = (
     ".hgignore",
     ".unionimg/manifest.jsonl",
-    ".unionimg/base.json",
-    ".unionimg/resolutions.jsonl",
+    f"{history.SIDECAR_DIR}/{BaseRef.FILE}",
+    f"{history.SIDECAR_DIR}/{Resolution.FILE}",
 )
 FORBIDDEN = (".hg/sharedpath",)  # would make Mercurial use another repository's store
 _HGIGNORE_MAX = 64 << 10
@@ -84,20 +84,23 @@ def printable(text: str, limit: int = 200) -> str:
 
 
 # -- the fast path: has the image changed since the host last vouched for it? ---------------
-def image_stamp(image: Path) -> dict[str, int]:
+def image_stamp(image: Path, how: str) -> UCheckStamp:
+    """``image`` as it is now, known good by ``how``."""
     st = os.stat(image)
-    return {
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "ino": st.st_ino,
-        "dev": st.st_dev,
-    }
+    return UCheckStamp(
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        ino=st.st_ino,
+        dev=st.st_dev,
+        how=how,
+        when=now_iso(),
+    )
 
 
 def write_stamp(image: Path, where: Path, how: str) -> None:
     """Record that ``image`` is known good as it is now (``where``: its instance dir)."""
-    write_json(where / STAMP, {**image_stamp(image), "how": how, "when": now_iso()})
+    write_record(where / STAMP, image_stamp(image, how))
 
 
 def record(store: Store, name: str, how: str) -> None:
@@ -111,11 +114,11 @@ def forget(store: Store, name: str) -> None:
 def unchanged(store: Store, name: str) -> bool:
     path = store.instance_dir(name) / STAMP
     try:
-        saved = read_json(path)
-        now = image_stamp(image_path(store, name))
-    except (OSError, ValueError):
+        saved = read_record(path, UCheckStamp)
+        now = os.stat(image_path(store, name))
+    except (OSError, DamagedRecord):  # no stamp, or a damaged one: e2fsck decides
         return False
-    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in now.items())
+    return saved.matches(now)
 
 
 # -- e2fsck -----------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def release_u(
 
 
 # -- unionimg fsck VM [--repair] ----------------------------------------------------------------
-def fsck(store: Store, name: str, *, repair: bool) -> dict[str, Any]:
+def fsck(store: Store, name: str, *, repair: bool) -> JsonObject:
     """Check (``e2fsck -f -n``) or repair (``e2fsck -f -y``) the instance's U image, then
     its layout (mounted read-only). The caller (:func:`unionimg.ops.fsck_instance`) holds
     the instance's lock and has made sure it is neither mounted nor running."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
 from unionimg.fs.mounts import is_mounted, mount_image, mount_overlay, require_root, umount
@@ -21,7 +20,8 @@ from unionimg.layers.base import get_generation
 from unionimg.layers.instance import list_instances, load, mount_record, state
 from unionimg.layers.status import check_u_writable
 from unionimg.layers.ucheck import sync_image
-from unionimg.store.layout import Store, now_iso, write_json
+from unionimg.store.layout import Store, now_iso, write_record
+from unionimg.store.records import JsonObject, MountRecord
 
 
 def check_target(store: Store, target: Path, *, allow_non_empty: bool = False) -> Path:
@@ -56,8 +56,8 @@ def _refuse_mounted(store: Store, name: str) -> None:
     rec = mount_record(store, name)
     if rec is not None:
         raise Conflict(
-            f"instance '{name}' is already mounted at {rec['target']}; "
-            f"run 'unionimg umount {rec['target']}' first"
+            f"instance '{name}' is already mounted at {rec.target}; "
+            f"run 'unionimg umount {rec.target}' first"
         )
 
 
@@ -69,7 +69,8 @@ def mount(
     readonly: bool = False,
     driver: str = "auto",
     allow_non_empty: bool = False,
-) -> dict[str, Any]:
+) -> JsonObject:
+    """Mount the union of instance ``name`` at ``target``; its mount record (as JSON)."""
     inst = load(store, name)
     _refuse_mounted(store, name)  # the first thing to say, whatever the target
     target = check_target(store, target, allow_non_empty=allow_non_empty)
@@ -107,18 +108,18 @@ def mount(
                     [lower], u / "upper", u / "work", target, driver=driver, guest=True
                 )
             mounted.append(target)
-            rec = {
-                "target": str(target),
-                "readonly": readonly,
-                "driver": used,
-                "lower": str(lower),
-                "u": str(u),
-                "base": inst.base,
-                "generation": inst.generation,
-                "u_checked": True,  # umount may vouch for U (written only by the host since)
-                "mounted": now_iso(),
-            }
-            write_json(store.instance_dir(name) / "mount.json", rec)
+            rec = MountRecord(
+                target=str(target),
+                readonly=readonly,
+                driver=used,
+                lower=str(lower),
+                u=str(u),
+                base=inst.base,
+                generation=inst.generation,
+                mounted=now_iso(),
+                u_checked=True,  # umount may vouch for U (written only by the host since)
+            )
+            write_record(store.instance_dir(name) / MountRecord.FILE, rec)
         except BaseException:
             for m in reversed(mounted):
                 if m == u:
@@ -126,14 +127,14 @@ def mount(
                 else:
                     umount(m)
             raise
-    return rec
+    return rec.to_json()
 
 
 def find_by_target(store: Store, target: Path) -> str:
     want = os.path.abspath(target)
     for inst in list_instances(store):
         rec = mount_record(store, inst.name)
-        if rec is not None and rec["target"] == want:
+        if rec is not None and rec.target == want:
             return inst.name
     raise NotFound(f"{want} is not a unionimg mount; see 'unionimg instance list'")
 
@@ -145,12 +146,12 @@ def umount_union(store: Store, target: Path) -> str:
         rec = mount_record(store, name)
         if rec is None:
             raise NotFound(f"{target} is not mounted")
-        lost = None if rec.get("readonly") else _flush_u(store, name, Path(rec["u"]))
-        umount(Path(rec["target"]), lazy_fallback=False)
+        lost = None if rec.readonly else _flush_u(store, name, Path(rec.u))
+        umount(Path(rec.target), lazy_fallback=False)
         # a clean unmount vouches for U, if it was checked when it was mounted
-        ucheck.release_u(store, name, Path(rec["u"]), vouch=bool(rec.get("u_checked")))
-        umount(Path(rec["lower"]))
-        (store.instance_dir(name) / "mount.json").unlink(missing_ok=True)
+        ucheck.release_u(store, name, Path(rec.u), vouch=rec.u_checked)
+        umount(Path(rec.lower))
+        (store.instance_dir(name) / MountRecord.FILE).unlink(missing_ok=True)
     if lost is not None:
         raise lost
     return name

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import threading
 import time
@@ -76,7 +75,24 @@ from unionimg.reconcile.plan import (
     plan_instance,
 )
 from unionimg.reconcile.policy import Policy
-from unionimg.store.layout import Store, now_iso, read_json, write_atomic, write_json
+from unionimg.store.layout import (
+    Store,
+    now_iso,
+    read_record,
+    write_atomic,
+    write_json,
+    write_record,
+)
+from unionimg.store.records import (
+    ConflictRecord,
+    Conflicts,
+    JsonObject,
+    LastReconcile,
+    ReconcileJournal,
+    Resolution,
+    compact,
+    sorted_conflicts,
+)
 
 REPORTS_KEPT = 50
 
@@ -121,26 +137,35 @@ def exit_code(reports: Sequence[InstanceReport]) -> int:
 
 # -- per-instance files in the store ------------------------------------------------------
 def _journal(store: Store, name: str) -> Path:
-    return store.instance_dir(name) / "reconcile-journal.json"
+    return store.instance_dir(name) / ReconcileJournal.FILE
 
 
 def _last(store: Store, name: str) -> Path:
-    return store.instance_dir(name) / "last-reconcile.json"
+    return store.instance_dir(name) / LastReconcile.FILE
 
 
 def conflicts_path(store: Store, name: str) -> Path:
-    return store.instance_dir(name) / "conflicts.json"
+    return store.instance_dir(name) / Conflicts.FILE
 
 
 def conflicts_dir(store: Store, name: str) -> Path:
     return store.instance_dir(name) / "conflicts"
 
 
-def list_conflicts(store: Store, name: str) -> list[dict[str, Any]]:
-    load(store, name)
+def conflicts(store: Store, name: str) -> tuple[ConflictRecord, ...]:
+    """The instance's conflicts still unresolved."""
     path = conflicts_path(store, name)
-    data: list[dict[str, Any]] = read_json(path) if path.is_file() else []
-    return data
+    return read_record(path, Conflicts).items if path.is_file() else ()
+
+
+def _write_conflicts(store: Store, name: str, items: Sequence[ConflictRecord]) -> None:
+    write_record(conflicts_path(store, name), Conflicts(tuple(items)))
+
+
+def list_conflicts(store: Store, name: str) -> list[JsonObject]:
+    """``unionimg conflicts VM --json``: the instance's conflicts, as JSON."""
+    load(store, name)
+    return [c.to_json() for c in conflicts(store, name)]
 
 
 def _conflict_key(path: str) -> str:
@@ -349,13 +374,13 @@ class Reconciler:
     def _pending(self, name: str, report: InstanceReport) -> None:
         """Conflicts of earlier runs still unresolved keep the instance in 'conflicts'."""
         seen = {c["path"] for c in report.conflicts}
-        for c in list_conflicts(self.store, name):
-            if c["path"] not in seen:
+        for c in conflicts(self.store, name):
+            if c.path not in seen:
                 report.conflicts.append(
                     {
-                        "path": c["path"],
-                        "case": c.get("case"),
-                        "reason": f"pending since generation {c['generation']}: {c['reason']}",
+                        "path": c.path,
+                        "case": c.case,
+                        "reason": f"pending since generation {c.generation}: {c.reason}",
                     }
                 )
         if report.conflicts and report.status == "clean":
@@ -429,18 +454,18 @@ class Reconciler:
             raise
         checkpoint("reconcile:staged")
         fsops.remove_tree(prev)
-        journal: dict[str, Any] = {
-            "phase": "swap",
-            "from": b0.number,
-            "to": b1.number,
-            "pre_node": pre,
-            "new_ino": os.lstat(new).st_ino,
-            "commit_paths": _commit_paths(actions),  # all the post-commit looks at
-            "conflicts": aside,
-            "conflicts_before": list_conflicts(self.store, name),
-            "started": now_iso(),
-        }
-        write_json(_journal(self.store, name), journal)
+        journal = ReconcileJournal(
+            phase="swap",
+            from_generation=b0.number,
+            to_generation=b1.number,
+            pre_node=pre,
+            started=now_iso(),
+            new_ino=os.lstat(new).st_ino,
+            commit_paths=_commit_paths(actions),  # all the post-commit looks at
+            conflicts=aside,
+            conflicts_before=conflicts(self.store, name),
+        )
+        write_record(_journal(self.store, name), journal)
         checkpoint("reconcile:swap-journaled")
         try:
             fsops.exchange(u / "upper", new)
@@ -450,7 +475,7 @@ class Reconciler:
             watch.close()
 
     def _finish(
-        self, inst: Instance, u: Path, journal: dict[str, Any], watch: WriteWatch | None = None
+        self, inst: Instance, u: Path, journal: ReconcileJournal, watch: WriteWatch | None = None
     ) -> None:
         """Everything after the swap; idempotent, so recovery can run it again. The journal
         goes only once the post-reconcile changeset is on disk (U synced, node re-read)."""
@@ -463,23 +488,20 @@ class Reconciler:
                 watch.close()
 
     def _finish_watched(
-        self, inst: Instance, u: Path, journal: dict[str, Any], watch: WriteWatch
+        self, inst: Instance, u: Path, journal: ReconcileJournal, watch: WriteWatch
     ) -> None:
         name = inst.name
         new, prev = u / "upper.new", u / "upper.prev"
         if new.exists():
             fsops.remove_tree(prev)
             os.rename(new, prev)
-        before = journal["conflicts_before"]
-        if inst.generation != journal["to"]:
-            save(self.store, replace(inst, generation=journal["to"]))
-            inst = replace(inst, generation=journal["to"])
+        if inst.generation != journal.to_generation:
+            inst = replace(inst, generation=journal.to_generation)
+            save(self.store, inst)
         checkpoint("reconcile:generation")
-        merged = {c["path"]: c for c in before}
-        for c in journal["conflicts"]:
-            merged[c["path"]] = c
-        write_json(
-            conflicts_path(self.store, name), sorted(merged.values(), key=lambda c: c["path"])
+        write_record(
+            conflicts_path(self.store, name),
+            sorted_conflicts([*journal.conflicts_before, *journal.conflicts]),
         )
         repo = self.hg(u, name)
         post = _commit(
@@ -487,52 +509,48 @@ class Reconciler:
             u,
             inst,
             f"reconcile {name}: base {inst.base} generation "
-            f"{journal['from']} -> {journal['to']}"
-            + (
-                f" ({len(journal['conflicts'])} conflict(s) kept aside)"
-                if journal["conflicts"]
-                else ""
-            ),
-            paths=journal.get("commit_paths"),
+            f"{journal.from_generation} -> {journal.to_generation}"
+            + (f" ({len(journal.conflicts)} conflict(s) kept aside)" if journal.conflicts else ""),
+            paths=journal.commit_paths,
         )
         sync_image(watch, self.store.root, name, f"reconcile {name}")
         if post is not None:
             history.verify_node(u, post, repo)
         durable(u)  # nothing more is written into U: no second flush when it is unmounted
         checkpoint("reconcile:committed")
-        write_json(
+        write_record(
             _last(self.store, name),
-            {
-                "from": journal["from"],
-                "to": journal["to"],
-                "pre_node": journal["pre_node"],
-                "post_node": post,
-                "conflicts_before": before,
-                "finished": now_iso(),
-            },
+            LastReconcile(
+                from_generation=journal.from_generation,
+                to_generation=journal.to_generation,
+                pre_node=journal.pre_node,
+                post_node=post,
+                conflicts_before=journal.conflicts_before,
+                finished=now_iso(),
+            ),
         )
         _journal(self.store, name).unlink(missing_ok=True)
 
     def _recover(self, inst: Instance, u: Path) -> None:
-        journal = read_json(_journal(self.store, inst.name))
+        journal = read_record(_journal(self.store, inst.name), ReconcileJournal)
         new = u / "upper.new"
-        swapped = journal["phase"] == "swap" and (
-            not new.exists() or os.lstat(u / "upper").st_ino == journal["new_ino"]
+        swapped = journal.phase == "swap" and (
+            not new.exists() or os.lstat(u / "upper").st_ino == journal.new_ino
         )
         if swapped:
             self._finish(inst, u, journal)
             return
         fsops.remove_tree(new)  # not swapped: the live upper is the old one, untouched
-        if inst.generation != journal["from"]:
+        if inst.generation != journal.from_generation:
             # the swap was made, then lost with U's writes after a write error (a full
             # store aborted U's journal): the store follows U back to the old generation
-            save(self.store, replace(inst, generation=journal["from"]))
-            write_json(conflicts_path(self.store, inst.name), journal["conflicts_before"])
+            save(self.store, replace(inst, generation=journal.from_generation))
+            _write_conflicts(self.store, inst.name, journal.conflicts_before)
         _journal(self.store, inst.name).unlink(missing_ok=True)
 
     def _set_aside(
         self, name: str, b1: Generation, conflicts: Sequence[Action]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[ConflictRecord, ...]:
         """Write each conflict's artefacts to conflicts/KEY-G/ (built in the store's staging,
         then renamed into place: a crash leaves nothing half-written there)."""
         out = []
@@ -541,16 +559,16 @@ class Reconciler:
             key = f"{_conflict_key(action.path)}-{b1.number}"
             final = self.store.publish(root / key, _artifact_writer(action.artifacts))
             out.append(
-                {
-                    "path": action.path,
-                    "reason": action.reason,
-                    "case": action.case,
-                    "generation": b1.number,
-                    "dir": str(final),
-                    "files": sorted(action.artifacts),
-                }
+                ConflictRecord(
+                    path=action.path,
+                    reason=action.reason,
+                    generation=b1.number,
+                    dir=str(final),
+                    files=tuple(sorted(action.artifacts)),
+                    case=action.case,
+                )
             )
-        return out
+        return tuple(out)
 
 
 def _artifact_writer(artifacts: Mapping[str, bytes]) -> Callable[[Path], None]:
@@ -585,13 +603,13 @@ def _hash_files_in(upper: Path, entries: list[Entry], delta: dict[str, Change]) 
     ]
 
 
-def _commit_paths(actions: Sequence[Action]) -> list[str]:
+def _commit_paths(actions: Sequence[Action]) -> tuple[str, ...]:
     """What a reconcile changes in U, relative to U's root (for :meth:`Repo.commit_all`)."""
     paths = {history.SIDECAR_DIR}
     for a in actions:
         if a.action in (WRITE, DROP, SET_META):
             paths.add("upper" + a.path if a.path != "/" else "upper")
-    return sorted(paths)
+    return tuple(sorted(paths))
 
 
 def _commit(
@@ -621,7 +639,7 @@ def _apply_action(tree: Path, action: Action) -> None:
 
 
 # -- undo, conflicts, resolve ---------------------------------------------------------------
-def undo(store: Store, name: str) -> dict[str, Any]:
+def undo(store: Store, name: str) -> JsonObject:
     inst = load(store, name)
     st = state(store, name)
     if st != "stopped":
@@ -635,7 +653,7 @@ def undo(store: Store, name: str) -> dict[str, Any]:
         last_path = _last(store, name)
         if not last_path.is_file():
             raise NotFound(f"instance '{name}' has no reconcile to undo")
-        last = read_json(last_path)
+        last = read_record(last_path, LastReconcile)
         require_space(store.root, 0, f"undo the reconcile of {name}")
         with u_layer(store, name, write=True) as u, history.open_repo(u, guest=name) as repo:
             prev = u / "upper.prev"
@@ -643,29 +661,30 @@ def undo(store: Store, name: str) -> dict[str, Any]:
                 raise NotFound(f"instance '{name}' has no saved upper layer to go back to")
             outside = write_history_sidecar(u, inst)
             repo.addremove(outside)
-            if repo.changed(outside) or repo.tip() != last.get("post_node"):
+            if repo.changed(outside) or repo.tip() != last.post_node:
                 raise Conflict(
                     f"instance '{name}' changed since its reconcile; undo would lose those "
                     f"changes (commit them with 'unionimg commit {name}' and revert by hand)"
                 )
             fsops.exchange(u / "upper", prev)
-            save(store, replace(inst, generation=last["from"]))
-            inst = replace(inst, generation=last["from"])
-            write_json(conflicts_path(store, name), last.get("conflicts_before", []))
+            inst = replace(inst, generation=last.from_generation)
+            save(store, inst)
+            _write_conflicts(store, name, last.conflicts_before)
             node = _commit(
                 repo,
                 u,
                 inst,
-                f"undo reconcile of {name}: back to base {inst.base} generation {last['from']}",
+                f"undo reconcile of {name}: back to base {inst.base} generation "
+                f"{last.from_generation}",
             )
             fsops.remove_tree(prev)
         last_path.unlink()
-    return {"name": name, "generation": last["from"], "node": node}
+    return {"name": name, "generation": last.from_generation, "node": node}
 
 
 def resolve(
     store: Store, name: str, path: str, *, take: str | None, file: Path | None
-) -> dict[str, Any]:
+) -> JsonObject:
     inst = load(store, name)
     if (take is None) == (file is None):
         raise UsageError("give exactly one of --take local|base|merged or --file F")
@@ -673,14 +692,14 @@ def resolve(
     if st != "stopped":
         raise Conflict(f"instance '{name}' is {st}; stop or umount it before resolving")
     with store.lock(f"instance-{name}", purpose=f"resolve {name}"):
-        conflicts = list_conflicts(store, name)
-        match = [c for c in conflicts if c["path"] == path]
+        pending = conflicts(store, name)
+        match = [c for c in pending if c.path == path]
         if not match:
             raise NotFound(
                 f"instance '{name}' has no conflict at {path}; see 'unionimg conflicts {name}'"
             )
         c = match[0]
-        aside = Path(c["dir"])
+        aside = Path(c.dir)
         how = take or f"file {file}"
         what = f"resolve {path} in {name}"
         with (
@@ -689,7 +708,7 @@ def resolve(
             history.open_repo(u, guest=name) as repo,
         ):
             upper = u / "upper"
-            gen = get_generation(store, inst.base, c["generation"])
+            gen = get_generation(store, inst.base, c.generation)
             with gen.manifest() as m:
                 b1 = m.get(path)
             local = _upper_entry(upper, path)
@@ -738,16 +757,11 @@ def resolve(
                     )
                 fsops.write_entry(upper, path, replace(meta, kind="file"), data)
             fsops.syncfs(upper)
-            record = {
-                "path": path,
-                "took": how,
-                "generation": c["generation"],
-                "resolved": now_iso(),
-            }
+            record = Resolution(path=path, took=how, generation=c.generation, resolved=now_iso())
             fsops.write_beneath(  # no symlink followed beneath U (fsops refuses one)
                 u,
-                f"{history.SIDECAR_DIR}/resolutions.jsonl",
-                (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"),
+                f"{history.SIDECAR_DIR}/{Resolution.FILE}",
+                compact(record).encode("utf-8"),
                 append=True,
             )
             try:
@@ -758,7 +772,7 @@ def resolve(
             if node is not None:  # on disk: only now is the conflict settled
                 history.verify_node(u, node, repo)
             durable(u)
-            write_json(conflicts_path(store, name), [x for x in conflicts if x["path"] != path])
+            _write_conflicts(store, name, [x for x in pending if x.path != path])
         fsops.remove_tree(aside)
     return {"name": name, "path": path, "took": how, "node": node}
 
@@ -770,7 +784,7 @@ def _size_of(path: Path | None) -> int:
         return 0
 
 
-def _upper_entry(upper: Path, path: str) -> Any:
+def _upper_entry(upper: Path, path: str) -> Entry | None:
     return fsops.entry_at(upper, path)  # no symlink in the guest's upper followed
 
 

@@ -29,7 +29,9 @@ Layout (format 1)::
       layers/ systems/ hosts/ snapshots/    reserved for later issues
 
 Objects appear only by ``rename(2)`` of a fully built staging directory, so a crash at any
-point leaves either the old state or the new one, never half an object.
+point leaves either the old state or the new one, never half an object. Each JSON file is a
+typed record of :mod:`unionimg.store.records` (its fields, its name), read and written with
+:func:`read_record` and :func:`write_record` (atomically).
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from unionimg.errors import Conflict, UsageError
 from unionimg.fs.mounts import unmount_tree
+from unionimg.store.records import DamagedRecord, Record, RecordError, StoreMeta
+
+R = TypeVar("R", bound=Record)
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = "/var/lib/unionimg"
@@ -80,13 +85,39 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: object) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def write_record(path: Path, record: Record) -> None:
+    """``record`` as ``path`` (indented JSON, keys sorted), written atomically."""
+    write_json(path, record.to_json())
+
+
+def read_record(path: Path, kind: type[R]) -> R:
+    """The record of type ``kind`` in ``path``; :class:`DamagedRecord` naming the file and
+    the field when it is not what unionimg writes there. A missing file raises
+    :class:`FileNotFoundError`, as ``open`` does."""
+    try:
+        data = read_json(path)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise DamagedRecord(_damaged(path, kind, f"it is not JSON ({exc})")) from None
+    try:
+        return kind.from_json(data)
+    except RecordError as exc:
+        raise DamagedRecord(_damaged(path, kind, str(exc))) from None
+
+
+def _damaged(path: Path, kind: type[Record], why: str) -> str:
+    return (
+        f"{kind.WHAT} {path} is damaged: {why}; unionimg never writes it so (edited by "
+        "hand, or by another unionimg version?): restore it from a backup"
+    )
 
 
 def now_iso() -> str:
@@ -135,7 +166,7 @@ class Store:
         return self.instances_dir / name
 
     def exists(self) -> bool:
-        return (self.root / "store.json").is_file()
+        return (self.root / StoreMeta.FILE).is_file()
 
     def init(self) -> None:
         """Create the store if needed (0700) and sweep staging left by dead processes."""
@@ -146,9 +177,9 @@ class Store:
         for sub in (self.bases_dir, self.instances_dir, self.tmp_dir, self.run_dir, self.locks_dir):
             sub.mkdir(mode=0o700, exist_ok=True)
         if not self.exists():
-            write_json(self.root / "store.json", {"format": FORMAT, "created": now_iso()})
+            write_record(self.root / StoreMeta.FILE, StoreMeta(FORMAT, now_iso()))
         else:
-            fmt = read_json(self.root / "store.json").get("format")
+            fmt = read_record(self.root / StoreMeta.FILE, StoreMeta).format
             if fmt != FORMAT:
                 raise UsageError(
                     f"store {self.root} has format {fmt}, this unionimg reads {FORMAT}; "

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from unionimg.store.layout import write_atomic
+from unionimg.store.records import ProbeCache
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +29,17 @@ def digest(key: dict[str, object]) -> str:
 def load(cache_file: Path, version: int) -> dict[str, object]:
     """The cached answers, or none if the file is missing, damaged or of another version."""
     try:
-        data = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
+        cache = ProbeCache.from_json(json.loads(cache_file.read_text()))
+    except (OSError, ValueError):  # unreadable, not JSON, or not a cache (RecordError)
         return {}
-    if not isinstance(data, dict) or data.get("version") != version:
-        return {}
-    entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
+    return dict(cache.entries) if cache.version == version else {}
 
 
 def save(cache_file: Path, version: int, entries: dict[str, object], what: str) -> None:
     """Write the cache atomically; a failure only costs a re-probe (``what`` names it)."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": version, "entries": entries}, indent=2) + "\n"
+        text = json.dumps(ProbeCache(version, entries).to_json(), indent=2) + "\n"
         write_atomic(cache_file, text.encode(), mode=0o644)
     except OSError as exc:
         log.warning("could not write the %s probe cache %s: %s", what, cache_file, exc.strerror)

@@ -1,0 +1,386 @@
+"""Typed records (:mod:`unionimg.store.records`): every record round-trips through JSON, the
+files the previous unionimg wrote (``tests/data/records-v1/``) still load and are written
+back byte for byte, and a damaged record is one line naming its file and field (no root)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+from unionimg.errors import EXIT_INTERNAL, UsageError
+from unionimg.layers import ucheck
+from unionimg.store import probecache, records
+from unionimg.store.layout import Store, read_record, write_json, write_record
+from unionimg.store.records import (
+    BaseMeta,
+    BaseRef,
+    ConflictRecord,
+    Conflicts,
+    DamagedRecord,
+    GenerationMeta,
+    Instance,
+    InstanceReport,
+    LastReconcile,
+    MountRecord,
+    ProbeCache,
+    ReconcileJournal,
+    ReconcileReport,
+    Record,
+    RecordError,
+    ReportAction,
+    ReportConflict,
+    Resolution,
+    StoreMeta,
+    UCheckStamp,
+    compact,
+    sorted_conflicts,
+)
+
+V1 = Path(__file__).parent / "data" / "records-v1"
+
+CONFLICT = ConflictRecord(
+    path="/etc/nämé with space",
+    reason="binary file changed on both sides",
+    generation=3,
+    dir="/var/lib/unionimg/instances/vm1/conflicts/31dc742b3c9d4130-3",
+    files=("base-new", "base-old", "local"),
+    case=7,
+)
+GENERATION = GenerationMeta(
+    number=2,
+    created="2026-12-01T23:53:49Z",
+    size=64 << 20,
+    hg_node="41f78baaf5af02ee5dcda6ab231692dcfd7ebe06",
+    kernel="6.1.0-28-amd64",
+    files=4,
+    source="generation 1 changed by: apt-get -y upgrade",
+)
+INSTANCE = Instance(
+    name="vm1",
+    base="os",
+    generation=2,
+    mac="7a:11:e3:d1:b4:ef",
+    hypervisor="uml",
+    size=4 << 30,
+    memory=512,
+    vcpus=2,
+    created="2026-12-01T23:53:45Z",
+    nic_name="lan0",
+)
+MOUNT = MountRecord(
+    target="/mnt/vm1",
+    readonly=True,
+    driver="fuse-overlayfs",
+    lower="/var/lib/unionimg/run/vm1/lower",
+    u="/var/lib/unionimg/run/vm1/u",
+    base="os",
+    generation=1,
+    mounted="2026-12-01T23:53:46Z",
+    u_checked=True,
+)
+JOURNAL = ReconcileJournal(
+    phase="swap",
+    from_generation=2,
+    to_generation=3,
+    pre_node=None,
+    started="2026-12-01T23:53:55Z",
+    new_ino=34,
+    commit_paths=(".unionimg", "upper/etc/bin"),
+    conflicts=(CONFLICT,),
+    conflicts_before=(dataclasses.replace(CONFLICT, generation=2),),
+)
+EXAMPLES: list[Record] = [
+    StoreMeta(format=1, created="2026-12-01T23:53:42Z"),
+    BaseMeta(name="os", created="2026-12-01T23:53:43Z"),
+    GENERATION,
+    INSTANCE,
+    MOUNT,
+    UCheckStamp(
+        size=1 << 30, mtime_ns=17, ctime_ns=18, ino=2549470, dev=65024, how="fsck", when="now"
+    ),
+    CONFLICT,
+    Conflicts((CONFLICT, dataclasses.replace(CONFLICT, path="/a", case=None))),
+    JOURNAL,
+    LastReconcile(
+        from_generation=1,
+        to_generation=2,
+        pre_node="c02f00b351859523e73a083309703e93ed46d9ed",
+        post_node="a244252e494f8ec4c09cd35ca3e846e44afd0d32",
+        conflicts_before=(CONFLICT,),
+        finished="2026-12-01T23:53:50Z",
+    ),
+    ReportAction(path="/etc/motd", case=3, action="write", reason="base changed, U did not"),
+    ReportConflict(path="/etc/bin", reason="binary file changed on both sides", case=7),
+    ReportConflict.earlier(CONFLICT),
+    InstanceReport(
+        name="vm1",
+        from_generation=1,
+        to_generation=2,
+        status="conflicts",
+        actions=(ReportAction("/etc/bin", 7, "conflict", "binary file changed on both sides"),),
+        conflicts=(ReportConflict("/etc/bin", "binary file changed on both sides", 7),),
+        unaffected=12,
+        applied=True,
+    ),
+    InstanceReport(name="vm2", status="error", error="instance 'vm2' is running; stop it"),
+    ReconcileReport(
+        finished="2026-12-01T23:53:50Z",
+        dry_run=True,
+        instances=(InstanceReport("vm1"), InstanceReport("vm2", 1, 1)),
+    ),
+    BaseRef(instance="vm1", base="os", generation=3),
+    Resolution(path="/etc/bin", took="file /root/bin", generation=3, resolved="now"),
+    ProbeCache(version=1, entries={"0287e57c": {"ok": False, "reason": "no output in 25 s"}}),
+]
+
+
+def test_every_record_has_an_example() -> None:
+    kinds = {
+        obj
+        for obj in vars(records).values()
+        if inspect.isclass(obj) and issubclass(obj, Record) and obj is not Record
+    }
+    assert kinds == {type(r) for r in EXAMPLES}
+
+
+@pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: type(r).__name__)
+def test_round_trip(record: Record) -> None:
+    text = json.dumps(record.to_json(), sort_keys=True)
+    again = type(record).from_json(json.loads(text))
+    assert again == record
+    assert json.dumps(again.to_json(), sort_keys=True) == text
+    assert dataclasses.is_dataclass(record)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.__setattr__(dataclasses.fields(record)[0].name, None)
+
+
+# -- files written by the previous version ------------------------------------------------------
+STORE_FILES: list[tuple[str, type[Record]]] = [
+    ("store.json", StoreMeta),
+    ("base.json", BaseMeta),
+    ("generation.json", GenerationMeta),
+    ("instance.json", Instance),
+    ("mount.json", MountRecord),
+    ("u-checked.json", UCheckStamp),
+    ("conflicts.json", Conflicts),
+    ("conflicts-after-journal.json", Conflicts),
+    ("conflicts-empty.json", Conflicts),
+    ("reconcile-journal.json", ReconcileJournal),
+    ("last-reconcile.json", LastReconcile),
+    ("last-reconcile-with-conflicts.json", LastReconcile),
+    ("report.json", ReconcileReport),
+    ("report-pending.json", ReconcileReport),
+]
+
+
+@pytest.mark.parametrize(("name", "kind"), STORE_FILES, ids=[n for n, _ in STORE_FILES])
+def test_store_files_of_the_previous_version_load_and_write_back_identical(
+    name: str, kind: type[Record], tmp_path: Path
+) -> None:
+    record = read_record(V1 / name, kind)
+    write_record(tmp_path / name, record)
+    assert (tmp_path / name).read_bytes() == (V1 / name).read_bytes()
+
+
+def test_the_previous_version_s_records_say_what_it_wrote() -> None:
+    inst = read_record(V1 / "instance.json", Instance)
+    assert (inst.name, inst.generation, inst.nic_name) == ("vm1", 2, "eth0")
+    mount = read_record(V1 / "mount.json", MountRecord)
+    assert (mount.target, mount.readonly, mount.u_checked) == ("/mnt/vm1", False, True)
+    journal = read_record(V1 / "reconcile-journal.json", ReconcileJournal)
+    assert (journal.phase, journal.from_generation, journal.to_generation) == ("swap", 2, 3)
+    assert journal.commit_paths == (".unionimg",) and journal.new_ino == 19
+    assert [c.generation for c in journal.conflicts_before] == [2]
+    assert [c.generation for c in journal.conflicts] == [3]
+    # what reconcile writes after that journal: both merged by path, the later one kept
+    merged = sorted_conflicts([*journal.conflicts_before, *journal.conflicts])
+    assert compact(merged) == compact(read_record(V1 / "conflicts-after-journal.json", Conflicts))
+    report = read_record(V1 / "report-pending.json", ReconcileReport)
+    assert report.instances[0].conflicts[0].pending
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("u-base.json", BaseRef), ("u-resolutions.jsonl", Resolution)]
+)
+def test_u_files_of_the_previous_version_are_written_identically(
+    name: str, kind: type[Record]
+) -> None:
+    text = (V1 / name).read_text(encoding="utf-8")
+    assert compact(kind.from_json(json.loads(text))) == text
+
+
+@pytest.mark.parametrize("name", ["kvm-probe.json", "uml-probe.json"])
+def test_probe_caches_of_the_previous_version_load_and_save_identical(
+    name: str, tmp_path: Path
+) -> None:
+    entries = probecache.load(V1 / name, 1)
+    assert entries and all(isinstance(v, dict) for v in entries.values())
+    probecache.save(tmp_path / name, 1, entries, "test")
+    assert (tmp_path / name).read_bytes() == (V1 / name).read_bytes()
+    assert probecache.load(V1 / name, 2) == {}  # another version: probe again
+
+
+@pytest.mark.parametrize("name", ["cli-reconcile-dry-run.json", "cli-reconcile-pending.json"])
+def test_reconcile_json_output_keeps_its_key_order(name: str) -> None:
+    """``reconcile --json`` prints its reports unsorted: the key order of every object (a
+    new conflict: path, reason, case; a pending one: path, case, reason) is the contract."""
+    text = (V1 / name).read_text(encoding="utf-8")
+    data = json.loads(text)
+    reports = [InstanceReport.from_json(r) for r in data["instances"]]
+    out = {"dry_run": data["dry_run"], "instances": [r.to_json() for r in reports]}
+    assert json.dumps(out, indent=2, ensure_ascii=False) + "\n" == text
+
+
+# -- leniency: what earlier versions wrote, or left out -----------------------------------------
+def test_fields_added_later_keep_their_defaults() -> None:
+    inst = dataclasses.replace(INSTANCE, nic_name="eth0")
+    data = inst.to_json()
+    del data["nic_name"]
+    assert Instance.from_json(data) == inst
+    mount = {k: v for k, v in MOUNT.to_json().items() if k not in ("u_checked", "readonly")}
+    assert not MountRecord.from_json(mount).u_checked
+    gen = {k: v for k, v in GENERATION.to_json().items() if k not in ("kernel", "source")}
+    assert (GenerationMeta.from_json(gen).kernel, GenerationMeta.from_json(gen).source) == (
+        None,
+        "",
+    )
+    # the first reconcile journal ("staging", before the swap) and undo record (no post_node)
+    staging = {"phase": "staging", "from": 1, "to": 2, "pre_node": "ab", "started": "t"}
+    journal = ReconcileJournal.from_json(staging)
+    assert (journal.new_ino, journal.commit_paths, journal.conflicts) == (None, None, ())
+    last = LastReconcile.from_json(
+        {"from": 1, "to": 2, "pre_node": "ab", "conflicts_before": [], "finished": None}
+    )
+    assert (last.post_node, last.finished) == (None, None)
+    conflict = CONFLICT.to_json()
+    del conflict["case"]
+    assert ConflictRecord.from_json(conflict).case is None
+
+
+def test_unknown_keys_are_ignored() -> None:
+    data = {**INSTANCE.to_json(), "added_by_a_later_version": [1, 2]}
+    assert Instance.from_json(data) == INSTANCE
+
+
+# -- damage: one clear error, never a KeyError ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "os"}, "field 'created' is missing"),
+        ({"name": "os", "created": 5}, "field 'created' is an integer, not a string"),
+        ({"name": None, "created": "t"}, "field 'name' is null, not a string"),
+        (["os"], "it holds a list, not a JSON object"),
+    ],
+)
+def test_a_bad_field_is_named(data: object, message: str) -> None:
+    with pytest.raises(RecordError) as err:
+        BaseMeta.from_json(data)
+    assert str(err.value) == message
+
+
+def test_types_are_checked_exactly() -> None:
+    good = INSTANCE.to_json()
+    for key, bad in [("generation", True), ("generation", "2"), ("memory", 512.0), ("mac", 7)]:
+        with pytest.raises(RecordError, match=f"field '{key}' is "):
+            Instance.from_json({**good, key: bad})
+    with pytest.raises(RecordError, match=r"field 'files'\[1\] is an integer, not a string"):
+        ConflictRecord.from_json({**CONFLICT.to_json(), "files": ["a", 1]})
+    with pytest.raises(RecordError, match="field 'u_checked' is a string, not a boolean"):
+        MountRecord.from_json({**MOUNT.to_json(), "u_checked": "yes"})
+
+
+def test_a_nested_record_s_field_is_named_with_its_place() -> None:
+    data = JOURNAL.to_json()
+    del data["conflicts_before"][0]["dir"]
+    with pytest.raises(RecordError) as err:
+        ReconcileJournal.from_json(data)
+    assert str(err.value) == "conflicts_before[0]: field 'dir' is missing"
+    with pytest.raises(RecordError) as err:
+        Conflicts.from_json([CONFLICT.to_json(), "x"])
+    assert str(err.value) == "[1]: it holds a string, not a JSON object"
+    with pytest.raises(RecordError, match="it is an object, not a list"):
+        Conflicts.from_json({})
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ('{\n  "target": "/mnt/vm1"\n}\n', "field 'driver' is missing"),
+        ('{"target": "/mnt', "it is not JSON"),
+        (b"\xff\xfe{}", "it is not JSON"),
+    ],
+)
+def test_a_damaged_file_is_one_error_naming_it(
+    tmp_path: Path, content: str | bytes, why: str
+) -> None:
+    path = tmp_path / MountRecord.FILE
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(DamagedRecord) as err:
+        read_record(path, MountRecord)
+    message = err.value.message
+    assert message.startswith(f"mount record {path} is damaged: {why}")
+    assert "\n" not in message and "restore it" in message
+    assert err.value.exit_code == EXIT_INTERNAL
+    with pytest.raises(FileNotFoundError):
+        read_record(tmp_path / "missing.json", MountRecord)
+
+
+def test_the_cli_says_which_record_is_damaged(cli: Cli) -> None:
+    cli.ok("instance", "list")  # makes the store
+    idir = cli.store / "instances" / "vm1"
+    idir.mkdir(mode=0o700)
+    data = INSTANCE.to_json()
+    del data["mac"]
+    write_json(idir / Instance.FILE, data)
+    res = cli.fails("instance", "show", "vm1", code=EXIT_INTERNAL)
+    assert f"instance record {idir / Instance.FILE} is damaged: field 'mac' is missing" in (
+        res.output
+    )
+
+
+# -- the store's own records -----------------------------------------------------------------
+def test_store_format_is_checked_before_the_rest(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    assert read_record(s.root / StoreMeta.FILE, StoreMeta).format == 1
+    write_json(s.root / StoreMeta.FILE, {"format": 2, "layers": {}})
+    with pytest.raises(UsageError, match="has format 2, this unionimg reads 1"):
+        s.init()
+    write_json(s.root / StoreMeta.FILE, {"format": "1"})
+    with pytest.raises(DamagedRecord, match="field 'format' is a string, not an integer"):
+        s.init()
+
+
+def test_u_check_stamp_vouches_only_for_the_same_image(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st")
+    s.init()
+    s.instance_dir("vm1").mkdir()
+    image = ucheck.image_path(s, "vm1")
+    image.write_bytes(b"\0" * 4096)
+    assert not ucheck.unchanged(s, "vm1")  # never checked
+    ucheck.record(s, "vm1", "fsck")
+    stamp = read_record(s.instance_dir("vm1") / ucheck.STAMP, UCheckStamp)
+    assert (stamp.how, stamp.size, stamp.ino) == ("fsck", 4096, image.stat().st_ino)
+    assert ucheck.unchanged(s, "vm1")
+    os.utime(image, ns=(1, 1))  # changed since: e2fsck again
+    assert not ucheck.unchanged(s, "vm1")
+    ucheck.record(s, "vm1", "unmounted")
+    assert ucheck.unchanged(s, "vm1")
+    (s.instance_dir("vm1") / ucheck.STAMP).write_text('{"size": "4096"}')
+    assert not ucheck.unchanged(s, "vm1")  # a damaged stamp costs a check, not an error
+
+
+def test_damaged_probe_cache_only_costs_a_probe(tmp_path: Path) -> None:
+    cache = tmp_path / "probe.json"
+    for text in ("{", '{"version": 1}', '{"version": 1, "entries": []}', "[]"):
+        cache.write_text(text)
+        assert probecache.load(cache, 1) == {}
