@@ -6,6 +6,9 @@ case. The JSON is compared with ``tests/golden/cli/<case>/`` after normalising t
 differ from run to run and say nothing about the contract (see :func:`normalise`); every other
 key and value must match exactly, so a renamed key, a changed case number, action or reason
 fails here. ``pytest --regenerate-output tests/test_cli_golden.py`` rewrites the files.
+
+``--help`` of every command path (``tests/golden/cli/help/``, 80 columns as CliRunner sets)
+holds the rest of the contract: command names, options, their defaults and help texts.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from tests.conftest import Cli, Golden
 from tests.scenario import build
+from unionimg.cli import main
 from unionimg.fs.mounts import unmount_tree
 
 _HEX = re.compile(r"\b[0-9a-f]{40}\b|\b[0-9a-f]{64}\b")
@@ -93,3 +99,25 @@ def test_reconcile_dry_run_json(scenario: Scenario, golden_files: Golden) -> Non
 def test_instance_show_json(scenario: Scenario, golden_files: Golden) -> None:
     data = scenario.json_of("instance", "show", "vm1", "--json")
     golden_files.check("cli/instance-show", {"vm1.json": as_golden(data)})
+
+
+def command_paths(cmd: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every command path of the click tree (groups too), loading lazy groups as it goes."""
+    yield path
+    if isinstance(cmd, click.Group):
+        ctx = click.Context(cmd, info_name=path[-1] if path else "unionimg")
+        for name in cmd.list_commands(ctx):
+            sub = cmd.get_command(ctx, name)
+            assert sub is not None, (path, name)
+            yield from command_paths(sub, (*path, name))
+
+
+def test_help_texts(golden_files: Golden) -> None:
+    runner = CliRunner()
+    files = {}
+    for path in command_paths(main):
+        res = runner.invoke(main, [*path, "--help"], prog_name="unionimg", catch_exceptions=False)
+        assert res.exit_code == 0, (path, res.output)
+        files["_".join(("unionimg", *path)) + ".txt"] = res.output
+    assert len(files) > 30, sorted(files)
+    golden_files.check("cli/help", files)
