@@ -3,17 +3,23 @@
 ``unionimg/cli/__init__.py`` names every top-level command in ``COMMANDS`` (module, attribute,
 first paragraph of its help) so that ``unionimg --help`` lists them without importing a command
 module. These tests keep that map and the modules in step, and check what is (not) imported.
-The help texts themselves are golden files (``tests/test_cli_golden.py::test_help_texts``).
+The help texts themselves are golden files (``tests/test_cli_golden.py::test_help_texts``);
+the exit codes ``unionimg --help`` and README.md show are checked against unionimg.errors.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
+import os
 import pkgutil
 import re
+import select
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -21,7 +27,12 @@ import pytest
 from click.testing import CliRunner
 
 import unionimg.cli
+from tests.conftest import UNIONIMG, Cli
+from tests.test_boot_real import cleanup_guest, guest_store
+from tests.test_boot_truth import add_hook
+from unionimg import errors
 from unionimg.cli import COMMANDS, LazyGroup, load, main
+from unionimg.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED, EXIT_STILL_RUNNING
 
 CLI_DIR = Path(unionimg.cli.__file__).parent
 COMMAND_MODULES = sorted(
@@ -118,6 +129,18 @@ def test_main_is_a_lazy_group_and_runs_as_module() -> None:
     assert out.startswith("python -m unionimg.cli, version ")  # as click names it
 
 
+def test_no_exit_with_a_literal_code() -> None:
+    """Exit codes come from unionimg.errors by name, never a number written in the CLI."""
+    literal = re.compile(r"\b(?:sys\.exit|\.exit|exit_with)\(\s*\d")
+    hits = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted(CLI_DIR.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert hits == []
+
+
 def test_no_function_level_imports() -> None:
     """A lazily loaded module is the deferral; the one import deferred on purpose says so."""
     hits = []
@@ -131,3 +154,137 @@ def test_no_function_level_imports() -> None:
                     continue
                 hits.append(f"{path.name}:{n + 1}: {line.strip()}")
     assert hits == []
+
+
+# -- the exit codes: one table (unionimg.errors.EXIT_CODES), shown by --help and README ------
+def _table_rows(lines: list[str]) -> list[tuple[int, str]]:
+    """(code, meaning) of a click definition list: a row starts with its code, a wrapped
+    meaning goes on below it, indented."""
+    rows: list[tuple[int, str]] = []
+    for line in lines:
+        m = re.match(r"  (\d+)\s+(.*)", line)
+        if m:
+            rows.append((int(m.group(1)), m.group(2).strip()))
+        else:
+            assert line.startswith("       ") and rows, line
+            rows[-1] = (rows[-1][0], f"{rows[-1][1]} {line.strip()}")
+    return rows
+
+
+def test_help_ends_with_the_exit_codes() -> None:
+    res = CliRunner().invoke(main, ["--help"], prog_name="unionimg")
+    assert res.exit_code == 0
+    head, _, table = res.output.partition("\nExit codes:\n")
+    assert table, res.output
+    assert "\nCommands:\n" in head  # the last section
+    assert _table_rows(table.rstrip("\n").splitlines()) == list(EXIT_CODES)
+
+
+def test_only_the_top_level_help_has_the_exit_codes() -> None:
+    for args in (["base", "--help"], ["reconcile", "--help"], ["timer", "install", "--help"]):
+        res = CliRunner().invoke(main, args, prog_name="unionimg")
+        assert res.exit_code == 0 and "Exit codes:" not in res.output, args
+
+
+def test_readme_table_is_the_errors_table() -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = text.splitlines()
+    start = lines.index("| code | meaning |")
+    assert lines[start + 1] == "|---|---|"
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        code, meaning = (cell.strip() for cell in line.strip("|").split("|"))
+        rows.append((int(code), meaning.replace("`", "")))  # README may set options as code
+    assert rows == list(EXIT_CODES)
+
+
+def test_every_error_class_and_exit_constant_is_in_the_table() -> None:
+    codes = [code for code, _ in EXIT_CODES]
+    assert codes == sorted(set(codes)), "one row per code, in order"
+
+    def subclasses(cls: type[errors.UnionimgError]) -> list[type[errors.UnionimgError]]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    for cls in subclasses(errors.UnionimgError):
+        assert cls.exit_code in codes, cls
+    constants = {
+        n: v for n, v in vars(errors).items() if n.startswith("EXIT_") and n != "EXIT_CODES"
+    }
+    assert len(constants) >= 7, constants
+    for name, value in constants.items():
+        assert value in codes, name
+
+
+# -- the codes the CLI itself gives (not an error class): real processes ---------------------
+def _store(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    subprocess.run([UNIONIMG, "--store", store, "instance", "list"], check=True, timeout=60)
+    return store
+
+
+def test_interrupt_exits_130(tmp_path: Path) -> None:
+    """Ctrl-C while a command waits for a lock another process holds: one line, 130."""
+    store = _store(tmp_path)
+    fd = os.open(store / "locks" / "base-ghost.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with subprocess.Popen(
+            [UNIONIMG, "--store", store, "base", "log", "ghost"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            assert proc.stderr is not None
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            assert ready, "base log never said it waits for the lock"
+            assert "waiting for base-ghost" in proc.stderr.readline()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(fd)
+    assert (proc.returncode, out, err) == (EXIT_INTERRUPTED, "", "unionimg: interrupted\n")
+
+
+def test_closed_stdout_exits_141(tmp_path: Path) -> None:
+    """The reader of stdout went away (``unionimg ... | head``): quiet, 141."""
+    store = _store(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [UNIONIMG, "--store", store, "timer", "install", "--root", tmp_path / "root"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (EXIT_PIPE_CLOSED, "")
+    assert (tmp_path / "root").is_dir()  # it ran, and only its output was lost
+
+
+def test_boot_wait_that_runs_out_exits_1(guests: Cli, tmp_path: Path) -> None:
+    """boot/switch --wait whose --timeout runs out while the guest runs on: EXIT_STILL_RUNNING
+    (1, as before the table), the guest left running."""
+    cli, vm = guests, "lingers"
+    cli.ok("instance", "create", vm, "--base", "tiny", "--hypervisor", "uml", "--memory", "256")
+    try:
+        add_hook(cli, vm, tmp_path, "sleep 600")
+        res = cli("boot", vm, "--wait", "--timeout", "3")
+        assert res.exit_code == EXIT_STILL_RUNNING == 1, res.output
+        assert res.stderr.splitlines()[-1] == f"unionimg: error: {vm} still runs after 3 s"
+        assert f"{vm} still runs after " in res.stdout
+        cli.ok("stop", vm, "--force")
+        res = cli("switch", vm, "--to", "uml", "--boot", "--wait", "--timeout", "3")
+        assert res.exit_code == EXIT_STILL_RUNNING, res.output
+        assert f"switched {vm} from uml to uml" in res.stdout
+    finally:
+        cleanup_guest(cli, vm)
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
+    yield from guest_store(tmp_path_factory, "cli-exit")

@@ -2,34 +2,24 @@
 
 Anything else is a bug and shows its traceback only with ``--debug``.
 
-The exit codes of every ``unionimg`` command (the one table; README and ``--help`` cite it):
-
-====  =====================================================================================
-code  meaning
-====  =====================================================================================
-0     success
-1     reconcile: conflicts pending (also from earlier runs); nothing failed
-2     usage error: a name, size, MAC, path or option the user gave is not acceptable
-3     not found: the object named does not exist in the store
-4     conflict: the object exists or is in a state that forbids it (mounted, running, busy)
-5     an external program failed (its last line of stderr is quoted)
-6     this host lacks something needed (root, a program, a kernel feature)
-7     store full: not enough free space for the operation; nothing was changed
-8     guest data refused: the VM's U image or something in it is unsafe or damaged
-9     the guest failed: kernel panic, crash, missing disk, init exited (cause quoted)
-10    reconcile: at least one instance failed (the others were reconciled)
-70    internal error (a bug): rerun with ``--debug`` for the traceback
-130   interrupted (Ctrl-C)
-141   standard output closed by its reader
-====  =====================================================================================
+The exit codes of every ``unionimg`` command are :data:`EXIT_CODES` at the end of this module:
+the one table. ``unionimg --help`` prints it and README.md copies it (``tests/test_cli_help.py``
+checks both against it); the CLI exits with these names, never a number of its own.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 EXIT_OK = 0
 EXIT_CONFLICTS = 1
+# boot/switch --wait whose --timeout ran out while the guest runs on: 1, as it always was
+# (it shares the number with reconcile's conflicts; no command can mean both)
+EXIT_STILL_RUNNING = 1
 EXIT_RECONCILE_FAILED = 10
 EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141
 
 
 class UnionimgError(Exception):
@@ -88,3 +78,44 @@ class GuestFailed(UnionimgError):
     """The guest did not reach its init on the union root, or crashed; cause quoted."""
 
     exit_code = 9
+
+
+EXIT_CODES: Final[tuple[tuple[int, str], ...]] = (
+    (EXIT_OK, "success"),
+    (
+        EXIT_CONFLICTS,
+        "reconcile: conflicts pending (also from earlier runs), nothing failed; "
+        "boot/switch --wait: the guest still runs when --timeout ran out",
+    ),
+    (
+        UsageError.exit_code,
+        "usage error: a name, size, MAC, path or option the user gave is not acceptable",
+    ),
+    (NotFound.exit_code, "not found: the object named does not exist in the store"),
+    (
+        Conflict.exit_code,
+        "conflict: the object exists or is in a state that forbids it (mounted, running, busy)",
+    ),
+    (ToolFailed.exit_code, "an external program failed (its last line of stderr is quoted)"),
+    (
+        MissingCapability.exit_code,
+        "this host lacks something needed (root, a program, a kernel feature)",
+    ),
+    (
+        StoreFull.exit_code,
+        "store full: not enough free space for the operation; nothing was changed",
+    ),
+    (
+        GuestDataRefused.exit_code,
+        "guest data refused: the VM's U image or something in it is unsafe or damaged",
+    ),
+    (
+        GuestFailed.exit_code,
+        "the guest failed: kernel panic, crash, missing disk, init exited (cause quoted)",
+    ),
+    (EXIT_RECONCILE_FAILED, "reconcile: at least one instance failed (the others were reconciled)"),
+    (EXIT_INTERNAL, "internal error (a bug): rerun with --debug for the traceback"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_PIPE_CLOSED, "standard output closed by its reader"),
+)
+"""Every exit code of ``unionimg`` and what it means, in order."""

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import click
 
 from unionimg.cli._common import UnionimgGroup, debug_option, start, store_option
+from unionimg.errors import EXIT_CODES
 
 
 class Lazy(NamedTuple):
@@ -164,7 +165,16 @@ class LazyGroup(UnionimgGroup):
             formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in commands])
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+class MainGroup(LazyGroup):
+    """The ``unionimg`` group: its help ends with the exit codes, from unionimg.errors."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Exit codes"):
+            formatter.write_dl([(str(code), meaning) for code, meaning in EXIT_CODES])
+
+
+@click.group(cls=MainGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @store_option
 @debug_option
 @click.version_option(package_name="unionimg")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from unionimg.display import shown
-from unionimg.errors import UnionimgError
+from unionimg.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED, UnionimgError
 from unionimg.fs.space import write_failure
 from unionimg.names import HYPERVISORS, parse_int, parse_seconds, parse_size
 from unionimg.store.layout import DEFAULT_STORE, Store
@@ -173,12 +173,12 @@ class UnionimgGroup(click.Group):
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("unionimg: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
             # the reader went away (`unionimg instance list | head`): stop quietly, like cat
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-            ctx.exit(141)
+            ctx.exit(EXIT_PIPE_CLOSED)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except OSError as exc:
@@ -198,7 +198,7 @@ class UnionimgGroup(click.Group):
                 "(rerun with --debug for the traceback)",
                 err=True,
             )
-            ctx.exit(70)
+            ctx.exit(EXIT_INTERNAL)
 
 
 def full_disk(exc: OSError, obj: Ctx | None) -> UnionimgError | None:

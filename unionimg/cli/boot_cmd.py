@@ -11,7 +11,7 @@ import click
 from unionimg.boot import control as boot_mod
 from unionimg.boot import umlprobe
 from unionimg.cli._common import SECONDS, Ctx, emit, exit_with, hv_option, json_option, pass_ctx
-from unionimg.errors import UsageError
+from unionimg.errors import EXIT_STILL_RUNNING, UsageError
 from unionimg.names import HYPERVISORS, check_outside_store
 
 DEFAULT_WAIT = 300.0
@@ -72,7 +72,7 @@ def boot_cmd(
     _print_boot(out, as_json)
     if wait and not out.get("stopped"):
         click.echo(f"unionimg: error: {vm} still runs after {out['elapsed_s']:.0f} s", err=True)
-        exit_with(1)
+        exit_with(EXIT_STILL_RUNNING)
 
 
 def _print_boot(out: dict[str, Any], as_json: bool) -> None:
@@ -207,4 +207,4 @@ def switch_cmd(
 
     emit(out, as_json, human)
     if wait and boot_after and not out["boot"].get("stopped"):
-        exit_with(1)
+        exit_with(EXIT_STILL_RUNNING)
