@@ -32,7 +32,13 @@ from tests.test_boot_real import cleanup_guest, guest_store
 from tests.test_boot_truth import add_hook
 from unionimg import errors
 from unionimg.cli import COMMANDS, LazyGroup, load, main
-from unionimg.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED, EXIT_STILL_RUNNING
+from unionimg.errors import (
+    EXIT_CODES,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PIPE_CLOSED,
+    EXIT_STILL_RUNNING,
+)
 
 CLI_DIR = Path(unionimg.cli.__file__).parent
 COMMAND_MODULES = sorted(
@@ -288,3 +294,18 @@ def test_boot_wait_that_runs_out_exits_1(guests: Cli, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def guests(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
     yield from guest_store(tmp_path_factory, "cli-exit")
+
+
+def test_unforeseen_os_error_is_an_internal_error(tmp_path: Path) -> None:
+    """An OSError that is no full disk (here: --store below a regular file) is a bug like any
+    other: one line and 70, its traceback only with --debug."""
+    (tmp_path / "file").write_text("")
+    store = str(tmp_path / "file" / "store")
+    res = CliRunner().invoke(main, ["--store", store, "instance", "list"], prog_name="unionimg")
+    assert res.exit_code == EXIT_INTERNAL, res.output
+    assert res.stderr == (
+        f"unionimg: internal error: NotADirectoryError: [Errno 20] Not a directory: {store!r} "
+        "(rerun with --debug for the traceback)\n"
+    )
+    res = CliRunner().invoke(main, ["--store", store, "--debug", "instance", "list"])
+    assert isinstance(res.exception, NotADirectoryError)

@@ -181,17 +181,15 @@ class UnionimgGroup(click.Group):
             ctx.exit(EXIT_PIPE_CLOSED)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except OSError as exc:
-            obj = ctx.find_object(Ctx)
-            full = full_disk(exc, obj)
-            if full is None or (obj is not None and obj.debug):
-                raise
-            click.echo(f"unionimg: error: {shown(full.message, backslash=False)}", err=True)
-            ctx.exit(full.exit_code)
         except Exception as exc:
             obj = ctx.find_object(Ctx)
             if obj is not None and obj.debug:
                 raise
+            full = full_disk(exc, obj) if isinstance(exc, OSError) else None
+            if full is not None:
+                click.echo(f"unionimg: error: {shown(full.message, backslash=False)}", err=True)
+                ctx.exit(full.exit_code)
+            # any other OSError is no less a bug than the rest: one line, never a traceback
             click.echo(
                 f"unionimg: internal error: {type(exc).__name__}: "
                 f"{shown(str(exc), backslash=False)} "
