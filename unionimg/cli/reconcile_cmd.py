@@ -115,12 +115,12 @@ def _run_reconcile(
             return f"{r.name}: error: {shown(r.error or '', backslash=False)}"
         if r.from_generation == r.to_generation and not r.actions:
             return f"{r.name}: generation {r.to_generation}, nothing to do"
-        changed = sum(1 for a in r.actions if a["action"] in ("drop", "write", "set-meta"))
+        changed = sum(1 for a in r.actions if a.action in ("drop", "write", "set-meta"))
         return (
             f"{r.name}: generation {r.from_generation} -> {r.to_generation}: {verb}change "
             f"{changed} path(s), {len(r.conflicts)} conflict(s)"
             + "".join(
-                f"\n  conflict {shown(x['path'])}: {shown(x['reason'], backslash=False)}"
+                f"\n  conflict {shown(x.path)}: {shown(x.reason, backslash=False)}"
                 for x in r.conflicts
             )
         )

@@ -32,9 +32,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from unionimg.entries import DIR, FILE, Change, Entry
 from unionimg.errors import (
@@ -80,7 +80,6 @@ from unionimg.store.layout import (
     now_iso,
     read_record,
     write_atomic,
-    write_json,
     write_record,
 )
 from unionimg.store.records import (
@@ -89,39 +88,26 @@ from unionimg.store.records import (
     JsonObject,
     LastReconcile,
     ReconcileJournal,
+    ReconcileReport,
+    ReportAction,
+    ReportConflict,
     Resolution,
     compact,
     sorted_conflicts,
 )
+from unionimg.store.records import InstanceReport as InstanceReport  # what run() returns
 
 REPORTS_KEPT = 50
 
 
-@dataclass
-class InstanceReport:
-    name: str
-    from_generation: int | None = None
-    to_generation: int | None = None
-    status: str = "clean"  # clean | conflicts | error
-    actions: list[dict[str, Any]] = field(default_factory=list)
-    conflicts: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-    unaffected: int = 0
-    applied: bool = False
-    full: bool = False  # the error was a full disk (not in the JSON: the error says so)
+class _Draft:
+    """The report of one instance as far as its reconcile got: a failure reports what was
+    found before it (generations, the plan's actions) with the error."""
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "from_generation": self.from_generation,
-            "to_generation": self.to_generation,
-            "status": self.status,
-            "actions": self.actions,
-            "conflicts": self.conflicts,
-            "error": self.error,
-            "unaffected": self.unaffected,
-            "applied": self.applied,
-        }
+    __slots__ = ("report",)
+
+    def __init__(self, name: str) -> None:
+        self.report = InstanceReport(name)
 
 
 def exit_code(reports: Sequence[InstanceReport]) -> int:
@@ -284,32 +270,35 @@ class Reconciler:
             self.close()
 
     def _report(self, name: str) -> InstanceReport:
-        report = InstanceReport(name)
+        draft = _Draft(name)
         try:
-            self.one(name, report)
+            self.one(name, draft)
         except UnionimgError as exc:
-            report.status = "error"
-            report.error = exc.message
-            report.full = isinstance(exc, StoreFull)
+            draft.report = replace(
+                draft.report, status="error", error=exc.message, full=isinstance(exc, StoreFull)
+            )
         except OSError as exc:
-            report.status = "error"
             full = write_failure(
                 exc,
                 exc.filename or self.store.root,
                 f"reconcile {name}",
                 store_path=self.store.root,
             )
-            report.full = full is not None
-            report.error = (
-                full.message if full else f"{exc.strerror or exc} ({exc.filename or name})"
+            draft.report = replace(
+                draft.report,
+                status="error",
+                error=full.message if full else f"{exc.strerror or exc} ({exc.filename or name})",
+                full=full is not None,
             )
+        report = draft.report
         if self.progress:
             self.progress(report)
         return report
 
-    def one(self, name: str, report: InstanceReport) -> None:
+    def one(self, name: str, draft: _Draft) -> None:
+        """Reconcile one instance; ``draft.report`` says how far it got."""
         inst = load(self.store, name)
-        report.from_generation = inst.generation
+        draft.report = replace(draft.report, from_generation=inst.generation)
         st = state(self.store, name)
         if st != "stopped":
             raise Conflict(
@@ -325,7 +314,7 @@ class Reconciler:
                     except (OSError, ToolFailed) as exc:
                         raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
                 inst = load(self.store, name)
-                report.from_generation = inst.generation
+                draft.report = replace(draft.report, from_generation=inst.generation)
             elif journal.is_file():
                 raise Conflict(
                     f"instance '{name}' has an interrupted reconcile; run reconcile "
@@ -333,9 +322,9 @@ class Reconciler:
                 )
             b0 = get_generation(self.store, inst.base, inst.generation)
             b1 = get_generation(self.store, inst.base, self.to_generation)
-            report.to_generation = b1.number
+            draft.report = replace(draft.report, to_generation=b1.number)
             if b0.number == b1.number:  # case 17
-                self._pending(name, report)
+                draft.report = self._pending(name, draft.report)
                 return
             delta = self.delta(b0, b1)
             with u_layer(self.store, name, write=not self.dry_run) as u:
@@ -347,20 +336,23 @@ class Reconciler:
                 entries = _hash_files_in(upper, scan_upper(u, hash_files=False), delta)
                 with b0.manifest() as m0, b1.manifest() as m1:
                     plan = plan_instance(entries, delta, m0, m1, self.policy, _Content(upper, gens))
-                report.unaffected = plan.unaffected
-                report.actions = [
-                    {"path": a.path, "case": a.case, "action": a.action, "reason": a.reason}
-                    for a in plan.actions
-                    if a.action != KEEP
-                ]
-                report.conflicts = [
-                    {"path": a.path, "reason": a.reason, "case": a.case} for a in plan.conflicts
-                ]
+                draft.report = replace(
+                    draft.report,
+                    unaffected=plan.unaffected,
+                    actions=tuple(
+                        ReportAction(a.path, a.case, a.action, a.reason)
+                        for a in plan.actions
+                        if a.action != KEEP
+                    ),
+                    conflicts=tuple(
+                        ReportConflict(a.path, a.reason, a.case) for a in plan.conflicts
+                    ),
+                    status="conflicts" if plan.conflicts else "clean",
+                )
                 if plan.errors:
-                    report.status = "error"
-                    report.error = "; ".join(f"{a.path}: {a.reason}" for a in plan.errors)
+                    error = "; ".join(f"{a.path}: {a.reason}" for a in plan.errors)
+                    draft.report = replace(draft.report, status="error", error=error)
                     return
-                report.status = "conflicts" if plan.conflicts else "clean"
                 if self.dry_run:
                     return
                 self._require_space(name, u, plan.actions, entries)
@@ -368,23 +360,19 @@ class Reconciler:
                     self._apply(inst, u, b0, b1, plan.actions, entries)
                 except (OSError, ToolFailed) as exc:
                     raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
-                report.applied = True
-            self._pending(name, report)
+                draft.report = replace(draft.report, applied=True)
+            draft.report = self._pending(name, draft.report)
 
-    def _pending(self, name: str, report: InstanceReport) -> None:
+    def _pending(self, name: str, report: InstanceReport) -> InstanceReport:
         """Conflicts of earlier runs still unresolved keep the instance in 'conflicts'."""
-        seen = {c["path"] for c in report.conflicts}
-        for c in conflicts(self.store, name):
-            if c.path not in seen:
-                report.conflicts.append(
-                    {
-                        "path": c.path,
-                        "case": c.case,
-                        "reason": f"pending since generation {c.generation}: {c.reason}",
-                    }
-                )
-        if report.conflicts and report.status == "clean":
-            report.status = "conflicts"
+        seen = {c.path for c in report.conflicts}
+        earlier = tuple(
+            ReportConflict.earlier(c) for c in conflicts(self.store, name) if c.path not in seen
+        )
+        if not earlier:
+            return report
+        status = "conflicts" if report.status == "clean" else report.status
+        return replace(report, conflicts=report.conflicts + earlier, status=status)
 
     # -- applying -------------------------------------------------------------------------
     def _require_space(
@@ -802,11 +790,8 @@ def save_report(store: Store, reports: Sequence[InstanceReport], *, dry_run: boo
     rdir = store.root / "reports"
     rdir.mkdir(mode=0o700, exist_ok=True)
     stamp = now_iso().replace(":", "")
-    path = rdir / f"reconcile-{stamp}-{time.time_ns() % 10**9:09d}-{os.getpid()}.json"
-    write_json(
-        path,
-        {"finished": now_iso(), "dry_run": dry_run, "instances": [r.to_json() for r in reports]},
-    )
+    path = rdir / ReconcileReport.file_name(f"{stamp}-{time.time_ns() % 10**9:09d}-{os.getpid()}")
+    write_record(path, ReconcileReport(now_iso(), dry_run, tuple(reports)))
     with open(rdir / "reconcile.log", "a", encoding="utf-8") as log:
         for r in reports:
             log.write(
@@ -815,7 +800,7 @@ def save_report(store: Store, reports: Sequence[InstanceReport], *, dry_run: boo
                 f"{' dry-run' if dry_run else ''}{' error=' + repr(r.error) if r.error else ''}"
                 "\n"
             )
-    kept = sorted(rdir.glob("reconcile-*.json"))
+    kept = sorted(rdir.glob(ReconcileReport.GLOB))
     for old in kept[:-REPORTS_KEPT]:
         old.unlink(missing_ok=True)
     return path

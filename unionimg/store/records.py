@@ -691,12 +691,11 @@ class InstanceReport(Record):
 
 @dataclass(frozen=True, slots=True)
 class ReconcileReport(Record):
-    """One reconcile run, kept in ``reports/`` (the last :data:`REPORTS_KEPT`)."""
+    """One reconcile run, kept in ``reports/`` (the last ``apply.REPORTS_KEPT`` of them)."""
 
     WHAT = "reconcile report"
     PREFIX: ClassVar[str] = "reconcile-"
     GLOB: ClassVar[str] = "reconcile-*.json"
-    REPORTS_KEPT: ClassVar[int] = 50
 
     finished: str
     dry_run: bool
