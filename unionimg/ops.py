@@ -11,7 +11,6 @@ Above :mod:`unionimg.layers` and :mod:`unionimg.boot`; only the CLI imports this
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from unionimg.boot.control import forget
 from unionimg.errors import Conflict
@@ -20,6 +19,7 @@ from unionimg.layers.base import generations, list_bases
 from unionimg.layers.instance import list_instances, load, state
 from unionimg.names import check_name
 from unionimg.store.layout import Store
+from unionimg.store.records import JsonObject
 
 
 def base_users(store: Store) -> dict[tuple[str, int], list[str]]:
@@ -82,7 +82,7 @@ def remove_instance(store: Store, name: str) -> None:
             os.rename(store.instance_dir(name), stage / "instance")
 
 
-def fsck_instance(store: Store, name: str, *, repair: bool) -> dict[str, Any]:
+def fsck_instance(store: Store, name: str, *, repair: bool) -> JsonObject:
     """``unionimg fsck VM [--repair]``: see :func:`unionimg.layers.ucheck.fsck`."""
     load(store, name)
     with store.lock(f"instance-{name}", wait=False, purpose=f"fsck {name}"):

@@ -31,7 +31,6 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hglib
 import hglib.client
@@ -42,6 +41,7 @@ from unionimg.errors import GuestDataRefused, MissingCapability, ToolFailed
 from unionimg.fs import fsops
 from unionimg.fs.fsops import write_beneath
 from unionimg.runner import run
+from unionimg.store.records import JsonObject
 
 USER = "unionimg <unionimg@localhost>"
 _MAX_PATHS = 2000  # past this, a full walk of the working copy is cheaper than the patterns
@@ -219,7 +219,7 @@ def _plain_rel(name: bytes) -> bool:
     return not name.startswith(b"/") and b".." not in parts and b"" not in parts
 
 
-def _read_list(hg: Path, rel: str, refuse: Any) -> bytes | None:
+def _read_list(hg: Path, rel: str, refuse: Callable[[str, str], GuestDataRefused]) -> bytes | None:
     """The small regular file ``rel`` in ``hg`` (None when missing), read without
     following a symlink and refused when too large to be Mercurial's."""
     try:
@@ -316,7 +316,8 @@ class Changeset:
     desc: str
     files: int
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
+        """What ``log --json`` says of the changeset."""
         return {
             "rev": self.rev,
             "node": self.node,
@@ -338,7 +339,9 @@ class Repo:
     of paying Mercurial's start-up (~0.4 s) per instance.
     """
 
-    def __init__(self, client: Any, root: Path, scope: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, client: hglib.client.hgclient, root: Path, scope: Sequence[str] | None = None
+    ) -> None:
         self._c = client
         self.root = root
         # what of the working copy commands look at (U_SCOPE for a U root), None: all of it
