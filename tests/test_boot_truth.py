@@ -19,6 +19,7 @@ panic Debian 12's packaged UML kernel shows on CPUs with AMX.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import resource
@@ -31,10 +32,14 @@ import pytest
 
 from tests.conftest import UNIONIMG, Cli, need_programs
 from tests.test_boot_real import cleanup_guest, guest_store
+from unionimg import hypervisors
+from unionimg.boot import running
 from unionimg.boot.running import analyse, quote, read_console, stop_reason
-from unionimg.hypervisors import kvm
+from unionimg.hypervisors import Running, kvm
+from unionimg.store.layout import Store
+from unionimg.store.records import DamagedRecord
 
-HYPERVISORS = ("kvm", "uml")
+HYPERVISORS = tuple(n for n in hypervisors.names() if hypervisors.get(n).capabilities.can_start)
 #: generous: QEMU TCG on a loaded 2-core machine takes 5-30 s to reach the union root
 WAIT = "300"
 
@@ -151,6 +156,60 @@ def test_console_reading_is_bounded(tmp_path: Path) -> None:
     assert sum(len(x) for x in head + tail) < 5 << 20
     v = analyse(head, tail)
     assert v.ready and v.failure == "kernel panic: sysrq triggered crash"
+
+
+# -- the running record, without a guest ---------------------------------------------------------
+def test_a_guest_found_gone_is_recorded_and_forgotten(tmp_path: Path) -> None:
+    """running_on asks the record's driver; a guest it finds gone that never reached the
+    union root has its crash recorded (with the driver's evidence) and its record removed."""
+    store = Store(tmp_path / "store")
+    store.instance_dir("vm1").mkdir(parents=True)
+    console = tmp_path / "console.log"
+    console.write_text("Linux version 6.1\nRun /init as init process\n")
+    gone = Running(
+        hypervisor="uml",
+        started="2026-12-01T10:00:00Z",
+        console=str(console),
+        pid=2**22 + 17,  # above any pid_max: no process has it
+        umid="uitest-gone",
+        tap="uitestgone0",  # no such tap: releasing it is quiet
+    )
+    running.write_running(store, "vm1", gone)
+    assert running.read_running(store, "vm1") == gone
+    assert running.running_on(store, "vm1") is None
+    assert running.read_running(store, "vm1") is None
+    assert not running.running_path(store, "vm1").exists()
+    crash = running.last_crash(store, "vm1")
+    assert crash is not None and crash.hypervisor == "uml" and not crash.ready
+    assert "stopped before its init started on the union root" in crash.reason
+    assert "last console line: 'Run /init as init process'" in crash.reason
+    assert running.crash_record(store, "vm1") == crash.to_json()
+    # asked to stop: gone is not a crash
+    running.clear_crash(store, "vm1")
+    running.write_running(store, "vm1", dataclasses.replace(gone, stopping=True))
+    assert running.running_on(store, "vm1") is None
+    assert running.last_crash(store, "vm1") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("{not json", "Expecting property name"),
+        ('{"hypervisor": "uml", "started": "x", "console": "c", "pid": "12"}', "'pid'"),
+        ('{"hypervisor": "uml", "console": "c"}', "'started'"),
+        ("[1, 2]", "not a JSON object"),
+    ],
+)
+def test_a_damaged_running_record_is_one_line(tmp_path: Path, text: str, why: str) -> None:
+    store = Store(tmp_path / "store")
+    store.instance_dir("vm1").mkdir(parents=True)
+    running.running_path(store, "vm1").write_text(text)
+    with pytest.raises(DamagedRecord) as info:
+        running.running_on(store, "vm1")
+    message = info.value.message
+    assert "\n" not in message and why in message, message
+    assert str(running.running_path(store, "vm1")) in message and "remove that file" in message
+    assert info.value.exit_code == 70
 
 
 # -- real guests ------------------------------------------------------------------------------

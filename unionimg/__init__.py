@@ -36,18 +36,21 @@ reconcile/  merging a patched base into every instance
     plan, merge, policy   pure: the plan of one instance, 3-way text merge, per-glob policy
     apply              the executor of plan: journal, apply, undo, reports
 
-hypervisors/  one driver per hypervisor
+hypervisors/  one driver per hypervisor, found by name (__init__: the Driver interface,
+              its records and the registry; templates/: the Jinja2 templates)
     spec               what a driver needs to boot one instance
-    profiles           boot recipes rendered from Jinja2 templates (pure)
+    profiles           the shared rendering core: escaping per format, NIC naming (pure)
     kvm, kvmprobe      KVM/QEMU guests through libvirtd; does KVM really run a guest here
     uml                User-Mode Linux guests: taps, the linux.uml process, clean stop
-    virtualbox         VirtualBox boot disk (SYSLINUX on FAT) without mounting
+    xen                Xen: xl.cfg and libvirt XML, rendered only
+    virtualbox         VirtualBox: VBoxManage script, VMDKs, boot disk; rendered only
 
 boot/  booting instances
     initramfs          the guest's early boot archive (guest_init.sh + modules)
     umlprobe           which UML kernel boots here (probed once, cached)
-    running            whether a guest runs, and why its last boot failed
-    control            boot pieces, rendering, start, stop, switch hypervisor
+    kernel             which kernel an instance boots, its initramfs (cached per kernel)
+    running            running.json and crashed.json: whether a guest runs, why it failed
+    control            specs, render, boot, stop, switch hypervisor (asks the drivers)
 
 Top:
     timer              unattended reconcile: systemd timer or cron.d line

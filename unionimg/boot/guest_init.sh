@@ -151,8 +151,9 @@ mount -t overlay -o "lowerdir=$BASE_MNT,upperdir=$U_MNT/upper,workdir=$U_MNT/wor
 	overlay "$NEWROOT" || fail "cannot mount the overlay of BASE and U on $NEWROOT"
 
 # NIC naming for this VM's fixed MAC: unionimg renders a udev rule and a systemd .link file
-# (from udev_rules/) into the instance's part of the initramfs; the guest's udev reads them
-# from /run, which moves into the union root below. Nothing is written into BASE or U.
+# (unionimg/hypervisors/templates/net/) into the instance's part of the initramfs; the guest's
+# udev reads them from /run, which moves into the union root below. Nothing is written into
+# BASE or U.
 if [ -d /unionimg/net ]; then
 	mkdir -p /run/udev/rules.d /run/systemd/network
 	for f in /unionimg/net/*.rules; do [ -f "$f" ] && cp "$f" /run/udev/rules.d/; done

@@ -1,7 +1,12 @@
 """Whether an instance's guest runs, whether its last boot failed, and why.
 
-``running_on`` is a thin door into :mod:`unionimg.boot.control`, so the modules that only need the
-answer do not import the hypervisor drivers.
+**The running record.** While a guest unionimg started runs, ``running.json`` in the
+instance's directory holds its :class:`~unionimg.hypervisors.Running` record (this module is
+the one place that reads and writes it). :func:`running_on` asks the record's driver whether
+the guest still runs; a guest found gone has its host resources released by its driver, its
+crash recorded when it failed, and its record removed. The drivers are found through the
+registry (:func:`unionimg.hypervisors.get`), so asking costs no hypervisor library unless a
+guest of that hypervisor is recorded.
 
 **What the console says.** The serial console log of a boot (``STORE/run/VM/guest/
 console.log``) is read for three things:
@@ -30,13 +35,17 @@ reason, and the next boot clears it.
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unionimg import display
+from unionimg import display, hypervisors
+from unionimg.hypervisors import Running
 from unionimg.store.layout import Store, now_iso, read_json, write_json
+from unionimg.store.records import DamagedRecord
 
+RUNNING_FILE = "running.json"
 CRASH_FILE = "crashed.json"
 HEAD_BYTES = 4 << 20
 """How much of the start of a console log is searched for the readiness line."""
@@ -60,22 +69,14 @@ _NOISE = re.compile(
     r"^(CPU:|Hardware name:|Call Trace:|<TASK>|</TASK>|RIP:|RSP:|RAX:|RDX:|RBP:|R\d+:|FS:|CS:|"
     r"CR2:|Code:|Modules linked in:|Kernel Offset:|Rebooting in|---\[ end|\?|dump_stack|panic\+)"
 )
-_SIGNALS = {
-    1: "SIGHUP",
-    2: "SIGINT",
-    4: "SIGILL",
-    6: "SIGABRT",
-    7: "SIGBUS",
-    8: "SIGFPE",
-    9: "SIGKILL",
-    11: "SIGSEGV",
-    13: "SIGPIPE",
-    15: "SIGTERM",
-}
 
 
 def signal_name(number: int) -> str:
-    return _SIGNALS.get(number, f"signal {number}")
+    """``SIGKILL`` for 9; ``signal N`` for a number that names no signal."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def quote(text: str, limit: int = QUOTE_MAX) -> str:
@@ -196,21 +197,147 @@ def stop_reason(
     return None
 
 
+# -- where a guest's files are ----------------------------------------------------------------
+def workdir(store: Store, name: str) -> Path:
+    """The instance's run directory for its guest: rendered files, initramfs, console."""
+    return store.run_dir / name / "guest"
+
+
+def console_log(store: Store, name: str) -> Path:
+    return workdir(store, name) / "console.log"
+
+
+# -- the running record -----------------------------------------------------------------------
+def running_path(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / RUNNING_FILE
+
+
+def read_running(store: Store, name: str) -> Running | None:
+    """The running record of the instance's guest, or None when it has none. DamagedRecord
+    (one line naming the file and the field) when it is not what unionimg writes: whether a
+    guest runs is then unknown, and nothing may touch the instance's images."""
+    path = running_path(store, name)
+    try:
+        return Running.from_json(read_json(path))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:  # not JSON, or not a running record
+        raise DamagedRecord(
+            f"running record {path} is damaged: {exc}; unionimg never writes it so: if no "
+            f"guest of instance '{name}' runs, remove that file"
+        ) from None
+
+
+def write_running(store: Store, name: str, rec: Running) -> None:
+    write_json(running_path(store, name), rec.to_json())
+
+
+def clear_running(store: Store, name: str) -> None:
+    running_path(store, name).unlink(missing_ok=True)
+
+
+def running_on(store: Store, name: str) -> str | None:
+    """The hypervisor the instance's guest runs on now, or None. A guest found gone has its
+    record cleared and, when it failed, its crash recorded."""
+    rec = read_running(store, name)
+    if rec is None:
+        return None
+    driver = hypervisors.get(rec.hypervisor)
+    seen = driver.is_running(rec)
+    if seen.running:
+        return rec.hypervisor
+    _cleanup(store, name, rec, seen.evidence)
+    return None
+
+
+def _cleanup(store: Store, name: str, rec: Running, evidence: str | None) -> None:
+    """The guest is gone: record why if it failed, free what it held, forget that it ran."""
+    console = Path(rec.console)
+    verdict = console_verdict(console)
+    reason = stop_reason(verdict, hypervisor_says=evidence, stop_requested=rec.stopping)
+    if reason is not None:
+        record_crash(
+            store,
+            name,
+            hypervisor=rec.hypervisor,
+            reason=reason,
+            console=str(console),
+            ready=verdict.ready,
+            evidence=evidence,
+        )
+    hypervisors.get(rec.hypervisor).release(rec)
+    clear_running(store, name)
+
+
 # -- the crash record -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Crash:
+    """Why the instance's last boot failed (``crashed.json``), until its next boot."""
+
+    reason: str
+    """One line (console text in it quoted and escaped)."""
+    hypervisor: str = ""
+    ready: bool = False
+    """The guest had reached its init on the union root before it failed."""
+    evidence: str | None = None
+    """What the hypervisor said (libvirt's shut-off reason, UML's exit status), if anything."""
+    at: str = ""
+    console: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hypervisor": self.hypervisor,
+            "reason": self.reason,
+            "ready": self.ready,
+            "evidence": self.evidence,
+            "at": self.at,
+            "console": self.console,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Crash:
+        """The record :meth:`to_json` wrote; ValueError when it is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        for key in ("reason", "hypervisor", "at", "console"):
+            if not isinstance(data.get(key, ""), str):
+                raise ValueError(f"'{key}' is not a string")
+        if not isinstance(data.get("reason"), str):
+            raise ValueError("'reason' is missing")
+        if not isinstance(data.get("ready", False), bool):
+            raise ValueError("'ready' is not true or false")
+        evidence = data.get("evidence")
+        if evidence is not None and not isinstance(evidence, str):
+            raise ValueError("'evidence' is not a string")
+        return cls(
+            reason=data["reason"],
+            hypervisor=data.get("hypervisor", ""),
+            ready=data.get("ready", False),
+            evidence=evidence,
+            at=data.get("at", ""),
+            console=data.get("console", ""),
+        )
+
+
 def _crash_path(store: Store, name: str) -> Path:
     return store.instance_dir(name) / CRASH_FILE
 
 
-def crash_record(store: Store, name: str) -> dict[str, Any] | None:
+def last_crash(store: Store, name: str) -> Crash | None:
     """The record of the instance's last boot failure, or None."""
     path = _crash_path(store, name)
     if not path.is_file():
         return None
     try:
-        rec = read_json(path)
+        return Crash.from_json(read_json(path))
     except (OSError, ValueError):
-        return {"reason": f"unreadable crash record {path}"}
-    return rec if isinstance(rec, dict) else None
+        return Crash(reason=f"unreadable crash record {path}")
+
+
+def crash_record(store: Store, name: str) -> dict[str, Any] | None:
+    """:func:`last_crash` as its JSON object (``reason``, ``ready``, ...), or None."""
+    crash = last_crash(store, name)
+    return None if crash is None else crash.to_json()
 
 
 def record_crash(
@@ -227,27 +354,9 @@ def record_crash(
     on the union root (``ready``) and what the hypervisor said (``evidence``)."""
     if not store.instance_dir(name).is_dir():
         return  # removed meanwhile
-    write_json(
-        _crash_path(store, name),
-        {
-            "hypervisor": hypervisor,
-            "reason": reason,
-            "ready": ready,
-            "evidence": evidence,
-            "at": now_iso(),
-            "console": console,
-        },
-    )
+    crash = Crash(reason, hypervisor, ready, evidence, now_iso(), console)
+    write_json(_crash_path(store, name), crash.to_json())
 
 
 def clear_crash(store: Store, name: str) -> None:
     _crash_path(store, name).unlink(missing_ok=True)
-
-
-def running_on(store: Store, name: str) -> str | None:
-    """The hypervisor the instance runs on now, or None."""
-    if not (store.instance_dir(name) / "running.json").is_file():
-        return None
-    from unionimg.boot.control import running_on as live
-
-    return live(store, name)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from unionimg.boot.initramfs import UML_MODULES_BASE, elf_is_static, pack_cpio
 from unionimg.errors import MissingCapability, ToolFailed, UsageError
+from unionimg.hypervisors import uml
 from unionimg.runner import run
 from unionimg.store import probecache
 
@@ -196,8 +197,6 @@ def boot_probe(kernel: Path, *, timeout: float = 30.0, busybox: Path = BUSYBOX) 
     """Boot ``kernel`` with the probe initramfs; say whether its first user process ran and
     it powered off cleanly. Never raises for a kernel that fails (MissingCapability only
     when the probe itself cannot run: no static busybox, no /dev/shm tmpfs)."""
-    from unionimg.hypervisors import uml
-
     with tempfile.TemporaryDirectory(prefix="unionimg-umlprobe-") as tmp:
         work = Path(tmp)
         initrd = work / "initrd.cpio"

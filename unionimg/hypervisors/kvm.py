@@ -1,7 +1,12 @@
-"""Start and supervise KVM/QEMU guests through libvirt (libvirt-python).
+"""The kvm driver: KVM/QEMU guests through libvirt (libvirt-python).
 
-The domain XML comes rendered (see :mod:`unionimg.hypervisors.profiles`); this module only talks to
-libvirtd: define, start, watch, stop, undefine, with libvirt's errors turned into one line.
+Its profile is one libvirt domain, ``domain.xml`` (``templates/kvm/domain.xml.j2``): type
+``kvm``, or ``qemu`` (TCG) where the probe (:mod:`unionimg.hypervisors.kvmprobe`) shows KVM
+does not really run a guest; direct kernel boot, BASE read-only and U read-write as raw virtio
+disks, a user-mode NIC with the instance's MAC, the serial console written to a file,
+pvpanic with ``on_crash=destroy``. The rest of this module talks to libvirtd: define, start,
+watch, stop, undefine, with libvirt's errors turned into one line; :data:`DRIVER` puts it
+behind the :class:`~unionimg.hypervisors.Driver` interface.
 
 Facts this module builds on (measured on Debian 12, libvirt 9.0, no systemd):
 
@@ -28,11 +33,24 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import libvirt
 
 from unionimg.errors import Conflict, MissingCapability, ToolFailed, UsageError
+from unionimg.hypervisors import (
+    Capabilities,
+    Driver,
+    Liveness,
+    Prepared,
+    Running,
+    kvmprobe,
+    now_iso,
+)
+from unionimg.hypervisors.profiles import check_paths, common, render_template
+from unionimg.hypervisors.spec import BootSpec, instance_uuid
+from unionimg.names import shown
 from unionimg.runner import run, which
 
 log = logging.getLogger(__name__)
@@ -438,3 +456,164 @@ def undefine(conn: libvirt.virConnect, name: str) -> None:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return
         raise ToolFailed(f"libvirt could not undefine instance {name}: {_one_line(exc)}") from exc
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+#: The console the kvm profile puts first on the kernel command line.
+CONSOLE = "console=ttyS0"
+#: What ``qemu:///system`` needs on this host to start a domain.
+NEEDS = ("qemu-system-x86_64", "libvirtd", "virtlogd")
+
+
+def render(spec: BootSpec) -> dict[str, str]:
+    """``domain.xml`` of ``spec`` (type ``spec.domain_type``: kvm, or qemu for TCG)."""
+    ctx = common(spec, CONSOLE)
+    if spec.domain_type not in ("kvm", "qemu"):
+        raise UsageError(
+            f"instance {spec.name}: libvirt domain type '{shown(spec.domain_type)}' "
+            "is not supported; use kvm, or qemu (TCG) where KVM does not work"
+        )
+    check_paths(spec, "emulator")
+    ctx |= {"domain_type": spec.domain_type, "emulator": str(spec.emulator)}
+    return {"domain.xml": render_template("kvm/domain.xml.j2", ctx)}
+
+
+def _connection_if_up() -> libvirt.virConnect | None:
+    """A connection to ``qemu:///system`` when libvirtd runs, else None (never starts it:
+    asking whether a guest runs must not start daemons)."""
+    if "libvirtd" not in daemon_pids():
+        return None
+    return connect()
+
+
+def _domain(rec: Running) -> str:
+    if not rec.domain:
+        raise Conflict(f"a kvm running record without its libvirt domain ({rec.console})")
+    return rec.domain
+
+
+class KvmDriver(Driver):
+    name = "kvm"
+    capabilities = Capabilities(
+        can_start=True,
+        can_snapshot=True,
+        validated_by=("virt-xml-validate", "libvirt-test-driver"),
+        kernel="guest",
+        private_mounts=True,
+        poll_interval=0.2,  # each look is a libvirt round trip
+    )
+
+    def can_boot_here(self) -> tuple[bool, str]:
+        lacking = []
+        for program in NEEDS:
+            try:
+                which(program)
+            except MissingCapability:
+                lacking.append(program)
+        if lacking:
+            return False, (
+                f"{', '.join(lacking)} not installed (apt-get install qemu-system-x86 "
+                "libvirt-daemon-system)"
+            )
+        if os.geteuid() != 0:
+            return False, f"{SYSTEM_URI} needs root"
+        return True, f"libvirt ({SYSTEM_URI}) starts QEMU; the domain type is probed at boot"
+
+    def render(self, spec: BootSpec) -> dict[str, str]:
+        return render(spec)
+
+    def prepare(self, spec: BootSpec, *, boot: bool = False) -> Prepared:
+        """With ``boot``: the domain type the KVM probe picks for ``spec.kernel`` (cached per
+        host; said on stderr); else ``spec.domain_type`` as given."""
+        if not boot:
+            return Prepared(spec, render(spec))
+        # a property of the host (cached per host kernel, QEMU and guest kernel)
+        dtype, why = kvmprobe.domain_type(kvmprobe.PROBE_CACHE, spec.kernel)
+        log.warning("%s: domain type %s (%s)", spec.name, dtype, why)
+        spec = replace(spec, domain_type=dtype)
+        return Prepared(spec, render(spec), facts={"domain_type": dtype, "why": why})
+
+    def start(self, prepared: Prepared, record: Callable[[Running], None]) -> Running:
+        spec = prepared.spec
+        conn = connect()
+        try:
+            defined = spec.name in conn.listDefinedDomains()
+            dom = conn.lookupByName(spec.name) if defined else None
+            if dom is not None and dom.UUIDString() != spec.uuid:
+                raise Conflict(
+                    f"libvirt already has a domain named '{spec.name}' that unionimg "
+                    "did not define; rename or undefine it"
+                )
+            rec = Running(
+                hypervisor=self.name,
+                started=now_iso(),
+                console=str(spec.console_log),
+                domain=spec.name,
+                domain_type=spec.domain_type,
+            )
+            record(rec)  # before the domain exists: a crash of ours never hides a guest
+            define_and_start(conn, prepared.files["domain.xml"])
+        finally:
+            conn.close()
+        return rec
+
+    def is_running(self, rec: Running) -> Liveness:
+        domain = _domain(rec)
+        conn = _connection_if_up()
+        if conn is None:
+            # libvirtd is down but the QEMU it started may run on: ask /proc, not libvirt
+            return Liveness(qemu_running(domain))
+        try:
+            st, why = state_reason(conn, domain)
+        finally:
+            conn.close()
+        if st not in ("shutoff", "absent", "crashed"):
+            return Liveness(True)
+        evidence = None
+        if st == "crashed" or why in ("crashed", "failed"):
+            evidence = f"libvirt reports the domain {st}, reason {why}"
+        return Liveness(False, evidence)
+
+    def stop(
+        self,
+        rec: Running,
+        *,
+        force: bool,
+        timeout: float = 30.0,
+        notice: Callable[[float], None] | None = None,
+    ) -> str:
+        conn = connect()
+        try:
+            return stop(conn, _domain(rec), force=force, timeout=timeout, notice=notice)
+        finally:
+            conn.close()
+
+    def forget(self, instance: str) -> None:
+        """Undefine the instance's libvirt domain if unionimg defined it (its UUID is the
+        instance's) and it is shut off; nothing when libvirtd does not run."""
+        conn = _connection_if_up()
+        if conn is None:
+            return
+        try:
+            if instance in conn.listDefinedDomains():
+                dom = conn.lookupByName(instance)
+                if dom.UUIDString() == instance_uuid(instance):
+                    undefine(conn, instance)
+        finally:
+            conn.close()
+
+    def mac_user(self, instance: str, mac: str) -> str | None:
+        conn = _connection_if_up()
+        if conn is None:
+            return None
+        try:
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                if dom.name() != instance and f"'{mac}'" in dom.XMLDesc(0):
+                    return f"libvirt domain '{dom.name()}'"
+        finally:
+            conn.close()
+        return None
+
+
+DRIVER = KvmDriver()

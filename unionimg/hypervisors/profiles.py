@@ -1,80 +1,60 @@
-"""Per-hypervisor boot recipes ("profiles"), rendered from Jinja2 templates. Pure.
+"""The shared rendering core of the hypervisor drivers: Jinja2 templates and escaping. Pure.
 
-A profile turns one :class:`~unionimg.hypervisors.spec.BootSpec` into the files a hypervisor
-needs to boot the instance's two raw images (BASE read-only, U read-write) with its fixed MAC:
+Each driver (:mod:`unionimg.hypervisors`) renders its profile from the templates in
+``templates/<hypervisor>/`` of this package; :func:`render_net_naming` renders the guest side
+of the fixed MAC from ``templates/net/``: a udev rule and a systemd ``.link`` file that give
+the NIC with that MAC the same name under every hypervisor. The templates ship inside the
+package and are found one way, through the package (``importlib.resources`` / Jinja2's
+``PackageLoader``), in a checkout, an editable install and an installed wheel alike.
 
-- ``kvm``: ``domain.xml``, a libvirt domain (type ``kvm``, or ``qemu`` for TCG);
-- ``xen``: ``xl.cfg`` (PVH, for ``xl create``) and ``domain.xml`` (the libvirt/libxl twin);
-- ``virtualbox``: ``create-vm.sh`` (VBoxManage commands) and the VMDK descriptors
-  ``boot.vmdk``, ``base.vmdk``, ``upper.vmdk`` that point at raw images in place; the boot disk
-  itself (``boot.img``, SYSLINUX + kernel + initramfs) is made by
-  :mod:`unionimg.hypervisors.virtualbox`;
-- ``uml``: ``uml.argv``, the User-Mode Linux command line, one argument per line.
+Each template has one output format, and every value written into it is escaped for that
+format: XML by autoescape; xl.cfg, shell, udev, ``.link``, VMDK, SYSLINUX and UML argv values
+through a filter that quotes the value or rejects it with :class:`UsageError` when the format
+cannot hold it. A value that reaches a non-XML template without its filter is a template bug
+and fails the render (:class:`TemplateBug`), so a forgotten filter cannot slip through.
 
-:func:`render_net_naming` renders the guest side of the fixed MAC: a udev rule and a systemd
-``.link`` file that give the NIC with that MAC the same name under every hypervisor.
-
-Templates live in ``hypervisor_profiles/<hypervisor>/`` and ``udev_rules/``. Each template
-has one output format, and every value written into it is escaped for that format: XML by
-autoescape; xl.cfg, shell, udev, ``.link``, VMDK, SYSLINUX and UML argv values through a
-filter that quotes the value or rejects it with :class:`UsageError` when the format cannot
-hold it. A value that reaches a non-XML template without its filter is a template bug and
-fails the render (:class:`TemplateBug`), so a forgotten filter cannot slip through.
-
-Only :func:`write_rendered` (and the ``disk_sectors`` default of :func:`render`, which stats
-images through :func:`unionimg.hypervisors.virtualbox.disk_sectors`) touches the file system.
+:func:`common` checks the fields of a :class:`~unionimg.hypervisors.spec.BootSpec` every
+profile uses (cheaply: the CLI validated most of them already) and gives them to a template.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import importlib.resources
 import re
 import shlex
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Final
 
 import jinja2
 
-from unionimg.errors import MissingCapability, UsageError
+from unionimg.errors import UsageError
 from unionimg.hypervisors.spec import BootSpec
-from unionimg.names import HYPERVISORS, check_name, parse_mac
-from unionimg.store.layout import write_atomic
+from unionimg.names import check_name, parse_mac, shown
 
 __all__ = [
-    "HYPERVISORS",
     "TEMPLATES",
-    "VBOX_BOOT_IMAGE",
-    "XEN_BRIDGE",
     "TemplateBug",
     "check_ifname",
+    "check_paths",
+    "common",
     "kernel_cmdline",
     "link_value",
-    "profile_dirs",
-    "render",
+    "refuse",
     "render_net_naming",
-    "render_syslinux_cfg",
+    "render_template",
     "sh_quote",
+    "template_dir",
     "udev_value",
-    "uml_argv",
-    "vbox_mac",
-    "write_rendered",
     "xl_quote",
 ]
 
-#: Bridge the Xen profile plugs the NIC into (BootSpec has no network field yet).
-XEN_BRIDGE: Final = "xenbr0"
-#: File name, in ``spec.workdir``, of the VirtualBox boot disk made by
-#: :mod:`unionimg.hypervisors.virtualbox`.
-VBOX_BOOT_IMAGE: Final = "boot.img"
-#: The console each profile puts first on the kernel command line (UML: its con0 channel).
-CONSOLE: Final = {"kvm": "console=ttyS0", "xen": "console=hvc0", "virtualbox": "console=ttyS0"}
-
-SECTOR: Final = 512
-PACKAGE_DIR: Final = Path(__file__).resolve().parents[1]  # the unionimg package
+#: The package whose ``templates/`` directory holds every template.
+TEMPLATE_PACKAGE: Final = "unionimg.hypervisors"
 
 
 class TemplateBug(RuntimeError):
@@ -82,23 +62,9 @@ class TemplateBug(RuntimeError):
     error: the CLI shows it with a traceback)."""
 
 
-# --- where the templates are ---------------------------------------------------------------
-
-
-def _data_dir(name: str) -> Path:
-    # installed: package data inside the package; source checkout / editable: the repo root
-    for candidate in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise MissingCapability(
-        f"template directory '{name}' not found in {PACKAGE_DIR} or {PACKAGE_DIR.parent}; "
-        "reinstall unionimg (the templates ship as package data)"
-    )
-
-
-def profile_dirs() -> tuple[Path, Path]:
-    """The ``hypervisor_profiles`` and ``udev_rules`` directories in use."""
-    return _data_dir("hypervisor_profiles"), _data_dir("udev_rules")
+def template_dir() -> Traversable:
+    """The ``templates`` directory of this package (``<hypervisor>/`` and ``net/``)."""
+    return importlib.resources.files(TEMPLATE_PACKAGE) / "templates"
 
 
 # --- escaping, one set of filters per output format -----------------------------------------
@@ -108,24 +74,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 
 
-def _show(text: str) -> str:
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= 60 else shown[:57] + "..."
-
-
 def _text(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | Path):
         raise TemplateBug(f"template value of type {type(value).__name__}: {value!r}")
     return str(value)
 
 
-def _refuse(text: str, where: str, why: str) -> UsageError:
-    return UsageError(f"'{_show(text)}' cannot be written into {where}: {why}")
+def refuse(text: str, where: str, why: str) -> UsageError:
+    """The one-line error for a value ``text`` that ``where`` (a format) cannot hold."""
+    return UsageError(f"'{shown(text)}' cannot be written into {where}: {why}")
 
 
 def _no_control(text: str, where: str) -> str:
     if _CONTROL.search(text):
-        raise _refuse(text, where, "it contains a newline or another control character")
+        raise refuse(text, where, "it contains a newline or another control character")
     return text
 
 
@@ -171,19 +133,19 @@ def xl_quote(value: object) -> str:
     """
     text = _no_control(_text(value), "an xl.cfg string")
     if "\\" in text:
-        raise _refuse(text, "an xl.cfg string", "it contains a backslash")
+        raise refuse(text, "an xl.cfg string", "it contains a backslash")
     if "'" not in text:
         return _XlText(f"'{text}'")
     if '"' not in text:
         return _XlText(f'"{text}"')
-    raise _refuse(text, "an xl.cfg string", "it contains both kinds of quote")
+    raise refuse(text, "an xl.cfg string", "it contains both kinds of quote")
 
 
 def sh_quote(value: object) -> str:
     """One POSIX shell word (:func:`shlex.quote`); NUL is refused (no shell can hold it)."""
     text = _text(value)
     if "\0" in text:
-        raise _refuse(text, "a shell script", "it contains a NUL byte")
+        raise refuse(text, "a shell script", "it contains a NUL byte")
     return _ShText(shlex.quote(text))
 
 
@@ -191,7 +153,7 @@ def udev_value(value: object) -> str:
     """A value inside a udev rule's double quotes: no ``"``, backslash or control character."""
     text = _no_control(_text(value), "a udev rule")
     if '"' in text or "\\" in text:
-        raise _refuse(text, "a udev rule", 'it contains " or \\')
+        raise refuse(text, "a udev rule", 'it contains " or \\')
     return _UdevText(text)
 
 
@@ -203,21 +165,21 @@ def link_value(value: object) -> str:
 def _argv_value(value: object) -> str:
     text = _no_control(_text(value), "the UML command line")
     if not text or any(c.isspace() for c in text):
-        raise _refuse(text, "the UML command line", "UML joins its arguments with blanks")
+        raise refuse(text, "the UML command line", "UML joins its arguments with blanks")
     return _ArgvText(text)
 
 
 def _ubd_value(value: object) -> str:
     text = _argv_value(value)
     if "," in text or ":" in text:
-        raise _refuse(text, "a UML ubd option", "',' and ':' separate a COW backing file there")
+        raise refuse(text, "a UML ubd option", "',' and ':' separate a COW backing file there")
     return _ArgvText(text)
 
 
 def _vmdk_value(value: object) -> str:
     text = _no_control(_text(value), "a VMDK descriptor")
     if '"' in text:
-        raise _refuse(text, "a VMDK descriptor", 'it contains "')
+        raise refuse(text, "a VMDK descriptor", 'it contains "')
     return _VmdkText(text)
 
 
@@ -230,7 +192,7 @@ def _xml_final(value: object) -> object:
     then escapes ``<&>'"``)."""
     text = _text(value)
     if _XML_ILLEGAL.search(text):
-        raise _refuse(text, "libvirt XML", "it contains a control character XML cannot hold")
+        raise refuse(text, "libvirt XML", "it contains a control character XML cannot hold")
     return value
 
 
@@ -278,8 +240,8 @@ TEMPLATES: Final[Mapping[str, str]] = {
     "virtualbox/disk.vmdk.j2": "vmdk",
     "virtualbox/syslinux.cfg.j2": "syslinux",
     "uml/uml.argv.j2": "argv",
-    "70-unionimg-net.rules.j2": "udev",
-    "unionimg.link.j2": "link",
+    "net/70-unionimg-net.rules.j2": "udev",
+    "net/unionimg.link.j2": "link",
 }
 
 
@@ -287,7 +249,7 @@ TEMPLATES: Final[Mapping[str, str]] = {
 def _environment(fmt: str) -> jinja2.Environment:
     spec = _FORMATS[fmt]
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in profile_dirs()]),
+        loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, "templates"),
         undefined=jinja2.StrictUndefined,
         autoescape=spec.autoescape,
         finalize=spec.finalize,
@@ -301,7 +263,9 @@ def _environment(fmt: str) -> jinja2.Environment:
     return env
 
 
-def _render_template(name: str, context: Mapping[str, object]) -> str:
+def render_template(name: str, context: Mapping[str, object]) -> str:
+    """Template ``name`` (a key of :data:`TEMPLATES`) rendered with ``context``, every value
+    through its format's escaping."""
     return _environment(TEMPLATES[name]).get_template(name).render(context)
 
 
@@ -313,15 +277,15 @@ _IFNAME_MAX = 15
 def check_ifname(name: str, what: str = "NIC name") -> str:
     """A Linux interface name: 1-15 printable ASCII characters, none of ``/ : " '`` or blanks,
     not ``.``/``..``, not all digits (systemd refuses those)."""
-    shown = _show(name)
+    text = shown(name)
     if not name or len(name.encode()) > _IFNAME_MAX:
-        raise UsageError(f"{what} '{shown}' must be 1-{_IFNAME_MAX} characters long")
+        raise UsageError(f"{what} '{text}' must be 1-{_IFNAME_MAX} characters long")
     if name in (".", "..") or name.isdigit():
-        raise UsageError(f"{what} '{shown}' is not allowed; use a name like eth0")
+        raise UsageError(f"{what} '{text}' is not allowed; use a name like eth0")
     bad = [c for c in name if not 33 <= ord(c) <= 126 or c in "/:\"'\\"]
     if bad:
         raise UsageError(
-            f"{what} '{shown}' contains '{_show(bad[0])}'; use letters, digits, '-', '_' or '.'"
+            f"{what} '{text}' contains '{shown(bad[0])}'; use letters, digits, '-', '_' or '.'"
         )
     return name
 
@@ -330,15 +294,16 @@ def _check_uuid(text: str, name: str) -> str:
     try:
         return str(uuidlib.UUID(text))
     except ValueError:
-        raise UsageError(f"instance {name}: UUID '{_show(text)}' is malformed") from None
+        raise UsageError(f"instance {name}: UUID '{shown(text)}' is malformed") from None
 
 
-def _check_paths(spec: BootSpec, *fields: str) -> None:
+def check_paths(spec: BootSpec, *fields: str) -> None:
+    """UsageError unless each of ``fields`` of ``spec`` is an absolute path."""
     for field in fields:
         path = getattr(spec, field)
         if not Path(path).is_absolute():
             raise UsageError(
-                f"instance {spec.name}: {field} '{_show(str(path))}' must be an absolute path"
+                f"instance {spec.name}: {field} '{shown(str(path))}' must be an absolute path"
             )
 
 
@@ -350,27 +315,24 @@ def _check_spec(spec: BootSpec) -> None:
         raise UsageError(f"instance {spec.name}: memory {spec.memory_mib} MiB; give at least 16")
     if isinstance(spec.vcpus, bool) or not isinstance(spec.vcpus, int) or spec.vcpus < 1:
         raise UsageError(f"instance {spec.name}: vcpus {spec.vcpus!r}; give at least 1")
-    _check_paths(spec, "base_image", "upper_image", "kernel", "initrd", "console_log", "workdir")
+    check_paths(spec, "base_image", "upper_image", "kernel", "initrd", "console_log", "workdir")
 
 
-def kernel_cmdline(hypervisor: str, spec: BootSpec) -> str:
-    """The guest kernel's command line under ``hypervisor``: its console, then spec.cmdline."""
+def kernel_cmdline(spec: BootSpec, console: str) -> str:
+    """The guest kernel's command line: the profile's ``console`` argument (``console=ttyS0``;
+    '' for none), then ``spec.cmdline``."""
     extra = spec.cmdline.strip()
     if _CONTROL.search(extra):
         raise UsageError(
-            f"instance {spec.name}: kernel command line '{_show(extra)}' contains a newline or "
+            f"instance {spec.name}: kernel command line '{shown(extra)}' contains a newline or "
             "another control character"
         )
-    console = CONSOLE.get(hypervisor, "")
     return " ".join(part for part in (console, extra) if part)
 
 
-def vbox_mac(mac: str) -> str:
-    """VirtualBox's MAC spelling: 12 upper-case hex digits, no separators."""
-    return parse_mac(mac).replace(":", "").upper()
-
-
-def _common(spec: BootSpec, hypervisor: str) -> dict[str, object]:
+def common(spec: BootSpec, console: str) -> dict[str, object]:
+    """The checked fields of ``spec`` every profile's template gets (``cmdline`` begins with
+    the profile's ``console`` argument)."""
     _check_spec(spec)
     return {
         "name": spec.name,
@@ -380,168 +342,12 @@ def _common(spec: BootSpec, hypervisor: str) -> dict[str, object]:
         "vcpus": spec.vcpus,
         "kernel": str(spec.kernel),
         "initrd": str(spec.initrd),
-        "cmdline": kernel_cmdline(hypervisor, spec),
+        "cmdline": kernel_cmdline(spec, console),
         "base_image": str(spec.base_image),
         "upper_image": str(spec.upper_image),
         "console_log": str(spec.console_log),
         "workdir": str(spec.workdir),
     }
-
-
-# --- the profiles ----------------------------------------------------------------------------
-
-
-def _kvm(spec: BootSpec) -> dict[str, str]:
-    ctx = _common(spec, "kvm")
-    if spec.domain_type not in ("kvm", "qemu"):
-        raise UsageError(
-            f"instance {spec.name}: libvirt domain type '{_show(spec.domain_type)}' "
-            "is not supported; use kvm, or qemu (TCG) where KVM does not work"
-        )
-    _check_paths(spec, "emulator")
-    ctx |= {"domain_type": spec.domain_type, "emulator": str(spec.emulator)}
-    return {"domain.xml": _render_template("kvm/domain.xml.j2", ctx)}
-
-
-def _xl_disk(vdev: str, access: str, image: str) -> str:
-    # target= must come last: everything after it, commas included, is the path
-    return f"format=raw,vdev={vdev},access={access},target={image}"
-
-
-def _xen(spec: BootSpec) -> dict[str, str]:
-    ctx = _common(spec, "xen")
-    ctx |= {
-        "bridge": XEN_BRIDGE,
-        "disks": [
-            _xl_disk("xvda", "ro", str(spec.base_image)),
-            _xl_disk("xvdb", "rw", str(spec.upper_image)),
-        ],
-        "vifs": [f"mac={ctx['mac']},bridge={XEN_BRIDGE}"],
-    }
-    return {
-        "xl.cfg": _render_template("xen/xl.cfg.j2", ctx),
-        "domain.xml": _render_template("xen/domain.xml.j2", ctx),
-    }
-
-
-#: where UML keeps its per-guest directory (pid file, mconsole socket): short on purpose
-UML_DIR: Final = "/run/unionimg-uml"
-#: How the argv attaches the tap NIC: UML's legacy ``eth0=tuntap,TAP,MAC`` (gone from UML
-#: 6.15 on; the guest NIC is eth0) or the vector driver ``vec0:transport=tap,ifname=TAP,mac=MAC``
-#: (the guest NIC is vec0 until the initramfs renames it by MAC). unionimg.boot.umlprobe decides.
-UML_TRANSPORTS: Final = ("tuntap", "vector")
-
-
-def _uml(spec: BootSpec) -> dict[str, str]:
-    ctx = _common(spec, "uml")
-    if spec.kernel.name.startswith("vmlinuz"):
-        raise UsageError(
-            f"instance {spec.name}: the uml profile runs the UML kernel itself (e.g. "
-            f"/usr/bin/linux.uml), not '{_show(str(spec.kernel))}'"
-        )
-    if not spec.tap:
-        raise UsageError(
-            f"instance {spec.name}: the uml profile needs a host tap device for its NIC "
-            "(ip tuntap add dev TAP mode tap; ip link set TAP up)"
-        )
-    check_ifname(spec.tap, "tap device")
-    if spec.uml_transport not in UML_TRANSPORTS:
-        raise UsageError(
-            f"instance {spec.name}: UML NIC transport '{_show(spec.uml_transport)}' is not "
-            f"supported; use one of {', '.join(UML_TRANSPORTS)}"
-        )
-    ctx |= {
-        "tap": spec.tap,
-        "transport": spec.uml_transport,
-        "cmdline_words": spec.cmdline.split(),
-        "uml_dir": UML_DIR,
-    }
-    return {"uml.argv": _render_template("uml/uml.argv.j2", ctx)}
-
-
-VBOX_DISKS: Final = (("boot", "boot.vmdk"), ("base", "base.vmdk"), ("upper", "upper.vmdk"))
-
-
-def _vmdk(spec: BootSpec, role: str, image: Path, sectors: int) -> str:
-    if isinstance(sectors, bool) or not isinstance(sectors, int) or sectors < 1:
-        raise UsageError(f"instance {spec.name}: {role} image size {sectors!r} sectors is wrong")
-    ns = uuidlib.UUID(spec.uuid)
-    key = f"{role}:{image}:{sectors}"
-    ctx = {
-        "image": str(image),
-        "sectors": sectors,
-        "cylinders": min(sectors // (16 * 63), 16383),
-        # stable per instance, role, image and size: a new base generation is a new medium
-        "cid": hashlib.sha256(key.encode()).hexdigest()[:8],
-        "image_uuid": str(uuidlib.uuid5(ns, "image:" + key)),
-        "modification_uuid": str(uuidlib.uuid5(ns, "modification:" + key)),
-    }
-    return _render_template("virtualbox/disk.vmdk.j2", ctx)
-
-
-def _virtualbox(spec: BootSpec, disk_sectors: Mapping[str, int] | None) -> dict[str, str]:
-    ctx = _common(spec, "virtualbox")
-    if disk_sectors is None:
-        from unionimg.hypervisors.virtualbox import (
-            disk_sectors as stat_sectors,  # the one I/O step, outside the core
-        )
-
-        disk_sectors = stat_sectors(spec)
-    missing = [role for role, _ in VBOX_DISKS if role not in disk_sectors]
-    if missing:
-        raise UsageError(f"instance {spec.name}: no size given for the {missing[0]} image")
-    images = {
-        "boot": spec.workdir / VBOX_BOOT_IMAGE,
-        "base": spec.base_image,
-        "upper": spec.upper_image,
-    }
-    ctx |= {
-        "vbox_mac": vbox_mac(spec.mac),
-        "basefolder": str(spec.workdir / "virtualbox"),
-    }
-    ctx |= {f"{role}_vmdk": str(spec.workdir / file) for role, file in VBOX_DISKS}
-    files = {"create-vm.sh": _render_template("virtualbox/create-vm.sh.j2", ctx)}
-    for role, file in VBOX_DISKS:
-        files[file] = _vmdk(spec, role, images[role], disk_sectors[role])
-    return files
-
-
-def render(
-    hypervisor: str, spec: BootSpec, *, disk_sectors: Mapping[str, int] | None = None
-) -> dict[str, str]:
-    """The files of ``hypervisor``'s profile for ``spec``: file name → content.
-
-    ``disk_sectors`` (virtualbox only) maps ``boot``, ``base`` and ``upper`` to the size of
-    ``spec.workdir/boot.img``, the BASE and the U image in 512-byte sectors; by default the
-    images are stat'ed. File names are relative to ``spec.workdir``, where the rendered files
-    refer to each other (write them there with :func:`write_rendered`).
-    """
-    if hypervisor == "kvm":
-        return _kvm(spec)
-    if hypervisor == "xen":
-        return _xen(spec)
-    if hypervisor == "virtualbox":
-        return _virtualbox(spec, disk_sectors)
-    if hypervisor == "uml":
-        return _uml(spec)
-    raise UsageError(f"unknown hypervisor '{_show(hypervisor)}'; choose one of {HYPERVISORS}")
-
-
-def uml_argv(spec: BootSpec) -> list[str]:
-    """What a driver execs to boot ``spec`` under User-Mode Linux (no shell involved).
-
-    The UML console (con0) is the process's stdin/stdout: redirect stdout to
-    ``spec.console_log``.
-    """
-    return render("uml", spec)["uml.argv"].splitlines()
-
-
-def render_syslinux_cfg(cmdline: str, *, kernel_file: str, initrd_file: str) -> str:
-    """``syslinux.cfg`` of a boot disk that boots ``/kernel_file`` with ``/initrd_file``."""
-    return _render_template(
-        "virtualbox/syslinux.cfg.j2",
-        {"cmdline": cmdline, "kernel_file": kernel_file, "initrd_file": initrd_file},
-    )
 
 
 def render_net_naming(spec: BootSpec) -> dict[str, str]:
@@ -553,25 +359,6 @@ def render_net_naming(spec: BootSpec) -> dict[str, str]:
     link_file = f"10-unionimg-{nic}.link"
     ctx = {"name": spec.name, "mac": parse_mac(spec.mac), "nic_name": nic, "file_name": link_file}
     return {
-        "70-unionimg-net.rules": _render_template("70-unionimg-net.rules.j2", ctx),
-        link_file: _render_template("unionimg.link.j2", ctx),
+        "70-unionimg-net.rules": render_template("net/70-unionimg-net.rules.j2", ctx),
+        link_file: render_template("net/unionimg.link.j2", ctx),
     }
-
-
-# --- writing ---------------------------------------------------------------------------------
-
-
-def write_rendered(files: Mapping[str, str], out: Path) -> list[Path]:
-    """Write ``files`` into directory ``out`` (made if missing), each atomically (see
-    :func:`unionimg.store.layout.write_atomic`), mode 0600 (``*.sh`` 0700). Returns the paths."""
-    out = Path(out)
-    for name in files:
-        if not name or "/" in name or name in (".", "..") or "\0" in name:
-            raise ValueError(f"rendered file name {name!r} is not a plain file name")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, content in sorted(files.items()):
-        target = out / name
-        write_atomic(target, content.encode("utf-8"), mode=0o700 if name.endswith(".sh") else 0o600)
-        written.append(target)
-    return written

@@ -1,5 +1,6 @@
-"""What a hypervisor profile needs to boot one instance. Pure data, shared by the profile
-renderers (:mod:`unionimg.hypervisors.profiles`) and the drivers that start guests."""
+"""What a hypervisor driver needs to boot one instance. Pure data, made by
+:func:`unionimg.boot.control.make_spec`, rendered and started by the drivers
+(:mod:`unionimg.hypervisors`)."""
 
 from __future__ import annotations
 

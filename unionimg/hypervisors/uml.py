@@ -1,8 +1,13 @@
-"""Start and supervise User-Mode Linux guests: tap devices, the ``linux.uml`` process, and a
-clean stop through UML's management console.
+"""The uml driver: User-Mode Linux guests, their tap devices, the ``linux.uml`` process, and
+a clean stop through UML's management console.
 
-The argv comes rendered (see :mod:`unionimg.hypervisors.profiles`); this module runs it detached and
-finds it again later by pid (a later CLI invocation is not the guest's parent).
+Its profile is ``uml.argv`` (``templates/uml/uml.argv.j2``), the UML command line, one
+argument per line: the UML kernel itself (the one :mod:`unionimg.boot.umlprobe` finds booting
+here), ``ubd0r=`` BASE (read-only), ``ubd1=`` U, the initramfs, the NIC on a host tap with
+the instance's MAC (the legacy ``eth0=tuntap`` transport or the vector driver, whichever the
+kernel has), the console on stdout. This module runs it detached and finds it again later by
+pid and umid (a later CLI invocation is not the guest's parent); :data:`DRIVER` puts it behind
+the :class:`~unionimg.hypervisors.Driver` interface.
 
 Facts this module builds on (Debian 12 ``user-mode-linux`` 6.1, measured):
 
@@ -37,10 +42,15 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Final
 
 from unionimg.errors import Conflict, MissingCapability, ToolFailed, UsageError
+from unionimg.hypervisors import Capabilities, Driver, Liveness, Prepared, Running, now_iso
+from unionimg.hypervisors.profiles import check_ifname, common, render_template
+from unionimg.hypervisors.spec import BootSpec
+from unionimg.names import shown
 from unionimg.runner import run, which
 
 log = logging.getLogger(__name__)
@@ -386,7 +396,7 @@ def _check_taps(argv: list[str]) -> None:
         if m and not tap_exists(m.group(2)):
             raise MissingCapability(
                 f"tap device {m.group(2)} for the guest's {m.group(1)} does not exist; "
-                "create it first (uml_driver.make_tap)"
+                "create it first (unionimg.hypervisors.uml.make_tap)"
             )
 
 
@@ -568,3 +578,146 @@ def group_members(pid: int) -> list[int]:
         if len(fields) >= 3 and fields[0] not in ("Z", "X") and int(fields[2]) == pid:
             found.append(int(entry.name))
     return found
+
+
+# --- the profile and the driver --------------------------------------------------------------
+
+#: where UML keeps its per-guest directory (pid file, mconsole socket): short on purpose
+UML_DIR: Final = "/run/unionimg-uml"
+#: How the argv attaches the tap NIC: UML's legacy ``eth0=tuntap,TAP,MAC`` (gone from UML
+#: 6.15 on; the guest NIC is eth0) or the vector driver ``vec0:transport=tap,ifname=TAP,mac=MAC``
+#: (the guest NIC is vec0 until the initramfs renames it by MAC). unionimg.boot.umlprobe decides.
+UML_TRANSPORTS: Final = ("tuntap", "vector")
+
+
+def render(spec: BootSpec) -> dict[str, str]:
+    """``uml.argv`` of ``spec``: ``spec.kernel`` is the UML kernel, ``spec.tap`` the host tap
+    of its NIC, ``spec.uml_transport`` how the NIC is attached. UML has one console (con0,
+    its stdout) and one CPU: no console= argument, ``spec.vcpus`` unused."""
+    ctx = common(spec, "")
+    if spec.kernel.name.startswith("vmlinuz"):
+        raise UsageError(
+            f"instance {spec.name}: the uml profile runs the UML kernel itself (e.g. "
+            f"/usr/bin/linux.uml), not '{shown(str(spec.kernel))}'"
+        )
+    if not spec.tap:
+        raise UsageError(
+            f"instance {spec.name}: the uml profile needs a host tap device for its NIC "
+            "(ip tuntap add dev TAP mode tap; ip link set TAP up)"
+        )
+    check_ifname(spec.tap, "tap device")
+    if spec.uml_transport not in UML_TRANSPORTS:
+        raise UsageError(
+            f"instance {spec.name}: UML NIC transport '{shown(spec.uml_transport)}' is not "
+            f"supported; use one of {', '.join(UML_TRANSPORTS)}"
+        )
+    ctx |= {
+        "tap": spec.tap,
+        "transport": spec.uml_transport,
+        "cmdline_words": spec.cmdline.split(),
+        "uml_dir": UML_DIR,
+    }
+    return {"uml.argv": render_template("uml/uml.argv.j2", ctx)}
+
+
+def argv_of(spec: BootSpec) -> list[str]:
+    """What the driver execs to boot ``spec`` under User-Mode Linux (no shell involved): the
+    lines of the rendered ``uml.argv``. The console (con0) is the process's stdout."""
+    return render(spec)["uml.argv"].splitlines()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _pid(rec: Running) -> int:
+    if rec.pid is None:
+        raise Conflict(f"a uml running record without its pid ({rec.console})")
+    return rec.pid
+
+
+class UmlDriver(Driver):
+    name = "uml"
+    capabilities = Capabilities(
+        can_start=True,
+        can_snapshot=False,
+        validated_by=(),  # no validator of UML command lines but UML: the tests boot it
+        kernel="uml",
+        poll_interval=0.05,  # UML guests are up in well under a second
+    )
+
+    def can_boot_here(self) -> tuple[bool, str]:
+        if os.geteuid() != 0:
+            return False, "a UML guest's NIC needs a tap device, which needs root"
+        if not Path("/dev/net/tun").exists():
+            return False, "/dev/net/tun is missing; load the tun module (modprobe tun)"
+        try:
+            which("ip")
+        except MissingCapability:
+            return False, "ip (iproute2) is not installed; it makes the tap devices"
+        if not _tmpfs_mounted(SHM):
+            return False, f"UML keeps guest memory in a tmpfs file but {SHM} is not a tmpfs"
+        return True, (
+            "UML runs as a process of this host; the UML kernel that boots here is probed "
+            "at boot ('unionimg uml-kernel')"
+        )
+
+    def host_tap(self, instance: str) -> str:
+        return tap_name(instance)
+
+    def render(self, spec: BootSpec) -> dict[str, str]:
+        return render(spec)
+
+    def start(self, prepared: Prepared, record: Callable[[Running], None]) -> Running:
+        spec = prepared.spec
+        argv = prepared.files["uml.argv"].splitlines()
+        Path(UML_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_tap(spec.tap)
+        try:
+            pid = start(argv, spec.console_log, spec.workdir)
+        except BaseException:
+            remove_tap(spec.tap)
+            raise
+        rec = Running(
+            hypervisor=self.name,
+            started=now_iso(),
+            console=str(spec.console_log),
+            pid=pid,
+            umid=umid_of(argv),
+            tap=spec.tap,
+        )
+        record(rec)
+        return rec
+
+    def is_running(self, rec: Running) -> Liveness:
+        pid = _pid(rec)
+        if is_running(pid, umid=rec.umid):
+            return Liveness(True)
+        # known only to the process that started it (boot --wait, switch --boot --wait)
+        code = exit_status(pid)
+        if code is None or code == 0:
+            return Liveness(False)
+        if code < 0:
+            return Liveness(False, f"linux.uml was killed by {_signal_name(-code)}")
+        return Liveness(False, f"linux.uml exited with status {code}")
+
+    def stop(
+        self,
+        rec: Running,
+        *,
+        force: bool,
+        timeout: float = 30.0,
+        notice: Callable[[float], None] | None = None,
+    ) -> str:
+        del notice  # a clean UML stop takes a second or two: nothing to announce
+        return stop(_pid(rec), force=force, timeout=timeout, umid=rec.umid)
+
+    def release(self, rec: Running) -> None:
+        if rec.tap:
+            remove_tap(rec.tap)
+
+
+DRIVER = UmlDriver()

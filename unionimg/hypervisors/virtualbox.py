@@ -1,4 +1,8 @@
-"""VirtualBox disk artefacts: the boot disk and the sizes the VMDK descriptors need.
+"""The virtualbox driver: renders a VirtualBox VM and makes its boot disk; it does not start
+guests (VirtualBox is not installed here).
+
+Its profile is ``create-vm.sh`` (VBoxManage commands) and the VMDK descriptors ``boot.vmdk``,
+``base.vmdk``, ``upper.vmdk`` that point at raw images in place (``templates/virtualbox/``).
 
 VirtualBox cannot boot a kernel directly, so the virtualbox profile adds a small third disk,
 ``boot.img``: an MBR (SYSLINUX's ``mbr.bin``) and one active FAT16 partition at 1 MiB holding
@@ -9,7 +13,7 @@ boot sector (through mtools). The partition table is written here (16 bytes, no 
 
 The guest finds BASE and U by label, so the boot disk being the first disk changes nothing.
 VirtualBox attaches hard disks only through a disk format it knows, so the boot disk is
-attached through ``boot.vmdk`` like the two images (see :mod:`unionimg.hypervisors.profiles`).
+attached through ``boot.vmdk`` like the two images.
 
 Needs the Debian packages syslinux, syslinux-common, mtools and dosfstools.
 """
@@ -22,23 +26,28 @@ import math
 import os
 import struct
 import tempfile
+import uuid as uuidlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from unionimg.errors import MissingCapability, NotFound, ToolFailed, UsageError
-from unionimg.hypervisors.profiles import (
-    SECTOR,
-    VBOX_BOOT_IMAGE,
-    kernel_cmdline,
-    render,
-    render_syslinux_cfg,
-    write_rendered,
-)
+from unionimg.hypervisors import Capabilities, Driver, Prepared
+from unionimg.hypervisors.profiles import common, kernel_cmdline, render_template
 from unionimg.hypervisors.spec import BootSpec
+from unionimg.names import parse_mac
 from unionimg.runner import run
 
 log = logging.getLogger(__name__)
+
+SECTOR: Final = 512
+#: File name, in ``spec.workdir``, of the boot disk (:func:`make_boot_disk`).
+VBOX_BOOT_IMAGE: Final = "boot.img"
+#: The console the profile puts first on the kernel command line (UART 1).
+CONSOLE: Final = "console=ttyS0"
+#: The three disks: role -> VMDK descriptor in ``spec.workdir``.
+VBOX_DISKS: Final = (("boot", "boot.vmdk"), ("base", "base.vmdk"), ("upper", "upper.vmdk"))
 
 #: Where distributions keep SYSLINUX's BIOS master boot record (Debian first).
 MBR_CANDIDATES: Final = (
@@ -193,7 +202,7 @@ def image_sectors(path: Path) -> int:
 
 
 def disk_sectors(spec: BootSpec) -> dict[str, int]:
-    """``disk_sectors`` for :func:`unionimg.hypervisors.profiles.render` (virtualbox)."""
+    """The sizes :func:`render` needs: the boot disk, BASE and U in 512-byte sectors."""
     return {
         "boot": image_sectors(boot_disk_path(spec)),
         "base": image_sectors(spec.base_image),
@@ -201,11 +210,95 @@ def disk_sectors(spec: BootSpec) -> dict[str, int]:
     }
 
 
-def prepare(spec: BootSpec) -> list[Path]:
-    """Everything the virtualbox profile needs in ``spec.workdir``: the boot disk, the VMDK
-    descriptors and ``create-vm.sh``. Returns the paths written."""
-    boot = make_boot_disk(
-        boot_disk_path(spec), spec.kernel, spec.initrd, kernel_cmdline("virtualbox", spec)
+# --- the profile -----------------------------------------------------------------------------
+
+
+def vbox_mac(mac: str) -> str:
+    """VirtualBox's MAC spelling: 12 upper-case hex digits, no separators."""
+    return parse_mac(mac).replace(":", "").upper()
+
+
+def render_syslinux_cfg(cmdline: str, *, kernel_file: str, initrd_file: str) -> str:
+    """``syslinux.cfg`` of a boot disk that boots ``/kernel_file`` with ``/initrd_file``."""
+    return render_template(
+        "virtualbox/syslinux.cfg.j2",
+        {"cmdline": cmdline, "kernel_file": kernel_file, "initrd_file": initrd_file},
     )
-    files = render("virtualbox", spec, disk_sectors=disk_sectors(spec))
-    return [boot.path, *write_rendered(files, spec.workdir)]
+
+
+def _vmdk(spec: BootSpec, role: str, image: Path, sectors: int) -> str:
+    if isinstance(sectors, bool) or not isinstance(sectors, int) or sectors < 1:
+        raise UsageError(f"instance {spec.name}: {role} image size {sectors!r} sectors is wrong")
+    ns = uuidlib.UUID(spec.uuid)
+    key = f"{role}:{image}:{sectors}"
+    ctx = {
+        "image": str(image),
+        "sectors": sectors,
+        "cylinders": min(sectors // (16 * 63), 16383),
+        # stable per instance, role, image and size: a new base generation is a new medium
+        "cid": hashlib.sha256(key.encode()).hexdigest()[:8],
+        "image_uuid": str(uuidlib.uuid5(ns, "image:" + key)),
+        "modification_uuid": str(uuidlib.uuid5(ns, "modification:" + key)),
+    }
+    return render_template("virtualbox/disk.vmdk.j2", ctx)
+
+
+def render(spec: BootSpec, disk_sectors: Mapping[str, int]) -> dict[str, str]:
+    """``create-vm.sh`` and the three VMDK descriptors of ``spec``. ``disk_sectors`` maps
+    ``boot``, ``base`` and ``upper`` to the size of ``spec.workdir/boot.img``, the BASE and
+    the U image in 512-byte sectors (:func:`disk_sectors` stats them)."""
+    ctx = common(spec, CONSOLE)
+    missing = [role for role, _ in VBOX_DISKS if role not in disk_sectors]
+    if missing:
+        raise UsageError(f"instance {spec.name}: no size given for the {missing[0]} image")
+    images = {
+        "boot": boot_disk_path(spec),
+        "base": spec.base_image,
+        "upper": spec.upper_image,
+    }
+    ctx |= {
+        "vbox_mac": vbox_mac(spec.mac),
+        "basefolder": str(spec.workdir / "virtualbox"),
+    }
+    ctx |= {f"{role}_vmdk": str(spec.workdir / file) for role, file in VBOX_DISKS}
+    files = {"create-vm.sh": render_template("virtualbox/create-vm.sh.j2", ctx)}
+    for role, file in VBOX_DISKS:
+        files[file] = _vmdk(spec, role, images[role], disk_sectors[role])
+    return files
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+class VirtualBoxDriver(Driver):
+    name = "virtualbox"
+    capabilities = Capabilities(
+        can_start=False,
+        can_snapshot=True,  # VBoxManage snapshot
+        validated_by=("qemu-img", "sh-n"),  # the VMDK descriptors; create-vm.sh's syntax
+        kernel="guest",
+    )
+
+    def can_boot_here(self) -> tuple[bool, str]:
+        return False, (
+            "unionimg renders VirtualBox VMs (create-vm.sh, VMDK descriptors, a boot disk) but "
+            "does not start them; run the rendered create-vm.sh on a VirtualBox host"
+        )
+
+    def render(self, spec: BootSpec) -> dict[str, str]:
+        """The profile, with the sizes of the boot disk and the images stat'ed (the boot disk
+        must exist: :meth:`prepare` makes it)."""
+        common(spec, CONSOLE)  # the spec's own checks first, before any file is stat'ed
+        return render(spec, disk_sectors(spec))
+
+    def prepare(self, spec: BootSpec, *, boot: bool = False) -> Prepared:
+        """The boot disk (``boot.img`` in ``spec.workdir``), then the profile that points at it."""
+        del boot
+        common(spec, CONSOLE)  # the spec's own checks first, before anything is made
+        disk = make_boot_disk(
+            boot_disk_path(spec), spec.kernel, spec.initrd, kernel_cmdline(spec, CONSOLE)
+        )
+        return Prepared(spec, self.render(spec), made=(disk.path,))
+
+
+DRIVER = VirtualBoxDriver()
