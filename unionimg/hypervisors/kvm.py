@@ -51,6 +51,7 @@ from unionimg.hypervisors import (
 from unionimg.hypervisors.profiles import check_paths, common, render_template
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.names import shown
+from unionimg.poll import until
 from unionimg.runner import run, which
 
 log = logging.getLogger(__name__)
@@ -356,13 +357,7 @@ def qemu_running(name: str) -> bool:
 
 def wait_shutoff(conn: libvirt.virConnect, name: str, timeout: float) -> bool:
     """Wait until the domain is shut off (or gone); False if it still runs after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if state(conn, name) in ("shutoff", "absent"):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL)
+    return until(lambda: state(conn, name) in ("shutoff", "absent"), timeout, POLL)
 
 
 def _destroy(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str) -> None:

@@ -51,6 +51,7 @@ from unionimg.hypervisors import Capabilities, Driver, Liveness, Prepared, Runni
 from unionimg.hypervisors.profiles import check_ifname, common, render_template
 from unionimg.hypervisors.spec import BootSpec
 from unionimg.names import shown
+from unionimg.poll import Deadline, until
 from unionimg.runner import run, which
 
 log = logging.getLogger(__name__)
@@ -204,18 +205,12 @@ def is_running(pid: int, argv0_hint: str = UML, *, umid: str | None = None) -> b
 def wait(pid: int, timeout: float, *, umid: str | None = None, argv0_hint: str = UML) -> bool:
     """Wait until the guest ``pid`` and its helper processes have exited; False if it still
     runs after ``timeout``. Works whether or not this process started it (polls /proc)."""
-    deadline = time.monotonic() + timeout
-    while is_running(pid, argv0_hint, umid=umid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL)
+    deadline = Deadline(timeout)
+    if not until(lambda: not is_running(pid, argv0_hint, umid=umid), deadline.left(), POLL):
+        return False
     # UML's helper processes (its process group) end a moment after the main one: only then
     # are the images really let go
-    while group_members(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return until(lambda: not group_members(pid), deadline.left(), 0.02)
 
 
 def _uml_dir(args: list[str], env_home: str | None) -> Path | None:
