@@ -191,6 +191,40 @@ def test_a_guest_found_gone_is_recorded_and_forgotten(tmp_path: Path) -> None:
     assert running.last_crash(store, "vm1") is None
 
 
+def test_records_the_previous_version_wrote_still_load(tmp_path: Path) -> None:
+    """running.json as written before the Running record (write_json, keys sorted; UML's
+    umid could be null): read as the same guest, written back byte for byte."""
+    store = Store(tmp_path / "store")
+    store.instance_dir("vm1").mkdir(parents=True)
+    old_kvm = {
+        "console": "/s/run/vm1/guest/console.log",
+        "domain": "vm1",
+        "domain_type": "qemu",
+        "hypervisor": "kvm",
+        "started": "2026-12-01T10:00:00Z",
+        "stopping": True,
+    }
+    old_uml = {
+        "console": "/s/run/vm1/guest/console.log",
+        "hypervisor": "uml",
+        "pid": 4242,
+        "started": "2026-12-01T10:00:00Z",
+        "tap": "ui0123abcd",
+        "umid": "ui0123abcd",
+    }
+    path = running.running_path(store, "vm1")
+    for old in (old_kvm, old_uml):
+        text = json.dumps(old, indent=2, sort_keys=True) + "\n"
+        path.write_text(text)
+        rec = running.read_running(store, "vm1")
+        assert rec is not None and rec.to_json() == old
+        running.write_running(store, "vm1", rec)
+        assert path.read_text() == text
+    path.write_text(json.dumps({**old_uml, "umid": None}))
+    rec = running.read_running(store, "vm1")
+    assert rec is not None and rec.umid is None and rec.pid == 4242
+
+
 @pytest.mark.parametrize(
     ("text", "why"),
     [
@@ -198,6 +232,7 @@ def test_a_guest_found_gone_is_recorded_and_forgotten(tmp_path: Path) -> None:
         ('{"hypervisor": "uml", "started": "x", "console": "c", "pid": "12"}', "'pid'"),
         ('{"hypervisor": "uml", "console": "c"}', "'started'"),
         ("[1, 2]", "not a JSON object"),
+        ('{"hypervisor": "vmware\\n", "started": "x", "console": "c"}', "'vmware\\n'"),
     ],
 )
 def test_a_damaged_running_record_is_one_line(tmp_path: Path, text: str, why: str) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 from unionimg import display, hypervisors
 from unionimg.hypervisors import Running
+from unionimg.names import shown
 from unionimg.store.layout import Store, now_iso, read_json, write_json
 from unionimg.store.records import DamagedRecord
 
@@ -218,7 +219,9 @@ def read_running(store: Store, name: str) -> Running | None:
     guest runs is then unknown, and nothing may touch the instance's images."""
     path = running_path(store, name)
     try:
-        return Running.from_json(read_json(path))
+        rec = Running.from_json(read_json(path))
+        if rec.hypervisor not in hypervisors.names():
+            raise ValueError(f"no driver for hypervisor '{shown(rec.hypervisor)}'")
     except FileNotFoundError:
         return None
     except ValueError as exc:  # not JSON, or not a running record
@@ -226,6 +229,7 @@ def read_running(store: Store, name: str) -> Running | None:
             f"running record {path} is damaged: {exc}; unionimg never writes it so: if no "
             f"guest of instance '{name}' runs, remove that file"
         ) from None
+    return rec
 
 
 def write_running(store: Store, name: str, rec: Running) -> None:

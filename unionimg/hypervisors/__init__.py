@@ -292,6 +292,8 @@ def get(name: str) -> Driver:
     module = _MODULES.get(name)
     if module is None:
         raise UsageError(f"unknown hypervisor '{shown(name)}'; choose one of {', '.join(_MODULES)}")
+    # deferred on purpose: a driver module loads its hypervisor's library (kvm: libvirt) only
+    # when a command needs that hypervisor
     found = importlib.import_module(module).DRIVER
     if not isinstance(found, Driver) or found.name != name:
         raise TypeError(f"{module}.DRIVER is not the Driver of {name}")
