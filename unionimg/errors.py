@@ -116,7 +116,8 @@ EXIT_CODES: Final[tuple[tuple[int, str], ...]] = (
     (EXIT_RECONCILE_FAILED, "reconcile: at least one instance failed (the others were reconciled)"),
     (
         EXIT_INTERNAL,
-        "internal error (a bug, or a damaged store file the message names): rerun with --debug for the traceback",
+        "internal error (a bug, or a damaged store file the message names): rerun with "
+        "--debug for the traceback",
     ),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
     (EXIT_PIPE_CLOSED, "standard output closed by its reader"),

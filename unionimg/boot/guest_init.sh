@@ -151,7 +151,7 @@ mount -t overlay -o "lowerdir=$BASE_MNT,upperdir=$U_MNT/upper,workdir=$U_MNT/wor
 	overlay "$NEWROOT" || fail "cannot mount the overlay of BASE and U on $NEWROOT"
 
 # NIC naming for this VM's fixed MAC: unionimg renders a udev rule and a systemd .link file
-# (unionimg/hypervisors/templates/net/) into the instance's part of the initramfs; the guest's
+# (udev_rules/) into the instance's part of the initramfs; the guest's
 # udev reads them from /run, which moves into the union root below. Nothing is written into
 # BASE or U.
 if [ -d /unionimg/net ]; then

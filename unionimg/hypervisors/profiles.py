@@ -1,10 +1,11 @@
 """The shared rendering core of the hypervisor drivers: Jinja2 templates and escaping. Pure.
 
 Each driver (:mod:`unionimg.hypervisors`) renders its profile from the templates in
-``templates/<hypervisor>/`` of this package; :func:`render_net_naming` renders the guest side
-of the fixed MAC from ``templates/net/``: a udev rule and a systemd ``.link`` file that give
-the NIC with that MAC the same name under every hypervisor. The templates ship inside the
-package and are found one way, through the package (``importlib.resources`` / Jinja2's
+``templates/<hypervisor>/`` of this package (links to the repository's ``hypervisor_profiles/``);
+:func:`render_net_naming` renders the guest side of the fixed MAC from ``templates/net``
+(``udev_rules/``): a udev rule and a systemd ``.link`` file that give the NIC with that MAC
+the same name under every hypervisor. The templates ship inside the package (a wheel holds
+copies) and are found one way, through the package (``importlib.resources`` / Jinja2's
 ``PackageLoader``), in a checkout, an editable install and an installed wheel alike.
 
 Each template has one output format, and every value written into it is escaped for that
