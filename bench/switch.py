@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 MiB = 1 << 20
 
 from unionimg.boot.control import uml_kernel  # noqa: E402  (after the sys.path line)
-from unionimg.boot.running import console_verdict  # noqa: E402
+from unionimg.layers.running import console_verdict  # noqa: E402
 
 # the debian fixture's guest reports its NICs and powers off only when asked to (tiny always)
 SELFTEST = "unionimg.selftest=1"

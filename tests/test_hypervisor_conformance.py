@@ -46,11 +46,11 @@ from tests.conftest import need, need_programs, need_root, need_uml_kernel
 from unionimg import hypervisors
 from unionimg.boot import kernel as boot_kernel
 from unionimg.boot.control import launch, write_rendered
-from unionimg.boot.running import READY, console_verdict
 from unionimg.errors import MissingCapability, UsageError
 from unionimg.hypervisors import KERNEL_KINDS, Driver, Prepared, Running, kvm, uml
 from unionimg.hypervisors.profiles import render_net_naming
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
+from unionimg.layers.running import READY, console_verdict
 from unionimg.names import HYPERVISORS
 from unionimg.poll import until
 from unionimg.runner import run

@@ -24,7 +24,7 @@ panics the kernel). A kernel panic, an initramfs error (a missing BASE or U disk
 mount), a guest that stopped before the readiness line, or a crash the hypervisor reports
 (libvirt: pvpanic + ``on_crash``; UML: its exit status) is GuestFailed (exit 9) with the cause
 quoted from the console, and is recorded (``crashed.json`` in the instance's directory, see
-:mod:`unionimg.boot.running`) so that ``instance show``, ``stop`` and ``console`` tell a
+:mod:`unionimg.layers.running`) so that ``instance show``, ``stop`` and ``console`` tell a
 crashed guest from a stopped one until the next boot. The guest kernel always gets
 ``panic=-1`` (reset at once on a panic rather than hang).
 """
@@ -47,18 +47,6 @@ from unionimg.boot.kernel import (
     shared_initramfs,
     uml_kernel,
 )
-from unionimg.boot.running import (
-    clear_crash,
-    clear_running,
-    console_log,
-    console_verdict,
-    last_crash,
-    read_running,
-    record_crash,
-    running_on,
-    workdir,
-    write_running,
-)
 from unionimg.errors import (
     Conflict,
     GuestFailed,
@@ -74,6 +62,18 @@ from unionimg.hypervisors.profiles import render_net_naming
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.layers.base import get_generation
 from unionimg.layers.instance import Instance, list_instances, load, mount_record, save, upper_image
+from unionimg.layers.running import (
+    clear_crash,
+    clear_running,
+    console_log,
+    console_verdict,
+    last_crash,
+    read_running,
+    record_crash,
+    running_on,
+    workdir,
+    write_running,
+)
 from unionimg.poll import until
 from unionimg.store.layout import Store, write_atomic
 

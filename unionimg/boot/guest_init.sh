@@ -16,7 +16,7 @@
 # Every message starts with "unionimg-init:"; a failure prints "unionimg-init: error: ..."
 # and powers the machine off so that nothing waits forever on a console.
 #
-# The host reads this console (unionimg.boot.running): the last line before the hand-over,
+# The host reads this console (unionimg.layers.running): the last line before the hand-over,
 # "unionimg-init: switching root to the union of BASE and U, starting INIT", is the READINESS
 # LINE (everything above succeeded); "unionimg-init: error: ..." is a failure quoted to the
 # admin (boot exits 9). If switch_root cannot execute INIT, or INIT exits, PID 1 is gone and

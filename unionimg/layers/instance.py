@@ -13,8 +13,9 @@ from unionimg.faults import checkpoint
 from unionimg.fs.image import disk_usage, make_ext4
 from unionimg.fs.mounts import is_mounted, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
-from unionimg.layers import history
+from unionimg.layers import history, ucheck
 from unionimg.layers.base import generations, get_generation
+from unionimg.layers.running import last_crash, running_on
 from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
 from unionimg.names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
@@ -70,8 +71,6 @@ def mount_record(store: Store, name: str) -> MountRecord | None:
 
 
 def state(store: Store, name: str) -> str:
-    from unionimg.boot.running import running_on
-
     if running_on(store, name):
         return "running"
     return "mounted" if mount_record(store, name) else "stopped"
@@ -84,16 +83,14 @@ def describe(store: Store, inst: Instance) -> JsonObject:
     latest = generations(store, inst.base)[-1].number
     out = inst.to_json()
     st = state(store, inst.name)
-    from unionimg.boot.running import crash_record
-
-    crash = crash_record(store, inst.name) if st != "running" else None
+    crash = last_crash(store, inst.name) if st != "running" else None
     out.update(
         {
             "upper_image": str(img),
             "upper_disk_usage": disk_usage(img),
             # a guest whose last boot failed is "crashed" (until its next boot), not "stopped"
             "state": "crashed" if crash is not None and st == "stopped" else st,
-            "crash_reason": None if crash is None else crash.get("reason"),
+            "crash_reason": None if crash is None else crash.reason,
             "mounted_at": rec.target if rec else None,
             "latest_generation": latest,
         }
@@ -205,10 +202,6 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
 
     Reuses the mount of a mounted union; otherwise mounts the image for the duration.
     """
-    from unionimg.layers import (
-        ucheck,  # U is guest data: checked, mounted nosuid/nodev/noexec, no symlinks
-    )
-
     rec = mount_record(store, name)
     if rec is not None:
         if write and rec.readonly:
@@ -218,8 +211,6 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
         with ucheck.guarded(store, name, Path(rec.u), check=True):
             yield Path(rec.u)
         return
-    from unionimg.boot.running import running_on
-
     if running_on(store, name):
         raise Conflict(f"instance '{name}' is running; stop it first")
     require_root("reading the upper layer")

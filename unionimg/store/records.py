@@ -36,7 +36,7 @@ if code ever reads them back it must treat a :class:`RecordError` as refused gue
 ``.unionimg/base.json`` (:class:`BaseRef`) and ``.unionimg/resolutions.jsonl``
 (:class:`Resolution`, one line per resolve), both as :func:`compact` JSON.
 
-Not here: ``running.json`` and ``crashed.json`` (:mod:`unionimg.boot.running` with the
+Not here: ``running.json`` and ``crashed.json`` (:mod:`unionimg.layers.running` with the
 drivers' ``Running`` record), ``deltas/B0-B1.json`` and the sidecar ``manifest.jsonl``
 (:mod:`unionimg.entries`, a list of ``Change``/``Entry``).
 """

@@ -338,12 +338,6 @@ def last_crash(store: Store, name: str) -> Crash | None:
         return Crash(reason=f"unreadable crash record {path}")
 
 
-def crash_record(store: Store, name: str) -> dict[str, Any] | None:
-    """:func:`last_crash` as its JSON object (``reason``, ``ready``, ...), or None."""
-    crash = last_crash(store, name)
-    return None if crash is None else crash.to_json()
-
-
 def record_crash(
     store: Store,
     name: str,
