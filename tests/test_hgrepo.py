@@ -193,7 +193,7 @@ def test_transaction_files_naming_outside_paths_refused(tmp_path: Path) -> None:
 
 
 def test_u_hgignore_matches_what_hg_cannot_hold() -> None:
-    """The fixed .hgignore patterns agree with manifest.hg_unfit on names and depth."""
+    """The fixed .hgignore patterns agree with entries.hg_unfit on names and depth."""
     pats = [re.compile(p.encode()) for p in history.U_HGIGNORE_EXTRA]
 
     def ignored(rel: bytes) -> bool:

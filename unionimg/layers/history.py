@@ -6,7 +6,7 @@
 * An instance's history lives at the root of its U image (``.hg`` next to ``upper/`` and
   ``work/``), so it travels with the image; ``work/`` is ignored.
 
-Both commit a sidecar ``.unionimg/manifest.jsonl`` (see :func:`manifest.sidecar_text`) with
+Both commit a sidecar ``.unionimg/manifest.jsonl`` (see :func:`entries.sidecar_text`) with
 what Mercurial cannot hold. Plain ``hg log``/``hg diff`` work on both for an admin.
 
 Trust: an instance's ``.hg`` is written by its guest. The repository stays on U (history
@@ -285,7 +285,7 @@ def forget_walk(root: Path) -> None:
 
 
 # Patterns (bytes regexps, unanchored) for what Mercurial cannot hold by its very path (see
-# manifest.hg_unfit): a newline or CR anywhere; a path longer than manifest.MAX_HG_PATH; a
+# entries.hg_unfit): a newline or CR anywhere; a path longer than entries.MAX_HG_PATH; a
 # component its path auditor refuses (.hg in any case, with the code points HFS+ ignores
 # anywhere, and the Windows short names). Ignored, Mercurial never walks into them, so it
 # never aborts on them; files too large for it are excluded per commit instead.

@@ -98,7 +98,7 @@ def classify(upper: Iterable[Entry], base: Lookup) -> Changes:
 
 def scan_upper(u_root: Path, *, hash_files: bool = True, digests: bool = True) -> list[Entry]:
     """The upper layer's entries; those Mercurial cannot hold (see
-    :func:`manifest.hg_unfit`) carry ``outside`` and, with ``digests``, their digest."""
+    :func:`entries.hg_unfit`) carry ``outside`` and, with ``digests``, their digest."""
     return scan_tree(u_root / "upper", hash_files=hash_files, hg_prefix="upper", digests=digests)
 
 
