@@ -28,6 +28,7 @@ from unionimg.entries import (
     parent_of,
 )
 from unionimg.errors import UsageError
+from unionimg.reconcile.merge import merge3
 from unionimg.reconcile.plan import Action, InstancePlan, check_upper, plan_instance
 from unionimg.reconcile.policy import Policy, parse_policy
 
@@ -731,3 +732,107 @@ def test_plan_json_has_no_bytes() -> None:
     assert isinstance(actions, list) and actions[0]["path"] == "/etc/x.conf"
     assert actions[0]["artifacts"] == ["base-new", "base-old", "local", "merged"]
     assert all(a["action"] != "keep" for a in actions)
+
+
+# -- structured mergers: the user databases (reconcile/structured.py, userdb.py) ------------
+PW0 = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+GR0 = b"root:x:0:\nusers:x:100:\nnogroup:x:65534:\n"
+SH0 = b"root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n"
+SSHD = b"sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"
+DEPLOY = b"deploy:x:1000:1000::/home/deploy:/bin/bash\n"
+
+
+def user_trees(uid: int) -> tuple[Tree, Tree, Tree]:
+    """B0 with the three databases; B1 adds the system user sshd and the login user deploy
+    (UID 1000); the VM adds alice with ``uid`` (and a group of that GID) and her home."""
+    b0 = base().file("/etc/passwd", PW0).file("/etc/group", GR0)
+    b0.file("/etc/shadow", SH0, mode=0o640, gid=42).file("/etc/passwd-", PW0)
+    b1 = b0.copy().file("/etc/passwd", PW0 + SSHD + DEPLOY)
+    b1.file("/etc/group", GR0 + b"deploy:x:1000:\n").file("/etc/passwd-", PW0 + SSHD)
+    b1.file("/etc/shadow", SH0 + b"sshd:!:20000::::::\ndeploy:!:20000:0:99999:7:::\n",
+            mode=0o640, gid=42)  # fmt: skip
+    alice = b"alice:x:%d:%d::/home/alice:/bin/bash\n" % (uid, uid)
+    u = upper_of(b0).file("/etc/passwd", PW0 + alice).file("/etc/passwd-", PW0 + b"#\n")
+    u.file("/etc/group", GR0 + b"alice:x:%d:\n" % uid)
+    u.file("/etc/shadow", SH0 + b"alice:!:20001:0:99999:7:::\n", mode=0o640, gid=42)
+    u.dir("/home").dir("/home/alice", uid=uid).file("/home/alice/.bashrc", b"x\n", uid=uid)
+    return u, b0, b1
+
+
+def test_user_databases_merged_by_name_not_as_text() -> None:
+    u, b0, b1 = user_trees(1001)
+    r = run(u, b0, b1, reads=True)
+    passwd = r.action("/etc/passwd")
+    assert (passwd.case, passwd.action) == (5, "write"), passwd
+    assert passwd.data == PW0 + SSHD + DEPLOY + b"alice:x:1001:1001::/home/alice:/bin/bash\n"
+    assert "passwd merged by name: 2 entries from B1, 1 local" in passwd.reason
+    assert not merge3(PW0, u.data["/etc/passwd"], b1.data["/etc/passwd"]).clean  # as text
+    group = r.action("/etc/group")
+    assert group.data == GR0 + b"deploy:x:1000:\nalice:x:1001:\n"
+    shadow = r.action("/etc/shadow")
+    assert (shadow.case, shadow.action) == (5, "write")
+    assert shadow.data is not None and shadow.data.endswith(b"alice:!:20001:0:99999:7:::\n")
+    assert shadow.entry is not None and (shadow.entry.mode, shadow.entry.gid) == (0o640, 42)
+    backup = r.action("/etc/passwd-")  # the tools' backup: the VM's own stays
+    assert (backup.case, backup.action) == (5, "keep") and "backup" in backup.reason
+    assert r.plan.status == "changed"
+
+
+def test_user_database_id_collision_is_a_conflict_with_a_proposal() -> None:
+    u, b0, b1 = user_trees(1000)
+    r = run(u, b0, b1, reads=True)
+    passwd = r.action("/etc/passwd")
+    assert (passwd.case, passwd.action) == (6, "conflict")
+    assert passwd.data is None  # the live file stays the VM's
+    assert "alice: uid 1000 is also deploy's in B1" in passwd.reason
+    assert "proposal: alice uid 1000 → 1001" in passwd.reason
+    assert set(passwd.artifacts) == {
+        "merged", "proposal", "proposal-owners", "base-old", "base-new", "local",
+    }  # fmt: skip
+    proposal = passwd.artifacts["proposal"]
+    assert proposal == PW0 + SSHD + DEPLOY + b"alice:x:1001:1001::/home/alice:/bin/bash\n"
+    owners = json.loads(passwd.artifacts["proposal-owners"])
+    assert [o["path"] for o in owners] == ["/home/alice", "/home/alice/.bashrc"]
+    merged = passwd.artifacts["merged"]
+    assert DEPLOY in merged and b"<<<<<<< local\nalice:x:1000:1000:" in merged
+    group = r.action("/etc/group")
+    assert group.action == "conflict" and "alice gid 1000 → 1001" in group.reason
+    shadow = r.action("/etc/shadow")
+    assert shadow.action == "conflict" and "follows /etc/passwd" in shadow.reason
+    assert r.plan.status == "conflict"
+
+
+def test_user_databases_obey_the_policy() -> None:
+    u, b0, b1 = user_trees(1000)
+    policy = parse_policy(
+        '[[rule]]\nglob = "/etc/passwd"\naction = "keep-local"\n'
+        '[[rule]]\nglob = "/etc/group"\naction = "take-base"\n'
+        '[[rule]]\nglob = "/etc/shadow"\naction = "fail"\n'
+        '[[rule]]\nglob = "/etc/passwd-"\naction = "take-base"\n'
+    )
+    r = run(u, b0, b1, policy=policy, reads=True)
+    assert (r.action("/etc/passwd").case, r.action("/etc/passwd").action) == (6, "keep")
+    assert "policy keep-local by rule 1" in r.action("/etc/passwd").reason
+    assert r.action("/etc/group").action == "drop"
+    assert r.action("/etc/shadow").action == "error"
+    assert r.action("/etc/passwd-").action == "drop"
+
+
+def test_user_database_with_nul_bytes_is_still_merged_by_name() -> None:
+    u, b0, b1 = user_trees(1001)
+    u.file("/etc/passwd", PW0 + b"odd\0name:x:1001:1001::/:/bin/sh\n")
+    r = run(u, b0, b1, reads=True)
+    a = r.action("/etc/passwd")
+    assert (a.case, a.action) == (5, "write")  # not case 7 (binary)
+    assert a.data == PW0 + SSHD + DEPLOY + b"odd\0name:x:1001:1001::/:/bin/sh\n"
+
+
+def test_user_database_ranges_read_from_b1_login_defs() -> None:
+    u, b0, b1 = user_trees(1000)
+    for tree in (b0, b1):  # unchanged from B0 to B1: asked of B1's manifest only
+        tree.file("/etc/login.defs", b"UID_MIN 1000\nUID_MAX 1001\n")
+    b1.file("/etc/passwd", b1.data["/etc/passwd"] + b"taken:x:1001:1001::/:/bin/sh\n")
+    r = run(u, b0, b1, reads=True)
+    assert "no uid is free in 1000-1001" in r.action("/etc/passwd").reason
+    assert "/etc/login.defs" in r.b1.gets and ("b1", "/etc/login.defs") in r.content.reads
+    assert r.b0.gets == [] and r.b1.children_calls == []

@@ -12,6 +12,8 @@ timer        unattended reconcile: systemd timer or cron.d line
 
 reconcile/  merging a patched base into every instance
     plan, merge, policy   pure: the plan of one instance, 3-way text merge, per-glob policy
+    structured, userdb    pure: mergers by path (files merged by meaning); the user
+                       databases merged by name
     apply              the executor of plan: journal, apply, undo, reports
 
 boot/  booting instances

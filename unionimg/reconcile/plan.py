@@ -22,10 +22,12 @@ after everything below it):
 Cost: O(|U| + |delta|). The base is never iterated: B0's and B1's entries of a changed path
 come from the delta itself, base changes hidden below a whiteout or an opaque directory are
 found by walking the ancestors of delta paths through U, and B1 is asked (``get``) only about
-U directories emptied by this plan. Content is read only for regular files whose content both
-sides changed (cases 5-7), to compare files whose manifest entry lacks a sha256, and to take
-B1's content for a ``write`` (case 12, and replacing a copy below an opaque directory, where
-a ``drop`` would not let the base show).
+U directories emptied by this plan and the few files a structured merger relates to its own.
+Content is read only for regular files whose content both sides changed (cases 5-7, and for
+a structured merger the files it relates, e.g. ``/etc/group`` and ``/etc/login.defs`` for
+``/etc/passwd``), to compare files whose manifest entry lacks a sha256, and to take B1's
+content for a ``write`` (case 12, and replacing a copy below an opaque directory, where a
+``drop`` would not let the base show).
 
 Choices beyond the table:
 
@@ -34,6 +36,10 @@ Choices beyond the table:
   modifications are both listed in the case-16 report (deletions hide nothing).
 * A local file or symlink replacing a base directory in which B1 changed something is case
   15 (type change vs change), like a whiteout over a changed directory is case 11.
+* A regular file both sides changed whose path has a structured merger
+  (:data:`unionimg.reconcile.structured.MERGERS`: the user databases ``/etc/passwd`` & co
+  merged by name, their ``-`` backups kept local) is merged by it instead of line by line:
+  case 5 when clean, case 6 with the merger's artefacts (``proposal`` ...) when not.
 * Metadata merges per field (mode, uid, gid) and per extended attribute name.
 * Hardlinked files, sockets, fifos and device nodes are reported and left alone; their case
   is 2 when the base did not touch them, else 0 (outside the table).
@@ -68,6 +74,9 @@ from unionimg.entries import (
 from unionimg.errors import UsageError
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.policy import FAIL, KEEP_LOCAL, MERGE, TAKE_BASE, Policy
+from unionimg.reconcile.structured import CONFLICT as STRUCTURED_CONFLICT
+from unionimg.reconcile.structured import KEEP_LOCAL as STRUCTURED_KEEP_LOCAL
+from unionimg.reconcile.structured import MERGERS, MergeInput, Merger, Versions
 
 __all__ = [
     "ACTIONS",
@@ -739,6 +748,11 @@ class _Planner:
         aside = {"base-new": new, "local": local}
         if o is not None:
             aside["base-old"] = old
+        merger = MERGERS.get(path)
+        if merger is not None:  # merged by meaning, not as text (NUL bytes included)
+            versions = Versions(old if o is not None else None, local, new)
+            self._structured(path, merger, u, n, meta, versions, aside)
+            return
         if is_binary(old) or is_binary(local) or is_binary(new):
             self._binary(path, aside)
             return
@@ -761,6 +775,61 @@ class _Planner:
         self._both_changed(
             path, 5, why, lambda: self._finish(path, 5, u, n, result.data, meta, why)
         )
+
+    def _structured(
+        self,
+        path: str,
+        merger: Merger,
+        u: Entry,
+        n: Entry,
+        meta: _Meta,
+        versions: Versions,
+        aside: dict[str, bytes],
+    ) -> None:
+        """A file both sides changed that a structured merger knows (``MERGERS``): case 5
+        when it merges, case 6 with its artefacts when it conflicts; the policy first."""
+        result = merger(MergeInput(path, versions, self._versions, self.u.values))
+        why = result.reason
+        if result.outcome == STRUCTURED_KEEP_LOCAL:
+            self._both_changed(
+                path, 5, why, lambda: self._finish(path, 5, u, n, "upper", meta, why)
+            )
+        elif result.outcome == STRUCTURED_CONFLICT:
+            artifacts = {"merged": result.data, **aside, **result.artifacts}
+            self._both_changed(
+                path, 6, why, lambda: self._conflict(path, 6, why, artifacts=artifacts)
+            )
+        elif meta.conflicts:
+            artifacts = {"merged": result.data, **aside}
+            self._both_changed(
+                path, 13, why, lambda: self._meta_conflict(path, meta, artifacts=artifacts)
+            )
+        else:
+            data = result.data
+            self._both_changed(path, 5, why, lambda: self._finish(path, 5, u, n, data, meta, why))
+
+    def _versions(self, path: str) -> Versions:
+        """Another file's three versions as the guest sees them, for a structured merger
+        (``None``: no regular file there, or too large to read)."""
+        change = self.delta.get(path)
+        if change is not None:
+            old = self._file_of(change.old, "b0", path)
+            new = self._file_of(change.new, "b1", path)
+        else:  # unchanged from B0 to B1: one lookup into B1
+            old = new = self._file_of(self.b1.get(path), "b1", path)
+        u = self.u.get(path)
+        if u is not None:
+            local = self._file_of(u, "upper", path)
+        elif path != "/" and self._blocker(parent_of(path), {}) is not None:
+            local = None  # hidden by a whiteout, an opaque directory or a non-directory
+        else:
+            local = old
+        return Versions(old, local, new)
+
+    def _file_of(self, entry: Entry | None, source: Source, path: str) -> bytes | None:
+        if entry is None or entry.kind != FILE or entry.size >= LARGE_FILE:
+            return None
+        return self._read(source, path)
 
     def _binary(
         self, path: str, aside: dict[str, bytes], what: str = "binary file changed on both sides"

@@ -1,0 +1,159 @@
+"""Structured mergers by path: files reconcile merges by their meaning, not as text. Pure.
+
+A text merge of a database (``/etc/passwd``, dpkg's status file, debconf's templates) is
+wrong both ways: two additions at its end conflict, two additions of one ID do not. The
+planner (:mod:`unionimg.reconcile.plan`) asks :data:`MERGERS` for the path of every regular
+file whose content both sides changed; a merger found there replaces the line merge. The
+policy still comes first: ``keep-local``, ``take-base`` and ``fail`` rules apply to these
+paths like to any other, only ``merge`` calls the merger.
+
+A merger gets a :class:`MergeInput` (the three versions of its file, a way to read the
+three versions of a related file, the VM's upper entries) and returns a
+:class:`StructuredResult`:
+
+* ``merged``: the file's new content (case 5, "merged by name" or whatever the merger says);
+* ``conflict``: ``data`` is the ``merged`` artefact (both entries shown, with markers: never
+  written to the live file), ``artifacts`` adds the merger's own (``proposal`` ...) (case 6);
+* ``keep-local``: the VM's own version stays (the tools' ``-`` backups: ``/etc/passwd-`` is
+  what ``useradd`` saved before its last change, meaningful only with the VM's own
+  ``/etc/passwd``).
+
+Registered here: the user databases (:mod:`unionimg.reconcile.userdb`) and their backups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from unionimg.entries import Entry
+from unionimg.reconcile import userdb
+
+__all__ = [
+    "CONFLICT",
+    "KEEP_LOCAL",
+    "MERGED",
+    "MERGERS",
+    "MergeInput",
+    "Merger",
+    "StructuredResult",
+    "Versions",
+    "keep_local",
+]
+
+Outcome = Literal["merged", "conflict", "keep-local"]
+MERGED: Outcome = "merged"
+CONFLICT: Outcome = "conflict"
+KEEP_LOCAL: Outcome = "keep-local"
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    """One file as B0 had it, as the VM sees it, as B1 has it (``None``: no such file)."""
+
+    old: bytes | None
+    local: bytes | None
+    new: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeInput:
+    path: str
+    versions: Versions
+    related: Callable[[str], Versions]  # the three versions of another file
+    upper: Callable[[], Iterable[Entry]]  # every entry of the VM's upper layer
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredResult:
+    outcome: Outcome
+    data: bytes = b""  # merged: the new content; conflict: the 'merged' artefact
+    reason: str = ""  # one line
+    artifacts: Mapping[str, bytes] = field(default_factory=dict)  # conflict: more artefacts
+
+
+Merger = Callable[[MergeInput], StructuredResult]
+
+
+def keep_local(inp: MergeInput) -> StructuredResult:
+    """The VM's version stays (a tool's own backup of a file)."""
+    return StructuredResult(
+        KEEP_LOCAL, reason=f"a tool's backup ({inp.path}): the VM's own kept, not merged"
+    )
+
+
+# -- the user databases --------------------------------------------------------------------------
+PASSWD, GROUP, SHADOW, GSHADOW, SUBUID, SUBGID = (
+    "/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow", "/etc/subuid", "/etc/subgid",
+)  # fmt: skip
+_FORMATS = {
+    PASSWD: userdb.PASSWD,
+    GROUP: userdb.GROUP,
+    SHADOW: userdb.SHADOW,
+    GSHADOW: userdb.GSHADOW,
+    SUBUID: userdb.SUBUID,
+    SUBGID: userdb.SUBGID,
+}
+_LEADER = {SHADOW: PASSWD, GSHADOW: GROUP}  # a file whose conflicts the follower shares
+
+
+def _ranges(inp: MergeInput) -> userdb.IdRanges:
+    """B1's ID ranges (the base is trusted; the VM's login.defs is not read)."""
+    return userdb.id_ranges(
+        inp.related("/etc/login.defs").new, inp.related("/etc/adduser.conf").new
+    )
+
+
+def _db(
+    inp: MergeInput,
+    path: str,
+    v: Versions,
+    *,
+    follows: str = "",
+    gid_moves: Mapping[int, int] | None = None,
+) -> userdb.DbMerge:
+    return userdb.merge(
+        _FORMATS[path],
+        v.old,
+        v.local,
+        v.new,
+        ranges=_ranges(inp),
+        upper=inp.upper(),
+        gid_moves=gid_moves,
+        follows=follows,
+    )
+
+
+def _merge_db(inp: MergeInput, path: str, v: Versions) -> userdb.DbMerge:
+    """The merge of ``path`` with what it follows: shadow/gshadow conflict while passwd/group
+    do, passwd takes group's renumberings of the VM's primary groups."""
+    if path in _LEADER:
+        leader_path = _LEADER[path]
+        leader = _merge_db(inp, leader_path, inp.related(leader_path))
+        follows = (
+            "" if leader.clean else f"follows {leader_path}, which conflicts: resolve it first"
+        )
+        return _db(inp, path, v, follows=follows)
+    if path == PASSWD:
+        group = _db(inp, GROUP, inp.related(GROUP))
+        moves = {r.old: r.new for r in group.renumberings if r.field == "gid"}
+        return _db(inp, path, v, gid_moves=moves)
+    return _db(inp, path, v)
+
+
+def user_database(inp: MergeInput) -> StructuredResult:
+    """passwd, group, shadow, gshadow, subuid, subgid merged by name (:mod:`userdb`)."""
+    result = _merge_db(inp, inp.path, inp.versions)
+    if result.clean:
+        return StructuredResult(MERGED, result.data, result.reason())
+    artifacts: dict[str, bytes] = {}
+    if result.proposal is not None:
+        artifacts["proposal"] = result.proposal
+    if result.owners:
+        artifacts["proposal-owners"] = result.owners_json()
+    return StructuredResult(CONFLICT, result.data, result.reason(), artifacts)
+
+
+MERGERS: dict[str, Merger] = {path: user_database for path in _FORMATS}
+MERGERS.update({path + "-": keep_local for path in _FORMATS})
