@@ -24,6 +24,8 @@ from unionimg.store.records import (
     Conflicts,
     DamagedRecord,
     GenerationMeta,
+    HeldResolution,
+    HeldResolutions,
     Instance,
     InstanceReport,
     LastReconcile,
@@ -106,6 +108,11 @@ EXAMPLES: list[Record] = [
     ),
     CONFLICT,
     Conflicts((CONFLICT, dataclasses.replace(CONFLICT, path="/a", case=None))),
+    dataclasses.replace(CONFLICT, held=True),
+    HeldResolution(
+        path="/etc/bin", action="keep-local", generation=3, took="local", resolved="now"
+    ),
+    HeldResolutions((HeldResolution("/a", "take-base", 2, "base", "now"),)),
     JOURNAL,
     LastReconcile(
         from_generation=1,

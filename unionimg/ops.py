@@ -1,52 +1,100 @@
 """Operations that need several layers at once, so no single layer may hold them.
 
 - which instances pin which base generations (instances on top of bases): ``base gc`` and
-  ``base remove`` must not take a generation or a base from under an instance;
+  ``base remove`` must not take a generation or a base from under an instance, nor ``base
+  gc`` one that an instance's ``reconcile --undo`` (or interrupted reconcile) returns to;
 - removing an instance: its boot pieces (libvirt domain, taps, rendered files) go first;
 - ``fsck``: an instance's U image is checked only while the instance is stopped.
 
-Above :mod:`unionimg.layers` and :mod:`unionimg.boot`; only the CLI imports this module.
+Above :mod:`unionimg.layers`, :mod:`unionimg.boot` and :mod:`unionimg.reconcile`; only the
+CLI imports this module.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 from unionimg.boot.control import forget
 from unionimg.errors import Conflict
 from unionimg.layers import ucheck
 from unionimg.layers.base import generations, list_bases
-from unionimg.layers.instance import list_instances, load, state
+from unionimg.layers.instance import Instance, list_instances, load, state
 from unionimg.names import check_name
+from unionimg.reconcile.apply import generations_kept
 from unionimg.store.layout import Store
 from unionimg.store.records import JsonObject
 
 
-def base_users(store: Store) -> dict[tuple[str, int], list[str]]:
+def base_users(
+    store: Store, instances: list[Instance] | None = None
+) -> dict[tuple[str, int], list[str]]:
     """(base, generation) → the instances pinned to it."""
     out: dict[tuple[str, int], list[str]] = {}
-    for inst in list_instances(store):
+    for inst in list_instances(store) if instances is None else instances:
         out.setdefault((inst.base, inst.generation), []).append(inst.name)
     return out
 
 
-def gc_bases(store: Store, name: str | None = None) -> list[tuple[str, int]]:
-    """Remove generations that are not the latest of their base and no instance uses."""
-    removed = []
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A generation ``base gc`` keeps: ``why`` (one line); ``for_reconcile``: only because
+    an instance's undo record (or interrupted reconcile) needs it."""
+
+    base: str
+    generation: int
+    why: str
+    for_reconcile: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    """What ``base gc`` removed (or, in a dry run, would remove) and what it kept, and why."""
+
+    removed: list[tuple[str, int]] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
+
+
+def _keep_reasons(store: Store) -> dict[tuple[str, int], tuple[list[str], list[str]]]:
+    """(base, generation) → why it must stay: (instances sit on it, their reconcile records
+    need it: undo or an interrupted run). Instances are read before their records."""
+    out: dict[tuple[str, int], tuple[list[str], list[str]]] = {}
+    instances = list_instances(store)
+    for key, names in base_users(store, instances).items():
+        out.setdefault(key, ([], []))[0].append(f"used by instance(s) {', '.join(names)}")
+    for inst in instances:
+        for number, why in generations_kept(store, inst.name):
+            reasons = out.setdefault((inst.base, number), ([], []))[1]
+            if why not in reasons:
+                reasons.append(why)
+    return out
+
+
+def gc_bases(store: Store, name: str | None = None, *, dry_run: bool = False) -> GcResult:
+    """Remove generations that are not the latest of their base, that no instance sits on
+    and that no instance's undo record (or interrupted reconcile) needs. ``dry_run``:
+    remove nothing, say what would go."""
+    result = GcResult()
     for bname in [name] if name else list_bases(store):
         with store.lock(f"base-{bname}", purpose="base gc"), store.lock("store"):
-            used = base_users(store)
+            keep = _keep_reasons(store)
             gens = generations(store, bname)
-            for g in gens[:-1]:
-                if (bname, g.number) in used:
+            for g in gens:
+                used, records = keep.get((bname, g.number), ([], []))
+                if g is gens[-1]:
+                    used = ["the latest generation", *used]
+                if used or records:
+                    why = "; ".join([*used, *records])
+                    result.kept.append(Kept(bname, g.number, why, for_reconcile=not used))
                     continue
-                with store.staging(f"gc-{bname}-{g.number}") as stage:
-                    os.rename(g.dir, stage / "gen")
-                for cached in (store.base_dir(bname) / "deltas").glob("*.json"):
-                    if str(g.number) in cached.stem.split("-"):
-                        cached.unlink()  # saved deltas that involve it
-                removed.append((bname, g.number))
-    return removed
+                if not dry_run:
+                    with store.staging(f"gc-{bname}-{g.number}") as stage:
+                        os.rename(g.dir, stage / "gen")
+                    for cached in (store.base_dir(bname) / "deltas").glob("*.json"):
+                        if str(g.number) in cached.stem.split("-"):
+                            cached.unlink()  # saved deltas that involve it
+                result.removed.append((bname, g.number))
+    return result
 
 
 def remove_base(store: Store, name: str) -> None:

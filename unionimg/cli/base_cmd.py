@@ -170,13 +170,36 @@ def base_diff(c: Ctx, name: str, from_gen: int | None, to_gen: int | None, as_js
 
 @base.command("gc")
 @click.argument("name", required=False)
+@click.option(
+    "--dry-run", is_flag=True, help="Say what would be removed and what is kept, and why."
+)
 @json_option
 @pass_ctx
-def base_gc(c: Ctx, name: str | None, as_json: bool) -> None:
-    """Remove generations that are not the latest and that no instance uses."""
-    removed = ops.gc_bases(c.store, name)
+def base_gc(c: Ctx, name: str | None, dry_run: bool, as_json: bool) -> None:
+    """Remove generations that are not the latest, that no instance uses and that no
+    instance's 'reconcile --undo' returns to (each such generation kept is named)."""
+    out = ops.gc_bases(c.store, name, dry_run=dry_run)
+    removed = [{"base": b, "generation": g} for b, g in out.removed]
+    kept = [{"base": k.base, "generation": k.generation, "why": k.why} for k in out.kept]
+    if dry_run:
+        data: Any = {"dry_run": True, "would_remove": removed, "keep": kept}
+
+        def human(d: Any) -> None:
+            for r in d["would_remove"]:
+                click.echo(f"would remove {r['base']} generation {r['generation']}")
+            for r in d["keep"]:
+                click.echo(f"keep {r['base']} generation {r['generation']}: {r['why']}")
+            if not d["would_remove"]:
+                click.echo("nothing to remove")
+
+        emit(data, as_json, human)
+        return
+    # kept for an undo record: said per generation (on stderr beside --json's list)
+    for k in out.kept:
+        if k.for_reconcile:
+            click.echo(f"kept {k.base} generation {k.generation}: {k.why}", err=as_json)
     emit(
-        [{"base": b, "generation": g} for b, g in removed],
+        removed,
         as_json,
         lambda rows: click.echo(
             "\n".join(f"removed {r['base']} generation {r['generation']}" for r in rows)

@@ -12,6 +12,7 @@ from unionimg.boot import control as boot_mod
 from unionimg.boot import umlprobe
 from unionimg.cli._common import SECONDS, Ctx, emit, exit_with, hv_option, json_option, pass_ctx
 from unionimg.errors import EXIT_STILL_RUNNING, UsageError
+from unionimg.layers import instance as inst_mod
 from unionimg.names import HYPERVISORS, check_outside_store
 
 DEFAULT_WAIT = 300.0
@@ -58,9 +59,14 @@ def boot_cmd(
 
     Returns once the guest's init runs on the union root (with --wait: once it powered off).
     A kernel panic, a missing disk, an initramfs error or a crash exits 9 with the cause
-    quoted from the console; 'instance show' then says 'crashed'."""
+    quoted from the console; 'instance show' then says 'crashed'.
+
+    A VM with reconcile conflicts still pending boots, with a warning naming their count:
+    each such path holds the VM's own version, as before the reconcile, so the VM is
+    consistent with itself; refusing could block the boot that repairs it."""
     if timeout is not None and not wait:
         raise UsageError(f"--timeout needs --wait (boot {vm} --wait --timeout S)")
+    warn_pending(c, vm)
     out = boot_mod.boot(
         c.store,
         vm,
@@ -73,6 +79,18 @@ def boot_cmd(
     if wait and not out.get("stopped"):
         click.echo(f"unionimg: error: {vm} still runs after {out['elapsed_s']:.0f} s", err=True)
         exit_with(EXIT_STILL_RUNNING)
+
+
+def warn_pending(c: Ctx, vm: str) -> None:
+    """One line on stderr when VM still has reconcile conflicts pending (it boots anyway)."""
+    inst_mod.load(c.store, vm)  # the name checked; a missing VM fails as boot would
+    count = inst_mod.pending_conflicts(c.store, vm)
+    if count:
+        click.echo(
+            f"unionimg: warning: {vm} has {count} reconcile conflict(s) still pending; it "
+            f"boots with its own version of those paths (list them: unionimg conflicts {vm})",
+            err=True,
+        )
 
 
 def _print_boot(out: dict[str, Any], as_json: bool) -> None:
@@ -179,13 +197,17 @@ def switch_cmd(
     as_json: bool,
 ) -> None:
     """Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy.
-    With --boot, a guest that fails to boot exits 9 like 'boot'."""
+    With --boot, a guest that fails to boot exits 9 like 'boot'.
+
+    With --boot, reconcile conflicts still pending are warned about as 'boot' does."""
     if wait and not boot_after:
         raise UsageError(f"--wait needs --boot (switch {vm} --to {to} --boot --wait)")
     if timeout is not None and not wait:
         raise UsageError(
             f"--timeout needs --wait (switch {vm} --to {to} --boot --wait --timeout S)"
         )
+    if boot_after:
+        warn_pending(c, vm)
     out = boot_mod.switch(
         c.store,
         vm,

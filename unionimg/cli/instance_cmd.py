@@ -76,14 +76,16 @@ def instance_create(
 @json_option
 @pass_ctx
 def instance_list(c: Ctx, as_json: bool) -> None:
-    """List instances."""
+    """List instances (with the count of reconcile conflicts still pending, if any)."""
     rows = [inst_mod.describe(c.store, i) for i in inst_mod.list_instances(c.store)]
 
     def human(rows: list[dict[str, Any]]) -> None:
         for r in rows:
+            pending = r["pending_conflicts"]
             click.echo(
                 f"{r['name']}\t{r['base']}:{r['generation']}\t{r['mac']}\t"
                 f"{r['hypervisor']}\t{r['state']}"
+                + (f"\t{pending} conflict(s) pending" if pending else "")
             )
 
     emit(rows, as_json, human)
@@ -94,7 +96,8 @@ def instance_list(c: Ctx, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def instance_show(c: Ctx, vm: str, as_json: bool) -> None:
-    """Show one instance."""
+    """Show one instance (pending_conflicts: reconcile conflicts not yet resolved, listed
+    by 'unionimg conflicts VM')."""
     data = inst_mod.describe(c.store, inst_mod.load(c.store, vm))
     emit(
         data,

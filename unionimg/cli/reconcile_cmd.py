@@ -50,7 +50,8 @@ from unionimg.store.layout import Store
 @click.option(
     "--undo",
     is_flag=True,
-    help="Restore VM's upper layer and generation to before its last reconcile.",
+    help="Restore VM's upper layer and generation to before its last reconcile (refused, "
+    "naming what changed, if VM changed since; exit 3 if that generation is gone).",
 )
 @json_option
 @pass_ctx
@@ -66,7 +67,11 @@ def reconcile_cmd(
     as_json: bool,
 ) -> None:
     """Merge base updates into instances' upper layers (exit 0 clean, 1 conflicts, 10 an
-    instance failed, 7 only space was lacking: free it and rerun)."""
+    instance failed, 7 only space was lacking: free it and rerun).
+
+    Conflicts of earlier runs still pending are counted on each instance's line. A path
+    policy 'fail' stops at holds the instance whole on its generation and is recorded as
+    a held conflict: 'resolve' settles it for the next reconcile."""
     if undo:
         if len(vms) != 1 or all_:
             raise UsageError("--undo takes exactly one VM")
@@ -113,15 +118,21 @@ def _run_reconcile(
         verb = "would " if dry_run else ""
         if r.status == "error":
             return f"{r.name}: error: {shown(r.error or '', backslash=False)}"
+        new = [x for x in r.conflicts if not x.pending]
+        earlier = len(r.conflicts) - len(new)
+        pending = (
+            f"; {earlier} conflict(s) still pending (see 'unionimg conflicts {r.name}')"
+            if earlier
+            else ""
+        )
         if r.from_generation == r.to_generation and not r.actions:
-            return f"{r.name}: generation {r.to_generation}, nothing to do"
+            return f"{r.name}: generation {r.to_generation}, nothing to do{pending}"
         changed = sum(1 for a in r.actions if a.action in ("drop", "write", "set-meta"))
         return (
             f"{r.name}: generation {r.from_generation} -> {r.to_generation}: {verb}change "
-            f"{changed} path(s), {len(r.conflicts)} conflict(s)"
+            f"{changed} path(s), {len(new)} conflict(s){pending}"
             + "".join(
-                f"\n  conflict {shown(x.path)}: {shown(x.reason, backslash=False)}"
-                for x in r.conflicts
+                f"\n  conflict {shown(x.path)}: {shown(x.reason, backslash=False)}" for x in new
             )
         )
 
@@ -182,6 +193,12 @@ def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 )
 @pass_ctx
 def resolve_cmd(c: Ctx, vm: str, path: str, take: str | None, file: Path | None) -> None:
-    """Settle one conflict of VM; recorded in its history."""
+    """Settle one conflict of VM; recorded in its history.
+
+    A conflict policy 'fail' held (the VM stayed on its generation) is settled by the next
+    reconcile to that generation: --take base/local decide the path there, --take
+    merged/--file write it now and keep it."""
     out = rec.resolve(c.store, vm, path, take=take, file=file)
     click.echo(f"resolved {shown(out['path'])} in {out['name']}: took {shown(out['took'])}")
+    if "applied_by" in out:  # a conflict policy 'fail' held: the VM is still on its generation
+        click.echo(f"  (held by policy fail: applied by '{out['applied_by']}')")

@@ -424,6 +424,20 @@ class Repo:
         with _excluded(outside) as excl:
             return bool(self.cmd("status", "-amrd", *self._scope_args(), *excl).strip())
 
+    def changed_paths(self, outside: Sequence[str] = (), *, since: str | None = None) -> list[str]:
+        """The paths (relative to the root, sorted) in which the working copy (of
+        :attr:`scope`, but ``outside``) differs from changeset ``since`` (default: its
+        parent); ``since`` unknown to the repository: from its parent."""
+        with _excluded(outside) as excl:
+            args: list[str | bytes] = ["status", "-amrd", "-n", "-0", *self._scope_args(), *excl]
+            try:
+                out = self.cmd(*args, *(["--rev", since] if since else []))
+            except ToolFailed:
+                if not since:
+                    raise
+                out = self.cmd(*args)
+        return sorted({os.fsdecode(p) for p in out.split(b"\0") if p})
+
     def _commit(self, message: str, pats: list[bytes], *, addremove: bool = True) -> str | None:
         try:
             out: bytes = self._c.rawcommand(

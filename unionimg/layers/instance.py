@@ -20,7 +20,7 @@ from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
 from unionimg.names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
 from unionimg.store.layout import Store, now_iso, read_record, write_record
-from unionimg.store.records import BaseRef, JsonObject, MountRecord, compact
+from unionimg.store.records import BaseRef, Conflicts, JsonObject, MountRecord, compact
 from unionimg.store.records import Instance as Instance  # the record, with the others' schemas
 
 DEFAULT_U_SIZE = 4 << 30
@@ -76,6 +76,13 @@ def state(store: Store, name: str) -> str:
     return "mounted" if mount_record(store, name) else "stopped"
 
 
+def pending_conflicts(store: Store, name: str) -> int:
+    """How many conflicts of earlier reconciles the instance still has (``conflicts.json``,
+    written by :mod:`unionimg.reconcile.apply`; 0 when there is none)."""
+    path = store.instance_dir(name) / Conflicts.FILE
+    return len(read_record(path, Conflicts).items) if path.is_file() else 0
+
+
 def describe(store: Store, inst: Instance) -> JsonObject:
     """What ``instance show --json`` says: the record and the instance's state."""
     img = upper_image(store, inst.name)
@@ -93,6 +100,7 @@ def describe(store: Store, inst: Instance) -> JsonObject:
             "crash_reason": None if crash is None else crash.reason,
             "mounted_at": rec.target if rec else None,
             "latest_generation": latest,
+            "pending_conflicts": pending_conflicts(store, inst.name),
         }
     )
     return out

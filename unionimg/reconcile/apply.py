@@ -36,7 +36,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from unionimg.entries import DIR, FILE, Change, Entry
+from unionimg.display import shown
+from unionimg.entries import DIR, FILE, LARGE_FILE, Change, Entry
 from unionimg.errors import (
     EXIT_CONFLICTS,
     EXIT_OK,
@@ -52,8 +53,8 @@ from unionimg.faults import checkpoint
 from unionimg.fs import fsops
 from unionimg.fs.mounts import mount_image, umount
 from unionimg.fs.space import WriteWatch, require_space, write_failure
-from unionimg.layers import history
-from unionimg.layers.base import Generation, get_generation
+from unionimg.layers import history, identity
+from unionimg.layers.base import Generation, generations, get_generation
 from unionimg.layers.base import delta as base_delta
 from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
 from unionimg.layers.status import (
@@ -64,6 +65,7 @@ from unionimg.layers.status import (
     write_history_sidecar,
 )
 from unionimg.layers.ucheck import sync_image
+from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.plan import (
     CONFLICT,
     DROP,
@@ -74,7 +76,7 @@ from unionimg.reconcile.plan import (
     Action,
     plan_instance,
 )
-from unionimg.reconcile.policy import Policy
+from unionimg.reconcile.policy import KEEP_LOCAL, TAKE_BASE, Policy, Rule
 from unionimg.store.layout import (
     Store,
     now_iso,
@@ -85,6 +87,8 @@ from unionimg.store.layout import (
 from unionimg.store.records import (
     ConflictRecord,
     Conflicts,
+    HeldResolution,
+    HeldResolutions,
     JsonObject,
     LastReconcile,
     ReconcileJournal,
@@ -146,6 +150,54 @@ def conflicts(store: Store, name: str) -> tuple[ConflictRecord, ...]:
 
 def _write_conflicts(store: Store, name: str, items: Sequence[ConflictRecord]) -> None:
     write_record(conflicts_path(store, name), Conflicts(tuple(items)))
+
+
+def _held_path(store: Store, name: str) -> Path:
+    return store.instance_dir(name) / HeldResolutions.FILE
+
+
+def held_resolutions(store: Store, name: str) -> tuple[HeldResolution, ...]:
+    """How the admin settled conflicts policy ``fail`` held (for the next reconcile)."""
+    path = _held_path(store, name)
+    return read_record(path, HeldResolutions).items if path.is_file() else ()
+
+
+def _literal_glob(path: str) -> str:
+    """A policy glob that matches exactly ``path`` (its glob characters made literal)."""
+    return "".join("\\" + ch if ch in "\\*?[]" else ch for ch in path)
+
+
+def with_held(policy: Policy, held: Sequence[HeldResolution], generation: int) -> Policy:
+    """``policy`` with the admin's resolutions of held conflicts (for a reconcile to
+    ``generation``) as first rules: each decides exactly its path."""
+    rules = tuple(
+        Rule(0, _literal_glob(h.path), h.action, note=f"resolved, took {h.took}")
+        for h in held
+        if h.generation == generation
+    )
+    return replace(policy, rules=rules + policy.rules) if rules else policy
+
+
+def generations_kept(store: Store, name: str) -> list[tuple[int, str]]:
+    """The base generations the instance's reconcile records still need, with why: both of
+    an interrupted reconcile (its journal) and the one ``reconcile --undo`` returns to.
+    The journal is read first: a reconcile writes the undo record before it drops the
+    journal, so a reader in between misses neither."""
+    out = []
+    journal = _journal(store, name)
+    if journal.is_file():
+        j = read_record(journal, ReconcileJournal)
+        why = f"the interrupted reconcile of instance {name} needs it"
+        out += [(j.from_generation, why), (j.to_generation, why)]
+    last = _last(store, name)
+    if last.is_file():
+        out.append(
+            (
+                read_record(last, LastReconcile).from_generation,
+                f"'reconcile --undo {name}' returns to it",
+            )
+        )
+    return out
 
 
 def list_conflicts(store: Store, name: str) -> list[JsonObject]:
@@ -327,6 +379,8 @@ class Reconciler:
                 draft.report = self._pending(name, draft.report)
                 return
             delta = self.delta(b0, b1)
+            # the admin's resolutions of conflicts policy ``fail`` held for this generation
+            policy = with_held(self.policy, held_resolutions(self.store, name), b1.number)
             with u_layer(self.store, name, write=not self.dry_run) as u:
                 upper = u / "upper"
 
@@ -334,8 +388,9 @@ class Reconciler:
                     return self.gen_root(b0 if which == "b0" else b1)
 
                 entries = _hash_files_in(upper, scan_upper(u, hash_files=False), delta)
+                content = _Content(upper, gens)
                 with b0.manifest() as m0, b1.manifest() as m1:
-                    plan = plan_instance(entries, delta, m0, m1, self.policy, _Content(upper, gens))
+                    plan = plan_instance(entries, delta, m0, m1, policy, content)
                 draft.report = replace(
                     draft.report,
                     unaffected=plan.unaffected,
@@ -351,6 +406,12 @@ class Reconciler:
                 )
                 if plan.errors:
                     error = "; ".join(f"{a.path}: {a.reason}" for a in plan.errors)
+                    if not self.dry_run:  # recorded: 'resolve' settles them, then reconcile
+                        self._hold(name, b1, plan.errors, entries, delta, content)
+                        error += (
+                            f" (instance stays on generation {b0.number}; held conflict(s) "
+                            f"listed by 'unionimg conflicts {name}')"
+                        )
                     draft.report = replace(draft.report, status="error", error=error)
                     return
                 if self.dry_run:
@@ -373,6 +434,41 @@ class Reconciler:
             return report
         status = "conflicts" if report.status == "clean" else report.status
         return replace(report, conflicts=report.conflicts + earlier, status=status)
+
+    def _hold(
+        self,
+        name: str,
+        b1: Generation,
+        errors: Sequence[Action],
+        entries: list[Entry],
+        delta: dict[str, Change],
+        content: _Content,
+    ) -> None:
+        """Record the paths policy ``fail`` stopped at as held conflicts, with their versions
+        set aside (the instance stays where it is): they replace the held conflicts of
+        earlier runs; the other pending conflicts stay."""
+        by_path = {e.path: e for e in entries}
+        root = conflicts_dir(self.store, name)
+        held = []
+        for action in errors:
+            artifacts = _held_artifacts(by_path.get(action.path), delta.get(action.path), content)
+            final = root / f"{_conflict_key(action.path)}-{b1.number}-held"
+            fsops.remove_tree(final)  # an earlier run's copy: U may have changed since
+            final = self.store.publish(final, _artifact_writer(artifacts))
+            held.append(
+                ConflictRecord(
+                    path=action.path,
+                    reason=action.reason,
+                    generation=b1.number,
+                    dir=str(final),
+                    files=tuple(sorted(artifacts)),
+                    case=action.case,
+                    held=True,
+                )
+            )
+        paths = {c.path for c in held}
+        kept = [c for c in conflicts(self.store, name) if not c.held and c.path not in paths]
+        write_record(conflicts_path(self.store, name), sorted_conflicts([*kept, *held]))
 
     # -- applying -------------------------------------------------------------------------
     def _require_space(
@@ -429,6 +525,8 @@ class Reconciler:
             fsops.link_copy(u / "upper", new)
             for action in actions:
                 _apply_action(new, action)
+            # its own machine-id / SSH host keys where B1 brings what needs them (identity.py)
+            made = identity.ensure_staged(self.store, new, b1.manifest_path, name)
             aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
         finally:
             wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
@@ -449,7 +547,7 @@ class Reconciler:
             pre_node=pre,
             started=now_iso(),
             new_ino=os.lstat(new).st_ino,
-            commit_paths=_commit_paths(actions),  # all the post-commit looks at
+            commit_paths=tuple(sorted({*_commit_paths(actions), *("upper" + p for p in made)})),
             conflicts=aside,
             conflicts_before=conflicts(self.store, name),
         )
@@ -487,10 +585,14 @@ class Reconciler:
             inst = replace(inst, generation=journal.to_generation)
             save(self.store, inst)
         checkpoint("reconcile:generation")
+        # conflicts policy 'fail' held are settled: this reconcile went past them
         write_record(
             conflicts_path(self.store, name),
-            sorted_conflicts([*journal.conflicts_before, *journal.conflicts]),
+            sorted_conflicts(
+                [*(c for c in journal.conflicts_before if not c.held), *journal.conflicts]
+            ),
         )
+        _held_path(self.store, name).unlink(missing_ok=True)  # the resolutions were used
         repo = self.hg(u, name)
         post = _commit(
             repo,
@@ -571,6 +673,27 @@ def _artifact_writer(artifacts: Mapping[str, bytes]) -> Callable[[Path], None]:
     return build
 
 
+def _held_artifacts(
+    local: Entry | None, change: Change | None, content: _Content
+) -> dict[str, bytes]:
+    """The versions of a path policy ``fail`` held, as a conflict keeps them aside: the
+    local copy, both base versions and, for text, their 3-way merge (with markers where
+    they overlap) — regular files only, and none too large to read."""
+    old = change.old if change is not None else None
+    new = change.new if change is not None else None
+    out: dict[str, bytes] = {}
+    if local is None or local.kind != FILE or local.size >= LARGE_FILE:
+        return out
+    out["local"] = content.upper(local.path)
+    if new is not None and new.kind == FILE and new.size < LARGE_FILE:
+        out["base-new"] = content.base("b1", new.path)
+    if old is not None and old.kind == FILE and old.size < LARGE_FILE:
+        out["base-old"] = content.base("b0", old.path)
+    if "base-new" in out and not any(is_binary(v) for v in out.values()):
+        out["merged"] = merge3(out.get("base-old", b""), out["local"], out["base-new"]).data
+    return out
+
+
 def _hash_files_in(upper: Path, entries: list[Entry], delta: dict[str, Change]) -> list[Entry]:
     """Content hashes for the upper layer's regular files the base delta touches: the only
     ones the planner compares with the base (it reads any other it needs) — and of those
@@ -642,6 +765,13 @@ def undo(store: Store, name: str) -> JsonObject:
         if not last_path.is_file():
             raise NotFound(f"instance '{name}' has no reconcile to undo")
         last = read_record(last_path, LastReconcile)
+        if last.from_generation not in {g.number for g in generations(store, inst.base)}:
+            # NotFound (3): what undo needs no longer exists; nothing is changed
+            raise NotFound(
+                f"instance '{name}' cannot be undone: base '{inst.base}' generation "
+                f"{last.from_generation} it would return to was removed; it stays on "
+                f"generation {inst.generation} as it is"
+            )
         require_space(store.root, 0, f"undo the reconcile of {name}")
         with u_layer(store, name, write=True) as u, history.open_repo(u, guest=name) as repo:
             prev = u / "upper.prev"
@@ -650,9 +780,11 @@ def undo(store: Store, name: str) -> JsonObject:
             outside = write_history_sidecar(u, inst)
             repo.addremove(outside)
             if repo.changed(outside) or repo.tip() != last.post_node:
+                since = repo.changed_paths(outside, since=last.post_node)
                 raise Conflict(
-                    f"instance '{name}' changed since its reconcile; undo would lose those "
-                    f"changes (commit them with 'unionimg commit {name}' and revert by hand)"
+                    f"instance '{name}' changed since its reconcile ({_some_paths(since)}); "
+                    "undo would lose those changes (commit them with "
+                    f"'unionimg commit {name}' and revert by hand)"
                 )
             fsops.exchange(u / "upper", prev)
             inst = replace(inst, generation=last.from_generation)
@@ -668,6 +800,24 @@ def undo(store: Store, name: str) -> JsonObject:
             fsops.remove_tree(prev)
         last_path.unlink()
     return {"name": name, "generation": last.from_generation, "node": node}
+
+
+_PATHS_NAMED = 3  # paths an undo refusal names before it counts the rest
+
+
+def _some_paths(paths: Sequence[str]) -> str:
+    """``/etc/a, /etc/b and 4 more`` for U's changed paths (as hg names them: the upper
+    layer's as guest paths); the names come from the guest and are shown escaped."""
+    guest = [p for p in paths if not p.startswith(history.SIDECAR_DIR + "/")]
+    paths = guest or paths  # the sidecar follows the upper layer: named only when alone
+    if not paths:
+        return "its history moved on"
+    shown_paths = [
+        "/" + p[len("upper/") :] if p.startswith("upper/") else p for p in paths[:_PATHS_NAMED]
+    ]
+    text = ", ".join(shown(p) for p in shown_paths)
+    more = len(paths) - _PATHS_NAMED
+    return f"{text} and {more} more" if more > 0 else text
 
 
 def resolve(
@@ -706,8 +856,8 @@ def resolve(
             entries = scan_upper(u, hash_files=False)
             require_u_space(store, u, name, commit_estimate(u, entries, [incoming] * 2), what)
             checkpoint("resolve:checked")
-            if take == "local":
-                pass
+            if take == "local" or (take == "base" and c.held):
+                pass  # held: the reconcile to c.generation takes B1's version
             elif take == "base":
                 if local is not None and local.kind == "dir":
                     raise UsageError(
@@ -760,9 +910,24 @@ def resolve(
             if node is not None:  # on disk: only now is the conflict settled
                 history.verify_node(u, node, repo)
             durable(u)
+            if c.held:  # the next reconcile to c.generation decides the path this way
+                ahead = [h for h in held_resolutions(store, name) if h.path != path]
+                ahead.append(
+                    HeldResolution(
+                        path=path,
+                        action=TAKE_BASE if take == "base" else KEEP_LOCAL,
+                        generation=c.generation,
+                        took=how,
+                        resolved=now_iso(),
+                    )
+                )
+                write_record(_held_path(store, name), HeldResolutions(tuple(ahead)))
             _write_conflicts(store, name, [x for x in pending if x.path != path])
         fsops.remove_tree(aside)
-    return {"name": name, "path": path, "took": how, "node": node}
+    out: JsonObject = {"name": name, "path": path, "took": how, "node": node}
+    if c.held:
+        out["applied_by"] = f"unionimg reconcile {name} --to-generation {c.generation}"
+    return out
 
 
 def _size_of(path: Path | None) -> int:

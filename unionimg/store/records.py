@@ -454,9 +454,12 @@ class ConflictRecord(Record):
     dir: str
     files: tuple[str, ...]
     case: int | None = None  # the case of the reconcile table (docs/design.md)
+    # policy ``fail`` held the instance on its generation: the reconcile to ``generation``
+    # waits for this path (a resolve is applied by that reconcile); only written when true
+    held: bool = False
 
     def to_json(self) -> JsonObject:
-        return {
+        out: JsonObject = {
             "path": self.path,
             "reason": self.reason,
             "case": self.case,
@@ -464,6 +467,9 @@ class ConflictRecord(Record):
             "dir": self.dir,
             "files": list(self.files),
         }
+        if self.held:
+            out["held"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Self:
@@ -475,6 +481,7 @@ class ConflictRecord(Record):
             dir=f.text("dir"),
             files=f.texts("files"),
             case=f.maybe_integer("case", None),
+            held=f.flag("held", False),
         )
 
 
@@ -493,6 +500,57 @@ class Conflicts(Record):
     @classmethod
     def from_json(cls, data: object) -> Self:
         return cls(_records(data, ConflictRecord, ""))
+
+
+@dataclass(frozen=True, slots=True)
+class HeldResolution(Record):
+    """How the admin settled a conflict policy ``fail`` held: the next reconcile of the
+    instance to ``generation`` decides ``path`` by ``action`` (keep-local or take-base)."""
+
+    WHAT = "held resolution"
+
+    path: str
+    action: str  # a policy action: keep-local | take-base
+    generation: int
+    took: str  # what resolve was told (local, base, merged, file F)
+    resolved: str
+
+    def to_json(self) -> JsonObject:
+        return {
+            "path": self.path,
+            "action": self.action,
+            "generation": self.generation,
+            "took": self.took,
+            "resolved": self.resolved,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = _Fields(data)
+        return cls(
+            path=f.text("path"),
+            action=f.text("action"),
+            generation=f.integer("generation"),
+            took=f.text("took"),
+            resolved=f.text("resolved"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeldResolutions(Record):
+    """An instance's resolutions of held conflicts, used (then removed) by its next reconcile."""
+
+    WHAT = "held resolution list"
+    FILE = "held-resolutions.json"
+
+    items: tuple[HeldResolution, ...] = ()
+
+    def to_json(self) -> list[JsonObject]:
+        return [r.to_json() for r in self.items]
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        return cls(_records(data, HeldResolution, ""))
 
 
 @dataclass(frozen=True, slots=True)
