@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Cli
+from tests.conftest import REPO, Cli, need_programs
 
 pytestmark = pytest.mark.usefixtures("root")
 HG = str(REPO / ".venv" / "bin" / "hg")
@@ -223,3 +225,122 @@ def test_debug_shows_traceback(cli: Cli) -> None:
         ["--store", str(cli.store), "--debug", "instance", "show", "ghost"],
     )
     assert res.exit_code != 0 and res.exception is not None
+
+
+def busybox_base(cli: Cli, root: Path) -> None:
+    """Base 'b' from a tiny tree whose /bin/sh is busybox (for --run)."""
+    need_programs("busybox", "unshare", "setpriv")
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp"):
+        (root / d).mkdir(parents=True)
+    (root / "bin" / "busybox").write_bytes(Path(shutil.which("busybox") or "").read_bytes())
+    os.chmod(root / "bin" / "busybox", 0o755)
+    os.symlink("busybox", root / "bin" / "sh")
+    (root / "etc" / "hostname").write_text("tiny\n")
+    cli.ok("base", "create", "b", "--from-dir", str(root))
+
+
+def numbers(cli: Cli) -> list[int]:
+    return [g["number"] for g in show(cli, "b")["generations"]]
+
+
+def test_run_output_is_streamed_and_kept(cli: Cli, tmp_path: Path) -> None:
+    """--run's stdout and stderr reach the admin's terminal and stay with the generation
+    (run.log, listed by base show); other generations have none."""
+    busybox_base(cli, tmp_path / "src")
+    res = cli.ok(
+        "base", "update", "b", "--run", "echo to-stdout; echo to-stderr >&2; echo x > /etc/x"
+    )
+    assert "to-stdout\n" in res.stdout and "to-stderr\n" in res.stderr, res.output
+    assert "made base b generation 2" in res.stdout
+    gens = show(cli, "b")["generations"]
+    assert gens[0]["run_log"] is None
+    log = Path(gens[1]["run_log"])
+    assert log == Path(gens[1]["image"]).with_name("run.log")
+    assert log.read_text() == "to-stdout\nto-stderr\n"
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert f"--run output: {log}" in cli.ok("base", "show", "b").output
+    # --apply-dir makes no log
+    patch = tmp_path / "p"
+    patch.mkdir()
+    (patch / "f").write_text("1")
+    cli.ok("base", "update", "b", "--apply-dir", str(patch))
+    assert show(cli, "b")["generations"][2]["run_log"] is None
+
+
+def test_run_output_arrives_while_it_runs(tmp_path: Path) -> None:
+    """The first line is on the admin's terminal before the command ends (not collected
+    and printed at the end): read from a real unionimg process through a pipe."""
+    from tests.conftest import UNIONIMG
+
+    store = tmp_path / "store"
+    cli = Cli(store)
+    busybox_base(cli, tmp_path / "src")
+    proc = subprocess.Popen(
+        [
+            str(UNIONIMG),
+            "--store",
+            str(store),
+            "base",
+            "update",
+            "b",
+            "--run",
+            "echo first; sleep 3; echo second > /etc/second",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        start = time.monotonic()
+        first = proc.stdout.readline()
+        took = time.monotonic() - start
+        assert first == b"first\n" and proc.poll() is None, (first, took)
+        assert took < 2.5, f"the first line came only after {took:.1f} s"
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_run_that_changes_nothing_makes_no_generation(cli: Cli, tmp_path: Path) -> None:
+    """A command that leaves the tree as it was (nothing at all; only a copy-up by a
+    timestamp change; the same bytes written back) makes no generation, says so, exits 0
+    and leaves no staging; the next real change gets the next number."""
+    busybox_base(cli, tmp_path / "src")
+    before = tree_listing(cli.store / "bases")
+    for command in (
+        "true",
+        "touch -a /etc/hostname",
+        "cp /etc/hostname /tmp/h && cat /tmp/h > /etc/hostname && rm /tmp/h",
+    ):
+        res = cli.ok("base", "update", "b", "--run", command)
+        assert res.output.strip().splitlines()[-1] == "no change: base b stays at generation 1"
+        assert numbers(cli) == [1]
+        assert tree_listing(cli.store / "bases") == before
+        assert os.listdir(cli.store / "tmp") == []
+    log = json.loads(cli.ok("base", "log", "b", "--json").output)
+    assert len(log) == 1
+    cli.ok("base", "update", "b", "--run", "chmod 600 /etc/hostname")  # metadata is a change
+    assert numbers(cli) == [1, 2]
+    assert json.loads(cli.ok("base", "diff", "b", "--json").output)["metadata_only"] == [
+        "/etc/hostname"
+    ]
+    # --size is a change even when the tree is not
+    cli.ok("base", "update", "b", "--run", "true", "--size", "80M")
+    assert numbers(cli) == [1, 2, 3]
+
+
+def test_failing_run_shows_its_output(cli: Cli, tmp_path: Path) -> None:
+    busybox_base(cli, tmp_path / "src")
+    before = tree_listing(cli.store / "bases")
+    res = cli("base", "update", "b", "--run", "echo step one; echo it broke >&2; exit 3")
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert lines[:2] == ["step one", "it broke"], lines
+    assert lines[-1] == (
+        "unionimg: error: command 'echo step one; echo it broke >&2; exit 3' failed in the "
+        "base with exit status 3: it broke; no generation was made"
+    )
+    assert "Traceback" not in res.output
+    assert tree_listing(cli.store / "bases") == before and os.listdir(cli.store / "tmp") == []

@@ -411,7 +411,10 @@ def test_failed_run_reports_status(cli: Cli, tmp_path: Path, root: None) -> None
     need_programs("busybox", "unshare")
     cli.ok("base", "create", "b", "--from-dir", str(busybox_tree(tmp_path / "src")))
     before = listing(cli.store / "bases")
-    res = cli.fails("base", "update", "b", "--run", "echo oops >&2; exit 3", code=2)
+    res = cli("base", "update", "b", "--run", "echo oops >&2; exit 3")
+    assert res.exit_code == 2  # the command's output, streamed, then the one error line
+    assert res.output.splitlines()[0] == "oops" and len(res.output.splitlines()) == 2
+    assert res.output.splitlines()[1].startswith("unionimg: error: ")
     assert "exit status 3: oops" in res.output
     assert listing(cli.store / "bases") == before
     assert mounts_below(cli.store) == [] and os.listdir(cli.store / "tmp") == []

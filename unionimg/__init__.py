@@ -32,6 +32,8 @@ layers/  bases, instances and their history
     running            running.json and crashed.json: whether an instance's guest runs (its
                        driver says), why its last boot failed (the console says)
     sandbox            base update --run: the admin's command contained in the new tree
+    identity           per-VM identity (machine-id, SSH host keys) kept out of generations,
+                       made per instance
 
 hypervisors/  one driver per hypervisor, found by name (__init__: the Driver interface,
               its records and the registry; templates/: links to hypervisor_profiles/ and

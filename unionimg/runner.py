@@ -1,16 +1,18 @@
 """The one way unionimg runs a program: an argument list, never a shell.
 
 Every external program (mke2fs, mount, losetup, blkid, hg via hglib aside) goes through
-:func:`run`, which raises :class:`ToolFailed` with the program's own last line of stderr.
+:func:`run`, which raises :class:`ToolFailed` with the program's own last line of stderr,
+or through :func:`stream` when the user watches its output as it comes (``base update --run``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import selectors
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from unionimg.errors import MissingCapability, ToolFailed
@@ -82,3 +84,56 @@ def describe_failure(result: Result, what: str | None) -> str:
     last = lines[-1] if lines else f"exit status {result.returncode}"
     prog = os.path.basename(result.args[0])
     return f"{prog} failed{f' while {what}' if what else ''}: {last}"
+
+
+def stream(
+    args: Sequence[str],
+    sink: Callable[[int, bytes], None],
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Result:
+    """Run ``args`` with its stdout and stderr on two pipes, handing each chunk to
+    ``sink(1 or 2, data)`` as it comes (so a long command's output is seen while it runs),
+    until both pipes are closed and the program has exited; stdin is inherited. The
+    result's ``stdout``/``stderr`` hold the last 4 KiB of each (for an error message).
+    Interrupted (Ctrl-C, an exception in ``sink``), the program is killed and awaited."""
+    argv = [which(args[0]), *[str(a) for a in args[1:]]]
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    log.debug("stream: %s", " ".join(argv))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
+    assert proc.stdout is not None and proc.stderr is not None  # both are pipes
+    tails = {1: bytearray(), 2: bytearray()}
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, 1)
+        sel.register(proc.stderr, selectors.EVENT_READ, 2)
+        try:
+            while sel.get_map():
+                for key, _events in sel.select():
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        continue
+                    tail = tails[key.data]
+                    tail += data
+                    del tail[:-_TAIL]
+                    sink(key.data, data)
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
+    return Result(
+        tuple(argv),
+        code,
+        tails[1].decode(errors="surrogateescape"),
+        tails[2].decode(errors="surrogateescape"),
+    )
+
+
+_TAIL = 4096

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,13 @@ def base_update(
     size: str | None,
     kernel: Path | None,
 ) -> None:
-    """Make generation N+1 of NAME; existing generations are never modified."""
-    g = base_mod.update(
+    """Make generation N+1 of NAME; existing generations are never modified.
+
+    A --run command's output is shown as it runs and kept with the generation (run.log,
+    see 'base show'); a command that changes nothing makes no generation ("no change").
+    SSH host keys, machine-id and random seeds are kept out of every generation (each
+    instance gets its own: docs/identity.md)."""
+    done = base_mod.update_base(
         c.store,
         name,
         from_dir=from_dir,
@@ -101,8 +107,22 @@ def base_update(
         command=command,
         size=size_type(size, f" for base {name}"),
         kernel=kernel,
+        echo=_echo,
     )
-    _print_generation(g, "made")
+    if not done.changed:
+        click.echo(f"no change: base {name} stays at generation {done.generation.number}")
+        return
+    _print_generation(done.generation, "made")
+    if done.generation.run_log is not None:
+        click.echo(f"the command's output is kept in {done.generation.run_log}")
+
+
+def _echo(fd: int, data: bytes) -> None:
+    """--run's output, as it comes, to unionimg's own stdout (fd 1) or stderr (fd 2)."""
+    text = sys.stdout if fd == 1 else sys.stderr
+    text.flush()  # what unionimg printed before goes first
+    text.buffer.write(data)
+    text.buffer.flush()
 
 
 @base.command("list")
@@ -134,6 +154,8 @@ def base_show(c: Ctx, name: str, as_json: bool) -> None:
                 f"  {g['number']}\t{g['created']}\t{human_size(g['size'])}\t"
                 f"{g['files']} paths\t{g['image']}"
             )
+            if g.get("run_log"):
+                click.echo(f"    --run output: {g['run_log']}")
 
     emit(data, as_json, human)
 

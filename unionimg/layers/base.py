@@ -9,11 +9,13 @@ strips it before committing (:func:`_repair_history`).
 from __future__ import annotations
 
 import contextlib
+import errno
+import filecmp
 import glob
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +41,17 @@ from unionimg.fs.space import (
     require_space,
     sync_store,
 )
-from unionimg.layers import history, sandbox
+from unionimg.layers import history, identity, sandbox
 from unionimg.names import check_name, check_outside_store, human_size, shown
-from unionimg.runner import run
+from unionimg.runner import stream
 from unionimg.store.layout import Store, now_iso, read_record, write_atomic, write_record
 from unionimg.store.records import BaseMeta, GenerationMeta, JsonObject
 
 RESERVED_TOP = (".unionimg", ".hg")
+RUN_LOG = "run.log"  # in a generation's directory: what its --run command printed
+RUN_LOG_LIMIT = 16 << 20  # bytes of it kept; the terminal sees all of it
+#: ``echo(fd, data)``: where ``--run``'s output goes as it comes (1: stdout, 2: stderr)
+Echo = Callable[[int, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,12 @@ class Generation:
         return Manifest(self.manifest_path)
 
     @property
+    def run_log(self) -> Path | None:
+        """The output of the ``--run`` command that made this generation, if one did."""
+        path = self.dir / RUN_LOG
+        return path if path.is_file() else None
+
+    @property
     def kernel_path(self) -> Path | None:
         return self.dir / "vmlinuz" if self.kernel else None
 
@@ -88,6 +100,7 @@ class Generation:
             "kernel": str(self.kernel_path) if self.kernel_path else None,
             "kernel_version": self.kernel,
             "source": self.source,
+            "run_log": str(self.run_log) if self.run_log else None,
         }
 
 
@@ -240,9 +253,13 @@ def _build_generation(
     parent: Generation | None,
     repo: Path,
     message: str,
-) -> Generation:
+    unless_unchanged: bool = False,
+) -> Generation | None:
+    """Make the generation of ``tree`` in ``gdir``; with ``unless_unchanged``, None (nothing
+    made) when it would equal ``parent``: the same entries, image size and kernel."""
     op = "base-create" if parent is None else "base-update"
     checkpoint(f"{op}:staged")
+    identity.scrub_base(tree)  # per-VM identity never enters a generation (identity.py)
     entries = list(scan_tree(tree, skip_top=("lost+found",)))
     for e in entries:
         if e.path.split("/")[1] in RESERVED_TOP and e.path != "/":
@@ -258,6 +275,8 @@ def _build_generation(
             f"size {human_size(size)} is too small for {source} "
             f"({human_size(used)} of files); give a larger --size"
         )
+    if unless_unchanged and parent is not None and _unchanged(entries, size, kernel, tree, parent):
+        return None
     require_space(
         gdir.parent,
         _generation_estimate(entries, used, inodes, size, kernel or _tree_kernel(tree), parent),
@@ -295,6 +314,25 @@ def _build_generation(
     )
     write_record(gdir / GenerationMeta.FILE, meta)
     return _load_generation(name, gdir)
+
+
+def _unchanged(
+    entries: list[Entry], size: int, kernel: Path | None, tree: Path, parent: Generation
+) -> bool:
+    """Whether a generation of ``entries`` would equal ``parent``: every path the same
+    (type, content, mode, owner, xattrs: what ``base diff`` compares), none more or fewer,
+    the same image size and kernel. One lookup per path in the parent's manifest."""
+    if size != parent.size:
+        return False
+    kernel_src = kernel or _tree_kernel(tree)
+    if kernel_src is not None and (
+        parent.kernel_path is None or not filecmp.cmp(kernel_src, parent.kernel_path, False)
+    ):
+        return False
+    with parent.manifest() as m:
+        if len(m) != len(entries):
+            return False
+        return all(e.same(m.get(e.path)) for e in entries)
 
 
 def _generation_estimate(
@@ -356,6 +394,7 @@ def create(
                     repo=repo,
                     message=f"{name} generation 1: created from {src}",
                 )
+                assert gen is not None  # made: nothing to compare a first generation with
             sync_store(watch, f"create base {name}")  # all of it on disk before it appears
             os.rename(bdir, store.base_dir(name))
             checkpoint("base-create:published")
@@ -370,6 +409,15 @@ def _repair_history(store: Store, name: str, gens: list[Generation]) -> None:
             repo.strip(tip)
 
 
+@dataclass(frozen=True)
+class Updated:
+    """What ``base update`` did: the new generation, or (``changed`` False: the command
+    changed nothing) the latest one, which stays."""
+
+    generation: Generation
+    changed: bool
+
+
 def update(
     store: Store,
     name: str,
@@ -379,7 +427,36 @@ def update(
     command: str | None = None,
     size: int | None = None,
     kernel: Path | None = None,
+    echo: Echo | None = None,
 ) -> Generation:
+    """:func:`update_base`, for callers that only want the generation (the latest)."""
+    return update_base(
+        store,
+        name,
+        from_dir=from_dir,
+        apply_dir=apply_dir,
+        command=command,
+        size=size,
+        kernel=kernel,
+        echo=echo,
+    ).generation
+
+
+def update_base(
+    store: Store,
+    name: str,
+    *,
+    from_dir: Path | None = None,
+    apply_dir: Path | None = None,
+    command: str | None = None,
+    size: int | None = None,
+    kernel: Path | None = None,
+    echo: Echo | None = None,
+) -> Updated:
+    """Make generation N+1 of ``name`` from a directory, a directory laid over N, or N
+    changed by ``command``. ``command``'s output goes to ``echo`` as it comes and into the
+    new generation's ``run.log``; a command that changes nothing makes no generation
+    (``Updated.changed`` is False; the staging is removed)."""
     check_name(name, "base")
     modes = [m for m in (from_dir, apply_dir, command) if m is not None]
     if len(modes) != 1:
@@ -412,11 +489,12 @@ def update(
                 else:
                     source = f"generation {parent.number} changed by: {command}"
                     lowers = [lower]
+            log = stage / RUN_LOG
             try:
                 with _staging_tree(store, stage, lowers) as tree:
                     if command is not None:
                         try:
-                            run_in_chroot(tree, command)
+                            run_in_chroot(tree, command, log=log, echo=echo)
                         except UsageError as exc:  # the command's writes filled the store?
                             if free_space(store.root) < SPACE_MARGIN:
                                 raise StoreFull(
@@ -424,6 +502,13 @@ def update(
                                     + f" (the command failed: {exc.message})"
                                 ) from exc
                             raise
+                        except OSError as exc:  # keeping its output filled the store
+                            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                                raise
+                            raise StoreFull(
+                                full_message(store.root, SPACE_MARGIN, f"update base {name}")
+                                + " (while keeping the command's output)"
+                            ) from exc
                     gen = _build_generation(
                         store,
                         name,
@@ -436,25 +521,71 @@ def update(
                         parent=parent,
                         repo=repo,
                         message=f"{name} generation {number}: {source}",
+                        unless_unchanged=command is not None,
                     )
             finally:
                 umount(lower)
+            if gen is None:
+                return Updated(parent, changed=False)  # the staging goes with its log
+            if command is not None:
+                os.rename(log, stage / "gen" / RUN_LOG)
             sync_store(watch, f"update base {name}")  # all of it on disk before it appears
             os.rename(stage / "gen", store.base_dir(name) / "generations" / str(number))
             checkpoint("base-update:published")
         new = get_generation(store, name, gen.number)
         delta(store, parent, new)  # while both manifests are warm: reconcile only reads it
-    return new
+    return Updated(new, changed=True)
 
 
-def run_in_chroot(tree: Path, command: str) -> None:
+class _RunLog:
+    """``--run``'s output, as it comes: shown through ``echo`` and kept in ``path`` (its
+    first :data:`RUN_LOG_LIMIT` bytes, then a line saying how much more there was)."""
+
+    def __init__(self, path: Path, echo: Echo | None) -> None:
+        self.echo = echo
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.kept = self.dropped = 0
+
+    def __call__(self, fd: int, data: bytes) -> None:
+        if self.echo is not None:
+            self.echo(fd, data)
+        room = RUN_LOG_LIMIT - self.kept
+        if room > 0:
+            part = data[:room]
+            view = memoryview(part)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            self.kept += len(part)
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def close(self) -> None:
+        try:
+            if self.dropped:
+                note = f"\n[unionimg: {self.dropped} more bytes of output were not kept]\n"
+                os.write(self.fd, note.encode())
+        finally:
+            os.close(self.fd)
+
+
+def run_in_chroot(
+    tree: Path, command: str, *, log: Path | None = None, echo: Echo | None = None
+) -> None:
     """Run ``command`` with the tree's own ``/bin/sh -c``, chrooted, with /proc, /sys, /dev
     and the host's resolver, in a PID and mount namespace of its own (:mod:`.sandbox`): the
     mounts are never visible on the host, and if unionimg dies (even by SIGKILL) every process
-    of the command dies with it."""
+    of the command dies with it. Its stdout and stderr go to ``echo`` as they come and into
+    ``log`` (a new file)."""
     if not (tree / "bin" / "sh").exists() and not (tree / "bin" / "sh").is_symlink():
         raise UsageError("the base has no /bin/sh, so --run cannot run a command in it")
-    res = run(sandbox.argv(tree, command), check=False)
+    sink = _RunLog(log, echo) if log is not None else None
+    try:
+        res = stream(
+            sandbox.argv(tree, command),
+            sink or (lambda fd, data: echo(fd, data) if echo is not None else None),
+        )
+    finally:
+        if sink is not None:
+            sink.close()
     tail = (res.stderr or res.stdout).strip().splitlines()
     if res.returncode == sandbox.SETUP_FAILED and tail and tail[-1].startswith(sandbox.PREFIX):
         raise ToolFailed(

@@ -13,7 +13,7 @@ from unionimg.faults import checkpoint
 from unionimg.fs.image import disk_usage, make_ext4
 from unionimg.fs.mounts import is_mounted, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
-from unionimg.layers import history, ucheck
+from unionimg.layers import history, identity, ucheck
 from unionimg.layers.base import generations, get_generation
 from unionimg.layers.running import last_crash, running_on
 from unionimg.layers.ucheck import sync_image
@@ -191,6 +191,10 @@ def create(
             u_tree = stage / "u"
             u_tree.mkdir(mode=0o755)
             _prepare_u_tree(store, u_tree, inst)
+            scratch = stage / "identity"  # ssh-keygen's output, removed with the staging
+            scratch.mkdir(mode=0o700)
+            with gen.manifest() as base_manifest:  # its own machine-id and SSH host keys
+                identity.ensure_instance(u_tree / "upper", base_manifest, scratch, name)
             checkpoint("instance-create:staged")
             idir = stage / "instance"
             idir.mkdir(mode=0o700)
