@@ -30,6 +30,8 @@ from unionimg.store.records import (
     InstanceReport,
     LastReconcile,
     MountRecord,
+    OwnerChange,
+    OwnerChanges,
     ProbeCache,
     ReconcileJournal,
     ReconcileReport,
@@ -143,6 +145,8 @@ EXAMPLES: list[Record] = [
     ),
     BaseRef(instance="vm1", base="os", generation=3),
     Resolution(path="/etc/bin", took="file /root/bin", generation=3, resolved="now"),
+    OwnerChange(path="/home/alice", which="uid", old=1000, new=1001),
+    OwnerChanges((OwnerChange("/home/alice", "gid", 1000, 1001),)),
     ProbeCache(version=1, entries={"0287e57c": {"ok": False, "reason": "no output in 25 s"}}),
 ]
 

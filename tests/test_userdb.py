@@ -25,6 +25,7 @@ from unionimg.reconcile.structured import (
     Versions,
 )
 from unionimg.reconcile.userdb import GROUP, GSHADOW, PASSWD, SHADOW, SUBGID, SUBUID, merge, parse
+from unionimg.store.records import OwnerChanges, RecordError
 
 ROOT = b"root:x:0:0:root:/root:/bin/bash\n"
 DAEMON = b"daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
@@ -179,6 +180,9 @@ def test_uid_given_to_two_names_proposes_renumbering_with_owner_changes() -> Non
         ("/home/alice", "uid", 1000, 1002),
         ("/home/alice/.profile", "uid", 1000, 1002),
     ]
+    records = OwnerChanges.from_json(json.loads(r.owners_json()))  # what resolve reads
+    first = records.items[0]
+    assert (first.path, first.which, first.old, first.new) == ("/home/alice", "uid", 1000, 1002)
     assert json.loads(r.owners_json())[0] == {
         "path": "/home/alice", "field": "uid", "old": 1000, "new": 1002,
     }  # fmt: skip
@@ -436,3 +440,15 @@ def test_merger_output_is_a_structured_result() -> None:
     result = MERGERS["/etc/group"](user_input("/etc/group", files, []))
     assert isinstance(result, StructuredResult) and result.outcome == CONFLICT
     assert "alice: gid 1000 is also deploy's in B1" in result.reason
+
+
+def test_owner_changes_record_refuses_what_resolve_must_not_apply() -> None:
+    for bad in (
+        [{"path": "/x", "field": "mode", "old": 1, "new": 2}],
+        [{"path": "/x", "field": "uid", "old": -1, "new": 2}],
+        [{"path": "/x", "field": "uid", "old": 1, "new": 2**32 - 1}],
+        [{"path": "/x", "field": "uid", "old": 1}],
+        {"path": "/x"},
+    ):
+        with pytest.raises(RecordError):
+            OwnerChanges.from_json(bad)

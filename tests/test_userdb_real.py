@@ -185,3 +185,35 @@ def test_uid_collision_is_a_conflict_with_a_proposal(world: World, result: Path)
     paths = {o["path"] for o in owners}
     assert "/home/alice" in paths and all(o["old"] == 1000 for o in owners)
     assert b"<<<<<<<" not in (result / "etc/passwd").read_bytes()
+
+
+@pytest.mark.slow
+def test_resolve_takes_the_proposal_and_chowns_the_vms_files(world: World) -> None:
+    """After the clash test: the proposals applied with resolve, the followers merged."""
+    cli = world.cli
+    listed = json.loads(cli.ok("conflicts", "clash", "--json").output)
+    assert {c["path"] for c in listed} >= {"/etc/passwd", "/etc/group", "/etc/shadow"}
+    took = {}
+    for path in ("/etc/group", "/etc/passwd", "/etc/subuid", "/etc/subgid"):
+        took[path] = cli.ok("resolve", "clash", path, "--take", "proposal").output
+    for path in ("/etc/shadow", "/etc/gshadow"):  # followers: their merge, now consistent
+        cli.ok("resolve", "clash", path, "--take", "merged")
+    assert "took proposal (" in took["/etc/passwd"] and "file(s) chowned" in took["/etc/passwd"]
+    left = {c["path"] for c in json.loads(cli.ok("conflicts", "clash", "--json").output)}
+    assert not left & {"/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"}
+    mnt = world.tmp / "resolved-clash"
+    mnt.mkdir()
+    cli.ok("mount", "clash", str(mnt), "--readonly")
+    try:
+        passwd = (mnt / "etc/passwd").read_text()
+        assert "\nalice:x:1001:1001:" in passwd and "\ndeploy:x:1000:1000:" in passwd
+        assert "\nsvcd:" in passwd
+        home = mnt / "home/alice"
+        assert (home.stat().st_uid, home.stat().st_gid) == (1001, 1001)
+        assert all(p.lstat().st_uid == 1001 for p in home.iterdir())
+        deploy = (mnt / "home/deploy").stat()  # the base's: its own user's again
+        assert (deploy.st_uid, deploy.st_gid) == (1000, 1000)
+        pw, gr = problems(mnt)
+        assert pw <= world.baseline[0] and gr <= world.baseline[1], (pw, gr)
+    finally:
+        cli.ok("umount", str(mnt))

@@ -183,7 +183,12 @@ def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 @click.command("resolve")
 @click.argument("vm")
 @click.argument("path")
-@click.option("--take", type=click.Choice(["local", "base", "merged"]), default=None)
+@click.option(
+    "--take",
+    type=click.Choice(["local", "base", "merged", "proposal"]),
+    default=None,
+    help="proposal: a user database conflict's renumbering, with its chowns.",
+)
 @click.option(
     "--file",
     "file",

@@ -77,6 +77,7 @@ from unionimg.reconcile.plan import (
     plan_instance,
 )
 from unionimg.reconcile.policy import KEEP_LOCAL, TAKE_BASE, Policy, Rule
+from unionimg.reconcile.proposal import PROPOSAL, apply_owner_changes
 from unionimg.store.layout import (
     Store,
     now_iso,
@@ -825,7 +826,7 @@ def resolve(
 ) -> JsonObject:
     inst = load(store, name)
     if (take is None) == (file is None):
-        raise UsageError("give exactly one of --take local|base|merged or --file F")
+        raise UsageError("give exactly one of --take local|base|merged|proposal or --file F")
     st = state(store, name)
     if st != "stopped":
         raise Conflict(f"instance '{name}' is {st}; stop or umount it before resolving")
@@ -852,6 +853,7 @@ def resolve(
             local = _upper_entry(upper, path)
             # the file written (its data, then its revlog) and whatever else the commit adds
             sizes = {"merged": aside / "merged", "base": aside / "base-new", None: file}
+            sizes[PROPOSAL] = aside / PROPOSAL
             incoming = _size_of(sizes.get(take))
             entries = scan_upper(u, hash_files=False)
             require_u_space(store, u, name, commit_estimate(u, entries, [incoming] * 2), what)
@@ -870,7 +872,14 @@ def resolve(
                 else:
                     fsops.remove_entry(upper, path)  # the base's version shows through
             else:
-                if take == "merged":
+                if take == PROPOSAL:
+                    source = aside / PROPOSAL
+                    if not source.is_file():
+                        raise NotFound(
+                            f"conflict at {path} has no complete proposal; use "
+                            "--take local|base|merged or --file"
+                        )
+                elif take == "merged":
                     source = aside / "merged"
                     if not source.is_file():
                         raise NotFound(
@@ -894,6 +903,8 @@ def resolve(
                         f"{path} is not a regular file on either side; use --take local|base"
                     )
                 fsops.write_entry(upper, path, replace(meta, kind="file"), data)
+                if take == PROPOSAL:  # the renumbered entries' files: their new owner
+                    how = f"proposal ({apply_owner_changes(upper, aside).describe()})"
             fsops.syncfs(upper)
             record = Resolution(path=path, took=how, generation=c.generation, resolved=now_iso())
             fsops.write_beneath(  # no symlink followed beneath U (fsops refuses one)

@@ -25,6 +25,8 @@ instance.json          :class:`Instance`           ``instance create``, reconcil
 mount.json             :class:`MountRecord`        ``mount`` (removed by ``umount``)
 u-checked.json         :class:`UCheckStamp`        U check (e2fsck) or a clean unmount
 conflicts.json         :class:`Conflicts`          reconcile, ``resolve``, ``--undo``
+proposal-owners        :class:`OwnerChanges`       reconcile, in a conflict's directory (read
+                                                   by ``resolve --take proposal``)
 reconcile-journal.json :class:`ReconcileJournal`   reconcile, between swap and commit
 last-reconcile.json    :class:`LastReconcile`      reconcile (read by ``--undo``)
 reports/reconcile-*    :class:`ReconcileReport`    reconcile (of :class:`InstanceReport`)
@@ -551,6 +553,51 @@ class HeldResolutions(Record):
     @classmethod
     def from_json(cls, data: object) -> Self:
         return cls(_records(data, HeldResolution, ""))
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerChange(Record):
+    """One of the VM's files whose owner a conflict's proposal changes (a renumbered user,
+    group or sub-ID range): written by :mod:`unionimg.reconcile.userdb` into the conflict's
+    ``proposal-owners``, applied by ``resolve --take proposal``."""
+
+    WHAT = "ownership change"
+
+    path: str
+    which: str  # "uid" | "gid" (the JSON key is "field")
+    old: int
+    new: int
+
+    def to_json(self) -> JsonObject:
+        return {"path": self.path, "field": self.which, "old": self.old, "new": self.new}
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = _Fields(data)
+        which = f.text("field")
+        if which not in ("uid", "gid"):
+            raise RecordError(f"field 'field' is {which!r}, not 'uid' or 'gid'")
+        old, new = f.integer("old"), f.integer("new")
+        if not (0 <= old < 2**32 - 1 and 0 <= new < 2**32 - 1):
+            raise RecordError("field 'old' or 'new' is no ID (0 to 4294967294)")
+        return cls(path=f.text("path"), which=which, old=old, new=new)
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerChanges(Record):
+    """A conflict's ``proposal-owners``: the ownership changes its ``proposal`` implies."""
+
+    WHAT = "ownership change list"
+    FILE = "proposal-owners"
+
+    items: tuple[OwnerChange, ...] = ()
+
+    def to_json(self) -> list[JsonObject]:
+        return [c.to_json() for c in self.items]
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        return cls(_records(data, OwnerChange, ""))
 
 
 @dataclass(frozen=True, slots=True)
