@@ -1,20 +1,24 @@
-"""User databases merged by name (unionimg.reconcile.userdb and its registry entry). Pure.
+"""User databases merged by name (unionimg.reconcile.userdb and its registry entry).
 
 Every rule of the module docstring with small texts, then hostile input: a guest's passwd
 can hold anything (NUL bytes, megabyte lines, missing fields, duplicate names) and the merge
-must never crash, never lose a line, and say why it conflicts in one short line.
+must never crash, never lose a line, and say why it conflicts in one short line. All pure
+but the last test (root): the chowns of ``resolve --take proposal`` on a real tree.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
 from unionimg.entries import DIR, FILE, WHITEOUT, Entry
 from unionimg.reconcile import userdb
+from unionimg.reconcile.proposal import apply_owner_changes
 from unionimg.reconcile.structured import (
     CONFLICT,
     KEEP_LOCAL,
@@ -25,7 +29,7 @@ from unionimg.reconcile.structured import (
     Versions,
 )
 from unionimg.reconcile.userdb import GROUP, GSHADOW, PASSWD, SHADOW, SUBGID, SUBUID, merge, parse
-from unionimg.store.records import OwnerChanges, RecordError
+from unionimg.store.records import OwnerChange, OwnerChanges, RecordError
 
 ROOT = b"root:x:0:0:root:/root:/bin/bash\n"
 DAEMON = b"daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
@@ -452,3 +456,34 @@ def test_owner_changes_record_refuses_what_resolve_must_not_apply() -> None:
     ):
         with pytest.raises(RecordError):
             OwnerChanges.from_json(bad)
+
+
+def test_proposal_owners_applied_only_beneath_u_and_only_from_the_old_owner(
+    tmp_path: Path, root: None
+) -> None:
+    """resolve --take proposal's chowns: a symlink the guest planted on a listed path is not
+    followed (the host's file keeps its owner), a file whose owner changed since is skipped."""
+    upper, aside, outside = tmp_path / "upper", tmp_path / "aside", tmp_path / "outside"
+    for d in (upper / "home/alice", aside, outside):
+        d.mkdir(parents=True)
+    (upper / "home/alice/notes").write_text("x")
+    os.chown(upper / "home/alice/notes", 1000, 1000)
+    os.chown(upper / "home/alice", 1000, 1000)
+    (upper / "home/alice/other").write_text("y")
+    os.chown(upper / "home/alice/other", 5, 5)  # changed since the reconcile
+    (outside / "host-file").write_text("z")
+    os.chown(outside / "host-file", 1000, 1000)
+    (upper / "escape").symlink_to(outside)
+    changes = [
+        OwnerChange(p, "uid", 1000, 1001)
+        for p in ("/home/alice", "/home/alice/notes", "/home/alice/other", "/escape/host-file")
+    ]
+    (aside / "proposal-owners").write_text(json.dumps(OwnerChanges(tuple(changes)).to_json()))
+    done = apply_owner_changes(upper, aside)
+    assert (done.changed, done.skipped) == (2, 2)
+    assert (upper / "home/alice").stat().st_uid == 1001
+    assert (upper / "home/alice/notes").stat().st_uid == 1001
+    assert (upper / "home/alice/notes").stat().st_gid == 1000  # only the uid moves
+    assert (upper / "home/alice/other").stat().st_uid == 5
+    assert (outside / "host-file").stat().st_uid == 1000
+    assert done.describe() == "2 file(s) chowned, 2 skipped (changed since)"
