@@ -550,23 +550,20 @@ class _Merger:
                 if value is not None:
                     by_id.setdefault(value, []).append(key)
         alloc = _Allocator(self.used_ids())
+        lid = {k: _id_of(fmt, ln) for k, ln in self.l.items()}  # each line split once
+        nid = {k: _id_of(fmt, ln) for k, ln in self.n.items()}
         for value, holders in sorted(by_id.items()):
             if len({k[1] for k in holders}) < 2:
                 continue
-            mine = [
-                k for k in holders if _id_of(fmt, self.l.get(k)) == value
-                and _id_of(fmt, self.n.get(k)) != value
-            ]  # fmt: skip
+            mine = [k for k in holders if lid.get(k) == value and nid.get(k) != value]
             names = {k[1] for k in mine}
             others = list(dict.fromkeys(
-                k[1] for k in holders if k[1] not in names
-                and _id_of(fmt, self.n.get(k)) == value and _id_of(fmt, self.l.get(k)) != value
+                k[1] for k in holders
+                if k[1] not in names and nid.get(k) == value and lid.get(k) != value
             ))  # fmt: skip
             if not mine or not others:
                 continue  # one side's own duplicates: not the merge's doing
-            if any(
-                _id_of(fmt, self.l.get(k)) == value == _id_of(fmt, self.n.get(k)) for k in holders
-            ):
+            if any(lid.get(k) == value == nid.get(k) for k in holders):
                 continue  # both sides give it to one name (root's 0): the others are aliases
             lo, hi = self.ranges.for_id(fmt.owner, value)
             new = alloc.take(value, lo, hi) if self._may_propose() else None
