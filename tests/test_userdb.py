@@ -354,7 +354,7 @@ def test_shadow_follows_passwd_and_passwd_takes_groups_moves() -> None:
     assert owners == [{"path": "/home/alice", "field": "uid", "old": 1000, "new": 1001}]
     shadow = MERGERS["/etc/shadow"](user_input("/etc/shadow", files, upper))
     assert shadow.outcome == CONFLICT
-    assert "follows /etc/passwd, which conflicts" in shadow.reason
+    assert "follows /etc/passwd, /etc/group (in conflict): resolve them too" in shadow.reason
     expected = b"root:*:1::::::\nsshd:!:3::::::\ndeploy:!:3::::::\nalice:!:2::::::\n"
     assert shadow.data == expected and shadow.artifacts["proposal"] == expected
     # without the collision everything merges
@@ -487,3 +487,29 @@ def test_proposal_owners_applied_only_beneath_u_and_only_from_the_old_owner(
     assert (upper / "home/alice/other").stat().st_uid == 5
     assert (outside / "host-file").stat().st_uid == 1000
     assert done.describe() == "2 file(s) chowned, 2 skipped (changed since)"
+
+
+def test_passwd_group_shadow_gshadow_conflict_together() -> None:
+    """A conflict in one of the four keeps all four the VM's: B1's new user deploy names
+    group 1000, which only B1's /etc/group has (pwck would say "no group 1000")."""
+    files = {
+        "/etc/passwd": Versions(
+            PW0, PW0 + b"alice:x:1001:1001::/home/alice:/bin/sh\n", PW0 + DEPLOY
+        ),
+        "/etc/group": Versions(
+            b"root:x:0:\nstaff:x:50:\n",
+            b"root:x:0:\nstaff:y:50:\nalice:x:1001:\n",  # the VM changed staff's password field
+            b"root:x:0:\nstaff:z:50:\ndeploy:x:1000:\n",  # and so did B1, differently
+        ),
+    }
+    group = MERGERS["/etc/group"](user_input("/etc/group", files, []))
+    assert group.outcome == CONFLICT and "staff: changed differently" in group.reason
+    passwd = MERGERS["/etc/passwd"](user_input("/etc/passwd", files, []))
+    assert passwd.outcome == CONFLICT
+    assert passwd.reason.startswith("follows /etc/group (in conflict): resolve it too")
+    assert (
+        passwd.artifacts["proposal"] == PW0 + DEPLOY + b"alice:x:1001:1001::/home/alice:/bin/sh\n"
+    )
+    for path in ("/etc/subuid", "/etc/subgid"):  # not part of the unit
+        files[path] = Versions(b"", b"alice:100000:65536\n", b"")
+        assert MERGERS[path](user_input(path, files, [])).outcome == MERGED

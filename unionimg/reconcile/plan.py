@@ -349,6 +349,7 @@ class _Planner:
         self.unaffected = 0
         self._cache: dict[tuple[Source, str], bytes] = {}
         self._opaque_memo: dict[str, bool] = {}
+        self._merge_memo: dict[str, object] = {}  # structured mergers' shared results
 
     # -- driving -------------------------------------------------------------------------
     def run(self) -> InstancePlan:
@@ -788,7 +789,8 @@ class _Planner:
     ) -> None:
         """A file both sides changed that a structured merger knows (``MERGERS``): case 5
         when it merges, case 6 with its artefacts when it conflicts; the policy first."""
-        result = merger(MergeInput(path, versions, self._versions, self.u.values))
+        inp = MergeInput(path, versions, self._versions, self.u.values, self._merge_memo)
+        result = merger(inp)
         why = result.reason
         if result.outcome == STRUCTURED_KEEP_LOCAL:
             self._both_changed(

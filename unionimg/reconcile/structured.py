@@ -19,6 +19,10 @@ three versions of a related file, the VM's upper entries) and returns a
   ``/etc/passwd``).
 
 Registered here: the user databases (:mod:`unionimg.reconcile.userdb`) and their backups.
+passwd, group, shadow and gshadow are one unit for ``pwck``/``grpck`` (users name their
+primary group, groups their members, shadow and gshadow their users and groups): a conflict in
+one makes the other three conflicts too, so the VM keeps a consistent set until resolved.
+Mergers of one planner run share ``MergeInput.memo`` (each file merged once).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class MergeInput:
     versions: Versions
     related: Callable[[str], Versions]  # the three versions of another file
     upper: Callable[[], Iterable[Entry]]  # every entry of the VM's upper layer
+    memo: dict[str, object] = field(default_factory=dict)  # shared by one planner's mergers
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +100,9 @@ _FORMATS = {
     SUBUID: userdb.SUBUID,
     SUBGID: userdb.SUBGID,
 }
-_LEADER = {SHADOW: PASSWD, GSHADOW: GROUP}  # a file whose conflicts the follower shares
+# One unit for pwck/grpck: users name their primary group, groups their members, shadow and
+# gshadow their users and groups. A conflict in one keeps all four the VM's (consistent).
+_UNIT = (PASSWD, GROUP, SHADOW, GSHADOW)
 
 
 def _ranges(inp: MergeInput) -> userdb.IdRanges:
@@ -125,26 +132,45 @@ def _db(
     )
 
 
-def _merge_db(inp: MergeInput, path: str, v: Versions) -> userdb.DbMerge:
-    """The merge of ``path`` with what it follows: shadow/gshadow conflict while passwd/group
-    do, passwd takes group's renumberings of the VM's primary groups."""
-    if path in _LEADER:
-        leader_path = _LEADER[path]
-        leader = _merge_db(inp, leader_path, inp.related(leader_path))
-        follows = (
-            "" if leader.clean else f"follows {leader_path}, which conflicts: resolve it first"
-        )
-        return _db(inp, path, v, follows=follows)
+def _own(inp: MergeInput, path: str) -> userdb.DbMerge:
+    """``path``'s merge on its own entries (passwd: with group's renumberings of the VM's
+    primary groups), computed once per planner run (``inp.memo``)."""
+    key = f"userdb:{path}"
+    done = inp.memo.get(key)
+    if isinstance(done, userdb.DbMerge):
+        return done
+    v = inp.versions if path == inp.path else inp.related(path)
     if path == PASSWD:
-        group = _db(inp, GROUP, inp.related(GROUP))
+        group = _own(inp, GROUP)
         moves = {r.old: r.new for r in group.renumberings if r.field == "gid"}
-        return _db(inp, path, v, gid_moves=moves)
-    return _db(inp, path, v)
+        result = _db(inp, path, v, gid_moves=moves)
+    else:
+        result = _db(inp, path, v)
+    inp.memo[key] = result
+    return result
+
+
+def _merge_db(inp: MergeInput, path: str) -> userdb.DbMerge:
+    """The merge of ``path``; one of passwd, group, shadow, gshadow is a conflict whenever
+    another of them is (they stay the VM's together, consistent, until resolved)."""
+    own = _own(inp, path)
+    if path not in _UNIT:
+        return own
+    others = [p for p in _UNIT if p != path and not _own(inp, p).clean]
+    if not others:
+        return own
+    them = "them" if len(others) > 1 else "it"
+    follows = f"follows {', '.join(others)} (in conflict): resolve {them} too"
+    v = inp.versions
+    gid_moves = None
+    if path == PASSWD:
+        gid_moves = {r.old: r.new for r in _own(inp, GROUP).renumberings if r.field == "gid"}
+    return _db(inp, path, v, follows=follows, gid_moves=gid_moves)
 
 
 def user_database(inp: MergeInput) -> StructuredResult:
     """passwd, group, shadow, gshadow, subuid, subgid merged by name (:mod:`userdb`)."""
-    result = _merge_db(inp, inp.path, inp.versions)
+    result = _merge_db(inp, inp.path)
     if result.clean:
         return StructuredResult(MERGED, result.data, result.reason())
     artifacts: dict[str, bytes] = {}

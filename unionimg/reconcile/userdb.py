@@ -26,9 +26,10 @@ systemd-sysusers allocates by name:
   256 renumberings are proposed per file (a guest's file may hold any number of entries).
 * subuid/subgid ranges of different names that the merge would make overlap are a conflict
   proposing the VM's range moved to the first free place (from ``SUB_UID_MIN``).
-* A file that *follows* another (shadow follows passwd, gshadow follows group, passwd
-  follows group's renumberings of the primary groups its VM entries use) is a conflict when
-  the one it follows is, so the live pair stays the VM's consistent one until resolved.
+* A file that *follows* another (``follows``: the caller,
+  :mod:`unionimg.reconcile.structured`, makes passwd, group, shadow and gshadow follow each
+  other; passwd follows group's renumberings of the primary groups its VM entries use) is a
+  conflict when the one it follows is, so the live set stays the VM's consistent one.
 * Order: B1's lines in B1's order, then the VM's additions in the VM's order.
 
 Nothing here reads a file: :func:`merge` takes bytes (``None``: no such file) and the VM's
