@@ -20,6 +20,7 @@ from unionimg.entries import (
     DIR,
     FIFO,
     FILE,
+    LARGE_FILE,
     SOCK,
     SYMLINK,
     WHITEOUT,
@@ -836,3 +837,14 @@ def test_user_database_ranges_read_from_b1_login_defs() -> None:
     assert "no uid is free in 1000-1001" in r.action("/etc/passwd").reason
     assert "/etc/login.defs" in r.b1.gets and ("b1", "/etc/login.defs") in r.content.reads
     assert r.b0.gets == [] and r.b1.children_calls == []
+
+
+def test_huge_user_database_is_never_read() -> None:
+    """A guest's passwd claiming 64 MiB or more is case 7 (too large to merge), unread."""
+    u, b0, b1 = user_trees(1001)
+    entry = u.entries["/etc/passwd"]
+    u.put(replace(entry, size=LARGE_FILE, sha256=None), u.data["/etc/passwd"])
+    r = run(u, b0, b1, reads=True)
+    a = r.action("/etc/passwd")
+    assert (a.case, a.action) == (7, "conflict") and "too large" in a.reason
+    assert ("upper", "/etc/passwd") not in r.content.reads
