@@ -64,6 +64,14 @@ def test_pending_count_in_list_show_and_reconcile(cli: Cli, tmp_path: Path) -> N
         f"vm1: generation 2, nothing to do; {n} conflict(s) still pending "
         "(see 'unionimg conflicts vm1')"
     )
+    # boot warns before anything else (xen only renders here: the boot itself is refused)
+    res = cli("boot", "vm1", "--hypervisor", "xen")
+    assert res.exit_code != 0 and res.stderr.splitlines()[0] == (
+        f"unionimg: warning: vm1 has {n} reconcile conflict(s) still pending; it boots with "
+        "its own version of those paths (list them: unionimg conflicts vm1)"
+    ), res.stderr
+    res = cli("switch", "vm1", "--to", "xen", "--boot")
+    assert res.stderr.startswith(f"unionimg: warning: vm1 has {n} reconcile"), res.stderr
     # one resolved: one fewer everywhere
     cli.ok("resolve", "vm1", "/c09/file", "--take", "local")
     assert show(cli, "vm1")["pending_conflicts"] == n - 1
