@@ -288,3 +288,19 @@ def test_debian_vm_with_pending_conflict_shows_it_and_boot_warns(cli: Cli, tmp_p
         assert any(ln.startswith("unionimg-guest: boot ") for ln in guest_lines(cli, "d1"))
     finally:
         cleanup_guest(cli, "d1")
+
+
+def test_held_resolution_decides_exactly_its_path() -> None:
+    """A resolution becomes a rule for its literal path: a guest's file name holding glob
+    characters never widens it to other paths; another generation's resolution is unused."""
+    from unionimg.reconcile.apply import with_held
+    from unionimg.reconcile.policy import Policy
+    from unionimg.store.records import HeldResolution
+
+    odd = "/etc/*[x]?\\**"
+    held = [HeldResolution(odd, "keep-local", 3, "local", "now")]
+    policy = with_held(Policy(), held, 3)
+    assert policy.action_for(odd) == "keep-local"
+    for other in ("/etc/ab", "/etc/x", "/etc/*[x]?", "/etc/a/b", "/etc/*[x]?\\**/y"):
+        assert policy.action_for(other) == "merge", other
+    assert with_held(Policy(), held, 4) == Policy()
