@@ -360,7 +360,7 @@ def chroot_union(cli: Cli, vm: str, tmp: Path) -> Iterator[Path]:
     base = gen_image(cli, inst["base"], inst["generation"])
     b, u, w, root = (tmp / n for n in ("b", "u", "w", "root"))
     for d in (b, u, w, root):
-        d.mkdir()
+        d.mkdir(parents=True)
     done: list[Path] = []
 
     def mount(*args: str) -> None:
