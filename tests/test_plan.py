@@ -848,3 +848,6 @@ def test_huge_user_database_is_never_read() -> None:
     a = r.action("/etc/passwd")
     assert (a.case, a.action) == (7, "conflict") and "too large" in a.reason
     assert ("upper", "/etc/passwd") not in r.content.reads
+    # and the others of the unit stay the VM's with it (no shadow naming users passwd lacks)
+    shadow = r.action("/etc/shadow")
+    assert shadow.action == "conflict" and "follows /etc/passwd" in shadow.reason

@@ -815,10 +815,12 @@ class _Planner:
         (``None``: no regular file there, or too large to read)."""
         change = self.delta.get(path)
         if change is not None:
+            entries: tuple[Entry | None, ...] = (change.old, change.new)
             old = self._file_of(change.old, "b0", path)
             new = self._file_of(change.new, "b1", path)
         else:  # unchanged from B0 to B1: one lookup into B1
-            old = new = self._file_of(self.b1.get(path), "b1", path)
+            entries = (self.b1.get(path),)
+            old = new = self._file_of(entries[0], "b1", path)
         u = self.u.get(path)
         if u is not None:
             local = self._file_of(u, "upper", path)
@@ -826,7 +828,10 @@ class _Planner:
             local = None  # hidden by a whiteout, an opaque directory or a non-directory
         else:
             local = old
-        return Versions(old, local, new)
+        too_large = any(
+            e is not None and e.kind == FILE and e.size >= LARGE_FILE for e in (*entries, u)
+        )
+        return Versions(old, local, new, too_large)
 
     def _file_of(self, entry: Entry | None, source: Source, path: str) -> bytes | None:
         if entry is None or entry.kind != FILE or entry.size >= LARGE_FILE:

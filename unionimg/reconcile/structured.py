@@ -59,6 +59,7 @@ class Versions:
     old: bytes | None
     local: bytes | None
     new: bytes | None
+    too_large: bool = False  # a version exists but is too large to read (the merge refuses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,9 @@ def _merge_db(inp: MergeInput, path: str) -> userdb.DbMerge:
     own = _own(inp, path)
     if path not in _UNIT:
         return own
-    others = [p for p in _UNIT if p != path and not _own(inp, p).clean]
+    others = [
+        p for p in _UNIT if p != path and (inp.related(p).too_large or not _own(inp, p).clean)
+    ]
     if not others:
         return own
     them = "them" if len(others) > 1 else "it"
