@@ -285,12 +285,13 @@ def test_reconcile_gives_keys_when_the_base_gains_sshd(cli: Cli, tmp_path: Path)
     """A VM made before its base had sshd gets its own host keys at the reconcile that brings
     sshd (the base's, made by the update, never reach it); its machine-id stays; a VM with a
     key of its own keeps exactly its keys; a VM whose /etc/ssh is a symlink gets nothing
-    written through it."""
+    written through it; a key name that is a symlink to a host file is replaced by a real
+    key, the host file untouched."""
     need_programs("ssh-keygen", "debugfs")
     cli.ok("base", "create", "b", "--from-dir", str(identity_tree(tmp_path / "src", sshd=False)))
-    for vm in ("vm1", "vm2", "vm3"):
+    for vm in ("vm1", "vm2", "vm3", "vm4"):
         cli.ok("instance", "create", vm, "--base", "b")
-    for vm in ("vm1", "vm2", "vm3"):
+    for vm in ("vm1", "vm2", "vm3", "vm4"):
         assert not exists_in(u_image(cli, vm), "/upper/etc/ssh"), "keys without sshd"
     mid1 = read_u(u_image(cli, "vm1"), "/etc/machine-id")
     mnt = tmp_path / "mnt"
@@ -307,6 +308,14 @@ def test_reconcile_gives_keys_when_the_base_gains_sshd(cli: Cli, tmp_path: Path)
     try:
         shutil.rmtree(mnt / "etc/ssh")
         os.symlink(str(host_dir), mnt / "etc/ssh")
+    finally:
+        cli.ok("umount", str(mnt))
+
+    host_file = tmp_path / "host-file"
+    host_file.write_text("host secret\n")
+    cli.ok("mount", "vm4", str(mnt))
+    try:  # a key "file" that is a symlink to a host file: not a key, and never written through
+        os.symlink(str(host_file), mnt / "etc/ssh/ssh_host_rsa_key")
     finally:
         cli.ok("umount", str(mnt))
 
@@ -335,6 +344,11 @@ def test_reconcile_gives_keys_when_the_base_gains_sshd(cli: Cli, tmp_path: Path)
     assert not exists_in(image2, "/upper/etc/ssh/ssh_host_rsa_key")
     assert os.listdir(host_dir) == [], "a key was written through the guest's symlink"
     assert not exists_in(u_image(cli, "vm3"), "/upper/etc/ssh/ssh_host_rsa_key")
+    assert host_file.read_text() == "host secret\n"
+    image4 = u_image(cli, "vm4")
+    assert "Type: regular" in debugfs(image4, "stat /upper/etc/ssh/ssh_host_rsa_key")
+    k4 = keys_of(cli, "vm4", tmp_path)
+    check_key_pair(k4["ssh_host_rsa_key"], k4["ssh_host_rsa_key.pub"], tmp_path)
     assert show(cli, "instance", "show", "vm1")["generation"] == 2
     assert show(cli, "instance", "show", "vm2")["generation"] == 2
 
