@@ -272,6 +272,41 @@ def test_each_instance_gets_its_own_identity(cli: Cli, tmp_path: Path) -> None:
     assert "/etc/machine-id" in status and "/etc/ssh/ssh_host_rsa_key" in status
 
 
+def test_generation_made_before_the_rule(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generation made before identity was kept out (simulated: the scrub switched off)
+    still holds a machine-id and a host key: a VM created on it gets its own anyway,
+    shadowing them; the next update removes them from the base, and the VM's reconcile
+    keeps the VM's own."""
+    need_programs("ssh-keygen", "debugfs")
+    monkeypatch.setattr(identity, "scrub_base", lambda tree: [])
+    cli.ok("base", "create", "old", "--from-dir", str(identity_tree(tmp_path / "src", sshd=True)))
+    monkeypatch.undo()
+    image = gen_image(cli, "old")
+    base_key = debugfs(image, "cat /etc/ssh/ssh_host_ed25519_key")
+    assert base_key and debugfs(image, "cat /etc/machine-id").strip()
+    for vm in ("vm1", "vm2"):
+        cli.ok("instance", "create", vm, "--base", "old")
+    own = {vm: keys_of(cli, vm, tmp_path) for vm in ("vm1", "vm2")}
+    mids = {vm: read_u(u_image(cli, vm), "/etc/machine-id") for vm in ("vm1", "vm2")}
+    assert mids["vm1"] != mids["vm2"]
+    assert b"0123456789abcdef" not in mids["vm1"] + mids["vm2"]
+    assert own["vm1"]["ssh_host_ed25519_key"].decode() != base_key
+    assert own["vm1"]["ssh_host_ed25519_key"] != own["vm2"]["ssh_host_ed25519_key"]
+    patch = tmp_path / "patch"
+    (patch / "etc").mkdir(parents=True)
+    (patch / "etc/motd").write_text("updated\n")
+    cli.ok("base", "update", "old", "--apply-dir", str(patch))
+    g2 = gen_image(cli, "old")
+    assert_no_identity(g2, g2.with_name("manifest.sqlite"))
+    res = cli("reconcile", "vm1")
+    print(res.output)
+    assert res.exit_code in (0, 1), res.output
+    assert keys_of(cli, "vm1", tmp_path) == own["vm1"]
+    assert read_u(u_image(cli, "vm1"), "/etc/machine-id") == mids["vm1"]
+
+
 def test_base_without_systemd_or_sshd_gets_nothing(cli: Cli, src_tree: Path) -> None:
     """A base with neither systemd nor sshd: no identity file in the VM's layer (status
     stays empty)."""

@@ -12,7 +12,7 @@ cloned disk, identity is kept out of every base generation and made per instance
   operations of :mod:`unionimg.fs.fsops` (no symlink followed anywhere): a fresh
   machine-id where the base runs systemd, and SSH host keys (rsa, ecdsa, ed25519, made with
   the host's ``ssh-keygen`` in a scratch directory of the store) where the base has sshd and
-  the VM's view has no host key yet. A VM that moves to a generation which brought sshd
+  the VM's layer has no host key of its own yet (a generation's keys do not count). A VM that moves to a generation which brought sshd
   gets its keys then: Debian's ``ssh.service`` does not make missing keys (its
   ``ExecStartPre`` is ``sshd -t``, which fails with "no hostkeys available"), so first boot
   could not.
@@ -177,62 +177,29 @@ def base_wants_machine_id(base: Manifest) -> bool:
     return base.get(MACHINE_ID) is not None or any(base.get(p) is not None for p in SYSTEMD_MARKERS)
 
 
-class _View:
-    """The VM's view of a few paths: its upper layer (guest data, read without following a
-    link) over the base generation's manifest, as overlayfs shows them."""
+def _writable_under(upper: Path, path: str) -> bool:
+    """Whether the upper layer (guest data, read without following a link) can take a file
+    at ``path``: every directory on the way is missing or a directory (not a symlink,
+    whiteout or file the VM put there: then the VM replaced it, and it stays as it is)."""
+    parts = path.strip("/").split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        e = fsops.entry_at(upper, "/" + "/".join(parts[:i]))
+        if e is None:  # missing (checked from the top: nothing but directories above)
+            return True
+        if e.kind != DIR:
+            return False
+    return True
 
-    def __init__(self, upper: Path, base: Manifest) -> None:
-        self.upper = upper
-        self.base = base
 
-    def _upper_dirs(self, path: str) -> tuple[bool, bool]:
-        """(whether the upper layer can take files under ``path``'s parent: no
-        non-directory on the way; whether the base is hidden there: a whiteout or an
-        opaque directory on the way)."""
-        parts = path.strip("/").split("/")[:-1]
-        hidden = False
-        for i in range(1, len(parts) + 1):
-            e = fsops.entry_at(self.upper, "/" + "/".join(parts[:i]))
-            if e is None:  # missing (checked from the top: nothing but directories above)
-                return True, hidden
-            if e.kind != DIR:
-                return False, True
-            hidden = hidden or e.opaque
-        return True, hidden
-
-    def get(self, path: str) -> Entry | None:
-        writable, hidden = self._upper_dirs(path)
-        if not writable:
-            return None
-        mine = fsops.entry_at(self.upper, path)
-        if mine is not None:
-            return None if mine.kind == WHITEOUT else mine
-        return None if hidden else self.base.get(path)
-
-    def names(self, directory: str) -> dict[str, Entry]:
-        """The entries directly in ``directory`` as the VM sees them."""
-        writable, hidden = self._upper_dirs(directory + "/x")
-        out: dict[str, Entry] = {}
-        if not writable:
-            return out
-        mine = fsops.entry_at(self.upper, directory)
-        if mine is not None and mine.kind != DIR:
-            return out
-        if not hidden and not (mine is not None and mine.opaque):
-            for known in self.base.children(directory):
-                if known.path.count("/") == directory.count("/") + 1:
-                    out[known.path.rsplit("/", 1)[1]] = known
-        with _opened_dir(self.upper, directory) as dfd:
-            for name in _names(dfd) if dfd is not None else []:
-                e = fsops.entry_at(self.upper, f"{directory}/{name}")
-                if e is None or e.kind == WHITEOUT:
-                    out.pop(name, None)
-                else:
-                    out[name] = e
-        return out
-
-    def writable(self, path: str) -> bool:
-        return self._upper_dirs(path)[0]
+def _own_names(upper: Path, directory: str) -> dict[str, Entry]:
+    """The VM's own entries directly in ``directory`` of its upper layer (not whiteouts)."""
+    out: dict[str, Entry] = {}
+    with _opened_dir(upper, directory) as dfd:
+        for name in _names(dfd) if dfd is not None else []:
+            e = fsops.entry_at(upper, f"{directory}/{name}")
+            if e is not None and e.kind != WHITEOUT:
+                out[name] = e
+    return out
 
 
 def _make_parents(upper: Path, base: Manifest, path: str) -> None:
@@ -283,27 +250,30 @@ def _keygen(scratch: Path, kind: str, comment: str) -> tuple[bytes, bytes]:
 
 def ensure_instance(upper: Path, base: Manifest, scratch: Path, name: str) -> list[str]:
     """Give the VM whose upper layer is ``upper``, on the base generation of manifest
-    ``base``, its own identity where its view lacks one; returns the guest paths written.
+    ``base``, its own identity where it has none in its layer; returns the guest paths
+    written. What a generation holds does not count: one made before identity was kept out
+    of generations may still hold a machine-id or host keys, shared by every VM.
 
     - ``/etc/machine-id``: written when the base runs systemd (or has the file) and the
-      VM sees it missing or empty (a VM's own, or one systemd committed at its boot, stays).
-    - SSH host keys (:data:`SSH_KEY_TYPES`): written when the base has sshd and the VM sees
-      no ``/etc/ssh/ssh_host_*_key`` file at all (a VM that kept only some types keeps
-      its choice).
+      VM's layer has none or an empty one (a VM's own, or one systemd committed at its
+      boot, stays; so does a symlink or anything else the VM put there).
+    - SSH host keys (:data:`SSH_KEY_TYPES`): written when the base has sshd and the VM's
+      layer has no ``/etc/ssh/ssh_host_*_key`` regular file at all (a VM that kept only
+      some types keeps its choice; a symlink there is no key and is replaced, never
+      followed).
 
     Nothing is written where the VM replaced a directory on the way by something else (its
     business; a symlink is never followed). ``scratch``: an empty private directory."""
-    view = _View(upper, base)
     written: list[str] = []
-    if base_wants_machine_id(base) and view.writable(MACHINE_ID):
-        mine = view.get(MACHINE_ID)
-        if mine is None or (mine.kind == FILE and mine.size == 0):
+    if base_wants_machine_id(base) and _writable_under(upper, MACHINE_ID):
+        mine = fsops.entry_at(upper, MACHINE_ID)
+        if mine is None or mine.kind == WHITEOUT or (mine.kind == FILE and mine.size == 0):
             _write(upper, base, MACHINE_ID, (new_machine_id() + "\n").encode(), 0o444)
             written.append(MACHINE_ID)
-    if base_has_sshd(base) and view.writable(f"{SSH_DIR}/x"):
-        seen = view.names(SSH_DIR)
+    if base_has_sshd(base) and _writable_under(upper, f"{SSH_DIR}/x"):
+        own = _own_names(upper, SSH_DIR)
         has_key = any(
-            fnmatch.fnmatchcase(n, "ssh_host_*_key") and e.kind == FILE for n, e in seen.items()
+            fnmatch.fnmatchcase(n, "ssh_host_*_key") and e.kind == FILE for n, e in own.items()
         )
         if not has_key:
             for kind in SSH_KEY_TYPES:
