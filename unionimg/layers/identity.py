@@ -12,10 +12,10 @@ cloned disk, identity is kept out of every base generation and made per instance
   operations of :mod:`unionimg.fs.fsops` (no symlink followed anywhere): a fresh
   machine-id where the base runs systemd, and SSH host keys (rsa, ecdsa, ed25519, made with
   the host's ``ssh-keygen`` in a scratch directory of the store) where the base has sshd and
-  the VM's layer has no host key of its own yet (a generation's keys do not count). A VM that moves to a generation which brought sshd
-  gets its keys then: Debian's ``ssh.service`` does not make missing keys (its
-  ``ExecStartPre`` is ``sshd -t``, which fails with "no hostkeys available"), so first boot
-  could not.
+  the VM's layer has no host key of its own yet (a generation's keys do not count). A VM
+  that moves to a generation which brought sshd gets its keys then: Debian's
+  ``ssh.service`` does not make missing keys (its ``ExecStartPre`` is ``sshd -t``, which
+  fails with "no hostkeys available"), so first boot could not.
 
 The upper layer written to is the guest's (hostile) except at ``instance create``; the base
 is the admin's (trusted) but its tree is still walked without following links, so a
