@@ -418,30 +418,6 @@ class Updated:
     changed: bool
 
 
-def update(
-    store: Store,
-    name: str,
-    *,
-    from_dir: Path | None = None,
-    apply_dir: Path | None = None,
-    command: str | None = None,
-    size: int | None = None,
-    kernel: Path | None = None,
-    echo: Echo | None = None,
-) -> Generation:
-    """:func:`update_base`, for callers that only want the generation (the latest)."""
-    return update_base(
-        store,
-        name,
-        from_dir=from_dir,
-        apply_dir=apply_dir,
-        command=command,
-        size=size,
-        kernel=kernel,
-        echo=echo,
-    ).generation
-
-
 def update_base(
     store: Store,
     name: str,
