@@ -15,13 +15,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from unionimg.boot.control import forget
 from unionimg.errors import Conflict
 from unionimg.layers import ucheck
 from unionimg.layers.base import generations, list_bases
 from unionimg.layers.instance import Instance, list_instances, load, state
 from unionimg.names import check_name
-from unionimg.reconcile.apply import generations_kept
 from unionimg.store.layout import Store
 from unionimg.store.records import JsonObject
 
@@ -58,6 +56,10 @@ class GcResult:
 def _keep_reasons(store: Store) -> dict[tuple[str, int], tuple[list[str], list[str]]]:
     """(base, generation) → why it must stay: (instances sit on it, their reconcile records
     need it: undo or an interrupted run). Instances are read before their records."""
+    # deferred on purpose: the reconcile executor (planner, mergers) costs ~0.1 s to import,
+    # and every base, instance and mount command imports this module
+    from unionimg.reconcile.apply import generations_kept
+
     out: dict[tuple[str, int], tuple[list[str], list[str]]] = {}
     instances = list_instances(store)
     for key, names in base_users(store, instances).items():
@@ -125,6 +127,10 @@ def remove_instance(store: Store, name: str) -> None:
     load(store, name)
     with store.lock(f"instance-{name}", wait=False, purpose="instance remove"):
         _require_stopped(store, name, "first")
+        # deferred on purpose: the boot layer (drivers, Jinja2, libvirt) costs ~0.2 s to
+        # import, and every base, instance and mount command imports this module
+        from unionimg.boot.control import forget
+
         forget(store, name)
         with store.lock("store"), store.staging(f"rm-{name}") as stage:
             os.rename(store.instance_dir(name), stage / "instance")
