@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import os
 import secrets
 import stat
@@ -285,9 +286,22 @@ def ensure_instance(upper: Path, base: Manifest, scratch: Path, name: str) -> li
     return written
 
 
+@functools.lru_cache(maxsize=16)
+def _base_needs(manifest: Path, ident: tuple[int, int, int]) -> bool:
+    """Whether the generation of ``manifest`` (an immutable file; ``ident``: its device,
+    inode and mtime, so a removed and remade generation is asked again) needs a per-VM
+    identity at all. Asked once per generation, not once per VM of a reconcile."""
+    with Manifest(manifest) as base:
+        return base_wants_machine_id(base) or base_has_sshd(base)
+
+
 def ensure_staged(store: Store, upper: Path, manifest: Path, name: str) -> list[str]:
     """:func:`ensure_instance` for reconcile: ``upper`` is the VM's staged upper layer
     (``upper.new``), ``manifest`` the manifest of the generation it moves to; the keys are
-    made in a staging directory of the store, removed after."""
+    made in a staging directory of the store, removed after. A generation that needs no
+    identity (no systemd, no sshd) costs one cached answer per VM."""
+    st = os.stat(manifest)
+    if not _base_needs(manifest, (st.st_dev, st.st_ino, st.st_mtime_ns)):
+        return []
     with store.staging(f"identity-{name}") as scratch, Manifest(manifest) as base:
         return ensure_instance(upper, base, scratch, name)
