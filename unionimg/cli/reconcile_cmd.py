@@ -128,11 +128,17 @@ def _run_reconcile(
         if r.from_generation == r.to_generation and not r.actions:
             return f"{r.name}: generation {r.to_generation}, nothing to do{pending}"
         changed = sum(1 for a in r.actions if a.action in ("drop", "write", "set-meta"))
+        # case 16: base changes an opaque directory of the VM keeps hiding (issue 12, item 6)
+        hidden = [a for a in r.actions if a.case == 16 and a.action == "report"]
+        hides = f", {len(hidden)} opaque director(ies) hiding base changes" if hidden else ""
         return (
             f"{r.name}: generation {r.from_generation} -> {r.to_generation}: {verb}change "
-            f"{changed} path(s), {len(new)} conflict(s){pending}"
+            f"{changed} path(s), {len(new)} conflict(s){hides}{pending}"
             + "".join(
                 f"\n  conflict {shown(x.path)}: {shown(x.reason, backslash=False)}" for x in new
+            )
+            + "".join(
+                f"\n  hidden {shown(a.path)}: {shown(a.reason, backslash=False)}" for a in hidden
             )
         )
 

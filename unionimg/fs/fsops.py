@@ -655,6 +655,20 @@ def entry_at(root: Path, path: str) -> Entry | None:
         raise
 
 
+def clear_opaque(root: Path, path: str) -> None:
+    """Remove overlay's opaque marker (``trusted.overlay.opaque``) of the directory ``path``
+    in the tree ``root`` (none there is fine), no symlink followed."""
+    with parent_fd(root, path) as (dfd, name), _xattr_path(dfd, name) as proc:
+        try:
+            value = os.getxattr(proc, "trusted.overlay.opaque")
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return
+            raise
+        if value == b"y":
+            os.removexattr(proc, "trusted.overlay.opaque")
+
+
 def opaque_above(root: Path, path: str) -> bool:
     """Whether a directory above ``path`` in the tree ``root`` is opaque (overlay's
     ``trusted.overlay.opaque``), the directories opened without following a symlink."""

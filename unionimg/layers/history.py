@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,11 +302,33 @@ U_HGIGNORE_EXTRA = (
 # a U root's own entries that are never history
 U_HGIGNORE = "syntax: regexp\n^work/\n^upper\\.(new|prev)/\n^lost\\+found/\n"
 
+#: The guest's volatile paths (issue 12, item 5; docs/policy.md): never in a VM's history,
+#: whatever the reconcile policy says. Everything below /tmp, /run, /var/tmp, /var/log and
+#: /var/cache but debconf's three databases (state, merged by reconcile). Ignored, a new file
+#: there is never added; a file tracked before is forgotten at the next commit
+#: (:func:`volatile_roots`, passed as ``outside``).
+VOLATILE_HGIGNORE = (
+    r"^upper/(?:tmp|run|var/tmp|var/log)/",
+    r"^upper/var/cache/(?!debconf(?:/(?:config|passwords|templates)\.dat)?$)",
+)
+_VOLATILE = re.compile("|".join(VOLATILE_HGIGNORE).encode())
+
+
+def volatile_roots(paths: Iterable[str]) -> list[str]:
+    """The topmost of ``paths`` (guest paths of the upper layer) :data:`VOLATILE_HGIGNORE`
+    ignores, relative to U's root (``upper/var/log``'s files ...), for ``outside``."""
+    found = sorted((p for p in paths if _VOLATILE.match(os.fsencode("upper" + p))), key=os.fsencode)
+    out: list[str] = []
+    for p in found:
+        if not out or not p.startswith(out[-1] + "/"):
+            out.append(p)
+    return ["upper" + p for p in out]
+
 
 def hgignore_text() -> str:
     """The ``.hgignore`` of a U root: unionimg's own patterns (``work/``, ...) and
     :data:`U_HGIGNORE_EXTRA`. Fixed text: whatever a guest wrote there is replaced."""
-    return U_HGIGNORE + "".join(line + "\n" for line in U_HGIGNORE_EXTRA)
+    return U_HGIGNORE + "".join(line + "\n" for line in (*U_HGIGNORE_EXTRA, *VOLATILE_HGIGNORE))
 
 
 @dataclass(frozen=True)

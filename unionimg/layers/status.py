@@ -268,6 +268,7 @@ def write_history_sidecar(u: Path, inst: Instance, entries: list[Entry] | None =
         {BaseRef.FILE: compact(base_ref(inst))},
     )
     outside = ["upper" + ("" if p == "/" else p) for p in outside_roots(entries)]
+    outside += history.volatile_roots(e.path for e in entries)  # forgotten if tracked before
     # unionimg's own file: a guest's version could read host files (include:), hide the
     # upper layer or stall Mercurial on a pathological pattern
     fsops.write_beneath(u, ".hgignore", history.hgignore_text().encode())

@@ -746,6 +746,8 @@ def _apply_action(tree: Path, action: Action) -> None:
     elif action.action == SET_META:
         assert action.entry is not None
         fsops.set_meta(tree, action.path, action.entry)
+        if action.entry.kind == DIR and not action.entry.opaque:  # item 6 (plan.py)
+            fsops.clear_opaque(tree, action.path)
     elif action.action == ERROR:
         raise UsageError(f"{action.path}: {action.reason}")
 

@@ -34,6 +34,10 @@ Choices beyond the table:
 * A whiteout for a path B0 did not have, when B1 adds it, is case 11 (conflict) too.
 * Base changes below an opaque directory of U are hidden from the guest: additions and
   modifications are both listed in the case-16 report (deletions hide nothing).
+* An opaque directory of U where B0 had nothing and B1 adds a directory (overlayfs marks a
+  directory the VM made inside a merged one opaque) is made transparent: ``set-meta`` with
+  ``entry.opaque`` false (case 16), so B1's entries below it show; the VM's entries there
+  are decided like any path both sides added (a name both added differently: a conflict).
 * A local file or symlink replacing a base directory in which B1 changed something is case
   15 (type change vs change), like a whiteout over a changed directory is case 11.
 * A regular file both sides changed whose path has a structured merger
@@ -350,6 +354,7 @@ class _Planner:
         self._cache: dict[tuple[Source, str], bytes] = {}
         self._opaque_memo: dict[str, bool] = {}
         self._merge_memo: dict[str, object] = {}  # structured mergers' shared results
+        self.transparent = self._opaque_over_nothing()
 
     # -- driving -------------------------------------------------------------------------
     def run(self) -> InstancePlan:
@@ -357,6 +362,7 @@ class _Planner:
         # deepest first: a directory is decided after everything of U below it
         for path in sorted(self.u, key=lambda p: (-_depth(p), p)):
             self._decide(path)
+        self._made_transparent()
         ordered = sorted([*self.actions.values(), *self.reports], key=lambda a: self._order(a))
         return InstancePlan(ordered, self.unaffected)
 
@@ -366,6 +372,59 @@ class _Planner:
         if action.action == DROP and entry is not None and entry.kind == DIR:
             comps += ((1, ""),)  # after its descendants
         return (comps, action.action == REPORT)
+
+    # -- opaque directories over nothing (issue 12, item 6) ----------------------------------
+    def _opaque_over_nothing(self) -> set[str]:
+        """U's opaque directories where B0 had nothing and B1 adds a directory: overlayfs
+        marks a directory the VM made inside a merged one opaque (an optimisation: there was
+        nothing below to hide), which would hide whatever B1 adds there for good. The plan
+        treats them as transparent (B1's entries show, a name both added is decided as
+        any path both sides added) and :meth:`_made_transparent` clears the marker."""
+        out = set()
+        for path, entry in list(self.u.items()):
+            if path == "/" or entry.kind != DIR or not entry.opaque:
+                continue
+            change = self.delta.get(path)
+            if change is None or change.old is not None or change.new is None:
+                continue  # over a B0 entry (rm -rf and mkdir): it hides B0, it stays
+            if change.new.kind != DIR:
+                continue  # B1 adds a file there: a type conflict (case 15), decided as such
+            self.u[path] = replace(entry, opaque=False)
+            out.add(path)
+        return out
+
+    def _made_transparent(self) -> None:
+        """The marker of each directory of :meth:`_opaque_over_nothing` is cleared: its
+        action becomes ``set-meta`` (``entry.opaque`` false) unless the directory is dropped;
+        when the directory is left as it is (a conflict), what B1 adds below stays hidden
+        and is reported (case 16)."""
+        why = "opaque directory the VM made where B0 had none: made transparent for B1's entries"
+        for path in sorted(self.transparent):
+            action = self.actions[path]
+            if action.action in (DROP, SET_META, WRITE):
+                if action.action == SET_META:
+                    self._put(replace(action, reason=f"{action.reason}; {why}"))
+                continue
+            if action.action == KEEP:
+                self._put(Action(path, 16, SET_META, why, entry=self.u[path]))
+                continue
+            prefix = path + "/"
+            hidden = tuple(
+                p for p, c in self.delta.items()
+                if p.startswith(prefix) and p not in self.u and c.new is not None
+            )  # fmt: skip
+            if hidden:
+                self.reports.append(
+                    Action(
+                        path,
+                        16,
+                        REPORT,
+                        f"opaque directory hides {len(hidden)} paths B1 adds or changes "
+                        f"(it stays opaque until its {action.action} is resolved): "
+                        f"{_list(hidden)}",
+                        paths=hidden,
+                    )
+                )
 
     def _find_hidden(self) -> None:
         """Sort the delta paths U lacks: case 1, or hidden below a whiteout, an opaque

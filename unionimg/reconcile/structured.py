@@ -18,7 +18,8 @@ three versions of a related file, the VM's upper entries) and returns a
   what ``useradd`` saved before its last change, meaningful only with the VM's own
   ``/etc/passwd``).
 
-Registered here: the user databases (:mod:`unionimg.reconcile.userdb`) and their backups.
+Registered here: the user databases (:mod:`unionimg.reconcile.userdb`) and their backups;
+debconf's databases (:mod:`unionimg.reconcile.debconf`), merged record by record.
 passwd, group, shadow and gshadow are one unit for ``pwck``/``grpck`` (users name their
 primary group, groups their members, shadow and gshadow their users and groups): a conflict in
 one makes the other three conflicts too, so the VM keeps a consistent set until resolved.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from unionimg.entries import Entry
-from unionimg.reconcile import userdb
+from unionimg.reconcile import debconf, userdb
 
 __all__ = [
     "CONFLICT",
@@ -186,3 +187,13 @@ def user_database(inp: MergeInput) -> StructuredResult:
 
 MERGERS: dict[str, Merger] = {path: user_database for path in _FORMATS}
 MERGERS.update({path + "-": keep_local for path in _FORMATS})
+
+
+def debconf_database(inp: MergeInput) -> StructuredResult:
+    """debconf's config, passwords and templates merged record by record (:mod:`debconf`)."""
+    v = inp.versions
+    result = debconf.merge(debconf.FORMATS[inp.path], v.old, v.local, v.new)
+    return StructuredResult(MERGED if result.clean else CONFLICT, result.data, result.reason)
+
+
+MERGERS.update({path: debconf_database for path in debconf.FORMATS})
