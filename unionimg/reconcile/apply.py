@@ -65,6 +65,7 @@ from unionimg.layers.status import (
     write_history_sidecar,
 )
 from unionimg.layers.ucheck import sync_image
+from unionimg.reconcile.dpkgdb import Conffile
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.plan import (
     CONFLICT,
@@ -77,6 +78,7 @@ from unionimg.reconcile.plan import (
     plan_instance,
 )
 from unionimg.reconcile.policy import KEEP_LOCAL, TAKE_BASE, Policy, Rule
+from unionimg.reconcile.pristine import PristineFinder
 from unionimg.reconcile.proposal import PROPOSAL, apply_owner_changes
 from unionimg.store.layout import (
     Store,
@@ -223,6 +225,11 @@ class _Content:
 
     def base(self, which: Literal["b0", "b1"], path: str) -> bytes:
         return fsops.read_file(self._gens(which), path)
+
+    def pristine(self, conffile: Conffile) -> bytes | None:
+        """A conffile's pristine content from the apt caches of B1, B0, then U (md5-checked:
+        :mod:`unionimg.reconcile.pristine`)."""
+        return PristineFinder([self._gens("b1"), self._gens("b0"), self._upper])(conffile)
 
 
 class Reconciler:

@@ -41,9 +41,14 @@ Choices beyond the table:
 * A local file or symlink replacing a base directory in which B1 changed something is case
   15 (type change vs change), like a whiteout over a changed directory is case 11.
 * A regular file both sides changed whose path has a structured merger
-  (:data:`unionimg.reconcile.structured.MERGERS`: the user databases ``/etc/passwd`` & co
+  (:func:`unionimg.reconcile.structured.merger_for`: the user databases ``/etc/passwd`` & co
   merged by name, their ``-`` backups kept local) is merged by it instead of line by line:
   case 5 when clean, case 6 with the merger's artefacts (``proposal`` ...) when not.
+* A text file both sides added (no B0 version) that B1's dpkg status lists as a conffile of
+  a package the VM has in the same version is merged against that conffile's pristine
+  version (:func:`unionimg.reconcile.dpkgdb.pristine_ancestor`: B1's or the VM's copy when its
+  md5 is the one of B1's ``Conffiles:`` line, else the content reader's optional
+  ``pristine`` lookup in the apt caches), so only really overlapping lines conflict.
 * Metadata merges per field (mode, uid, gid) and per extended attribute name.
 * Hardlinked files, sockets, fifos and device nodes are reported and left alone; their case
   is 2 when the base did not touch them, else 0 (outside the table).
@@ -76,11 +81,12 @@ from unionimg.entries import (
     parent_of,
 )
 from unionimg.errors import UsageError
+from unionimg.reconcile import dpkgdb
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.policy import FAIL, KEEP_LOCAL, MERGE, TAKE_BASE, Policy
 from unionimg.reconcile.structured import CONFLICT as STRUCTURED_CONFLICT
 from unionimg.reconcile.structured import KEEP_LOCAL as STRUCTURED_KEEP_LOCAL
-from unionimg.reconcile.structured import MERGERS, MergeInput, Merger, Versions
+from unionimg.reconcile.structured import MergeInput, Merger, Versions, merger_for
 
 __all__ = [
     "ACTIONS",
@@ -808,7 +814,7 @@ class _Planner:
         aside = {"base-new": new, "local": local}
         if o is not None:
             aside["base-old"] = old
-        merger = MERGERS.get(path)
+        merger = merger_for(path)
         if merger is not None:  # merged by meaning, not as text (NUL bytes included)
             versions = Versions(old if o is not None else None, local, new)
             self._structured(path, merger, u, n, meta, versions, aside)
@@ -816,16 +822,21 @@ class _Planner:
         if is_binary(old) or is_binary(local) or is_binary(new):
             self._binary(path, aside)
             return
+        note = ""
+        if o is None:  # no common ancestor: a conffile's pristine version is one (item 4)
+            found, note = self._pristine(path, local, new)
+            if found is not None:
+                old = aside["pristine"] = found
         result = merge3(old, local, new)
         if not result.clean:
             blocks = f"{result.conflicts} conflict block{'s' if result.conflicts != 1 else ''}"
-            what = f"text changed on both sides in overlapping lines ({blocks})"
+            what = f"text changed on both sides in overlapping lines ({blocks}){note}"
             artifacts = {"merged": result.data, **aside}
             self._both_changed(
                 path, 6, what, lambda: self._conflict(path, 6, what, artifacts=artifacts)
             )
             return
-        why = "text changed on both sides in separate lines: merged"
+        why = f"text changed on both sides in separate lines: merged{note}"
         if meta.conflicts:
             artifacts = {"merged": result.data, **aside}
             self._both_changed(
@@ -835,6 +846,16 @@ class _Planner:
         self._both_changed(
             path, 5, why, lambda: self._finish(path, 5, u, n, result.data, meta, why)
         )
+
+    def _pristine(self, path: str, local: bytes, new: bytes) -> tuple[bytes | None, str]:
+        """A conffile's pristine version (B1's ``Conffiles:`` md5, the content reader's
+        ``pristine`` lookup of the package's .deb): :func:`dpkgdb.pristine_ancestor`."""
+        status = self._versions(dpkgdb.STATUS)
+        if status.new is None or status.too_large:
+            return None, ""
+        fetch = getattr(self.content, "pristine", None)
+        triple = (status.old, status.local, status.new)
+        return dpkgdb.pristine_ancestor(path, triple, local, new, fetch, self._merge_memo)
 
     def _structured(
         self,

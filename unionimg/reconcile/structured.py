@@ -19,7 +19,10 @@ three versions of a related file, the VM's upper entries) and returns a
   ``/etc/passwd``).
 
 Registered here: the user databases (:mod:`unionimg.reconcile.userdb`) and their backups;
-debconf's databases (:mod:`unionimg.reconcile.debconf`), merged record by record.
+debconf's databases (:mod:`unionimg.reconcile.debconf`), merged record by record; dpkg's
+database and apt's ``extended_states`` (:mod:`unionimg.reconcile.dpkgdb`), per package, with
+the patterns ``/var/lib/dpkg/info/PKG.*`` and ``alternatives/NAME`` (:func:`merger_for`:
+exact paths, then patterns).
 passwd, group, shadow and gshadow are one unit for ``pwck``/``grpck`` (users name their
 primary group, groups their members, shadow and gshadow their users and groups): a conflict in
 one makes the other three conflicts too, so the VM keeps a consistent set until resolved.
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from unionimg.entries import Entry
-from unionimg.reconcile import debconf, userdb
+from unionimg.reconcile import debconf, dpkgdb, userdb
 
 __all__ = [
     "CONFLICT",
@@ -45,6 +48,7 @@ __all__ = [
     "StructuredResult",
     "Versions",
     "keep_local",
+    "merger_for",
 ]
 
 Outcome = Literal["merged", "conflict", "keep-local"]
@@ -197,3 +201,30 @@ def debconf_database(inp: MergeInput) -> StructuredResult:
 
 
 MERGERS.update({path: debconf_database for path in debconf.FORMATS})
+
+
+# -- dpkg's database (issue 12, item 2) ------------------------------------------------------------
+def _triple(v: Versions) -> dpkgdb.Triple:
+    return (None, None, None) if v.too_large else (v.old, v.local, v.new)
+
+
+def dpkg_database(inp: MergeInput) -> StructuredResult:
+    """dpkg's status and info files per package, alternatives, diversions, statoverride,
+    apt's extended_states (:mod:`unionimg.reconcile.dpkgdb`)."""
+    result = dpkgdb.merge_file(
+        inp.path, _triple(inp.versions), lambda p: _triple(inp.related(p)), inp.memo
+    )
+    return StructuredResult(result.outcome, result.data, result.reason, result.artifacts)
+
+
+MERGERS.update({path: dpkg_database for path in dpkgdb.EXACT})
+MERGERS.update({path: keep_local for path in dpkgdb.BACKUPS})
+
+
+def merger_for(path: str) -> Merger | None:
+    """The structured merger of ``path``: an exact path of :data:`MERGERS`, then the patterns
+    (dpkg's ``info/PKG.*`` files and ``alternatives/NAME``)."""
+    merger = MERGERS.get(path)
+    if merger is None and dpkgdb.handles(path):
+        return dpkg_database
+    return merger

@@ -1,0 +1,685 @@
+"""dpkg's database merged per package, apt's ``extended_states`` per package. Pure.
+
+A text merge of ``/var/lib/dpkg/status`` is wrong both ways: two packages added in the same
+place conflict as lines, and two versions of one package can mix lines of both paragraphs.
+Here the three versions (B0 = ancestor, local = the VM's, B1 = the new base) are merged
+**per package paragraph**, keyed by ``Package`` + ``Architecture``, as dpkg itself sees them:
+
+* a paragraph both sides kept stays; added, changed or removed on one side takes that side
+  (B1's packages plus the VM's local installs, removals and changes); the same change on both
+  sides (both installed one same version) is taken once;
+* a package both sides changed differently (two versions, or removed on one side and
+  changed on the other) is a **package-level conflict** whose reason names the package and
+  both versions. The status file then stays the VM's whole (consistent with the VM's files
+  and ``info/`` until resolved); the ``proposal`` artefact is the merge that keeps the VM's
+  version of each conflicting package (its files in the upper layer win over the base's, so
+  the VM's version is the one that is really there) with everything else merged;
+* a file that cannot be parsed (a hostile or damaged guest's status: a line that is no
+  field, a paragraph without ``Package``, a package named twice) is a conflict saying which
+  side and which line, never an exception;
+* output: paragraphs sorted by package name and architecture (as dpkg writes them).
+
+What depends on a paragraph follows it (:func:`merge_file` dispatches on the path):
+
+* ``/var/lib/dpkg/info/PKG[:ARCH].EXT`` (``list``, ``md5sums``, ``conffiles``, maintainer
+  scripts...) is one unit with its package's paragraph: the side whose paragraph was taken
+  gives the file (the VM's: kept; B1's, or the same change on both sides: B1's, trusted); a
+  package in conflict makes its info files conflicts too (the VM's stay, matching the VM's
+  status). Never a half state (status of one side, ``list``/``md5sums`` of the other).
+  Where neither side changed the paragraph (another package took over some paths:
+  ``Replaces``), ``list`` and ``md5sums`` merge as line sets.
+* ``/var/lib/dpkg/alternatives/NAME``: one group per file; both sides changed it
+  differently → a conflict naming the group (the VM's kept).
+* ``/var/lib/apt/extended_states``: per package paragraph like the status file.
+* ``/var/lib/dpkg/diversions`` (three lines per diversion, keyed by the diverted path) and
+  ``statoverride`` (one line per path) by entry; their ``-old`` backups, ``status-old`` and
+  ``available`` are the VM's own (registered as keep-local by
+  :mod:`unionimg.reconcile.structured`).
+
+The package's FILES are not merged here: they are paths of the upper layer like any other.
+When the VM's change to a package wins, its files in the upper layer win over the base's
+(the union shows them); when B1's wins, the VM had not changed the package, so its upper
+holds only its own edits (merged per path). A package both sides changed is a conflict:
+never B1's paragraph over the VM's files of another version.
+
+Deliberately NOT done: re-applying the VM's package operations (``dpkg -i`` of the VM's own
+cached ``.deb``s, their maintainer scripts) on the new base. That would run guest-controlled
+code on the host, as root; a package-level conflict with both versions is the answer where
+the sides differ.
+
+Conffiles (issue 12, item 4): :func:`conffiles` lists B1's ``Conffiles:`` (the base is
+trusted; the VM's status is not) so the planner can find a conffile's pristine version and
+merge against it (:meth:`unionimg.reconcile.plan` ``_pristine``), with the md5 of B1's line
+as the check of any candidate content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ALTERNATIVES",
+    "AVAILABLE",
+    "BACKUPS",
+    "DIVERSIONS",
+    "EXTENDED_STATES",
+    "INFO",
+    "STATOVERRIDE",
+    "STATUS",
+    "Conffile",
+    "DbError",
+    "FileResult",
+    "Paragraph",
+    "StatusMerge",
+    "conffiles",
+    "handles",
+    "md5_of",
+    "merge_file",
+    "merge_status",
+    "package_of_info",
+    "parse",
+    "pristine_ancestor",
+    "version_of",
+]
+
+STATUS = "/var/lib/dpkg/status"
+INFO = "/var/lib/dpkg/info/"
+ALTERNATIVES = "/var/lib/dpkg/alternatives/"
+DIVERSIONS = "/var/lib/dpkg/diversions"
+STATOVERRIDE = "/var/lib/dpkg/statoverride"
+AVAILABLE = "/var/lib/dpkg/available"
+EXTENDED_STATES = "/var/lib/apt/extended_states"
+#: the tools' own backups: meaningful only with the VM's own database (kept local)
+BACKUPS = (
+    "/var/lib/dpkg/status-old",
+    "/var/lib/dpkg/diversions-old",
+    "/var/lib/dpkg/statoverride-old",
+    AVAILABLE,
+    "/var/lib/apt/extended_states.orig",
+)
+EXACT = (STATUS, EXTENDED_STATES, DIVERSIONS, STATOVERRIDE)
+
+_SHOW = 64  # characters of a name shown in a reason line
+_SHOW_CONFLICTS = 3  # packages named in one reason line
+_NAME = re.compile(rb"[a-z0-9][a-z0-9+.\-]*")
+_FIELD = re.compile(rb"([!-9;-~][!-9;-~]*):(.*)")
+_INFO = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.\-]*)(?::([a-z0-9\-]+))?\.([a-z0-9_\-]+)")
+_ALTERNATIVE = re.compile(r"/var/lib/dpkg/alternatives/[^/]+")
+_LINE_SETS = frozenset({"list", "md5sums"})
+
+Outcome = Literal["merged", "conflict", "keep-local"]
+Key = tuple[str, str]  # (package, architecture) of a paragraph; (path, "") of an entry
+Triple = tuple[bytes | None, bytes | None, bytes | None]  # B0, local, B1 (None: no such file)
+
+
+class DbError(ValueError):
+    """A database that cannot be parsed (its message says where)."""
+
+
+def _show(text: str | bytes) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if len(text) > _SHOW:
+        text = text[:_SHOW] + "..."
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return repr(text)
+    return text
+
+
+def md5_of(data: bytes) -> str:
+    """The md5 dpkg records for a conffile (hex)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+# -- paragraphs ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Paragraph:
+    key: Key
+    text: bytes  # the paragraph's lines, each ending with a newline; no blank line
+    fields: Mapping[str, bytes]  # lower-cased field name -> value (continuation lines joined)
+
+    def field(self, name: str) -> str:
+        return self.fields.get(name.lower(), b"").decode("utf-8", "replace").strip()
+
+    def describe(self) -> str:
+        """``VERSION`` (and the state when not installed)."""
+        version = self.field("Version") or "(no version)"
+        state = self.field("Status")
+        words = state.split()
+        if words and words[-1] != "installed":
+            return f"{_show(version)} ({_show(state)})"
+        return _show(version)
+
+
+def _show_key(key: Key) -> str:
+    return _show(f"{key[0]}:{key[1]}" if key[1] else key[0])
+
+
+def parse(data: bytes, *, what: str = "status") -> list[Paragraph]:
+    """The paragraphs of a dpkg/apt database; :class:`DbError` on anything else."""
+    out: list[Paragraph] = []
+    seen: set[Key] = set()
+    lines: list[bytes] = []
+    fields: dict[str, bytes] = {}
+    last = ""
+    start = 0
+
+    def close() -> None:
+        if not lines:
+            return
+        package = fields.get("package", b"").strip()
+        if not package:
+            raise DbError(f"{what}: the paragraph at line {start} has no Package field")
+        if not _NAME.fullmatch(package):
+            raise DbError(f"{what}: line {start}: {_show(package)!r} is no package name")
+        arch = fields.get("architecture", b"").strip().decode("utf-8", "replace")
+        key = (package.decode("ascii"), arch)
+        if key in seen:
+            raise DbError(f"{what}: package {_show_key(key)} appears twice (line {start})")
+        seen.add(key)
+        out.append(Paragraph(key, b"".join(line + b"\n" for line in lines), dict(fields)))
+        lines.clear()
+        fields.clear()
+
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if not line.strip():
+            close()
+            continue
+        if not lines:
+            start = number
+        if line[:1] in (b" ", b"\t"):
+            if not lines:
+                raise DbError(f"{what}: line {number} continues no field")
+            fields[last] += b"\n" + line
+        else:
+            match = _FIELD.fullmatch(line)
+            if match is None:
+                raise DbError(f"{what}: line {number} is not a 'Field: value' line")
+            last = match.group(1).decode("ascii").lower()
+            if last in fields:
+                raise DbError(f"{what}: line {number} repeats the field {_show(last)}")
+            fields[last] = match.group(2)
+        lines.append(raw)
+    close()
+    return out
+
+
+# -- the 3-way merge by key --------------------------------------------------------------------
+Decision = Literal["unchanged", "local", "new", "same", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    decision: Decision
+    old: bytes | None
+    local: bytes | None
+    new: bytes | None
+
+    @property
+    def result(self) -> bytes | None:
+        """The merged value (a conflict: the VM's)."""
+        if self.decision in ("new", "same"):
+            return self.new
+        return self.local
+
+
+def _decide(old: bytes | None, local: bytes | None, new: bytes | None) -> Decision:
+    if local == new:
+        return "unchanged" if local == old else "same"
+    if local == old:
+        return "new"
+    if new == old:
+        return "local"
+    return "conflict"
+
+
+def _merge_keyed(
+    old: Mapping[Key, bytes], local: Mapping[Key, bytes], new: Mapping[Key, bytes]
+) -> dict[Key, Choice]:
+    """Every key of the three sides with its decision, B1's order then the VM's additions."""
+    out: dict[Key, Choice] = {}
+    for key in (*new, *local, *old):
+        if key not in out:
+            o, u, n = old.get(key), local.get(key), new.get(key)
+            out[key] = Choice(_decide(o, u, n), o, u, n)
+    return out
+
+
+# -- the status file and extended_states --------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StatusMerge:
+    """The merge of a per-package database (status, extended_states)."""
+
+    what: str
+    choices: Mapping[Key, Choice] = field(default_factory=dict)
+    paragraphs: Mapping[Key, tuple[Paragraph | None, Paragraph | None]] = field(
+        default_factory=dict
+    )  # (local, new) of every conflicting key
+    error: str = ""  # a side could not be parsed
+
+    @property
+    def clean(self) -> bool:
+        return not self.error and not self.conflicts
+
+    @property
+    def conflicts(self) -> list[Key]:
+        return [k for k, c in self.choices.items() if c.decision == "conflict"]
+
+    def decision(self, name: str, arch: str | None = None) -> tuple[Decision | None, str]:
+        """What the merge did with package ``name`` (any architecture unless ``arch``): the
+        strongest decision (conflict > local > new/same > unchanged) and its description."""
+        found: list[tuple[int, Decision, str]] = []
+        rank: dict[Decision, int] = {"conflict": 4, "local": 3, "new": 2, "same": 1}
+        for key, choice in self.choices.items():
+            if key[0] == name and (arch is None or key[1] == arch):
+                found.append((rank.get(choice.decision, 0), choice.decision, self._versions(key)))
+        if not found:
+            return None, ""
+        _, decision, versions = max(found)
+        return decision, versions
+
+    def _versions(self, key: Key) -> str:
+        local, new = self.paragraphs.get(key, (None, None))
+        choice = self.choices[key]
+        if local is None and choice.local is not None:
+            local = _one(choice.local, key)
+        if new is None and choice.new is not None:
+            new = _one(choice.new, key)
+        lv = local.describe() if local is not None else "removed"
+        nv = new.describe() if new is not None else "removed"
+        return f"local {lv}, B1 {nv}"
+
+    def merged(self, *, markers: bool = False) -> bytes:
+        """The merged file; conflicting keys: the VM's paragraph (``markers``: both)."""
+        parts: list[bytes] = []
+        for key in sorted(self.choices):
+            choice = self.choices[key]
+            if markers and choice.decision == "conflict":
+                parts.append(
+                    b"<<<<<<< local\n"
+                    + (choice.local or b"")
+                    + b"=======\n"
+                    + (choice.new or b"")
+                    + b">>>>>>> base-new\n"
+                )
+                continue
+            value = choice.result
+            if value is not None:
+                parts.append(value)
+        return b"".join(p + b"\n" for p in parts)
+
+    def reason(self) -> str:
+        if self.error:
+            return f"{self.what} cannot be merged per package: {self.error}; the VM's kept"
+        conflicts = self.conflicts
+        if conflicts:
+            shown = "; ".join(
+                f"{_show_key(k)} ({self._versions(k)})" for k in conflicts[:_SHOW_CONFLICTS]
+            )
+            more = len(conflicts) - _SHOW_CONFLICTS
+            extra = f" (+{more} more)" if more > 0 else ""
+            return (
+                f"{self.what}: {len(conflicts)} package(s) changed on both sides: {shown}{extra}; "
+                "the VM's file kept whole until resolved (proposal: the VM's versions of "
+                "these packages, everything else merged; their info files follow)"
+            )
+        counts = {d: 0 for d in ("local", "new", "same")}
+        for choice in self.choices.values():
+            if choice.decision in counts:
+                counts[choice.decision] += 1
+        return (
+            f"{self.what} merged per package: {counts['new']} changed by B1, "
+            f"{counts['local']} by the VM, {counts['same']} the same on both sides"
+        )
+
+
+def _one(text: bytes, key: Key) -> Paragraph | None:
+    try:
+        found = parse(text)
+    except DbError:
+        return None
+    return found[0] if found and found[0].key == key else None
+
+
+def _side(data: bytes | None, what: str, side: str) -> dict[Key, bytes]:
+    if data is None:
+        return {}
+    return {p.key: p.text for p in parse(data, what=f"{side}'s {what}")}
+
+
+def merge_status(versions: Triple, *, what: str = STATUS) -> StatusMerge:
+    """``status`` or ``extended_states`` merged per package paragraph (module docstring)."""
+    old, local, new = versions
+    try:
+        sides = [_side(d, what, s) for d, s in ((old, "B0"), (local, "the VM"), (new, "B1"))]
+    except DbError as err:
+        return StatusMerge(what, error=str(err))
+    except UnicodeDecodeError:  # pragma: no cover - names are checked ASCII above
+        return StatusMerge(what, error="a package name is not ASCII")
+    choices = _merge_keyed(*sides)
+    paragraphs = {
+        k: (
+            _one(c.local, k) if c.local is not None else None,
+            _one(c.new, k) if c.new is not None else None,
+        )
+        for k, c in choices.items()
+        if c.decision == "conflict"
+    }
+    return StatusMerge(what, choices, paragraphs)
+
+
+# -- entries: diversions, statoverride ----------------------------------------------------------
+def _diversions(data: bytes, side: str) -> dict[Key, bytes]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if len(lines) % 3:
+        raise DbError(f"{side}'s diversions: {len(lines)} lines, not three per diversion")
+    out: dict[Key, bytes] = {}
+    for i in range(0, len(lines), 3):
+        key = (lines[i].decode("utf-8", "surrogateescape"), "")
+        if key in out:
+            raise DbError(f"{side}'s diversions: {_show(lines[i])} diverted twice")
+        out[key] = b"".join(line + b"\n" for line in lines[i : i + 3])
+    return out
+
+
+def _statoverride(data: bytes, side: str) -> dict[Key, bytes]:
+    out: dict[Key, bytes] = {}
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        words = line.split(b" ", 3)
+        if len(words) != 4:
+            raise DbError(f"{side}'s statoverride: line {number} is not 'user group mode path'")
+        key = (words[3].decode("utf-8", "surrogateescape"), "")
+        if key in out:
+            raise DbError(f"{side}'s statoverride: {_show(words[3])} overridden twice")
+        out[key] = line + b"\n"
+    return out
+
+
+def _merge_entries(
+    versions: Triple, parse_side: Callable[[bytes, str], dict[Key, bytes]], what: str
+) -> FileResult:
+    try:
+        sides = [
+            parse_side(d, s) if d is not None else {}
+            for d, s in zip(versions, ("B0", "the VM", "B1"), strict=True)
+        ]
+    except DbError as err:
+        return FileResult("conflict", versions[1] or b"", f"{what} cannot be merged: {err}")
+    choices = _merge_keyed(*sides)
+    conflicts = [k for k, c in choices.items() if c.decision == "conflict"]
+    data = b"".join(c.result or b"" for c in choices.values())
+    if conflicts:
+        shown = ", ".join(_show(k[0]) for k in conflicts[:_SHOW_CONFLICTS])
+        more = len(conflicts) - _SHOW_CONFLICTS
+        extra = f" (+{more} more)" if more > 0 else ""
+        return FileResult(
+            "conflict",
+            data,
+            f"{what}: {len(conflicts)} entr(ies) changed on both sides: {shown}{extra}; "
+            "the VM's kept",
+        )
+    return FileResult("merged", data, f"{what} merged by entry")
+
+
+# -- info files, alternatives --------------------------------------------------------------------
+def package_of_info(path: str) -> tuple[str, str | None, str] | None:
+    """``(package, arch or None, extension)`` of an info file path, else ``None``."""
+    match = _INFO.fullmatch(path)
+    if match is None:
+        return None
+    return match.group(1), match.group(2), match.group(3)
+
+
+def handles(path: str) -> bool:
+    """Is ``path`` a dpkg/apt database file merged here (exact paths and patterns)?"""
+    return (
+        path in EXACT
+        or package_of_info(path) is not None
+        or _ALTERNATIVE.fullmatch(path) is not None
+    )
+
+
+def _line_set(versions: Triple) -> bytes | None:
+    """A 3-way merge of two line sets (B1's order, then the VM's additions); ``None`` when a
+    side is missing."""
+    old, local, new = versions
+    if old is None or local is None or new is None:
+        return None
+    o, u, n = (set(x.splitlines()) for x in (old, local, new))
+    removed = (o - u) | (o - n)
+    out = [line for line in new.splitlines() if line not in removed]
+    seen = set(out)
+    out += [line for line in local.splitlines() if line not in seen and line not in o]
+    return b"".join(line + b"\n" for line in out)
+
+
+def _status_memo(
+    related: Callable[[str], Triple], memo: MutableMapping[str, object]
+) -> StatusMerge:
+    done = memo.get("dpkgdb:status")
+    if isinstance(done, StatusMerge):
+        return done
+    versions = related(STATUS)
+    if versions[1] is None or versions[2] is None:
+        side = "the VM" if versions[1] is None else "B1"
+        result = StatusMerge(
+            STATUS, error=f"{side} has no readable {STATUS} (missing or too large)"
+        )
+    else:
+        result = merge_status(versions)
+    memo["dpkgdb:status"] = result
+    return result
+
+
+def _info(
+    path: str, versions: Triple, related: Callable[[str], Triple], memo: MutableMapping[str, object]
+) -> FileResult:
+    found = package_of_info(path)
+    assert found is not None
+    name, arch, ext = found
+    local = versions[1] or b""
+    status = _status_memo(related, memo)
+    follows = f"dpkg info file of {_show(name)}"
+    if status.error:
+        return FileResult(
+            "conflict",
+            local,
+            f"{follows}: follows {STATUS}, which cannot be merged ({status.error})",
+        )
+    decision, described = status.decision(name, arch)
+    if decision == "conflict":
+        return FileResult(
+            "conflict",
+            local,
+            f"{follows}: package changed on both sides ({described}); follows its "
+            f"paragraph of {STATUS}: the VM's kept until resolved",
+        )
+    if decision == "local":
+        return FileResult("keep-local", reason=f"{follows}: follows the VM's paragraph")
+    if decision in ("new", "same"):
+        if versions[2] is None:
+            return FileResult(
+                "conflict", local, f"{follows}: B1's paragraph taken but B1 has no such file"
+            )
+        return FileResult("merged", versions[2], f"{follows}: follows B1's paragraph ({described})")
+    if decision == "unchanged" and ext in _LINE_SETS:
+        merged = _line_set(versions)
+        if merged is not None:
+            return FileResult(
+                "merged", merged, f"{follows}: package unchanged, {ext} merged as a line set"
+            )
+    what = "no paragraph on either side" if decision is None else "its paragraph unchanged"
+    return FileResult("conflict", local, f"{follows} changed on both sides, {what}: the VM's kept")
+
+
+def _alternative(path: str, versions: Triple) -> FileResult:
+    name = path.rsplit("/", 1)[1]
+
+    def describe(data: bytes | None) -> str:
+        if data is None:
+            return "none"
+        lines = data.split(b"\n")
+        mode = _show(lines[0]) if lines else "?"
+        # alternatives follow the header and its blank line, each a path then a priority
+        try:
+            body = lines[lines.index(b"") + 1 :]
+        except ValueError:
+            return f"{mode}, unreadable"
+        paths = [line for line in body if line.startswith(b"/")]
+        return f"{mode}, {len(paths)} path line(s)"
+
+    return FileResult(
+        "conflict",
+        versions[1] or b"",
+        f"dpkg alternatives group {_show(name)} changed on both sides (local: "
+        f"{describe(versions[1])}; B1: {describe(versions[2])}): the VM's kept; "
+        "update-alternatives --config after resolving",
+    )
+
+
+# -- the dispatcher -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    """A merge of one database file (like :class:`structured.StructuredResult`)."""
+
+    outcome: Outcome
+    data: bytes = b""
+    reason: str = ""
+    artifacts: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def _from_status(merge: StatusMerge, local: bytes | None) -> FileResult:
+    if merge.error:
+        return FileResult("conflict", local or b"", merge.reason())
+    if merge.conflicts:
+        return FileResult(
+            "conflict", merge.merged(markers=True), merge.reason(), {"proposal": merge.merged()}
+        )
+    return FileResult("merged", merge.merged(), merge.reason())
+
+
+def merge_file(
+    path: str,
+    versions: Triple,
+    related: Callable[[str], Triple],
+    memo: MutableMapping[str, object],
+) -> FileResult:
+    """Merge the database file ``path`` (:func:`handles` it) from its three versions;
+    ``related`` gives another file's three versions (the status file, for an info file);
+    ``memo`` is shared by one planner run (the status merge is computed once)."""
+    if path == STATUS:
+        return _from_status(_status_memo(lambda _: versions, memo), versions[1])
+    if path == EXTENDED_STATES:
+        return _from_status(merge_status(versions, what=path), versions[1])
+    if path == DIVERSIONS:
+        return _merge_entries(versions, _diversions, path)
+    if path == STATOVERRIDE:
+        return _merge_entries(versions, _statoverride, path)
+    if package_of_info(path) is not None:
+        return _info(path, versions, related, memo)
+    if _ALTERNATIVE.fullmatch(path):
+        return _alternative(path, versions)
+    raise ValueError(f"not a dpkg database path: {path}")
+
+
+# -- conffiles ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Conffile:
+    """One ``Conffiles:`` line of B1's status: ``path`` belongs to ``package`` ``version``,
+    whose pristine copy has ``md5``."""
+
+    path: str
+    package: str
+    architecture: str
+    version: str
+    md5: str
+
+
+def conffiles(status: bytes | None) -> dict[str, Conffile]:
+    """The conffiles of every package of a (trusted) status file, by path; obsolete ones and
+    a file that cannot be parsed give nothing."""
+    if status is None:
+        return {}
+    try:
+        paragraphs = parse(status)
+    except DbError:
+        return {}
+    out: dict[str, Conffile] = {}
+    for p in paragraphs:
+        raw = p.fields.get("conffiles")
+        if raw is None:
+            continue
+        for line in raw.split(b"\n"):
+            words = line.split()
+            if len(words) < 2 or (
+                len(words) > 2 and words[2] in (b"obsolete", b"remove-on-upgrade")
+            ):
+                continue
+            md5 = words[1].decode("ascii", "replace")
+            if not re.fullmatch(r"[0-9a-f]{32}", md5):
+                continue
+            where = words[0].decode("utf-8", "surrogateescape")
+            out[where] = Conffile(where, p.key[0], p.key[1], p.field("Version"), md5)
+    return out
+
+
+def version_of(status: bytes | None, package: str, architecture: str) -> str | None:
+    """``package``'s version in a status file (``None``: not there, or unparseable)."""
+    if status is None:
+        return None
+    try:
+        paragraphs = parse(status)
+    except DbError:
+        return None
+    for p in paragraphs:
+        if p.key == (package, architecture):
+            state = p.field("Status").split()
+            if state and state[-1] not in ("installed", "config-files"):
+                return None
+            return p.field("Version")
+    return None
+
+
+def pristine_ancestor(
+    path: str,
+    status: Triple,
+    local: bytes,
+    new: bytes,
+    fetch: Callable[[Conffile], bytes | None] | None,
+    memo: MutableMapping[str, object],
+) -> tuple[bytes | None, str]:
+    """The merge ancestor of a conffile both sides added (item 4), and a note for the reason.
+
+    ``path`` must be a conffile of B1's status (trusted) and the VM's status must hold the
+    same version of its package (else the VM's file is of another version: no ancestor).
+    Candidates, each accepted only when its md5 is the one of B1's ``Conffiles:`` line: B1's
+    file itself, the VM's file itself, then ``fetch`` (the ``.deb`` in an apt cache)."""
+    known = memo.get("dpkgdb:conffiles")
+    if not isinstance(known, dict):
+        known = conffiles(status[2])
+        memo["dpkgdb:conffiles"] = known
+    conffile = known.get(path)
+    if not isinstance(conffile, Conffile):
+        return None, ""
+    package = f"{_show(conffile.package)} {_show(conffile.version)}"
+    vm_version = version_of(status[1], conffile.package, conffile.architecture)
+    if vm_version != conffile.version:
+        vm = _show(vm_version) if vm_version is not None else "none"
+        return None, f" (conffile of {package} in B1, the VM's version {vm}: no common ancestor)"
+    if md5_of(new) == conffile.md5:
+        return new, f" (ancestor: {package}'s pristine conffile, B1's copy unmodified)"
+    if md5_of(local) == conffile.md5:
+        return local, f" (ancestor: {package}'s pristine conffile, the VM's copy unmodified)"
+    data = fetch(conffile) if fetch is not None else None
+    if data is not None and md5_of(data) == conffile.md5:
+        return data, f" (ancestor: {package}'s pristine conffile from its .deb, md5 checked)"
+    return None, f" (conffile of {package}: no pristine copy found in the apt caches)"
