@@ -22,8 +22,8 @@ API (keep it small):
   base64-encoded in the command itself (a few KiB each), are written to the tree's
   ``/var/cache/apt/archives`` (kept there, as apt keeps what it installed, unless
   ``cache=False``) and installed by the tree's own ``dpkg -i``.
-* Ready packages: :func:`conf_package` (``uimg-conf`` 1.0 / 2.0: the 20-line conffile
-  :data:`CONFFILE` changed on line 10 between them, plus a plain file),
+* Ready packages: :func:`conf_package` (``uimg-conf``, or another name, 1.0 / 2.0: the
+  20-line conffile :data:`CONFFILE` changed on line 10 between them, plus a plain file),
   :func:`user_package` (``uimg-svc``: ``Depends: uimg-conf``, a ``postinst`` adding the system
   user :data:`SYSTEM_USER` with ``adduser --system`` or ``useradd --system``),
   :func:`plain_package` (any name, one file under ``/usr/share``, no scripts).
@@ -186,13 +186,14 @@ def conffile_text(version: int) -> bytes:
     return ("# uimg-conf configuration\n" + "\n".join(lines) + "\n").encode()
 
 
-def conf_package(version: int) -> Deb:
-    """``uimg-conf`` ``{version}.0``: the conffile :data:`CONFFILE` and a plain file."""
+def conf_package(version: int, name: str = "uimg-conf", conffile: str = CONFFILE) -> Deb:
+    """``name`` (``uimg-conf``) ``{version}.0``: the conffile ``conffile``
+    (:data:`CONFFILE`, content :func:`conffile_text`) and a plain file."""
     return Deb(
-        "uimg-conf",
+        name,
         f"{version}.0",
-        files={"/usr/share/uimg-conf/VERSION": f"{version}.0\n".encode()},
-        conffiles={CONFFILE: conffile_text(version)},
+        files={f"/usr/share/{name}/VERSION": f"{version}.0\n".encode()},
+        conffiles={conffile: conffile_text(version)},
     )
 
 

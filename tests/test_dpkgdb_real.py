@@ -1,0 +1,215 @@
+"""dpkg's database and conffiles reconciled on the real Debian fixture (issue 12, items 2, 4).
+
+Local packages from ``tests/debs.py`` (no network). B0 is the fixture with ``uimg-up`` 1.0
+(a conffile package) installed by the host's ``dpkg --root`` on an overlay of the fixture.
+Two VMs install packages with the host's ``dpkg --root`` on their mounted union, keeping the
+debs in their own apt cache as apt would:
+
+* ``db1``: ``uimg-a`` 1.0 (a plain package) and ``uimg-conf`` 1.0, its conffile edited on
+  line 2;
+* ``db2``: ``uimg-conf`` 1.0, its conffile edited on lines 2 and 18.
+
+The base then (``base update --run``, the base's own dpkg in its chroot) installs
+``uimg-conf`` 1.0 and ``uimg-svc`` (``Depends: uimg-conf``, its postinst adds a system user),
+upgrades ``uimg-up`` to 2.0 (conffile changed) and edits line 18 of uimg-conf's conffile.
+After ``reconcile --all``:
+
+* db1: the host's ``dpkg --root`` on the mounted result lists both sides' packages,
+  ``--audit`` is clean, ``--verify uimg-svc``/``uimg-up``/``uimg-a`` are clean, the system user
+  is there; the conffile (no common ancestor: both sides added it) is merged against the
+  pristine 1.0 conffile: the VM's line 2 and the base's line 18;
+* db2: the same conffile conflicts on line 18 only (one narrow block, line 2 merged), the
+  live file stays the VM's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import debs
+from tests.conftest import Cli, need, need_programs, need_root
+from unionimg.fs.mounts import mountinfo, unmount_tree
+
+CONF = debs.CONFFILE
+UP_CONF = "/etc/uimg-up.conf"
+PRISTINE = debs.conffile_text(1)
+
+
+def edit(data: bytes, line: int, text: str) -> bytes:
+    lines = data.splitlines(keepends=True)
+    lines[line] = text.encode() + b"\n"
+    return b"".join(lines)
+
+
+VM_EDITS = {
+    "db1": edit(PRISTINE, 2, "option02 = db1"),
+    "db2": edit(edit(PRISTINE, 2, "option02 = db2"), 18, "option18 = db2"),
+}
+BASE_CONF = edit(PRISTINE, 18, "option18 = base")
+
+
+@dataclass
+class World:
+    cli: Cli
+    tmp: Path
+    report: dict[str, Any]
+    code: int
+    output: str
+
+
+def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["dpkg", f"--root={root}", *args], capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[World]:
+    need_root()
+    need_programs("dpkg", "dpkg-deb")
+    need(
+        os.environ.get("UNIONIMG_TEST_DEBIAN") == "1"
+        or os.environ.get("UNIONIMG_REQUIRE_REAL") == "1",
+        "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
+    )
+    from vm_fixtures import build
+
+    tmp = tmp_path_factory.mktemp("dpkgdb")
+    out = tmp / "debs"
+    conf1 = debs.build(debs.conf_package(1), out)
+    up1 = debs.build(debs.conf_package(1, "uimg-up", UP_CONF), out)
+    up2 = debs.build(debs.conf_package(2, "uimg-up", UP_CONF), out)
+    svc = debs.build(debs.user_package(), out)
+    plain = debs.build(debs.plain_package("uimg-a"), out)
+    cli = Cli(tmp / "store")
+    try:
+        # B0: the fixture (shared, never written) with uimg-up 1.0, through an overlay
+        rootfs = build("debian")
+        for d in ("ov-upper", "ov-work", "b0"):
+            (tmp / d).mkdir()
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={rootfs},upperdir={tmp / 'ov-upper'},workdir={tmp / 'ov-work'}",
+             str(tmp / "b0")],
+            check=True, timeout=60,
+        )  # fmt: skip
+        debs.install(tmp / "b0", up1)
+        cli.ok("base", "create", "deb", "--from-dir", str(tmp / "b0"))
+        subprocess.run(["umount", str(tmp / "b0")], check=True, timeout=60)
+        for vm, installs in {"db1": [plain, conf1], "db2": [conf1]}.items():
+            cli.ok("instance", "create", vm, "--base", "deb")
+            mnt = tmp / f"mnt-{vm}"
+            mnt.mkdir()
+            cli.ok("mount", vm, str(mnt))
+            try:
+                debs.install(mnt, *installs, cache=True)  # no maintainer scripts: noexec is fine
+                (mnt / CONF.lstrip("/")).write_bytes(VM_EDITS[vm])
+            finally:
+                cli.ok("umount", str(mnt))
+        command = debs.install_command(
+            conf1, svc, up2, then=f"sed -i 's/^option18 = value18$/option18 = base/' {CONF}"
+        )
+        cli.ok("base", "update", "deb", "--run", command)
+        res = cli("reconcile", "--all", "--json")
+        report = {i["name"]: i for i in json.loads(res.output)["instances"]}
+        yield World(cli, tmp, report, res.exit_code, res.output)
+    finally:
+        unmount_tree(tmp)
+        assert not [m for m in mountinfo() if m.target.startswith(str(tmp))]
+
+
+def action(world: World, vm: str, path: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [a for a in world.report[vm]["actions"] if a["path"] == path]
+    assert len(found) == 1, (path, world.report[vm]["actions"])
+    return found[0]
+
+
+def conflicts(world: World, vm: str) -> dict[str, str]:
+    return {
+        a["path"]: a["reason"] for a in world.report[vm]["actions"] if a["action"] == "conflict"
+    }
+
+
+@pytest.fixture
+def result(world: World, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The VM's union after reconcile, mounted read-only."""
+    vm = request.param
+    mnt = world.tmp / f"after-{vm}"
+    mnt.mkdir(exist_ok=True)
+    world.cli.ok("mount", vm, str(mnt), "--readonly")
+    try:
+        yield mnt
+    finally:
+        world.cli.ok("umount", str(mnt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("result", ["db1"], indirect=True)
+def test_both_sides_packages_and_a_consistent_database(world: World, result: Path) -> None:
+    assert conflicts(world, "db1") == {}, world.output
+    status = action(world, "db1", "/var/lib/dpkg/status")
+    assert status["action"] == "write" and "merged per package" in status["reason"]
+    listed = dpkg(result, "-l", "uimg-*")
+    assert listed.returncode == 0, listed.stderr
+    rows = {
+        line.split()[1]: (line.split()[0], line.split()[2])
+        for line in listed.stdout.splitlines()
+        if line.startswith(("ii", "rc", "un", "iU", "iF"))
+    }
+    assert rows == {
+        "uimg-a": ("ii", "1.0"),
+        "uimg-conf": ("ii", "1.0"),
+        "uimg-svc": ("ii", "1.0"),
+        "uimg-up": ("ii", "2.0"),
+    }, listed.stdout
+    audit = dpkg(result, "--audit")
+    assert (audit.returncode, audit.stdout, audit.stderr) == (0, "", ""), audit
+    for package in ("uimg-svc", "uimg-up", "uimg-a"):
+        verify = dpkg(result, "--verify", package)
+        assert (verify.returncode, verify.stdout) == (0, ""), (package, verify)
+    assert (result / UP_CONF.lstrip("/")).read_bytes() == debs.conffile_text(2)
+    assert f"\n{debs.SYSTEM_USER}:" in (result / "etc/passwd").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("result", ["db1"], indirect=True)
+def test_conffile_both_added_merges_against_the_pristine_version(
+    world: World, result: Path
+) -> None:
+    a = action(world, "db1", CONF)
+    assert (a["case"], a["action"]) == (5, "write"), a
+    assert "pristine conffile" in a["reason"], a["reason"]
+    assert (result / CONF.lstrip("/")).read_bytes() == edit(VM_EDITS["db1"], 18, "option18 = base")
+    verify = dpkg(result, "--verify", "uimg-conf")  # an edited conffile: only its md5 differs
+    assert verify.stdout.split() == ["??5??????", "c", CONF], verify
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("result", ["db2"], indirect=True)
+def test_conffile_overlap_conflicts_only_on_the_overlapping_line(
+    world: World, result: Path
+) -> None:
+    assert world.code == 1
+    assert set(conflicts(world, "db2")) == {CONF}, world.report["db2"]
+    reason = conflicts(world, "db2")[CONF]
+    assert "1 conflict block" in reason and "pristine conffile" in reason, reason
+    assert (result / CONF.lstrip("/")).read_bytes() == VM_EDITS["db2"]  # the VM's stays live
+    listed = json.loads(world.cli.ok("conflicts", "db2", "--json").output)
+    aside = Path(next(c for c in listed if c["path"] == CONF)["dir"])
+    merged = (aside / "merged").read_bytes()
+    assert (aside / "pristine").read_bytes() == PRISTINE
+    before, block = merged.split(b"<<<<<<<", 1)
+    assert b"option02 = db2\n" in before  # the VM's non-overlapping edit merged, outside
+    assert merged.count(b"<<<<<<<") == 1 and b"option02" not in block
+    assert b"option18 = db2" in block and b"option18 = base" in block
+    audit = dpkg(result, "--audit")
+    assert (audit.returncode, audit.stdout) == (0, ""), audit
