@@ -20,6 +20,8 @@ from unionimg.store.layout import Store, read_record, write_json, write_record
 from unionimg.store.records import (
     BaseMeta,
     BaseRef,
+    CheckBaseline,
+    CheckOutcome,
     ConflictRecord,
     Conflicts,
     DamagedRecord,
@@ -148,6 +150,8 @@ EXAMPLES: list[Record] = [
     OwnerChange(path="/home/alice", which="uid", old=1000, new=1001),
     OwnerChanges((OwnerChange("/home/alice", "gid", 1000, 1001),)),
     ProbeCache(version=1, entries={"0287e57c": {"ok": False, "reason": "no output in 25 s"}}),
+    CheckOutcome("pwck -r", 2, ("user 'lp': directory '/var/spool/lpd' does not exist",)),
+    CheckBaseline("ab12", "v1;/usr/bin/dpkg:1:2", (CheckOutcome("dpkg --audit", 0, ()),)),
 ]
 
 

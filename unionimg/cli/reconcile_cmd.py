@@ -23,6 +23,7 @@ from unionimg.display import shown
 from unionimg.errors import UsageError
 from unionimg.layers import instance as inst_mod
 from unionimg.reconcile import apply as rec
+from unionimg.reconcile.checks import NOT_NEEDED
 from unionimg.reconcile.policy import Policy, load_policy
 from unionimg.store.layout import Store
 
@@ -31,7 +32,17 @@ from unionimg.store.layout import Store
 @click.argument("vms", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every instance in the store.")
 @click.option("--to-generation", type=ASCII_INT, default=None, help="Default: the base's latest.")
-@click.option("--dry-run", is_flag=True, help="Print the plan that apply would execute.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan that apply would execute (the consistency checks are not run).",
+)
+@click.option(
+    "--no-checks",
+    is_flag=True,
+    help="Swap without the consistency checks of the staged result (dpkg --audit, apt-get "
+    "check, pwck/grpck -r, dpkg --verify): for a host without those programs.",
+)
 @click.option(
     "--policy",
     "policy_file",
@@ -61,6 +72,7 @@ def reconcile_cmd(
     all_: bool,
     to_generation: int | None,
     dry_run: bool,
+    no_checks: bool,
     policy_file: Path | None,
     jobs: int,
     undo: bool,
@@ -88,7 +100,9 @@ def reconcile_cmd(
     names = [i.name for i in inst_mod.list_instances(c.store)] if all_ else list(vms)
     for n in names:
         inst_mod.load(c.store, n)
-    reports = _run_reconcile(c.store, names, policy, dry_run, to_generation, jobs, as_json)
+    reports = _run_reconcile(
+        c.store, names, policy, dry_run, to_generation, jobs, as_json, checks=not no_checks
+    )
     unsaved = None
     try:
         rec.save_report(c.store, reports, dry_run=dry_run)
@@ -113,11 +127,16 @@ def _run_reconcile(
     to_generation: int | None,
     jobs: int,
     as_json: bool,
+    *,
+    checks: bool = True,
 ) -> list[rec.InstanceReport]:
     def line(r: rec.InstanceReport) -> str:
         verb = "would " if dry_run else ""
-        if r.status == "error":
-            return f"{r.name}: error: {shown(r.error or '', backslash=False)}"
+        if r.status == "error":  # a failed consistency check: one more line per check
+            first, *more = (r.error or "").split("\n")
+            return f"{r.name}: error: {shown(first, backslash=False)}" + "".join(
+                f"\n{shown(m, backslash=False)}" for m in more
+            )
         new = [x for x in r.conflicts if not x.pending]
         earlier = len(r.conflicts) - len(new)
         pending = (
@@ -140,6 +159,7 @@ def _run_reconcile(
             + "".join(
                 f"\n  hidden {shown(a.path)}: {shown(a.reason, backslash=False)}" for a in hidden
             )
+            + (f"\n  checks: {r.checks}" if r.checks and r.checks != NOT_NEEDED else "")
         )
 
     if sys.stderr.isatty() and not as_json:
@@ -155,7 +175,12 @@ def _run_reconcile(
                 bar.console.print(line(r), markup=False, highlight=False)
 
             return rec.Reconciler(
-                store, policy, dry_run=dry_run, to_generation=to_generation, progress=tick
+                store,
+                policy,
+                dry_run=dry_run,
+                to_generation=to_generation,
+                progress=tick,
+                checks=checks,
             ).run(names, jobs)
 
     def echo(r: rec.InstanceReport) -> None:
@@ -163,7 +188,7 @@ def _run_reconcile(
             click.echo(line(r))
 
     return rec.Reconciler(
-        store, policy, dry_run=dry_run, to_generation=to_generation, progress=echo
+        store, policy, dry_run=dry_run, to_generation=to_generation, progress=echo, checks=checks
     ).run(names, jobs)
 
 

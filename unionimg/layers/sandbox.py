@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from unionimg.errors import UnionimgError
@@ -44,10 +45,6 @@ CHROOT_ENV = {
 #: The package's parent directory: the sandbox's Python runs with -S (no site, no editable
 #: finder: it starts in a third of the time) and finds unionimg there.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the directory holding unionimg/
-_BOOT = (
-    f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-    "from unionimg.layers.sandbox import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 def proc_start(pid: int, proc: str = "/proc") -> str | None:
@@ -60,9 +57,15 @@ def proc_start(pid: int, proc: str = "/proc") -> str | None:
         return None
 
 
-def argv(tree: Path, command: str) -> list[str]:
-    """How unionimg (this process) starts ``command`` in ``tree``."""
-    me = os.getpid()
+def contained(module: str, args: Sequence[str], *, isolate: Sequence[str] = ()) -> list[str]:
+    """How unionimg (this process) starts ``module``'s ``main(args)`` as PID 1 of a new PID
+    namespace in a private mount namespace, killed with unionimg (``isolate``: more
+    ``unshare`` namespaces, e.g. ``--net``). ``args`` should end with :func:`parent_args`
+    for the inside to check that unionimg still lives (:func:`parent_gone`)."""
+    boot = (
+        f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+        f"from {module} import main; sys.exit(main(sys.argv[1:]))"
+    )
     return [
         which("setpriv"),
         "--pdeathsig",
@@ -75,18 +78,33 @@ def argv(tree: Path, command: str) -> list[str]:
         "--pid",
         "--fork",
         "--kill-child",
+        *isolate,
         "--",
         sys.executable,
         "-I",  # isolated: no PYTHON* variables, no user site, no current directory on the path
         "-S",
         "-c",
-        _BOOT,
-        "inside",
-        str(tree),
-        command,
-        str(me),
-        proc_start(me) or "0",
+        boot,
+        *args,
     ]
+
+
+def parent_args() -> list[str]:
+    """This process's PID and start time, for :func:`parent_gone` inside."""
+    me = os.getpid()
+    return [str(me), proc_start(me) or "0"]
+
+
+def parent_gone(parent: int, parent_start: str) -> bool:
+    """Whether unionimg (``parent``, started at ``parent_start``) exited before the inside
+    started: had it died before ``setpriv`` set the death signal, nothing would kill the
+    namespace later. Asked while ``/proc`` is still the host's."""
+    return proc_start(parent) != parent_start
+
+
+def argv(tree: Path, command: str) -> list[str]:
+    """How unionimg (this process) starts ``command`` in ``tree``."""
+    return contained("unionimg.layers.sandbox", ["inside", str(tree), command, *parent_args()])
 
 
 def _fail(message: str) -> int:
@@ -119,7 +137,7 @@ def inside(tree: str, command: str, parent: int, parent_start: str) -> int:
     if os.getpid() != 1:
         return _fail("not the first process of a new PID namespace")
     # /proc is still the host's here (the chroot gets its own): is unionimg still there?
-    if proc_start(parent) != parent_start:
+    if parent_gone(parent, parent_start):
         return _fail(f"unionimg (pid {parent}) exited before the command started")
     root = Path(tree)
     try:

@@ -65,6 +65,7 @@ from unionimg.layers.status import (
     write_history_sidecar,
 )
 from unionimg.layers.ucheck import sync_image
+from unionimg.reconcile import checks as consistency
 from unionimg.reconcile.dpkgdb import Conffile
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.plan import (
@@ -240,11 +241,13 @@ class Reconciler:
         *,
         dry_run: bool = False,
         to_generation: int | None = None,
+        checks: bool = True,
         progress: Callable[[InstanceReport], None] | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.dry_run = dry_run
+        self.checks = checks  # the consistency checks before the swap (checks.py)
         self.to_generation = to_generation
         self.progress = progress
         self._deltas: dict[tuple[str, int, int], dict[str, Change]] = {}
@@ -335,7 +338,11 @@ class Reconciler:
             self.one(name, draft)
         except UnionimgError as exc:
             draft.report = replace(
-                draft.report, status="error", error=exc.message, full=isinstance(exc, StoreFull)
+                draft.report,
+                status="error",
+                error=exc.message,
+                full=isinstance(exc, StoreFull),
+                checks=exc.note if isinstance(exc, consistency.Inconsistent) else None,
             )
         except OSError as exc:
             full = write_failure(
@@ -426,10 +433,10 @@ class Reconciler:
                     return
                 self._require_space(name, u, plan.actions, entries)
                 try:
-                    self._apply(inst, u, b0, b1, plan.actions, entries)
+                    checked = self._apply(inst, u, b0, b1, plan.actions, entries)
                 except (OSError, ToolFailed) as exc:
                     raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
-                draft.report = replace(draft.report, applied=True)
+                draft.report = replace(draft.report, applied=True, checks=checked)
             draft.report = self._pending(name, draft.report)
 
     def _pending(self, name: str, report: InstanceReport) -> InstanceReport:
@@ -512,7 +519,8 @@ class Reconciler:
         b1: Generation,
         actions: Sequence[Action],
         entries: list[Entry],
-    ) -> None:
+    ) -> str:
+        """Stage, check, swap and commit; returns the consistency checks' verdict."""
         name = inst.name
         repo = self.hg(u, name)
         new, prev = u / "upper.new", u / "upper.prev"
@@ -535,7 +543,15 @@ class Reconciler:
                 _apply_action(new, action)
             # its own machine-id / SSH host keys where B1 brings what needs them (identity.py)
             made = identity.ensure_staged(self.store, new, b1.manifest_path, name)
-            aside = self._set_aside(name, b1, [a for a in actions if a.action == CONFLICT])
+            # the staged union of B1 and upper.new, checked by the host's dpkg, apt, pwck
+            verdict = (
+                consistency.check_staged(self.store, b1, self.gen_root(b1), new)
+                if self.checks
+                else None
+            )
+            failed = verdict is not None and not verdict.ok
+            conflicted = [a for a in actions if a.action == CONFLICT]
+            aside = () if failed else self._set_aside(name, b1, conflicted)
         finally:
             wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
         try:
@@ -546,6 +562,10 @@ class Reconciler:
         except BaseException:
             watch.close()
             raise
+        if verdict is not None and not verdict.ok:  # stays whole on B0: nothing swapped
+            watch.close()
+            fsops.remove_tree(new)
+            raise consistency.Inconsistent(verdict, b0.number)
         checkpoint("reconcile:staged")
         fsops.remove_tree(prev)
         journal = ReconcileJournal(
@@ -567,6 +587,7 @@ class Reconciler:
             self._finish(inst, u, journal, watch)
         finally:
             watch.close()
+        return verdict.note if verdict is not None else consistency.SKIPPED
 
     def _finish(
         self, inst: Instance, u: Path, journal: ReconcileJournal, watch: WriteWatch | None = None

@@ -30,6 +30,8 @@ proposal-owners        :class:`OwnerChanges`       reconcile, in a conflict's di
 reconcile-journal.json :class:`ReconcileJournal`   reconcile, between swap and commit
 last-reconcile.json    :class:`LastReconcile`      reconcile (read by ``--undo``)
 reports/reconcile-*    :class:`ReconcileReport`    reconcile (of :class:`InstanceReport`)
+bases/B/checks/N.json  :class:`CheckBaseline`      reconcile: the consistency checks on
+                                                   generation N alone (``reconcile.checks``)
 /var/cache/unionimg/*  :class:`ProbeCache`         the KVM and UML probes
 =====================  ==========================  ===========================================
 
@@ -764,6 +766,7 @@ class InstanceReport(Record):
     unaffected: int = 0  # paths of U the base delta does not touch
     applied: bool = False
     full: bool = field(default=False, compare=False)  # the error was a full disk (not in JSON)
+    checks: str | None = None  # the consistency checks' verdict (in JSON only when set)
 
     def to_json(self) -> JsonObject:
         return {
@@ -776,7 +779,7 @@ class InstanceReport(Record):
             "error": self.error,
             "unaffected": self.unaffected,
             "applied": self.applied,
-        }
+        } | ({"checks": self.checks} if self.checks is not None else {})
 
     @classmethod
     def from_json(cls, data: object) -> Self:
@@ -791,6 +794,7 @@ class InstanceReport(Record):
             error=f.maybe_text("error"),
             unaffected=f.integer("unaffected"),
             applied=f.flag("applied"),
+            checks=f.maybe_text("checks", None),
         )
 
 
@@ -824,6 +828,55 @@ class ReconcileReport(Record):
             finished=f.text("finished"),
             dry_run=f.flag("dry_run"),
             instances=f.records("instances", InstanceReport),
+        )
+
+
+# -- the consistency checks (reconcile.checks) -------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CheckOutcome(Record):
+    """What one check program said: its exit status and its output's lines."""
+
+    WHAT = "check outcome"
+
+    check: str  # "dpkg --audit", "apt-get check", "pwck -r", "grpck -r", "dpkg --verify"
+    code: int
+    lines: tuple[str, ...]
+
+    def to_json(self) -> JsonObject:
+        return {"check": self.check, "code": self.code, "lines": list(self.lines)}
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = _Fields(data)
+        return cls(check=f.text("check"), code=f.integer("code"), lines=f.texts("lines"))
+
+
+@dataclass(frozen=True, slots=True)
+class CheckBaseline(Record):
+    """The checks on one base generation alone (``bases/B/checks/N.json``): what a VM's
+    staged result is compared with. Valid for that generation (its hg node) and the host's
+    programs as they were (``tools``)."""
+
+    WHAT = "consistency check baseline"
+
+    node: str
+    tools: str
+    outcomes: tuple[CheckOutcome, ...]
+
+    def to_json(self) -> JsonObject:
+        return {
+            "node": self.node,
+            "tools": self.tools,
+            "outcomes": [o.to_json() for o in self.outcomes],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = _Fields(data)
+        return cls(
+            node=f.text("node"),
+            tools=f.text("tools"),
+            outcomes=f.records("outcomes", CheckOutcome),
         )
 
 
