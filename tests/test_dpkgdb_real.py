@@ -19,11 +19,15 @@ After ``reconcile --all``:
   is there; the conffile (no common ancestor: both sides added it) is merged against the
   pristine 1.0 conffile: the VM's line 2 and the base's line 18;
 * db2: the same conffile conflicts on line 18 only (one narrow block, line 2 merged), the
-  live file stays the VM's.
+  live file stays the VM's;
+* db3 upgraded ``uimg-up`` to its own 1.5 where the base goes to 2.0: a package-level
+  conflict naming both versions, the status and uimg-up's changed info files stay the VM's
+  (``dpkg -l`` says 1.5, ``--audit`` clean), the proposal holds the base's other packages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,7 +57,11 @@ VM_EDITS = {
     "db1": edit(PRISTINE, 2, "option02 = db1"),
     "db2": edit(edit(PRISTINE, 2, "option02 = db2"), 18, "option18 = db2"),
 }
-BASE_CONF = edit(PRISTINE, 18, "option18 = base")
+UP_LOCAL = dataclasses.replace(
+    debs.conf_package(1, "uimg-up", UP_CONF),
+    version="1.5",
+    files={"/usr/share/uimg-up/VERSION": b"1.5\n"},
+)  # db3's own version of the package the base upgrades to 2.0
 
 
 @dataclass
@@ -90,6 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
     up2 = debs.build(debs.conf_package(2, "uimg-up", UP_CONF), out)
     svc = debs.build(debs.user_package(), out)
     plain = debs.build(debs.plain_package("uimg-a"), out)
+    up15 = debs.build(UP_LOCAL, out)
     cli = Cli(tmp / "store")
     try:
         # B0: the fixture (shared, never written) with uimg-up 1.0, through an overlay
@@ -105,14 +114,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         debs.install(tmp / "b0", up1)
         cli.ok("base", "create", "deb", "--from-dir", str(tmp / "b0"))
         subprocess.run(["umount", str(tmp / "b0")], check=True, timeout=60)
-        for vm, installs in {"db1": [plain, conf1], "db2": [conf1]}.items():
+        for vm, installs in {"db1": [plain, conf1], "db2": [conf1], "db3": [up15]}.items():
             cli.ok("instance", "create", vm, "--base", "deb")
             mnt = tmp / f"mnt-{vm}"
             mnt.mkdir()
             cli.ok("mount", vm, str(mnt))
             try:
                 debs.install(mnt, *installs, cache=True)  # no maintainer scripts: noexec is fine
-                (mnt / CONF.lstrip("/")).write_bytes(VM_EDITS[vm])
+                if vm in VM_EDITS:
+                    (mnt / CONF.lstrip("/")).write_bytes(VM_EDITS[vm])
             finally:
                 cli.ok("umount", str(mnt))
         command = debs.install_command(
@@ -213,3 +223,30 @@ def test_conffile_overlap_conflicts_only_on_the_overlapping_line(
     assert b"option18 = db2" in block and b"option18 = base" in block
     audit = dpkg(result, "--audit")
     assert (audit.returncode, audit.stdout) == (0, ""), audit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("result", ["db3"], indirect=True)
+def test_package_both_sides_changed_is_a_package_conflict_never_a_half_state(
+    world: World, result: Path
+) -> None:
+    found = conflicts(world, "db3")
+    status = found.pop("/var/lib/dpkg/status")
+    assert "uimg-up:all (local 1.5, B1 2.0)" in status and "kept whole" in status, status
+    md5sums = found.pop("/var/lib/dpkg/info/uimg-up.md5sums")
+    assert "local 1.5, B1 2.0" in md5sums and "follows its paragraph" in md5sums
+    assert set(found) == {"/usr/share/uimg-up/VERSION"}, found  # the package's own file
+    listed = dpkg(result, "-l", "uimg-up")
+    assert any(
+        line.split()[:3] == ["ii", "uimg-up", "1.5"] for line in listed.stdout.splitlines()
+    ), listed.stdout
+    audit = dpkg(result, "--audit")
+    assert (audit.returncode, audit.stdout) == (0, ""), audit
+    assert (result / "usr/share/uimg-up/VERSION").read_bytes() == b"1.5\n"
+    rec = next(
+        c for c in json.loads(world.cli.ok("conflicts", "db3", "--json").output)
+        if c["path"] == "/var/lib/dpkg/status"
+    )  # fmt: skip
+    proposal = (Path(rec["dir"]) / "proposal").read_text()
+    assert "Package: uimg-up\n" in proposal and "Version: 1.5\n" in proposal
+    assert "Package: uimg-svc\n" in proposal and "Version: 2.0\n" not in proposal
