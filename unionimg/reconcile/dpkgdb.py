@@ -12,8 +12,11 @@ Here the three versions (B0 = ancestor, local = the VM's, B1 = the new base) are
   changed on the other) is a **package-level conflict** whose reason names the package and
   both versions. The status file then stays the VM's whole (consistent with the VM's files
   and ``info/`` until resolved); the ``proposal`` artefact is the merge that keeps the VM's
-  version of each conflicting package (its files in the upper layer win over the base's, so
-  the VM's version is the one that is really there) with everything else merged;
+  version of each conflicting package (its changed files are in the upper layer, which wins
+  over the base's) with everything else merged. Until resolved, packages B1 added or changed
+  that the VM did not touch have their files and ``info/`` from B1 but no paragraph of theirs
+  in the VM's held status: the conflict is pending (``instance list`` counts it), and the
+  proposal is what gives them their paragraphs;
 * a file that cannot be parsed (a hostile or damaged guest's status: a line that is no
   field, a paragraph without ``Package``, a package named twice) is a conflict saying which
   side and which line, never an exception;
