@@ -670,9 +670,12 @@ def check_staged(store: Store, b1: Generation, b1_root: Path, upper_new: Path) -
     facts = base_facts(b1, b1_root)
     entries = {e.path: e for e in scan_tree(upper_new, hash_files=False, digests=False)}
     status: bytes | None = None
+    refused: list[Problem] = []  # a status that is not a regular file: never read
     where = _layered(entries, DPKG_DB + "/status")
     if facts.has_dpkg and where != "base":
         data = read_db(upper_new, DPKG_DB + "/status") if where == "upper" else b""
+        if isinstance(data, str):
+            refused.append(Problem(AUDIT, (data,)))
         status = data if isinstance(data, bytes) else b""  # unreadable: every package differs
     scope = scope_of(entries, facts, status)
     checks = facts.checks()
@@ -680,7 +683,7 @@ def check_staged(store: Store, b1: Generation, b1_root: Path, upper_new: Path) -
         return Verdict(NOT_NEEDED, seconds=time.monotonic() - start)
     base = baseline(store, b1, b1_root, facts)
     outcomes = sandboxed(store, [upper_new, b1_root], checks, scope.verify)
-    problems = judge(outcomes, base.outcomes)
+    problems = (*refused, *judge(outcomes, base.outcomes))
     seconds = time.monotonic() - start
     ran = ", ".join(o.check for o in outcomes)
     if problems:
