@@ -340,6 +340,30 @@ def test_random_garbage_never_crashes() -> None:
             assert r.outcome in ("merged", "conflict", "keep-local") and "\n" not in r.reason
 
 
+def test_fast_parse_agrees_with_the_line_by_line_parse() -> None:
+    fixture = status(
+        para("a", "1", extra="Conffiles:\n /etc/a 0123\n /etc/b 4567 obsolete\n"),
+        para("b", "2\r"),
+    )
+    samples = [fixture, fixture + b"\n\n\n", b"\n\n" + fixture, fixture.rstrip(b"\n"), B0]
+    rng = random.Random(7)
+    alphabet = b"Package:ArchitectureVersion \n\t\r:a-z"
+    samples += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(200))) for _ in range(3000)]
+    for _ in range(3000):  # near-valid: a valid file with a few bytes changed
+        data = bytearray(fixture)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.choice(alphabet)
+        samples.append(bytes(data))
+    agreed = 0
+    for data in samples:
+        fast = dpkgdb._parse_fast(data)
+        if fast is None:
+            continue
+        assert fast == dpkgdb._parse_lines(data, "status"), data
+        agreed += 1
+    assert agreed >= 100, agreed
+
+
 def test_missing_or_too_large_status_makes_info_files_conflicts() -> None:
     inp = MergeInput(
         "/var/lib/dpkg/info/a.list",

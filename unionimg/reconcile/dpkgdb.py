@@ -143,15 +143,30 @@ def md5_of(data: bytes) -> str:
 class Paragraph:
     key: Key
     text: bytes  # the paragraph's lines, each ending with a newline; no blank line
-    fields: Mapping[str, bytes]  # lower-cased field name -> value (continuation lines joined)
+
+    @property
+    def fields(self) -> dict[str, bytes]:
+        """Lower-cased field name -> value (continuation lines joined with newlines)."""
+        out: dict[str, bytes] = {}
+        last = ""
+        for line in self.text.split(b"\n")[:-1]:
+            if line[:1] in (b" ", b"\t"):
+                if last:
+                    out[last] += b"\n" + line
+                continue
+            name, _, value = line.partition(b":")
+            last = name.decode("ascii", "replace").lower()
+            out.setdefault(last, value.rstrip(b"\r"))
+        return out
 
     def field(self, name: str) -> str:
         return self.fields.get(name.lower(), b"").decode("utf-8", "replace").strip()
 
     def describe(self) -> str:
         """``VERSION`` (and the state when not installed)."""
-        version = self.field("Version") or "(no version)"
-        state = self.field("Status")
+        fields = self.fields
+        version = fields.get("version", b"").decode("utf-8", "replace").strip() or "(no version)"
+        state = fields.get("status", b"").decode("utf-8", "replace").strip()
         words = state.split()
         if words and words[-1] != "installed":
             return f"{_show(version)} ({_show(state)})"
@@ -162,8 +177,68 @@ def _show_key(key: Key) -> str:
     return _show(f"{key[0]}:{key[1]}" if key[1] else key[0])
 
 
-def parse(data: bytes, *, what: str = "status") -> list[Paragraph]:
-    """The paragraphs of a dpkg/apt database; :class:`DbError` on anything else."""
+_SEP = re.compile(rb"\n(?:[ \t\r]*\n)+")  # a blank (or whitespace) line between paragraphs
+_CHUNK = re.compile(rb"[!-9;-~]+:[^\n]*(?:\n(?:[!-9;-~]+:[^\n]*|[ \t]+[^ \t\r\n][^\n]*))*")
+_FIELD_NAMES = re.compile(rb"^([!-9;-~]+):", re.M)
+_PACKAGE = re.compile(rb"^package:(.*)$(?!\n[ \t])", re.M | re.I)  # one line only
+_ARCHITECTURE = re.compile(rb"^architecture:(.*)$", re.M | re.I)
+_MULTI_ARCHITECTURE = re.compile(rb"^architecture:.*\n[ \t]", re.M | re.I)
+
+
+def _parse_fast(data: bytes, seen_chunks: dict[bytes, Key] | None = None) -> list[Paragraph] | None:
+    """The paragraphs of a well-formed database, each checked by one regular expression
+    (C speed: a 3,000-package status in a fraction of the line-by-line time); ``None`` on
+    anything unusual, which :func:`parse` then examines line by line for its message."""
+    out: list[Paragraph] = []
+    seen: set[Key] = set()
+    known = {} if seen_chunks is None else seen_chunks  # a paragraph the other sides have too
+    for chunk in _SEP.split(data):
+        if chunk.endswith(b"\n"):
+            chunk = chunk[:-1]
+        if not chunk:
+            continue
+        key = known.get(chunk)
+        if key is not None:
+            if key in seen:
+                return None
+            seen.add(key)
+            out.append(Paragraph(key, chunk + b"\n"))
+            continue
+        if _CHUNK.fullmatch(chunk) is None:
+            return None
+        names = _FIELD_NAMES.findall(chunk)
+        if len({n.lower() for n in names}) != len(names):
+            return None
+        package = _PACKAGE.search(chunk)
+        if package is None or not _NAME.fullmatch(name := package.group(1).strip()):
+            return None
+        arch = _ARCHITECTURE.search(chunk)
+        if arch is not None and _MULTI_ARCHITECTURE.search(chunk):
+            return None
+        key = (
+            name.decode("ascii"),
+            arch.group(1).strip().decode("utf-8", "replace") if arch else "",
+        )
+        if key in seen:
+            return None
+        seen.add(key)
+        known[chunk] = key
+        out.append(Paragraph(key, chunk + b"\n"))
+    return out
+
+
+def parse(
+    data: bytes, *, what: str = "status", seen_chunks: dict[bytes, Key] | None = None
+) -> list[Paragraph]:
+    """The paragraphs of a dpkg/apt database; :class:`DbError` on anything else.
+    ``seen_chunks``, shared by the parses of one merge, skips the checks of a paragraph
+    another side has byte for byte."""
+    fast = _parse_fast(data, seen_chunks)
+    return fast if fast is not None else _parse_lines(data, what)
+
+
+def _parse_lines(data: bytes, what: str) -> list[Paragraph]:
+    """:func:`parse` line by line: the same paragraphs, or the error with its line."""
     out: list[Paragraph] = []
     seen: set[Key] = set()
     lines: list[bytes] = []
@@ -174,6 +249,9 @@ def parse(data: bytes, *, what: str = "status") -> list[Paragraph]:
     def close() -> None:
         if not lines:
             return
+        for name in ("package", "architecture"):
+            if b"\n" in fields.get(name, b""):
+                raise DbError(f"{what}: the paragraph at line {start} has a multi-line {name}")
         package = fields.get("package", b"").strip()
         if not package:
             raise DbError(f"{what}: the paragraph at line {start} has no Package field")
@@ -184,7 +262,7 @@ def parse(data: bytes, *, what: str = "status") -> list[Paragraph]:
         if key in seen:
             raise DbError(f"{what}: package {_show_key(key)} appears twice (line {start})")
         seen.add(key)
-        out.append(Paragraph(key, b"".join(line + b"\n" for line in lines), dict(fields)))
+        out.append(Paragraph(key, b"".join(line + b"\n" for line in lines)))
         lines.clear()
         fields.clear()
 
@@ -349,17 +427,21 @@ def _one(text: bytes, key: Key) -> Paragraph | None:
     return found[0] if found and found[0].key == key else None
 
 
-def _side(data: bytes | None, what: str, side: str) -> dict[Key, bytes]:
+def _side(data: bytes | None, what: str, side: str, chunks: dict[bytes, Key]) -> dict[Key, bytes]:
     if data is None:
         return {}
-    return {p.key: p.text for p in parse(data, what=f"{side}'s {what}")}
+    return {p.key: p.text for p in parse(data, what=f"{side}'s {what}", seen_chunks=chunks)}
 
 
 def merge_status(versions: Triple, *, what: str = STATUS) -> StatusMerge:
     """``status`` or ``extended_states`` merged per package paragraph (module docstring)."""
     old, local, new = versions
     try:
-        sides = [_side(d, what, s) for d, s in ((old, "B0"), (local, "the VM"), (new, "B1"))]
+        chunks: dict[bytes, Key] = {}
+        sides = [
+            _side(d, what, s, chunks) for d, s in ((new, "B1"), (old, "B0"), (local, "the VM"))
+        ]
+        sides = [sides[1], sides[2], sides[0]]  # B1 first: the trusted side's checks run
     except DbError as err:
         return StatusMerge(what, error=str(err))
     except UnicodeDecodeError:  # pragma: no cover - names are checked ASCII above
@@ -635,21 +717,26 @@ def conffiles(status: bytes | None) -> dict[str, Conffile]:
     return out
 
 
-def version_of(status: bytes | None, package: str, architecture: str) -> str | None:
-    """``package``'s version in a status file (``None``: not there, or unparseable)."""
+def _versions(status: bytes | None) -> dict[Key, str]:
+    """The version of every package a status file has installed (or with its conffiles
+    left); nothing when it cannot be parsed."""
     if status is None:
-        return None
+        return {}
     try:
         paragraphs = parse(status)
     except DbError:
-        return None
+        return {}
+    out: dict[Key, str] = {}
     for p in paragraphs:
-        if p.key == (package, architecture):
-            state = p.field("Status").split()
-            if state and state[-1] not in ("installed", "config-files"):
-                return None
-            return p.field("Version")
-    return None
+        state = p.field("Status").split()
+        if not state or state[-1] in ("installed", "config-files"):
+            out[p.key] = p.field("Version")
+    return out
+
+
+def version_of(status: bytes | None, package: str, architecture: str) -> str | None:
+    """``package``'s version in a status file (``None``: not there, or unparseable)."""
+    return _versions(status).get((package, architecture))
 
 
 def pristine_ancestor(
@@ -674,7 +761,11 @@ def pristine_ancestor(
     if not isinstance(conffile, Conffile):
         return None, ""
     package = f"{_show(conffile.package)} {_show(conffile.version)}"
-    vm_version = version_of(status[1], conffile.package, conffile.architecture)
+    versions = memo.get("dpkgdb:vm-versions")
+    if not isinstance(versions, dict):
+        versions = _versions(status[1])
+        memo["dpkgdb:vm-versions"] = versions
+    vm_version = versions.get((conffile.package, conffile.architecture))
     if vm_version != conffile.version:
         vm = _show(vm_version) if vm_version is not None else "none"
         return None, f" (conffile of {package} in B1, the VM's version {vm}: no common ancestor)"
