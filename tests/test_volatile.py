@@ -128,3 +128,82 @@ def test_whiteout_and_deleted_directory_under_var_log_are_no_conflicts() -> None
     assert not r.plan.conflicts, r.plan.conflicts
     assert r.action("/var/log/old.log").action == "keep"
     assert r.action("/var/log/app").action == "keep"
+
+
+# -- ld.so.cache: regenerated only when the VM has libraries of its own ----------------------
+def test_ld_cache_needed_only_for_own_libraries() -> None:
+    from unionimg.entries import FILE, SYMLINK, Change, Entry
+    from unionimg.reconcile.ldcache import CACHE, needed, own_libraries, valid_cache
+
+    delta = {CACHE: Change(CACHE, Entry(CACHE, FILE), Entry(CACHE, FILE, size=2))}
+    cache = Entry(CACHE, FILE)
+    lib = Entry("/usr/local/lib/libfoo.so.1.2", FILE)
+    link = Entry("/usr/lib/x86_64-linux-gnu/libbar.so", SYMLINK, target="libbar.so.3")
+    conf = Entry("/etc/ld.so.conf.d/local.conf", FILE)
+    other = Entry("/etc/hosts", FILE)
+    assert own_libraries([lib]) and own_libraries([link]) and own_libraries([conf])
+    assert not own_libraries([other, Entry("/usr/share/doc/x.sox", FILE), cache])
+    assert needed([cache, lib], delta, "drop")  # B1's taken, the VM has a library
+    assert needed([lib], delta, None)  # the VM had no cache of its own: B1's shows
+    assert not needed([cache, lib], delta, "keep")  # the VM's own cache kept (policy)
+    assert not needed([cache, lib], delta, "conflict")
+    assert not needed([cache, other], delta, "drop")  # no library: B1's cache is right
+    assert not needed([cache, lib], {}, None)  # B1 did not change it
+    assert valid_cache(b"glibc-ld.so.cache1.1" + b"\0" * 10)
+    assert not valid_cache(b"") and not valid_cache(b"#!/bin/sh\n")
+
+
+# -- history: volatile paths never committed ----------------------------------------------------
+def test_volatile_roots_and_hgignore(tmp_path: Path) -> None:
+    from unionimg.layers import history
+
+    paths = [
+        "/var", "/var/log", "/var/log/dpkg.log", "/var/log/apt", "/var/log/apt/eipp.log.xz",
+        "/var/cache", "/var/cache/apt", "/var/cache/apt/pkgcache.bin", "/var/cache/debconf",
+        "/var/cache/debconf/config.dat", "/var/cache/debconf/config.dat-old", "/tmp",
+        "/tmp/x", "/run/a", "/etc/hosts", "/var/tmp/y", "/var/lib/dpkg/status",
+    ]  # fmt: skip
+    assert history.volatile_roots(paths) == [
+        "upper/run/a",
+        "upper/tmp/x",
+        "upper/var/cache/apt",
+        "upper/var/cache/debconf/config.dat-old",
+        "upper/var/log/apt",
+        "upper/var/log/dpkg.log",
+        "upper/var/tmp/y",
+    ]
+    assert all(line in history.hgignore_text() for line in history.VOLATILE_HGIGNORE)
+
+
+def test_commit_forgets_volatile_files_tracked_before(tmp_path: Path) -> None:
+    """A U committed before the rule (its .hgignore without the volatile lines) tracked
+    /var/log/app.log: the next commit forgets it; new volatile files are never added."""
+    from unionimg.layers import history
+
+    u = tmp_path / "u"
+    (u / "upper/var/log").mkdir(parents=True)
+    (u / "upper/var/cache/debconf").mkdir(parents=True)
+    (u / "upper/etc").mkdir()
+    (u / "upper/var/log/app.log").write_text("1\n")
+    (u / "upper/etc/hosts").write_text("h\n")
+    history.init_repo(u)
+    (u / ".hgignore").write_text(history.U_HGIGNORE)  # the old text
+    with history.open_repo(u, trusted=True) as repo:
+        repo.commit_all("before the rule")
+        assert "upper/var/log/app.log" in repo.cmd("files").decode().splitlines()
+        (u / ".hgignore").write_text(history.hgignore_text())
+        (u / "upper/var/log/app.log").write_text("2\n")
+        (u / "upper/var/log/new.log").write_text("new\n")
+        (u / "upper/tmp").mkdir()
+        (u / "upper/tmp/t").write_text("t\n")
+        (u / "upper/var/cache/debconf/config.dat").write_text("Name: a\n\n")
+        (u / "upper/var/cache/debconf/config.dat-old").write_text("Name: a\n\n")
+        scan = [
+            "/var/log", "/var/log/app.log", "/var/log/new.log", "/tmp", "/tmp/t", "/etc",
+            "/etc/hosts", "/var/cache/debconf/config.dat", "/var/cache/debconf/config.dat-old",
+        ]  # fmt: skip
+        repo.commit_all("after", outside=history.volatile_roots(scan))
+        files = repo.cmd("files").decode().splitlines()
+    assert "upper/var/cache/debconf/config.dat" in files and "upper/etc/hosts" in files
+    assert not [f for f in files if f.startswith(("upper/var/log/", "upper/tmp/"))], files
+    assert "upper/var/cache/debconf/config.dat-old" not in files

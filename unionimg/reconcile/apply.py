@@ -66,6 +66,7 @@ from unionimg.layers.status import (
 )
 from unionimg.layers.ucheck import sync_image
 from unionimg.reconcile import checks as consistency
+from unionimg.reconcile import ldcache
 from unionimg.reconcile.dpkgdb import Conffile
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.plan import (
@@ -543,6 +544,12 @@ class Reconciler:
                 _apply_action(new, action)
             # its own machine-id / SSH host keys where B1 brings what needs them (identity.py)
             made = identity.ensure_staged(self.store, new, b1.manifest_path, name)
+            # B1's ld.so.cache made again where the VM has libraries of its own (ldcache.py)
+            taken = next((a.action for a in actions if a.path == ldcache.CACHE), None)
+            if ldcache.needed(entries, self.delta(b0, b1), taken) and ldcache.regenerate(
+                self.store, self.gen_root(b1), new
+            ):
+                made = [*made, ldcache.CACHE]
             # the staged union of B1 and upper.new, checked by the host's dpkg, apt, pwck
             verdict = (
                 consistency.check_staged(self.store, b1, self.gen_root(b1), new)
