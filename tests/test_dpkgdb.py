@@ -77,6 +77,11 @@ def same(triple: dpkgdb.Triple, path: str) -> dpkgdb.Triple:
     return triple
 
 
+def same_none(path: str) -> dpkgdb.Triple:
+    del path
+    return (None, None, None)
+
+
 def merged(old: bytes | None, local: bytes | None, new: bytes | None) -> dpkgdb.FileResult:
     return merge_file(STATUS, (old, local, new), lambda _: (old, local, new), {})
 
@@ -208,6 +213,18 @@ def test_alternatives_group_changed_on_both_sides_conflicts() -> None:
     )  # fmt: skip
     assert r.outcome == "conflict" and "alternatives group editor" in r.reason
     assert r.data == head + vim + b"\n"
+
+
+def test_triggers_merge_as_line_sets() -> None:
+    t0 = b"/usr/lib/binfmt.d systemd/noawait\n/lib/udev/hwdb.d udev/noawait\n"
+    local = t0 + b"/usr/share/man man-db/noawait\n"
+    new = b"/lib/udev/hwdb.d udev/noawait\n/usr/share/fonts fontconfig\n"  # systemd's gone
+    r = merge_file("/var/lib/dpkg/triggers/File", (t0, local, new), same_none, {})
+    assert r.outcome == "merged"
+    assert r.data == new + b"/usr/share/man man-db/noawait\n"
+    r = merge_file("/var/lib/dpkg/triggers/ldconfig", (None, b"a\n", b"b\n"), same_none, {})
+    assert (r.outcome, r.data) == ("merged", b"b\na\n")
+    assert merger_for("/var/lib/dpkg/triggers/Lock") is None
 
 
 def test_registry_exact_paths_then_patterns() -> None:
@@ -350,10 +367,10 @@ def test_fast_parse_agrees_with_the_line_by_line_parse() -> None:
     alphabet = b"Package:ArchitectureVersion \n\t\r:a-z"
     samples += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(200))) for _ in range(3000)]
     for _ in range(3000):  # near-valid: a valid file with a few bytes changed
-        data = bytearray(fixture)
+        mutated = bytearray(fixture)
         for _ in range(rng.randrange(1, 4)):
-            data[rng.randrange(len(data))] = rng.choice(alphabet)
-        samples.append(bytes(data))
+            mutated[rng.randrange(len(mutated))] = rng.choice(alphabet)
+        samples.append(bytes(mutated))
     agreed = 0
     for data in samples:
         fast = dpkgdb._parse_fast(data)

@@ -31,6 +31,8 @@ What depends on a paragraph follows it (:func:`merge_file` dispatches on the pat
   status). Never a half state (status of one side, ``list``/``md5sums`` of the other).
   Where neither side changed the paragraph (another package took over some paths:
   ``Replaces``), ``list`` and ``md5sums`` merge as line sets.
+* ``/var/lib/dpkg/triggers/File``, ``Unincorp`` and ``NAME`` (interests, pending
+  triggers): sets of lines, merged as sets (a line removed on one side is removed).
 * ``/var/lib/dpkg/alternatives/NAME``: one group per file; both sides changed it
   differently → a conflict naming the group (the VM's kept).
 * ``/var/lib/apt/extended_states``: per package paragraph like the status file.
@@ -112,6 +114,7 @@ _NAME = re.compile(rb"[a-z0-9][a-z0-9+.\-]*")
 _FIELD = re.compile(rb"([!-9;-~][!-9;-~]*):(.*)")
 _INFO = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.\-]*)(?::([a-z0-9\-]+))?\.([a-z0-9_\-]+)")
 _ALTERNATIVE = re.compile(r"/var/lib/dpkg/alternatives/[^/]+")
+_TRIGGERS = re.compile(r"/var/lib/dpkg/triggers/(?!Lock$)[^/]+")  # File, Unincorp, NAME
 _LINE_SETS = frozenset({"list", "md5sums"})
 
 Outcome = Literal["merged", "conflict", "keep-local"]
@@ -530,6 +533,7 @@ def handles(path: str) -> bool:
         path in EXACT
         or package_of_info(path) is not None
         or _ALTERNATIVE.fullmatch(path) is not None
+        or _TRIGGERS.fullmatch(path) is not None
     )
 
 
@@ -537,8 +541,9 @@ def _line_set(versions: Triple) -> bytes | None:
     """A 3-way merge of two line sets (B1's order, then the VM's additions); ``None`` when a
     side is missing."""
     old, local, new = versions
-    if old is None or local is None or new is None:
+    if local is None or new is None:
         return None
+    old = old or b""
     o, u, n = (set(x.splitlines()) for x in (old, local, new))
     removed = (o - u) | (o - n)
     out = [line for line in new.splitlines() if line not in removed]
@@ -673,6 +678,11 @@ def merge_file(
         return _info(path, versions, related, memo)
     if _ALTERNATIVE.fullmatch(path):
         return _alternative(path, versions)
+    if _TRIGGERS.fullmatch(path):
+        merged = _line_set(versions)
+        if merged is None:
+            return FileResult("conflict", versions[1] or b"", f"{path}: a side is unreadable")
+        return FileResult("merged", merged, f"dpkg triggers {path} merged as a line set")
     raise ValueError(f"not a dpkg database path: {path}")
 
 
