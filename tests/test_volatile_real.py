@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -242,3 +243,77 @@ def test_opaque_directory_made_transparent(world: World) -> None:
 
 def test_text_output_after_is_quiet(world: World) -> None:
     assert "libvm: generation 2, nothing to do" in world.text, world.text
+
+
+# -- the sandboxed ldconfig against a hostile layer ---------------------------------------------
+PWNED = Path("/tmp/unionimg-ldcache-pwned")
+
+
+def test_regenerate_is_confined(cli: Cli, tmp_path: Path, root: None) -> None:
+    """A guest's layer with its cache a symlink to a host path, its own loader configuration
+    naming /proc and /etc, and a library: the cache written into upper.new is a regular
+    root-owned file listing the library; nothing lands on the host, in B1 or elsewhere in
+    upper.new (ldconfig's aux-cache and links stay on the sandbox's tmpfs)."""
+    from unionimg.reconcile.ldcache import regenerate
+
+    need_root()
+    need_programs("gcc", "ldconfig")
+    need(
+        os.environ.get("UNIONIMG_TEST_DEBIAN") == "1"
+        or os.environ.get("UNIONIMG_REQUIRE_REAL") == "1",
+        "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
+    )
+    from vm_fixtures import build
+
+    b1 = build("debian")  # read-only here: a lower layer in the sandbox
+    b1_cache = (b1 / "etc/ld.so.cache").read_bytes()
+    cli.ok("base", "list")  # the store exists
+    PWNED.unlink(missing_ok=True)
+    new = tmp_path / "upper.new"
+    (new / "etc/ld.so.conf.d").mkdir(parents=True)
+    os.symlink(str(PWNED), new / "etc/ld.so.cache")
+    (new / "etc/ld.so.conf.d/guest.conf").write_text("/proc/self\n/etc\n/usr/local/lib\n")
+    (new / "usr/local/lib").mkdir(parents=True)
+    name, data = library(tmp_path, "guestlib")
+    (new / "usr/local/lib" / name).write_bytes(data)
+    (new / "usr/local/lib/libguestlib.so.1.0").symlink_to("/etc/shadow")
+    before = sorted(str(p.relative_to(new)) for p in new.rglob("*"))
+
+    assert regenerate(Store(cli.store), b1, new)
+
+    assert not os.path.lexists(PWNED)
+    st = os.lstat(new / "etc/ld.so.cache")
+    assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o644)
+    cache = (new / "etc/ld.so.cache").read_bytes()
+    assert valid_cache(cache) and b"libguestlib.so.1" in cache and b"libc.so.6" in cache
+    after = sorted(str(p.relative_to(new)) for p in new.rglob("*"))
+    assert after == before  # only the cache replaced: no aux-cache, no link made
+    assert (b1 / "etc/ld.so.cache").read_bytes() == b1_cache
+    assert not [p for p in (cli.store / "tmp").iterdir()]  # the scratch is gone
+
+
+def test_regenerate_failure_is_one_line_and_writes_nothing(
+    cli: Cli, tmp_path: Path, root: None
+) -> None:
+    """A layer where no cache can be written (its /etc is a file): ToolFailed, one line, and
+    upper.new as it was (reconcile then leaves the VM whole on its generation)."""
+    from unionimg.errors import ToolFailed
+    from unionimg.reconcile.ldcache import regenerate
+
+    need_root()
+    need(
+        os.environ.get("UNIONIMG_TEST_DEBIAN") == "1"
+        or os.environ.get("UNIONIMG_REQUIRE_REAL") == "1",
+        "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
+    )
+    from vm_fixtures import build
+
+    cli.ok("base", "list")
+    new = tmp_path / "upper.new"
+    new.mkdir()
+    (new / "etc").write_text("not a directory\n")
+    with pytest.raises(ToolFailed) as info:
+        regenerate(Store(cli.store), build("debian"), new)
+    assert "\n" not in info.value.message
+    assert "ld.so.cache could not be regenerated" in info.value.message
+    assert sorted(p.name for p in new.iterdir()) == ["etc"] and (new / "etc").is_file()
