@@ -14,6 +14,9 @@ reconcile/  merging a patched base into every instance
     plan, merge, policy   pure: the plan of one instance, 3-way text merge, per-glob policy
     structured, userdb    pure: mergers by path (files merged by meaning); the user
                        databases merged by name
+    debconf            pure: debconf's databases merged record by record
+    default_policy.toml   the shipped rules (volatile, generated, backups), after the admin's
+    ldcache            /etc/ld.so.cache regenerated for a staged result (sandboxed ldconfig)
     apply              the executor of plan: journal, apply, undo, reports
 
 boot/  booting instances
