@@ -33,6 +33,8 @@ KEPT_LOCAL = (
     "/etc/machine-id",
     "/var/lib/dhcp/dhclient.leases",
     "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease",
+    "/var/lib/apt/periodic/update-success-stamp",
+    "/etc/resolv.conf",
 )
 
 
