@@ -14,6 +14,7 @@ import io
 import os
 import random
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -451,7 +452,7 @@ def test_conffile_both_added_merges_against_its_pristine_version() -> None:
     outcome, data, reason, content = conffile_run(local, new)
     assert outcome == "merged", reason
     assert data == edit(local, 18, "option18 = base")
-    assert "pristine conffile from its .deb, md5 checked" in reason
+    assert "pristine conffile, md5 checked against B1's" in reason
     assert [c.package for c in content.asked] == ["uimg-conf"]
 
 
@@ -560,3 +561,20 @@ def test_finder_takes_md5_checked_content_and_never_follows_a_guest_symlink(
     assert PristineFinder([upper])(wrong) is None  # content whose md5 is not B1's
     os.mkfifo(archives / "uimg-conf_2.0_all.deb")  # a fifo never blocks the reconcile
     assert PristineFinder([upper])(Conffile(CONF, "uimg-conf", "all", "2.0", cf.md5)) is None
+
+
+def test_finder_takes_a_generations_own_unmodified_copy_lazily(tmp_path: Path) -> None:
+    cf = Conffile(CONF, "uimg-conf", "all", "1.0", md5_of(PRISTINE))
+    edited, installed = tmp_path / "b1", tmp_path / "gen2"
+    for root, data in ((edited, PRISTINE + b"edited\n"), (installed, PRISTINE)):
+        (root / "etc/uimg-conf").mkdir(parents=True)
+        (root / CONF.lstrip("/")).write_bytes(data)
+    reached: list[Path] = []
+
+    def roots() -> Iterator[Path]:
+        for root in (edited, installed, tmp_path / "never"):
+            reached.append(root)
+            yield root
+
+    assert PristineFinder(roots())(cf) == PRISTINE
+    assert reached == [edited, installed]  # the next generation is never mounted

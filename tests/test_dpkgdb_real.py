@@ -2,19 +2,23 @@
 
 Local packages from ``tests/debs.py`` (no network). B0 is the fixture with ``uimg-up`` 1.0
 (a conffile package) installed by the host's ``dpkg --root`` on an overlay of the fixture.
-Two VMs install packages with the host's ``dpkg --root`` on their mounted union, keeping the
-debs in their own apt cache as apt would:
+Three VMs install packages with the host's ``dpkg --root`` on their mounted union:
 
 * ``db1``: ``uimg-a`` 1.0 (a plain package) and ``uimg-conf`` 1.0, its conffile edited on
-  line 2;
-* ``db2``: ``uimg-conf`` 1.0, its conffile edited on lines 2 and 18.
+  line 2 (no .deb kept);
+* ``db2``: ``uimg-conf`` 1.0 (its .deb kept in the VM's apt cache), its conffile edited on
+  lines 2 and 18.
 
 The base then (``base update --run``, the base's own dpkg in its chroot) installs
-``uimg-conf`` 1.0 and ``uimg-svc`` (``Depends: uimg-conf``, its postinst adds a system user),
-upgrades ``uimg-up`` to 2.0 (conffile changed) and edits line 18 of uimg-conf's conffile.
+``uimg-conf`` 1.0 and ``uimg-svc`` (``Depends: uimg-conf``, its postinst adds a system user)
+and upgrades ``uimg-up`` to 2.0 (conffile changed), keeping no .deb in its apt cache
+(generation 2); a second update edits line 18 of uimg-conf's conffile (generation 3). The
+pristine conffile: db1 has no .deb anywhere, so it is generation 2's own copy (the generation
+that installed it); db2 kept the .deb in its apt cache (read from the VM's, md5-checked).
 After ``reconcile --all``:
 
-* db1: the host's ``dpkg --root`` on the mounted result lists both sides' packages,
+* db1 (with ``uimg-a`` and ``uimg-conf`` and no apt cache): the host's ``dpkg --root`` on
+  the mounted result lists both sides' packages,
   ``--audit`` is clean, ``--verify uimg-svc``/``uimg-up``/``uimg-a`` are clean, the system user
   is there; the conffile (no common ancestor: both sides added it) is merged against the
   pristine 1.0 conffile: the VM's line 2 and the base's line 18;
@@ -115,20 +119,26 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         cli.ok("base", "create", "deb", "--from-dir", str(tmp / "b0"))
         subprocess.run(["umount", str(tmp / "b0")], check=True, timeout=60)
         for vm, installs in {"db1": [plain, conf1], "db2": [conf1], "db3": [up15]}.items():
+            cache = vm == "db2"  # db1's pristine comes from generation 2, db2's from its cache
             cli.ok("instance", "create", vm, "--base", "deb")
             mnt = tmp / f"mnt-{vm}"
             mnt.mkdir()
             cli.ok("mount", vm, str(mnt))
             try:
-                debs.install(mnt, *installs, cache=True)  # no maintainer scripts: noexec is fine
+                debs.install(mnt, *installs, cache=cache)  # no maintainer scripts: noexec is fine
                 if vm in VM_EDITS:
                     (mnt / CONF.lstrip("/")).write_bytes(VM_EDITS[vm])
             finally:
                 cli.ok("umount", str(mnt))
-        command = debs.install_command(
-            conf1, svc, up2, then=f"sed -i 's/^option18 = value18$/option18 = base/' {CONF}"
+        # generation 2 installs (apt's cache emptied after), generation 3 edits the conffile
+        cli.ok("base", "update", "deb", "--run", debs.install_command(conf1, svc, up2, cache=False))
+        cli.ok(
+            "base",
+            "update",
+            "deb",
+            "--run",
+            f"sed -i 's/^option18 = value18$/option18 = base/' {CONF}",
         )
-        cli.ok("base", "update", "deb", "--run", command)
         res = cli("reconcile", "--all", "--json")
         report = {i["name"]: i for i in json.loads(res.output)["instances"]}
         yield World(cli, tmp, report, res.exit_code, res.output)

@@ -30,7 +30,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
@@ -80,7 +80,7 @@ from unionimg.reconcile.plan import (
     plan_instance,
 )
 from unionimg.reconcile.policy import KEEP_LOCAL, TAKE_BASE, Policy, Rule
-from unionimg.reconcile.pristine import PristineFinder
+from unionimg.reconcile.pristine import PRISTINE_GENERATIONS, PristineFinder
 from unionimg.reconcile.proposal import PROPOSAL, apply_owner_changes
 from unionimg.store.layout import (
     Store,
@@ -218,9 +218,15 @@ def _conflict_key(path: str) -> str:
 class _Content:
     """Reads for the planner: U's copies and files of the two generations (mounted lazily)."""
 
-    def __init__(self, upper: Path, gens: Callable[[Literal["b0", "b1"]], Path]) -> None:
+    def __init__(
+        self,
+        upper: Path,
+        gens: Callable[[Literal["b0", "b1"]], Path],
+        between: Callable[[], Iterator[Path]] = lambda: iter(()),
+    ) -> None:
         self._upper = upper
         self._gens = gens
+        self._between = between  # the generations between B0 and B1, mounted as reached
 
     def upper(self, path: str) -> bytes:
         return fsops.read_file(self._upper, path)
@@ -229,9 +235,16 @@ class _Content:
         return fsops.read_file(self._gens(which), path)
 
     def pristine(self, conffile: Conffile) -> bytes | None:
-        """A conffile's pristine content from the apt caches of B1, B0, then U (md5-checked:
-        :mod:`unionimg.reconcile.pristine`)."""
-        return PristineFinder([self._gens("b1"), self._gens("b0"), self._upper])(conffile)
+        """A conffile's pristine content (md5-checked, :mod:`unionimg.reconcile.pristine`):
+        the apt caches of B1, U, B0, then the generations between (their file or cache)."""
+
+        def roots() -> Iterator[Path]:
+            yield self._gens("b1")
+            yield self._upper
+            yield self._gens("b0")
+            yield from self._between()
+
+        return PristineFinder(roots())(conffile)
 
 
 class Reconciler:
@@ -403,8 +416,15 @@ class Reconciler:
                 def gens(which: Literal["b0", "b1"]) -> Path:
                     return self.gen_root(b0 if which == "b0" else b1)
 
+                def between() -> Iterator[Path]:  # item 4: the generation that installed it
+                    gens_ = generations(self.store, b1.base)
+                    older = [g for g in gens_ if b0.number < g.number < b1.number]
+                    older.sort(key=lambda g: -g.number)
+                    for gen in older[:PRISTINE_GENERATIONS]:
+                        yield self.gen_root(gen)
+
                 entries = _hash_files_in(upper, scan_upper(u, hash_files=False), delta)
-                content = _Content(upper, gens)
+                content = _Content(upper, gens, between)
                 with b0.manifest() as m0, b1.manifest() as m1:
                     plan = plan_instance(entries, delta, m0, m1, policy, content)
                 draft.report = replace(

@@ -785,5 +785,5 @@ def pristine_ancestor(
         return local, f" (ancestor: {package}'s pristine conffile, the VM's copy unmodified)"
     data = fetch(conffile) if fetch is not None else None
     if data is not None and md5_of(data) == conffile.md5:
-        return data, f" (ancestor: {package}'s pristine conffile from its .deb, md5 checked)"
-    return None, f" (conffile of {package}: no pristine copy found in the apt caches)"
+        return data, f" (ancestor: {package}'s pristine conffile, md5 checked against B1's)"
+    return None, f" (conffile of {package}: no pristine copy found)"

@@ -7,10 +7,13 @@ before the base did, both edited it), dpkg still knows its pristine version: the
 (``_Content.pristine`` in :mod:`unionimg.reconcile.apply`, which builds a
 :class:`PristineFinder`); this module does the reading.
 
-Where: ``/var/cache/apt/archives/PACKAGE_VERSION_ARCH.deb`` (apt's name, an epoch's ``:`` as
-``%3a``) in B1's tree, B0's tree, then the VM's upper layer. The VM's is hostile input: a
-candidate from anywhere is accepted only when its md5 equals the one in B1's ``Conffiles:``
-line (the base is trusted, the VM's status is not), and the planner checks it again.
+Where, in each tree the executor gives (B1, the VM's upper layer, B0, then up to
+:data:`PRISTINE_GENERATIONS` generations between B0 and B1, newest first: the generation
+that installed the package has the pristine file itself): the tree's own copy of the file,
+then ``/var/cache/apt/archives/PACKAGE_VERSION_ARCH.deb`` (apt's name, an epoch's ``:`` as
+``%3a``). The VM's is hostile input: a candidate from anywhere is accepted only when its md5
+equals the one in B1's ``Conffiles:`` line (the base is trusted, the VM's status is not), and
+the planner checks it again.
 
 How: Python only, no program runs on a guest's archive. The ``ar`` container is walked by
 its 60-byte headers to the ``data.tar.*`` member, which ``tarfile`` reads as a stream (gzip,
@@ -30,7 +33,7 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,6 +46,7 @@ __all__ = [
     "MAX_MEMBER",
     "MAX_MEMBERS",
     "MAX_SCAN",
+    "PRISTINE_GENERATIONS",
     "PristineFinder",
     "deb_member",
     "deb_names",
@@ -53,6 +57,7 @@ MAX_DEB = 512 << 20  # a .deb larger than this is not opened
 MAX_MEMBER = 16 << 20  # a conffile larger than this is not read
 MAX_MEMBERS = 200_000  # tar members looked at
 MAX_SCAN = 1 << 30  # bytes of the decompressed data.tar looked at
+PRISTINE_GENERATIONS = 8  # generations between B0 and B1 searched (each is mounted)
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
 
@@ -150,15 +155,30 @@ def _open_deb(root: Path, path: str) -> tuple[BinaryIO, int] | None:
     return os.fdopen(fd, "rb"), st.st_size
 
 
-class PristineFinder:
-    """Finds a conffile's pristine content in the apt caches of ``roots`` (in order)."""
+def _file(root: Path, path: str) -> bytes | None:
+    """``root``/``path`` when a regular file of at most :data:`MAX_MEMBER` bytes."""
+    opened = _open_deb(root, path)
+    if opened is None:
+        return None
+    fh, size = opened
+    with fh:
+        data = fh.read(MAX_MEMBER + 1) if size <= MAX_MEMBER else None
+    return data if data is not None and len(data) <= MAX_MEMBER else None
 
-    def __init__(self, roots: Sequence[Path]) -> None:
-        self.roots = list(roots)
+
+class PristineFinder:
+    """Finds a conffile's pristine content in the trees ``roots`` (in order, consumed lazily:
+    a root is mounted only when reached): each tree's apt cache, then its own copy."""
+
+    def __init__(self, roots: Iterable[Path]) -> None:
+        self.roots = roots
 
     def __call__(self, conffile: Conffile) -> bytes | None:
         """The pristine content of ``conffile`` whose md5 is the one B1 records, else None."""
         for root in self.roots:
+            data = _file(root, conffile.path)  # a generation that installed it, unmodified
+            if data is not None and md5_of(data) == conffile.md5:
+                return data
             for name in deb_names(conffile.package, conffile.version, conffile.architecture):
                 opened = _open_deb(root, f"{ARCHIVES}/{name}")
                 if opened is None:
