@@ -177,7 +177,8 @@ def test_extended_states_per_package() -> None:
     r = merge_file(
         EXTENDED_STATES, (old, ext(("libfoo", 0)), ext()), lambda _: (None, None, None), {}
     )
-    assert r.outcome == "conflict" and "libfoo" in r.reason
+    assert r.outcome == "conflict"
+    assert "libfoo:amd64 (local Auto-Installed 0, B1 removed)" in r.reason, r.reason
 
 
 def test_diversions_and_statoverride_by_entry() -> None:

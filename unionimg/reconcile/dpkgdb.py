@@ -168,6 +168,9 @@ class Paragraph:
     def describe(self) -> str:
         """``VERSION`` (and the state when not installed)."""
         fields = self.fields
+        if "version" not in fields and "auto-installed" in fields:  # apt's extended_states
+            auto = fields["auto-installed"].decode("utf-8", "replace").strip()
+            return f"Auto-Installed {_show(auto)}"
         version = fields.get("version", b"").decode("utf-8", "replace").strip() or "(no version)"
         state = fields.get("status", b"").decode("utf-8", "replace").strip()
         words = state.split()
@@ -410,7 +413,8 @@ class StatusMerge:
             return (
                 f"{self.what}: {len(conflicts)} package(s) changed on both sides: {shown}{extra}; "
                 "the VM's file kept whole until resolved (proposal: the VM's versions of "
-                "these packages, everything else merged; their info files follow)"
+                "these packages, everything else merged"
+                + ("; their info files follow)" if self.what == STATUS else ")")
             )
         counts = {d: 0 for d in ("local", "new", "same")}
         for choice in self.choices.values():
