@@ -129,6 +129,23 @@ def test_both_changed_one_package_is_a_package_conflict_naming_both_versions() -
     assert names(proposal) == [("a", "1.0"), ("base-files", "12.5"), ("nginx", "1.22-local1")]
 
 
+def test_both_installed_a_package_b0_lacked_in_other_versions_conflicts() -> None:
+    r = merged(B0, B0 + status(para("nginx", "1.0")), B0 + status(para("nginx", "2.0")))
+    assert r.outcome == "conflict" and "nginx:amd64 (local 1.0, B1 2.0)" in r.reason
+    held = B0.replace(
+        b"install ok installed\nArchitecture: amd64\nVersion: 2.36-9",
+        b"hold ok installed\nArchitecture: amd64\nVersion: 2.36-9",
+    )
+    rebuilt = B0.replace(b"Description: libc6", b"Description: libc6 rebuilt")
+    r = merged(B0, held, rebuilt)
+    assert (
+        "libc6:amd64 (local 2.36-9 (hold ok installed), B1 2.36-9 (install ok installed))"
+        in r.reason
+    )
+    r = merged(B0, B0.replace(b" multi-line", b" mine"), rebuilt)
+    assert "local 2.36-9, B1 2.36-9, other fields differ" in r.reason
+
+
 def test_removed_on_one_side_changed_on_the_other_conflicts() -> None:
     local = status(para("base-files", "12.4"))  # libc6 removed (why not)
     new = status(para("base-files", "12.4"), para("libc6", "2.36-10"))

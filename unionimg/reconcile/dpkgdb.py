@@ -379,6 +379,11 @@ class StatusMerge:
             new = _one(choice.new, key)
         lv = local.describe() if local is not None else "removed"
         nv = new.describe() if new is not None else "removed"
+        if lv == nv and local is not None and new is not None:  # same version: what differs
+            ls, ns = local.field("Status"), new.field("Status")
+            if ls != ns:
+                return f"local {lv} ({_show(ls)}), B1 {nv} ({_show(ns)})"
+            return f"local {lv}, B1 {nv}, other fields differ"
         return f"local {lv}, B1 {nv}"
 
     def merged(self, *, markers: bool = False) -> bytes:
