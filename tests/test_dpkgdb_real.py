@@ -260,3 +260,27 @@ def test_package_both_sides_changed_is_a_package_conflict_never_a_half_state(
     proposal = (Path(rec["dir"]) / "proposal").read_text()
     assert "Package: uimg-up\n" in proposal and "Version: 1.5\n" in proposal
     assert "Package: uimg-svc\n" in proposal and "Version: 2.0\n" not in proposal
+
+
+@pytest.mark.slow
+def test_resolving_the_package_conflict_with_the_proposal_is_consistent(world: World) -> None:
+    """After the db3 test: the status proposal and the VM's own files of uimg-up taken."""
+    cli = world.cli
+    took = cli.ok("resolve", "db3", "/var/lib/dpkg/status", "--take", "proposal").output
+    assert "proposal" in took
+    for path in ("/var/lib/dpkg/info/uimg-up.md5sums", "/usr/share/uimg-up/VERSION"):
+        cli.ok("resolve", "db3", path, "--take", "local")
+    assert json.loads(cli.ok("conflicts", "db3", "--json").output) == []
+    mnt = world.tmp / "resolved-db3"
+    mnt.mkdir()
+    cli.ok("mount", "db3", str(mnt), "--readonly")
+    try:
+        listed = dpkg(mnt, "-l", "uimg-*").stdout
+        rows = {ln.split()[1]: ln.split()[2] for ln in listed.splitlines() if ln.startswith("ii")}
+        assert rows == {"uimg-conf": "1.0", "uimg-svc": "1.0", "uimg-up": "1.5"}, listed
+        audit = dpkg(mnt, "--audit")
+        assert (audit.returncode, audit.stdout) == (0, ""), audit
+        verify = dpkg(mnt, "--verify", "uimg-svc")
+        assert (verify.returncode, verify.stdout) == (0, ""), verify
+    finally:
+        cli.ok("umount", str(mnt))
