@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -488,6 +488,56 @@ def hg_env(work: Path) -> dict[str, str]:
     return env
 
 
+Hg = Callable[..., str]  # hg(*args, ok=(0,), cwd=None): run hg, its stdout
+
+
+def naive_clone(hg: Hg, base: Path, vm: Path) -> float:
+    """The naive method's copy of the base for one VM: a full ``hg clone --pull -r 0`` of
+    ``base`` at ``vm`` (its seconds), then settled by one untimed ``hg status``."""
+    os.sync()
+    t0 = time.perf_counter()
+    hg("clone", "-q", "--pull", "-r", "0", base, vm)
+    clone_s = time.perf_counter() - t0
+    # a VM that has lived a while: its dirstate knows every file's size and mtime, so the
+    # timed commit below pays the walk of the tree, not a first look at every file
+    time.sleep(1.1)
+    hg("status", "-q", cwd=vm)
+    return clone_s
+
+
+def naive_update(
+    hg: Hg,
+    base: Path,
+    vm: Path,
+    name: str,
+    *,
+    addremove: bool = False,
+    unresolved: list[str] | None = None,
+) -> tuple[float, float, str]:
+    """The naive method taking base generation 2 into the working copy ``vm`` that holds the
+    VM's local changes: the commit of those changes (``hg merge`` refuses to run over
+    uncommitted changes; ``addremove``: with its new and removed files), then ``hg pull`` +
+    ``hg merge --tool internal:merge`` + ``hg resolve --mark --all`` (conflicted files keep
+    their markers) + ``hg commit``. Returns (local commit s, update s, hg merge's output);
+    ``unresolved`` gets the paths the merge left conflicted (listed outside the timing)."""
+    os.sync()
+    t0 = time.perf_counter()
+    hg("commit", "-q", *(["-A"] if addremove else []), "-m", f"local changes of {name}", cwd=vm)
+    local_s = time.perf_counter() - t0
+    os.sync()
+    t0 = time.perf_counter()
+    hg("pull", "-q", base, cwd=vm)
+    out = hg("merge", "--tool", "internal:merge", cwd=vm, ok=(0, 1))
+    if unresolved is not None:
+        t1 = time.perf_counter()
+        listed = hg("resolve", "--list", "-T", "{status} {path}\n", cwd=vm)
+        unresolved += ["/" + ln[2:] for ln in listed.splitlines() if ln.startswith("u ")]
+        t0 += time.perf_counter() - t1  # not part of the method
+    hg("resolve", "--mark", "--all", "-q", cwd=vm)
+    hg("commit", "-q", "-m", "merge base generation 2", cwd=vm)
+    return local_s, time.perf_counter() - t0, out
+
+
 def bench_naive(
     work: Path, ds: Dataset, tree: Path, instances: int, limit: int, budget: float
 ) -> Naive:
@@ -512,26 +562,9 @@ def bench_naive(
             log(f"[naive] budget of {budget:.0f} s spent: stopping after {k} VMs")
             break
         vm = work / "naive-vm"
-        os.sync()
-        t0 = time.perf_counter()
-        hg("clone", "-q", "--pull", "-r", "0", base, vm)
-        clone_s = time.perf_counter() - t0
-        # a VM that has lived a while: its dirstate knows every file's size and mtime, so the
-        # timed commit below pays the walk of the tree, not a first look at every file
-        time.sleep(1.1)
-        hg("status", "-q", cwd=vm)
+        clone_s = naive_clone(hg, base, vm)
         write_files(vm, ds, ds.local[k], mkdir=False)  # the VM's life: its local changes
-        os.sync()
-        t0 = time.perf_counter()
-        hg("commit", "-q", "-m", f"local changes of {vm_name(k)}", cwd=vm)  # merge needs it
-        local_s = time.perf_counter() - t0
-        os.sync()
-        t0 = time.perf_counter()
-        hg("pull", "-q", base, cwd=vm)
-        out = hg("merge", "--tool", "internal:merge", cwd=vm, ok=(0, 1))
-        hg("resolve", "--mark", "--all", "-q", cwd=vm)
-        hg("commit", "-q", "-m", "merge base generation 2", cwd=vm)
-        update_s = time.perf_counter() - t0
+        local_s, update_s, out = naive_update(hg, base, vm, vm_name(k))
         m = MERGE_LINE.search(out)
         counts = tuple(int(x) for x in m.groups()) if m else None
         want = (UPDATE_FILES - OVERLAP, CLEAN, 0, CONFLICTS)
