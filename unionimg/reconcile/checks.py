@@ -70,6 +70,7 @@ B1's baseline once per generation about 2.5 s (``dpkg --verify`` hashes every ba
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -198,6 +199,17 @@ class BaseFacts:
     has_dpkg: bool = False
     user_dbs: frozenset[str] = frozenset()  # which of USER_DBS B1 has
 
+    @functools.cached_property
+    def paths(self) -> tuple[str, ...]:
+        """Every path a package owns, sorted: the ones beneath a prefix are one slice."""
+        return tuple(sorted(self.owners))
+
+    def beneath(self, prefix: str) -> Sequence[str]:
+        """The owned paths strictly beneath ``prefix`` (``/a/b`` for ``/a``)."""
+        lo = bisect.bisect_left(self.paths, prefix + "/")
+        hi = bisect.bisect_left(self.paths, prefix + "0")  # "0" sorts right after "/"
+        return self.paths[lo:hi]
+
     def checks(self) -> tuple[str, ...]:
         out = [AUDIT, APT] if self.has_dpkg else []
         if "passwd" in self.user_dbs:
@@ -319,10 +331,10 @@ def scope_of(entries: Mapping[str, Entry], base: BaseFacts, union_status: bytes 
         pkg = _package_of_info(p)
         if pkg is not None and pkg in base.paragraphs:
             affected.add(pkg)
-    if hiding:
-        for path, pkgs in base.owners.items():
-            if path not in entries and any(a in hiding for a in _ancestors(path)):
-                affected |= pkgs
+    for p in hiding:  # the base's paths the layer hides (not those it holds itself)
+        for path in base.beneath(p):
+            if path not in entries:
+                affected |= base.owners[path]
     names = affected - changed
     return Scope(tuple(why), tuple(sorted(names)))
 
