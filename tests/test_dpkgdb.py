@@ -305,10 +305,19 @@ def test_info_file_both_changed_follows_b1_when_b1_changed_the_package() -> None
     # paragraph unchanged; B1 upgraded tool
     vm = dpkg_tree({"tool": "1", "other": "1"}, lists={"tool": b"/usr/share/tool\n"})
     vm.file(STATUS, vm.data[STATUS] + status(para("taker", "1")))
-    b1 = dpkg_tree({"tool": "2", "other": "1"})
+    b1 = dpkg_tree(
+        {"tool": "2", "other": "1"},
+        lists={"tool": b"/usr/share/tool\n/usr/share/tool/1\n/usr/share/tool/2\n"},
+    )
     r = run(upper_from(b0, vm), b0, b1, reads=True)
     a = r.action("/var/lib/dpkg/info/tool.list")
-    assert a.action == "drop" and "follows B1's paragraph" in a.reason  # B1's shows
+    # B1's list, without the path the VM's 'taker' took over (Replaces)
+    assert a.action == "write" and "follows B1's paragraph" in a.reason, a
+    assert "1 path(s) another package of the VM took over left out" in a.reason
+    assert a.data == b"/usr/share/tool\n/usr/share/tool/2\n"
+    b1.file("/var/lib/dpkg/info/tool.list", b"/usr/share/tool\n/usr/share/tool/2\n")
+    a = run(upper_from(b0, vm), b0, b1, reads=True).action("/var/lib/dpkg/info/tool.list")
+    assert a.action == "drop" and "took over" not in a.reason  # nothing of it left in B1's
 
 
 def test_info_files_of_a_package_both_changed_conflict_with_the_status() -> None:

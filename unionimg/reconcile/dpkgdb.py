@@ -29,6 +29,8 @@ What depends on a paragraph follows it (:func:`merge_file` dispatches on the pat
   gives the file (the VM's: kept; B1's, or the same change on both sides: B1's, trusted); a
   package in conflict makes its info files conflicts too (the VM's stay, matching the VM's
   status). Never a half state (status of one side, ``list``/``md5sums`` of the other).
+  B1's ``list`` leaves out the paths another package of the VM took over (``Replaces``: the
+  VM's list of the unchanged package lacks them).
   Where neither side changed the paragraph (another package took over some paths:
   ``Replaces``), ``list`` and ``md5sums`` merge as line sets.
 * ``/var/lib/dpkg/triggers/File``, ``Unincorp`` and ``NAME`` (interests, pending
@@ -561,6 +563,15 @@ def _line_set(versions: Triple) -> bytes | None:
     return b"".join(line + b"\n" for line in out)
 
 
+def _taken_over(versions: Triple) -> set[bytes]:
+    """Lines of B0's ``.list`` the VM's lacks while its paragraph is B0's: paths another
+    package took over (dpkg drops them from the old owner's list on ``Replaces``)."""
+    old, local, _ = versions
+    if old is None or local is None:
+        return set()
+    return set(old.splitlines()) - set(local.splitlines())
+
+
 def _status_memo(
     related: Callable[[str], Triple], memo: MutableMapping[str, object]
 ) -> StatusMerge:
@@ -609,7 +620,18 @@ def _info(
             return FileResult(
                 "conflict", local, f"{follows}: B1's paragraph taken but B1 has no such file"
             )
-        return FileResult("merged", versions[2], f"{follows}: follows B1's paragraph ({described})")
+        new = versions[2]
+        taken = _taken_over(versions) if decision == "new" and ext == "list" else set()
+        kept = [line for line in new.splitlines() if line not in taken]
+        if taken and len(kept) < len(new.splitlines()):  # taken over by another (Replaces)
+            left = len(new.splitlines()) - len(kept)
+            return FileResult(
+                "merged",
+                b"".join(line + b"\n" for line in kept),
+                f"{follows}: follows B1's paragraph ({described}); {left} path(s) "
+                "another package of the VM took over left out",
+            )
+        return FileResult("merged", new, f"{follows}: follows B1's paragraph ({described})")
     if decision == "unchanged" and ext in _LINE_SETS:
         merged = _line_set(versions)
         if merged is not None:
