@@ -128,3 +128,5 @@ def test_timer_run_cli_refuses_a_bad_policy(cli: Cli, tmp_path: Path) -> None:
     bad.write_text("default = 3\n")
     res = cli.fails("timer", "run", "--policy", str(bad), code=2)
     assert f"policy {bad}: default = 3" in res.output
+    log = (cli.store / "reports/timer.log").read_text()  # cron sends the output nowhere
+    assert f"not run: policy {bad}: default = 3" in log

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from unionimg.errors import UsageError
+from unionimg.errors import UnionimgError, UsageError
 from unionimg.names import shown
 from unionimg.reconcile.policy import load_policy
 from unionimg.runner import run, stream
@@ -206,14 +206,18 @@ def run_logged(
 ) -> int:
     """``reconcile --all --json`` with its output appended to ``STORE/reports/timer.log``
     (rotated, see the module docstring); returns reconcile's exit code."""
-    policy = check_policy(policy)
     reports = store / "reports"
     reports.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name in ROTATED:
         rotate(reports / name, max_bytes, keep)
-    argv = reconcile_command(store, policy)
     log = _Log(reports / LOG, max_bytes, keep)
     try:
+        try:
+            policy = check_policy(policy)  # deleted or broken since install: said in the log
+        except UnionimgError as exc:
+            log.write(f"=== {_stamp()} not run: {exc.message}\n".encode())
+            raise
+        argv = reconcile_command(store, policy)
         start = f"=== {_stamp()} start: {shlex.join(argv[1:])}\n"
         log.write(start.encode())
         print(start, end="", flush=True)
