@@ -54,10 +54,15 @@ cached ``.deb``s, their maintainer scripts) on the new base. That would run gues
 code on the host, as root; a package-level conflict with both versions is the answer where
 the sides differ.
 
-Conffiles (issue 12, item 4): :func:`conffiles` lists B1's ``Conffiles:`` (the base is
-trusted; the VM's status is not) so the planner can find a conffile's pristine version and
-merge against it (:meth:`unionimg.reconcile.plan` ``_pristine``), with the md5 of B1's line
-as the check of any candidate content.
+Conffiles (issue 12, item 4): :func:`pristine_ancestor` gives the planner the merge
+ancestor of a conffile both sides added: from B1's ``Conffiles:`` (the base is trusted; the
+VM's status only says which version the VM has), the md5 of B1's line is the check of any
+candidate content (B1's copy, the VM's copy, or what the executor's lookup finds:
+:mod:`unionimg.reconcile.pristine`).
+
+Cost: well-formed paragraphs are checked by one regular expression each and a paragraph
+another side has byte for byte is checked once (three 3,059-package status files, 8.4 MB:
+0.28 s here); the line-by-line parse runs only to word an error.
 """
 
 from __future__ import annotations
