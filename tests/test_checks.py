@@ -472,3 +472,17 @@ def test_failing_vm_stays_on_its_generation_untouched(cli: Cli, tmp_path: Path, 
     forced = cli("reconcile", "forced", "--no-checks", "--json")
     assert forced.exit_code == 0, forced.output
     assert json.loads(forced.output)["instances"][0]["checks"] == "skipped (--no-checks)"
+
+
+def test_huge_status_is_never_given_to_dpkg(world: World) -> None:
+    """A status of more than 64 MiB (sparse: it costs the guest nothing) is reported, and
+    neither dpkg nor apt is run on it."""
+    up = world.upper({"/etc/passwd": PASSWD})
+    status = up / "var/lib/dpkg/status"
+    status.parent.mkdir(parents=True)
+    with open(status, "wb") as fh:
+        fh.truncate(checks.MAX_DB + 1)
+    v = world.check(up)
+    assert [p.check for p in v.problems] == [AUDIT], v
+    assert "is larger than 64 MiB; not read" in words(v, AUDIT)
+    assert v.note.startswith("failed (pwck -r, grpck -r;"), v.note  # no dpkg, no apt
