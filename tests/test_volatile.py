@@ -35,6 +35,10 @@ KEPT_LOCAL = (
     "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease",
     "/var/lib/apt/periodic/update-success-stamp",
     "/etc/resolv.conf",
+    "/etc/.pwd.lock",
+    "/var/lib/ucf/registry.0",
+    "/var/lib/ucf/hashfile.3",
+    "/var/lib/ldconfig/aux-cache",
 )
 
 
