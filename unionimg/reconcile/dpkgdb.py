@@ -355,6 +355,7 @@ class StatusMerge:
         default_factory=dict
     )  # (local, new) of every conflicting key
     error: str = ""  # a side could not be parsed
+    by_name: Mapping[str, tuple[Key, ...]] = field(default_factory=dict)  # keys of a package
 
     @property
     def clean(self) -> bool:
@@ -367,15 +368,16 @@ class StatusMerge:
     def decision(self, name: str, arch: str | None = None) -> tuple[Decision | None, str]:
         """What the merge did with package ``name`` (any architecture unless ``arch``): the
         strongest decision (conflict > local > new/same > unchanged) and its description."""
-        found: list[tuple[int, Decision, str]] = []
         rank: dict[Decision, int] = {"conflict": 4, "local": 3, "new": 2, "same": 1}
-        for key, choice in self.choices.items():
-            if key[0] == name and (arch is None or key[1] == arch):
-                found.append((rank.get(choice.decision, 0), choice.decision, self._versions(key)))
+        found = [
+            (rank.get(self.choices[key].decision, 0), key)
+            for key in self.by_name.get(name, ())
+            if arch is None or key[1] == arch
+        ]
         if not found:
             return None, ""
-        _, decision, versions = max(found)
-        return decision, versions
+        _, key = max(found)
+        return self.choices[key].decision, self._versions(key)
 
     def _versions(self, key: Key) -> str:
         local, new = self.paragraphs.get(key, (None, None))
@@ -474,7 +476,10 @@ def merge_status(versions: Triple, *, what: str = STATUS) -> StatusMerge:
         for k, c in choices.items()
         if c.decision == "conflict"
     }
-    return StatusMerge(what, choices, paragraphs)
+    by_name: dict[str, list[Key]] = {}
+    for key in choices:
+        by_name.setdefault(key[0], []).append(key)
+    return StatusMerge(what, choices, paragraphs, by_name={n: tuple(k) for n, k in by_name.items()})
 
 
 # -- entries: diversions, statoverride ----------------------------------------------------------
