@@ -605,3 +605,36 @@ def test_finder_takes_a_generations_own_unmodified_copy_lazily(tmp_path: Path) -
 
     assert PristineFinder(roots())(cf) == PRISTINE
     assert reached == [edited, installed]  # the next generation is never mounted
+
+
+def test_deb_member_bounds_members_scanned_and_unknown_compressions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from unionimg.reconcile import pristine
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:  # uncompressed data.tar
+        for name in ("./a", "./b", "./" + CONF.lstrip("/")):
+            info = tarfile.TarInfo(name)
+            info.size = len(PRISTINE)
+            tar.addfile(info, io.BytesIO(PRISTINE))
+    deb = ar((b"debian-binary", b"2.0\n"), (b"data.tar", buf.getvalue()))
+    assert deb_member(io.BytesIO(deb), len(deb), CONF) == PRISTINE
+    monkeypatch.setattr(pristine, "MAX_MEMBERS", 2)  # the third member is never reached
+    assert deb_member(io.BytesIO(deb), len(deb), CONF) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(pristine, "MAX_MEMBER", len(PRISTINE) - 1)  # too large to read
+    assert deb_member(io.BytesIO(deb), len(deb), CONF) is None
+    zst = ar((b"debian-binary", b"2.0\n"), (b"data.tar.zst", b"\x28\xb5\x2f\xfd" + b"\0" * 64))
+    assert deb_member(io.BytesIO(zst), len(zst), CONF) is None
+    bomb = ar((b"data.tar.xz", b"\xfd7zXZ\0" + os.urandom(256)))  # garbage xz: no exception
+    assert deb_member(io.BytesIO(bomb), len(bomb), CONF) is None
+
+
+def test_finder_refuses_what_is_no_regular_file(tmp_path: Path) -> None:
+    cf = Conffile(CONF, "uimg-conf", "all", "1.0", md5_of(PRISTINE))
+    archives = tmp_path / "var/cache/apt/archives"
+    (archives / debs.conf_package(1).filename).mkdir(parents=True)  # a directory
+    (tmp_path / "etc").mkdir()
+    os.symlink("/etc/passwd", tmp_path / "etc/uimg-conf")  # a symlinked parent
+    assert PristineFinder([tmp_path])(cf) is None
