@@ -75,6 +75,7 @@ class World:
     report: dict[str, Any]
     code: int
     output: str
+    fixture: Path  # the Debian fixture's tree (read only)
 
 
 def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         )
         res = cli("reconcile", "--all", "--json")
         report = {i["name"]: i for i in json.loads(res.output)["instances"]}
-        yield World(cli, tmp, report, res.exit_code, res.output)
+        yield World(cli, tmp, report, res.exit_code, res.output, rootfs)
     finally:
         unmount_tree(tmp)
         assert not [m for m in mountinfo() if m.target.startswith(str(tmp))]
@@ -196,6 +197,11 @@ def test_both_sides_packages_and_a_consistent_database(world: World, result: Pat
     for package in ("uimg-svc", "uimg-up", "uimg-a"):
         verify = dpkg(result, "--verify", package)
         assert (verify.returncode, verify.stdout) == (0, ""), (package, verify)
+    # every package: nothing beyond what dpkg says of the fixture itself (its excluded docs)
+    # and the conffile db1 edited on purpose
+    everything = set(dpkg(result, "--verify").stdout.splitlines())
+    baseline = set(dpkg(world.fixture, "--verify").stdout.splitlines())
+    assert everything - baseline == {f"??5?????? c {CONF}"}, everything - baseline
     assert (result / UP_CONF.lstrip("/")).read_bytes() == debs.conffile_text(2)
     assert f"\n{debs.SYSTEM_USER}:" in (result / "etc/passwd").read_text()
 
