@@ -38,6 +38,8 @@ packages() {  # $1 = Debian major release
   echo libvirt-dev libxml2-utils
   # images, mounts, initramfs, boot disks
   echo fuse-overlayfs e2fsprogs attr cpio kmod iproute2 util-linux zstd
+  # hosts reached over SSH (deploy); the tests start one sshd per namespace host
+  echo openssh-client openssh-server
   echo syslinux syslinux-common mtools dosfstools mmdebstrap
   # the VM repositories; python3-venv for `python3 -m venv` with Debian's own python3
   echo mercurial python3-venv

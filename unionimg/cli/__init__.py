@@ -12,6 +12,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     reconcile_cmd    reconcile, conflicts, resolve
     boot_cmd         render, boot, stop, console, switch, uml-kernel
     timer_cmd        timer install, remove
+    host_cmd         host add, key, list, cache, remove
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
 paragraph of its help (``tests/test_cli_help.py`` checks that the two agree).
@@ -105,6 +106,10 @@ COMMANDS: dict[str, Lazy] = {
         "unionimg.cli.boot_cmd:switch_cmd",
         "Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy. "
         "With --boot, a guest that fails to boot exits 9 like 'boot'.",
+    ),
+    "host": Lazy(
+        "unionimg.cli.host_cmd:host",
+        "Hosts: other machines running unionimg, reached over SSH, to deploy systems to.",
     ),
     "timer": Lazy(
         "unionimg.cli.timer_cmd:timer",

@@ -21,7 +21,10 @@ file                   record                      written by
 store.json             :class:`StoreMeta`          ``Store.init``
 bases/B/base.json      :class:`BaseMeta`           ``base create``
 generation.json        :class:`GenerationMeta`     ``base create/update``
-instance.json          :class:`Instance`           ``instance create``, reconcile, switch
+instance.json          :class:`Instance`           ``instance create``, reconcile, switch,
+                                                   ``instance snapshot``
+layer.json             :class:`LayerMeta`          ``instance snapshot``, base layers, layer
+                                                   imports (``layers/sha256/HEX/``)
 mount.json             :class:`MountRecord`        ``mount`` (removed by ``umount``)
 u-checked.json         :class:`UCheckStamp`        U check (e2fsck) or a clean unmount
 conflicts.json         :class:`Conflicts`          reconcile, ``resolve``, ``--undo``
@@ -316,9 +319,12 @@ class Instance(Record):
     vcpus: int
     created: str
     nic_name: str = "eth0"
+    # the snapshot layers between the base generation and U, top to bottom (diff_ids
+    # sha256:HEX; see unionimg.layers.layerstore); empty: U lies right on the generation
+    layers: tuple[str, ...] = ()
 
     def to_json(self) -> JsonObject:
-        return {
+        out: JsonObject = {
             "name": self.name,
             "base": self.base,
             "generation": self.generation,
@@ -330,6 +336,9 @@ class Instance(Record):
             "created": self.created,
             "nic_name": self.nic_name,
         }
+        if self.layers:
+            out["layers"] = list(self.layers)
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Self:
@@ -345,6 +354,7 @@ class Instance(Record):
             vcpus=f.integer("vcpus"),
             created=f.text("created"),
             nic_name=f.text("nic_name", "eth0"),
+            layers=f.maybe_texts("layers") or (),
         )
 
 
@@ -877,6 +887,76 @@ class CheckBaseline(Record):
             node=f.text("node"),
             tools=f.text("tools"),
             outcomes=f.records("outcomes", CheckOutcome),
+        )
+
+
+# -- layers (issue 13) -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LayerMeta(Record):
+    """``layers/sha256/HEX/layer.json``: one immutable layer of the image tree (see
+    :mod:`unionimg.layers.layerstore`). Digests are ``sha256:HEX``; ``blob_digest`` is empty
+    until the layer's blob was first made (a base generation adopted without one)."""
+
+    WHAT = "layer record"
+    FILE = "layer.json"
+
+    diff_id: str  # sha256 of the canonical uncompressed tar
+    blob_digest: str  # sha256 of the zstd blob ("" while not made yet)
+    blob_size: int
+    tar_size: int
+    parent: str | None  # the parent layer's diff_id; None for a root (a whole tree)
+    kind: str  # base | snapshot | delta
+    created: str
+    label: str  # the ext4 label of layer.img: L + 15 hex digits, or BASE for a whole base
+    image_size: int  # bytes layer.img occupies on disk
+    entries: int  # entries in its tar
+    origin: str = ""  # what made it, said for people ("instance vm1", "base deb generation 2")
+    base: str | None = None  # the base, when a base generation made it or lies under it
+    generation: int | None = None
+    instance: str | None = None  # the instance it was snapshotted from
+    message: str = ""
+
+    def to_json(self) -> JsonObject:
+        return {
+            "diff_id": self.diff_id,
+            "blob_digest": self.blob_digest,
+            "blob_size": self.blob_size,
+            "tar_size": self.tar_size,
+            "parent": self.parent,
+            "kind": self.kind,
+            "created": self.created,
+            "label": self.label,
+            "image_size": self.image_size,
+            "entries": self.entries,
+            "origin": self.origin,
+            "base": self.base,
+            "generation": self.generation,
+            "instance": self.instance,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = _Fields(data)
+        kind = f.text("kind")
+        if kind not in ("base", "snapshot", "delta"):
+            raise RecordError(f"field 'kind' is {kind!r}, not base, snapshot or delta")
+        return cls(
+            diff_id=f.text("diff_id"),
+            blob_digest=f.text("blob_digest"),
+            blob_size=f.integer("blob_size"),
+            tar_size=f.integer("tar_size"),
+            parent=f.maybe_text("parent"),
+            kind=kind,
+            created=f.text("created"),
+            label=f.text("label"),
+            image_size=f.integer("image_size"),
+            entries=f.integer("entries"),
+            origin=f.text("origin", ""),
+            base=f.maybe_text("base", None),
+            generation=f.maybe_integer("generation", None),
+            instance=f.maybe_text("instance", None),
+            message=f.text("message", ""),
         )
 
 

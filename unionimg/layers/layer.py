@@ -1,0 +1,879 @@
+"""A layer's canonical tar: written from a tree in overlayfs format, read back into one.
+
+A layer is a directory tree in overlayfs's *upper* format: a whiteout is a 0:0 character
+device, an opaque directory carries the xattr ``trusted.overlay.opaque=y``. Its identity, the
+``diff_id``, is the sha256 of its **canonical uncompressed tar**; its transport blob is that
+tar compressed with zstd at :data:`ZSTD_LEVEL`, single-threaded, without a content size (the
+tar is streamed), so the same tree gives the same two digests on every host.
+
+The canonical tar (what :func:`write_blob` writes; standard tools read it):
+
+- POSIX pax (ustar headers, ``x`` extended headers only where needed); the root first as
+  ``./``, then every entry sorted by its path's bytes (a directory before its children),
+  directories named with a trailing ``/``;
+- numeric uid/gid (empty user and group names), permission bits with setuid/setgid/sticky,
+  mtime in whole seconds, no atime or ctime;
+- extended attributes as pax ``SCHILY.xattr.NAME`` records, sorted by name; overlayfs's own
+  (``trusted.overlay.*``) are not content and are left out, except what the two markers
+  below say; ``redirect`` and ``metacopy`` (which unionimg's overlay options never make)
+  cannot be carried and are refused;
+- a file with several names in the tree: its first name (in sort order) carries the content,
+  the later ones are tar hard links to it;
+- a whiteout ``dir/NAME`` is an empty regular file ``dir/.wh.NAME``, an opaque directory
+  ``dir`` gets an empty regular file ``dir/.wh..wh..opq`` (OCI's layer changeset
+  convention); so a tree entry whose own name starts with ``.wh.`` cannot be carried and is
+  refused;
+- pax records in each extended header sorted by keyword; ``path``/``linkpath`` there when a
+  name is over 100 bytes or not ASCII (with ``hdrcharset=BINARY`` when not UTF-8), ``uid``,
+  ``gid``, ``size``, ``mtime`` when the ustar field cannot hold them; the archive ends with
+  two zero blocks padded to a 10240-byte record (as GNU tar and Python's tarfile do).
+
+Reading a blob (:func:`read_blob`) trusts nothing in it: the blob's sha256 is checked before a
+byte is parsed (when the caller knows it), the tar is parsed by this module's own bounded
+reader (header checksums, a pax header of at most 1 MiB, paths of at most 4096 bytes, no
+``..``, no absolute path, no global or GNU extension headers, no entry twice), every entry is
+created in a fresh directory only beneath directories this reader made itself (never through a
+symlink: a path that runs through one is refused), hard links only to regular files extracted
+before, device nodes only where :class:`Policy` allows them (whiteouts always), setuid and
+setgid bits only where it allows them; the tar's sha256 (the diff_id) is checked at the end,
+over every decompressed byte, and any failure leaves nothing (the caller's staging directory
+goes). Errors are one line: :class:`LayerRefused` (exit 8, as guest data refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from unionimg.errors import GuestDataRefused, StoreFull
+
+log = logging.getLogger(__name__)
+
+ZSTD_LEVEL = 9
+"""The blob's zstd level: fixed, so a layer's blob digest is the same on every host."""
+BLOCK = 512
+RECORD = 20 * BLOCK
+CHUNK = 1 << 20
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+MAX_PAX = 1 << 20
+MAX_PATH = 4096
+MAX_XATTR_VALUE = 64 << 10
+KINDS = ("base", "snapshot", "delta")
+
+
+class LayerRefused(GuestDataRefused):
+    """A tree that cannot be a layer, or a blob whose tar or digest is not what it must be."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a layer of a kind may hold beyond files, directories, symlinks and whiteouts."""
+
+    devices: bool = False  # character and block devices other than whiteouts, FIFOs
+    setuid: bool = True  # setuid/setgid bits on files
+
+
+def policy_for(kind: str) -> Policy:
+    """``base`` and ``delta`` layers are the admin's whole systems (``/dev/console``,
+    ``/dev/null`` in a tree; setuid programs): both allowed. ``snapshot`` layers are a guest's
+    upper layer: device nodes refused (a guest's own are on its devtmpfs, never in U), setuid
+    kept (the VM's own sudo, passwd, su must keep working on top of its snapshot; every host
+    mount of a layer image is ``nosuid,nodev``)."""
+    if kind in ("base", "delta"):
+        return Policy(devices=True, setuid=True)
+    if kind == "snapshot":
+        return Policy(devices=False, setuid=True)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What writing or reading a blob found: its two digests (``sha256:HEX``) and sizes."""
+
+    diff_id: str
+    blob_digest: str
+    blob_size: int
+    tar_size: int
+    entries: int
+
+
+# -- writing -----------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Item:
+    path: bytes  # relative, no leading ./, no trailing /
+    kind: str  # dir file symlink link whiteout opaque char block fifo
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def _xattrs(path: bytes, rel: bytes) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return out
+        raise
+    for name in sorted(names):
+        if name.startswith(("trusted.overlay.", "user.overlay.")):
+            suffix = name.split(".overlay.", 1)[1]
+            if suffix in ("redirect", "metacopy"):
+                raise LayerRefused(
+                    f"{_show(rel)} carries overlayfs's {name}, which a layer cannot hold "
+                    "(unionimg mounts overlays with redirect_dir=off,metacopy=off): copy the "
+                    "file or directory up fully, then retry"
+                )
+            continue  # origin, impure, nlink, opaque (said by .wh..wh..opq): not content
+        try:
+            out[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                continue
+            raise
+    return out
+
+
+def _show(rel: bytes) -> str:
+    return "/" + os.fsdecode(rel).encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def _scan(root: Path, policy: Policy) -> list[_Item]:
+    """Every entry of ``root`` as tar items, sorted by path (the root first as ``b""``)."""
+    items: list[_Item] = []
+    links: dict[tuple[int, int], bytes] = {}
+    broot = os.fsencode(root)
+    st = os.lstat(broot)
+    rootx = _xattrs(broot, b"")
+    items.append(
+        _Item(
+            b"",
+            "dir",
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            int(st.st_mtime),
+            0,
+            xattrs=rootx,
+        )
+    )
+    collected: list[_Item] = []
+    if _has_opaque(broot):
+        collected.append(_Item(WH_OPAQUE.encode(), "opaque"))
+    stack = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        full_dir = os.path.join(broot, rel_dir) if rel_dir else broot
+        with os.scandir(full_dir) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            full = os.path.join(broot, rel)
+            st = os.lstat(full)
+            mode = st.st_mode
+            if name.startswith(WH_PREFIX.encode()):
+                raise LayerRefused(
+                    f"{_show(rel)}: a name starting with '{WH_PREFIX}' is reserved for whiteouts "
+                    "in a layer's tar and cannot be carried; rename it and retry"
+                )
+            if stat.S_ISCHR(mode) and st.st_rdev == 0:
+                parent, _, base = rel.rpartition(b"/")
+                wh = (
+                    os.path.join(parent, WH_PREFIX.encode() + base)
+                    if parent
+                    else (WH_PREFIX.encode() + base)
+                )
+                collected.append(_Item(wh, "whiteout"))
+                continue
+            item = _Item(rel, "", stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime))
+            if stat.S_ISDIR(mode):
+                item.kind = "dir"
+                item.xattrs = _xattrs(full, rel)
+                if _has_opaque(full):
+                    collected.append(_Item(os.path.join(rel, WH_OPAQUE.encode()), "opaque"))
+                stack.append(rel)
+            elif stat.S_ISLNK(mode):
+                item.kind = "symlink"
+                item.linkname = os.readlink(full)
+                item.xattrs = _xattrs(full, rel)
+            elif stat.S_ISREG(mode):
+                item.kind = "file"
+                item.size = st.st_size
+                item.xattrs = _xattrs(full, rel)
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    first = links.get(key)
+                    if first is None or rel < first:
+                        links[key] = rel
+                if mode & (stat.S_ISUID | stat.S_ISGID) and not policy.setuid:
+                    raise LayerRefused(
+                        f"{_show(rel)} is setuid or setgid, which this kind of layer may not "
+                        "hold; clear the bit and retry"
+                    )
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+                if not policy.devices:
+                    raise LayerRefused(
+                        f"{_show(rel)} is a device node or FIFO, which this kind of layer may "
+                        "not hold (only whiteouts); remove it and retry"
+                    )
+                item.kind = (
+                    "char" if stat.S_ISCHR(mode) else "block" if stat.S_ISBLK(mode) else ("fifo")
+                )
+                item.devmajor, item.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+                item.xattrs = _xattrs(full, rel)
+            else:  # a socket: nothing a tar (or a booted system) can carry over
+                log.warning("layer: leaving out socket %s", _show(rel))
+                continue
+            if stat.S_ISREG(mode) and st.st_nlink > 1:
+                item.linkname = b"\0%d:%d" % (st.st_dev, st.st_ino)  # resolved below
+            collected.append(item)
+    collected.sort(key=lambda i: i.path)
+    for item in collected:
+        if item.kind == "file" and item.linkname.startswith(b"\0"):
+            dev, ino = (int(x) for x in item.linkname[1:].split(b":"))
+            first = links[(dev, ino)]
+            if first == item.path:
+                item.linkname = b""
+            else:
+                item.kind, item.linkname, item.size = "link", first, 0
+    items.extend(collected)
+    return items
+
+
+def _has_opaque(path: bytes) -> bool:
+    try:
+        value: bytes = os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return value == b"y"
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(b"%d" % n) + len(body) != n:
+        n = len(b"%d" % n) + len(body)
+    return b"%d" % n + body
+
+
+_TYPE = {
+    "dir": b"5",
+    "file": b"0",
+    "whiteout": b"0",
+    "opaque": b"0",
+    "symlink": b"2",
+    "link": b"1",
+    "char": b"3",
+    "block": b"4",
+    "fifo": b"6",
+}
+
+
+def _ustar(
+    name: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes,
+    devmajor: int,
+    devminor: int,
+) -> bytes:
+    hdr = bytearray(BLOCK)
+    hdr[0:100] = name[:100].ljust(100, b"\0")
+    hdr[100:108] = _octal(mode, 8)
+    hdr[108:116] = _octal(uid, 8)
+    hdr[116:124] = _octal(gid, 8)
+    hdr[124:136] = _octal(size, 12)
+    hdr[136:148] = _octal(mtime, 12)
+    hdr[148:156] = b" " * 8
+    hdr[156:157] = typeflag
+    hdr[157:257] = linkname[:100].ljust(100, b"\0")
+    hdr[257:265] = b"ustar\x0000"
+    hdr[329:337] = _octal(devmajor, 8)
+    hdr[337:345] = _octal(devminor, 8)
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    return bytes(hdr)
+
+
+def _fits(value: int, width: int) -> bool:
+    return 0 <= value < 1 << (3 * (width - 1))
+
+
+def _header(item: _Item) -> bytes:
+    if item.path == b"":
+        name = b"./"
+    elif item.kind == "dir":
+        name = item.path + b"/"
+    else:
+        name = item.path
+    pax: dict[bytes, bytes] = {}
+    binary = False
+    for key, value in ((b"path", name), (b"linkpath", item.linkname)):
+        if len(value) > 100 or not value.isascii():
+            pax[key] = value
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                binary = True
+    if binary:
+        pax[b"hdrcharset"] = b"BINARY"
+    size = 0 if item.kind in ("dir", "symlink", "link", "whiteout", "opaque") else item.size
+    for nkey, number, width in (
+        (b"uid", item.uid, 8),
+        (b"gid", item.gid, 8),
+        (b"size", size, 12),
+        (b"mtime", item.mtime, 12),
+    ):
+        if not _fits(number, width):
+            pax[nkey] = b"%d" % number
+    for xname, xvalue in item.xattrs.items():
+        pax[b"SCHILY.xattr." + xname] = xvalue
+    out = b""
+    if pax:
+        body = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
+        base = os.path.basename(item.path.rstrip(b"/")) or b"root"
+        out += _ustar(b"PaxHeaders/" + base[:80], 0o644, 0, 0, len(body), 0, b"x", b"", 0, 0)
+        out += body + b"\0" * (-len(body) % BLOCK)
+
+    def clamp(value: int, width: int) -> int:
+        return value if _fits(value, width) else 0
+
+    mode = 0o644 if item.kind in ("whiteout", "opaque") else item.mode
+    out += _ustar(
+        name,
+        mode,
+        clamp(item.uid, 8),
+        clamp(item.gid, 8),
+        clamp(size, 12),
+        clamp(item.mtime, 12),
+        _TYPE[item.kind],
+        item.linkname,
+        item.devmajor,
+        item.devminor,
+    )
+    return out
+
+
+class Writer(Protocol):
+    """Where a blob goes: a file opened ``wb``, or anything with ``write(bytes)``."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+class _Sink:
+    """Tar bytes in: hashed (the diff_id), compressed, the blob hashed and written."""
+
+    def __init__(self, out: Writer) -> None:
+        self.tar_hash = hashlib.sha256()
+        self.blob_hash = hashlib.sha256()
+        self.tar_size = 0
+        self.blob_size = 0
+        self._out = out
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_content_size=False)
+        self._zc = cctx.compressobj()
+
+    def write(self, data: bytes) -> None:
+        self.tar_hash.update(data)
+        self.tar_size += len(data)
+        self._emit(self._zc.compress(data))
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.blob_hash.update(data)
+            self.blob_size += len(data)
+            self._out.write(data)
+
+    def close(self) -> None:
+        pad = -self.tar_size % RECORD
+        if pad < 2 * BLOCK:
+            pad += RECORD
+        self.write(b"\0" * pad)
+        self._emit(self._zc.flush())
+
+
+def write_blob(tree: Path, out: Writer, *, kind: str) -> BlobInfo:
+    """Write the canonical tar of ``tree`` (a layer in overlayfs format), zstd-compressed,
+    to ``out``; its digests. One pass over the tree, memory bounded by one chunk plus the
+    list of its entries' metadata."""
+    policy = policy_for(kind)
+    items = _scan(tree, policy)
+    sink = _Sink(out)
+    btree = os.fsencode(tree)
+    for item in items:
+        sink.write(_header(item))
+        if item.kind == "file" and item.size:
+            _copy_file(os.path.join(btree, item.path), item, sink)
+    sink.close()
+    return BlobInfo(
+        diff_id="sha256:" + sink.tar_hash.hexdigest(),
+        blob_digest="sha256:" + sink.blob_hash.hexdigest(),
+        blob_size=sink.blob_size,
+        tar_size=sink.tar_size,
+        entries=len(items),
+    )
+
+
+def _copy_file(path: bytes, item: _Item, sink: _Sink) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        left = item.size
+        while left:
+            data = os.read(fd, min(CHUNK, left))
+            if not data:
+                raise LayerRefused(
+                    f"{_show(item.path)} shrank while it was read into a layer; nothing may "
+                    "change the tree meanwhile: retry"
+                )
+            sink.write(data)
+            left -= len(data)
+    finally:
+        os.close(fd)
+    pad = -item.size % BLOCK
+    if pad:
+        sink.write(b"\0" * pad)
+
+
+# -- reading -----------------------------------------------------------------------------------
+class _Source:
+    """The blob's decompressed bytes, hashed as they are read (the diff_id)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self._buf = b""
+
+    def read_exact(self, n: int) -> bytes:
+        parts = [self._buf[:n]]
+        got = len(parts[0])
+        self._buf = self._buf[n:]
+        while got < n:
+            try:
+                data = self._reader.read(max(CHUNK, n - got))
+            except zstandard.ZstdError as exc:
+                raise LayerRefused(f"the blob is not valid zstd ({exc})") from None
+            if not data:
+                raise LayerRefused("the blob's tar is truncated (it ends inside an entry)")
+            self.hash.update(data)
+            self.size += len(data)
+            take = data[: n - got]
+            parts.append(take)
+            got += len(take)
+            self._buf = data[len(take) :]
+        return b"".join(parts)
+
+    def drain(self) -> bytes:
+        """Everything left (hashed); returns whether any of it is not zero, as bytes seen."""
+        nonzero = self._buf.strip(b"\0")
+        self._buf = b""
+        while True:
+            try:
+                data = self._reader.read(CHUNK)
+            except zstandard.ZstdError as exc:
+                raise LayerRefused(f"the blob is not valid zstd ({exc})") from None
+            if not data:
+                return nonzero
+            self.hash.update(data)
+            self.size += len(data)
+            if not nonzero:
+                nonzero = data.strip(b"\0")
+
+
+def _num(field_: bytes, what: str) -> int:
+    if field_ and field_[0] & 0x80:
+        raise LayerRefused(f"the blob's tar has a base-256 {what} field, which a layer never has")
+    text = field_.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise LayerRefused(f"the blob's tar has a {what} field that is not octal") from None
+
+
+def _parse_pax(body: bytes) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(body):
+        if body[pos:].strip(b"\0") == b"":
+            break
+        sp = body.find(b" ", pos, pos + 20)
+        if sp < 0:
+            raise LayerRefused("the blob's tar has a malformed pax record")
+        try:
+            length = int(body[pos:sp])
+        except ValueError:
+            raise LayerRefused("the blob's tar has a malformed pax record length") from None
+        end = pos + length
+        if length < 5 or end > len(body) or body[end - 1 : end] != b"\n":
+            raise LayerRefused("the blob's tar has a pax record of a wrong length")
+        key, eq, value = body[sp + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise LayerRefused("the blob's tar has a pax record without '='")
+        out[key] = value
+        pos = end
+    return out
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: bytes
+    typeflag: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    linkname: bytes
+    devmajor: int
+    devminor: int
+    xattrs: dict[str, bytes]
+
+
+def _entries(src: _Source) -> Iterator[_Entry]:
+    pax: dict[bytes, bytes] = {}
+    while True:
+        hdr = src.read_exact(BLOCK)
+        if hdr == b"\0" * BLOCK:
+            if pax:
+                raise LayerRefused("the blob's tar ends right after a pax header")
+            return
+        stored = _num(hdr[148:156], "checksum")
+        blank = hdr[:148] + b" " * 8 + hdr[156:]
+        if stored != sum(blank):
+            raise LayerRefused("the blob's tar has a header with a wrong checksum")
+        if hdr[257:263] not in (b"ustar\0", b"ustar "):
+            raise LayerRefused("the blob's tar has a header that is not ustar or pax")
+        typeflag = hdr[156:157]
+        size = _num(hdr[124:136], "size")
+        if typeflag == b"x":
+            if pax:
+                raise LayerRefused("the blob's tar has two pax headers in a row")
+            if size > MAX_PAX:
+                raise LayerRefused(
+                    f"the blob's tar has a pax header of {size} bytes (at most {MAX_PAX})"
+                )
+            body = src.read_exact(size + (-size % BLOCK))[:size]
+            pax = _parse_pax(body)
+            if not pax:
+                pax = {b"": b""}  # an empty one still must be followed by an entry
+            continue
+        if typeflag not in b"0123456\0" or len(typeflag) != 1:
+            raise LayerRefused(
+                f"the blob's tar has an entry of type {typeflag!r} (global pax, GNU or other "
+                "extensions), which a layer never has"
+            )
+        name = hdr[0:100].split(b"\0", 1)[0]
+        prefix = hdr[345:500].split(b"\0", 1)[0]
+        if prefix and hdr[257:263] == b"ustar\0":
+            name = prefix + b"/" + name
+        linkname = hdr[157:257].split(b"\0", 1)[0]
+        xattrs: dict[str, bytes] = {}
+        mtime = _num(hdr[136:148], "mtime")
+        uid, gid = _num(hdr[108:116], "uid"), _num(hdr[116:124], "gid")
+        for key, value in pax.items():
+            if key == b"path":
+                name = value
+            elif key == b"linkpath":
+                linkname = value
+            elif key == b"size":
+                size = _pax_int(value, "size")
+            elif key == b"uid":
+                uid = _pax_int(value, "uid")
+            elif key == b"gid":
+                gid = _pax_int(value, "gid")
+            elif key == b"mtime":
+                mtime = _pax_int(value.partition(b".")[0] or b"0", "mtime")
+            elif key.startswith(b"SCHILY.xattr."):
+                xname = key[len(b"SCHILY.xattr.") :]
+                if len(value) > MAX_XATTR_VALUE or not xname:
+                    raise LayerRefused("the blob's tar has an oversized or nameless xattr")
+                try:
+                    xattrs[xname.decode("ascii")] = value
+                except UnicodeDecodeError:
+                    raise LayerRefused(
+                        "the blob's tar has an xattr name that is not ASCII"
+                    ) from None
+        pax = {}
+        if typeflag not in (b"0", b"\0") and size:
+            raise LayerRefused(
+                f"the blob's tar gives a size to {_show(name)}, which is not a regular file"
+            )
+        yield _Entry(
+            name,
+            typeflag,
+            _num(hdr[100:108], "mode") & 0o7777,
+            uid,
+            gid,
+            size,
+            mtime,
+            linkname,
+            _num(hdr[329:337], "devmajor"),
+            _num(hdr[337:345], "devminor"),
+            xattrs,
+        )
+
+
+def _pax_int(value: bytes, what: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise LayerRefused(f"the blob's tar has a pax {what} that is not a number") from None
+    if n < 0 and what != "mtime":
+        raise LayerRefused(f"the blob's tar has a negative pax {what}")
+    return n
+
+
+def _clean(name: bytes) -> bytes:
+    """``name`` as a relative path without ``./`` or a trailing ``/`` (``b""``: the root)."""
+    if len(name) > MAX_PATH:
+        raise LayerRefused(f"the blob's tar has a path of {len(name)} bytes (at most {MAX_PATH})")
+    if name.startswith(b"/"):
+        raise LayerRefused(f"the blob's tar has an absolute path {_show(name.lstrip(b'/'))}")
+    if b"\0" in name:
+        raise LayerRefused("the blob's tar has a path with a NUL byte")
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise LayerRefused(f"the blob's tar has a path with '..': {_show(name)}")
+    return b"/".join(parts)
+
+
+def read_blob(
+    blob: Path,
+    dest: Path,
+    *,
+    kind: str,
+    expected_diff_id: str | None = None,
+    expected_blob_digest: str | None = None,
+) -> BlobInfo:
+    """Extract the layer blob ``blob`` into ``dest`` (a new, empty directory the caller
+    owns, removed by the caller on failure) in overlayfs format; its digests, checked against
+    the expected ones given. Needs root (owners, whiteouts, ``trusted.*`` xattrs)."""
+    policy = policy_for(kind)
+    if expected_blob_digest is not None:
+        got = file_digest(blob)
+        if got != expected_blob_digest:
+            raise LayerRefused(
+                f"blob {blob.name} has digest {got}, not the expected {expected_blob_digest}: "
+                "it was damaged or tampered with; fetch it again"
+            )
+    blob_size = blob.stat().st_size
+    with open(blob, "rb") as raw:
+        src = _Source(raw)
+        count = _extract(src, os.fsencode(dest), policy)
+        if src.drain():
+            raise LayerRefused("the blob's tar has data after its end-of-archive blocks")
+    diff_id = "sha256:" + src.hash.hexdigest()
+    if expected_diff_id is not None and diff_id != expected_diff_id:
+        raise LayerRefused(
+            f"blob {blob.name} holds a tar of digest {diff_id}, not the expected layer "
+            f"{expected_diff_id}: it was damaged or tampered with; fetch it again"
+        )
+    blob_digest = expected_blob_digest or file_digest(blob)
+    return BlobInfo(diff_id, blob_digest, blob_size, src.size, count)
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:HEX`` of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _extract(src: _Source, root: bytes, policy: Policy) -> int:
+    kinds: dict[bytes, str] = {b"": "dir"}  # what this reader made: path -> dir/file/other
+    explicit: set[bytes] = set()  # directories the tar itself named
+    dir_times: list[tuple[bytes, int]] = []
+    count = 0
+    for ent in _entries(src):
+        count += 1
+        rel = _clean(ent.name)
+        parent, _, base = rel.rpartition(b"/")
+        for up in _ancestors(parent):
+            made = kinds.get(up)
+            if made is None:
+                os.mkdir(os.path.join(root, up), 0o755)
+                kinds[up] = "dir"
+            elif made != "dir":
+                raise LayerRefused(
+                    f"the blob's tar has {_show(rel)} beneath {_show(up)}, which is not a "
+                    "directory in it (a path through a symlink or a file)"
+                )
+        full = os.path.join(root, rel) if rel else root
+        t = ent.typeflag
+        if base.startswith(WH_PREFIX.encode()):
+            if t not in (b"0", b"\0") or ent.size:
+                raise LayerRefused(f"the blob's tar has a whiteout {_show(rel)} that is not empty")
+            if base == WH_OPAQUE.encode():
+                _once(kinds, rel, "marker")
+                os.setxattr(
+                    os.path.join(root, parent) if parent else root,
+                    OPAQUE_XATTR,
+                    b"y",
+                    follow_symlinks=False,
+                )
+                continue
+            target = (
+                os.path.join(parent, base[len(WH_PREFIX) :]) if parent else (base[len(WH_PREFIX) :])
+            )
+            if not base[len(WH_PREFIX) :] or base[len(WH_PREFIX) :] in (b".", b".."):
+                raise LayerRefused(f"the blob's tar has a whiteout {_show(rel)} naming nothing")
+            _once(kinds, target, "whiteout")
+            os.mknod(os.path.join(root, target), stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            continue
+        if t == b"5":
+            if rel in explicit:
+                raise LayerRefused(f"the blob's tar has {_show(rel)} twice")
+            explicit.add(rel)
+            if kinds.get(rel) != "dir":  # not the root, nor a parent made for an earlier entry
+                _once(kinds, rel, "dir")
+                os.mkdir(full, 0o700)
+            _meta(full, ent, policy, rel, is_dir=True)
+            dir_times.append((full, ent.mtime))
+            continue
+        if rel == b"":
+            raise LayerRefused("the blob's tar has the root as something other than a directory")
+        if t in (b"0", b"\0"):
+            _once(kinds, rel, "file")
+            _write_file(src, full, ent.size, rel)
+        elif t == b"1":
+            target = _clean(ent.linkname)
+            if kinds.get(target) != "file":
+                raise LayerRefused(
+                    f"the blob's tar has a hard link {_show(rel)} to {_show(target)}, which is "
+                    "not a regular file extracted before it"
+                )
+            _once(kinds, rel, "file")
+            os.link(os.path.join(root, target), full, follow_symlinks=False)
+            continue  # the link shares its target's inode and metadata
+        elif t == b"2":
+            if not ent.linkname or len(ent.linkname) > MAX_PATH or b"\0" in ent.linkname:
+                raise LayerRefused(f"the blob's tar has a symlink {_show(rel)} with a bad target")
+            _once(kinds, rel, "symlink")
+            os.symlink(ent.linkname, full)
+        elif t in (b"3", b"4", b"6"):
+            if not policy.devices:
+                raise LayerRefused(
+                    f"the blob's tar has a device node or FIFO {_show(rel)}, which this kind "
+                    "of layer may not hold (only whiteouts)"
+                )
+            _once(kinds, rel, "other")
+            fmt = stat.S_IFCHR if t == b"3" else stat.S_IFBLK if t == b"4" else stat.S_IFIFO
+            os.mknod(full, fmt | 0o600, os.makedev(ent.devmajor, ent.devminor))
+        _meta(full, ent, policy, rel, is_dir=False)
+    for full, mtime in reversed(dir_times):
+        os.utime(full, (mtime, mtime), follow_symlinks=False)
+    return count
+
+
+def _ancestors(parent: bytes) -> list[bytes]:
+    if not parent:
+        return []
+    parts = parent.split(b"/")
+    return [b"/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _once(kinds: dict[bytes, str], rel: bytes, what: str) -> None:
+    if rel in kinds:
+        raise LayerRefused(f"the blob's tar has {_show(rel)} twice")
+    kinds[rel] = what
+
+
+def _write_file(src: _Source, full: bytes, size: int, rel: bytes) -> None:
+    fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        left = size
+        while left:
+            data = src.read_exact(min(CHUNK, left))
+            _write_all(fd, data, rel)
+            left -= len(data)
+    finally:
+        os.close(fd)
+    if size % BLOCK:
+        src.read_exact(-size % BLOCK)
+
+
+def _write_all(fd: int, data: bytes, rel: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(
+                    f"no space left to extract {_show(rel)} of a layer; free space in the "
+                    "store and retry"
+                ) from None
+            raise
+        view = view[n:]
+
+
+def _meta(full: bytes, ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> None:
+    mode = ent.mode
+    if mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir and not policy.setuid:
+        raise LayerRefused(
+            f"the blob's tar has a setuid or setgid file {_show(rel)}, which this kind of "
+            "layer may not hold"
+        )
+    os.chown(full, ent.uid, ent.gid, follow_symlinks=False)
+    for name, value in sorted(ent.xattrs.items()):
+        if name.startswith(("trusted.overlay.", "user.overlay.")):
+            raise LayerRefused(
+                f"the blob's tar sets overlayfs's own {name} on {_show(rel)}; a layer says "
+                "whiteouts and opaque directories only by .wh. names"
+            )
+        os.setxattr(full, name, value, follow_symlinks=False)
+    if ent.typeflag != b"2":
+        os.chmod(full, mode)
+        if not is_dir:
+            os.utime(full, (ent.mtime, ent.mtime), follow_symlinks=False)
+    else:
+        os.utime(full, (ent.mtime, ent.mtime), follow_symlinks=False)
+
+
+def digest_hex(diff_id: str) -> str:
+    """The hex part of ``sha256:HEX`` (checked: 64 lowercase hex digits)."""
+    algo, _, hexpart = diff_id.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise ValueError(f"not a sha256 digest: {diff_id!r}")
+    return hexpart
+
+
+__all__ = [
+    "KINDS",
+    "ZSTD_LEVEL",
+    "BlobInfo",
+    "LayerRefused",
+    "Policy",
+    "digest_hex",
+    "file_digest",
+    "policy_for",
+    "read_blob",
+    "write_blob",
+]

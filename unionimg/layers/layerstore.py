@@ -1,0 +1,643 @@
+"""The host's layer cache: immutable, content-addressed layers with a parent.
+
+On disk (inside the store; everything below appears by ``rename(2)`` of a built staging
+directory, so a crash leaves a layer whole or absent)::
+
+    STORE/layers/sha256/HEX/       HEX = the diff_id's 64 hex digits
+        layer.json                 :class:`~unionimg.store.records.LayerMeta`
+        layer.img                  read-only raw ext4 of the layer's tree in overlayfs format
+                                   (label L + 15 hex digits; BASE for a whole base adopted
+                                   from a generation, then a hard link to its base.img)
+        blob.tar.zst               the layer's transport blob (see :mod:`.layer`), when kept
+
+What is kept and what it costs: a layer made from a tree (:func:`put_tree`: snapshots,
+deltas) or imported from a blob (:func:`import_blob`) keeps its blob beside its image: the
+blob was made (or fetched) anyway to know the layer's digests, it is what a push or a
+deploy sends, and it is small (the zstd of the layer's changed bytes; a snapshot after an
+``apt-get install`` costs a few MiB twice: image and blob). A base generation adopted as a
+layer (:func:`adopt_image`) costs nothing: its image is a hard link to the generation's
+``base.img`` and its blob is made the first time :func:`blob_path` asks for it (one read of
+the tree, from the image, checked against the recorded digests; kept from then on; delete it
+to get the space back, it will be made again, byte for byte the same).
+
+References (what :func:`remove` and ``layer gc`` keep): a layer is referenced by its child
+layers (their ``parent``), by each instance whose chain holds it (``Instance.layers``), by a
+base generation that names it (its ``layer``) or lies under a layer (``base``/``generation``
+of a layer kept for a base), by any JSON record under ``STORE/systems/`` that names its
+diff_id, and by what a function in :data:`REFERRERS` says (other modules register theirs).
+
+Lookups accept ``sha256:HEX``, ``HEX``, a unique prefix of at least 4 hex digits (with or
+without ``sha256:``), or the image label ``L`` + 15 hex digits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from unionimg.errors import Conflict, NotFound, ToolFailed, UsageError
+from unionimg.fs.image import default_size, disk_usage, make_ext4
+from unionimg.fs.mounts import mount_image, require_root, unmount_tree
+from unionimg.fs.space import require_space
+from unionimg.layers.layer import (
+    BlobInfo,
+    LayerRefused,
+    digest_hex,
+    file_digest,
+    read_blob,
+    write_blob,
+)
+from unionimg.runner import run
+from unionimg.store.layout import Store, fsync_dir, now_iso, read_record, write_record
+from unionimg.store.records import Instance, LayerMeta
+
+log = logging.getLogger(__name__)
+
+LAYERS = Path("layers") / "sha256"
+IMAGE = "layer.img"
+BLOB = "blob.tar.zst"
+LOCK = "layers"
+MAX_CHAIN = 64
+#: ``fn(store)`` → (diff_id, who) pairs: what else keeps layers (systems, deploys)
+REFERRERS: list[Callable[[Store], Iterable[tuple[str, str]]]] = []
+
+
+@dataclass(frozen=True)
+class Layer:
+    meta: LayerMeta
+    dir: Path
+
+    @property
+    def diff_id(self) -> str:
+        return self.meta.diff_id
+
+    @property
+    def hex(self) -> str:
+        return digest_hex(self.meta.diff_id)
+
+    @property
+    def short(self) -> str:
+        """The first 12 hex digits: how people see a layer."""
+        return self.hex[:12]
+
+    @property
+    def image(self) -> Path:
+        return self.dir / IMAGE
+
+    @property
+    def blob(self) -> Path:
+        """Where the blob is kept (it may be absent: see :func:`blob_path`)."""
+        return self.dir / BLOB
+
+    @property
+    def parent(self) -> str | None:
+        return self.meta.parent
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.meta.to_json())
+        out["image"] = str(self.image)
+        out["blob"] = str(self.blob) if self.blob.is_file() else None
+        return out
+
+
+def label_of(diff_id: str) -> str:
+    """``L`` + the first 15 hex digits of ``diff_id`` (an ext4 label holds 16 characters)."""
+    return "L" + digest_hex(diff_id)[:15]
+
+
+def layers_dir(store: Store) -> Path:
+    return store.root / LAYERS
+
+
+def layer_dir(store: Store, diff_id: str) -> Path:
+    return layers_dir(store) / digest_hex(diff_id)
+
+
+def has(store: Store, diff_id: str) -> bool:
+    """Whether the layer ``diff_id`` (``sha256:HEX``) is in the store."""
+    try:
+        return (layer_dir(store, diff_id) / LayerMeta.FILE).is_file()
+    except ValueError:
+        return False
+
+
+def _load(path: Path) -> Layer:
+    meta = read_record(path / LayerMeta.FILE, LayerMeta)
+    return Layer(meta, path)
+
+
+def list_layers(store: Store) -> list[Layer]:
+    """Every layer in the store, oldest first (then by digest)."""
+    root = layers_dir(store)
+    if not root.is_dir():
+        return []
+    out = [_load(p) for p in root.iterdir() if (p / LayerMeta.FILE).is_file()]
+    return sorted(out, key=lambda la: (la.meta.created, la.hex))
+
+
+def get(store: Store, ref: str) -> Layer:
+    """The layer ``ref`` names (see the module's docstring), or :class:`NotFound`/
+    :class:`UsageError` (an ambiguous prefix) in one line."""
+    text = ref.strip()
+    if len(text) == 16 and text[0] == "L":
+        text = text[1:]
+    text = text.removeprefix("sha256:").lower()
+    if len(text) < 4 or any(c not in "0123456789abcdef" for c in text):
+        raise UsageError(
+            f"'{ref}' is not a layer reference; give its digest (sha256:HEX), at least 4 of "
+            "its hex digits, or its label (L + 15 hex digits): see 'unionimg layer list'"
+        )
+    if len(text) == 64:
+        path = layers_dir(store) / text
+        if (path / LayerMeta.FILE).is_file():
+            return _load(path)
+        raise NotFound(f"layer sha256:{text} is not in this store; see 'unionimg layer list'")
+    root = layers_dir(store)
+    found = (
+        sorted(
+            p for p in root.iterdir() if p.name.startswith(text) and (p / LayerMeta.FILE).is_file()
+        )
+        if root.is_dir()
+        else []
+    )
+    if not found:
+        raise NotFound(f"no layer starts with {text}; see 'unionimg layer list'")
+    if len(found) > 1:
+        raise UsageError(
+            f"{text} names {len(found)} layers ({', '.join(p.name[:12] for p in found[:4])}"
+            f"{', ...' if len(found) > 4 else ''}); give more of its digits"
+        )
+    return _load(found[0])
+
+
+def chain(store: Store, top: str) -> list[Layer]:
+    """The layer ``top`` (a diff_id or any reference) and its ancestors, top to bottom."""
+    out = [get(store, top)]
+    seen = {out[0].diff_id}
+    while (parent := out[-1].parent) is not None:
+        if not has(store, parent):
+            raise NotFound(
+                f"layer {out[-1].short} names parent {parent}, which is not in this store; "
+                "pull or import the parent first"
+            )
+        layer = _load(layer_dir(store, parent))
+        if layer.diff_id in seen or len(out) >= MAX_CHAIN:
+            raise NotFound(
+                f"layer {out[-1].short}'s chain of parents loops or is longer than "
+                f"{MAX_CHAIN}; the store was changed by hand? restore it from a backup"
+            )
+        seen.add(layer.diff_id)
+        out.append(layer)
+    return out
+
+
+def find_base_layer(store: Store, base: str, generation: int) -> Layer | None:
+    """The layer kept for base ``base`` generation ``generation`` (kind base or delta), if
+    one is in the store."""
+    for layer in list_layers(store):
+        m = layer.meta
+        if m.kind in ("base", "delta") and m.base == base and m.generation == generation:
+            return layer
+    return None
+
+
+# -- making layers -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Origin:
+    """What made a layer, for its record."""
+
+    text: str = ""
+    base: str | None = None
+    generation: int | None = None
+    instance: str | None = None
+    message: str = ""
+
+
+def _check_parent(store: Store, parent: str | None, kind: str) -> None:
+    if kind == "base" and parent is not None:
+        raise UsageError("a base layer is a whole tree: it has no parent")
+    if kind != "base" and parent is None:
+        raise UsageError(f"a {kind} layer lies over a parent layer: name it")
+    if parent is not None and not has(store, parent):
+        raise NotFound(
+            f"parent layer {parent} is not in this store; pull or import it first "
+            "(see 'unionimg layer list')"
+        )
+
+
+def put_tree(
+    store: Store,
+    tree: Path,
+    *,
+    parent: str | None,
+    kind: str,
+    origin: Origin,
+) -> tuple[Layer, bool]:
+    """The tree ``tree`` (overlayfs format) as a layer over ``parent``; (the layer, whether it
+    is new). A layer with the same diff_id already here is returned as it is (the same
+    content with the same parent is the same layer; the same content over another parent is
+    refused: a diff_id names one layer). Cost: one read of the tree (tar, sha256, zstd),
+    one write of the blob, one extraction and one ``mke2fs -d`` of it: O(size of the tree)."""
+    require_root("making a layer")
+    _check_parent(store, parent, kind)
+    with store.staging("layer") as stage:
+        blob = stage / BLOB
+        with open(blob, "wb") as out:
+            info = write_blob(tree, out, kind=kind)
+        existing = _same(store, info.diff_id, parent)
+        if existing is not None:
+            return existing, False
+        return _import(store, stage, blob, info, parent=parent, kind=kind, origin=origin), True
+
+
+def import_blob(
+    store: Store,
+    blob_path: Path,
+    expected_diff_id: str,
+    parent: str | None,
+    *,
+    kind: str,
+    expected_blob_digest: str | None = None,
+    origin: Origin | None = None,
+) -> tuple[Layer, bool]:
+    """A verified blob (from a registry, another host) as a layer over ``parent``; (the
+    layer, whether it is new). The blob's digest is checked first (when given), then the tar
+    is parsed defensively (:func:`.layer.read_blob`) and its diff_id must be
+    ``expected_diff_id``; on any failure nothing is left in the store (exit 8, one line).
+    The blob file is copied (or hard-linked, same file system) into the layer."""
+    require_root("importing a layer")
+    try:
+        digest_hex(expected_diff_id)
+    except ValueError:
+        raise UsageError(f"'{expected_diff_id}' is not a sha256 digest (sha256:HEX)") from None
+    _check_parent(store, parent, kind)
+    existing = _same(store, expected_diff_id, parent)
+    if existing is not None:
+        return existing, False
+    with store.staging("import") as stage:
+        blob = stage / BLOB
+        try:
+            os.link(blob_path, blob)
+        except OSError:
+            shutil.copyfile(blob_path, blob)
+        got = file_digest(blob)
+        if expected_blob_digest is not None and got != expected_blob_digest:
+            raise LayerRefused(
+                f"blob {blob_path} has digest {got}, not the expected {expected_blob_digest}: "
+                "it was damaged or tampered with; fetch it again"
+            )
+        info = BlobInfo(expected_diff_id, got, blob.stat().st_size, 0, 0)
+        layer = _import(
+            store, stage, blob, info, parent=parent, kind=kind, origin=origin or Origin()
+        )
+        return layer, True
+
+
+def _same(store: Store, diff_id: str, parent: str | None) -> Layer | None:
+    if not has(store, diff_id):
+        return None
+    layer = _load(layer_dir(store, diff_id))
+    if layer.parent != parent:
+        raise Conflict(
+            f"layer {layer.short} is already here over parent {layer.parent or 'none'}, not "
+            f"{parent or 'none'}: one content, one layer; see 'unionimg layer show {layer.short}'"
+        )
+    return layer
+
+
+def _import(
+    store: Store,
+    stage: Path,
+    blob: Path,
+    info: BlobInfo,
+    *,
+    parent: str | None,
+    kind: str,
+    origin: Origin,
+) -> Layer:
+    """Build the layer directory in ``stage`` from ``blob`` (extracted, its diff_id checked
+    against ``info.diff_id``) and rename it into place."""
+    tree = stage / "tree"
+    tree.mkdir(mode=0o755)
+    require_space(store.root, info.blob_size * 4, f"make layer {digest_hex(info.diff_id)[:12]}")
+    got = read_blob(blob, tree, kind=kind, expected_diff_id=info.diff_id)
+    build = stage / "layer"
+    build.mkdir(mode=0o700)
+    used, inodes = _usage(tree)
+    make_ext4(
+        build / IMAGE, label_of(info.diff_id), tree, default_size(used, inodes), inodes=inodes
+    )
+    _same_root(build / IMAGE, tree)
+    shutil.rmtree(tree)
+    os.rename(blob, build / BLOB)
+    meta = LayerMeta(
+        diff_id=info.diff_id,
+        blob_digest=info.blob_digest,
+        blob_size=info.blob_size,
+        tar_size=got.tar_size,
+        parent=parent,
+        kind=kind,
+        created=now_iso(),
+        label=label_of(info.diff_id),
+        image_size=disk_usage(build / IMAGE),
+        entries=got.entries,
+        origin=origin.text,
+        base=origin.base,
+        generation=origin.generation,
+        instance=origin.instance,
+        message=origin.message,
+    )
+    os.chmod(build / IMAGE, 0o400)
+    write_record(build / LayerMeta.FILE, meta)
+    return _publish(store, build, meta)
+
+
+def _same_root(image: Path, tree: Path) -> None:
+    """Make the image's root what the tree's root is: ``mke2fs -d`` adds ``lost+found`` and
+    stamps the root with the time it ran; the layer's tar made again from the image must be
+    the one it was made from, byte for byte (so the image is the layer, :func:`blob_path`)."""
+    st = os.lstat(tree)
+    cmds = [
+        f"sif / mode 0{stat.S_IFDIR | stat.S_IMODE(st.st_mode):o}",
+        f"sif / uid {st.st_uid}",
+        f"sif / gid {st.st_gid}",
+        f"sif / mtime @{int(st.st_mtime)}",
+    ]
+    if not (tree / "lost+found").exists():
+        cmds.insert(0, "rmdir lost+found")
+    out = run(
+        ["debugfs", "-w", "-f", "-", str(image)],
+        input="\n".join(cmds) + "\n",
+        what=f"setting the root of {image.name}",
+    )
+    bad = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
+    if bad:
+        raise ToolFailed(f"debugfs failed on {image.name}: {bad[-1]}")
+
+
+def _publish(store: Store, build: Path, meta: LayerMeta) -> Layer:
+    final = layer_dir(store, meta.diff_id)
+    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with store.lock(LOCK, purpose=f"add layer {final.name[:12]}"):
+        try:
+            os.rename(build, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return _load(final)  # another process made it meanwhile: the same content
+        fsync_dir(final.parent)
+    return _load(final)
+
+
+def _usage(tree: Path) -> tuple[int, int]:
+    """(bytes in 4 KiB blocks, inodes) of an extracted tree: the size of its image."""
+    used = 4096
+    inodes = 1
+    for top, dirs, files in os.walk(tree):
+        inodes += len(dirs) + len(files)
+        used += 4096 * len(dirs)
+        for name in files:
+            st = os.lstat(os.path.join(top, name))
+            used += (st.st_size + 4095) // 4096 * 4096 if st.st_nlink == 1 else st.st_size
+    return used, inodes
+
+
+def adopt_image(
+    store: Store,
+    image: Path,
+    *,
+    diff_id: str,
+    tar_size: int,
+    entries: int,
+    parent: str | None,
+    kind: str,
+    label: str,
+    origin: Origin,
+    blob: Path | None = None,
+) -> Layer:
+    """An image made elsewhere in the store (a base generation's ``base.img`` or
+    ``layer.img``, whose diff_id the caller computed with :func:`tree_digest`) as a layer:
+    hard-linked, no copy. ``blob``: its blob, when the caller has one (moved in)."""
+    require_root("adopting a layer")
+    _check_parent(store, parent, kind)
+    existing = _same(store, diff_id, parent)
+    if existing is not None:
+        return existing
+    with store.staging("adopt") as stage:
+        build = stage / "layer"
+        build.mkdir(mode=0o700)
+        try:
+            os.link(image, build / IMAGE)
+        except OSError:
+            shutil.copyfile(image, build / IMAGE)
+        blob_digest, blob_size = "", 0
+        if blob is not None:
+            os.rename(blob, build / BLOB)
+            blob_digest, blob_size = file_digest(build / BLOB), (build / BLOB).stat().st_size
+        meta = LayerMeta(
+            diff_id=diff_id,
+            blob_digest=blob_digest,
+            blob_size=blob_size,
+            tar_size=tar_size,
+            parent=parent,
+            kind=kind,
+            created=now_iso(),
+            label=label,
+            image_size=0,  # shared with the generation: costs nothing more
+            entries=entries,
+            origin=origin.text,
+            base=origin.base,
+            generation=origin.generation,
+            instance=origin.instance,
+            message=origin.message,
+        )
+        write_record(build / LayerMeta.FILE, meta)
+        return _publish(store, build, meta)
+
+
+class _Discard:
+    def write(self, data: bytes, /) -> object:
+        return len(data)
+
+
+def tree_digest(tree: Path, *, kind: str) -> BlobInfo:
+    """The digests of ``tree``'s layer without keeping its blob (compressed and thrown
+    away: the blob digest comes for the price of the compression)."""
+    return write_blob(tree, _Discard(), kind=kind)
+
+
+@contextlib.contextmanager
+def mounted(store: Store, layer: Layer, where: Path) -> Iterator[Path]:
+    """The layer's tree (overlayfs format), read-only, at ``where`` while the context lasts.
+    Snapshot layers are guest data: mounted ``nosuid,nodev,noexec``."""
+    mount_image(
+        layer.image, where, readonly=True, exclusive=False, guest=layer.meta.kind == "snapshot"
+    )
+    try:
+        yield where
+    finally:
+        unmount_tree(where)
+
+
+def blob_path(store: Store, layer: Layer) -> Path:
+    """The layer's blob file, made from its image when it is not kept (then checked against
+    the recorded digests and kept). A caller must not change the file."""
+    if layer.blob.is_file():
+        return layer.blob
+    require_root("making a layer's blob")
+    with store.staging("blob") as stage:
+        tmp = stage / BLOB
+        with mounted(store, layer, stage / "mnt") as tree, open(tmp, "wb") as out:
+            info = write_blob(tree, out, kind=layer.meta.kind)
+        if info.diff_id != layer.diff_id:
+            raise LayerRefused(
+                f"layer {layer.short}'s image gives a tar of digest {info.diff_id}, not its "
+                "own: the image was changed; restore the store from a backup"
+            )
+        if layer.meta.blob_digest and info.blob_digest != layer.meta.blob_digest:
+            raise LayerRefused(
+                f"layer {layer.short}'s blob made again has digest {info.blob_digest}, not "
+                f"the recorded {layer.meta.blob_digest} (another zstd?); it cannot be pushed "
+                "as the same blob"
+            )
+        with store.lock(LOCK, purpose=f"keep blob of {layer.short}"):
+            os.chmod(tmp, 0o400)
+            os.rename(tmp, layer.blob)
+            if not layer.meta.blob_digest:
+                meta = replace(layer.meta, blob_digest=info.blob_digest, blob_size=info.blob_size)
+                write_record(layer.dir / LayerMeta.FILE, meta)
+    return layer.blob
+
+
+# -- references and removal --------------------------------------------------------------------
+def _instances(store: Store) -> list[Instance]:
+    out: list[Instance] = []
+    if not store.instances_dir.is_dir():
+        return out
+    for d in sorted(store.instances_dir.iterdir()):
+        if (d / Instance.FILE).is_file():
+            with contextlib.suppress(Exception):
+                out.append(read_record(d / Instance.FILE, Instance))
+    return out
+
+
+def _generation_layers(store: Store) -> Iterator[tuple[str, str]]:
+    if not store.bases_dir.is_dir():
+        return
+    for gfile in sorted(store.bases_dir.glob("*/generations/*/generation.json")):
+        try:
+            data = json.loads(gfile.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("layer"), str):
+            base, number = gfile.parent.parent.parent.name, gfile.parent.name
+            yield data["layer"], f"base {base} generation {number}"
+
+
+def _system_refs(store: Store, known: set[str]) -> Iterator[tuple[str, str]]:
+    root = store.root / "systems"
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*.json")):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for diff_id in known:
+            if diff_id in text:
+                yield diff_id, f"system record {path.relative_to(store.root)}"
+
+
+def references(store: Store) -> dict[str, list[str]]:
+    """Every layer's referrers (``diff_id`` → who), for :func:`remove` and gc."""
+    layers = list_layers(store)
+    known = {la.diff_id for la in layers}
+    refs: dict[str, list[str]] = {la.diff_id: [] for la in layers}
+
+    def add(diff_id: str, who: str) -> None:
+        refs.setdefault(diff_id, []).append(who)
+
+    for la in layers:
+        if la.parent is not None:
+            add(la.parent, f"layer {la.short}")
+    for inst in _instances(store):
+        for diff_id in inst.layers:
+            add(diff_id, f"instance {inst.name}")
+        gen_layer = next(
+            (
+                la
+                for la in layers
+                if la.meta.base == inst.base
+                and la.meta.generation == inst.generation
+                and la.meta.kind in ("base", "delta")
+            ),
+            None,
+        )
+        if gen_layer is not None:
+            add(gen_layer.diff_id, f"instance {inst.name}")
+    for diff_id, who in _generation_layers(store):
+        add(diff_id, who)
+    for la in layers:  # a base generation still in the store keeps the layer kept for it
+        m = la.meta
+        if m.kind in ("base", "delta") and m.base is not None and m.generation is not None:
+            gdir = store.base_dir(m.base) / "generations" / str(m.generation)
+            if gdir.is_dir():
+                add(la.diff_id, f"base {m.base} generation {m.generation}")
+    for diff_id, who in _system_refs(store, known):
+        add(diff_id, who)
+    for fn in REFERRERS:
+        for diff_id, who in fn(store):
+            add(diff_id, who)
+    return {k: sorted(set(v)) for k, v in refs.items()}
+
+
+def remove(store: Store, layer: Layer) -> None:
+    """Remove ``layer`` unless something references it (:class:`Conflict` naming it)."""
+    with store.lock(LOCK, purpose=f"remove layer {layer.short}"):
+        who = references(store).get(layer.diff_id, [])
+        if who:
+            raise Conflict(
+                f"layer {layer.short} is used by {', '.join(who[:3])}"
+                f"{' and more' if len(who) > 3 else ''}; remove those first"
+            )
+        _drop(store, layer)
+
+
+def _drop(store: Store, layer: Layer) -> None:
+    with store.staging("gone") as stage:
+        os.rename(layer.dir, stage / layer.hex)  # gone at once; the files go with stage
+
+
+def gc(store: Store, *, dry_run: bool = False) -> list[Layer]:
+    """Remove every layer nothing references (repeatedly: a removed child may free its
+    parent); the layers removed (or that would be, with ``dry_run``)."""
+    gone: list[Layer] = []
+    with store.lock(LOCK, purpose="layer gc"):
+        while True:
+            refs = references(store)
+            dropped = {la.diff_id for la in gone}
+            if dry_run:  # what goes frees its parents too
+                for la in gone:
+                    if la.parent is not None:
+                        refs[la.parent] = [
+                            w for w in refs.get(la.parent, []) if w != f"layer {la.short}"
+                        ]
+            free = [
+                la
+                for la in list_layers(store)
+                if la.diff_id not in dropped and not refs.get(la.diff_id)
+            ]
+            if not free:
+                return gone
+            for la in free:
+                if not dry_run:
+                    _drop(store, la)
+                gone.append(la)
