@@ -41,6 +41,8 @@ packages() {  # $1 = Debian major release
   # hosts reached over SSH (deploy); the tests start one sshd per namespace host
   echo openssh-client openssh-server
   echo syslinux syslinux-common mtools dosfstools mmdebstrap
+  # the image repository: CNCF Distribution (unionimg registry serve, the registry tests)
+  echo docker-registry
   # the VM repositories; python3-venv for `python3 -m venv` with Debian's own python3
   echo mercurial python3-venv
   # scripts/build-uml-kernel.sh: fetches Debian's linux-source with apt, builds with these

@@ -12,6 +12,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     reconcile_cmd    reconcile, conflicts, resolve
     boot_cmd         render, boot, stop, console, switch, uml-kernel
     timer_cmd        timer install, remove
+    registry_cmd     registry serve, stop
     host_cmd         host add, key, list, cache, remove
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
@@ -110,6 +111,10 @@ COMMANDS: dict[str, Lazy] = {
     "host": Lazy(
         "unionimg.cli.host_cmd:host",
         "Hosts: other machines running unionimg, reached over SSH, to deploy systems to.",
+    ),
+    "registry": Lazy(
+        "unionimg.cli.registry_cmd:registry",
+        "An OCI registry for layers and systems (Debian's docker-registry, unionimg's config).",
     ),
     "timer": Lazy(
         "unionimg.cli.timer_cmd:timer",
