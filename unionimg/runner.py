@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from unionimg.errors import MissingCapability, ToolFailed
 
@@ -137,3 +138,22 @@ def stream(
 
 
 _TAIL = 4096
+
+
+def spawn(
+    args: Sequence[str], *, out: int | IO[bytes], env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a long-running program (a server) detached in its own session: stdin /dev/null,
+    stdout and stderr into ``out``; ``env`` is its whole environment (None: this one's).
+    The caller waits for it (``unionimg.poll``) and stops it."""
+    argv = [which(args[0]), *[str(a) for a in args[1:]]]
+    log.debug("spawn: %s", " ".join(argv))
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=None if env is None else dict(env),
+        start_new_session=True,
+        close_fds=True,
+    )

@@ -1,0 +1,531 @@
+"""The OCI distribution client: the one module of unionimg that talks HTTP to a registry.
+
+Why httpx and ~350 lines of the distribution spec here rather than a ready client library:
+oras-py 0.2.x keeps custom media types, but its plain push reads a whole blob into memory
+(layer blobs are hundreds of MiB), it does not resume a pull with Range, does not check a
+blob's digest while it streams it to disk, and its cross-repository mount is not exposed the
+way a deploy needs it (try a mount, fall back to an upload in the same session). The parts of
+the spec unionimg needs are small and stable (``/v2/`` API, distribution-spec v1.1):
+
+    HEAD /v2/R/blobs/D                         does R hold blob D (and its size)
+    POST /v2/R/blobs/uploads/?mount=D&from=S   mount D from repository S (201), or an upload
+                                               session (202) when S lacks it
+    POST /v2/R/blobs/uploads/                  an upload session (its Location); a POST with a
+                                               body is ignored by Distribution 2.8, so never one
+    PATCH LOCATION (Content-Range a-b)         one chunk (``chunk_size``), streamed from the file
+    PUT LOCATION?digest=D                      close the session: the registry checks D
+    PUT/GET /v2/R/manifests/REF                a manifest by tag or digest, with its media type
+    GET /v2/R/blobs/D (Range: bytes=N-)        a blob, resumed from byte N of a ``.partial`` file
+    GET /v2/R/tags/list, /v2/_catalog          listings
+
+httpx (a maintained, typed HTTP client) gives connection reuse, separate connect/read/write
+timeouts and streaming bodies both ways; everything else is here: bounded retries (a broken
+transfer is retried ``retries`` times, a pull resuming where it stopped), the sha256 of every
+blob checked as it arrives before the file is renamed into place (a mismatch removes the
+partial file: exit 5), and byte counters (:class:`Counters`) for the callers' reports.
+
+A registry that does not answer is one line naming its URL and what to do. No auth: unionimg
+talks to a registry it started on a trusted address (see ``docs/oci.md`` for a production
+setup with TLS and token auth in front).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from unionimg.display import shown
+from unionimg.errors import NotFound, ToolFailed, UsageError
+from unionimg.registry.manifests import (
+    MAX_MANIFEST,
+    MEDIA_MANIFEST,
+    check_digest,
+    check_repo,
+    digest_of,
+)
+
+CHUNK: Final = 8 << 20
+"""Bytes per PATCH of a chunked upload, and per read of a blob."""
+RETRIES: Final = 3
+TIMEOUT: Final = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=10.0)
+
+_URL = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
+
+
+def check_url(url: str) -> str:
+    """A registry URL: ``http(s)://HOST[:PORT]`` with nothing after it; returned without a
+    trailing slash."""
+    url = url.rstrip("/")
+    if not _URL.fullmatch(url):
+        raise UsageError(
+            f"registry URL {url!r} is not http(s)://HOST[:PORT] (no path, user or query), "
+            "e.g. http://127.0.0.1:5000"
+        )
+    return url
+
+
+@dataclass
+class Counters:
+    """What a client sent and received (payload bytes, not headers) and what it saved."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    blobs_uploaded: int = 0
+    blobs_mounted: int = 0
+    blobs_present: int = 0
+    blobs_fetched: int = 0
+    bytes_resumed: int = 0
+    requests: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Retry(Exception):
+    """A transfer broke in a way another attempt may get past (the connection)."""
+
+
+class Registry:
+    """One registry at ``url``; use as a context manager (closes its connections).
+
+    ``transport`` is for tests only (None: real sockets)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retries: int = RETRIES,
+        chunk_size: int = CHUNK,
+        timeout: httpx.Timeout = TIMEOUT,
+        backoff: float = 0.2,
+    ) -> None:
+        self.url = check_url(url)
+        self.retries = max(0, retries)
+        self.chunk_size = max(1, chunk_size)
+        self.backoff = backoff
+        self.counters = Counters()
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, follow_redirects=False, trust_env=False
+        )
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- the plumbing ---------------------------------------------------------------------
+    def _down(self, exc: BaseException) -> ToolFailed:
+        why = shown(str(exc))[:160] or type(exc).__name__
+        return ToolFailed(
+            f"registry {self.url} does not answer ({why}); start it "
+            "('unionimg registry serve --dir DIR --listen ADDR') or check --registry"
+        )
+
+    def _request(self, method: str, url: str | httpx.URL, **kw: Any) -> httpx.Response:
+        """One request with bounded retries on connection errors (all of unionimg's requests
+        but the streamed ones are idempotent or restartable)."""
+        for attempt in range(self.retries + 1):
+            self.counters.requests += 1
+            try:
+                return self._http.request(method, url, **kw)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+                time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _fail(self, resp: httpx.Response, what: str) -> ToolFailed | NotFound:
+        detail = ""
+        with contextlib.suppress(Exception):
+            errors = resp.json().get("errors") or []
+            if errors and isinstance(errors[0], dict):
+                detail = f"{errors[0].get('code', '')}: {errors[0].get('message', '')}"
+        detail = shown(detail or resp.reason_phrase or "")[:200]
+        msg = f"registry {self.url}: {what}: HTTP {resp.status_code} {detail}".rstrip()
+        if resp.status_code == 404:
+            return NotFound(msg)
+        return ToolFailed(msg)
+
+    # -- listings and presence --------------------------------------------------------------
+    def ping(self) -> None:
+        """The registry answers the /v2/ API (exception otherwise)."""
+        resp = self._request("GET", "/v2/")
+        if resp.status_code != 200:
+            raise self._fail(resp, "the /v2/ API")
+
+    def catalog(self, limit: int = 1000) -> list[str]:
+        resp = self._request("GET", "/v2/_catalog", params={"n": limit})
+        if resp.status_code != 200:
+            raise self._fail(resp, "listing repositories")
+        names = resp.json().get("repositories") or []
+        return [n for n in names if isinstance(n, str)]
+
+    def tags(self, repo: str) -> list[str]:
+        """The tags of ``repo`` ([] for a repository with none or that does not exist)."""
+        resp = self._request("GET", f"/v2/{check_repo(repo)}/tags/list", params={"n": 10000})
+        if resp.status_code == 404:
+            return []
+        if resp.status_code != 200:
+            raise self._fail(resp, f"listing the tags of {repo}")
+        tags = resp.json().get("tags") or []
+        return sorted(t for t in tags if isinstance(t, str))
+
+    def blob_size(self, repo: str, digest: str) -> int | None:
+        """The size of blob ``digest`` in ``repo``, or None when ``repo`` lacks it."""
+        resp = self._request("HEAD", f"/v2/{check_repo(repo)}/blobs/{check_digest(digest)}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._fail(resp, f"asking for blob {digest} in {repo}")
+        return int(resp.headers.get("content-length", "-1"))
+
+    # -- pushing blobs ----------------------------------------------------------------------
+    def push_blob(
+        self, repo: str, path: Path, digest: str, *, mount_from: Sequence[str] = ()
+    ) -> str:
+        """Make ``repo`` hold blob ``digest`` (the file ``path``): ``"present"`` when it
+        already does, ``"mounted"`` when a repository of ``mount_from`` had it (no bytes sent),
+        else ``"uploaded"`` in chunks. The registry checks the digest when the upload closes."""
+        check_repo(repo)
+        check_digest(digest)
+        size = path.stat().st_size
+        if self.blob_size(repo, digest) is not None:
+            self.counters.blobs_present += 1
+            return "present"
+        location: str | None = None
+        for source in mount_from:
+            if source == repo:
+                continue
+            resp = self._request(
+                "POST",
+                f"/v2/{repo}/blobs/uploads/",
+                params={"mount": digest, "from": check_repo(source)},
+            )
+            if resp.status_code == 201:
+                self.counters.blobs_mounted += 1
+                return "mounted"
+            if resp.status_code != 202:
+                raise self._fail(resp, f"mounting blob {digest} from {source} into {repo}")
+            # the source lacks it: the registry opened an upload session instead; use it
+            location = resp.headers.get("location")
+            break
+        for attempt in range(self.retries + 1):
+            try:
+                self._upload(repo, path, digest, size, location)
+                self.counters.blobs_uploaded += 1
+                return "uploaded"
+            except _Retry as exc:
+                location = None
+                if attempt == self.retries:
+                    raise self._down(exc.__cause__ or exc) from None
+                time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def push_bytes(self, repo: str, data: bytes, digest: str | None = None) -> str:
+        """A small blob (a config) from memory, in one session; returns its digest."""
+        digest = digest or digest_of(data)
+        if self.blob_size(repo, digest) is not None:
+            self.counters.blobs_present += 1
+            return digest
+        location = self._open_upload(repo, None)
+        resp = self._request(
+            "PUT",
+            _with_digest(location, digest),
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        if resp.status_code != 201:
+            raise self._fail(resp, f"uploading blob {digest} to {repo}")
+        self.counters.bytes_up += len(data)
+        self.counters.blobs_uploaded += 1
+        return digest
+
+    def _open_upload(self, repo: str, location: str | None) -> httpx.URL:
+        if location is None:
+            resp = self._request("POST", f"/v2/{repo}/blobs/uploads/")
+            if resp.status_code != 202 or "location" not in resp.headers:
+                raise self._fail(resp, f"starting an upload to {repo}")
+            location = resp.headers["location"]
+        return self._http.base_url.join(location)
+
+    def _upload(self, repo: str, path: Path, digest: str, size: int, location: str | None) -> None:
+        url = self._open_upload(repo, location)
+        sent = 0
+        try:
+            with path.open("rb") as fh:
+                while sent < size:
+                    data = fh.read(self.chunk_size)
+                    if not data:
+                        raise ToolFailed(f"{path} shrank while it was uploaded (push it again)")
+                    end = sent + len(data) - 1
+                    self.counters.requests += 1
+                    resp = self._http.patch(
+                        url,
+                        content=data,
+                        headers={
+                            "content-type": "application/octet-stream",
+                            "content-range": f"{sent}-{end}",
+                            "content-length": str(len(data)),
+                        },
+                    )
+                    if resp.status_code != 202:
+                        raise self._fail(resp, f"uploading a chunk of blob {digest} to {repo}")
+                    sent += len(data)
+                    self.counters.bytes_up += len(data)
+                    url = self._http.base_url.join(resp.headers.get("location", str(url)))
+            self.counters.requests += 1
+            resp = self._http.put(_with_digest(url, digest), headers={"content-length": "0"})
+        except httpx.TransportError as exc:
+            raise _Retry() from exc
+        if resp.status_code != 201:
+            raise self._fail(resp, f"closing the upload of blob {digest} to {repo}")
+
+    # -- manifests --------------------------------------------------------------------------
+    def put_manifest(
+        self, repo: str, ref: str, data: bytes, media_type: str = MEDIA_MANIFEST
+    ) -> str:
+        """Store manifest ``data`` in ``repo`` under ``ref`` (a tag, or its own digest);
+        returns its digest (checked against the registry's answer)."""
+        digest = digest_of(data)
+        resp = self._request(
+            "PUT",
+            f"/v2/{check_repo(repo)}/manifests/{ref}",
+            content=data,
+            headers={"content-type": media_type},
+        )
+        if resp.status_code != 201:
+            raise self._fail(resp, f"storing manifest {ref} in {repo}")
+        said = resp.headers.get("docker-content-digest")
+        if said is not None and said != digest:
+            raise ToolFailed(
+                f"registry {self.url} stored manifest {ref} in {repo} as {said[:80]}, not {digest}"
+            )
+        self.counters.bytes_up += len(data)
+        return digest
+
+    def get_manifest(
+        self, repo: str, ref: str, media_type: str = MEDIA_MANIFEST
+    ) -> tuple[bytes, str]:
+        """Manifest ``ref`` (a tag or a digest) of ``repo``: its bytes and digest. Fetched by
+        digest, the bytes are checked against it; by tag, the digest is computed (never taken
+        from the registry's header)."""
+        path = f"/v2/{check_repo(repo)}/manifests/{ref}"
+        for attempt in range(self.retries + 1):
+            self.counters.requests += 1
+            try:
+                with self._http.stream("GET", path, headers={"accept": media_type}) as resp:
+                    if resp.status_code != 200:
+                        resp.read()
+                        raise self._fail(resp, f"manifest {ref} of {repo}")
+                    body = bytearray()
+                    for part in resp.iter_bytes():
+                        body += part
+                        if len(body) > MAX_MANIFEST:
+                            raise ToolFailed(
+                                f"registry {self.url}: manifest {ref} of {repo} is larger than "
+                                f"{MAX_MANIFEST} bytes; refused"
+                            )
+                break
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+                time.sleep(self.backoff * 2**attempt)
+        data = bytes(body)
+        self.counters.bytes_down += len(data)
+        digest = digest_of(data)
+        if ref.startswith("sha256:") and digest != ref:
+            raise ToolFailed(
+                f"manifest {repo}@{ref} from registry {self.url} has digest {digest}: refused "
+                "(damaged or tampered in the registry; push it again)"
+            )
+        return data, digest
+
+    # -- fetching blobs ---------------------------------------------------------------------
+    def get_small_blob(self, repo: str, digest: str, max_size: int = 1 << 20) -> bytes:
+        """A small blob (a config) into memory, checked against ``digest``."""
+        check_digest(digest)
+        for attempt in range(self.retries + 1):
+            self.counters.requests += 1
+            try:
+                with self._http.stream("GET", f"/v2/{check_repo(repo)}/blobs/{digest}") as resp:
+                    if resp.status_code != 200:
+                        resp.read()
+                        raise self._fail(resp, f"blob {digest} of {repo}")
+                    body = bytearray()
+                    for part in resp.iter_bytes():
+                        body += part
+                        if len(body) > max_size:
+                            raise ToolFailed(
+                                f"registry {self.url}: blob {digest} of {repo} is larger "
+                                f"than {max_size} bytes; refused"
+                            )
+                break
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+                time.sleep(self.backoff * 2**attempt)
+        data = bytes(body)
+        self.counters.bytes_down += len(data)
+        if digest_of(data) != digest:
+            raise ToolFailed(_tampered(self.url, repo, digest, digest_of(data)))
+        return data
+
+    def fetch_blob(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        dest: Path,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """Blob ``digest`` of ``repo`` (``size`` bytes, from its manifest) into ``dest``.
+
+        The bytes go to ``dest.partial`` first; a partial file left by an earlier, broken
+        transfer is resumed with ``Range: bytes=N-`` (the registry answers 206; a 200 starts
+        over). The sha256 is computed while the bytes arrive (over the partial file's part
+        first); only a match renames the file to ``dest``; a mismatch, or more bytes than
+        ``size``, removes the partial file and raises ToolFailed. Returns the bytes received."""
+        check_repo(repo)
+        check_digest(digest)
+        partial = dest.with_name(dest.name + ".partial")
+        received = 0
+        for attempt in range(self.retries + 1):
+            try:
+                got, actual = self._fetch_once(repo, digest, size, partial, on_bytes)
+                received += got
+                break
+            except _Retry as exc:
+                if attempt == self.retries:
+                    kept = partial.stat().st_size if partial.exists() else 0
+                    if not kept:
+                        raise self._down(exc.__cause__ or exc) from None
+                    raise ToolFailed(
+                        f"the transfer of blob {digest} from registry {self.url} broke after "
+                        f"{kept} of {size} bytes ({shown(str(exc.__cause__))[:120]}); "
+                        f"{partial} is kept: pull again to resume"
+                    ) from None
+                time.sleep(self.backoff * 2**attempt)
+        if actual != digest:
+            partial.unlink(missing_ok=True)
+            raise ToolFailed(_tampered(self.url, repo, digest, actual))
+        os.replace(partial, dest)
+        _fsync_dir(dest.parent)
+        self.counters.blobs_fetched += 1
+        return received
+
+    def _fetch_once(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        partial: Path,
+        on_bytes: Callable[[int], None] | None,
+    ) -> tuple[int, str]:
+        """One GET of the blob's rest; returns the bytes received and the whole file's
+        sha256, computed as the bytes arrive (over the resumed prefix first)."""
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:
+            partial.unlink()
+            have = 0
+        if have == size:
+            return 0, _sha256_file(partial)
+        headers = {"range": f"bytes={have}-"} if have else {}
+        received = 0
+        self.counters.requests += 1
+        try:
+            with self._http.stream("GET", f"/v2/{repo}/blobs/{digest}", headers=headers) as resp:
+                if resp.status_code == 206:
+                    start = _range_start(resp.headers.get("content-range", ""))
+                    if start != have:
+                        raise ToolFailed(
+                            f"registry {self.url} answered a resume of blob {digest} at byte "
+                            f"{have} with bytes from {start}; remove {partial} and pull again"
+                        )
+                    self.counters.bytes_resumed += have
+                    mode, h = "ab", _sha256_of(partial)
+                elif resp.status_code == 200:
+                    have, mode, h = 0, "wb", hashlib.sha256()
+                else:
+                    resp.read()
+                    raise self._fail(resp, f"blob {digest} of {repo}")
+                with partial.open(mode) as fh:
+                    for part in resp.iter_bytes(self.chunk_size):
+                        if have + received + len(part) > size:
+                            fh.close()
+                            partial.unlink(missing_ok=True)
+                            raise ToolFailed(
+                                f"registry {self.url} sent more than the {size} bytes of blob "
+                                f"{digest} in {repo}: refused (damaged or tampered; push it again)"
+                            )
+                        fh.write(part)
+                        h.update(part)
+                        received += len(part)
+                        self.counters.bytes_down += len(part)
+                        if on_bytes is not None:
+                            on_bytes(len(part))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except httpx.TransportError as exc:
+            raise _Retry() from exc
+        if have + received < size:
+            raise _Retry() from ConnectionError(
+                f"the transfer of blob {digest} stopped at byte {have + received} of {size}"
+            )
+        return received, "sha256:" + h.hexdigest()
+
+
+def _with_digest(url: httpx.URL | str, digest: str) -> httpx.URL:
+    return httpx.URL(url).copy_merge_params({"digest": digest})
+
+
+def _range_start(value: str) -> int:
+    m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
+    return int(m.group(1)) if m else -1
+
+
+def _tampered(url: str, repo: str, digest: str, actual: str) -> str:
+    return (
+        f"blob {digest} of {repo} from registry {url} has digest {actual}: refused, "
+        "nothing imported (damaged or tampered in the registry; push it again)"
+    )
+
+
+def _sha256_of(path: Path) -> hashlib._Hash:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for part in iter(lambda: fh.read(CHUNK), b""):
+            h.update(part)
+    return h
+
+
+def _sha256_file(path: Path) -> str:
+    return "sha256:" + _sha256_of(path).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """``sha256:<hex>`` of a file, read in chunks."""
+    return _sha256_file(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
