@@ -40,7 +40,7 @@ import pytest
 from unionimg import hypervisors
 from unionimg.boot.control import write_rendered
 from unionimg.boot.initramfs import build_initramfs
-from unionimg.errors import NotFound, UsageError
+from unionimg.errors import MissingCapability, NotFound, UsageError
 from unionimg.hypervisors import kvm, profiles, uml, virtualbox, xen
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.runner import run
@@ -75,6 +75,13 @@ UML_VECTOR_SPEC = dataclasses.replace(
     uml_transport="vector",
 )
 QEMU_SPEC = dataclasses.replace(SPEC, domain_type="qemu")
+# a chain base -> A -> XA (issue 13): the layers between U and BASE, top first
+HEX_XA, HEX_A = (hashlib.sha256(n.encode()).hexdigest() for n in ("XA", "A"))
+CHAIN_IMAGES = tuple(ROOT / f"layers/sha256/{h}/layer.img" for h in (HEX_XA, HEX_A))
+CHAIN_LABELS = tuple(f"L{h[:15]}" for h in (HEX_XA, HEX_A))
+CHAIN = {"layer_images": CHAIN_IMAGES, "layer_labels": CHAIN_LABELS}
+LOWERS = f"unionimg.lowers=L{HEX_XA[:15]},L{HEX_A[:15]},BASE"
+CHAIN_SECTORS = {**SECTORS, "layer0": 524288, "layer1": 262144}
 
 
 def program(name: str) -> str | None:
@@ -101,10 +108,31 @@ def rendered(case: str) -> dict[str, str]:
         return uml.render(UML_VECTOR_SPEC)
     if case == "net":
         return profiles.render_net_naming(SPEC)
+    if case == "kvm-chain":
+        return kvm.render(dataclasses.replace(QEMU_SPEC, **CHAIN))  # type: ignore[arg-type]
+    if case == "xen-chain":
+        return xen.render(dataclasses.replace(SPEC, **CHAIN))  # type: ignore[arg-type]
+    if case == "virtualbox-chain":
+        spec = dataclasses.replace(SPEC, **CHAIN)  # type: ignore[arg-type]
+        return virtualbox.render(spec, CHAIN_SECTORS)
+    if case == "uml-chain":
+        return uml.render(dataclasses.replace(UML_VECTOR_SPEC, **CHAIN))  # type: ignore[arg-type]
     raise AssertionError(case)
 
 
-CASES = ("kvm", "kvm-qemu", "xen", "virtualbox", "uml", "uml-vector", "net")
+CASES = (
+    "kvm",
+    "kvm-qemu",
+    "xen",
+    "virtualbox",
+    "uml",
+    "uml-vector",
+    "net",
+    "kvm-chain",
+    "xen-chain",
+    "virtualbox-chain",
+    "uml-chain",
+)
 
 
 # --- golden files ----------------------------------------------------------------------------
@@ -728,6 +756,181 @@ def test_uml_argv_is_the_rendered_file() -> None:
 def test_uml_refuses(change: Mapping[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         uml.render(dataclasses.replace(UML_SPEC, **change))  # type: ignore[arg-type]
+
+
+# --- a VM whose image is a chain (issue 13) --------------------------------------------------
+
+
+def test_chain_goes_on_the_kernel_command_line_last() -> None:
+    """Every profile names the chain top to bottom, BASE last, after the spec's own arguments
+    (the guest takes the last unionimg.lowers=, so the host's chain wins over --append)."""
+    spec = dataclasses.replace(SPEC, cmdline="quiet unionimg.lowers=BASE", **CHAIN)  # type: ignore[arg-type]
+    for case, console in (("kvm", "console=ttyS0"), ("xen", "console=hvc0")):
+        render = {"kvm": kvm.render, "xen": xen.render}[case]
+        back = read_back(render(spec)["domain.xml"])
+        assert back.cmdline == f"{console} quiet unionimg.lowers=BASE {LOWERS}", case
+    cfg = parse_xl(xen.render(spec)["xl.cfg"])
+    assert cfg["cmdline"] == f"console=hvc0 quiet unionimg.lowers=BASE {LOWERS}"
+    assert profiles.kernel_cmdline(spec, virtualbox.CONSOLE).endswith(f" {LOWERS}")
+    argv = uml.argv_of(dataclasses.replace(spec, kernel=UML_SPEC.kernel))
+    assert argv[-3:] == ["quiet", "unionimg.lowers=BASE", LOWERS]
+    # no chain: no argument, the profiles as before
+    assert "unionimg.lowers" not in profiles.kernel_cmdline(SPEC, "console=ttyS0")
+    assert not [a for a in uml.argv_of(UML_SPEC) if "lowers" in a]
+
+
+@pytest.mark.parametrize(
+    ("case", "names"),
+    [("kvm-chain", ("vda", "vdb", "vdc", "vdd")), ("xen-chain", ("xvda", "xvdb", "xvdc", "xvdd"))],
+)
+def test_chain_disks_read_back_read_only(case: str, names: tuple[str, ...]) -> None:
+    """libvirt itself (test:///default) reads the layers back as read-only disks after BASE
+    and U, top layer first."""
+    back = read_back(xml_of(case))
+    images = [SPEC.base_image, SPEC.upper_image, *CHAIN_IMAGES]
+    assert back.disks == [
+        (name, str(image), name[-1] != "b") for name, image in zip(names, images, strict=True)
+    ]
+    assert back.cmdline.endswith(f" {LOWERS}")
+
+
+def test_chain_xl_cfg_attaches_layers_read_only() -> None:
+    disks = parse_xl(rendered("xen-chain")["xl.cfg"])["disk"]
+    assert isinstance(disks, list)
+    assert [xl_spec_items(d) for d in disks][2:] == [
+        {"format": "raw", "vdev": vdev, "access": "ro", "target": str(image)}
+        for vdev, image in zip(("xvdc", "xvdd"), CHAIN_IMAGES, strict=True)
+    ]
+
+
+def test_chain_vbox_script_attaches_layers_immutable(tmp_path: Path) -> None:
+    calls = run_vbox_script(tmp_path, rendered("virtualbox-chain")["create-vm.sh"])
+    ctl = calls[2]
+    assert option(ctl, "--portcount") == ["5"]
+    media = [
+        (option(a, "--port")[0], option(a, "--mtype")[0], option(a, "--medium")[0])
+        for a in calls[3:]
+    ]
+    work = SPEC.workdir
+    assert media[3:] == [
+        ("3", "immutable", str(work / "layer0.vmdk")),
+        ("4", "immutable", str(work / "layer1.vmdk")),
+    ]
+    files = rendered("virtualbox-chain")
+    for i, image in enumerate(CHAIN_IMAGES):
+        assert f'\nRW {CHAIN_SECTORS[f"layer{i}"]} FLAT "{image}" 0\n' in files[f"layer{i}.vmdk"]
+
+
+@pytest.mark.parametrize("name", ["kvm", "xen", "virtualbox", "uml"])
+def test_chain_profiles_pass_their_real_validators(name: str, tmp_path: Path) -> None:
+    """What each driver prepares for a 2-layer chain passes the validators it names
+    (virt-xml-validate, libvirt's test driver, qemu-img on every VMDK, sh -n); the uml argv,
+    which has no validator, attaches each layer read-only."""
+    from tests import test_hypervisor_conformance as conf
+
+    driver = hypervisors.get(name)
+    base = conf.paper_spec(driver, tmp_path)
+    layers = tuple(
+        conf.raw_file(tmp_path / "layers" / f"L{i}.img", (i + 1) << 20) for i in range(2)
+    )
+    spec = dataclasses.replace(base, layer_images=layers, layer_labels=CHAIN_LABELS)
+    try:
+        prepared = driver.prepare(spec)
+    except MissingCapability as exc:  # SYSLINUX or mtools for the virtualbox boot disk
+        need(False, exc.message)
+        raise
+    write_rendered(prepared.files, spec.workdir)
+    for validator in driver.capabilities.validated_by:
+        if validator == "libvirt-test-driver":
+            for file in (n for n in prepared.files if n.endswith(".xml")):
+                back = read_back(prepared.files[file])
+                assert [d[1] for d in back.disks] == [
+                    str(p) for p in (spec.base_image, spec.upper_image, *layers)
+                ]
+                assert [d[2] for d in back.disks] == [True, False, True, True]
+        else:
+            conf.VALIDATORS[validator](prepared)
+    if name == "virtualbox":
+        assert {"layer0.vmdk", "layer1.vmdk"} <= set(prepared.files)
+    if name == "uml":
+        argv = prepared.files["uml.argv"].splitlines()
+        assert [a for a in argv if a.startswith("ubd")] == [
+            f"ubd0r={spec.base_image}",
+            f"ubd1={spec.upper_image}",
+            f"ubd2r={layers[0]}",
+            f"ubd3r={layers[1]}",
+        ]
+        assert uml.writable_disks(argv, tmp_path) == [spec.upper_image]
+
+
+def long_chain(spec: BootSpec, count: int) -> BootSpec:
+    hexes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(count)]
+    return dataclasses.replace(
+        spec,
+        layer_images=tuple(ROOT / f"layers/sha256/{h}/layer.img" for h in hexes),
+        layer_labels=tuple(f"L{h[:15]}" for h in hexes),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "most", "last_device"),
+    [("kvm", 24, "vdz"), ("xen", 24, "xvdz"), ("uml", 14, "ubd15r="), ("virtualbox", 27, "")],
+)
+def test_a_chain_too_long_for_the_hypervisor_is_refused(
+    name: str, most: int, last_device: str
+) -> None:
+    """The longest chain each hypervisor can attach renders; one layer more is refused in one
+    line that says the limit and why."""
+    spec = UML_SPEC if name == "uml" else SPEC
+
+    def render(count: int) -> dict[str, str]:
+        chained = long_chain(spec, count)
+        if name == "virtualbox":
+            sizes = {**SECTORS, **{f"layer{i}": 2048 for i in range(count)}}
+            return virtualbox.render(chained, sizes)
+        return {"kvm": kvm.render, "xen": xen.render, "uml": uml.render}[name](chained)
+
+    files = render(most)
+    text = "".join(files.values())
+    assert last_device in text
+    if name == "virtualbox":
+        assert f"layer{most - 1}.vmdk" in files and f"--portcount {most + 3} " in text
+    with pytest.raises(UsageError) as err:
+        render(most + 1)
+    message = err.value.message
+    assert "\n" not in message
+    assert f"its chain has {most + 1} layers above BASE but {name} attaches at most {most}" in (
+        message
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layer_labels": ("L" + "0" * 15,)}, "2 layer images but 1 layer labels"),
+        ({"layer_labels": ("L" + "0" * 14, "L" + "1" * 15)}, "is not L and 15"),
+        ({"layer_labels": ("L" + "A" * 15, "L" + "1" * 15)}, "is not L and 15"),
+        ({"layer_labels": ("U" + "0" * 15, "L" + "1" * 15)}, "is not L and 15"),
+        ({"layer_labels": ("L" + "0" * 15, "L" + "0" * 15)}, "names one layer twice"),
+        ({"layer_images": (Path("rel/layer.img"), ROOT / "x.img")}, "absolute path"),
+        ({"layer_images": (SPEC.base_image, ROOT / "x.img")}, "attached twice"),
+        ({"layer_images": (ROOT / "x.img", ROOT / "x.img")}, "attached twice"),
+    ],
+)
+def test_a_malformed_chain_is_refused(change: Mapping[str, object], message: str) -> None:
+    spec = dataclasses.replace(SPEC, **{**CHAIN, **change})  # type: ignore[arg-type]
+    for render in (kvm.render, xen.render, lambda s: virtualbox.render(s, CHAIN_SECTORS)):
+        with pytest.raises(UsageError, match=message):
+            render(spec)
+    with pytest.raises(UsageError, match=message):
+        uml.render(dataclasses.replace(spec, kernel=UML_SPEC.kernel))
+
+
+def test_uml_refuses_a_layer_path_ubd_cannot_hold() -> None:
+    images = (Path("/srv/a,b/layer.img"), CHAIN_IMAGES[1])
+    spec = dataclasses.replace(UML_SPEC, layer_images=images, layer_labels=CHAIN_LABELS)
+    with pytest.raises(UsageError, match="COW"):
+        uml.render(spec)
 
 
 # --- writing ---------------------------------------------------------------------------------

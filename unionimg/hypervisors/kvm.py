@@ -48,7 +48,7 @@ from unionimg.hypervisors import (
     kvmprobe,
     now_iso,
 )
-from unionimg.hypervisors.profiles import check_paths, common, render_template
+from unionimg.hypervisors.profiles import check_paths, common, layer_disks, render_template
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.names import shown
 from unionimg.poll import until
@@ -461,6 +461,11 @@ CONSOLE = "console=ttyS0"
 NEEDS = ("qemu-system-x86_64", "libvirtd", "virtlogd")
 
 
+#: The most layers a chain may have under kvm: one virtio disk letter each, vdc to vdz (vda is
+#: BASE, vdb U); letters past vdz would work in libvirt but are not worth the PCI slots.
+MAX_LAYERS = 24
+
+
 def render(spec: BootSpec) -> dict[str, str]:
     """``domain.xml`` of ``spec`` (type ``spec.domain_type``: kvm, or qemu for TCG)."""
     ctx = common(spec, CONSOLE)
@@ -470,7 +475,14 @@ def render(spec: BootSpec) -> dict[str, str]:
             "is not supported; use kvm, or qemu (TCG) where KVM does not work"
         )
     check_paths(spec, "emulator")
-    ctx |= {"domain_type": spec.domain_type, "emulator": str(spec.emulator)}
+    layers = layer_disks(
+        spec,
+        MAX_LAYERS,
+        "kvm",
+        "virtio disks vda-vdz, two of them BASE and U",
+        lambda i: "vd" + chr(ord("c") + i),
+    )
+    ctx |= {"domain_type": spec.domain_type, "emulator": str(spec.emulator), "layers": layers}
     return {"domain.xml": render_template("kvm/domain.xml.j2", ctx)}
 
 

@@ -39,12 +39,15 @@ from unionimg.names import check_name, parse_mac, shown
 
 __all__ = [
     "TEMPLATES",
+    "LayerDisk",
     "TemplateBug",
     "check_ifname",
     "check_paths",
     "common",
     "kernel_cmdline",
+    "layer_disks",
     "link_value",
+    "lowers_arg",
     "refuse",
     "render_net_naming",
     "render_template",
@@ -317,18 +320,90 @@ def _check_spec(spec: BootSpec) -> None:
     if isinstance(spec.vcpus, bool) or not isinstance(spec.vcpus, int) or spec.vcpus < 1:
         raise UsageError(f"instance {spec.name}: vcpus {spec.vcpus!r}; give at least 1")
     check_paths(spec, "base_image", "upper_image", "kernel", "initrd", "console_log", "workdir")
+    _check_chain(spec)
+
+
+#: A layer image's filesystem label: ``L`` + the first 15 hex digits of the layer's diff_id
+#: (ext4 labels hold 16 bytes); the guest's initramfs finds the disk by it.
+LAYER_LABEL: Final = re.compile(r"L[0-9a-f]{15}")
+
+
+def _check_chain(spec: BootSpec) -> None:
+    images, labels = tuple(spec.layer_images), tuple(spec.layer_labels)
+    if len(images) != len(labels):
+        raise UsageError(
+            f"instance {spec.name}: {len(images)} layer images but {len(labels)} layer labels"
+        )
+    for label in labels:
+        if not isinstance(label, str) or not LAYER_LABEL.fullmatch(label):
+            raise UsageError(
+                f"instance {spec.name}: layer label '{shown(str(label))}' is not L and 15 "
+                "lower-case hex digits"
+            )
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"instance {spec.name}: its chain names one layer twice")
+    seen = {Path(spec.base_image), Path(spec.upper_image)}
+    for image in images:
+        if not Path(image).is_absolute():
+            raise UsageError(
+                f"instance {spec.name}: layer image '{shown(str(image))}' must be an absolute path"
+            )
+        if Path(image) in seen:
+            raise UsageError(
+                f"instance {spec.name}: layer image '{shown(str(image))}' is attached twice"
+            )
+        seen.add(Path(image))
+
+
+def lowers_arg(spec: BootSpec) -> str:
+    """The kernel argument naming ``spec``'s chain for the guest's initramfs, top to bottom:
+    ``unionimg.lowers=LABEL,...,BASE``; '' without layers (BASE is then the only lower)."""
+    if not spec.layer_labels:
+        return ""
+    return "unionimg.lowers=" + ",".join((*spec.layer_labels, "BASE"))
+
+
+@dataclass(frozen=True)
+class LayerDisk:
+    """One layer image of a chain as a profile attaches it (read-only)."""
+
+    image: str  # the raw ext4 image
+    label: str  # its filesystem label, L + 15 hex digits
+    index: int  # 0 for the top layer
+    device: str  # the guest device the profile gives it (vdc, ubd2, xvdc, a SATA port)
+
+
+def layer_disks(
+    spec: BootSpec, max_layers: int, hypervisor: str, why: str, device: Callable[[int], str]
+) -> list[LayerDisk]:
+    """``spec``'s layer images, top to bottom, with ``device(index)`` each (index 0 is the top
+    layer); UsageError in one line for a chain longer than ``max_layers``, the most
+    ``hypervisor`` can attach besides BASE and U (``why``: its device limit)."""
+    _check_chain(spec)
+    count = len(spec.layer_images)
+    if count > max_layers:
+        raise UsageError(
+            f"instance {spec.name}: its chain has {count} layers above BASE but {hypervisor} "
+            f"attaches at most {max_layers} ({why}); boot it under another hypervisor or "
+            "derive the VM from a shorter chain"
+        )
+    return [
+        LayerDisk(str(image), label, i, device(i))
+        for i, (image, label) in enumerate(zip(spec.layer_images, spec.layer_labels, strict=True))
+    ]
 
 
 def kernel_cmdline(spec: BootSpec, console: str) -> str:
     """The guest kernel's command line: the profile's ``console`` argument (``console=ttyS0``;
-    '' for none), then ``spec.cmdline``."""
+    '' for none), then ``spec.cmdline``, then the chain (:func:`lowers_arg`; last, so that
+    the host's chain wins over anything in ``spec.cmdline``)."""
     extra = spec.cmdline.strip()
     if _CONTROL.search(extra):
         raise UsageError(
             f"instance {spec.name}: kernel command line '{shown(extra)}' contains a newline or "
             "another control character"
         )
-    return " ".join(part for part in (console, extra) if part)
+    return " ".join(part for part in (console, extra, lowers_arg(spec)) if part)
 
 
 def common(spec: BootSpec, console: str) -> dict[str, object]:

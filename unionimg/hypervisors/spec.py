@@ -35,3 +35,10 @@ class BootSpec:
     tap: str = ""  # host tap device carrying the MAC (UML)
     uml_transport: str = "tuntap"  # UML NIC: tuntap (ethN=tuntap, UML < 6.15) | vector (vecN:)
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    # The VM's image chain between U and BASE, top to bottom: raw ext4 layer images, each
+    # attached read-only, and the filesystem label of each (``L`` + the first 15 hex digits of
+    # the layer's diff_id), which the profiles put on the kernel command line
+    # (``unionimg.lowers=LABEL,...,BASE``) for the guest's initramfs to find them by.
+    # Empty: BASE is the only lower layer.
+    layer_images: tuple[Path, ...] = ()
+    layer_labels: tuple[str, ...] = ()

@@ -48,7 +48,13 @@ from typing import IO, Final
 
 from unionimg.errors import Conflict, MissingCapability, ToolFailed, UsageError
 from unionimg.hypervisors import Capabilities, Driver, Liveness, Prepared, Running, now_iso
-from unionimg.hypervisors.profiles import check_ifname, common, render_template
+from unionimg.hypervisors.profiles import (
+    check_ifname,
+    common,
+    layer_disks,
+    lowers_arg,
+    render_template,
+)
 from unionimg.hypervisors.spec import BootSpec
 from unionimg.names import shown
 from unionimg.poll import Deadline, until
@@ -585,6 +591,11 @@ UML_DIR: Final = "/run/unionimg-uml"
 UML_TRANSPORTS: Final = ("tuntap", "vector")
 
 
+#: The most layers a chain may have under uml: UML's ubd driver has 16 devices (MAX_DEV in
+#: arch/um/drivers/ubd_kern.c), ubd0 is BASE and ubd1 U.
+MAX_LAYERS: Final = 14
+
+
 def render(spec: BootSpec) -> dict[str, str]:
     """``uml.argv`` of ``spec``: ``spec.kernel`` is the UML kernel, ``spec.tap`` the host tap
     of its NIC, ``spec.uml_transport`` how the NIC is attached. UML has one console (con0,
@@ -606,10 +617,20 @@ def render(spec: BootSpec) -> dict[str, str]:
             f"instance {spec.name}: UML NIC transport '{shown(spec.uml_transport)}' is not "
             f"supported; use one of {', '.join(UML_TRANSPORTS)}"
         )
+    layers = layer_disks(
+        spec,
+        MAX_LAYERS,
+        "uml",
+        "UML's ubd driver has 16 devices, ubd0-ubd15, two of them BASE and U",
+        lambda i: f"ubd{i + 2}",
+    )
+    lowers = lowers_arg(spec)
     ctx |= {
         "tap": spec.tap,
         "transport": spec.uml_transport,
-        "cmdline_words": spec.cmdline.split(),
+        "layers": layers,
+        # the chain last: the host's unionimg.lowers= wins over one in spec.cmdline
+        "cmdline_words": [*spec.cmdline.split(), *([lowers] if lowers else [])],
         "uml_dir": UML_DIR,
     }
     return {"uml.argv": render_template("uml/uml.argv.j2", ctx)}

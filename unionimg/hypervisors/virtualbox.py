@@ -2,7 +2,8 @@
 guests (VirtualBox is not installed here).
 
 Its profile is ``create-vm.sh`` (VBoxManage commands) and the VMDK descriptors ``boot.vmdk``,
-``base.vmdk``, ``upper.vmdk`` that point at raw images in place (``templates/virtualbox/``).
+``base.vmdk``, ``upper.vmdk`` (and ``layerN.vmdk`` per layer of the VM's chain, N = 0 for the
+top one, immutable like BASE) that point at raw images in place (``templates/virtualbox/``).
 
 VirtualBox cannot boot a kernel directly, so the virtualbox profile adds a small third disk,
 ``boot.img``: an MBR (SYSLINUX's ``mbr.bin``) and one active FAT16 partition at 1 MiB holding
@@ -34,7 +35,7 @@ from typing import Final
 
 from unionimg.errors import MissingCapability, NotFound, ToolFailed, UsageError
 from unionimg.hypervisors import Capabilities, Driver, Prepared
-from unionimg.hypervisors.profiles import common, kernel_cmdline, render_template
+from unionimg.hypervisors.profiles import common, kernel_cmdline, layer_disks, render_template
 from unionimg.hypervisors.spec import BootSpec
 from unionimg.names import parse_mac
 from unionimg.runner import run
@@ -48,6 +49,10 @@ VBOX_BOOT_IMAGE: Final = "boot.img"
 CONSOLE: Final = "console=ttyS0"
 #: The three disks: role -> VMDK descriptor in ``spec.workdir``.
 VBOX_DISKS: Final = (("boot", "boot.vmdk"), ("base", "base.vmdk"), ("upper", "upper.vmdk"))
+
+#: The most layers a chain may have under virtualbox: an AHCI controller has 30 ports; the boot
+#: disk, BASE and U take three (the layers are ``layerN.vmdk`` on ports 3...).
+MAX_LAYERS: Final = 27
 
 #: Where distributions keep SYSLINUX's BIOS master boot record (Debian first).
 MBR_CANDIDATES: Final = (
@@ -202,11 +207,13 @@ def image_sectors(path: Path) -> int:
 
 
 def disk_sectors(spec: BootSpec) -> dict[str, int]:
-    """The sizes :func:`render` needs: the boot disk, BASE and U in 512-byte sectors."""
+    """The sizes :func:`render` needs: the boot disk, BASE, U and each layer image (``layerN``,
+    N = 0 for the top layer) in 512-byte sectors."""
     return {
         "boot": image_sectors(boot_disk_path(spec)),
         "base": image_sectors(spec.base_image),
         "upper": image_sectors(spec.upper_image),
+        **{f"layer{i}": image_sectors(image) for i, image in enumerate(spec.layer_images)},
     }
 
 
@@ -248,21 +255,35 @@ def render(spec: BootSpec, disk_sectors: Mapping[str, int]) -> dict[str, str]:
     ``boot``, ``base`` and ``upper`` to the size of ``spec.workdir/boot.img``, the BASE and
     the U image in 512-byte sectors (:func:`disk_sectors` stats them)."""
     ctx = common(spec, CONSOLE)
-    missing = [role for role, _ in VBOX_DISKS if role not in disk_sectors]
+    layers = layer_disks(
+        spec,
+        MAX_LAYERS,
+        "virtualbox",
+        "an AHCI controller has 30 ports, three of them the boot disk, BASE and U",
+        lambda i: f"layer{i}",
+    )
+    disks = [*VBOX_DISKS, *((layer.device, f"{layer.device}.vmdk") for layer in layers)]
+    missing = [role for role, _ in disks if role not in disk_sectors]
     if missing:
         raise UsageError(f"instance {spec.name}: no size given for the {missing[0]} image")
     images = {
         "boot": boot_disk_path(spec),
         "base": spec.base_image,
         "upper": spec.upper_image,
+        **{layer.device: Path(layer.image) for layer in layers},
     }
     ctx |= {
         "vbox_mac": vbox_mac(spec.mac),
         "basefolder": str(spec.workdir / "virtualbox"),
+        "ports": len(disks),
+        "layers": [
+            {"index": layer.index, "vmdk": str(spec.workdir / f"{layer.device}.vmdk")}
+            for layer in layers
+        ],
     }
     ctx |= {f"{role}_vmdk": str(spec.workdir / file) for role, file in VBOX_DISKS}
     files = {"create-vm.sh": render_template("virtualbox/create-vm.sh.j2", ctx)}
-    for role, file in VBOX_DISKS:
+    for role, file in disks:
         files[file] = _vmdk(spec, role, images[role], disk_sectors[role])
     return files
 

@@ -2,7 +2,8 @@
 
 Its profile is ``xl.cfg`` (PVH, for ``xl create``) and ``domain.xml`` (the libvirt/libxl
 twin), from ``templates/xen/``: direct kernel boot with ``console=hvc0``, BASE as ``xvda``
-(``access=ro``), U as ``xvdb``, one vif with the instance's MAC on bridge :data:`XEN_BRIDGE`.
+(``access=ro``), U as ``xvdb``, the chain's layers as ``xvdc``... (``access=ro``), one vif
+with the instance's MAC on bridge :data:`XEN_BRIDGE`.
 
 No Xen runs here: ``xl`` cannot even parse a configuration without a running hypervisor, and
 libvirt's Xen driver cannot initialise. So unionimg renders (``unionimg render VM --hypervisor
@@ -16,11 +17,13 @@ from __future__ import annotations
 from typing import Final
 
 from unionimg.hypervisors import Capabilities, Driver
-from unionimg.hypervisors.profiles import common, render_template
+from unionimg.hypervisors.profiles import common, layer_disks, render_template
 from unionimg.hypervisors.spec import BootSpec
 
 #: Bridge the Xen profile plugs the NIC into (BootSpec has no network field yet).
 XEN_BRIDGE: Final = "xenbr0"
+#: The most layers a chain may have under xen: one disk letter each, xvdc to xvdz.
+MAX_LAYERS: Final = 24
 #: The console the xen profile puts first on the kernel command line (xenconsoled's).
 CONSOLE: Final = "console=hvc0"
 
@@ -33,11 +36,20 @@ def _xl_disk(vdev: str, access: str, image: str) -> str:
 def render(spec: BootSpec) -> dict[str, str]:
     """``xl.cfg`` and ``domain.xml`` of ``spec``."""
     ctx = common(spec, CONSOLE)
+    layers = layer_disks(
+        spec,
+        MAX_LAYERS,
+        "xen",
+        "disks xvda-xvdz, two of them BASE and U",
+        lambda i: "xvd" + chr(ord("c") + i),
+    )
     ctx |= {
         "bridge": XEN_BRIDGE,
+        "layers": layers,
         "disks": [
             _xl_disk("xvda", "ro", str(spec.base_image)),
             _xl_disk("xvdb", "rw", str(spec.upper_image)),
+            *(_xl_disk(layer.device, "ro", layer.image) for layer in layers),
         ],
         "vifs": [f"mac={ctx['mac']},bridge={XEN_BRIDGE}"],
     }
