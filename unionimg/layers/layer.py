@@ -58,8 +58,11 @@ from unionimg.errors import GuestDataRefused, StoreFull
 
 log = logging.getLogger(__name__)
 
-ZSTD_LEVEL = 9
-"""The blob's zstd level: fixed, so a layer's blob digest is the same on every host."""
+ZSTD_LEVEL = 3
+"""The blob's zstd level: fixed, so a layer's blob digest is the same on every host. Level 3
+(zstd's default): on this machine kind a 183 MiB tar of /usr/lib/python3 and /usr/share/doc
+takes 2.0 s single-threaded (79 MiB out); level 6 5.6 s (77 MiB), level 9 12.8 s (72 MiB): a
+base of 700 MiB would spend 45 s at level 9 to save 9 % of the bytes."""
 BLOCK = 512
 RECORD = 20 * BLOCK
 CHUNK = 1 << 20
@@ -387,22 +390,23 @@ class Writer(Protocol):
 class _Sink:
     """Tar bytes in: hashed (the diff_id), compressed, the blob hashed and written."""
 
-    def __init__(self, out: Writer) -> None:
+    def __init__(self, out: Writer | None) -> None:
         self.tar_hash = hashlib.sha256()
         self.blob_hash = hashlib.sha256()
         self.tar_size = 0
         self.blob_size = 0
         self._out = out
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_content_size=False)
-        self._zc = cctx.compressobj()
+        self._zc = cctx.compressobj() if out is not None else None
 
     def write(self, data: bytes) -> None:
         self.tar_hash.update(data)
         self.tar_size += len(data)
-        self._emit(self._zc.compress(data))
+        if self._zc is not None:
+            self._emit(self._zc.compress(data))
 
     def _emit(self, data: bytes) -> None:
-        if data:
+        if data and self._out is not None:
             self.blob_hash.update(data)
             self.blob_size += len(data)
             self._out.write(data)
@@ -412,13 +416,15 @@ class _Sink:
         if pad < 2 * BLOCK:
             pad += RECORD
         self.write(b"\0" * pad)
-        self._emit(self._zc.flush())
+        if self._zc is not None:
+            self._emit(self._zc.flush())
 
 
-def write_blob(tree: Path, out: Writer, *, kind: str) -> BlobInfo:
+def write_blob(tree: Path, out: Writer | None, *, kind: str) -> BlobInfo:
     """Write the canonical tar of ``tree`` (a layer in overlayfs format), zstd-compressed,
     to ``out``; its digests. One pass over the tree, memory bounded by one chunk plus the
-    list of its entries' metadata."""
+    list of its entries' metadata. ``out=None``: the diff_id only (no compression; the blob
+    digest is empty), for a digest of a big tree whose blob is not needed yet."""
     policy = policy_for(kind)
     items = _scan(tree, policy)
     sink = _Sink(out)
@@ -430,7 +436,7 @@ def write_blob(tree: Path, out: Writer, *, kind: str) -> BlobInfo:
     sink.close()
     return BlobInfo(
         diff_id="sha256:" + sink.tar_hash.hexdigest(),
-        blob_digest="sha256:" + sink.blob_hash.hexdigest(),
+        blob_digest="sha256:" + sink.blob_hash.hexdigest() if out is not None else "",
         blob_size=sink.blob_size,
         tar_size=sink.tar_size,
         entries=len(items),
