@@ -452,11 +452,16 @@ class PristineContent(FakeContent):
 
 
 def conffile_run(
-    local: bytes, new: bytes, *, found: bytes | None = PRISTINE, vm_version: str = "1.0"
+    local: bytes,
+    new: bytes,
+    *,
+    found: bytes | None = PRISTINE,
+    vm_version: str = "1.0",
+    vm_md5: str | None = None,
 ) -> tuple[Literal["merged", "conflict"], bytes, str, PristineContent]:
     b0 = Tree().file(STATUS, B0)
     b1 = b0.copy().file(STATUS, B0 + status(conf_para())).file(CONF, new)
-    vm = b0.copy().file(STATUS, B0 + status(conf_para(vm_version))).file(CONF, local)
+    vm = b0.copy().file(STATUS, B0 + status(conf_para(vm_version, vm_md5))).file(CONF, local)
     upper = upper_from(b0, vm)
     content = PristineContent(upper, b0, b1, found=found)
     plan = plan_instance(
@@ -501,8 +506,26 @@ def test_conffile_without_pristine_or_of_another_version_stays_a_whole_conflict(
     tampered = edit(PRISTINE, 3, "option03 = forged")  # md5 differs from B1's Conffiles:
     outcome, _, reason, _ = conffile_run(local, new, found=tampered)
     assert outcome == "conflict" and "no pristine copy found" in reason
-    outcome, _, reason, content = conffile_run(local, new, vm_version="0.9")
-    assert outcome == "conflict" and "the VM's version 0.9" in reason and not content.asked
+    outcome, _, reason, content = conffile_run(local, new, vm_version="0.9", found=None)
+    assert outcome == "conflict", reason
+    assert "no pristine copy of the VM's version in the base" in reason
+    assert [(c.version, c.base_only) for c in content.asked] == [("0.9", True)]
+
+
+def test_conffile_of_another_vm_version_merges_against_that_versions_pristine() -> None:
+    v09 = edit(PRISTINE, 10, "option10 = old-in-0.9")  # 0.9's pristine: line 10 differs
+    local = edit(v09, 2, "option02 = mine")
+    new = edit(PRISTINE, 18, "option18 = base")  # 1.0, edited by the base
+    outcome, data, reason, content = conffile_run(
+        local, new, found=v09, vm_version="0.9", vm_md5=md5_of(v09)
+    )
+    assert outcome == "merged", reason
+    assert data == edit(new, 2, "option02 = mine")  # 1.0's line 10, both edits
+    assert "uimg-conf 0.9's pristine conffile, the VM's version" in reason
+    assert [(c.version, c.md5, c.base_only) for c in content.asked] == [("0.9", md5_of(v09), True)]
+    # the VM's status naming an md5 the base's copy does not have: no ancestor
+    outcome, _, reason, _ = conffile_run(local, new, found=v09, vm_version="0.9")
+    assert outcome == "conflict" and "no pristine copy of the VM's version" in reason
 
 
 def test_conffile_b1_unmodified_is_its_own_pristine() -> None:
@@ -579,15 +602,20 @@ def test_finder_takes_md5_checked_content_and_never_follows_a_guest_symlink(
     archives = upper / "var/cache/apt/archives"
     archives.mkdir(parents=True)
     os.symlink(built / name, archives / name)  # a guest's symlink to a host file
-    assert PristineFinder([upper])(cf) is None
+    assert PristineFinder([(upper, False)])(cf) is None
     (archives / name).unlink()
     os.symlink(built, upper / "var/cache/apt/link")
     (archives / name).write_bytes((built / name).read_bytes())
-    assert PristineFinder([tmp_path / "nothing", upper])(cf) == PRISTINE
+    assert PristineFinder([(tmp_path / "nothing", True), (upper, False)])(cf) == PRISTINE
     wrong = Conffile(CONF, "uimg-conf", "all", "1.0", md5_of(b"other"))
-    assert PristineFinder([upper])(wrong) is None  # content whose md5 is not B1's
+    assert PristineFinder([(upper, False)])(wrong) is None  # content whose md5 is not B1's
     os.mkfifo(archives / "uimg-conf_2.0_all.deb")  # a fifo never blocks the reconcile
-    assert PristineFinder([upper])(Conffile(CONF, "uimg-conf", "all", "2.0", cf.md5)) is None
+    assert (
+        PristineFinder([(upper, False)])(Conffile(CONF, "uimg-conf", "all", "2.0", cf.md5)) is None
+    )
+    only_base = Conffile(CONF, "uimg-conf", "all", "1.0", cf.md5, base_only=True)
+    assert PristineFinder([(upper, False)])(only_base) is None  # never the VM's own cache
+    assert PristineFinder([(upper, True)])(only_base) == PRISTINE
 
 
 def test_finder_takes_a_generations_own_unmodified_copy_lazily(tmp_path: Path) -> None:
@@ -598,10 +626,10 @@ def test_finder_takes_a_generations_own_unmodified_copy_lazily(tmp_path: Path) -
         (root / CONF.lstrip("/")).write_bytes(data)
     reached: list[Path] = []
 
-    def roots() -> Iterator[Path]:
+    def roots() -> Iterator[tuple[Path, bool]]:
         for root in (edited, installed, tmp_path / "never"):
             reached.append(root)
-            yield root
+            yield root, True
 
     assert PristineFinder(roots())(cf) == PRISTINE
     assert reached == [edited, installed]  # the next generation is never mounted
@@ -637,4 +665,4 @@ def test_finder_refuses_what_is_no_regular_file(tmp_path: Path) -> None:
     (archives / debs.conf_package(1).filename).mkdir(parents=True)  # a directory
     (tmp_path / "etc").mkdir()
     os.symlink("/etc/passwd", tmp_path / "etc/uimg-conf")  # a symlinked parent
-    assert PristineFinder([tmp_path])(cf) is None
+    assert PristineFinder([(tmp_path, True)])(cf) is None

@@ -26,7 +26,11 @@ After ``reconcile --all``:
   live file stays the VM's;
 * db3 upgraded ``uimg-up`` to its own 1.5 where the base goes to 2.0: a package-level
   conflict naming both versions, the status and uimg-up's changed info files stay the VM's
-  (``dpkg -l`` says 1.5, ``--audit`` clean), the proposal holds the base's other packages.
+  (``dpkg -l`` says 1.5, ``--audit`` clean), the proposal holds the base's other packages;
+* db4 installed ``uimg-x`` 1.0 and edited its conffile; the base installed 1.0 (generation 2,
+  .deb kept in its apt cache) and upgraded to 2.0 (generation 3): a package conflict, and
+  the conffile merged against 1.0's pristine copy from the base's cache (the VM's version,
+  as on an upgrade): 2.0's line 10 and the VM's line 2.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from unionimg.fs.mounts import mountinfo, unmount_tree
 
 CONF = debs.CONFFILE
 UP_CONF = "/etc/uimg-up.conf"
+X_CONF = "/etc/uimg-x.conf"
 PRISTINE = debs.conffile_text(1)
 
 
@@ -104,6 +109,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
     svc = debs.build(debs.user_package(), out)
     plain = debs.build(debs.plain_package("uimg-a"), out)
     up15 = debs.build(UP_LOCAL, out)
+    x1 = debs.build(debs.conf_package(1, "uimg-x", X_CONF), out)
+    x2 = debs.build(debs.conf_package(2, "uimg-x", X_CONF), out)
     cli = Cli(tmp / "store")
     try:
         # B0: the fixture (shared, never written) with uimg-up 1.0, through an overlay
@@ -119,7 +126,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         debs.install(tmp / "b0", up1)
         cli.ok("base", "create", "deb", "--from-dir", str(tmp / "b0"))
         subprocess.run(["umount", str(tmp / "b0")], check=True, timeout=60)
-        for vm, installs in {"db1": [plain, conf1], "db2": [conf1], "db3": [up15]}.items():
+        vms = {"db1": [plain, conf1], "db2": [conf1], "db3": [up15], "db4": [x1]}
+        for vm, installs in vms.items():
             cache = vm == "db2"  # db1's pristine comes from generation 2, db2's from its cache
             cli.ok("instance", "create", vm, "--base", "deb")
             mnt = tmp / f"mnt-{vm}"
@@ -129,17 +137,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
                 debs.install(mnt, *installs, cache=cache)  # no maintainer scripts: noexec is fine
                 if vm in VM_EDITS:
                     (mnt / CONF.lstrip("/")).write_bytes(VM_EDITS[vm])
+                if vm == "db4":
+                    (mnt / X_CONF.lstrip("/")).write_bytes(edit(PRISTINE, 2, "option02 = db4"))
             finally:
                 cli.ok("umount", str(mnt))
         # generation 2 installs (apt's cache emptied after), generation 3 edits the conffile
-        cli.ok("base", "update", "deb", "--run", debs.install_command(conf1, svc, up2, cache=False))
-        cli.ok(
-            "base",
-            "update",
-            "deb",
-            "--run",
-            f"sed -i 's/^option18 = value18$/option18 = base/' {CONF}",
-        )
+        # (uimg-x 1.0's .deb stays in the base's apt cache), generation 3 upgrades uimg-x to 2.0
+        gen2 = debs.install_command(conf1, svc, up2, cache=False, then=debs.install_command(x1))
+        cli.ok("base", "update", "deb", "--run", gen2)
+        sed = f"sed -i 's/^option18 = value18$/option18 = base/' {CONF}"
+        cli.ok("base", "update", "deb", "--run", debs.install_command(x2, then=sed))
         res = cli("reconcile", "--all", "--json")
         report = {i["name"]: i for i in json.loads(res.output)["instances"]}
         yield World(cli, tmp, report, res.exit_code, res.output, rootfs)
@@ -191,6 +198,7 @@ def test_both_sides_packages_and_a_consistent_database(world: World, result: Pat
         "uimg-conf": ("ii", "1.0"),
         "uimg-svc": ("ii", "1.0"),
         "uimg-up": ("ii", "2.0"),
+        "uimg-x": ("ii", "2.0"),
     }, listed.stdout
     audit = dpkg(result, "--audit")
     assert (audit.returncode, audit.stdout, audit.stderr) == (0, "", ""), audit
@@ -264,8 +272,9 @@ def test_package_both_sides_changed_is_a_package_conflict_never_a_half_state(
         if c["path"] == "/var/lib/dpkg/status"
     )  # fmt: skip
     proposal = (Path(rec["dir"]) / "proposal").read_text()
-    assert "Package: uimg-up\n" in proposal and "Version: 1.5\n" in proposal
-    assert "Package: uimg-svc\n" in proposal and "Version: 2.0\n" not in proposal
+    up = next(p for p in proposal.split("\n\n") if p.startswith("Package: uimg-up\n"))
+    assert "\nVersion: 1.5\n" in up  # the VM's version of the conflicting package
+    assert "Package: uimg-svc\n" in proposal  # the base's other packages
 
 
 @pytest.mark.slow
@@ -283,10 +292,34 @@ def test_resolving_the_package_conflict_with_the_proposal_is_consistent(world: W
     try:
         listed = dpkg(mnt, "-l", "uimg-*").stdout
         rows = {ln.split()[1]: ln.split()[2] for ln in listed.splitlines() if ln.startswith("ii")}
-        assert rows == {"uimg-conf": "1.0", "uimg-svc": "1.0", "uimg-up": "1.5"}, listed
+        assert rows == {
+            "uimg-conf": "1.0", "uimg-svc": "1.0", "uimg-up": "1.5", "uimg-x": "2.0"
+        }, listed  # fmt: skip
         audit = dpkg(mnt, "--audit")
         assert (audit.returncode, audit.stdout) == (0, ""), audit
         verify = dpkg(mnt, "--verify", "uimg-svc")
         assert (verify.returncode, verify.stdout) == (0, ""), verify
     finally:
         cli.ok("umount", str(mnt))
+
+
+@pytest.mark.slow
+def test_conffile_of_the_vms_older_version_merges_against_its_pristine_from_the_base(
+    world: World,
+) -> None:
+    a = action(world, "db4", X_CONF)
+    assert (a["case"], a["action"]) == (5, "write"), a
+    assert "uimg-x 1.0's pristine conffile, the VM's version" in a["reason"], a["reason"]
+    found = conflicts(world, "db4")
+    assert "uimg-x:all (local 1.0, B1 2.0)" in found.pop("/var/lib/dpkg/status")
+    assert set(found) <= {
+        "/var/lib/dpkg/info/uimg-x.md5sums", "/usr/share/uimg-x/VERSION"
+    }, found  # fmt: skip
+    mnt = world.tmp / "after-db4"
+    mnt.mkdir()
+    world.cli.ok("mount", "db4", str(mnt), "--readonly")
+    try:
+        merged = (mnt / X_CONF.lstrip("/")).read_bytes()
+        assert merged == edit(debs.conffile_text(2), 2, "option02 = db4"), merged
+    finally:
+        world.cli.ok("umount", str(mnt))

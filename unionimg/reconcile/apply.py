@@ -238,11 +238,11 @@ class _Content:
         """A conffile's pristine content (md5-checked, :mod:`unionimg.reconcile.pristine`):
         the apt caches of B1, U, B0, then the generations between (their file or cache)."""
 
-        def roots() -> Iterator[Path]:
-            yield self._gens("b1")
-            yield self._upper
-            yield self._gens("b0")
-            yield from self._between()
+        def roots() -> Iterator[tuple[Path, bool]]:  # (tree, is it the base's)
+            yield self._gens("b1"), True
+            yield self._upper, False
+            yield self._gens("b0"), True
+            yield from ((root, True) for root in self._between())
 
         return PristineFinder(roots())(conffile)
 

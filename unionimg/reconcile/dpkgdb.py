@@ -738,6 +738,7 @@ class Conffile:
     architecture: str
     version: str
     md5: str
+    base_only: bool = False  # its md5 comes from the VM's status: only the base's copies count
 
 
 def conffiles(status: bytes | None) -> dict[str, Conffile]:
@@ -800,10 +801,11 @@ def pristine_ancestor(
 ) -> tuple[bytes | None, str]:
     """The merge ancestor of a conffile both sides added (item 4), and a note for the reason.
 
-    ``path`` must be a conffile of B1's status (trusted) and the VM's status must hold the
-    same version of its package (else the VM's file is of another version: no ancestor).
-    Candidates, each accepted only when its md5 is the one of B1's ``Conffiles:`` line: B1's
-    file itself, the VM's file itself, then ``fetch`` (the ``.deb`` in an apt cache)."""
+    ``path`` must be a conffile of B1's status (trusted). When the VM has the same version:
+    candidates, each accepted only when its md5 is the one of B1's ``Conffiles:`` line, are
+    B1's file itself, the VM's file itself, then ``fetch`` (the ``.deb`` in an apt cache).
+    When the VM has another version, the pristine conffile of the VM's version, from the
+    base's copies only (:func:`_vm_version_ancestor`)."""
     known = memo.get("dpkgdb:conffiles")
     if not isinstance(known, dict):
         known = conffiles(status[2])
@@ -817,9 +819,10 @@ def pristine_ancestor(
         versions = _versions(status[1])
         memo["dpkgdb:vm-versions"] = versions
     vm_version = versions.get((conffile.package, conffile.architecture))
+    if vm_version is None:
+        return None, f" (conffile of {package} in B1, not installed in the VM: no ancestor)"
     if vm_version != conffile.version:
-        vm = _show(vm_version) if vm_version is not None else "none"
-        return None, f" (conffile of {package} in B1, the VM's version {vm}: no common ancestor)"
+        return _vm_version_ancestor(conffile, vm_version, status[1], fetch, memo)
     if md5_of(new) == conffile.md5:
         return new, f" (ancestor: {package}'s pristine conffile, B1's copy unmodified)"
     if md5_of(local) == conffile.md5:
@@ -828,3 +831,43 @@ def pristine_ancestor(
     if data is not None and md5_of(data) == conffile.md5:
         return data, f" (ancestor: {package}'s pristine conffile, md5 checked against B1's)"
     return None, f" (conffile of {package}: no pristine copy found)"
+
+
+def _vm_version_ancestor(
+    conffile: Conffile,
+    vm_version: str,
+    vm_status: bytes | None,
+    fetch: Callable[[Conffile], bytes | None] | None,
+    memo: MutableMapping[str, object],
+) -> tuple[bytes | None, str]:
+    """The VM has another version of the package than B1: the ancestor of its edit is the
+    pristine conffile of ITS version (as dpkg and ucf take it on an upgrade). The md5 of that
+    version comes from the VM's status (untrusted), so only the base's copies count (its
+    generations' files and apt caches: ``base_only``), never the VM's own cache."""
+    package = f"{_show(conffile.package)} {_show(vm_version)}"
+    theirs = memo.get("dpkgdb:vm-conffiles")
+    if not isinstance(theirs, dict):
+        theirs = conffiles(vm_status)
+        memo["dpkgdb:vm-conffiles"] = theirs
+    mine = theirs.get(conffile.path)
+    if not isinstance(mine, Conffile) or (mine.package, mine.version) != (
+        conffile.package,
+        vm_version,
+    ):
+        return (
+            None,
+            f" (conffile of {package} in the VM, {_show(conffile.version)} in B1: no ancestor)",
+        )
+    wanted = Conffile(
+        conffile.path, conffile.package, conffile.architecture, vm_version, mine.md5, True
+    )
+    data = fetch(wanted) if fetch is not None else None
+    if data is not None and md5_of(data) == mine.md5:
+        return data, (
+            f" (ancestor: {package}'s pristine conffile, the VM's version — B1 has "
+            f"{_show(conffile.version)} — from the base's copies)"
+        )
+    return None, (
+        f" (conffile of {package} in the VM, {_show(conffile.version)} in B1: no pristine copy "
+        "of the VM's version in the base)"
+    )

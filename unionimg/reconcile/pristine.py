@@ -13,7 +13,9 @@ that installed the package has the pristine file itself): the tree's own copy of
 then ``/var/cache/apt/archives/PACKAGE_VERSION_ARCH.deb`` (apt's name, an epoch's ``:`` as
 ``%3a``). The VM's is hostile input: a candidate from anywhere is accepted only when its md5
 equals the one in B1's ``Conffiles:`` line (the base is trusted, the VM's status is not), and
-the planner checks it again.
+the planner checks it again. The pristine conffile of ANOTHER version the VM has (its edit's
+ancestor, as on an upgrade) is checked against the md5 of the VM's status, so it is taken
+from the base's trees only (``Conffile.base_only``): never from the VM's own cache.
 
 How: Python only, no program runs on a guest's archive. The ``ar`` container is walked by
 its 60-byte headers to the ``data.tar.*`` member, which ``tarfile`` reads as a stream (gzip,
@@ -170,12 +172,15 @@ class PristineFinder:
     """Finds a conffile's pristine content in the trees ``roots`` (in order, consumed lazily:
     a root is mounted only when reached): each tree's apt cache, then its own copy."""
 
-    def __init__(self, roots: Iterable[Path]) -> None:
-        self.roots = roots
+    def __init__(self, roots: Iterable[tuple[Path, bool]]) -> None:
+        self.roots = roots  # (tree, is it the base's)
 
     def __call__(self, conffile: Conffile) -> bytes | None:
-        """The pristine content of ``conffile`` whose md5 is the one B1 records, else None."""
-        for root in self.roots:
+        """The pristine content of ``conffile`` with its md5, else None; a ``base_only``
+        conffile (its md5 from the VM's status) only from the base's trees."""
+        for root, base in self.roots:
+            if conffile.base_only and not base:
+                continue
             data = _file(root, conffile.path)  # a generation that installed it, unmodified
             if data is not None and md5_of(data) == conffile.md5:
                 return data
