@@ -34,16 +34,8 @@ from unionimg.entries import Entry
 from unionimg.fs.manifest import scan_tree
 from unionimg.layers.base import Generation
 from unionimg.reconcile import checks
-from unionimg.reconcile.checks import (
-    APT,
-    AUDIT,
-    NOT_NEEDED,
-    PWCK,
-    VERIFY,
-    BaseFacts,
-    check_staged,
-    scope_of,
-)
+from unionimg.reconcile.checks import NOT_NEEDED, BaseFacts, check_staged, scope_of
+from unionimg.reconcile.checks_inside import APT, AUDIT, MAX_DB, PWCK, VERIFY
 from unionimg.store.layout import Store
 
 PASSWD = (
@@ -481,7 +473,7 @@ def test_huge_status_is_never_given_to_dpkg(world: World) -> None:
     status = up / "var/lib/dpkg/status"
     status.parent.mkdir(parents=True)
     with open(status, "wb") as fh:
-        fh.truncate(checks.MAX_DB + 1)
+        fh.truncate(MAX_DB + 1)
     v = world.check(up)
     assert [p.check for p in v.problems] == [AUDIT], v
     assert "is larger than 64 MiB; not read" in words(v, AUDIT)
