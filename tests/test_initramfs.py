@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import chainlayers
 from tests.conftest import need as require
 from tests.conftest import need_programs as require_programs
 from tests.conftest import need_uml_kernel, uml_nic_arg
@@ -579,6 +580,136 @@ def test_uml_without_u_says_why(lab: Lab, debug: bool) -> None:
         assert shell_banner not in console
     assert result.seconds < 30
     assert sha256(lab.base) == lab.base_sha256
+
+
+# --- a chain of layers (issue 13): unionimg.lowers= ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainLab:
+    base: Path
+    base_sha256: str
+    top: chainlayers.Layer  # XA
+    mid: chainlayers.Layer  # A
+
+
+@pytest.fixture(scope="module")
+def chain_lab(lab: Lab) -> Iterator[ChainLab]:
+    """The lab's base plus the chain's base files, and layers A and XA (root: whiteouts)."""
+    require(os.geteuid() == 0, "whiteouts and trusted.overlay.* xattrs need root")
+    work = lab.dir / "chain"
+    rootfs = work / "rootfs"
+    shutil.copytree(lab.dir / "rootfs", rootfs, symlinks=True)
+    chainlayers.add_base_files(rootfs)
+    base = work / "BASE.img"
+    run(["mke2fs", "-q", "-t", "ext4", "-L", "BASE", "-d", str(rootfs), str(base), "64M"])
+    top, mid = chainlayers.make_chain(work)
+    yield ChainLab(base, sha256(base), top, mid)
+
+
+def boot_chain_uml(lab: Lab, *args: str) -> Boot:
+    uml_version(lab)
+    with tempfile.TemporaryDirectory(prefix="unionimg-uml-") as home:
+        return boot(uml_argv(lab, Path(home), *args), env=uml_env(Path(home)))
+
+
+def chain_lines(console: str) -> list[str]:
+    return [ln.strip() for ln in console.splitlines() if ln.startswith("unionimg-guest: chain")]
+
+
+@pytest.mark.slow
+def test_uml_boots_a_chain(lab: Lab, chain_lab: ChainLab, u_image: Path) -> None:
+    """unionimg.lowers=XA,A,BASE: each layer found by label, mounted read-only, and the overlay
+    stacked top to bottom: XA's file over A's and BASE's, XA's whiteout and opaque directory
+    honoured, A's own file and BASE's seen."""
+    top, mid = chain_lab.top, chain_lab.mid
+    result = boot_chain_uml(
+        lab,
+        f"ubd0r={chain_lab.base}",
+        f"ubd1={u_image}",
+        f"ubd2r={top.image}",
+        f"ubd3r={mid.image}",
+        "init=/sbin/chain-init",
+        chainlayers.lowers([top, mid]),
+    )
+    console = result.console
+    assert "unionimg-init: error" not in console, console[-4000:]
+    lines = chain_lines(console)
+    for expected in chainlayers.EXPECTED:
+        assert expected in lines, console[-4000:]
+    assert f"unionimg-init: layer {top.label} is /dev/ubdc" in console
+    assert f"unionimg-init: layer {mid.label} is /dev/ubdd" in console
+    lowerdir = (
+        f"lowerdir=/run/unionimg/layers/{top.label}:/run/unionimg/layers/{mid.label}:"
+        "/run/unionimg/base,upperdir=/run/unionimg/u/upper"
+    )
+    assert any(lowerdir in ln for ln in lines if " chain root " in ln), lines
+    assert re.search(
+        r"^unionimg-init: switching root to the union of /dev/ubdc, /dev/ubdd, /dev/ubda and "
+        r"/dev/ubdb, starting /sbin/chain-init",
+        console,
+        re.MULTILINE,
+    ), console[-4000:]
+    assert result.returncode == 0
+    # read-only all the way: BASE and the layers unchanged, U clean
+    assert sha256(chain_lab.base) == chain_lab.base_sha256
+    run(["e2fsck", "-fn", str(top.image)])
+    run(["e2fsck", "-fn", str(u_image)])
+
+
+@pytest.mark.slow
+def test_uml_chain_with_a_layer_missing_says_which(
+    lab: Lab, chain_lab: ChainLab, u_image: Path
+) -> None:
+    """A layer named on the command line but not attached: the same bounded wait as BASE and
+    U, then one error line naming its label and what to attach, and power-off."""
+    top, mid = chain_lab.top, chain_lab.mid
+    result = boot_chain_uml(
+        lab,
+        f"ubd0r={chain_lab.base}",
+        f"ubd1={u_image}",
+        f"ubd2r={top.image}",
+        "unionimg.timeout=1",
+        "init=/sbin/chain-init",
+        chainlayers.lowers([top, mid]),
+    )
+    error = re.search(r"^unionimg-init: error: (.*)$", result.console, re.MULTILINE)
+    assert error is not None, result.console[-4000:]
+    message = error.group(1).strip()
+    assert message.startswith(f"no disk with LABEL={mid.label} after 1 s (block devices: ")
+    assert message.endswith(
+        f"attach the layer images of its chain ({mid.label}; unionimg layer show)"
+    )
+    assert top.label not in message
+    assert "unionimg-init: powering off" in result.console
+    assert "unionimg-guest: chain" not in result.console
+    assert result.returncode == 0 and result.seconds < 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("lowers", "why"),
+    [
+        ("Lxyz,BASE", "'Lxyz' is not a layer label"),
+        ("L0123456789ABCDE,BASE", "is not a layer label"),
+        ("L0123456789abcde,L0123456789abcde,BASE", "layer L0123456789abcde is named twice"),
+        ("L0123456789abcde", "the last (bottom) layer must be BASE"),
+        ("BASE,L0123456789abcde", "BASE must be the last (bottom) layer"),
+        ("U,BASE", "'U' is not a layer label"),
+    ],
+)
+def test_uml_refuses_a_malformed_chain(lab: Lab, u_image: Path, lowers: str, why: str) -> None:
+    """A malformed unionimg.lowers= fails before any disk is looked for, naming what is wrong
+    (the labels become variable names and paths in the initramfs: only L + hex passes)."""
+    result = boot_chain_uml(
+        lab, f"ubd0r={lab.base}", f"ubd1={u_image}", f"unionimg.lowers={lowers}"
+    )
+    error = re.search(r"^unionimg-init: error: (.*)$", result.console, re.MULTILINE)
+    assert error is not None, result.console[-4000:]
+    assert error.group(1).startswith(f"unionimg.lowers={lowers}: ")
+    assert why in error.group(1)
+    assert "switching root" not in result.console
+    assert result.returncode == 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,14 +5,18 @@
 # 2. insmod the modules listed for `uname -r` in /lib/modules/<ver>/unionimg.load
 #    (one initramfs serves several kernels, e.g. Debian amd64 under QEMU/Xen and UML);
 # 3. find the disks BY LABEL ONLY (vda, xvda, sda, ubda differ per hypervisor), waiting for
-#    LABEL=BASE and LABEL=U to show up;
-# 4. mount BASE read-only without journal replay and U read-write under /run/unionimg/,
-#    and their overlay union (lower BASE, upper U/upper, work U/work) on /newroot;
+#    LABEL=BASE, LABEL=U and every layer of unionimg.lowers= to show up;
+# 4. mount BASE and each layer read-only without journal replay and U read-write under
+#    /run/unionimg/, and their overlay union (lower: the layers top to bottom, then BASE;
+#    upper U/upper, work U/work) on /newroot;
 # 5. move /dev, /proc, /sys and /run (with the BASE and U mounts) into the union and
 #    switch_root to the base's init (/sbin/init, or init= from the kernel command line).
 #
 # Kernel command line: init=PATH, unionimg.debug (a shell instead of power-off on failure),
-# unionimg.timeout=SECONDS (how long to wait for the disks, default 10).
+# unionimg.timeout=SECONDS (how long to wait for the disks, default 10),
+# unionimg.lowers=LABEL,...,BASE (the VM's image chain, top to bottom: the labels of its layer
+# images, L + 15 hex digits of the layer's diff_id, then BASE; written by the host, never read
+# from U). Without unionimg.lowers the only lower layer is BASE.
 # Every message starts with "unionimg-init:"; a failure prints "unionimg-init: error: ..."
 # and powers the machine off so that nothing waits forever on a console.
 #
@@ -30,11 +34,14 @@ export PATH
 OVL_OPTS="redirect_dir=off,metacopy=off,index=off,xino=off"
 RUNDIR=/run/unionimg
 BASE_MNT=$RUNDIR/base
+LAYER_MNT=$RUNDIR/layers
 U_MNT=$RUNDIR/u
 NEWROOT=/newroot
 REAL_INIT=/sbin/init
 DEBUG=0
 WAIT=10
+LOWERS=""
+LAYERS="" # the layer labels above BASE, top first, separated by blanks
 
 say() {
 	echo "unionimg-init: $*"
@@ -55,6 +62,7 @@ fail() {
 	fi
 	sync
 	umount "$NEWROOT" "$U_MNT" "$BASE_MNT" 2>/dev/null
+	for label in $LAYERS; do umount "$LAYER_MNT/$label" 2>/dev/null; done
 	poweroff -f
 	# PID 1 must never exit (that is a kernel panic); wait for the power to go.
 	while :; do sleep 60; done
@@ -75,6 +83,7 @@ for arg in $CMDLINE; do
 	init=*) REAL_INIT=${arg#init=} ;;
 	unionimg.debug | unionimg.debug=1 | unionimg.debug=y*) DEBUG=1 ;;
 	unionimg.timeout=*) WAIT=${arg#unionimg.timeout=} ;;
+	unionimg.lowers=*) LOWERS=${arg#unionimg.lowers=} ;;
 	esac
 done
 set +f
@@ -84,6 +93,34 @@ case "$WAIT" in
 	WAIT=10
 	;;
 esac
+
+# The chain, checked whole before any disk is looked for: each label L + 15 lower-case hex
+# digits (so it is safe in a variable name and a path), none twice, BASE last and only there.
+if [ -n "$LOWERS" ]; then
+	rest="$LOWERS,"
+	bottom=0
+	while [ -n "$rest" ]; do
+		label=${rest%%,*}
+		rest=${rest#*,}
+		[ "$bottom" = 0 ] || fail "unionimg.lowers=$LOWERS: BASE must be the last (bottom) layer"
+		case "$label" in
+		BASE) bottom=1 ;;
+		L???????????????)
+			case "${label#L}" in *[!0-9a-f]*)
+				fail "unionimg.lowers=$LOWERS: '$label' is not a layer label (L and 15 hex digits)"
+				;;
+			esac
+			case " $LAYERS " in *" $label "*)
+				fail "unionimg.lowers=$LOWERS: layer $label is named twice"
+				;;
+			esac
+			LAYERS="${LAYERS:+$LAYERS }$label"
+			;;
+		*) fail "unionimg.lowers=$LOWERS: '$label' is not a layer label (L and 15 hex digits)" ;;
+		esac
+	done
+	[ "$bottom" = 1 ] || fail "unionimg.lowers=$LOWERS: the last (bottom) layer must be BASE"
+fi
 
 KVER=$(uname -r)
 say "starting (kernel $KVER)"
@@ -121,25 +158,55 @@ deadline=$((NOW + WAIT * 100))
 while :; do
 	[ -n "$BASE_DEV" ] || BASE_DEV=$(findfs LABEL=BASE 2>/dev/null)
 	[ -n "$U_DEV" ] || U_DEV=$(findfs LABEL=U 2>/dev/null)
-	[ -n "$BASE_DEV" ] && [ -n "$U_DEV" ] && break
+	lacking="" # layer labels not found yet (checked above: safe in eval)
+	for label in $LAYERS; do
+		eval "dev=\$DEV_$label"
+		if [ -z "$dev" ]; then
+			dev=$(findfs "LABEL=$label" 2>/dev/null)
+			eval "DEV_$label=\$dev"
+		fi
+		[ -n "$dev" ] || lacking="${lacking:+$lacking }$label"
+	done
+	[ -n "$BASE_DEV" ] && [ -n "$U_DEV" ] && [ -z "$lacking" ] && break
 	uptime_now
 	if [ "$NOW" -ge "$deadline" ]; then
 		missing=""
 		[ -n "$BASE_DEV" ] || missing="LABEL=BASE"
 		[ -n "$U_DEV" ] || missing="${missing:+$missing and }LABEL=U"
+		for label in $lacking; do missing="${missing:+$missing and }LABEL=$label"; done
+		what=""
+		[ -n "$BASE_DEV" ] && [ -n "$U_DEV" ] || what="the BASE image and this VM's U image"
+		[ -z "$lacking" ] ||
+			what="${what:+$what and }the layer images of its chain ($lacking; unionimg layer show)"
 		seen=$(ls /sys/class/block 2>/dev/null | tr '\n' ' ')
 		fail "no disk with $missing after ${WAIT} s (block devices: ${seen:-none});" \
-			"attach the BASE image and this VM's U image"
+			"attach $what"
 	fi
 	sleep 0.1
 done
 say "BASE is $BASE_DEV, U is $U_DEV"
+LOWERDIR=""
+LOWER_DEVS=""
+for label in $LAYERS; do
+	eval "dev=\$DEV_$label"
+	say "layer $label is $dev"
+	LOWERDIR="$LOWERDIR$LAYER_MNT/$label:"
+	LOWER_DEVS="$LOWER_DEVS$dev, "
+done
+LOWERDIR=$LOWERDIR$BASE_MNT
+LOWER_DEVS=$LOWER_DEVS$BASE_DEV
 
 # --- mounts --------------------------------------------------------------------------------
 mount -t tmpfs -o nosuid,nodev,mode=0755,size=10% tmpfs /run || fail "cannot mount tmpfs on /run"
 mkdir -p "$BASE_MNT" "$U_MNT"
 mount -t ext4 -o ro,noload "$BASE_DEV" "$BASE_MNT" ||
 	fail "cannot mount BASE ($BASE_DEV) read-only on $BASE_MNT"
+for label in $LAYERS; do
+	eval "dev=\$DEV_$label"
+	mkdir -p "$LAYER_MNT/$label"
+	mount -t ext4 -o ro,noload "$dev" "$LAYER_MNT/$label" ||
+		fail "cannot mount layer $label ($dev) read-only on $LAYER_MNT/$label"
+done
 mount -t ext4 -o rw "$U_DEV" "$U_MNT" || fail "cannot mount U ($U_DEV) read-write on $U_MNT"
 for d in upper work; do
 	if [ ! -d "$U_MNT/$d" ]; then
@@ -147,8 +214,8 @@ for d in upper work; do
 		say "made the missing $d/ on U"
 	fi
 done
-mount -t overlay -o "lowerdir=$BASE_MNT,upperdir=$U_MNT/upper,workdir=$U_MNT/work,$OVL_OPTS" \
-	overlay "$NEWROOT" || fail "cannot mount the overlay of BASE and U on $NEWROOT"
+mount -t overlay -o "lowerdir=$LOWERDIR,upperdir=$U_MNT/upper,workdir=$U_MNT/work,$OVL_OPTS" \
+	overlay "$NEWROOT" || fail "cannot mount the overlay of ${LAYERS:+the layers, }BASE and U on $NEWROOT"
 
 # NIC naming for this VM's fixed MAC: unionimg renders a udev rule and a systemd .link file
 # (udev_rules/) into the instance's part of the initramfs; the guest's
@@ -184,8 +251,8 @@ if [ ! -L "$NEWROOT$REAL_INIT" ] && [ ! -x "$NEWROOT$REAL_INIT" ]; then
 fi
 
 # --- hand over -----------------------------------------------------------------------------
-# /run goes first and carries the BASE and U mounts along, so admins find them at
-# /run/unionimg/{base,u}; an init that finds /run already mounted keeps it.
+# /run goes first and carries the BASE, layer and U mounts along, so admins find them at
+# /run/unionimg/{base,layers/LABEL,u}; an init that finds /run already mounted keeps it.
 for m in run dev proc sys; do
 	if [ -d "$NEWROOT/$m" ]; then
 		mount -o move "/$m" "$NEWROOT/$m" || say "warning: cannot move /$m into the union root"
@@ -194,5 +261,5 @@ for m in run dev proc sys; do
 	fi
 done
 
-say "switching root to the union of $BASE_DEV and $U_DEV, starting $REAL_INIT"
+say "switching root to the union of $LOWER_DEVS and $U_DEV, starting $REAL_INIT"
 exec switch_root "$NEWROOT" "$REAL_INIT" "$@"
