@@ -420,13 +420,14 @@ class _Sink:
             self._emit(self._zc.flush())
 
 
-def write_blob(tree: Path, out: Writer | None, *, kind: str) -> BlobInfo:
+def write_blob(
+    tree: Path, out: Writer | None, *, kind: str, policy: Policy | None = None
+) -> BlobInfo:
     """Write the canonical tar of ``tree`` (a layer in overlayfs format), zstd-compressed,
     to ``out``; its digests. One pass over the tree, memory bounded by one chunk plus the
     list of its entries' metadata. ``out=None``: the diff_id only (no compression; the blob
     digest is empty), for a digest of a big tree whose blob is not needed yet."""
-    policy = policy_for(kind)
-    items = _scan(tree, policy)
+    items = _scan(tree, policy or policy_for(kind))
     sink = _Sink(out)
     btree = os.fsencode(tree)
     for item in items:
@@ -675,11 +676,13 @@ def read_blob(
     kind: str,
     expected_diff_id: str | None = None,
     expected_blob_digest: str | None = None,
+    policy: Policy | None = None,
 ) -> BlobInfo:
     """Extract the layer blob ``blob`` into ``dest`` (a new, empty directory the caller
     owns, removed by the caller on failure) in overlayfs format; its digests, checked against
-    the expected ones given. Needs root (owners, whiteouts, ``trusted.*`` xattrs)."""
-    policy = policy_for(kind)
+    the expected ones given. ``policy``: stricter than ``kind``'s, if given. Needs root
+    (owners, whiteouts, ``trusted.*`` xattrs)."""
+    policy = policy or policy_for(kind)
     if expected_blob_digest is not None:
         got = file_digest(blob)
         if got != expected_blob_digest:
