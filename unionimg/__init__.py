@@ -18,7 +18,8 @@ reconcile/  merging a patched base into every instance
     default_policy.toml   the shipped rules (volatile, generated, backups), after the admin's
     ldcache            /etc/ld.so.cache regenerated for a staged result (sandboxed ldconfig)
     checks             the staged result checked before the swap: the host's dpkg, apt-get,
-                       pwck, grpck in a sandbox, compared with B1's own result
+                       pwck, grpck in a sandbox (checks_inside: its inside), compared
+                       with B1's own result
     apply              the executor of plan: journal, apply, undo, reports
 
 boot/  booting instances

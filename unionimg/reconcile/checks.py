@@ -42,7 +42,8 @@ union is only data (``docs/security.md``, rule 11):
 * ``setpriv --pdeathsig KILL -- unshare --mount --pid --net --ipc --uts --fork --kill-child``
   (the pattern of :mod:`unionimg.layers.sandbox`, :func:`~unionimg.layers.sandbox.contained`):
   private mounts that vanish with the namespace, no network, no IPC, killed with unionimg.
-* Its first process (:func:`main`, unionimg's Python) mounts a tmpfs as the new root R with
+* Its first process (:func:`unionimg.reconcile.checks_inside.main`, unionimg's Python, which
+  imports only what it runs) mounts a tmpfs as the new root R with
   the host's ``/usr`` bound read-only (``nosuid,nodev``), the merged-usr links (``/bin ->
   usr/bin``...), ``/dev/null``, and the union — overlayfs of ``upper.new`` and B1 as two lower
   layers, no upper layer: read-only, ``nosuid,nodev,noexec`` — at ``/union``. R's ``/etc``
@@ -63,8 +64,9 @@ union is only data (``docs/security.md``, rule 11):
   unionimg's ``/etc`` (``/var/lib/dpkg/status -> /etc/shadow`` reads the union's own shadow
   copy, never the host's).
 
-Cost (Debian fixture, 2 cores): about 0.3 s per checked VM (sandbox, mounts, five programs);
-B1's baseline once per generation about 2.5 s (``dpkg --verify`` hashes every base file).
+Cost (Debian fixture, 2 cores, ``bench/checks_cost.py``): 0.25-0.5 s per checked VM (the
+sandbox, its mounts, four or five programs), about 12 ms for a VM that needs none; B1's own
+result once per generation 2-3 s (``dpkg --verify`` hashes every base file).
 ``reconcile --dry-run`` runs no check; ``reconcile --no-checks`` skips them.
 """
 
