@@ -461,6 +461,9 @@ def test_failing_vm_stays_on_its_generation_untouched(cli: Cli, tmp_path: Path, 
     u = Path(cli.store) / "instances/bad"
     assert not list(u.glob("conflicts/*"))
 
+    dry = json.loads(cli("reconcile", "bad", "--dry-run", "--json").output)["instances"][0]
+    assert dry["status"] == "clean" and "checks" not in dry  # a dry run checks nothing
+
     forced = cli("reconcile", "forced", "--no-checks", "--json")
     assert forced.exit_code == 0, forced.output
     assert json.loads(forced.output)["instances"][0]["checks"] == "skipped (--no-checks)"
