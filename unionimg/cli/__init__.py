@@ -12,7 +12,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     reconcile_cmd    reconcile, conflicts, resolve
     boot_cmd         render, boot, stop, console, switch, uml-kernel
     timer_cmd        timer install, remove
-    registry_cmd     registry serve, stop
+    registry_cmd     registry serve, stop; push LAYER, pull REF
     host_cmd         host add, key, list, cache, remove
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
@@ -111,6 +111,16 @@ COMMANDS: dict[str, Lazy] = {
     "host": Lazy(
         "unionimg.cli.host_cmd:host",
         "Hosts: other machines running unionimg, reached over SSH, to deploy systems to.",
+    ),
+    "push": Lazy(
+        "unionimg.cli.registry_cmd:push_cmd",
+        "Push LAYER and its chain of parents to a registry: blobs the repository holds are not "
+        "sent, blobs another repository of the registry holds are mounted, the rest uploaded.",
+    ),
+    "pull": Lazy(
+        "unionimg.cli.registry_cmd:pull_cmd",
+        "Pull image-tree node REF and its chain into this store's layer cache, fetching only "
+        "the layers it lacks (each blob's sha256 checked on arrival; a broken pull resumes).",
     ),
     "registry": Lazy(
         "unionimg.cli.registry_cmd:registry",

@@ -1,14 +1,24 @@
-"""``unionimg registry serve|stop``: an OCI registry for the image repository."""
+"""``unionimg registry serve|stop``, ``push LAYER``, ``pull REF``: the image repository, an
+OCI registry (``unionimg.registry``)."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from unionimg.cli._common import Ctx, json_option, json_text, pass_ctx
 from unionimg.errors import NotFound
+from unionimg.registry import hostcache
 from unionimg.registry import server as server_mod
+from unionimg.registry.client import Registry
+from unionimg.registry.manifests import LAYER_REPO, check_repo
+from unionimg.registry.transfer import PushReport
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group()
@@ -70,3 +80,77 @@ def registry_stop(directory: Path) -> None:
     srv.stop()
     click.echo(f"stopped registry pid {srv.pid}")
 
+
+def registry_option(f: F) -> F:
+    return click.option(
+        "--registry",
+        "url",
+        required=True,
+        envvar="UNIONIMG_REGISTRY",
+        help="The registry's URL, http(s)://HOST[:PORT] (also UNIONIMG_REGISTRY).",
+    )(f)
+
+
+def repo_option(f: F) -> F:
+    return click.option(
+        "--repo",
+        default=LAYER_REPO,
+        show_default=True,
+        help="Repository of the image-tree nodes in the registry.",
+    )(f)
+
+
+@click.command("push")
+@click.argument("layer")
+@registry_option
+@repo_option
+@json_option
+@pass_ctx
+def push_cmd(c: Ctx, layer: str, url: str, repo: str, as_json: bool) -> None:
+    """Push LAYER and its chain of parents to a registry: blobs the repository holds are not
+    sent, blobs another repository of the registry holds are mounted, the rest uploaded.
+
+    Each layer of the chain becomes an image-tree node (an OCI manifest tagged
+    layer-<diff_id hex>, docs/oci.md). LAYER: a digest, 4+ hex digits or a label."""
+    check_repo(repo)
+    with Registry(url) as reg:
+        report = hostcache.push_layers(c.store, reg, layer, repo=repo)
+
+    def human(r: PushReport) -> None:
+        sent = sum(1 for v in r.blobs.values() if v == "uploaded")
+        mounted = sum(1 for v in r.blobs.values() if v == "mounted")
+        click.echo(
+            f"pushed {len(r.nodes)} node(s) to {r.registry}/{r.repo}: {sent} blob(s) uploaded, "
+            f"{mounted} mounted, {len(r.blobs) - sent - mounted} already there; "
+            f"{r.bytes_sent} bytes sent in {r.seconds:.2f} s"
+        )
+        click.echo(f"top node {r.repo}@{r.top} tag {r.nodes[-1]['tag']}")
+
+    if as_json:
+        click.echo(json_text(report.to_json()))
+    else:
+        human(report)
+
+
+@click.command("pull")
+@click.argument("ref")
+@registry_option
+@repo_option
+@json_option
+@pass_ctx
+def pull_cmd(c: Ctx, ref: str, url: str, repo: str, as_json: bool) -> None:
+    """Pull image-tree node REF and its chain into this store's layer cache, fetching only
+    the layers it lacks (each blob's sha256 checked on arrival; a broken pull resumes).
+
+    REF: a tag (layer-<hex>), a node's manifest digest, or a layer's diff_id."""
+    check_repo(repo)
+    with Registry(url) as reg:
+        report = hostcache.pull_node(c.store, reg, ref, repo=repo)
+    if as_json:
+        click.echo(json_text(report.to_json()))
+        return
+    click.echo(
+        f"pulled {repo}@{report.manifest}: {len(report.layers)} layer(s), "
+        f"{report.cache_hits} already here, {len(report.imported)} imported; "
+        f"{report.bytes_pulled} bytes in {report.seconds:.2f} s"
+    )

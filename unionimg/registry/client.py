@@ -429,6 +429,16 @@ class Registry:
         self.counters.blobs_fetched += 1
         return received
 
+    def _wrong_size(
+        self, repo: str, digest: str, said: str, size: int, partial: Path
+    ) -> ToolFailed:
+        partial.unlink(missing_ok=True)
+        return ToolFailed(
+            f"registry {self.url} serves blob {digest} of {repo} as {shown(said)[:20]} bytes, "
+            f"its manifest says {size}: refused, nothing imported (damaged or truncated in the "
+            "registry; push it again)"
+        )
+
     def _fetch_once(
         self,
         repo: str,
@@ -457,15 +467,21 @@ class Registry:
                             f"registry {self.url} answered a resume of blob {digest} at byte "
                             f"{have} with bytes from {start}; remove {partial} and pull again"
                         )
+                    total = resp.headers.get("content-range", "").rpartition("/")[2]
+                    if total not in ("*", str(size)):
+                        raise self._wrong_size(repo, digest, total, size, partial)
                     self.counters.bytes_resumed += have
                     mode, h = "ab", _sha256_of(partial)
                 elif resp.status_code == 200:
+                    length = resp.headers.get("content-length")
+                    if length is not None and length != str(size):
+                        raise self._wrong_size(repo, digest, length, size, partial)
                     have, mode, h = 0, "wb", hashlib.sha256()
                 else:
                     resp.read()
                     raise self._fail(resp, f"blob {digest} of {repo}")
                 with partial.open(mode) as fh:
-                    for part in resp.iter_bytes(self.chunk_size):
+                    for part in resp.iter_bytes():
                         if have + received + len(part) > size:
                             fh.close()
                             partial.unlink(missing_ok=True)

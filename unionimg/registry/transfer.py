@@ -175,9 +175,10 @@ class PullReport:
         }
 
 
-ImportBlob = Callable[[Path, bytes, str], None]
-"""``import_blob(verified blob file, layer.json bytes, diff_id)``: put one layer into the
-host's store (its parent is already there); the blob file may be consumed."""
+ImportBlob = Callable[[Path, bytes, str, "str | None", str], None]
+"""``import_blob(verified blob file, layer.json bytes, diff_id, parent diff_id, blob
+digest)``: put one layer into the host's store (its parent is already there, and is the
+layer below it in the node's chain, whatever the layer.json says); the file may be consumed."""
 
 
 def fetch_node(reg: Registry, repo: str, ref: str) -> Manifest:
@@ -254,7 +255,9 @@ def pull_node(
         if have(chain[i]):  # another pull brought it meanwhile
             report.cache_hits += 1
         else:
-            import_blob(files[i], metas[i], chain[i])
+            import_blob(
+                files[i], metas[i], chain[i], chain[i - 1] if i else None, top.layers[i].digest
+            )
             report.imported.append(chain[i])
         files[i].unlink(missing_ok=True)
     report.bytes_pulled = reg.counters.bytes_down - before

@@ -1,0 +1,136 @@
+"""The registry and a host's layer cache (:mod:`unionimg.layers.layerstore`) together.
+
+:func:`push_layers` pushes a layer of the store with its whole chain (its blobs, its
+layer.json records, one image-tree node per layer); :func:`pull_node` brings a node and the
+layers of its chain the store lacks into the store: blobs fetched and checked
+(:mod:`.transfer`), then each imported with :func:`layerstore.import_blob`, which checks the
+blob digest again and the uncompressed diff_id while it extracts. The layer.json a registry
+serves is read as a :class:`LayerMeta` record (a damaged one is refused) and only its
+``kind`` and origin are taken: the parent is the layer below in the node's chain, the
+digests are the node's.
+
+Partial and verified downloads wait in ``STORE/downloads/`` (a broken pull resumes from
+there); one pull at a time per store (the ``pull`` lock: a second one is a Conflict, exit 4).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from unionimg.errors import NotFound, ToolFailed
+from unionimg.layers import layerstore
+from unionimg.registry import transfer
+from unionimg.registry.client import Registry
+from unionimg.registry.manifests import LAYER_REPO, layer_tag
+from unionimg.registry.transfer import LocalLayer, PullReport, PushReport
+from unionimg.store.layout import Store
+from unionimg.store.records import LayerMeta, RecordError
+
+DOWNLOADS = "downloads"
+PULL_LOCK = "pull"
+
+
+def download_dir(store: Store) -> Path:
+    return store.root / DOWNLOADS
+
+
+def local_chain(store: Store, ref: str) -> list[LocalLayer]:
+    """Layer ``ref`` of the store and its ancestors as pushable layers, bottom to top (a
+    layer whose blob is not kept gets it made now: root needed)."""
+    out: list[LocalLayer] = []
+    for layer in reversed(layerstore.chain(store, ref)):
+        blob = layerstore.blob_path(store, layer)
+        meta = layerstore.get(store, layer.diff_id).meta  # blob_path may have recorded it
+        out.append(
+            LocalLayer(
+                diff_id=meta.diff_id,
+                blob=blob,
+                blob_digest=meta.blob_digest,
+                blob_size=meta.blob_size,
+                meta=(layer.dir / LayerMeta.FILE).read_bytes(),
+                title=_title(meta),
+                created=meta.created,
+            )
+        )
+    return out
+
+
+def _title(meta: LayerMeta) -> str:
+    what = meta.origin or meta.kind
+    return f"{what}: {meta.message}" if meta.message else what
+
+
+def push_layers(store: Store, reg: Registry, ref: str, *, repo: str = LAYER_REPO) -> PushReport:
+    """Push layer ``ref`` and its chain into ``repo`` (see :func:`transfer.push_layers`)."""
+    return transfer.push_layers(reg, repo, local_chain(store, ref))
+
+
+def _importer(store: Store) -> transfer.ImportBlob:
+    def import_one(
+        blob: Path, meta_bytes: bytes, diff_id: str, parent: str | None, blob_digest: str
+    ) -> None:
+        try:
+            meta = LayerMeta.from_json(json.loads(meta_bytes))
+        except (RecordError, ValueError) as exc:
+            raise ToolFailed(
+                f"the layer record of {diff_id} from the registry is damaged ({exc}); "
+                "refused, push the layer again"
+            ) from None
+        if meta.parent != parent:
+            raise ToolFailed(
+                f"the layer record of {diff_id} from the registry names parent "
+                f"{meta.parent or 'none'}, but its node lies over {parent or 'none'}; refused"
+            )
+        layerstore.import_blob(
+            store,
+            blob,
+            diff_id,
+            parent,
+            kind=meta.kind,
+            expected_blob_digest=blob_digest,
+            origin=layerstore.Origin(
+                text=meta.origin,
+                base=meta.base,
+                generation=meta.generation,
+                instance=meta.instance,
+                message=meta.message,
+            ),
+        )
+
+    return import_one
+
+
+def pull_node(
+    store: Store,
+    reg: Registry,
+    ref: str,
+    *,
+    repo: str = LAYER_REPO,
+    on_bytes: Callable[[int], None] | None = None,
+) -> PullReport:
+    """Bring node ``ref`` of ``repo`` (a tag, a manifest digest, or a layer's diff_id) and
+    its chain into the store, fetching only the blobs of layers the store lacks."""
+    with store.lock(PULL_LOCK, wait=False, purpose=f"pull {ref}"):
+        try:
+            return _pull(store, reg, repo, ref, on_bytes)
+        except NotFound:
+            if not ref.startswith("sha256:"):
+                raise
+            # not a manifest digest: a layer's diff_id names its node by tag
+            return _pull(store, reg, repo, layer_tag(ref), on_bytes)
+
+
+def _pull(
+    store: Store, reg: Registry, repo: str, ref: str, on_bytes: Callable[[int], None] | None
+) -> PullReport:
+    return transfer.pull_node(
+        reg,
+        repo,
+        ref,
+        have=lambda d: layerstore.has(store, d),
+        import_blob=_importer(store),
+        download_dir=download_dir(store),
+        on_bytes=on_bytes,
+    )
