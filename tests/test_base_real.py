@@ -126,7 +126,8 @@ def test_gc_and_remove(cli: Cli, src_tree: Path, tmp_path: Path) -> None:
     patch.mkdir()
     (patch / "f").write_text("1")
     cli.ok("base", "update", "deb", "--apply-dir", str(patch))
-    cli.ok("base", "update", "deb", "--apply-dir", str(patch))
+    # whole: a delta generation 3 would keep 2 (test_generation_layers)
+    cli.ok("base", "update", "deb", "--apply-dir", str(patch), "--full")
     out = json.loads(cli.ok("base", "gc", "--json").output)
     assert out == [{"base": "deb", "generation": 2}]  # 1 is used by vm1, 3 is the latest
     assert [g["number"] for g in show(cli, "deb")["generations"]] == [1, 3]

@@ -29,7 +29,9 @@ boot/  booting instances
     initramfs          the guest's early boot archive (guest_init.sh + modules)
 
 layers/  bases, instances and their history
-    base               bases and their immutable generations
+    base               bases and their immutable generations: each a whole image or a
+                       delta layer over its parent, mounted as a chain
+    gendelta           a generation's delta from its parent as an overlayfs upper layer
     instance           instances: U image, MAC, hypervisor, resources
     union              the host-side union mount of an instance
     status             an instance's local changes, commit and log

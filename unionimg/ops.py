@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from unionimg.errors import Conflict
 from unionimg.layers import ucheck
-from unionimg.layers.base import generations, list_bases
+from unionimg.layers.base import delta_dependents, generations, list_bases
 from unionimg.layers.instance import Instance, list_instances, load, state
 from unionimg.names import check_name
 from unionimg.store.layout import Store
@@ -81,10 +81,16 @@ def gc_bases(store: Store, name: str | None = None, *, dry_run: bool = False) ->
         with store.lock(f"base-{bname}", purpose="base gc"), store.lock("store"):
             keep = _keep_reasons(store)
             gens = generations(store, bname)
+            kept = {g.number for g in gens if g is gens[-1] or (bname, g.number) in keep}
+            # a kept delta generation needs every generation of its chain, down to a full one
+            under = delta_dependents(store, [g for g in gens if g.number in kept])
             for g in gens:
                 used, records = keep.get((bname, g.number), ([], []))
                 if g is gens[-1]:
                     used = ["the latest generation", *used]
+                if g.number in under:
+                    above = ", ".join(str(n) for n in under[g.number])
+                    used = [*used, f"delta generation(s) {above} lie on it"]
                 if used or records:
                     why = "; ".join([*used, *records])
                     result.kept.append(Kept(bname, g.number, why, for_reconcile=not used))

@@ -60,7 +60,7 @@ from unionimg.fs.space import require_space
 from unionimg.hypervisors import Driver, Prepared, Running
 from unionimg.hypervisors.profiles import render_net_naming
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
-from unionimg.layers.base import get_generation
+from unionimg.layers.base import chain_images, get_generation
 from unionimg.layers.instance import Instance, list_instances, load, mount_record, save, upper_image
 from unionimg.layers.running import (
     clear_crash,
@@ -133,6 +133,7 @@ def make_spec(
     if kernel is None:
         kernel = choose(gen, driver.capabilities.kernel)
     shared = shared_initramfs(store, gen, kernel)
+    deltas, bottom = chain_images(store, gen)  # a delta generation boots with its chain
     spec = BootSpec(
         name=inst.name,
         uuid=instance_uuid(inst.name),
@@ -140,7 +141,7 @@ def make_spec(
         nic_name=inst.nic_name,
         memory_mib=inst.memory,
         vcpus=inst.vcpus,
-        base_image=gen.image,
+        base_image=bottom.image,  # the full image of the generation's chain (label BASE)
         upper_image=upper_image(store, inst.name),
         kernel=kernel.path,
         initrd=out / "initrd.img",
@@ -152,6 +153,8 @@ def make_spec(
         domain_type="qemu",  # kvm: its driver's probe decides at boot
         tap=driver.host_tap(inst.name),
         uml_transport=kernel.transport,
+        layer_images=tuple(g.image for g in deltas),
+        layer_labels=tuple(g.label for g in deltas),
     )
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     with store.staging(f"spec-{inst.name}") as stage:

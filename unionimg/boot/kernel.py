@@ -38,8 +38,7 @@ from unionimg.boot.initramfs import (
 )
 from unionimg.boot.umlprobe import UmlKernel
 from unionimg.errors import MissingCapability
-from unionimg.fs.mounts import mount_image, umount
-from unionimg.layers.base import Generation
+from unionimg.layers.base import Generation, mount_generation, unmount_layers
 from unionimg.store.layout import Store
 
 UML_MODULES = Path("/usr/lib/uml/modules")
@@ -153,8 +152,7 @@ def shared_initramfs(store: Store, gen: Generation, kernel: BootKernel) -> Path:
     with store.staging("initramfs") as stage:
         kernels = [k for kind, k, _ in kernel.sources if kind != "base"]
         if base_modules:
-            mnt = stage / "base"
-            mount_image(gen.image, mnt, readonly=True, exclusive=False)
+            mnt = mount_generation(store, gen, stage / "base")  # its chain, if a delta
             try:
                 in_base = KernelModules.in_root(gen.kernel or "", mnt)
                 host = KernelModules.in_root(gen.kernel or "")
@@ -169,7 +167,7 @@ def shared_initramfs(store: Store, gen: Generation, kernel: BootKernel) -> Path:
                     )
                 build_initramfs(stage / "initrd", kernels=kernels)
             finally:
-                umount(mnt)
+                unmount_layers(stage / "base")
         else:
             build_initramfs(stage / "initrd", kernels=kernels)
         os.replace(stage / "initrd", cache)

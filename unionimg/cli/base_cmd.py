@@ -83,6 +83,11 @@ def base_create(c: Ctx, name: str, from_dir: Path, size: str | None, kernel: Pat
     help="x86 bzImage (vmlinuz) to boot this generation with (default: the tree's, else "
     "the previous generation's).",
 )
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Store a whole image, even where a delta from the latest would be smaller.",
+)
 @pass_ctx
 def base_update(
     c: Ctx,
@@ -92,13 +97,16 @@ def base_update(
     command: str | None,
     size: str | None,
     kernel: Path | None,
+    full: bool,
 ) -> None:
     """Make generation N+1 of NAME; existing generations are never modified.
 
     A --run command's output is shown as it runs and kept with the generation (run.log,
     see 'base show'); a command that changes nothing makes no generation ("no change").
     SSH host keys, machine-id and random seeds are kept out of every generation (each
-    instance gets its own: docs/identity.md)."""
+    instance gets its own: docs/identity.md). The generation is stored as a delta layer
+    over the latest when that holds under half the bytes of a whole image (at most 6
+    deltas over one whole image); a delta keeps the generations below it from 'base gc'."""
     done = base_mod.update_base(
         c.store,
         name,
@@ -108,6 +116,7 @@ def base_update(
         size=size_type(size, f" for base {name}"),
         kernel=kernel,
         echo=_echo,
+        full=full,
     )
     if not done.changed:
         click.echo(f"no change: base {name} stays at generation {done.generation.number}")

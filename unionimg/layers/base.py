@@ -32,7 +32,14 @@ from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageErro
 from unionimg.faults import checkpoint
 from unionimg.fs.image import default_size, disk_usage, make_ext4, usage_of
 from unionimg.fs.manifest import Manifest, diff_manifests, scan_tree, write_manifest
-from unionimg.fs.mounts import mount_image, mount_overlay, require_root, umount
+from unionimg.fs.mounts import (
+    is_mounted,
+    mount_image,
+    mount_overlay,
+    require_root,
+    umount,
+    unmount_tree,
+)
 from unionimg.fs.space import (
     SPACE_MARGIN,
     WriteWatch,
@@ -41,7 +48,8 @@ from unionimg.fs.space import (
     require_space,
     sync_store,
 )
-from unionimg.layers import history, identity, sandbox
+from unionimg.layers import gendelta, history, identity, layerstore, sandbox
+from unionimg.layers.layer import BlobInfo
 from unionimg.names import check_name, check_outside_store, human_size, shown
 from unionimg.runner import stream
 from unionimg.store.layout import Store, now_iso, read_record, write_atomic, write_record
@@ -65,10 +73,23 @@ class Generation:
     kernel: str | None
     files: int
     source: str
+    kind: str = "full"  # full: base.img holds the whole tree; delta: layer.img over parent
+    parent: int | None = None  # the generation a delta lies over
+    layer: str | None = None  # the diff_id of its layer (sha256:HEX), once known
 
     @property
     def image(self) -> Path:
-        return self.dir / "base.img"
+        """The generation's own image: its whole tree (``base.img``, label BASE) or, for a
+        delta, its changes from ``parent`` (``layer.img``, label :attr:`label`)."""
+        return self.dir / ("layer.img" if self.kind == "delta" else "base.img")
+
+    @property
+    def label(self) -> str:
+        """The filesystem label of :attr:`image`: BASE, or ``L`` + 15 hex digits of the
+        delta layer's diff_id (what the guest's initramfs finds it by)."""
+        if self.kind != "delta":
+            return "BASE"
+        return layer_label(self.layer or "")
 
     @property
     def manifest_path(self) -> Path:
@@ -92,6 +113,9 @@ class Generation:
         return {
             "number": self.number,
             "image": str(self.image),
+            "kind": self.kind,
+            "parent": self.parent,
+            "layer": self.layer,
             "created": self.created,
             "size": self.size,
             "disk_usage": disk_usage(self.image),
@@ -102,6 +126,11 @@ class Generation:
             "source": self.source,
             "run_log": str(self.run_log) if self.run_log else None,
         }
+
+
+def layer_label(diff_id: str) -> str:
+    """``L`` + the first 15 hex digits of a layer's diff_id (ext4 labels hold 16 chars)."""
+    return "L" + diff_id.removeprefix("sha256:")[:15]
 
 
 def _load_generation(base: str, gdir: Path) -> Generation:
@@ -116,6 +145,9 @@ def _load_generation(base: str, gdir: Path) -> Generation:
         kernel=meta.kernel,
         files=meta.files,
         source=meta.source,
+        kind=meta.kind,
+        parent=meta.parent,
+        layer=meta.layer,
     )
 
 
@@ -147,6 +179,173 @@ def get_generation(store: Store, name: str, number: int | None = None) -> Genera
             return g
     have = ", ".join(str(g.number) for g in gens)
     raise NotFound(f"base '{name}' has no generation {number} (it has {have})")
+
+
+# -- generation chains ---------------------------------------------------------------------
+#: a new generation is stored as a delta layer over its parent when that layer holds less than
+#: this share of the bytes a full image of the generation holds. Below half, the delta saves
+#: at least half an image per update; above it, the saving is small while the delta keeps its
+#: parent's whole image alive (gc must keep every generation a kept delta lies on) and adds a
+#: layer to every lookup, mount and boot: a full image is the better buy.
+DELTA_MAX_SHARE = 0.5
+#: at most this many delta generations lie over one full image (the next update makes a full
+#: one): every layer of a chain is a disk of each VM on it (UML attaches at most 16 ubd
+#: disks, beside U and the VM's own snapshot layers) and one more lower per overlay lookup.
+MAX_DELTA_CHAIN = 6
+
+
+def chain(store: Store, gen: Generation) -> list[Generation]:
+    """``gen`` and the generations its tree is made of, top to bottom: itself, then (for a
+    delta) its parent's chain, down to a full generation. A full generation is its own chain."""
+    out = [gen]
+    while out[-1].kind == "delta":
+        below = out[-1]
+        assert below.parent is not None  # GenerationMeta refuses a delta without one
+        try:
+            parent = get_generation(store, gen.base, below.parent)
+        except NotFound:
+            raise NotFound(
+                f"base '{gen.base}' generation {below.number} is a delta over generation "
+                f"{below.parent}, which is gone (the store was changed by hand?); "
+                "restore it from a backup"
+            ) from None
+        if parent.number >= below.number or len(out) > 4 * MAX_DELTA_CHAIN:
+            raise NotFound(
+                f"base '{gen.base}' generation {below.number} names generation "
+                f"{below.parent} as its parent, which cannot be (a loop); restore the base "
+                "from a backup"
+            )
+        out.append(parent)
+    return out
+
+
+def delta_dependents(store: Store, kept: list[Generation]) -> dict[int, list[int]]:
+    """Generation number → the kept delta generations (of ``kept``) whose chain holds it:
+    what ``base gc`` must keep with them, and why."""
+    out: dict[int, list[int]] = {}
+    for g in kept:
+        for below in chain(store, g)[1:]:
+            out.setdefault(below.number, []).append(g.number)
+    return {n: sorted(v) for n, v in out.items()}
+
+
+def chain_images(store: Store, gen: Generation) -> tuple[list[Generation], Generation]:
+    """(the delta generations of ``gen``'s chain, top to bottom; the full one at its bottom,
+    whose image is labeled BASE): what a VM on ``gen`` boots with."""
+    gens = chain(store, gen)
+    return gens[:-1], gens[-1]
+
+
+def mount_layers(store: Store, gen: Generation, where: Path) -> list[Path]:
+    """Mount every image of ``gen``'s chain read-only below ``where`` (``where/0`` the top,
+    ``where/N`` the full image): the lower directories, top to bottom, of an overlay that
+    shows the generation's whole tree. A full generation is mounted at ``where`` itself
+    (one lower, as before generations had deltas). Undone by :func:`unmount_layers`."""
+    gens = chain(store, gen)
+    if len(gens) == 1:
+        mount_image(gen.image, where, readonly=True, exclusive=False)
+        return [where]
+    out: list[Path] = []
+    try:
+        for i, g in enumerate(gens):
+            mount_image(g.image, where / str(i), readonly=True, exclusive=False)
+            out.append(where / str(i))
+    except BaseException:
+        unmount_layers(where)
+        raise
+    return out
+
+
+def unmount_layers(where: Path) -> None:
+    """Undo :func:`mount_layers` or :func:`mount_generation` (deepest mount first)."""
+    unmount_tree(where)
+    if where.is_dir() and not is_mounted(where):
+        for sub in where.iterdir():
+            if sub.is_dir() and not is_mounted(sub):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+
+
+def mount_generation(store: Store, gen: Generation, where: Path) -> Path:
+    """Mount ``gen``'s whole tree read-only below ``where``; returns its root (``where``
+    for a full generation; for a delta, ``where/tree``: a read-only overlay of its chain).
+    Undone by :func:`unmount_layers` (``where``)."""
+    lowers = mount_layers(store, gen, where)
+    if len(lowers) == 1:
+        return lowers[0]
+    tree = where / "tree"  # longer than each layer's "N": unmount_tree takes it first
+    try:
+        mount_overlay(lowers, None, None, tree)
+    except BaseException:
+        unmount_layers(where)
+        raise
+    return tree
+
+
+@contextlib.contextmanager
+def generation_tree(store: Store, gen: Generation, where: Path) -> Iterator[Path]:
+    """``gen``'s whole tree, read-only, while the context lasts (:func:`mount_generation`)."""
+    root = mount_generation(store, gen, where)
+    try:
+        yield root
+    finally:
+        unmount_layers(where)
+
+
+def _origin(gen: Generation) -> layerstore.Origin:
+    return layerstore.Origin(
+        text=f"base {gen.base} generation {gen.number}", base=gen.base, generation=gen.number
+    )
+
+
+def _adopt(store: Store, gen: Generation, info: BlobInfo, parent: str | None) -> layerstore.Layer:
+    return layerstore.adopt_image(
+        store,
+        gen.image,
+        diff_id=info.diff_id,
+        tar_size=info.tar_size,
+        entries=info.entries,
+        parent=parent,
+        kind="delta" if gen.kind == "delta" else "base",
+        label=gen.label,
+        origin=_origin(gen),
+    )
+
+
+def generation_layer(store: Store, gen: Generation) -> layerstore.Layer:
+    """The layer of generation ``gen`` in the store's layer cache (kind ``base`` for a full
+    generation, ``delta`` over its parent's layer for a delta one), adopted on first ask: its
+    image hard-linked, never copied. A full generation's diff_id costs one read of its tree
+    (tar, sha256, zstd: about as long as ``mke2fs -d`` of it), paid once, when a delta, a
+    snapshot or a push first needs it; a delta's was computed when it was made."""
+    found = layerstore.find_base_layer(store, gen.base, gen.number)
+    if found is not None:
+        return found
+    if gen.kind == "delta":
+        assert gen.parent is not None and gen.layer is not None
+        parent = generation_layer(store, get_generation(store, gen.base, gen.parent))
+        with store.staging(f"layer-{gen.base}-{gen.number}") as stage:
+            mnt = stage / "layer"
+            mount_image(gen.image, mnt, readonly=True, exclusive=False)
+            try:
+                info = layerstore.tree_digest(mnt, kind="delta")
+            finally:
+                umount(mnt)
+        if info.diff_id != gen.layer:
+            raise ToolFailed(
+                f"base '{gen.base}' generation {gen.number}'s layer image holds "
+                f"{info.diff_id}, not the {gen.layer} it was made as: restore the base "
+                "from a backup"
+            )
+        return _adopt(store, gen, info, parent.diff_id)
+    with store.staging(f"layer-{gen.base}-{gen.number}") as stage:
+        mnt = stage / "base"
+        mount_image(gen.image, mnt, readonly=True, exclusive=False)
+        try:
+            info = layerstore.tree_digest(mnt, kind="base")
+        finally:
+            umount(mnt)
+    return _adopt(store, gen, info, None)
 
 
 # -- building -----------------------------------------------------------------------------
@@ -254,9 +453,11 @@ def _build_generation(
     repo: Path,
     message: str,
     unless_unchanged: bool = False,
-) -> Generation | None:
-    """Make the generation of ``tree`` in ``gdir``; with ``unless_unchanged``, None (nothing
-    made) when it would equal ``parent``: the same entries, image size and kernel."""
+    full: bool = False,
+) -> tuple[Generation, BlobInfo | None] | None:
+    """Make the generation of ``tree`` in ``gdir`` (and the digests of its delta layer, when
+    it is one); with ``unless_unchanged``, None (nothing made) when it would equal
+    ``parent``: the same entries, image size and kernel."""
     op = "base-create" if parent is None else "base-update"
     checkpoint(f"{op}:staged")
     identity.scrub_base(tree)  # per-VM identity never enters a generation (identity.py)
@@ -277,14 +478,20 @@ def _build_generation(
         )
     if unless_unchanged and parent is not None and _unchanged(entries, size, kernel, tree, parent):
         return None
+    plan = None if full else _delta_plan(store, entries, used, parent)
     require_space(
         gdir.parent,
-        _generation_estimate(entries, used, inodes, size, kernel or _tree_kernel(tree), parent),
+        _generation_estimate(entries, used, inodes, size, kernel or _tree_kernel(tree), parent)
+        - (used - plan.used if plan is not None else 0),
         f"{'create' if parent is None else 'update'} base {name}",
     )
     gdir.mkdir(mode=0o700)
     checkpoint(f"{op}:space-checked")
-    make_ext4(gdir / "base.img", "BASE", tree, size, inodes=inodes)
+    info = None
+    if plan is None:
+        make_ext4(gdir / "base.img", "BASE", tree, size, inodes=inodes)
+    else:
+        info = _make_delta(tree, plan, gdir)
     write_manifest(entries, gdir / "manifest.sqlite", {"base": name, "generation": str(number)})
     checkpoint(f"{op}:image-made")
     kernel_src = kernel or _tree_kernel(tree)
@@ -311,9 +518,46 @@ def _build_generation(
         kernel=kernel_version,
         files=len(entries),
         source=source,
+        kind="full" if info is None else "delta",
+        parent=None if info is None or parent is None else parent.number,
+        layer=None if info is None else info.diff_id,
     )
     write_record(gdir / GenerationMeta.FILE, meta)
-    return _load_generation(name, gdir)
+    return _load_generation(name, gdir), info
+
+
+def _delta_plan(
+    store: Store, entries: list[Entry], used: int, parent: Generation | None
+) -> gendelta.Plan | None:
+    """The delta layer of ``entries`` over ``parent`` when storing the generation so is
+    cheaper: its bytes below :data:`DELTA_MAX_SHARE` of the full tree's and the parent's
+    chain short enough (:data:`MAX_DELTA_CHAIN`); else None (a full image)."""
+    if parent is None or len(chain(store, parent)) > MAX_DELTA_CHAIN:
+        return None
+    with parent.manifest() as m:
+        plan = gendelta.plan(entries, m)
+    return plan if plan.used < DELTA_MAX_SHARE * used else None
+
+
+def _make_delta(tree: Path, plan: gendelta.Plan, gdir: Path) -> BlobInfo:
+    """Write ``plan``'s layer next to ``gdir`` and make its image ``gdir/layer.img``
+    (labeled from its diff_id); its digests. Its blob is not kept: the layer store makes
+    it from the image when a push asks (:func:`.layerstore.blob_path`)."""
+    layer_dir = gdir.with_name("delta-tree")
+    layer_dir.mkdir(mode=0o755)
+    gendelta.write(tree, plan, layer_dir)
+    info = layerstore.tree_digest(layer_dir, kind="delta")
+    make_ext4(
+        gdir / "layer.img",
+        layer_label(info.diff_id),
+        layer_dir,
+        default_size(plan.used, plan.inodes),
+        inodes=plan.inodes,
+    )
+    # the image is the layer: its tree gives the same tar (no lost+found, the same root)
+    layerstore._same_root(gdir / "layer.img", layer_dir)
+    shutil.rmtree(layer_dir)
+    return info
 
 
 def _unchanged(
@@ -381,7 +625,7 @@ def create(
             history.init_repo(repo)
             write_record(bdir / BaseMeta.FILE, BaseMeta(name, now_iso()))
             with _staging_tree(store, stage, [src]) as tree:
-                gen = _build_generation(
+                made = _build_generation(
                     store,
                     name,
                     1,
@@ -394,7 +638,8 @@ def create(
                     repo=repo,
                     message=f"{name} generation 1: created from {src}",
                 )
-                assert gen is not None  # made: nothing to compare a first generation with
+                assert made is not None  # made: nothing to compare a first generation with
+                gen = made[0]
             sync_store(watch, f"create base {name}")  # all of it on disk before it appears
             os.rename(bdir, store.base_dir(name))
             checkpoint("base-create:published")
@@ -428,11 +673,13 @@ def update_base(
     size: int | None = None,
     kernel: Path | None = None,
     echo: Echo | None = None,
+    full: bool = False,
 ) -> Updated:
     """Make generation N+1 of ``name`` from a directory, a directory laid over N, or N
     changed by ``command``. ``command``'s output goes to ``echo`` as it comes and into the
     new generation's ``run.log``; a command that changes nothing makes no generation
-    (``Updated.changed`` is False; the staging is removed)."""
+    (``Updated.changed`` is False; the staging is removed). The generation is a delta layer
+    over N where that is cheaper (:func:`_delta_plan`), unless ``full``."""
     check_name(name, "base")
     modes = [m for m in (from_dir, apply_dir, command) if m is not None]
     if len(modes) != 1:
@@ -458,13 +705,13 @@ def update_base(
                 source = str(src)
                 lowers = [src]  # type: ignore[list-item]
             else:
-                mount_image(parent.image, lower, readonly=True, exclusive=False)
+                below = mount_layers(store, parent, lower)  # its chain, if a delta
                 if apply_dir is not None:
                     source = f"{src} laid over generation {parent.number}"
-                    lowers = [src, lower]  # type: ignore[list-item]
+                    lowers = [src, *below]  # type: ignore[list-item]
                 else:
                     source = f"generation {parent.number} changed by: {command}"
-                    lowers = [lower]
+                    lowers = below
             log = stage / RUN_LOG
             try:
                 with _staging_tree(store, stage, lowers) as tree:
@@ -485,7 +732,7 @@ def update_base(
                                 full_message(store.root, SPACE_MARGIN, f"update base {name}")
                                 + " (while keeping the command's output)"
                             ) from exc
-                    gen = _build_generation(
+                    made = _build_generation(
                         store,
                         name,
                         number,
@@ -498,11 +745,13 @@ def update_base(
                         repo=repo,
                         message=f"{name} generation {number}: {source}",
                         unless_unchanged=command is not None,
+                        full=full,
                     )
             finally:
-                umount(lower)
-            if gen is None:
+                unmount_layers(lower)
+            if made is None:
                 return Updated(parent, changed=False)  # the staging goes with its log
+            gen, info = made
             if command is not None:
                 os.rename(log, stage / "gen" / RUN_LOG)
             sync_store(watch, f"update base {name}")  # all of it on disk before it appears
@@ -510,6 +759,8 @@ def update_base(
             checkpoint("base-update:published")
         new = get_generation(store, name, gen.number)
         delta(store, parent, new)  # while both manifests are warm: reconcile only reads it
+        if info is not None:  # a delta: a layer over its parent's (adopted, no copy)
+            _adopt(store, new, info, generation_layer(store, parent).diff_id)
     return Updated(new, changed=True)
 
 

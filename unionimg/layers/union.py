@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 
 from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
-from unionimg.fs.mounts import is_mounted, mount_image, mount_overlay, require_root, umount
+from unionimg.fs.mounts import is_mounted, mount_overlay, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import ucheck
-from unionimg.layers.base import get_generation
+from unionimg.layers.base import get_generation, mount_layers, unmount_layers
 from unionimg.layers.instance import list_instances, load, mount_record, state
 from unionimg.layers.status import check_u_writable
 from unionimg.layers.ucheck import sync_image
@@ -87,11 +87,11 @@ def mount(
         gen = get_generation(store, inst.base, inst.generation)
         run_dir = store.run_dir / name
         lower, u = run_dir / "lower", run_dir / "u"
-        for leftover in (u, lower):  # a crash may have left these behind
-            umount(leftover)
+        umount(u)  # a crash may have left these behind
+        unmount_layers(lower)
         mounted: list[Path] = []
         try:
-            mount_image(gen.image, lower, readonly=True, exclusive=False)
+            lowers = mount_layers(store, gen, lower)  # the generation's chain, top first
             mounted.append(lower)
             # checked (e2fsck or the fast path), mounted nosuid,nodev,noexec, and its layout
             # checked: upper/ and work/ are real directories on U's own file system, no
@@ -101,11 +101,11 @@ def mount(
             mounted.append(u)
             if readonly:
                 used = mount_overlay(
-                    [u / "upper", lower], None, None, target, driver=driver, guest=True
+                    [u / "upper", *lowers], None, None, target, driver=driver, guest=True
                 )
             else:
                 used = mount_overlay(
-                    [lower], u / "upper", u / "work", target, driver=driver, guest=True
+                    lowers, u / "upper", u / "work", target, driver=driver, guest=True
                 )
             mounted.append(target)
             rec = MountRecord(
@@ -124,6 +124,8 @@ def mount(
             for m in reversed(mounted):
                 if m == u:
                     ucheck.release_u(store, name, u)
+                elif m == lower:
+                    unmount_layers(lower)
                 else:
                     umount(m)
             raise
@@ -150,7 +152,7 @@ def umount_union(store: Store, target: Path) -> str:
         umount(Path(rec.target), lazy_fallback=False)
         # a clean unmount vouches for U, if it was checked when it was mounted
         ucheck.release_u(store, name, Path(rec.u), vouch=rec.u_checked)
-        umount(Path(rec.lower))
+        unmount_layers(Path(rec.lower))
         (store.instance_dir(name) / MountRecord.FILE).unlink(missing_ok=True)
     if lost is not None:
         raise lost

@@ -51,10 +51,15 @@ from unionimg.errors import (
 )
 from unionimg.faults import checkpoint
 from unionimg.fs import fsops
-from unionimg.fs.mounts import mount_image, umount
 from unionimg.fs.space import WriteWatch, require_space, write_failure
 from unionimg.layers import history, identity
-from unionimg.layers.base import Generation, generations, get_generation
+from unionimg.layers.base import (
+    Generation,
+    generations,
+    get_generation,
+    mount_generation,
+    unmount_layers,
+)
 from unionimg.layers.base import delta as base_delta
 from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
 from unionimg.layers.status import (
@@ -266,6 +271,7 @@ class Reconciler:
         self.progress = progress
         self._deltas: dict[tuple[str, int, int], dict[str, Change]] = {}
         self._mounts: dict[tuple[str, int], Path] = {}
+        self._wheres: list[Path] = []  # where each generation's layers are mounted
         self._lock = threading.Lock()
         self._local = threading.local()
         self._servers: list[history.Server] = []
@@ -290,9 +296,9 @@ class Reconciler:
                     # a pid-tagged staging dir: a killed run's mounts are swept by the next
                     self._stage_ctx = self.store.staging("reconcile-generations")
                     self._stage = self._stage_ctx.__enter__()
-                mnt = self._stage / f"{gen.base}-{gen.number}"
-                mount_image(gen.image, mnt, readonly=True, exclusive=False)
-                self._mounts[key] = mnt
+                where = self._stage / f"{gen.base}-{gen.number}"
+                self._mounts[key] = mount_generation(self.store, gen, where)  # its chain
+                self._wheres.append(where)
             return self._mounts[key]
 
     def hg(self, root: Path, guest: str | None = None) -> history.Repo:
@@ -327,9 +333,10 @@ class Reconciler:
             pool.shutdown()
         for server in self._servers:
             server.close()
-        for mnt in self._mounts.values():
-            umount(mnt)
+        for where in self._wheres:
+            unmount_layers(where)
         self._mounts.clear()
+        self._wheres.clear()
         if self._stage_ctx is not None:
             self._stage_ctx.__exit__(None, None, None)
             self._stage_ctx = self._stage = None

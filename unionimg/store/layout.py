@@ -10,9 +10,12 @@ Layout (format 1)::
         base.json             name, created
         history/              Mercurial repository, one changeset per generation
         generations/N/        immutable once renamed into place:
-          base.img            raw ext4 labeled BASE (0600)
+          base.img            raw ext4 labeled BASE (0600): the whole tree (a full generation)
+          layer.img           or (a delta generation) only its changes from its parent, in
+                              overlayfs upper format, labeled L + 15 hex of its diff_id;
+                              the generation's tree is the chain down to a full one
           manifest.sqlite     every path's type/mode/owner/xattrs/sha256 (indexed lookups)
-          generation.json     number, created, size, hg node, kernel
+          generation.json     number, created, size, hg node, kernel; kind, parent, layer
           vmlinuz             the generation's kernel, when it has one
         deltas/B0-B1.json     reconcile's base delta, computed once per pair of generations
       instances/VM/

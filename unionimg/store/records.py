@@ -275,9 +275,15 @@ class GenerationMeta(Record):
     kernel: str | None  # the kernel's version, when the generation has one
     files: int
     source: str = ""
+    # a delta generation (issue 13) stores only its changes from generation ``parent`` (an
+    # overlayfs upper layer, ``layer.img``); a full one (every generation made before) its
+    # whole tree (``base.img``). ``layer``: the diff_id of the generation's layer, once known.
+    kind: str = "full"  # full | delta
+    parent: int | None = None  # the generation a delta lies over
+    layer: str | None = None  # sha256:HEX
 
     def to_json(self) -> JsonObject:
-        return {
+        out: JsonObject = {
             "number": self.number,
             "created": self.created,
             "size": self.size,
@@ -286,10 +292,19 @@ class GenerationMeta(Record):
             "files": self.files,
             "source": self.source,
         }
+        if self.kind != "full" or self.parent is not None or self.layer is not None:
+            out.update(kind=self.kind, parent=self.parent, layer=self.layer)
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Self:
         f = _Fields(data)
+        kind = f.text("kind", "full")
+        if kind not in ("full", "delta"):
+            raise RecordError(f"field 'kind' is {kind!r}, not 'full' or 'delta'")
+        parent = f.maybe_integer("parent", None)
+        if kind == "delta" and parent is None:
+            raise RecordError("field 'parent' is missing: a delta generation names its parent")
         return cls(
             number=f.integer("number"),
             created=f.text("created"),
@@ -298,6 +313,9 @@ class GenerationMeta(Record):
             kernel=f.maybe_text("kernel", None),
             files=f.integer("files"),
             source=f.text("source", ""),
+            kind=kind,
+            parent=parent,
+            layer=f.maybe_text("layer", None),
         )
 
 
