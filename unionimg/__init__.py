@@ -5,10 +5,18 @@ top to bottom; a module imports only from its own group or groups below it (impo
 contracts in pyproject.toml, run by ``make lint``):
 
 cli/  the command line (click): ``_common`` + one module per command group, loaded lazily
-    base_cmd, instance_cmd, union_cmd, history_cmd, reconcile_cmd, boot_cmd, timer_cmd
+    base_cmd, instance_cmd, union_cmd, history_cmd, reconcile_cmd, boot_cmd, timer_cmd,
+    registry_cmd
 
 ops          what needs several layers at once: instance remove, base remove/gc, fsck
 timer        unattended reconcile: systemd timer or cron.d line
+
+registry/  the image repository: an OCI registry (beside reconcile and boot)
+    manifests          pure: image-tree and system node manifests, media types, names
+    client             the one module that talks HTTP to a registry (distribution /v2/)
+    server             docker-registry started with unionimg's config (loopback or a netns)
+    transfer           push a chain as image-tree nodes; pull a node (blobs checked first)
+    hostcache          push and pull bound to the store's layer cache (layers.layerstore)
 
 reconcile/  merging a patched base into every instance
     plan, merge, policy   pure: the plan of one instance, 3-way text merge, per-glob policy
