@@ -666,3 +666,67 @@ def test_finder_refuses_what_is_no_regular_file(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     os.symlink("/etc/passwd", tmp_path / "etc/uimg-conf")  # a symlinked parent
     assert PristineFinder([(tmp_path, True)])(cf) is None
+
+
+# -- ucf-managed files (sshd_config): the pristine copy in ucf's cache ---------------------------
+SSHD = "/etc/ssh/sshd_config"
+UCF_COPY = "/var/lib/ucf/cache/:etc:ssh:sshd_config"
+
+
+def ucf_run(
+    local: bytes, new: bytes, *, vm_pristine: bytes = PRISTINE, found: bytes | None = PRISTINE
+) -> tuple[str, bytes, str, PristineContent]:
+    b0 = Tree().file(STATUS, B0)
+    hashline = f"{md5_of(PRISTINE)}  {SSHD}\n".encode()
+    b1 = b0.copy().file(dpkgdb.UCF_HASHFILE, hashline).file(SSHD, new)
+    vm_hash = f"{md5_of(vm_pristine)}  {SSHD}\n".encode()
+    vm = b0.copy().file(dpkgdb.UCF_HASHFILE, vm_hash).file(SSHD, local)
+    upper = upper_from(b0, vm)
+    content = PristineContent(upper, b0, b1, found=found)
+    plan = plan_instance(
+        list(upper.entries.values()), delta_of(b0, b1), FakeBase(b0), FakeBase(b1), Policy(),
+        content,
+    )  # fmt: skip
+    [a] = [a for a in plan.actions if a.path == SSHD]
+    data = a.artifacts.get("merged", b"") if a.action == "conflict" else (a.data or b"")
+    return a.action, data, a.reason, content
+
+
+def test_ucf_managed_file_merges_against_ucfs_pristine_copy() -> None:
+    local = edit(PRISTINE, 2, "option02 = mine")
+    new = edit(PRISTINE, 18, "option18 = base")
+    action, data, reason, content = ucf_run(local, new)
+    assert action == "write" and data == edit(local, 18, "option18 = base"), reason
+    assert "ucf's pristine copy, md5 checked" in reason
+    [asked] = content.asked
+    assert (asked.cache, asked.md5, asked.base_only) == (UCF_COPY, md5_of(PRISTINE), False)
+    # the VM registered another pristine version: only the base's copies count
+    older = edit(PRISTINE, 10, "option10 = older")
+    action, _, reason, content = ucf_run(edit(older, 2, "x"), new, vm_pristine=older, found=None)
+    assert action == "conflict" and "managed by ucf: no pristine copy found" in reason
+    assert [(c.md5, c.base_only) for c in content.asked] == [(md5_of(older), True)]
+
+
+def test_ucf_hashfile_and_registry_merge_by_path() -> None:
+    h0 = b"0" * 32 + b"  /etc/a\n"
+    local = h0 + b"1" * 32 + b"  /etc/ssh/sshd_config\n"
+    new = h0 + b"2" * 32 + b"  /etc/b\n"
+    r = merge_file(dpkgdb.UCF_HASHFILE, (h0, local, new), same_none, {})
+    assert r.outcome == "merged" and r.data == new + b"1" * 32 + b"  /etc/ssh/sshd_config\n"
+    clash = merge_file(
+        dpkgdb.UCF_REGISTRY, (None, b"openssh-server  /etc/x\n", b"other  /etc/x\n"),
+        same_none, {},
+    )  # fmt: skip
+    assert clash.outcome == "conflict" and "/etc/x" in clash.reason
+
+
+def test_finder_reads_ucfs_cache_copy_from_the_base_only_when_asked(tmp_path: Path) -> None:
+    base, vm = tmp_path / "base", tmp_path / "vm"
+    for root in (base, vm):
+        (root / "var/lib/ucf/cache").mkdir(parents=True)
+        (root / UCF_COPY.lstrip("/")).write_bytes(PRISTINE)
+    wanted = Conffile(SSHD, "", "", "", md5_of(PRISTINE), cache=UCF_COPY)
+    assert PristineFinder([(vm, False)])(wanted) == PRISTINE  # the md5 is B1's: any copy
+    only_base = Conffile(SSHD, "", "", "", md5_of(PRISTINE), base_only=True, cache=UCF_COPY)
+    assert PristineFinder([(vm, False)])(only_base) is None
+    assert PristineFinder([(vm, False), (base, True)])(only_base) == PRISTINE

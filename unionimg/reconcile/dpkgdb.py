@@ -38,6 +38,8 @@ What depends on a paragraph follows it (:func:`merge_file` dispatches on the pat
 * ``/var/lib/dpkg/alternatives/NAME``: one group per file; both sides changed it
   differently → a conflict naming the group (the VM's kept).
 * ``/var/lib/apt/extended_states``: per package paragraph like the status file.
+* ucf's ``hashfile`` and ``registry`` (``/var/lib/ucf``): one line per managed file, merged
+  by its path.
 * ``/var/lib/dpkg/diversions`` (three lines per diversion, keyed by the diverted path) and
   ``statoverride`` (one line per path) by entry; their ``-old`` backups, ``status-old`` and
   ``available`` are the VM's own (registered as keep-local by
@@ -82,6 +84,9 @@ __all__ = [
     "INFO",
     "STATOVERRIDE",
     "STATUS",
+    "UCF_CACHE",
+    "UCF_HASHFILE",
+    "UCF_REGISTRY",
     "Conffile",
     "DbError",
     "FileResult",
@@ -95,6 +100,7 @@ __all__ = [
     "package_of_info",
     "parse",
     "pristine_ancestor",
+    "ucf_hashes",
     "version_of",
 ]
 
@@ -113,7 +119,10 @@ BACKUPS = (
     AVAILABLE,
     "/var/lib/apt/extended_states.orig",
 )
-EXACT = (STATUS, EXTENDED_STATES, DIVERSIONS, STATOVERRIDE)
+UCF_HASHFILE = "/var/lib/ucf/hashfile"  # MD5  PATH: each ucf-managed file's pristine md5
+UCF_REGISTRY = "/var/lib/ucf/registry"  # PACKAGE  PATH: who registered each file
+UCF_CACHE = "/var/lib/ucf/cache/"  # :etc:ssh:sshd_config: the pristine copies
+EXACT = (STATUS, EXTENDED_STATES, DIVERSIONS, STATOVERRIDE, UCF_HASHFILE, UCF_REGISTRY)
 
 _SHOW = 64  # characters of a name shown in a reason line
 _SHOW_CONFLICTS = 3  # packages named in one reason line
@@ -513,6 +522,22 @@ def _statoverride(data: bytes, side: str) -> dict[Key, bytes]:
     return out
 
 
+def _ucf_lines(data: bytes, side: str) -> dict[Key, bytes]:
+    """ucf's hashfile or registry: ``WORD  PATH`` per line, keyed by the path."""
+    out: dict[Key, bytes] = {}
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        words = line.split(None, 1)
+        if len(words) != 2:
+            raise DbError(f"{side}'s ucf file: line {number} is not 'WORD PATH'")
+        key = (words[1].strip().decode("utf-8", "surrogateescape"), "")
+        if key in out:
+            raise DbError(f"{side}'s ucf file: {_show(words[1])} listed twice")
+        out[key] = line + b"\n"
+    return out
+
+
 def _merge_entries(
     versions: Triple, parse_side: Callable[[bytes, str], dict[Key, bytes]], what: str
 ) -> FileResult:
@@ -715,6 +740,8 @@ def merge_file(
         return _merge_entries(versions, _diversions, path)
     if path == STATOVERRIDE:
         return _merge_entries(versions, _statoverride, path)
+    if path in (UCF_HASHFILE, UCF_REGISTRY):
+        return _merge_entries(versions, _ucf_lines, path)
     if package_of_info(path) is not None:
         return _info(path, versions, related, memo)
     if _ALTERNATIVE.fullmatch(path):
@@ -739,6 +766,7 @@ class Conffile:
     version: str
     md5: str
     base_only: bool = False  # its md5 comes from the VM's status: only the base's copies count
+    cache: str = ""  # where a tree may keep a pristine copy of its own (ucf's cache)
 
 
 def conffiles(status: bytes | None) -> dict[str, Conffile]:
@@ -798,6 +826,7 @@ def pristine_ancestor(
     new: bytes,
     fetch: Callable[[Conffile], bytes | None] | None,
     memo: MutableMapping[str, object],
+    ucf: Triple = (None, None, None),
 ) -> tuple[bytes | None, str]:
     """The merge ancestor of a conffile both sides added (item 4), and a note for the reason.
 
@@ -805,14 +834,15 @@ def pristine_ancestor(
     candidates, each accepted only when its md5 is the one of B1's ``Conffiles:`` line, are
     B1's file itself, the VM's file itself, then ``fetch`` (the ``.deb`` in an apt cache).
     When the VM has another version, the pristine conffile of the VM's version, from the
-    base's copies only (:func:`_vm_version_ancestor`)."""
+    base's copies only (:func:`_vm_version_ancestor`). A file no package lists but ucf
+    manages (``ucf``: the three versions of ``/var/lib/ucf/hashfile``): :func:`_ucf_ancestor`."""
     known = memo.get("dpkgdb:conffiles")
     if not isinstance(known, dict):
         known = conffiles(status[2])
         memo["dpkgdb:conffiles"] = known
     conffile = known.get(path)
     if not isinstance(conffile, Conffile):
-        return None, ""
+        return _ucf_ancestor(path, ucf, local, new, fetch, memo)
     package = f"{_show(conffile.package)} {_show(conffile.version)}"
     versions = memo.get("dpkgdb:vm-versions")
     if not isinstance(versions, dict):
@@ -871,3 +901,53 @@ def _vm_version_ancestor(
         f" (conffile of {package} in the VM, {_show(conffile.version)} in B1: no pristine copy "
         "of the VM's version in the base)"
     )
+
+
+# -- ucf -----------------------------------------------------------------------------------------
+
+
+def ucf_hashes(data: bytes | None) -> dict[str, str]:
+    """ucf's hashfile (``MD5  PATH`` per line): the md5 of each file's pristine version."""
+    out: dict[str, str] = {}
+    for line in (data or b"").split(b"\n"):
+        words = line.split(None, 1)
+        if len(words) == 2 and re.fullmatch(rb"[0-9a-f]{32}", words[0]):
+            out[words[1].strip().decode("utf-8", "surrogateescape")] = words[0].decode()
+    return out
+
+
+def _ucf_ancestor(
+    path: str,
+    ucf: Triple,
+    local: bytes,
+    new: bytes,
+    fetch: Callable[[Conffile], bytes | None] | None,
+    memo: MutableMapping[str, object],
+) -> tuple[bytes | None, str]:
+    """A file ucf manages (``sshd_config``: a package's postinst hands it to ``ucf``, which
+    keeps the pristine copy in ``/var/lib/ucf/cache/:etc:ssh:sshd_config`` and its md5 in
+    ``/var/lib/ucf/hashfile``): the pristine copy is the ancestor, as ``ucf --three-way``
+    takes it. B1's hashfile is the reference; the VM's names the VM's pristine version: the
+    same md5 lets any copy count (B1's, the VM's, a cache's), another one only the base's."""
+    hashes = memo.get("dpkgdb:ucf")
+    if not isinstance(hashes, tuple):
+        hashes = (ucf_hashes(ucf[1]), ucf_hashes(ucf[2]))
+        memo["dpkgdb:ucf"] = hashes
+    vm_hashes, b1_hashes = hashes
+    md5, vm_md5 = b1_hashes.get(path), vm_hashes.get(path)
+    if md5 is None:
+        return None, ""
+    if vm_md5 is None:
+        return None, " (managed by ucf in B1, not in the VM: no common ancestor)"
+    cache = UCF_CACHE + path.replace("/", ":")
+    if vm_md5 == md5:
+        if md5_of(new) == md5:
+            return new, " (ancestor: ucf's pristine copy, B1's file unmodified)"
+        if md5_of(local) == md5:
+            return local, " (ancestor: ucf's pristine copy, the VM's file unmodified)"
+    wanted = Conffile(path, "", "", "", vm_md5, base_only=vm_md5 != md5, cache=cache)
+    data = fetch(wanted) if fetch is not None else None
+    if data is not None and md5_of(data) == vm_md5:
+        whose = "" if vm_md5 == md5 else " of the VM's version, from the base"
+        return data, f" (ancestor: ucf's pristine copy{whose}, md5 checked)"
+    return None, " (managed by ucf: no pristine copy found)"

@@ -855,7 +855,11 @@ class _Planner:
             return None, ""
         fetch = getattr(self.content, "pristine", None)
         triple = (status.old, status.local, status.new)
-        return dpkgdb.pristine_ancestor(path, triple, local, new, fetch, self._merge_memo)
+        ucf = self._versions(dpkgdb.UCF_HASHFILE)  # files ucf manages (sshd_config)
+        hashes = (None, None, None) if ucf.too_large else (ucf.old, ucf.local, ucf.new)
+        return dpkgdb.pristine_ancestor(
+            path, triple, local, new, fetch, self._merge_memo, ucf=hashes
+        )
 
     def _structured(
         self,

@@ -17,6 +17,9 @@ the planner checks it again. The pristine conffile of ANOTHER version the VM has
 ancestor, as on an upgrade) is checked against the md5 of the VM's status, so it is taken
 from the base's trees only (``Conffile.base_only``): never from the VM's own cache.
 
+A file ucf manages instead of dpkg (``sshd_config``) has its pristine copy in each tree's
+``/var/lib/ucf/cache/`` (``Conffile.cache``), checked against ucf's hashfile md5 the same way.
+
 How: Python only, no program runs on a guest's archive. The ``ar`` container is walked by
 its 60-byte headers to the ``data.tar.*`` member, which ``tarfile`` reads as a stream (gzip,
 xz, bzip2 or none; zstd is not read). Bounds: the ``.deb`` is opened without following a
@@ -170,7 +173,8 @@ def _file(root: Path, path: str) -> bytes | None:
 
 class PristineFinder:
     """Finds a conffile's pristine content in the trees ``roots`` (in order, consumed lazily:
-    a root is mounted only when reached): each tree's apt cache, then its own copy."""
+    a root is mounted only when reached): each tree's own copy, its ucf cache copy
+    (``Conffile.cache``), then the package's .deb in its apt cache."""
 
     def __init__(self, roots: Iterable[tuple[Path, bool]]) -> None:
         self.roots = roots  # (tree, is it the base's)
@@ -181,9 +185,12 @@ class PristineFinder:
         for root, base in self.roots:
             if conffile.base_only and not base:
                 continue
-            data = _file(root, conffile.path)  # a generation that installed it, unmodified
-            if data is not None and md5_of(data) == conffile.md5:
-                return data
+            for where in (conffile.path, conffile.cache):  # its own copy, ucf's pristine one
+                data = _file(root, where) if where else None
+                if data is not None and md5_of(data) == conffile.md5:
+                    return data
+            if not conffile.package:
+                continue
             for name in deb_names(conffile.package, conffile.version, conffile.architecture):
                 opened = _open_deb(root, f"{ARCHIVES}/{name}")
                 if opened is None:
