@@ -14,6 +14,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     timer_cmd        timer install, remove
     registry_cmd     registry serve, stop; push LAYER, pull REF
     host_cmd         host add, key, list, cache, remove
+    layer_cmd        layer list, show, tree, gc
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
 paragraph of its help (``tests/test_cli_help.py`` checks that the two agree).
@@ -47,6 +48,10 @@ COMMANDS: dict[str, Lazy] = {
     "instance": Lazy(
         "unionimg.cli.instance_cmd:instance",
         "Instances (VMs): a base generation plus a writable U image.",
+    ),
+    "layer": Lazy(
+        "unionimg.cli.layer_cmd:layer",
+        "The image tree: immutable, content-addressed layers, each over a parent.",
     ),
     "mount": Lazy(
         "unionimg.cli.union_cmd:mount_cmd",

@@ -9,8 +9,10 @@ import click
 from unionimg import ops
 from unionimg.cli._common import ASCII_INT, Ctx, emit, json_option, pass_ctx, size_type
 from unionimg.display import shown
+from unionimg.errors import UsageError
 from unionimg.layers import instance as inst_mod
-from unionimg.names import HYPERVISORS
+from unionimg.layers import snapshot
+from unionimg.names import HYPERVISORS, human_size
 
 
 @click.group()
@@ -20,8 +22,16 @@ def instance() -> None:
 
 @instance.command("create")
 @click.argument("vm")
-@click.option("--base", "base_name", required=True)
+@click.option("--base", "base_name", default=None, help="The base (or give --from).")
 @click.option("--generation", type=ASCII_INT, default=None, help="Default: the base's latest.")
+@click.option(
+    "--from",
+    "from_layer",
+    default=None,
+    metavar="LAYER",
+    help="Make the VM on this node of the image tree (a layer: its base generation and the "
+    "snapshot layers under it), instead of --base.",
+)
 @click.option(
     "--mac",
     default=None,
@@ -44,8 +54,9 @@ def instance() -> None:
 def instance_create(
     c: Ctx,
     vm: str,
-    base_name: str,
+    base_name: str | None,
     generation: int | None,
+    from_layer: str | None,
     mac: str | None,
     hypervisor: str,
     size: str | None,
@@ -53,23 +64,58 @@ def instance_create(
     vcpus: int,
     nic_name: str,
 ) -> None:
-    """Create instance VM on a base generation."""
-    inst = inst_mod.create(
-        c.store,
-        vm,
-        base_name,
-        generation=generation,
-        mac=mac,
-        hypervisor=hypervisor,
-        size=size_type(size, f" for instance {vm}"),
-        memory=memory,
-        vcpus=vcpus,
-        nic_name=nic_name,
+    """Create instance VM on a base generation (or on a layer, with --from)."""
+    common: dict[str, Any] = {
+        "mac": mac,
+        "hypervisor": hypervisor,
+        "size": size_type(size, f" for instance {vm}"),
+        "memory": memory,
+        "vcpus": vcpus,
+        "nic_name": nic_name,
+    }
+    if from_layer is not None:
+        if base_name is not None or generation is not None:
+            raise UsageError("give either --from LAYER or --base [--generation], not both")
+        inst = snapshot.create_from(c.store, vm, from_layer, **common)
+    elif base_name is None:
+        raise UsageError("give --base NAME (or --from LAYER) for the new instance")
+    else:
+        inst = inst_mod.create(c.store, vm, base_name, generation=generation, **common)
+    on = (
+        f" and {len(inst.layers)} snapshot layer(s), top {inst.layers[0][7:19]}"
+        if inst.layers
+        else ""
     )
     click.echo(
-        f"created instance {inst.name} on {inst.base} generation {inst.generation} "
+        f"created instance {inst.name} on {inst.base} generation {inst.generation}{on} "
         f"(mac {inst.mac}, {inst.hypervisor})"
     )
+
+
+@instance.command("snapshot")
+@click.argument("vm")
+@click.option("-m", "--message", default=None, help="What the snapshot holds (one line).")
+@json_option
+@pass_ctx
+def instance_snapshot(c: Ctx, vm: str, message: str | None, as_json: bool) -> None:
+    """Freeze VM's upper layer into a new layer over its image node; VM goes on with a fresh,
+    empty upper layer on top (its history and identity kept). VM must be stopped."""
+    res = snapshot.snapshot(c.store, vm, message)
+
+    def human(_: Any) -> None:
+        if res.layer is None:
+            click.echo(f"{vm}: nothing changed over {res.parent[7:19]}; no new layer")
+            return
+        m = res.layer.meta
+        how = "finished an interrupted snapshot:" if res.finished else "snapshot"
+        click.echo(
+            f"{vm}: {how} {res.layer.short} ({m.label}, {m.entries} entries, blob "
+            f"{human_size(m.blob_size)}, image {human_size(m.image_size)}) over "
+            f"{res.parent[7:19]} in {res.seconds:.1f} s; {vm} goes on with a fresh upper "
+            f"layer (U {human_size(res.u_before)} -> {human_size(res.u_after)})"
+        )
+
+    emit(res.to_json(), as_json, human)
 
 
 @instance.command("list")

@@ -142,7 +142,11 @@ def create(
     memory: int = 512,
     vcpus: int = 1,
     nic_name: str = "eth0",
+    layers: tuple[str, ...] = (),
 ) -> Instance:
+    """A new instance on base generation ``base``/``generation``; ``layers``: the snapshot
+    layers between the generation and its U, top to bottom (``instance create --from``,
+    checked by the caller: :func:`unionimg.layers.snapshot.create_from`)."""
     check_name(name, "instance")
     check_name(base, "base")
     check_hypervisor(hypervisor)
@@ -184,6 +188,7 @@ def create(
             vcpus=vcpus,
             created=now_iso(),
             nic_name=nic_name,
+            layers=layers,
         )
         # what mke2fs writes into the sparse U (measured: 2.2 MiB for 4 GiB, 16 MiB for 1 TiB)
         require_space(store.root, (4 << 20) + size // 65536, f"create instance {name}")

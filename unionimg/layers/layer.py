@@ -158,8 +158,9 @@ def _show(rel: bytes) -> str:
     return "/" + os.fsdecode(rel).encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
-def _scan(root: Path, policy: Policy) -> list[_Item]:
-    """Every entry of ``root`` as tar items, sorted by path (the root first as ``b""``)."""
+def _scan(root: Path, policy: Policy, exclude: frozenset[bytes] = frozenset()) -> list[_Item]:
+    """Every entry of ``root`` as tar items, sorted by path (the root first as ``b""``),
+    but those in ``exclude`` (relative paths; a directory's whole subtree)."""
     items: list[_Item] = []
     links: dict[tuple[int, int], bytes] = {}
     broot = os.fsencode(root)
@@ -188,6 +189,8 @@ def _scan(root: Path, policy: Policy) -> list[_Item]:
             names = sorted(e.name for e in it)
         for name in names:
             rel = os.path.join(rel_dir, name) if rel_dir else name
+            if rel in exclude:
+                continue
             full = os.path.join(broot, rel)
             st = os.lstat(full)
             mode = st.st_mode
@@ -421,13 +424,18 @@ class _Sink:
 
 
 def write_blob(
-    tree: Path, out: Writer | None, *, kind: str, policy: Policy | None = None
+    tree: Path,
+    out: Writer | None,
+    *,
+    kind: str,
+    policy: Policy | None = None,
+    exclude: frozenset[bytes] = frozenset(),
 ) -> BlobInfo:
     """Write the canonical tar of ``tree`` (a layer in overlayfs format), zstd-compressed,
     to ``out``; its digests. One pass over the tree, memory bounded by one chunk plus the
     list of its entries' metadata. ``out=None``: the diff_id only (no compression; the blob
     digest is empty), for a digest of a big tree whose blob is not needed yet."""
-    items = _scan(tree, policy or policy_for(kind))
+    items = _scan(tree, policy or policy_for(kind), exclude)
     sink = _Sink(out)
     btree = os.fsencode(tree)
     for item in items:

@@ -250,18 +250,20 @@ def put_tree(
     parent: str | None,
     kind: str,
     origin: Origin,
+    exclude: frozenset[bytes] = frozenset(),
 ) -> tuple[Layer, bool]:
-    """The tree ``tree`` (overlayfs format) as a layer over ``parent``; (the layer, whether it
-    is new). A layer with the same diff_id already here is returned as it is (the same
-    content with the same parent is the same layer; the same content over another parent is
-    refused: a diff_id names one layer). Cost: one read of the tree (tar, sha256, zstd),
-    one write of the blob, one extraction and one ``mke2fs -d`` of it: O(size of the tree)."""
+    """The tree ``tree`` (overlayfs format; but the relative paths in ``exclude``) as a layer
+    over ``parent``; (the layer, whether it is new). A layer with the same diff_id already
+    here is returned as it is (the same content with the same parent is the same layer; the
+    same content over another parent is refused: a diff_id names one layer). Cost: one read
+    of the tree (tar, sha256, zstd), one write of the blob, one extraction and one ``mke2fs
+    -d`` of it: O(size of the tree)."""
     require_root("making a layer")
     _check_parent(store, parent, kind)
     with store.staging("layer") as stage:
         blob = stage / BLOB
         with open(blob, "wb") as out:
-            info = write_blob(tree, out, kind=kind)
+            info = write_blob(tree, out, kind=kind, exclude=exclude)
         existing = _same(store, info.diff_id, parent)
         if existing is not None:
             return existing, False
@@ -473,10 +475,10 @@ def adopt_image(
         return _publish(store, build, meta)
 
 
-def tree_digest(tree: Path, *, kind: str) -> BlobInfo:
+def tree_digest(tree: Path, *, kind: str, exclude: frozenset[bytes] = frozenset()) -> BlobInfo:
     """The diff_id of ``tree``'s layer (its blob not made: ``blob_digest`` empty): one read of
     the tree and a sha256 of its tar (a 700 MiB base: a few seconds)."""
-    return write_blob(tree, None, kind=kind)
+    return write_blob(tree, None, kind=kind, exclude=exclude)
 
 
 @contextlib.contextmanager

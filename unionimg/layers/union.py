@@ -1,5 +1,8 @@
 """The host-side union of an instance: base generation (read-only) + U (read-write).
 
+An instance with snapshot layers (issue 13) gets its whole chain, top to bottom: U's upper,
+its snapshot layers (``run/VM/layers/N``, guest data), its generation's chain, BASE.
+
 The union shows guest data, so it is mounted ``nosuid,nodev,noexec`` (see
 :data:`unionimg.fs.mounts.GUEST_FLAGS`), over a U image checked and mounted by
 :func:`unionimg.layers.ucheck.mount_u`. Its mount point must lie outside the store and be empty
@@ -15,7 +18,7 @@ from pathlib import Path
 from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
 from unionimg.fs.mounts import is_mounted, mount_overlay, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
-from unionimg.layers import ucheck
+from unionimg.layers import snapshot, ucheck
 from unionimg.layers.base import get_generation, mount_layers, unmount_layers
 from unionimg.layers.instance import list_instances, load, mount_record, state
 from unionimg.layers.status import check_u_writable
@@ -89,10 +92,14 @@ def mount(
         lower, u = run_dir / "lower", run_dir / "u"
         umount(u)  # a crash may have left these behind
         unmount_layers(lower)
+        snaps = run_dir / "layers"  # the VM's snapshot layers (issue 13), top first
+        unmount_layers(snaps)
         mounted: list[Path] = []
         try:
             lowers = mount_layers(store, gen, lower)  # the generation's chain, top first
             mounted.append(lower)
+            lowers = [*snapshot.mount_layers(store, inst, snaps), *lowers]
+            mounted.append(snaps)
             # checked (e2fsck or the fast path), mounted nosuid,nodev,noexec, and its layout
             # checked: upper/ and work/ are real directories on U's own file system, no
             # symlinks. U is the host's alone while mounted (the guest is not running, see
@@ -124,8 +131,8 @@ def mount(
             for m in reversed(mounted):
                 if m == u:
                     ucheck.release_u(store, name, u)
-                elif m == lower:
-                    unmount_layers(lower)
+                elif m in (lower, snaps):
+                    unmount_layers(m)
                 else:
                     umount(m)
             raise
@@ -153,6 +160,7 @@ def umount_union(store: Store, target: Path) -> str:
         # a clean unmount vouches for U, if it was checked when it was mounted
         ucheck.release_u(store, name, Path(rec.u), vouch=rec.u_checked)
         unmount_layers(Path(rec.lower))
+        unmount_layers(Path(rec.lower).with_name("layers"))
         (store.instance_dir(name) / MountRecord.FILE).unlink(missing_ok=True)
     if lost is not None:
         raise lost

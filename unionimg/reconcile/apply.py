@@ -62,6 +62,7 @@ from unionimg.layers.base import (
 )
 from unionimg.layers.base import delta as base_delta
 from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
+from unionimg.layers.snapshot import refuse_reconcile
 from unionimg.layers.status import (
     blame_space,
     commit_estimate,
@@ -386,6 +387,7 @@ class Reconciler:
     def one(self, name: str, draft: _Draft) -> None:
         """Reconcile one instance; ``draft.report`` says how far it got."""
         inst = load(self.store, name)
+        refuse_reconcile(self.store, inst, self.to_generation)  # snapshot layers (issue 13)
         draft.report = replace(draft.report, from_generation=inst.generation)
         st = state(self.store, name)
         if st != "stopped":
