@@ -532,3 +532,46 @@ def _alive(pid: int) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
             return False
     return True
+
+
+def test_a_second_pull_into_one_store_at_once_is_a_conflict(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    with Registry(registry.url) as reg:
+        hostcache.push_layers(src.store, reg, src.base.short)
+    store = empty_store(tmp_path / "host")
+    with store.lock(hostcache.PULL_LOCK, purpose="another pull"):
+        res = Cli(store.root).fails("pull", src.base.diff_id, "--registry", registry.url, code=4)
+    assert "another pull" in res.output
+    assert held(store) == set()
+
+
+def test_a_registry_inside_a_network_namespace(src: Src, tmp_path: Path) -> None:
+    """The argv prefix: the registry listens on the namespace's loopback only."""
+    del src
+    need_programs("ip")
+    ns = f"uimgreg{os.getpid() % 100000}"
+    run(["ip", "netns", "add", ns])
+    try:
+        run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+        port = free_port()
+        srv = server_mod.start(
+            tmp_path / "registry", f"127.0.0.1:{port}", prefix=("ip", "netns", "exec", ns)
+        )
+        try:
+            inside = run(
+                ["ip", "netns", "exec", ns, str(Path(UNIONIMG).parent / "python"), "-c",
+                 "import urllib.request as u; "
+                 f"print(u.urlopen('http://127.0.0.1:{port}/v2/_catalog').read().decode())"],
+            ).stdout  # fmt: skip
+            assert json.loads(inside) == {"repositories": []}
+            with (
+                Registry(f"http://127.0.0.1:{port}", retries=0) as reg,  # not out here
+                pytest.raises(ToolFailed, match="does not answer"),
+            ):
+                reg.ping()
+        finally:
+            srv.stop()
+        assert not srv.running()
+    finally:
+        run(["ip", "netns", "delete", ns])

@@ -362,7 +362,9 @@ class Registry:
         for attempt in range(self.retries + 1):
             self.counters.requests += 1
             try:
-                with self._http.stream("GET", f"/v2/{check_repo(repo)}/blobs/{digest}") as resp:
+                with self._http.stream(
+                    "GET", f"/v2/{check_repo(repo)}/blobs/{digest}", follow_redirects=True
+                ) as resp:
                     if resp.status_code != 200:
                         resp.read()
                         raise self._fail(resp, f"blob {digest} of {repo}")
@@ -459,7 +461,11 @@ class Registry:
         received = 0
         self.counters.requests += 1
         try:
-            with self._http.stream("GET", f"/v2/{repo}/blobs/{digest}", headers=headers) as resp:
+            # a registry with object storage redirects blob GETs (S3, a CDN): followed, the
+            # bytes are checked by digest whoever serves them
+            with self._http.stream(
+                "GET", f"/v2/{repo}/blobs/{digest}", headers=headers, follow_redirects=True
+            ) as resp:
                 if resp.status_code == 206:
                     start = _range_start(resp.headers.get("content-range", ""))
                     if start != have:
