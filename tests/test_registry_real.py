@@ -575,3 +575,23 @@ def test_a_registry_inside_a_network_namespace(src: Src, tmp_path: Path) -> None
         assert not srv.running()
     finally:
         run(["ip", "netns", "delete", ns])
+
+
+def test_a_store_too_small_for_the_pull_fetches_nothing(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    with Registry(registry.url) as reg:
+        hostcache.push_layers(src.store, reg, src.base.short)
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(small)])
+    try:
+        store = empty_store(small / "host")
+        res = Cli(store.root).fails("pull", src.base.diff_id, "--registry", registry.url, code=7)
+        assert "store full" in res.output and "pull 1 layer(s)" in res.output
+        assert held(store) == set()
+        assert not hostcache.download_dir(store).exists() or not any(
+            hostcache.download_dir(store).iterdir()
+        )
+    finally:
+        run(["umount", str(small)])

@@ -11,15 +11,19 @@ digests are the node's.
 
 Partial and verified downloads wait in ``STORE/downloads/`` (a broken pull resumes from
 there); one pull at a time per store (the ``pull`` lock: a second one is a Conflict, exit 4).
+Before the first blob is fetched the store's file system must hold the missing blobs, their
+images (about their tars' size, from their layer.json) and the largest tree extracted: else
+"store full" (exit 7) and nothing fetched.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from unionimg.errors import NotFound, ToolFailed
+from unionimg.fs.space import require_space
 from unionimg.layers import layerstore
 from unionimg.registry import transfer
 from unionimg.registry.client import Registry
@@ -133,4 +137,21 @@ def _pull(
         import_blob=_importer(store),
         download_dir=download_dir(store),
         on_bytes=on_bytes,
+        check_space=lambda blobs, metas: _check_space(store, blobs, metas),
     )
+
+
+def _check_space(store: Store, blobs: int, metas: Sequence[bytes]) -> None:
+    """Room for the pull before a byte is fetched: the blobs, each layer's image (about its
+    tar's size) and, for the largest, its tree extracted while its image is made."""
+    tars = [_tar_size(m) for m in metas]
+    need = blobs + sum(tars) + max(tars, default=0)
+    require_space(store.root, need, f"pull {len(metas)} layer(s)")
+
+
+def _tar_size(meta: bytes) -> int:
+    try:
+        size = json.loads(meta).get("tar_size", 0)
+    except (ValueError, AttributeError):
+        return 0  # refused at its import (read as a LayerMeta record)
+    return size if type(size) is int and size > 0 else 0

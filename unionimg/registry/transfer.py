@@ -195,11 +195,13 @@ def pull_node(
     import_blob: ImportBlob,
     download_dir: Path,
     on_bytes: Callable[[int], None] | None = None,
+    check_space: Callable[[int, Sequence[bytes]], None] | None = None,
 ) -> PullReport:
     """Bring image-tree node ``ref`` (a tag or manifest digest of ``repo``) and its chain into
     a host: ``have(diff_id)`` says what the host holds; missing blobs are fetched (checked),
     then imported bottom to top. Raises before importing anything if any blob or parent node
-    is missing or damaged."""
+    is missing or damaged. ``check_space(bytes of the missing blobs, their layer.json)``
+    runs before the first blob is fetched (raise StoreFull there: nothing fetched)."""
     check_repo(repo)
     start = time.monotonic()
     before, resumed_before = reg.counters.bytes_down, reg.counters.bytes_resumed
@@ -242,6 +244,8 @@ def pull_node(
                 "layer; refused, nothing was pulled"
             )
         node, index = parent, index - 1
+    if check_space is not None:
+        check_space(sum(top.layers[i].size for i in missing), [metas[i] for i in missing])
     # every missing blob first (checked on arrival), then the imports
     download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     files: dict[int, Path] = {}
