@@ -3,8 +3,10 @@ OCI registry (``unionimg.registry``)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,8 +146,8 @@ def pull_cmd(c: Ctx, ref: str, url: str, repo: str, as_json: bool) -> None:
 
     REF: a tag (layer-<hex>), a node's manifest digest, or a layer's diff_id."""
     check_repo(repo)
-    with Registry(url) as reg:
-        report = hostcache.pull_node(c.store, reg, ref, repo=repo)
+    with Registry(url) as reg, _progress(not as_json and sys.stderr.isatty()) as (plan, step):
+        report = hostcache.pull_node(c.store, reg, ref, repo=repo, on_plan=plan, on_bytes=step)
     if as_json:
         click.echo(json_text(report.to_json()))
         return
@@ -154,3 +156,26 @@ def pull_cmd(c: Ctx, ref: str, url: str, repo: str, as_json: bool) -> None:
         f"{report.cache_hits} already here, {len(report.imported)} imported; "
         f"{report.bytes_pulled} bytes in {report.seconds:.2f} s"
     )
+
+
+@contextlib.contextmanager
+def _progress(
+    shown: bool,
+) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
+    """A transfer bar on stderr (a terminal only): (on_plan, on_bytes) for pull_node."""
+    if not shown:
+        yield None, None
+        return
+    # deferred on purpose: rich.progress takes ~60 ms to import and only a terminal needs it
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("pull"), BarColumn(), DownloadColumn(), console=Console(stderr=True),
+        transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("pull", total=None)
+        yield (
+            lambda total: bar.update(task, total=total),
+            lambda n: bar.advance(task, n),
+        )

@@ -113,22 +113,35 @@ def pull_node(
     *,
     repo: str = LAYER_REPO,
     on_bytes: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
 ) -> PullReport:
     """Bring node ``ref`` of ``repo`` (a tag, a manifest digest, or a layer's diff_id) and
-    its chain into the store, fetching only the blobs of layers the store lacks."""
+    its chain into the store, fetching only the blobs of layers the store lacks.
+    ``on_plan(bytes to fetch)`` once those are known, ``on_bytes(n)`` as they arrive (for a
+    progress bar)."""
     with store.lock(PULL_LOCK, wait=False, purpose=f"pull {ref}"):
         try:
-            return _pull(store, reg, repo, ref, on_bytes)
+            return _pull(store, reg, repo, ref, on_bytes, on_plan)
         except NotFound:
             if not ref.startswith("sha256:"):
                 raise
             # not a manifest digest: a layer's diff_id names its node by tag
-            return _pull(store, reg, repo, layer_tag(ref), on_bytes)
+            return _pull(store, reg, repo, layer_tag(ref), on_bytes, on_plan)
 
 
 def _pull(
-    store: Store, reg: Registry, repo: str, ref: str, on_bytes: Callable[[int], None] | None
+    store: Store,
+    reg: Registry,
+    repo: str,
+    ref: str,
+    on_bytes: Callable[[int], None] | None,
+    on_plan: Callable[[int], None] | None,
 ) -> PullReport:
+    def before_fetch(blobs: int, metas: Sequence[bytes]) -> None:
+        _check_space(store, blobs, metas)
+        if on_plan is not None:
+            on_plan(blobs)
+
     return transfer.pull_node(
         reg,
         repo,
@@ -137,7 +150,7 @@ def _pull(
         import_blob=_importer(store),
         download_dir=download_dir(store),
         on_bytes=on_bytes,
-        check_space=lambda blobs, metas: _check_space(store, blobs, metas),
+        check_space=before_fetch,
     )
 
 
