@@ -530,8 +530,8 @@ def naive_update(
     out = hg("merge", "--tool", "internal:merge", cwd=vm, ok=(0, 1))
     if unresolved is not None:
         t1 = time.perf_counter()
-        listed = hg("resolve", "--list", "-T", "{status} {path}\n", cwd=vm)
-        unresolved += ["/" + ln[2:] for ln in listed.splitlines() if ln.startswith("u ")]
+        listed = hg("resolve", "--list", "-T", "{mergestatus} {path}\n", cwd=vm)
+        unresolved += ["/" + ln[2:] for ln in listed.splitlines() if ln.startswith("U ")]
         t0 += time.perf_counter() - t1  # not part of the method
     hg("resolve", "--mark", "--all", "-q", cwd=vm)
     hg("commit", "-q", "-m", "merge base generation 2", cwd=vm)
