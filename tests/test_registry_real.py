@@ -483,29 +483,37 @@ def test_registry_serve_foreground_background_and_taken_address(src: Src, tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        left = server_mod.attach(tmp_path / "r1")  # the registry of a killed 'serve'
+        if left is not None:
+            left.stop()
     # in the background, then stopped
     addr = f"127.0.0.1:{free_port()}"
-    res = subprocess.run(
-        [UNIONIMG, "registry", "serve", "--dir", str(tmp_path / "r3"), "--listen", addr,
-         "--background"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    srv = server_mod.attach(tmp_path / "r3")
-    assert srv is not None and srv.running()
-    with Registry(f"http://{addr}") as reg:
-        reg.ping()
-    res = subprocess.run(
-        [UNIONIMG, "registry", "stop", "--dir", str(tmp_path / "r3")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert poll.until(lambda: not _alive(srv.pid), 10, 0.05)
-    res = subprocess.run(
-        [UNIONIMG, "registry", "stop", "--dir", str(tmp_path / "r3")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert res.returncode == 3 and res.stderr.count("\n") == 1
+    try:
+        res = subprocess.run(
+            [UNIONIMG, "registry", "serve", "--dir", str(tmp_path / "r3"), "--listen", addr,
+             "--background"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        srv = server_mod.attach(tmp_path / "r3")
+        assert srv is not None and srv.running()
+        with Registry(f"http://{addr}") as reg:
+            reg.ping()
+        res = subprocess.run(
+            [UNIONIMG, "registry", "stop", "--dir", str(tmp_path / "r3")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert poll.until(lambda: not _alive(srv.pid), 10, 0.05)
+        res = subprocess.run(
+            [UNIONIMG, "registry", "stop", "--dir", str(tmp_path / "r3")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert res.returncode == 3 and res.stderr.count("\n") == 1
+    finally:
+        left = server_mod.attach(tmp_path / "r3")
+        if left is not None:
+            left.stop()
 
 
 def test_registry_binary_missing_is_one_line(tmp_path: Path) -> None:
