@@ -603,3 +603,20 @@ def test_a_store_too_small_for_the_pull_fetches_nothing(
         )
     finally:
         run(["umount", str(small)])
+
+
+def test_a_tampered_parent_manifest_is_refused(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    """A parent node is fetched by its digest: bytes changed in the registry's storage are
+    refused before any blob is fetched."""
+    with Registry(registry.url) as reg:
+        report = hostcache.push_layers(src.store, reg, src.a.short)
+    stored = registry.blob_file(report.nodes[0]["manifest"])
+    stored.write_bytes(stored.read_bytes().replace(b"test base", b"evil base"))
+    store = empty_store(tmp_path / "host")
+    res = Cli(store.root).fails("pull", src.a.diff_id, "--registry", registry.url, code=5)
+    assert f"manifest {REPO}@{report.nodes[0]['manifest']}" in res.output
+    assert "tampered" in res.output
+    assert held(store) == set()
+    assert not hostcache.download_dir(store).exists()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import time
@@ -55,6 +56,8 @@ from unionimg.registry.manifests import (
 
 CHUNK: Final = 8 << 20
 """Bytes per PATCH of a chunked upload, and per read of a blob."""
+MAX_LISTING: Final = 8 << 20
+"""A catalog or tag list larger than this is refused (a registry is a remote party)."""
 RETRIES: Final = 3
 TIMEOUT: Final = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=10.0)
 
@@ -168,22 +171,50 @@ class Registry:
         if resp.status_code != 200:
             raise self._fail(resp, "the /v2/ API")
 
-    def catalog(self, limit: int = 1000) -> list[str]:
-        resp = self._request("GET", "/v2/_catalog", params={"n": limit})
-        if resp.status_code != 200:
-            raise self._fail(resp, "listing repositories")
-        names = resp.json().get("repositories") or []
+    def _listing(self, path: str, params: dict[str, int], key: str, what: str) -> list[str] | None:
+        """A JSON listing (``{KEY: [names]}``) read up to :data:`MAX_LISTING` bytes; None
+        on 404; a body that is no such object is one line."""
+        for attempt in range(self.retries + 1):
+            self.counters.requests += 1
+            try:
+                with self._http.stream("GET", path, params=params) as resp:
+                    if resp.status_code == 404:
+                        return None
+                    if resp.status_code != 200:
+                        resp.read()
+                        raise self._fail(resp, what)
+                    body = bytearray()
+                    for part in resp.iter_bytes():
+                        body += part
+                        if len(body) > MAX_LISTING:
+                            raise ToolFailed(
+                                f"registry {self.url}: {what}: more than {MAX_LISTING} bytes; "
+                                "refused"
+                            )
+                break
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+                time.sleep(self.backoff * 2**attempt)
+        self.counters.bytes_down += len(body)
+        try:
+            names = json.loads(body).get(key) or []
+        except (ValueError, AttributeError):
+            raise ToolFailed(f"registry {self.url}: {what}: the answer is not JSON") from None
+        if not isinstance(names, list):
+            raise ToolFailed(f"registry {self.url}: {what}: '{key}' is not a list")
         return [n for n in names if isinstance(n, str)]
+
+    def catalog(self, limit: int = 1000) -> list[str]:
+        """The registry's repositories (at most ``limit``)."""
+        names = self._listing("/v2/_catalog", {"n": limit}, "repositories", "listing repositories")
+        return names or []
 
     def tags(self, repo: str) -> list[str]:
         """The tags of ``repo`` ([] for a repository with none or that does not exist)."""
-        resp = self._request("GET", f"/v2/{check_repo(repo)}/tags/list", params={"n": 10000})
-        if resp.status_code == 404:
-            return []
-        if resp.status_code != 200:
-            raise self._fail(resp, f"listing the tags of {repo}")
-        tags = resp.json().get("tags") or []
-        return sorted(t for t in tags if isinstance(t, str))
+        path = f"/v2/{check_repo(repo)}/tags/list"
+        names = self._listing(path, {"n": 10000}, "tags", f"listing the tags of {repo}")
+        return sorted(names or [])
 
     def blob_size(self, repo: str, digest: str) -> int | None:
         """The size of blob ``digest`` in ``repo``, or None when ``repo`` lacks it."""
@@ -192,7 +223,8 @@ class Registry:
             return None
         if resp.status_code != 200:
             raise self._fail(resp, f"asking for blob {digest} in {repo}")
-        return int(resp.headers.get("content-length", "-1"))
+        length = resp.headers.get("content-length", "")
+        return int(length) if length.isdigit() else -1
 
     # -- pushing blobs ----------------------------------------------------------------------
     def push_blob(
