@@ -13,9 +13,11 @@ A :class:`Lab` is one private network on this machine:
 - :meth:`Lab.add_namespace` for a namespace without sshd (the registry's): its
   :attr:`Netns.prefix` is the argument list that runs a program inside it.
 
-Programs run inside a namespace with ``nsenter --net=/run/netns/NS`` (the network namespace
-only): they share the machine's mount namespace, so a host's mounts and loop devices are the
-machine's, visible to the tests' leak checks (``ip netns exec`` would give each its own).
+:attr:`Netns.prefix` runs a program inside a namespace with ``nsenter --net=/run/netns/NS``
+(the network namespace only; the registry needs no more). A host's sshd runs under ``ip
+netns exec``: the namespace's own ``/sys`` (a guest's tap device is looked up there) in a
+mount namespace of its own that receives the machine's mounts (a host's own mounts, such as
+a booted guest's, stay in it and go with its processes at teardown).
 Bytes on the wire are the kernel's counters of each host's ``eth0`` (``rx_bytes`` is what the
 host received), read with ``ip -n NS -s -j link show``: the namespace's own
 ``/sys/class/net/eth0/statistics`` as ``ip`` reads them.
@@ -394,8 +396,10 @@ class Lab:
         )  # fmt: skip
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         log = (host.dir / "sshd.log").open("ab")
+        # ip netns exec: the namespace's own /sys (a guest's tap is looked up there), in a
+        # mount namespace of its own whose mounts are the machine's (received, not sent)
         host.sshd = subprocess.Popen(
-            [*host.prefix, SSHD, "-D", "-e", "-f", str(conf)],
+            ["ip", "netns", "exec", host.ns, SSHD, "-D", "-e", "-f", str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

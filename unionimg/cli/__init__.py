@@ -14,6 +14,8 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     timer_cmd        timer install, remove
     registry_cmd     registry serve, stop; push LAYER, pull REF
     host_cmd         host add, key, list, cache, remove
+    system_cmd       system create, snapshot, tree, show, push (materialize: run by deploy)
+    deploy_cmd       deploy, redeploy
     layer_cmd        layer list, show, tree, gc
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
@@ -112,6 +114,20 @@ COMMANDS: dict[str, Lazy] = {
         "unionimg.cli.boot_cmd:switch_cmd",
         "Move VM to another hypervisor: stop, re-render, record, boot if asked. No disk copy. "
         "With --boot, a guest that fails to boot exits 9 like 'boot'.",
+    ),
+    "system": Lazy(
+        "unionimg.cli.system_cmd:system",
+        "Systems: named sets of VMs, each node of the system tree a snapshot of all of them.",
+    ),
+    "deploy": Lazy(
+        "unionimg.cli.deploy_cmd:deploy_cmd",
+        "Deploy system node SYSTEM to hosts: push it to the registry, each host pulls only the "
+        "layers it lacks and makes the VMs (MACs kept); --boot boots them.",
+    ),
+    "redeploy": Lazy(
+        "unionimg.cli.deploy_cmd:redeploy_cmd",
+        "Deploy another node SYSTEM of the system tree where an earlier deploy made its VMs: "
+        "the hosts pull only the layers they lack and replace those VMs (stopped ones).",
     ),
     "host": Lazy(
         "unionimg.cli.host_cmd:host",

@@ -1,0 +1,274 @@
+"""Deploying systems to hosts over SSH through a registry (issue 13, items 4 and 6), for real.
+
+The lab (:mod:`vm_fixtures.nethosts`): a bridge in a namespace of its own, the registry
+(Debian's docker-registry) in its own namespace, and namespace hosts, each with a real
+OpenSSH sshd and its own store directory; the controller is this process's store, reaching
+the hosts with ``ssh`` as ``unionimg host add`` recorded them. Bytes are counted on each
+host's veth (``rx_bytes``).
+
+What it shows: the first deploy to two empty hosts pulls every layer of the system on each
+(wire bytes = the blobs + a little); a redeploy of a child node pulls only the layers that
+node changed (wire bytes a small fraction of the first); the VMs keep their MACs; ``--boot``
+boots them under User-Mode Linux on the host and their console says they came up on their
+MAC; bad input is one line and an exit code with nothing half-made on the host: a VM name the
+host already has, two deploys at once (the host's deploy lock), a host whose store is full,
+a host whose SSH key changed, a host that is down.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import UNIONIMG, Cli, need, need_programs, need_uml_kernel
+from tests.test_systems import change, make_vms, tiny_store
+from unionimg.fs.mounts import unmount_tree
+from unionimg.registry import server as server_mod
+from vm_fixtures.nethosts import Host, Lab
+
+pytestmark = pytest.mark.usefixtures("root")
+
+WIRE_SLACK = 256 << 10
+"""What SSH, HTTP headers and manifests may add to a deploy's blob bytes on a host's link."""
+
+
+@dataclass
+class Env:
+    tmp: Path
+    lab: Lab
+    ctl: Cli
+    url: str
+    hosts: dict[str, Host]
+
+    def add_host(self, name: str) -> Host:
+        host = self.lab.add_host(name)
+        host.authorize(self.ctl.ok("host", "key").output.strip())
+        self.ctl.ok(
+            "host", "add", name, "--ssh", f"root@{host.addr}", "--store", str(host.store),
+            "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub),
+        )  # fmt: skip
+        self.hosts[name] = host
+        return host
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
+    need_programs("docker-registry", "ssh", "ssh-keygen", "nsenter", "ip")
+    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    tmp = tmp_path_factory.mktemp("deploy")
+    lab = Lab(tmp / "lab")
+    srv = None
+    try:
+        reg = lab.add_namespace("reg")
+        srv = server_mod.start(tmp / "registry", f"{reg.addr}:5000", prefix=reg.prefix)
+        ctl = tiny_store(tmp / "ctl")
+        make_vms(ctl, tmp, ["web", "db", "dns"])
+        ctl.ok("system", "create", "lab1", "--instance", "web", "--instance", "db",
+               "--instance", "dns", "-m", "initial")  # fmt: skip
+        change(ctl, "web", tmp, {"etc/web.conf": "role web, malware removed\n"})
+        change(ctl, "dns", tmp, {"etc/dns.conf": "role dns, malware removed\n"})
+        ctl.ok("system", "snapshot", "lab1", "--as", "lab2", "-m", "malware removed")
+        e = Env(tmp, lab, ctl, srv.url, {})
+        for name in ("h1", "h2"):
+            e.add_host(name)
+        yield e
+    finally:
+        if srv is not None:
+            srv.stop()
+        lab.close()
+        unmount_tree(tmp)
+
+
+def hcli(host: Host) -> Cli:
+    """The host's store, read from here (namespaces share the file system)."""
+    return Cli(host.store)
+
+
+def layer_sizes(cli: Cli) -> dict[str, int]:
+    rows = json.loads(cli.ok("layer", "list", "--json").output)
+    return {r["diff_id"]: r["blob_size"] for r in rows}
+
+
+def node_layers(cli: Cli, system: str) -> set[str]:
+    """Every layer system node ``system`` needs (each VM's chain)."""
+    rows = {r["diff_id"]: r for r in json.loads(cli.ok("layer", "list", "--json").output)}
+    out: set[str] = set()
+    for vm in json.loads(cli.ok("system", "show", system, "--json").output)["vms"]:
+        layer = vm["layer"]
+        while layer is not None:
+            out.add(layer)
+            layer = rows[layer]["parent"]
+    return out
+
+
+def deploy(env: Env, *args: str) -> dict[str, Any]:
+    res = env.ctl.ok(*args, "--registry", env.url, "--json")
+    data: dict[str, Any] = json.loads(res.output)
+    return data
+
+
+def nothing_made(host: Host, instances: list[str] | None = None) -> None:
+    cli = hcli(host)
+    names = [i["name"] for i in json.loads(cli.ok("instance", "list", "--json").output)]
+    assert names == (instances or [])
+    systems = host.store / "systems"
+    assert not systems.is_dir() or not any(systems.glob("*/deployed.json"))
+    downloads = host.store / "downloads"
+    assert not downloads.is_dir() or not any(downloads.iterdir())
+    tmp = host.store / "tmp"
+    assert not tmp.is_dir() or not any(tmp.iterdir())
+
+
+def test_host_list_and_cache(env: Env) -> None:
+    rows = json.loads(env.ctl.ok("host", "list", "--json").output)
+    assert {r["name"] for r in rows} >= {"h1", "h2"}
+    assert json.loads(env.ctl.ok("host", "cache", "h1", "--json").output) == []
+
+
+def test_first_deploy_pulls_everything_then_redeploy_only_changed(env: Env) -> None:
+    h1, h2 = env.hosts["h1"], env.hosts["h2"]
+    sizes = layer_sizes(env.ctl)
+    one, two = node_layers(env.ctl, "lab1"), node_layers(env.ctl, "lab2")
+    before = {h.name: h.counters()["rx_bytes"] for h in (h1, h2)}
+    report = deploy(env, "deploy", "lab1", "--host", "h1", "--host", "h2")
+    blob_bytes = sum(sizes[d] for d in one)
+    for h in (h1, h2):
+        r = report["hosts"][h.name]
+        assert r["ok"], r
+        assert r["cache_hits"] == 0 and sorted(r["imported"]) == sorted(one)
+        assert r["bytes_pulled"] >= blob_bytes
+        wire = h.counters()["rx_bytes"] - before[h.name]
+        assert blob_bytes <= wire <= r["bytes_pulled"] + WIRE_SLACK, (wire, r)
+        insts = {i["name"]: i for i in json.loads(hcli(h).ok("instance", "list", "--json").output)}
+        ctl = {i["name"]: i for i in json.loads(env.ctl.ok("instance", "list", "--json").output)}
+        assert sorted(insts) == ["db", "dns", "web"]
+        for vm in insts:
+            assert insts[vm]["mac"] == ctl[vm]["mac"]  # MACs kept
+        cached = {
+            r["diff_id"] for r in json.loads(env.ctl.ok("host", "cache", h.name, "--json").output)
+        }
+        assert cached == one
+    first_wire = {h.name: h.counters()["rx_bytes"] - before[h.name] for h in (h1, h2)}
+
+    # redeploy the child node to h1: only the layers lab2 changed (web's, dns's) travel
+    new = two - one
+    assert len(new) == 2
+    before1 = h1.counters()["rx_bytes"]
+    report = deploy(env, "redeploy", "lab2", "--host", "h1")
+    r = report["hosts"]["h1"]
+    assert r["ok"], r
+    assert sorted(r["imported"]) == sorted(new)
+    assert r["cache_hits"] == len(two) - 2
+    assert sorted(r["replaced"]) == ["db", "dns", "web"]
+    wire = h1.counters()["rx_bytes"] - before1
+    new_bytes = sum(sizes[d] for d in new)
+    assert new_bytes <= wire <= r["bytes_pulled"] + WIRE_SLACK
+    assert wire < first_wire["h1"] / 4, (wire, first_wire)
+    print(f"first deploy {first_wire['h1']} B on the wire, redeploy {wire} B")
+    dep = json.loads(hcli(h1).ok("system", "show", "lab2", "--json").output)["deployed"]
+    assert dep["vms"] == ["web", "db", "dns"]
+    # a deploy (not redeploy) where the VMs exist is refused: nothing changes
+    res = env.ctl.fails("deploy", "lab2", "--host", "h1", "--registry", env.url, code=4)
+    assert "redeploy" in res.output
+
+
+def test_deploy_boot_under_uml(env: Env) -> None:
+    need_uml_kernel()
+    h2 = env.hosts["h2"]
+    report = deploy(env, "redeploy", "lab2", "--host", "h2", "--boot")
+    r = report["hosts"]["h2"]
+    assert r["ok"], r
+    assert sorted(r["booted"]) == ["db", "dns", "web"]
+    for vm in ("web", "db"):
+        out = subprocess.run(
+            h2.ssh_argv(str(UNIONIMG), "--store", str(h2.store), "console", vm),
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        mac = json.loads(env.ctl.ok("instance", "show", vm, "--json").output)["mac"]
+        assert "unionimg-guest: start" in out, out[-2000:]
+        assert f"mac {mac}" in out, out[-2000:]
+        assert "/etc/" in out or "root" in out
+    for vm in ("web", "db", "dns"):  # stopped where they run (their taps are in h2's netns)
+        subprocess.run(
+            h2.ssh_argv(str(UNIONIMG), "--store", str(h2.store), "stop", vm, "--force"),
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+
+
+def test_vm_name_taken_on_host(env: Env) -> None:
+    h3 = env.add_host("h3")
+    from vm_fixtures import build
+
+    cli = hcli(h3)
+    cli.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
+    cli.ok("instance", "create", "db", "--base", "tiny", "--size", "64M")
+    layers_before = sorted(p.name for p in (h3.store / "layers").rglob("*"))
+    res = env.ctl.fails("deploy", "lab1", "--host", "h3", "--registry", env.url, code=4)
+    assert "db" in res.output and "h3" in res.output
+    nothing_made(h3, ["db"])
+    assert sorted(p.name for p in (h3.store / "layers").rglob("*")) == layers_before
+
+
+def test_two_deploys_at_once(env: Env) -> None:
+    h4 = env.add_host("h4")
+    # the host's deploy lock held (a deploy in progress there): refused, nothing made
+    (h4.store / "locks").mkdir(parents=True, exist_ok=True)
+    fd = os.open(h4.store / "locks" / "deploy.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, b"pid 1 deploy lab9", 0)
+        res = env.ctl.fails("deploy", "lab1", "--host", "h4", "--registry", env.url, code=4)
+        assert "locked" in res.output
+        nothing_made(h4)
+    finally:
+        os.close(fd)
+    # two real deploys started together: one makes the system, the other is refused (the
+    # lock, or the VMs it finds made), and the host holds one whole deployment
+    argv = [str(UNIONIMG), "--store", str(env.ctl.store), "deploy", "lab1", "--host", "h4",
+            "--registry", env.url]  # fmt: skip
+    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes, errs = [], []
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        codes.append(p.returncode)
+        errs.append(err)
+    assert sorted(codes) == [0, 4], errs
+    bad = errs[codes.index(4)].strip().splitlines()
+    assert len(bad) == 1 and bad[0].startswith("unionimg: error: host h4"), bad
+    names = [i["name"] for i in json.loads(hcli(h4).ok("instance", "list", "--json").output)]
+    assert sorted(names) == ["db", "dns", "web"]
+
+
+def test_store_full_on_host(env: Env) -> None:
+    h5 = env.add_host("h5")
+    h5.store.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(h5.store)], check=True)
+    try:
+        res = env.ctl.fails("deploy", "lab1", "--host", "h5", "--registry", env.url, code=7)
+        assert "store full" in res.output and "h5" in res.output
+        nothing_made(h5)
+        layers = h5.store / "layers"
+        assert not layers.is_dir() or not any(layers.rglob("layer.json"))
+    finally:
+        subprocess.run(["umount", str(h5.store)], check=True)
+
+
+def test_changed_host_key_and_host_down(env: Env) -> None:
+    h6 = env.add_host("h6")
+    h6.new_host_key()
+    res = env.ctl.fails("deploy", "lab1", "--host", "h6", "--registry", env.url, code=4)
+    assert "host key" in res.output
+    res = env.ctl.fails("host", "cache", "h6", code=4)
+    nothing_made(h6)
+    h6.stop_sshd()
+    h6.kill_sessions()
+    res = env.ctl.fails("host", "cache", "h6", code=5)
+    assert "unreachable" in res.output

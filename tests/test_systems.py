@@ -1,0 +1,220 @@
+"""The system tree (issue 13, item 2) on the tiny fixture: real instances, real snapshots into
+the layer store, a real registry (Debian's docker-registry on 127.0.0.1) for the manifests.
+
+What it shows: ``system create`` snapshots every VM and points at each VM's new layer;
+``system snapshot --as CHILD`` gives a changed VM a new layer on top of its old one and keeps
+an unchanged VM's layer; ``system tree`` draws the tree and ``--json`` gives it; ``system show
+--json`` says parent, VMs, what changed; bad names and missing VMs are one line each with
+nothing made; ``system push`` gives deploy-ready OCI manifests: a system node (its own
+artifactType, the record as config, every blob its VMs need, its parent's digest) over
+image-tree nodes, read back with plain HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cli, need, need_programs
+from unionimg.fs.mounts import unmount_tree
+from unionimg.registry import server as server_mod
+from unionimg.registry.manifests import (
+    ARTIFACT_SYSTEM,
+    MEDIA_LAYER,
+    MEDIA_SYSTEM_CONFIG,
+    SYSTEM_REPO,
+)
+
+pytestmark = pytest.mark.usefixtures("root")
+
+MACS = {"web": "52:54:00:13:00:01", "db": "52:54:00:13:00:02", "dns": "52:54:00:13:00:03"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def change(cli: Cli, vm: str, where: Path, files: dict[str, str]) -> None:
+    """Write ``files`` (path -> text) into VM's union, through a real mount."""
+    mnt = where / f"mnt-{vm}"
+    mnt.mkdir(exist_ok=True)
+    cli.ok("mount", vm, str(mnt))
+    try:
+        for rel, text in files.items():
+            path = mnt / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    finally:
+        cli.ok("umount", str(mnt))
+
+
+def make_vms(cli: Cli, where: Path, names: list[str]) -> None:
+    for vm in names:
+        cli.ok(
+            "instance", "create", vm, "--base", "tiny", "--mac", MACS[vm], "--hypervisor",
+            "uml", "--size", "64M", "--memory", "96",
+        )  # fmt: skip
+        change(cli, vm, where, {f"etc/{vm}.conf": f"role {vm}\n", "etc/motd": f"this is {vm}\n"})
+
+
+def tiny_store(tmp: Path) -> Cli:
+    need(Path("/bin/busybox").exists(), "busybox-static not installed")
+    from vm_fixtures import build
+
+    cli = Cli(tmp / "store")
+    cli.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
+    return cli
+
+
+def show(cli: Cli, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(cli.ok("system", "show", name, "--json").output)
+    return data
+
+
+def layers_of(data: dict[str, Any]) -> dict[str, str]:
+    return {vm["name"]: vm["layer"] for vm in data["vms"]}
+
+
+def layer_rows(cli: Cli) -> dict[str, dict[str, Any]]:
+    return {r["diff_id"]: r for r in json.loads(cli.ok("layer", "list", "--json").output)}
+
+
+@pytest.fixture(scope="module")
+def sys_cli(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Cli]:
+    tmp = tmp_path_factory.mktemp("systems")
+    cli = tiny_store(tmp)
+    try:
+        make_vms(cli, tmp, ["web", "db"])
+        yield cli
+    finally:
+        unmount_tree(tmp)
+
+
+def test_create_snapshot_tree_show(sys_cli: Cli, tmp_path: Path) -> None:
+    cli = sys_cli
+    out = cli.ok("system", "create", "lab1", "--instance", "web", "--instance", "db", "-m", "v1")
+    assert "system lab1" in out.output
+    one = show(cli, "lab1")
+    assert one["parent"] is None and one["message"] == "v1"
+    assert sorted(one["changed"]) == ["db", "web"]
+    l1 = layers_of(one)
+    rows = layer_rows(cli)
+    for vm, diff_id in l1.items():
+        # the VM's layer is a snapshot of its changes, over the base generation's layer
+        assert rows[diff_id]["kind"] == "snapshot", rows[diff_id]
+        assert rows[rows[diff_id]["parent"]]["kind"] == "base"
+        inst = json.loads(cli.ok("instance", "show", vm, "--json").output)
+        assert inst["mac"] == MACS[vm]
+        assert {v["mac"] for v in one["vms"] if v["name"] == vm} == {MACS[vm]}
+    assert l1["web"] != l1["db"]
+
+    # only web changes; the child keeps db's layer and puts web's new one over its old
+    change(cli, "web", tmp_path, {"etc/web.conf": "role web, cleaned\n"})
+    out = cli.ok("system", "snapshot", "lab1", "--as", "lab2", "-m", "malware removed")
+    assert "changed: web" in out.output
+    two = show(cli, "lab2")
+    l2 = layers_of(two)
+    assert two["parent"] == "lab1" and two["changed"] == ["web"]
+    assert l2["db"] == l1["db"]
+    assert l2["web"] != l1["web"]
+    assert layer_rows(cli)[l2["web"]]["parent"] == l1["web"]
+    assert show(cli, "lab1")["children"] == ["lab2"]
+
+    # nothing changed at all: a third node points at the very same layers
+    cli.ok("system", "snapshot", "lab2", "--as", "lab3")
+    three = show(cli, "lab3")
+    assert layers_of(three) == l2 and three["changed"] == []
+
+    tree = cli.ok("system", "tree").output
+    lines = tree.splitlines()
+    assert lines[0].startswith("lab1") and "v1" in lines[0]
+    assert any(ln.lstrip("│ ").startswith("└── lab2") for ln in lines), tree
+    assert any("lab3" in ln and ln.index("lab3") > lines[1].index("lab2") for ln in lines[2:])
+    assert "web*:" in lines[1] and "db*:" not in lines[1]  # what the node changed is marked
+    data = json.loads(cli.ok("system", "tree", "--json").output)
+    assert [n["name"] for n in data] == ["lab1"]
+    assert data[0]["children"][0]["name"] == "lab2"
+    assert data[0]["children"][0]["children"][0]["name"] == "lab3"
+    sub = json.loads(cli.ok("system", "tree", "lab2", "--json").output)
+    assert [n["name"] for n in sub] == ["lab2"]
+
+
+def test_bad_input_one_line_nothing_made(sys_cli: Cli) -> None:
+    cli = sys_cli
+    systems_dir = cli.store / "systems"
+    before = sorted(p.name for p in systems_dir.iterdir()) if systems_dir.is_dir() else []
+    res = cli.fails("system", "create", "x1", "--instance", "web", "--instance", "nosuch", code=3)
+    assert "nosuch" in res.output
+    cli.fails("system", "create", "x2", "--instance", "web", "--instance", "web", code=2)
+    cli.fails("system", "create", "bad/name", "--instance", "web", code=2)
+    cli.fails("system", "snapshot", "nosuch", "--as", "x3", code=3)
+    cli.fails("system", "show", "nosuch", code=3)
+    cli.fails("system", "tree", "nosuch", code=3)
+    if "lab1" in before:
+        cli.fails("system", "create", "lab1", "--instance", "web", code=4)
+        cli.fails("system", "snapshot", "lab1", "--as", "lab2", code=4)
+    after = sorted(p.name for p in systems_dir.iterdir()) if systems_dir.is_dir() else []
+    assert after == before
+
+
+def _get(url: str, accept: str | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        data: bytes = resp.read()
+        return data
+
+
+def test_push_gives_deploy_ready_manifests(sys_cli: Cli, tmp_path: Path) -> None:
+    need_programs("docker-registry")
+    cli = sys_cli
+    if "lab2" not in {p.name for p in (cli.store / "systems").iterdir()}:
+        pytest.fail("test_create_snapshot_tree_show must run first (it makes lab1, lab2)")
+    srv = server_mod.start(tmp_path / "registry", f"127.0.0.1:{free_port()}")
+    try:
+        url = srv.url
+        pushed = json.loads(cli.ok("system", "push", "lab2", "--registry", url, "--json").output)
+        assert set(pushed["nodes"]) == {"lab1", "lab2"}
+        assert pushed["manifest"] == pushed["nodes"]["lab2"]
+        again = json.loads(cli.ok("system", "push", "lab2", "--registry", url, "--json").output)
+        assert again["manifest"] == pushed["manifest"]  # the same node, the same digest
+        assert again["bytes_sent"] < 16 << 10  # manifests only: every blob was there
+
+        # a standard client: plain HTTP, the OCI distribution API
+        tags = json.loads(_get(f"{url}/v2/{SYSTEM_REPO}/tags/list"))["tags"]
+        assert {"lab1", "lab2"} <= set(tags)
+        accept = "application/vnd.oci.image.manifest.v1+json"
+        man = json.loads(_get(f"{url}/v2/{SYSTEM_REPO}/manifests/lab2", accept))
+        assert man["artifactType"] == ARTIFACT_SYSTEM
+        assert man["config"]["mediaType"] == MEDIA_SYSTEM_CONFIG
+        assert man["annotations"]["org.unionimg.parent"] == pushed["nodes"]["lab1"]
+        assert man["annotations"]["org.opencontainers.image.title"] == "lab2"
+        config = json.loads(_get(f"{url}/v2/{SYSTEM_REPO}/blobs/{man['config']['digest']}"))
+        record = show(cli, "lab2")
+        assert config["name"] == "lab2" and config["parent"] == "lab1"
+        assert config["vms"] == record["vms"]
+        diff_ids = [d["annotations"]["org.unionimg.diff_id"] for d in man["layers"]]
+        assert all(d["mediaType"] == MEDIA_LAYER for d in man["layers"])
+        rows = layer_rows(cli)
+        for vm in record["vms"]:  # each VM's whole chain is among the node's blobs
+            layer = vm["layer"]
+            while layer is not None:
+                assert layer in diff_ids
+                layer = rows[layer]["parent"]
+        assert len(diff_ids) == len(set(diff_ids))  # the shared base once
+        for d in man["layers"]:  # every blob is fetchable from the system's repository
+            req = urllib.request.Request(
+                f"{url}/v2/{SYSTEM_REPO}/blobs/{d['digest']}", method="HEAD"
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert int(resp.headers["content-length"]) == d["size"]
+    finally:
+        srv.stop()

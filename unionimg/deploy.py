@@ -1,0 +1,212 @@
+"""Deploy: the controller side of putting a system node on hosts.
+
+``deploy SYSTEM --host H... --registry URL [--boot]`` (``redeploy`` the same, replacing the
+VMs an earlier deploy made there):
+
+1. the controller pushes the node (and its ancestors) to the registry
+   (:func:`unionimg.systems.push`: blobs the registry holds are not sent again);
+2. for each host, at once (one thread per host, each its own SSH connection): it asks what
+   the host holds (``unionimg layer list --json`` there: the cache hits), then runs
+   ``unionimg system materialize NODE-DIGEST --registry URL [--replace] [--boot]`` there
+   (:func:`unionimg.systems.materialize`): the host pulls only the blobs it lacks straight
+   from the registry, checks each, makes the VMs and boots them; its progress lines come back
+   on SSH's stderr and drive one progress bar per host;
+3. the result is one report: per host the bytes it pulled, its cache hits, the layers it
+   imported, the VMs made, seconds; a host that failed has its error line (the others
+   go on), and the command exits with the first failure's code.
+
+The node is named to hosts by its manifest digest (what the controller pushed), never by a
+tag another push may move meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from unionimg import hosts as hosts_mod
+from unionimg import systems
+from unionimg.errors import ToolFailed, UnionimgError, UsageError
+from unionimg.registry.client import Registry, check_url
+from unionimg.store.layout import Store
+
+PROGRESS_PREFIX = "unionimg-progress "
+MAX_HOSTS = 1000
+Watcher = Callable[[str, str, int, int], None]
+"""``watch(host, phase, done, total)``: a host's progress (phases: cache, pull, vm, boot,
+done, failed)."""
+
+
+@dataclass
+class HostOutcome:
+    host: str
+    ok: bool = False
+    error: str = ""
+    exit_code: int = 0
+    cached_before: int = 0  # layers the host held before
+    result: dict[str, Any] = field(default_factory=dict)  # the host's materialize report
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "host": self.host,
+            "ok": self.ok,
+            "error": self.error or None,
+            "cached_before": self.cached_before,
+            "cache_hits": r.get("cache_hits", 0),
+            "layers": len(r.get("layers", [])),
+            "imported": r.get("imported", []),
+            "bytes_pulled": r.get("bytes_pulled", 0),
+            "bytes_resumed": r.get("bytes_resumed", 0),
+            "vms": r.get("vms", []),
+            "created": r.get("created", []),
+            "replaced": r.get("replaced", []),
+            "booted": r.get("booted", []),
+            "pull_seconds": r.get("pull_seconds", 0.0),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class DeployReport:
+    system: str
+    manifest: str
+    registry: str
+    pushed_bytes: int
+    push_seconds: float
+    hosts: list[HostOutcome]
+    seconds: float = 0.0
+
+    def failed(self) -> list[HostOutcome]:
+        return [h for h in self.hosts if not h.ok]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "system": self.system,
+            "manifest": self.manifest,
+            "registry": self.registry,
+            "pushed_bytes": self.pushed_bytes,
+            "push_seconds": round(self.push_seconds, 3),
+            "hosts": {h.host: h.to_json() for h in self.hosts},
+            "bytes_pulled": sum(h.result.get("bytes_pulled", 0) for h in self.hosts),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _parse_progress(host: str, line: str, watch: Watcher) -> None:
+    try:
+        obj = json.loads(line[len(PROGRESS_PREFIX) :])
+        phase, done, total = str(obj["phase"]), int(obj["done"]), int(obj["total"])
+    except (ValueError, KeyError, TypeError):
+        return  # a line of something else; the host is not trusted to print well
+    watch(host, phase[:16], max(done, 0), max(total, 0))
+
+
+def deploy_one(
+    host: hosts_mod.Host,
+    manifest: str,
+    url: str,
+    *,
+    replace: bool,
+    boot: bool,
+    watch: Watcher,
+) -> HostOutcome:
+    out = HostOutcome(host.name)
+    start = time.monotonic()
+    try:
+        watch(host.name, "cache", 0, 1)
+        out.cached_before = len(hosts_mod.cache(host))
+        watch(host.name, "cache", 1, 1)
+        args = ["system", "materialize", manifest, "--registry", url, "--progress", "--json"]
+        if replace:
+            args.append("--replace")
+        if boot:
+            args.append("--boot")
+        pending = bytearray()
+
+        def sink(fd: int, data: bytes) -> None:
+            if fd != 2:
+                return
+            pending.extend(data)
+            while b"\n" in pending:
+                line, _, rest = bytes(pending).partition(b"\n")
+                pending[:] = rest
+                text = line.decode(errors="replace")
+                if text.startswith(PROGRESS_PREFIX):
+                    _parse_progress(host.name, text, watch)
+
+        text = host.stream(args, sink, what="materializing the system")
+        try:
+            result = json.loads(text)
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            raise ToolFailed(f"host {host.name}: 'system materialize' printed no report")
+        out.result = result
+        out.ok = True
+        watch(host.name, "done", 1, 1)
+    except UnionimgError as exc:
+        out.error = exc.message
+        out.exit_code = exc.exit_code
+        watch(host.name, "failed", 0, 1)
+    out.seconds = time.monotonic() - start
+    return out
+
+
+def deploy(
+    store: Store,
+    system: str,
+    host_names: Sequence[str],
+    registry: str,
+    *,
+    host_registry: str | None = None,
+    replace: bool = False,
+    boot: bool = False,
+    watch: Watcher | None = None,
+) -> DeployReport:
+    """Push ``system`` to ``registry`` and materialize it on every host (see the module
+    docstring). Hosts that fail are in the report; none stops the others."""
+    start = time.monotonic()
+    if not host_names:
+        raise UsageError("name at least one host (--host H)")
+    if len(set(host_names)) != len(host_names):
+        raise UsageError("a host is named twice; name each host once")
+    if len(host_names) > MAX_HOSTS:
+        raise UsageError(f"at most {MAX_HOSTS} hosts per deploy")
+    targets = [hosts_mod.get(store, h) for h in host_names]
+    systems.get(store, system)
+    url_for_hosts = check_url(host_registry or registry)
+    with Registry(registry) as reg:
+        pushed = systems.push(store, reg, system)
+    lock = threading.Lock()
+
+    def locked_watch(host: str, phase: str, done: int, total: int) -> None:
+        if watch is not None:
+            with lock:
+                watch(host, phase, done, total)
+
+    with ThreadPoolExecutor(max_workers=min(len(targets), 32)) as pool:
+        outcomes = list(
+            pool.map(
+                lambda h: deploy_one(
+                    h, pushed.manifest, url_for_hosts, replace=replace, boot=boot,
+                    watch=locked_watch,
+                ),
+                targets,
+            )
+        )  # fmt: skip
+    return DeployReport(
+        system,
+        pushed.manifest,
+        url_for_hosts,
+        pushed.bytes_sent,
+        pushed.seconds,
+        outcomes,
+        time.monotonic() - start,
+    )
