@@ -182,7 +182,7 @@ def test_layer_tree_json_dot(tree: Cli, tmp_path: Path) -> None:
     assert dot.startswith("digraph") and dot.rstrip().endswith("}")
     assert f'"{a["layer"][7:19]}" -> "{xa["layer"][7:19]}"' in dot
     assert f'"{xa["layer"][7:19]}" -> "vm vm1"' in dot
-    if (dotbin := subprocess.run(["which", "dot"], capture_output=True, text=True).stdout.strip()):
+    if dotbin := subprocess.run(["which", "dot"], capture_output=True, text=True).stdout.strip():
         subprocess.run([dotbin, "-Tsvg"], input=dot, capture_output=True, text=True, check=True)
 
 

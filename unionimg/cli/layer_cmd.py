@@ -6,6 +6,9 @@ import sys
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.tree import Tree
 
 from unionimg.cli._common import Ctx, emit, json_option, json_text, pass_ctx
 from unionimg.display import shown
@@ -124,10 +127,6 @@ def layer_tree(c: Ctx, as_json: bool, as_dot: bool) -> None:
     if not nodes:
         click.echo("no layers in this store")
         return
-    from rich.console import Console  # deferred: only this command draws with rich
-    from rich.markup import escape
-    from rich.tree import Tree
-
     by_id = {n["diff_id"]: n for n in nodes}
 
     def text(n: dict[str, Any]) -> str:
