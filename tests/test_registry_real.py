@@ -461,6 +461,7 @@ def test_registry_serve_foreground_background_and_taken_address(src: Src, tmp_pa
         assert line.startswith(f"registry http://{addr} serving"), line
         pid = int((tmp_path / "r1" / "registry.pid").read_text())
         conf = (tmp_path / "r1" / "config.yml").read_text()
+        assert (tmp_path / "r1" / "config.yml").stat().st_mode & 0o777 == 0o600  # its secret
         assert f'addr: "{addr}"' in conf and "enabled: true" in conf and "\nauth:" not in conf
         with Registry(f"http://{addr}") as reg:
             reg.ping()

@@ -24,6 +24,7 @@ line (the address taken, the binary missing).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -54,8 +55,6 @@ def check_listen(addr: str) -> str:
 
 def config_text(data_dir: Path, listen: str, secret: str) -> str:
     """unionimg's registry config (YAML; every value is ours or checked, quoted as JSON)."""
-    import json
-
     return (
         "# written by 'unionimg registry serve': a registry for a trusted network (no TLS, no\n"
         "# auth); see docs/oci.md for what a production registry adds\n"
@@ -161,7 +160,7 @@ def start(
         ) from None
     directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "data").mkdir(exist_ok=True)
+    (directory / "data").mkdir(mode=0o700, exist_ok=True)
     old = pid_file(directory)
     if old.exists():
         try:
@@ -177,7 +176,10 @@ def start(
             )
         old.unlink()
     conf = directory / "config.yml"
-    conf.write_text(config_text(directory / "data", listen, secrets.token_hex(16)))
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a secret
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(config_text(directory / "data", listen, secrets.token_hex(16)))
     log_path = directory / "registry.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
     with log_path.open("ab") as out:
