@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,31 @@ def test_reconcile_refuses_a_vm_on_snapshot_layers(tree: Cli, tmp_path: Path) ->
     assert js(cli, "instance", "show", "vm1")["generation"] == 1
     # reconcile to the generation vm1 is on: nothing to merge, nothing refused
     assert cli("reconcile", "vm1", "--to-generation", "1").exit_code == 0
+
+
+@pytest.mark.parametrize("hostile", ["device", "whiteout-name"])
+def test_hostile_upper_refused_in_one_line(tree: Cli, tmp_path: Path, hostile: str) -> None:
+    """What a guest put in its upper layer that a layer cannot carry: exit 8, one line naming
+    the VM and the path, nothing changed (no layer, the record and the upper as they were)."""
+    cli = tree
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.ok("mount", "vm1", str(mnt))
+    try:
+        (mnt / "etc/kept").write_text("kept\n")
+        if hostile == "device":
+            os.mknod(mnt / "etc/sda", 0o600 | stat.S_IFBLK, os.makedev(8, 0))
+        else:
+            (mnt / "etc/.wh.passwd").write_text("not a whiteout\n")
+    finally:
+        cli.ok("umount", str(mnt))
+    before = js(cli, "instance", "show", "vm1")
+    res = cli.fails("instance", "snapshot", "vm1", code=8)
+    assert "instance 'vm1'" in res.output and "/etc/" in res.output
+    # no snapshot layer (the generation's own layer, its digest cached, may be recorded)
+    assert [r["kind"] for r in js(cli, "layer", "list")] in ([], ["base"])
+    after = js(cli, "instance", "show", "vm1")
+    assert "layers" not in after and after["generation"] == before["generation"]
+    assert upper_listing(cli, "vm1") == ["etc"]
+    assert read_union(cli, "vm1", mnt)["etc/hostname"] == "base\n"
+    assert cli.ok("log", "vm1").output.strip() == ""  # no changeset recorded

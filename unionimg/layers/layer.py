@@ -34,7 +34,8 @@ reader (header checksums, a pax header of at most 1 MiB, paths of at most 4096 b
 ``..``, no absolute path, no global or GNU extension headers, no entry twice), every entry is
 created in a fresh directory only beneath directories this reader made itself (never through a
 symlink: a path that runs through one is refused), hard links only to regular files extracted
-before, device nodes only where :class:`Policy` allows them (whiteouts always), setuid and
+before, device nodes only where :class:`Policy` allows them (whiteouts and FIFOs always; a
+MiB of zeros becomes a hole, so a sparse file stays sparse), setuid and
 setgid bits only where it allows them; the tar's sha256 (the diff_id) is checked at the end,
 over every decompressed byte, and any failure leaves nothing (the caller's staging directory
 goes). Errors are one line: :class:`LayerRefused` (exit 8, as guest data refused).
@@ -83,7 +84,7 @@ class LayerRefused(GuestDataRefused):
 class Policy:
     """What a layer of a kind may hold beyond files, directories, symlinks and whiteouts."""
 
-    devices: bool = False  # character and block devices other than whiteouts, FIFOs
+    devices: bool = False  # character and block devices other than whiteouts
     setuid: bool = True  # setuid/setgid bits on files
 
 
@@ -234,10 +235,11 @@ def _scan(root: Path, policy: Policy, exclude: frozenset[bytes] = frozenset()) -
                         "hold; clear the bit and retry"
                     )
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-                if not policy.devices:
+                # a FIFO opens no device (postfix keeps its own in /var/spool): always carried
+                if not policy.devices and not stat.S_ISFIFO(mode):
                     raise LayerRefused(
-                        f"{_show(rel)} is a device node or FIFO, which this kind of layer may "
-                        "not hold (only whiteouts); remove it and retry"
+                        f"{_show(rel)} is a device node, which this kind of layer may not hold "
+                        "(only whiteouts); remove it and retry"
                     )
                 item.kind = (
                     "char" if stat.S_ISCHR(mode) else "block" if stat.S_ISBLK(mode) else ("fifo")
@@ -795,10 +797,10 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
             _once(kinds, rel, "symlink")
             os.symlink(ent.linkname, full)
         elif t in (b"3", b"4", b"6"):
-            if not policy.devices:
+            if not policy.devices and t != b"6":
                 raise LayerRefused(
-                    f"the blob's tar has a device node or FIFO {_show(rel)}, which this kind "
-                    "of layer may not hold (only whiteouts)"
+                    f"the blob's tar has a device node {_show(rel)}, which this kind of layer "
+                    "may not hold (only whiteouts)"
                 )
             _once(kinds, rel, "other")
             fmt = stat.S_IFCHR if t == b"3" else stat.S_IFBLK if t == b"4" else stat.S_IFIFO
@@ -828,8 +830,12 @@ def _write_file(src: _Source, full: bytes, size: int, rel: bytes) -> None:
         left = size
         while left:
             data = src.read_exact(min(CHUNK, left))
-            _write_all(fd, data, rel)
+            if data.count(0) == len(data):  # zeros: a hole (a guest's sparse file stays sparse)
+                os.lseek(fd, len(data), os.SEEK_CUR)
+            else:
+                _write_all(fd, data, rel)
             left -= len(data)
+        os.ftruncate(fd, size)
     finally:
         os.close(fd)
     if size % BLOCK:

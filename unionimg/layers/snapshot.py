@@ -67,6 +67,7 @@ from unionimg.layers.instance import (
     u_layer,
     upper_image,
 )
+from unionimg.layers.layer import LayerRefused
 from unionimg.layers.layerstore import Layer, Origin
 from unionimg.layers.running import running_on
 from unionimg.layers.status import (
@@ -310,6 +311,11 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                     origin=origin,
                     exclude=frozenset(keep),
                 )
+            except LayerRefused as exc:  # what the guest put in its upper layer
+                raise LayerRefused(
+                    f"instance '{name}': {exc.message} (in the guest, or through 'unionimg "
+                    f"mount {name} DIR'); nothing was changed"
+                ) from None
             except Conflict:
                 # the upper layer is the VM's top layer already: a snapshot interrupted after
                 # the instance record named it. Finish it.
