@@ -253,9 +253,13 @@ def test_a_second_repository_mounts_instead_of_uploading(
 def test_pull_fetches_only_the_layers_a_store_lacks(
     src: Src, registry: server_mod.Server, tmp_path: Path
 ) -> None:
-    with Registry(registry.url) as reg:
-        hostcache.push_layers(src.store, reg, src.a.short)
-        hostcache.push_layers(src.store, reg, src.b.short)
+    pushed = Cli(src.store.root).ok("push", src.a.short, "--registry", registry.url, "--json")
+    report = json.loads(pushed.output)
+    assert [n["diff_id"] for n in report["nodes"]] == [src.base.diff_id, src.a.diff_id]
+    assert report["repo"] == REPO and report["bytes_sent"] > src.base.meta.blob_size
+    pushed = Cli(src.store.root).ok("push", src.b.meta.label, "--registry", registry.url)
+    assert "1 blob(s) uploaded, 0 mounted, 1 already there" in pushed.output
+    assert f"tag {layer_tag(src.b.diff_id)}" in pushed.output
     host = tmp_path / "host"
     cli = Cli(host)
     out = json.loads(cli.ok("pull", src.a.diff_id, "--registry", registry.url, "--json").output)
