@@ -354,7 +354,17 @@ def test_a_tampered_blob_is_refused_nothing_imported(
     )
     store = Store(tmp_path / "host")
     assert held(store) == set()  # not even the base, whose blob was fine
-    assert not list(hostcache.download_dir(store).glob("*.partial"))
+    downloads = hostcache.download_dir(store)
+    assert not list(downloads.glob("*.partial"))
+    # the base's blob arrived whole and checked: the next pull of the base uses it
+    assert [p.name for p in downloads.iterdir()] == [src.base.meta.blob_digest[7:] + ".blob"]
+    stale = downloads / ("0" * 64 + ".blob.partial")  # a pull never retried, 8 days ago
+    stale.write_bytes(b"x")
+    os.utime(stale, (stale.stat().st_atime, stale.stat().st_mtime - 8 * 86400))
+    out = json.loads(cli.ok("pull", src.base.diff_id, "--registry", registry.url, "--json").output)
+    assert out["imported"] == [src.base.diff_id] and out["bytes_pulled"] < OVERHEAD
+    assert held(store) == {src.base.diff_id}
+    assert not any(downloads.iterdir())  # used, and the stale one swept
 
 
 def test_a_truncated_blob_in_the_registry_is_refused(

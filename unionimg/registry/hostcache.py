@@ -10,7 +10,8 @@ serves is read as a :class:`LayerMeta` record (a damaged one is refused) and onl
 digests are the node's.
 
 Partial and verified downloads wait in ``STORE/downloads/`` (a broken pull resumes from
-there); one pull at a time per store (the ``pull`` lock: a second one is a Conflict, exit 4).
+there, for 7 days: :func:`sweep_downloads`); one pull at a time per store (the ``pull``
+lock: a second one is a Conflict, exit 4).
 Before the first blob is fetched the store's file system must hold the missing blobs, their
 images (about their tars' size, from their layer.json) and the largest tree extracted: else
 "store full" (exit 7) and nothing fetched.
@@ -19,6 +20,7 @@ images (about their tars' size, from their layer.json) and the largest tree extr
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from unionimg.store.records import LayerMeta, RecordError
 
 DOWNLOADS = "downloads"
 PULL_LOCK = "pull"
+KEEP_DOWNLOADS = 7 * 86400.0
+"""Seconds a partial or verified download waits in ``downloads/`` for the pull to be retried."""
 
 
 def download_dir(store: Store) -> Path:
@@ -120,6 +124,7 @@ def pull_node(
     ``on_plan(bytes to fetch)`` once those are known, ``on_bytes(n)`` as they arrive (for a
     progress bar)."""
     with store.lock(PULL_LOCK, wait=False, purpose=f"pull {ref}"):
+        sweep_downloads(store)
         try:
             return _pull(store, reg, repo, ref, on_bytes, on_plan)
         except NotFound:
@@ -127,6 +132,25 @@ def pull_node(
                 raise
             # not a manifest digest: a layer's diff_id names its node by tag
             return _pull(store, reg, repo, layer_tag(ref), on_bytes, on_plan)
+
+
+def sweep_downloads(store: Store, *, max_age: float = KEEP_DOWNLOADS) -> list[Path]:
+    """Remove what earlier pulls left in ``downloads/`` that no pull will want: a verified
+    blob of a layer the store now holds, and anything older than ``max_age`` seconds (a
+    pull that was never retried). Runs under the pull lock."""
+    folder = download_dir(store)
+    if not folder.is_dir():
+        return []
+    held = {la.meta.blob_digest for la in layerstore.list_layers(store)}
+    now = time.time()
+    removed = []
+    for entry in folder.iterdir():
+        name = entry.name.split(".", 1)[0]
+        old = now - entry.lstat().st_mtime > max_age
+        if old or (entry.name.endswith(".blob") and f"sha256:{name}" in held):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _pull(
