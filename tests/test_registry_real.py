@@ -492,7 +492,9 @@ def test_registry_serve_foreground_background_and_taken_address(src: Src, tmp_pa
             "--listen (or stop the program that listens there)"
         ]
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert out.strip() == f"registry http://{addr} stopped"
         assert poll.until(lambda: not _alive(pid), 10, 0.05)
     finally:
         if proc.poll() is None:

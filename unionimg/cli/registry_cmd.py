@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from unionimg.cli._common import Ctx, json_option, json_text, pass_ctx
-from unionimg.errors import NotFound
+from unionimg.errors import NotFound, ToolFailed
 from unionimg.registry import hostcache
 from unionimg.registry import server as server_mod
 from unionimg.registry.client import Registry
@@ -46,7 +46,8 @@ def registry() -> None:
     "--background", is_flag=True, help="Return once it listens; its pid is in DIR/registry.pid."
 )
 def registry_serve(directory: Path, listen: str, background: bool) -> None:
-    """Run a registry storing in DIR and listening on ADDR (foreground until Ctrl-C).
+    """Run a registry storing in DIR and listening on ADDR (foreground until Ctrl-C or
+    SIGTERM, which stop it: exit 0).
 
     Writes DIR/config.yml: filesystem storage in DIR/data, deletes enabled (for
     'docker-registry garbage-collect'), no TLS and no auth: for a trusted network only
@@ -61,9 +62,16 @@ def registry_serve(directory: Path, listen: str, background: bool) -> None:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        srv.wait()
+        code = srv.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a foreground server is stopped
+        srv.stop()
+        click.echo(f"registry {srv.url} stopped")
+        return
     finally:
         srv.stop()
+    raise ToolFailed(
+        f"docker-registry exited by itself (status {code}) while serving {srv.url}; see {srv.log}"
+    )
 
 
 @registry.command("stop")
