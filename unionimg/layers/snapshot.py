@@ -55,7 +55,7 @@ from unionimg.fs import fsops
 from unionimg.fs.image import disk_usage, usage_of
 from unionimg.fs.mounts import mount_image
 from unionimg.fs.space import WriteWatch, require_space
-from unionimg.layers import identity, layerstore
+from unionimg.layers import history, identity, layerstore
 from unionimg.layers.base import Generation, generation_layer, get_generation, unmount_layers
 from unionimg.layers.instance import (
     create,
@@ -74,9 +74,9 @@ from unionimg.layers.status import (
     blame_space,
     check_u_writable,
     commit_estimate,
-    commit_u,
     require_u_space,
     scan_upper,
+    write_history_sidecar,
 )
 from unionimg.layers.ucheck import sync_image
 from unionimg.runner import run, which
@@ -326,22 +326,24 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
             label = layer.meta.label
             nodes: list[str | None] = []
             try:
-                if not finished:
-                    nodes.append(
-                        commit_u(
-                            u, inst, f"snapshot {label}" + (f": {text}" if text else ""), entries
-                        )
-                    )
-                    inst = replace(inst, layers=(layer.diff_id, *inst.layers))
-                    save(store, inst)  # from here the VM's chain holds the layer
-                fresh = _fresh_upper(u, keep)
-                fsops.syncfs(u)
-                fsops.exchange(upper, fresh)  # fresh is now the frozen upper layer
-                fsops.remove_tree(fresh)
-                prev = u / "upper.prev"
-                if prev.is_dir() and not prev.is_symlink():  # reconcile --undo's saved layer
-                    fsops.remove_tree(prev)
-                nodes.append(commit_u(u, inst, f"snapshot {label}: the upper layer starts again"))
+                # one Mercurial command server for both changesets (each start costs ~0.5 s)
+                with history.open_repo(u, guest=name) as repo:
+                    if not finished:
+                        outside = write_history_sidecar(u, inst, entries)
+                        msg = f"snapshot {label}" + (f": {text}" if text else "")
+                        nodes.append(repo.commit_all(msg, outside=outside))
+                        inst = replace(inst, layers=(layer.diff_id, *inst.layers))
+                        save(store, inst)  # from here the VM's chain holds the layer
+                    fresh = _fresh_upper(u, keep)
+                    fsops.syncfs(u)
+                    fsops.exchange(upper, fresh)  # fresh is now the frozen upper layer
+                    fsops.remove_tree(fresh)
+                    prev = u / "upper.prev"
+                    if prev.is_dir() and not prev.is_symlink():  # reconcile --undo's saved layer
+                        fsops.remove_tree(prev)
+                    outside = write_history_sidecar(u, inst)
+                    msg = f"snapshot {label}: the upper layer starts again"
+                    nodes.append(repo.commit_all(msg, outside=outside))
                 sync_image(watch, store.root, name, what)
             except OSError as exc:
                 raise blame_space(exc, store, u, name, what) from exc
