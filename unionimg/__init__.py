@@ -6,6 +6,7 @@ contracts in pyproject.toml, run by ``make lint``):
 
 cli/  the command line (click): ``_common`` + one module per command group, loaded lazily
     base_cmd, instance_cmd, union_cmd, history_cmd, reconcile_cmd, boot_cmd, timer_cmd,
+    layer_cmd,
     registry_cmd
 
 ops          what needs several layers at once: instance remove, base remove/gc, fsck
@@ -40,8 +41,12 @@ layers/  bases, instances and their history
     base               bases and their immutable generations: each a whole image or a
                        delta layer over its parent, mounted as a chain
     gendelta           a generation's delta from its parent as an overlayfs upper layer
+    layer              a layer's canonical tar: written (diff_id, zstd blob), read defensively
+    layerstore         the host's layer cache: layers by digest, chains, blobs, refs, gc
+    snapshot           instance snapshot (U's upper frozen into a layer), VMs made from a
+                       layer, an instance's chain of snapshot layers
     instance           instances: U image, MAC, hypervisor, resources
-    union              the host-side union mount of an instance
+    union              the host-side union mount of an instance (its whole chain)
     status             an instance's local changes, commit and log
     history            Mercurial history on the layers through python-hglib
     ucheck             U images checked (e2fsck) and mounted as guest data
