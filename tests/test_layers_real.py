@@ -262,3 +262,41 @@ def test_hostile_upper_refused_in_one_line(tree: Cli, tmp_path: Path, hostile: s
     assert upper_listing(cli, "vm1") == ["etc"]
     assert read_union(cli, "vm1", mnt)["etc/hostname"] == "base\n"
     assert cli.ok("log", "vm1").output.strip() == ""  # no changeset recorded
+
+
+def cat_union(cli: Cli, vm: str, mnt: Path, *paths: str) -> list[bytes | None]:
+    mnt.mkdir(exist_ok=True)
+    cli.ok("mount", vm, str(mnt), "--readonly")
+    try:
+        return [(mnt / p).read_bytes() if (mnt / p).is_file() else None for p in paths]
+    finally:
+        cli.ok("umount", str(mnt))
+
+
+def test_identity_stays_with_the_vm_and_out_of_the_layer(cli: Cli, tmp_path: Path) -> None:
+    """A VM's machine-id and SSH host keys stay in its U, never in a layer: a VM with nothing
+    but its identity has nothing to snapshot, twice in a row; a VM made from the layer gets
+    its own."""
+    from tests.test_identity import identity_tree
+
+    cli.ok("base", "create", "deb", "--from-dir", str(identity_tree(tmp_path / "src", sshd=True)))
+    cli.ok("instance", "create", "vm1", "--base", "deb")
+    ident = ("etc/machine-id", "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_rsa_key.pub")
+    mnt = tmp_path / "mnt"
+    mine = cat_union(cli, "vm1", mnt, *ident)
+    assert all(mine), mine  # instance create gave vm1 its own
+    assert "nothing changed" in cli.ok("instance", "snapshot", "vm1").output
+    write(cli, "vm1", mnt, {"etc/a-file": "A\n"})
+    snap = js(cli, "instance", "snapshot", "vm1", "-m", "A")
+    assert snap["new"]
+    blob = js(cli, "layer", "show", snap["layer"])["blob"]
+    names = subprocess.run(
+        ["tar", "--zstd", "-tf", blob], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "etc/a-file" in names and not [n for n in names if "machine-id" in n or "ssh_host" in n]
+    assert cat_union(cli, "vm1", mnt, *ident) == mine  # the VM keeps its identity
+    assert "nothing changed" in cli.ok("instance", "snapshot", "vm1").output
+    cli.ok("instance", "create", "vm2", "--from", snap["layer"])
+    theirs = cat_union(cli, "vm2", mnt, *ident, "etc/a-file")
+    assert theirs[3] == b"A\n" and all(theirs)
+    assert all(a != b for a, b in zip(theirs[:3], mine, strict=True))

@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from unionimg.entries import DIR, Entry
 from unionimg.errors import Conflict, MissingCapability, NotFound, UsageError
 from unionimg.fs import fsops
 from unionimg.fs.image import disk_usage, usage_of
@@ -179,6 +180,23 @@ def identity_paths(upper: Path) -> list[bytes]:
     return sorted(set(out))
 
 
+def _changed(entries: list[Entry], keep: list[bytes]) -> list[Entry]:
+    """The upper layer's entries a snapshot freezes: all but the root, the identity entries
+    ``keep`` (and anything below them) and the directories that only lead to them (the
+    fresh upper layer has them again, with their owners and modes)."""
+    held = set(keep)
+    leading = {k.rsplit(b"/", i)[0] for k in keep for i in range(1, k.count(b"/") + 1)}
+    out = []
+    for e in entries:
+        rel = os.fsencode(e.path[1:])
+        if not rel or rel in held or (rel in leading and e.kind == DIR):
+            continue
+        if any(rel.startswith(k + b"/") for k in keep):
+            continue
+        out.append(e)
+    return out
+
+
 def _fresh_upper(u: Path, keep: list[bytes]) -> Path:
     """``u/upper.new``: an empty upper layer with the root's metadata and hard links of the
     ``keep`` entries (their directories made with the old ones' owners and modes)."""
@@ -281,10 +299,7 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
             upper = u / "upper"
             keep = identity_paths(upper)
             entries = scan_upper(u, hash_files=False)
-            changed = [e for e in entries if e.path != "/" and os.fsencode(e.path[1:]) not in keep]
-            changed = [e for e in changed if not any(
-                os.fsencode(e.path[1:]).startswith(k + b"/") for k in keep
-            )]  # fmt: skip
+            changed = _changed(entries, keep)
             if not changed:
                 return Snapshot(
                     name, None, False, top.diff_id, time.monotonic() - start, before, before
