@@ -272,3 +272,107 @@ def test_changed_host_key_and_host_down(env: Env) -> None:
     h6.kill_sessions()
     res = env.ctl.fails("host", "cache", "h6", code=5)
     assert "unreachable" in res.output
+
+
+# -- item 5: many hosts at once, a link lost mid-pull ------------------------------------------
+def materializing(host: Host) -> bool:
+    """Whether a 'system materialize' runs in the host's namespace."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", host.ns], capture_output=True, text=True, check=False
+    ).stdout.split()
+    for pid in pids:
+        try:
+            if b"materialize" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_eight_hosts_at_once(env: Env) -> None:
+    """8 hosts deploy one node at once from one registry; each pulls what it lacked (s1
+    already holds lab1: only lab2's new layers; the others everything), counted on its
+    veth; the time of the 8 against one host alone."""
+    names = [f"s{i}" for i in range(1, 9)]
+    for n in names:
+        env.add_host(n)
+    sizes = layer_sizes(env.ctl)
+    one, two = node_layers(env.ctl, "lab1"), node_layers(env.ctl, "lab2")
+    alone = deploy(env, "deploy", "lab1", "--host", "s1")
+    assert alone["hosts"]["s1"]["ok"], alone
+    t_one = alone["hosts"]["s1"]["seconds"]
+    before = {n: env.hosts[n].counters()["rx_bytes"] for n in names}
+    hosts = [a for n in names for a in ("--host", n)]
+    report = deploy(env, "redeploy", "lab2", *hosts)
+    t_eight = report["seconds"]
+    for n in names:
+        r = report["hosts"][n]
+        assert r["ok"], r
+        lacked = two - one if n == "s1" else two
+        assert sorted(r["imported"]) == sorted(lacked), n
+        need_bytes = sum(sizes[d] for d in lacked)
+        wire = env.hosts[n].counters()["rx_bytes"] - before[n]
+        assert need_bytes <= wire <= r["bytes_pulled"] + WIRE_SLACK, (n, wire, r)
+    total = sum(report["hosts"][n]["bytes_pulled"] for n in names)
+    assert report["bytes_pulled"] == total
+    print(f"one host: {t_one:.1f} s; 8 hosts at once: {t_eight:.1f} s; {total} bytes pulled")
+
+
+def test_link_lost_mid_pull_resumes(env: Env) -> None:
+    """A host whose link goes down while it pulls a large layer: the deploy fails for that
+    host (one line); once the link is back, a redeploy fetches only the rest of the blob
+    (what the host had is not sent again) and the VM is made."""
+    ctl = env.ctl
+    ctl.ok("instance", "create", "big", "--base", "tiny", "--mac", "52:54:00:13:00:09",
+           "--hypervisor", "uml", "--size", "128M", "--memory", "96")  # fmt: skip
+    mnt = env.tmp / "mnt-big"
+    mnt.mkdir()
+    ctl.ok("mount", "big", str(mnt))
+    try:
+        (mnt / "srv").mkdir(exist_ok=True)
+        (mnt / "srv" / "data.bin").write_bytes(os.urandom(24 << 20))  # incompressible
+    finally:
+        ctl.ok("umount", str(mnt))
+    ctl.ok("system", "create", "bigsys", "--instance", "big")
+    blob = max(layer_sizes(ctl)[d] for d in node_layers(ctl, "bigsys"))
+    host = env.add_host("r1")
+    host.limit("40mbit")  # ~5 MB/s: the pull takes seconds, time to cut it
+    argv = [str(UNIONIMG), "--store", str(ctl.store), "deploy", "bigsys", "--host", "r1",
+            "--registry", env.url]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    downloads = host.store / "downloads"
+
+    def partial_bytes() -> int:
+        files = list(downloads.glob("*")) if downloads.is_dir() else []
+        return max((f.stat().st_size for f in files), default=0)
+
+    try:
+        from unionimg.poll import until
+
+        assert until(lambda: partial_bytes() >= 8 << 20, 120, 0.05), "the pull never started"
+        host.link(up=False)
+        # sshd drops the silent session (ClientAlive, ~6 s); the host's deploy then ends
+        # by itself (its heartbeat finds no one listening): no orphan goes on pulling
+        assert until(lambda: not materializing(host), 60, 0.2), "the host's deploy ran on"
+        host.link(up=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        host.link(up=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unionimg: error: host r1"), err
+    had = partial_bytes()
+    assert 8 << 20 <= had < blob
+    assert json.loads(hcli(host).ok("instance", "list", "--json").output) == []
+    host.limit(None)
+    before = host.counters()["rx_bytes"]
+    report = deploy(env, "deploy", "bigsys", "--host", "r1")
+    r = report["hosts"]["r1"]
+    assert r["ok"], r
+    wire = host.counters()["rx_bytes"] - before
+    assert r["bytes_resumed"] >= had - (1 << 20), r
+    assert wire <= blob - had + 4 * WIRE_SLACK, (wire, blob, had)
+    print(f"blob {blob} B: {had} B before the cut, {wire} B on the wire after it")

@@ -390,6 +390,8 @@ class Lab:
                 "UseDNS no",
                 "MaxStartups 100:30:200",
                 "MaxSessions 50",
+                "ClientAliveInterval 2",  # a client whose link died is dropped in ~6 s
+                "ClientAliveCountMax 3",
                 "LogLevel ERROR",
                 "",
             ])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -148,9 +151,30 @@ def system_push(c: Ctx, name: str, url: str, as_json: bool) -> None:
     emit(out.to_json(), as_json, human)
 
 
+HEARTBEAT = 5.0
+
+
+def _heartbeat() -> None:
+    """Say 'alive' on stderr every HEARTBEAT seconds (more often would keep sshd from ever
+    probing a silent client: its ClientAlive check runs only when nothing else happens). When
+    that fails, the controller's SSH session is gone (its link lost, its process killed): end
+    this process as a signal would, so no orphaned deploy goes on pulling and making VMs
+    nobody waits for (the store is crash-safe: locks are released, staging is swept, a
+    partial blob stays for the next pull)."""
+    while True:
+        time.sleep(HEARTBEAT)
+        try:
+            sys.stderr.write(PROGRESS_PREFIX + '{"phase": "alive", "done": 0, "total": 0}\n')
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 def _progress_printer(enabled: bool) -> systems.Progress | None:
     if not enabled:
         return None
+    threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
     last_at = [0.0]
     last_phase = [""]
 
@@ -172,7 +196,12 @@ def _progress_printer(enabled: bool) -> systems.Progress | None:
 @click.option("--repo", default=SYSTEM_REPO, show_default=True, help="Its repository.")
 @click.option("--replace", is_flag=True, help="Replace VMs an earlier deploy made (stopped).")
 @click.option("--boot", is_flag=True, help="Boot the VMs once made.")
-@click.option("--progress", is_flag=True, help="Progress as JSON lines on stderr.")
+@click.option(
+    "--progress",
+    is_flag=True,
+    help="Progress as JSON lines on stderr, and a heartbeat: when stderr is gone (the SSH "
+    "session of the deploy that runs it), the command ends.",
+)
 @json_option
 @pass_ctx
 def system_materialize(
