@@ -399,3 +399,22 @@ def test_layerstore_put_get_chain_blob_gc(tmp_path: Path, store: Path) -> None:
     assert layerstore.has(s, snap.diff_id)
     assert len(layerstore.gc(s)) == 2 and layerstore.list_layers(s) == []
     shutil.rmtree(tmp_path / "other")
+
+
+def test_pinned_layers_survive_gc_until_their_command_ends(tmp_path: Path, store: Path) -> None:
+    s = Store(store)
+    s.init()
+    tree = make_tree(tmp_path / "base")
+    with layerstore.Pins(s) as pins:
+        layer, _ = layerstore.put_tree(
+            s, tree, parent=None, kind="base", origin=Origin(), pins=pins
+        )
+        assert layerstore.gc(s) == []  # pinned: a snapshot about to name it
+        assert layerstore.references(s)[layer.diff_id][0].startswith("a command in progress")
+        with pytest.raises(Conflict, match="in progress"):
+            layerstore.remove(s, layer)
+    # a dead command's pin (nobody holds its lock) is swept
+    stale = layerstore.layers_dir(s).parent / "pins" / "999999.dead"
+    stale.write_text(layer.diff_id)
+    assert [la.diff_id for la in layerstore.gc(s)] == [layer.diff_id]
+    assert not stale.exists()

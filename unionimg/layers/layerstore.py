@@ -24,7 +24,9 @@ References (what :func:`remove` and ``layer gc`` keep): a layer is referenced by
 layers (their ``parent``), by each instance whose chain holds it (``Instance.layers``), by a
 base generation that names it (its ``layer``) or lies under a layer (``base``/``generation``
 of a layer kept for a base), by any JSON record under ``STORE/systems/`` that names its
-diff_id, and by what a function in :data:`REFERRERS` says (other modules register theirs).
+diff_id, by a live pin of a running command (:class:`Pins`: a snapshot between making its
+layer and naming it in the instance record), and by what a function in :data:`REFERRERS`
+says (other modules register theirs).
 
 For base generations (:mod:`unionimg.layers.base`): a delta generation's layer is made with
 ``put_tree(store, upper, parent=<diff_id of its parent generation's layer>, kind="delta",
@@ -44,9 +46,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -219,6 +223,62 @@ def find_base_layer(store: Store, base: str, generation: int) -> Layer | None:
     return None
 
 
+# -- pins: layers a command is about to reference ------------------------------------------------
+class Pins:
+    """Layers a running command is about to reference (a snapshot between making its layer
+    and naming it in the instance record; a VM being made from a layer): ``gc`` and
+    :func:`remove` keep them. Each pin is a file ``layers/pins/PID.RANDOM`` holding a diff_id,
+    share-locked (flock) while its command runs: a pin whose lock can be taken exclusively
+    belongs to a dead command and is swept by :func:`references`."""
+
+    def __init__(self, store: Store) -> None:
+        self.dir = layers_dir(store).parent / "pins"
+        self._held: list[tuple[Path, int]] = []
+
+    def add(self, diff_id: str) -> None:
+        digest_hex(diff_id)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.dir / f"{os.getpid()}.{secrets.token_hex(6)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.write(fd, diff_id.encode())
+        self._held.append((path, fd))
+
+    def close(self) -> None:
+        for path, fd in self._held:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+        self._held.clear()
+
+    def __enter__(self) -> Pins:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pinned(store: Store) -> Iterator[tuple[str, str]]:
+    """(diff_id, who) of every live pin; dead commands' pins removed."""
+    pins = layers_dir(store).parent / "pins"
+    if not pins.is_dir():
+        return
+    for path in sorted(pins.iterdir()):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its command runs
+                text = os.pread(fd, 80, 0).decode(errors="replace")
+                yield text, f"a command in progress (pid {path.name.split('.')[0]})"
+                continue
+            path.unlink(missing_ok=True)  # its command is gone
+        finally:
+            os.close(fd)
+
+
 # -- making layers -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Origin:
@@ -251,19 +311,23 @@ def put_tree(
     kind: str,
     origin: Origin,
     exclude: frozenset[bytes] = frozenset(),
+    pins: Pins | None = None,
 ) -> tuple[Layer, bool]:
     """The tree ``tree`` (overlayfs format; but the relative paths in ``exclude``) as a layer
     over ``parent``; (the layer, whether it is new). A layer with the same diff_id already
     here is returned as it is (the same content with the same parent is the same layer; the
     same content over another parent is refused: a diff_id names one layer). Cost: one read
     of the tree (tar, sha256, zstd), one write of the blob, one extraction and one ``mke2fs
-    -d`` of it: O(size of the tree)."""
+    -d`` of it: O(size of the tree). ``pins``: the layer is pinned there before it appears
+    (see :class:`Pins`), so no gc removes it before the caller references it."""
     require_root("making a layer")
     _check_parent(store, parent, kind)
     with store.staging("layer") as stage:
         blob = stage / BLOB
         with open(blob, "wb") as out:
             info = write_blob(tree, out, kind=kind, exclude=exclude)
+        if pins is not None:
+            pins.add(info.diff_id)
         existing = _same(store, info.diff_id, parent)
         if existing is not None:
             return existing, False
@@ -599,6 +663,8 @@ def references(store: Store) -> dict[str, list[str]]:
             if gdir.is_dir():
                 add(la.diff_id, f"base {m.base} generation {m.generation}")
     for diff_id, who in _system_refs(store, known):
+        add(diff_id, who)
+    for diff_id, who in _pinned(store):
         add(diff_id, who)
     for fn in REFERRERS:
         for diff_id, who in fn(store):

@@ -294,7 +294,11 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
         top = node(store, inst)
         before = disk_usage(upper_image(store, name))
         what = f"snapshot {name}"
-        with u_layer(store, name, write=True) as u, WriteWatch(u) as watch:
+        with (
+            contextlib.ExitStack() as stack,
+            u_layer(store, name, write=True) as u,
+            WriteWatch(u) as watch,
+        ):
             check_u_writable(store, u, name, what)
             upper = u / "upper"
             keep = identity_paths(upper)
@@ -317,6 +321,7 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                 message=text,
             )
             finished = False
+            pins = stack.enter_context(layerstore.Pins(store))  # no gc before save()
             try:
                 layer, new = layerstore.put_tree(
                     store,
@@ -325,6 +330,7 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                     kind="snapshot",
                     origin=origin,
                     exclude=frozenset(keep),
+                    pins=pins,
                 )
             except LayerRefused as exc:  # what the guest put in its upper layer
                 raise LayerRefused(
@@ -390,16 +396,18 @@ def create_from(store: Store, name: str, ref: str, **kwargs: object) -> Instance
     layers above it; a fresh U with its own identity (``kwargs``: what ``instance create``
     takes besides the base: mac, hypervisor, size, memory, vcpus, nic_name)."""
     layer = layerstore.get(store, ref)
-    chain = layerstore.chain(store, layer.diff_id)
-    gen, above = generation_below(store, chain)
-    return create(
-        store,
-        name,
-        gen.base,
-        generation=gen.number,
-        layers=tuple(la.diff_id for la in above),
-        **kwargs,  # type: ignore[arg-type]
-    )
+    with layerstore.Pins(store) as pins:  # no gc of the chain before the VM names it
+        pins.add(layer.diff_id)
+        chain = layerstore.chain(store, layer.diff_id)
+        gen, above = generation_below(store, chain)
+        return create(
+            store,
+            name,
+            gen.base,
+            generation=gen.number,
+            layers=tuple(la.diff_id for la in above),
+            **kwargs,  # type: ignore[arg-type]
+        )
 
 
 # -- reconcile ---------------------------------------------------------------------------------
