@@ -7,9 +7,15 @@ contracts in pyproject.toml, run by ``make lint``):
 cli/  the command line (click): ``_common`` + one module per command group, loaded lazily
     base_cmd, instance_cmd, union_cmd, history_cmd, reconcile_cmd, boot_cmd, timer_cmd,
     layer_cmd,
-    registry_cmd
+    registry_cmd, system_cmd, host_cmd, deploy_cmd
+
+deploy       the controller's side of a deploy: push, then every host at once over SSH
 
 ops          what needs several layers at once: instance remove, base remove/gc, fsck
+systems      the system tree: nodes of VMs on layers, pushed as OCI manifests; a node
+             made real on a host (materialize: pull what it lacks, make the VMs)
+hosts        hosts reached over OpenSSH (the one module running ssh): known keys, the
+             store's key, shared connections, remote errors as ours
 timer        unattended reconcile: systemd timer or cron.d line
 
 registry/  the image repository: an OCI registry (beside reconcile and boot)

@@ -35,6 +35,10 @@ last-reconcile.json    :class:`LastReconcile`      reconcile (read by ``--undo``
 reports/reconcile-*    :class:`ReconcileReport`    reconcile (of :class:`InstanceReport`)
 bases/B/checks/N.json  :class:`CheckBaseline`      reconcile: the consistency checks on
                                                    generation N alone (``reconcile.checks``)
+systems/S/system.json  :class:`SystemMeta`         ``system create/snapshot``; a deploy on a
+                                                   host (also a system node's config blob)
+systems/S/deployed.json :class:`Deployment`        ``system materialize`` on a host
+hosts/H/host.json      :class:`HostMeta`           ``host add``
 /var/cache/unionimg/*  :class:`ProbeCache`         the KVM and UML probes
 =====================  ==========================  ===========================================
 
