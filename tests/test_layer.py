@@ -295,6 +295,7 @@ HOSTILE = {
         "overlayfs's own",
     ),
     "gnu-longname": (lambda tf: _entry(tf, "x", b"L"), "extensions"),
+    "name-too-long": (lambda tf: _file(tf, "d/" + "n" * 300), "cannot be extracted"),
 }
 
 
@@ -418,3 +419,31 @@ def test_pinned_layers_survive_gc_until_their_command_ends(tmp_path: Path, store
     stale.write_text(layer.diff_id)
     assert [la.diff_id for la in layerstore.gc(s)] == [layer.diff_id]
     assert not stale.exists()
+
+
+def test_trailing_zeros_bomb_refused(tmp_path: Path) -> None:
+    """Gigabytes of zeros after the end of the archive compress to little: refused after
+    a MiB, never hashed to their end."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _file(tf, "f")
+    cctx = zstandard.ZstdCompressor()
+    blob = tmp_path / "bomb.zst"
+    with open(blob, "wb") as fh, cctx.stream_writer(fh) as zw:
+        zw.write(buf.getvalue())
+        for _ in range(64):  # 64 MiB of zeros (the test's stand-in for terabytes)
+            zw.write(bytes(1 << 20))
+    assert blob.stat().st_size < 1 << 20
+    dest = tmp_path / "d"
+    dest.mkdir()
+    with pytest.raises(LayerRefused, match="after its end-of-archive"):
+        read_blob(blob, dest, kind="snapshot")
+
+
+def test_a_tree_of_huge_sparse_files_is_refused_before_reading(tmp_path: Path) -> None:
+    t = tmp_path / "t"
+    t.mkdir()
+    with open(t / "sparse", "wb") as fh:
+        fh.truncate(1 << 40)  # 1 TiB of nothing
+    with pytest.raises(LayerRefused, match="sparse"):
+        write_blob(t, io.BytesIO(), kind="snapshot", max_bytes=1 << 30)

@@ -300,3 +300,23 @@ def test_identity_stays_with_the_vm_and_out_of_the_layer(cli: Cli, tmp_path: Pat
     theirs = cat_union(cli, "vm2", mnt, *ident, "etc/a-file")
     assert theirs[3] == b"A\n" and all(theirs)
     assert all(a != b for a, b in zip(theirs[:3], mine, strict=True))
+
+
+def test_guest_sparse_file_refused(
+    cli: Cli, src_tree: Path, tmp_path: Path
+) -> None:
+    """A guest's ``truncate -s 2T``: a snapshot would read and hash every zero; refused in one
+    line (a layer reads at most 16 times the U image's size), nothing made."""
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    cli.ok("instance", "create", "vm1", "--base", "deb", "--size", "64M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.ok("mount", "vm1", str(mnt))
+    try:
+        with open(mnt / "big", "wb") as fh:
+            fh.truncate(2 << 40)
+    finally:
+        cli.ok("umount", str(mnt))
+    res = cli.fails("instance", "snapshot", "vm1", code=8)
+    assert "sparse" in res.output and "instance 'vm1'" in res.output
+    assert "layers" not in js(cli, "instance", "show", "vm1")

@@ -73,6 +73,7 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 MAX_PAX = 1 << 20
 MAX_PATH = 4096
 MAX_XATTR_VALUE = 64 << 10
+MAX_TRAILER = 1 << 20  # bytes after the end-of-archive blocks (tar pads to 10 KiB records)
 KINDS = ("base", "snapshot", "delta")
 
 
@@ -432,12 +433,20 @@ def write_blob(
     kind: str,
     policy: Policy | None = None,
     exclude: frozenset[bytes] = frozenset(),
+    max_bytes: int | None = None,
 ) -> BlobInfo:
     """Write the canonical tar of ``tree`` (a layer in overlayfs format), zstd-compressed,
     to ``out``; its digests. One pass over the tree, memory bounded by one chunk plus the
     list of its entries' metadata. ``out=None``: the diff_id only (no compression; the blob
-    digest is empty), for a digest of a big tree whose blob is not needed yet."""
+    digest is empty), for a digest of a big tree whose blob is not needed yet. ``max_bytes``:
+    refuse a tree whose files hold more (a guest's 16 TiB sparse file would be read whole)."""
     items = _scan(tree, policy or policy_for(kind), exclude)
+    total = sum(i.size for i in items if i.kind == "file")
+    if max_bytes is not None and total > max_bytes:  # sparse files count whole in a tar
+        raise LayerRefused(
+            f"the tree holds {total} bytes of files (a sparse file counts whole), more than "
+            f"the {max_bytes} a layer of it may read; remove or shrink the largest sparse files"
+        )
     sink = _Sink(out)
     btree = os.fsencode(tree)
     for item in items:
@@ -504,9 +513,12 @@ class _Source:
         return b"".join(parts)
 
     def drain(self) -> bytes:
-        """Everything left (hashed); returns whether any of it is not zero, as bytes seen."""
+        """Everything left (hashed); returns the first bytes of it that are not zero. At most
+        :data:`MAX_TRAILER` bytes may follow the end-of-archive blocks (a zstd frame of
+        terabytes of zeros is a few MiB: it is refused, never hashed to its end)."""
         nonzero = self._buf.strip(b"\0")
         self._buf = b""
+        after = 0
         while True:
             try:
                 data = self._reader.read(CHUNK)
@@ -516,8 +528,14 @@ class _Source:
                 return nonzero
             self.hash.update(data)
             self.size += len(data)
+            after += len(data)
             if not nonzero:
                 nonzero = data.strip(b"\0")
+            if after > MAX_TRAILER:
+                raise LayerRefused(
+                    f"the blob's tar goes on for more than {MAX_TRAILER} bytes after its "
+                    "end-of-archive blocks"
+                )
 
 
 def _num(field_: bytes, what: str) -> int:
@@ -703,7 +721,22 @@ def read_blob(
     blob_size = blob.stat().st_size
     with open(blob, "rb") as raw:
         src = _Source(raw)
-        count = _extract(src, os.fsencode(dest), policy)
+        try:
+            count = _extract(src, os.fsencode(dest), policy)
+        except OSError as exc:  # say, a name longer than 255 bytes: one line, not a traceback
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(
+                    f"no space left to extract a layer into {dest}; free space in the store "
+                    "and retry"
+                ) from None
+            where = (
+                _show(os.fsencode(exc.filename).removeprefix(os.fsencode(dest) + b"/"))
+                if (exc.filename)
+                else ""
+            )
+            raise LayerRefused(
+                f"the blob's tar cannot be extracted: {exc.strerror} {where}".rstrip()
+            ) from None
         if src.drain():
             raise LayerRefused("the blob's tar has data after its end-of-archive blocks")
     diff_id = "sha256:" + src.hash.hexdigest()

@@ -312,6 +312,7 @@ def put_tree(
     origin: Origin,
     exclude: frozenset[bytes] = frozenset(),
     pins: Pins | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[Layer, bool]:
     """The tree ``tree`` (overlayfs format; but the relative paths in ``exclude``) as a layer
     over ``parent``; (the layer, whether it is new). A layer with the same diff_id already
@@ -325,7 +326,7 @@ def put_tree(
     with store.staging("layer") as stage:
         blob = stage / BLOB
         with open(blob, "wb") as out:
-            info = write_blob(tree, out, kind=kind, exclude=exclude)
+            info = write_blob(tree, out, kind=kind, exclude=exclude, max_bytes=max_bytes)
         if pins is not None:
             pins.add(info.diff_id)
         existing = _same(store, info.diff_id, parent)

@@ -80,12 +80,16 @@ from unionimg.layers.status import (
     write_history_sidecar,
 )
 from unionimg.layers.ucheck import sync_image
+from unionimg.names import human_size
 from unionimg.runner import run, which
 from unionimg.store.layout import Store
 from unionimg.store.records import Instance, JsonObject, ReconcileJournal
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 1000
+#: a snapshot reads at most this many times the U image's size of file bytes: more can only
+#: be sparse files (a guest's ``truncate -s 16T``), whose zeros would be read and hashed whole
+SPARSE_FACTOR = 16
 
 
 # -- chains --------------------------------------------------------------------------------------
@@ -195,6 +199,15 @@ def _changed(entries: list[Entry], keep: list[bytes]) -> list[Entry]:
             continue
         out.append(e)
     return out
+
+
+def _allocated(tree: Path) -> int:
+    """Bytes the files below ``tree`` occupy on disk (sparse files: what they hold)."""
+    total = 0
+    for top, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
 
 
 def _fresh_upper(u: Path, keep: list[bytes]) -> Path:
@@ -308,10 +321,17 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                 return Snapshot(
                     name, None, False, top.diff_id, time.monotonic() - start, before, before
                 )
-            used, _count = usage_of(entries)
-            # the blob and the image in the store (at most about twice the changes), the
-            # history commit in U (and so in the store)
-            require_space(store.root, 2 * used + (16 << 20), what)
+            apparent, _count = usage_of(entries)
+            if apparent > SPARSE_FACTOR * inst.size:  # before a byte is read
+                raise LayerRefused(
+                    f"instance '{name}': its upper layer holds {human_size(apparent)} of files "
+                    f"(sparse files count whole), more than a snapshot reads "
+                    f"({SPARSE_FACTOR} times its U size); remove or shrink its largest sparse "
+                    "files, then retry; nothing was changed"
+                )
+            # the blob and the image in the store (at most about twice the blocks the changes
+            # hold: zeros become holes again), the history commit in U (and so in the store)
+            require_space(store.root, 2 * _allocated(upper) + (16 << 20), what)
             require_u_space(store, u, name, commit_estimate(u, entries), what)
             origin = Origin(
                 text=f"instance {name}" + (f": {text}" if text else ""),
@@ -331,6 +351,7 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                     origin=origin,
                     exclude=frozenset(keep),
                     pins=pins,
+                    max_bytes=SPARSE_FACTOR * inst.size,
                 )
             except LayerRefused as exc:  # what the guest put in its upper layer
                 raise LayerRefused(
