@@ -77,7 +77,7 @@ def test_map_names_every_command_of_the_modules() -> None:
         }
         found |= {f"{modname}:{a}" for a, v in commands.items() if id(v) not in nested}
     assert found == {lazy.target for lazy in COMMANDS.values()}
-    assert len(COMMAND_MODULES) == 9, COMMAND_MODULES
+    assert len(COMMAND_MODULES) == 12, COMMAND_MODULES
 
 
 def _imported_after(*args: str) -> set[str]:
