@@ -60,7 +60,8 @@ from unionimg.fs.space import require_space
 from unionimg.hypervisors import Driver, Prepared, Running
 from unionimg.hypervisors.profiles import render_net_naming
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
-from unionimg.layers.base import chain_images, get_generation
+from unionimg.layers import layerstore
+from unionimg.layers.base import get_generation
 from unionimg.layers.instance import Instance, list_instances, load, mount_record, save, upper_image
 from unionimg.layers.running import (
     clear_crash,
@@ -118,6 +119,39 @@ def write_rendered(files: Mapping[str, str], out: Path) -> list[Path]:
 
 
 # -- specs --------------------------------------------------------------------------------------
+def snapshot_layers(store: Store, inst: Instance) -> list[layerstore.Layer]:
+    """The instance's own snapshot layers (``Instance.layers``), top to bottom, each checked
+    to be in the store with its image and to lie on the next one; NotFound in one line
+    otherwise (before anything starts). Their images' labels are the guest's business: it
+    finds each by the label on the command line and fails naming the one it lacks."""
+    out: list[layerstore.Layer] = []
+    for diff_id in inst.layers:
+        try:
+            layer = layerstore.get(store, diff_id)
+        except NotFound:
+            raise NotFound(
+                f"instance {inst.name}: layer {diff_id} of its chain is not in this store; "
+                "pull or import it (see 'unionimg layer list')"
+            ) from None
+        if not layer.image.is_file():
+            raise NotFound(
+                f"instance {inst.name}: the image of its layer {layer.short} is missing "
+                f"({layer.image}); the store was changed by hand? restore it from a backup"
+            )
+        if layer.meta.kind == "base":
+            raise NotFound(
+                f"instance {inst.name}: its chain names layer {layer.short}, a whole base, "
+                "above its generation; the instance record was changed by hand?"
+            )
+        if out and out[-1].parent != layer.diff_id:
+            raise NotFound(
+                f"instance {inst.name}: its layer {out[-1].short} does not lie on the next one "
+                f"of its chain ({layer.short}); the instance record was changed by hand?"
+            )
+        out.append(layer)
+    return out
+
+
 def make_spec(
     store: Store,
     inst: Instance,
@@ -128,12 +162,14 @@ def make_spec(
     append: str = "",
 ) -> BootSpec:
     """Everything ``driver`` needs to boot ``inst``; builds the initramfs into ``out``.
-    ``kernel``: the one :func:`unionimg.boot.kernel.choose` picks for the driver, by default."""
+    ``kernel``: the one :func:`unionimg.boot.kernel.choose` picks for the driver, by default.
+    The image chain between U and BASE, top to bottom: the instance's snapshot layers
+    (:func:`snapshot_layers`)."""
     gen = get_generation(store, inst.base, inst.generation)
     if kernel is None:
         kernel = choose(gen, driver.capabilities.kernel)
     shared = shared_initramfs(store, gen, kernel)
-    deltas, bottom = chain_images(store, gen)  # a delta generation boots with its chain
+    snapshots = snapshot_layers(store, inst)  # the VM's own layers, over its generation's
     spec = BootSpec(
         name=inst.name,
         uuid=instance_uuid(inst.name),
@@ -141,7 +177,7 @@ def make_spec(
         nic_name=inst.nic_name,
         memory_mib=inst.memory,
         vcpus=inst.vcpus,
-        base_image=bottom.image,  # the full image of the generation's chain (label BASE)
+        base_image=gen.image,
         upper_image=upper_image(store, inst.name),
         kernel=kernel.path,
         initrd=out / "initrd.img",
@@ -153,8 +189,8 @@ def make_spec(
         domain_type="qemu",  # kvm: its driver's probe decides at boot
         tap=driver.host_tap(inst.name),
         uml_transport=kernel.transport,
-        layer_images=tuple(g.image for g in deltas),
-        layer_labels=tuple(g.label for g in deltas),
+        layer_images=tuple(la.image for la in snapshots),
+        layer_labels=tuple(la.meta.label for la in snapshots),
     )
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     with store.staging(f"spec-{inst.name}") as stage:
