@@ -599,7 +599,7 @@ def chain_lab(lab: Lab) -> Iterator[ChainLab]:
     require(os.geteuid() == 0, "whiteouts and trusted.overlay.* xattrs need root")
     work = lab.dir / "chain"
     rootfs = work / "rootfs"
-    shutil.copytree(lab.dir / "rootfs", rootfs, symlinks=True)
+    run(["cp", "-a", str(lab.dir / "rootfs"), str(rootfs)])  # device nodes as nodes
     chainlayers.add_base_files(rootfs)
     base = work / "BASE.img"
     run(["mke2fs", "-q", "-t", "ext4", "-L", "BASE", "-d", str(rootfs), str(base), "64M"])
