@@ -2,7 +2,8 @@
 
 - which instances pin which base generations (instances on top of bases): ``base gc`` and
   ``base remove`` must not take a generation or a base from under an instance, nor ``base
-  gc`` one that an instance's ``reconcile --undo`` (or interrupted reconcile) returns to;
+  gc`` one that an instance's ``reconcile --undo`` (or interrupted reconcile) returns to,
+  nor one a kept delta generation lies on (its chain, :func:`unionimg.layers.base.chain`);
 - removing an instance: its boot pieces (libvirt domain, taps, rendered files) go first;
 - ``fsck``: an instance's U image is checked only while the instance is stopped.
 

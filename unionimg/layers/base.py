@@ -12,6 +12,7 @@ import contextlib
 import errno
 import filecmp
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -28,7 +29,14 @@ from unionimg.entries import (
     outside_roots,
     sidecar_text,
 )
-from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
+from unionimg.errors import (
+    Conflict,
+    NotFound,
+    StoreFull,
+    ToolFailed,
+    UnionimgError,
+    UsageError,
+)
 from unionimg.faults import checkpoint
 from unionimg.fs.image import default_size, disk_usage, make_ext4, usage_of
 from unionimg.fs.manifest import Manifest, diff_manifests, scan_tree, write_manifest
@@ -55,6 +63,7 @@ from unionimg.runner import stream
 from unionimg.store.layout import Store, now_iso, read_record, write_atomic, write_record
 from unionimg.store.records import BaseMeta, GenerationMeta, JsonObject
 
+_log = logging.getLogger(__name__)
 RESERVED_TOP = (".unionimg", ".hg")
 RUN_LOG = "run.log"  # in a generation's directory: what its --run command printed
 RUN_LOG_LIMIT = 16 << 20  # bytes of it kept; the terminal sees all of it
@@ -760,7 +769,16 @@ def update_base(
         new = get_generation(store, name, gen.number)
         delta(store, parent, new)  # while both manifests are warm: reconcile only reads it
         if info is not None:  # a delta: a layer over its parent's (adopted, no copy)
-            _adopt(store, new, info, generation_layer(store, parent).diff_id)
+            try:
+                _adopt(store, new, info, generation_layer(store, parent).diff_id)
+            except (UnionimgError, OSError) as exc:  # the generation stands: adopted later
+                _log.warning(
+                    "base %s generation %d is made; adding it to the layer store failed "
+                    "(%s); 'layer' commands will add it when they need it",
+                    name,
+                    new.number,
+                    exc,
+                )
     return Updated(new, changed=True)
 
 
