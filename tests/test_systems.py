@@ -218,3 +218,110 @@ def test_push_gives_deploy_ready_manifests(sys_cli: Cli, tmp_path: Path) -> None
                 assert int(resp.headers["content-length"]) == d["size"]
     finally:
         srv.stop()
+
+
+# -- what comes from elsewhere: a registry's record, a host's words ------------------------------
+def _record(**over: Any) -> Any:
+    from unionimg.store.records import SystemMeta, SystemVM
+
+    vm = SystemVM("web", "sha256:" + "a" * 64, "52:54:00:13:00:01", "uml", 96, 1, 64 << 20)
+    fields: dict[str, Any] = {
+        "name": "lab", "parent": None, "created": "x", "message": "", "vms": (vm,),
+    }  # fmt: skip
+    fields.update(over)
+    return SystemMeta(**fields)
+
+
+def test_a_registry_record_is_checked() -> None:
+    from dataclasses import replace
+
+    from unionimg import systems
+    from unionimg.errors import ToolFailed
+
+    good = _record()
+    assert systems.parse_record(systems.record_json(good), "r@d") == good
+    vm = good.vms[0]
+    bad = [
+        _record(name="../x"),
+        _record(parent="a/b"),
+        _record(vms=()),
+        _record(vms=(vm, vm)),  # a name twice
+        _record(vms=(vm, replace(vm, name="db"))),  # a MAC twice
+        _record(vms=(replace(vm, name="-x"),)),
+        _record(vms=(replace(vm, layer="sha256:zz"),)),
+        _record(vms=(replace(vm, mac="ff:ff:ff:ff:ff:ff"),)),
+        _record(vms=(replace(vm, hypervisor="bochs"),)),
+        _record(vms=(replace(vm, nic_name="a/b"),)),
+        _record(vms=(replace(vm, memory=1 << 40),)),
+    ]
+    for rec in bad:
+        with pytest.raises(ToolFailed) as err:
+            systems.parse_record(systems.record_json(rec), "r@d")
+        assert "refused" in err.value.message and "\n" not in err.value.message
+    for data in (b"", b"[]", b'{"name": 1}', b"\xff"):
+        with pytest.raises(ToolFailed):
+            systems.parse_record(data, "r@d")
+
+
+def test_ssh_targets_and_remote_words(tmp_path: Path) -> None:
+    from unionimg import hosts
+    from unionimg.errors import (
+        Conflict,
+        MissingCapability,
+        NotFound,
+        StoreFull,
+        ToolFailed,
+        UsageError,
+    )
+    from unionimg.runner import Result
+    from unionimg.store.layout import Store
+    from unionimg.store.records import HostMeta
+
+    assert hosts.parse_ssh("root@192.0.2.7") == hosts.Target("root", "192.0.2.7")
+    assert hosts.parse_ssh("ops@[2001:db8::1]").addr == "2001:db8::1"
+    for bad in ("root", "@host", "root@", "ro ot@h", "root@-oProxyCommand=x", "r@h;ls", "R@h"):
+        with pytest.raises(UsageError):
+            hosts.parse_ssh(bad)
+    meta = HostMeta("h1", "root", "192.0.2.7", 22, "/srv/store x", "unionimg", "now")
+    store = Store(tmp_path / "store")
+    store.init()
+    host = hosts.Host(store, meta)
+    argv = ["system", "materialize", "a b'c", "--json"]
+    words = ["unionimg", "--store", "/srv/store x", *argv]
+    import shlex
+
+    remote = host.remote_argv(argv)
+    assert remote[-2] == "--" and shlex.split(remote[-1]) == words  # each argument intact
+
+    def err(code: int, text: str) -> Exception:
+        return host.error(Result(("ssh",), code, "", text), "x")
+
+    e = err(
+        255,
+        "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.",
+    )
+    assert isinstance(e, Conflict) and "host key" in str(e)
+    assert isinstance(err(255, "root@192.0.2.7: Permission denied (publickey)."), MissingCapability)
+    assert isinstance(err(255, "ssh: connect to host 192.0.2.7 port 22: No route"), ToolFailed)
+    e = err(3, "unionimg: error: no system named 'x'")
+    assert isinstance(e, NotFound) and str(e).startswith("host h1: no system")
+    assert isinstance(err(7, "unionimg: error: store full: ..."), StoreFull)
+    assert isinstance(err(127, "bash: unionimg: command not found"), MissingCapability)
+
+
+def test_a_host_report_is_reshaped() -> None:
+    from unionimg import deploy
+    from unionimg.errors import ToolFailed
+
+    with pytest.raises(ToolFailed):
+        deploy._checked("h1", ["not", "a", "dict"])
+    out = deploy._checked(
+        "h1",
+        {
+            "bytes_pulled": "1e99", "cache_hits": -3, "vms": "web", "booted": ["\x1b[2Jweb" * 50],
+            "seconds": "soon", "imported": [1, 2], "extra": {"x": 1},
+        },
+    )  # fmt: skip
+    assert out["bytes_pulled"] == 0 and out["cache_hits"] == 0 and out["vms"] == []
+    assert len(out["booted"][0]) == 200 and out["seconds"] == 0.0
+    assert out["imported"] == ["1", "2"] and "extra" not in out

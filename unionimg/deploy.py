@@ -108,6 +108,31 @@ def _parse_progress(host: str, line: str, watch: Watcher) -> None:
     watch(host, phase[:16], max(done, 0), max(total, 0))
 
 
+_INTS = ("cache_hits", "bytes_pulled", "bytes_resumed")
+_LISTS = ("vms", "created", "replaced", "booted", "layers", "imported")
+_FLOATS = ("seconds", "pull_seconds")
+
+
+def _checked(host: str, obj: object) -> dict[str, Any]:
+    """The report a host printed, with the fields and types the controller uses (a host is
+    another machine: what it says is counted and printed escaped, never trusted as shaped)."""
+    if not isinstance(obj, dict):
+        raise ToolFailed(f"host {host}: 'system materialize' printed no report")
+    out: dict[str, Any] = {}
+    for key in _INTS:
+        value = obj.get(key, 0)
+        out[key] = value if type(value) is int and value >= 0 else 0
+    for key in _LISTS:
+        value = obj.get(key, [])
+        out[key] = [str(v)[:200] for v in value[:10000]] if isinstance(value, list) else []
+    for key in _FLOATS:
+        value = obj.get(key, 0.0)
+        out[key] = float(value) if type(value) in (int, float) else 0.0
+    for key in ("system", "manifest"):
+        out[key] = str(obj.get(key, ""))[:200]
+    return out
+
+
 def deploy_one(
     host: hosts_mod.Host,
     manifest: str,
@@ -146,9 +171,7 @@ def deploy_one(
             result = json.loads(text)
         except ValueError:
             result = None
-        if not isinstance(result, dict):
-            raise ToolFailed(f"host {host.name}: 'system materialize' printed no report")
-        out.result = result
+        out.result = _checked(host.name, result)
         out.ok = True
         watch(host.name, "done", 1, 1)
     except UnionimgError as exc:

@@ -68,12 +68,12 @@ def _run(c: Ctx, system: str, host_names: tuple[str, ...], url: str, host_regist
         for h in report.hosts:
             if not h.ok:
                 continue
-            d = h.to_json()
+            d = h.to_json()  # what the host said: counted and escaped, never printed raw
             click.echo(
                 f"{h.host}: system {system} {'re' if replace else ''}deployed: "
                 f"{len(d['vms'])} VM(s), {len(d['imported'])} layer(s) pulled "
                 f"({d['bytes_pulled']} bytes), {d['cache_hits']} of {d['layers']} cached"
-                + (f", booted {', '.join(d['booted'])}" if d["booted"] else "")
+                + (f", booted {shown(', '.join(map(str, d['booted'])))}" if d["booted"] else "")
                 + f", {d['seconds']} s"
             )
     failed = report.failed()
