@@ -347,3 +347,23 @@ def test_a_delta_whose_parent_is_gone_is_one_line(tmp_path: Path) -> None:
     res = cli.fails("base", "update", "b", "--apply-dir", str(patch), code=3)
     assert "which is gone" in res.output
     assert [g["number"] for g in show(cli, "b")["generations"]] == [2]
+
+
+def test_a_delta_that_cannot_be_a_layer_is_stored_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name starting with '.wh.' cannot be carried by a layer's tar (it would read as a
+    whiteout): the update stores the generation whole instead of failing."""
+    cli = Cli(tmp_path / "store")
+    src = make_tree(tmp_path / "src")
+    (src / "usr/lib/data").write_bytes(os.urandom(1 << 20))
+    cli.ok("base", "create", "b", "--from-dir", str(src))
+    patch = tmp_path / "p"
+    (patch / "etc").mkdir(parents=True)
+    (patch / "etc/.wh.odd").write_text("a file, not a whiteout\n")
+    cli.ok("base", "update", "b", "--apply-dir", str(patch))
+    assert "stored whole: its delta cannot be a layer" in caplog.text  # a warning, said
+    gen = show(cli, "b")["generations"][-1]
+    assert (gen["kind"], Path(gen["image"]).name) == ("full", "base.img")
+    assert "a file, not a whiteout" in debugfs(Path(gen["image"]), "cat /etc/.wh.odd")
+    assert not list((tmp_path / "store" / "tmp").iterdir())
