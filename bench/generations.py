@@ -66,8 +66,21 @@ def cli(store: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 def update(store: Path, command: str, full: bool) -> dict[str, Any]:
     before = stored(store)
     started = time.monotonic()
-    res = cli(store, "base", "update", "b", "--run", command, *(["--full"] if full else []))
+    argv = [str(UNIONIMG), "--store", str(store), "--debug", "base", "update", "b"]
+    res = subprocess.run(
+        [*argv, "--run", command, *(["--full"] if full else [])],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.monotonic() - started
+    if res.returncode != 0:
+        raise SystemExit(f"base update failed: {(res.stderr or res.stdout)[-800:]}")
+    # where the seconds went, from base.py's --debug lines
+    parts = [
+        ln.removeprefix("unionimg: ")
+        for ln in res.stderr.splitlines()
+        if ln.startswith(("unionimg: generation ",))
+    ]
     show = json.loads(cli(store, "base", "show", "b", "--json").stdout)
     gen = show["generations"][-1]
     return {
@@ -76,7 +89,7 @@ def update(store: Path, command: str, full: bool) -> dict[str, Any]:
         "stored": stored(store) - before,
         "image": gen["disk_usage"],
         "seconds": round(seconds, 1),
-        "ok": res.returncode == 0,
+        "parts": parts,
     }
 
 
@@ -150,9 +163,14 @@ def main() -> int:
                 (mnt / "etc/motd").write_text("the VM's own motd\n")
             finally:
                 cli(store, "umount", str(mnt))
-            for step, command in steps:
-                row = update(store, command, full=layout == "full")
+        # each step in both stores, the order alternating (neither always gets a warm cache)
+        for i, (step, command) in enumerate(steps):
+            for layout in ("full", "delta") if i % 2 == 0 else ("delta", "full"):
+                row = update(tmp / layout, command, full=layout == "full")
                 out.setdefault(layout, {})[step] = row
+        for layout in ("delta", "full"):
+            store = tmp / layout
+            mnt = tmp / f"{layout}-mnt"
             res = cli(store, "reconcile", "vm", "--json", check=False)
             rec = json.loads(res.stdout)
             print(f"{layout}: reconcile exit {res.returncode}", file=sys.stderr)
@@ -210,6 +228,8 @@ def main() -> int:
                 f"{step:<8} {layout:<6} {r['kind']:<6} {r['stored'] / mib:>11.1f} "
                 f"{r['image'] / mib:>10.1f} {r['seconds']:>6.1f}"
             )
+            for part in r["parts"]:
+                print(f"{'':<8} {part}")
     for step in ("install", "edit"):
         d, f = out["delta"][step]["stored"], out["full"][step]["stored"]
         print(f"{step}: delta stores {100 * d / f:.1f} % of the full generation's bytes")

@@ -12,10 +12,12 @@ import contextlib
 import errno
 import filecmp
 import glob
+import itertools
 import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,7 +491,9 @@ def _build_generation(
     op = "base-create" if parent is None else "base-update"
     checkpoint(f"{op}:staged")
     identity.scrub_base(tree)  # per-VM identity never enters a generation (identity.py)
+    clock = [time.monotonic()]
     entries = list(scan_tree(tree, skip_top=("lost+found",)))
+    clock.append(time.monotonic())
     for e in entries:
         if e.path.split("/")[1] in RESERVED_TOP and e.path != "/":
             raise UsageError(
@@ -507,6 +511,7 @@ def _build_generation(
     if unless_unchanged and parent is not None and _unchanged(entries, size, kernel, tree, parent):
         return None
     plan = None if full else _delta_plan(store, entries, used, parent)
+    clock.append(time.monotonic())
     require_space(
         gdir.parent,
         _generation_estimate(entries, used, inodes, size, kernel or _tree_kernel(tree), parent)
@@ -522,6 +527,7 @@ def _build_generation(
         info = _make_delta(tree, plan, gdir)
         if info is None:
             make_ext4(gdir / "base.img", "BASE", tree, size, inodes=inodes)
+    clock.append(time.monotonic())
     write_manifest(entries, gdir / "manifest.sqlite", {"base": name, "generation": str(number)})
     checkpoint(f"{op}:image-made")
     kernel_src = kernel or _tree_kernel(tree)
@@ -553,6 +559,14 @@ def _build_generation(
         layer=None if info is None else info.diff_id,
     )
     write_record(gdir / GenerationMeta.FILE, meta)
+    clock.append(time.monotonic())
+    _log.debug(
+        "generation %d (%s): scan %.1f s, unchanged check and delta plan %.1f s, "
+        "image %.1f s, the rest (manifest, kernel, history) %.1f s",
+        number,
+        meta.kind,
+        *(b - a for a, b in itertools.pairwise(clock)),
+    )
     return _load_generation(name, gdir), info
 
 
@@ -798,7 +812,10 @@ def update_base(
         delta(store, parent, new)  # while both manifests are warm: reconcile only reads it
         if info is not None:  # a delta: a layer over its parent's (adopted, no copy)
             try:
+                started = time.monotonic()
                 _adopt(store, new, info, generation_layer(store, parent).diff_id)
+                _log.debug("generation %d adopted as a layer: %.1f s", new.number,
+                           time.monotonic() - started)  # fmt: skip
             except (UnionimgError, OSError) as exc:  # the generation stands: adopted later
                 _log.warning(
                     "base %s generation %d is made; adding it to the layer store failed "
