@@ -123,15 +123,30 @@ def _layer(where: Path, name: str) -> Layer:
     return Layer(name, tree, image, digest)
 
 
+def write_a(root: Path) -> None:
+    """Layer A's changes, written into ``root`` (a layer tree, or a VM's mounted union)."""
+    _write(root / "etc/chain/a.txt", "from A\n")
+    _write(root / "etc/chain/shared.txt", "from A\n")
+    _write(root / "sbin/chain-probe", PROBE, 0o755)
+    _write(root / "sbin/chain-init", CHAIN_INIT, 0o755)
+    _write(root / "etc/unionimg-boot.d/20-chain", HOOK, 0o755)
+
+
+def write_xa_through_union(root: Path) -> None:
+    """Layer XA's changes made through a VM's mounted union (over BASE and A): overlayfs
+    itself writes the whiteout and the opaque directory into the upper layer."""
+    _write(root / "etc/chain/shared.txt", "from XA\n")
+    (root / "etc/chain/gone.txt").unlink()
+    for child in (root / "opq").iterdir():
+        child.unlink()
+    (root / "opq").rmdir()
+    _write(root / "opq/z", "z\n")
+
+
 def make_chain(where: Path) -> tuple[Layer, Layer]:
     """Layers A and XA under ``where`` (``A.tree``/``A.img``, ``XA.tree``/``XA.img``).
     Returns them top first: (XA, A)."""
-    a = where / "A.tree"
-    _write(a / "etc/chain/a.txt", "from A\n")
-    _write(a / "etc/chain/shared.txt", "from A\n")
-    _write(a / "sbin/chain-probe", PROBE, 0o755)
-    _write(a / "sbin/chain-init", CHAIN_INIT, 0o755)
-    _write(a / "etc/unionimg-boot.d/20-chain", HOOK, 0o755)
+    write_a(where / "A.tree")
     xa = where / "XA.tree"
     _write(xa / "etc/chain/shared.txt", "from XA\n")
     whiteout(xa / "etc/chain/gone.txt")

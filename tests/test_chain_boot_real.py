@@ -1,11 +1,11 @@
 """End to end (issue 13, item 1): a VM whose image is a chain base -> A -> XA boots under kvm
 (QEMU TCG through libvirt) and uml with every lower layer in its union.
 
-The store holds the ``tiny`` base (plus the chain's base files, tests/chainlayers.py) and
-layers made with the layer store's own API (``layerstore.put_tree``): a base layer of the same
-tree, A over it, XA over A (A adds a file and overrides one of BASE's; XA overrides it again,
-whites out one of BASE's files and makes a directory opaque). The instance's record names its
-chain (``Instance.layers``: XA, A); ``unionimg boot`` attaches both layer images read-only and
+The store holds the ``tiny`` base (plus the chain's base files, tests/chainlayers.py); a VM
+changed through its mounted union and snapshotted twice with ``instance snapshot`` makes
+layer A (adds a file, overrides one of BASE's) and XA over it (overrides that file again,
+deletes one of BASE's files: a whiteout, replaces a directory: opaque). Each test VM is made
+``instance create --from XA``; ``unionimg boot`` attaches both layer images read-only and
 names them on the kernel command line; a boot hook in layer A prints what the guest sees.
 
 Also: ``switch`` between the hypervisors keeps the chain (no disk copy); a layer image whose
@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from tests.conftest import Cli
 from tests.test_boot_real import cleanup_guest, guest_lines, need_guests
 from unionimg.fs.mounts import unmount_tree
 from unionimg.layers import layerstore
-from unionimg.layers.instance import load, save
+from unionimg.layers.instance import load
 from unionimg.runner import run
 from unionimg.store.layout import Store
 
@@ -49,6 +49,8 @@ class ChainStore:
 
 @pytest.fixture(scope="module")
 def chain_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[ChainStore]:
+    """The tiny base (with the chain's base files); VM ``src`` changed through its mounted
+    union and snapshotted twice (``instance snapshot``): A, then XA over A."""
     need_guests()
     from vm_fixtures import build
 
@@ -59,19 +61,20 @@ def chain_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterato
     cli = Cli(tmp / "store")
     cli.ok("base", "create", "tiny", "--from-dir", str(tree))
     store = Store(tmp / "store")
-    made = tmp / "layers"
-    made.mkdir()
-    chainlayers.make_chain(made)  # the trees A.tree and XA.tree (their own images unused)
-    origin = layerstore.Origin
-    base, _ = layerstore.put_tree(
-        store, tree, parent=None, kind="base", origin=origin("tiny", base="tiny", generation=1)
-    )
-    mid, _ = layerstore.put_tree(
-        store, made / "A.tree", parent=base.diff_id, kind="snapshot", origin=origin("A")
-    )
-    top, _ = layerstore.put_tree(
-        store, made / "XA.tree", parent=mid.diff_id, kind="snapshot", origin=origin("XA")
-    )
+    cli.ok("instance", "create", "src", "--base", "tiny")
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    for message, change in (("A", chainlayers.write_a), ("XA", chainlayers.write_xa_through_union)):
+        cli.ok("mount", "src", str(mnt))
+        try:
+            change(mnt)
+        finally:
+            cli.ok("umount", str(mnt))
+        made = json.loads(cli.ok("instance", "snapshot", "src", "-m", message, "--json").output)
+        print(f"snapshot {message}: {made}")
+    top_id, mid_id = load(store, "src").layers
+    top, mid = layerstore.get(store, top_id), layerstore.get(store, mid_id)
+    assert mid.parent is not None and top.parent == mid.diff_id
     try:
         yield ChainStore(cli, store, top, mid)
     finally:
@@ -81,10 +84,9 @@ def chain_store(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterato
 
 
 def chained_vm(cs: ChainStore, name: str, hypervisor: str) -> None:
-    """A VM on the tiny base whose chain is XA -> A (what 'instance snapshot' twice leaves)."""
-    cs.cli.ok("instance", "create", name, "--base", "tiny", "--hypervisor", hypervisor)
-    inst = load(cs.store, name)
-    save(cs.store, replace(inst, layers=(cs.top.diff_id, cs.mid.diff_id)))
+    """A VM made from node XA (``instance create --from``): its chain is XA -> A -> base."""
+    cs.cli.ok("instance", "create", name, "--from", cs.top.diff_id, "--hypervisor", hypervisor)
+    assert load(cs.store, name).layers == (cs.top.diff_id, cs.mid.diff_id)
 
 
 def check_chain_seen(cs: ChainStore, vm: str, device: str) -> list[str]:
