@@ -376,3 +376,23 @@ def test_link_lost_mid_pull_resumes(env: Env) -> None:
     assert r["bytes_resumed"] >= had - (1 << 20), r
     assert wire <= blob - had + 4 * WIRE_SLACK, (wire, blob, had)
     print(f"blob {blob} B: {had} B before the cut, {wire} B on the wire after it")
+
+
+def test_host_base_of_the_same_name_differs(env: Env) -> None:
+    """A host whose own base 'tiny' generation 1 holds another tree: the system's base layer
+    names 'tiny' generation 1 too, but the host compares trees, not names (VMs would boot
+    on the wrong base): refused, nothing pulled or made."""
+    from vm_fixtures import build
+
+    host = env.add_host("h7")
+    tree = env.tmp / "other-tiny"
+    # cp -a: the fixture holds device nodes (/dev/console), which copytree would read
+    subprocess.run(["cp", "-a", str(build("tiny")), str(tree)], check=True, timeout=120)
+    (tree / "etc" / "motd").write_text("another base of the same name\n")
+    cli = hcli(host)
+    cli.ok("base", "create", "tiny", "--from-dir", str(tree))
+    before = sorted(str(p) for p in (host.store / "layers").rglob("layer.json"))
+    res = env.ctl.fails("deploy", "lab1", "--host", "h7", "--registry", env.url, code=4)
+    assert "another tree" in res.output, res.output
+    nothing_made(host)
+    assert sorted(str(p) for p in (host.store / "layers").rglob("layer.json")) == before

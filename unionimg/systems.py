@@ -500,10 +500,18 @@ def _generation_digest(store: Store, gen: base_mod.Generation) -> str:
 
 
 def _install_bases(store: Store, needs: Sequence[_BaseNeed]) -> None:
-    """Make each needed base here from its pulled layer (``base create`` of its tree: the
-    generation's image, manifest, kernel, history), so VMs can lie on it."""
+    """Make each needed base here from its pulled layer: ``base create`` of the layer's tree
+    (the generation's manifest, kernel and history), then the generation's image replaced by
+    a hard link of the layer's own image (a root base layer is labelled BASE): the generation
+    IS that layer (the same inode), as on the controller, so VMs made from the system's
+    layers lie on it. Done under the deploy lock, before any VM uses the generation."""
     for need in needs:
         layer = layerstore.get(store, need.diff_id)
+        if layer.meta.label != "BASE":
+            raise ToolFailed(
+                f"base layer {need.diff_id[:19]} here is labelled {layer.meta.label}, not BASE "
+                "(pulled by an older unionimg?): remove it ('layer gc') and deploy again"
+            )
         # outside the store: base create refuses a source inside it
         with tempfile.TemporaryDirectory(prefix="unionimg-base-") as tmp:
             mnt = Path(tmp) / "tree"
@@ -513,9 +521,9 @@ def _install_bases(store: Store, needs: Sequence[_BaseNeed]) -> None:
                 gen = base_mod.create(store, need.base, mnt)
             finally:
                 umount(mnt)
-        # the generation holds the layer's tree (its own lost+found aside): say which layer,
-        # so later deploys know it without reading it (the store is trusted, a layer's
-        # record naming a base is not)
+        link = gen.image.with_name(f".{gen.image.name}.layer")
+        os.link(layer.image, link)
+        os.replace(link, gen.image)
         path = gen.dir / GenerationMeta.FILE
         write_record(path, replace(read_record(path, GenerationMeta), layer=need.diff_id))
 

@@ -11,6 +11,7 @@ import click
 from unionimg import deploy as deploy_mod
 from unionimg.cli._common import Ctx, exit_with, json_option, json_text, pass_ctx
 from unionimg.display import shown
+from unionimg.names import human_size
 
 
 def _options(f: Callable[..., None]) -> Callable[..., None]:
@@ -36,21 +37,31 @@ def _bars(enabled: bool) -> Iterator[deploy_mod.Watcher | None]:
         return
     # deferred on purpose: rich.progress takes ~60 ms to import and only a terminal needs it
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
     tasks: dict[str, TaskID] = {}
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        TextColumn("{task.fields[amount]}"),
         console=Console(stderr=True),
         transient=False,
     ) as bar:
 
         def watch(host: str, phase: str, done: int, total: int) -> None:
+            if phase == "alive":  # the host's heartbeat: nothing to show
+                return
             if host not in tasks:
-                tasks[host] = bar.add_task(host, total=None)
-            bar.update(tasks[host], description=f"{host}: {phase}", completed=done, total=total)
+                tasks[host] = bar.add_task(host, total=None, amount="")
+            amount = (
+                f"{human_size(done)} / {human_size(total)}"
+                if phase == "pull"
+                else (f"{done} / {total}" if phase in ("vm", "boot") else "")
+            )
+            bar.update(
+                tasks[host], description=f"{shown(host)}: {phase}", completed=done,
+                total=total or None, amount=amount,
+            )  # fmt: skip
 
         yield watch
 

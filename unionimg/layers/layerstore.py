@@ -409,9 +409,10 @@ def _import(
     build = stage / "layer"
     build.mkdir(mode=0o700)
     used, inodes = _usage(tree)
-    make_ext4(
-        build / IMAGE, label_of(info.diff_id), tree, default_size(used, inodes), inodes=inodes
-    )
+    # a root base layer is a whole base: labelled BASE, as an adopted generation's is, so a
+    # host can make it a base generation by hard link (what a deploy does; systems.py)
+    label = "BASE" if parent is None and kind == "base" else label_of(info.diff_id)
+    make_ext4(build / IMAGE, label, tree, default_size(used, inodes), inodes=inodes)
     _same_root(build / IMAGE, tree)
     shutil.rmtree(tree)
     os.rename(blob, build / BLOB)
@@ -423,7 +424,7 @@ def _import(
         parent=parent,
         kind=kind,
         created=now_iso(),
-        label=label_of(info.diff_id),
+        label=label,
         image_size=disk_usage(build / IMAGE),
         entries=got.entries,
         origin=origin.text,
