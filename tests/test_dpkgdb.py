@@ -10,11 +10,14 @@ the executor's ``.deb`` reader (:mod:`unionimg.reconcile.pristine`) on packages 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
 import os
 import random
 import tarfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -123,10 +126,13 @@ def test_both_changed_one_package_is_a_package_conflict_naming_both_versions() -
     r = merged(b0, local, new)
     assert r.outcome == "conflict"
     assert "nginx:amd64 (local 1.22-local1, B1 1.24)" in r.reason
-    assert "kept whole" in r.reason
+    assert "live until resolved: the proposal" in r.reason
     assert b"<<<<<<< local\n" + para("nginx", "1.22-local1") + b"=======\n" in r.data
     proposal = r.artifacts["proposal"]
     assert names(proposal) == [("a", "1.0"), ("base-files", "12.5"), ("nginx", "1.22-local1")]
+    assert r.live == proposal  # what the live status holds while the conflict is pending
+    assert merged(b0, local, b0).live is None  # merged: nothing "live" beside the data
+    assert merged(b0, b"garbage\n", new).live is None  # unparseable: the VM's file stays
 
 
 def test_both_installed_a_package_b0_lacked_in_other_versions_conflicts() -> None:
@@ -330,6 +336,91 @@ def test_info_files_of_a_package_both_changed_conflict_with_the_status() -> None
     for ext_ in ("list", "md5sums"):
         a = r.action(f"/var/lib/dpkg/info/tool.{ext_}")
         assert a.action == "conflict" and "local 1.1, B1 2" in a.reason  # the VM's kept: whole
+
+
+def test_package_conflict_writes_the_proposal_live_with_b1s_new_packages() -> None:
+    """Never a half state while the conflict is pending: the conflict action carries the
+    proposal as live data (the package B1 added has its paragraph, as its info files from
+    B1 are in the union), the conflicting package the VM's, its info files the VM's."""
+    b0 = dpkg_tree({"base-files": "1", "tool": "1"})
+    vm = dpkg_tree({"base-files": "1", "tool": "1.1", "mine": "1"})
+    b1 = dpkg_tree({"base-files": "2", "tool": "2", "sshd": "1"})
+    vm.file(STATUS, vm.data[STATUS], mode=0o600, uid=7)  # the VM's metadata of its file
+    r = run(upper_from(b0, vm), b0, b1, reads=True)
+    a = r.action(STATUS)
+    assert (a.case, a.action) == (6, "conflict"), a
+    assert "tool:amd64 (local 1.1, B1 2)" in a.reason and "live until resolved" in a.reason
+    assert a.data is not None and a.data == a.artifacts["proposal"]
+    assert names(a.data) == [("base-files", "2"), ("mine", "1"), ("sshd", "1"), ("tool", "1.1")]
+    assert a.artifacts["local"] == vm.data[STATUS]  # resolve --take local writes it back
+    assert a.entry is not None and a.entry.kind == "file"
+    assert (a.entry.size, a.entry.sha256) == (len(a.data), hashlib.sha256(a.data).hexdigest())
+    assert (a.entry.mode, a.entry.uid) == (0o600, 7)
+    # the conflicting package's info files stay the VM's (no live data), mine's too
+    for ext_ in ("list", "md5sums"):
+        info = r.action(f"/var/lib/dpkg/info/tool.{ext_}")
+        assert info.action == "conflict" and info.data is None, info
+    assert r.action("/var/lib/dpkg/info/mine.list").action == "keep"
+    json.dumps(a.to_json())  # the report never carries the bytes
+
+
+def test_package_conflict_whose_proposal_is_the_vms_file_writes_nothing() -> None:
+    b0 = dpkg_tree({"tool": "1"})
+    r = run(upper_from(b0, dpkg_tree({"tool": "1.1"})), b0, dpkg_tree({"tool": "2"}), reads=True)
+    a = r.action(STATUS)
+    assert a.action == "conflict" and a.data is None and a.entry is None, a
+
+
+def test_extended_states_conflict_is_live_as_its_proposal_the_user_databases_are_not() -> None:
+    b0 = Tree().file(EXTENDED_STATES, ext(("libfoo", 1)))
+    vm = Tree().file(EXTENDED_STATES, ext(("libfoo", 0), ("liba", 1)))
+    b1 = Tree().file(EXTENDED_STATES, ext(("libb", 1)))
+    a = run(upper_from(b0, vm), b0, b1, reads=True).action(EXTENDED_STATES)
+    assert a.action == "conflict" and a.data is not None, a
+    assert [p.key[0] for p in parse(a.data)] == ["liba", "libb", "libfoo"]
+    assert b"Auto-Installed: 0" in a.data  # the VM's state of the conflicting package
+    # passwd: its proposal renumbers (and chowns): only resolve applies it, never live
+    root = b"root:x:0:0:root:/root:/bin/bash\n"
+    b0 = Tree().file("/etc/passwd", root)
+    vm = Tree().file("/etc/passwd", root + b"dave:x:1000:1000::/home/dave:/bin/sh\n")
+    b1 = Tree().file("/etc/passwd", root + b"deploy:x:1000:1000::/home/deploy:/bin/sh\n")
+    a = run(upper_from(b0, vm), b0, b1, reads=True).action("/etc/passwd")
+    assert a.action == "conflict" and "proposal" in a.artifacts, a
+    assert a.data is None and a.entry is None
+
+
+def test_apply_writes_a_live_conflict_and_commits_it(tmp_path: Path) -> None:
+    """The executor writes a conflict's live data like a write (a new inode, never the old
+    one changed: the hardlinked upper stays as it was) and commits its path; a conflict
+    without data leaves the path alone and out of the commit."""
+    from unionimg.entries import Entry
+    from unionimg.reconcile.apply import _apply_action, _commit_paths
+    from unionimg.reconcile.plan import Action
+
+    tree = tmp_path / "upper.new"
+    (tree / "var/lib/dpkg").mkdir(parents=True)
+    live = tree / "var/lib/dpkg/status"
+    live.write_bytes(b"old\n")
+    kept = tree / "var/lib/dpkg/kept"
+    kept.write_bytes(b"mine\n")
+    before = os.lstat(live).st_ino
+    entry = Entry(STATUS, "file", mode=0o644, uid=os.getuid(), gid=os.getgid(), size=9)
+    actions = [
+        Action(STATUS, 6, "conflict", "x", entry=entry, data=b"proposal\n"),
+        Action("/var/lib/dpkg/kept", 6, "conflict", "y", artifacts={"local": b"mine\n"}),
+    ]
+    for action in actions:
+        _apply_action(tree, action)
+    assert live.read_bytes() == b"proposal\n" and os.lstat(live).st_ino != before
+    assert kept.read_bytes() == b"mine\n"
+    assert "upper/var/lib/dpkg/status" in _commit_paths(actions)
+    assert "upper/var/lib/dpkg/kept" not in _commit_paths(actions)
+    # the record says so ('resolve --take local' writes 'local' back), round-tripped
+    from unionimg.store.records import ConflictRecord
+
+    rec = ConflictRecord(STATUS, "x", 3, "/d", ("local", "proposal"), 6, live=True)
+    assert ConflictRecord.from_json(rec.to_json()) == rec and rec.to_json()["live"] is True
+    assert "live" not in replace(rec, live=False).to_json()  # older records unchanged
 
 
 def test_info_list_line_set_merge_when_neither_changed_the_package() -> None:

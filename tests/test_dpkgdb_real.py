@@ -25,12 +25,14 @@ After ``reconcile --all``:
 * db2: the same conffile conflicts on line 18 only (one narrow block, line 2 merged), the
   live file stays the VM's;
 * db3 upgraded ``uimg-up`` to its own 1.5 where the base goes to 2.0: a package-level
-  conflict naming both versions, the status and uimg-up's changed info files stay the VM's
-  (``dpkg -l`` says 1.5, ``--audit`` clean), the proposal holds the base's other packages;
+  conflict naming both versions, pending; while it is, the live status is the proposal
+  (never a half state): ``dpkg -l`` lists the base's new packages ``ii`` and uimg-up 1.5
+  (its changed info files stay the VM's), ``--audit`` clean; resolved with the proposal;
 * db4 installed ``uimg-x`` 1.0 and edited its conffile; the base installed 1.0 (generation 2,
   .deb kept in its apt cache) and upgraded to 2.0 (generation 3): a package conflict, and
   the conffile merged against 1.0's pristine copy from the base's cache (the VM's version,
-  as on an upgrade): 2.0's line 10 and the VM's line 2.
+  as on an upgrade): 2.0's line 10 and the VM's line 2; ``resolve --take local`` of its
+  status writes the VM's own status back over the live proposal.
 """
 
 from __future__ import annotations
@@ -256,25 +258,47 @@ def test_package_both_sides_changed_is_a_package_conflict_never_a_half_state(
 ) -> None:
     found = conflicts(world, "db3")
     status = found.pop("/var/lib/dpkg/status")
-    assert "uimg-up:all (local 1.5, B1 2.0)" in status and "kept whole" in status, status
+    assert "uimg-up:all (local 1.5, B1 2.0)" in status, status
+    assert "live until resolved: the proposal" in status, status
     md5sums = found.pop("/var/lib/dpkg/info/uimg-up.md5sums")
     assert "local 1.5, B1 2.0" in md5sums and "follows its paragraph" in md5sums
     assert set(found) == {"/usr/share/uimg-up/VERSION"}, found  # the package's own file
-    listed = dpkg(result, "-l", "uimg-up")
-    assert any(
-        line.split()[:3] == ["ii", "uimg-up", "1.5"] for line in listed.stdout.splitlines()
-    ), listed.stdout
+    assert world.report["db3"]["applied"] and "passed" in world.report["db3"]["checks"]
+    # pending, yet no half state: every package the base added has its paragraph with its
+    # files, the conflicting one is the VM's 1.5 with the VM's files and info
+    listed = dpkg(result, "-l", "uimg-*")
+    assert listed.returncode == 0, listed.stderr
+    rows = {
+        line.split()[1]: (line.split()[0], line.split()[2])
+        for line in listed.stdout.splitlines()
+        if line.startswith(("ii", "rc", "un", "iU", "iF"))
+    }
+    assert rows == {
+        "uimg-conf": ("ii", "1.0"),
+        "uimg-svc": ("ii", "1.0"),
+        "uimg-up": ("ii", "1.5"),
+        "uimg-x": ("ii", "2.0"),
+    }, listed.stdout
     audit = dpkg(result, "--audit")
     assert (audit.returncode, audit.stdout) == (0, ""), audit
+    # the base's, with their files (not uimg-conf: the base edits its conffile itself)
+    for package in ("uimg-svc", "uimg-x"):
+        verify = dpkg(result, "--verify", package)
+        assert (verify.returncode, verify.stdout) == (0, ""), (package, verify)
     assert (result / "usr/share/uimg-up/VERSION").read_bytes() == b"1.5\n"
     rec = next(
         c for c in json.loads(world.cli.ok("conflicts", "db3", "--json").output)
         if c["path"] == "/var/lib/dpkg/status"
     )  # fmt: skip
-    proposal = (Path(rec["dir"]) / "proposal").read_text()
-    up = next(p for p in proposal.split("\n\n") if p.startswith("Package: uimg-up\n"))
-    assert "\nVersion: 1.5\n" in up  # the VM's version of the conflicting package
-    assert "Package: uimg-svc\n" in proposal  # the base's other packages
+    assert rec.get("live") is True, rec
+    assert {"merged", "proposal", "local", "base-new"} <= set(rec["files"]), rec
+    proposal = (Path(rec["dir"]) / "proposal").read_bytes()
+    assert (result / "var/lib/dpkg/status").read_bytes() == proposal  # live: the proposal
+    up = next(p for p in proposal.split(b"\n\n") if p.startswith(b"Package: uimg-up\n"))
+    assert b"\nVersion: 1.5\n" in up  # the VM's version of the conflicting package
+    assert b"Package: uimg-svc\n" in proposal  # the base's other packages
+    local = (Path(rec["dir"]) / "local").read_bytes()
+    assert b"Package: uimg-svc\n" not in local  # the VM's own status, as it was before
 
 
 @pytest.mark.slow
@@ -323,3 +347,36 @@ def test_conffile_of_the_vms_older_version_merges_against_its_pristine_from_the_
         assert merged == edit(debs.conffile_text(2), 2, "option02 = db4"), merged
     finally:
         world.cli.ok("umount", str(mnt))
+
+
+@pytest.mark.slow
+def test_resolving_a_live_package_conflict_with_local_writes_the_vms_status_back(
+    world: World,
+) -> None:
+    """db4's status conflict (uimg-x 1.0 vs 2.0) is live as its proposal; ``--take local``
+    writes the VM's own status (as before the reconcile) back and settles the conflict."""
+    cli = world.cli
+    rec = next(
+        c for c in json.loads(cli.ok("conflicts", "db4", "--json").output)
+        if c["path"] == "/var/lib/dpkg/status"
+    )  # fmt: skip
+    assert rec.get("live") is True, rec
+    aside = Path(rec["dir"])
+    local, proposal = (aside / "local").read_bytes(), (aside / "proposal").read_bytes()
+    assert local != proposal
+    mnt = world.tmp / "local-db4"
+    mnt.mkdir()
+
+    def live() -> bytes:
+        cli.ok("mount", "db4", str(mnt), "--readonly")
+        try:
+            return (mnt / "var/lib/dpkg/status").read_bytes()
+        finally:
+            cli.ok("umount", str(mnt))
+
+    assert live() == proposal
+    took = cli.ok("resolve", "db4", "/var/lib/dpkg/status", "--take", "local").output
+    assert "took local" in took, took
+    assert live() == local
+    left = {c["path"] for c in json.loads(cli.ok("conflicts", "db4", "--json").output)}
+    assert "/var/lib/dpkg/status" not in left, left

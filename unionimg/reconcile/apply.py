@@ -523,7 +523,9 @@ class Reconciler:
         writes: the local commit, upper.new (new directories and inodes; files are
         hardlinks), the files the plan writes and their commit, and in the store the
         conflict versions set aside and the report."""
-        written = [len(a.data) for a in actions if a.action == WRITE and a.data is not None]
+        written = [
+            len(a.data) for a in actions if a.action in (WRITE, CONFLICT) and a.data is not None
+        ]
         dirs = sum(1 for e in entries if e.kind == DIR)
         u_need = (
             dirs * 4096
@@ -721,6 +723,7 @@ class Reconciler:
                     dir=str(final),
                     files=tuple(sorted(action.artifacts)),
                     case=action.case,
+                    live=action.data is not None,  # its proposal is live while pending
                 )
             )
         return tuple(out)
@@ -783,7 +786,7 @@ def _commit_paths(actions: Sequence[Action]) -> tuple[str, ...]:
     """What a reconcile changes in U, relative to U's root (for :meth:`Repo.commit_all`)."""
     paths = {history.SIDECAR_DIR}
     for a in actions:
-        if a.action in (WRITE, DROP, SET_META):
+        if a.action in (WRITE, DROP, SET_META) or (a.action == CONFLICT and a.data is not None):
             paths.add("upper" + a.path if a.path != "/" else "upper")
     return tuple(sorted(paths))
 
@@ -804,7 +807,8 @@ def _commit(
 def _apply_action(tree: Path, action: Action) -> None:
     if action.action == DROP:
         fsops.remove_entry(tree, action.path)
-    elif action.action == WRITE:
+    elif action.action == WRITE or (action.action == CONFLICT and action.data is not None):
+        # a conflict with data: what the live file holds while it is pending (plan.py)
         assert action.entry is not None
         fsops.write_entry(tree, action.path, action.entry, action.data)
     elif action.action == SET_META:
@@ -919,12 +923,22 @@ def resolve(
             local = _upper_entry(upper, path)
             # the file written (its data, then its revlog) and whatever else the commit adds
             sizes = {"merged": aside / "merged", "base": aside / "base-new", None: file}
+            if c.live:  # --take local writes the VM's version back over the live proposal
+                sizes["local"] = aside / "local"
             sizes[PROPOSAL] = aside / PROPOSAL
             incoming = _size_of(sizes.get(take))
             entries = scan_upper(u, hash_files=False)
             require_u_space(store, u, name, commit_estimate(u, entries, [incoming] * 2), what)
             checkpoint("resolve:checked")
-            if take == "local" or (take == "base" and c.held):
+            if take == "local" and c.live:  # the proposal is live: the VM's own file back
+                source = aside / "local"
+                if not source.is_file() or local is None or local.kind != "file":
+                    raise NotFound(
+                        f"conflict at {path} has no local version to take back; use "
+                        "--take base|proposal or --file"
+                    )
+                fsops.write_entry(upper, path, local, source.read_bytes())
+            elif take == "local" or (take == "base" and c.held):
                 pass  # held: the reconcile to c.generation takes B1's version
             elif take == "base":
                 if local is not None and local.kind == "dir":

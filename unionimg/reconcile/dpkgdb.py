@@ -10,13 +10,16 @@ Here the three versions (B0 = ancestor, local = the VM's, B1 = the new base) are
   sides (both installed one same version) is taken once;
 * a package both sides changed differently (two versions, or removed on one side and
   changed on the other) is a **package-level conflict** whose reason names the package and
-  both versions. The status file then stays the VM's whole (consistent with the VM's files
-  and ``info/`` until resolved); the ``proposal`` artefact is the merge that keeps the VM's
-  version of each conflicting package (its changed files are in the upper layer, which wins
-  over the base's) with everything else merged. Until resolved, packages B1 added or changed
-  that the VM did not touch have their files and ``info/`` from B1 but no paragraph of theirs
-  in the VM's held status: the conflict is pending (``instance list`` counts it), and the
-  proposal is what gives them their paragraphs;
+  both versions. Its ``proposal`` artefact is the merge that keeps the VM's version of each
+  conflicting package (its changed files are in the upper layer, which wins over the base's;
+  its ``info/`` files stay the VM's, below) with everything else merged, and the proposal is
+  also what the live file holds while the conflict is pending (``FileResult.live``): every
+  package B1 added or changed that the VM did not touch has its paragraph with its files and
+  ``info/`` from B1, the VM's own packages theirs — never a half state (files of a package
+  without its paragraph). The conflict stays pending with its artefacts (``merged`` with
+  both paragraphs between markers, ``local`` = the VM's whole file before, ``base-new``...):
+  ``resolve --take local`` writes the VM's own file back, ``--take base`` lets B1's show,
+  ``--take proposal`` keeps what is live;
 * a file that cannot be parsed (a hostile or damaged guest's status: a line that is no
   field, a paragraph without ``Package``, a package named twice) is a conflict saying which
   side and which line, never an exception;
@@ -435,9 +438,9 @@ class StatusMerge:
             extra = f" (+{more} more)" if more > 0 else ""
             return (
                 f"{self.what}: {len(conflicts)} package(s) changed on both sides: {shown}{extra}; "
-                "the VM's file kept whole until resolved (proposal: the VM's versions of "
-                "these packages, everything else merged"
-                + ("; their info files follow)" if self.what == STATUS else ")")
+                "live until resolved: the proposal (the VM's versions of these packages, "
+                "everything else merged"
+                + ("; their info files stay the VM's)" if self.what == STATUS else ")")
             )
         counts = {d: 0 for d in ("local", "new", "same")}
         for choice in self.choices.values():
@@ -711,14 +714,20 @@ class FileResult:
     data: bytes = b""
     reason: str = ""
     artifacts: Mapping[str, bytes] = field(default_factory=dict)
+    live: bytes | None = None  # conflict: the live content while pending (None: the VM's)
 
 
 def _from_status(merge: StatusMerge, local: bytes | None) -> FileResult:
     if merge.error:
         return FileResult("conflict", local or b"", merge.reason())
     if merge.conflicts:
+        proposal = merge.merged()  # live while pending: the database matches the union's files
         return FileResult(
-            "conflict", merge.merged(markers=True), merge.reason(), {"proposal": merge.merged()}
+            "conflict",
+            merge.merged(markers=True),
+            merge.reason(),
+            {"proposal": proposal},
+            live=proposal,
         )
     return FileResult("merged", merge.merged(), merge.reason())
 

@@ -13,6 +13,9 @@ after everything below it):
 * ``keep`` / ``report`` / ``conflict`` / ``error``: leave U's path alone. A conflict carries
   ``artifacts`` (merged-with-markers, both base versions, the local copy) to store aside,
   never in the live file. An ``error`` (policy ``fail``) makes the whole instance fail.
+  A conflict whose structured merger gives a live content (dpkg's ``status``, apt's
+  ``extended_states``: :attr:`StructuredResult.live`) has ``entry`` and ``data`` too: they
+  are written like a ``write`` while the conflict stays pending (its ``proposal``).
 * ``drop``: remove U's entry (file, symlink, whiteout, or a directory that is then empty) so
   the base shows through.
 * ``write``: replace U's entry by ``entry`` (kind, mode, uid, gid, xattrs, symlink target)
@@ -43,7 +46,8 @@ Choices beyond the table:
 * A regular file both sides changed whose path has a structured merger
   (:func:`unionimg.reconcile.structured.merger_for`: the user databases ``/etc/passwd`` & co
   merged by name, their ``-`` backups kept local) is merged by it instead of line by line:
-  case 5 when clean, case 6 with the merger's artefacts (``proposal`` ...) when not.
+  case 5 when clean, case 6 with the merger's artefacts (``proposal`` ...) when not, and its
+  live content (dpkg's proposal) as the conflict's ``entry``/``data`` when it gives one.
 * A text file both sides added (no B0 version) that B1's dpkg status lists as a conffile of
   a package the VM has in the same version is merged against that conffile's pristine
   version (:func:`unionimg.reconcile.dpkgdb.pristine_ancestor`: B1's or the VM's copy when its
@@ -622,8 +626,24 @@ class _Planner:
         reason: str,
         artifacts: Mapping[str, bytes] | None = None,
         paths: tuple[str, ...] = (),
+        *,
+        entry: Entry | None = None,
+        data: bytes | None = None,
     ) -> None:
-        self._put(Action(path, case, CONFLICT, reason, artifacts=artifacts or {}, paths=paths))
+        """A conflict; ``entry``/``data``: what the live path holds while it is pending (a
+        structured merger's ``live``), else U's path stays."""
+        self._put(
+            Action(
+                path,
+                case,
+                CONFLICT,
+                reason,
+                entry=entry,
+                data=data,
+                artifacts=artifacts or {},
+                paths=paths,
+            )
+        )
 
     def _report_special(self, path: str, u: Entry, change: Change | None) -> None:
         what = (
@@ -882,8 +902,17 @@ class _Planner:
             )
         elif result.outcome == STRUCTURED_CONFLICT:
             artifacts = {"merged": result.data, **aside, **result.artifacts}
+            live, entry = result.live, None
+            if live is not None and live != versions.local:  # written while pending
+                base = u if meta.conflicts else meta.apply(u)
+                entry = replace(base, sha256=_sha256(live), size=len(live))
+            else:
+                live = None
             self._both_changed(
-                path, 6, why, lambda: self._conflict(path, 6, why, artifacts=artifacts)
+                path,
+                6,
+                why,
+                lambda: self._conflict(path, 6, why, artifacts=artifacts, entry=entry, data=live),
             )
         elif meta.conflicts:
             artifacts = {"merged": result.data, **aside}

@@ -14,6 +14,11 @@ three versions of a related file, the VM's upper entries) and returns a
 * ``merged``: the file's new content (case 5, "merged by name" or whatever the merger says);
 * ``conflict``: ``data`` is the ``merged`` artefact (both entries shown, with markers: never
   written to the live file), ``artifacts`` adds the merger's own (``proposal`` ...) (case 6);
+  ``live`` is what the live file holds while the conflict is pending (``None``: the VM's
+  version stays). Only dpkg's ``status`` and apt's ``extended_states`` give one (their
+  proposal: every package merged, the conflicting ones the VM's, so the package database
+  matches the files of the union); the user databases do not (their proposal renumbers IDs
+  and implies chowns, which only ``resolve --take proposal`` applies);
 * ``keep-local``: the VM's own version stays (the tools' ``-`` backups: ``/etc/passwd-`` is
   what ``useradd`` saved before its last change, meaningful only with the VM's own
   ``/etc/passwd``).
@@ -82,6 +87,8 @@ class StructuredResult:
     data: bytes = b""  # merged: the new content; conflict: the 'merged' artefact
     reason: str = ""  # one line
     artifacts: Mapping[str, bytes] = field(default_factory=dict)  # conflict: more artefacts
+    # conflict: written live while the conflict is pending; None = the VM's version stays
+    live: bytes | None = None
 
 
 Merger = Callable[[MergeInput], StructuredResult]
@@ -214,7 +221,9 @@ def dpkg_database(inp: MergeInput) -> StructuredResult:
     result = dpkgdb.merge_file(
         inp.path, _triple(inp.versions), lambda p: _triple(inp.related(p)), inp.memo
     )
-    return StructuredResult(result.outcome, result.data, result.reason, result.artifacts)
+    return StructuredResult(
+        result.outcome, result.data, result.reason, result.artifacts, live=result.live
+    )
 
 
 MERGERS.update({path: dpkg_database for path in dpkgdb.EXACT})

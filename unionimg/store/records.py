@@ -493,6 +493,9 @@ class ConflictRecord(Record):
     # policy ``fail`` held the instance on its generation: the reconcile to ``generation``
     # waits for this path (a resolve is applied by that reconcile); only written when true
     held: bool = False
+    # the live file holds the ``proposal`` while pending (dpkg's status): ``resolve --take
+    # local`` writes ``local`` back; only written when true
+    live: bool = False
 
     def to_json(self) -> JsonObject:
         out: JsonObject = {
@@ -505,6 +508,8 @@ class ConflictRecord(Record):
         }
         if self.held:
             out["held"] = True
+        if self.live:
+            out["live"] = True
         return out
 
     @classmethod
@@ -518,6 +523,7 @@ class ConflictRecord(Record):
             files=f.texts("files"),
             case=f.maybe_integer("case", None),
             held=f.flag("held", False),
+            live=f.flag("live", False),
         )
 
 
