@@ -18,9 +18,11 @@ with the HOST's own tools, never with unionimg's code.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fnmatch
 import re
+import shlex
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,6 +79,50 @@ def exec_union(unionimg: Callable[..., object], vm: str, mnt: Path) -> Iterator[
         unionimg("umount", str(mnt))
 
 
+@contextlib.contextmanager
+def generation_root(store: Path, base: str, number: int, where: Path) -> Iterator[Path]:
+    """Generation ``number`` of ``base``'s whole tree, read-only (a delta generation is the
+    overlay of its chain: :func:`unionimg.layers.base.generation_tree`)."""
+    from unionimg.layers import base as bases
+    from unionimg.store.layout import Store
+
+    st = Store(store)
+    with bases.generation_tree(st, bases.get_generation(st, base, number), where) as root:
+        yield root
+
+
+@contextlib.contextmanager
+def guest_chroot(unionimg: Callable[..., object], vm: str, where: Path) -> Iterator[Path]:
+    """VM's union as its guest sees it, for running the guest's own programs (a test's step):
+    ``unionimg mount --readonly`` (noexec), a throwaway overlay over it (exec; its upper a
+    tmpfs, so nothing is written to the VM), a tmpfs on /run and the host's /dev."""
+    ro, scratch, root = where / "ro", where / "scratch", where / "root"
+    for d in (ro, scratch, root):
+        d.mkdir(parents=True, exist_ok=True)
+    unionimg("mount", vm, str(ro), "--readonly")
+    done: list[Path] = []
+
+    def mount(*args: str) -> None:
+        res = run(["mount", *args])
+        if res.returncode != 0:
+            raise RuntimeError(f"mount {' '.join(args)}: {res.stderr.strip()}")
+        done.append(Path(args[-1]))
+
+    try:
+        mount("-t", "tmpfs", "tmpfs", str(scratch))
+        (scratch / "up").mkdir()
+        (scratch / "wk").mkdir()
+        opts = f"lowerdir={ro},upperdir={scratch}/up,workdir={scratch}/wk"
+        mount("-t", "overlay", "overlay", "-o", opts, str(root))
+        mount("-t", "tmpfs", "tmpfs", str(root / "run"))
+        mount("--bind", "/dev", str(root / "dev"))
+        yield root
+    finally:
+        for target in reversed(done):
+            run(["umount", str(target)])
+        unionimg("umount", str(ro))
+
+
 def sandboxed(
     tree: Path, command: str, *, timeout: float = TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
@@ -87,6 +133,16 @@ def sandboxed(
     from unionimg.layers import sandbox
 
     return run(sandbox.argv(tree, command), timeout=timeout)
+
+
+def cache_command(*debs: Path) -> str:
+    """Shell for ``base update --run``: ``debs`` put in the tree's apt cache, not installed
+    (as apt keeps what a base installed before an upgrade); carried base64 in the command."""
+    parts = ["mkdir -p /var/cache/apt/archives"]
+    for deb in debs:
+        data = base64.b64encode(deb.read_bytes()).decode()
+        parts.append(f"echo {data} | base64 -d > /var/cache/apt/archives/{shlex.quote(deb.name)}")
+    return " && ".join(parts)
 
 
 # -- the checks of a result ---------------------------------------------------------------------

@@ -17,15 +17,16 @@ the TEST: unionimg itself never runs guest programs), as a sysadmin would:
 * ``clash1``: user dave with useradd's first free UID, 1000 — the UID the base gives deploy.
 
 Then the base is patched the usual way, one ``base update --run``: ``uimg-conf`` 2.0 (its
-conffile changed on line 10), ``apt-get install openssh-server nginx`` (real), a system user
-``svcd``, a login user ``deploy`` and a ``sed`` on ``sshd_config`` (ClientAliveInterval).
+conffile changed on line 10; 1.0's .deb left in its apt cache, as a base that had it keeps
+it), ``apt-get install openssh-server nginx`` (real), a system user ``svcd``, a login user
+``deploy`` and a ``sed`` on ``sshd_config`` (ClientAliveInterval).
 
 Read back with the HOST's tools on each VM's union mounted read-only (``bench/debvm.py``):
 ``dpkg --audit``, ``apt-get check``, ``pwck -r``/``grpck -r`` no worse than the base itself,
 ``dpkg -l`` (the base's AND the VM's packages ``ii``), ``dpkg --verify`` no worse than the
-base; ``sshd -t`` of the guest's own sshd in a test-owned chroot; host keys and machine-id
-unique across VMs; then app1 (openssh-server from the base, users of both sides) boots under
-QEMU and its console says ``ssh.service`` is active.
+base; ``sshd -t`` of the guest's own sshd in a test-owned chroot (``debvm.guest_chroot``);
+host keys and machine-id unique across VMs; then app1 (openssh-server from the base, users of
+both sides) boots under QEMU and its console says ``ssh.service`` is active.
 
 Assertions that fail because another part of issue 12 has not landed are marked
 ``xfail(strict=True)`` naming the missing item.
@@ -49,7 +50,7 @@ from bench import debvm
 from tests import debs
 from tests.conftest import REQUIRE_REAL, Cli, need, need_programs
 from tests.test_boot_real import guest_lines, need_guests
-from tests.test_identity import SSH_HOOK, chroot_union, sshd_t
+from tests.test_identity import SSH_HOOK, sshd_t
 from unionimg.fs.mounts import mountinfo, unmount_tree
 
 VMS = ("web1", "db1", "app1", "clash1")
@@ -87,8 +88,9 @@ READ = (SSHD_CONFIG, NGINX_CONF, UIMG_CONF, "/etc/machine-id", "/etc/passwd", "/
 
 
 def gap(item: str, what: str) -> pytest.MarkDecorator:
-    """An assertion that fails because part of issue 12 is missing (strict: a pass fails)."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 12, {item}: {what}")
+    """An assertion that fails because part of issue 12 is missing (strict: a pass fails; only
+    an AssertionError counts, so a broken world still errors)."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue 12, {item}: {what}")
 
 
 PACKAGE_CONFLICT = gap(
@@ -107,18 +109,6 @@ LOGIN_UID = gap(
     "items 3 and 1",
     "a login UID clash (dave and deploy, 1000) is a passwd conflict and the VM is applied "
     "without the base's new users (sshd, svcd, deploy): sshd -t fails; item 1 does not hold it",
-)
-CONFFILE_VERSIONS = gap(
-    "item 4",
-    "the conffile's pristine ancestor is looked for only in B1's version (uimg-conf 2.0): the "
-    "VM's own version (1.0, its pristine in the VM's apt cache) is the ancestor of its edit, "
-    "as ucf and dpkg take it on an upgrade; without it, a whole-file conflict",
-)
-UCF_FILE = gap(
-    "item 4",
-    "sshd_config is managed by ucf, not a dpkg conffile (pristine copies in "
-    "/usr/share/openssh/sshd_config and /var/lib/ucf/cache/:etc:ssh:sshd_config): both sides "
-    "added it with no ancestor, so the base's sed is a whole-file conflict",
 )
 
 
@@ -165,15 +155,6 @@ def shows(cli: Cli, *what: str) -> Any:
 
 def no_mirror(output: str) -> bool:
     return "Could not resolve" in output or "Temporary failure resolving" in output
-
-
-def mount_ro(image: Path, where: Path) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-o", "ro,loop,noload", str(image), str(where)], check=True)
-
-
-def umount(where: Path) -> None:
-    subprocess.run(["umount", str(where)], check=True)
 
 
 def fingerprint(pub: Path) -> str:
@@ -242,8 +223,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
             finally:
                 cli.ok("umount", str(mnt))
         t = time.monotonic()
-        res = cli("base", "update", "deb", "--run", debs.install_command(
-            built["conf2"], then=BASE_RUN_TAIL))  # fmt: skip
+        run = debvm.cache_command(built["conf1"])  # the base had 1.0 before: apt kept it
+        run += "; " + debs.install_command(built["conf2"], then=BASE_RUN_TAIL)
+        res = cli("base", "update", "deb", "--run", run)
         if res.exit_code != 0 and no_mirror(res.output):
             need(False, "no route to the Debian mirror (apt-get update in base update)")
         assert res.exit_code == 0, res.output[-4000:]
@@ -260,16 +242,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
                 print(f"  conflict {c['path']}: {c['reason'][:300]}")
 
         t = time.monotonic()
-        gens = {g["number"]: Path(g["image"]) for g in shows(cli, "base", "show", "deb")[
-            "generations"]}  # fmt: skip
         baselines = {}
-        for number, image in gens.items():
-            mnt = tmp / f"gen{number}"
-            mount_ro(image, mnt)
-            try:
-                baselines[number] = debvm.Baseline.of(mnt)
-            finally:
-                umount(mnt)
+        for number in (1, 2):
+            with debvm.generation_root(cli.store, "deb", number, tmp / f"gen{number}") as gen:
+                baselines[number] = debvm.Baseline.of(gen)
         results = {}
         for vm in VMS:
             generation = shows(cli, "instance", "show", vm)["generation"]
@@ -285,7 +261,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
                 cli.ok("umount", str(mnt))
             result = Result(generation, reports[vm], checked, files, host_key=key)
             if has_sshd:
-                with chroot_union(cli, vm, tmp / f"chroot-{vm}") as croot:
+                with debvm.guest_chroot(cli.ok, vm, tmp / f"chroot-{vm}") as croot:
                     result.sshd = sshd_t(croot)
             results[vm] = result
         seconds["checks"] = time.monotonic() - t
@@ -400,10 +376,9 @@ def test_users_of_both_sides(world: World, vm: str) -> None:
 
 
 @pytest.mark.slow
-@UCF_FILE
 def test_sshd_config_has_both_edits(world: World) -> None:
     """web1 installed openssh-server itself (B0 had no sshd_config): its edits and the base's
-    ``sed`` merge against the pristine file (item 4)."""
+    ``sed`` merge against ucf's pristine copy (sshd_config is ucf's, not a dpkg conffile)."""
     config = text(world.results["web1"].files[SSHD_CONFIG]).splitlines()
     for _old, new in EDITS["web1"][SSHD_CONFIG]:
         assert new in config
@@ -412,10 +387,10 @@ def test_sshd_config_has_both_edits(world: World) -> None:
 
 
 @pytest.mark.slow
-@CONFFILE_VERSIONS
 def test_conffile_merges_against_its_pristine_version(world: World) -> None:
     """app1's uimg-conf 1.0 conffile (edited on line 3) and the base's 2.0 (line 10): no
-    common ancestor in the layer history; 1.0's pristine conffile is the ancestor (item 4)."""
+    common ancestor in the layer history; 1.0's pristine conffile, from the .deb the base's
+    apt cache kept (never the VM's own cache: the guest's), is the ancestor (item 4)."""
     conf = text(world.results["app1"].files[UIMG_CONF]).splitlines()
     assert "option02 = local-app1" in conf and "option10 = changed-in-2.0" in conf, conf
     assert UIMG_CONF not in conflicts(world, "app1")
