@@ -31,6 +31,7 @@ from unionimg.store.records import (
     Instance,
     InstanceReport,
     LastReconcile,
+    LayerMeta,
     MountRecord,
     OwnerChange,
     OwnerChanges,
@@ -152,6 +153,24 @@ EXAMPLES: list[Record] = [
     ProbeCache(version=1, entries={"0287e57c": {"ok": False, "reason": "no output in 25 s"}}),
     CheckOutcome("pwck -r", 2, ("user 'lp': directory '/var/spool/lpd' does not exist",)),
     CheckBaseline("ab12", "v1;/usr/bin/dpkg:1:2", (CheckOutcome("dpkg --audit", 0, ()),)),
+    dataclasses.replace(INSTANCE, layers=("sha256:" + "ab" * 32, "sha256:" + "cd" * 32)),
+    LayerMeta(
+        diff_id="sha256:" + "ab" * 32,
+        blob_digest="sha256:" + "ef" * 32,
+        blob_size=4711,
+        tar_size=10240,
+        parent="sha256:" + "cd" * 32,
+        kind="snapshot",
+        created="2026-12-02T03:29:04Z",
+        label="L" + "ab" * 7 + "a",
+        image_size=155648,
+        entries=5,
+        origin="instance vm1: A",
+        base="os",
+        generation=2,
+        instance="vm1",
+        message="A",
+    ),
 ]
 
 
