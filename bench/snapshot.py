@@ -14,6 +14,14 @@ Then, measured:
 4. for scale: the base's own bytes (what a snapshot never reads).
 
 Run as root: ``.venv/bin/python bench/snapshot.py [--fixture debian|tiny] [--json]``.
+
+Measured 2026-12-02 on this machine kind (2 cores, shared with other test runs: load average
+about 6, which makes zstd and mke2fs 2-3x slower than on an idle machine), Debian fixture
+(base image 587 MiB): generation 1's layer adopted in 7.1 s (once); ``apt-get update &&
+apt-get install nginx`` (120 paths, 163 MiB of tar: apt's lists and .deb cache included)
+snapshotted in 15.5 s into a 52.9 MiB blob and a 164 MiB image, U 171 MiB -> 26.5 MiB on disk
+(its history keeps the changes, compressed); a 3-path config edit snapshotted in 2.3 s
+(10 KiB tar).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ parent is the VM's image node, and the VM goes on with a fresh, empty upper laye
   upper layer (canonical tar, sha256, zstd into the blob), one extraction of the blob and one
   ``mke2fs -d`` of it (the layer's image), one Mercurial commit of it, and removing it from U
   (``fstrim`` then gives U's freed blocks back to the store: U is a sparse file).
+  Measured on the Debian fixture (``bench/snapshot.py``, 2 loaded cores): after ``apt-get
+  install nginx`` (163 MiB of tar) 15.5 s, a 52.9 MiB blob; after a config edit 2.3 s; the
+  587 MiB base is never read (its layer was adopted once, 7.1 s).
 - **Identity stays with the VM**: the per-VM identity paths of
   :data:`unionimg.layers.identity.RULES` (machine-id, SSH host keys, random seeds) are left
   out of the layer and kept in the fresh upper layer, so a layer is as free of identity as a
