@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import UNIONIMG, Cli
+from unionimg.faults import POINTS
+from unionimg.fs.mounts import mountinfo
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -302,9 +305,7 @@ def test_identity_stays_with_the_vm_and_out_of_the_layer(cli: Cli, tmp_path: Pat
     assert all(a != b for a, b in zip(theirs[:3], mine, strict=True))
 
 
-def test_guest_sparse_file_refused(
-    cli: Cli, src_tree: Path, tmp_path: Path
-) -> None:
+def test_guest_sparse_file_refused(cli: Cli, src_tree: Path, tmp_path: Path) -> None:
     """A guest's ``truncate -s 2T``: a snapshot would read and hash every zero; refused in one
     line (a layer reads at most 16 times the U image's size), nothing made."""
     cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
@@ -320,3 +321,29 @@ def test_guest_sparse_file_refused(
     res = cli.fails("instance", "snapshot", "vm1", code=8)
     assert "sparse" in res.output and "instance 'vm1'" in res.output
     assert "layers" not in js(cli, "instance", "show", "vm1")
+
+
+@pytest.mark.parametrize("step", POINTS["snapshot"])
+def test_snapshot_killed_at_every_step(tree: Cli, tmp_path: Path, step: str) -> None:
+    """SIGKILL at each step of a snapshot: the VM's union shows the same files at once (the
+    layer holds what the upper held until the swap), nothing stays mounted, and the next
+    snapshot finishes the job: one layer, an empty upper, then nothing more to freeze."""
+    cli = tree
+    mnt = tmp_path / "mnt"
+    write(cli, "vm1", mnt, {"etc/a-file": "A\n", "etc/motd": None, "etc/hostname": "vm1\n"})
+    before = read_union(cli, "vm1", mnt)
+    env = dict(os.environ, UNIONIMG_CRASH_AT=f"snapshot:{step}")
+    proc = subprocess.run(
+        [str(UNIONIMG), "--store", str(cli.store), "instance", "snapshot", "vm1"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, f"{step} was not reached: {proc.stderr}"
+    assert read_union(cli, "vm1", mnt) == before  # sweeps the dead command's mounts too
+    assert [m.target for m in mountinfo() if m.target.startswith(str(cli.store))] == []
+    out = cli.ok("instance", "snapshot", "vm1", "--json").output
+    layers = js(cli, "instance", "show", "vm1").get("layers", [])
+    assert len(layers) == 1, (step, out)
+    assert sorted(r["kind"] for r in js(cli, "layer", "list")) == ["base", "snapshot"]
+    assert upper_listing(cli, "vm1") == []
+    assert read_union(cli, "vm1", mnt) == before
+    assert "nothing changed" in cli.ok("instance", "snapshot", "vm1").output

@@ -18,6 +18,7 @@ POINTS: dict[str, tuple[str, ...]] = {
     "base-create": ("staged", "image-made", "committed", "published"),
     "base-update": ("staged", "image-made", "committed", "published"),
     "instance-create": ("staged", "image-made", "published"),
+    "snapshot": ("layer-made", "committed", "saved", "swapped"),
     "reconcile": (
         "pre-committed",
         "staged",

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from unionimg.entries import DIR, Entry
 from unionimg.errors import Conflict, MissingCapability, NotFound, UsageError
+from unionimg.faults import checkpoint
 from unionimg.fs import fsops
 from unionimg.fs.image import disk_usage, usage_of
 from unionimg.fs.mounts import mount_image
@@ -317,6 +318,9 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
         ):
             check_u_writable(store, u, name, what)
             upper = u / "upper"
+            stale = u / "upper.new"  # a snapshot killed after its swap left the old upper
+            if os.path.lexists(stale):  # (no reconcile journal: nothing else needs it)
+                fsops.remove_tree(stale)
             keep = identity_paths(upper)
             entries = scan_upper(u, hash_files=False)
             changed = _changed(entries, keep)
@@ -368,6 +372,7 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                 if not inst.layers or again.diff_id != inst.layers[0]:
                     raise
                 layer, new, finished = top, False, True
+            checkpoint("snapshot:layer-made")
             label = layer.meta.label
             nodes: list[str | None] = []
             try:
@@ -377,11 +382,14 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                         outside = write_history_sidecar(u, inst, entries)
                         msg = f"snapshot {label}" + (f": {text}" if text else "")
                         nodes.append(repo.commit_all(msg, outside=outside))
+                        checkpoint("snapshot:committed")
                         inst = replace(inst, layers=(layer.diff_id, *inst.layers))
                         save(store, inst)  # from here the VM's chain holds the layer
+                        checkpoint("snapshot:saved")
                     fresh = _fresh_upper(u, keep)
                     fsops.syncfs(u)
                     fsops.exchange(upper, fresh)  # fresh is now the frozen upper layer
+                    checkpoint("snapshot:swapped")
                     fsops.remove_tree(fresh)
                     prev = u / "upper.prev"
                     if prev.is_dir() and not prev.is_symlink():  # reconcile --undo's saved layer
