@@ -143,6 +143,10 @@ def test_generations_two_and_three_are_deltas_and_cost_less(gens: Gens) -> None:
         print(f"generation {d['number']}: delta {d['disk_usage']} B, full {f['disk_usage']} B")
         assert d["disk_usage"] * 4 < f["disk_usage"]
         assert d["layer"].startswith("sha256:")
+    human = gens.cli.ok("base", "show", "gl").output
+    assert "a whole image" in human.splitlines()[1]
+    assert "a delta over generation 1" in human.splitlines()[2]
+    assert "a delta over generation 2" in human.splitlines()[3]
 
 
 def test_each_generation_tree_equals_the_full_one(gens: Gens) -> None:

@@ -10,6 +10,7 @@ import click
 
 from unionimg import ops
 from unionimg.cli._common import ASCII_INT, Ctx, emit, json_option, pass_ctx, print_log, size_type
+from unionimg.fs.image import disk_usage
 from unionimg.layers import base as base_mod
 from unionimg.names import human_size
 
@@ -19,10 +20,17 @@ def base() -> None:
     """Bases: named OS images with numbered, immutable generations."""
 
 
+def _stored_as(kind: str, parent: int | None, on_disk: int) -> str:
+    if kind == "delta":
+        return f"a delta over generation {parent}, {human_size(on_disk)} on disk"
+    return f"a whole image, {human_size(on_disk)} on disk"
+
+
 def _print_generation(g: base_mod.Generation, verb: str) -> None:
     click.echo(
         f"{verb} base {g.base} generation {g.number}: {g.image} "
-        f"({human_size(g.size)}, {g.files} paths, hg {g.node[:12]})"
+        f"({human_size(g.size)}, {g.files} paths, hg {g.node[:12]}; "
+        f"{_stored_as(g.kind, g.parent, disk_usage(g.image))})"
     )
 
 
@@ -161,7 +169,8 @@ def base_show(c: Ctx, name: str, as_json: bool) -> None:
         for g in d["generations"]:
             click.echo(
                 f"  {g['number']}\t{g['created']}\t{human_size(g['size'])}\t"
-                f"{g['files']} paths\t{g['image']}"
+                f"{g['files']} paths\t{g['image']}\t"
+                f"{_stored_as(g['kind'], g['parent'], g['disk_usage'])}"
             )
             if g.get("run_log"):
                 click.echo(f"    --run output: {g['run_log']}")
