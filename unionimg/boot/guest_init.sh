@@ -151,20 +151,41 @@ uptime_now() { # NOW = seconds since boot, in hundredths (/proc/uptime has two d
 	NOW=$((${NOW%.*} * 100 + 1${NOW#*.} - 100))
 }
 
+# One pass reads the label of every block device that has a size (bytes 1144-1159 of the
+# device: s_volume_name of an ext2/3/4 superblock), one small dd each, and keeps the first
+# device of each label wanted. (busybox findfs probes every device once per label looked for:
+# ~170 ms a label under UML, measured.) A label found stays found.
+scan_labels() {
+	for sys in /sys/class/block/*; do
+		size=0
+		read -r size <"$sys/size" 2>/dev/null
+		[ "${size:-0}" -gt 0 ] 2>/dev/null || continue
+		name=${sys##*/}
+		dev=/dev/${name//!/\/}
+		[ -b "$dev" ] || continue
+		found=$(dd if="$dev" bs=8 skip=143 count=2 2>/dev/null) # ash drops the NUL padding
+		case "$found" in
+		BASE) [ -n "$BASE_DEV" ] || BASE_DEV=$dev ;;
+		U) [ -n "$U_DEV" ] || U_DEV=$dev ;;
+		L*)
+			case " $LAYERS " in *" $found "*) # a label of the chain: checked above, eval-safe
+				eval "[ -n \"\$DEV_$found\" ] || DEV_$found=\$dev"
+				;;
+			esac
+			;;
+		esac
+	done
+}
+
 BASE_DEV=""
 U_DEV=""
 uptime_now
 deadline=$((NOW + WAIT * 100))
 while :; do
-	[ -n "$BASE_DEV" ] || BASE_DEV=$(findfs LABEL=BASE 2>/dev/null)
-	[ -n "$U_DEV" ] || U_DEV=$(findfs LABEL=U 2>/dev/null)
-	lacking="" # layer labels not found yet (checked above: safe in eval)
+	scan_labels
+	lacking="" # layer labels not found yet
 	for label in $LAYERS; do
 		eval "dev=\$DEV_$label"
-		if [ -z "$dev" ]; then
-			dev=$(findfs "LABEL=$label" 2>/dev/null)
-			eval "DEV_$label=\$dev"
-		fi
 		[ -n "$dev" ] || lacking="${lacking:+$lacking }$label"
 	done
 	[ -n "$BASE_DEV" ] && [ -n "$U_DEV" ] && [ -z "$lacking" ] && break
@@ -198,12 +219,14 @@ LOWER_DEVS=$LOWER_DEVS$BASE_DEV
 
 # --- mounts --------------------------------------------------------------------------------
 mount -t tmpfs -o nosuid,nodev,mode=0755,size=10% tmpfs /run || fail "cannot mount tmpfs on /run"
-mkdir -p "$BASE_MNT" "$U_MNT"
+layer_dirs="" # one mkdir for all (each program run costs a fork: ~tens of ms under UML)
+for label in $LAYERS; do layer_dirs="$layer_dirs $LAYER_MNT/$label"; done
+# shellcheck disable=SC2086 # labels are L + hex digits: nothing to split or glob
+mkdir -p "$BASE_MNT" "$U_MNT" $layer_dirs
 mount -t ext4 -o ro,noload "$BASE_DEV" "$BASE_MNT" ||
 	fail "cannot mount BASE ($BASE_DEV) read-only on $BASE_MNT"
 for label in $LAYERS; do
 	eval "dev=\$DEV_$label"
-	mkdir -p "$LAYER_MNT/$label"
 	mount -t ext4 -o ro,noload "$dev" "$LAYER_MNT/$label" ||
 		fail "cannot mount layer $label ($dev) read-only on $LAYER_MNT/$label"
 done

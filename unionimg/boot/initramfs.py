@@ -62,6 +62,7 @@ INIT_APPLETS: tuple[str, ...] = (
     "cat",
     "cp",
     "cttyhack",
+    "dd",
     "dmesg",
     "findfs",
     "insmod",
