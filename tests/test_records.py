@@ -25,9 +25,11 @@ from unionimg.store.records import (
     ConflictRecord,
     Conflicts,
     DamagedRecord,
+    Deployment,
     GenerationMeta,
     HeldResolution,
     HeldResolutions,
+    HostMeta,
     Instance,
     InstanceReport,
     LastReconcile,
@@ -44,6 +46,8 @@ from unionimg.store.records import (
     ReportConflict,
     Resolution,
     StoreMeta,
+    SystemMeta,
+    SystemVM,
     UCheckStamp,
     compact,
     sorted_conflicts,
@@ -102,6 +106,7 @@ JOURNAL = ReconcileJournal(
     conflicts=(CONFLICT,),
     conflicts_before=(dataclasses.replace(CONFLICT, generation=2),),
 )
+SYSTEM_VM = SystemVM("mail1", "sha256:" + "ab" * 32, "52:54:00:00:00:01", "kvm", 512, 1, 1 << 30)
 EXAMPLES: list[Record] = [
     StoreMeta(format=1, created="2026-12-01T23:53:42Z"),
     BaseMeta(name="os", created="2026-12-01T23:53:43Z"),
@@ -170,6 +175,26 @@ EXAMPLES: list[Record] = [
         generation=2,
         instance="vm1",
         message="A",
+    ),
+    SYSTEM_VM,
+    SystemMeta(
+        name="lab-restored",
+        parent="lab",
+        created="2026-12-02T03:40:00Z",
+        message="restored",
+        vms=(
+            SystemVM("mail1", "sha256:" + "ab" * 32, "52:54:00:00:00:01", "kvm", 512, 1, 1 << 30),
+        ),
+    ),
+    Deployment(system="lab", digest="sha256:" + "12" * 32, vms=("mail1",), deployed="now"),
+    HostMeta(
+        name="h1",
+        user="root",
+        addr="10.77.0.2",
+        port=22,
+        store="/var/lib/unionimg",
+        unionimg="/usr/local/bin/unionimg",
+        created="2026-12-02T03:40:00Z",
     ),
 ]
 
