@@ -10,7 +10,8 @@ edited on line 5 afterwards, and a ``postinst`` adding the system user ``vmsvcNN
 systemd); a login user ``userNN`` (UID 2000+NN, ``useradd --root``). Every fifth VM (vm03,
 vm08, ...) also installs ``uimg-conf`` 1.0 and edits line 10 of its conffile, the line
 ``uimg-conf`` 2.0 changes: the designed REAL conflict. The base update (one ``base update
---run``, the debs carried in the command) installs ``uimg-conf`` 2.0 and two new packages,
+--run``, the debs carried in the command) installs ``uimg-conf`` 2.0 (1.0's .deb left in its
+apt cache, the pristine ancestor of the VMs' 1.0 edits) and two new packages,
 adds the system user ``svcd`` (its UID is the first free system UID, as each VM's
 ``vmsvcNN``) and changes ``Storage=`` in journald.conf (a conffile change).
 
@@ -177,14 +178,17 @@ def make_store(work: Path, vms: int, rootfs: Path, built: dict[str, Path]) -> St
         if k % 5 == 0:
             log(f"{vm}: local packages, user, config edits")
     log("base update: uimg-conf 2.0 + 2 new packages, system user svcd, journald.conf")
-    command = debs.install_command(built["conf2"], *(built[n] for n in BASE_NEW), then=BASE_TAIL)
+    command = debvm.cache_command(built["conf1"])  # the base had 1.0 before: apt kept it
+    command += "; " + debs.install_command(
+        built["conf2"], *(built[n] for n in BASE_NEW), then=BASE_TAIL
+    )
     store.cli("base", "update", BASE, "--run", command)
     return store
 
 
-def generations(store: Store) -> dict[int, Path]:
+def generations(store: Store) -> list[int]:
     shown = json.loads(store.cli("base", "show", BASE, "--json"))
-    return {g["number"]: Path(g["image"]) for g in shown["generations"]}
+    return [g["number"] for g in shown["generations"]]
 
 
 @contextmanager
@@ -280,8 +284,8 @@ def read_back(
     store: Store, work: Path, reports: dict[str, dict[str, object]], vms: int
 ) -> list[VmResult]:
     baselines = {}
-    for number, image in generations(store).items():
-        with image_mounted(image, work / f"gen{number}") as root:
+    for number in generations(store):
+        with debvm.generation_root(store.root, BASE, number, work / f"gen{number}") as root:
             baselines[number] = debvm.Baseline.of(root)
     out = []
     for k in range(vms):
@@ -402,9 +406,7 @@ def sync_tree(src: Path, dst: Path) -> None:
     run(["cp", "-a", f"{src}/.", f"{dst}/"])
 
 
-def bench_naive(
-    store: Store, work: Path, vms: int, rootfs: Path, gen2: Path, budget: float
-) -> Naive:
+def bench_naive(store: Store, work: Path, vms: int, rootfs: Path, budget: float) -> Naive:
     env = hg_env(work)
 
     def hg(*args: str | Path, ok: tuple[int, ...] = (0,), cwd: Path | None = None) -> str:
@@ -417,7 +419,7 @@ def bench_naive(
     run(["cp", "-a", f"{rootfs}/.", f"{base}/"])
     hg("init", base)
     hg("commit", "-q", "-A", "-m", "B0", cwd=base)
-    with image_mounted(gen2, work / "gen2-naive") as tree:
+    with debvm.generation_root(store.root, BASE, 2, work / "gen2-naive") as tree:
         sync_tree(tree, base)
     hg("commit", "-q", "-A", "-m", "B1", cwd=base)
     log(f"[naive] base repository made in {time.perf_counter() - t0:.0f} s")
@@ -546,7 +548,7 @@ def main() -> int:
     ap.add_argument(
         "--short", action="store_true", help="a quick run: 4 VMs, the naive method on 2"
     )
-    ap.add_argument("--naive-budget", type=float, default=1200.0, help="seconds for the naive")
+    ap.add_argument("--naive-budget", type=float, default=600.0, help="seconds for the naive")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive method")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the run")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -570,9 +572,7 @@ def main() -> int:
         run(["cp", "-a", "--sparse=always", store.root, snapshot])
         naive = None
         if not args.no_naive:
-            naive = bench_naive(
-                store, work, args.vms, rootfs, generations(store)[2], args.naive_budget
-            )
+            naive = bench_naive(store, work, args.vms, rootfs, args.naive_budget)
         ours = bench_ours(store, work, args.vms, snapshot)
     except (BenchError, subprocess.SubprocessError, OSError) as exc:
         print(f"bench/debian_reconcile.py: benchmark failed: {exc}", file=sys.stderr)
