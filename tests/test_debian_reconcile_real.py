@@ -95,9 +95,10 @@ def gap(item: str, what: str) -> pytest.MarkDecorator:
 
 PACKAGE_CONFLICT = gap(
     "item 2",
-    "a package both sides changed (app1's local uimg-conf 1.0, the base's 2.0) keeps the VM's "
-    "whole dpkg status: the base's openssh-server and nginx are absent from it while their "
-    "files are there",
+    "a package both sides changed (app1's local uimg-conf 1.0, the base's 2.0) is a pending "
+    "package conflict, not re-applied on the new base (the VM's maintainer scripts would run on "
+    "the host): its live status is the proposal, every package ii (the base's openssh-server "
+    "and nginx too) but uimg-conf the VM's 1.0, not 2.0",
 )
 SYSTEM_UID = gap(
     "items 3 and 1",
