@@ -61,7 +61,7 @@ from unionimg.hypervisors import Driver, Prepared, Running
 from unionimg.hypervisors.profiles import render_net_naming
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.layers import layerstore
-from unionimg.layers.base import get_generation
+from unionimg.layers.base import chain_images, get_generation
 from unionimg.layers.instance import Instance, list_instances, load, mount_record, save, upper_image
 from unionimg.layers.running import (
     clear_crash,
@@ -164,12 +164,13 @@ def make_spec(
     """Everything ``driver`` needs to boot ``inst``; builds the initramfs into ``out``.
     ``kernel``: the one :func:`unionimg.boot.kernel.choose` picks for the driver, by default.
     The image chain between U and BASE, top to bottom: the instance's snapshot layers
-    (:func:`snapshot_layers`)."""
+    (:func:`snapshot_layers`), then its generation's delta layers."""
     gen = get_generation(store, inst.base, inst.generation)
     if kernel is None:
         kernel = choose(gen, driver.capabilities.kernel)
     shared = shared_initramfs(store, gen, kernel)
     snapshots = snapshot_layers(store, inst)  # the VM's own layers, over its generation's
+    deltas, bottom = chain_images(store, gen)  # a delta generation boots with its chain
     spec = BootSpec(
         name=inst.name,
         uuid=instance_uuid(inst.name),
@@ -177,7 +178,7 @@ def make_spec(
         nic_name=inst.nic_name,
         memory_mib=inst.memory,
         vcpus=inst.vcpus,
-        base_image=gen.image,
+        base_image=bottom.image,  # the full image of the generation's chain (label BASE)
         upper_image=upper_image(store, inst.name),
         kernel=kernel.path,
         initrd=out / "initrd.img",
@@ -189,8 +190,11 @@ def make_spec(
         domain_type="qemu",  # kvm: its driver's probe decides at boot
         tap=driver.host_tap(inst.name),
         uml_transport=kernel.transport,
-        layer_images=tuple(la.image for la in snapshots),
-        layer_labels=tuple(la.meta.label for la in snapshots),
+        layer_images=(*(la.image for la in snapshots), *(g.image for g in deltas)),
+        layer_labels=(
+            *(la.meta.label for la in snapshots),
+            *(g.label for g in deltas),
+        ),
     )
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     with store.staging(f"spec-{inst.name}") as stage:
