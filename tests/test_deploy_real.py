@@ -272,6 +272,9 @@ def test_changed_host_key_and_host_down(env: Env) -> None:
     h6.kill_sessions()
     res = env.ctl.fails("host", "cache", "h6", code=5)
     assert "unreachable" in res.output
+    env.ctl.ok("host", "remove", "h6")
+    assert "h6" not in {r["name"] for r in json.loads(env.ctl.ok("host", "list", "--json").output)}
+    env.ctl.fails("host", "cache", "h6", code=3)
 
 
 # -- item 5: many hosts at once, a link lost mid-pull ------------------------------------------

@@ -242,7 +242,8 @@ class Host:
 
     def close(self) -> None:
         """End the shared connection, if one is open."""
-        run([*self.ssh_base()[:-2], "-O", "exit", self.meta.addr], check=False, timeout=10)
+        base = self.ssh_base()  # ends with the address: the control command goes before it
+        run([*base[:-1], "-O", "exit", base[-1]], check=False, timeout=10)
 
 
 def get(store: Store, name: str) -> Host:
