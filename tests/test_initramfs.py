@@ -659,6 +659,33 @@ def test_uml_boots_a_chain(lab: Lab, chain_lab: ChainLab, u_image: Path) -> None
 
 
 @pytest.mark.slow
+def test_a_hostile_disk_label_is_never_evaluated(
+    lab: Lab, chain_lab: ChainLab, u_image: Path, tmp_path: Path
+) -> None:
+    """The initramfs reads every disk's label; a disk whose label is shell code shaped like a
+    layer label (L + 15 characters) is matched, never evaluated: the chain boots as before."""
+    top, mid = chain_lab.top, chain_lab.mid
+    hostile = tmp_path / "hostile.img"
+    label = "L`echo PWNED>&2`"  # an eval of it would print PWNED on the console
+    assert len(label) == 16
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, str(hostile), "4M"])
+    result = boot_chain_uml(
+        lab,
+        f"ubd0r={hostile}",  # first: the scan reads it before every other disk
+        f"ubd1r={chain_lab.base}",
+        f"ubd2={u_image}",
+        f"ubd3r={top.image}",
+        f"ubd4r={mid.image}",
+        "init=/sbin/chain-init",
+        chainlayers.lowers([top, mid]),
+    )
+    assert "PWNED" not in result.console, result.console[-4000:]
+    assert "unionimg-init: error" not in result.console, result.console[-4000:]
+    for expected in chainlayers.EXPECTED:
+        assert expected in chain_lines(result.console)
+
+
+@pytest.mark.slow
 def test_uml_chain_with_a_layer_missing_says_which(
     lab: Lab, chain_lab: ChainLab, u_image: Path
 ) -> None:

@@ -167,8 +167,10 @@ scan_labels() {
 		case "$found" in
 		BASE) [ -n "$BASE_DEV" ] || BASE_DEV=$dev ;;
 		U) [ -n "$U_DEV" ] || U_DEV=$dev ;;
-		L*)
-			case " $LAYERS " in *" $found "*) # a label of the chain: checked above, eval-safe
+		L???????????????)
+			# a label of the chain (checked above: L + hex digits) is safe in eval; the label
+			# read from a disk is not (U is the guest's), so it must equal one of them
+			case " $LAYERS " in *" $found "*)
 				eval "[ -n \"\$DEV_$found\" ] || DEV_$found=\$dev"
 				;;
 			esac
