@@ -6,7 +6,8 @@ become delta layers on their own) and ``glf`` (``--full`` every time: what gener
 before). Generation 2 changes, deletes, replaces a directory, removes a whole directory, adds
 a boot hook; generation 3 lays a directory over 2. Checked with tools other than unionimg's
 own writer: debugfs and blkid on the delta image, the kernel's overlayfs mounting the chain,
-the layer store's tar digest of the image, a UML guest booting through the chain.
+the layer store's tar digest of the image, a guest booting through the chain under UML and
+under QEMU (kvm driver, TCG).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from unionimg.fs.manifest import Manifest, scan_tree
 from unionimg.fs.mounts import mountinfo, unmount_tree
 from unionimg.layers import base, layerstore
 from unionimg.store.layout import Store
+from unionimg.store.records import GenerationMeta, RecordError
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -227,7 +229,7 @@ def test_delta_image_is_an_overlayfs_upper_layer(gens: Gens) -> None:
     assert chain[0].image.stat().st_ino == g3.image.stat().st_ino
 
 
-def test_a_vm_on_generation_three_reconciles_from_one_and_boots_uml_with_the_chain(
+def test_a_vm_on_generation_three_reconciles_from_one_and_boots_uml_and_kvm_with_the_chain(
     gens: Gens,
 ) -> None:
     need_guests()
@@ -269,6 +271,27 @@ def test_a_vm_on_generation_three_reconciles_from_one_and_boots_uml_with_the_cha
     console = cli.ok("console", vm).output
     assert f"unionimg-init: layer {g3.label} is /dev/ubd" in console
     assert f"unionimg-init: layer {g2.label} is /dev/ubd" in console
+    # the same VM under kvm (QEMU through libvirt): the same chain, as virtio disks
+    out = json.loads(cli.ok("switch", vm, "--to", "kvm", "--boot", "--wait", "--json").output)
+    assert out["boot"]["stopped"]
+    lines = guest_lines(cli, vm)
+    assert "unionimg-guest: gl change.txt v3" in lines and "unionimg-guest: gl opq z" in lines
+    console = cli.ok("console", vm).output
+    assert f"unionimg-init: layer {g3.label} is /dev/vd" in console
+    assert f"unionimg-init: layer {g2.label} is /dev/vd" in console
+
+
+def test_generation_records_made_before_read_as_full() -> None:
+    """Format compatibility: a generation.json without kind/parent/layer is a full
+    generation; a delta must name its parent."""
+    old = {"number": 2, "created": "x", "size": 1, "hg_node": "n", "kernel": None, "files": 3}
+    meta = GenerationMeta.from_json(old)
+    assert (meta.kind, meta.parent, meta.layer) == ("full", None, None)
+    assert meta.to_json() == {**old, "source": ""}  # written back as before
+    with pytest.raises(RecordError, match="a delta generation names its parent"):
+        GenerationMeta.from_json({**old, "kind": "delta"})
+    with pytest.raises(RecordError, match="not 'full' or 'delta'"):
+        GenerationMeta.from_json({**old, "kind": "other"})
 
 
 def test_a_big_change_makes_a_full_image_and_chains_are_bounded(tmp_path: Path) -> None:
