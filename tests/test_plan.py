@@ -784,7 +784,9 @@ def test_user_database_id_collision_is_a_conflict_with_a_proposal() -> None:
     r = run(u, b0, b1, reads=True)
     passwd = r.action("/etc/passwd")
     assert (passwd.case, passwd.action) == (6, "conflict")
-    assert passwd.data is None  # the live file stays the VM's
+    # live while pending: B1's sshd and the VM's alice, not deploy (never two names, one UID)
+    assert passwd.data == PW0 + SSHD + b"alice:x:1000:1000::/home/alice:/bin/bash\n"
+    assert passwd.entry is not None and passwd.entry.sha256 == sha(passwd.data)
     assert "alice: uid 1000 is also deploy's in B1" in passwd.reason
     assert "proposal: alice uid 1000 → 1001" in passwd.reason
     assert set(passwd.artifacts) == {

@@ -8,6 +8,7 @@ but the last test (root): the chowns of ``resolve --take proposal`` on a real tr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -515,3 +516,128 @@ def test_passwd_group_shadow_gshadow_conflict_together() -> None:
     for path in ("/etc/subuid", "/etc/subgid"):  # not part of the unit
         files[path] = Versions(b"", b"alice:100000:65536\n", b"")
         assert MERGERS[path](user_input(path, files, [])).outcome == MERGED
+
+
+# -- the live files while a user-database conflict is pending ----------------------------------
+G0 = b"root:x:0:\ndaemon:x:1:\nsudo:x:27:\nnogroup:x:65534:\n"
+GS0 = b"root:*::\ndaemon:*::\nsudo:*::\nnogroup:*::\n"
+S0 = b"root:*:1::::::\ndaemon:*:1::::::\nnobody:*:1::::::\n"
+
+
+def clash_unit() -> dict[str, Versions]:
+    """Base and VM both gave UID/GID 1000 to another name (VM: alice, B1: deploy); B1 also
+    added the system user sshd (group nogroup) and the system group _ssh, and made deploy a
+    member of sudo."""
+    g0, gs0, s0 = G0, GS0, S0
+    return {
+        "/etc/passwd": Versions(PW0, PW0 + ALICE, PW0 + SSHD + DEPLOY),
+        "/etc/group": Versions(
+            g0,
+            g0.replace(b"sudo:x:27:", b"sudo:x:27:alice") + b"alice:x:1000:\n",
+            g0.replace(b"sudo:x:27:", b"sudo:x:27:deploy") + b"_ssh:x:101:\ndeploy:x:1000:\n",
+        ),
+        "/etc/shadow": Versions(
+            s0, s0 + b"alice:!:2::::::\n", s0 + b"sshd:!:3::::::\ndeploy:!:3::::::\n"
+        ),
+        "/etc/gshadow": Versions(
+            gs0,
+            gs0.replace(b"sudo:*::", b"sudo:*::alice") + b"alice:!::\n",
+            gs0.replace(b"sudo:*::", b"sudo:*:deploy:deploy") + b"_ssh:!::\ndeploy:!::\n",
+        ),
+        "/etc/subuid": Versions(b"", b"alice:100000:65536\n", b"deploy:100000:65536\n"),
+        "/etc/subgid": Versions(b"", b"alice:100000:65536\n", b"deploy:100000:65536\n"),
+    }
+
+
+def entries_of(data: bytes) -> dict[str, list[str]]:
+    return {ln.split(":")[0]: ln.split(":") for ln in data.decode().splitlines()}
+
+
+def pwck_like(files: Mapping[str, bytes]) -> list[str]:
+    """What pwck -r / grpck -r would find in a set of the four files (and subuid/subgid
+    ranges): duplicate names or IDs, a user's missing primary group, shadow/gshadow lines
+    without their passwd/group entry and the reverse, members that are no user."""
+    found: list[str] = []
+    pw, gr = entries_of(files["passwd"]), entries_of(files["group"])
+    sh, gs = entries_of(files["shadow"]), entries_of(files["gshadow"])
+    for what, table, idf in (("uid", pw, 2), ("gid", gr, 2)):
+        ids = [f[idf] for f in table.values()]
+        found += [f"duplicate {what} {i}" for i in set(ids) if ids.count(i) > 1]
+    gids = {f[2] for f in gr.values()}
+    found += [f"user {n}: no group {f[3]}" for n, f in pw.items() if f[3] not in gids]
+    found += [f"shadow {n}: no user" for n in sh.keys() - pw.keys()]
+    found += [f"user {n}: no shadow" for n in pw.keys() - sh.keys()]
+    found += [f"gshadow {n}: no group" for n in gs.keys() - gr.keys()]
+    found += [f"group {n}: no gshadow" for n in gr.keys() - gs.keys()]
+    for n, f in gr.items():
+        found += [f"group {n}: no user {m}" for m in f[3].split(",") if m and m not in pw]
+    for n, f in gs.items():
+        for m in f[2].split(",") + f[3].split(","):
+            if m and m not in pw:
+                found.append(f"gshadow {n}: no user {m}")
+    for sub in ("subuid", "subgid"):
+        spans = sorted((int(f[1]), int(f[1]) + int(f[2])) for f in entries_of(files[sub]).values())
+        found += [f"{sub} overlap" for a, b in itertools.pairwise(spans) if b[0] < a[1]]
+    return found
+
+
+def test_uid_clash_live_files_hold_both_sides_but_the_clashing_base_entry() -> None:
+    files = clash_unit()
+    upper = upper_entries(("/home/alice", 1000, 1000))
+    results = {p: MERGERS[p](user_input(p, files, upper)) for p in files}
+    assert all(r.outcome == CONFLICT for r in results.values()), results
+    live = {p.rsplit("/", 1)[1]: r.live for p, r in results.items()}
+    assert all(v is not None for v in live.values()), live
+    got = {k: v for k, v in live.items() if v is not None}
+    pw, gr = entries_of(got["passwd"]), entries_of(got["group"])
+    assert got["passwd"] == PW0 + SSHD + ALICE  # the base's sshd, the VM's alice, no deploy
+    assert pw["alice"][2:4] == ["1000", "1000"] and "deploy" not in pw
+    assert got["shadow"].splitlines()[-2:] == [b"sshd:!:3::::::", b"alice:!:2::::::"]
+    assert set(gr) == {"root", "daemon", "sudo", "nogroup", "_ssh", "alice"}
+    assert gr["sudo"][3] == "alice"  # deploy's membership dropped, the VM's kept
+    assert b"sudo:*::alice\n" in got["gshadow"] and b"deploy" not in got["gshadow"]
+    assert b"deploy" not in b"".join(got.values())
+    assert got["subuid"] == got["subgid"] == b"alice:100000:65536\n"
+    assert pwck_like(got) == []
+    # the four agree: every user of passwd in shadow, every group in gshadow, and back
+    assert entries_of(got["shadow"]).keys() == pw.keys()
+    assert entries_of(got["gshadow"]).keys() == gr.keys()
+    # the conflict and its artefacts are as before: the proposal renumbers alice
+    prop = results["/etc/passwd"].artifacts["proposal"]
+    assert b"alice:x:1001:1001:" in prop and DEPLOY in prop
+    assert json.loads(results["/etc/passwd"].artifacts["proposal-owners"])[0]["new"] == 1001
+
+
+def test_live_leaves_out_base_users_of_a_left_out_group_and_a_left_out_users_group() -> None:
+    """B1's system user svc has B1's new group 1000 (clashing with the VM's alice group) as
+    primary group: svc goes too (else it would own files as the VM's group); B1's deploy,
+    left out for its UID, takes its own group deploy (GID 1001, no clash) with it."""
+    files = {
+        "/etc/passwd": Versions(
+            PW0,
+            PW0 + ALICE,
+            PW0 + b"svc:x:998:1000::/:/bin/false\ndeploy:x:1000:1001::/home/deploy:/bin/sh\n",
+        ),
+        "/etc/group": Versions(G0, G0 + b"alice:x:1000:\n", G0 + b"svc:x:1000:\ndeploy:x:1001:\n"),
+        "/etc/shadow": Versions(
+            S0, S0 + b"alice:!:2::::::\n", S0 + b"svc:!:3::::::\ndeploy:!:3::::::\n"
+        ),
+        "/etc/gshadow": Versions(GS0, GS0 + b"alice:!::\n", GS0 + b"svc:!::\ndeploy:!::\n"),
+    }
+    live = {p.rsplit("/", 1)[1]: MERGERS[p](user_input(p, files, [])).live for p in files}
+    assert live["passwd"] == files["/etc/passwd"].local  # nothing of B1's fits (the
+    # planner then leaves the VM's file as it is)
+    results = {p: MERGERS[p](user_input(p, files, [])) for p in files}
+    assert all(r.outcome == CONFLICT for r in results.values())
+    got = {k: v if v is not None else files[f"/etc/{k}"].local for k, v in live.items()}
+    got.update(subuid=b"", subgid=b"")
+    assert pwck_like({k: v or b"" for k, v in got.items()}) == []
+    assert b"svc" not in b"".join(v or b"" for v in got.values())
+    assert b"deploy" not in b"".join(v or b"" for v in got.values())
+
+
+def test_live_is_none_when_it_is_the_vms_own_file_or_a_file_is_too_large() -> None:
+    files = clash_unit()
+    files["/etc/shadow"] = Versions(None, None, None, too_large=True)
+    result = MERGERS["/etc/passwd"](user_input("/etc/passwd", files, []))
+    assert result.outcome == CONFLICT and result.live is None

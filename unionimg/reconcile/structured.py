@@ -15,10 +15,12 @@ three versions of a related file, the VM's upper entries) and returns a
 * ``conflict``: ``data`` is the ``merged`` artefact (both entries shown, with markers: never
   written to the live file), ``artifacts`` adds the merger's own (``proposal`` ...) (case 6);
   ``live`` is what the live file holds while the conflict is pending (``None``: the VM's
-  version stays). Only dpkg's ``status`` and apt's ``extended_states`` give one (their
-  proposal: every package merged, the conflicting ones the VM's, so the package database
-  matches the files of the union); the user databases do not (their proposal renumbers IDs
-  and implies chowns, which only ``resolve --take proposal`` applies);
+  version stays). dpkg's ``status`` and apt's ``extended_states`` give their proposal
+  (every package merged, the conflicting ones the VM's, so the package database matches
+  the files of the union); the user databases give both sides' entries except B1's ones
+  whose ID (or range) clashes with the VM's entry, which keeps it (:func:`_live`: never two
+  names with one ID, never a VM file given to B1's user; their proposal renumbers IDs and
+  implies chowns, which only ``resolve --take proposal`` applies);
 * ``keep-local``: the VM's own version stays (the tools' ``-`` backups: ``/etc/passwd-`` is
   what ``useradd`` saved before its last change, meaningful only with the VM's own
   ``/etc/passwd``).
@@ -30,7 +32,8 @@ the patterns ``/var/lib/dpkg/info/PKG.*`` and ``alternatives/NAME`` (:func:`merg
 exact paths, then patterns).
 passwd, group, shadow and gshadow are one unit for ``pwck``/``grpck`` (users name their
 primary group, groups their members, shadow and gshadow their users and groups): a conflict in
-one makes the other three conflicts too, so the VM keeps a consistent set until resolved.
+one makes the other three conflicts too, and their live versions leave out the same users and
+groups (:func:`_left_out`), so the live set is consistent until resolved.
 Mergers of one planner run share ``MergeInput.memo`` (each file merged once).
 """
 
@@ -114,7 +117,8 @@ _FORMATS = {
     SUBGID: userdb.SUBGID,
 }
 # One unit for pwck/grpck: users name their primary group, groups their members, shadow and
-# gshadow their users and groups. A conflict in one keeps all four the VM's (consistent).
+# gshadow their users and groups. A conflict in one makes all four conflicts, their live
+# versions consistent (the same B1 users and groups left out of each).
 _UNIT = (PASSWD, GROUP, SHADOW, GSHADOW)
 
 
@@ -165,7 +169,7 @@ def _own(inp: MergeInput, path: str) -> userdb.DbMerge:
 
 def _merge_db(inp: MergeInput, path: str) -> userdb.DbMerge:
     """The merge of ``path``; one of passwd, group, shadow, gshadow is a conflict whenever
-    another of them is (they stay the VM's together, consistent, until resolved)."""
+    another of them is (their live versions consistent until resolved: :func:`_live`)."""
     own = _own(inp, path)
     if path not in _UNIT:
         return own
@@ -183,8 +187,72 @@ def _merge_db(inp: MergeInput, path: str) -> userdb.DbMerge:
     return _db(inp, path, v, follows=follows, gid_moves=gid_moves)
 
 
+def _fields(line: userdb.LiveLine) -> list[bytes]:
+    return line.raw.split(b":")
+
+
+def _left_out(inp: MergeInput) -> tuple[frozenset[bytes], frozenset[bytes]] | None:
+    """The users and groups of B1 left out of the live files while a conflict of the unit is
+    pending (None: a file of the unit is too large to merge; the VM's files stay whole).
+
+    Left out: B1's entries whose ID the VM's entry keeps (``DbMerge.clashing``), then, until
+    nothing changes, B1's users whose primary group is left out (they would belong to the
+    VM's group of that GID) and a left-out user's own group (B1's group of its name and
+    primary GID, when no kept user has it as primary group)."""
+    done = inp.memo.get("userdb:left-out")
+    if isinstance(done, tuple):
+        return done
+    if any(inp.related(p).too_large for p in _UNIT if p != inp.path) or (
+        inp.path in _UNIT and inp.versions.too_large
+    ):
+        return None
+    passwd, group = _own(inp, PASSWD), _own(inp, GROUP)
+    users, groups = set(passwd.clashing), set(group.clashing)
+    pw = [ln for ln in passwd.lines if ln.key[0] and len(_fields(ln)) > 3]
+    gr = [ln for ln in group.lines if ln.key[0] and len(_fields(ln)) > 2]
+    changed = True
+    while changed:
+        changed = False
+        gone_gids = {_fields(g)[2] for g in gr if g.theirs and g.key[1] in groups}
+        for u in pw:
+            gid = _fields(u)[3]
+            if u.theirs and u.key[1] not in users and gid in gone_gids:
+                users.add(u.key[1])
+                changed = True
+        primary = {_fields(u)[3] for u in pw if not (u.theirs and u.key[1] in users)}
+        for u in pw:
+            if not (u.theirs and u.key[1] in users):
+                continue
+            gid = _fields(u)[3]
+            for g in gr:
+                own = g.key[1] == u.key[1] and _fields(g)[2] == gid
+                if own and g.theirs and g.key[1] not in groups and gid not in primary:
+                    groups.add(g.key[1])
+                    changed = True
+    out = (frozenset(users), frozenset(groups))
+    inp.memo["userdb:left-out"] = out
+    return out
+
+
+def _live(inp: MergeInput) -> bytes | None:
+    """The live file while the conflict is pending: both sides' entries that do not clash,
+    for a clash the VM's entry (never two names with one ID, never the VM's files given
+    to B1's user), consistent across passwd, group, shadow and gshadow."""
+    left = None if inp.versions.too_large else _left_out(inp)
+    if left is None:
+        return None
+    users, groups = left
+    own = _own(inp, inp.path)
+    if inp.path in (PASSWD, SHADOW):
+        return userdb.live(own, users)
+    if inp.path in (GROUP, GSHADOW):
+        return userdb.live(own, groups, users)
+    return userdb.live(own, own.clashing | users)  # subuid/subgid: their names are users'
+
+
 def user_database(inp: MergeInput) -> StructuredResult:
-    """passwd, group, shadow, gshadow, subuid, subgid merged by name (:mod:`userdb`)."""
+    """passwd, group, shadow, gshadow, subuid, subgid merged by name (:mod:`userdb`); a
+    conflict gives the live content of :func:`_live` while it is pending."""
     result = _merge_db(inp, inp.path)
     if result.clean:
         return StructuredResult(MERGED, result.data, result.reason())
@@ -193,7 +261,7 @@ def user_database(inp: MergeInput) -> StructuredResult:
         artifacts["proposal"] = result.proposal
     if result.owners:
         artifacts["proposal-owners"] = result.owners_json()
-    return StructuredResult(CONFLICT, result.data, result.reason(), artifacts)
+    return StructuredResult(CONFLICT, result.data, result.reason(), artifacts, live=_live(inp))
 
 
 MERGERS: dict[str, Merger] = {path: user_database for path in _FORMATS}

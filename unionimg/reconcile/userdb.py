@@ -31,6 +31,10 @@ systemd-sysusers allocates by name:
   other; passwd follows group's renumberings of the primary groups its VM entries use) is a
   conflict when the one it follows is, so the live set stays the VM's consistent one.
 * Order: B1's lines in B1's order, then the VM's additions in the VM's order.
+* While a conflict is pending, :func:`live` gives the live file: every line of the merge,
+  each conflicting entry the VM's own, without B1's entries whose ID or range clashes with
+  the VM's (``DbMerge.clashing``) and what the caller leaves out with them (the structured
+  merger keeps the four files consistent).
 
 Nothing here reads a file: :func:`merge` takes bytes (``None``: no such file) and the VM's
 upper entries (for the ownership changes) and returns a :class:`DbMerge`.
@@ -41,6 +45,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,9 +64,11 @@ __all__ = [
     "Format",
     "IdRanges",
     "Line",
+    "LiveLine",
     "OwnerChange",
     "Renumbering",
     "id_ranges",
+    "live",
     "merge",
     "parse",
 ]
@@ -296,6 +303,17 @@ class EntryConflict:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveLine:
+    """One line of the merge as the live file holds it while a conflict is pending: the
+    merged line, or the VM's own for a conflicting entry. ``theirs``: the line is B1's alone
+    (the VM does not have it as it is), so it may be left out (:func:`live`)."""
+
+    key: Key
+    raw: bytes
+    theirs: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DbMerge:
     fmt: Format
     clean: bool
@@ -306,6 +324,8 @@ class DbMerge:
     owners: tuple[OwnerChange, ...] = ()
     follows: str = ""  # not clean only because the file it follows conflicts
     summary: str = ""  # clean: what was merged, one phrase
+    lines: tuple[LiveLine, ...] = ()  # the merge with each conflicting entry the VM's own
+    clashing: frozenset[bytes] = frozenset()  # B1's names whose ID/range a VM entry keeps
 
     def reason(self) -> str:
         """One line: what conflicts and what is proposed (or what was merged)."""
@@ -433,6 +453,7 @@ class _Merger:
         self.renumberings: list[Renumbering] = []
         self.owners: list[OwnerChange] = []
         self._index: dict[str, list[tuple[int, str]]] = {}
+        self.clashing: set[bytes] = set()
 
     # -- per key -----------------------------------------------------------------------------
     def order(self) -> list[Key]:
@@ -566,6 +587,7 @@ class _Merger:
                 continue  # one side's own duplicates: not the merge's doing
             if any(lid.get(k) == value == nid.get(k) for k in holders):
                 continue  # both sides give it to one name (root's 0): the others are aliases
+            self.clashing.update(others)  # left out of the live file: the VM's entry keeps it
             lo, hi = self.ranges.for_id(fmt.owner, value)
             new = alloc.take(value, lo, hi) if self._may_propose() else None
             who = ", ".join(_show(name) for name in others[:_SHOW_CONFLICTS])
@@ -651,6 +673,7 @@ class _Merger:
             if not hit:
                 continue
             count = end - start
+            self.clashing.update(hit)
             who = ", ".join(_show(h) for h in hit[:_SHOW_CONFLICTS])
             why = f"{_show(key[1])}: range {start}+{count} overlaps {who}'s in B1"
             moved = _free_range(count, lo, hi, taken) if self._may_propose() else None
@@ -704,7 +727,20 @@ class _Merger:
             tuple(self.owners),
             follows,
             self._summary(keys),
+            self._live_lines(keys),
+            frozenset(self.clashing),
         )
+
+    def _live_lines(self, keys: Sequence[Key]) -> tuple[LiveLine, ...]:
+        out = []
+        for key in keys:
+            line = self.out[key].line  # a conflicting entry: the VM's (or its merged) line
+            if line is None:
+                continue
+            new, local = self.n.get(key), self.l.get(key)
+            theirs = new is not None and new.raw == line and (local is None or local.raw != line)
+            out.append(LiveLine(key, line, theirs))
+        return tuple(out)
 
     def _render(self, keys: Sequence[Key], *, proposal: bool) -> bytes:
         out: list[bytes] = []
@@ -781,6 +817,31 @@ def _free_range(count: int, lo: int, hi: int, taken: Sequence[tuple[int, int]]) 
             break
         start = max(start, e)
     return start if start + count - 1 <= hi else None
+
+
+def live(
+    result: DbMerge, leave_out: AbstractSet[bytes], members: AbstractSet[bytes] = frozenset()
+) -> bytes:
+    """The live file while ``result``'s conflict is pending: every line of the merge, each
+    conflicting entry the VM's own, without B1's entries named in ``leave_out`` (those whose
+    ID or range clashes with one the VM keeps, and what must go with them: the caller keeps
+    passwd, group, shadow and gshadow consistent) and without the names in ``members`` in
+    member lists (group members, gshadow admins and members naming a left-out user)."""
+    fmt = result.fmt
+    out: list[bytes] = []
+    for ln in result.lines:
+        if ln.key[0] and ln.theirs and ln.key[1] in leave_out:
+            continue
+        raw = ln.raw
+        if ln.key[0] and fmt.sets and members:
+            fields = raw.split(b":")
+            for i in fmt.sets:
+                if i < len(fields) and fields[i]:
+                    kept = [m for m in fields[i].split(b",") if m not in members]
+                    fields[i] = b",".join(kept)
+            raw = b":".join(fields)
+        out.append(raw + b"\n")
+    return b"".join(out)
 
 
 def merge(
