@@ -51,6 +51,7 @@ from unionimg.registry.manifests import (
     Descriptor,
     Manifest,
     check_tag,
+    digest_of,
     layer_tag,
     parse_manifest,
     system_manifest,
@@ -273,28 +274,46 @@ def push(store: Store, reg: Registry, name: str, *, repo: str = SYSTEM_REPO) -> 
     before = reg.counters.bytes_up
     out = PushOutcome(reg.url, repo, name)
     parent: str | None = None
-    pushed: dict[str, list[Descriptor]] = {}
+    chains: dict[str, list[transfer.LocalLayer]] = {}
+    pushed: set[str] = set()
     for node in reversed(ancestry(store, name)):
         blobs: list[Descriptor] = []
         for vm in node.vms:
-            if vm.layer not in pushed:
-                chain = hostcache.local_chain(store, vm.layer)
-                transfer.push_layers(reg, LAYER_REPO, chain)
-                for layer in chain:
-                    push_blob(reg, repo, layer.blob, layer.blob_digest, lambda: [LAYER_REPO])
-                pushed[vm.layer] = [layer.descriptor() for layer in chain]
-            blobs.extend(pushed[vm.layer])
+            if vm.layer not in chains:
+                chains[vm.layer] = hostcache.local_chain(store, vm.layer)
+            blobs.extend(layer.descriptor() for layer in chains[vm.layer])
         config = record_json(node)
-        reg.push_bytes(repo, config)
         manifest = system_manifest(
             config, blobs, title=node.name, parent=parent, created=node.created
         )
+        if not _has_manifest(reg, repo, digest_of(manifest)):
+            # the node is new to the registry: its VMs' chains, their blobs in ``repo``
+            for vm in node.vms:
+                if vm.layer in pushed:
+                    continue
+                chain = chains[vm.layer]
+                transfer.push_layers(reg, LAYER_REPO, chain)
+                for layer in chain:
+                    push_blob(reg, repo, layer.blob, layer.blob_digest, lambda: [LAYER_REPO])
+                pushed.add(vm.layer)
+            reg.push_bytes(repo, config)
+        # (re)tagged either way: one PUT, and the tag names this very node afterwards
         parent = reg.put_manifest(repo, check_tag(node.name), manifest)
         out.nodes[node.name] = parent
     out.manifest = parent or ""
     out.bytes_sent = reg.counters.bytes_up - before
     out.seconds = time.monotonic() - start
     return out
+
+
+def _has_manifest(reg: Registry, repo: str, digest: str) -> bool:
+    """Whether the registry holds manifest ``digest`` in ``repo`` (then its blobs too: a
+    registry accepts a manifest only when it holds every blob it names)."""
+    try:
+        reg.get_manifest(repo, digest)
+    except NotFound:
+        return False
+    return True
 
 
 def fetch_node(reg: Registry, ref: str, *, repo: str = SYSTEM_REPO) -> tuple[Manifest, SystemMeta]:
