@@ -410,13 +410,24 @@ def test_the_cli_says_which_record_is_damaged(cli: Cli) -> None:
 def test_store_format_is_checked_before_the_rest(tmp_path: Path) -> None:
     s = Store(tmp_path / "st")
     s.init()
-    assert read_record(s.root / StoreMeta.FILE, StoreMeta).format == 1
-    write_json(s.root / StoreMeta.FILE, {"format": 2, "layers": {}})
-    with pytest.raises(UsageError, match="has format 2, this unionimg reads 1"):
+    assert read_record(s.root / StoreMeta.FILE, StoreMeta).format == 2
+    write_json(s.root / StoreMeta.FILE, {"format": 3, "layers": {}})
+    with pytest.raises(UsageError, match="has format 3, this unionimg reads 2"):
         s.init()
     write_json(s.root / StoreMeta.FILE, {"format": "1"})
     with pytest.raises(DamagedRecord, match="field 'format' is a string, not an integer"):
         s.init()
+
+
+def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Format 1 (before delta generations and layers) is a valid format 2 store: the number
+    is raised the first time it is opened, so an older unionimg then refuses it in one line."""
+    s = Store(tmp_path / "st")
+    s.init()
+    write_json(s.root / StoreMeta.FILE, {"format": 1, "created": "2026-11-01T00:00:00Z"})
+    s.init()
+    meta = read_record(s.root / StoreMeta.FILE, StoreMeta)
+    assert (meta.format, meta.created) == (2, "2026-11-01T00:00:00Z")
 
 
 def test_u_check_stamp_vouches_only_for_the_same_image(tmp_path: Path) -> None:

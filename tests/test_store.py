@@ -21,7 +21,7 @@ def test_init_is_private_and_idempotent(tmp_path: Path) -> None:
     s.init()
     s.init()
     assert (tmp_path / "st").stat().st_mode & 0o777 == 0o700
-    assert read_json(tmp_path / "st" / "store.json")["format"] == 1
+    assert read_json(tmp_path / "st" / "store.json")["format"] == 2
 
 
 def test_write_json_atomic_leaves_no_temp(tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
 """The store: everything unionimg owns on a host, and how it is written safely.
 
-Layout (format 1)::
+Layout (format 2)::
 
     STORE/                    0700
-      store.json              {"format": 1}
+      store.json              {"format": 2}
       locks/                  flock files: store.lock, base-NAME.lock, instance-VM.lock
       tmp/PID.START.RAND/     staging; a dead owner's staging is unmounted and removed
       bases/NAME/
@@ -49,6 +49,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,7 +61,12 @@ R = TypeVar("R", bound=Record)
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = "/var/lib/unionimg"
-FORMAT = 1
+FORMAT = 2
+#: Format 2 added delta generations and the layer store (issue 13), which an older unionimg
+#: would misread (a generation without base.img). A format-1 store is a valid format-2 store:
+#: it is upgraded (the number only) the first time this unionimg opens it, so from then on an
+#: older unionimg refuses it in one line instead of failing on what it does not know.
+UPGRADES_FROM = (1,)
 
 
 def fsync_dir(path: Path) -> None:
@@ -182,8 +188,12 @@ class Store:
         if not self.exists():
             write_record(self.root / StoreMeta.FILE, StoreMeta(FORMAT, now_iso()))
         else:
-            fmt = read_record(self.root / StoreMeta.FILE, StoreMeta).format
-            if fmt != FORMAT:
+            meta = read_record(self.root / StoreMeta.FILE, StoreMeta)
+            fmt = meta.format
+            if fmt in UPGRADES_FROM:
+                write_record(self.root / StoreMeta.FILE, replace(meta, format=FORMAT))
+                log.info("store %s upgraded from format %d to %d", self.root, fmt, FORMAT)
+            elif fmt != FORMAT:
                 raise UsageError(
                     f"store {self.root} has format {fmt}, this unionimg reads {FORMAT}; "
                     "use the unionimg version that made it"
