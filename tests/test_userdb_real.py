@@ -12,7 +12,10 @@ useradd). After ``reconcile --all``:
   the two subuid ranges useradd gave alice and deploy (both the first free range) are a
   conflict proposing a new range;
 * clash: ``/etc/passwd`` is a conflict whose reason and ``proposal`` renumber alice, with her
-  files to chown; the VM's own passwd is untouched (and still consistent for pwck/grpck).
+  files to chown; while it is pending the live passwd, group, shadow and gshadow hold both
+  sides' entries except B1's deploy (whose UID/GID alice keeps): the base's svcd is there, and
+  ``pwck -r``/``grpck -r`` find nothing the base lacks; ``resolve --take proposal`` then
+  renumbers alice and chowns her files.
 """
 
 from __future__ import annotations
@@ -169,11 +172,20 @@ def test_uid_collision_is_a_conflict_with_a_proposal(world: World, result: Path)
     assert "of the VM's files to chown" in a["reason"]
     assert action(world, "clash", "/etc/group")["action"] == "conflict"
     assert "follows /etc/passwd" in action(world, "clash", "/etc/shadow")["reason"]
-    # the live files stay the VM's, consistent among themselves
-    for name in ("passwd", "group", "shadow", "gshadow"):
-        assert (result / "etc" / name).read_bytes() == world.before["clash"][name], name
+    # live while pending: both sides' entries but deploy's (its UID and GID stay alice's),
+    # consistent across the four files: B1's system user svcd is there, alice keeps 1000
+    live = {n: (result / "etc" / n).read_text() for n in ("passwd", "group", "shadow", "gshadow")}
+    for name, text in live.items():
+        names = [line.split(":")[0] for line in text.splitlines()]
+        assert "svcd" in names and "alice" in names and "deploy" not in names, (name, text)
+        assert "deploy" not in text, name  # nor as a member of a group
+    assert "\nalice:x:1000:1000:" in live["passwd"] and "\nalice:x:1000:" in live["group"]
+    for name in ("passwd", "group", "shadow", "gshadow"):  # live, committed, conflict pending
+        assert action(world, "clash", f"/etc/{name}")["action"] == "conflict", name
     pw, gr = problems(result)
     assert pw <= world.baseline[0] and gr <= world.baseline[1], (pw, gr, world.baseline)
+    # the VM's subuid stays: deploy's range (which overlaps alice's) is left out of it
+    assert (result / "etc/subuid").read_bytes() == world.before["clash"]["subuid"]
     # the proposal set aside in the store: passwd with alice renumbered, her files listed
     listed = json.loads(world.cli.ok("conflicts", "clash", "--json").output)
     rec = next(c for c in listed if c["path"] == "/etc/passwd")

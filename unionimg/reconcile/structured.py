@@ -39,6 +39,7 @@ Mergers of one planner run share ``MergeInput.memo`` (each file merged once).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -208,27 +209,33 @@ def _left_out(inp: MergeInput) -> tuple[frozenset[bytes], frozenset[bytes]] | No
         return None
     passwd, group = _own(inp, PASSWD), _own(inp, GROUP)
     users, groups = set(passwd.clashing), set(group.clashing)
-    pw = [ln for ln in passwd.lines if ln.key[0] and len(_fields(ln)) > 3]
-    gr = [ln for ln in group.lines if ln.key[0] and len(_fields(ln)) > 2]
+    pw = [(ln, _fields(ln)) for ln in passwd.lines if ln.key[0]]
+    # only B1's lines can be left out: the loops below run over those (B1, trusted, is
+    # small; a guest's file of any size is read once)
+    theirs_pw = [(ln.key[1], f[3]) for ln, f in pw if ln.theirs and len(f) > 3]
+    theirs_gr = {
+        (ln.key[1], f[2]): ln
+        for ln in group.lines
+        if ln.key[0] and ln.theirs and len(f := _fields(ln)) > 2
+    }
+    primary = Counter(f[3] for ln, f in pw if len(f) > 3)  # users of each primary GID
+    for name, gid in theirs_pw:
+        if name in users:
+            primary[gid] -= 1
     changed = True
     while changed:
         changed = False
-        gone_gids = {_fields(g)[2] for g in gr if g.theirs and g.key[1] in groups}
-        for u in pw:
-            gid = _fields(u)[3]
-            if u.theirs and u.key[1] not in users and gid in gone_gids:
-                users.add(u.key[1])
+        gone_gids = {gid for name, gid in theirs_gr if name in groups}
+        for name, gid in theirs_pw:
+            if name not in users and gid in gone_gids:  # B1's user of a left-out group
+                users.add(name)
+                primary[gid] -= 1
                 changed = True
-        primary = {_fields(u)[3] for u in pw if not (u.theirs and u.key[1] in users)}
-        for u in pw:
-            if not (u.theirs and u.key[1] in users):
-                continue
-            gid = _fields(u)[3]
-            for g in gr:
-                own = g.key[1] == u.key[1] and _fields(g)[2] == gid
-                if own and g.theirs and g.key[1] not in groups and gid not in primary:
-                    groups.add(g.key[1])
-                    changed = True
+        for name, gid in theirs_pw:  # a left-out user's own group, when no one else's
+            own = name in users and name not in groups and (name, gid) in theirs_gr
+            if own and primary[gid] <= 0:
+                groups.add(name)
+                changed = True
     out = (frozenset(users), frozenset(groups))
     inp.memo["userdb:left-out"] = out
     return out
