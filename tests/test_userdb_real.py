@@ -15,7 +15,9 @@ useradd). After ``reconcile --all``:
   files to chown; while it is pending the live passwd, group, shadow and gshadow hold both
   sides' entries except B1's deploy (whose UID/GID alice keeps): the base's svcd is there, and
   ``pwck -r``/``grpck -r`` find nothing the base lacks; ``resolve --take proposal`` then
-  renumbers alice and chowns her files.
+  renumbers alice and chowns her files;
+* back (the same clash): ``resolve --take local`` on the four files writes the VM's own
+  files back over the live ones.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pytest
 from tests.conftest import Cli, need, need_programs, need_root
 from unionimg.fs.mounts import mountinfo, unmount_tree
 
-VMS = {"clean": ["-u", "1001"], "clash": []}
+VMS = {"clean": ["-u", "1001"], "clash": [], "back": []}  # back: clash, resolved --take local
 BASE_RUN = (
     "useradd --system --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "
     "svcd && "
@@ -225,6 +227,27 @@ def test_resolve_takes_the_proposal_and_chowns_the_vms_files(world: World) -> No
         assert all(p.lstat().st_uid == 1001 for p in home.iterdir())
         deploy = (mnt / "home/deploy").stat()  # the base's: its own user's again
         assert (deploy.st_uid, deploy.st_gid) == (1000, 1000)
+        pw, gr = problems(mnt)
+        assert pw <= world.baseline[0] and gr <= world.baseline[1], (pw, gr)
+    finally:
+        cli.ok("umount", str(mnt))
+
+
+@pytest.mark.slow
+def test_resolve_take_local_writes_the_vms_own_files_back(world: World) -> None:
+    cli = world.cli
+    assert action(world, "back", "/etc/passwd")["action"] == "conflict"
+    listed = json.loads(cli.ok("conflicts", "back", "--json").output)
+    assert {c["path"] for c in listed} >= {"/etc/passwd", "/etc/group", "/etc/shadow"}
+    names = ("passwd", "group", "shadow", "gshadow")
+    for name in names:
+        cli.ok("resolve", "back", f"/etc/{name}", "--take", "local")
+    mnt = world.tmp / "resolved-back"
+    mnt.mkdir()
+    cli.ok("mount", "back", str(mnt), "--readonly")
+    try:
+        for name in names:
+            assert (mnt / "etc" / name).read_bytes() == world.before["back"][name], name
         pw, gr = problems(mnt)
         assert pw <= world.baseline[0] and gr <= world.baseline[1], (pw, gr)
     finally:
