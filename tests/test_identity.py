@@ -405,10 +405,14 @@ def chroot_union(cli: Cli, vm: str, tmp: Path) -> Iterator[Path]:
     """The VM's union as its guest sees it, for running the guest's own programs: its base
     generation and its U image mounted read-only, their overlay with a throwaway upper (so
     nothing is written to either), a tmpfs on /run and the host's /dev."""
+    from unionimg.layers import base as bases
+    from unionimg.store.layout import Store
+
     inst = show(cli, "instance", "show", vm)
-    base = gen_image(cli, inst["base"], inst["generation"])
-    b, u, w, root = (tmp / n for n in ("b", "u", "w", "root"))
-    for d in (b, u, w, root):
+    st = Store(cli.store)
+    gen = bases.get_generation(st, inst["base"], inst["generation"])
+    u, w, root = (tmp / n for n in ("u", "w", "root"))
+    for d in (u, w, root):
         d.mkdir(parents=True)
     done: list[Path] = []
 
@@ -416,8 +420,9 @@ def chroot_union(cli: Cli, vm: str, tmp: Path) -> Iterator[Path]:
         subprocess.run(["mount", *args], check=True)
         done.append(Path(args[-1]))
 
-    try:
-        mount("-o", "ro,loop,noload", str(base), str(b))
+    try:  # the generation's whole tree: a delta generation is the overlay of its chain
+        b = bases.mount_generation(st, gen, tmp / "b")
+        done.append(tmp / "b")
         mount("-o", "ro,loop,noload", inst["upper_image"], str(u))
         mount("-t", "tmpfs", "tmpfs", str(w))
         (w / "up").mkdir()
@@ -435,7 +440,10 @@ def chroot_union(cli: Cli, vm: str, tmp: Path) -> Iterator[Path]:
         yield root
     finally:
         for target in reversed(done):
-            subprocess.run(["umount", str(target)], check=False)
+            if target == tmp / "b":
+                bases.unmount_layers(target)
+            else:
+                subprocess.run(["umount", str(target)], check=False)
 
 
 SSH_HOOK = """#!/bin/sh
