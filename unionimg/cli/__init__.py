@@ -14,9 +14,9 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     timer_cmd        timer install, remove
     registry_cmd     registry serve, stop; push LAYER, pull REF
     host_cmd         host add, key, list, cache, remove
+    layer_cmd        layer list, show, tree, gc
     system_cmd       system create, snapshot, tree, show, push (materialize: run by deploy)
     deploy_cmd       deploy, redeploy
-    layer_cmd        layer list, show, tree, gc
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
 paragraph of its help (``tests/test_cli_help.py`` checks that the two agree).
