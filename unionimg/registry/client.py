@@ -171,25 +171,37 @@ class Registry:
         if resp.status_code != 200:
             raise self._fail(resp, "the /v2/ API")
 
-    def _listing(self, path: str, params: dict[str, int], key: str, what: str) -> list[str] | None:
-        """A JSON listing (``{KEY: [names]}``) read up to :data:`MAX_LISTING` bytes; None
-        on 404; a body that is no such object is one line."""
+    def _get_bounded(
+        self,
+        path: str,
+        what: str,
+        limit: int,
+        *,
+        params: dict[str, int] | None = None,
+        headers: dict[str, str] | None = None,
+        follow_redirects: bool = False,
+        missing_ok: bool = False,
+    ) -> bytes | None:
+        """A GET whose body is read into memory, at most ``limit`` bytes (more: one line,
+        refused), with bounded retries on connection errors; None on 404 if ``missing_ok``."""
+        body = bytearray()
         for attempt in range(self.retries + 1):
             self.counters.requests += 1
+            body = bytearray()
             try:
-                with self._http.stream("GET", path, params=params) as resp:
-                    if resp.status_code == 404:
+                with self._http.stream(
+                    "GET", path, params=params, headers=headers, follow_redirects=follow_redirects
+                ) as resp:
+                    if missing_ok and resp.status_code == 404:
                         return None
                     if resp.status_code != 200:
                         resp.read()
                         raise self._fail(resp, what)
-                    body = bytearray()
                     for part in resp.iter_bytes():
                         body += part
-                        if len(body) > MAX_LISTING:
+                        if len(body) > limit:
                             raise ToolFailed(
-                                f"registry {self.url}: {what}: more than {MAX_LISTING} bytes; "
-                                "refused"
+                                f"registry {self.url}: {what} is larger than {limit} bytes; refused"
                             )
                 break
             except httpx.TransportError as exc:
@@ -197,6 +209,14 @@ class Registry:
                     raise self._down(exc) from None
                 time.sleep(self.backoff * 2**attempt)
         self.counters.bytes_down += len(body)
+        return bytes(body)
+
+    def _listing(self, path: str, params: dict[str, int], key: str, what: str) -> list[str] | None:
+        """A JSON listing (``{KEY: [names]}``) read up to :data:`MAX_LISTING` bytes; None
+        on 404; a body that is no such object is one line."""
+        body = self._get_bounded(path, what, MAX_LISTING, params=params, missing_ok=True)
+        if body is None:
+            return None
         try:
             names = json.loads(body).get(key) or []
         except (ValueError, AttributeError):
@@ -357,28 +377,9 @@ class Registry:
         digest, the bytes are checked against it; by tag, the digest is computed (never taken
         from the registry's header)."""
         path = f"/v2/{check_repo(repo)}/manifests/{ref}"
-        for attempt in range(self.retries + 1):
-            self.counters.requests += 1
-            try:
-                with self._http.stream("GET", path, headers={"accept": media_type}) as resp:
-                    if resp.status_code != 200:
-                        resp.read()
-                        raise self._fail(resp, f"manifest {ref} of {repo}")
-                    body = bytearray()
-                    for part in resp.iter_bytes():
-                        body += part
-                        if len(body) > MAX_MANIFEST:
-                            raise ToolFailed(
-                                f"registry {self.url}: manifest {ref} of {repo} is larger than "
-                                f"{MAX_MANIFEST} bytes; refused"
-                            )
-                break
-            except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise self._down(exc) from None
-                time.sleep(self.backoff * 2**attempt)
-        data = bytes(body)
-        self.counters.bytes_down += len(data)
+        what = f"manifest {ref} of {repo}"
+        data = self._get_bounded(path, what, MAX_MANIFEST, headers={"accept": media_type})
+        assert data is not None  # not missing_ok: a 404 raised NotFound
         digest = digest_of(data)
         if ref.startswith("sha256:") and digest != ref:
             raise ToolFailed(
@@ -391,30 +392,9 @@ class Registry:
     def get_small_blob(self, repo: str, digest: str, max_size: int = 1 << 20) -> bytes:
         """A small blob (a config) into memory, checked against ``digest``."""
         check_digest(digest)
-        for attempt in range(self.retries + 1):
-            self.counters.requests += 1
-            try:
-                with self._http.stream(
-                    "GET", f"/v2/{check_repo(repo)}/blobs/{digest}", follow_redirects=True
-                ) as resp:
-                    if resp.status_code != 200:
-                        resp.read()
-                        raise self._fail(resp, f"blob {digest} of {repo}")
-                    body = bytearray()
-                    for part in resp.iter_bytes():
-                        body += part
-                        if len(body) > max_size:
-                            raise ToolFailed(
-                                f"registry {self.url}: blob {digest} of {repo} is larger "
-                                f"than {max_size} bytes; refused"
-                            )
-                break
-            except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise self._down(exc) from None
-                time.sleep(self.backoff * 2**attempt)
-        data = bytes(body)
-        self.counters.bytes_down += len(data)
+        path = f"/v2/{check_repo(repo)}/blobs/{digest}"
+        data = self._get_bounded(path, f"blob {digest} of {repo}", max_size, follow_redirects=True)
+        assert data is not None  # not missing_ok: a 404 raised NotFound
         if digest_of(data) != digest:
             raise ToolFailed(_tampered(self.url, repo, digest, digest_of(data)))
         return data
