@@ -5,7 +5,9 @@ unions, a base patch, ``reconcile --all`` with one real conflict, and its resolu
 hostile guest whose planted Mercurial hook never runs and whose planted symlink is refused;
 then (when the machine can run guests) a boot under QEMU through libvirt and a switch to UML;
 then the fleet: a snapshot layer, a system node, an OCI registry and a deploy to a namespace
-host over SSH, and a redeploy that sends only the changed layer.
+host over SSH, and a redeploy that sends only the changed layer; last, a real Debian base:
+users added on both sides (one UID clash), reconcile's checks, per-VM machine-ids, and the
+clash resolved by renumbering.
 Every step is the real CLI, printed as it runs.
 """
 
@@ -64,7 +66,7 @@ def main() -> int:
         return 2
     from vm_fixtures import build
 
-    for leftover in ("web1", "web2", "app1", "app2"):
+    for leftover in ("web1", "web2", "app1", "app2", "d1", "d2"):
         run(["umount", "-R", str(STORE / "mnt" / leftover)], check=False)
     if STORE.exists():
         from unionimg.fs.mounts import unmount_tree
@@ -128,6 +130,7 @@ def main() -> int:
     _hostile_guest_demo()
     _boot_demo()
     _fleet_demo(rootfs)
+    _debian_demo()
     say("done: the store is at " + str(STORE_DIR))
     return 0
 
@@ -273,6 +276,72 @@ def _fleet_demo(rootfs: Path) -> None:
         if server is not None:
             server.stop()
         lab.close()
+
+
+def _debian_demo() -> None:
+    """Issue 12 on a real Debian (the ``debian`` fixture, minbase + systemd + kernel, built
+    from the host's Debian mirror and cached): users added with Debian's own ``useradd`` in
+    two VMs and in the base, one UID both sides gave to different users; ``reconcile --all``
+    merges the user databases by name, checks each staged result with the host's dpkg, apt,
+    pwck and grpck before swapping, gives each VM its own machine-id, and keeps the clash
+    pending, consistent, until ``resolve`` renumbers the VM's user and chowns its files."""
+    from vm_fixtures import build
+
+    say("a real Debian base (vm_fixtures 'debian', cached after its first build)")
+    rootfs = build("debian")
+    cli("base", "create", "deb", "--from-dir", str(rootfs))
+    for vm, uid in (("d1", "1001"), ("d2", "1000")):
+        cli("instance", "create", vm, "--base", "deb")
+        mnt = STORE / "mnt" / vm
+        mnt.mkdir(parents=True)
+        cli("mount", vm, str(mnt))
+        print(f"$ useradd --root .../{vm} -m -u {uid} -s /bin/bash alice")
+        run(["useradd", "--root", str(mnt), "-m", "-u", uid, "-s", "/bin/bash", "alice"])
+        cli("umount", str(mnt))
+
+    say("the base adds a system user and a login user (UID 1000, as d2's alice)")
+    cli(
+        "base", "update", "deb", "--run",
+        "useradd --system --no-create-home --shell /usr/sbin/nologin svcd && "
+        "useradd -m -u 1000 -s /bin/bash deploy",
+    )  # fmt: skip
+
+    say("reconcile: user databases merged by name, each result checked before its swap")
+    cli("reconcile", "--all", ok=(1,))  # d2's UID clash stays pending
+    cli("instance", "list")
+    cli("conflicts", "d2")
+    seen = {vm: _debian_users(vm) for vm in ("d1", "d2")}
+    if seen["d1"][1] == seen["d2"][1]:
+        print("demo: two VMs share a machine-id", file=sys.stderr)
+        raise SystemExit(1)
+
+    say("the admin takes the proposal: d2's alice renumbered, her files chowned")
+    for path in ("/etc/group", "/etc/passwd", "/etc/subuid", "/etc/subgid"):
+        cli("resolve", "d2", path, "--take", "proposal", ok=(0, 3))
+    for path in ("/etc/shadow", "/etc/gshadow"):
+        cli("resolve", "d2", path, "--take", "merged", ok=(0, 3))
+    cli("conflicts", "d2")
+    users, _ = _debian_users("d2")
+    if "deploy:1000" not in users or "alice:1000" in users:
+        print("demo: d2's users after resolve are not the proposal's", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _debian_users(vm: str) -> tuple[list[str], str]:
+    """The demo's users (NAME:UID) and the machine-id in VM's union, printed."""
+    mnt = STORE / "mnt" / vm
+    cli("mount", vm, str(mnt), "--readonly")
+    try:
+        users = [
+            f"{f[0]}:{f[2]}"
+            for f in (ln.split(":") for ln in (mnt / "etc/passwd").read_text().splitlines())
+            if f[0] in ("svcd", "deploy", "alice")
+        ]
+        machine_id = (mnt / "etc/machine-id").read_text().strip()
+    finally:
+        cli("umount", str(mnt))
+    print(f"  {vm}: users {' '.join(users)}; machine-id {machine_id}")
+    return users, machine_id
 
 
 def _console_tail(vm: str, lines: int = 15) -> None:
