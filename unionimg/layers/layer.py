@@ -56,6 +56,7 @@ from typing import BinaryIO, Protocol
 import zstandard
 
 from unionimg.errors import GuestDataRefused, StoreFull
+from unionimg.fs.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -751,11 +752,7 @@ def read_blob(
 
 def file_digest(path: Path) -> str:
     """``sha256:HEX`` of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + sha256_file(path)
 
 
 def _extract(src: _Source, root: bytes, policy: Policy) -> int:

@@ -107,9 +107,30 @@ def argv(tree: Path, command: str) -> list[str]:
     return contained("unionimg.layers.sandbox", ["inside", str(tree), command, *parent_args()])
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """Inside: the sandbox itself failed (a mount, a check): one line starting with
+    :data:`PREFIX` on stderr, status :data:`SETUP_FAILED`."""
     print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
     return SETUP_FAILED
+
+
+def started(parent: str, parent_start: str, what: str) -> str | None:
+    """Inside, first thing: why the inside must not go on (not PID 1 of a new PID namespace,
+    a malformed parent PID, unionimg gone before ``what`` started), or None."""
+    if not parent.isdigit():
+        return f"parent PID {parent!r} is no number"
+    if os.getpid() != 1:
+        return "not the first process of a new PID namespace"
+    if parent_gone(int(parent), parent_start):
+        return f"unionimg (pid {parent}) exited before {what} started"
+    return None
+
+
+def why_failed(stderr: str, returncode: int) -> str:
+    """Host side: the last line a contained module printed on stderr (without
+    :data:`PREFIX`), or its exit status."""
+    tail = [ln for ln in stderr.splitlines() if ln.strip()]
+    return tail[-1].removeprefix(PREFIX) if tail else f"exit status {returncode}"
 
 
 def _mounts(root: Path) -> None:
@@ -125,7 +146,7 @@ def _mounts(root: Path) -> None:
         run(["mount", "--bind", "-o", "ro", "/etc/resolv.conf", str(resolv)])
 
 
-def inside(tree: str, command: str, parent: int, parent_start: str) -> int:
+def inside(tree: str, command: str, parent: str, parent_start: str) -> int:
     """PID 1 of the namespace: mount, start the command, reap orphans until the command's
     shell has exited, then exit with its status (the kernel then kills what is left).
 
@@ -134,17 +155,16 @@ def inside(tree: str, command: str, parent: int, parent_start: str) -> int:
     straight into unionimg's pipes, so a background process holding them cannot delay the
     end) and must reap any orphan reparented to it. The shell is not PID 1 itself, so
     signals work in it as anywhere (PID 1 ignores signals it has no handler for)."""
-    if os.getpid() != 1:
-        return _fail("not the first process of a new PID namespace")
     # /proc is still the host's here (the chroot gets its own): is unionimg still there?
-    if parent_gone(parent, parent_start):
-        return _fail(f"unionimg (pid {parent}) exited before the command started")
+    problem = started(parent, parent_start, "the command")
+    if problem is not None:
+        return fail(problem)
     root = Path(tree)
     try:
         _mounts(root)
         chroot = which("chroot")
     except UnionimgError as exc:
-        return _fail(exc.message)
+        return fail(exc.message)
     env = {**os.environ, **CHROOT_ENV}
     shell = os.posix_spawn(chroot, [chroot, str(root), "/bin/sh", "-c", command], env)
     while True:
@@ -155,6 +175,6 @@ def inside(tree: str, command: str, parent: int, parent_start: str) -> int:
 
 
 def main(args: list[str]) -> int:
-    if len(args) == 5 and args[0] == "inside" and args[3].isdigit():
-        return inside(args[1], args[2], int(args[3]), args[4])
-    return _fail("usage: (unionimg runs it) inside TREE COMMAND PARENT-PID PARENT-START")
+    if len(args) == 5 and args[0] == "inside":
+        return inside(args[1], args[2], args[3], args[4])
+    return fail("usage: (unionimg runs it) inside TREE COMMAND PARENT-PID PARENT-START")

@@ -357,11 +357,9 @@ def sandboxed(
         limit = PROGRAM_TIMEOUT * (len(checks) + 1) + 60
         res = run(argv, check=False, timeout=limit, what="checking the staged result")
     if res.returncode != 0:
-        tail = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        why = tail[-1] if tail else f"exit status {res.returncode}"
         raise ToolFailed(
-            f"the consistency checks could not run: {why.removeprefix(sandbox.PREFIX)} "
-            "(or reconcile with --no-checks)"
+            "the consistency checks could not run: "
+            f"{sandbox.why_failed(res.stderr, res.returncode)} (or reconcile with --no-checks)"
         )
     try:
         data = json.loads(res.stdout)

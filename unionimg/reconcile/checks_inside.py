@@ -290,21 +290,15 @@ def inside(spec: Mapping[str, object]) -> list[Outcome]:
 def main(args: list[str]) -> int:
     """PID 1 of the checks' namespaces: ``SPEC-JSON PARENT-PID PARENT-START``; prints the
     outcomes as JSON on stdout."""
-    if len(args) != 3 or not args[1].isdigit():
-        return _fail("usage: (unionimg runs it) SPEC PARENT-PID PARENT-START")
-    if os.getpid() != 1:
-        return _fail("not the first process of a new PID namespace")
-    if sandbox.parent_gone(int(args[1]), args[2]):
-        return _fail(f"unionimg (pid {args[1]}) exited before the checks started")
+    if len(args) != 3:
+        return sandbox.fail("usage: (unionimg runs it) SPEC PARENT-PID PARENT-START")
+    problem = sandbox.started(args[1], args[2], "the checks")
+    if problem is not None:
+        return sandbox.fail(problem)
     try:
         outcomes = inside(json.loads(args[0]))
     except (OSError, UnionimgError, ValueError, KeyError) as exc:
-        return _fail(getattr(exc, "message", None) or str(exc))
+        return sandbox.fail(getattr(exc, "message", None) or str(exc))
     sys.stdout.write(json.dumps(outcomes))
     sys.stdout.flush()
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"{sandbox.PREFIX}{message}", file=sys.stderr, flush=True)
-    return sandbox.SETUP_FAILED

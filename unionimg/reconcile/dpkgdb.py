@@ -510,35 +510,50 @@ def _diversions(data: bytes, side: str) -> dict[Key, bytes]:
     return out
 
 
-def _statoverride(data: bytes, side: str) -> dict[Key, bytes]:
+def _keyed_lines(
+    data: bytes,
+    side: str,
+    what: str,
+    split: Callable[[bytes], list[bytes] | None],
+    form: str,
+    twice: str,
+) -> dict[Key, bytes]:
+    """A file of one entry per line, keyed by the line's last word (a path): ``split`` cuts a
+    line into its words (``form`` says what a line must be); a path twice is an error."""
     out: dict[Key, bytes] = {}
     for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
-        words = line.split(b" ", 3)
-        if len(words) != 4:
-            raise DbError(f"{side}'s statoverride: line {number} is not 'user group mode path'")
-        key = (words[3].decode("utf-8", "surrogateescape"), "")
+        words = split(line)
+        if words is None:
+            raise DbError(f"{side}'s {what}: line {number} is not '{form}'")
+        key = (words[-1].decode("utf-8", "surrogateescape"), "")
         if key in out:
-            raise DbError(f"{side}'s statoverride: {_show(words[3])} overridden twice")
+            raise DbError(f"{side}'s {what}: {_show(words[-1])} {twice}")
         out[key] = line + b"\n"
     return out
+
+
+def _statoverride(data: bytes, side: str) -> dict[Key, bytes]:
+    """dpkg's statoverride: ``user group mode path`` per line, keyed by the path."""
+
+    def split(line: bytes) -> list[bytes] | None:
+        words = line.split(b" ", 3)
+        return words if len(words) == 4 else None
+
+    return _keyed_lines(
+        data, side, "statoverride", split, "user group mode path", "overridden twice"
+    )
 
 
 def _ucf_lines(data: bytes, side: str) -> dict[Key, bytes]:
     """ucf's hashfile or registry: ``WORD  PATH`` per line, keyed by the path."""
-    out: dict[Key, bytes] = {}
-    for number, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
+
+    def split(line: bytes) -> list[bytes] | None:
         words = line.split(None, 1)
-        if len(words) != 2:
-            raise DbError(f"{side}'s ucf file: line {number} is not 'WORD PATH'")
-        key = (words[1].strip().decode("utf-8", "surrogateescape"), "")
-        if key in out:
-            raise DbError(f"{side}'s ucf file: {_show(words[1])} listed twice")
-        out[key] = line + b"\n"
-    return out
+        return [words[0], words[1].strip()] if len(words) == 2 else None
+
+    return _keyed_lines(data, side, "ucf file", split, "WORD PATH", "listed twice")
 
 
 def _merge_entries(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -83,11 +82,6 @@ def valid_cache(data: bytes) -> bool:
 
 
 # -- inside the sandbox ----------------------------------------------------------------------
-def _fail(message: str) -> int:
-    print(f"{sandbox.PREFIX}{message}", file=sys.stderr, flush=True)
-    return sandbox.SETUP_FAILED
-
-
 def _read_written(upper: Path) -> bytes:
     """``etc/ld.so.cache`` of the tmpfs upper layer: no symlink followed, a regular file."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -135,7 +129,7 @@ def inside(b1_root: str, upper_new: str, scratch: str, out: str) -> int:
     res = run(argv, check=False, timeout=TIMEOUT / 2, env={"LC_ALL": "C"}, what="ldconfig")
     if res.returncode != 0:
         lines = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
-        return _fail(f"ldconfig -r failed: {lines[-1] if lines else res.returncode}")
+        return sandbox.fail(f"ldconfig -r failed: {lines[-1] if lines else res.returncode}")
     data = _read_written(work / "upper")
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -145,16 +139,17 @@ def inside(b1_root: str, upper_new: str, scratch: str, out: str) -> int:
 
 def main(args: list[str]) -> int:
     """PID 1 of the namespaces: ``B1-ROOT UPPER-NEW SCRATCH OUT PARENT-PID PARENT-START``."""
-    if len(args) != 6 or not args[4].isdigit():
-        return _fail("usage: (unionimg runs it) B1 UPPER-NEW SCRATCH OUT PARENT-PID PARENT-START")
-    if os.getpid() != 1:
-        return _fail("not the first process of a new PID namespace")
-    if sandbox.parent_gone(int(args[4]), args[5]):
-        return _fail(f"unionimg (pid {args[4]}) exited before ldconfig started")
+    if len(args) != 6:
+        return sandbox.fail(
+            "usage: (unionimg runs it) B1 UPPER-NEW SCRATCH OUT PARENT-PID PARENT-START"
+        )
+    problem = sandbox.started(args[4], args[5], "ldconfig")
+    if problem is not None:
+        return sandbox.fail(problem)
     try:
         return inside(*args[:4])
     except (OSError, UnionimgError) as exc:
-        return _fail(getattr(exc, "message", None) or str(exc))
+        return sandbox.fail(getattr(exc, "message", None) or str(exc))
 
 
 # -- the host side ---------------------------------------------------------------------------
@@ -173,11 +168,9 @@ def regenerate(store: Store, b1_root: Path, upper_new: Path) -> bool:
         )
         res = run(argv, check=False, timeout=TIMEOUT, what="regenerating /etc/ld.so.cache")
         if res.returncode != 0:
-            tail = [ln for ln in res.stderr.splitlines() if ln.strip()]
-            why = tail[-1] if tail else f"exit status {res.returncode}"
             raise ToolFailed(
                 f"/etc/ld.so.cache could not be regenerated for the staged result: "
-                f"{why.removeprefix(sandbox.PREFIX)}"
+                f"{sandbox.why_failed(res.stderr, res.returncode)}"
             )
         data = out.read_bytes()
     if not valid_cache(data):

@@ -46,6 +46,7 @@ import httpx
 
 from unionimg.display import shown
 from unionimg.errors import NotFound, ToolFailed, UsageError
+from unionimg.fs.manifest import sha256_file
 from unionimg.registry.manifests import (
     MAX_MANIFEST,
     MEDIA_MANIFEST,
@@ -53,6 +54,7 @@ from unionimg.registry.manifests import (
     check_repo,
     digest_of,
 )
+from unionimg.store.layout import fsync_dir
 
 CHUNK: Final = 8 << 20
 """Bytes per PATCH of a chunked upload, and per read of a blob."""
@@ -439,7 +441,7 @@ class Registry:
             partial.unlink(missing_ok=True)
             raise ToolFailed(_tampered(self.url, repo, digest, actual))
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         self.counters.blobs_fetched += 1
         return received
 
@@ -468,7 +470,7 @@ class Registry:
             partial.unlink()
             have = 0
         if have == size:
-            return 0, _sha256_file(partial)
+            return 0, "sha256:" + sha256_file(partial)
         headers = {"range": f"bytes={have}-"} if have else {}
         received = 0
         self.counters.requests += 1
@@ -546,20 +548,3 @@ def _sha256_of(path: Path) -> hashlib._Hash:
         for part in iter(lambda: fh.read(CHUNK), b""):
             h.update(part)
     return h
-
-
-def _sha256_file(path: Path) -> str:
-    return "sha256:" + _sha256_of(path).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """``sha256:<hex>`` of a file, read in chunks."""
-    return _sha256_file(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
