@@ -18,6 +18,7 @@ Layout (format 2)::
           generation.json     number, created, size, hg node, kernel; kind, parent, layer
           vmlinuz             the generation's kernel, when it has one
         deltas/B0-B1.json     reconcile's base delta, computed once per pair of generations
+        checks/N.json         the consistency checks' result on generation N alone
       instances/VM/
         instance.json         name, base, generation, mac, hypervisor, resources
         upper.img             sparse ext4 labeled U: upper/, work/, .hg (the VM's history)
@@ -29,7 +30,12 @@ Layout (format 2)::
       templates/              hg-empty (copied into each new U), hg-anchor (starts hg servers)
       reports/                reconcile reports (last 50) and reconcile.log
       run/VM/                 mount points of the layers of a mounted union
-      layers/ systems/ hosts/ snapshots/    reserved for later issues
+      layers/sha256/HEX/      a layer (diff_id HEX): layer.json, layer.img, blob.tar.zst
+      layers/pins/            flock-held pins: a layer a running command will reference
+      downloads/              blobs being pulled (resumed from here), swept under the pull lock
+      systems/NAME/           a node of the system tree: system.json (deployed.json on a host)
+      hosts/                  the store's SSH key; hosts/NAME/: host.json, known_hosts
+      snapshots/              reserved for a later issue
 
 Objects appear only by ``rename(2)`` of a fully built staging directory, so a crash at any
 point leaves either the old state or the new one, never half an object. Each JSON file is a
