@@ -297,7 +297,7 @@ def test_held_resolution_decides_exactly_its_path() -> None:
     characters never widens it to other paths; another generation's resolution is unused."""
     from unionimg.reconcile.apply import with_held
     from unionimg.reconcile.policy import Policy
-    from unionimg.store.records import HeldResolution
+    from unionimg.store.reconcile_records import HeldResolution
 
     odd = "/etc/*[x]?\\**"
     held = [HeldResolution(odd, "keep-local", 3, "local", "now")]

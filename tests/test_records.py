@@ -5,9 +5,11 @@ back byte for byte, and a damaged record is one line naming its file and field (
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 from pathlib import Path
 
 import pytest
@@ -16,38 +18,37 @@ from tests.conftest import Cli
 from unionimg.errors import EXIT_INTERNAL, UsageError
 from unionimg.layers import ucheck
 from unionimg.store import probecache, records
+from unionimg.store.fleet_records import Deployment, HostMeta, SystemMeta, SystemVM
 from unionimg.store.layout import Store, read_record, write_json, write_record
+from unionimg.store.reconcile_records import (
+    CheckBaseline,
+    CheckOutcome,
+    HeldResolution,
+    HeldResolutions,
+    InstanceReport,
+    LastReconcile,
+    OwnerChange,
+    OwnerChanges,
+    ReconcileReport,
+    ReportAction,
+    ReportConflict,
+)
 from unionimg.store.records import (
     BaseMeta,
     BaseRef,
-    CheckBaseline,
-    CheckOutcome,
     ConflictRecord,
     Conflicts,
     DamagedRecord,
-    Deployment,
     GenerationMeta,
-    HeldResolution,
-    HeldResolutions,
-    HostMeta,
     Instance,
-    InstanceReport,
-    LastReconcile,
     LayerMeta,
     MountRecord,
-    OwnerChange,
-    OwnerChanges,
     ProbeCache,
     ReconcileJournal,
-    ReconcileReport,
     Record,
     RecordError,
-    ReportAction,
-    ReportConflict,
     Resolution,
     StoreMeta,
-    SystemMeta,
-    SystemVM,
     UCheckStamp,
     compact,
     sorted_conflicts,
@@ -200,9 +201,19 @@ EXAMPLES: list[Record] = [
 
 
 def test_every_record_has_an_example() -> None:
+    """Every record of every ``unionimg.store.*records`` module (found, not listed)."""
+    import unionimg.store
+
+    modules = [
+        importlib.import_module(f"unionimg.store.{m.name}")
+        for m in pkgutil.iter_modules(unionimg.store.__path__)
+        if m.name.endswith("records")
+    ]
+    assert records in modules and len(modules) >= 3
     kinds = {
         obj
-        for obj in vars(records).values()
+        for module in modules
+        for obj in vars(module).values()
         if inspect.isclass(obj) and issubclass(obj, Record) and obj is not Record
     }
     assert kinds == {type(r) for r in EXAMPLES}

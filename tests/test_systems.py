@@ -222,7 +222,7 @@ def test_push_gives_deploy_ready_manifests(sys_cli: Cli, tmp_path: Path) -> None
 
 # -- what comes from elsewhere: a registry's record, a host's words ------------------------------
 def _record(**over: Any) -> Any:
-    from unionimg.store.records import SystemMeta, SystemVM
+    from unionimg.store.fleet_records import SystemMeta, SystemVM
 
     vm = SystemVM("web", "sha256:" + "a" * 64, "52:54:00:13:00:01", "uml", 96, 1, 64 << 20)
     fields: dict[str, Any] = {
@@ -274,8 +274,8 @@ def test_ssh_targets_and_remote_words(tmp_path: Path) -> None:
         UsageError,
     )
     from unionimg.runner import Result
+    from unionimg.store.fleet_records import HostMeta
     from unionimg.store.layout import Store
-    from unionimg.store.records import HostMeta
 
     assert hosts.parse_ssh("root@192.0.2.7") == hosts.Target("root", "192.0.2.7")
     assert hosts.parse_ssh("ops@[2001:db8::1]").addr == "2001:db8::1"

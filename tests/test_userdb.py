@@ -30,7 +30,8 @@ from unionimg.reconcile.structured import (
     Versions,
 )
 from unionimg.reconcile.userdb import GROUP, GSHADOW, PASSWD, SHADOW, SUBGID, SUBUID, merge, parse
-from unionimg.store.records import OwnerChange, OwnerChanges, RecordError
+from unionimg.store.reconcile_records import OwnerChange, OwnerChanges
+from unionimg.store.records import RecordError
 
 ROOT = b"root:x:0:0:root:/root:/bin/bash\n"
 DAEMON = b"daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"

@@ -49,8 +49,8 @@ from unionimg.errors import (
 )
 from unionimg.names import check_name
 from unionimg.runner import Result, run, stream
+from unionimg.store.fleet_records import HostMeta
 from unionimg.store.layout import Store, now_iso, read_record, write_atomic, write_record
-from unionimg.store.records import HostMeta
 
 CONNECT_TIMEOUT = 10
 ALIVE_INTERVAL = 5

@@ -57,15 +57,9 @@ from unionimg.registry.manifests import (
     system_manifest,
 )
 from unionimg.registry.transfer import push_blob
+from unionimg.store.fleet_records import Deployment, SystemMeta, SystemVM
 from unionimg.store.layout import Store, now_iso, read_record, write_record
-from unionimg.store.records import (
-    Deployment,
-    GenerationMeta,
-    LayerMeta,
-    RecordError,
-    SystemMeta,
-    SystemVM,
-)
+from unionimg.store.records import GenerationMeta, LayerMeta, RecordError
 
 MAX_VMS = 256
 _HEX = frozenset("0123456789abcdef")

@@ -17,7 +17,7 @@ from unionimg.cli._common import Ctx, emit, json_option, json_text, pass_ctx
 from unionimg.display import shown
 from unionimg.registry.client import Registry
 from unionimg.registry.manifests import SYSTEM_REPO
-from unionimg.store.records import SystemMeta
+from unionimg.store.fleet_records import SystemMeta
 
 PROGRESS_PREFIX = "unionimg-progress "
 

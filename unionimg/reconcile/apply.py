@@ -95,22 +95,24 @@ from unionimg.store.layout import (
     write_atomic,
     write_record,
 )
-from unionimg.store.records import (
-    ConflictRecord,
-    Conflicts,
+from unionimg.store.reconcile_records import (
     HeldResolution,
     HeldResolutions,
-    JsonObject,
     LastReconcile,
-    ReconcileJournal,
     ReconcileReport,
     ReportAction,
     ReportConflict,
+)
+from unionimg.store.reconcile_records import InstanceReport as InstanceReport  # what run() returns
+from unionimg.store.records import (
+    ConflictRecord,
+    Conflicts,
+    JsonObject,
+    ReconcileJournal,
     Resolution,
     compact,
     sorted_conflicts,
 )
-from unionimg.store.records import InstanceReport as InstanceReport  # what run() returns
 
 REPORTS_KEPT = 50
 

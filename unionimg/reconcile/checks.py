@@ -97,7 +97,8 @@ from unionimg.reconcile.checks_inside import (
     read_db,
 )
 from unionimg.runner import run, which
-from unionimg.store.records import CheckBaseline, CheckOutcome, RecordError
+from unionimg.store.reconcile_records import CheckBaseline, CheckOutcome
+from unionimg.store.records import RecordError
 
 if TYPE_CHECKING:  # the inside (python -S) imports only what it runs
     from unionimg.layers.base import Generation

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unionimg.fs import fsops
 from unionimg.store.layout import read_record
-from unionimg.store.records import OwnerChanges
+from unionimg.store.reconcile_records import OwnerChanges
 
 __all__ = ["PROPOSAL", "PROPOSAL_OWNERS", "Chowned", "apply_owner_changes"]
 

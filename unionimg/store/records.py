@@ -13,6 +13,13 @@ Reading is as lenient as the code before these types was, and no more: a field e
 version wrote is required, one added later (or always read with a default) keeps that
 default, keys a record does not know are ignored (a newer unionimg may add some).
 
+The records live in three modules, so a command pays at import only for the records it
+uses (making a frozen, slotted dataclass costs ~1 ms): this one (the store, bases,
+instances, layers, conflicts), :mod:`unionimg.store.reconcile_records` (reconcile's own
+files: held resolutions, ownership proposals, the undo record, reports, check baselines)
+and :mod:`unionimg.store.fleet_records` (systems, deployments, hosts). New domains add a
+``*_records`` module of their own built on :class:`Record` and :class:`Fields`.
+
 In the store (trusted; see ``unionimg/store/layout.py`` for where each file lives):
 
 =====================  ==========================  ===========================================
@@ -107,7 +114,7 @@ def _kind(value: object) -> str:
     return type(value).__name__  # not from json.loads: a caller's bug
 
 
-class _Fields:
+class Fields:
     """One JSON object read field by field: a missing or ill-typed field raises
     :class:`RecordError` naming it. A ``default`` makes a field optional."""
 
@@ -190,10 +197,10 @@ class _Fields:
         value = self._data.get(key, MISSING)
         if value is MISSING and not isinstance(default, _Missing):
             return default
-        return _records(value, kind, key)
+        return record_list(value, kind, key)
 
 
-def _records(value: object, kind: type[R], where: str) -> tuple[R, ...]:
+def record_list(value: object, kind: type[R], where: str) -> tuple[R, ...]:
     if not isinstance(value, list):
         raise RecordError(f"{_where(where)} is {_kind(value)}, not a list")
     out = []
@@ -244,7 +251,7 @@ class StoreMeta(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(format=f.integer("format"), created=f.text("created", ""))
 
 
@@ -261,7 +268,7 @@ class BaseMeta(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(name=f.text("name"), created=f.text("created"))
 
 
@@ -302,7 +309,7 @@ class GenerationMeta(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         kind = f.text("kind", "full")
         if kind not in ("full", "delta"):
             raise RecordError(f"field 'kind' is {kind!r}, not 'full' or 'delta'")
@@ -364,7 +371,7 @@ class Instance(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             name=f.text("name"),
             base=f.text("base"),
@@ -412,7 +419,7 @@ class MountRecord(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             target=f.text("target"),
             readonly=f.flag("readonly", False),
@@ -465,7 +472,7 @@ class UCheckStamp(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             size=f.integer("size"),
             mtime_ns=f.integer("mtime_ns"),
@@ -514,7 +521,7 @@ class ConflictRecord(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             path=f.text("path"),
             reason=f.text("reason"),
@@ -541,103 +548,7 @@ class Conflicts(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        return cls(_records(data, ConflictRecord, ""))
-
-
-@dataclass(frozen=True, slots=True)
-class HeldResolution(Record):
-    """How the admin settled a conflict policy ``fail`` held: the next reconcile of the
-    instance to ``generation`` decides ``path`` by ``action`` (keep-local or take-base)."""
-
-    WHAT = "held resolution"
-
-    path: str
-    action: str  # a policy action: keep-local | take-base
-    generation: int
-    took: str  # what resolve was told (local, base, merged, file F)
-    resolved: str
-
-    def to_json(self) -> JsonObject:
-        return {
-            "path": self.path,
-            "action": self.action,
-            "generation": self.generation,
-            "took": self.took,
-            "resolved": self.resolved,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            path=f.text("path"),
-            action=f.text("action"),
-            generation=f.integer("generation"),
-            took=f.text("took"),
-            resolved=f.text("resolved"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class HeldResolutions(Record):
-    """An instance's resolutions of held conflicts, used (then removed) by its next reconcile."""
-
-    WHAT = "held resolution list"
-    FILE = "held-resolutions.json"
-
-    items: tuple[HeldResolution, ...] = ()
-
-    def to_json(self) -> list[JsonObject]:
-        return [r.to_json() for r in self.items]
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        return cls(_records(data, HeldResolution, ""))
-
-
-@dataclass(frozen=True, slots=True)
-class OwnerChange(Record):
-    """One of the VM's files whose owner a conflict's proposal changes (a renumbered user,
-    group or sub-ID range): written by :mod:`unionimg.reconcile.userdb` into the conflict's
-    ``proposal-owners``, applied by ``resolve --take proposal``."""
-
-    WHAT = "ownership change"
-
-    path: str
-    which: str  # "uid" | "gid" (the JSON key is "field")
-    old: int
-    new: int
-
-    def to_json(self) -> JsonObject:
-        return {"path": self.path, "field": self.which, "old": self.old, "new": self.new}
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        which = f.text("field")
-        if which not in ("uid", "gid"):
-            raise RecordError(f"field 'field' is {which!r}, not 'uid' or 'gid'")
-        old, new = f.integer("old"), f.integer("new")
-        if not (0 <= old < 2**32 - 1 and 0 <= new < 2**32 - 1):
-            raise RecordError("field 'old' or 'new' is no ID (0 to 4294967294)")
-        return cls(path=f.text("path"), which=which, old=old, new=new)
-
-
-@dataclass(frozen=True, slots=True)
-class OwnerChanges(Record):
-    """A conflict's ``proposal-owners``: the ownership changes its ``proposal`` implies."""
-
-    WHAT = "ownership change list"
-    FILE = "proposal-owners"
-
-    items: tuple[OwnerChange, ...] = ()
-
-    def to_json(self) -> list[JsonObject]:
-        return [c.to_json() for c in self.items]
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        return cls(_records(data, OwnerChange, ""))
+        return cls(record_list(data, ConflictRecord, ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,7 +584,7 @@ class ReconcileJournal(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             phase=f.text("phase"),
             from_generation=f.integer("from"),
@@ -684,237 +595,6 @@ class ReconcileJournal(Record):
             commit_paths=f.maybe_texts("commit_paths"),
             conflicts=f.records("conflicts", ConflictRecord, ()),
             conflicts_before=f.records("conflicts_before", ConflictRecord, ()),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class LastReconcile(Record):
-    """The last reconcile applied to an instance, for ``reconcile --undo``."""
-
-    WHAT = "undo record"
-    FILE = "last-reconcile.json"
-
-    from_generation: int
-    to_generation: int
-    pre_node: str | None
-    post_node: str | None = None  # U's changeset right after it: undo refuses if U moved on
-    conflicts_before: tuple[ConflictRecord, ...] = ()
-    finished: str | None = None
-
-    def to_json(self) -> JsonObject:
-        return {
-            "from": self.from_generation,
-            "to": self.to_generation,
-            "pre_node": self.pre_node,
-            "post_node": self.post_node,
-            "conflicts_before": [c.to_json() for c in self.conflicts_before],
-            "finished": self.finished,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            from_generation=f.integer("from"),
-            to_generation=f.integer("to"),
-            pre_node=f.maybe_text("pre_node", None),
-            post_node=f.maybe_text("post_node", None),
-            conflicts_before=f.records("conflicts_before", ConflictRecord, ()),
-            finished=f.maybe_text("finished", None),
-        )
-
-
-# -- reconcile reports ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ReportAction(Record):
-    """One change reconcile makes (or, in a dry run, would make) to a path."""
-
-    WHAT = "reported action"
-
-    path: str
-    case: int
-    action: str  # plan's drop | write | set-meta | conflict | error | report
-    reason: str
-
-    def to_json(self) -> JsonObject:
-        return {"path": self.path, "case": self.case, "action": self.action, "reason": self.reason}
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            path=f.text("path"),
-            case=f.integer("case"),
-            action=f.text("action"),
-            reason=f.text("reason"),
-        )
-
-
-PENDING = "pending since generation "
-
-
-@dataclass(frozen=True, slots=True)
-class ReportConflict(Record):
-    """A conflict in a report: found by this run, or ``pending`` from an earlier one (its
-    reason then starts with :data:`PENDING`)."""
-
-    WHAT = "reported conflict"
-
-    path: str
-    reason: str
-    case: int | None
-    pending: bool = False
-
-    @classmethod
-    def earlier(cls, c: ConflictRecord) -> Self:
-        """A conflict an earlier run set aside and nobody resolved yet."""
-        return cls(c.path, f"{PENDING}{c.generation}: {c.reason}", c.case, pending=True)
-
-    def to_json(self) -> JsonObject:
-        # the key order each kind always had: ``reconcile --json`` prints it unsorted
-        if self.pending:
-            return {"path": self.path, "case": self.case, "reason": self.reason}
-        return {"path": self.path, "reason": self.reason, "case": self.case}
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        reason = f.text("reason")
-        return cls(
-            path=f.text("path"),
-            reason=reason,
-            case=f.maybe_integer("case"),
-            pending=reason.startswith(PENDING),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceReport(Record):
-    """What reconcile did (or would do) to one instance."""
-
-    WHAT = "instance report"
-
-    name: str
-    from_generation: int | None = None
-    to_generation: int | None = None
-    status: str = "clean"  # clean | conflicts | error
-    actions: tuple[ReportAction, ...] = ()
-    conflicts: tuple[ReportConflict, ...] = ()
-    error: str | None = None
-    unaffected: int = 0  # paths of U the base delta does not touch
-    applied: bool = False
-    full: bool = field(default=False, compare=False)  # the error was a full disk (not in JSON)
-    checks: str | None = None  # the consistency checks' verdict (in JSON only when set)
-
-    def to_json(self) -> JsonObject:
-        return {
-            "name": self.name,
-            "from_generation": self.from_generation,
-            "to_generation": self.to_generation,
-            "status": self.status,
-            "actions": [a.to_json() for a in self.actions],
-            "conflicts": [c.to_json() for c in self.conflicts],
-            "error": self.error,
-            "unaffected": self.unaffected,
-            "applied": self.applied,
-        } | ({"checks": self.checks} if self.checks is not None else {})
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            name=f.text("name"),
-            from_generation=f.maybe_integer("from_generation"),
-            to_generation=f.maybe_integer("to_generation"),
-            status=f.text("status"),
-            actions=f.records("actions", ReportAction),
-            conflicts=f.records("conflicts", ReportConflict),
-            error=f.maybe_text("error"),
-            unaffected=f.integer("unaffected"),
-            applied=f.flag("applied"),
-            checks=f.maybe_text("checks", None),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileReport(Record):
-    """One reconcile run, kept in ``reports/`` (the last ``apply.REPORTS_KEPT`` of them)."""
-
-    WHAT = "reconcile report"
-    PREFIX: ClassVar[str] = "reconcile-"
-    GLOB: ClassVar[str] = "reconcile-*.json"
-
-    finished: str
-    dry_run: bool
-    instances: tuple[InstanceReport, ...]
-
-    @classmethod
-    def file_name(cls, unique: str) -> str:
-        return f"{cls.PREFIX}{unique}.json"
-
-    def to_json(self) -> JsonObject:
-        return {
-            "finished": self.finished,
-            "dry_run": self.dry_run,
-            "instances": [r.to_json() for r in self.instances],
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            finished=f.text("finished"),
-            dry_run=f.flag("dry_run"),
-            instances=f.records("instances", InstanceReport),
-        )
-
-
-# -- the consistency checks (reconcile.checks) -------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class CheckOutcome(Record):
-    """What one check program said: its exit status and its output's lines."""
-
-    WHAT = "check outcome"
-
-    check: str  # "dpkg --audit", "apt-get check", "pwck -r", "grpck -r", "dpkg --verify"
-    code: int
-    lines: tuple[str, ...]
-
-    def to_json(self) -> JsonObject:
-        return {"check": self.check, "code": self.code, "lines": list(self.lines)}
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(check=f.text("check"), code=f.integer("code"), lines=f.texts("lines"))
-
-
-@dataclass(frozen=True, slots=True)
-class CheckBaseline(Record):
-    """The checks on one base generation alone (``bases/B/checks/N.json``): what a VM's
-    staged result is compared with. Valid for that generation (its hg node) and the host's
-    programs as they were (``tools``)."""
-
-    WHAT = "consistency check baseline"
-
-    node: str
-    tools: str
-    outcomes: tuple[CheckOutcome, ...]
-
-    def to_json(self) -> JsonObject:
-        return {
-            "node": self.node,
-            "tools": self.tools,
-            "outcomes": [o.to_json() for o in self.outcomes],
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            node=f.text("node"),
-            tools=f.text("tools"),
-            outcomes=f.records("outcomes", CheckOutcome),
         )
 
 
@@ -965,7 +645,7 @@ class LayerMeta(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         kind = f.text("kind")
         if kind not in ("base", "snapshot", "delta"):
             raise RecordError(f"field 'kind' is {kind!r}, not base, snapshot or delta")
@@ -1006,7 +686,7 @@ class BaseRef(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             instance=f.text("instance"), base=f.text("base"), generation=f.integer("generation")
         )
@@ -1034,7 +714,7 @@ class Resolution(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(
             path=f.text("path"),
             took=f.text("took"),
@@ -1058,7 +738,7 @@ class ProbeCache(Record):
 
     @classmethod
     def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
+        f = Fields(data)
         return cls(version=f.integer("version"), entries=f.mapping("entries"))
 
 
@@ -1066,154 +746,3 @@ def sorted_conflicts(items: Sequence[ConflictRecord]) -> Conflicts:
     """``items`` by path, one per path (a later one replaces an earlier)."""
     by_path = {c.path: c for c in items}
     return Conflicts(tuple(by_path[p] for p in sorted(by_path)))
-
-
-# -- systems and hosts (issue 13) --------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class SystemVM(Record):
-    """One VM of a system node: the image-tree node it boots (its top layer) and what makes
-    it the same machine on every host (MAC, NIC name, hypervisor, resources, U size)."""
-
-    WHAT = "system VM"
-
-    name: str
-    layer: str  # the top layer's diff_id, sha256:HEX
-    mac: str
-    hypervisor: str
-    memory: int
-    vcpus: int
-    size: int  # the U image's size
-    nic_name: str = "eth0"
-
-    def to_json(self) -> JsonObject:
-        return {
-            "name": self.name,
-            "layer": self.layer,
-            "mac": self.mac,
-            "hypervisor": self.hypervisor,
-            "memory": self.memory,
-            "vcpus": self.vcpus,
-            "size": self.size,
-            "nic_name": self.nic_name,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            name=f.text("name"),
-            layer=f.text("layer"),
-            mac=f.text("mac"),
-            hypervisor=f.text("hypervisor"),
-            memory=f.integer("memory"),
-            vcpus=f.integer("vcpus"),
-            size=f.integer("size"),
-            nic_name=f.text("nic_name", "eth0"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SystemMeta(Record):
-    """``systems/NAME/system.json``: one node of the system tree (immutable once made); also
-    the config blob of a system node in a registry (:mod:`unionimg.systems`)."""
-
-    WHAT = "system record"
-    FILE = "system.json"
-
-    name: str
-    parent: str | None  # the parent node's name; None for a root
-    created: str
-    message: str
-    vms: tuple[SystemVM, ...]
-
-    def to_json(self) -> JsonObject:
-        return {
-            "name": self.name,
-            "parent": self.parent,
-            "created": self.created,
-            "message": self.message,
-            "vms": [vm.to_json() for vm in self.vms],
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            name=f.text("name"),
-            parent=f.maybe_text("parent"),
-            created=f.text("created"),
-            message=f.text("message", ""),
-            vms=f.records("vms", SystemVM),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment(Record):
-    """``systems/NAME/deployed.json`` on a host: system node NAME was materialized here
-    (its VMs belong to it; a redeploy of another node of the tree replaces them)."""
-
-    WHAT = "deployment record"
-    FILE = "deployed.json"
-
-    system: str
-    digest: str  # the system node's manifest digest ("" when made from the local record)
-    vms: tuple[str, ...]
-    deployed: str
-
-    def to_json(self) -> JsonObject:
-        return {
-            "system": self.system,
-            "digest": self.digest,
-            "vms": list(self.vms),
-            "deployed": self.deployed,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            system=f.text("system"),
-            digest=f.text("digest"),
-            vms=f.texts("vms"),
-            deployed=f.text("deployed"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class HostMeta(Record):
-    """``hosts/NAME/host.json``: a host reached over SSH (:mod:`unionimg.hosts`)."""
-
-    WHAT = "host record"
-    FILE = "host.json"
-
-    name: str
-    user: str
-    addr: str
-    port: int
-    store: str  # the host's store directory
-    unionimg: str  # the unionimg program there
-    created: str
-
-    def to_json(self) -> JsonObject:
-        return {
-            "name": self.name,
-            "user": self.user,
-            "addr": self.addr,
-            "port": self.port,
-            "store": self.store,
-            "unionimg": self.unionimg,
-            "created": self.created,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> Self:
-        f = _Fields(data)
-        return cls(
-            name=f.text("name"),
-            user=f.text("user"),
-            addr=f.text("addr"),
-            port=f.integer("port"),
-            store=f.text("store"),
-            unionimg=f.text("unionimg"),
-            created=f.text("created"),
-        )
