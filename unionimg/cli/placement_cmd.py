@@ -1,0 +1,1 @@
+"""The placement command group (filled by its issue)."""

@@ -1,0 +1,1 @@
+"""The snapshot command group (filled by its issue)."""
