@@ -6,12 +6,10 @@ from typing import Any
 
 import click
 
-from unionimg import ops
 from unionimg.cli._common import ASCII_INT, Ctx, emit, json_option, pass_ctx, size_type
 from unionimg.display import shown
 from unionimg.errors import UsageError
 from unionimg.layers import instance as inst_mod
-from unionimg.layers import snapshot
 from unionimg.names import HYPERVISORS, human_size
 
 
@@ -76,6 +74,10 @@ def instance_create(
     if from_layer is not None:
         if base_name is not None or generation is not None:
             raise UsageError("give either --from LAYER or --base [--generation], not both")
+        # deferred on purpose: the layer cache (zstandard, the layer records) is not paid by
+        # a plain 'instance create' (bench/provision.py times it per instance)
+        from unionimg.layers import snapshot
+
         inst = snapshot.create_from(c.store, vm, from_layer, **common)
     elif base_name is None:
         raise UsageError("give --base NAME (or --from LAYER) for the new instance")
@@ -100,6 +102,9 @@ def instance_create(
 def instance_snapshot(c: Ctx, vm: str, message: str | None, as_json: bool) -> None:
     """Freeze VM's upper layer into a new layer over its image node; VM goes on with a fresh,
     empty upper layer on top (its history and identity kept). VM must be stopped."""
+    # deferred on purpose: see instance_create (not paid by a plain create)
+    from unionimg.layers import snapshot
+
     res = snapshot.snapshot(c.store, vm, message)
 
     def human(_: Any) -> None:
@@ -157,5 +162,8 @@ def instance_show(c: Ctx, vm: str, as_json: bool) -> None:
 @pass_ctx
 def instance_remove(c: Ctx, vm: str) -> None:
     """Remove an instance that is neither mounted nor running (its U image is deleted)."""
+    # deferred on purpose: removal's checks (bases, deltas, layers) are not paid by create
+    from unionimg import ops
+
     ops.remove_instance(c.store, vm)
     click.echo(f"removed instance {vm}")

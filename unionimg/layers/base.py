@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unionimg.entries import (
     Change,
@@ -58,12 +59,20 @@ from unionimg.fs.space import (
     require_space,
     sync_store,
 )
-from unionimg.layers import gendelta, history, identity, layerstore, sandbox
-from unionimg.layers.layer import BlobInfo, LayerRefused
+from unionimg.layers import history, identity, sandbox
 from unionimg.names import check_name, check_outside_store, human_size, shown
 from unionimg.runner import stream
 from unionimg.store.layout import Store, now_iso, read_record, write_atomic, write_record
 from unionimg.store.records import BaseMeta, GenerationMeta, JsonObject
+
+if TYPE_CHECKING:
+    from unionimg.layers import gendelta, layerstore
+    from unionimg.layers.layer import BlobInfo
+
+# The layer cache (layerstore, layer: zstandard and the layer records) and the delta planner
+# are imported by the functions that make or adopt a generation's layer, not at module level:
+# reading generations is on every command's path (an 'instance create' among them, timed by
+# bench/provision.py) and needs neither.
 
 _log = logging.getLogger(__name__)
 RESERVED_TOP = (".unionimg", ".hg")
@@ -304,12 +313,14 @@ def generation_tree(store: Store, gen: Generation, where: Path) -> Iterator[Path
 
 
 def _origin(gen: Generation) -> layerstore.Origin:
+    from unionimg.layers import layerstore  # deferred on purpose (see above)
     return layerstore.Origin(
         text=f"base {gen.base} generation {gen.number}", base=gen.base, generation=gen.number
     )
 
 
 def _adopt(store: Store, gen: Generation, info: BlobInfo, parent: str | None) -> layerstore.Layer:
+    from unionimg.layers import layerstore  # deferred on purpose (see above)
     return layerstore.adopt_image(
         store,
         gen.image,
@@ -326,6 +337,7 @@ def _adopt(store: Store, gen: Generation, info: BlobInfo, parent: str | None) ->
 def _adopted(store: Store, gen: Generation) -> layerstore.Layer | None:
     """The layer adopted for ``gen``: named for it and its image ``gen``'s own (the same
     inode), so a layer left by a removed base of the same name never stands in for it."""
+    from unionimg.layers import layerstore  # deferred on purpose (see above)
     try:
         st = gen.image.stat()
     except OSError:
@@ -348,6 +360,7 @@ def generation_layer(store: Store, gen: Generation) -> layerstore.Layer:
     image hard-linked, never copied. A full generation's diff_id costs one read of its tree
     (its tar's sha256: 5.5 s for the 760 MiB Debian fixture), paid once, when a delta, a
     snapshot or a push first needs it; a delta's was computed when it was made."""
+    from unionimg.layers import layerstore  # deferred on purpose (see above)
     found = _adopted(store, gen)
     if found is not None:
         return found
@@ -576,6 +589,7 @@ def _delta_plan(
     """The delta layer of ``entries`` over ``parent`` when storing the generation so is
     cheaper: its bytes below :data:`DELTA_MAX_SHARE` of the full tree's and the parent's
     chain short enough (:data:`MAX_DELTA_CHAIN`); else None (a full image)."""
+    from unionimg.layers import gendelta  # deferred on purpose (see above)
     if parent is None or len(chain(store, parent)) > MAX_DELTA_CHAIN:
         return None
     with parent.manifest() as m:
@@ -589,6 +603,8 @@ def _make_delta(tree: Path, plan: gendelta.Plan, gdir: Path) -> BlobInfo | None:
     it from the image when a push asks (:func:`.layerstore.blob_path`). None (nothing
     left) when the tree cannot be a layer (a name starting with ``.wh.``, which a layer's
     tar cannot carry): the generation is then stored whole."""
+    from unionimg.layers import gendelta, layerstore  # deferred on purpose (see above)
+    from unionimg.layers.layer import LayerRefused  # deferred on purpose (see above)
     layer_dir = gdir.with_name("delta-tree")
     layer_dir.mkdir(mode=0o755)
     gendelta.write(tree, plan, layer_dir)
