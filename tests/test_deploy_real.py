@@ -399,3 +399,91 @@ def test_host_base_of_the_same_name_differs(env: Env) -> None:
     assert "another tree" in res.output, res.output
     nothing_made(host)
     assert sorted(str(p) for p in (host.store / "layers").rglob("layer.json")) == before
+
+
+# -- the base chain a host lacks: later and delta generations ----------------------------------
+def gens(cli: Cli, base: str) -> dict[int, dict[str, Any]]:
+    data = json.loads(cli.ok("base", "show", base, "--json").output)
+    return {g["number"]: g for g in data["generations"]}
+
+
+def same_generations(ctl: Cli, host: Cli, base: str, numbers: list[int]) -> None:
+    """The host's generations ``numbers`` of ``base`` are the controller's: the same kind,
+    parent, layer (diff_id) and file count, and manifests with no path that differs."""
+    from unionimg.fs.manifest import diff_manifests
+
+    mine, theirs = gens(ctl, base), gens(host, base)
+    for n in numbers:
+        a, b = mine[n], theirs[n]
+        for key in ("kind", "parent", "files", "kernel_version"):
+            assert a[key] == b[key], (n, key, a[key], b[key])
+        assert a["layer"] is not None or a["kind"] == "full"
+        if a["layer"] is not None:
+            assert a["layer"] == b["layer"], n
+        ma = Path(a["image"]).parent / "manifest.sqlite"
+        mb = Path(b["image"]).parent / "manifest.sqlite"
+        assert diff_manifests(ma, mb) == [], n
+
+
+def test_later_and_delta_generations(env: Env) -> None:
+    """A system on a delta generation of a base the host lacks: the host makes the chain
+    (generations 1 and 2, same numbers and diff_ids, equivalent manifests) from the pulled
+    layers, no 'base create'; a later node on generation 4 (a delta over a full 3) made the
+    host add 3 and 4 only, pulling only the new layers."""
+    from vm_fixtures import build
+
+    ctl = env.ctl
+    tree = env.tmp / "gens-tree"
+    subprocess.run(["cp", "-a", str(build("tiny")), str(tree)], check=True, timeout=120)
+    (tree / "etc" / "gens").write_text("the gens base\n")
+    ctl.ok("base", "create", "gens", "--from-dir", str(tree))
+    for n, full in ((2, False), (3, True), (4, False)):
+        upd = env.tmp / f"gens-upd{n}"
+        (upd / "etc").mkdir(parents=True)
+        (upd / "etc" / f"gen{n}").write_text(f"generation {n}\n")
+        ctl.ok("base", "update", "gens", "--apply-dir", str(upd), *(["--full"] if full else []))
+        if n == 2:  # a VM on the delta generation 2, before 3 and 4 exist
+            ctl.ok("instance", "create", "g2vm", "--base", "gens", "--mac", "52:54:00:13:02:02",
+                   "--hypervisor", "uml", "--size", "64M", "--memory", "96")  # fmt: skip
+            change(ctl, "g2vm", env.tmp, {"etc/g2vm.conf": "on generation 2\n"})
+            ctl.ok("system", "create", "gsys1", "--instance", "g2vm")
+    kinds = {n: g["kind"] for n, g in gens(ctl, "gens").items()}
+    assert kinds == {1: "full", 2: "delta", 3: "full", 4: "delta"}
+    host = env.add_host("g1")
+    hc = hcli(host)
+    r = deploy(env, "deploy", "gsys1", "--host", "g1")["hosts"]["g1"]
+    assert r["ok"], r
+    assert r["generations_made"] == ["gens/1", "gens/2"]
+    same_generations(ctl, hc, "gens", [1, 2])
+    assert set(gens(hc, "gens")) == {1, 2}
+    inst = json.loads(hc.ok("instance", "show", "g2vm", "--json").output)
+    assert (inst["base"], inst["generation"], len(inst["layers"])) == ("gens", 2, 1)
+    # the host's generation images are the pulled layers' own (hard links: no copy)
+    for n in (1, 2):
+        img = Path(gens(hc, "gens")[n]["image"])
+        assert img.stat().st_nlink == 2, img
+
+    ctl.ok("instance", "create", "g4vm", "--base", "gens", "--mac", "52:54:00:13:02:04",
+           "--hypervisor", "uml", "--size", "64M", "--memory", "96")  # fmt: skip
+    change(ctl, "g4vm", env.tmp, {"etc/g4vm.conf": "on generation 4\n"})
+    ctl.ok("system", "create", "gsys2", "--instance", "g2vm", "--instance", "g4vm")
+    sizes = layer_sizes(ctl)
+    new = node_layers(ctl, "gsys2") - node_layers(ctl, "gsys1")
+    assert len(new) == 3  # generations 4 and 3, g4vm's snapshot
+    before = host.counters()["rx_bytes"]
+    r = deploy(env, "redeploy", "gsys2", "--host", "g1")["hosts"]["g1"]
+    assert r["ok"], r
+    assert r["generations_made"] == ["gens/3", "gens/4"]
+    assert sorted(r["imported"]) == sorted(new)
+    wire = host.counters()["rx_bytes"] - before
+    assert sum(sizes[d] for d in new) <= wire <= r["bytes_pulled"] + WIRE_SLACK
+    same_generations(ctl, hc, "gens", [1, 2, 3, 4])
+    inst = json.loads(hc.ok("instance", "show", "g4vm", "--json").output)
+    assert (inst["base"], inst["generation"]) == ("gens", 4)
+    # the host's own base commands work on deploy-made generations
+    hc.ok("base", "diff", "gens", "--from", "2", "--to", "4")
+    upd = env.tmp / "gens-host5"
+    (upd / "etc").mkdir(parents=True)
+    (upd / "etc" / "local").write_text("the host's own generation\n")
+    hc.ok("base", "update", "gens", "--apply-dir", str(upd))
+    assert set(gens(hc, "gens")) == {1, 2, 3, 4, 5}

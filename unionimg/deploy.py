@@ -68,7 +68,10 @@ class HostOutcome:
             "created": r.get("created", []),
             "replaced": r.get("replaced", []),
             "booted": r.get("booted", []),
+            "generations_made": r.get("generations_made", []),
             "pull_seconds": r.get("pull_seconds", 0.0),
+            "base_seconds": r.get("base_seconds", 0.0),
+            "vm_seconds": r.get("vm_seconds", 0.0),
             "seconds": round(self.seconds, 3),
         }
 
@@ -109,8 +112,8 @@ def _parse_progress(host: str, line: str, watch: Watcher) -> None:
 
 
 _INTS = ("cache_hits", "bytes_pulled", "bytes_resumed")
-_LISTS = ("vms", "created", "replaced", "booted", "layers", "imported")
-_FLOATS = ("seconds", "pull_seconds")
+_LISTS = ("vms", "created", "replaced", "booted", "layers", "imported", "generations_made")
+_FLOATS = ("seconds", "pull_seconds", "base_seconds", "vm_seconds")
 
 
 def _checked(host: str, obj: object) -> dict[str, Any]:

@@ -25,10 +25,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ from unionimg.registry.manifests import (
 from unionimg.registry.transfer import push_blob
 from unionimg.store.fleet_records import Deployment, SystemMeta, SystemVM
 from unionimg.store.layout import Store, now_iso, read_record, write_record
-from unionimg.store.records import GenerationMeta, LayerMeta, RecordError
+from unionimg.store.records import LayerMeta, RecordError
 
 MAX_VMS = 256
 _HEX = frozenset("0123456789abcdef")
@@ -347,13 +346,16 @@ class Materialized:
     bytes_pulled: int = 0
     bytes_resumed: int = 0
     booted: list[str] = field(default_factory=list)
+    generations_made: list[str] = field(default_factory=list)  # BASE/N made from layers
     seconds: float = 0.0
     pull_seconds: float = 0.0
+    base_seconds: float = 0.0  # making the base generations the host lacked
+    vm_seconds: float = 0.0  # making the VMs (fresh U images, identity)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()}
-        out["seconds"] = round(self.seconds, 3)
-        out["pull_seconds"] = round(self.pull_seconds, 3)
+        for key in ("seconds", "pull_seconds", "base_seconds", "vm_seconds"):
+            out[key] = round(getattr(self, key), 3)
         return out
 
 
@@ -407,8 +409,13 @@ def materialize(
             out.bytes_pulled += report.bytes_pulled
             out.bytes_resumed += report.bytes_resumed
         out.pull_seconds = time.monotonic() - t_pull
+        t_base = time.monotonic()
         _install_bases(store, bases)
+        out.generations_made = [f"{n.base}/{n.generation}" for n in bases]
+        out.base_seconds = time.monotonic() - t_base
+        t_vms = time.monotonic()
         _make_vms(store, meta, replaced, note)
+        out.vm_seconds = time.monotonic() - t_vms
         out.created = [vm.name for vm in meta.vms if vm.name not in replaced]
         out.replaced = list(replaced)
         _record_deployment(store, meta, man.digest)
@@ -445,21 +452,24 @@ def _layer_needs(reg: Registry, desc: Descriptor) -> int:
 
 @dataclass(frozen=True)
 class _BaseNeed:
-    """A base generation the node's chains lie on: made here from its layer, or checked."""
+    """A base generation the node's chains lie on that this host lacks: made here from its
+    pulled layer (:func:`unionimg.layers.base.generation_from_layer`), over generation
+    ``parent`` for a delta."""
 
     base: str
     generation: int
     diff_id: str
-    make: bool
+    parent: int | None
 
 
 def _check_bases(store: Store, reg: Registry, man: Manifest) -> list[_BaseNeed]:
-    """The base generations under the node's layers (kind base: a whole tree): each must be
-    this host's own generation of that name and number holding the very same tree, or one
-    this host can make from the layer (a base it lacks, generation 1). Checked before
-    anything is pulled; a generation of the same name and number with another tree is a
-    Conflict (VMs would boot on the wrong base)."""
-    needs: list[_BaseNeed] = []
+    """The base generations under the node's layers (kinds base and delta): each one this
+    host has must hold the very same tree (a generation of the same name and number with
+    another tree is a Conflict: VMs would boot on the wrong base); each one it lacks is made
+    here from its layer, with the controller's number, so a VM's base and generation mean the
+    same on both sides — every generation of a delta chain, reusing the ones the host has.
+    Checked before anything is pulled; the generations to make, bottom first."""
+    metas: dict[str, LayerMeta] = {}
     for diff_id in dict.fromkeys(man.diff_ids()):
         if layerstore.has(store, diff_id):
             lm: LayerMeta | None = layerstore.get(store, diff_id).meta
@@ -467,35 +477,51 @@ def _check_bases(store: Store, reg: Registry, man: Manifest) -> list[_BaseNeed]:
             lm = _remote_meta(reg, diff_id)
         if lm is None or lm.kind == "snapshot":
             continue
-        if lm.base is None or lm.generation is None:
+        if lm.base is None or lm.generation is None or lm.generation < 1:
             raise ToolFailed(f"layer {diff_id[:19]} is a {lm.kind} layer naming no base; refused")
         check_name(lm.base, "base")
-        if lm.kind == "delta":
-            raise Conflict(
-                f"the system lies on base {lm.base} generation {lm.generation}, a delta "
-                "generation; a host makes only generation 1 of a base from its layer: deploy "
-                "VMs on a full generation (base update --full), nothing was changed"
+        metas[diff_id] = lm
+    named: dict[tuple[str, int], str] = {}
+    needs: list[_BaseNeed] = []
+    for diff_id, lm in metas.items():
+        assert lm.base is not None and lm.generation is not None
+        key = (lm.base, lm.generation)
+        if named.setdefault(key, diff_id) != diff_id:
+            raise ToolFailed(
+                f"the system names two trees as base {lm.base} generation {lm.generation} "
+                f"({named[key][:19]}, {diff_id[:19]}); refused, nothing was changed"
             )
         try:
-            gen = base_mod.get_generation(store, lm.base, lm.generation)
+            gen: base_mod.Generation | None = base_mod.get_generation(store, *key)
         except NotFound:
             gen = None
-        if gen is None:
-            if lm.generation != 1 or lm.base in base_mod.list_bases(store):
+        if gen is not None:
+            if _generation_digest(store, gen) != diff_id:
                 raise Conflict(
-                    f"the system lies on base {lm.base} generation {lm.generation}, which this "
-                    f"host lacks and cannot make (it makes only generation 1 of a base it does "
-                    "not have); nothing was changed"
+                    f"base {lm.base} generation {lm.generation} of this host holds another "
+                    f"tree than the system's ({diff_id[:19]}); nothing was changed: rename "
+                    "the host's base or deploy elsewhere"
                 )
-            needs.append(_BaseNeed(lm.base, lm.generation, diff_id, make=True))
             continue
-        if _generation_digest(store, gen) != diff_id:
-            raise Conflict(
-                f"base {lm.base} generation {lm.generation} of this host holds another tree than "
-                f"the system's ({diff_id[:19]}); nothing was changed: rename the host's base "
-                "or deploy elsewhere"
-            )
-    return needs
+        parent = None
+        if lm.kind == "delta":
+            below = metas.get(lm.parent or "")
+            if (
+                below is None
+                or below.base != lm.base
+                or below.generation is None
+                or below.generation >= lm.generation
+            ):
+                raise ToolFailed(
+                    f"layer {diff_id[:19]} (base {lm.base} generation {lm.generation}) is a "
+                    "delta whose parent is no earlier generation of that base among the "
+                    "system's layers; refused, nothing was changed"
+                )
+            parent = below.generation
+        elif lm.kind != "base" or lm.parent is not None:
+            raise ToolFailed(f"layer {diff_id[:19]} is a {lm.kind} layer; refused")
+        needs.append(_BaseNeed(lm.base, lm.generation, diff_id, parent))
+    return sorted(needs, key=lambda n: (n.base, n.generation))
 
 
 def _generation_digest(store: Store, gen: base_mod.Generation) -> str:
@@ -513,32 +539,17 @@ def _generation_digest(store: Store, gen: base_mod.Generation) -> str:
 
 
 def _install_bases(store: Store, needs: Sequence[_BaseNeed]) -> None:
-    """Make each needed base here from its pulled layer: ``base create`` of the layer's tree
-    (the generation's manifest, kernel and history), then the generation's image replaced by
-    a hard link of the layer's own image (a root base layer is labelled BASE): the generation
-    IS that layer (the same inode), as on the controller, so VMs made from the system's
-    layers lie on it. Done under the deploy lock, before any VM uses the generation."""
+    """Make each needed generation here from its pulled layer, bottom first (a delta's
+    parent exists when it is made): no ``base create``, no copy (see
+    :func:`unionimg.layers.base.generation_from_layer`). Done under the deploy lock, before
+    any VM uses them; a generation made stays if a later step fails (it is whole, and the
+    next deploy reuses it)."""
     for need in needs:
         layer = layerstore.get(store, need.diff_id)
-        if layer.meta.label != "BASE":
-            raise ToolFailed(
-                f"base layer {need.diff_id[:19]} here is labelled {layer.meta.label}, not BASE "
-                "(pulled by an older unionimg?): remove it ('layer gc') and deploy again"
-            )
-        # outside the store: base create refuses a source inside it
-        with tempfile.TemporaryDirectory(prefix="unionimg-base-") as tmp:
-            mnt = Path(tmp) / "tree"
-            mnt.mkdir()
-            mount_image(layer.image, mnt, readonly=True, exclusive=False)
-            try:
-                gen = base_mod.create(store, need.base, mnt)
-            finally:
-                umount(mnt)
-        link = gen.image.with_name(f".{gen.image.name}.layer")
-        os.link(layer.image, link)
-        os.replace(link, gen.image)
-        path = gen.dir / GenerationMeta.FILE
-        write_record(path, replace(read_record(path, GenerationMeta), layer=need.diff_id))
+        parent = (
+            None if need.parent is None else base_mod.get_generation(store, need.base, need.parent)
+        )
+        base_mod.generation_from_layer(store, need.base, need.generation, layer, parent=parent)
 
 
 def _check_names(store: Store, meta: SystemMeta, replace: bool) -> list[str]:
