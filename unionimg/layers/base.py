@@ -314,6 +314,7 @@ def generation_tree(store: Store, gen: Generation, where: Path) -> Iterator[Path
 
 def _origin(gen: Generation) -> layerstore.Origin:
     from unionimg.layers import layerstore  # deferred on purpose (see above)
+
     return layerstore.Origin(
         text=f"base {gen.base} generation {gen.number}", base=gen.base, generation=gen.number
     )
@@ -321,6 +322,7 @@ def _origin(gen: Generation) -> layerstore.Origin:
 
 def _adopt(store: Store, gen: Generation, info: BlobInfo, parent: str | None) -> layerstore.Layer:
     from unionimg.layers import layerstore  # deferred on purpose (see above)
+
     return layerstore.adopt_image(
         store,
         gen.image,
@@ -338,6 +340,7 @@ def _adopted(store: Store, gen: Generation) -> layerstore.Layer | None:
     """The layer adopted for ``gen``: named for it and its image ``gen``'s own (the same
     inode), so a layer left by a removed base of the same name never stands in for it."""
     from unionimg.layers import layerstore  # deferred on purpose (see above)
+
     try:
         st = gen.image.stat()
     except OSError:
@@ -361,6 +364,7 @@ def generation_layer(store: Store, gen: Generation) -> layerstore.Layer:
     (its tar's sha256: 5.5 s for the 760 MiB Debian fixture), paid once, when a delta, a
     snapshot or a push first needs it; a delta's was computed when it was made."""
     from unionimg.layers import layerstore  # deferred on purpose (see above)
+
     found = _adopted(store, gen)
     if found is not None:
         return found
@@ -590,6 +594,7 @@ def _delta_plan(
     cheaper: its bytes below :data:`DELTA_MAX_SHARE` of the full tree's and the parent's
     chain short enough (:data:`MAX_DELTA_CHAIN`); else None (a full image)."""
     from unionimg.layers import gendelta  # deferred on purpose (see above)
+
     if parent is None or len(chain(store, parent)) > MAX_DELTA_CHAIN:
         return None
     with parent.manifest() as m:
@@ -605,6 +610,7 @@ def _make_delta(tree: Path, plan: gendelta.Plan, gdir: Path) -> BlobInfo | None:
     tar cannot carry): the generation is then stored whole."""
     from unionimg.layers import gendelta, layerstore  # deferred on purpose (see above)
     from unionimg.layers.layer import LayerRefused  # deferred on purpose (see above)
+
     layer_dir = gdir.with_name("delta-tree")
     layer_dir.mkdir(mode=0o755)
     gendelta.write(tree, plan, layer_dir)
