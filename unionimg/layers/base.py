@@ -560,7 +560,7 @@ def _build_generation(
     marked = mark_outside(entries)  # what Mercurial cannot hold: in the sidecar only
     history.write_sidecar(tree, sidecar_text(marked), {"generation": f"{name} {number}\n"})
     outside = [p[1:] for p in outside_roots(marked)]
-    node = history.commit_tree_into(repo, tree, parent.node if parent else None, message, outside)
+    node = history.commit_tree_into(repo, tree, history_node(parent), message, outside)
     checkpoint(f"{op}:committed")
     shutil.rmtree(tree / history.SIDECAR_DIR)
     meta = GenerationMeta(
@@ -717,6 +717,140 @@ def create(
             os.rename(bdir, store.base_dir(name))
             checkpoint("base-create:published")
     return get_generation(store, name, gen.number)
+
+
+# -- generations made from layers (a deploy on a host) -------------------------------------------
+def history_node(gen: Generation | None) -> str | None:
+    """The Mercurial changeset of ``gen`` in its base's history; None for none, or for a
+    generation made from a layer (:func:`generation_from_layer`), which has none: its
+    ``hg_node`` is its layer's diff_id, never a changeset."""
+    if gen is None or len(gen.node) != 40 or not set(gen.node) <= set("0123456789abcdef"):
+        return None
+    return gen.node
+
+
+def generation_from_layer(
+    store: Store,
+    name: str,
+    number: int,
+    layer: layerstore.Layer,
+    *,
+    parent: Generation | None = None,
+) -> Generation:
+    """Make generation ``number`` of base ``name`` (the base too, when the store lacks it)
+    straight from ``layer``, a layer of the store's cache whose digests were checked when it
+    was pulled: what a host does when a deploy needs a generation it lacks, so VMs made from
+    the system's layers lie on the same generation number and tree as on the controller.
+
+    - a ``base`` layer (a whole tree, no parent) becomes a full generation: its image IS
+      the generation's ``base.img`` (a hard link, labelled BASE);
+    - a ``delta`` layer becomes a delta generation over ``parent`` (the generation whose
+      layer is the delta's parent layer): its image is the generation's ``layer.img``.
+
+    Nothing is copied and no ``mke2fs`` runs: the generation's manifest is a scan of its
+    whole tree (the image, or the overlay of its chain, mounted read-only; ``lost+found``
+    left out as ``base create`` leaves it out), its kernel the tree's newest
+    ``/boot/vmlinuz-*`` (else its parent's). Its history is not recorded here (no
+    Mercurial commit of the whole tree, which ``base create`` pays): ``base log`` shows
+    only what this store committed itself, and the generation's ``hg_node`` is its layer's
+    diff_id (:func:`history_node`). Built in staging, it appears by one rename."""
+    check_name(name, "base")
+    require_root("making a base generation from a layer")
+    m = layer.meta
+    short = layer.short
+    if m.kind == "base":
+        if parent is not None or m.parent is not None:
+            raise UsageError(f"layer {short} is a whole base: it lies over no generation")
+        if m.label != "BASE":
+            raise ToolFailed(
+                f"base layer {short} here is labelled {m.label}, not BASE (pulled by an older "
+                "unionimg?): remove it ('layer gc') and deploy again"
+            )
+    elif m.kind == "delta":
+        if parent is None or parent.base != name or parent.number >= number:
+            raise UsageError(f"delta layer {short} needs its parent generation of base {name}")
+        if parent.layer is not None and parent.layer != m.parent:
+            raise Conflict(
+                f"delta layer {short} lies over layer {m.parent}, but base {name} generation "
+                f"{parent.number} here is layer {parent.layer}; nothing was changed"
+            )
+        if m.label != layer_label(m.diff_id):
+            raise ToolFailed(f"delta layer {short} is labelled {m.label}; refused")
+    else:
+        raise UsageError(f"layer {short} is a {m.kind} layer, not a base generation's")
+    full = m.kind == "base"
+    with store.lock(f"base-{name}", purpose=f"base {name} generation {number} from a layer"):
+        bdir = store.base_dir(name)
+        new_base = not (bdir / BaseMeta.FILE).is_file()
+        if new_base and bdir.exists():
+            raise Conflict(f"{bdir} exists but is no base; remove it by hand")
+        final = bdir / "generations" / str(number)
+        if final.exists():
+            raise Conflict(f"base '{name}' already has a generation {number}")
+        with store.staging(f"gen-{name}-{number}") as stage, WriteWatch(stage) as watch:
+            if new_base:
+                top = stage / "base"
+                (top / "generations").mkdir(mode=0o700, parents=True)
+                history.init_repo(top / "history")
+                write_record(top / BaseMeta.FILE, BaseMeta(name, now_iso()))
+                gdir = top / "generations" / str(number)
+            else:
+                top = gdir = stage / "gen"
+            gdir.mkdir(mode=0o700)
+            image = gdir / ("base.img" if full else "layer.img")
+            os.link(layer.image, image)  # the layer's own image: one inode, no copy
+            mnt = stage / "mnt"
+            try:
+                if full:
+                    mount_image(image, mnt, readonly=True, exclusive=False)
+                    tree = mnt
+                else:
+                    assert parent is not None
+                    mount_image(image, mnt / "t", readonly=True, exclusive=False)
+                    below = mount_layers(store, parent, mnt / "b")
+                    tree = mnt / "overlay-of-the-chain"  # the longest path: unmounted first
+                    mount_overlay([mnt / "t", *below], None, None, tree)
+                entries = list(scan_tree(tree, skip_top=("lost+found",)))
+                for e in entries:
+                    if e.path != "/" and e.path.split("/")[1] in RESERVED_TOP:
+                        raise ToolFailed(
+                            f"layer {short} holds {e.path}, a name unionimg reserves; refused"
+                        )
+                write_manifest(entries, gdir / "manifest.sqlite",
+                               {"base": name, "generation": str(number)})  # fmt: skip
+                kernel_src = _tree_kernel(tree)
+                kernel_version = None
+                if kernel_src is not None:
+                    shutil.copyfile(kernel_src, gdir / "vmlinuz")
+                    kernel_version = _kernel_version(kernel_src)
+                elif parent is not None and parent.kernel_path is not None:
+                    shutil.copyfile(parent.kernel_path, gdir / "vmlinuz")
+                    kernel_version = parent.kernel
+                if kernel_version is not None:
+                    os.chmod(gdir / "vmlinuz", 0o600)
+            finally:
+                unmount_layers(mnt)
+            used, inodes = usage_of(entries)
+            size = image.stat().st_size if full else default_size(used, inodes)
+            meta = GenerationMeta(
+                number=number,
+                created=now_iso(),
+                size=max(size, parent.size) if parent is not None else size,
+                hg_node=m.diff_id,
+                kernel=kernel_version,
+                files=len(entries),
+                source=f"layer {m.diff_id}" + (f" ({m.origin})" if m.origin else ""),
+                kind="full" if full else "delta",
+                parent=None if full or parent is None else parent.number,
+                layer=m.diff_id,
+            )
+            write_record(gdir / GenerationMeta.FILE, meta)
+            sync_store(watch, f"make base {name} generation {number}")
+            if new_base:
+                os.rename(top, bdir)
+            else:
+                os.rename(gdir, final)
+    return get_generation(store, name, number)
 
 
 def _repair_history(store: Store, name: str, gens: list[Generation]) -> None:
