@@ -20,6 +20,13 @@ from unionimg.layers import ucheck
 from unionimg.store import probecache, records
 from unionimg.store.fleet_records import Deployment, HostMeta, SystemMeta, SystemVM
 from unionimg.store.layout import Store, read_record, write_json, write_record
+from unionimg.store.migrate_records import (
+    ChainLayer,
+    MigrateAnswer,
+    MigrateDone,
+    MigrateOffer,
+    TreeEntry,
+)
 from unionimg.store.reconcile_records import (
     CheckBaseline,
     CheckOutcome,
@@ -53,6 +60,7 @@ from unionimg.store.records import (
     compact,
     sorted_conflicts,
 )
+from unionimg.store.snapshot_records import SnapshotRecord
 
 V1 = Path(__file__).parent / "data" / "records-v1"
 
@@ -178,6 +186,22 @@ EXAMPLES: list[Record] = [
         message="A",
     ),
     SYSTEM_VM,
+    SnapshotRecord(
+        vm="vm1",
+        id=2,
+        created="2026-12-02T06:20:34Z",
+        kind="memory+disk",
+        instance=INSTANCE,
+        chain=("sha256:" + "cd" * 32,),
+        domain_type="qemu",
+        memory_size=12288,
+        memory=("ab" * 32 + ":8192", "ef" * 32 + ":4096"),
+        disk_size=1 << 20,
+        disk=("65536:" + "12" * 32 + ":65536",),
+        new_bytes=4096,
+        pause_ms=170,
+        ready_line="unionimg-init: switching root to the union of /dev/vda and /dev/vdb",
+    ),
     SystemMeta(
         name="lab-restored",
         parent="lab",
@@ -197,6 +221,22 @@ EXAMPLES: list[Record] = [
         unionimg="/usr/local/bin/unionimg",
         created="2026-12-02T03:40:00Z",
     ),
+    TreeEntry(
+        "upper/etc/hosts", "file", 0o644, 0, 0, 17, 12, "ab" * 32, xattrs=(("user.a", "00"),)
+    ),
+    ChainLayer("sha256:" + "cd" * 32, "base", None, 4096, "os", 1),
+    MigrateOffer(
+        1,
+        INSTANCE,
+        (ChainLayer("sha256:" + "cd" * 32, "base", None, 4096, "os", 1),),
+        (
+            TreeEntry("upper", "dir", 0o755, 0, 0, 5),
+            TreeEntry("upper/x", "symlink", 0o777, 0, 0, 5, target="y"),
+        ),
+        sender="/var/lib/unionimg",
+    ),
+    MigrateAnswer(("sha256:" + "cd" * 32,), ("ab" * 32,), (("ef" * 32, "cache"),), "os", 1),
+    MigrateDone("web", "52:54:00:00:00:01", "uml", 3, 2, 0, 4096, 1, 1.5),
 ]
 
 

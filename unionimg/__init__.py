@@ -11,6 +11,14 @@ cli/  the command line (click): ``_common`` + one module per command group, load
 
 deploy       the controller's side of a deploy: push, then every host at once over SSH
 
+migrate/  a VM moved to another host, sending only the content it has nowhere (issue 14)
+    plan               pure: a tree manifest checked as hostile input; what is sent and why
+    wire               the framed stream (offer, layer blobs, contents, end), read bounded
+    tree               trees scanned into manifests; made again from one, verified
+    index              the content a store holds by sha256: object cache, bases, layers
+    send               the sender: scan, offer, stream over SSH, keep, remove
+    receive            the receiver: answer an offer; take a stream, verify, make the VM
+
 ops          what needs several layers at once: instance remove, base remove/gc, fsck
 systems      the system tree: nodes of VMs on layers, pushed as OCI manifests; a node
              made real on a host (materialize: pull what it lacks, make the VMs)
@@ -54,6 +62,8 @@ layers/  bases, instances and their history
     instance           instances: U image, MAC, hypervisor, resources
     union              the host-side union mount of an instance (its whole chain)
     status             an instance's local changes, commit and log
+    chainview          what lies under a VM's U as one lookup: its snapshot layers over its
+                       generation's manifest (status, per-VM identity)
     history            Mercurial history on the layers through python-hglib
     ucheck             U images checked (e2fsck) and mounted as guest data
     running            running.json and crashed.json: whether an instance's guest runs (its

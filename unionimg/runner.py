@@ -92,10 +92,12 @@ def stream(
     sink: Callable[[int, bytes], None],
     *,
     env: Mapping[str, str] | None = None,
+    stdin: int | None = None,
 ) -> Result:
     """Run ``args`` with its stdout and stderr on two pipes, handing each chunk to
     ``sink(1 or 2, data)`` as it comes (so a long command's output is seen while it runs),
-    until both pipes are closed and the program has exited; stdin is inherited. The
+    until both pipes are closed and the program has exited; stdin is inherited (or the
+    file descriptor ``stdin``: a migration's stream, see :mod:`unionimg.migrate`). The
     result's ``stdout``/``stderr`` hold the last 4 KiB of each (for an error message).
     Interrupted (Ctrl-C, an exception in ``sink``), the program is killed and awaited."""
     argv = [which(args[0]), *[str(a) for a in args[1:]]]
@@ -104,7 +106,9 @@ def stream(
         full_env = dict(os.environ)
         full_env.update(env)
     log.debug("stream: %s", " ".join(argv))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
+    proc = subprocess.Popen(
+        argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env
+    )
     assert proc.stdout is not None and proc.stderr is not None  # both are pipes
     tails = {1: bytearray(), 2: bytearray()}
     with selectors.DefaultSelector() as sel:

@@ -17,6 +17,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     layer_cmd        layer list, show, tree, gc
     system_cmd       system create, snapshot, tree, show, push (materialize: run by deploy)
     deploy_cmd       deploy, redeploy
+    migrate_cmd      migrate VM --to HOST (migrate-in offer, push: run by migrate)
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
 paragraph of its help (``tests/test_cli_help.py`` checks that the two agree).
@@ -128,6 +129,16 @@ COMMANDS: dict[str, Lazy] = {
         "unionimg.cli.deploy_cmd:redeploy_cmd",
         "Deploy another node SYSTEM of the system tree where an earlier deploy made its VMs: "
         "the hosts pull only the layers they lack and replace those VMs (stopped ones).",
+    ),
+    "migrate": Lazy(
+        "unionimg.cli.migrate_cmd:migrate_cmd",
+        "Move stopped VM to HOST, sending only the content HOST has nowhere (its base "
+        "generations, layers, earlier transfers): the host verifies every file by hash and "
+        "makes the VM (same MAC); only then is it removed here.",
+    ),
+    "migrate-in": Lazy(
+        "unionimg.cli.migrate_cmd:migrate_receive",
+        "What 'migrate' runs on the receiving host over SSH (not for use by hand).",
     ),
     "host": Lazy(
         "unionimg.cli.host_cmd:host",

@@ -1,0 +1,233 @@
+"""The content a store holds, by sha256: where a migration finds a file without receiving it.
+
+Sources, in the order they are asked:
+
+- **the object cache** ``STORE/migrate/objects/SHA256``: contents that arrived in a
+  migration (verified before they were kept: a broken transfer's contents wait there for the
+  rerun) and the contents of VMs that left this host (kept when they left, so their way back
+  sends only what changed). Files are named by their hash and written only after it checked;
+- **base generations**: each generation's manifest (``manifest.sqlite``: path → sha256, made
+  by unionimg from the trusted base); content read from the generation's tree mounted
+  read-only;
+- **snapshot layers** of the layer cache: a layer's file hashes are computed once (its image
+  mounted, scanned) and kept in ``STORE/migrate/layers/HEX.json`` (a layer never changes).
+
+Every content taken from a source is hashed again while it is copied
+(:func:`unionimg.migrate.tree.build`): a source that does not hold what its index says fails
+the build in one line, never yields wrong bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from unionimg.errors import UsageError
+from unionimg.layers import base as base_mod
+from unionimg.layers import layerstore
+from unionimg.migrate.plan import Refused
+from unionimg.migrate.tree import CHUNK, open_file, scan
+from unionimg.store.layout import Store, fsync_dir, write_atomic
+
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def migrate_dir(store: Store) -> Path:
+    return store.root / "migrate"
+
+
+def objects_dir(store: Store) -> Path:
+    return migrate_dir(store) / "objects"
+
+
+def object_path(store: Store, sha: str) -> Path:
+    if not _SHA_RE.fullmatch(sha):
+        raise UsageError(f"{sha[:80]!r} is not a sha256")
+    return objects_dir(store) / sha
+
+
+def has_object(store: Store, sha: str) -> bool:
+    return object_path(store, sha).is_file()
+
+
+class ObjectWriter:
+    """One content arriving: written to a temporary file of the cache, hashed, kept under
+    its sha256 only when it matches and has exactly the announced size."""
+
+    def __init__(self, store: Store, sha: str, size: int) -> None:
+        self.final = object_path(store, sha)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(f".{sha}.{os.getpid()}.tmp")
+        self.fh: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 (closed in done/abort)
+        self.hash = hashlib.sha256()
+        self.sha = sha
+        self.size = size
+        self.got = 0
+
+    def write(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.got > self.size:
+            self.abort()
+            raise Refused(
+                f"migration refused: content {self.sha[:16]}... is longer than its announced "
+                f"{self.size} bytes; nothing was made"
+            )
+        self.hash.update(data)
+        self.fh.write(data)
+
+    def done(self) -> None:
+        if self.got != self.size or self.hash.hexdigest() != self.sha:
+            self.abort()
+            raise Refused(
+                f"migration refused: content {self.sha[:16]}... does not match its sha256 "
+                f"(or its size {self.size}); nothing was made"
+            )
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.chmod(self.tmp, 0o400)
+        os.rename(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def keep_file(store: Store, src: BinaryIO, sha: str, size: int) -> bool:
+    """Keep the content read from ``src`` in the cache (checked); False when it was there."""
+    if has_object(store, sha):
+        return False
+    w = ObjectWriter(store, sha, size)
+    while chunk := src.read(CHUNK):
+        w.write(chunk)
+    w.done()
+    return True
+
+
+# -- where each content is ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Place:
+    """Where a content lies: the cache, a base generation's tree, a snapshot layer's tree."""
+
+    kind: str  # cache, base, layer
+    ref: str  # base NAME/N, or a layer's diff_id
+    path: str  # its path in that tree ("" in the cache)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "cache":
+            return "cache"
+        if self.kind == "base":
+            return f"base {self.ref} {self.path}"
+        return f"layer {layerstore.label_of(self.ref)} /{self.path}"
+
+
+def _layer_hashes(store: Store, layer: layerstore.Layer) -> dict[str, str]:
+    """sha256 → a path of layer ``layer``'s tree (computed once, kept per layer)."""
+    cache = migrate_dir(store) / "layers" / f"{layer.hex}.json"
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            return data
+    except (OSError, ValueError):
+        pass
+    out: dict[str, str] = {}
+    with (
+        store.staging("migrate-layer") as stage,
+        layerstore.mounted(store, layer, stage / "mnt") as tree,
+    ):
+        for e in scan(tree):
+            if e.kind == "file" and e.sha256 is not None and not e.xattrs:
+                out.setdefault(e.sha256, e.path)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cache, json.dumps(out, sort_keys=True).encode())
+    return out
+
+
+def locate(store: Store, wanted: set[str], *, with_layers: bool = True) -> dict[str, Place]:
+    """Where this store holds each of the ``wanted`` contents (those it holds nowhere are
+    absent from the result)."""
+    out: dict[str, Place] = {}
+    for sha in wanted:
+        if has_object(store, sha):
+            out[sha] = Place("cache", "", "")
+    left = wanted - out.keys()
+    for name in base_mod.list_bases(store):
+        if not left:
+            break
+        for gen in base_mod.generations(store, name):
+            with gen.manifest() as man:
+                for e in man:
+                    if e.kind == "file" and e.sha256 in left and not e.xattrs:
+                        out[e.sha256] = Place("base", f"{name}/{gen.number}", e.path)
+                        left.discard(e.sha256)
+    if with_layers and left:
+        for layer in layerstore.list_layers(store):
+            if not left:
+                break
+            if layer.meta.kind != "snapshot":
+                continue
+            for sha, path in _layer_hashes(store, layer).items():
+                if sha in left:
+                    out[sha] = Place("layer", layer.diff_id, path)
+                    left.discard(sha)
+    return out
+
+
+class Sources:
+    """Reads contents from their places while the context lasts (the trees they lie in
+    mounted once each, read-only)."""
+
+    def __init__(self, store: Store, places: dict[str, Place]) -> None:
+        self.store = store
+        self.places = places
+        self.stack = contextlib.ExitStack()
+        self.trees: dict[tuple[str, str], Path] = {}
+
+    def __enter__(self) -> Sources:
+        stage = self.stack.enter_context(self.store.staging("migrate-src"))
+        for n, key in enumerate(sorted({(p.kind, p.ref) for p in self.places.values()})):
+            kind, ref = key
+            if kind == "base":
+                name, _, number = ref.rpartition("/")
+                gen = base_mod.get_generation(self.store, name, int(number))
+                where = stage / f"t{n}"
+                self.trees[key] = self.stack.enter_context(
+                    base_mod.generation_tree(self.store, gen, where)
+                )
+            elif kind == "layer":
+                layer = layerstore.get(self.store, ref)
+                self.trees[key] = self.stack.enter_context(
+                    layerstore.mounted(self.store, layer, stage / f"t{n}")
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def read(self, sha: str) -> Iterator[bytes]:
+        place = self.places[sha]
+        if place.kind == "cache":
+            fh: BinaryIO = open(object_path(self.store, sha), "rb")  # noqa: SIM115
+        else:
+            fh = open_file(self.trees[(place.kind, place.ref)], place.path.lstrip("/"))
+        with fh:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+
+def decompressor() -> zstandard.ZstdDecompressor:
+    return zstandard.ZstdDecompressor()

@@ -1,0 +1,312 @@
+"""The receiving side of a migration (``unionimg migrate-in offer|push``, run over SSH
+by the sender's ``migrate``).
+
+``offer`` (the offer as JSON on stdin): checks the offer (:mod:`.plan`), that no VM of that
+name or MAC is here, that the VM's base generation is here with the very same tree (or that
+this host can make it: generation 1 of a base it lacks, from its layer), and answers which
+chain layers and file contents it lacks (:mod:`.index`: found nowhere here).
+
+``push`` (a framed zstd stream on stdin, :mod:`.wire`): checks the offer again, then takes
+each frame as it comes: a layer blob (one of those it lacks, bottom first) is imported into
+the layer cache (its diff_id checked by :func:`unionimg.layers.layerstore.import_blob`); a
+file content (one it lacks, with its announced size) is hashed and kept in the object cache
+only when it matches. After the end frame (and nothing after it), the U tree is made in a
+staging directory from the cache and the store's own contents (each hashed as copied),
+scanned and compared with the offer's manifest entry by entry, made into the U image
+(``mke2fs -d``), and the instance recorded with the sender's MAC, U size and resources: the
+instance directory appears whole by one rename, or not at all. A refusal is one line; what
+arrived and was verified stays in the cache (a rerun does not need it again); nothing else is
+left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from typing import BinaryIO
+
+import zstandard
+
+from unionimg.errors import Conflict, UsageError
+from unionimg.fs.image import make_ext4
+from unionimg.fs.space import require_space
+from unionimg.layers import base as base_mod
+from unionimg.layers import instance as inst_mod
+from unionimg.layers import layerstore
+from unionimg.layers.layerstore import Origin
+from unionimg.migrate import index, plan, tree
+from unionimg.migrate.wire import Reader, StreamRefused
+from unionimg.names import check_hypervisor, check_name, parse_mac
+from unionimg.store.layout import Store, now_iso, write_record
+from unionimg.store.migrate_records import (
+    PROTOCOL,
+    ChainLayer,
+    MigrateAnswer,
+    MigrateDone,
+    MigrateOffer,
+)
+from unionimg.store.records import Instance, RecordError
+
+LOCK = "migrate-in"
+TOP_NAMES = frozenset({"upper", "work", ".hg", ".hgignore", ".unionimg", "upper.prev"})
+MAX_OFFER = 256 << 20
+
+
+def parse_offer(data: object) -> MigrateOffer:
+    try:
+        offer = MigrateOffer.from_json(data)
+    except RecordError as exc:
+        raise plan.Refused(f"migration refused: the offer is ill-formed ({exc})") from None
+    if offer.protocol != PROTOCOL:
+        raise UsageError(
+            f"the sender speaks migration protocol {offer.protocol}, this host {PROTOCOL}: "
+            "run the same unionimg version on both"
+        )
+    return offer
+
+
+def _check_instance(store: Store, inst: Instance, hypervisor: str | None) -> Instance:
+    check_name(inst.name, "instance")
+    check_name(inst.base, "base")
+    mac = parse_mac(inst.mac, of=f" for instance {inst.name}")
+    hv = check_hypervisor(hypervisor or inst.hypervisor)
+    if not inst_mod.MIN_U_SIZE <= inst.size <= 1 << 44:
+        raise plan.Refused(f"migration refused: U size {inst.size} of {inst.name} out of range")
+    if store.instance_dir(inst.name).exists():
+        raise Conflict(
+            f"instance '{inst.name}' already exists on this host; nothing was made: remove or "
+            "rename it here, or migrate elsewhere"
+        )
+    for other in inst_mod.list_instances(store):
+        if other.mac == mac:
+            raise Conflict(
+                f"MAC {mac} of instance {inst.name} is used by instance {other.name} on this "
+                "host; nothing was made"
+            )
+    return replace(inst, mac=mac, hypervisor=hv, created=now_iso())
+
+
+def _generation_layer(chain: list[ChainLayer]) -> tuple[int, ChainLayer]:
+    """(index in the chain, layer) of the VM's base generation: the first non-snapshot."""
+    for i, layer in enumerate(chain):
+        if layer.kind != "snapshot":
+            if any(la.kind != "snapshot" for la in chain[:i]):
+                break
+            return i, layer
+    raise plan.Refused("migration refused: the VM's chain holds no base generation layer")
+
+
+def _place_base(store: Store, offer: MigrateOffer, gen_layer: ChainLayer) -> bool:
+    """Whether the VM's base generation must be made here (from its layer); a Conflict when
+    this host has a generation of that name and number holding another tree."""
+    inst = offer.instance
+    try:
+        gen = base_mod.get_generation(store, inst.base, inst.generation)
+    except Exception:  # NotFound: the base or the generation is not here
+        gen = None
+    if gen is not None:
+        here = base_mod.generation_layer(store, gen).diff_id
+        if here != gen_layer.diff_id:
+            raise Conflict(
+                f"base {inst.base} generation {inst.generation} of this host holds another tree "
+                f"than instance {inst.name}'s ({gen_layer.diff_id[:19]}); nothing was made"
+            )
+        return False
+    raise Conflict(
+        f"instance {inst.name} lies on base {inst.base} generation {inst.generation}, which "
+        "this host lacks; nothing was made: make that base there first (the same tree: "
+        "'base create', or a deploy), then migrate"
+    )
+
+
+def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> MigrateAnswer:
+    """What this store lacks of ``offer`` (see the module docstring); checks first."""
+    inst = _check_instance(store, offer.instance, hypervisor)
+    chain = plan.check_chain(offer.chain)
+    if tuple(c.diff_id for c in chain if c.kind == "snapshot") != inst.layers:
+        raise plan.Refused("migration refused: the chain's snapshot layers are not the VM's")
+    plan.check_entries(offer.entries, inst.size)
+    _check_top(offer)
+    _, gen_layer = _generation_layer(chain)
+    install = _place_base(store, offer, gen_layer)
+    missing_layers = [c.diff_id for c in chain if not layerstore.has(store, c.diff_id)]
+    if not install:
+        missing_layers = [d for d in missing_layers if d != gen_layer.diff_id]
+    wanted = set(plan.file_contents(offer.entries))
+    places = index.locate(store, wanted)
+    return MigrateAnswer(
+        layers_missing=tuple(missing_layers),
+        hashes_missing=tuple(sorted(wanted - places.keys())),
+        found=tuple(sorted((sha, p.label) for sha, p in places.items())),
+        base=inst.base,
+        generation=inst.generation,
+        install_base=install,
+    )
+
+
+def _check_top(offer: MigrateOffer) -> None:
+    for e in offer.entries:
+        top = e.path.split("/", 1)[0]
+        if top not in TOP_NAMES:
+            raise plan.Refused(
+                f"migration refused: U entry {e.path[:80]!r} is not part of a U image "
+                f"(its top holds only {', '.join(sorted(TOP_NAMES))}); nothing was made"
+            )
+    if not any(e.path == "upper" and e.kind == "dir" for e in offer.entries):
+        raise plan.Refused("migration refused: the U tree has no upper/ directory")
+
+
+def receive(store: Store, raw: BinaryIO, hypervisor: str | None = None) -> MigrateDone:
+    """Take a migration stream from ``raw`` and make the VM (see the module docstring)."""
+    try:
+        return _receive(store, raw, hypervisor)
+    except zstandard.ZstdError as exc:
+        raise StreamRefused(
+            f"migration refused: the stream is not valid zstd ({exc}); what arrived before "
+            "and was verified is kept"
+        ) from None
+
+
+def _receive(store: Store, raw: BinaryIO, hypervisor: str | None) -> MigrateDone:
+    start = time.monotonic()
+    reader = Reader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    reader.start()
+    kind, header = reader.next({b"H": 0})
+    if kind != b"H":
+        raise StreamRefused("migration refused: the stream does not start with the offer")
+    offer = parse_offer(header)
+    with store.lock(LOCK, wait=False, purpose=f"migrate-in {offer.instance.name}"):
+        ans = answer(store, offer, hypervisor)
+        inst = _check_instance(store, offer.instance, hypervisor)
+        chain = {c.diff_id: c for c in offer.chain}
+        sizes = plan.file_contents(offer.entries)
+        want_objects = set(ans.hashes_missing)
+        want_layers = list(reversed(ans.layers_missing))  # bottom first
+        objects = layers = 0
+        got_bytes = 0
+        max_blob = max([chain[d].blob_size for d in want_layers] + [0])
+        max_obj = max([sizes[s] for s in want_objects] + [0])
+        while True:
+            kind, header = reader.next({b"L": max_blob, b"O": max_obj, b"E": 0})
+            if kind == b"E":
+                if header.get("objects") != objects or header.get("layers") != layers:
+                    raise StreamRefused(
+                        "migration refused: the end frame does not count what arrived"
+                    )
+                reader.end()
+                if raw.read(1):
+                    raise StreamRefused("migration refused: data after the end of the stream")
+                break
+            if kind == b"O":
+                sha = str(header.get("sha256", ""))
+                if sha not in want_objects or header.get("size") != sizes[sha]:
+                    raise StreamRefused(
+                        f"migration refused: content {sha[:16]!r} was not asked for (or not "
+                        "with that size); nothing was made"
+                    )
+                if reader.left != sizes[sha]:
+                    raise StreamRefused(f"migration refused: content {sha[:16]} has a wrong size")
+                w = index.ObjectWriter(store, sha, sizes[sha])
+                try:
+                    for chunk in reader.payload():
+                        w.write(chunk)
+                except BaseException:
+                    w.abort()
+                    raise
+                w.done()
+                want_objects.discard(sha)
+                objects += 1
+                got_bytes += sizes[sha]
+            elif kind == b"L":
+                diff_id = str(header.get("diff_id", ""))
+                if not want_layers or diff_id != want_layers[0]:
+                    raise StreamRefused(
+                        f"migration refused: layer {diff_id[:19]!r} was not asked for here "
+                        "(or not in this order); nothing was made"
+                    )
+                layer = chain[diff_id]
+                if reader.left != layer.blob_size:
+                    raise StreamRefused(f"migration refused: layer {diff_id[:19]}: wrong size")
+                require_space(store.root, layer.blob_size * 4, f"receive layer {diff_id[:19]}")
+                with store.staging("migrate-blob") as stage:
+                    blob = stage / "blob"
+                    with open(blob, "wb") as fh:
+                        for chunk in reader.payload():
+                            fh.write(chunk)
+                    layerstore.import_blob(
+                        store,
+                        blob,
+                        diff_id,
+                        layer.parent,
+                        kind=layer.kind,
+                        origin=Origin(
+                            text=f"migrated with instance {inst.name}",
+                            base=layer.base,
+                            generation=layer.generation,
+                            instance=inst.name if layer.kind == "snapshot" else None,
+                        ),
+                    )
+                want_layers.pop(0)
+                layers += 1
+                got_bytes += layer.blob_size
+        if want_objects or want_layers:
+            raise StreamRefused(
+                f"migration refused: the stream ended without {len(want_objects)} content(s) "
+                f"and {len(want_layers)} layer(s) it had to bring; nothing was made"
+            )
+        files, reused = _make_instance(store, offer, inst)
+    return MigrateDone(
+        instance=inst.name,
+        mac=inst.mac,
+        hypervisor=inst.hypervisor,
+        files_verified=files,
+        objects_received=objects,
+        layers_received=layers,
+        bytes_received=got_bytes,
+        reused=reused,
+        seconds=round(time.monotonic() - start, 3),
+    )
+
+
+def _make_instance(store: Store, offer: MigrateOffer, inst: Instance) -> tuple[int, int]:
+    """Stage U's tree, verify it, make the U image, record the instance (one rename)."""
+    entries = list(offer.entries)
+    wanted = set(plan.file_contents(entries))
+    places = index.locate(store, wanted)
+    lacking = wanted - places.keys()
+    if lacking:
+        raise plan.Refused(
+            f"migration refused: {len(lacking)} content(s) are neither here nor arrived; "
+            "nothing was made"
+        )
+    total = sum(e.size for e in entries if e.kind == "file" and e.link is None)
+    require_space(store.root, 2 * total + (16 << 20) + inst.size // 65536, f"make {inst.name}")
+    reused = sum(1 for p in places.values() if p.kind != "cache")
+    with store.staging(f"migrate-{inst.name}") as stage:
+        u = stage / "u"
+        u.mkdir(mode=0o755)
+        with index.Sources(store, places) as src:
+            tree.build(u, entries, src.read)
+        files = tree.verify(u, entries)
+        idir = stage / "instance"
+        idir.mkdir(mode=0o700)
+        make_ext4(idir / "upper.img", "U", u, inst.size)
+        write_record(idir / Instance.FILE, inst)
+        with store.lock("store", purpose=f"migrate-in {inst.name}"):
+            if store.instance_dir(inst.name).exists():
+                raise Conflict(f"instance '{inst.name}' appeared meanwhile; nothing was made")
+            store.instances_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(idir, store.instance_dir(inst.name))
+    return files, reused
+
+
+def read_offer(raw: bytes) -> MigrateOffer:
+    if len(raw) > MAX_OFFER:
+        raise plan.Refused(f"migration refused: an offer larger than {MAX_OFFER} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise plan.Refused("migration refused: the offer is not JSON") from None
+    return parse_offer(data)

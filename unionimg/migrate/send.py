@@ -1,0 +1,357 @@
+"""The sending side of a migration: ``unionimg migrate VM --to HOST``.
+
+1. The VM must be stopped and not mounted, with no unfinished reconcile (its instance lock is
+   held throughout). Its chain (snapshot layers, then its base generation's layers) and its U
+   image's tree are read: U mounted read-only, every file hashed here (U's own sidecar is
+   guest data, never trusted for a hash).
+2. The offer (instance record, chain, U manifest) goes to the host
+   (``migrate-in offer`` over SSH, :mod:`unionimg.hosts`); the host answers what it
+   lacks: chain layers, and file contents it has nowhere (not in its object cache, not in
+   any base generation, not in any snapshot layer).
+3. ``--dry-run`` stops here and says what would be sent and why: per reason, contents and
+   bytes, and the exact compressed bytes (the stream is made and counted, not sent).
+4. Otherwise one stream goes to ``migrate-in push``: the offer, the missing layer
+   blobs (bottom first), the missing contents, the end; all of it one zstd stream, flushed
+   every :data:`FLUSH_EVERY` bytes so what arrived can be kept by the host; ``--bandwidth``
+   caps its rate. The host verifies and makes the VM, then says so.
+5. Only then the VM leaves this host: its file contents are kept in this store's object cache
+   (its way back sends only what changed), then the instance is removed.
+
+A failure at any step leaves the VM here untouched; the host keeps the contents it verified
+(the rerun sends only the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from unionimg import hosts as hosts_mod
+from unionimg.errors import Conflict, ToolFailed, UnionimgError
+from unionimg.layers import instance as inst_mod
+from unionimg.layers import layerstore, snapshot
+from unionimg.layers.running import running_on
+from unionimg.migrate import index, plan, tree
+from unionimg.migrate.wire import MAGIC, frame_head
+from unionimg.runner import run, stream
+from unionimg.store.layout import Store
+from unionimg.store.migrate_records import (
+    PROTOCOL,
+    ChainLayer,
+    MigrateAnswer,
+    MigrateDone,
+    MigrateOffer,
+    TreeEntry,
+)
+from unionimg.store.records import ReconcileJournal, RecordError
+
+LEVEL = 9
+FLUSH_EVERY = 256 << 10
+SKIP_TOP = ("lost+found",)
+Progress = Callable[[int, int, int], None]
+"""``progress(raw_done, raw_total, wire_bytes)``."""
+
+
+@dataclass
+class Outcome:
+    instance: str
+    host: str
+    dry_run: bool
+    summary: plan.Summary
+    found: dict[str, str]
+    wire_bytes: int = 0  # the compressed stream's size (sent, or counted in a dry run)
+    done: MigrateDone | None = None
+    seconds: float = 0.0
+    kept: int = 0  # contents kept in this store's cache for the way back
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "host": self.host,
+            "dry_run": self.dry_run,
+            "plan": self.summary.to_json(),
+            "stream_bytes": self.wire_bytes,
+            "receiver": self.done.to_json() if self.done else None,
+            "kept_for_way_back": self.kept,
+            "seconds": round(self.seconds, 3),
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
+        }
+
+
+def chain_of(store: Store, inst: inst_mod.Instance) -> list[ChainLayer]:
+    """The VM's chain, top to bottom: its snapshot layers, then its generation's layers."""
+    top = snapshot.node(store, inst)
+    out = []
+    for layer in layerstore.chain(store, top.diff_id):
+        m = layer.meta
+        out.append(ChainLayer(m.diff_id, m.kind, m.parent, m.blob_size, m.base, m.generation))
+    return out
+
+
+def _check_stopped(store: Store, name: str) -> None:
+    if running_on(store, name):
+        raise Conflict(f"instance '{name}' is running; stop it before migrating it")
+    rec = inst_mod.mount_record(store, name)
+    if rec is not None:
+        raise Conflict(f"instance '{name}' is mounted at {rec.target}; umount it first")
+    if (store.instance_dir(name) / ReconcileJournal.FILE).is_file():
+        raise Conflict(
+            f"instance '{name}' has an interrupted reconcile; run 'unionimg reconcile {name}' "
+            "to finish it before migrating"
+        )
+
+
+def ask(host: hosts_mod.Host, offer: MigrateOffer, hypervisor: str | None) -> MigrateAnswer:
+    args = ["migrate-in", "offer"] + (["--hypervisor", hypervisor] if hypervisor else [])
+    res = run(
+        host.remote_argv(args),
+        check=False,
+        input=json.dumps(offer.to_json()),
+        timeout=hosts_mod.QUERY_TIMEOUT * 5,
+        what="offering the migration",
+    )
+    out = host.outcome(res, "migrate-in offer")
+    try:
+        return MigrateAnswer.from_json(json.loads(out))
+    except (ValueError, RecordError):
+        raise ToolFailed(f"host {host.name}: 'migrate-in offer' gave no answer") from None
+
+
+class _Stream:
+    """The compressed stream: frames in, zstd out to ``out`` (throttled to ``rate`` bytes/s),
+    counted."""
+
+    def __init__(self, out: Callable[[bytes], None], rate: int | None, level: int) -> None:
+        self.out = out
+        self.rate = rate
+        self.cobj = zstandard.ZstdCompressor(level=level).compressobj()
+        self.wire = 0
+        self.raw = 0
+        self.pending = 0
+        self.t0 = time.monotonic()
+
+    def _send(self, data: bytes) -> None:
+        if not data:
+            return
+        self.out(data)
+        self.wire += len(data)
+        if self.rate:
+            ahead = self.wire / self.rate - (time.monotonic() - self.t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def put(self, data: bytes) -> None:
+        self.raw += len(data)
+        self.pending += len(data)
+        self._send(self.cobj.compress(data))
+        if self.pending >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        self.pending = 0
+        self._send(self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+
+    def finish(self) -> None:
+        self._send(self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+
+
+def write_stream(
+    st: _Stream,
+    store: Store,
+    offer: MigrateOffer,
+    ans: MigrateAnswer,
+    u: Path,
+    progress: Progress,
+    total: int,
+) -> None:
+    """The whole stream (see :mod:`unionimg.migrate.wire`)."""
+    st.put(MAGIC)
+    st.put(frame_head(b"H", offer.to_json(), 0))
+    st.flush()
+    done = 0
+    layers = 0
+    for diff_id in reversed(ans.layers_missing):  # bottom first
+        layer = layerstore.get(store, diff_id)
+        blob = layerstore.blob_path(store, layer)
+        st.put(frame_head(b"L", {"diff_id": diff_id}, blob.stat().st_size))
+        with open(blob, "rb") as fh:
+            while chunk := fh.read(tree.CHUNK):
+                st.put(chunk)
+                done += len(chunk)
+                progress(done, total, st.wire)
+        st.flush()
+        layers += 1
+    missing = set(ans.hashes_missing)
+    sent = 0
+    for e in offer.entries:  # in tree order: like files lie together in the stream
+        if e.kind != "file" or e.link is not None or e.sha256 not in missing:
+            continue
+        missing.discard(e.sha256)
+        st.put(frame_head(b"O", {"sha256": e.sha256, "size": e.size}, e.size))
+        got = 0
+        with tree.open_file(u, e.path) as fh:
+            while got < e.size and (chunk := fh.read(min(tree.CHUNK, e.size - got))):
+                st.put(chunk)
+                got += len(chunk)
+                done += len(chunk)
+                progress(done, total, st.wire)
+        if got != e.size:
+            raise ToolFailed(f"instance file {e.path[:80]!r} changed while it was sent; retry")
+        sent += 1
+    st.put(frame_head(b"E", {"objects": sent, "layers": layers}, 0))
+    st.finish()
+    progress(total, total, st.wire)
+
+
+def _push(
+    host: hosts_mod.Host,
+    store: Store,
+    offer: MigrateOffer,
+    ans: MigrateAnswer,
+    u: Path,
+    *,
+    rate: int | None,
+    level: int,
+    hypervisor: str | None,
+    progress: Progress,
+    total: int,
+) -> tuple[MigrateDone, int]:
+    rfd, wfd = os.pipe()
+    failure: list[BaseException] = []
+    wired = [0]
+
+    def write_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(wfd, view)
+            view = view[n:]
+
+    def writer() -> None:
+        try:
+            st = _Stream(write_all, rate, level)
+            write_stream(st, store, offer, ans, u, progress, total)
+            wired[0] = st.wire
+        except BrokenPipeError:
+            pass  # the host stopped reading: its error line says why
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            os.close(wfd)
+
+    out = bytearray()
+
+    def sink(fd: int, data: bytes) -> None:
+        if fd == 1 and len(out) < 1 << 20:
+            out.extend(data)
+
+    args = ["migrate-in", "push", "--json"]
+    if hypervisor:
+        args += ["--hypervisor", hypervisor]
+    thread = threading.Thread(target=writer, name="migrate-writer", daemon=True)
+    thread.start()
+    try:
+        res = stream(host.remote_argv(args), sink, stdin=rfd)
+    finally:
+        os.close(rfd)  # a writer blocked on a full pipe gets EPIPE now
+        thread.join(timeout=60)
+    if failure:
+        raise failure[0]
+    if res.returncode != 0:
+        raise host.error(res, "migrate-in push")
+    try:
+        return MigrateDone.from_json(json.loads(bytes(out))), wired[0]
+    except (ValueError, RecordError):
+        raise ToolFailed(f"host {host.name}: 'migrate-in push' gave no result") from None
+
+
+def _keep_for_way_back(store: Store, u: Path, entries: tuple[TreeEntry, ...]) -> int:
+    kept = 0
+    for e in entries:
+        if e.kind == "file" and e.link is None and e.sha256 and e.path.startswith("upper/"):
+            with tree.open_file(u, e.path) as fh:
+                kept += index.keep_file(store, fh, e.sha256, e.size)
+    return kept
+
+
+def migrate(
+    store: Store,
+    name: str,
+    host_name: str,
+    *,
+    rate: int | None = None,
+    dry_run: bool = False,
+    hypervisor: str | None = None,
+    level: int = LEVEL,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Migrate instance ``name`` to host ``host_name`` (see the module docstring)."""
+    start = time.monotonic()
+    note: Progress = progress or (lambda _d, _t, _w: None)
+    host = hosts_mod.get(store, host_name)
+    inst = inst_mod.load(store, name)
+    stages: dict[str, float] = {}
+    with store.lock(f"instance-{name}", wait=False, purpose=f"migrate {name}"):
+        _check_stopped(store, name)
+        chain = chain_of(store, inst)
+        with inst_mod.u_layer(store, name, write=False) as u:
+            t = time.monotonic()
+            entries = tuple(tree.scan(u, skip_top=SKIP_TOP))
+            stages["scan"] = time.monotonic() - t
+            offer = MigrateOffer(PROTOCOL, inst, tuple(chain), entries, sender=str(store.root))
+            t = time.monotonic()
+            ans = ask(host, offer, hypervisor)
+            stages["offer"] = time.monotonic() - t
+            found = dict(ans.found)
+            sizes = plan.file_contents(entries)
+            layer_sizes = {c.diff_id: c.blob_size for c in chain}
+            total = sum(sizes.get(s, 0) for s in ans.hashes_missing) + sum(
+                layer_sizes.get(d, 0) for d in ans.layers_missing
+            )
+            if dry_run:
+                t = time.monotonic()
+                counter = _Stream(lambda _data: None, None, level)
+                write_stream(counter, store, offer, ans, u, lambda *_a: None, total)
+                stages["compress"] = time.monotonic() - t
+                summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
+                out = Outcome(name, host.name, True, summ, found, counter.wire)
+                out.seconds = time.monotonic() - start
+                out.stages = stages
+                return out
+            t = time.monotonic()
+            done, wire = _push(
+                host, store, offer, ans, u, rate=rate, level=level, hypervisor=hypervisor,
+                progress=note, total=total,
+            )  # fmt: skip
+            stages["push"] = time.monotonic() - t
+            if done.instance != name or done.mac != inst.mac:
+                raise ToolFailed(
+                    f"host {host.name} made {done.instance[:64]!r} ({done.mac[:20]}), not "
+                    f"{name} ({inst.mac}); the VM stays here"
+                )
+            t = time.monotonic()
+            kept = _keep_for_way_back(store, u, entries)
+            stages["keep"] = time.monotonic() - t
+    # the host has the VM, verified: now it leaves this host
+    from unionimg import ops  # deferred: ops pulls in the boot layer
+
+    try:
+        ops.remove_instance(store, name)
+    except UnionimgError as exc:
+        raise Conflict(
+            f"instance {name} was made on host {host.name}, but removing it here failed "
+            f"({exc.message}); remove it with 'unionimg instance remove {name}'"
+        ) from None
+    summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
+    out = Outcome(name, host.name, False, summ, found, wire, done, time.monotonic() - start)
+    out.kept = kept
+    out.stages = stages
+    return out
