@@ -61,6 +61,7 @@ from unionimg.store.records import (
     sorted_conflicts,
 )
 from unionimg.store.snapshot_records import SnapshotRecord
+from unionimg.store.snapshot_records import SnapshotRecord
 
 V1 = Path(__file__).parent / "data" / "records-v1"
 
@@ -186,6 +187,22 @@ EXAMPLES: list[Record] = [
         message="A",
     ),
     SYSTEM_VM,
+    SnapshotRecord(
+        vm="vm1",
+        id=2,
+        created="2026-12-02T06:20:34Z",
+        kind="memory+disk",
+        instance=INSTANCE,
+        chain=("sha256:" + "cd" * 32,),
+        domain_type="qemu",
+        memory_size=12288,
+        memory=("ab" * 32 + ":8192", "ef" * 32 + ":4096"),
+        disk_size=1 << 20,
+        disk=("65536:" + "12" * 32 + ":65536",),
+        new_bytes=4096,
+        pause_ms=170,
+        ready_line="unionimg-init: switching root to the union of /dev/vda and /dev/vdb",
+    ),
     SnapshotRecord(
         vm="vm1",
         id=2,

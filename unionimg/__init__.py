@@ -11,6 +11,15 @@ cli/  the command line (click): ``_common`` + one module per command group, load
 
 deploy       the controller's side of a deploy: push, then every host at once over SSH
 
+snapshots/  repeated, differential VM snapshots (memory + U), off the host, restored (beside
+            deploy)
+    policy             pure: the adaptive interval from CPU load, durations, retention
+    chunks             the content-addressed chunk store (zstd, verified), files cut into chunks
+    capture            a paused guest's memory (libvirt) and U copied; resume from memory
+    core               take, list, rm, prune, gc, restore
+    remote             push missing chunks to a host; the receiving side
+    schedule           the long-running adaptive loop, its lock and log
+
 migrate/  a VM moved to another host, sending only the content it has nowhere (issue 14)
     plan               pure: a tree manifest checked as hostile input; what is sent and why
     wire               the framed stream (offer, layer blobs, contents, end), read bounded

@@ -17,6 +17,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     layer_cmd        layer list, show, tree, gc
     system_cmd       system create, snapshot, tree, show, push (materialize: run by deploy)
     deploy_cmd       deploy, redeploy
+    snapshot_cmd     snapshot take, list, rm, prune, gc, push, schedule; restore
     migrate_cmd      migrate VM --to HOST (migrate-in offer, push: run by migrate)
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
@@ -157,6 +158,15 @@ COMMANDS: dict[str, Lazy] = {
     "registry": Lazy(
         "unionimg.cli.registry_cmd:registry",
         "An OCI registry for layers and systems (Debian's docker-registry, unionimg's config).",
+    ),
+    "snapshot": Lazy(
+        "unionimg.cli.snapshot_cmd:snapshot",
+        "VM snapshots: memory and disk state as shared chunks, repeated, copied off the host.",
+    ),
+    "restore": Lazy(
+        "unionimg.cli.snapshot_cmd:restore_cmd",
+        "Bring VM back from a snapshot: U rebuilt from its chunks and, for a memory snapshot, "
+        "the guest resumed where it was.",
     ),
     "timer": Lazy(
         "unionimg.cli.timer_cmd:timer",
