@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
         share_base(ctl, hcli(h1), "tiny")
         e = Env(tmp, lab, ctl, {"h1": h1})
         e.add_host(ctl, "h1", h1)
+        # the way back: h1 reaches this store through namespace host 'back', whose sshd
+        # runs unionimg on the controller's store directory
+        back = lab.add_host("back")
+        back.store = ctl.store
+        e.hosts["back"] = back
+        e.add_host(hcli(h1), "ctl", back)
         yield e
     finally:
         lab.close()
@@ -134,6 +141,26 @@ def migrate(cli: Cli, vm: str, host: str, *extra: str) -> dict[str, Any]:
     return data
 
 
+def wait_receivers_gone(host: Host, timeout: float = 30.0) -> None:
+    """Wait (bounded) until no 'migrate-in' runs in the host's namespace: a killed sender's
+    receiver ends when its stdin does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", host.ns], capture_output=True, text=True, check=False
+        ).stdout.split()
+        alive = []
+        for pid in pids:
+            try:
+                alive.append(b"migrate-in" in Path(f"/proc/{pid}/cmdline").read_bytes())
+            except OSError:
+                continue
+        if not any(alive):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"a migrate-in still runs on {host.name} after {timeout} s")
+
+
 def names(cli: Cli) -> list[str]:
     return [i["name"] for i in json.loads(cli.ok("instance", "list", "--json").output)]
 
@@ -183,3 +210,59 @@ def test_dry_run_then_migrate(env: Env) -> None:
     assert "already exists" in res.output and res.output.count("\n") == 1
     assert "web" in names(ctl)
     ctl.ok("instance", "remove", "web")
+
+
+def test_way_back_sends_only_the_change(env: Env) -> None:
+    """web went to h1 (the test above); it changes a little there and comes back: the
+    controller kept its contents when it left, so only the change travels."""
+    ctl, h1, back = env.ctl, hcli(env.hosts["h1"]), env.hosts["back"]
+    if "web" not in names(h1):
+        pytest.skip("needs test_dry_run_then_migrate's VM on h1")
+    small = os.urandom(20_000).hex()
+    change(h1, "web", env.tmp, {"etc/changed-on-h1": small, "etc/web.conf": None})
+    before_tree = u_tree(h1, "web", env.tmp)
+    rx0 = back.counters()["rx_bytes"]
+    out = migrate(h1, "web", "ctl")
+    wire = back.counters()["rx_bytes"] - rx0
+    plan = out["plan"]
+    assert plan["by_reason"]["new"]["bytes"] < 100_000, plan
+    assert plan["by_reason"]["cache"]["bytes"] >= len(BIG)  # kept when it left
+    assert wire < 150_000, wire  # the 2 MiB file did not travel again
+    print(f"way back: {wire} B on the wire, {plan['by_reason']}")
+    assert "web" in names(ctl) and "web" not in names(h1)
+    assert u_tree(ctl, "web", env.tmp) == before_tree
+    inst = json.loads(ctl.ok("instance", "show", "web", "--json").output)
+    assert inst["mac"] == "52:54:00:14:00:01"
+
+
+def test_broken_transfer_resumes(env: Env) -> None:
+    """The sender is killed (SIGKILL) half-way through its stream: the host keeps the
+    contents that arrived whole and verified, makes nothing, and the rerun sends only the
+    rest (bytes counted on the host's link)."""
+    ctl, h1 = env.ctl, env.hosts["h1"]
+    files: dict[str, bytes | str | None] = {f"srv/part{i}": os.urandom(400_000) for i in range(8)}
+    make_vm(ctl, env.tmp, "db", "52:54:00:14:00:02", files)
+    total = sum(len(v) for v in files.values() if isinstance(v, bytes))
+    before_tree = u_tree(ctl, "db", env.tmp)
+    rx0 = h1.counters()["rx_bytes"]
+    res = subprocess.run(
+        [str(UNIONIMG), "--store", str(ctl.store), "migrate", "db", "--to", "h1", "--json"],
+        env={**os.environ, "UNIONIMG_CRASH_AT": "migrate:half-sent"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
+    first = h1.counters()["rx_bytes"] - rx0
+    assert first >= total // 3, first
+    # the host made nothing; the VM is still here, whole
+    assert "db" not in names(hcli(h1)) and "db" in names(ctl)
+    wait_receivers_gone(h1)
+    kept = list((h1.store / "migrate" / "objects").glob("[0-9a-f]*"))
+    assert len(kept) >= 2
+    rx0 = h1.counters()["rx_bytes"]
+    out = migrate(ctl, "db", "h1")
+    second = h1.counters()["rx_bytes"] - rx0
+    assert out["plan"]["by_reason"]["cache"]["contents"] >= 2
+    assert second < total - 600_000, (first, second, total)
+    print(f"broken transfer: {first} B before the kill, {second} B on the rerun, {total} B of data")
+    assert "db" not in names(ctl)
+    assert u_tree(hcli(h1), "db", env.tmp) == before_tree

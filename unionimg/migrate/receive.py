@@ -183,11 +183,12 @@ def _receive(store: Store, raw: BinaryIO, hypervisor: str | None) -> MigrateDone
         chain = {c.diff_id: c for c in offer.chain}
         sizes = plan.file_contents(offer.entries)
         want_objects = set(ans.hashes_missing)
-        want_layers = list(reversed(ans.layers_missing))  # bottom first
+        want_layers = list(ans.layers_missing)
         objects = layers = 0
         got_bytes = 0
-        max_blob = max([chain[d].blob_size for d in want_layers] + [0])
-        max_obj = max([sizes[s] for s in want_objects] + [0])
+        seen: set[str] = set()
+        max_blob = max([c.blob_size for c in offer.chain] + [0])
+        max_obj = max([*sizes.values(), 0])
         while True:
             kind, header = reader.next({b"L": max_blob, b"O": max_obj, b"E": 0})
             if kind == b"E":
@@ -201,54 +202,65 @@ def _receive(store: Store, raw: BinaryIO, hypervisor: str | None) -> MigrateDone
                 break
             if kind == b"O":
                 sha = str(header.get("sha256", ""))
-                if sha not in want_objects or header.get("size") != sizes[sha]:
+                if sha not in sizes or header.get("size") != sizes[sha] or sha in seen:
                     raise StreamRefused(
-                        f"migration refused: content {sha[:16]!r} was not asked for (or not "
-                        "with that size); nothing was made"
+                        f"migration refused: content {sha[:16]!r} is not in the offer (or not "
+                        "with that size, or twice); nothing was made"
                     )
+                seen.add(sha)
                 if reader.left != sizes[sha]:
                     raise StreamRefused(f"migration refused: content {sha[:16]} has a wrong size")
-                w = index.ObjectWriter(store, sha, sizes[sha])
-                try:
-                    for chunk in reader.payload():
-                        w.write(chunk)
-                except BaseException:
-                    w.abort()
-                    raise
-                w.done()
+                if sha not in want_objects and index.has_object(store, sha):
+                    for _chunk in reader.payload():  # kept meanwhile (an earlier run's end)
+                        pass
+                else:
+                    w = index.ObjectWriter(store, sha, sizes[sha])
+                    try:
+                        for chunk in reader.payload():
+                            w.write(chunk)
+                    except BaseException:
+                        w.abort()
+                        raise
+                    w.done()
                 want_objects.discard(sha)
                 objects += 1
                 got_bytes += sizes[sha]
             elif kind == b"L":
                 diff_id = str(header.get("diff_id", ""))
-                if not want_layers or diff_id != want_layers[0]:
+                if diff_id not in chain or diff_id in seen:
                     raise StreamRefused(
-                        f"migration refused: layer {diff_id[:19]!r} was not asked for here "
-                        "(or not in this order); nothing was made"
+                        f"migration refused: layer {diff_id[:19]!r} is not in the VM's chain "
+                        "(or came twice); nothing was made"
                     )
+                seen.add(diff_id)
                 layer = chain[diff_id]
                 if reader.left != layer.blob_size:
                     raise StreamRefused(f"migration refused: layer {diff_id[:19]}: wrong size")
-                require_space(store.root, layer.blob_size * 4, f"receive layer {diff_id[:19]}")
-                with store.staging("migrate-blob") as stage:
-                    blob = stage / "blob"
-                    with open(blob, "wb") as fh:
-                        for chunk in reader.payload():
-                            fh.write(chunk)
-                    layerstore.import_blob(
-                        store,
-                        blob,
-                        diff_id,
-                        layer.parent,
-                        kind=layer.kind,
-                        origin=Origin(
-                            text=f"migrated with instance {inst.name}",
-                            base=layer.base,
-                            generation=layer.generation,
-                            instance=inst.name if layer.kind == "snapshot" else None,
-                        ),
-                    )
-                want_layers.pop(0)
+                if layerstore.has(store, diff_id):
+                    for _chunk in reader.payload():  # here already (imported meanwhile)
+                        pass
+                else:
+                    require_space(store.root, layer.blob_size * 4, f"receive layer {diff_id[:19]}")
+                    with store.staging("migrate-blob") as stage:
+                        blob = stage / "blob"
+                        with open(blob, "wb") as fh:
+                            for chunk in reader.payload():
+                                fh.write(chunk)
+                        layerstore.import_blob(
+                            store,
+                            blob,
+                            diff_id,
+                            layer.parent,
+                            kind=layer.kind,
+                            origin=Origin(
+                                text=f"migrated with instance {inst.name}",
+                                base=layer.base,
+                                generation=layer.generation,
+                                instance=inst.name if layer.kind == "snapshot" else None,
+                            ),
+                        )
+                if diff_id in want_layers:
+                    want_layers.remove(diff_id)
                 layers += 1
                 got_bytes += layer.blob_size
         if want_objects or want_layers:
