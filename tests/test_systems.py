@@ -325,3 +325,94 @@ def test_a_host_report_is_reshaped() -> None:
     assert out["bytes_pulled"] == 0 and out["cache_hits"] == 0 and out["vms"] == []
     assert len(out["booted"][0]) == 200 and out["seconds"] == 0.0
     assert out["imported"] == ["1", "2"] and "extra" not in out
+
+
+# -- VMs on snapshot layers: status against the chain, identity from the chain ------------------
+def edit(cli: Cli, vm: str, where: Path, fn: Any) -> None:
+    """``fn(root)`` on VM's union, through a real mount."""
+    mnt = where / f"mnt-{vm}"
+    mnt.mkdir(exist_ok=True)
+    cli.ok("mount", vm, str(mnt))
+    try:
+        fn(mnt)
+    finally:
+        cli.ok("umount", str(mnt))
+
+
+def test_status_compares_against_the_chain(sys_cli: Cli, tmp_path: Path) -> None:
+    """A VM on a snapshot layer that added /etc/layer.conf and deleted /etc/motd: its
+    status compares its upper layer with what the layer shows, not with the base."""
+    cli = sys_cli
+    cli.ok("instance", "create", "chainsrc", "--base", "tiny", "--size", "64M")
+
+    def first(root: Path) -> None:
+        (root / "etc" / "layer.conf").write_text("from the layer\n")
+        (root / "etc" / "same.conf").write_text("kept as is\n")
+        (root / "etc" / "gone.conf").write_text("deleted later\n")
+        (root / "etc" / "motd").unlink()
+
+    edit(cli, "chainsrc", tmp_path, first)
+    snap = json.loads(cli.ok("instance", "snapshot", "chainsrc", "--json").output)
+    cli.ok("instance", "create", "onchain", "--from", snap["layer"], "--size", "64M")
+    from vm_fixtures import build
+
+    base_motd = (build("tiny") / "etc" / "motd").read_text()
+
+    def second(root: Path) -> None:
+        (root / "etc" / "layer.conf").write_text("changed in the VM\n")  # modified
+        (root / "etc" / "same.conf").write_text("kept as is\n")  # rewritten, same content
+        (root / "etc" / "gone.conf").unlink()  # deleted
+        (root / "etc" / "motd").write_text(base_motd)  # the base's motd, which the layer deleted
+
+    edit(cli, "onchain", tmp_path, second)
+    st = json.loads(cli.ok("status", "onchain", "--json").output)
+    assert st["modified"] == ["/etc/layer.conf"], st  # against the base: added
+    assert "/etc/same.conf" in st["identical"], st  # against the base: added
+    assert st["deleted"] == ["/etc/gone.conf"], st
+    assert "/etc/motd" in st["added"], st  # against the base: identical
+    assert "/etc/layer.conf" not in st["added"] and "/etc/same.conf" not in st["added"]
+
+
+def test_vms_from_a_layer_with_sshd_get_their_own_identity(sys_cli: Cli, tmp_path: Path) -> None:
+    """The tiny base has neither sshd nor systemd; a snapshot layer adds both (their marker
+    files). Two VMs made --from that layer each get SSH host keys and a machine-id of their
+    own (the layer holds none), as VMs on a base with sshd do."""
+    cli = sys_cli
+    cli.ok("instance", "create", "keysrc", "--base", "tiny", "--size", "64M")
+
+    def install(root: Path) -> None:
+        for rel in ("usr/sbin/sshd", "lib/systemd/systemd"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text("#!/bin/sh\n")
+        (root / "etc" / "ssh").mkdir(exist_ok=True)
+        (root / "etc" / "ssh" / "sshd_config").write_text("Port 22\n")
+
+    edit(cli, "keysrc", tmp_path, install)
+    snap = json.loads(cli.ok("instance", "snapshot", "keysrc", "--json").output)
+    seen: dict[str, tuple[str, str]] = {}
+    for vm in ("keys1", "keys2"):
+        cli.ok("instance", "create", vm, "--from", snap["layer"], "--size", "64M")
+        got: dict[str, str] = {}
+
+        def read(root: Path, got: dict[str, str] = got) -> None:
+            for kind in ("rsa", "ecdsa", "ed25519"):
+                key = root / "etc" / "ssh" / f"ssh_host_{kind}_key"
+                assert key.is_file() and (root / "etc" / "ssh" / f"{key.name}.pub").is_file()
+                assert key.stat().st_mode & 0o777 == 0o600
+            pub = root / "etc" / "ssh" / "ssh_host_ed25519_key.pub"
+            got["key"] = pub.read_text()
+            got["id"] = (root / "etc" / "machine-id").read_text().strip()
+
+        edit(cli, vm, tmp_path, read)
+        assert len(got["id"]) == 32 and int(got["id"], 16) != 0
+        seen[vm] = (got["key"], got["id"])
+    assert seen["keys1"][0] != seen["keys2"][0]
+    assert seen["keys1"][1] != seen["keys2"][1]
+    # a VM on the base alone gets none (the base has neither)
+    cli.ok("instance", "create", "plain", "--base", "tiny", "--size", "64M")
+    edit(cli, "plain", tmp_path, lambda r: _assert_no_identity(r))
+
+
+def _assert_no_identity(root: Path) -> None:
+    assert not (root / "etc" / "machine-id").exists()
+    assert not list((root / "etc").glob("ssh/ssh_host_*"))

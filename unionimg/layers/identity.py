@@ -39,6 +39,7 @@ from unionimg.entries import DIR, FILE, WHITEOUT, Entry
 from unionimg.errors import MissingCapability
 from unionimg.fs import fsops
 from unionimg.fs.manifest import Manifest
+from unionimg.layers.chainview import Lookup
 from unionimg.runner import run, which
 from unionimg.store.layout import Store
 
@@ -170,11 +171,11 @@ def _is_file(entry: Entry | None) -> bool:
     return entry is not None and entry.kind == FILE
 
 
-def base_has_sshd(base: Manifest) -> bool:
+def base_has_sshd(base: Lookup) -> bool:
     return any(_is_file(base.get(p)) for p in SSHD_MARKERS)
 
 
-def base_wants_machine_id(base: Manifest) -> bool:
+def base_wants_machine_id(base: Lookup) -> bool:
     return base.get(MACHINE_ID) is not None or any(base.get(p) is not None for p in SYSTEMD_MARKERS)
 
 
@@ -203,7 +204,7 @@ def _own_names(upper: Path, directory: str) -> dict[str, Entry]:
     return out
 
 
-def _make_parents(upper: Path, base: Manifest, path: str) -> None:
+def _make_parents(upper: Path, base: Lookup, path: str) -> None:
     """The directories above ``path`` in the upper layer, each with its base counterpart's
     owner, mode and xattrs (as overlayfs' copy-up makes them); root 0755 where the base
     has none."""
@@ -217,7 +218,7 @@ def _make_parents(upper: Path, base: Manifest, path: str) -> None:
         fsops.write_entry(upper, d, entry, None)
 
 
-def _write(upper: Path, base: Manifest, path: str, data: bytes, mode: int) -> None:
+def _write(upper: Path, base: Lookup, path: str, data: bytes, mode: int) -> None:
     if os.geteuid() != 0:
         raise MissingCapability(
             f"writing {path} (the instance's own identity, owned by root) needs root; "
@@ -249,7 +250,7 @@ def _keygen(scratch: Path, kind: str, comment: str) -> tuple[bytes, bytes]:
         key.with_name(key.name + ".pub").unlink(missing_ok=True)
 
 
-def ensure_instance(upper: Path, base: Manifest, scratch: Path, name: str) -> list[str]:
+def ensure_instance(upper: Path, base: Lookup, scratch: Path, name: str) -> list[str]:
     """Give the VM whose upper layer is ``upper``, on the base generation of manifest
     ``base``, its own identity where it has none in its layer; returns the guest paths
     written. What a generation holds does not count: one made before identity was kept out

@@ -15,6 +15,7 @@ from unionimg.fs.mounts import is_mounted, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import history, identity, ucheck
 from unionimg.layers.base import generations, get_generation
+from unionimg.layers.chainview import chain_lookup
 from unionimg.layers.running import last_crash, running_on
 from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
@@ -198,8 +199,11 @@ def create(
             _prepare_u_tree(store, u_tree, inst)
             scratch = stage / "identity"  # ssh-keygen's output, removed with the staging
             scratch.mkdir(mode=0o700)
-            with gen.manifest() as base_manifest:  # its own machine-id and SSH host keys
-                identity.ensure_instance(u_tree / "upper", base_manifest, scratch, name)
+            with (  # its own machine-id and SSH host keys; its chain's view with layers
+                gen.manifest() as base_manifest,
+                chain_lookup(store, base_manifest, layers, stage / "layers") as below,
+            ):
+                identity.ensure_instance(u_tree / "upper", below, scratch, name)
             checkpoint("instance-create:staged")
             idir = stage / "instance"
             idir.mkdir(mode=0o700)

@@ -26,6 +26,7 @@ from unionimg.fs.space import (
 )
 from unionimg.layers import history
 from unionimg.layers.base import generations, get_generation
+from unionimg.layers.chainview import chain_lookup
 from unionimg.layers.instance import Instance, base_ref, durable, load, u_layer
 from unionimg.layers.ucheck import forget, sync_image
 from unionimg.names import human_size
@@ -117,12 +118,20 @@ def _hashed_like_base(upper: Path, entries: list[Entry], base: Lookup) -> list[E
 
 
 def status(store: Store, name: str) -> JsonObject:
+    """The VM's local changes: its upper layer against what lies under it — its base
+    generation, or with snapshot layers the top layer's view of its chain
+    (:mod:`.chainview`: each layer mounted and scanned, its files read only where a
+    changed file of the same size needs comparing)."""
     inst = load(store, name)
     gen = get_generation(store, inst.base, inst.generation)
     latest = generations(store, inst.base)[-1].number
-    with u_layer(store, name, write=False) as u, gen.manifest() as m:
+    with (
+        u_layer(store, name, write=False) as u,
+        gen.manifest() as m,
+        chain_lookup(store, m, inst.layers) as below,
+    ):
         entries = scan_upper(u, hash_files=False, digests=False)
-        changes = classify(_hashed_like_base(u / "upper", entries, m), m)
+        changes = classify(_hashed_like_base(u / "upper", entries, below), below)
     return {
         "name": name,
         "base": inst.base,
