@@ -10,6 +10,11 @@ cli/  the command line (click): ``_common`` + one module per command group, load
     registry_cmd, system_cmd, host_cmd, deploy_cmd
 
 deploy       the controller's side of a deploy: push, then every host at once over SSH
+placement/   spare-image placement: where each layer is kept so a failed server's VMs
+             recover elsewhere with no transfer (docs/placement.md)
+    model, greedy, exact, planner, example, generate   pure: the cluster (TOML) and the
+                       evaluation of a plan; the seed's filters, the conventional baseline,
+                       the heuristic; the CP-SAT model; choosing and explaining
 
 snapshots/  repeated, differential VM snapshots (memory + U), off the host, restored (beside
             deploy)

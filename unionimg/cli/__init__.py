@@ -168,6 +168,14 @@ COMMANDS: dict[str, Lazy] = {
         "Bring VM back from a snapshot: U rebuilt from its chunks and, for a memory snapshot, "
         "the guest resumed where it was.",
     ),
+    "plan": Lazy(
+        "unionimg.cli.placement_cmd:plan_group",
+        "Plan where things go (placement of spare layers).",
+    ),
+    "simulate": Lazy(
+        "unionimg.cli.placement_cmd:simulate_group",
+        "Simulate events against a plan.",
+    ),
     "timer": Lazy(
         "unionimg.cli.timer_cmd:timer",
         "Run 'reconcile --all' unattended (systemd timer, or cron where systemd does not run).",

@@ -1,0 +1,266 @@
+"""Spare-image placement (issue 15): the seed's example rebuilt, the exact solver against the
+heuristic on seeded random clusters, property tests of the rules, bad input through the CLI.
+Pure planning: no root, no programs (CP-SAT runs in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import Cli
+from unionimg.errors import UsageError
+from unionimg.placement import exact, greedy, planner
+from unionimg.placement.example import SEED_EXAMPLE
+from unionimg.placement.generate import random_cluster
+from unionimg.placement.model import Cluster, Infeasible, Plan, evaluate, parse_cluster
+
+GB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def seed_cluster() -> Cluster:
+    return parse_cluster(SEED_EXAMPLE)
+
+
+def _rules_kept(c: Cluster, p: Plan) -> None:
+    """Rule (a) and (b) on the plan alone: no VM's part only on its own server; every
+    single failure's VMs placed within resources and disk, nothing lost."""
+    ev = evaluate(c, p)
+    for v in c.vms:
+        for part in c.chain_parts(v.name):
+            assert p.stores[part.name] - {v.server}, (v.name, part.name)
+    assert not ev.violations, ev.violations
+    for f in ev.failures:
+        assert f.restartable, (f.server, f.targets, f.lost, f.unplaced)
+        assert {v for t in f.targets for v in t.vms} == {v.name for v in c.vms_on(f.server)}
+
+
+# -- the seed's example ---------------------------------------------------------------------
+def test_seed_method_on_the_example(seed_cluster: Cluster) -> None:
+    """The seed's filters: 0 GB when Si fails (A-C on Sl, a0-a14 all there), 40 GB when Sk
+    fails with b0 split in two on Si and Sj (G on Si, H and I on Sj), as in table 1."""
+    c = seed_cluster
+    p = greedy.seed(c)
+    ev = evaluate(c, p)
+    assert ev.ok
+    assert ev.failure("Si").bytes == 0
+    assert all(
+        p.stores[pt.name] == {"Sl"}
+        for la in c.layers
+        if la.name.startswith("a")
+        for pt in c.parts_of[la.name]
+    )
+    assert {t.server: t.vms for t in ev.failure("Si").targets} == {"Sl": ("A", "B", "C")}
+    sk = ev.failure("Sk")
+    assert sk.bytes == 40 * GB
+    assert p.stores["b0/0"] == {"Si"} and p.stores["b0/1"] == {"Sj"}
+    assert {t.server: (t.vms, t.missing) for t in sk.targets} == {
+        "Si": (("G",), ("b0/1",)),
+        "Sj": (("H", "I"), ("b0/0",)),
+    }
+    assert any(r.startswith("b0 split into 2 parts on Si, Sj") for r in p.reasons)
+
+
+def test_conventional_placement_on_the_example(seed_cluster: Cluster) -> None:
+    """Balance free space: 15 GB when Si fails (three 5 GB differences elsewhere), 65 GB
+    when Sk fails (b0 and five differences), the seed's figures."""
+    c = seed_cluster
+    ev = evaluate(c, greedy.conventional(c))
+    assert ev.ok
+    si = ev.failure("Si")
+    assert si.bytes == 15 * GB and sum(len(t.missing) for t in si.targets) == 3
+    sk = ev.failure("Sk")
+    assert sk.bytes == 65 * GB
+    sent = {m for t in sk.targets for m in t.missing}
+    assert {"b0/0", "b0/1"} <= sent and len(sent) == 2 + 5
+
+
+def test_exact_beats_40_gb_on_the_example(seed_cluster: Cluster) -> None:
+    """Capacity allows a copy of b0 on both Si and Sj: the exact plan moves nothing at any
+    failure, proven optimal (bound 0), under both objectives."""
+    c = seed_cluster
+    for objective in ("worst", "total"):
+        p = planner.plan(c, "auto", objective, 30.0)
+        assert p.method == "exact" and p.status == "optimal"
+        ev = evaluate(c, p)
+        _rules_kept(c, p)
+        assert ev.worst == 0 and ev.total == 0 and p.bound == 0
+        assert p.stores["b0/0"] == p.stores["b0/1"] == {"Si", "Sj"}
+
+
+def test_every_decision_explained(seed_cluster: Cluster) -> None:
+    c = seed_cluster
+    p = planner.plan(c, "exact")
+    for la in c.layers:
+        assert any(r.startswith(f"{la.name} on ") for r in p.reasons), la.name
+    for v in c.vms:
+        assert any(f"VM {v.name} -> " in r for r in p.reasons), v.name
+
+
+# -- random clusters: exact vs heuristic ------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_optimal_and_heuristic_gap(seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """Small seeded clusters with tight disks where CP-SAT proves the optimum: its plan keeps
+    the rules and is never worse than the heuristic's (its starting hint); the heuristic's
+    gap (or that it found no plan) is reported."""
+    c = random_cluster(
+        seed,
+        servers=3 + seed % 3,
+        vms=5 + seed,
+        trees=2,
+        depth=2,
+        fanout=2,
+        disk=24 * GB,
+        load=0.45,
+        small=True,
+    )
+    try:
+        h: Plan | None = greedy.heuristic(c)
+    except Infeasible:
+        h = None
+    p = exact.solve(c, "worst", 60.0, hint=h)
+    assert p.status == "optimal", p.status
+    _rules_kept(c, p)
+    pe = evaluate(c, p)
+    assert p.bound == pe.worst  # optimal: the bound meets the plan
+    if h is not None:
+        _rules_kept(c, h)
+        he = evaluate(c, h)
+        assert pe.worst <= he.worst
+        gap = f"heuristic {he.worst / GB:.0f} GiB, gap {(he.worst - pe.worst) / GB:.0f} GiB"
+    else:
+        gap = "heuristic: no plan (its disk reserve ran out)"
+    with capsys.disabled():
+        print(
+            f"\n  seed {seed}: {len(c.servers)} servers, {len(c.vms)} VMs, {len(c.layers)} "
+            f"layers: exact worst {pe.worst / GB:.0f} GiB (optimal), {gap}"
+        )
+
+
+# -- properties -----------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    servers=st.integers(2, 5),
+    vms=st.integers(1, 8),
+    load=st.floats(0.2, 0.6),
+    method=st.sampled_from(["exact", "heuristic"]),
+)
+def test_plans_keep_the_rules(seed: int, servers: int, vms: int, load: float, method: str) -> None:
+    """Whatever the cluster, a plan either keeps both rules (no VM's recovery data only on
+    its own server; every single failure recoverable within capacities) or is refused as
+    infeasible in one line; never a plan that breaks them."""
+    try:
+        c = random_cluster(
+            seed, servers, vms, trees=2, depth=2, fanout=2, disk=80 * GB, load=load, small=True
+        )
+        p = planner.plan(c, method, "worst", 20.0)
+    except Infeasible as exc:
+        assert exc.message.startswith("infeasible: ")
+        return
+    _rules_kept(c, p)
+
+
+# -- bad input and infeasible capacities --------------------------------------------------
+def _replace(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def test_infeasible_disk_names_the_binding_constraint() -> None:
+    c = parse_cluster(SEED_EXAMPLE.replace('disk = "270G"', 'disk = "160G"'))
+    with pytest.raises(Infeasible, match=r"^infeasible: .*disk .* is the binding constraint"):
+        planner.plan(c, "exact", "worst", 20.0)
+
+
+def test_infeasible_cpu_at_parse() -> None:
+    text = _replace(SEED_EXAMPLE, "cpu = 32, memory", "cpu = 12, memory")
+    text = _replace(
+        text, '{ name = "Sj", disk = "270G", cpu = 20', '{ name = "Sj", disk = "270G", cpu = 12'
+    )
+    with pytest.raises(
+        Infeasible,
+        match=r"^infeasible: when server Si fails its VMs need cpu 12 and the other "
+        r"servers have 8 left \(cpu is the binding constraint\)",
+    ):
+        parse_cluster(text)
+
+
+BAD = [
+    (('layer = "a3",  image = "40G"', 'layer = "a3",  image = "-40G"'), "negative size"),
+    (
+        (
+            '{ name = "a1", size = "5G", parent = "a0" }',
+            '{ name = "a1", size = "5G", parent = "zz" }',
+        ),
+        "unknown parent 'zz'",
+    ),
+    (
+        ('{ name = "a0", size = "40G" }', '{ name = "a0", size = "40G", parent = "a3" }'),
+        "layers' parents form a cycle: a0 -> a3 -> a1 -> a0",
+    ),
+    (('layer = "a3",', 'layer = "nope",'), "VM 'A' needs unknown layer 'nope'"),
+    (('server = "Si", layer = "a3"', 'server = "Sz", layer = "a3"'), "unknown server 'Sz'"),
+    (('{ name = "B", server', '{ name = "A", server'), "VM 'A' is listed twice"),
+    (("split_parts = 2 ", "split_parts = 0 "), "split_parts must be"),
+    (('{ name = "a1", size = "5G"', '{ name = "a1", size = "5 apples"'), "is not a size"),
+    (("[placement]", "[placement\n"), "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_cluster_refused(edit: tuple[str, str], message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_cluster(_replace(SEED_EXAMPLE, *edit))
+
+
+def _file(tmp_path: Path, text: str) -> str:
+    f = tmp_path / "cluster.toml"
+    f.write_text(text)
+    return str(f)
+
+
+@pytest.mark.parametrize(("edit", "message"), BAD[:4], ids=[m for _, m in BAD[:4]])
+def test_bad_cluster_cli_one_line(
+    cli: Cli, tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    res = cli.fails(
+        "plan", "placement", "--cluster", _file(tmp_path, _replace(SEED_EXAMPLE, *edit)), code=2
+    )
+    assert message in res.output
+
+
+def test_cli_infeasible_and_missing(cli: Cli, tmp_path: Path) -> None:
+    small = SEED_EXAMPLE.replace('disk = "270G"', 'disk = "160G"')
+    res = cli.fails(
+        "plan", "placement", "--cluster", _file(tmp_path, small), "--method", "exact", code=2
+    )
+    assert "infeasible:" in res.output and "binding constraint" in res.output
+    res = cli.fails("plan", "placement", "--cluster", str(tmp_path / "none.toml"), code=2)
+    assert "does not exist" in res.output
+    res = cli.fails("simulate", "failure", "Sz", "--cluster", _file(tmp_path, SEED_EXAMPLE), code=3)
+    assert "server Sz is not in" in res.output
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+def test_cli_plan_and_simulate(cli: Cli, tmp_path: Path) -> None:
+    f = _file(tmp_path, SEED_EXAMPLE)
+    data = json.loads(cli.ok("plan", "placement", "--cluster", f, "--json", "--compare").output)
+    assert data["method"] == "exact" and data["status"] == "optimal" and data["worst_bytes"] == 0
+    assert data["compare"]["seed"]["worst_bytes"] == 40 * GB
+    assert data["compare"]["conventional"]["worst_bytes"] == 65 * GB
+    assert data["failures"]["Sk"]["restartable"] is True
+    out = cli.ok("simulate", "failure", "Sk", "--cluster", f, "--method", "seed").output
+    assert "G -> Si (needs b0/1 sent)" in out
+    assert f"bytes moved: {40 * GB} (40 GiB)" in out and "every VM restarts: yes" in out
+    sim = json.loads(
+        cli.ok(
+            "simulate", "failure", "Si", "--cluster", f, "--method", "conventional", "--json"
+        ).output
+    )
+    assert sim["bytes"] == 15 * GB and sim["vms"] == {"A": "Sl", "B": "Sl", "C": "Sl"}
+    assert sim["restartable"] is True

@@ -1,0 +1,418 @@
+"""Greedy planners (pure): the seed's four filters, the conventional "balance free space"
+baseline, and the fast heuristic for clusters too large for the exact solver; plus the
+recovery assignment they share (which server takes each VM of a failed one).
+
+Each returns a :class:`~unionimg.placement.model.Plan` whose ``reasons`` say, one line per
+decision, which rule chose it; :func:`~unionimg.placement.model.evaluate` does the counting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from unionimg.placement.model import (
+    RESOURCES,
+    Cluster,
+    Infeasible,
+    Plan,
+    gib,
+    stored_bytes,
+)
+
+
+# -- shared bookkeeping ---------------------------------------------------------------------
+@dataclass
+class _State:
+    """Stores as they are being decided, with per-server stored bytes kept current."""
+
+    c: Cluster
+    stores: dict[str, set[str]] = field(default_factory=dict)
+    stored: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stored = {s.name: 0 for s in self.c.servers}
+        self.size = {p.name: p.size for p in self.c.parts()}
+
+    def put(self, part: str, server: str) -> None:
+        if server not in self.stores.setdefault(part, set()):
+            self.stores[part].add(server)
+            self.stored[server] += self.size[part]
+
+    def free(self, server: str) -> int:
+        return self.c.server(server).disk - self.c.running_image(server) - self.stored[server]
+
+    def frozen(self) -> dict[str, frozenset[str]]:
+        return {p: frozenset(s) for p, s in self.stores.items()}
+
+
+def _fits(c: Cluster, target: str, vms: Iterable[str]) -> str:
+    """The first resource (cpu, memory, disk_io, net_io) these VMs together exceed on
+    ``target`` beside its own VMs, or "" when they fit."""
+    vs = [c.vm(v) for v in vms]
+    for r in RESOURCES:
+        left = c.headroom(target, r)
+        if left is not None and sum(v.needs.get(r, 0.0) for v in vs) > left + 1e-9:
+            return r
+    return ""
+
+
+def recover(
+    c: Cluster,
+    stores: Mapping[str, frozenset[str] | set[str]],
+    failed: str,
+    prefer: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Which server takes each VM of ``failed``: biggest chains first, each to the server
+    that fits it (resources and disk, with what is sent to it) and lacks the fewest bytes of
+    its chain (ties: the preferred home, then most CPU left). One reason line per VM."""
+    stored = stored_bytes(c, {p: frozenset(s) for p, s in stores.items()})
+    size = {p.name: p.size for p in c.parts()}
+    taken: dict[str, list[str]] = {s.name: [] for s in c.servers}
+    missing: dict[str, set[str]] = {s.name: set() for s in c.servers}
+    image: dict[str, int] = {s.name: 0 for s in c.servers}
+    out: dict[str, str] = {}
+    why: list[str] = []
+    vms = sorted(c.vms_on(failed), key=lambda v: -sum(p.size for p in c.chain_parts(v.name)))
+    for v in vms:
+        best: tuple[tuple[int, int, float], str, int, str] | None = None
+        for s in c.servers:
+            t = s.name
+            if t == failed:
+                continue
+            if _fits(c, t, [*taken[t], v.name]):
+                continue
+            lack = {p.name for p in c.chain_parts(v.name) if t not in stores.get(p.name, ())}
+            add = sum(size[p] for p in lack - missing[t])
+            sent = sum(size[p] for p in missing[t]) + add if c.transfer_kept else 0
+            disk = c.running_image(t) + stored[t] + sent + image[t] + v.image
+            if disk > s.disk:
+                continue
+            home = 0 if prefer is not None and prefer.get(v.name) == t else 1
+            key = (add, home, -(c.headroom(t, "cpu") or 0.0))
+            if best is None or key < best[0]:
+                best = (key, t, add, "")
+        if best is None:
+            reason = next(
+                (
+                    r
+                    for s in c.servers
+                    if s.name != failed
+                    for r in [_fits(c, s.name, [*taken[s.name], v.name]) or "disk"]
+                ),
+                "disk",
+            )
+            why.append(f"{failed} fails: VM {v.name} fits no server ({reason} is short)")
+            continue
+        _, t, add, _ = best
+        taken[t].append(v.name)
+        image[t] += v.image
+        missing[t] |= {p.name for p in c.chain_parts(v.name) if t not in stores.get(p.name, ())}
+        out[v.name] = t
+        why.append(
+            f"{failed} fails: VM {v.name} -> {t}: it fits there and lacks "
+            + (f"{gib(add)} of its chain" if add else "nothing of its chain")
+        )
+    return out, why
+
+
+def _recoveries(
+    c: Cluster,
+    stores: Mapping[str, frozenset[str] | set[str]],
+    prefer: Mapping[str, str] | None = None,
+) -> tuple[dict[str, dict[str, str]], list[str]]:
+    rec: dict[str, dict[str, str]] = {}
+    why: list[str] = []
+    for f in c.servers:
+        rec[f.name], w = recover(c, stores, f.name, prefer)
+        why += w
+    return rec, why
+
+
+def _candidates(c: Cluster, layer: str) -> tuple[list[str], bool]:
+    """Rule (a): servers running no VM that needs the layer; all of them (and two copies)
+    when every server runs one."""
+    running = {c.vm(v).server for v in c.needers(layer)}
+    cand = [s.name for s in c.servers if s.name not in running]
+    return (cand, False) if cand else ([s.name for s in c.servers], True)
+
+
+def _reserve(c: Cluster, x: str) -> int:
+    """The largest sum of images of one other server's VMs that ``x``'s resources can take
+    (biggest images first)."""
+    worst = 0
+    for f in c.servers:
+        if f.name == x:
+            continue
+        took: list[str] = []
+        for v in sorted(c.vms_on(f.name), key=lambda v: -v.image):
+            if not _fits(c, x, [*took, v.name]):
+                took.append(v.name)
+        worst = max(worst, sum(c.vm(v).image for v in took))
+    return worst
+
+
+# -- the conventional baseline ----------------------------------------------------------------
+def conventional(c: Cluster) -> Plan:
+    """Each layer whole on the server with the most free disk among those running no VM that
+    needs it (two copies where every server runs one): free space kept even, nothing else
+    known. Recovery afterwards: each VM to the server that lacks least of its chain."""
+    t0 = time.monotonic()
+    st = _State(c)
+    reserve = {s.name: _reserve(c, s.name) for s in c.servers}
+    for la in c.layers:
+        cand, twice = _candidates(c, la.name)
+        # "at least the VMs still start at recovery": keep room for the images a server's
+        # resources let it take; the rest of the disk is balanced
+        fit = [s for s in cand if st.free(s) - la.size >= reserve[s]] or cand
+        order = sorted(fit, key=lambda s: -st.free(s))
+        chosen = order[: 2 if twice else 1]
+        for s in chosen:
+            for p in c.parts_of[la.name]:
+                st.put(p.name, s)
+        st.reasons.append(
+            f"{la.name} -> {', '.join(chosen)}: most free disk among servers running none of "
+            f"its VMs ({gib(st.free(chosen[0]) + la.size)} free before)"
+        )
+    rec, why = _recoveries(c, st.stores)
+    return Plan(
+        "conventional",
+        "none",
+        st.frozen(),
+        rec,
+        tuple(st.reasons + why),
+        "heuristic",
+        None,
+        time.monotonic() - t0,
+    )
+
+
+# -- the seed's method --------------------------------------------------------------------
+def seed(c: Cluster) -> Plan:
+    """The seed's filters, layer by layer in registration order (the file's order):
+    (a) servers running no VM that needs the layer (all, with two copies, if none);
+    (b) of those, servers that can still take, at any other server's failure, the VMs whose
+        data they hold (their recovery home) with this layer stored; if disk is short for
+        every one, the layer is split into its parts over several candidates;
+    (c) of those, the server already home to most of the layer's VMs (gather shared data),
+        then the one with most free disk."""
+    t0 = time.monotonic()
+    st = _State(c)
+    home: dict[str, str] = {}
+
+    def takes(x: str, extra: int, new: Iterable[str]) -> str:
+        """'' if x can hold ``extra`` more bytes and be home to ``new`` VMs too, else why not."""
+        mine = [v for v, h in home.items() if h == x] + [v for v in new if v not in home]
+        worst_image = 0
+        for f in c.servers:
+            if f.name == x:
+                continue
+            group = [v for v in mine if c.vm(v).server == f.name]
+            short = _fits(c, x, group)
+            if short:
+                return short
+            worst_image = max(worst_image, sum(c.vm(v).image for v in group))
+        return "disk" if st.free(x) - extra - worst_image < 0 else ""
+
+    for la in c.layers:
+        needers = c.needers(la.name)
+        cand, twice = _candidates(c, la.name)
+        homeless = [v for v in needers if v not in home]
+        if not needers:
+            s = max(cand, key=st.free)
+            for p in c.parts_of[la.name]:
+                st.put(p.name, s)
+            st.reasons.append(f"{la.name} -> {s}: no VM needs it; most free disk")
+            continue
+        ok = [x for x in cand if not takes(x, la.size, homeless)]
+        if ok:
+            gathered = {x: sum(1 for v in needers if home.get(v) == x) for x in ok}
+            ok.sort(key=lambda x: (-gathered[x], -st.free(x)))
+            chosen = ok[: 2 if twice else 1]
+            for x in chosen:
+                for p in c.parts_of[la.name]:
+                    st.put(p.name, x)
+            for v in homeless:
+                home[v] = chosen[0]
+            why = (
+                f"(c) home of {gathered[chosen[0]]} of its VMs"
+                if gathered[chosen[0]]
+                else "(c) most free disk"
+            )
+            st.reasons.append(
+                f"{la.name} -> {', '.join(chosen)}: (a) runs none of its VMs"
+                + (" (every server runs one: two copies)" if twice else "")
+                + f"; (b) can still take their recovery; {why}"
+            )
+            continue
+        blocked = {x: takes(x, la.size, homeless) for x in cand}
+        parts = c.parts_of[la.name]
+        if len(parts) > 1:
+            # split: each part to another candidate, each taking the homeless VMs it can
+            holders: list[str] = []
+            for x in sorted(cand, key=lambda s: -st.free(s)):
+                if len(holders) == len(parts):
+                    break
+                if takes(x, parts[len(holders)].size, []):
+                    continue
+                mine = [v for v in homeless if v not in home]
+                for v in mine:
+                    if not takes(x, parts[len(holders)].size, [v]):
+                        home[v] = x
+                holders.append(x)
+            if len(holders) == len(parts):
+                for p, x in zip(parts, holders, strict=True):
+                    st.put(p.name, x)
+                for v in homeless:
+                    home.setdefault(v, holders[0])
+                st.reasons.append(
+                    f"{la.name} split into {len(parts)} parts on {', '.join(holders)}: (b) no "
+                    "candidate can hold it whole and take all its VMs at a failure "
+                    f"({', '.join(sorted(set(blocked.values())))} short)"
+                )
+                continue
+        # nothing passes (b): the seed calls this unstorable; we keep it where most disk is free
+        x = max(cand, key=st.free)
+        for p in parts:
+            st.put(p.name, x)
+        for v in homeless:
+            home[v] = x
+        st.reasons.append(
+            f"{la.name} -> {x}: no candidate passes (b) ({', '.join(sorted(set(blocked.values())))}"
+            " short); kept where most disk is free"
+        )
+    rec, why2 = _recoveries(c, st.stores, home)
+    return Plan(
+        "seed",
+        "none",
+        st.frozen(),
+        rec,
+        tuple(st.reasons + why2),
+        "heuristic",
+        None,
+        time.monotonic() - t0,
+    )
+
+
+# -- the heuristic for large clusters ---------------------------------------------------------
+def heuristic(c: Cluster) -> Plan:
+    """Recovery homes first, data second: for each failure, the failed server's VMs go (big
+    chains first) to the server that already holds most of their chain and can take them;
+    their chain is then copied there if disk allows (zero transfer for them), else left where it
+    is (moved at recovery). Finally every part gets a copy off each server running a VM that
+    needs it (rule a). One pass, no search: O(VMs x servers x chain length)."""
+    t0 = time.monotonic()
+    st = _State(c)
+    size = st.size
+    res_used: dict[tuple[str, str], dict[str, float]] = {}  # (failed, target) -> resource sums
+    img_used: dict[tuple[str, str], int] = {}  # (failed, target) -> recovered images + moved
+    worst_extra: dict[str, int] = {s.name: 0 for s in c.servers}
+    rec: dict[str, dict[str, str]] = {s.name: {} for s in c.servers}
+    headroom = {(s.name, r): c.headroom(s.name, r) for s in c.servers for r in RESOURCES}
+    running = {s.name: c.running_image(s.name) for s in c.servers}
+    disk = {s.name: s.disk for s in c.servers}
+    chain = {v.name: c.chain_parts(v.name) for v in c.vms}
+    homes: dict[str, str] = {}
+    for f in c.servers:
+        vms = sorted(c.vms_on(f.name), key=lambda v: -sum(p.size for p in chain[v.name]))
+        for v in vms:
+            # each target that can take v: by copying v's missing parts there now (moves
+            # nothing at recovery) or, if disk is short for that, by sending them then
+            best: tuple[tuple[int, int, int], str, bool] | None = None
+            for s in c.servers:
+                t = s.name
+                if t == f.name:
+                    continue
+                used = res_used.get((f.name, t), {})
+                if any(
+                    headroom[t, r] is not None
+                    and used.get(r, 0.0) + v.needs.get(r, 0.0) > (headroom[t, r] or 0.0) + 1e-9
+                    for r in RESOURCES
+                ):
+                    continue
+                lack = sum(p.size for p in chain[v.name] if t not in st.stores.get(p.name, ()))
+                room = disk[t] - running[t] - st.stored[t]
+                extra = img_used.get((f.name, t), 0) + v.image
+                if room - lack >= max(worst_extra[t], extra):
+                    key = (0, lack, -room)
+                elif room >= max(worst_extra[t], extra + (lack if c.transfer_kept else 0)):
+                    key = (lack, lack, -room)
+                else:
+                    continue
+                if best is None or key < best[0]:
+                    best = (key, t, key[0] == 0)
+            if best is None:
+                raise Infeasible(
+                    f"infeasible: when server {f.name} fails, VM {v.name} fits no other "
+                    "server (the heuristic found no resources or disk left for it); try "
+                    "--method exact"
+                )
+            _, t, copy = best
+            used = res_used.setdefault((f.name, t), {})
+            for r in RESOURCES:
+                used[r] = used.get(r, 0.0) + v.needs.get(r, 0.0)
+            rec[f.name][v.name] = t
+            homes.setdefault(v.name, t)
+            lacking = [p for p in chain[v.name] if t not in st.stores.get(p.name, ())]
+            need = sum(p.size for p in lacking)
+            extra = img_used.get((f.name, t), 0) + v.image
+            if copy:
+                for p in lacking:
+                    st.put(p.name, t)
+                img_used[f.name, t] = extra
+                worst_extra[t] = max(worst_extra[t], extra)
+                st.reasons.append(
+                    f"{f.name} fails: VM {v.name} -> {t}: fewest bytes to add and room for "
+                    f"them; {len(lacking)} part(s) copied there so it moves nothing"
+                )
+            else:
+                kept = need if c.transfer_kept else 0
+                img_used[f.name, t] = extra + kept
+                worst_extra[t] = max(worst_extra[t], extra + kept)
+                st.reasons.append(
+                    f"{f.name} fails: VM {v.name} -> {t}: no server has disk to hold its chain "
+                    f"beforehand; the least ({gib(need)}) moves at recovery"
+                )
+    # rule (a): a copy of every needed part off each server running a VM that needs it
+    for v in c.vms:
+        for p in chain[v.name]:
+            if st.stores.get(p.name, set()) - {v.server}:
+                continue
+            t = max(
+                (s.name for s in c.servers if s.name != v.server),
+                key=lambda s: disk[s] - running[s] - st.stored[s] - worst_extra[s],
+            )
+            if disk[t] - running[t] - st.stored[t] - worst_extra[t] < size[p.name]:
+                raise Infeasible(
+                    f"infeasible: no server besides {v.server} has disk for part {p.name} of "
+                    f"VM {v.name}'s chain (disk is the binding constraint)"
+                )
+            st.put(p.name, t)
+            st.reasons.append(
+                f"{p.name} -> {t}: (a) its only copy was on {v.server}, VM "
+                f"{v.name}'s server; most free disk"
+            )
+    for la in c.layers:  # layers no VM needs: once, where most disk is free
+        for p in c.parts_of[la.name]:
+            if p.name not in st.stores:
+                t = max((s.name for s in c.servers), key=lambda s: st.free(s) - worst_extra[s])
+                if st.free(t) - worst_extra[t] < p.size:
+                    raise Infeasible(
+                        f"infeasible: no server has disk left for part {p.name} (no VM needs "
+                        "it; disk is the binding constraint)"
+                    )
+                st.put(p.name, t)
+                st.reasons.append(f"{p.name} -> {t}: no VM needs it; most free disk")
+    # the recovery is the homes chosen above: the copies added since only lower its transfer
+    return Plan(
+        "heuristic",
+        "worst",
+        st.frozen(),
+        rec,
+        tuple(st.reasons),
+        "heuristic",
+        None,
+        time.monotonic() - t0,
+    )

@@ -1,0 +1,500 @@
+"""The placement model (pure): a cluster read from TOML, validated, and the evaluation of any
+plan against it. No files, no programs: the CLI reads the file and hands the text here.
+
+A cluster is servers (disk and four resource capacities), the VMs running on them (each with
+its needs and its top layer) and the layers (size, parent): a VM needs its top layer and every
+parent of it, its *chain*. A layer at least ``split_min`` bytes large is modelled as
+``split_parts`` equal parts (the seed's b0/0, b0/1), each stored on one or more servers; a
+smaller layer is one part. Every rule a plan must keep is checked by :func:`evaluate`, which
+all the planners share, so a planner's own bookkeeping is never trusted for the figures.
+
+Recovery transfer of a failure: for each server that takes VMs of the failed one, the parts of
+those VMs' chains it does not hold, each counted once per receiving server (bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from unionimg.errors import UsageError
+
+RESOURCES: Final = ("cpu", "memory", "disk_io", "net_io")
+_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE: Final = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[KMGTP]?)(?:i?B)?", re.I)
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
+MAX_BYTES: Final = 1 << 62
+
+
+class Infeasible(UsageError):
+    """No placement can keep the rules with these capacities (names the binding constraint):
+    the cluster the user gave is not acceptable as it is (exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    name: str
+    disk: int
+    caps: Mapping[str, float | None]  # resource -> capacity (None: not limited)
+
+
+@dataclass(frozen=True, slots=True)
+class VM:
+    name: str
+    server: str
+    layer: str  # the top layer
+    image: int  # disk the VM takes on a server besides its layers
+    needs: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    name: str
+    size: int
+    parent: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    name: str  # "b0" (whole) or "b0/0", "b0/1"
+    layer: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    servers: tuple[Server, ...]
+    vms: tuple[VM, ...]
+    layers: tuple[Layer, ...]  # in registration order (the file's order)
+    split_parts: int = 2
+    split_min: int = MAX_BYTES
+    transfer_kept: bool = True  # parts sent at recovery stay on the receiving server's disk
+    # derived (filled by cluster()):
+    parts_of: Mapping[str, tuple[Part, ...]] = field(default_factory=dict)
+    chain: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # vm -> layers, root first
+    index: Mapping[str, object] = field(default_factory=dict)  # name -> Server/VM/Layer
+
+    def server(self, name: str) -> Server:
+        s = self.index[f"s:{name}"]
+        assert isinstance(s, Server)
+        return s
+
+    def vm(self, name: str) -> VM:
+        v = self.index[f"v:{name}"]
+        assert isinstance(v, VM)
+        return v
+
+    def layer(self, name: str) -> Layer:
+        la = self.index[f"l:{name}"]
+        assert isinstance(la, Layer)
+        return la
+
+    def vms_on(self, server: str) -> tuple[VM, ...]:
+        on = self.index[f"on:{server}"]
+        assert isinstance(on, tuple)
+        return on
+
+    def parts(self) -> tuple[Part, ...]:
+        return tuple(p for la in self.layers for p in self.parts_of[la.name])
+
+    def chain_parts(self, vm: str) -> tuple[Part, ...]:
+        return tuple(p for la in self.chain[vm] for p in self.parts_of[la])
+
+    def needers(self, layer: str) -> tuple[str, ...]:
+        n = self.index[f"n:{layer}"]
+        assert isinstance(n, tuple)
+        return n
+
+    def running_image(self, server: str) -> int:
+        return sum(v.image for v in self.vms_on(server))
+
+    def headroom(self, server: str, resource: str) -> float | None:
+        """What is left of a resource on a server with its own VMs running (None: no limit)."""
+        cap = self.server(server).caps.get(resource)
+        if cap is None:
+            return None
+        return cap - sum(v.needs.get(resource, 0.0) for v in self.vms_on(server))
+
+
+# -- reading --------------------------------------------------------------------------------
+def parse_bytes(value: object, what: str) -> int:
+    """An integer (bytes) or text like ``40G``, ``1.5T`` (binary units)."""
+    if isinstance(value, bool):
+        raise UsageError(f"{what}: {value!r} is not a size; give bytes or e.g. '40G'")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
+        n = math.floor(float(m.group("num")) * _UNITS[m.group("unit").upper()])
+    elif isinstance(value, str) and value.strip().startswith("-"):
+        raise UsageError(f"{what}: negative size {value!r}; sizes are 0 or more")
+    else:
+        raise UsageError(f"{what}: {value!r} is not a size; give bytes or e.g. '40G'")
+    if n < 0:
+        raise UsageError(f"{what}: negative size {value!r}; sizes are 0 or more")
+    if n > MAX_BYTES:
+        raise UsageError(f"{what}: {value!r} is too large (at most 4 EiB)")
+    return n
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"{what}: {value!r} is not a number")
+    if value < 0:
+        raise UsageError(f"{what}: negative value {value!r}; capacities and needs are 0 or more")
+    return float(value)
+
+
+def _resource(value: object, resource: str, what: str) -> float:
+    # memory is a size like the disks; the others plain numbers in the file's own units
+    return float(parse_bytes(value, what)) if resource == "memory" else _number(value, what)
+
+
+def _name(table: Mapping[str, object], what: str) -> str:
+    name = table.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise UsageError(f"{what}: 'name' must be 1-128 letters, digits or ._:@/+- (got {name!r})")
+    return name
+
+
+def _tables(doc: Mapping[str, object], key: str) -> list[Mapping[str, object]]:
+    items = doc.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
+        raise UsageError(f"'{key}' must be an array of tables ([[{key}]])")
+    return list(items)
+
+
+def _known(table: Mapping[str, object], allowed: set[str], what: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise UsageError(f"{what}: unknown key {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_cluster(text: str, source: str = "cluster") -> Cluster:
+    """The cluster of a TOML text (format: docs/placement.md), validated; UsageError (exit 2)
+    for bad input, :class:`Infeasible` (exit 7) when capacities cannot hold it even at rest."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{source}: not valid TOML: {exc}") from None
+    _known(doc, {"placement", "server", "vm", "layer"}, source)
+    settings = doc.get("placement", {})
+    if not isinstance(settings, dict):
+        raise UsageError(f"{source}: [placement] must be a table")
+    _known(settings, {"split_parts", "split_min", "transfer_kept"}, f"{source} [placement]")
+    kept = settings.get("transfer_kept", True)
+    if not isinstance(kept, bool):
+        raise UsageError(f"{source}: transfer_kept must be true or false")
+    parts = settings.get("split_parts", 2)
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= 8:
+        raise UsageError(f"{source}: split_parts must be a whole number from 1 to 8")
+    split_min = parse_bytes(settings.get("split_min", MAX_BYTES), f"{source}: split_min")
+
+    servers: list[Server] = []
+    for t in _tables(doc, "server"):
+        what = f"{source}: server {t.get('name')!r}"
+        _known(t, {"name", "disk", *RESOURCES}, what)
+        if "disk" not in t:
+            raise UsageError(f"{what}: 'disk' (its capacity) is missing")
+        caps = {r: (_resource(t[r], r, f"{what} {r}") if r in t else None) for r in RESOURCES}
+        servers.append(Server(_name(t, "server"), parse_bytes(t["disk"], f"{what} disk"), caps))
+    layers: list[Layer] = []
+    for t in _tables(doc, "layer"):
+        what = f"{source}: layer {t.get('name')!r}"
+        _known(t, {"name", "size", "parent"}, what)
+        parent = t.get("parent")
+        if parent is not None and (not isinstance(parent, str) or not parent):
+            raise UsageError(f"{what}: 'parent' must be a layer's name")
+        layers.append(Layer(_name(t, "layer"), parse_bytes(t.get("size"), f"{what} size"), parent))
+    vms: list[VM] = []
+    for t in _tables(doc, "vm"):
+        what = f"{source}: VM {t.get('name')!r}"
+        _known(t, {"name", "server", "layer", "image", *RESOURCES}, what)
+        for key in ("server", "layer"):
+            if not isinstance(t.get(key), str):
+                raise UsageError(f"{what}: '{key}' (a name) is missing")
+        needs = {r: _resource(t[r], r, f"{what} {r}") for r in RESOURCES if r in t}
+        vms.append(
+            VM(
+                _name(t, "vm"),
+                str(t["server"]),
+                str(t["layer"]),
+                parse_bytes(t.get("image", 0), f"{what} image"),
+                needs,
+            )
+        )
+    return cluster(servers, vms, layers, parts, split_min, source, kept)
+
+
+def cluster(
+    servers: Sequence[Server],
+    vms: Sequence[VM],
+    layers: Sequence[Layer],
+    split_parts: int = 2,
+    split_min: int = MAX_BYTES,
+    source: str = "cluster",
+    transfer_kept: bool = True,
+) -> Cluster:
+    """A validated cluster with its derived tables (parts, chains)."""
+    for kind, names in (
+        ("server", [s.name for s in servers]),
+        ("VM", [v.name for v in vms]),
+        ("layer", [la.name for la in layers]),
+    ):
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise UsageError(f"{source}: {kind} {n!r} is listed twice; names are unique")
+            seen.add(n)
+    if len(servers) < 2:
+        raise UsageError(f"{source}: a cluster needs at least 2 servers to survive a failure")
+    by_layer = {la.name: la for la in layers}
+    server_names = {s.name for s in servers}
+    for la in layers:
+        if la.parent is not None and la.parent not in by_layer:
+            raise UsageError(f"{source}: layer {la.name!r} has unknown parent {la.parent!r}")
+    for la in layers:  # a cycle: walking up from a layer comes back to it
+        seen_chain = [la.name]
+        cur = la.parent
+        while cur is not None:
+            if cur in seen_chain:
+                loop = " -> ".join([*seen_chain[seen_chain.index(cur) :], cur])
+                raise UsageError(f"{source}: layers' parents form a cycle: {loop}")
+            seen_chain.append(cur)
+            cur = by_layer[cur].parent
+    chains: dict[str, tuple[str, ...]] = {}
+    for v in vms:
+        if v.server not in server_names:
+            raise UsageError(f"{source}: VM {v.name!r} runs on unknown server {v.server!r}")
+        if v.layer not in by_layer:
+            raise UsageError(f"{source}: VM {v.name!r} needs unknown layer {v.layer!r}")
+        up: list[str] = []
+        cur2: str | None = v.layer
+        while cur2 is not None:
+            up.append(cur2)
+            cur2 = by_layer[cur2].parent
+        chains[v.name] = tuple(reversed(up))
+    parts_of: dict[str, tuple[Part, ...]] = {}
+    for la in layers:
+        k = split_parts if la.size >= split_min and la.size >= split_parts else 1
+        if k == 1:
+            parts_of[la.name] = (Part(la.name, la.name, la.size),)
+        else:
+            base = la.size // k
+            sizes = [base] * (k - 1) + [la.size - base * (k - 1)]
+            parts_of[la.name] = tuple(
+                Part(f"{la.name}/{i}", la.name, sz) for i, sz in enumerate(sizes)
+            )
+    index: dict[str, object] = {}
+    for s in servers:
+        index[f"s:{s.name}"] = s
+        index[f"on:{s.name}"] = tuple(v for v in vms if v.server == s.name)
+    for v in vms:
+        index[f"v:{v.name}"] = v
+    needers: dict[str, list[str]] = {la.name: [] for la in layers}
+    for v in vms:
+        for name in chains[v.name]:
+            needers[name].append(v.name)
+    for la in layers:
+        index[f"l:{la.name}"] = la
+        index[f"n:{la.name}"] = tuple(needers[la.name])
+    c = Cluster(
+        tuple(servers),
+        tuple(vms),
+        tuple(layers),
+        split_parts,
+        split_min,
+        transfer_kept,
+        parts_of,
+        chains,
+        index,
+    )
+    at_rest(c)
+    return c
+
+
+def at_rest(c: Cluster) -> None:
+    """Infeasible when a server cannot even run its own VMs, or a VM fits no other server."""
+    for s in c.servers:
+        for r in RESOURCES:
+            left = c.headroom(s.name, r)
+            if left is not None and left < 0:
+                raise Infeasible(
+                    f"infeasible: server {s.name} runs VMs needing {r} "
+                    f"{fmt(r, (s.caps[r] or 0.0) - left)} over its {fmt(r, s.caps[r] or 0.0)} "
+                    f"({r} of {s.name} is the binding constraint); move VMs or raise it"
+                )
+        if c.running_image(s.name) > s.disk:
+            raise Infeasible(
+                f"infeasible: the VM images on server {s.name} need "
+                f"{gib(c.running_image(s.name))} of its {gib(s.disk)} disk (binding: disk)"
+            )
+    for v in c.vms:
+        for r in RESOURCES:
+            need = v.needs.get(r, 0.0)
+            room = [c.headroom(s.name, r) for s in c.servers if s.name != v.server]
+            if need and all(h is not None and h < need for h in room):
+                best = max(h for h in room if h is not None)
+                raise Infeasible(
+                    f"infeasible: VM {v.name} needs {r} {fmt(r, need)} and no other server "
+                    f"has that much left (at most {fmt(r, best)}): {r} is the binding "
+                    "constraint when its server fails"
+                )
+    for f in c.servers:  # the VMs of one failed server, all together, against the others
+        for r in RESOURCES:
+            need = sum(v.needs.get(r, 0.0) for v in c.vms_on(f.name))
+            rooms = [c.headroom(s.name, r) for s in c.servers if s.name != f.name]
+            if need and None not in rooms and sum(h or 0.0 for h in rooms) < need:
+                raise Infeasible(
+                    f"infeasible: when server {f.name} fails its VMs need {r} {fmt(r, need)} "
+                    f"and the other servers have {fmt(r, sum(h or 0.0 for h in rooms))} left "
+                    f"({r} is the binding constraint)"
+                )
+
+
+def gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n % (1 << 30) else f"{int(n) >> 30} GiB"
+
+
+def fmt(resource: str, value: float) -> str:
+    return gib(value) if resource == "memory" else f"{value:g}"
+
+
+# -- plans and their evaluation ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where each part is stored (its copies) and, per failed server, where each of its VMs
+    recovers; ``reasons`` one line per decision; the solver's bound when it has one."""
+
+    method: str
+    objective: str
+    stores: Mapping[str, frozenset[str]]  # part name -> servers holding a copy
+    recovery: Mapping[str, Mapping[str, str]]  # failed server -> VM -> target server
+    reasons: tuple[str, ...] = ()
+    status: str = "heuristic"  # optimal | feasible | heuristic | infeasible
+    bound: int | None = None  # a proven lower bound of the objective (bytes), if any
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TargetLoad:
+    server: str
+    vms: tuple[str, ...]
+    missing: tuple[str, ...]  # parts sent to it
+    bytes: int
+    over: tuple[str, ...]  # resources over capacity ("" when it fits)
+
+
+@dataclass(frozen=True, slots=True)
+class FailureOutcome:
+    server: str
+    targets: tuple[TargetLoad, ...]
+    lost: tuple[str, ...]  # parts no surviving server holds
+    unplaced: tuple[str, ...]  # VMs with no target
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.bytes for t in self.targets)
+
+    @property
+    def restartable(self) -> bool:
+        return not self.lost and not self.unplaced and not any(t.over for t in self.targets)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    failures: tuple[FailureOutcome, ...]
+    stored: Mapping[str, int]  # server -> bytes of parts stored
+    violations: tuple[str, ...]  # rule (a) and at-rest disk
+
+    @property
+    def worst(self) -> int:
+        return max((f.bytes for f in self.failures), default=0)
+
+    @property
+    def total(self) -> int:
+        return sum(f.bytes for f in self.failures)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and all(f.restartable for f in self.failures)
+
+    def failure(self, server: str) -> FailureOutcome:
+        return next(f for f in self.failures if f.server == server)
+
+
+def stored_bytes(c: Cluster, stores: Mapping[str, frozenset[str]]) -> dict[str, int]:
+    size = {p.name: p.size for p in c.parts()}
+    out = {s.name: 0 for s in c.servers}
+    for part, where in stores.items():
+        for s in where:
+            out[s] += size[part]
+    return out
+
+
+def load_of(
+    c: Cluster,
+    stores: Mapping[str, frozenset[str]],
+    failed: str,
+    target: str,
+    vms: Sequence[str],
+    stored: Mapping[str, int],
+) -> TargetLoad:
+    """What taking ``vms`` (of failed server ``failed``) does to ``target``."""
+    need = {p.name: p.size for v in vms for p in c.chain_parts(v)}
+    missing = tuple(sorted(p for p in need if target not in stores.get(p, frozenset())))
+    moved = sum(need[p] for p in missing)
+    over: list[str] = []
+    for r in RESOURCES:
+        left = c.headroom(target, r)
+        if left is not None and sum(c.vm(v).needs.get(r, 0.0) for v in vms) > left + 1e-9:
+            over.append(r)
+    disk = (
+        c.running_image(target)
+        + stored[target]
+        + (moved if c.transfer_kept else 0)
+        + sum(c.vm(v).image for v in vms)
+    )
+    if disk > c.server(target).disk:
+        over.append("disk")
+    return TargetLoad(target, tuple(vms), missing, moved, tuple(over))
+
+
+def evaluate(c: Cluster, plan: Plan) -> Evaluation:
+    """Every rule checked and every failure's transfer counted, from the plan alone."""
+    stored = stored_bytes(c, plan.stores)
+    violations: list[str] = []
+    for s in c.servers:
+        if c.running_image(s.name) + stored[s.name] > s.disk:
+            violations.append(f"server {s.name}: stored layers exceed its disk")
+    for v in c.vms:  # rule (a): a copy of each part off the VM's own server
+        for p in c.chain_parts(v.name):
+            if not plan.stores.get(p.name, frozenset()) - {v.server}:
+                violations.append(f"part {p.name} needed by VM {v.name} is only on its server")
+    failures: list[FailureOutcome] = []
+    for f in c.servers:
+        rec = plan.recovery.get(f.name, {})
+        by_target: dict[str, list[str]] = {}
+        unplaced: list[str] = []
+        for v in c.vms_on(f.name):
+            t = rec.get(v.name)
+            if t is None or t == f.name:
+                unplaced.append(v.name)
+            else:
+                by_target.setdefault(t, []).append(v.name)
+        targets = tuple(
+            load_of(c, plan.stores, f.name, t, vs, stored) for t, vs in sorted(by_target.items())
+        )
+        lost = sorted(
+            {
+                p
+                for t in targets
+                for p in t.missing
+                if not plan.stores.get(p, frozenset()) - {f.name}
+            }
+        )
+        failures.append(FailureOutcome(f.name, targets, tuple(lost), tuple(unplaced)))
+    return Evaluation(tuple(failures), stored, tuple(violations))
