@@ -160,18 +160,22 @@ def _check_top(offer: MigrateOffer) -> None:
 
 def receive(store: Store, raw: BinaryIO, hypervisor: str | None = None) -> MigrateDone:
     """Take a migration stream from ``raw`` and make the VM (see the module docstring)."""
+    reader = Reader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
     try:
-        return _receive(store, raw, hypervisor)
+        return _receive(store, reader, raw, hypervisor)
     except zstandard.ZstdError as exc:
+        if reader.at_end:
+            raise StreamRefused(
+                "migration refused: data after the end of the stream; nothing was made"
+            ) from None
         raise StreamRefused(
             f"migration refused: the stream is not valid zstd ({exc}); what arrived before "
             "and was verified is kept"
         ) from None
 
 
-def _receive(store: Store, raw: BinaryIO, hypervisor: str | None) -> MigrateDone:
+def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None) -> MigrateDone:
     start = time.monotonic()
-    reader = Reader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
     reader.start()
     kind, header = reader.next({b"H": 0})
     if kind != b"H":

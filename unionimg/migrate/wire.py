@@ -27,6 +27,7 @@ MAGIC = b"UNIONIMG-MIGRATE-1\n"
 MAX_HEADER = 256 << 20
 TYPES = (b"H", b"L", b"O", b"E")
 _HEAD = struct.Struct(">cI")
+NAMES = {b"H": "offer", b"L": "layer", b"O": "content", b"E": "end"}
 _LEN = struct.Struct(">Q")
 
 
@@ -51,6 +52,7 @@ class Reader:
         self.raw = raw
         self.left = 0
         self.bytes_read = 0
+        self.at_end = False  # the end frame was read
 
     def _exact(self, n: int) -> bytes:
         out = bytearray()
@@ -79,7 +81,7 @@ class Reader:
         if kind not in TYPES:
             raise StreamRefused(f"migration refused: unknown frame type {kind!r}")
         if hlen > MAX_HEADER:
-            raise StreamRefused(f"migration refused: a {kind.decode()} header of {hlen} bytes")
+            raise StreamRefused(f"migration refused: a {NAMES[kind]} header of {hlen} bytes")
         try:
             header = json.loads(self._exact(hlen))
         except ValueError:
@@ -89,7 +91,7 @@ class Reader:
         (plen,) = _LEN.unpack(self._exact(_LEN.size))
         if plen > limits.get(kind, 0):
             raise StreamRefused(
-                f"migration refused: a {kind.decode()} frame carries {plen} bytes, more than "
+                f"migration refused: a {NAMES[kind]} frame carries {plen} bytes, more than "
                 f"announced or allowed ({limits.get(kind, 0)})"
             )
         self.left = plen
@@ -104,6 +106,7 @@ class Reader:
 
     def end(self) -> None:
         """After ``E``: the stream must end here."""
+        self.at_end = True
         if self.raw.read(1):
             raise StreamRefused("migration refused: data after the end of the stream")
 

@@ -1,0 +1,201 @@
+"""The receiving side of a migration is strict (issue 14, item 4), for real.
+
+A real VM's offer (its chain, its U scanned from the mounted image) is made here, then
+changed the way a hostile or broken sender would, framed and compressed like the sender's
+stream, and fed to ``unionimg migrate-in push`` (a real process on a real store holding the
+same base). Each bad stream gets one line and exit 8 (4 for a name taken), the host store
+keeps no instance, no staging, and no content that did not verify; a stream cut short keeps
+the contents that arrived whole. The unchanged stream makes the VM (so every refusal is the
+change's doing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import zstandard
+
+from tests.conftest import UNIONIMG, Cli, need_programs
+from tests.test_migrate_real import make_vm, share_base
+from tests.test_systems import tiny_store
+from unionimg.fs.mounts import unmount_tree
+from unionimg.layers import instance as inst_mod
+from unionimg.migrate import send, tree
+from unionimg.migrate.wire import MAGIC, frame_head
+from unionimg.store.layout import Store
+from unionimg.store.migrate_records import PROTOCOL, MigrateOffer, TreeEntry
+
+pytestmark = pytest.mark.usefixtures("root")
+
+
+@dataclass
+class Setup:
+    ctl: Cli
+    host: Cli
+    offer: MigrateOffer
+    data: dict[str, bytes]  # sha256 -> content, every file of the VM's U
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Setup]:
+    need_programs("mke2fs")
+    tmp = tmp_path_factory.mktemp("mstrict")
+    try:
+        ctl = tiny_store(tmp / "ctl")
+        host = Cli(tmp / "host")
+        share_base(ctl, host, "tiny")
+        make_vm(ctl, tmp, "web", "52:54:00:14:01:01", {
+            "etc/web.conf": os.urandom(3000), "srv/data.bin": os.urandom(50_000),
+        })  # fmt: skip
+        store = Store(ctl.store)
+        inst = inst_mod.load(store, "web")
+        chain = send.chain_of(store, inst)
+        data: dict[str, bytes] = {}
+        with inst_mod.u_layer(store, "web", write=False) as u:
+            entries = tree.scan(u, skip_top=send.SKIP_TOP)
+            for e in entries:
+                if e.kind == "file" and e.sha256:
+                    data[e.sha256] = (u / e.path).read_bytes()
+        offer = MigrateOffer(PROTOCOL, inst, tuple(chain), tuple(entries))
+        yield Setup(ctl, host, offer, data)
+    finally:
+        unmount_tree(tmp)
+
+
+def frames(offer: MigrateOffer, objects: list[tuple[str, bytes]] | None, data: dict[str, bytes],
+           *, end: dict[str, object] | None = None, trailing: bytes = b"",
+           cut: int | None = None) -> bytes:  # fmt: skip
+    """The stream a sender would write: ``objects`` (sha, payload) or, with None, every
+    content of the offer; ``end``: the end frame's header; ``trailing``: raw bytes after
+    the compressed stream; ``cut``: the compressed stream cut after that many bytes."""
+    raw = bytearray(MAGIC)
+    raw += frame_head(b"H", offer.to_json(), 0)
+    if objects is None:
+        objects = [(sha, data[sha]) for sha in dict.fromkeys(
+            e.sha256 for e in offer.entries if e.kind == "file" and e.sha256 in data
+        )]  # fmt: skip
+    sizes = {e.sha256: e.size for e in offer.entries if e.kind == "file"}
+    for sha, payload in objects:
+        raw += frame_head(b"O", {"sha256": sha, "size": sizes.get(sha, len(payload))}, len(payload))
+        raw += payload
+    raw += frame_head(b"E", end if end is not None else {"objects": len(objects), "layers": 0}, 0)
+    z = zstandard.ZstdCompressor(level=3).compress(bytes(raw))
+    if cut is not None:
+        z = z[:cut]
+    return z + trailing
+
+
+def push(host: Cli, stream: bytes) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(UNIONIMG), "--store", str(host.store), "migrate-in", "push", "--json"],
+        input=stream.decode("latin-1"), encoding="latin-1",
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def refused(setup: Setup, stream: bytes, code: int, text: str) -> str:
+    res = push(setup.host, stream)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("unionimg: error: "), res.stderr[-2000:]
+    assert text in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+    nothing_made(setup.host)
+    return lines[0]
+
+
+def nothing_made(host: Cli) -> None:
+    insts = json.loads(host.ok("instance", "list", "--json").output)
+    assert [i["name"] for i in insts if i["name"] != "web"] == []
+    tmp = host.store / "tmp"
+    assert not tmp.is_dir() or not any(tmp.iterdir())
+    objs = host.store / "migrate" / "objects"
+    if objs.is_dir():
+        for p in objs.iterdir():  # only whole, verified contents, named by their hash
+            assert not p.name.startswith("."), p
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
+
+
+def with_entries(offer: MigrateOffer, extra: list[TreeEntry]) -> MigrateOffer:
+    return dataclasses.replace(offer, entries=(*offer.entries, *extra))
+
+
+def first_file(offer: MigrateOffer) -> TreeEntry:
+    return next(e for e in offer.entries if e.kind == "file" and e.path.endswith("data.bin"))
+
+
+def test_paths_outside_the_tree(setup: Setup) -> None:
+    o, d = setup.offer, setup.data
+    f = first_file(o)
+    for path, why in [
+        ("upper/../../escape", "'..'"),
+        ("/etc/passwd", "not a relative path"),
+        ("upper/./x", "'.'"),
+        ("upper//x", "empty"),
+        ("passwd", "not part of a U image"),
+    ]:
+        bad = with_entries(o, [dataclasses.replace(f, path=path)])
+        refused(setup, frames(bad, None, d), 8, why)
+    # through a symlink: upper/evil -> /tmp, then a file below it
+    link = TreeEntry("upper/evil", "symlink", 0o777, 0, 0, 1, target="/tmp")
+    below = dataclasses.replace(f, path="upper/evil/planted")
+    refused(setup, frames(with_entries(o, [link, below]), None, d), 8, "parent is not a directory")
+    # a path named twice, a hard link to nothing
+    refused(setup, frames(with_entries(o, [f]), None, d), 8, "named twice")
+    ghost = dataclasses.replace(f, path="upper/ghost", link="upper/nothing")
+    refused(setup, frames(with_entries(o, [ghost]), None, d), 8, "hard link")
+
+
+def test_sizes_and_hashes(setup: Setup) -> None:
+    o, d = setup.offer, setup.data
+    f = first_file(o)
+    assert f.sha256 is not None
+    # a file larger than the VM's U
+    big = dataclasses.replace(f, path="upper/big", size=o.instance.size + 1, sha256="0" * 64)
+    refused(setup, frames(with_entries(o, [big]), None, d), 8, "out of range")
+    # the right size, other bytes: the content is not kept
+    objs = [(s, p) for s, p in ((s, d[s]) for s in d) if s != f.sha256]
+    wrong = [(f.sha256, os.urandom(f.size)), *objs]
+    refused(setup, frames(o, wrong, d), 8, "does not match its sha256")
+    assert not (setup.host.store / "migrate" / "objects" / f.sha256).exists()
+    # more bytes in a content frame than the offer gives it
+    longer = [(f.sha256, d[f.sha256] + b"x"), *objs]
+    refused(setup, frames(o, longer, d), 8, "more than announced")
+    # a content the offer does not name
+    stray = [("ab" * 32, b"surprise"), *objs]
+    refused(setup, frames(o, stray, d), 8, "not in the offer")
+
+
+def test_more_data_than_announced_and_cut_streams(setup: Setup) -> None:
+    o, d = setup.offer, setup.data
+    # bytes after the end of the stream
+    for trailing in (b"\x28\xb5\x2f\xfd-more", b"more"):  # a zstd frame's magic, or not
+        refused(setup, frames(o, None, d, trailing=trailing), 8, "data after the end")
+    # an end frame that does not count what came
+    refused(setup, frames(o, None, d, end={"objects": 99, "layers": 0}), 8, "end frame")
+    # a stream cut short (a broken link): refused, what arrived whole is kept
+    full = frames(o, None, d)
+    refused(setup, full[: len(full) * 2 // 3], 8, "ended early")
+
+
+def test_the_unchanged_stream_makes_the_vm_and_a_taken_name_is_refused(setup: Setup) -> None:
+    o, d = setup.offer, setup.data
+    res = push(setup.host, frames(o, None, d))
+    assert res.returncode == 0, res.stderr[-2000:]
+    done = json.loads(res.stdout)
+    assert done["instance"] == "web" and done["mac"] == "52:54:00:14:01:01"
+    assert done["files_verified"] == sum(1 for e in o.entries if e.kind == "file")
+    show = json.loads(setup.host.ok("instance", "show", "web", "--json").output)
+    assert show["mac"] == "52:54:00:14:01:01"
+    # again: the name exists here now
+    refused(setup, frames(o, None, d), 4, "already exists")
+    # another name, the same MAC: refused too
+    other = dataclasses.replace(o, instance=dataclasses.replace(o.instance, name="web2"))
+    refused(setup, frames(other, None, d), 4, "MAC")
