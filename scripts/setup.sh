@@ -43,6 +43,8 @@ packages() {  # $1 = Debian major release
   echo syslinux syslinux-common mtools dosfstools mmdebstrap
   # the image repository: CNCF Distribution (unionimg registry serve, the registry tests)
   echo docker-registry
+  # bench/migrate.py's peers: rsync, casync, zsync
+  echo rsync casync zsync
   # the VM repositories; python3-venv for `python3 -m venv` with Debian's own python3
   echo mercurial python3-venv
   # scripts/build-uml-kernel.sh: fetches Debian's linux-source with apt, builds with these
