@@ -166,12 +166,14 @@ def names(cli: Cli) -> list[str]:
 
 
 BIG = os.urandom(1 << 20).hex()  # 2 MiB of text no host holds
+SHARED = os.urandom(300_000)  # also in a VM the host holds
 
 
 def test_dry_run_then_migrate(env: Env) -> None:
     ctl, h1 = env.ctl, env.hosts["h1"]
+    make_vm(hcli(h1), env.tmp, "peer", "52:54:00:14:00:11", {"srv/shared.bin": SHARED})
     make_vm(ctl, env.tmp, "web", "52:54:00:14:00:01", {
-        "etc/web.conf": "role web\n", "srv/big.txt": BIG,
+        "etc/web.conf": "role web\n", "srv/big.txt": BIG, "opt/same.bin": SHARED,
         # the same bytes as the base's busybox: found in the host's base, not sent
         "opt/bb-copy": Path("/bin/busybox").read_bytes(),
     })  # fmt: skip
@@ -182,7 +184,8 @@ def test_dry_run_then_migrate(env: Env) -> None:
     plan = dry["plan"]
     assert plan["by_reason"]["new"]["bytes"] >= len(BIG)
     assert plan["by_reason"]["base"]["contents"] >= 1  # the busybox copy
-    assert names(hcli(h1)) == [] and "web" in names(ctl)
+    assert plan["by_reason"]["vm"]["bytes"] == len(SHARED)  # in the host's VM peer
+    assert names(hcli(h1)) == ["peer"] and "web" in names(ctl)
     dry_wire = h1.counters()["rx_bytes"] - rx0
     assert dry_wire < 200_000  # the offer only
 
@@ -230,6 +233,7 @@ def test_way_back_sends_only_the_change(env: Env) -> None:
     assert wire < 150_000, wire  # the 2 MiB file did not travel again
     print(f"way back: {wire} B on the wire, {plan['by_reason']}")
     assert "web" in names(ctl) and "web" not in names(h1)
+    assert plan["by_reason"].get("vm") is None  # kept when it left: found in the cache
     assert u_tree(ctl, "web", env.tmp) == before_tree
     inst = json.loads(ctl.ok("instance", "show", "web", "--json").output)
     assert inst["mac"] == "52:54:00:14:00:01"

@@ -22,6 +22,7 @@ from unionimg.store.fleet_records import Deployment, HostMeta, SystemMeta, Syste
 from unionimg.store.layout import Store, read_record, write_json, write_record
 from unionimg.store.migrate_records import (
     ChainLayer,
+    HashIndex,
     MigrateAnswer,
     MigrateDone,
     MigrateOffer,
@@ -60,7 +61,6 @@ from unionimg.store.records import (
     compact,
     sorted_conflicts,
 )
-from unionimg.store.snapshot_records import SnapshotRecord
 from unionimg.store.snapshot_records import SnapshotRecord
 
 V1 = Path(__file__).parent / "data" / "records-v1"
@@ -203,22 +203,6 @@ EXAMPLES: list[Record] = [
         pause_ms=170,
         ready_line="unionimg-init: switching root to the union of /dev/vda and /dev/vdb",
     ),
-    SnapshotRecord(
-        vm="vm1",
-        id=2,
-        created="2026-12-02T06:20:34Z",
-        kind="memory+disk",
-        instance=INSTANCE,
-        chain=("sha256:" + "cd" * 32,),
-        domain_type="qemu",
-        memory_size=12288,
-        memory=("ab" * 32 + ":8192", "ef" * 32 + ":4096"),
-        disk_size=1 << 20,
-        disk=("65536:" + "12" * 32 + ":65536",),
-        new_bytes=4096,
-        pause_ms=170,
-        ready_line="unionimg-init: switching root to the union of /dev/vda and /dev/vdb",
-    ),
     SystemMeta(
         name="lab-restored",
         parent="lab",
@@ -254,6 +238,7 @@ EXAMPLES: list[Record] = [
     ),
     MigrateAnswer(("sha256:" + "cd" * 32,), ("ab" * 32,), (("ef" * 32, "cache"),), "os", 1),
     MigrateDone("web", "52:54:00:00:00:01", "uml", 3, 2, 0, 4096, 1, 1.5),
+    HashIndex("12:4096:17", (("ab" * 32, "upper/etc/hosts"),)),
 ]
 
 

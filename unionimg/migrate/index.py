@@ -10,7 +10,11 @@ Sources, in the order they are asked:
   by unionimg from the trusted base); content read from the generation's tree mounted
   read-only;
 - **snapshot layers** of the layer cache: a layer's file hashes are computed once (its image
-  mounted, scanned) and kept in ``STORE/migrate/layers/HEX.json`` (a layer never changes).
+  mounted, scanned) and kept in ``STORE/migrate/layers/HEX.json`` (a layer never changes);
+- **the upper layers of this store's stopped VMs**: hashed here (never taken from the VM's
+  own sidecar: guest data), kept in ``STORE/migrate/vms/NAME.json`` with the U image's
+  identity (inode, size, mtime) and computed again when it changed. A running or mounted
+  VM is left out.
 
 Every content taken from a source is hashed again while it is copied
 (:func:`unionimg.migrate.tree.build`): a source that does not hold what its index says fails
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -31,12 +34,14 @@ from typing import BinaryIO
 
 import zstandard
 
-from unionimg.errors import UsageError
+from unionimg.errors import UnionimgError, UsageError
 from unionimg.layers import base as base_mod
+from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore
 from unionimg.migrate.plan import Refused
 from unionimg.migrate.tree import CHUNK, open_file, scan
-from unionimg.store.layout import Store, fsync_dir, write_atomic
+from unionimg.store.layout import Store, fsync_dir, read_record, write_record
+from unionimg.store.migrate_records import HashIndex
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -120,8 +125,8 @@ def keep_file(store: Store, src: BinaryIO, sha: str, size: int) -> bool:
 class Place:
     """Where a content lies: the cache, a base generation's tree, a snapshot layer's tree."""
 
-    kind: str  # cache, base, layer
-    ref: str  # base NAME/N, or a layer's diff_id
+    kind: str  # cache, base, layer, vm
+    ref: str  # base NAME/N, a layer's diff_id, or a VM's name
     path: str  # its path in that tree ("" in the cache)
 
     @property
@@ -130,20 +135,17 @@ class Place:
             return "cache"
         if self.kind == "base":
             return f"base {self.ref} {self.path}"
+        if self.kind == "vm":
+            return f"vm {self.ref} /{self.path}"
         return f"layer {layerstore.label_of(self.ref)} /{self.path}"
 
 
 def _layer_hashes(store: Store, layer: layerstore.Layer) -> dict[str, str]:
     """sha256 → a path of layer ``layer``'s tree (computed once, kept per layer)."""
     cache = migrate_dir(store) / "layers" / f"{layer.hex}.json"
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-        ):
-            return data
-    except (OSError, ValueError):
-        pass
+    known = _read_index(cache, layer.diff_id)
+    if known is not None:
+        return known
     out: dict[str, str] = {}
     with (
         store.staging("migrate-layer") as stage,
@@ -152,9 +154,46 @@ def _layer_hashes(store: Store, layer: layerstore.Layer) -> dict[str, str]:
         for e in scan(tree):
             if e.kind == "file" and e.sha256 is not None and not e.xattrs:
                 out.setdefault(e.sha256, e.path)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, json.dumps(out, sort_keys=True).encode())
+    _write_index(cache, layer.diff_id, out)
     return out
+
+
+def _vm_hashes(store: Store, name: str) -> dict[str, str] | None:
+    """sha256 → a path (below U's root) of VM ``name``'s upper layer; None for a VM that
+    runs or is mounted (its U is its own while it does)."""
+    image = inst_mod.upper_image(store, name)
+    try:
+        st = image.stat()
+    except OSError:
+        return None
+    stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    cache = migrate_dir(store) / "vms" / f"{name}.json"
+    known = _read_index(cache, stamp)
+    if known is not None:
+        return known
+    if inst_mod.state(store, name) != "stopped":
+        return None
+    out: dict[str, str] = {}
+    with inst_mod.u_layer(store, name, write=False) as u:
+        if (u / "upper").is_dir() and not (u / "upper").is_symlink():
+            for e in scan(u / "upper"):
+                if e.kind == "file" and e.sha256 is not None and not e.xattrs:
+                    out.setdefault(e.sha256, f"upper/{e.path}")
+    _write_index(cache, stamp, out)
+    return out
+
+
+def _read_index(path: Path, stamp: str) -> dict[str, str] | None:
+    try:
+        rec = read_record(path, HashIndex)
+    except (OSError, UnionimgError):  # missing, or damaged: computed again
+        return None
+    return dict(rec.hashes) if rec.stamp == stamp else None
+
+
+def _write_index(path: Path, stamp: str, hashes: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_record(path, HashIndex(stamp, tuple(sorted(hashes.items()))))
 
 
 def locate(store: Store, wanted: set[str], *, with_layers: bool = True) -> dict[str, Place]:
@@ -184,6 +223,14 @@ def locate(store: Store, wanted: set[str], *, with_layers: bool = True) -> dict[
                 if sha in left:
                     out[sha] = Place("layer", layer.diff_id, path)
                     left.discard(sha)
+    if with_layers and left:
+        for inst in inst_mod.list_instances(store):
+            if not left:
+                break
+            for sha, path in (_vm_hashes(store, inst.name) or {}).items():
+                if sha in left:
+                    out[sha] = Place("vm", inst.name, path)
+                    left.discard(sha)
     return out
 
 
@@ -212,6 +259,10 @@ class Sources:
                 layer = layerstore.get(self.store, ref)
                 self.trees[key] = self.stack.enter_context(
                     layerstore.mounted(self.store, layer, stage / f"t{n}")
+                )
+            elif kind == "vm":  # its U read-only, as guest data (nosuid, nodev, noexec)
+                self.trees[key] = self.stack.enter_context(
+                    inst_mod.u_layer(self.store, ref, write=False)
                 )
         return self
 

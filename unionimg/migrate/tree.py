@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from unionimg.migrate.plan import Refused
+from unionimg.migrate.plan import MAX_PATH, Refused
 from unionimg.store.migrate_records import TreeEntry
 
 CHUNK = 1 << 20
@@ -66,19 +66,25 @@ def hash_file(path: bytes) -> str:
 
 def scan(root: Path, *, skip_top: tuple[str, ...] = ()) -> list[TreeEntry]:
     """Every path below ``root`` (not ``root`` itself), parents before children, files
-    hashed; ``skip_top``: top-level names left out (``lost+found``)."""
+    hashed; ``skip_top``: top-level names left out (``lost+found``). Iterative (a guest's
+    deep tree costs no recursion); a path longer than the manifest allows is refused."""
     out: list[TreeEntry] = []
     links: dict[tuple[int, int], str] = {}
     base = os.fsencode(root)
-
-    def walk(rel: bytes) -> None:
+    todo: list[bytes] = [b""]
+    while todo:
+        rel = todo.pop()
         full = os.path.join(base, rel) if rel else base
-        names = sorted(os.listdir(full))
         subdirs = []
-        for name in names:
+        for name in sorted(os.listdir(full)):
             if not rel and os.fsdecode(name) in skip_top:
                 continue
             crel = os.path.join(rel, name) if rel else name
+            if len(crel) > MAX_PATH:
+                raise Refused(
+                    f"path {os.fsdecode(crel[:80])!r}... is longer than {MAX_PATH} bytes; "
+                    "it cannot be migrated: shorten it in the VM"
+                )
             cpath = os.path.join(base, crel)
             st = os.lstat(cpath)
             kind = _kind(st.st_mode)
@@ -114,12 +120,7 @@ def scan(root: Path, *, skip_top: tuple[str, ...] = ()) -> list[TreeEntry]:
             )
             if kind == "dir":
                 subdirs.append(crel)
-        for sub in subdirs:
-            walk(sub)
-
-    walk(b"")
-    # parents before children: a directory's entry comes before everything below it (the
-    # walk lists a directory's entries before descending, so this already holds)
+        todo.extend(reversed(subdirs))  # depth first, in name order
     return out
 
 

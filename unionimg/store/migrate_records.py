@@ -248,3 +248,28 @@ class MigrateDone(Record):
             reused=f.integer("reused"),
             seconds=float(seconds) if type(seconds) in (int, float) else 0.0,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HashIndex(Record):
+    """``migrate/layers/HEX.json``, ``migrate/vms/NAME.json``: where a snapshot layer's or a
+    stopped VM's upper layer holds each content (sha256 → a path), computed by hashing its
+    files; ``stamp`` names what it was computed from (a VM's U image: inode, size, mtime)."""
+
+    WHAT = "content index"
+
+    stamp: str
+    hashes: tuple[tuple[str, str], ...]
+
+    def to_json(self) -> JsonObject:
+        return {"stamp": self.stamp, "hashes": dict(self.hashes)}
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = Fields(data)
+        out = []
+        for sha, path in f.mapping("hashes").items():
+            if type(path) is not str:
+                raise RecordError(f"field 'hashes'[{sha[:16]!r}] is not a string")
+            out.append((sha, path))
+        return cls(stamp=f.text("stamp"), hashes=tuple(sorted(out)))
