@@ -26,12 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from unionimg import hypervisors
+from unionimg.boot.control import make_spec, write_rendered
 from unionimg.errors import Conflict, NotFound, UsageError
 from unionimg.faults import checkpoint
+from unionimg.fs.mounts import ensure_shared_root
 from unionimg.fs.space import require_space
 from unionimg.hypervisors import Running
 from unionimg.layers import layerstore
-from unionimg.layers.base import generation_layer, generations, list_bases
+from unionimg.layers.base import (
+    generation_from_layer,
+    generation_layer,
+    generations,
+    get_generation,
+    list_bases,
+)
 from unionimg.layers.instance import load, mount_record, upper_image
 from unionimg.layers.running import (
     READY,
@@ -99,8 +107,6 @@ def get(store: Store, vm: str, snap_id: int | None = None) -> SnapshotRecord:
 def chain_of(store: Store, inst: Instance) -> tuple[str, ...]:
     """What the VM's U lies on, by content: its snapshot layers, then its generation's layer
     (a tree digest, the same on every host that has the same generation)."""
-    from unionimg.layers.base import get_generation
-
     gen = get_generation(store, inst.base, inst.generation)
     return (*inst.layers, generation_layer(store, gen).diff_id)
 
@@ -278,19 +284,56 @@ def gc(store: Store) -> tuple[int, int]:
 # -- restore ---------------------------------------------------------------------------------
 def _local_generation(store: Store, snap: SnapshotRecord) -> tuple[str, int]:
     """The base generation of this store whose tree is the snapshot's (by digest): the same
-    base name first."""
+    base name first. Lacking one, it is made from the layer cache as a deploy makes it
+    (:func:`unionimg.layers.base.generation_from_layer`) when the generation's layers were
+    pulled here ('unionimg pull'); else NotFound saying so."""
     want = snap.chain[-1]
+    found = _generation_with(store, want, snap.instance.base)
+    if found is not None:
+        return found
+    try:
+        layer = layerstore.get(store, want)
+    except NotFound:
+        raise NotFound(
+            f"snapshot {snap.id} of VM {snap.vm} lies on base {snap.instance.base} generation "
+            f"{snap.instance.generation} (layer {want[:19]}), which this store does not have; "
+            f"deploy it here, or pull that layer ('unionimg pull {want}') first: the snapshot "
+            "holds only the VM's own U"
+        ) from None
+    return _generation_from(store, layer, snap.instance.base, snap.instance.generation)
+
+
+def _generation_with(store: Store, diff_id: str, prefer: str) -> tuple[str, int] | None:
     names = list_bases(store)
-    names.sort(key=lambda n: n != snap.instance.base)
+    names.sort(key=lambda n: n != prefer)
     for name in names:
         for gen in generations(store, name):
-            if generation_layer(store, gen).diff_id == want:
+            if generation_layer(store, gen).diff_id == diff_id:
                 return name, gen.number
-    raise NotFound(
-        f"snapshot {snap.id} of VM {snap.vm} lies on base {snap.instance.base} generation "
-        f"{snap.instance.generation} ({want[:19]}), which this store does not have; deploy or "
-        "pull that base here first (the snapshot holds only the VM's own U)"
-    )
+    return None
+
+
+def _generation_from(
+    store: Store, layer: layerstore.Layer, base: str, number: int
+) -> tuple[str, int]:
+    """Generation ``base``/``number`` (or the next free number) made from pulled ``layer``,
+    its parent generations first."""
+    parent = None
+    if layer.meta.parent is not None:
+        below = _generation_with(store, layer.meta.parent, base)
+        if below is None:
+            below = _generation_from(
+                store, layerstore.get(store, layer.meta.parent), base, max(1, number - 1)
+            )
+        base, _ = below
+        parent = get_generation(store, *below)
+    taken = {g.number for g in generations(store, base)} if base in list_bases(store) else set()
+    if layer.meta.base == base and layer.meta.generation is not None:
+        number = layer.meta.generation
+    if number in taken or (parent is not None and number <= parent.number):
+        number = max(taken | {parent.number if parent else 0}) + 1
+    gen = generation_from_layer(store, base, number, layer, parent=parent)
+    return base, gen.number
 
 
 def _target_instance(store: Store, snap: SnapshotRecord) -> tuple[Instance, bool]:
@@ -364,9 +407,6 @@ def restore(store: Store, vm: str, snap_id: int | None = None) -> dict[str, Any]
 
 
 def _resume(store: Store, inst: Instance, snap: SnapshotRecord, memfile: Path) -> None:
-    from unionimg.boot.control import make_spec, write_rendered
-    from unionimg.fs.mounts import ensure_shared_root
-
     driver = hypervisors.get(inst.hypervisor)
     wd = workdir(store, inst.name)
     spec = make_spec(store, inst, driver, out=wd)

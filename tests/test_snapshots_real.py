@@ -1,0 +1,239 @@
+"""Snapshots of a running guest, off the host, restored after the host is gone (issue 16), for
+real: the busybox guest under QEMU TCG through libvirt, namespace hosts with their own sshd
+(:mod:`vm_fixtures.nethosts`).
+
+Host ``a`` runs the VM (its store is driven from here: namespaces share the file system); a
+boot hook in the VM's own layer counts on the console every 0.2 s. ``snapshot take --to b``
+saves memory + U and copies the chunks to host ``b``; the guest counts on; then host ``a``
+fails (its guest pulled, its VM and namespace deleted, its store removed) and the controller
+runs ``restore --on b``: the counter on b's console continues from the snapshot's value, not
+from 1. A second snapshot of the idle guest stores a small fraction of the first, and its
+push sends only that. Two schedules on one VM: the second is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import UNIONIMG, Cli, need, need_programs
+from tests.test_boot_real import need_guests
+from unionimg.fs.mounts import unmount_tree
+from unionimg.registry import server as server_mod
+from vm_fixtures.nethosts import Host, Lab, _kill_netns
+
+pytestmark = pytest.mark.usefixtures("root")
+
+COUNTER = """#!/bin/sh
+i=0
+while :; do i=$((i+1)); echo "unionimg-guest: count $i"; sleep 0.2; done
+"""
+COUNT = re.compile(r"unionimg-guest: count (\d+)")
+
+
+@dataclass
+class Env:
+    tmp: Path
+    lab: Lab
+    ctl: Cli
+    hosts: dict[str, Host]
+    url: str
+
+
+def hcli(host: Host) -> Cli:
+    return Cli(host.store)
+
+
+def searchable(path: Path) -> None:
+    """libvirt-qemu must traverse every directory above the images (o+x)."""
+    for p in [path, *path.parents]:
+        if p == Path("/"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+
+
+def record_host(store: Cli, name: str, host: Host) -> None:
+    host.authorize(store.ok("host", "key").output.strip())
+    store.ok(
+        "host", "add", name, "--ssh", f"root@{host.addr}", "--store", str(host.store),
+        "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
+    need_guests()
+    need_programs("ssh", "ssh-keygen", "nsenter", "ip", "docker-registry")
+    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    from vm_fixtures import build
+
+    tmp = tmp_path_factory.mktemp("snapreal")
+    searchable(tmp)
+    lab = Lab(tmp / "lab")
+    srv = None
+    e = Env(tmp, lab, Cli(tmp / "ctl"), {}, "")
+    try:
+        reg = lab.add_namespace("reg")
+        srv = server_mod.start(tmp / "registry", f"{reg.addr}:5000", prefix=reg.prefix)
+        e.url = srv.url
+        for name in ("a", "b"):
+            host = lab.add_host(name)
+            e.hosts[name] = host
+            hcli(host).ok("host", "list")  # the store made
+            searchable(host.store)
+            record_host(e.ctl, name, host)
+        # only a has the base; b gets its layer from the registry (as a deploy would)
+        hcli(e.hosts["a"]).ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
+        record_host(hcli(e.hosts["a"]), "b", e.hosts["b"])  # a copies its snapshots to b
+        yield e
+    finally:
+        if srv is not None:
+            srv.stop()
+        for host in e.hosts.values():
+            cli = hcli(host)
+            if host.store.is_dir():
+                for inst in json.loads(cli.ok("instance", "list", "--json").output):
+                    cli("stop", inst["name"], "--force")
+                    cli("instance", "remove", inst["name"])
+        lab.close()
+        unmount_tree(tmp)
+
+
+def counts(cli: Cli, vm: str) -> list[int]:
+    return [int(m.group(1)) for m in COUNT.finditer(cli.ok("console", vm).output)]
+
+
+def wait_count(cli: Cli, vm: str, at_least: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = counts(cli, vm)
+        if seen and seen[-1] >= at_least:
+            return seen[-1]
+        assert time.monotonic() < deadline, cli.ok("console", vm).output[-2000:]
+        time.sleep(0.3)
+
+
+def boot_counter(cli: Cli, vm: str, tmp: Path) -> None:
+    cli.ok("instance", "create", vm, "--base", "tiny", "--memory", "128", "--size", "256M")
+    mnt = tmp / f"mnt-{vm}"
+    mnt.mkdir()
+    cli.ok("mount", vm, str(mnt))
+    try:
+        hook = mnt / "etc/unionimg-boot.d/50-count"
+        hook.write_text(COUNTER)
+        hook.chmod(0o755)
+    finally:
+        cli.ok("umount", str(mnt))
+    cli.ok("boot", vm, "--hypervisor", "kvm")
+
+
+def fail_host(env: Env, name: str) -> None:
+    """Host ``name`` is gone: its guest pulled (QEMU runs under the machine's libvirtd, not
+    in the namespace), its VM forgotten, its namespace deleted, its store removed."""
+    host = env.hosts.pop(name)
+    cli = hcli(host)
+    for inst in json.loads(cli.ok("instance", "list", "--json").output):
+        cli("stop", inst["name"], "--force")
+        cli.ok("instance", "remove", inst["name"])
+    host.stop_sshd()
+    _kill_netns(host.ns)
+    env.lab.hosts.pop(name, None)
+    shutil.rmtree(host.store)
+
+
+def test_counter_resumes_on_another_host_after_the_first_is_gone(env: Env) -> None:
+    a, b = env.hosts["a"], env.hosts["b"]
+    ca, cb = hcli(a), hcli(b)
+    boot_counter(ca, "ctr", env.tmp)
+    try:
+        wait_count(ca, "ctr", 10)
+        before = counts(ca, "ctr")[-1]
+        first = json.loads(ca.ok("snapshot", "take", "ctr", "--to", "b", "--json").output)
+        after = counts(ca, "ctr")[-1]
+        assert first["kind"] == "memory+disk" and first["memory_size"] > 16 << 20
+        assert first["pause_s"] < 5, first
+        assert first["push"]["chunks_sent"] == first["push"]["chunks"]
+        # the guest runs on after the snapshot
+        wait_count(ca, "ctr", after + 5, timeout=60)
+        # a second snapshot of the (nearly idle) guest: a small fraction of the first, and
+        # the push sends only its new chunks
+        second = json.loads(ca.ok("snapshot", "take", "ctr", "--to", "b", "--json").output)
+        assert second["new_bytes"] < first["new_bytes"] / 10, (first, second)
+        assert second["push"]["bytes_sent"] <= second["new_bytes"] + 4096
+        assert second["push"]["chunks_sent"] < second["push"]["chunks"] / 5
+        rows = json.loads(cb.ok("snapshot", "list", "ctr", "--json").output)
+        assert [r["id"] for r in rows] == [1, 2]
+        # the base's layer (adopted by the first take) goes to the registry, as a deploy does
+        layers = json.loads(ca.ok("layer", "list", "--json").output)
+        base_layer = next(r["diff_id"] for r in layers if r["kind"] == "base")
+        ca.ok("push", base_layer, "--registry", env.url)
+        # the guest counts on, far past the first snapshot, then host a fails
+        failed_at = wait_count(ca, "ctr", after + 40, timeout=120)
+    finally:
+        fail_host(env, "a")
+    assert not a.store.exists()
+    # b lacks the VM's base generation: refused, saying what to do, nothing made
+    res = env.ctl.fails("restore", "ctr", "--on", "b", code=3)
+    assert "which this store does not have" in res.output and "pull" in res.output
+    assert json.loads(cb.ok("instance", "list", "--json").output) == []
+    cb.ok("pull", base_layer, "--registry", env.url)  # what a deploy to b pulls
+    t0 = time.monotonic()
+    out = json.loads(env.ctl.ok("restore", "ctr", "--at", "1", "--on", "b", "--json").output)
+    took = time.monotonic() - t0
+    assert out["state"] == "running" and out["created"] is True and out["host"] == "b"
+    resumed = wait_count(cb, "ctr", 1, timeout=60)
+    log = cb.ok("console", "ctr").output
+    assert "restored from snapshot 1 of ctr" in log
+    seen = counts(cb, "ctr")
+    # the counter continues from the snapshot's value (between what the console showed just
+    # before and just after the take), not from 1, and not from where a was when it failed
+    assert before <= seen[0] - 1 <= after + 1, (before, after, seen[:5])
+    assert seen[0] < failed_at and seen == sorted(seen)
+    wait_count(cb, "ctr", resumed + 5, timeout=60)
+    show = json.loads(cb.ok("instance", "show", "ctr", "--json").output)
+    assert show["state"] == "running"
+    assert took < 60, took
+    cb.ok("stop", "ctr", "--force")
+
+
+def test_two_schedules_refused_and_schedule_logs(env: Env) -> None:
+    b = env.hosts["b"]
+    cb = hcli(b)
+    if json.loads(cb.ok("instance", "show", "ctr", "--json").output)["state"] != "running":
+        cb.ok("boot", "ctr")
+    wait_count(cb, "ctr", 1, timeout=60)
+    argv = [str(UNIONIMG), "--store", str(b.store), "snapshot", "schedule", "ctr",
+            "--min", "2s", "--max", "20s", "--count", "2", "--keep", "3"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = b.store / "locks" / "snapshot-schedule-ctr.lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and f"pid {proc.pid}" in lock.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.1)
+        res = cb.fails("snapshot", "schedule", "ctr", "--count", "1", code=4)
+        assert "snapshot-schedule-ctr is locked by pid" in res.output
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = (b.store / "snapshots/vms/ctr/schedule.log").read_text().splitlines()
+    assert len(lines) == 2 and all("load=" in ln and "next_s=" in ln for ln in lines), lines
+    assert all("error=" not in ln for ln in lines), lines
+    # the counter guest is nearly idle: the next interval stays near --min
+    nexts = [float(re.search(r"next_s=([0-9.]+)", ln).group(1)) for ln in lines]  # type: ignore[union-attr]
+    assert all(2 <= n < 11 for n in nexts), lines
+    ids = [r["id"] for r in json.loads(cb.ok("snapshot", "list", "ctr", "--json").output)]
+    assert len(ids) == 3 and ids == sorted(ids)  # --keep 3
+    cb.ok("stop", "ctr", "--force")
