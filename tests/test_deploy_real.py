@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, need, need_programs, need_uml_kernel
+from tests.conftest import REQUIRE_REAL, UNIONIMG, Cli, need, need_programs, need_uml_kernel
 from tests.test_systems import change, make_vms, tiny_store
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
@@ -487,3 +487,54 @@ def test_later_and_delta_generations(env: Env) -> None:
     (upd / "etc" / "local").write_text("the host's own generation\n")
     hc.ok("base", "update", "gens", "--apply-dir", str(upd))
     assert set(gens(hc, "gens")) == {1, 2, 3, 4, 5}
+
+
+def test_debian_chain_made_from_layers(env: Env) -> None:
+    """On the Debian fixture (setuid files, capabilities, hardlinks, devices, ~12k paths): a
+    system on a delta generation 2 deployed to an empty host. The host makes generations 1
+    (the pulled base layer's image, as is) and 2 (the delta's) with manifests equal to the
+    controller's path for path, in a fraction of what 'base create' of the tree costs; the
+    VM made there is on generation 2 with a machine-id of its own."""
+    need(
+        os.environ.get("UNIONIMG_TEST_DEBIAN") == "1" or REQUIRE_REAL,
+        "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
+    )
+    from vm_fixtures import build
+
+    ctl = Cli(env.tmp / "deb-ctl")
+    ctl.ok("base", "create", "deb", "--from-dir", str(build("debian")))
+    upd = env.tmp / "deb-upd"
+    (upd / "etc" / "deb-site").mkdir(parents=True)
+    (upd / "etc" / "deb-site" / "site.conf").write_text("site generation 2\n")
+    ctl.ok("base", "update", "deb", "--apply-dir", str(upd))
+    assert gens(ctl, "deb")[2]["kind"] == "delta"
+    ctl.ok("instance", "create", "debvm", "--base", "deb", "--mac", "52:54:00:13:0d:01",
+           "--hypervisor", "uml", "--size", "256M")  # fmt: skip
+    change(ctl, "debvm", env.tmp, {"etc/debvm.conf": "a Debian VM\n"})
+    ctl.ok("system", "create", "debsys", "--instance", "debvm")
+    host = env.lab.add_host("d1")
+    host.authorize(ctl.ok("host", "key").output.strip())
+    ctl.ok("host", "add", "d1", "--ssh", f"root@{host.addr}", "--store", str(host.store),
+           "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub))  # fmt: skip
+    report = json.loads(ctl.ok("deploy", "debsys", "--host", "d1", "--registry", env.url,
+                               "--json").output)  # fmt: skip
+    r = report["hosts"]["d1"]
+    assert r["ok"], r
+    assert r["generations_made"] == ["deb/1", "deb/2"]
+    hc = hcli(host)
+    same_generations(ctl, hc, "deb", [1, 2])
+    inst = json.loads(hc.ok("instance", "show", "debvm", "--json").output)
+    assert (inst["base"], inst["generation"], len(inst["layers"])) == ("deb", 2, 1)
+    mnt = env.tmp / "deb-mnt"
+    mnt.mkdir()
+    hc.ok("mount", "debvm", str(mnt), "--readonly")
+    try:
+        assert (mnt / "etc" / "debvm.conf").read_text() == "a Debian VM\n"
+        assert (mnt / "etc" / "deb-site" / "site.conf").read_text() == "site generation 2\n"
+        assert len((mnt / "etc" / "machine-id").read_text().strip()) == 32
+    finally:
+        hc.ok("umount", str(mnt))
+    print(
+        f"Debian: host made generations 1 and 2 in {r['base_seconds']:.1f} s "
+        f"(pull {r['pull_seconds']:.1f} s, VMs {r['vm_seconds']:.1f} s)"
+    )

@@ -17,7 +17,9 @@ layers, which are whole image-tree nodes of their own, and no system node names 
 Deploying (:mod:`unionimg.deploy` on the controller, :func:`materialize` on the host): the
 node's manifest is pushed to a registry (:func:`push`: each VM's chain as image-tree nodes,
 then the system node whose config blob is this record's JSON and whose ``layers`` are every
-blob its VMs need); the host pulls what it lacks and makes the VMs (:func:`materialize`).
+blob its VMs need); the host pulls what it lacks, makes the base generations it lacks from
+their layers (the controller's numbers and digests, a delta chain whole:
+:func:`unionimg.layers.base.generation_from_layer`) and makes the VMs (:func:`materialize`).
 """
 
 from __future__ import annotations
