@@ -119,7 +119,8 @@ def run(rootfs: Path) -> None:
     for vm in ("keys1", "keys2"):
         cli("instance", "create", vm, "--from", layer, "--hypervisor", "uml")
         key, mid = _read(vm, ["etc/ssh/ssh_host_ed25519_key.pub", "etc/machine-id"])
-        print(f"{vm}: machine-id {mid.strip()}, host key {'...' + key.split()[1][-16:] if key else '-'}")
+        tail = key.split()[1][-16:] if key else "-"
+        print(f"{vm}: machine-id {mid.strip()}, host key ...{tail}")
         seen.append((key, mid))
     if not all(k and m for k, m in seen) or seen[0][0] == seen[1][0] or seen[0][1] == seen[1][1]:
         _fail("the VMs made from the layer do not have identities of their own")
