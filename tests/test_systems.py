@@ -416,3 +416,44 @@ def test_vms_from_a_layer_with_sshd_get_their_own_identity(sys_cli: Cli, tmp_pat
 def _assert_no_identity(root: Path) -> None:
     assert not (root / "etc" / "machine-id").exists()
     assert not list((root / "etc").glob("ssh/ssh_host_*"))
+
+
+def test_chain_view_follows_overlayfs_rules(tmp_path: Path, root: None) -> None:
+    """ChainView over real layer trees (a whiteout is a 0:0 character device, an opaque
+    directory carries trusted.overlay.opaque=y): the top layer holding a path answers; a
+    whiteout, an opaque directory or a non-directory hides what lies below it."""
+    import os
+
+    from unionimg.entries import DIR, FILE, Entry
+    from unionimg.fs.manifest import scan_tree
+    from unionimg.layers.chainview import ChainView
+
+    base = {
+        p: Entry(p, DIR if k == "d" else FILE, size=1, sha256="b" * 64)
+        for p, k in [("/etc", "d"), ("/etc/a", "f"), ("/etc/b", "f"), ("/opt", "d"),
+                     ("/opt/x", "f"), ("/srv", "d"), ("/srv/y", "f"), ("/usr", "d")]
+    }  # fmt: skip
+    top, mid = tmp_path / "top", tmp_path / "mid"
+    for d in (top / "etc", mid / "opt", mid / "srv", mid / "etc"):
+        d.mkdir(parents=True)
+    (top / "etc" / "a").write_text("new a\n")  # answers over the base
+    os.mknod(top / "etc" / "b", 0o600 | 0o020000, os.makedev(0, 0))  # whiteout
+    os.setxattr(mid / "opt", "trusted.overlay.opaque", b"y")  # opaque: hides /opt/x
+    (mid / "opt" / "z").write_text("z\n")
+    (mid / "srv").rmdir()
+    (mid / "srv").write_text("a file now\n")  # a non-directory: hides /srv/y
+    layers = []
+    for r in (top, mid):
+        entries = scan_tree(r, hash_files=False, digests=False)
+        layers.append((r, {e.path: e for e in entries if e.path != "/"}))
+    view = ChainView(base, layers)
+    a = view.get("/etc/a")
+    assert a is not None and a.size == 6 and a.sha256 is not None and a.sha256 != "b" * 64
+    assert view.get("/etc/b") is None
+    assert view.get("/opt/x") is None and view.get("/opt/z") is not None
+    opt = view.get("/opt")
+    assert opt is not None and opt.kind == DIR
+    assert view.get("/srv/y") is None
+    srv = view.get("/srv")
+    assert srv is not None and srv.kind == FILE
+    assert view.get("/usr") == base["/usr"] and view.get("/nothing") is None
