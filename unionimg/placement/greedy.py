@@ -17,6 +17,7 @@ from unionimg.placement.model import (
     Cluster,
     Infeasible,
     Plan,
+    evaluate,
     gib,
     stored_bytes,
 )
@@ -202,14 +203,22 @@ def seed(c: Cluster) -> Plan:
     st = _State(c)
     home: dict[str, str] = {}
 
+    homed: dict[str, dict[str, list[str]]] = {s.name: {} for s in c.servers}  # x -> f -> VMs
+
+    def set_home(v: str, x: str) -> None:
+        home[v] = x
+        homed[x].setdefault(c.vm(v).server, []).append(v)
+
     def takes(x: str, extra: int, new: Iterable[str]) -> str:
         """'' if x can hold ``extra`` more bytes and be home to ``new`` VMs too, else why not."""
-        mine = [v for v, h in home.items() if h == x] + [v for v in new if v not in home]
+        groups = {f: list(vs) for f, vs in homed[x].items()}
+        for v in new:
+            if v not in home:
+                groups.setdefault(c.vm(v).server, []).append(v)
         worst_image = 0
-        for f in c.servers:
-            if f.name == x:
+        for f, group in groups.items():
+            if f == x:
                 continue
-            group = [v for v in mine if c.vm(v).server == f.name]
             short = _fits(c, x, group)
             if short:
                 return short
@@ -235,7 +244,7 @@ def seed(c: Cluster) -> Plan:
                 for p in c.parts_of[la.name]:
                     st.put(p.name, x)
             for v in homeless:
-                home[v] = chosen[0]
+                set_home(v, chosen[0])
             why = (
                 f"(c) home of {gathered[chosen[0]]} of its VMs"
                 if gathered[chosen[0]]
@@ -259,14 +268,15 @@ def seed(c: Cluster) -> Plan:
                     continue
                 mine = [v for v in homeless if v not in home]
                 for v in mine:
-                    if not takes(x, parts[len(holders)].size, [v]):
-                        home[v] = x
+                    if v not in home and not takes(x, parts[len(holders)].size, [v]):
+                        set_home(v, x)
                 holders.append(x)
             if len(holders) == len(parts):
                 for p, x in zip(parts, holders, strict=True):
                     st.put(p.name, x)
                 for v in homeless:
-                    home.setdefault(v, holders[0])
+                    if v not in home:
+                        set_home(v, holders[0])
                 st.reasons.append(
                     f"{la.name} split into {len(parts)} parts on {', '.join(holders)}: (b) no "
                     "candidate can hold it whole and take all its VMs at a failure "
@@ -278,7 +288,7 @@ def seed(c: Cluster) -> Plan:
         for p in parts:
             st.put(p.name, x)
         for v in homeless:
-            home[v] = x
+            set_home(v, x)
         st.reasons.append(
             f"{la.name} -> {x}: no candidate passes (b) ({', '.join(sorted(set(blocked.values())))}"
             " short); kept where most disk is free"
@@ -298,6 +308,58 @@ def seed(c: Cluster) -> Plan:
 
 # -- the heuristic for large clusters ---------------------------------------------------------
 def heuristic(c: Cluster) -> Plan:
+    """The best of four :func:`heuristic_pass` variants (rule-(a) copies placed first or
+    last; chains copied to recovery targets or sent at recovery), by worst-case transfer,
+    then total, then bytes stored; Infeasible only when all four find no plan."""
+    t0 = time.monotonic()
+    best: tuple[tuple[int, int, int], Plan] | None = None
+    last: Infeasible | None = None
+    for first in (False, True):
+        for copy in (True, False):
+            try:
+                p = heuristic_pass(c, copy=copy, a_first=first)
+            except Infeasible as exc:
+                last = exc
+                continue
+            ev = evaluate(c, p)
+            if not ev.ok:
+                continue
+            key = (ev.worst, ev.total, sum(ev.stored.values()))
+            if best is None or key < best[0]:
+                why = (
+                    f"heuristic: best of 4 passes (rule-(a) copies {'first' if first else 'last'}"
+                    f", chains {'copied to' if copy else 'sent to'} recovery targets)"
+                )
+                best = (
+                    key,
+                    Plan(
+                        p.method,
+                        p.objective,
+                        p.stores,
+                        p.recovery,
+                        (why, *p.reasons),
+                        p.status,
+                        p.bound,
+                        0.0,
+                    ),
+                )
+    if best is None:
+        assert last is not None
+        raise last
+    p = best[1]
+    return Plan(
+        p.method,
+        p.objective,
+        p.stores,
+        p.recovery,
+        p.reasons,
+        p.status,
+        p.bound,
+        time.monotonic() - t0,
+    )
+
+
+def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
     """Recovery homes first, data second: for each failure, the failed server's VMs go (big
     chains first) to the server that already holds most of their chain and can take them;
     their chain is then copied there if disk allows (zero transfer for them), else left where it
@@ -315,6 +377,19 @@ def heuristic(c: Cluster) -> Plan:
     disk = {s.name: s.disk for s in c.servers}
     chain = {v.name: c.chain_parts(v.name) for v in c.vms}
     homes: dict[str, str] = {}
+    # first the one copy rule (a) needs of every part, off the servers running its VMs, on
+    # the server with most free disk (largest parts first): the storage no plan can avoid
+    # is placed before copies for zero transfer take the disk
+    for la in sorted(c.layers, key=lambda la: -la.size) if a_first else ():
+        cand, twice = _candidates(c, la.name)
+        for p in c.parts_of[la.name]:
+            for t in sorted(cand, key=lambda s: -st.free(s))[: 2 if twice else 1]:
+                if st.free(t) >= p.size:
+                    st.put(p.name, t)
+                    st.reasons.append(
+                        f"{p.name} -> {t}: (a) runs none of its VMs; most free disk"
+                        + (" (every server runs one: two copies)" if twice else "")
+                    )
     for f in c.servers:
         vms = sorted(c.vms_on(f.name), key=lambda v: -sum(p.size for p in chain[v.name]))
         for v in vms:
@@ -335,7 +410,7 @@ def heuristic(c: Cluster) -> Plan:
                 lack = sum(p.size for p in chain[v.name] if t not in st.stores.get(p.name, ()))
                 room = disk[t] - running[t] - st.stored[t]
                 extra = img_used.get((f.name, t), 0) + v.image
-                if room - lack >= max(worst_extra[t], extra):
+                if copy and room - lack >= max(worst_extra[t], extra):
                     key = (0, lack, -room)
                 elif room >= max(worst_extra[t], extra + (lack if c.transfer_kept else 0)):
                     key = (lack, lack, -room)
