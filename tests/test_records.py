@@ -28,6 +28,7 @@ from unionimg.store.migrate_records import (
     MigrateOffer,
     TreeEntry,
 )
+from unionimg.store.placement_records import PlacedHost, PlacementApplied, PlannedRecovery
 from unionimg.store.reconcile_records import (
     CheckBaseline,
     CheckOutcome,
@@ -239,6 +240,21 @@ EXAMPLES: list[Record] = [
     MigrateAnswer(("sha256:" + "cd" * 32,), ("ab" * 32,), (("ef" * 32, "cache"),), "os", 1),
     MigrateDone("web", "52:54:00:00:00:01", "uml", 3, 2, 0, 4096, 1, 1.5),
     HashIndex("12:4096:17", (("ab" * 32, "upper/etc/hosts"),)),
+    PlacedHost("h1", ("sha256:" + "cd" * 32,)),
+    PlannedRecovery("h1", "web", "h3", 0),
+    PlacementApplied(
+        system="lab",
+        registry="http://10.213.5.2:5000",
+        created="2026-12-02T06:40:00Z",
+        method="exact",
+        status="optimal",
+        worst=0,
+        total=0,
+        servers='server = [{ name = "h1", disk = "1G", runs = ["web"] }]\n',
+        hosts=(PlacedHost("h3", ("sha256:" + "cd" * 32,)),),
+        recovery=(PlannedRecovery("h1", "web", "h3", 0),),
+        recovered=("web@h3",),
+    ),
 ]
 
 

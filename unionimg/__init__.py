@@ -15,6 +15,9 @@ placement/   spare-image placement: where each layer is kept so a failed server'
     model, greedy, exact, planner, example, generate   pure: the cluster (TOML) and the
                        evaluation of a plan; the seed's filters, the conventional baseline,
                        the heuristic; the CP-SAT model; choosing and explaining
+    fromstore          a cluster from a system node and a servers file (hosts)
+    apply              apply placement to hosts (registry, pulls over SSH); recover a VM
+                       on a host from the layers there, then place again
 
 snapshots/  repeated, differential VM snapshots (memory + U), off the host, restored (beside
             deploy)

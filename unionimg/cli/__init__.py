@@ -19,6 +19,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     deploy_cmd       deploy, redeploy
     snapshot_cmd     snapshot take, list, rm, prune, gc, push, schedule; restore
     migrate_cmd      migrate VM --to HOST (migrate-in offer, push: run by migrate)
+    placement_cmd    plan placement, simulate failure, apply placement, recover
 
 A new command: write it in its group's module and name it in :data:`COMMANDS` with the first
 paragraph of its help (``tests/test_cli_help.py`` checks that the two agree).
@@ -175,6 +176,16 @@ COMMANDS: dict[str, Lazy] = {
     "simulate": Lazy(
         "unionimg.cli.placement_cmd:simulate_group",
         "Simulate events against a plan.",
+    ),
+    "apply": Lazy(
+        "unionimg.cli.placement_cmd:apply_group",
+        "Make a plan real on the hosts (placement of spare layers).",
+    ),
+    "recover": Lazy(
+        "unionimg.cli.placement_cmd:recover_cmd",
+        "Make VM on HOST from the layers the applied placement keeps there (nothing sent when "
+        "the plan says so), boot it with --boot, then plan and apply again without the failed "
+        "server.",
     ),
     "timer": Lazy(
         "unionimg.cli.timer_cmd:timer",

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from unionimg.cli._common import json_option, json_text
+from unionimg.cli._common import Ctx, json_option, json_text, pass_ctx
 from unionimg.display import shown
 from unionimg.errors import NotFound, UsageError
 from unionimg.placement import planner
@@ -27,22 +27,7 @@ from unionimg.placement.model import (
 
 def read_cluster(path: str) -> Cluster:
     """The cluster file (TOML) named on the command line, validated."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(
-            f"cluster file {shown(path)} does not exist; give a TOML file (docs/placement.md)"
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"cluster file {shown(path)} cannot be read: {exc.strerror}") from None
-    if len(data) > 64 << 20:
-        raise UsageError(f"cluster file {shown(path)} is over 64 MiB; is it the right file?")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"cluster file {shown(path)} is not UTF-8 text") from None
-    return parse_cluster(text, shown(path))
+    return parse_cluster(_read_text(path, "cluster file"), shown(path))
 
 
 def _options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,13 +54,64 @@ def _options(f: Callable[..., Any]) -> Callable[..., Any]:
         help="exact (CP-SAT), heuristic, seed (the paper's filters), conventional "
         "(balance free space); auto: exact up to a model size.",
     )(f)
+    f = click.option(
+        "--servers",
+        "servers_file",
+        default=None,
+        metavar="FILE",
+        help="With --from-store: the servers (hosts), their capacities and VMs (TOML).",
+    )(f)
+    f = click.option(
+        "--from-store",
+        "system",
+        default=None,
+        metavar="SYSTEM",
+        help="Take the VMs and layers from system node SYSTEM of this store.",
+    )(f)
     return click.option(
         "--cluster",
         "cluster_file",
-        required=True,
+        default=None,
         metavar="FILE",
         help="The cluster: servers, VMs, layers (TOML).",
     )(f)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(
+            f"{what} {shown(path)} does not exist; give a TOML file (docs/placement.md)"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"{what} {shown(path)} cannot be read: {exc.strerror}") from None
+    if len(data) > 64 << 20:
+        raise UsageError(f"{what} {shown(path)} is over 64 MiB; is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {shown(path)} is not UTF-8 text") from None
+
+
+def _cluster(
+    c: Ctx, cluster_file: str | None, system: str | None, servers_file: str | None
+) -> Cluster:
+    """The cluster of --cluster FILE, or of --from-store SYSTEM --servers FILE."""
+    if (cluster_file is None) == (system is None):
+        raise UsageError("give --cluster FILE, or --from-store SYSTEM with --servers FILE")
+    if cluster_file is not None:
+        if servers_file is not None:
+            raise UsageError("--servers goes with --from-store, not --cluster")
+        return read_cluster(cluster_file)
+    if servers_file is None:
+        raise UsageError("--from-store SYSTEM needs --servers FILE (docs/placement.md)")
+    # deferred on purpose: the store side (systems, the layer cache) only for --from-store
+    from unionimg.placement.fromstore import cluster_from_system
+
+    assert system is not None
+    text = _read_text(servers_file, "servers file")
+    return cluster_from_system(c.store, system, text, shown(servers_file)).cluster
 
 
 def _failure_lines(f: FailureOutcome) -> list[str]:
@@ -136,13 +172,22 @@ def plan_group() -> None:
     is_flag=True,
     help="Also show the seed's method and the conventional placement's figures.",
 )
+@pass_ctx
 def plan_placement_cmd(
-    cluster_file: str, method: str, objective: str, time_limit: float, as_json: bool, compare: bool
+    c_: Ctx,
+    cluster_file: str | None,
+    system: str | None,
+    servers_file: str | None,
+    method: str,
+    objective: str,
+    time_limit: float,
+    as_json: bool,
+    compare: bool,
 ) -> None:
     """Where each layer (or part, or copy) is stored so that after any single server failure
     each of its VMs recovers on another server with the least transfer; each decision explained.
     """
-    c = read_cluster(cluster_file)
+    c = _cluster(c_, cluster_file, system, servers_file)
     p = planner.plan(c, method, objective, time_limit)
     ev = evaluate(c, p)
     others = {}
@@ -178,15 +223,24 @@ def simulate_group() -> None:
 @simulate_group.command("failure")
 @click.argument("server")
 @_options
+@pass_ctx
 def simulate_failure_cmd(
-    server: str, cluster_file: str, method: str, objective: str, time_limit: float, as_json: bool
+    c_: Ctx,
+    server: str,
+    cluster_file: str | None,
+    system: str | None,
+    servers_file: str | None,
+    method: str,
+    objective: str,
+    time_limit: float,
+    as_json: bool,
 ) -> None:
     """SERVER fails: which of its VMs restart where, what is sent over the network, and
     whether every VM can be restarted (resources), under the plan of --method."""
-    c = read_cluster(cluster_file)
+    c = _cluster(c_, cluster_file, system, servers_file)
     if f"s:{server}" not in c.index:
         raise NotFound(
-            f"server {shown(server)} is not in {shown(cluster_file)}; its servers: "
+            f"server {shown(server)} is not in the cluster; its servers: "
             + ", ".join(s.name for s in c.servers)
         )
     p = planner.plan(c, method, objective, time_limit)
@@ -213,3 +267,169 @@ def simulate_failure_cmd(
         click.echo(line)
     click.echo(f"bytes moved: {f.bytes} ({gib(f.bytes)})")
     click.echo(f"every VM restarts: {'yes' if f.restartable else 'NO'}")
+
+
+@click.group("apply")
+def apply_group() -> None:
+    """Make a plan real on the hosts (placement of spare layers)."""
+
+
+@apply_group.command("placement")
+@click.option(
+    "--from-store",
+    "system",
+    required=True,
+    metavar="SYSTEM",
+    help="The system node whose VMs' layers are placed.",
+)
+@click.option(
+    "--servers",
+    "servers_file",
+    required=True,
+    metavar="FILE",
+    help="The servers (hosts of 'host add'), capacities and VMs (TOML).",
+)
+@click.option(
+    "--registry", "url", required=True, help="The registry the hosts pull from, http://HOST:PORT."
+)
+@click.option(
+    "--method",
+    type=click.Choice(planner.METHODS),
+    default="auto",
+    show_default=True,
+    help="The planner (as for 'plan placement').",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(planner.OBJECTIVES),
+    default="worst",
+    show_default=True,
+    help="worst or total recovery transfer.",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(0.1, 3600.0),
+    default=30.0,
+    show_default=True,
+    help="Seconds the exact solver may take.",
+)
+@json_option
+@pass_ctx
+def apply_placement_cmd(
+    c: Ctx,
+    system: str,
+    servers_file: str,
+    url: str,
+    method: str,
+    objective: str,
+    time_limit: float,
+    as_json: bool,
+) -> None:
+    """Plan where system SYSTEM's layers are kept on the hosts and copy them there (each host
+    pulls only what it lacks from the registry); the placement is recorded for 'recover'."""
+    # deferred on purpose: the store, hosts and registry side only for this command
+    from unionimg.placement import apply as apply_mod
+
+    text = _read_text(servers_file, "servers file")
+    report = apply_mod.apply(
+        c.store,
+        system,
+        text,
+        url,
+        method=method,
+        objective=objective,
+        time_limit=time_limit,
+        source=shown(servers_file),
+    )
+    if as_json:
+        click.echo(json_text(report.to_json(), sort_keys=True))
+        return
+    plan = report.plan
+    click.echo(
+        f"placement of system {system}: {plan['method']} ({plan['status']}), worst "
+        f"recovery transfer {gib(int(str(plan['worst_bytes'])))}"
+    )
+    for h, d in report.hosts.items():
+        click.echo(f"  {h}: {len(d['layers'])} layer(s) kept, {d['bytes_pulled']} bytes pulled")
+
+
+@click.command("recover")
+@click.argument("vm")
+@click.option(
+    "--on",
+    "host",
+    default=None,
+    metavar="HOST",
+    help="The host to make VM on (from the layers the placement keeps there).",
+)
+@click.option("--boot", is_flag=True, help="Boot the VM once made.")
+@click.option(
+    "--no-replan",
+    is_flag=True,
+    help="Do not plan and apply the placement again without the failed server.",
+)
+@click.option("--here", is_flag=True, hidden=True)
+@click.option("--layer", default=None, hidden=True)
+@click.option("--mac", default=None, hidden=True)
+@click.option("--hypervisor", default=None, hidden=True)
+@click.option("--memory", type=int, default=None, hidden=True)
+@click.option("--vcpus", type=int, default=None, hidden=True)
+@click.option("--size", type=int, default=None, hidden=True)
+@click.option("--nic-name", default="eth0", hidden=True)
+@json_option
+@pass_ctx
+def recover_cmd(
+    c: Ctx,
+    vm: str,
+    host: str | None,
+    boot: bool,
+    no_replan: bool,
+    here: bool,
+    layer: str | None,
+    mac: str | None,
+    hypervisor: str | None,
+    memory: int | None,
+    vcpus: int | None,
+    size: int | None,
+    nic_name: str,
+    as_json: bool,
+) -> None:
+    """Make VM on HOST from the layers the applied placement keeps there (nothing sent when the
+    plan says so), boot it with --boot, then plan and apply again without the failed server."""
+    # deferred on purpose: the store, hosts, layer cache and boot side only for this command
+    from unionimg.placement import apply as apply_mod
+
+    if here:  # the host's side, run by the controller's 'recover' over SSH
+        if layer is None or mac is None or hypervisor is None:
+            raise UsageError("recover --here is run by 'recover VM --on HOST', not by hand")
+        kw = {
+            "mac": mac,
+            "hypervisor": hypervisor,
+            "memory": memory,
+            "vcpus": vcpus,
+            "size": size,
+            "nic_name": nic_name,
+        }
+        out = apply_mod.recover_here(c.store, vm, layer, kw, boot=boot)
+        click.echo(json_text(out, sort_keys=True))
+        return
+    if host is None:
+        raise UsageError("give --on HOST: the host to recover VM on")
+    res = apply_mod.recover(c.store, vm, host, boot=boot, replan=not no_replan)
+    if as_json:
+        click.echo(json_text(res, sort_keys=True))
+        return
+    click.echo(
+        f"{vm} (its server {res['failed']} failed) made on {host}: "
+        f"{len(res['layers_lacking'])} layer(s) lacking there, {res['bytes_pulled']} "
+        f"bytes pulled (the plan: {res['planned_bytes']} bytes on {res['planned_target']})"
+        + (", booted" if res["made"].get("booted") else "")
+    )
+    if "replan" in res:
+        plan = res["replan"]["plan"]
+        click.echo(
+            f"placed again without {res['failed']}: {plan['method']}, worst recovery "
+            f"transfer {gib(int(plan['worst_bytes']))}"
+        )
+        for h, d in res["replan"]["hosts"].items():
+            click.echo(f"  {h}: {len(d['layers'])} layer(s) kept, {d['bytes_pulled']} bytes pulled")

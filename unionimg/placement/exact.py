@@ -104,6 +104,13 @@ def solve(
             if (p.name, v.server) not in done:
                 done.add((p.name, v.server))
                 m.add_bool_or([x[p.name, s] for s in names if s != v.server])
+    if c.whole_chains:  # a server keeping a layer keeps its parents
+        for la in c.layers:
+            if la.parent is not None:
+                for pt in c.parts_of[la.name]:
+                    for pp in c.parts_of[la.parent]:
+                        for s in names:
+                            m.add_implication(x[pt.name, s], x[pp.name, s])
     stored = {s: sum(size[p.name] * x[p.name, s] for p in parts) for s in names}
     running = {s: _up(c.running_image(s), u) for s in names}
     disk = {s: c.server(s).disk // u for s in names}

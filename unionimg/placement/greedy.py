@@ -36,11 +36,31 @@ class _State:
     def __post_init__(self) -> None:
         self.stored = {s.name: 0 for s in self.c.servers}
         self.size = {p.name: p.size for p in self.c.parts()}
+        self.layer_of = {p.name: p.layer for p in self.c.parts()}
 
     def put(self, part: str, server: str) -> None:
         if server not in self.stores.setdefault(part, set()):
             self.stores[part].add(server)
             self.stored[server] += self.size[part]
+            if self.c.whole_chains:  # its parents come along (a layer cache keeps chains)
+                parent = self.c.layer(self.layer_of[part]).parent
+                for pp in self.c.parts_of[parent] if parent is not None else ():
+                    self.put(pp.name, server)
+
+    def cost(self, part: str, server: str) -> int:
+        """Bytes storing ``part`` on ``server`` adds (with its missing parents)."""
+        if server in self.stores.get(part, ()):
+            return 0
+        n = self.size[part]
+        parent = self.c.layer(self.layer_of[part]).parent if self.c.whole_chains else None
+        while parent is not None:
+            n += sum(
+                pp.size
+                for pp in self.c.parts_of[parent]
+                if server not in self.stores.get(pp.name, ())
+            )
+            parent = self.c.layer(parent).parent
+        return n
 
     def free(self, server: str) -> int:
         return self.c.server(server).disk - self.c.running_image(server) - self.stored[server]
@@ -367,7 +387,6 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
     needs it (rule a). One pass, no search: O(VMs x servers x chain length)."""
     t0 = time.monotonic()
     st = _State(c)
-    size = st.size
     res_used: dict[tuple[str, str], dict[str, float]] = {}  # (failed, target) -> resource sums
     img_used: dict[tuple[str, str], int] = {}  # (failed, target) -> recovered images + moved
     worst_extra: dict[str, int] = {s.name: 0 for s in c.servers}
@@ -384,7 +403,7 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
         cand, twice = _candidates(c, la.name)
         for p in c.parts_of[la.name]:
             for t in sorted(cand, key=lambda s: -st.free(s))[: 2 if twice else 1]:
-                if st.free(t) >= p.size:
+                if st.free(t) >= st.cost(p.name, t):
                     st.put(p.name, t)
                     st.reasons.append(
                         f"{p.name} -> {t}: (a) runs none of its VMs; most free disk"
@@ -459,7 +478,7 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
                 (s.name for s in c.servers if s.name != v.server),
                 key=lambda s: disk[s] - running[s] - st.stored[s] - worst_extra[s],
             )
-            if disk[t] - running[t] - st.stored[t] - worst_extra[t] < size[p.name]:
+            if disk[t] - running[t] - st.stored[t] - worst_extra[t] < st.cost(p.name, t):
                 raise Infeasible(
                     f"infeasible: no server besides {v.server} has disk for part {p.name} of "
                     f"VM {v.name}'s chain (disk is the binding constraint)"
@@ -473,7 +492,7 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
         for p in c.parts_of[la.name]:
             if p.name not in st.stores:
                 t = max((s.name for s in c.servers), key=lambda s: st.free(s) - worst_extra[s])
-                if st.free(t) - worst_extra[t] < p.size:
+                if st.free(t) - worst_extra[t] < st.cost(p.name, t):
                     raise Infeasible(
                         f"infeasible: no server has disk left for part {p.name} (no VM needs "
                         "it; disk is the binding constraint)"

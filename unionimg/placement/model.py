@@ -73,6 +73,7 @@ class Cluster:
     split_parts: int = 2
     split_min: int = MAX_BYTES
     transfer_kept: bool = True  # parts sent at recovery stay on the receiving server's disk
+    whole_chains: bool = False  # a server keeping a layer keeps its parents (a layer cache)
     # derived (filled by cluster()):
     parts_of: Mapping[str, tuple[Part, ...]] = field(default_factory=dict)
     chain: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # vm -> layers, root first
@@ -180,14 +181,24 @@ def parse_cluster(text: str, source: str = "cluster") -> Cluster:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{source}: not valid TOML: {exc}") from None
+    return parse_doc(doc, source)
+
+
+def parse_doc(doc: Mapping[str, object], source: str = "cluster") -> Cluster:
+    """:func:`parse_cluster` of a document already read (a mapping as TOML gives)."""
     _known(doc, {"placement", "server", "vm", "layer"}, source)
     settings = doc.get("placement", {})
     if not isinstance(settings, dict):
         raise UsageError(f"{source}: [placement] must be a table")
-    _known(settings, {"split_parts", "split_min", "transfer_kept"}, f"{source} [placement]")
+    _known(
+        settings,
+        {"split_parts", "split_min", "transfer_kept", "whole_chains"},
+        f"{source} [placement]",
+    )
     kept = settings.get("transfer_kept", True)
-    if not isinstance(kept, bool):
-        raise UsageError(f"{source}: transfer_kept must be true or false")
+    whole = settings.get("whole_chains", False)
+    if not isinstance(kept, bool) or not isinstance(whole, bool):
+        raise UsageError(f"{source}: transfer_kept and whole_chains are true or false")
     parts = settings.get("split_parts", 2)
     if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= 8:
         raise UsageError(f"{source}: split_parts must be a whole number from 1 to 8")
@@ -226,7 +237,7 @@ def parse_cluster(text: str, source: str = "cluster") -> Cluster:
                 needs,
             )
         )
-    return cluster(servers, vms, layers, parts, split_min, source, kept)
+    return cluster(servers, vms, layers, parts, split_min, source, kept, whole)
 
 
 def cluster(
@@ -237,6 +248,7 @@ def cluster(
     split_min: int = MAX_BYTES,
     source: str = "cluster",
     transfer_kept: bool = True,
+    whole_chains: bool = False,
 ) -> Cluster:
     """A validated cluster with its derived tables (parts, chains)."""
     for kind, names in (
@@ -308,6 +320,7 @@ def cluster(
         split_parts,
         split_min,
         transfer_kept,
+        whole_chains,
         parts_of,
         chains,
         index,
@@ -470,6 +483,19 @@ def evaluate(c: Cluster, plan: Plan) -> Evaluation:
     for s in c.servers:
         if c.running_image(s.name) + stored[s.name] > s.disk:
             violations.append(f"server {s.name}: stored layers exceed its disk")
+    if c.whole_chains:  # a layer kept without its parent cannot be used (a layer cache)
+        for la in c.layers:
+            if la.parent is None:
+                continue
+            for pt in c.parts_of[la.name]:
+                for pp in c.parts_of[la.parent]:
+                    lacking = plan.stores.get(pt.name, frozenset()) - plan.stores.get(
+                        pp.name, frozenset()
+                    )
+                    for where in sorted(lacking):
+                        violations.append(
+                            f"server {where} keeps {pt.name} without its parent {pp.name}"
+                        )
     for v in c.vms:  # rule (a): a copy of each part off the VM's own server
         for p in c.chain_parts(v.name):
             if not plan.stores.get(p.name, frozenset()) - {v.server}:

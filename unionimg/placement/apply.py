@@ -1,0 +1,282 @@
+"""Placement made real: ``apply placement`` copies each host's planned layers to it (pushed
+to a registry, pulled by the host over SSH: only what it lacks) and records the placement;
+``recover VM --on HOST`` makes the VM on HOST from the layers already there (its base
+generations made from the cached layers, no ``base create``, a fresh U with the VM's MAC),
+boots it if asked, and plans again without the failed server so that a second failure is
+covered too (the seed's step 3.2(2)), applying that plan.
+
+The host side of ``recover`` is :func:`recover_here` (``unionimg recover VM --here``, run on
+the host over SSH by the controller).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unionimg import hosts as hosts_mod
+from unionimg.errors import Conflict, NotFound, UsageError
+from unionimg.layers import base as base_mod
+from unionimg.layers import layerstore, snapshot
+from unionimg.placement import planner
+from unionimg.placement.fromstore import StoreCluster, cluster_from_system
+from unionimg.placement.model import Cluster, Plan, evaluate
+from unionimg.registry import hostcache
+from unionimg.registry.client import Registry
+from unionimg.store.layout import Store, now_iso, read_record, write_record
+from unionimg.store.placement_records import PlacedHost, PlacementApplied, PlannedRecovery
+
+APPLY_TIMEOUT = 3600.0  # one host's pull of its planned layers
+
+
+def record_path(store: Store) -> Path:
+    return store.root / "placement" / PlacementApplied.FILE
+
+
+def applied(store: Store) -> PlacementApplied:
+    path = record_path(store)
+    if not path.exists():
+        raise NotFound("no placement was applied in this store; run 'unionimg apply placement'")
+    return read_record(path, PlacementApplied)
+
+
+@dataclass
+class ApplyReport:
+    system: str
+    plan: dict[str, Any]
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"system": self.system, "plan": self.plan, "hosts": self.hosts}
+
+
+def _kept(c: Cluster, p: Plan, sc: StoreCluster) -> dict[str, list[str]]:
+    """Per server, the diff_ids the plan keeps there (layers whole: the cache has no parts)."""
+    out: dict[str, list[str]] = {s.name: [] for s in c.servers}
+    for la in c.layers:
+        where = [p.stores.get(pt.name, frozenset()) for pt in c.parts_of[la.name]]
+        if any(w != where[0] for w in where):
+            raise UsageError(
+                f"the plan splits layer {la.name}; a host's layer cache keeps layers whole: "
+                "set split_parts = 1 in the servers file's [placement]"
+            )
+        for s in sorted(where[0]):
+            out[s].append(sc.diff_id[la.name])
+    return out
+
+
+def _tops(store: Store, diff_ids: Sequence[str]) -> list[str]:
+    """The layers of a closed set that are no other's parent: pulling them brings the rest."""
+    parents = {layerstore.get(store, d).parent for d in diff_ids}
+    return [d for d in diff_ids if d not in parents]
+
+
+def apply(
+    store: Store,
+    system: str,
+    servers_text: str,
+    url: str,
+    *,
+    method: str = "auto",
+    objective: str = "worst",
+    time_limit: float = 30.0,
+    source: str = "servers file",
+    recovered: Sequence[str] = (),
+) -> ApplyReport:
+    """Plan system ``system`` over the servers (hosts) and copy each host's layers to it."""
+    sc = cluster_from_system(store, system, servers_text, source)
+    c = sc.cluster
+    p = planner.plan(c, method, objective, time_limit)
+    ev = evaluate(c, p)
+    if not ev.ok:
+        problem = ev.violations[0] if ev.violations else "a failure is not recoverable"
+        raise Conflict(
+            f"the {p.method} plan breaks the placement rules ({problem}); nothing was copied: "
+            "plan with --method exact or heuristic"
+        )
+    kept = _kept(c, p, sc)
+    hosts = {s: hosts_mod.get(store, s) for s in kept}  # every server a registered host
+    report = ApplyReport(system, planner.summary(c, p, ev))
+    tops = {s: _tops(store, d) for s, d in kept.items()}
+    with Registry(url) as reg:
+        for top in dict.fromkeys(t for ts in tops.values() for t in ts):
+            hostcache.push_layers(store, reg, top)
+    for s, host in hosts.items():
+        pulled = 0
+        for top in tops[s]:
+            out = host.run_json(["pull", top, "--registry", url], timeout=APPLY_TIMEOUT)
+            pulled += int(out.get("bytes_pulled", 0)) if isinstance(out, dict) else 0
+        report.hosts[s] = {"layers": kept[s], "bytes_pulled": pulled}
+    rec = PlacementApplied(
+        system=system,
+        registry=url,
+        created=now_iso(),
+        method=p.method,
+        status=p.status,
+        worst=ev.worst,
+        total=ev.total,
+        servers=servers_text,
+        hosts=tuple(PlacedHost(s, tuple(d)) for s, d in kept.items()),
+        recovery=tuple(
+            PlannedRecovery(f.server, v, t.server, t.bytes)
+            for f in ev.failures
+            for t in f.targets
+            for v in t.vms
+        ),
+        recovered=tuple(recovered),
+    )
+    path = record_path(store)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    write_record(path, rec)
+    return report
+
+
+# -- recovery -------------------------------------------------------------------------------
+def make_generations(store: Store, top: str) -> list[str]:
+    """The base generations under layer ``top``'s chain that this store lacks, made from the
+    layers in its cache (bottom first), as a deploy makes them; their names."""
+    made: list[str] = []
+    for layer in reversed(layerstore.chain(store, top)):
+        m = layer.meta
+        if m.kind == "snapshot":
+            continue
+        if m.base is None or m.generation is None:
+            raise Conflict(f"layer {layer.short} is a {m.kind} layer naming no base; refused")
+        try:
+            base_mod.get_generation(store, m.base, m.generation)
+            continue
+        except NotFound:
+            pass
+        parent = None
+        if m.kind == "delta":
+            below = layerstore.get(store, m.parent or "").meta
+            if below.base != m.base or below.generation is None:
+                raise Conflict(f"delta layer {layer.short} lies on no generation of {m.base}")
+            parent = base_mod.get_generation(store, m.base, below.generation)
+        base_mod.generation_from_layer(store, m.base, m.generation, layer, parent=parent)
+        made.append(f"{m.base}/{m.generation}")
+    return made
+
+
+def recover_here(
+    store: Store, name: str, layer: str, vm: Mapping[str, Any], *, boot: bool = False
+) -> dict[str, Any]:
+    """On the recovering host: VM ``name`` made from layer ``layer`` (and its chain) already
+    in this store's cache — nothing is fetched — and booted with ``boot``."""
+    if not layerstore.has(store, layer):
+        raise NotFound(f"layer {layer[:19]} is not in this host's cache; nothing was made")
+    made = make_generations(store, layer)
+    snapshot.create_from(store, name, layer, **vm)
+    out: dict[str, Any] = {"vm": name, "generations_made": made, "booted": False}
+    if boot:
+        # deferred on purpose: the boot controller pulls the hypervisor drivers
+        from unionimg.boot import control
+
+        control.boot(store, name)
+        out["booted"] = True
+    return out
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise UsageError(f"servers file: cannot keep value {v!r}")
+
+
+def servers_after(servers_text: str, failed: str, moved: Mapping[str, str]) -> str:
+    """The servers file without server ``failed``, each VM of ``moved`` running on its new
+    server."""
+    import tomllib
+
+    doc = tomllib.loads(servers_text)
+    lines = ["server = ["]
+    for s in doc.get("server", []):
+        if s.get("name") == failed:
+            continue
+        s = dict(s)
+        runs = [v for v in s.get("runs", []) if v not in moved]
+        runs += [v for v, t in moved.items() if t == s.get("name")]
+        s["runs"] = runs
+        lines.append("  { " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in s.items()) + " },")
+    lines.append("]")
+    if "placement" in doc:
+        lines.append("[placement]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in doc["placement"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def recover(
+    store: Store,
+    vm: str,
+    host_name: str,
+    *,
+    boot: bool = False,
+    replan: bool = True,
+    method: str = "auto",
+    time_limit: float = 30.0,
+) -> dict[str, Any]:
+    """VM ``vm`` (of the applied placement's system) made on ``host_name`` from the layers
+    the placement keeps there (pulled first only if the host lacks some: the plan said so);
+    then, with ``replan``, the placement planned and applied again without the VM's failed
+    server (the VM now runs on ``host_name``)."""
+    rec = applied(store)
+    sc = cluster_from_system(store, rec.system, rec.servers, "the applied placement")
+    if vm not in sc.vms:
+        raise NotFound(f"VM {vm} is not in system {rec.system} of the applied placement")
+    held = {h.host: set(h.layers) for h in rec.hosts}
+    if host_name not in held:
+        raise NotFound(f"host {host_name} is not a server of the applied placement")
+    failed = sc.cluster.vm(vm).server
+    if failed == host_name:
+        raise UsageError(f"VM {vm} ran on {host_name}; recover it on another server")
+    meta = sc.vms[vm]
+    chain = [la.diff_id for la in layerstore.chain(store, meta.layer)]
+    lacking = [d for d in chain if d not in held[host_name]]
+    planned = next((r for r in rec.recovery if r.vm == vm and r.failed == failed), None)
+    host = hosts_mod.get(store, host_name)
+    pulled = 0
+    if lacking:
+        out = host.run_json(["pull", meta.layer, "--registry", rec.registry])
+        pulled = int(out.get("bytes_pulled", 0)) if isinstance(out, dict) else 0
+    args = [
+        "recover", vm, "--here", "--layer", meta.layer, "--mac", meta.mac,
+        "--hypervisor", meta.hypervisor, "--memory", str(meta.memory),
+        "--vcpus", str(meta.vcpus), "--size", str(meta.size), "--nic-name", meta.nic_name,
+    ]  # fmt: skip
+    if boot:
+        args.append("--boot")
+    made = host.run_json(args, timeout=600.0, what=f"recovering {vm}")
+    result: dict[str, Any] = {
+        "vm": vm,
+        "host": host_name,
+        "failed": failed,
+        "planned_target": planned.target if planned else None,
+        "planned_bytes": planned.bytes if planned else None,
+        "layers_lacking": lacking,
+        "bytes_pulled": pulled,
+        "made": made,
+    }
+    if replan:
+        moved = {vm: host_name}
+        moved.update({r.vm: r.target for r in rec.recovery if r.failed == failed and r.vm != vm})
+        again = apply(
+            store,
+            rec.system,
+            servers_after(rec.servers, failed, moved),
+            rec.registry,
+            method=method,
+            time_limit=time_limit,
+            source="the servers after the failure",
+            recovered=(*rec.recovered, f"{vm}@{host_name}"),
+        )
+        result["replan"] = again.to_json()
+    return result
