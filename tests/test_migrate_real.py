@@ -172,8 +172,11 @@ SHARED = os.urandom(300_000)  # also in a VM the host holds
 def test_dry_run_then_migrate(env: Env) -> None:
     ctl, h1 = env.ctl, env.hosts["h1"]
     make_vm(hcli(h1), env.tmp, "peer", "52:54:00:14:00:11", {"srv/shared.bin": SHARED})
+    bb = bytearray(Path("/bin/busybox").read_bytes())
+    bb[400_000:404_096] = os.urandom(4096)  # the base's busybox, 4 KiB changed: a delta
     make_vm(ctl, env.tmp, "web", "52:54:00:14:00:01", {
         "etc/web.conf": "role web\n", "srv/big.txt": BIG, "opt/same.bin": SHARED,
+        "bin/busybox": bytes(bb),
         # the same bytes as the base's busybox: found in the host's base, not sent
         "opt/bb-copy": Path("/bin/busybox").read_bytes(),
     })  # fmt: skip
@@ -185,6 +188,7 @@ def test_dry_run_then_migrate(env: Env) -> None:
     assert plan["by_reason"]["new"]["bytes"] >= len(BIG)
     assert plan["by_reason"]["base"]["contents"] >= 1  # the busybox copy
     assert plan["by_reason"]["vm"]["bytes"] == len(SHARED)  # in the host's VM peer
+    assert dry["deltas"] == 1  # busybox, on the base's version
     assert names(hcli(h1)) == ["peer"] and "web" in names(ctl)
     dry_wire = h1.counters()["rx_bytes"] - rx0
     assert dry_wire < 200_000  # the offer only

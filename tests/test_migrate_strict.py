@@ -18,6 +18,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -183,6 +184,39 @@ def test_more_data_than_announced_and_cut_streams(setup: Setup) -> None:
     # a stream cut short (a broken link): refused, what arrived whole is kept
     full = frames(o, None, d)
     refused(setup, full[: len(full) * 2 // 3], 8, "ended early")
+
+
+def test_deltas_are_checked(setup: Setup) -> None:
+    """A delta on a base the offer does not name, and one that makes other bytes than its
+    announced content (on a base the host does hold: the tiny base's busybox)."""
+    from unionimg.migrate import delta
+
+    fresh = os.urandom(20_000)  # a content no earlier test sent
+    sha = hashlib.sha256(fresh).hexdigest()
+    entry = TreeEntry("upper/fresh.bin", "file", 0o644, 0, 0, 1, len(fresh), sha)
+    o = with_entries(setup.offer, [entry])
+    d = {**setup.data, sha: fresh}
+    busybox = Path("/bin/busybox").read_bytes()
+    bb_sha = hashlib.sha256(busybox).hexdigest()
+    rest = [(s, p) for s, p in d.items() if s != sha]
+
+    def with_delta(offer: MigrateOffer, base: str, patch: bytes) -> bytes:
+        raw = bytearray(MAGIC)
+        raw += frame_head(b"H", offer.to_json(), 0)
+        raw += frame_head(b"D", {"sha256": sha, "size": len(fresh), "base": base}, len(patch))
+        raw += patch
+        for other, payload in rest:
+            raw += frame_head(b"O", {"sha256": other, "size": len(payload)}, len(payload))
+            raw += payload
+        raw += frame_head(b"E", {"objects": len(rest) + 1, "layers": 0}, 0)
+        return zstandard.ZstdCompressor(level=3).compress(bytes(raw))
+
+    good = delta.encode(busybox, fresh, 3) or b""
+    refused(setup, with_delta(o, bb_sha, good), 8, "not in the offer")  # base not named
+    named = dataclasses.replace(o, bases=(bb_sha,))
+    liar = zstandard.ZstdCompressor(dict_data=delta._dict(busybox)).compress(os.urandom(len(fresh)))
+    refused(setup, with_delta(named, bb_sha, liar), 8, "does not make its announced")
+    assert not (setup.host.store / "migrate" / "objects" / sha).exists()
 
 
 def test_the_unchanged_stream_makes_the_vm_and_a_taken_name_is_refused(setup: Setup) -> None:

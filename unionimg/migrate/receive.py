@@ -21,8 +21,10 @@ left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import replace
 from typing import BinaryIO
@@ -36,7 +38,7 @@ from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layerstore import Origin
-from unionimg.migrate import index, plan, tree
+from unionimg.migrate import delta, index, plan, tree
 from unionimg.migrate.wire import Reader, StreamRefused
 from unionimg.names import check_hypervisor, check_name, parse_mac
 from unionimg.store.layout import Store, now_iso, write_record
@@ -50,6 +52,7 @@ from unionimg.store.migrate_records import (
 from unionimg.store.records import Instance, RecordError
 
 LOCK = "migrate-in"
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 TOP_NAMES = frozenset({"upper", "work", ".hg", ".hgignore", ".unionimg", "upper.prev"})
 MAX_OFFER = 256 << 20
 
@@ -135,7 +138,7 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
     if not install:
         missing_layers = [d for d in missing_layers if d != gen_layer.diff_id]
     wanted = set(plan.file_contents(offer.entries))
-    places = index.locate(store, wanted)
+    places = index.locate(store, wanted | _bases(offer))
     return MigrateAnswer(
         layers_missing=tuple(missing_layers),
         hashes_missing=tuple(sorted(wanted - places.keys())),
@@ -144,6 +147,13 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
         generation=inst.generation,
         install_base=install,
     )
+
+
+def _bases(offer: MigrateOffer) -> set[str]:
+    """The delta bases the offer names: sha256s, at most one per entry."""
+    if len(offer.bases) > len(offer.entries) or not all(_SHA_RE.fullmatch(b) for b in offer.bases):
+        raise plan.Refused("migration refused: the offer's delta bases are ill-formed")
+    return set(offer.bases)
 
 
 def _check_top(offer: MigrateOffer) -> None:
@@ -181,7 +191,10 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
     if kind != b"H":
         raise StreamRefused("migration refused: the stream does not start with the offer")
     offer = parse_offer(header)
-    with store.lock(LOCK, wait=False, purpose=f"migrate-in {offer.instance.name}"):
+    with (
+        store.lock(LOCK, wait=False, purpose=f"migrate-in {offer.instance.name}"),
+        contextlib.ExitStack() as stack,
+    ):
         ans = answer(store, offer, hypervisor)
         inst = _check_instance(store, offer.instance, hypervisor)
         chain = {c.diff_id: c for c in offer.chain}
@@ -193,8 +206,11 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
         seen: set[str] = set()
         max_blob = max([c.blob_size for c in offer.chain] + [0])
         max_obj = max([*sizes.values(), 0])
+        bases = _bases(offer)
+        sources: index.Sources | None = None
+        max_delta = min(max_obj, delta.MAX_SIZE) * 9 // 8 + (64 << 10)
         while True:
-            kind, header = reader.next({b"L": max_blob, b"O": max_obj, b"E": 0})
+            kind, header = reader.next({b"L": max_blob, b"O": max_obj, b"D": max_delta, b"E": 0})
             if kind == b"E":
                 if header.get("objects") != objects or header.get("layers") != layers:
                     raise StreamRefused(
@@ -229,6 +245,39 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
                 want_objects.discard(sha)
                 objects += 1
                 got_bytes += sizes[sha]
+            elif kind == b"D":
+                sha, base = str(header.get("sha256", "")), str(header.get("base", ""))
+                size = sizes.get(sha, -1)
+                if header.get("size") != size or sha in seen or base not in bases:
+                    raise StreamRefused(
+                        f"migration refused: delta {sha[:16]!r} is not in the offer (or not "
+                        "with that size or base, or twice); nothing was made"
+                    )
+                if size > delta.MAX_SIZE:
+                    raise StreamRefused(f"migration refused: delta {sha[:16]} is too large")
+                seen.add(sha)
+                payload = b"".join(reader.payload())
+                if sha in want_objects or not index.has_object(store, sha):
+                    if sources is None:
+                        places = index.locate(store, bases)
+                        sources = stack.enter_context(index.Sources(store, places))
+                    if base not in sources.places:
+                        raise StreamRefused(
+                            f"migration refused: delta base {base[:16]} is not here; nothing "
+                            "was made"
+                        )
+                    old = bytearray()
+                    for chunk in sources.read(base):
+                        old += chunk
+                        if len(old) > delta.MAX_SIZE:
+                            raise StreamRefused("migration refused: a delta base is too large")
+                    data = delta.decode(bytes(old), base, payload, size, sha)
+                    w = index.ObjectWriter(store, sha, size)
+                    w.write(data)
+                    w.done()
+                want_objects.discard(sha)
+                objects += 1
+                got_bytes += size
             elif kind == b"L":
                 diff_id = str(header.get("diff_id", ""))
                 if diff_id not in chain or diff_id in seen:
@@ -267,6 +316,7 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
                     want_layers.remove(diff_id)
                 layers += 1
                 got_bytes += layer.blob_size
+        stack.close()
         if want_objects or want_layers:
             raise StreamRefused(
                 f"migration refused: the stream ended without {len(want_objects)} content(s) "

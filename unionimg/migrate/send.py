@@ -23,6 +23,7 @@ A failure at any step leaves the VM here untouched; the host keeps the contents 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -37,10 +38,11 @@ import zstandard
 from unionimg import hosts as hosts_mod
 from unionimg.errors import Conflict, ToolFailed, UnionimgError
 from unionimg.faults import checkpoint
+from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore, snapshot
 from unionimg.layers.running import running_on
-from unionimg.migrate import index, plan, tree
+from unionimg.migrate import delta, index, plan, tree
 from unionimg.migrate.wire import MAGIC, frame_head
 from unionimg.runner import run, stream
 from unionimg.store.layout import Store
@@ -72,6 +74,7 @@ class Outcome:
     done: MigrateDone | None = None
     seconds: float = 0.0
     kept: int = 0  # contents kept in this store's cache for the way back
+    deltas: int = 0  # changed files sent as deltas on their base versions
     stages: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,6 +86,7 @@ class Outcome:
             "stream_bytes": self.wire_bytes,
             "receiver": self.done.to_json() if self.done else None,
             "kept_for_way_back": self.kept,
+            "deltas": self.deltas,
             "seconds": round(self.seconds, 3),
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
         }
@@ -165,6 +169,31 @@ class _Stream:
         self._send(self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
 
 
+Deltas = dict[str, tuple[str, str]]
+"""A changed file's content → (its base version's content, its path in the base tree)."""
+
+
+def delta_candidates(
+    store: Store, inst: inst_mod.Instance, entries: tuple[TreeEntry, ...]
+) -> Deltas:
+    """The files of U's upper layer whose path holds another content in the VM's base
+    generation, both of a size a delta takes (:mod:`.delta`)."""
+    gen = base_mod.get_generation(store, inst.base, inst.generation)
+    out: Deltas = {}
+    with gen.manifest() as man:
+        for e in entries:
+            if e.kind != "file" or e.link is not None or not e.path.startswith("upper/"):
+                continue
+            if not delta.MIN_SIZE <= e.size <= delta.MAX_SIZE or e.sha256 is None:
+                continue
+            b = man.get(e.path.removeprefix("upper"))
+            if b is None or b.kind != "file" or b.sha256 in (None, e.sha256):
+                continue
+            if delta.MIN_SIZE <= b.size <= delta.MAX_SIZE and not b.xattrs:
+                out.setdefault(e.sha256, (b.sha256, b.path))
+    return out
+
+
 def write_stream(
     st: _Stream,
     store: Store,
@@ -173,8 +202,12 @@ def write_stream(
     u: Path,
     progress: Progress,
     total: int,
-) -> None:
-    """The whole stream (see :mod:`unionimg.migrate.wire`)."""
+    *,
+    deltas: Deltas | None = None,
+    base_root: Path | None = None,
+    level: int = LEVEL,
+) -> int:
+    """The whole stream (see :mod:`unionimg.migrate.wire`); the number of deltas sent."""
     st.put(MAGIC)
     st.put(frame_head(b"H", offer.to_json(), 0))
     st.flush()
@@ -193,10 +226,29 @@ def write_stream(
         layers += 1
     missing = set(ans.hashes_missing)
     sent = 0
+    as_delta = 0
     for e in offer.entries:  # in tree order: like files lie together in the stream
         if e.kind != "file" or e.link is not None or e.sha256 not in missing:
             continue
         missing.discard(e.sha256)
+        if deltas and base_root is not None and e.sha256 in deltas:
+            base_sha, base_path = deltas[e.sha256]
+            with tree.open_file(u, e.path) as fh:
+                new = fh.read(e.size + 1)
+            with tree.open_file(base_root, base_path.lstrip("/")) as fh:
+                old = fh.read(delta.MAX_SIZE + 1)
+            if len(new) != e.size:
+                raise ToolFailed(f"instance file {e.path[:80]!r} changed while it was sent; retry")
+            patch = delta.encode(old, new, level)
+            if patch is not None:
+                head = {"sha256": e.sha256, "size": e.size, "base": base_sha}
+                st.put(frame_head(b"D", head, len(patch)))
+                st.put(patch)
+                done += e.size
+                progress(done, total, st.wire)
+                sent += 1
+                as_delta += 1
+                continue
         st.put(frame_head(b"O", {"sha256": e.sha256, "size": e.size}, e.size))
         got = 0
         with tree.open_file(u, e.path) as fh:
@@ -213,24 +265,20 @@ def write_stream(
     st.put(frame_head(b"E", {"objects": sent, "layers": layers}, 0))
     st.finish()
     progress(total, total, st.wire)
+    return as_delta
 
 
 def _push(
     host: hosts_mod.Host,
-    store: Store,
-    offer: MigrateOffer,
-    ans: MigrateAnswer,
-    u: Path,
+    produce: Callable[[_Stream], int],
     *,
     rate: int | None,
     level: int,
     hypervisor: str | None,
-    progress: Progress,
-    total: int,
-) -> tuple[MigrateDone, int]:
+) -> tuple[MigrateDone, int, int]:
     rfd, wfd = os.pipe()
     failure: list[BaseException] = []
-    wired = [0]
+    wired = [0, 0]
 
     def write_all(data: bytes) -> None:
         view = memoryview(data)
@@ -241,7 +289,7 @@ def _push(
     def writer() -> None:
         try:
             st = _Stream(write_all, rate, level)
-            write_stream(st, store, offer, ans, u, progress, total)
+            wired[1] = produce(st)
             wired[0] = st.wire
         except BrokenPipeError:
             pass  # the host stopped reading: its error line says why
@@ -271,7 +319,7 @@ def _push(
     if res.returncode != 0:
         raise host.error(res, "migrate-in push")
     try:
-        return MigrateDone.from_json(json.loads(bytes(out))), wired[0]
+        return MigrateDone.from_json(json.loads(bytes(out))), wired[0], wired[1]
     except (ValueError, RecordError):
         raise ToolFailed(f"host {host.name}: 'migrate-in push' gave no result") from None
 
@@ -309,7 +357,11 @@ def migrate(
             t = time.monotonic()
             entries = tuple(tree.scan(u, skip_top=SKIP_TOP))
             stages["scan"] = time.monotonic() - t
-            offer = MigrateOffer(PROTOCOL, inst, tuple(chain), entries, sender=str(store.root))
+            cands = delta_candidates(store, inst, entries)
+            offer = MigrateOffer(
+                PROTOCOL, inst, tuple(chain), entries, sender=str(store.root),
+                bases=tuple(sorted({b for b, _p in cands.values()})),
+            )  # fmt: skip
             t = time.monotonic()
             ans = ask(host, offer, hypervisor)
             stages["offer"] = time.monotonic() - t
@@ -319,22 +371,39 @@ def migrate(
             total = sum(sizes.get(s, 0) for s in ans.hashes_missing) + sum(
                 layer_sizes.get(d, 0) for d in ans.layers_missing
             )
-            if dry_run:
+            missing = set(ans.hashes_missing)
+            usable = {n: bp for n, bp in cands.items() if n in missing and bp[0] in found}
+            stack = contextlib.ExitStack()
+            with stack:
+                base_root = None
+                if usable:  # the base generation's tree: the deltas' older versions
+                    stage = stack.enter_context(store.staging("migrate-base"))
+                    gen = base_mod.get_generation(store, inst.base, inst.generation)
+                    base_root = stack.enter_context(
+                        base_mod.generation_tree(store, gen, stage / "gen")
+                    )
+
+                def produce(st: _Stream, note: Progress = note) -> int:
+                    return write_stream(
+                        st, store, offer, ans, u, note, total, deltas=usable,
+                        base_root=base_root, level=level,
+                    )  # fmt: skip
+
                 t = time.monotonic()
-                counter = _Stream(lambda _data: None, None, level)
-                write_stream(counter, store, offer, ans, u, lambda *_a: None, total)
-                stages["compress"] = time.monotonic() - t
-                summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
-                out = Outcome(name, host.name, True, summ, found, counter.wire)
-                out.seconds = time.monotonic() - start
-                out.stages = stages
-                return out
-            t = time.monotonic()
-            done, wire = _push(
-                host, store, offer, ans, u, rate=rate, level=level, hypervisor=hypervisor,
-                progress=note, total=total,
-            )  # fmt: skip
-            stages["push"] = time.monotonic() - t
+                if dry_run:
+                    counter = _Stream(lambda _data: None, None, level)
+                    n_delta = produce(counter, lambda *_a: None)
+                    stages["compress"] = time.monotonic() - t
+                    summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
+                    out = Outcome(name, host.name, True, summ, found, counter.wire)
+                    out.deltas = n_delta
+                    out.seconds = time.monotonic() - start
+                    out.stages = stages
+                    return out
+                done, wire, n_delta = _push(
+                    host, produce, rate=rate, level=level, hypervisor=hypervisor
+                )
+                stages["push"] = time.monotonic() - t
             if done.instance != name or done.mac != inst.mac:
                 raise ToolFailed(
                     f"host {host.name} made {done.instance[:64]!r} ({done.mac[:20]}), not "
@@ -356,5 +425,6 @@ def migrate(
     summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
     out = Outcome(name, host.name, False, summ, found, wire, done, time.monotonic() - start)
     out.kept = kept
+    out.deltas = n_delta
     out.stages = stages
     return out

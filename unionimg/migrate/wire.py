@@ -1,12 +1,15 @@
 """The framed stream a migration's sender writes to the receiver (``migrate-in push``'s
 stdin, over SSH).
 
-A frame is one type byte, a 4-byte big-endian header length, a JSON header, an 8-byte
+The whole stream is one zstd stream (flushed as it goes, so what arrived can be used); inside
+it, a frame is one type byte, a 4-byte big-endian header length, a JSON header, an 8-byte
 big-endian payload length and the payload. The stream starts with :data:`MAGIC`, then:
 
 - ``H`` the offer (:class:`~unionimg.store.migrate_records.MigrateOffer`), no payload;
 - ``L`` a layer blob: header ``{"diff_id"}``, payload the layer's zstd tar blob;
-- ``O`` a file content: header ``{"sha256", "size"}``, payload its zstd frame;
+- ``O`` a file content: header ``{"sha256", "size"}``, payload the content;
+- ``D`` a file content as a delta (:mod:`.delta`): header ``{"sha256", "size", "base"}``,
+  payload a zstd frame made with the base content as its dictionary;
 - ``E`` the end: header ``{"objects": N, "layers": N}`` (what was announced), then nothing.
 
 The reader bounds everything before reading it: a header of at most :data:`MAX_HEADER`
@@ -25,9 +28,9 @@ from unionimg.errors import GuestDataRefused
 
 MAGIC = b"UNIONIMG-MIGRATE-1\n"
 MAX_HEADER = 256 << 20
-TYPES = (b"H", b"L", b"O", b"E")
+TYPES = (b"H", b"L", b"O", b"D", b"E")
 _HEAD = struct.Struct(">cI")
-NAMES = {b"H": "offer", b"L": "layer", b"O": "content", b"E": "end"}
+NAMES = {b"H": "offer", b"L": "layer", b"O": "content", b"D": "delta", b"E": "end"}
 _LEN = struct.Struct(">Q")
 
 

@@ -123,7 +123,8 @@ class ChainLayer(Record):
 class MigrateOffer(Record):
     """What the sender offers: the VM's instance record (the receiver keeps its MAC, U size,
     resources; ``hypervisor`` as asked), its chain (top to bottom: its snapshot layers, then
-    the layers of its base generation) and the manifest of its U image's tree."""
+    the layers of its base generation), the manifest of its U image's tree, and the
+    contents (sha256) its changed files' deltas would lie on (their base versions)."""
 
     WHAT = "migration offer"
 
@@ -132,6 +133,7 @@ class MigrateOffer(Record):
     chain: tuple[ChainLayer, ...]
     entries: tuple[TreeEntry, ...]
     sender: str = ""
+    bases: tuple[str, ...] = ()  # contents a delta may lie on (the base's older versions)
 
     def to_json(self) -> JsonObject:
         return {
@@ -140,6 +142,7 @@ class MigrateOffer(Record):
             "chain": [c.to_json() for c in self.chain],
             "entries": [e.to_json() for e in self.entries],
             "sender": self.sender,
+            "bases": list(self.bases),
         }
 
     @classmethod
@@ -156,6 +159,7 @@ class MigrateOffer(Record):
             chain=f.records("chain", ChainLayer),
             entries=f.records("entries", TreeEntry),
             sender=f.text("sender", ""),
+            bases=f.maybe_texts("bases") or (),
         )
 
 
