@@ -237,3 +237,97 @@ def test_two_schedules_refused_and_schedule_logs(env: Env) -> None:
     ids = [r["id"] for r in json.loads(cb.ok("snapshot", "list", "ctr", "--json").output)]
     assert len(ids) == 3 and ids == sorted(ids)  # --keep 3
     cb.ok("stop", "ctr", "--force")
+
+
+def chunk_count(store: Path) -> int:
+    root = store / "snapshots" / "chunks"
+    return sum(1 for _ in root.glob("*/*")) if root.is_dir() else 0
+
+
+def test_host_killed_mid_copy_then_resumed(env: Env) -> None:
+    b = env.hosts["b"]
+    cb = hcli(b)
+    c = env.lab.add_host("c")
+    env.hosts["c"] = c
+    hcli(c).ok("host", "list")
+    record_host(cb, "c", c)
+    latest = json.loads(cb.ok("snapshot", "list", "ctr", "--json").output)[-1]
+    c.limit("16mbit")  # ~2 MB/s: the copy takes seconds, time to cut it
+    argv = [str(UNIONIMG), "--store", str(b.store), "snapshot", "push", "ctr", "--to", "c",
+            "--json"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        from unionimg.poll import until
+
+        assert until(lambda: chunk_count(c.store) >= 200, 120, 0.05), "the copy never started"
+        c.kill_sessions()  # the host dies mid-copy
+        _, err = proc.communicate(timeout=120)
+    finally:
+        c.limit(None)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unionimg: error: host c"), err
+    # what arrived is kept (whole, checked chunks), but there is no snapshot there
+    had = chunk_count(c.store)
+    assert 200 <= had < latest["chunks"]
+    assert not (c.store / "snapshots/vms/ctr").is_dir() or not any(
+        (c.store / "snapshots/vms/ctr").glob("*.json")
+    )
+    assert json.loads(hcli(c).ok("snapshot", "list", "--json").output) == []
+    # the host comes back (its sshd restarted); the next push sends only what is missing
+    c.stop_sshd()
+    env.lab._start_sshd(c)
+    out = json.loads(cb.ok("snapshot", "push", "ctr", "--to", "c", "--json").output)
+    assert out["chunks_sent"] <= latest["chunks"] - had + 1, (out, had)
+    rows = json.loads(hcli(c).ok("snapshot", "list", "ctr", "--json").output)
+    assert [r["id"] for r in rows] == [latest["id"]]
+
+
+UML_COUNTER = """#!/bin/sh
+i=0
+while :; do i=$((i+1)); echo $i > /var/tmp/count; echo "unionimg-guest: count $i"; sleep 0.2; done
+"""
+
+
+def test_uml_snapshot_is_disk_only_with_synced_file_systems(env: Env) -> None:
+    from tests.conftest import need_uml_kernel
+
+    need_uml_kernel()
+    b = env.hosts["b"]
+    cb = hcli(b)
+    vm = "umlctr"
+    base = json.loads(cb.ok("instance", "show", "ctr", "--json").output)["base"]
+    cb.ok("instance", "create", vm, "--base", base, "--hypervisor", "uml", "--memory", "96",
+          "--size", "128M")  # fmt: skip
+    mnt = env.tmp / "mnt-uml"
+    mnt.mkdir()
+    cb.ok("mount", vm, str(mnt))
+    try:
+        hook = mnt / "etc/unionimg-boot.d/50-count"
+        hook.write_text(UML_COUNTER)
+        hook.chmod(0o755)
+    finally:
+        cb.ok("umount", str(mnt))
+    cb.ok("boot", vm)
+    try:
+        wait_count(cb, vm, 10)
+        before = counts(cb, vm)[-1]
+        out = json.loads(cb.ok("snapshot", "take", vm, "--json").output)
+        after = counts(cb, vm)[-1]
+        assert out["kind"] == "disk" and out["memory_size"] == 0
+        wait_count(cb, vm, after + 5, timeout=60)  # it runs on
+    finally:
+        cb.ok("stop", vm, "--force")
+    res = json.loads(cb.ok("restore", vm, "--json").output)
+    assert res["state"] == "stopped"
+    cb.ok("mount", vm, str(mnt))
+    try:
+        saved = int((mnt / "var/tmp/count").read_text())
+    finally:
+        cb.ok("umount", str(mnt))
+    # the guest's file written just before the take is in the snapshot (synced)
+    assert before - 1 <= saved <= after + 1, (before, saved, after)
+    cb.ok("instance", "remove", vm)

@@ -35,7 +35,7 @@ Layout (format 2)::
       downloads/              blobs being pulled (resumed from here), swept under the pull lock
       systems/NAME/           a node of the system tree: system.json (deployed.json on a host)
       hosts/                  the store's SSH key; hosts/NAME/: host.json, known_hosts
-      snapshots/              reserved for a later issue
+      snapshots/              VM snapshots: chunks/AB/HEX, vms/VM/ID.json (docs/snapshots.md)
 
 Objects appear only by ``rename(2)`` of a fully built staging directory, so a crash at any
 point leaves either the old state or the new one, never half an object. Each JSON file is a
