@@ -264,3 +264,23 @@ def test_cli_plan_and_simulate(cli: Cli, tmp_path: Path) -> None:
     )
     assert sim["bytes"] == 15 * GB and sim["vms"] == {"A": "Sl", "B": "Sl", "C": "Sl"}
     assert sim["restartable"] is True
+
+
+@pytest.mark.parametrize("method", ["exact", "heuristic"])
+def test_whole_chains_keep_parents(seed_cluster: Cluster, method: str) -> None:
+    """With whole_chains (a host's layer cache keeps a layer's parents), every server that
+    keeps a layer keeps its parents too, and the rules still hold."""
+    text = SEED_EXAMPLE.replace(
+        "transfer_kept = false", "transfer_kept = false\nwhole_chains = true"
+    )
+    c = parse_cluster(text)
+    p = planner.plan(c, method, "worst", 30.0)
+    _rules_kept(c, p)
+    for la in c.layers:
+        if la.parent is None:
+            continue
+        for pt in c.parts_of[la.name]:
+            for pp in c.parts_of[la.parent]:
+                assert p.stores[pt.name] <= p.stores[pp.name], (pt.name, pp.name)
+    broken = Plan("x", "worst", {**p.stores, "a1": frozenset({"Sk"})}, p.recovery)
+    assert any("without its parent" in v for v in evaluate(c, broken).violations)

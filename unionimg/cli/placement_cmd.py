@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from unionimg.cli._common import Ctx, json_option, json_text, pass_ctx
+from unionimg.cli._common import ASCII_INT, Ctx, json_option, json_text, pass_ctx
 from unionimg.display import shown
 from unionimg.errors import NotFound, UsageError
 from unionimg.placement import planner
@@ -372,9 +372,9 @@ def apply_placement_cmd(
 @click.option("--layer", default=None, hidden=True)
 @click.option("--mac", default=None, hidden=True)
 @click.option("--hypervisor", default=None, hidden=True)
-@click.option("--memory", type=int, default=None, hidden=True)
-@click.option("--vcpus", type=int, default=None, hidden=True)
-@click.option("--size", type=int, default=None, hidden=True)
+@click.option("--memory", type=ASCII_INT, default=None, hidden=True)
+@click.option("--vcpus", type=ASCII_INT, default=None, hidden=True)
+@click.option("--size", type=ASCII_INT, default=None, hidden=True)
 @click.option("--nic-name", default="eth0", hidden=True)
 @json_option
 @pass_ctx
