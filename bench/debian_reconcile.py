@@ -219,6 +219,8 @@ class Ours:
     wall_j1: float  # --jobs 1
     wall_nocheck: float | None  # --jobs 1 without item 1's checks
     vms: list[VmResult]
+    resolved: list[VmResult]  # after resolve --take proposal of the user-ID clashes
+    resolve_s: float  # those resolves, per VM that had any
 
 
 def checks_switch() -> str | None:
@@ -312,10 +314,50 @@ def read_back(
     return out
 
 
+#: The user databases' conflicts and how the admin takes each (item 3: the proposal renumbers
+#: the VM's entry and chowns its files; shadow and gshadow follow passwd and group).
+USERDB_TAKE = {
+    "/etc/group": "proposal",
+    "/etc/passwd": "proposal",
+    "/etc/subuid": "proposal",
+    "/etc/subgid": "proposal",
+    "/etc/gshadow": "merged",
+    "/etc/shadow": "merged",
+}
+
+
+def resolve_user_clashes(
+    store: Store, work: Path, results: list[VmResult], vms: int
+) -> tuple[list[VmResult], float]:
+    """What the admin does next (issue 12 item 3): ``resolve VM PATH --take proposal`` for
+    each user-database conflict (the ID clash of the VM's package-made system user with the
+    base's new one), then every VM read back again. Returns the new results and the seconds
+    the resolves took per VM that had any."""
+    spent, touched = 0.0, 0
+    reports: dict[str, dict[str, object]] = {}
+    for r in results:
+        paths = [p for p in USERDB_TAKE if p in r.conflicts]
+        if paths:
+            touched += 1
+            t0 = time.perf_counter()
+            for path in paths:  # group before passwd: passwd follows group's renumbering
+                store.cli("resolve", r.name, path, "--take", USERDB_TAKE[path], ok=(0, 3))
+            spent += time.perf_counter() - t0
+        left = json.loads(store.cli("conflicts", r.name, "--json"))
+        reports[r.name] = {
+            "status": "conflicts" if left else "clean",
+            "conflicts": [{"path": c["path"]} for c in left],
+            "error": r.error,
+        }
+    return read_back(store, work, reports, vms), spent / max(touched, 1)
+
+
 def bench_ours(store: Store, work: Path, vms: int, snapshot: Path) -> Ours:
     wall, reports = timed_reconcile(store)
     log(f"reconcile --all: {wall:.2f} s")
     results = read_back(store, work, reports, vms)
+    resolved, resolve_s = resolve_user_clashes(store, work, results, vms)
+    log(f"resolve --take proposal of the user-ID clashes: {resolve_s:.2f} s per VM")
     restore(snapshot, store)
     wall_j1, _ = timed_reconcile(store, "--jobs", "1")
     log(f"reconcile --all --jobs 1: {wall_j1:.2f} s")
@@ -325,7 +367,7 @@ def bench_ours(store: Store, work: Path, vms: int, snapshot: Path) -> Ours:
         restore(snapshot, store)
         wall_nocheck, _ = timed_reconcile(store, "--jobs", "1", switch)
         log(f"reconcile --all --jobs 1 {switch}: {wall_nocheck:.2f} s")
-    return Ours(wall, wall_j1, wall_nocheck, results)
+    return Ours(wall, wall_j1, wall_nocheck, results, resolved, resolve_s)
 
 
 # -- NAIVE -------------------------------------------------------------------------------------
@@ -508,6 +550,11 @@ def report(args: argparse.Namespace, ours: Ours, naive: Naive | None, wall: floa
     print(f"{'consistent (item 1 checks)':34}{f'{consistent}/{n}':>22}{f'{n_ok}/{nm}':>26}")
     print(f"{'on generation 2':34}{f'{updated}/{n}':>22}{f'{nm}/{nm}':>26}")
     print(f"{'consistent + own and base changes':34}{f'{whole}/{n}':>22}")
+    after = sum(
+        1 for v in ours.resolved if v.checked is not None and v.checked.ok and not v.own_kept
+    )
+    print(f"{'  the same after resolve (user IDs)':34}{f'{after}/{n}':>22}   "
+          f"(resolve --take proposal: {ours.resolve_s:.2f} s per VM)")  # fmt: skip
     print()
     for v in ours.vms:
         if v.checked is None or not v.checked.ok or v.own_kept or v.error:
@@ -529,12 +576,15 @@ def report(args: argparse.Namespace, ours: Ours, naive: Naive | None, wall: floa
         if nm < n:
             print(f"  naive: measured {nm} of {n} VMs (--naive-budget)")
     goal_time = ours.wall_nocheck / n if ours.wall_nocheck is not None else per
-    met = consistent == n and whole == n and r_noise == 0 and goal_time <= 1.0
+    # the issue's goal; the ID clashes of package-made system users are conflicts the admin
+    # takes the proposal of (item 3), so "every change" is counted after those resolves
+    met = consistent == n and after == n and r_noise == 0 and goal_time <= 1.0
     print()
     print(
         f"goal {n}/{n} consistent, 0 noise conflicts, <= 1 s per VM beyond the checks: "
         f"{'met' if met else 'NOT met'} ({consistent}/{n} consistent, {whole}/{n} with every "
-        f"change, {r_noise} noise, {goal_time:.2f} s per VM"
+        f"change, {after}/{n} after resolving the user-ID proposals, {r_noise} noise, "
+        f"{goal_time:.2f} s per VM"
         + ("" if ours.wall_nocheck is not None else " including the checks")
         + ")"
     )
