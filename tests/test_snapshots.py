@@ -260,3 +260,16 @@ def test_receive_checks_every_chunk(cli: Cli, tmp_path: Path) -> None:
     assert remote.missing_here(dst, sorted(rec.digests())) == []
     with pytest.raises(UsageError):
         remote.missing_here(dst, ["../../x"])
+    # restoring it there: a VM of that store with the same MAC refused; then the base it lies
+    # on is not there (a base of the same name made separately is another tree): refused,
+    # naming the layer to pull; nothing made
+    other = Cli(dst.root)
+    from vm_fixtures import build
+
+    other.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
+    other.ok("instance", "create", "w", "--base", "tiny", "--mac", rec.instance.mac)
+    assert "has MAC" in other.fails("restore", "v1", code=4).output
+    other.ok("instance", "remove", "w")
+    res = other.fails("restore", "v1", code=3)
+    assert "which this store does not have" in res.output and rec.chain[-1][:19] in res.output
+    assert json.loads(other.ok("instance", "list", "--json").output) == []

@@ -40,7 +40,7 @@ from unionimg.layers.base import (
     get_generation,
     list_bases,
 )
-from unionimg.layers.instance import load, mount_record, upper_image
+from unionimg.layers.instance import list_instances, load, mount_record, upper_image
 from unionimg.layers.running import (
     READY,
     clear_crash,
@@ -112,10 +112,12 @@ def chain_of(store: Store, inst: Instance) -> tuple[str, ...]:
 
 
 def _ready_line(path: Path) -> str:
+    """The guest's readiness line of this boot (guest output: kept printable ASCII only,
+    bounded), written back at the head of the console of a restored guest."""
     head, _ = read_console(path)
     for line in head:
         if READY.match(line):
-            return line[:1000]
+            return "".join(c for c in line[:1000] if " " <= c <= "~")
     return ""
 
 
@@ -353,6 +355,12 @@ def _target_instance(store: Store, snap: SnapshotRecord) -> tuple[Instance, bool
         return inst, False
     for layer in snap.instance.layers:
         layerstore.get(store, layer)  # NotFound in one line
+    for other in list_instances(store):
+        if other.mac == snap.instance.mac:
+            raise Conflict(
+                f"instance '{other.name}' here has MAC {other.mac}, the MAC of VM {vm} in "
+                f"snapshot {snap.id}; remove or re-MAC it before restoring {vm} here"
+            )
     base, number = _local_generation(store, snap)
     return replace(snap.instance, base=base, generation=number, created=now_iso()), True
 
