@@ -284,3 +284,15 @@ def test_whole_chains_keep_parents(seed_cluster: Cluster, method: str) -> None:
                 assert p.stores[pt.name] <= p.stores[pp.name], (pt.name, pp.name)
     broken = Plan("x", "worst", {**p.stores, "a1": frozenset({"Sk"})}, p.recovery)
     assert any("without its parent" in v for v in evaluate(c, broken).violations)
+
+
+def test_recover_bad_input(cli: Cli) -> None:
+    """recover without --on, by hand with --here, or with no placement applied: one line."""
+    assert "give --on HOST" in cli.fails("recover", "web", code=2).output
+    assert "not by hand" in cli.fails("recover", "web", "--here", code=2).output
+    res = cli.fails("recover", "web", "--on", "h1", code=3)
+    assert "no placement was applied" in res.output
+    res = cli.fails("plan", "placement", "--from-store", "lab", code=2)
+    assert "--servers FILE" in res.output
+    res = cli.fails("plan", "placement", code=2)
+    assert "give --cluster FILE" in res.output
