@@ -331,3 +331,44 @@ def test_uml_snapshot_is_disk_only_with_synced_file_systems(env: Env) -> None:
     # the guest's file written just before the take is in the snapshot (synced)
     assert before - 1 <= saved <= after + 1, (before, saved, after)
     cb.ok("instance", "remove", vm)
+
+
+def test_disk_fills_during_a_take_of_a_running_guest(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's disk fills while libvirt writes the guest's memory: exit 7, no snapshot,
+    no staging left, and the guest runs on; with space again the take succeeds."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    searchable(tmp_path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m,mode=0711", "tmpfs", str(fs)],
+                   check=True)  # fmt: skip
+    cli = Cli(fs / "store")
+    try:
+        from vm_fixtures import build
+
+        cli.ok("base", "create", "tiny", "--from-dir", str(build("tiny")))
+        searchable(fs / "store")
+        boot_counter(cli, "full1", tmp_path)
+        wait_count(cli, "full1", 5)
+        filler = fs / "filler"
+        for point in ("snapshot-take:staged", "snapshot-take:memory-stored"):
+            monkeypatch.setenv("UNIONIMG_FILL_AT", point)
+            monkeypatch.setenv("UNIONIMG_FILL_FILE", str(filler))
+            res = cli("snapshot", "take", "full1")
+            assert res.exit_code == 7, (point, res.output)
+            assert res.output.startswith("unionimg: error: store full"), res.output
+            assert json.loads(cli.ok("snapshot", "list", "--json").output) == []
+            assert not any((fs / "store" / "tmp").iterdir())
+            chunks = fs / "store/snapshots/chunks"
+            assert not chunks.is_dir() or not any(chunks.glob("*/*")), point
+            filler.unlink()
+            # the guest was resumed: it counts on
+            wait_count(cli, "full1", counts(cli, "full1")[-1] + 3, timeout=60)
+        monkeypatch.delenv("UNIONIMG_FILL_AT")
+        out = json.loads(cli.ok("snapshot", "take", "full1", "--json").output)
+        assert out["id"] == 1 and out["kind"] == "memory+disk"
+    finally:
+        cli("stop", "full1", "--force")
+        cli("instance", "remove", "full1")
+        subprocess.run(["umount", "-l", str(fs)], check=False)

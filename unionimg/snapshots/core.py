@@ -173,6 +173,7 @@ def take(
         need = 2 * allocated + (2 * (inst.memory << 20) if memory else 0)
         require_space(store.root, need, f"snapshot {vm}")
         with store.staging(f"snapshot-{vm}") as stage:
+            checkpoint("snapshot-take:staged")  # the full-disk test fills the disk here
             if rec is not None and memory:
                 got = capture.capture_kvm(rec, upper, stage)
             elif rec is not None:
