@@ -72,6 +72,8 @@ def _human(d: dict[str, Any]) -> None:
             f"  {len(p['layers_sent'])} chain layer(s) it lacks: "
             f"{human_size(p['layer_bytes_sent'])} of blobs"
         )
+    if d["deltas"]:
+        click.echo(f"  {d['deltas']} changed file(s) as deltas on the base's version")
     click.echo(f"{verb}: {d['stream_bytes']} bytes in one zstd stream ({d['seconds']} s)")
     if not d["dry_run"] and d["receiver"]:
         r = d["receiver"]
