@@ -457,3 +457,42 @@ def test_chain_view_follows_overlayfs_rules(tmp_path: Path, root: None) -> None:
     srv = view.get("/srv")
     assert srv is not None and srv.kind == FILE
     assert view.get("/usr") == base["/usr"] and view.get("/nothing") is None
+
+
+def test_layer_extraction_falls_back_to_disk(
+    tmp_path: Path, root: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer is extracted on a tmpfs (never written to disk before mke2fs copies it into
+    the image); one larger than the tmpfs may hold is extracted on disk instead, the same
+    layer. Here the tmpfs gets 64 KiB for a 1 MiB file: the import still makes the layer,
+    its image gives back its digest, and no tmpfs is left mounted."""
+    import os
+
+    from unionimg.fs.mounts import mountinfo
+    from unionimg.layers import layerstore
+    from unionimg.store.layout import Store
+
+    store = Store(tmp_path / "store")
+    Cli(store.root).ok("layer", "list")  # a store made by the CLI
+    tree = tmp_path / "tree"
+    (tree / "srv").mkdir(parents=True)
+    (tree / "srv" / "data").write_bytes(os.urandom(1 << 20))
+    avail = layerstore._available_memory()
+    monkeypatch.setattr(layerstore, "SCRATCH_MIN", 0)
+    monkeypatch.setattr(layerstore, "SCRATCH_SHARE", max(avail // (64 << 10), 1))
+    calls: list[Path] = []
+    real_read = layerstore.read_blob
+
+    def counted(blob: Path, dest: Path, **kw: Any) -> Any:
+        calls.append(dest)
+        return real_read(blob, dest, **kw)
+
+    monkeypatch.setattr(layerstore, "read_blob", counted)  # the real reader, counted
+    layer, new = layerstore.put_tree(
+        store, tree, parent=None, kind="base", origin=layerstore.Origin(text="test")
+    )
+    assert new and len(calls) == 2  # on the tmpfs (full), then on disk
+    with store.staging("check") as stage, layerstore.mounted(store, layer, stage / "m") as t:
+        assert (t / "srv" / "data").read_bytes() == (tree / "srv" / "data").read_bytes()
+        assert layerstore.tree_digest(t, kind="base").diff_id == layer.diff_id
+    assert not [m for m in mountinfo() if str(store.root) in m.target]

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from unionimg.errors import Conflict, NotFound, ToolFailed, UsageError
+from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
 from unionimg.fs.image import default_size, disk_usage, make_ext4
 from unionimg.fs.mounts import mount_image, require_root, unmount_tree
 from unionimg.fs.space import require_space
@@ -405,7 +405,74 @@ def _import(
     tree = stage / "tree"
     tree.mkdir(mode=0o755)
     require_space(store.root, info.blob_size * 4, f"make layer {digest_hex(info.diff_id)[:12]}")
-    got = read_blob(blob, tree, kind=kind, expected_diff_id=info.diff_id)
+    with _scratch(tree) as in_memory:
+        try:
+            got = read_blob(blob, tree, kind=kind, expected_diff_id=info.diff_id)
+        except (LayerRefused, StoreFull):
+            if not in_memory:
+                raise
+            # too large for the memory it may use, or an xattr tmpfs lacks: on disk instead
+            # (a hostile tar is refused there again, the same way)
+            unmount_tree(tree)
+            shutil.rmtree(tree)
+            tree.mkdir(mode=0o755)
+            got = read_blob(blob, tree, kind=kind, expected_diff_id=info.diff_id)
+        return _build(store, stage, blob, tree, info, got, parent=parent, kind=kind,
+                      origin=origin)  # fmt: skip
+
+
+#: the share of the memory available that extracting one layer may take (:func:`_scratch`)
+SCRATCH_SHARE = 4
+SCRATCH_MIN = 256 << 20
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def _scratch(tree: Path) -> Iterator[bool]:
+    """Where a blob is extracted before ``mke2fs -d`` copies it into the layer's image: a
+    tmpfs mounted on ``tree`` (up to a quarter of the memory available; yields True), so
+    the extracted files are never written to disk and go at once when it is unmounted —
+    on disk, extracting the Debian base and removing its 10k files again took 11.5 s + 11.2 s
+    of a 26.6 s import, ``mke2fs`` 3 s. With less memory, or no tmpfs, ``tree`` itself
+    (False). Unmounted on the way out; the caller removes ``tree``."""
+    limit = _available_memory() // SCRATCH_SHARE
+    mounted = False
+    if limit >= SCRATCH_MIN:
+        opts = f"size={limit},mode=0755,nosuid,nodev,noexec"
+        res = run(["mount", "-t", "tmpfs", "-o", opts, "unionimg-scratch", str(tree)], check=False)
+        mounted = res.returncode == 0
+        if not mounted:
+            log.info("no tmpfs for a layer's extraction (%s): on disk", res.stderr.strip())
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            unmount_tree(tree)
+
+
+def _build(
+    store: Store,
+    stage: Path,
+    blob: Path,
+    tree: Path,
+    info: BlobInfo,
+    got: BlobInfo,
+    *,
+    parent: str | None,
+    kind: str,
+    origin: Origin,
+) -> Layer:
+    """The layer directory built in ``stage`` from the extracted ``tree``, renamed into place."""
     build = stage / "layer"
     build.mkdir(mode=0o700)
     used, inodes = _usage(tree)
@@ -414,7 +481,6 @@ def _import(
     label = "BASE" if parent is None and kind == "base" else label_of(info.diff_id)
     make_ext4(build / IMAGE, label, tree, default_size(used, inodes), inodes=inodes)
     _same_root(build / IMAGE, tree)
-    shutil.rmtree(tree)
     os.rename(blob, build / BLOB)
     meta = LayerMeta(
         diff_id=info.diff_id,
