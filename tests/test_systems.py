@@ -481,7 +481,7 @@ def test_layer_extraction_falls_back_to_disk(
     monkeypatch.setattr(layerstore, "SCRATCH_MIN", 0)
     monkeypatch.setattr(layerstore, "SCRATCH_SHARE", max(avail // (64 << 10), 1))
     calls: list[Path] = []
-    real_read = layerstore.read_blob
+    from unionimg.layers.layer import read_blob as real_read
 
     def counted(blob: Path, dest: Path, **kw: Any) -> Any:
         calls.append(dest)
