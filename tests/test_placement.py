@@ -296,3 +296,39 @@ def test_recover_bad_input(cli: Cli) -> None:
     assert "--servers FILE" in res.output
     res = cli.fails("plan", "placement", code=2)
     assert "give --cluster FILE" in res.output
+
+
+HELD = """\
+server = [
+  { name = "s1", disk = "20G", cpu = 4 },
+  { name = "s2", disk = "20G", cpu = 4 },
+  { name = "s3", disk = "20G", cpu = 4 },
+]
+vm = [
+  { name = "v1", server = "s1", layer = "top1", image = "1G", cpu = 2 },
+  { name = "v2", server = "s2", layer = "top2", image = "1G", cpu = 2 },
+]
+layer = [
+  { name = "base", size = "8G" },
+  { name = "top1", size = "1G", parent = "base" },
+  { name = "top2", size = "1G", parent = "base" },
+]
+[placement]
+whole_chains = true
+"""
+
+
+@pytest.mark.parametrize("method", ["exact", "heuristic"])
+def test_running_chains_count_what_servers_hold(method: str) -> None:
+    """With running_chains a server holds its VMs' chains (a host running a VM has its
+    layers): s1's base serves v2 and s2's serves v1, so no extra copy of the 8G base is
+    needed for rule (a), and the disk the held chains take is counted with the VMs."""
+    plain = parse_cluster(HELD)
+    held = parse_cluster(HELD + "running_chains = true\n")
+    assert held.running_image("s1") == plain.running_image("s1") + 9 * GB
+    p0, p1 = planner.plan(plain, method), planner.plan(held, method)
+    _rules_kept(plain, p0)
+    _rules_kept(held, p1)
+    e0, e1 = evaluate(plain, p0), evaluate(held, p1)
+    assert e0.worst == e1.worst == 0
+    assert sum(e1.stored.values()) < sum(e0.stored.values())

@@ -111,7 +111,12 @@ def solve(
                     for pp in c.parts_of[la.parent]:
                         for s in names:
                             m.add_implication(x[pt.name, s], x[pp.name, s])
-    stored = {s: sum(size[p.name] * x[p.name, s] for p in parts) for s in names}
+    for s in names:  # what a server holds for its own VMs is there (counted as theirs)
+        for p_name in c.held(s):
+            m.add(x[p_name, s] == 1)
+    stored = {
+        s: sum(size[p.name] * x[p.name, s] for p in parts if p.name not in c.held(s)) for s in names
+    }
     running = {s: _up(c.running_image(s), u) for s in names}
     disk = {s: c.server(s).disk // u for s in names}
     if "disk" not in relax:

@@ -12,8 +12,9 @@ The servers file (TOML)::
 
 Layers are named by the first 12 hex digits of their diff_id; a layer's size is what a host's
 layer cache keeps of it (its image and its blob). A host keeps a layer with its parents (the
-layer cache holds chains): the cluster has ``whole_chains``. A VM's ``image`` is its U size,
-``cpu`` its vCPUs, ``memory`` its memory.
+layer cache holds chains): the cluster has ``whole_chains``; a host holds the chains of the
+VMs it runs (``running_chains``: there for free, counted with its VMs). A VM's ``image`` is
+its U size, ``cpu`` its vCPUs, ``memory`` its memory.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def cluster_from_system(
         )
     settings = dict(doc.get("placement", {}))
     settings["whole_chains"] = True
+    settings["running_chains"] = True
     cluster = parse_doc(
         {"server": plain, "vm": vms, "layer": list(layers.values()), "placement": settings},
         source,

@@ -35,6 +35,9 @@ class _State:
 
     def __post_init__(self) -> None:
         self.stored = {s.name: 0 for s in self.c.servers}
+        for s in self.c.servers:  # what each server holds for its own VMs, at no cost
+            for p in self.c.held(s.name):
+                self.stores.setdefault(p, set()).add(s.name)
         self.size = {p.name: p.size for p in self.c.parts()}
         self.layer_of = {p.name: p.layer for p in self.c.parts()}
 

@@ -74,6 +74,7 @@ class Cluster:
     split_min: int = MAX_BYTES
     transfer_kept: bool = True  # parts sent at recovery stay on the receiving server's disk
     whole_chains: bool = False  # a server keeping a layer keeps its parents (a layer cache)
+    running_chains: bool = False  # a server holds the chains of the VMs it runs (counted as theirs)
     # derived (filled by cluster()):
     parts_of: Mapping[str, tuple[Part, ...]] = field(default_factory=dict)
     chain: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # vm -> layers, root first
@@ -110,8 +111,18 @@ class Cluster:
         assert isinstance(n, tuple)
         return n
 
+    def held(self, server: str) -> frozenset[str]:
+        """The parts a server holds for the VMs it runs (with ``running_chains``): there at no
+        cost to a plan, counted in :meth:`running_image`."""
+        h = self.index.get(f"held:{server}", frozenset())
+        assert isinstance(h, frozenset)
+        return h
+
     def running_image(self, server: str) -> int:
-        return sum(v.image for v in self.vms_on(server))
+        """Disk the server's own VMs take: their images (and their chains, when held)."""
+        held = self.index.get(f"heldb:{server}", 0)
+        assert isinstance(held, int)
+        return sum(v.image for v in self.vms_on(server)) + held
 
     def headroom(self, server: str, resource: str) -> float | None:
         """What is left of a resource on a server with its own VMs running (None: no limit)."""
@@ -192,13 +203,14 @@ def parse_doc(doc: Mapping[str, object], source: str = "cluster") -> Cluster:
         raise UsageError(f"{source}: [placement] must be a table")
     _known(
         settings,
-        {"split_parts", "split_min", "transfer_kept", "whole_chains"},
+        {"split_parts", "split_min", "transfer_kept", "whole_chains", "running_chains"},
         f"{source} [placement]",
     )
     kept = settings.get("transfer_kept", True)
     whole = settings.get("whole_chains", False)
-    if not isinstance(kept, bool) or not isinstance(whole, bool):
-        raise UsageError(f"{source}: transfer_kept and whole_chains are true or false")
+    held = settings.get("running_chains", False)
+    if not all(isinstance(b, bool) for b in (kept, whole, held)):
+        raise UsageError(f"{source}: transfer_kept, whole_chains, running_chains are true or false")
     parts = settings.get("split_parts", 2)
     if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= 8:
         raise UsageError(f"{source}: split_parts must be a whole number from 1 to 8")
@@ -237,7 +249,7 @@ def parse_doc(doc: Mapping[str, object], source: str = "cluster") -> Cluster:
                 needs,
             )
         )
-    return cluster(servers, vms, layers, parts, split_min, source, kept, whole)
+    return cluster(servers, vms, layers, parts, split_min, source, kept, whole, held)
 
 
 def cluster(
@@ -249,6 +261,7 @@ def cluster(
     source: str = "cluster",
     transfer_kept: bool = True,
     whole_chains: bool = False,
+    running_chains: bool = False,
 ) -> Cluster:
     """A validated cluster with its derived tables (parts, chains)."""
     for kind, names in (
@@ -313,6 +326,18 @@ def cluster(
     for la in layers:
         index[f"l:{la.name}"] = la
         index[f"n:{la.name}"] = tuple(needers[la.name])
+    if running_chains:
+        psize = {p.name: p.size for ps in parts_of.values() for p in ps}
+        for srv in servers:
+            held = frozenset(
+                p.name
+                for v in vms
+                if v.server == srv.name
+                for la in chains[v.name]
+                for p in parts_of[la]
+            )
+            index[f"held:{srv.name}"] = held
+            index[f"heldb:{srv.name}"] = sum(psize[p] for p in held)
     c = Cluster(
         tuple(servers),
         tuple(vms),
@@ -321,6 +346,7 @@ def cluster(
         split_min,
         transfer_kept,
         whole_chains,
+        running_chains,
         parts_of,
         chains,
         index,
@@ -444,7 +470,18 @@ def stored_bytes(c: Cluster, stores: Mapping[str, frozenset[str]]) -> dict[str, 
     out = {s.name: 0 for s in c.servers}
     for part, where in stores.items():
         for s in where:
-            out[s] += size[part]
+            if part not in c.held(s):  # held for its own VMs: counted in running_image
+                out[s] += size[part]
+    return out
+
+
+def with_held(c: Cluster, stores: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    """``stores`` with the parts each server holds for its own VMs (``running_chains``)."""
+    out = dict(stores)
+    if c.running_chains:
+        for s in c.servers:
+            for p in c.held(s.name):
+                out[p] = out.get(p, frozenset()) | {s.name}
     return out
 
 
@@ -478,6 +515,17 @@ def load_of(
 
 def evaluate(c: Cluster, plan: Plan) -> Evaluation:
     """Every rule checked and every failure's transfer counted, from the plan alone."""
+    if c.running_chains:
+        plan = Plan(
+            plan.method,
+            plan.objective,
+            with_held(c, plan.stores),
+            plan.recovery,
+            plan.reasons,
+            plan.status,
+            plan.bound,
+            plan.seconds,
+        )
     stored = stored_bytes(c, plan.stores)
     violations: list[str] = []
     for s in c.servers:
