@@ -274,3 +274,47 @@ def test_broken_transfer_resumes(env: Env) -> None:
     print(f"broken transfer: {first} B before the kill, {second} B on the rerun, {total} B of data")
     assert "db" not in names(ctl)
     assert u_tree(hcli(h1), "db", env.tmp) == before_tree
+
+
+def test_link_down_mid_transfer_then_resume_with_a_rate_cap(env: Env) -> None:
+    """The host's link goes down while a rate-limited transfer runs: the sender gives up
+    (bounded by SSH's keep-alive) with one line and keeps its VM; the link back, the rerun
+    (capped with --bandwidth) sends only what had not arrived, at about the capped rate."""
+    ctl, h1 = env.ctl, env.hosts["h1"]
+    files: dict[str, bytes | str | None] = {f"srv/blk{i}": os.urandom(300_000) for i in range(10)}
+    make_vm(ctl, env.tmp, "vd", "52:54:00:14:00:03", files)
+    total = 3_000_000
+    before_tree = u_tree(ctl, "vd", env.tmp)
+    h1.limit("8mbit")  # ~1 MB/s: the transfer takes ~3 s
+    rx0 = h1.counters()["rx_bytes"]
+    proc = subprocess.Popen(
+        [str(UNIONIMG), "--store", str(ctl.store), "migrate", "vd", "--to", "h1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while h1.counters()["rx_bytes"] - rx0 < total // 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+            time.sleep(0.05)
+        h1.link(False)
+        _out, err = proc.communicate(timeout=120)  # SSH's keep-alive: 30 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        h1.link(True)
+        h1.limit(None)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode not in (0, None) and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("unionimg: error: host h1"), lines
+    assert "vd" in names(ctl) and "vd" not in names(hcli(h1))
+    wait_receivers_gone(h1)
+    rx0 = h1.counters()["rx_bytes"]
+    out = migrate(ctl, "vd", "h1", "--bandwidth", "2M")
+    second = h1.counters()["rx_bytes"] - rx0
+    assert out["plan"]["by_reason"]["cache"]["contents"] >= 1
+    assert second < total - 500_000, second
+    # the cap: 2 MB/s, so the stream took at least ~its size / 2 MB/s
+    assert out["stages"]["push"] >= 0.8 * out["stream_bytes"] / 2_000_000, out["stages"]
+    print(f"link down: rerun sent {second} B of {total}; push {out['stages']['push']} s")
+    assert u_tree(hcli(h1), "vd", env.tmp) == before_tree

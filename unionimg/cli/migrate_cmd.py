@@ -132,8 +132,9 @@ def migrate_receive() -> None:
 @hv_option
 @pass_ctx
 def receive_offer(c: Ctx, hypervisor: str | None) -> None:
-    """Read a migration offer (JSON) on stdin; print what this store lacks (JSON)."""
-    offer = receive.read_offer(sys.stdin.buffer.read(receive.MAX_OFFER + 1))
+    """Read a migration offer (zstd-compressed JSON) on stdin; print what this store lacks
+    (JSON)."""
+    offer = receive.read_offer(sys.stdin.buffer)
     click.echo(json_text(receive.answer(c.store, offer, hypervisor).to_json(), sort_keys=True))
 
 

@@ -368,11 +368,20 @@ def _make_instance(store: Store, offer: MigrateOffer, inst: Instance) -> tuple[i
     return files, reused
 
 
-def read_offer(raw: bytes) -> MigrateOffer:
-    if len(raw) > MAX_OFFER:
+def read_offer(raw: BinaryIO) -> MigrateOffer:
+    """An offer: zstd-compressed JSON read from ``raw``, at most :data:`MAX_OFFER` bytes of
+    it once decompressed."""
+    text = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        while len(text) <= MAX_OFFER and (chunk := reader.read(1 << 20)):
+            text += chunk
+    except zstandard.ZstdError as exc:
+        raise plan.Refused(f"migration refused: the offer is not zstd ({exc})") from None
+    if len(text) > MAX_OFFER:
         raise plan.Refused(f"migration refused: an offer larger than {MAX_OFFER} bytes")
     try:
-        data = json.loads(raw)
+        data = json.loads(text)
     except ValueError:
         raise plan.Refused("migration refused: the offer is not JSON") from None
     return parse_offer(data)

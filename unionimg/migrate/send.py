@@ -44,7 +44,7 @@ from unionimg.layers import layerstore, snapshot
 from unionimg.layers.running import running_on
 from unionimg.migrate import delta, index, plan, tree
 from unionimg.migrate.wire import MAGIC, frame_head
-from unionimg.runner import run, stream
+from unionimg.runner import stream
 from unionimg.store.layout import Store
 from unionimg.store.migrate_records import (
     PROTOCOL,
@@ -116,15 +116,11 @@ def _check_stopped(store: Store, name: str) -> None:
 
 
 def ask(host: hosts_mod.Host, offer: MigrateOffer, hypervisor: str | None) -> MigrateAnswer:
+    """The host's answer to ``offer`` (sent as zstd-compressed JSON: a manifest compresses
+    tenfold)."""
     args = ["migrate-in", "offer"] + (["--hypervisor", hypervisor] if hypervisor else [])
-    res = run(
-        host.remote_argv(args),
-        check=False,
-        input=json.dumps(offer.to_json()),
-        timeout=hosts_mod.QUERY_TIMEOUT * 5,
-        what="offering the migration",
-    )
-    out = host.outcome(res, "migrate-in offer")
+    data = zstandard.ZstdCompressor(level=LEVEL).compress(json.dumps(offer.to_json()).encode())
+    out = _feed(host, args, lambda write: write(data))
     try:
         return MigrateAnswer.from_json(json.loads(out))
     except (ValueError, RecordError):
@@ -268,17 +264,13 @@ def write_stream(
     return as_delta
 
 
-def _push(
-    host: hosts_mod.Host,
-    produce: Callable[[_Stream], int],
-    *,
-    rate: int | None,
-    level: int,
-    hypervisor: str | None,
-) -> tuple[MigrateDone, int, int]:
+def _feed(
+    host: hosts_mod.Host, args: list[str], produce: Callable[[Callable[[bytes], None]], None]
+) -> bytes:
+    """Run ``unionimg ARGS`` on the host with what ``produce`` writes on its stdin (a pipe,
+    written by a thread while the host reads); its stdout, or its error as ours."""
     rfd, wfd = os.pipe()
     failure: list[BaseException] = []
-    wired = [0, 0]
 
     def write_all(data: bytes) -> None:
         view = memoryview(data)
@@ -288,9 +280,7 @@ def _push(
 
     def writer() -> None:
         try:
-            st = _Stream(write_all, rate, level)
-            wired[1] = produce(st)
-            wired[0] = st.wire
+            produce(write_all)
         except BrokenPipeError:
             pass  # the host stopped reading: its error line says why
         except BaseException as exc:
@@ -304,9 +294,6 @@ def _push(
         if fd == 1 and len(out) < 1 << 20:
             out.extend(data)
 
-    args = ["migrate-in", "push", "--json"]
-    if hypervisor:
-        args += ["--hypervisor", hypervisor]
     thread = threading.Thread(target=writer, name="migrate-writer", daemon=True)
     thread.start()
     try:
@@ -317,9 +304,31 @@ def _push(
     if failure:
         raise failure[0]
     if res.returncode != 0:
-        raise host.error(res, "migrate-in push")
+        raise host.error(res, " ".join(args[:2]))
+    return bytes(out)
+
+
+def _push(
+    host: hosts_mod.Host,
+    produce: Callable[[_Stream], int],
+    *,
+    rate: int | None,
+    level: int,
+    hypervisor: str | None,
+) -> tuple[MigrateDone, int, int]:
+    wired = [0, 0]
+
+    def feed(write: Callable[[bytes], None]) -> None:
+        st = _Stream(write, rate, level)
+        wired[1] = produce(st)
+        wired[0] = st.wire
+
+    args = ["migrate-in", "push", "--json"]
+    if hypervisor:
+        args += ["--hypervisor", hypervisor]
+    out = _feed(host, args, feed)
     try:
-        return MigrateDone.from_json(json.loads(bytes(out))), wired[0], wired[1]
+        return MigrateDone.from_json(json.loads(out)), wired[0], wired[1]
     except (ValueError, RecordError):
         raise ToolFailed(f"host {host.name}: 'migrate-in push' gave no result") from None
 
