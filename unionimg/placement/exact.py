@@ -203,7 +203,9 @@ def solve(
     state = "optimal" if status == cp_model.OPTIMAL else "feasible"
     limited = f", targets limited to {max_targets} per VM" if max_targets else ""
     why = (
-        f"CP-SAT minimized the {objective}-case recovery transfer: {state} in "
+        f"CP-SAT minimized the recovery transfer "
+        f"({'of the worst single failure' if objective == 'worst' else 'summed over failures'}):"
+        f" {state} in "
         f"{seconds:.1f} s (unit {u} bytes{limited})",
     )
     return Plan("exact", objective, stores, recovery, why, state, bound, seconds)
