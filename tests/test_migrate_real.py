@@ -318,3 +318,25 @@ def test_link_down_mid_transfer_then_resume_with_a_rate_cap(env: Env) -> None:
     assert out["stages"]["push"] >= 0.8 * out["stream_bytes"] / 2_000_000, out["stages"]
     print(f"link down: rerun sent {second} B of {total}; push {out['stages']['push']} s")
     assert u_tree(hcli(h1), "vd", env.tmp) == before_tree
+
+
+def test_to_a_host_without_the_base(env: Env) -> None:
+    """A host that lacks the VM's base gets it: the base layer's blob travels (checked by
+    its diff_id there) and becomes its generation 1 (a deploy's way); then the VM."""
+    ctl = env.ctl
+    h2 = env.lab.add_host("h2")
+    env.hosts["h2"] = h2
+    env.add_host(ctl, "h2", h2)
+    make_vm(ctl, env.tmp, "nb", "52:54:00:14:00:04", {"etc/nb.conf": "no base there\n"})
+    before_tree = u_tree(ctl, "nb", env.tmp)
+    dry = migrate(ctl, "nb", "h2", "--dry-run")
+    assert len(dry["plan"]["layers_sent"]) == 1, dry["plan"]
+    rx0 = h2.counters()["rx_bytes"]
+    out = migrate(ctl, "nb", "h2")
+    wire = h2.counters()["rx_bytes"] - rx0
+    assert out["receiver"]["layers_received"] == 1
+    assert wire >= out["plan"]["layer_bytes_sent"] // 2  # the blob, zstd already
+    bases = json.loads(hcli(h2).ok("base", "list", "--json").output)
+    assert [b["name"] for b in bases] == ["tiny"], bases
+    assert u_tree(hcli(h2), "nb", env.tmp) == before_tree
+    assert "nb" not in names(ctl)

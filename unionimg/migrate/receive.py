@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from unionimg.errors import Conflict, UsageError
+from unionimg.errors import Conflict, NotFound, UsageError
 from unionimg.fs.image import make_ext4
 from unionimg.fs.space import require_space
 from unionimg.layers import base as base_mod
@@ -101,27 +101,58 @@ def _generation_layer(chain: list[ChainLayer]) -> tuple[int, ChainLayer]:
     raise plan.Refused("migration refused: the VM's chain holds no base generation layer")
 
 
-def _place_base(store: Store, offer: MigrateOffer, gen_layer: ChainLayer) -> bool:
-    """Whether the VM's base generation must be made here (from its layer); a Conflict when
-    this host has a generation of that name and number holding another tree."""
+def _gens_to_make(store: Store, offer: MigrateOffer, chain: list[ChainLayer]) -> list[ChainLayer]:
+    """The generation layers of the VM's chain this host must make generations from
+    (bottom first: a base layer, then deltas over it), made only where it lacks that
+    generation; a generation of the same base and number holding another tree is a
+    Conflict (the VM would boot on the wrong base)."""
     inst = offer.instance
-    try:
-        gen = base_mod.get_generation(store, inst.base, inst.generation)
-    except Exception:  # NotFound: the base or the generation is not here
-        gen = None
-    if gen is not None:
-        here = base_mod.generation_layer(store, gen).diff_id
-        if here != gen_layer.diff_id:
-            raise Conflict(
-                f"base {inst.base} generation {inst.generation} of this host holds another tree "
-                f"than instance {inst.name}'s ({gen_layer.diff_id[:19]}); nothing was made"
+    start, _ = _generation_layer(chain)
+    gens = chain[start:]  # the VM's generation, then the ones it lies on
+    if gens[0].generation != inst.generation:
+        raise plan.Refused("migration refused: the chain's generation is not the VM's")
+    make: list[ChainLayer] = []
+    for layer in gens:
+        if layer.base != inst.base or layer.generation is None or layer.kind == "snapshot":
+            raise plan.Refused(
+                f"migration refused: chain layer {layer.diff_id[:19]} is no generation of "
+                f"base {inst.base}"
             )
-        return False
-    raise Conflict(
-        f"instance {inst.name} lies on base {inst.base} generation {inst.generation}, which "
-        "this host lacks; nothing was made: make that base there first (the same tree: "
-        "'base create', or a deploy), then migrate"
-    )
+        try:
+            gen = base_mod.get_generation(store, inst.base, layer.generation)
+        except NotFound:
+            make.append(layer)
+            continue
+        if base_mod.generation_layer(store, gen).diff_id != layer.diff_id:
+            raise Conflict(
+                f"base {inst.base} generation {layer.generation} of this host holds another "
+                f"tree than instance {inst.name}'s ({layer.diff_id[:19]}); nothing was made: "
+                "rename the host's base or migrate elsewhere"
+            )
+        break  # this generation is here, so are the ones below it
+    else:
+        if make and make[-1].kind != "base":
+            raise plan.Refused("migration refused: the chain's bottom is no whole base layer")
+    return list(reversed(make))
+
+
+def _make_generations(store: Store, offer: MigrateOffer, make: list[ChainLayer]) -> None:
+    """Make the generations ``make`` names (bottom first) from their layers, received or
+    held: :func:`unionimg.layers.base.generation_from_layer` (what a deploy does)."""
+    for layer in make:
+        assert layer.generation is not None
+        parent = None
+        if layer.kind == "delta":
+            below = next(c for c in offer.chain if c.diff_id == layer.parent)
+            assert below.generation is not None
+            parent = base_mod.get_generation(store, offer.instance.base, below.generation)
+        base_mod.generation_from_layer(
+            store,
+            offer.instance.base,
+            layer.generation,
+            layerstore.get(store, layer.diff_id),
+            parent=parent,
+        )
 
 
 def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> MigrateAnswer:
@@ -132,11 +163,12 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
         raise plan.Refused("migration refused: the chain's snapshot layers are not the VM's")
     plan.check_entries(offer.entries, inst.size)
     _check_top(offer)
-    _, gen_layer = _generation_layer(chain)
-    install = _place_base(store, offer, gen_layer)
-    missing_layers = [c.diff_id for c in chain if not layerstore.has(store, c.diff_id)]
-    if not install:
-        missing_layers = [d for d in missing_layers if d != gen_layer.diff_id]
+    make = {c.diff_id for c in _gens_to_make(store, offer, chain)}
+    missing_layers = [
+        c.diff_id
+        for c in chain
+        if (c.kind == "snapshot" or c.diff_id in make) and not layerstore.has(store, c.diff_id)
+    ]
     wanted = set(plan.file_contents(offer.entries))
     places = index.locate(store, wanted | _bases(offer))
     return MigrateAnswer(
@@ -145,7 +177,7 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
         found=tuple(sorted((sha, p.label) for sha, p in places.items())),
         base=inst.base,
         generation=inst.generation,
-        install_base=install,
+        install_base=bool(make),
     )
 
 
@@ -322,6 +354,7 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
                 f"migration refused: the stream ended without {len(want_objects)} content(s) "
                 f"and {len(want_layers)} layer(s) it had to bring; nothing was made"
             )
+        _make_generations(store, offer, _gens_to_make(store, offer, list(offer.chain)))
         files, reused = _make_instance(store, offer, inst)
     return MigrateDone(
         instance=inst.name,

@@ -24,6 +24,7 @@ A failure at any step leaves the VM here untouched; the host keeps the contents 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -375,6 +376,11 @@ def migrate(
             ans = ask(host, offer, hypervisor)
             stages["offer"] = time.monotonic() - t
             found = dict(ans.found)
+            if ans.layers_missing:  # their blobs made where not kept: the stream's offer
+                for diff_id in ans.layers_missing:  # says their real sizes
+                    layerstore.blob_path(store, layerstore.get(store, diff_id))
+                chain = chain_of(store, inst)
+                offer = dataclasses.replace(offer, chain=tuple(chain))
             sizes = plan.file_contents(entries)
             layer_sizes = {c.diff_id: c.blob_size for c in chain}
             total = sum(sizes.get(s, 0) for s in ans.hashes_missing) + sum(
