@@ -5,9 +5,10 @@ the host's SSH connection (:mod:`unionimg.hosts`):
 
 1. ``unionimg snapshot missing`` on the host reads the snapshot's chunk digests on stdin and
    prints those its store lacks;
-2. ``unionimg snapshot receive VM`` on the host reads a stream on stdin: each missing chunk
-   as it lies in this store (a zstd frame) behind a line ``C HEX LENGTH``, then the
-   snapshot's record behind ``M LENGTH``. The receiver decompresses each frame (bounded) and
+2. ``unionimg snapshot receive VM`` on the host reads a stream on stdin (written into ssh's
+   stdin by a thread, chunk by chunk: never held in memory whole): each missing chunk as it
+   lies in this store (a zstd frame) behind a line ``C HEX LENGTH``, then the snapshot's
+   record behind ``M LENGTH``. The receiver decompresses each frame (bounded) and
    checks its sha256 against its name before storing it; then checks the record (a valid
    SnapshotRecord for that VM, every chunk it names present) and writes it last.
 
@@ -19,15 +20,18 @@ what is still missing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import threading
 from collections.abc import Iterable
 from typing import IO, Any
 
 from unionimg import hosts
-from unionimg.errors import Conflict, GuestDataRefused, UsageError
+from unionimg.errors import Conflict, GuestDataRefused, ToolFailed, UsageError
 from unionimg.names import check_name
 from unionimg.runner import run
+from unionimg.runner import stream as run_streaming
 from unionimg.snapshots import chunks, core
 from unionimg.store.layout import Store, read_record, write_record
 from unionimg.store.records import RecordError
@@ -37,13 +41,6 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 #: the largest record a receiver reads (a 8 TiB U in 64 KiB chunks would be larger; such a
 #: snapshot is refused rather than read without bound)
 MAX_RECORD = 256 << 20
-PUSH_TIMEOUT = 3600.0
-
-
-def _binary(data: bytes) -> str:
-    # runner.run speaks text with errors="surrogateescape" both ways: bytes decoded so are
-    # written back to the pipe exactly
-    return data.decode("utf-8", "surrogateescape")
 
 
 def missing_here(store: Store, digests: Iterable[str]) -> list[str]:
@@ -76,24 +73,8 @@ def push(store: Store, vm: str, host_name: str, snap_id: int | None = None) -> d
     unknown = set(lacking) - set(digests)
     if unknown:
         raise Conflict(f"host {host.name} asked for chunks the snapshot does not hold")
-    parts: list[bytes] = []
-    sent = 0
-    for d in lacking:
-        frame = chunks.frame_of(store, d)
-        parts.append(f"C {d} {len(frame)}\n".encode())
-        parts.append(frame)
-        sent += len(frame)
     record = json.dumps(snap.to_json(), sort_keys=True).encode()
-    parts.append(f"M {len(record)}\n".encode())
-    parts.append(record)
-    res = run(
-        host.remote_argv(["snapshot", "receive", vm]),
-        check=False,
-        input=_binary(b"".join(parts)),
-        timeout=PUSH_TIMEOUT,
-        what="sending the snapshot",
-    )
-    host.outcome(res, "snapshot receive")
+    sent = _send(store, host, vm, lacking, record)
     return {
         "vm": vm,
         "id": snap.id,
@@ -102,6 +83,44 @@ def push(store: Store, vm: str, host_name: str, snap_id: int | None = None) -> d
         "chunks_sent": len(lacking),
         "bytes_sent": sent,
     }
+
+
+def _send(store: Store, host: hosts.Host, vm: str, lacking: list[str], record: bytes) -> int:
+    """Stream the lacking chunks and the record into ``snapshot receive`` on ``host``: a
+    thread writes them into a pipe that is ssh's stdin, one chunk at a time (a first push of
+    a large guest never sits in memory whole). Returns the chunk bytes sent."""
+    read_end, write_end = os.pipe()
+    sent = [0]
+    failed: list[OSError] = []
+
+    def feed() -> None:
+        try:
+            with os.fdopen(write_end, "wb", buffering=1 << 20) as out:
+                for d in lacking:
+                    frame = chunks.frame_of(store, d)
+                    out.write(f"C {d} {len(frame)}\n".encode())
+                    out.write(frame)
+                    sent[0] += len(frame)
+                out.write(f"M {len(record)}\n".encode())
+                out.write(record)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the other side ended: its error is the one reported
+        except OSError as exc:  # a chunk of ours unreadable: the receiver sees the stream end
+            failed.append(exc)
+
+    writer = threading.Thread(target=feed, name="snapshot-push", daemon=True)
+    writer.start()
+    try:
+        res = run_streaming(
+            host.remote_argv(["snapshot", "receive", vm]), lambda _fd, _data: None, stdin=read_end
+        )
+    finally:
+        os.close(read_end)  # a writer blocked on a dead ssh gets EPIPE and ends
+        writer.join(timeout=60)
+    if failed:
+        raise ToolFailed(f"reading a chunk to send to host {host.name} failed: {failed[0]}")
+    host.outcome(res, "snapshot receive")
+    return sent[0]
 
 
 def _line(stream: IO[bytes]) -> bytes:
