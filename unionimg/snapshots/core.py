@@ -391,8 +391,12 @@ def restore(store: Store, vm: str, snap_id: int | None = None) -> dict[str, Any]
         with store.staging(f"restore-{vm}") as stage:
             chunks.build_disk(store, snap.disk_refs(), size, stage / "upper.img", where)
             memfile = stage / "memory"
+            domain_xml = ""
             if snap.kind == "memory+disk":
                 chunks.build_memory(store, snap.memory_refs(), memfile, where)
+                # kernel, initramfs and domain XML for this host before U is touched: a
+                # host that cannot boot the VM leaves it as it was
+                domain_xml = _render(store, inst, snap)
             if new:
                 idir = stage / "instance"
                 idir.mkdir(mode=0o700)
@@ -407,7 +411,7 @@ def restore(store: Store, vm: str, snap_id: int | None = None) -> dict[str, Any]
                 os.replace(stage / "upper.img", upper_image(store, vm))
             out: dict[str, Any] = {"vm": vm, "id": snap.id, "kind": snap.kind, "created": new}
             if snap.kind == "memory+disk":
-                _resume(store, inst, snap, memfile)
+                _resume(store, inst, snap, memfile, domain_xml)
                 out["state"] = "running"
             else:
                 out["state"] = "stopped"
@@ -415,13 +419,22 @@ def restore(store: Store, vm: str, snap_id: int | None = None) -> dict[str, Any]
     return out
 
 
-def _resume(store: Store, inst: Instance, snap: SnapshotRecord, memfile: Path) -> None:
+def _render(store: Store, inst: Instance, snap: SnapshotRecord) -> str:
+    """The domain XML resuming ``inst`` here (this store's paths, the saved domain type),
+    its kernel and initramfs in place: the files a boot would write."""
     driver = hypervisors.get(inst.hypervisor)
     wd = workdir(store, inst.name)
     spec = make_spec(store, inst, driver, out=wd)
     spec = replace(spec, domain_type=snap.domain_type or "qemu")
     prepared = driver.prepare(spec)
     write_rendered(prepared.files, wd)
+    return capture.append_console(prepared.files["domain.xml"])
+
+
+def _resume(
+    store: Store, inst: Instance, snap: SnapshotRecord, memfile: Path, domain_xml: str
+) -> None:
+    driver = hypervisors.get(inst.hypervisor)
     if driver.capabilities.private_mounts:
         ensure_shared_root()
     log = console_log(store, inst.name)
@@ -440,11 +453,11 @@ def _resume(store: Store, inst: Instance, snap: SnapshotRecord, memfile: Path) -
         started=now_iso(),
         console=str(log),
         domain=inst.name,
-        domain_type=spec.domain_type,
+        domain_type=snap.domain_type or "qemu",
     )
     write_running(store, inst.name, rec)
     try:
-        capture.resume_kvm(memfile, capture.append_console(prepared.files["domain.xml"]))
+        capture.resume_kvm(memfile, domain_xml)
     except BaseException:
         clear_running(store, inst.name)
         raise
