@@ -134,7 +134,7 @@ def migrate_receive() -> None:
 def receive_offer(c: Ctx, hypervisor: str | None) -> None:
     """Read a migration offer (zstd-compressed JSON) on stdin; print what this store lacks
     (JSON)."""
-    offer = receive.read_offer(sys.stdin.buffer)
+    offer = receive.read_offer(sys.stdin.buffer, c.store)
     click.echo(json_text(receive.answer(c.store, offer, hypervisor).to_json(), sort_keys=True))
 
 

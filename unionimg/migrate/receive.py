@@ -22,11 +22,13 @@ left.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
@@ -41,7 +43,7 @@ from unionimg.layers.layerstore import Origin
 from unionimg.migrate import delta, index, plan, tree
 from unionimg.migrate.wire import Reader, StreamRefused
 from unionimg.names import check_hypervisor, check_name, parse_mac
-from unionimg.store.layout import Store, now_iso, write_record
+from unionimg.store.layout import Store, now_iso, read_record, write_record
 from unionimg.store.migrate_records import (
     PROTOCOL,
     ChainLayer,
@@ -55,6 +57,7 @@ LOCK = "migrate-in"
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 TOP_NAMES = frozenset({"upper", "work", ".hg", ".hgignore", ".unionimg", "upper.prev"})
 MAX_OFFER = 256 << 20
+OFFER_KEPT = 86400.0
 
 
 def parse_offer(data: object) -> MigrateOffer:
@@ -222,7 +225,8 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
     kind, header = reader.next({b"H": 0})
     if kind != b"H":
         raise StreamRefused("migration refused: the stream does not start with the offer")
-    offer = parse_offer(header)
+    digest = header.get("offer_digest")
+    offer = stored_offer(store, str(digest)) if digest is not None else parse_offer(header)
     with (
         store.lock(LOCK, wait=False, purpose=f"migrate-in {offer.instance.name}"),
         contextlib.ExitStack() as stack,
@@ -356,6 +360,8 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
             )
         _make_generations(store, offer, _gens_to_make(store, offer, list(offer.chain)))
         files, reused = _make_instance(store, offer, inst)
+        if digest is not None:
+            (offers_dir(store) / f"{digest}.json").unlink(missing_ok=True)
     return MigrateDone(
         instance=inst.name,
         mac=inst.mac,
@@ -401,9 +407,10 @@ def _make_instance(store: Store, offer: MigrateOffer, inst: Instance) -> tuple[i
     return files, reused
 
 
-def read_offer(raw: BinaryIO) -> MigrateOffer:
+def read_offer(raw: BinaryIO, store: Store | None = None) -> MigrateOffer:
     """An offer: zstd-compressed JSON read from ``raw``, at most :data:`MAX_OFFER` bytes of
-    it once decompressed."""
+    it once decompressed; with ``store``, kept there under the sha256 of its JSON text (the
+    stream that follows names it instead of carrying it again: :func:`stored_offer`)."""
     text = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
@@ -417,4 +424,30 @@ def read_offer(raw: BinaryIO) -> MigrateOffer:
         data = json.loads(text)
     except ValueError:
         raise plan.Refused("migration refused: the offer is not JSON") from None
-    return parse_offer(data)
+    offer = parse_offer(data)
+    if store is not None:
+        d = offers_dir(store)
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("*.json"):  # offers no stream followed (a day old)
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > OFFER_KEPT:
+                    old.unlink()
+        write_record(d / f"{hashlib.sha256(text).hexdigest()}.json", offer)
+    return offer
+
+
+def offers_dir(store: Store) -> Path:
+    return index.migrate_dir(store) / "offers"
+
+
+def stored_offer(store: Store, digest: str) -> MigrateOffer:
+    """The offer an earlier ``migrate-in offer`` kept under ``digest``."""
+    if not _SHA_RE.fullmatch(digest):
+        raise StreamRefused("migration refused: the stream names its offer ill-formed")
+    try:
+        return read_record(offers_dir(store) / f"{digest}.json", MigrateOffer)
+    except FileNotFoundError:
+        raise NotFound(
+            f"the offer {digest[:16]} this stream names is not here (made over a day ago, or "
+            "on another store); run the migration again"
+        ) from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -116,11 +117,20 @@ def _check_stopped(store: Store, name: str) -> None:
         )
 
 
+def offer_text(offer: MigrateOffer) -> bytes:
+    return json.dumps(offer.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+
+def offer_digest(offer: MigrateOffer) -> str:
+    """What the stream names the offer by: the sha256 of the JSON text the host kept."""
+    return hashlib.sha256(offer_text(offer)).hexdigest()
+
+
 def ask(host: hosts_mod.Host, offer: MigrateOffer, hypervisor: str | None) -> MigrateAnswer:
     """The host's answer to ``offer`` (sent as zstd-compressed JSON: a manifest compresses
     tenfold)."""
     args = ["migrate-in", "offer"] + (["--hypervisor", hypervisor] if hypervisor else [])
-    data = zstandard.ZstdCompressor(level=LEVEL).compress(json.dumps(offer.to_json()).encode())
+    data = zstandard.ZstdCompressor(level=LEVEL).compress(offer_text(offer))
     out = _feed(host, args, lambda write: write(data))
     try:
         return MigrateAnswer.from_json(json.loads(out))
@@ -203,10 +213,16 @@ def write_stream(
     deltas: Deltas | None = None,
     base_root: Path | None = None,
     level: int = LEVEL,
+    asked: MigrateOffer | None = None,
 ) -> int:
     """The whole stream (see :mod:`unionimg.migrate.wire`); the number of deltas sent."""
     st.put(MAGIC)
-    st.put(frame_head(b"H", offer.to_json(), 0))
+    # the offer the host kept is named by its digest; one changed since (layer blobs made
+    # meanwhile: their sizes) travels whole
+    head: dict[str, object] = (
+        {"offer_digest": offer_digest(offer)} if offer is asked else offer.to_json()
+    )
+    st.put(frame_head(b"H", head, 0))
     st.flush()
     done = 0
     layers = 0
@@ -374,6 +390,7 @@ def migrate(
             )  # fmt: skip
             t = time.monotonic()
             ans = ask(host, offer, hypervisor)
+            asked = offer
             stages["offer"] = time.monotonic() - t
             found = dict(ans.found)
             if ans.layers_missing:  # their blobs made where not kept: the stream's offer
@@ -401,7 +418,7 @@ def migrate(
                 def produce(st: _Stream, note: Progress = note) -> int:
                     return write_stream(
                         st, store, offer, ans, u, note, total, deltas=usable,
-                        base_root=base_root, level=level,
+                        base_root=base_root, level=level, asked=asked,
                     )  # fmt: skip
 
                 t = time.monotonic()
