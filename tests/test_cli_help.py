@@ -117,7 +117,8 @@ def test_a_command_loads_its_own_module_only() -> None:
 def test_instance_commands_do_not_load_the_layer_cache() -> None:
     """The instance group (what a plain 'instance create' loads) pays for neither the layer
     cache (zstandard, the layer records), nor the reconcile or fleet records, nor the
-    removal checks (bench/provision.py times a create through the CLI; issue 11)."""
+    removal checks, nor the drivers' registry (bench/provision.py times a create through
+    the CLI; issue 11)."""
     loaded = _imported_after("instance", "--help")
     assert "unionimg.layers.instance" in loaded
     assert {
@@ -128,6 +129,8 @@ def test_instance_commands_do_not_load_the_layer_cache() -> None:
         "unionimg.store.reconcile_records",
         "unionimg.store.fleet_records",
         "unionimg.ops",
+        "unionimg.layers.running",
+        "unionimg.hypervisors",
         "zstandard",
     } & loaded == set()
 

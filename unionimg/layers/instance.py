@@ -16,13 +16,16 @@ from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import history, identity, ucheck
 from unionimg.layers.base import generations, get_generation
 from unionimg.layers.chainview import chain_lookup
-from unionimg.layers.running import last_crash, running_on
 from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
 from unionimg.names import check_hypervisor, check_name, check_nic_name, human_size, parse_mac
 from unionimg.store.layout import Store, now_iso, read_record, write_record
 from unionimg.store.records import BaseRef, Conflicts, JsonObject, MountRecord, compact
 from unionimg.store.records import Instance as Instance  # the record, with the others' schemas
+
+# Whether a guest runs is asked of its hypervisor's driver (layers.running -> hypervisors):
+# the three functions that ask import it, so making an instance (bench/provision.py times
+# 'instance create') does not load the drivers' registry.
 
 DEFAULT_U_SIZE = 4 << 30
 MIN_U_SIZE = 32 << 20
@@ -72,6 +75,8 @@ def mount_record(store: Store, name: str) -> MountRecord | None:
 
 
 def state(store: Store, name: str) -> str:
+    from unionimg.layers.running import running_on  # deferred on purpose (see the top)
+
     if running_on(store, name):
         return "running"
     return "mounted" if mount_record(store, name) else "stopped"
@@ -91,6 +96,8 @@ def describe(store: Store, inst: Instance) -> JsonObject:
     latest = generations(store, inst.base)[-1].number
     out = inst.to_json()
     st = state(store, inst.name)
+    from unionimg.layers.running import last_crash  # deferred on purpose (see the top)
+
     crash = last_crash(store, inst.name) if st != "running" else None
     out.update(
         {
@@ -232,6 +239,8 @@ def u_layer(store: Store, name: str, *, write: bool) -> Iterator[Path]:
         with ucheck.guarded(store, name, Path(rec.u), check=True):
             yield Path(rec.u)
         return
+    from unionimg.layers.running import running_on  # deferred on purpose (see the top)
+
     if running_on(store, name):
         raise Conflict(f"instance '{name}' is running; stop it first")
     require_root("reading the upper layer")
