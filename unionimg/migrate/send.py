@@ -381,7 +381,7 @@ def migrate(
         chain = chain_of(store, inst)
         with inst_mod.u_layer(store, name, write=False) as u:
             t = time.monotonic()
-            entries = tuple(tree.scan(u, skip_top=SKIP_TOP))
+            entries = tuple(tree.scan(u, skip_top=SKIP_TOP, max_bytes=inst.size))
             stages["scan"] = time.monotonic() - t
             cands = delta_candidates(store, inst, entries)
             offer = MigrateOffer(

@@ -64,11 +64,16 @@ def hash_file(path: bytes) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def scan(root: Path, *, skip_top: tuple[str, ...] = ()) -> list[TreeEntry]:
+def scan(
+    root: Path, *, skip_top: tuple[str, ...] = (), max_bytes: int | None = None
+) -> list[TreeEntry]:
     """Every path below ``root`` (not ``root`` itself), parents before children, files
     hashed; ``skip_top``: top-level names left out (``lost+found``). Iterative (a guest's
-    deep tree costs no recursion); a path longer than the manifest allows is refused."""
+    deep tree costs no recursion); a path longer than the manifest allows is refused, and
+    so are files holding more than ``max_bytes`` together (checked before each is read: a
+    guest's huge sparse file is never read whole)."""
     out: list[TreeEntry] = []
+    total = 0
     links: dict[tuple[int, int], str] = {}
     base = os.fsencode(root)
     todo: list[bytes] = [b""]
@@ -97,6 +102,14 @@ def scan(root: Path, *, skip_top: tuple[str, ...] = ()) -> list[TreeEntry]:
                 if st.st_nlink > 1:
                     first = links.setdefault((st.st_dev, st.st_ino), path)
                     link = first if first != path else None
+                if link is None:
+                    total += size
+                if max_bytes is not None and total > max_bytes:
+                    raise Refused(
+                        f"the files hold more than {max_bytes} bytes (sparse files count "
+                        f"whole), more than the VM's U size; at {path[:80]!r}: remove or "
+                        "shrink the largest, then migrate"
+                    )
                 sha = hash_file(cpath)
             elif kind == "symlink":
                 target = os.fsdecode(os.readlink(cpath))
