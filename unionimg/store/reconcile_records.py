@@ -17,7 +17,7 @@ from unionimg.store.records import (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class HeldResolution(Record):
     """How the admin settled a conflict policy ``fail`` held: the next reconcile of the
     instance to ``generation`` decides ``path`` by ``action`` (keep-local or take-base)."""
@@ -51,7 +51,7 @@ class HeldResolution(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class HeldResolutions(Record):
     """An instance's resolutions of held conflicts, used (then removed) by its next reconcile."""
 
@@ -68,7 +68,7 @@ class HeldResolutions(Record):
         return cls(record_list(data, HeldResolution, ""))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class OwnerChange(Record):
     """One of the VM's files whose owner a conflict's proposal changes (a renumbered user,
     group or sub-ID range): written by :mod:`unionimg.reconcile.userdb` into the conflict's
@@ -96,7 +96,7 @@ class OwnerChange(Record):
         return cls(path=f.text("path"), which=which, old=old, new=new)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class OwnerChanges(Record):
     """A conflict's ``proposal-owners``: the ownership changes its ``proposal`` implies."""
 
@@ -113,7 +113,7 @@ class OwnerChanges(Record):
         return cls(record_list(data, OwnerChange, ""))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class LastReconcile(Record):
     """The last reconcile applied to an instance, for ``reconcile --undo``."""
 
@@ -151,7 +151,7 @@ class LastReconcile(Record):
 
 
 # -- reconcile reports ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ReportAction(Record):
     """One change reconcile makes (or, in a dry run, would make) to a path."""
 
@@ -179,7 +179,7 @@ class ReportAction(Record):
 PENDING = "pending since generation "
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ReportConflict(Record):
     """A conflict in a report: found by this run, or ``pending`` from an earlier one (its
     reason then starts with :data:`PENDING`)."""
@@ -214,7 +214,7 @@ class ReportConflict(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class InstanceReport(Record):
     """What reconcile did (or would do) to one instance."""
 
@@ -262,7 +262,7 @@ class InstanceReport(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ReconcileReport(Record):
     """One reconcile run, kept in ``reports/`` (the last ``apply.REPORTS_KEPT`` of them)."""
 
@@ -296,7 +296,7 @@ class ReconcileReport(Record):
 
 
 # -- the consistency checks (reconcile.checks) -------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class CheckOutcome(Record):
     """What one check program said: its exit status and its output's lines."""
 
@@ -315,7 +315,7 @@ class CheckOutcome(Record):
         return cls(check=f.text("check"), code=f.integer("code"), lines=f.texts("lines"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class CheckBaseline(Record):
     """The checks on one base generation alone (``bases/B/checks/N.json``): what a VM's
     staged result is compared with. Valid for that generation (its hg node) and the host's

@@ -61,14 +61,18 @@ drivers' ``Running`` record), ``deltas/B0-B1.json`` and the sidecar ``manifest.j
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, cast
 
 from unionimg.errors import EXIT_INTERNAL, UnionimgError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 JsonObject = dict[str, Any]
 """A JSON object as ``json.loads`` gives it or ``json.dumps`` takes it: the JSON edge."""
@@ -218,11 +222,37 @@ def _where(key: str) -> str:
 
 class Record:
     """What every record has: ``to_json`` and a validating ``from_json``; ``WHAT`` names
-    the kind of record in messages, ``FILE`` the file it lives in (when it has one name)."""
+    the kind of record in messages, ``FILE`` the file it lives in (when it has one name).
+
+    A record is declared ``@dataclass(frozen=True, eq=False, repr=False)``: equality, hash
+    and repr are these three, shared, over the fields a dataclass would compare or show.
+    Generated per class (and with ``slots=True``, made twice), they cost about half of a
+    command's import of its records, which every short command pays (``instance create``,
+    timed by bench/provision.py)."""
 
     __slots__ = ()
     WHAT: ClassVar[str]
     FILE: ClassVar[str] = ""
+
+    def _compared(self) -> tuple[object, ...]:
+        own = cast("DataclassInstance", self)
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(own) if f.compare)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Record)
+        return self._compared() == other._compared()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__, self._compared()))
+
+    def __repr__(self) -> str:
+        own = cast("DataclassInstance", self)
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(own) if f.repr
+        )
+        return f"{type(self).__name__}({shown})"
 
     def to_json(self) -> Any:
         raise NotImplementedError
@@ -238,7 +268,7 @@ def compact(record: Record) -> str:
 
 
 # -- the store and its bases ---------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StoreMeta(Record):
     WHAT = "store record"
     FILE = "store.json"
@@ -255,7 +285,7 @@ class StoreMeta(Record):
         return cls(format=f.integer("format"), created=f.text("created", ""))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class BaseMeta(Record):
     WHAT = "base record"
     FILE = "base.json"
@@ -272,7 +302,7 @@ class BaseMeta(Record):
         return cls(name=f.text("name"), created=f.text("created"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GenerationMeta(Record):
     """What ``generation.json`` says of a generation (its directory says the rest)."""
 
@@ -331,7 +361,7 @@ class GenerationMeta(Record):
 
 
 # -- instances -------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Instance(Record):
     """An instance (VM): its base generation, MAC, hypervisor and resources."""
 
@@ -387,7 +417,7 @@ class Instance(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class MountRecord(Record):
     """The host-side union of an instance, present while it is mounted."""
 
@@ -433,7 +463,7 @@ class MountRecord(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class UCheckStamp(Record):
     """A U image the host vouched for (e2fsck, or a clean unmount after its own writes):
     the image's identity then. An image still identical needs no e2fsck before a mount."""
@@ -485,7 +515,7 @@ class UCheckStamp(Record):
 
 
 # -- reconcile: conflicts, journal, undo record ------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ConflictRecord(Record):
     """A conflict reconcile set aside: its versions are files in ``dir`` (``files``)."""
 
@@ -534,7 +564,7 @@ class ConflictRecord(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Conflicts(Record):
     """An instance's unresolved conflicts (a JSON list), sorted by path when written."""
 
@@ -551,7 +581,7 @@ class Conflicts(Record):
         return cls(record_list(data, ConflictRecord, ""))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ReconcileJournal(Record):
     """Written just before the atomic swap of an instance's upper layer, removed once the
     post-reconcile changeset is on disk: a run that finds it rolls forward or back."""
@@ -599,7 +629,7 @@ class ReconcileJournal(Record):
 
 
 # -- layers (issue 13) -------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class LayerMeta(Record):
     """``layers/sha256/HEX/layer.json``: one immutable layer of the image tree (see
     :mod:`unionimg.layers.layerstore`). Digests are ``sha256:HEX``; ``blob_digest`` is empty
@@ -669,7 +699,7 @@ class LayerMeta(Record):
 
 
 # -- written into U (guest data once written) ------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class BaseRef(Record):
     """U's ``.unionimg/base.json``, committed with every changeset: which instance, on which
     base generation."""
@@ -692,7 +722,7 @@ class BaseRef(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Resolution(Record):
     """One line of U's ``.unionimg/resolutions.jsonl``: how a conflict was resolved."""
 
@@ -724,7 +754,7 @@ class Resolution(Record):
 
 
 # -- host probe caches -----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ProbeCache(Record):
     """A probe's answers by the digest of what decides them (see :mod:`.probecache`)."""
 
