@@ -321,22 +321,31 @@ def test_link_down_mid_transfer_then_resume_with_a_rate_cap(env: Env) -> None:
 
 
 def test_to_a_host_without_the_base(env: Env) -> None:
-    """A host that lacks the VM's base gets it: the base layer's blob travels (checked by
-    its diff_id there) and becomes its generation 1 (a deploy's way); then the VM."""
+    """A host that lacks the VM's base gets it by content: the base layer's tree is offered
+    (a manifest), the host finds what it can in its own stores (nothing here: an empty
+    host), remakes the layer from the contents, checks its diff_id and makes generation 1
+    from it (a deploy's way); then the VM. With --whole-layers the layer's blob travels."""
     ctl = env.ctl
-    h2 = env.lab.add_host("h2")
-    env.hosts["h2"] = h2
-    env.add_host(ctl, "h2", h2)
-    make_vm(ctl, env.tmp, "nb", "52:54:00:14:00:04", {"etc/nb.conf": "no base there\n"})
-    before_tree = u_tree(ctl, "nb", env.tmp)
-    dry = migrate(ctl, "nb", "h2", "--dry-run")
-    assert len(dry["plan"]["layers_sent"]) == 1, dry["plan"]
-    rx0 = h2.counters()["rx_bytes"]
-    out = migrate(ctl, "nb", "h2")
-    wire = h2.counters()["rx_bytes"] - rx0
-    assert out["receiver"]["layers_received"] == 1
-    assert wire >= out["plan"]["layer_bytes_sent"] // 2  # the blob, zstd already
-    bases = json.loads(hcli(h2).ok("base", "list", "--json").output)
-    assert [b["name"] for b in bases] == ["tiny"], bases
-    assert u_tree(hcli(h2), "nb", env.tmp) == before_tree
-    assert "nb" not in names(ctl)
+    for host, vm, mac, extra in (
+        ("h2", "nb", "52:54:00:14:00:04", ()),
+        ("h3", "nb3", "52:54:00:14:00:05", ("--whole-layers",)),
+    ):
+        h = env.lab.add_host(host)
+        env.hosts[host] = h
+        env.add_host(ctl, host, h)
+        make_vm(ctl, env.tmp, vm, mac, {"etc/nb.conf": "no base there\n"})
+        before_tree = u_tree(ctl, vm, env.tmp)
+        dry = migrate(ctl, vm, host, "--dry-run", *extra)
+        if extra:
+            assert len(dry["plan"]["layers_sent"]) == 1, dry["plan"]
+        else:  # the base's files are in the plan, busybox among them
+            assert dry["plan"]["by_reason"]["new"]["bytes"] > Path("/bin/busybox").stat().st_size
+        rx0 = h.counters()["rx_bytes"]
+        out = migrate(ctl, vm, host, *extra)
+        wire = h.counters()["rx_bytes"] - rx0
+        assert out["receiver"]["layers_received"] == 1
+        print(f"to a host without the base{' (whole layers)' if extra else ''}: {wire} B")
+        bases = json.loads(hcli(h).ok("base", "list", "--json").output)
+        assert [b["name"] for b in bases] == ["tiny"], bases
+        assert u_tree(hcli(h), vm, env.tmp) == before_tree
+        assert vm not in names(ctl)

@@ -23,6 +23,7 @@ from unionimg.store.layout import Store, read_record, write_json, write_record
 from unionimg.store.migrate_records import (
     ChainLayer,
     HashIndex,
+    LayerTree,
     MigrateAnswer,
     MigrateDone,
     MigrateOffer,
@@ -240,6 +241,11 @@ EXAMPLES: list[Record] = [
     MigrateAnswer(("sha256:" + "cd" * 32,), ("ab" * 32,), (("ef" * 32, "cache"),), "os", 1),
     MigrateDone("web", "52:54:00:00:00:01", "uml", 3, 2, 0, 4096, 1, 1.5),
     HashIndex("12:4096:17", (("ab" * 32, "upper/etc/hosts"),)),
+    LayerTree(
+        "sha256:" + "cd" * 32,
+        TreeEntry(".", "dir", 0o755, 0, 0, 3),
+        (TreeEntry("etc", "dir", 0o755, 0, 0, 3), TreeEntry("etc/x", "file", 0o644, 0, 0, 3)),
+    ),
     PlacedHost("h1", ("sha256:" + "cd" * 32,)),
     PlannedRecovery("h1", "web", "h3", 0),
     PlacementApplied(

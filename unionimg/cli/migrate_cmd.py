@@ -100,11 +100,16 @@ def _human(d: dict[str, Any]) -> None:
     show_default=True,
     help="zstd level of the stream.",
 )
+@click.option(
+    "--whole-layers",
+    is_flag=True,
+    help="Send chain layers the host lacks as their blobs, not by content.",
+)
 @hv_option
 @json_option
 @pass_ctx
 def migrate_cmd(c: Ctx, vm: str, host: str, bandwidth: str | None, dry_run: bool, level: int,
-                hypervisor: str | None, as_json: bool) -> None:  # fmt: skip
+                whole_layers: bool, hypervisor: str | None, as_json: bool) -> None:  # fmt: skip
     """Move stopped VM to HOST, sending only the content HOST has nowhere (its base
     generations, layers, earlier transfers): the host verifies every file by hash and makes
     the VM (same MAC); only then is it removed here.
@@ -118,7 +123,7 @@ def migrate_cmd(c: Ctx, vm: str, host: str, bandwidth: str | None, dry_run: bool
     with _bar(sys.stderr.isatty() and not as_json and not dry_run, f"{vm} -> {host}") as note:
         out = send.migrate(
             c.store, vm, host, rate=rate, dry_run=dry_run, hypervisor=hypervisor, level=level,
-            progress=note,
+            progress=note, whole_layers=whole_layers,
         )  # fmt: skip
     emit(out.to_json(), as_json, _human)
 

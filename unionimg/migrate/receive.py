@@ -22,6 +22,7 @@ left.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ LOCK = "migrate-in"
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 TOP_NAMES = frozenset({"upper", "work", ".hg", ".hgignore", ".unionimg", "upper.prev"})
 MAX_OFFER = 256 << 20
+LAYER_MAX = 1 << 40
 OFFER_KEPT = 86400.0
 
 
@@ -167,12 +169,16 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
     plan.check_entries(offer.entries, inst.size)
     _check_top(offer)
     make = {c.diff_id for c in _gens_to_make(store, offer, chain)}
-    missing_layers = [
+    needed = [
         c.diff_id
         for c in chain
         if (c.kind == "snapshot" or c.diff_id in make) and not layerstore.has(store, c.diff_id)
     ]
+    by_content = _check_layer_trees(offer, needed)
+    missing_layers = [d for d in needed if d not in by_content]
     wanted = set(plan.file_contents(offer.entries))
+    for lt in offer.layer_trees:
+        wanted |= set(plan.file_contents(lt.entries))
     places = index.locate(store, wanted | _bases(offer))
     return MigrateAnswer(
         layers_missing=tuple(missing_layers),
@@ -182,6 +188,67 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
         generation=inst.generation,
         install_base=bool(make),
     )
+
+
+def _check_layer_trees(offer: MigrateOffer, needed: list[str]) -> set[str]:
+    """The layers offered by content: each one this host needs, once, its tree checked like
+    U's (but any top names: a base's whole tree) and its root a plain directory."""
+    out: set[str] = set()
+    for lt in offer.layer_trees:
+        if lt.diff_id not in needed or lt.diff_id in out:
+            raise plan.Refused(
+                f"migration refused: layer {lt.diff_id[:19]!r} offered by content is not one "
+                "this host needs (or offered twice)"
+            )
+        r = lt.root
+        if (r.path, r.kind) != (".", "dir"):
+            raise plan.Refused(f"migration refused: layer {lt.diff_id[:19]}'s root is ill-formed")
+        plan.check_entries([dataclasses.replace(r, path="root")], LAYER_MAX)  # mode, xattrs...
+        plan.check_entries(lt.entries, LAYER_MAX)
+        out.add(lt.diff_id)
+    return out
+
+
+def _remake_layers(store: Store, offer: MigrateOffer, inst: Instance) -> int:
+    """Remake the layers offered by content, bottom first: the tree built in staging from
+    this store's contents (each hashed as copied), its diff_id computed and compared with
+    the chain's before the layer is made (``layerstore.put_tree``); the number made."""
+    trees = {lt.diff_id: lt for lt in offer.layer_trees}
+    made = 0
+    for c in reversed(offer.chain):
+        lt = trees.get(c.diff_id)
+        if lt is None:
+            continue
+        entries = list(lt.entries)
+        total = sum(e.size for e in entries if e.kind == "file" and e.link is None)
+        require_space(store.root, 3 * total + (64 << 20), f"remake layer {c.diff_id[:19]}")
+        places = index.locate(store, set(plan.file_contents(entries)))
+        with store.staging("migrate-layer") as stage:
+            root = stage / "tree"
+            root.mkdir(mode=0o700)
+            with index.Sources(store, places) as src:
+                tree.build(root, entries, src.read)
+            tree.set_root(root, lt.root)
+            got = layerstore.tree_digest(root, kind=c.kind).diff_id
+            if got != c.diff_id:
+                raise plan.Refused(
+                    f"migration refused: layer {c.diff_id[:19]} remade from its contents gives "
+                    f"{got[:19]}; nothing was made (migrate with --whole-layers)"
+                )
+            layerstore.put_tree(
+                store,
+                root,
+                parent=c.parent,
+                kind=c.kind,
+                origin=Origin(
+                    text=f"migrated with instance {inst.name}",
+                    base=c.base,
+                    generation=c.generation,
+                    instance=inst.name if c.kind == "snapshot" else None,
+                ),
+            )
+        made += 1
+    return made
 
 
 def _bases(offer: MigrateOffer) -> set[str]:
@@ -235,6 +302,8 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
         inst = _check_instance(store, offer.instance, hypervisor)
         chain = {c.diff_id: c for c in offer.chain}
         sizes = plan.file_contents(offer.entries)
+        for lt in offer.layer_trees:
+            sizes.update(plan.file_contents(lt.entries))
         want_objects = set(ans.hashes_missing)
         want_layers = list(ans.layers_missing)
         objects = layers = 0
@@ -358,6 +427,7 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
                 f"migration refused: the stream ended without {len(want_objects)} content(s) "
                 f"and {len(want_layers)} layer(s) it had to bring; nothing was made"
             )
+        layers += _remake_layers(store, offer, inst)
         _make_generations(store, offer, _gens_to_make(store, offer, list(offer.chain)))
         files, reused = _make_instance(store, offer, inst)
         if digest is not None:

@@ -51,6 +51,7 @@ from unionimg.store.layout import Store
 from unionimg.store.migrate_records import (
     PROTOCOL,
     ChainLayer,
+    LayerTree,
     MigrateAnswer,
     MigrateDone,
     MigrateOffer,
@@ -201,6 +202,23 @@ def delta_candidates(
     return out
 
 
+def _delta(
+    u: Path, base_root: Path, e: TreeEntry, base: tuple[str, str], level: int
+) -> bytes | None:
+    with tree.open_file(u, e.path) as fh:
+        new = fh.read(e.size + 1)
+    with tree.open_file(base_root, base[1].lstrip("/")) as fh:
+        old = fh.read(delta.MAX_SIZE + 1)
+    if len(new) != e.size:
+        raise ToolFailed(f"instance file {e.path[:80]!r} changed while it was sent; retry")
+    return delta.encode(old, new, level)
+
+
+def _all_entries(offer: MigrateOffer) -> list[TreeEntry]:
+    """U's entries, then those of the layers offered by content."""
+    return [*offer.entries, *(e for lt in offer.layer_trees for e in lt.entries)]
+
+
 def write_stream(
     st: _Stream,
     store: Store,
@@ -214,6 +232,7 @@ def write_stream(
     base_root: Path | None = None,
     level: int = LEVEL,
     asked: MigrateOffer | None = None,
+    layer_roots: dict[str, Path] | None = None,
 ) -> int:
     """The whole stream (see :mod:`unionimg.migrate.wire`); the number of deltas sent."""
     st.put(MAGIC)
@@ -226,7 +245,7 @@ def write_stream(
     st.flush()
     done = 0
     layers = 0
-    for diff_id in reversed(ans.layers_missing):  # bottom first
+    for diff_id in reversed(ans.layers_missing):  # bottom first (by content: not here)
         layer = layerstore.get(store, diff_id)
         blob = layerstore.blob_path(store, layer)
         st.put(frame_head(b"L", {"diff_id": diff_id}, blob.stat().st_size))
@@ -240,41 +259,37 @@ def write_stream(
     missing = set(ans.hashes_missing)
     sent = 0
     as_delta = 0
-    for e in offer.entries:  # in tree order: like files lie together in the stream
-        if e.kind != "file" or e.link is not None or e.sha256 not in missing:
-            continue
-        missing.discard(e.sha256)
-        if deltas and base_root is not None and e.sha256 in deltas:
-            base_sha, base_path = deltas[e.sha256]
-            with tree.open_file(u, e.path) as fh:
-                new = fh.read(e.size + 1)
-            with tree.open_file(base_root, base_path.lstrip("/")) as fh:
-                old = fh.read(delta.MAX_SIZE + 1)
-            if len(new) != e.size:
-                raise ToolFailed(f"instance file {e.path[:80]!r} changed while it was sent; retry")
-            patch = delta.encode(old, new, level)
-            if patch is not None:
-                head = {"sha256": e.sha256, "size": e.size, "base": base_sha}
-                st.put(frame_head(b"D", head, len(patch)))
-                st.put(patch)
-                done += e.size
-                progress(done, total, st.wire)
-                sent += 1
-                as_delta += 1
+    roots = layer_roots or {}
+    trees = [(u, offer.entries)] + [(roots[lt.diff_id], lt.entries) for lt in offer.layer_trees]
+    for root, entries in trees:
+        for e in entries:  # in tree order: like files lie together in the stream
+            if e.kind != "file" or e.link is not None or e.sha256 not in missing:
                 continue
-        st.put(frame_head(b"O", {"sha256": e.sha256, "size": e.size}, e.size))
-        got = 0
-        with tree.open_file(u, e.path) as fh:
-            while got < e.size and (chunk := fh.read(min(tree.CHUNK, e.size - got))):
-                st.put(chunk)
-                got += len(chunk)
-                done += len(chunk)
-                progress(done, total, st.wire)
-                if done * 2 >= total:
-                    checkpoint("migrate:half-sent")  # the tests' broken transfer
-        if got != e.size:
-            raise ToolFailed(f"instance file {e.path[:80]!r} changed while it was sent; retry")
-        sent += 1
+            missing.discard(e.sha256)
+            if root is u and deltas and base_root is not None and e.sha256 in deltas:
+                patch = _delta(u, base_root, e, deltas[e.sha256], level)
+                if patch is not None:
+                    head = {"sha256": e.sha256, "size": e.size, "base": deltas[e.sha256][0]}
+                    st.put(frame_head(b"D", head, len(patch)))
+                    st.put(patch)
+                    done += e.size
+                    progress(done, total, st.wire)
+                    sent += 1
+                    as_delta += 1
+                    continue
+            st.put(frame_head(b"O", {"sha256": e.sha256, "size": e.size}, e.size))
+            got = 0
+            with tree.open_file(root, e.path) as fh:
+                while got < e.size and (chunk := fh.read(min(tree.CHUNK, e.size - got))):
+                    st.put(chunk)
+                    got += len(chunk)
+                    done += len(chunk)
+                    progress(done, total, st.wire)
+                    if done * 2 >= total:
+                        checkpoint("migrate:half-sent")  # the tests' broken transfer
+            if got != e.size:
+                raise ToolFailed(f"file {e.path[:80]!r} changed while it was sent; retry")
+            sent += 1
     st.put(frame_head(b"E", {"objects": sent, "layers": layers}, 0))
     st.finish()
     progress(total, total, st.wire)
@@ -369,8 +384,10 @@ def migrate(
     hypervisor: str | None = None,
     level: int = LEVEL,
     progress: Progress | None = None,
+    whole_layers: bool = False,
 ) -> Outcome:
-    """Migrate instance ``name`` to host ``host_name`` (see the module docstring)."""
+    """Migrate instance ``name`` to host ``host_name`` (see the module docstring);
+    ``whole_layers``: chain layers the host lacks travel as their blobs, not by content."""
     start = time.monotonic()
     note: Progress = progress or (lambda _d, _t, _w: None)
     host = hosts_mod.get(store, host_name)
@@ -379,7 +396,10 @@ def migrate(
     with store.lock(f"instance-{name}", wait=False, purpose=f"migrate {name}"):
         _check_stopped(store, name)
         chain = chain_of(store, inst)
-        with inst_mod.u_layer(store, name, write=False) as u:
+        with (
+            inst_mod.u_layer(store, name, write=False) as u,
+            contextlib.ExitStack() as mounts,
+        ):
             t = time.monotonic()
             entries = tuple(tree.scan(u, skip_top=SKIP_TOP, max_bytes=inst.size))
             stages["scan"] = time.monotonic() - t
@@ -392,6 +412,22 @@ def migrate(
             ans = ask(host, offer, hypervisor)
             asked = offer
             stages["offer"] = time.monotonic() - t
+            layer_roots: dict[str, Path] = {}
+            if ans.layers_missing and not whole_layers:
+                # the layers the host lacks, offered by content: it finds what it can in
+                # its own bases, layers and VMs, remakes each layer and checks its diff_id
+                t = time.monotonic()
+                stage = mounts.enter_context(store.staging("migrate-layers"))
+                trees = []
+                for i, diff_id in enumerate(ans.layers_missing):
+                    layer = layerstore.get(store, diff_id)
+                    root = mounts.enter_context(layerstore.mounted(store, layer, stage / f"l{i}"))
+                    layer_roots[diff_id] = root
+                    trees.append(LayerTree(diff_id, tree.root_entry(root), tuple(tree.scan(root))))
+                offer = dataclasses.replace(offer, layer_trees=tuple(trees))
+                stages["scan_layers"] = time.monotonic() - t
+                ans = ask(host, offer, hypervisor)
+                asked = offer
             found = dict(ans.found)
             if ans.layers_missing:  # their blobs made where not kept: the stream's offer
                 for diff_id in ans.layers_missing:  # says their real sizes
@@ -399,6 +435,8 @@ def migrate(
                 chain = chain_of(store, inst)
                 offer = dataclasses.replace(offer, chain=tuple(chain))
             sizes = plan.file_contents(entries)
+            for lt in offer.layer_trees:
+                sizes.update(plan.file_contents(lt.entries))
             layer_sizes = {c.diff_id: c.blob_size for c in chain}
             total = sum(sizes.get(s, 0) for s in ans.hashes_missing) + sum(
                 layer_sizes.get(d, 0) for d in ans.layers_missing
@@ -419,6 +457,7 @@ def migrate(
                     return write_stream(
                         st, store, offer, ans, u, note, total, deltas=usable,
                         base_root=base_root, level=level, asked=asked,
+                        layer_roots=layer_roots,
                     )  # fmt: skip
 
                 t = time.monotonic()
@@ -426,7 +465,7 @@ def migrate(
                     counter = _Stream(lambda _data: None, None, level)
                     n_delta = produce(counter, lambda *_a: None)
                     stages["compress"] = time.monotonic() - t
-                    summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
+                    summ = plan.summary(_all_entries(offer), found, {}, chain, ans.layers_missing)
                     out = Outcome(name, host.name, True, summ, found, counter.wire)
                     out.deltas = n_delta
                     out.seconds = time.monotonic() - start
@@ -454,7 +493,7 @@ def migrate(
             f"instance {name} was made on host {host.name}, but removing it here failed "
             f"({exc.message}); remove it with 'unionimg instance remove {name}'"
         ) from None
-    summ = plan.summary(entries, found, {}, chain, ans.layers_missing)
+    summ = plan.summary(_all_entries(offer), found, {}, chain, ans.layers_missing)
     out = Outcome(name, host.name, False, summ, found, wire, done, time.monotonic() - start)
     out.kept = kept
     out.deltas = n_delta

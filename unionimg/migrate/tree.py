@@ -234,3 +234,26 @@ def verify(dest: Path, entries: list[TreeEntry]) -> int:
             raise Refused(f"migration refused: {got.path[:120]!r}: mtime differs")
         files += got.kind == "file"
     return files
+
+
+def root_entry(root: Path) -> TreeEntry:
+    """The metadata of the tree's root itself (path ``.``)."""
+    st = os.lstat(root)
+    return TreeEntry(
+        path=".",
+        kind="dir",
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        xattrs=_xattrs(os.fsencode(root)),
+    )
+
+
+def set_root(root: Path, e: TreeEntry) -> None:
+    """Give the tree's root the metadata of ``e`` (checked like any entry's by the caller)."""
+    os.chown(root, e.uid, e.gid)
+    os.chmod(root, e.mode)
+    for name, value in e.xattrs:
+        os.setxattr(root, name, bytes.fromhex(value))
+    os.utime(root, ns=(e.mtime_ns, e.mtime_ns))

@@ -120,6 +120,36 @@ class ChainLayer(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class LayerTree(Record):
+    """A chain layer the receiver lacks, offered by content: its tree's root (path ``.``)
+    and entries, from which the receiver remakes the layer (and checks its diff_id)."""
+
+    WHAT = "migration layer tree"
+
+    diff_id: str
+    root: TreeEntry
+    entries: tuple[TreeEntry, ...]
+
+    def to_json(self) -> JsonObject:
+        return {
+            "diff_id": self.diff_id,
+            "root": self.root.to_json(),
+            "entries": [e.to_json() for e in self.entries],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = Fields(data)
+        try:
+            root = TreeEntry.from_json(f.mapping("root"))
+        except RecordError as exc:
+            raise RecordError(f"root: {exc}") from None
+        return cls(
+            diff_id=f.text("diff_id"), root=root, entries=f.records("entries", TreeEntry)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class MigrateOffer(Record):
     """What the sender offers: the VM's instance record (the receiver keeps its MAC, U size,
     resources; ``hypervisor`` as asked), its chain (top to bottom: its snapshot layers, then
@@ -134,9 +164,11 @@ class MigrateOffer(Record):
     entries: tuple[TreeEntry, ...]
     sender: str = ""
     bases: tuple[str, ...] = ()  # contents a delta may lie on (the base's older versions)
+    layer_trees: tuple[LayerTree, ...] = ()  # chain layers offered by content
 
     def to_json(self) -> JsonObject:
         return {
+            "layer_trees": [t.to_json() for t in self.layer_trees],
             "protocol": self.protocol,
             "instance": self.instance.to_json(),
             "chain": [c.to_json() for c in self.chain],
@@ -160,6 +192,7 @@ class MigrateOffer(Record):
             entries=f.records("entries", TreeEntry),
             sender=f.text("sender", ""),
             bases=f.maybe_texts("bases") or (),
+            layer_trees=f.records("layer_trees", LayerTree, ()),
         )
 
 
