@@ -42,7 +42,7 @@ def _disk_ref(text: str, where: str) -> tuple[int, str, int]:
     return int(offset), digest, length
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class SnapshotRecord(Record):
     """``snapshots/vms/VM/ID.json``: one snapshot of VM — what it was (its instance record
     and the chain its U lies on), its memory image (kvm) and its U image as chunk digests,
