@@ -25,6 +25,7 @@ from unionimg.placement.model import RESOURCES, Cluster, Infeasible, Plan
 
 MIB = 1 << 20
 _LIMIT = 1 << 62
+BUILD_SHARE = 0.8  # building the model may take this share of the time limit, no more
 
 
 def _unit(c: Cluster) -> int:
@@ -83,13 +84,14 @@ def solve(
     workers: int = 2,
     relax: frozenset[str] = frozenset(),
 ) -> Plan:
-    """The best plan CP-SAT finds within ``time_limit`` seconds. ``relax`` drops constraint
+    """The best plan CP-SAT finds within ``time_limit`` seconds, building the model included
+    (a build past :data:`BUILD_SHARE` of it stops with status "unknown"). ``relax`` drops constraint
     families ("disk", a resource) — used only to name the binding one of an infeasible model."""
+    t0 = time.monotonic()  # the limit covers it all: importing, building, searching
     # deferred on purpose: ortools takes ~0.5 s to import (protobuf, numpy); only the exact
     # planner needs it, never `plan placement --method heuristic` nor the rest of the CLI
     from ortools.sat.python import cp_model
 
-    t0 = time.monotonic()
     u = _unit(c)
     m = cp_model.CpModel()
     names = [s.name for s in c.servers]
@@ -127,6 +129,8 @@ def solve(
     moved: dict[str, Any] = {}
     send: dict[tuple[str, str, str], Any] = {}
     for f in names:
+        if time.monotonic() - t0 > time_limit * BUILD_SHARE:
+            return _no_time(objective, time_limit, time.monotonic() - t0, "building the model")
         vms = c.vms_on(f)
         for v in vms:
             for t in tg[v.name]:
@@ -185,15 +189,22 @@ def solve(
             m.add_hint(var, s in hint.stores.get(p_name, frozenset()))
         for (f, v_name, t), var in y.items():
             m.add_hint(var, hint.recovery.get(f, {}).get(v_name) == t)
+    # the limit covers the whole solve: what building took is taken off the search's time,
+    # and a margin is kept for CP-SAT's own start and stop and reading the plan back
+    left = time_limit - (time.monotonic() - t0)
+    search = left - max(0.05 * time_limit, 0.05)
+    if search < 0.05:
+        return _no_time(objective, time_limit, time.monotonic() - t0, "building the model")
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.1, time_limit - (time.monotonic() - t0))
+    solver.parameters.max_time_in_seconds = search
     solver.parameters.num_workers = workers
     status = solver.solve(m)
     seconds = time.monotonic() - t0
     if status == cp_model.INFEASIBLE:
         raise Infeasible(_binding(c, objective, relax, max_targets))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return Plan("exact", objective, {}, {}, (), "unknown", None, seconds)
+        note = f"CP-SAT found no plan within the {time_limit:g} s limit ({seconds:.1f} s)"
+        return Plan("exact", objective, {}, {}, (note,), "unknown", None, seconds)
     stores = {p.name: frozenset(s for s in names if solver.value(x[p.name, s])) for p in parts}
     recovery: dict[str, dict[str, str]] = {f: {} for f in names}
     for (f, v_name, t), var in y.items():
@@ -209,6 +220,11 @@ def solve(
         f"{seconds:.1f} s (unit {u} bytes{limited})",
     )
     return Plan("exact", objective, stores, recovery, why, state, bound, seconds)
+
+
+def _no_time(objective: str, time_limit: float, seconds: float, what: str) -> Plan:
+    why = f"CP-SAT: {what} took {seconds:.1f} s of the {time_limit:g} s limit; no search"
+    return Plan("exact", objective, {}, {}, (why,), "unknown", None, seconds)
 
 
 def _binding(c: Cluster, objective: str, relax: frozenset[str], limit: int | None) -> str:

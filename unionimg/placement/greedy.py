@@ -20,6 +20,7 @@ from unionimg.placement.model import (
     evaluate,
     gib,
     stored_bytes,
+    with_held,
 )
 
 
@@ -38,6 +39,7 @@ class _State:
         for s in self.c.servers:  # what each server holds for its own VMs, at no cost
             for p in self.c.held(s.name):
                 self.stores.setdefault(p, set()).add(s.name)
+        self.room = {s.name: s.disk - self.c.running_image(s.name) for s in self.c.servers}
         self.size = {p.name: p.size for p in self.c.parts()}
         self.layer_of = {p.name: p.layer for p in self.c.parts()}
 
@@ -66,7 +68,7 @@ class _State:
         return n
 
     def free(self, server: str) -> int:
-        return self.c.server(server).disk - self.c.running_image(server) - self.stored[server]
+        return self.room[server] - self.stored[server]
 
     def frozen(self) -> dict[str, frozenset[str]]:
         return {p: frozenset(s) for p, s in self.stores.items()}
@@ -330,6 +332,10 @@ def seed(c: Cluster) -> Plan:
 
 
 # -- the heuristic for large clusters ---------------------------------------------------------
+LOCAL_SEARCH_MAX = 20_000  # parts x servers^2 up to which the heuristic also improves its plan
+LOCAL_SEARCH_SECONDS = 5.0  # the local search's time budget (repair or improvement)
+
+
 def heuristic(c: Cluster) -> Plan:
     """The best of four :func:`heuristic_pass` variants (rule-(a) copies placed first or
     last; chains copied to recovery targets or sent at recovery), by worst-case transfer,
@@ -366,6 +372,20 @@ def heuristic(c: Cluster) -> Plan:
                         0.0,
                     ),
                 )
+    small = len(c.parts()) * len(c.servers) ** 2 <= LOCAL_SEARCH_MAX
+    if best is None or (small and best[0][0] > 0):
+        # no pass found a plan (their disk reserve is greedy), or a small cluster where a
+        # local search is cheap: repair / improve by moving copies (bounded in time)
+        start = best[1].stores if best is not None else None
+        try:
+            q = local_search(c, start, LOCAL_SEARCH_SECONDS)
+        except Infeasible as exc:
+            last = exc
+        else:
+            ev = evaluate(c, q)
+            key = (ev.worst, ev.total, sum(ev.stored.values()))
+            if best is None or key < best[0]:
+                best = (key, q)
     if best is None:
         assert last is not None
         raise last
@@ -509,6 +529,140 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
         st.frozen(),
         rec,
         tuple(st.reasons),
+        "heuristic",
+        None,
+        time.monotonic() - t0,
+    )
+
+
+# -- repair and improvement: a local search over copies ----------------------------------------
+def _score(
+    c: Cluster, stores: Mapping[str, frozenset[str]]
+) -> tuple[tuple[int, int, int, int, int], dict[str, dict[str, str]]]:
+    """(rules broken, bytes short, worst transfer, total transfer, bytes stored) of
+    ``stores`` with the recovery :func:`recover` finds for them; lower is better."""
+    rec, _ = _recoveries(c, stores)
+    ev = evaluate(c, Plan("heuristic", "worst", stores, rec))
+    bad = len(ev.violations) + sum(
+        len(f.unplaced) + len(f.lost) + sum(1 for t in f.targets if t.over) for f in ev.failures
+    )
+    short = 0  # how far the unplaced VMs are from fitting: a slope for the search to follow
+    if bad:
+        full = with_held(c, stores)
+        for f in ev.failures:
+            for v in f.unplaced:
+                need = c.chain_parts(v)
+                gaps = [
+                    c.running_image(t.name)
+                    + ev.stored[t.name]
+                    + c.vm(v).image
+                    + (
+                        sum(p.size for p in need if t.name not in full.get(p.name, ()))
+                        if c.transfer_kept
+                        else 0
+                    )
+                    + sum(c.vm(u).image for u, to in rec[f.server].items() if to == t.name)
+                    - t.disk
+                    for t in c.servers
+                    if t.name != f.server and not _fits(c, t.name, [v])
+                ]
+                short += max(0, min(gaps, default=1 << 62))
+    return (bad, short, ev.worst, ev.total, sum(ev.stored.values())), rec
+
+
+def _minimal(c: Cluster) -> dict[str, frozenset[str]]:
+    """The fewest copies rule (a) allows, largest layers first, each on the candidate with
+    the most free disk (what a server's own VMs leave): a start for the local search."""
+    st = _State(c)
+    for la in sorted(c.layers, key=lambda la: -la.size):
+        cand, twice = _candidates(c, la.name)
+        if not c.needers(la.name):
+            cand, twice = [s.name for s in c.servers], False
+        for p in c.parts_of[la.name]:
+            if st.stores.get(p.name, set()) - {c.vm(v).server for v in c.needers(la.name)}:
+                continue
+            for t in sorted(cand, key=lambda s: -st.free(s))[: 2 if twice else 1]:
+                st.put(p.name, t)
+    return st.frozen()
+
+
+def local_search(c: Cluster, start: Mapping[str, frozenset[str]] | None, seconds: float) -> Plan:
+    """Hill-climbing over where copies are: from ``start`` (or the fewest copies rule (a)
+    allows), repeatedly take the first move that lowers (rules broken, worst, total,
+    stored): drop a copy, add a copy (with its parents under ``whole_chains``), or move a
+    copy to another server — moving data off servers whose disk breaks rule (b) at a
+    failure, or onto a recovery target so nothing is sent. Recovery targets are re-chosen
+    by :func:`recover` after every move. Stops at a local optimum or after ``seconds``;
+    Infeasible if the best it reaches still breaks a rule."""
+    t0 = time.monotonic()
+    stores: dict[str, frozenset[str]] = dict(start) if start is not None else _minimal(c)
+    held = {s.name: c.held(s.name) for s in c.servers}
+    parts = sorted(c.parts(), key=lambda p: -p.size)
+    layer_of = {p.name: p.layer for p in parts}
+    servers = [s.name for s in c.servers]
+    score, rec = _score(c, stores)
+    moves = 0
+
+    def with_parents(st: dict[str, frozenset[str]], part: str, s: str) -> None:
+        st[part] = st.get(part, frozenset()) | {s}
+        parent = c.layer(layer_of[part]).parent if c.whole_chains else None
+        while parent is not None:
+            for pp in c.parts_of[parent]:
+                st[pp.name] = st.get(pp.name, frozenset()) | {s}
+            parent = c.layer(parent).parent
+
+    def neighbours() -> Iterable[dict[str, frozenset[str]]]:
+        for p in parts:
+            where = stores.get(p.name, frozenset())
+            for s in sorted(where):
+                if p.name in held[s]:
+                    continue  # held for the server's own VMs: not the plan's to move
+                if len(where) > 1:
+                    drop = dict(stores)
+                    drop[p.name] = where - {s}
+                    yield drop
+                for t in servers:
+                    if t not in where:
+                        mv = dict(stores)
+                        mv[p.name] = where - {s}
+                        with_parents(mv, p.name, t)
+                        yield mv
+            for t in servers:
+                if t not in where:
+                    add = dict(stores)
+                    with_parents(add, p.name, t)
+                    yield add
+
+    improved = True
+    while improved and time.monotonic() - t0 < seconds:
+        improved = False
+        for cand in neighbours():
+            if time.monotonic() - t0 >= seconds:
+                break
+            sc, r = _score(c, cand)
+            if sc < score:
+                stores, score, rec, improved = cand, sc, r, True
+                moves += 1
+                break
+    if score[0]:
+        raise Infeasible(
+            "infeasible: the heuristic found no plan (its passes and a local search of "
+            f"{moves} moves still break {score[0]} rule(s), disk or resources at a failure); "
+            "try --method exact"
+        )
+    _, why = _recoveries(c, stores)
+    return Plan(
+        "heuristic",
+        "worst",
+        stores,
+        rec,
+        (
+            f"heuristic: local search over copies ({moves} moves, "
+            f"{time.monotonic() - t0:.2f} s) from "
+            + ("the best pass's plan" if start is not None else "the fewest copies (a) allows"),
+            *(f"{p} on {', '.join(sorted(w))}" for p, w in sorted(stores.items())),
+            *why,
+        ),
         "heuristic",
         None,
         time.monotonic() - t0,
