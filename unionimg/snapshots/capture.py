@@ -27,11 +27,15 @@ saved, which it is: the same instance record renders it), running at once.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from unionimg import poll
 from unionimg.errors import Conflict, StoreFull, ToolFailed
 from unionimg.fs.space import free_space, full_message
 from unionimg.hypervisors import Running
@@ -39,6 +43,8 @@ from unionimg.runner import run
 
 #: below this much free space a libvirt save error is reported as a full store
 _FULL_BELOW = 64 << 20
+#: seconds for the overlay's merge back into U (it holds what the guest wrote during the copy)
+COMMIT_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,12 @@ def _libvirt_error(exc: Exception, what: str, where: Path) -> Exception:
     return ToolFailed(f"libvirt could not {what}: {text}")
 
 
-def _memory_snapshot_xml(domain_xml: str, memfile: Path) -> str:
+def _memory_snapshot_xml(
+    domain_xml: str, memfile: Path, overlay: tuple[str, Path] | None = None
+) -> str:
+    """A ``<domainsnapshot>``: memory external to ``memfile``; with ``overlay`` = (target,
+    file), that disk gets an external qcow2 overlay made at the same instant, every other
+    disk ``snapshot='no'``."""
     root = ET.fromstring(domain_xml)
     snap = ET.Element("domainsnapshot")
     ET.SubElement(snap, "name").text = f"unionimg-{time.time_ns()}"
@@ -69,18 +80,123 @@ def _memory_snapshot_xml(domain_xml: str, memfile: Path) -> str:
     disks = ET.SubElement(snap, "disks")
     for disk in root.iter("disk"):
         target = disk.find("target")
-        if target is not None and target.get("dev"):
-            ET.SubElement(disks, "disk", name=str(target.get("dev")), snapshot="no")
+        if target is None or not target.get("dev"):
+            continue
+        dev = str(target.get("dev"))
+        if overlay is not None and dev == overlay[0]:
+            el = ET.SubElement(disks, "disk", name=dev, snapshot="external", type="file")
+            ET.SubElement(el, "driver", type="qcow2")
+            ET.SubElement(el, "source", file=str(overlay[1]))
+        else:
+            ET.SubElement(disks, "disk", name=dev, snapshot="no")
     return ET.tostring(snap, encoding="unicode")
 
 
-def capture_kvm(rec: Running, upper: Path, stage: Path) -> Captured:
-    """Pause the domain, save its memory to ``stage/memory``, copy U to ``stage/u.img``,
-    resume. The guest runs on afterwards whatever fails."""
+def u_target(domain_xml: str, upper: Path) -> str:
+    """The target device (``vdb``) of the domain's disk whose source is ``upper``."""
+    want = os.path.realpath(upper)
+    for disk in ET.fromstring(domain_xml).iter("disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is None or target is None or not target.get("dev"):
+            continue
+        path = source.get("file") or source.get("dev") or ""
+        if path and os.path.realpath(path) == want:
+            return str(target.get("dev"))
+    raise ToolFailed(f"the domain has no disk on {upper}: cannot snapshot its U image")
+
+
+class PauseWatch:
+    """How long a domain was paused while a call ran, as libvirt saw it: its state asked
+    every ``interval`` s from a thread on a connection of its own (the calling one is busy in
+    libvirt). Sums the intervals seen paused; the resolution is about ``interval``."""
+
+    def __init__(self, domain: str, interval: float = 0.005) -> None:
+        self.domain, self.interval = domain, interval
+        self.paused_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import libvirt
+
+        from unionimg.hypervisors import kvm
+
+        conn = kvm.connect()
+        try:
+            dom = conn.lookupByName(self.domain)
+            last = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+                except libvirt.libvirtError:
+                    paused = False
+                now = time.monotonic()
+                if paused:
+                    self.paused_s += now - last
+                last = now
+                time.sleep(self.interval)
+        finally:
+            conn.close()
+
+    def __enter__(self) -> PauseWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _commit_back(dom: Any, target: str, overlay: Path, upper: Path) -> None:
+    """Merge the overlay the snapshot put on top of U back into U (an active block commit,
+    then pivot): the domain writes to U again, the overlay is removed."""
+    import libvirt
+
+    what = f"merge the snapshot overlay {overlay} back into {upper}"
+    try:
+        dom.blockCommit(target, None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+    except libvirt.libvirtError as exc:
+        raise ToolFailed(f"libvirt could not {what}: {exc}") from exc
+
+    def pivoted() -> bool:
+        info = dom.blockJobInfo(target, 0)
+        if info and info.get("end", 0) > 0 and info.get("cur") == info.get("end"):
+            try:
+                dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            except libvirt.libvirtError:
+                return False  # not ready yet
+            return True
+        return False
+
+    if not poll.until(pivoted, COMMIT_TIMEOUT, 0.05):
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.blockJobAbort(target, 0)
+        raise ToolFailed(
+            f"libvirt could not {what} within {COMMIT_TIMEOUT:.0f} s; the guest runs on the "
+            f"overlay: stop and boot it again after `unionimg snapshot` (the overlay holds its "
+            "latest writes)"
+        )
+    with contextlib.suppress(OSError):
+        overlay.unlink()
+
+
+def capture_kvm(rec: Running, upper: Path, stage: Path, *, live: bool | None = None) -> Captured:
+    """Memory to ``stage/memory`` and U to ``stage/u.img``, of one instant; the guest runs on
+    afterwards whatever fails.
+
+    live (the default): libvirt's live external snapshot (``VIR_DOMAIN_SNAPSHOT_CREATE_LIVE``)
+    writes the memory while the guest runs (QEMU's pre-copy to the file), pauses it for the
+    last pass, and in that pause puts a qcow2 overlay on U (an external disk snapshot of the
+    same instant), then resumes: U is frozen at the memory's instant while the guest writes to
+    the overlay. U is copied, then the overlay merged back (active block commit + pivot).
+    Not live (``UNIONIMG_SNAPSHOT_MODE=paused``, kept to measure against): the domain paused
+    while its memory is written and U copied."""
     import libvirt
 
     from unionimg.hypervisors import kvm
 
+    if live is None:
+        live = os.environ.get("UNIONIMG_SNAPSHOT_MODE", "live") != "paused"
     if not rec.domain:
         raise Conflict(f"a kvm running record without its domain ({rec.console})")
     memfile, disk = stage / "memory", stage / "u.img"
@@ -91,29 +207,72 @@ def capture_kvm(rec: Running, upper: Path, stage: Path) -> Captured:
             xml = dom.XMLDesc(0)
         except libvirt.libvirtError as exc:
             raise ToolFailed(f"libvirt does not know domain {rec.domain}: {exc}") from exc
-        t0 = time.monotonic()
-        try:
-            dom.suspend()
-        except libvirt.libvirtError as exc:
-            raise ToolFailed(f"libvirt could not pause domain {rec.domain}: {exc}") from exc
-        try:
-            try:
-                dom.snapshotCreateXML(
-                    _memory_snapshot_xml(xml, memfile),
-                    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA,
-                )
-            except libvirt.libvirtError as exc:
-                raise _libvirt_error(exc, f"save the memory of {rec.domain}", stage) from exc
-            copy_u(upper, disk)
-        finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    dom.resume()
-        pause = time.monotonic() - t0
         dtype = ET.fromstring(xml).get("type") or "qemu"
+        if live:
+            pause = _capture_live(dom, rec.domain, xml, upper, memfile, disk, stage)
+        else:
+            pause = _capture_paused(dom, rec.domain, xml, upper, memfile, disk, stage)
     finally:
         conn.close()
     return Captured(memfile, disk, pause, dtype)
+
+
+def _capture_live(
+    dom: Any, name: str, xml: str, upper: Path, memfile: Path, disk: Path, stage: Path
+) -> float:
+    import libvirt
+
+    target = u_target(xml, upper)
+    # next to U: QEMU (libvirt-qemu) can reach U's directory, not necessarily the staging
+    overlay = upper.with_name(f"{upper.name}.snapshot-overlay")
+    with contextlib.suppress(FileNotFoundError):
+        overlay.unlink()  # a leftover of a take killed before its merge
+    flags = (
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+    )
+    with PauseWatch(name) as watch:
+        try:
+            dom.snapshotCreateXML(_memory_snapshot_xml(xml, memfile, (target, overlay)), flags)
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+            with contextlib.suppress(OSError):
+                overlay.unlink()
+            raise _libvirt_error(exc, f"save the memory of {name}", stage) from exc
+    try:
+        copy_u(upper, disk)  # frozen: the guest writes to the overlay
+    finally:
+        _commit_back(dom, target, overlay, upper)
+    return watch.paused_s
+
+
+def _capture_paused(
+    dom: Any, name: str, xml: str, upper: Path, memfile: Path, disk: Path, stage: Path
+) -> float:
+    import libvirt
+
+    t0 = time.monotonic()
+    try:
+        dom.suspend()
+    except libvirt.libvirtError as exc:
+        raise ToolFailed(f"libvirt could not pause domain {name}: {exc}") from exc
+    try:
+        try:
+            dom.snapshotCreateXML(
+                _memory_snapshot_xml(xml, memfile),
+                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA,
+            )
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, f"save the memory of {name}", stage) from exc
+        copy_u(upper, disk)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+    return time.monotonic() - t0
 
 
 def capture_uml(rec: Running, upper: Path, stage: Path) -> Captured:
