@@ -14,7 +14,9 @@ What is kept and what it costs: a layer made from a tree (:func:`put_tree`: snap
 deltas) or imported from a blob (:func:`import_blob`) keeps its blob beside its image: the
 blob was made (or fetched) anyway to know the layer's digests, it is what a push or a
 deploy sends, and it is small (the zstd of the layer's changed bytes; a snapshot after an
-``apt-get install`` costs a few MiB twice: image and blob). A base generation adopted as a
+``apt-get install`` costs a few MiB twice: image and blob). The blob is extracted for
+``mke2fs -d`` onto a tmpfs when memory allows (:func:`_scratch`), so the tree is never
+written to disk nor removed from it. A base generation adopted as a
 layer (:func:`adopt_image`) costs nothing: its image is a hard link to the generation's
 ``base.img`` and its blob is made the first time :func:`blob_path` asks for it (one read of
 the tree, from the image, checked against the recorded digests; kept from then on; delete it
