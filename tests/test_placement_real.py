@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UNIONIMG, Cli, need, need_programs, need_uml_kernel
-from tests.test_systems import make_vms, tiny_store
+from tests.test_systems import make_vms, show, tiny_store
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
 from vm_fixtures.nethosts import Host, Lab
@@ -93,7 +93,11 @@ def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
 
 
 def cached(host: Host) -> set[str]:
-    rows = json.loads(Cli(host.store).ok("layer", "list", "--json").output)
+    return cached_store(host.store)
+
+
+def cached_store(store: Path) -> set[str]:
+    rows = json.loads(Cli(store).ok("layer", "list", "--json").output)
     return {r["diff_id"] for r in rows}
 
 
@@ -183,3 +187,54 @@ def test_bad_input_one_line(env: Env) -> None:
     assert "h9" in res.output
     res = ctl.fails("plan", "placement", "--from-store", "lab1", code=2)
     assert "--servers" in res.output
+
+
+def test_apply_removes_what_the_new_plan_moved_away(env: Env) -> None:
+    """Disk use follows the plan: applying a placement removes from each host the layers the
+    previous placement kept there and the new one does not — unless a VM of that host uses
+    them (kept, and said why). Here lab1's placement (three VMs) is replaced by lab2's (dns
+    alone): web's and db's own layers leave every host where no instance uses them."""
+    ctl = env.ctl
+    ctl.ok("system", "create", "lab2", "--instance", "dns", "-m", "dns alone")
+    apply = ["apply", "placement", "--registry", env.url, "--json", "--from-store"]
+    first = json.loads(ctl.ok(*apply, "lab1", "--servers", str(env.servers)).output)
+    for name, row in first["hosts"].items():
+        assert set(row["layers"]) <= cached(env.hosts[name]), name
+    servers2 = env.tmp / "servers2.toml"
+    servers2.write_text(SERVERS.replace('runs = ["web", "db"]', "runs = []"))
+    pre = {h: cached(host) for h, host in env.hosts.items()}
+    second = json.loads(ctl.ok(*apply, "lab2", "--servers", str(servers2)).output)
+    freed = 0
+    for name, row in second["hosts"].items():
+        host = env.hosts[name]
+        prev, new = set(first["hosts"][name]["layers"]), set(row["layers"])
+        removed, in_use = set(row["removed"]), set(row["in_use"])
+        assert removed | in_use == (prev - new) & pre[name], name
+        assert not removed & in_use and not removed & new
+        for who in row["in_use"].values():  # kept only for something on that host
+            assert who, name
+        after = cached(host)
+        assert after == (pre[name] - removed) | new, name  # new: what lab2's plan pulled
+        freed += row["bytes_freed"]
+        if removed:
+            assert row["bytes_freed"] > 0
+    assert freed > 0, second["hosts"]
+    # the host's side keeps a layer a VM there uses, and says who: web's own layer in the
+    # controller's store (instance web's chain); a layer it lacks is skipped
+    web = next(v["layer"] for v in show(ctl, "lab1")["vms"] if v["name"] == "web")
+    absent = "sha256:" + "0" * 64
+    kept = json.loads(
+        ctl.ok("apply", "placement", "--here", "--drop", web, "--drop", absent, "--json").output
+    )
+    assert kept["removed"] == [] and kept["bytes_freed"] == 0, kept
+    assert any("instance web" in w for w in kept["in_use"][web]), kept
+    assert web in cached_store(ctl.store)
+    # the host's side refuses a name that is no diff_id, in one line
+    res = Cli(env.hosts["h3"].store).fails("apply", "placement", "--here", "--drop", "../x",
+                                           code=2)  # fmt: skip
+    assert "not a layer's diff_id" in res.output
+    print(
+        "\n  lab1 -> lab2: removed per host "
+        f"{ {h: len(r['removed']) for h, r in second['hosts'].items()} }, in use "
+        f"{ {h: len(r['in_use']) for h, r in second['hosts'].items()} }, {freed} bytes freed"
+    )

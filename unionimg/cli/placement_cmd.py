@@ -278,19 +278,23 @@ def apply_group() -> None:
 @click.option(
     "--from-store",
     "system",
-    required=True,
+    default=None,
     metavar="SYSTEM",
-    help="The system node whose VMs' layers are placed.",
+    help="The system node whose VMs' layers are placed (required).",
 )
 @click.option(
     "--servers",
     "servers_file",
-    required=True,
+    default=None,
     metavar="FILE",
-    help="The servers (hosts of 'host add'), capacities and VMs (TOML).",
+    help="The servers (hosts of 'host add'), capacities and VMs (TOML) (required).",
 )
 @click.option(
-    "--registry", "url", required=True, help="The registry the hosts pull from, http://HOST:PORT."
+    "--registry",
+    "url",
+    default=None,
+    metavar="URL",
+    help="The registry the hosts pull from, http://HOST:PORT (required).",
 )
 @click.option(
     "--method",
@@ -313,23 +317,40 @@ def apply_group() -> None:
     show_default=True,
     help="Seconds the exact solver may take.",
 )
+@click.option("--here", is_flag=True, hidden=True)
+@click.option("--drop", "drops", multiple=True, hidden=True)
 @json_option
 @pass_ctx
 def apply_placement_cmd(
     c: Ctx,
-    system: str,
-    servers_file: str,
-    url: str,
+    system: str | None,
+    servers_file: str | None,
+    url: str | None,
     method: str,
     objective: str,
     time_limit: float,
+    here: bool,
+    drops: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Plan where system SYSTEM's layers are kept on the hosts and copy them there (each host
-    pulls only what it lacks from the registry); the placement is recorded for 'recover'."""
+    pulls only what it lacks from the registry); layers the previous placement kept on a host
+    and this one does not are then removed there, unless a VM of that host uses them. The
+    placement is recorded for 'recover'."""
     # deferred on purpose: the store, hosts and registry side only for this command
     from unionimg.placement import apply as apply_mod
 
+    if here:  # the host's side, run by the controller's 'apply placement' over SSH
+        click.echo(json_text(apply_mod.drop_here(c.store, drops), sort_keys=True))
+        return
+    for value, option in (
+        (system, "--from-store"),
+        (servers_file, "--servers"),
+        (url, "--registry"),
+    ):
+        if value is None:
+            raise UsageError(f"apply placement: give {option} (see --help)")
+    assert system is not None and servers_file is not None and url is not None
     text = _read_text(servers_file, "servers file")
     report = apply_mod.apply(
         c.store,
@@ -350,7 +371,7 @@ def apply_placement_cmd(
         f"recovery transfer {gib(int(str(plan['worst_bytes'])))}"
     )
     for h, d in report.hosts.items():
-        click.echo(f"  {h}: {len(d['layers'])} layer(s) kept, {d['bytes_pulled']} bytes pulled")
+        click.echo(f"  {h}: {_host_line(d)}")
 
 
 @click.command("recover")
@@ -432,4 +453,13 @@ def recover_cmd(
             f"transfer {gib(int(plan['worst_bytes']))}"
         )
         for h, d in res["replan"]["hosts"].items():
-            click.echo(f"  {h}: {len(d['layers'])} layer(s) kept, {d['bytes_pulled']} bytes pulled")
+            click.echo(f"  {h}: {_host_line(d)}")
+
+
+def _host_line(d: dict[str, Any]) -> str:
+    line = f"{len(d['layers'])} layer(s) kept, {d['bytes_pulled']} bytes pulled"
+    if d.get("removed"):
+        line += f", {len(d['removed'])} removed ({d['bytes_freed']} bytes freed)"
+    if d.get("in_use"):
+        line += f", {len(d['in_use'])} no longer planned but in use there (kept)"
+    return line

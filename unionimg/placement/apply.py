@@ -1,5 +1,8 @@
 """Placement made real: ``apply placement`` copies each host's planned layers to it (pushed
-to a registry, pulled by the host over SSH: only what it lacks) and records the placement;
+to a registry, pulled by the host over SSH: only what it lacks), then removes from each host
+the layers the previous placement kept there and this one does not (unless a VM of that host
+uses them: :func:`drop_here`, run there as ``apply placement --here --drop``), and records the
+placement;
 ``recover VM --on HOST`` makes the VM on HOST from the layers already there (its base
 generations made from the cached layers, no ``base create``, a fresh U with the VM's MAC),
 boots it if asked, and plans again without the failed server so that a second failure is
@@ -12,13 +15,14 @@ the host over SSH by the controller).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unionimg import hosts as hosts_mod
-from unionimg.errors import Conflict, NotFound, UsageError
+from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
 from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore, snapshot
 from unionimg.placement import planner
@@ -104,12 +108,27 @@ def apply(
     with Registry(url) as reg:
         for top in dict.fromkeys(t for ts in tops.values() for t in ts):
             hostcache.push_layers(store, reg, top)
+    before = _previous(store)
     for s, host in hosts.items():
         pulled = 0
         for top in tops[s]:
             out = host.run_json(["pull", top, "--registry", url], timeout=APPLY_TIMEOUT)
             pulled += int(out.get("bytes_pulled", 0)) if isinstance(out, dict) else 0
         report.hosts[s] = {"layers": kept[s], "bytes_pulled": pulled}
+    # then what the previous placement kept on a host and this one does not goes (the new
+    # copies are in place first, so rule (a) holds throughout); a layer a VM of that host
+    # uses stays (the host's own references decide)
+    for s, host in hosts.items():
+        gone = _children_first(store, [d for d in before.get(s, ()) if d not in kept[s]])
+        dropped: dict[str, Any] = {"removed": [], "in_use": {}, "bytes_freed": 0}
+        if gone:
+            args = ["apply", "placement", "--here"]
+            for d in gone:
+                args += ["--drop", d]
+            out = host.run_json(args, timeout=APPLY_TIMEOUT, what="removing layers")
+            if isinstance(out, dict):
+                dropped = {k: out.get(k, dropped[k]) for k in dropped}
+        report.hosts[s].update(dropped)
     rec = PlacementApplied(
         system=system,
         registry=url,
@@ -132,6 +151,55 @@ def apply(
     path.parent.mkdir(mode=0o700, exist_ok=True)
     write_record(path, rec)
     return report
+
+
+def _previous(store: Store) -> dict[str, tuple[str, ...]]:
+    """Per host, the layers the placement applied before this one kept there (none when no
+    placement was applied)."""
+    if not record_path(store).exists():
+        return {}
+    return {h.host: h.layers for h in applied(store).hosts}
+
+
+def _children_first(store: Store, diff_ids: Sequence[str]) -> list[str]:
+    """``diff_ids`` ordered so a layer comes before its parent (deepest chains first): a
+    child removed first frees its parent."""
+
+    def depth(d: str) -> int:
+        try:
+            return len(layerstore.chain(store, d))
+        except UnionimgError:
+            return 0
+
+    return sorted(diff_ids, key=lambda d: (-depth(d), d))
+
+
+DIFF_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def drop_here(store: Store, diff_ids: Sequence[str]) -> dict[str, Any]:
+    """On a host: remove layers ``diff_ids`` (in the order given: children first) from this
+    store's layer cache, each unless something here uses it (an instance's chain, a base
+    generation, a child layer still kept, a system node): those are kept and said why. A
+    layer not here is skipped."""
+    removed: list[str] = []
+    in_use: dict[str, list[str]] = {}
+    freed = 0
+    for d in diff_ids:
+        if not DIFF_ID_RE.fullmatch(d):
+            raise UsageError(f"--drop {d!r}: not a layer's diff_id (sha256:<64 hex digits>)")
+    for d in diff_ids:
+        if not layerstore.has(store, d):
+            continue
+        layer = layerstore.get(store, d)
+        try:
+            layerstore.remove(store, layer)
+        except Conflict:
+            in_use[d] = layerstore.references(store).get(d, [])
+            continue
+        removed.append(d)
+        freed += layer.meta.image_size + layer.meta.blob_size
+    return {"removed": removed, "in_use": in_use, "bytes_freed": freed}
 
 
 # -- recovery -------------------------------------------------------------------------------
