@@ -26,10 +26,15 @@ def _stored_as(kind: str, parent: int | None, on_disk: int) -> str:
     return f"a whole image, {human_size(on_disk)} on disk"
 
 
+def _history(g: base_mod.Generation) -> str:
+    node = base_mod.history_node(g)
+    return f"hg {node[:12]}" if node else f"made from layer {g.node[7:19]}, no history here"
+
+
 def _print_generation(g: base_mod.Generation, verb: str) -> None:
     click.echo(
         f"{verb} base {g.base} generation {g.number}: {g.image} "
-        f"({human_size(g.size)}, {g.files} paths, hg {g.node[:12]}; "
+        f"({human_size(g.size)}, {g.files} paths, {_history(g)}; "
         f"{_stored_as(g.kind, g.parent, disk_usage(g.image))})"
     )
 
