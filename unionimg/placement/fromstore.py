@@ -13,7 +13,9 @@ The servers file (TOML)::
 Layers are named by the first 12 hex digits of their diff_id; a layer's size is what a host's
 layer cache keeps of it (its image and its blob). A host keeps a layer with its parents (the
 layer cache holds chains): the cluster has ``whole_chains``; a host holds the chains of the
-VMs it runs (``running_chains``: there for free, counted with its VMs). A VM's ``image`` is
+VMs it runs (``running_chains``: there for free, counted with its VMs). A layer is never
+split (``split_parts = 1``; the servers file may not ask for splits): the cache keeps layers
+whole, so a split plan could not be applied. A VM's ``image`` is
 its U size, ``cpu`` its vCPUs, ``memory`` its memory.
 """
 
@@ -101,6 +103,13 @@ def cluster_from_system(
             }
         )
     settings = dict(doc.get("placement", {}))
+    for key in ("split_parts", "split_min"):
+        if key in settings and not (key == "split_parts" and settings[key] == 1):
+            raise UsageError(
+                f"{source}: [placement] {key}: a host's layer cache keeps layers whole, so a "
+                "plan from the store never splits a layer (docs/placement.md); remove it"
+            )
+    settings["split_parts"] = 1  # never split: 'apply placement' could not realize it
     settings["whole_chains"] = True
     settings["running_chains"] = True
     cluster = parse_doc(
