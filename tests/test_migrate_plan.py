@@ -27,6 +27,8 @@ GOOD = [d("upper"), d("upper/etc"), f("upper/etc/a"), f("upper/etc/b", link="upp
 
 def test_a_good_manifest_and_its_total() -> None:
     assert plan.check_entries(GOOD, 100) == 10  # the hard link counts once
+    acl = (("system.posix_acl_default", "02000000"), ("user.x", ""))
+    assert plan.check_entries([dataclasses.replace(d("var"), xattrs=acl)], 100) == 0
 
 
 @pytest.mark.parametrize(
@@ -59,7 +61,7 @@ def test_a_good_manifest_and_its_total() -> None:
         ([d("upper"), dataclasses.replace(f("upper/x"), mode=0o10000)], "mode"),
         ([d("upper"), dataclasses.replace(f("upper/x"), uid=1 << 32)], "owner"),
         (
-            [d("upper"), dataclasses.replace(f("upper/x"), xattrs=(("system.posix", "00"),))],
+            [d("upper"), dataclasses.replace(f("upper/x"), xattrs=(("system.nfs4_acl", "00"),))],
             "not allowed",
         ),
         ([d("upper"), dataclasses.replace(f("upper/x"), xattrs=(("user.a", "0g"),))], "hex"),

@@ -72,6 +72,7 @@ MAX_NAME = 255
 MAX_ENTRIES = 2_000_000
 MAX_XATTR = 64 << 10
 XATTR_PREFIXES = ("trusted.", "user.", "security.")
+XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")  # POSIX ACLs
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 DIFF_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -142,7 +143,8 @@ def check_entries(entries: Iterable[TreeEntry], max_bytes: int) -> int:
             raise _bad(e.path, "a device number on what is no device")
         size = 0
         for name, value in e.xattrs:
-            if not name.startswith(XATTR_PREFIXES) or len(name) > 255 or "\0" in name:
+            allowed = name.startswith(XATTR_PREFIXES) or name in XATTR_NAMES
+            if not allowed or len(name) > 255 or "\0" in name:
                 raise _bad(e.path, f"xattr {name[:40]!r} not allowed")
             if len(value) % 2 or not re.fullmatch(r"[0-9a-f]*", value):
                 raise _bad(e.path, f"xattr {name[:40]!r}: its value is not hex")
