@@ -232,6 +232,14 @@ def _capture_live(
         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
     )
+    if os.environ.get("UNIONIMG_SNAPSHOT_OVERLAY", "made") == "made":
+        # made before the pause, not by libvirt inside it (its format job would be paused time)
+        run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(upper),
+             str(overlay)],
+            what="making the snapshot overlay",
+        )  # fmt: skip
+        flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
     with PauseWatch(name) as watch:
         try:
             dom.snapshotCreateXML(_memory_snapshot_xml(xml, memfile, (target, overlay)), flags)
