@@ -339,7 +339,10 @@ LOCAL_SEARCH_SECONDS = 5.0  # the local search's time budget (repair or improvem
 def heuristic(c: Cluster) -> Plan:
     """The best of four :func:`heuristic_pass` variants (rule-(a) copies placed first or
     last; chains copied to recovery targets or sent at recovery), by worst-case transfer,
-    then total, then bytes stored; Infeasible only when all four find no plan."""
+    then total, then bytes stored. When none finds a plan, or on a small cluster (parts x
+    servers^2 <= :data:`LOCAL_SEARCH_MAX`) whose best plan still sends bytes,
+    :func:`local_search` repairs or improves it within :data:`LOCAL_SEARCH_SECONDS`;
+    Infeasible only when that too ends with a rule broken."""
     t0 = time.monotonic()
     best: tuple[tuple[int, int, int], Plan] | None = None
     last: Infeasible | None = None
