@@ -13,13 +13,15 @@ c and printing it). A U copied a moment later than the memory would be ahead of 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Cli, need_programs
+from tests.conftest import UNIONIMG, Cli, need_programs
 from tests.test_boot_real import need_guests
 from tests.test_snapshots_real import searchable
 from unionimg.layers.running import read_running
@@ -141,4 +143,28 @@ def test_live_snapshot_memory_and_disk_of_one_instant(cli: Cli) -> None:
     c = first_after_restore(cli, vm)
     print(f"snapshot {snap_id}: U holds {d}, the restored guest prints {c} next")
     assert c - 1 <= d <= c, f"disk {d} and memory (next count {c}) are not of one instant"
+    cli.ok("stop", vm, "--force")
+
+
+def test_take_killed_before_the_merge_next_take_merges(cli: Cli) -> None:
+    """A take killed after the snapshot put the overlay on U (the guest writes there): the
+    next take merges it back first, then snapshots; the guest counts on, on U again."""
+    vm = "killed"
+    boot_counter(cli, vm)
+    wait_count(cli, vm, 3)
+    env = {**os.environ, "UNIONIMG_CRASH_AT": "snapshot-take:overlaid"}
+    done = subprocess.run(
+        [str(UNIONIMG), "--store", str(cli.store), "snapshot", "take", vm],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == -9, done.stderr
+    assert any(d.endswith(".snapshot-overlay") for d in domain_disks(cli, vm))
+    at = wait_count(cli, vm, counts(cli, vm)[-1] + 3)  # it runs on, on the overlay
+    res = json.loads(cli.ok("snapshot", "take", vm, "--json").output)
+    assert res["kind"] == "memory+disk"
+    assert not any("snapshot-overlay" in d for d in domain_disks(cli, vm))
+    assert not list(cli.store.rglob("*.snapshot-overlay"))
+    # what the guest wrote while on the overlay reached U: the snapshot's U is not behind
+    assert disk_value(cli, vm, res["id"]) >= at
+    wait_count(cli, vm, counts(cli, vm)[-1] + 3)
     cli.ok("stop", vm, "--force")

@@ -37,6 +37,7 @@ from typing import Any
 
 from unionimg import poll
 from unionimg.errors import Conflict, StoreFull, ToolFailed
+from unionimg.faults import checkpoint
 from unionimg.fs.space import free_space, full_message
 from unionimg.hypervisors import Running
 from unionimg.runner import run
@@ -92,9 +93,9 @@ def _memory_snapshot_xml(
     return ET.tostring(snap, encoding="unicode")
 
 
-def u_target(domain_xml: str, upper: Path) -> str:
-    """The target device (``vdb``) of the domain's disk whose source is ``upper``."""
-    want = os.path.realpath(upper)
+def _disk_on(domain_xml: str, image: Path) -> str | None:
+    """The target device (``vdb``) of the domain's disk whose source is ``image``."""
+    want = os.path.realpath(image)
     for disk in ET.fromstring(domain_xml).iter("disk"):
         source, target = disk.find("source"), disk.find("target")
         if source is None or target is None or not target.get("dev"):
@@ -102,7 +103,15 @@ def u_target(domain_xml: str, upper: Path) -> str:
         path = source.get("file") or source.get("dev") or ""
         if path and os.path.realpath(path) == want:
             return str(target.get("dev"))
-    raise ToolFailed(f"the domain has no disk on {upper}: cannot snapshot its U image")
+    return None
+
+
+def u_target(domain_xml: str, upper: Path) -> str:
+    """The target device of the domain's U disk; ToolFailed if it has none on ``upper``."""
+    target = _disk_on(domain_xml, upper)
+    if target is None:
+        raise ToolFailed(f"the domain has no disk on {upper}: cannot snapshot its U image")
+    return target
 
 
 class PauseWatch:
@@ -172,9 +181,9 @@ def _commit_back(dom: Any, target: str, overlay: Path, upper: Path) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             dom.blockJobAbort(target, 0)
         raise ToolFailed(
-            f"libvirt could not {what} within {COMMIT_TIMEOUT:.0f} s; the guest runs on the "
-            f"overlay: stop and boot it again after `unionimg snapshot` (the overlay holds its "
-            "latest writes)"
+            f"libvirt could not {what} within {COMMIT_TIMEOUT:.0f} s; the guest still writes "
+            "to the overlay: run `unionimg snapshot take` on the VM again (it merges the "
+            "overlay first) before stopping it"
         )
     with contextlib.suppress(OSError):
         overlay.unlink()
@@ -222,11 +231,15 @@ def _capture_live(
 ) -> float:
     import libvirt
 
-    target = u_target(xml, upper)
     # next to U: QEMU (libvirt-qemu) can reach U's directory, not necessarily the staging
     overlay = upper.with_name(f"{upper.name}.snapshot-overlay")
+    left = _disk_on(xml, overlay)
+    if left is not None:  # a take killed before its merge: the guest still writes there
+        _commit_back(dom, left, overlay, upper)
+        xml = dom.XMLDesc(0)
+    target = u_target(xml, upper)
     with contextlib.suppress(FileNotFoundError):
-        overlay.unlink()  # a leftover of a take killed before its merge
+        overlay.unlink()  # no disk uses it: a leftover file
     flags = (
         libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
@@ -250,6 +263,7 @@ def _capture_live(
             with contextlib.suppress(OSError):
                 overlay.unlink()
             raise _libvirt_error(exc, f"save the memory of {name}", stage) from exc
+    checkpoint("snapshot-take:overlaid")  # a test kills the take here: the next one merges
     try:
         copy_u(upper, disk)  # frozen: the guest writes to the overlay
     finally:
