@@ -360,6 +360,7 @@ def test_disk_fills_during_a_take_of_a_running_guest(
             assert res.output.startswith("unionimg: error: store full"), res.output
             assert json.loads(cli.ok("snapshot", "list", "--json").output) == []
             assert not any((fs / "store" / "tmp").iterdir())
+            assert not list((fs / "store").rglob("*.snapshot-overlay"))  # the live take's
             chunks = fs / "store/snapshots/chunks"
             assert not chunks.is_dir() or not any(chunks.glob("*/*")), point
             filler.unlink()

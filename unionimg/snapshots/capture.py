@@ -247,11 +247,18 @@ def _capture_live(
     )
     if os.environ.get("UNIONIMG_SNAPSHOT_OVERLAY", "made") == "made":
         # made before the pause, not by libvirt inside it (its format job would be paused time)
-        run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(upper),
-             str(overlay)],
-            what="making the snapshot overlay",
-        )  # fmt: skip
+        try:
+            run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(upper),
+                 str(overlay)],
+                what="making the snapshot overlay",
+            )  # fmt: skip
+        except ToolFailed:
+            with contextlib.suppress(OSError):
+                overlay.unlink()
+            if free_space(overlay.parent) < _FULL_BELOW:
+                raise StoreFull(full_message(overlay.parent, 0, f"snapshot {name}")) from None
+            raise
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
     with PauseWatch(name) as watch:
         try:
