@@ -15,8 +15,10 @@ Pairs:
 (c) the way back after a small change: on the host the VM gets ~1 MB new and 20 files
     edited, then goes back to the controller, which kept its contents when it left.
 
-(b) (a Debian 13 receiver for a Debian 12 VM) is not run: a receiver must hold the VM's base
-generation (see docs/migrate.md).
+(b) different OS release: the host holds only a Debian 13 (trixie) base, made with
+    mmdebstrap from the Debian mirror (cached in .cache/bench-migrate/trixie), the VM is
+    built like (a)'s on the Debian 12 fixture: its base layer travels by content, found
+    where the Debian 13 tree holds the same files (``--no-b`` skips it; ``--quick`` too).
 
 Peers, on the same pair, computed here (not sent over the link; rsync's own byte count):
 
@@ -244,6 +246,39 @@ def own_content(mnt: Path, quick: bool, work: Path) -> int:
     return tree_bytes(mnt) - before
 
 
+TRIXIE = REPO / ".cache" / "bench-migrate" / "trixie"
+
+
+def trixie_rootfs() -> Path:
+    """A Debian 13 minbase tree with the fixture's packages (mmdebstrap, cached)."""
+    if (TRIXIE / "etc" / "debian_version").is_file():
+        return TRIXIE
+    partial = TRIXIE.with_name("trixie.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    print("mmdebstrap trixie (a few minutes, once) ...")
+    done = subprocess.run(
+        ["mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
+         "--include=systemd,systemd-sysv,udev,iproute2,kmod,linux-image-amd64",
+         '--aptopt=APT::Install-Recommends "false"',
+         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/info/*",
+         "--dpkgopt=path-exclude=/usr/share/doc/*", "trixie", str(partial),
+         "deb http://deb.debian.org/debian trixie main"],
+        capture_output=True, text=True, timeout=1800, check=False,
+        env={**os.environ, "INITRD": "No", "LC_ALL": "C.UTF-8"},
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"mmdebstrap trixie failed: {done.stderr.strip()[-500:]}")
+    partial.rename(TRIXIE)
+    return TRIXIE
+
+
+def image_of(tree: Path, img: Path) -> Path:
+    with open(img, "wb") as fh:
+        fh.truncate(tree_bytes(tree) * 13 // 10 + (96 << 20))
+    sh("mke2fs", "-F", "-q", "-t", "ext4", "-d", str(tree), str(img))
+    return img
+
+
 def add_host(lab: Lab, ctl: Uimg, name: str, store: Path | None = None) -> Host:
     host = lab.add_host(name)
     if store is not None:
@@ -277,12 +312,47 @@ def report(title: str, row: dict[str, int], secs: float, rate: int) -> None:
     print(f"  unionimg wall time {secs:.1f} s (scan, offer, stream, verify, mke2fs, remove)")
 
 
+def run_b(args: argparse.Namespace, lab: Lab, ctl: Uimg, base: str, size: str, work: Path,
+          rate: int) -> None:  # fmt: skip
+    """(b) a Debian 13 host for a VM on the Debian 12 fixture."""
+    # (b) a Debian 13 host for a VM on the Debian 12 fixture
+    trixie = trixie_rootfs()
+    h4 = add_host(lab, ctl, "h4")
+    h4u = Uimg(h4.store)
+    h4u("base", "create", "trixie", "--from-dir", str(trixie))
+    record_host(ctl, "h4", h4)
+    ctl("instance", "create", "appb", "--base", base, "--hypervisor", "uml",
+        "--mac", "52:54:00:14:0f:03", "--size", size)  # fmt: skip
+    with Mounted(ctl, "appb", work / "mnt", write=True) as mnt:
+        change_base_files(mnt, 0.05, random.Random(15))
+        own_content(mnt, args.quick, work)
+    b_img, b_tree = flatten(ctl, "appb", work, "b-src")
+    r_img = image_of(trixie, work / "b-recv.img")
+    row_b: dict[str, int] = {}
+    h4.limit(args.rate)
+    out = migrate(ctl, "appb", "h4", h4, args.level)
+    h4.limit(None)
+    row_b["unionimg (wire)"] = out["wire"]
+    row_b["unionimg (stream)"] = out["stream_bytes"]
+    print("\n(b) plan:", json.dumps(out["dry"]["plan"]["by_reason"]))
+    print("(b) stages:", json.dumps(out["stages"]))
+    row_b["rsync image"] = rsync_sent(b_img, r_img, work, tree=False)
+    row_b["rsync tree"] = rsync_sent(b_tree, trixie, work, tree=True)
+    row_b["casync --seed"] = casync_needed(b_img, r_img, work)
+    row_b["zstd -3 image"] = zstd_size(b_img, 3)
+    row_b["limit"] = limit(b_tree, [trixie], args.level)
+    report("(b) different release: the host holds a Debian 13 base only", row_b,
+           out["wall"], rate)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="The tiny base, a few MB: seconds.")
     ap.add_argument("--rate", default="50mbit", help="The host links' tc rate.")
     ap.add_argument("--level", type=int, default=9, help="zstd level of stream and limit.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory.")
+    ap.add_argument("--no-b", action="store_true", help="Skip pair (b) (Debian 13 receiver).")
+    ap.add_argument("--only-b", action="store_true", help="Run pair (b) alone.")
     args = ap.parse_args()
     m = re.fullmatch(r"(\d+)mbit", args.rate)
     rate = int(m.group(1)) * 10**6 if m else 50 * 10**6
@@ -320,6 +390,9 @@ def main() -> None:
             own = own_content(mnt, args.quick, work)
         print(f"VM app: {changed} base files changed, {own:,} bytes of its own")
 
+        if args.only_b:
+            run_b(args, lab, ctl, base, size, work, rate)
+            return
         # (a) same OS
         s_img, s_tree = flatten(ctl, "app", work, "a-src")
         r_img, r_tree = flatten(hu, "other", work, "a-recv")
@@ -360,6 +433,9 @@ def main() -> None:
         row_c["zstd -3 image"] = zstd_size(c_img, 3)
         row_c["limit"] = limit(c_tree, [s_tree], args.level)
         report("(c) the way back: ~1 MB new, 20 files edited", row_c, out["wall"], rate)
+
+        if not (args.quick or args.no_b):
+            run_b(args, lab, ctl, base, size, work, rate)
     finally:
         lab.close()
         subprocess.run(["umount", "-R", str(work / "mnt")], capture_output=True, check=False)
