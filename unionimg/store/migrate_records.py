@@ -144,9 +144,7 @@ class LayerTree(Record):
             root = TreeEntry.from_json(f.mapping("root"))
         except RecordError as exc:
             raise RecordError(f"root: {exc}") from None
-        return cls(
-            diff_id=f.text("diff_id"), root=root, entries=f.records("entries", TreeEntry)
-        )
+        return cls(diff_id=f.text("diff_id"), root=root, entries=f.records("entries", TreeEntry))
 
 
 @dataclass(frozen=True, slots=True)
