@@ -12,12 +12,19 @@ are not flattered by compression), printing ``unionimg-guest: load N`` per round
 2. **take and restore time vs memory size** (the paper's Fig. 4/5), per ``--memory`` size:
    the take (and how long the guest was paused), a restore after the guest is pulled, and
    the cold boot of the same VM to its init (the failover the paper times at 48 s). Goal:
-   restore faster than the cold boot.
+   restore faster than the cold boot. Before them, ``--pause-reps`` takes of each way of
+   taking (:data:`TAKE_MODES`: the live take, the live take with libvirt making the overlay,
+   the paused take of before), in turn: the guest's pause of each (``--pause-only`` stops
+   there).
 3. **guest slowdown**: the guest's CPU-bound counter (a shell loop beside the load, so the
-   guest is busy) in iterations per second with no schedule, then with
-   ``snapshot schedule`` at the adaptive default (``--min 30s --max 10m``), and at fixed
-   30 s and 5 min (``--min = --max``), each for ``--slowdown-window`` s. Goal: < 5 % at the
-   default schedule.
+   guest is busy) in windows of ``--slowdown-window`` s, alone and with ``snapshot schedule``
+   running, interleaved (``--reps`` pairs, the order alternating) for the adaptive default
+   (``--min 30s --max 10m``) and fixed 30 s and 5 min (``--min = --max``). Per pair: the
+   wall-clock slowdown (on a shared machine mostly the other tenants' load), the slowdown per
+   second of vCPU time the guest had (host contention cancels out), the share of the window
+   the guest was paused, and ``estimate`` = 1 - (1 - per vCPU s) x (1 - paused share): the
+   slowdown on a host with a core free for the snapshot's own work. Median, min and max of
+   each. Goal: < 5 % at the default schedule.
 
 Run as root (the full run takes tens of minutes on 2 shared cores)::
 
