@@ -36,11 +36,14 @@ Layout (format 2)::
       systems/NAME/           a node of the system tree: system.json (deployed.json on a host)
       hosts/                  the store's SSH key; hosts/NAME/: host.json, known_hosts
       snapshots/              VM snapshots: chunks/AB/HEX, vms/VM/ID.json (docs/snapshots.md)
+      migrate/                a migration receiver's object cache and indexes (docs/migrate.md)
+      placement/applied.json  the placement last applied to hosts (docs/placement.md)
 
 Objects appear only by ``rename(2)`` of a fully built staging directory, so a crash at any
 point leaves either the old state or the new one, never half an object. Each JSON file is a
-typed record of :mod:`unionimg.store.records` (its fields, its name), read and written with
-:func:`read_record` and :func:`write_record` (atomically).
+typed record of :mod:`unionimg.store.records` or a ``*_records`` module beside it (its
+fields, its name), read and written with :func:`read_record` and :func:`write_record`
+(atomically).
 """
 
 from __future__ import annotations
