@@ -273,3 +273,17 @@ def test_receive_checks_every_chunk(cli: Cli, tmp_path: Path) -> None:
     res = other.fails("restore", "v1", code=3)
     assert "which this store does not have" in res.output and rec.chain[-1][:19] in res.output
     assert json.loads(other.ok("instance", "list", "--json").output) == []
+
+
+def test_uml_sync_waits_for_the_write_back() -> None:
+    """'sysrq s' only queues the guest's emergency sync: a UML take waits until the guest's
+    meminfo shows nothing in writeback and (almost) nothing dirty, and refuses a meminfo
+    without those lines (a CI run once copied U before the sync had run)."""
+    from unionimg.errors import ToolFailed
+    from unionimg.snapshots.capture import _written_back
+
+    assert not _written_back("MemFree: 1000 kB\nDirty:  4096 kB\nWriteback:  0 kB\n")
+    assert not _written_back("Dirty:  0 kB\nWriteback:  12 kB\n")
+    assert _written_back("MemTotal: 98304 kB\nDirty:  8 kB\nWriteback:  0 kB\n")
+    with pytest.raises(ToolFailed):
+        _written_back("MemTotal: 98304 kB\n")

@@ -307,6 +307,24 @@ def _capture_paused(
     return time.monotonic() - t0
 
 
+SYNC_TIMEOUT = 30.0  # seconds a UML guest gets to write back its dirty pages
+DIRTY_LEFT_KB = 256  # what a guest still writing may have dirtied again since the sync
+
+
+def _written_back(meminfo: str) -> bool:
+    """The guest's /proc/meminfo (through mconsole) shows nothing in writeback and at most
+    DIRTY_LEFT_KB dirty: the emergency sync has run."""
+    kb: dict[str, int] = {}
+    for line in meminfo.splitlines():
+        key, _, rest = line.partition(":")
+        words = rest.split()
+        if key in ("Dirty", "Writeback") and words and words[0].isdigit():
+            kb[key] = int(words[0])
+    if len(kb) != 2:
+        raise ToolFailed("UML guest's /proc/meminfo has no Dirty/Writeback lines")
+    return kb["Writeback"] == 0 and kb["Dirty"] <= DIRTY_LEFT_KB
+
+
 def capture_uml(rec: Running, upper: Path, stage: Path) -> Captured:
     """Sync the guest's file systems, stop it, copy U, let it go (no memory: UML has none
     to save)."""
@@ -320,6 +338,14 @@ def capture_uml(rec: Running, upper: Path, stage: Path) -> Captured:
     disk = stage / "u.img"
     t0 = time.monotonic()
     uml.mconsole(sock, "sysrq s")
+    # 'sysrq s' only queues the emergency sync, and a stopped guest runs no queued work:
+    # wait until its page cache has written back what was dirty (the guest may go on
+    # dirtying a few pages; a sync that does not finish in time is a failed take)
+    if not poll.until(lambda: _written_back(uml.mconsole(sock, "proc meminfo")), SYNC_TIMEOUT):
+        raise ToolFailed(
+            f"UML guest (pid {rec.pid}) did not write back its dirty pages within "
+            f"{SYNC_TIMEOUT:.0f} s after 'sysrq s'; no snapshot taken"
+        )
     uml.mconsole(sock, "stop")
     try:
         copy_u(upper, disk)
