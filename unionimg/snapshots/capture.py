@@ -19,7 +19,8 @@ passthrough, which taints the domain.
 
 uml: User-Mode Linux cannot save its memory (it has no migration stream, and a UML guest's
 memory is a host file mapped by many host processes): its snapshots hold U only. The guest's
-file systems are synced first (mconsole ``sysrq s``), the guest stopped (mconsole ``stop``:
+file systems are synced first (mconsole ``sysrq s``, then its meminfo polled until the
+write-back is done), the guest stopped (mconsole ``stop``:
 it then serves only the mconsole) while U is copied, and let go (``go``).
 
 A restore (kvm) is ``virDomainRestoreFlags`` of a memory image with the domain XML rendered
