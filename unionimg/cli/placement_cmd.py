@@ -4,6 +4,7 @@ where each layer is kept so a failed server's VMs recover elsewhere with no tran
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ def read_cluster(path: str) -> Cluster:
     return parse_cluster(_read_text(path, "cluster file"), shown(path))
 
 
-def _options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = json_option(f)
+def _solver_options(
+    f: Callable[..., Any], *, method_help: str, objective_help: str
+) -> Callable[..., Any]:
+    """--method, --objective, --time-limit: how a command plans (plan and apply alike)."""
     f = click.option(
         "--time-limit",
         type=click.FloatRange(0.1, 3600.0),
@@ -44,16 +47,25 @@ def _options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Choice(planner.OBJECTIVES),
         default="worst",
         show_default=True,
-        help="Minimize the worst single failure's transfer, or the total over all failures.",
+        help=objective_help,
     )(f)
-    f = click.option(
+    return click.option(
         "--method",
         type=click.Choice(planner.METHODS),
         default="auto",
         show_default=True,
-        help="exact (CP-SAT), heuristic, seed (the paper's filters), conventional "
-        "(balance free space); auto: exact up to a model size.",
+        help=method_help,
     )(f)
+
+
+def _options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = _solver_options(
+        json_option(f),
+        method_help="exact (CP-SAT), heuristic, seed (the paper's filters), conventional "
+        "(balance free space); auto: exact up to a model size.",
+        objective_help="Minimize the worst single failure's transfer, or the total over all "
+        "failures.",
+    )
     f = click.option(
         "--servers",
         "servers_file",
@@ -296,26 +308,10 @@ def apply_group() -> None:
     metavar="URL",
     help="The registry the hosts pull from, http://HOST:PORT (required).",
 )
-@click.option(
-    "--method",
-    type=click.Choice(planner.METHODS),
-    default="auto",
-    show_default=True,
-    help="The planner (as for 'plan placement').",
-)
-@click.option(
-    "--objective",
-    type=click.Choice(planner.OBJECTIVES),
-    default="worst",
-    show_default=True,
-    help="worst or total recovery transfer.",
-)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(0.1, 3600.0),
-    default=30.0,
-    show_default=True,
-    help="Seconds the exact solver may take.",
+@functools.partial(
+    _solver_options,
+    method_help="The planner (as for 'plan placement').",
+    objective_help="worst or total recovery transfer.",
 )
 @click.option("--here", is_flag=True, hidden=True)
 @click.option("--drop", "drops", multiple=True, hidden=True)
