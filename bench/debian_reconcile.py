@@ -343,10 +343,15 @@ def resolve_user_clashes(
             for path in paths:  # group before passwd: passwd follows group's renumbering
                 store.cli("resolve", r.name, path, "--take", USERDB_TAKE[path], ok=(0, 3))
             spent += time.perf_counter() - t0
-        left = json.loads(store.cli("conflicts", r.name, "--json"))
+        # what is still pending: asked of the store only where resolve changed something
+        left = (
+            [str(c["path"]) for c in json.loads(store.cli("conflicts", r.name, "--json"))]
+            if paths
+            else r.conflicts
+        )
         reports[r.name] = {
             "status": "conflicts" if left else "clean",
-            "conflicts": [{"path": c["path"]} for c in left],
+            "conflicts": [{"path": p} for p in left],
             "error": r.error,
         }
     return read_back(store, work, reports, vms), spent / max(touched, 1)
