@@ -88,6 +88,12 @@ def need_programs(*names: str) -> None:
     need(not lacking, f"programs not installed: {', '.join(lacking)}")
 
 
+def need_ssh_hosts(*more: str) -> None:
+    """What namespace hosts with their own sshd (vm_fixtures.nethosts) need, and ``more``."""
+    need_programs("ssh", "ssh-keygen", "nsenter", "ip", *more)
+    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+
+
 def need_root() -> None:
     item = _running[0] if _running else None
     if item is not None and item.get_closest_marker("root") is None:

@@ -28,7 +28,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REQUIRE_REAL, UNIONIMG, Cli, need, need_programs, need_uml_kernel
+from tests.conftest import (
+    REQUIRE_REAL,
+    UNIONIMG,
+    Cli,
+    need,
+    need_ssh_hosts,
+    need_uml_kernel,
+)
 from tests.test_systems import change, make_vms, tiny_store
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
@@ -61,8 +68,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
-    need_programs("docker-registry", "ssh", "ssh-keygen", "nsenter", "ip")
-    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    need_ssh_hosts("docker-registry")
     tmp = tmp_path_factory.mktemp("deploy")
     lab = Lab(tmp / "lab")
     srv = None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, need, need_programs
+from tests.conftest import Cli, need, need_ssh_hosts
 from tests.test_migrate_real import Env, change, hcli, migrate, names, share_base, u_tree
 from unionimg.fs.mounts import unmount_tree
 from vm_fixtures.nethosts import Lab
@@ -42,8 +42,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Deb]:
         or os.environ.get("UNIONIMG_REQUIRE_REAL") == "1",
         "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
     )
-    need_programs("ssh", "ssh-keygen", "nsenter", "ip", "mke2fs", "dpkg-deb")
-    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    need_ssh_hosts("mke2fs", "dpkg-deb")
     from vm_fixtures import build
 
     tmp = tmp_path_factory.mktemp("mdeb")

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, need, need_programs, need_uml_kernel
+from tests.conftest import UNIONIMG, Cli, need_ssh_hosts, need_uml_kernel
 from tests.test_systems import tiny_store
 from unionimg.fs.mounts import unmount_tree
 from vm_fixtures.nethosts import Host, Lab
@@ -67,8 +67,7 @@ def share_base(src: Cli, dst: Cli, base: str) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
-    need_programs("ssh", "ssh-keygen", "nsenter", "ip", "mke2fs")
-    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    need_ssh_hosts("mke2fs")
     tmp = tmp_path_factory.mktemp("migrate")
     lab = Lab(tmp / "lab")
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, need, need_programs
+from tests.conftest import UNIONIMG, Cli, need, need_ssh_hosts
 from tests.test_systems import change
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
@@ -49,8 +49,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
         or os.environ.get("UNIONIMG_REQUIRE_REAL") == "1",
         "the debian fixture takes minutes; set UNIONIMG_TEST_DEBIAN=1",
     )
-    need_programs("docker-registry", "ssh", "ssh-keygen", "nsenter", "ip")
-    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    need_ssh_hosts("docker-registry")
     from vm_fixtures import build
 
     tmp = tmp_path_factory.mktemp("placement-deb")

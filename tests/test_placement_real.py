@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, need, need_programs, need_uml_kernel
+from tests.conftest import UNIONIMG, Cli, need_ssh_hosts, need_uml_kernel
 from tests.test_systems import make_vms, show, tiny_store
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
@@ -52,8 +52,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
-    need_programs("docker-registry", "ssh", "ssh-keygen", "nsenter", "ip")
-    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    need_ssh_hosts("docker-registry")
     tmp = tmp_path_factory.mktemp("placement")
     lab = Lab(tmp / "lab")
     srv = None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, need, need_programs
+from tests.conftest import UNIONIMG, Cli, need_ssh_hosts
 from tests.test_boot_real import need_guests
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
@@ -72,8 +72,7 @@ def record_host(store: Cli, name: str, host: Host) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
     need_guests()
-    need_programs("ssh", "ssh-keygen", "nsenter", "ip", "docker-registry")
-    need(Path("/usr/sbin/sshd").exists(), "openssh-server (sshd) not installed")
+    need_ssh_hosts("docker-registry")
     from vm_fixtures import build
 
     tmp = tmp_path_factory.mktemp("snapreal")
