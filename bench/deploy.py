@@ -29,7 +29,6 @@ Run as root (minutes; the Debian fixture is built once and cached)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -37,17 +36,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import UNIONIMG, Uimg, sh  # noqa: E402
 from unionimg.layers.layer import write_blob  # noqa: E402
 from unionimg.registry import server  # noqa: E402
 from vm_fixtures import build  # noqa: E402
 from vm_fixtures.nethosts import Lab  # noqa: E402
 
-UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
 APT_CACHE = Path("/var/cache/apt/archives")
 
 ROLES: list[tuple[str, list[str]]] = [
@@ -62,24 +60,6 @@ ROLES: list[tuple[str, list[str]]] = [
     ("desk3", ["fonts-liberation", "fortunes"]),
     ("desk4", ["fonts-liberation", "gawk"]),
 ]
-
-
-def sh(*args: str, timeout: float = 1800) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:6])} failed: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
-class Uimg:
-    def __init__(self, store: Path) -> None:
-        self.store = store
-
-    def __call__(self, *args: str) -> str:
-        return sh(str(UNIONIMG), "--store", str(self.store), *args)
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "--json"))
 
 
 def deb_for(package: str, downloads: Path) -> Path | None:

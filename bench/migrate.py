@@ -59,35 +59,15 @@ import zstandard
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import UNIONIMG, Uimg, sh  # noqa: E402
 from bench.deploy import deb_for  # noqa: E402
 from vm_fixtures import build  # noqa: E402
 from vm_fixtures.nethosts import Host, Lab  # noqa: E402
 
-UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
 PACKAGES = ["bind9", "dns-root-data", "exim4-daemon-light", "dovecot-core", "squid",
             "apache2-utils", "gawk", "fortunes", "samba"]  # fmt: skip
 OWN_BYTES = 30 << 20
 BLOCK = 4096
-
-
-def sh(*args: str, timeout: float = 3600, cwd: Path | None = None) -> str:
-    done = subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:6])} failed: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
-class Uimg:
-    def __init__(self, store: Path) -> None:
-        self.store = store
-
-    def __call__(self, *args: str) -> str:
-        return sh(str(UNIONIMG), "--store", str(self.store), *args)
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "--json"))
 
 
 class Mounted:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
@@ -52,9 +51,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import UNIONIMG, Uimg  # noqa: E402
 from vm_fixtures import build  # noqa: E402
 
-UNIONIMG = REPO / ".venv" / "bin" / "unionimg"
 LOAD = re.compile(r"unionimg-guest: load (\d+)")
 SPIN = re.compile(r"unionimg-guest: spin (\d+)")
 
@@ -85,27 +84,6 @@ while :; do
   [ "$(date +%s)" -gt "$start" ] || sleep 1
 done
 """
-
-
-def sh(*args: str, timeout: float = 1800, env: dict[str, str] | None = None) -> str:
-    full_env = {**os.environ, **env} if env else None
-    done = subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, check=False, env=full_env
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:6])} failed: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
-class Uimg:
-    def __init__(self, store: Path) -> None:
-        self.store = store
-
-    def __call__(self, *args: str, timeout: float = 1800, env: dict[str, str] | None = None) -> str:
-        return sh(str(UNIONIMG), "--store", str(self.store), *args, timeout=timeout, env=env)
-
-    def json(self, *args: str, env: dict[str, str] | None = None) -> Any:
-        return json.loads(self(*args, "--json", env=env))
 
 
 def rounds(u: Uimg, vm: str) -> list[int]:
