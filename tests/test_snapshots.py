@@ -275,15 +275,62 @@ def test_receive_checks_every_chunk(cli: Cli, tmp_path: Path) -> None:
     assert json.loads(other.ok("instance", "list", "--json").output) == []
 
 
-def test_uml_sync_waits_for_the_write_back() -> None:
-    """'sysrq s' only queues the guest's emergency sync: a UML take waits until the guest's
-    meminfo shows nothing in writeback and (almost) nothing dirty, and refuses a meminfo
-    without those lines (a CI run once copied U before the sync had run)."""
-    from unionimg.errors import ToolFailed
-    from unionimg.snapshots.capture import _written_back
+DISKSTATS = (
+    "  98       0 ubda 48 18 3978 49 0 0 0 0 0 50 49 0 0 0 0 0 0\n"
+    "  98      16 ubdb 20 0 178 1 {w} 77 4072 68 {q} 60 71 0 0 0 0 {f} 1\n"
+)
 
-    assert not _written_back("MemFree: 1000 kB\nDirty:  4096 kB\nWriteback:  0 kB\n")
-    assert not _written_back("Dirty:  0 kB\nWriteback:  12 kB\n")
-    assert _written_back("MemTotal: 98304 kB\nDirty:  8 kB\nWriteback:  0 kB\n")
+
+def test_uml_sync_reads_u_disk_counters() -> None:
+    """U's line of the guest's /proc/diskstats: writes, in flight, flushes; a kernel without
+    the flush fields, or no U line, fails the take instead of guessing."""
+    from unionimg.errors import ToolFailed
+    from unionimg.snapshots.capture import DiskCounters, disk_counters
+
+    assert disk_counters(DISKSTATS.format(w=432, q=1, f=33)) == DiskCounters(432, 1, 33)
     with pytest.raises(ToolFailed):
-        _written_back("MemTotal: 98304 kB\n")
+        disk_counters("  98 16 ubdb 20 0 178 1 432 77 4072 68 0 60 71\n")
+    with pytest.raises(ToolFailed):
+        disk_counters(DISKSTATS.format(w=1, q=0, f=1).replace("ubdb", "ubdc"))
+
+
+def test_uml_sync_waits_for_the_journal_commit() -> None:
+    """'sysrq s' starts ext4's journal commit without waiting for it (a CI run once copied U
+    before the commit landed): after the guest says its sync is complete, U's disk must show
+    nothing in flight and no new cache flush (a commit's) for a while (several answers), or —
+    on a guest that never stops committing — four completed flushes (two commits)."""
+    from unionimg.snapshots.capture import QUIET_S, DiskCounters, Settle
+
+    s = Settle(DiskCounters(10, 0, 5), 0.0)
+    assert not s.settled(DiskCounters(10, 1, 5), 0.01)  # the commit in flight
+    assert not s.settled(DiskCounters(12, 0, 6), 0.05)  # it landed: quiet starts here
+    for i in range(1, 4):  # data writes go on (a file rewritten): still quiet
+        assert not s.settled(DiskCounters(12 + i, 0, 6), 0.05 + i * 0.05)
+    assert s.settled(DiskCounters(16, 0, 6), 0.05 + QUIET_S)
+    # quiet for long enough but with too few answers from the guest: not yet
+    s = Settle(DiskCounters(10, 0, 5), 0.0)
+    assert not s.settled(DiskCounters(10, 0, 5), 10.0)
+    # a busy guest: never quiet, but four flushes completed since the sync
+    s = Settle(DiskCounters(10, 0, 5), 0.0)
+    for i, f in enumerate([6, 7, 8]):
+        assert not s.settled(DiskCounters(10, 0, f), 0.01 * i)
+    assert s.settled(DiskCounters(10, 0, 9), 0.05)
+    assert not s.settled(DiskCounters(10, 2, 10), 0.06)  # but never with I/O in flight
+
+
+def test_uml_sync_watches_only_new_console_bytes(tmp_path: Path) -> None:
+    """The kernel's "Emergency Sync complete" counts only when printed after the take began,
+    also when it straddles two reads."""
+    from unionimg.snapshots.capture import SYNC_DONE, ConsoleWatch
+
+    log = tmp_path / "console.log"
+    log.write_bytes(b"boot\n" + SYNC_DONE + b"\n")  # an earlier take's
+    w = ConsoleWatch(log, SYNC_DONE)
+    assert not w.said()
+    with log.open("ab") as f:
+        f.write(b"sysrq: Emergency Sync\nEmergency Sync ")
+    assert not w.said()
+    with log.open("ab") as f:
+        f.write(b"complete\n")
+    assert w.said()
+    assert not ConsoleWatch(tmp_path / "none.log", SYNC_DONE).said()

@@ -19,8 +19,9 @@ passthrough, which taints the domain.
 
 uml: User-Mode Linux cannot save its memory (it has no migration stream, and a UML guest's
 memory is a host file mapped by many host processes): its snapshots hold U only. The guest's
-file systems are synced first (mconsole ``sysrq s``, then its meminfo polled until the
-write-back is done), the guest stopped (mconsole ``stop``:
+file systems are synced first (mconsole ``sysrq s``; then the guest kernel's "Emergency Sync
+complete" awaited on its console, and U's disk in its /proc/diskstats until the journal commit
+the sync started has landed: see :class:`Settle`), the guest stopped (mconsole ``stop``:
 it then serves only the mconsole) while U is copied, and let go (``go``).
 
 A restore (kvm) is ``virDomainRestoreFlags`` of a memory image with the domain XML rendered
@@ -308,22 +309,117 @@ def _capture_paused(
     return time.monotonic() - t0
 
 
-SYNC_TIMEOUT = 30.0  # seconds a UML guest gets to write back its dirty pages
-DIRTY_LEFT_KB = 256  # what a guest still writing may have dirtied again since the sync
+SYNC_TIMEOUT = 30.0  # seconds a UML guest gets to finish its sync and its journal commit
+#: U is the guest's second ubd disk (``ubd1``): its name in the guest's /proc/diskstats
+U_DISK = "ubdb"
+#: what the guest kernel prints when the work queued by 'sysrq s' has run
+SYNC_DONE = b"Emergency Sync complete"
+#: U's disk is settled after this long (and this many answers) with nothing in flight and
+#: its cache-flush count unchanged (data writes go on: a guest rewriting a file writes
+#: every time, but only a journal commit flushes) ...
+QUIET_S = 0.3
+QUIET_SAMPLES = 4
+#: ... or, on a guest whose commits never pause, once this many cache flushes completed
+#: after the sync did: each commit flushes twice (before its commit block and, the ubd
+#: disk having no FUA, after it), so the commit in flight and the one the sync asked for
+#: have both landed
+BUSY_FLUSHES = 4
 
 
-def _written_back(meminfo: str) -> bool:
-    """The guest's /proc/meminfo (through mconsole) shows nothing in writeback and at most
-    DIRTY_LEFT_KB dirty: the emergency sync has run."""
-    kb: dict[str, int] = {}
-    for line in meminfo.splitlines():
-        key, _, rest = line.partition(":")
-        words = rest.split()
-        if key in ("Dirty", "Writeback") and words and words[0].isdigit():
-            kb[key] = int(words[0])
-    if len(kb) != 2:
-        raise ToolFailed("UML guest's /proc/meminfo has no Dirty/Writeback lines")
-    return kb["Writeback"] == 0 and kb["Dirty"] <= DIRTY_LEFT_KB
+@dataclass(frozen=True)
+class DiskCounters:
+    """One line of the guest's /proc/diskstats: writes completed, I/Os in flight, cache
+    flushes completed."""
+
+    writes: int
+    in_flight: int
+    flushes: int
+
+
+def disk_counters(diskstats: str, disk: str = U_DISK) -> DiskCounters:
+    """The counters of ``disk`` in a /proc/diskstats text (kernel >= 5.5 has the flush
+    fields); a text without them is a failed take, not a guess."""
+    for line in diskstats.splitlines():
+        f = line.split()
+        if len(f) >= 3 and f[2] == disk:
+            if len(f) < 20 or not all(x.isdigit() for x in f[3:20]):
+                break
+            return DiskCounters(int(f[7]), int(f[11]), int(f[18]))
+    raise ToolFailed(f"the UML guest's /proc/diskstats has no full line for {disk}")
+
+
+class Settle:
+    """Decides from U's disk counters, sampled after the guest's sync completed, when the
+    journal commit the sync started has landed. 'sysrq s' runs ``sync_fs`` without waiting
+    (ext4 starts its journal commit and returns), so "Emergency Sync complete" can precede
+    the commit block by a few milliseconds (the one CI failure of this take copied U then).
+    Pure: the caller feeds samples and the monotonic time."""
+
+    def __init__(self, first: DiskCounters, now: float) -> None:
+        self.first = first
+        self.last = first
+        self.since = now
+        self.samples = 0
+
+    def settled(self, c: DiskCounters, now: float) -> bool:
+        if c.in_flight or c.flushes != self.last.flushes:
+            self.since, self.samples = now, 0
+        self.last = c
+        self.samples += 1
+        if c.in_flight:
+            return False
+        quiet = now - self.since >= QUIET_S and self.samples >= QUIET_SAMPLES
+        return quiet or c.flushes - self.first.flushes >= BUSY_FLUSHES
+
+
+class ConsoleWatch:
+    """Finds a line the guest kernel prints in its console log after a point (only the new
+    bytes are read, each once; the log is the guest's: only a fixed marker is looked for)."""
+
+    def __init__(self, log: Path, marker: bytes) -> None:
+        self.log = log
+        self.marker = marker
+        self.pos = log.stat().st_size if log.exists() else 0
+        self.tail = b""
+
+    def said(self) -> bool:
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self.pos)
+                while chunk := f.read(1 << 16):
+                    self.pos += len(chunk)
+                    seen = self.tail + chunk
+                    if self.marker in seen:
+                        return True
+                    self.tail = seen[-(len(self.marker) - 1) :]
+        except FileNotFoundError:
+            pass
+        return False
+
+
+def sync_uml(sock: Path, console: Path, pid: int) -> None:
+    """The guest's file systems synced and U's journal committed: 'sysrq s', then its
+    kernel's "Emergency Sync complete" on the console (data written back, commits started),
+    then U's disk settled (:class:`Settle`). Either not seen in time is a failed take."""
+    from unionimg.hypervisors import uml
+
+    watch = ConsoleWatch(console, SYNC_DONE)
+    uml.mconsole(sock, "sysrq s")
+    if not poll.until(watch.said, SYNC_TIMEOUT, interval=0.05):
+        raise ToolFailed(
+            f"UML guest (pid {pid}) did not report its emergency sync complete within "
+            f"{SYNC_TIMEOUT:.0f} s after 'sysrq s' (a guest kernel log level below 5 hides "
+            "it: 'dmesg -n 7' in the guest); no snapshot taken"
+        )
+    deadline = poll.Deadline(SYNC_TIMEOUT)
+    settle = Settle(disk_counters(uml.mconsole(sock, "proc diskstats")), time.monotonic())
+    while not settle.settled(disk_counters(uml.mconsole(sock, "proc diskstats")), time.monotonic()):
+        if deadline.passed():
+            raise ToolFailed(
+                f"UML guest (pid {pid}): its U disk ({U_DISK}) did not settle within "
+                f"{SYNC_TIMEOUT:.0f} s after its sync; no snapshot taken"
+            )
+        time.sleep(0.05)
 
 
 def capture_uml(rec: Running, upper: Path, stage: Path) -> Captured:
@@ -337,16 +433,8 @@ def capture_uml(rec: Running, upper: Path, stage: Path) -> Captured:
     if sock is None:
         raise ToolFailed(f"UML pid {rec.pid} has no mconsole; cannot sync its file systems")
     disk = stage / "u.img"
+    sync_uml(sock, Path(rec.console), rec.pid)  # the guest runs on meanwhile
     t0 = time.monotonic()
-    uml.mconsole(sock, "sysrq s")
-    # 'sysrq s' only queues the emergency sync, and a stopped guest runs no queued work:
-    # wait until its page cache has written back what was dirty (the guest may go on
-    # dirtying a few pages; a sync that does not finish in time is a failed take)
-    if not poll.until(lambda: _written_back(uml.mconsole(sock, "proc meminfo")), SYNC_TIMEOUT):
-        raise ToolFailed(
-            f"UML guest (pid {rec.pid}) did not write back its dirty pages within "
-            f"{SYNC_TIMEOUT:.0f} s after 'sysrq s'; no snapshot taken"
-        )
     uml.mconsole(sock, "stop")
     try:
         copy_u(upper, disk)
