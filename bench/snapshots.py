@@ -25,12 +25,21 @@ are not flattered by compression), printing ``unionimg-guest: load N`` per round
    the guest was paused, and ``estimate`` = 1 - (1 - per vCPU s) x (1 - paused share): the
    slowdown on a host with a core free for the snapshot's own work. Median, min and max of
    each. Goal: < 5 % at the default schedule.
+4. **per-take cost** (``--take-pairs``, before 3): pairs of ``--take-window`` s windows, one
+   beginning with a ``snapshot take``, one without (the order alternating): a window with
+   its take *is* a fixed schedule of that interval (30 s by default: the densest the
+   default schedule ever takes), so its slowdown is measured directly, with many short pairs
+   rather than a few long windows, so that the machine's noise averages out (its spread is
+   printed). The lost counter seconds per take then give fixed 5 min and the adaptive default
+   at the interval its policy sets for the measured load. ``--no-schedules`` skips 3.
 
 Run as root (the full run takes tens of minutes on 2 shared cores)::
 
     .venv/bin/python bench/snapshots.py            # 256 MiB and 1 GiB guests
     .venv/bin/python bench/snapshots.py --quick    # one 128 MiB guest, short windows, the
                                                    # schedules scaled to 5 s / 60 s (~6 min)
+    .venv/bin/python bench/snapshots.py --no-schedules   # 256 MiB and 1 GiB, per-take
+                                                         # cost only (~35 min)
 """
 
 from __future__ import annotations
@@ -226,6 +235,65 @@ def slowdown(u: Uimg, vm: str, lo: str, hi: str, window: float, reps: int) -> di
     return {"pairs": rows, **{k: spread(k) for k in ("wall", "per_vcpu_s", "estimate")}}
 
 
+def per_take(u: Uimg, vm: str, window: float, pairs: int) -> dict[str, Any]:
+    """The cost of one snapshot to the guest, in seconds of its counter's progress: pairs of
+    ``window``-s windows, one beginning with a ``snapshot take`` (the schedule's take), one
+    without (the order alternating). A window with its take is exactly a fixed schedule of
+    interval ``window``, so its slowdown is measured directly; a schedule of interval I
+    costs the guest ``cost / I`` (cost = the lost counter seconds), which gives the adaptive
+    default at the interval its policy sets for the load measured here, and fixed 5 min.
+    Many short pairs, not a few long windows: the other tenants' noise averages out."""
+    from unionimg.snapshots import policy
+
+    rows: list[dict[str, float]] = []
+    loads: list[float] = []
+    alone: list[float] = []  # the counter's rate in the windows without a take: the noise
+    for i in range(pairs):
+        got: dict[str, tuple[float, float]] = {}
+        pause = 0.0
+        for what in ("alone", "take") if i % 2 == 0 else ("take", "alone"):
+            a, c0, t0 = spins(u, vm), vcpu_seconds(u, vm), time.monotonic()
+            if what == "take":
+                pause = float(u.json("snapshot", "take", vm, "--keep", "2")["pause_s"])
+            time.sleep(max(0.0, window - (time.monotonic() - t0)))
+            b, c1, t1 = spins(u, vm), vcpu_seconds(u, vm), time.monotonic()
+            got[what] = ((b - a) / (t1 - t0), (b - a) / max(c1 - c0, 1e-9))
+            if what == "alone":
+                loads.append(policy.load(c1 - c0, t1 - t0, 1))
+                alone.append(got[what][0])
+        (wa, ca), (wt, ct) = got["alone"], got["take"]
+        rows.append({
+            "wall": round(1 - wt / wa, 4), "per_vcpu_s": round(1 - ct / ca, 4),
+            "pause_s": round(pause, 3),
+        })  # fmt: skip
+    wall = statistics.median(r["wall"] for r in rows)
+    per_cpu = statistics.median(r["per_vcpu_s"] for r in rows)
+    cost_s = max(wall, 0.0) * window  # counter seconds one take costs (wall clock)
+    load_now = statistics.median(loads)
+    adaptive = policy.interval(load_now, 30.0, 600.0)  # the default --min 30s --max 10m
+    return {
+        "window_s": window,
+        "pairs": rows,
+        "wall": {
+            "median": round(wall, 4),
+            "min": min(r["wall"] for r in rows),
+            "max": max(r["wall"] for r in rows),
+        },
+        "per_vcpu_s_median": round(per_cpu, 4),
+        "noise: spread of the windows without a take (stdev / mean)": round(
+            statistics.pstdev(alone) / statistics.mean(alone), 4
+        ),
+        "cost_per_take_s": round(cost_s, 3),
+        "guest_load": round(load_now, 3),
+        "slowdown fixed 30s (direct when window = 30)": round(cost_s / 30.0, 4),
+        "slowdown fixed 5m": round(cost_s / 300.0, 4),
+        f"slowdown default adaptive (interval {adaptive:.0f} s at this load)": round(
+            cost_s / adaptive, 4
+        ),
+        "slowdown default adaptive, worst case (an idle guest: 30 s)": round(cost_s / 30.0, 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one small guest, short windows")
@@ -239,6 +307,23 @@ def main() -> None:
     ap.add_argument("--pause-reps", type=int, default=3, help="takes per mode, live/paused")
     ap.add_argument("--pause-only", action="store_true", help="only live vs paused takes")
     ap.add_argument("--keep", action="store_true", help="keep the store (printed)")
+    ap.add_argument(
+        "--take-pairs",
+        type=int,
+        default=None,
+        help="pairs of windows with and without one take (per-take cost)",
+    )
+    ap.add_argument(
+        "--take-window",
+        type=float,
+        default=30.0,
+        help="seconds per window of the per-take pairs (30: fixed 30 s)",
+    )
+    ap.add_argument(
+        "--no-schedules",
+        action="store_true",
+        help="skip the long windows with 'snapshot schedule' running",
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the guest on a kill
     sizes = args.memory or ([128] if args.quick else [256, 1024])
@@ -246,6 +331,7 @@ def main() -> None:
     window = args.window or (10.0 if args.quick else 30.0)
     slow_window = args.slowdown_window or (30.0 if args.quick else 600.0)
     reps = args.reps or (2 if args.quick else 3)
+    take_pairs = args.take_pairs or (4 if args.quick else 12)
     schedules = (
         [("adaptive 5s-60s", "5s", "60s"), ("fixed 5s", "5s", "5s"), ("fixed 60s", "60s", "60s")]
         if args.quick
@@ -298,7 +384,9 @@ def main() -> None:
             row["restore_to_load_s"] = round(time.monotonic() - t0, 2)
             # slowdown of the guest's counter under each schedule: interleaved windows alone
             # and with the schedule (the machine may be shared), their spread reported
-            for label, lo, hi in schedules:
+            row["per take"] = per_take(u, vm, args.take_window, take_pairs)
+            print(json.dumps({str(mem): {"per take": row["per take"]}}, indent=2), flush=True)
+            for label, lo, hi in [] if args.no_schedules else schedules:
                 row[f"slowdown {label}"] = slowdown(u, vm, lo, hi, slow_window, reps)
             u("stop", vm, "--force")
             results["sizes"][str(mem)] = row
