@@ -295,17 +295,19 @@ def test_closed_stdout_exits_141(tmp_path: Path) -> None:
 
 def test_boot_wait_that_runs_out_exits_1(guests: Cli, tmp_path: Path) -> None:
     """boot/switch --wait whose --timeout runs out while the guest runs on: EXIT_STILL_RUNNING
-    (1, as before the table), the guest left running."""
+    (1, as before the table), the guest left running. The guest must reach its init within
+    the timeout (else it is exit 9): 15 s, not 3, for a loaded machine (the test run beside a
+    benchmark once took longer than 3 s)."""
     cli, vm = guests, "lingers"
     cli.ok("instance", "create", vm, "--base", "tiny", "--hypervisor", "uml", "--memory", "256")
     try:
         add_hook(cli, vm, tmp_path, "sleep 600")
-        res = cli("boot", vm, "--wait", "--timeout", "3")
+        res = cli("boot", vm, "--wait", "--timeout", "15")
         assert res.exit_code == EXIT_STILL_RUNNING == 1, res.output
-        assert res.stderr.splitlines()[-1] == f"unionimg: error: {vm} still runs after 3 s"
+        assert res.stderr.splitlines()[-1] == f"unionimg: error: {vm} still runs after 15 s"
         assert f"{vm} still runs after " in res.stdout
         cli.ok("stop", vm, "--force")
-        res = cli("switch", vm, "--to", "uml", "--boot", "--wait", "--timeout", "3")
+        res = cli("switch", vm, "--to", "uml", "--boot", "--wait", "--timeout", "15")
         assert res.exit_code == EXIT_STILL_RUNNING, res.output
         assert f"switched {vm} from uml to uml" in res.stdout
     finally:
