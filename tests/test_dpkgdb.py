@@ -17,7 +17,6 @@ import os
 import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -420,7 +419,7 @@ def test_apply_writes_a_live_conflict_and_commits_it(tmp_path: Path) -> None:
 
     rec = ConflictRecord(STATUS, "x", 3, "/d", ("local", "proposal"), 6, live=True)
     assert ConflictRecord.from_json(rec.to_json()) == rec and rec.to_json()["live"] is True
-    assert "live" not in replace(rec, live=False).to_json()  # older records unchanged
+    assert "live" not in rec.replace(live=False).to_json()  # older records unchanged
 
 
 def test_info_list_line_set_merge_when_neither_changed_the_package() -> None:

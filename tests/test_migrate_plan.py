@@ -3,8 +3,6 @@ before it makes anything, the chain rules, ``--bandwidth`` and the summary of wh
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from unionimg.errors import UsageError
@@ -28,7 +26,7 @@ GOOD = [d("upper"), d("upper/etc"), f("upper/etc/a"), f("upper/etc/b", link="upp
 def test_a_good_manifest_and_its_total() -> None:
     assert plan.check_entries(GOOD, 100) == 10  # the hard link counts once
     acl = (("system.posix_acl_default", "02000000"), ("user.x", ""))
-    assert plan.check_entries([dataclasses.replace(d("var"), xattrs=acl)], 100) == 0
+    assert plan.check_entries([d("var").replace(xattrs=acl)], 100) == 0
 
 
 @pytest.mark.parametrize(
@@ -58,14 +56,14 @@ def test_a_good_manifest_and_its_total() -> None:
         ([d("upper"), TreeEntry("upper/c", "chr", 0o600, 0, 0, 1)], "device number"),
         ([d("upper"), TreeEntry("upper/s", "symlink", 0o777, 0, 0, 1)], "target"),
         ([d("upper"), TreeEntry("upper/q", "door", 0o600, 0, 0, 1)], "unknown kind"),
-        ([d("upper"), dataclasses.replace(f("upper/x"), mode=0o10000)], "mode"),
-        ([d("upper"), dataclasses.replace(f("upper/x"), uid=1 << 32)], "owner"),
+        ([d("upper"), f("upper/x").replace(mode=0o10000)], "mode"),
+        ([d("upper"), f("upper/x").replace(uid=1 << 32)], "owner"),
         (
-            [d("upper"), dataclasses.replace(f("upper/x"), xattrs=(("system.nfs4_acl", "00"),))],
+            [d("upper"), f("upper/x").replace(xattrs=(("system.nfs4_acl", "00"),))],
             "not allowed",
         ),
-        ([d("upper"), dataclasses.replace(f("upper/x"), xattrs=(("user.a", "0g"),))], "hex"),
-        ([d("upper"), dataclasses.replace(d("upper/d"), size=5)], "size"),
+        ([d("upper"), f("upper/x").replace(xattrs=(("user.a", "0g"),))], "hex"),
+        ([d("upper"), d("upper/d").replace(size=5)], "size"),
     ],
 )
 def test_refused_manifests(entries: list[TreeEntry], why: str) -> None:
@@ -79,9 +77,9 @@ def test_chains() -> None:
     snap = ChainLayer("sha256:" + "22" * 32, "snapshot", base.diff_id, 10)
     assert plan.check_chain([snap, base]) == [snap, base]
     with pytest.raises(plan.Refused, match="does not lie"):
-        plan.check_chain([dataclasses.replace(snap, parent=None), base])
+        plan.check_chain([snap.replace(parent=None), base])
     with pytest.raises(plan.Refused, match="no diff_id"):
-        plan.check_chain([dataclasses.replace(base, diff_id="sha256:zz")])
+        plan.check_chain([base.replace(diff_id="sha256:zz")])
     with pytest.raises(plan.Refused, match="empty"):
         plan.check_chain([])
 

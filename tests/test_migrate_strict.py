@@ -11,7 +11,6 @@ change's doing).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -125,7 +124,7 @@ def nothing_made(host: Cli) -> None:
 
 
 def with_entries(offer: MigrateOffer, extra: list[TreeEntry]) -> MigrateOffer:
-    return dataclasses.replace(offer, entries=(*offer.entries, *extra))
+    return offer.replace(entries=(*offer.entries, *extra))
 
 
 def first_file(offer: MigrateOffer) -> TreeEntry:
@@ -142,15 +141,15 @@ def test_paths_outside_the_tree(setup: Setup) -> None:
         ("upper//x", "empty"),
         ("passwd", "not part of a U image"),
     ]:
-        bad = with_entries(o, [dataclasses.replace(f, path=path)])
+        bad = with_entries(o, [f.replace(path=path)])
         refused(setup, frames(bad, None, d), 8, why)
     # through a symlink: upper/evil -> /tmp, then a file below it
     link = TreeEntry("upper/evil", "symlink", 0o777, 0, 0, 1, target="/tmp")
-    below = dataclasses.replace(f, path="upper/evil/planted")
+    below = f.replace(path="upper/evil/planted")
     refused(setup, frames(with_entries(o, [link, below]), None, d), 8, "parent is not a directory")
     # a path named twice, a hard link to nothing
     refused(setup, frames(with_entries(o, [f]), None, d), 8, "named twice")
-    ghost = dataclasses.replace(f, path="upper/ghost", link="upper/nothing")
+    ghost = f.replace(path="upper/ghost", link="upper/nothing")
     refused(setup, frames(with_entries(o, [ghost]), None, d), 8, "hard link")
 
 
@@ -159,7 +158,7 @@ def test_sizes_and_hashes(setup: Setup) -> None:
     f = first_file(o)
     assert f.sha256 is not None
     # a file larger than the VM's U
-    big = dataclasses.replace(f, path="upper/big", size=o.instance.size + 1, sha256="0" * 64)
+    big = f.replace(path="upper/big", size=o.instance.size + 1, sha256="0" * 64)
     refused(setup, frames(with_entries(o, [big]), None, d), 8, "out of range")
     # the right size, other bytes: the content is not kept
     objs = [(s, p) for s, p in ((s, d[s]) for s in d) if s != f.sha256]
@@ -213,7 +212,7 @@ def test_deltas_are_checked(setup: Setup) -> None:
 
     good = delta.encode(busybox, fresh, 3) or b""
     refused(setup, with_delta(o, bb_sha, good), 8, "not in the offer")  # base not named
-    named = dataclasses.replace(o, bases=(bb_sha,))
+    named = o.replace(bases=(bb_sha,))
     liar = zstandard.ZstdCompressor(dict_data=delta._dict(busybox)).compress(os.urandom(len(fresh)))
     refused(setup, with_delta(named, bb_sha, liar), 8, "does not make its announced")
     assert not (setup.host.store / "migrate" / "objects" / sha).exists()
@@ -231,5 +230,5 @@ def test_the_unchanged_stream_makes_the_vm_and_a_taken_name_is_refused(setup: Se
     # again: the name exists here now
     refused(setup, frames(o, None, d), 4, "already exists")
     # another name, the same MAC: refused too
-    other = dataclasses.replace(o, instance=dataclasses.replace(o.instance, name="web2"))
+    other = o.replace(instance=o.instance.replace(name="web2"))
     refused(setup, frames(other, None, d), 4, "MAC")

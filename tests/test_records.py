@@ -4,7 +4,6 @@ back byte for byte, and a damaged record is one line naming its file and field (
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import json
@@ -12,6 +11,7 @@ import os
 import pkgutil
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.conftest import Cli
@@ -116,7 +116,7 @@ JOURNAL = ReconcileJournal(
     new_ino=34,
     commit_paths=(".unionimg", "upper/etc/bin"),
     conflicts=(CONFLICT,),
-    conflicts_before=(dataclasses.replace(CONFLICT, generation=2),),
+    conflicts_before=(CONFLICT.replace(generation=2),),
 )
 SYSTEM_VM = SystemVM("mail1", "sha256:" + "ab" * 32, "52:54:00:00:00:01", "kvm", 512, 1, 1 << 30)
 EXAMPLES: list[Record] = [
@@ -129,8 +129,8 @@ EXAMPLES: list[Record] = [
         size=1 << 30, mtime_ns=17, ctime_ns=18, ino=2549470, dev=65024, how="fsck", when="now"
     ),
     CONFLICT,
-    Conflicts((CONFLICT, dataclasses.replace(CONFLICT, path="/a", case=None))),
-    dataclasses.replace(CONFLICT, held=True),
+    Conflicts((CONFLICT, CONFLICT.replace(path="/a", case=None))),
+    CONFLICT.replace(held=True),
     HeldResolution(
         path="/etc/bin", action="keep-local", generation=3, took="local", resolved="now"
     ),
@@ -170,7 +170,7 @@ EXAMPLES: list[Record] = [
     ProbeCache(version=1, entries={"0287e57c": {"ok": False, "reason": "no output in 25 s"}}),
     CheckOutcome("pwck -r", 2, ("user 'lp': directory '/var/spool/lpd' does not exist",)),
     CheckBaseline("ab12", "v1;/usr/bin/dpkg:1:2", (CheckOutcome("dpkg --audit", 0, ()),)),
-    dataclasses.replace(INSTANCE, layers=("sha256:" + "ab" * 32, "sha256:" + "cd" * 32)),
+    INSTANCE.replace(layers=("sha256:" + "ab" * 32, "sha256:" + "cd" * 32)),
     LayerMeta(
         diff_id="sha256:" + "ab" * 32,
         blob_digest="sha256:" + "ef" * 32,
@@ -289,9 +289,9 @@ def test_round_trip(record: Record) -> None:
     again = type(record).from_json(json.loads(text))
     assert again == record
     assert json.dumps(again.to_json(), sort_keys=True) == text
-    assert dataclasses.is_dataclass(record)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        record.__setattr__(dataclasses.fields(record)[0].name, None)
+    assert isinstance(record, msgspec.Struct)
+    with pytest.raises(AttributeError):  # frozen
+        setattr(record, record.__struct_fields__[0], None)
 
 
 # -- files written by the previous version ------------------------------------------------------
@@ -373,7 +373,7 @@ def test_reconcile_json_output_keeps_its_key_order(name: str) -> None:
 
 # -- leniency: what earlier versions wrote, or left out -----------------------------------------
 def test_fields_added_later_keep_their_defaults() -> None:
-    inst = dataclasses.replace(INSTANCE, nic_name="eth0")
+    inst = INSTANCE.replace(nic_name="eth0")
     data = inst.to_json()
     del data["nic_name"]
     assert Instance.from_json(data) == inst

@@ -233,7 +233,6 @@ def _record(**over: Any) -> Any:
 
 
 def test_a_registry_record_is_checked() -> None:
-    from dataclasses import replace
 
     from unionimg import systems
     from unionimg.errors import ToolFailed
@@ -246,13 +245,13 @@ def test_a_registry_record_is_checked() -> None:
         _record(parent="a/b"),
         _record(vms=()),
         _record(vms=(vm, vm)),  # a name twice
-        _record(vms=(vm, replace(vm, name="db"))),  # a MAC twice
-        _record(vms=(replace(vm, name="-x"),)),
-        _record(vms=(replace(vm, layer="sha256:zz"),)),
-        _record(vms=(replace(vm, mac="ff:ff:ff:ff:ff:ff"),)),
-        _record(vms=(replace(vm, hypervisor="bochs"),)),
-        _record(vms=(replace(vm, nic_name="a/b"),)),
-        _record(vms=(replace(vm, memory=1 << 40),)),
+        _record(vms=(vm, vm.replace(name="db"))),  # a MAC twice
+        _record(vms=(vm.replace(name="-x"),)),
+        _record(vms=(vm.replace(layer="sha256:zz"),)),
+        _record(vms=(vm.replace(mac="ff:ff:ff:ff:ff:ff"),)),
+        _record(vms=(vm.replace(hypervisor="bochs"),)),
+        _record(vms=(vm.replace(nic_name="a/b"),)),
+        _record(vms=(vm.replace(memory=1 << 40),)),
     ]
     for rec in bad:
         with pytest.raises(ToolFailed) as err:

@@ -524,7 +524,7 @@ def switch(
         stop(store, name, force=force)
     if inst.hypervisor != to:
         hypervisors.get(inst.hypervisor).forget(name)
-        save(store, replace(inst, hypervisor=to))
+        save(store, inst.replace(hypervisor=to))
     out: dict[str, Any] = {
         "name": name,
         "from": inst.hypervisor,

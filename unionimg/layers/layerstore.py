@@ -56,7 +56,7 @@ import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
@@ -653,7 +653,7 @@ def blob_path(store: Store, layer: Layer) -> Path:
             os.chmod(tmp, 0o400)
             os.rename(tmp, layer.blob)
             if not layer.meta.blob_digest:
-                meta = replace(layer.meta, blob_digest=info.blob_digest, blob_size=info.blob_size)
+                meta = layer.meta.replace(blob_digest=info.blob_digest, blob_size=info.blob_size)
                 write_record(layer.dir / LayerMeta.FILE, meta)
     return layer.blob
 

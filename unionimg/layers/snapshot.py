@@ -50,7 +50,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from unionimg.entries import DIR, Entry
@@ -383,7 +383,7 @@ def snapshot(store: Store, name: str, message: str | None = None) -> Snapshot:
                         msg = f"snapshot {label}" + (f": {text}" if text else "")
                         nodes.append(repo.commit_all(msg, outside=outside))
                         checkpoint("snapshot:committed")
-                        inst = replace(inst, layers=(layer.diff_id, *inst.layers))
+                        inst = inst.replace(layers=(layer.diff_id, *inst.layers))
                         save(store, inst)  # from here the VM's chain holds the layer
                         checkpoint("snapshot:saved")
                     fresh = _fresh_upper(u, keep)

@@ -22,13 +22,11 @@ left.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -93,7 +91,7 @@ def _check_instance(store: Store, inst: Instance, hypervisor: str | None) -> Ins
                 f"MAC {mac} of instance {inst.name} is used by instance {other.name} on this "
                 "host; nothing was made"
             )
-    return replace(inst, mac=mac, hypervisor=hv, created=now_iso())
+    return inst.replace(mac=mac, hypervisor=hv, created=now_iso())
 
 
 def _generation_layer(chain: list[ChainLayer]) -> tuple[int, ChainLayer]:
@@ -203,7 +201,7 @@ def _check_layer_trees(offer: MigrateOffer, needed: list[str]) -> set[str]:
         r = lt.root
         if (r.path, r.kind) != (".", "dir"):
             raise plan.Refused(f"migration refused: layer {lt.diff_id[:19]}'s root is ill-formed")
-        plan.check_entries([dataclasses.replace(r, path="root")], LAYER_MAX)  # mode, xattrs...
+        plan.check_entries([r.replace(path="root")], LAYER_MAX)  # mode, xattrs...
         plan.check_entries(lt.entries, LAYER_MAX)
         out.add(lt.diff_id)
     return out

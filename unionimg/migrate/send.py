@@ -24,7 +24,6 @@ A failure at any step leaves the VM here untouched; the host keeps the contents 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -424,7 +423,7 @@ def migrate(
                     root = mounts.enter_context(layerstore.mounted(store, layer, stage / f"l{i}"))
                     layer_roots[diff_id] = root
                     trees.append(LayerTree(diff_id, tree.root_entry(root), tuple(tree.scan(root))))
-                offer = dataclasses.replace(offer, layer_trees=tuple(trees))
+                offer = offer.replace(layer_trees=tuple(trees))
                 stages["scan_layers"] = time.monotonic() - t
                 ans = ask(host, offer, hypervisor)
                 asked = offer
@@ -433,7 +432,7 @@ def migrate(
                 for diff_id in ans.layers_missing:  # says their real sizes
                     layerstore.blob_path(store, layerstore.get(store, diff_id))
                 chain = chain_of(store, inst)
-                offer = dataclasses.replace(offer, chain=tuple(chain))
+                offer = offer.replace(chain=tuple(chain))
             sizes = plan.file_contents(entries)
             for lt in offer.layer_trees:
                 sizes.update(plan.file_contents(lt.entries))

@@ -361,8 +361,7 @@ class Reconciler:
         try:
             self.one(name, draft)
         except UnionimgError as exc:
-            draft.report = replace(
-                draft.report,
+            draft.report = draft.report.replace(
                 status="error",
                 error=exc.message,
                 full=isinstance(exc, StoreFull),
@@ -375,8 +374,7 @@ class Reconciler:
                 f"reconcile {name}",
                 store_path=self.store.root,
             )
-            draft.report = replace(
-                draft.report,
+            draft.report = draft.report.replace(
                 status="error",
                 error=full.message if full else f"{exc.strerror or exc} ({exc.filename or name})",
                 full=full is not None,
@@ -390,7 +388,7 @@ class Reconciler:
         """Reconcile one instance; ``draft.report`` says how far it got."""
         inst = load(self.store, name)
         refuse_reconcile(self.store, inst, self.to_generation)  # snapshot layers (issue 13)
-        draft.report = replace(draft.report, from_generation=inst.generation)
+        draft.report = draft.report.replace(from_generation=inst.generation)
         st = state(self.store, name)
         if st != "stopped":
             raise Conflict(
@@ -406,7 +404,7 @@ class Reconciler:
                     except (OSError, ToolFailed) as exc:
                         raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
                 inst = load(self.store, name)
-                draft.report = replace(draft.report, from_generation=inst.generation)
+                draft.report = draft.report.replace(from_generation=inst.generation)
             elif journal.is_file():
                 raise Conflict(
                     f"instance '{name}' has an interrupted reconcile; run reconcile "
@@ -414,7 +412,7 @@ class Reconciler:
                 )
             b0 = get_generation(self.store, inst.base, inst.generation)
             b1 = get_generation(self.store, inst.base, self.to_generation)
-            draft.report = replace(draft.report, to_generation=b1.number)
+            draft.report = draft.report.replace(to_generation=b1.number)
             if b0.number == b1.number:  # case 17
                 draft.report = self._pending(name, draft.report)
                 return
@@ -438,8 +436,7 @@ class Reconciler:
                 content = _Content(upper, gens, between)
                 with b0.manifest() as m0, b1.manifest() as m1:
                     plan = plan_instance(entries, delta, m0, m1, policy, content)
-                draft.report = replace(
-                    draft.report,
+                draft.report = draft.report.replace(
                     unaffected=plan.unaffected,
                     actions=tuple(
                         ReportAction(a.path, a.case, a.action, a.reason)
@@ -459,7 +456,7 @@ class Reconciler:
                             f" (instance stays on generation {b0.number}; held conflict(s) "
                             f"listed by 'unionimg conflicts {name}')"
                         )
-                    draft.report = replace(draft.report, status="error", error=error)
+                    draft.report = draft.report.replace(status="error", error=error)
                     return
                 if self.dry_run:
                     return
@@ -468,7 +465,7 @@ class Reconciler:
                     checked = self._apply(inst, u, b0, b1, plan.actions, entries)
                 except (OSError, ToolFailed) as exc:
                     raise blame_space(exc, self.store, u, name, f"reconcile {name}") from exc
-                draft.report = replace(draft.report, applied=True, checks=checked)
+                draft.report = draft.report.replace(applied=True, checks=checked)
             draft.report = self._pending(name, draft.report)
 
     def _pending(self, name: str, report: InstanceReport) -> InstanceReport:
@@ -480,7 +477,7 @@ class Reconciler:
         if not earlier:
             return report
         status = "conflicts" if report.status == "clean" else report.status
-        return replace(report, conflicts=report.conflicts + earlier, status=status)
+        return report.replace(conflicts=report.conflicts + earlier, status=status)
 
     def _hold(
         self,
@@ -651,7 +648,7 @@ class Reconciler:
             fsops.remove_tree(prev)
             os.rename(new, prev)
         if inst.generation != journal.to_generation:
-            inst = replace(inst, generation=journal.to_generation)
+            inst = inst.replace(generation=journal.to_generation)
             save(self.store, inst)
         checkpoint("reconcile:generation")
         # conflicts policy 'fail' held are settled: this reconcile went past them
@@ -703,7 +700,7 @@ class Reconciler:
         if inst.generation != journal.from_generation:
             # the swap was made, then lost with U's writes after a write error (a full
             # store aborted U's journal): the store follows U back to the old generation
-            save(self.store, replace(inst, generation=journal.from_generation))
+            save(self.store, inst.replace(generation=journal.from_generation))
             _write_conflicts(self.store, inst.name, journal.conflicts_before)
         _journal(self.store, inst.name).unlink(missing_ok=True)
 
@@ -860,7 +857,7 @@ def undo(store: Store, name: str) -> JsonObject:
                     f"'unionimg commit {name}' and revert by hand)"
                 )
             fsops.exchange(u / "upper", prev)
-            inst = replace(inst, generation=last.from_generation)
+            inst = inst.replace(generation=last.from_generation)
             save(store, inst)
             _write_conflicts(store, name, last.conflicts_before)
             node = _commit(

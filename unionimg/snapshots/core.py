@@ -363,7 +363,7 @@ def _target_instance(store: Store, snap: SnapshotRecord) -> tuple[Instance, bool
                 f"snapshot {snap.id}; remove or re-MAC it before restoring {vm} here"
             )
     base, number = _local_generation(store, snap)
-    return replace(snap.instance, base=base, generation=number, created=now_iso()), True
+    return snap.instance.replace(base=base, generation=number, created=now_iso()), True
 
 
 def restore(store: Store, vm: str, snap_id: int | None = None) -> dict[str, Any]:

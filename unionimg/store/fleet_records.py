@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Self
 
 from unionimg.store.records import Fields, JsonObject, Record
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class SystemVM(Record):
+class SystemVM(Record, frozen=True):
     """One VM of a system node: the image-tree node it boots (its top layer) and what makes
     it the same machine on every host (MAC, NIC name, hypervisor, resources, U size)."""
 
@@ -52,8 +50,7 @@ class SystemVM(Record):
         )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class SystemMeta(Record):
+class SystemMeta(Record, frozen=True):
     """``systems/NAME/system.json``: one node of the system tree (immutable once made); also
     the config blob of a system node in a registry (:mod:`unionimg.systems`)."""
 
@@ -87,8 +84,7 @@ class SystemMeta(Record):
         )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class Deployment(Record):
+class Deployment(Record, frozen=True):
     """``systems/NAME/deployed.json`` on a host: system node NAME was materialized here
     (its VMs belong to it; a redeploy of another node of the tree replaces them)."""
 
@@ -119,8 +115,7 @@ class Deployment(Record):
         )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class HostMeta(Record):
+class HostMeta(Record, frozen=True):
     """``hosts/NAME/host.json``: a host reached over SSH (:mod:`unionimg.hosts`)."""
 
     WHAT = "host record"

@@ -58,7 +58,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -200,7 +199,7 @@ class Store:
             meta = read_record(self.root / StoreMeta.FILE, StoreMeta)
             fmt = meta.format
             if fmt in UPGRADES_FROM:
-                write_record(self.root / StoreMeta.FILE, replace(meta, format=FORMAT))
+                write_record(self.root / StoreMeta.FILE, meta.replace(format=FORMAT))
                 log.info("store %s upgraded from format %d to %d", self.root, fmt, FORMAT)
             elif fmt != FORMAT:
                 raise UsageError(

@@ -7,7 +7,6 @@ checked again by :mod:`unionimg.migrate.plan`), the sender reads the receiver's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Self
 
 from unionimg.store.records import Fields, Instance, JsonObject, Record, RecordError
@@ -15,8 +14,7 @@ from unionimg.store.records import Fields, Instance, JsonObject, Record, RecordE
 PROTOCOL = 1
 
 
-@dataclass(frozen=True, slots=True)
-class TreeEntry(Record):
+class TreeEntry(Record, frozen=True):
     """One path of a tree sent by content: relative path (``os.fsdecode`` of its bytes),
     kind (file, dir, symlink, chr, blk, fifo, sock), full mode, owner, mtime, size, sha256
     of a file's content, a symlink's target, a device's number, every xattr (name → hex
@@ -82,8 +80,7 @@ class TreeEntry(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ChainLayer(Record):
+class ChainLayer(Record, frozen=True):
     """One layer of the VM's image chain (top to bottom in an offer): its diff_id, kind,
     parent, and the size of its blob (what sending it whole costs)."""
 
@@ -119,8 +116,7 @@ class ChainLayer(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class LayerTree(Record):
+class LayerTree(Record, frozen=True):
     """A chain layer the receiver lacks, offered by content: its tree's root (path ``.``)
     and entries, from which the receiver remakes the layer (and checks its diff_id)."""
 
@@ -147,8 +143,7 @@ class LayerTree(Record):
         return cls(diff_id=f.text("diff_id"), root=root, entries=f.records("entries", TreeEntry))
 
 
-@dataclass(frozen=True, slots=True)
-class MigrateOffer(Record):
+class MigrateOffer(Record, frozen=True):
     """What the sender offers: the VM's instance record (the receiver keeps its MAC, U size,
     resources; ``hypervisor`` as asked), its chain (top to bottom: its snapshot layers, then
     the layers of its base generation), the manifest of its U image's tree, and the
@@ -194,8 +189,7 @@ class MigrateOffer(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class MigrateAnswer(Record):
+class MigrateAnswer(Record, frozen=True):
     """The receiver's answer to an offer: the chain layers it lacks, the file contents it
     has nowhere (sha256), and for each content it has, where (a short label: ``staged``,
     ``base NAME/N``, ``layer L...``); the base generation the VM will lie on there."""
@@ -237,8 +231,7 @@ class MigrateAnswer(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class MigrateDone(Record):
+class MigrateDone(Record, frozen=True):
     """What the receiver says once the VM is made there: its name and MAC, how many files it
     verified by hash, what arrived (objects, layers, bytes) and what it took from its own
     content."""
@@ -285,8 +278,7 @@ class MigrateDone(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class HashIndex(Record):
+class HashIndex(Record, frozen=True):
     """``migrate/layers/HEX.json``, ``migrate/vms/NAME.json``: where a snapshot layer's or a
     stopped VM's upper layer holds each content (sha256 → a path), computed by hashing its
     files; ``stamp`` names what it was computed from (a VM's U image: inode, size, mtime)."""

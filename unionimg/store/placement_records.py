@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Self
 
 from unionimg.store.records import Fields, JsonObject, Record
 
 
-@dataclass(frozen=True, slots=True)
-class PlacedHost(Record):
+class PlacedHost(Record, frozen=True):
     """The layers (diff_ids) a placement keeps on one host."""
 
     WHAT = "placed host"
@@ -27,8 +25,7 @@ class PlacedHost(Record):
         return cls(host=f.text("host"), layers=f.texts("layers"))
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedRecovery(Record):
+class PlannedRecovery(Record, frozen=True):
     """When ``failed`` fails, VM ``vm`` recovers on ``target``, ``bytes`` sent to it."""
 
     WHAT = "planned recovery"
@@ -52,8 +49,7 @@ class PlannedRecovery(Record):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class PlacementApplied(Record):
+class PlacementApplied(Record, frozen=True):
     """``placement/applied.json``: the placement of system node ``system``'s layers over the
     hosts (``servers``: the servers file it was planned from, to plan again after a
     recovery), as ``apply placement`` made it; ``recovered``: VMs recovered since, VM@HOST."""

@@ -4,8 +4,7 @@ imported only where reconcile runs or reports)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import Self
 
 from unionimg.store.records import (
     ConflictRecord,
@@ -17,8 +16,7 @@ from unionimg.store.records import (
 )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class HeldResolution(Record):
+class HeldResolution(Record, frozen=True):
     """How the admin settled a conflict policy ``fail`` held: the next reconcile of the
     instance to ``generation`` decides ``path`` by ``action`` (keep-local or take-base)."""
 
@@ -51,8 +49,7 @@ class HeldResolution(Record):
         )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class HeldResolutions(Record):
+class HeldResolutions(Record, frozen=True):
     """An instance's resolutions of held conflicts, used (then removed) by its next reconcile."""
 
     WHAT = "held resolution list"
@@ -68,8 +65,7 @@ class HeldResolutions(Record):
         return cls(record_list(data, HeldResolution, ""))
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class OwnerChange(Record):
+class OwnerChange(Record, frozen=True):
     """One of the VM's files whose owner a conflict's proposal changes (a renumbered user,
     group or sub-ID range): written by :mod:`unionimg.reconcile.userdb` into the conflict's
     ``proposal-owners``, applied by ``resolve --take proposal``."""
@@ -96,8 +92,7 @@ class OwnerChange(Record):
         return cls(path=f.text("path"), which=which, old=old, new=new)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class OwnerChanges(Record):
+class OwnerChanges(Record, frozen=True):
     """A conflict's ``proposal-owners``: the ownership changes its ``proposal`` implies."""
 
     WHAT = "ownership change list"
@@ -113,8 +108,7 @@ class OwnerChanges(Record):
         return cls(record_list(data, OwnerChange, ""))
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class LastReconcile(Record):
+class LastReconcile(Record, frozen=True):
     """The last reconcile applied to an instance, for ``reconcile --undo``."""
 
     WHAT = "undo record"
@@ -151,8 +145,7 @@ class LastReconcile(Record):
 
 
 # -- reconcile reports ---------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False, repr=False)
-class ReportAction(Record):
+class ReportAction(Record, frozen=True):
     """One change reconcile makes (or, in a dry run, would make) to a path."""
 
     WHAT = "reported action"
@@ -179,8 +172,7 @@ class ReportAction(Record):
 PENDING = "pending since generation "
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class ReportConflict(Record):
+class ReportConflict(Record, frozen=True):
     """A conflict in a report: found by this run, or ``pending`` from an earlier one (its
     reason then starts with :data:`PENDING`)."""
 
@@ -214,8 +206,7 @@ class ReportConflict(Record):
         )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class InstanceReport(Record):
+class InstanceReport(Record, frozen=True):
     """What reconcile did (or would do) to one instance."""
 
     WHAT = "instance report"
@@ -229,7 +220,7 @@ class InstanceReport(Record):
     error: str | None = None
     unaffected: int = 0  # paths of U the base delta does not touch
     applied: bool = False
-    full: bool = field(default=False, compare=False)  # the error was a full disk (not in JSON)
+    full: bool = False  # the error was a full disk (not in JSON)
     checks: str | None = None  # the consistency checks' verdict (in JSON only when set)
 
     def to_json(self) -> JsonObject:
@@ -262,13 +253,12 @@ class InstanceReport(Record):
         )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class ReconcileReport(Record):
+class ReconcileReport(Record, frozen=True):
     """One reconcile run, kept in ``reports/`` (the last ``apply.REPORTS_KEPT`` of them)."""
 
     WHAT = "reconcile report"
-    PREFIX: ClassVar[str] = "reconcile-"
-    GLOB: ClassVar[str] = "reconcile-*.json"
+    PREFIX = "reconcile-"
+    GLOB = "reconcile-*.json"
 
     finished: str
     dry_run: bool
@@ -296,8 +286,7 @@ class ReconcileReport(Record):
 
 
 # -- the consistency checks (reconcile.checks) -------------------------------------------------
-@dataclass(frozen=True, eq=False, repr=False)
-class CheckOutcome(Record):
+class CheckOutcome(Record, frozen=True):
     """What one check program said: its exit status and its output's lines."""
 
     WHAT = "check outcome"
@@ -315,8 +304,7 @@ class CheckOutcome(Record):
         return cls(check=f.text("check"), code=f.integer("code"), lines=f.texts("lines"))
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class CheckBaseline(Record):
+class CheckBaseline(Record, frozen=True):
     """The checks on one base generation alone (``bases/B/checks/N.json``): what a VM's
     staged result is compared with. Valid for that generation (its hg node) and the host's
     programs as they were (``tools``)."""

@@ -10,7 +10,6 @@ reaches the code that rebuilds files from it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Self
 
 from unionimg.store.records import Fields, Instance, JsonObject, Record, RecordError
@@ -42,8 +41,7 @@ def _disk_ref(text: str, where: str) -> tuple[int, str, int]:
     return int(offset), digest, length
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class SnapshotRecord(Record):
+class SnapshotRecord(Record, frozen=True):
     """``snapshots/vms/VM/ID.json``: one snapshot of VM — what it was (its instance record
     and the chain its U lies on), its memory image (kvm) and its U image as chunk digests,
     and what it cost."""
