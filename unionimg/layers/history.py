@@ -25,17 +25,13 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import hglib
-import hglib.client
-import hglib.error
+from typing import TYPE_CHECKING
 
 from unionimg.entries import MAX_HG_PATH
 from unionimg.errors import GuestDataRefused, MissingCapability, ToolFailed
@@ -43,6 +39,12 @@ from unionimg.fs import fsops
 from unionimg.fs.fsops import write_beneath
 from unionimg.runner import run
 from unionimg.store.records import JsonObject
+
+if TYPE_CHECKING:
+    import hglib.client
+    import hglib.error
+# python-hglib (and with it socket) is imported where a command server is opened, not at import:
+# most commands that load this module (instance create: hg init only) never open one
 
 USER = "unionimg <unionimg@localhost>"
 _MAX_PATHS = 2000  # past this, a full walk of the working copy is cheaper than the patterns
@@ -244,7 +246,7 @@ def _clear_stale_locks(hg: Path) -> None:
     ``ui.timeout`` and fail). A lock is a symlink to ``host[/ns]:pid`` that Mercurial only
     ``readlink()``s; ``unlink`` never follows it, and the walk just checked ``.hg`` and
     ``.hg/store`` are real directories on U."""
-    me = socket.gethostname()
+    me = os.uname().nodename  # what Mercurial's lock names hold (socket.gethostname)
     for rel in ("wlock", "lock", "store/lock"):
         path = hg / rel
         try:
@@ -377,6 +379,8 @@ class Repo:
         return pats
 
     def cmd(self, *args: str | bytes) -> bytes:
+        import hglib.error
+
         try:
             out: bytes = self._c.rawcommand(
                 _b("-R", str(self.root), "--cwd", str(self.root), *args)
@@ -424,6 +428,8 @@ class Repo:
             return self._commit(message, pats)
         # forget, add the rest, commit without --addremove (it would add the forgotten
         # files right back: the dirstate still knows them)
+        import hglib.error
+
         with _excluded(outside) as excl:
             try:
                 self._c.rawcommand(
@@ -462,6 +468,8 @@ class Repo:
         return sorted({os.fsdecode(p) for p in out.split(b"\0") if p})
 
     def _commit(self, message: str, pats: list[bytes], *, addremove: bool = True) -> str | None:
+        import hglib.error
+
         try:
             out: bytes = self._c.rawcommand(
                 _b(
@@ -536,6 +544,10 @@ class Server:
     ``anchor`` is checked (:func:`check_repo`) before the server opens it."""
 
     def __init__(self, anchor: Path, *, guest: str | None = None, trusted: bool = False) -> None:
+        import hglib
+        import hglib.client
+        import hglib.error
+
         if not trusted:
             check_repo(anchor, guest)
         hglib.HGPATH = _hg_binary()
