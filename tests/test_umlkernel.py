@@ -231,10 +231,14 @@ def test_build_script_recipe_and_cached_rerun(root: None) -> None:
     for option in ("BLK_DEV_UBD", "EXT4_FS", "OVERLAY_FS", "UML_NET_VECTOR", "DEVTMPFS_MOUNT"):
         assert option in recipe
     need_root()
+    if not umlprobe.BUILT.is_file() and umlprobe.select(override="").source == "packaged":
+        # not a missing component: setup builds a kernel only where the packaged one fails
+        # (a CPU with AMX); the recipe above is checked everywhere, the cached rerun there
+        pytest.skip("the packaged UML kernel boots here, so setup built none to rerun")
     need(
         umlprobe.BUILT.is_file(),
-        f"no project-built UML kernel at {umlprobe.BUILT} (only built where the packaged one "
-        "fails: scripts/setup.sh)",
+        f"no project-built UML kernel at {umlprobe.BUILT} although the packaged one fails "
+        "here (scripts/setup.sh builds it)",
     )
     started = time.monotonic()
     out = subprocess.run([str(script)], capture_output=True, text=True, check=True, timeout=60)
