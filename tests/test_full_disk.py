@@ -472,3 +472,28 @@ def test_write_watch_sees_what_a_later_descriptor_misses(small: Small) -> None:
             late.sync()  # the same lost writes, and a later descriptor never hears of them
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_reconcile_failing_while_staging_releases_u(
+    vm: Small, monkeypatch: Any, tmp_path: Path
+) -> None:
+    """A step of the staging fails (here: making the VM's identity files): the run reports
+    the error, and the VM's U is released at once — mounted again by the same process, not
+    "still in use by an earlier mount" (the write watch's descriptor on U once pinned it; CI
+    saw every later test of that VM fail)."""
+    from unionimg.errors import ToolFailed
+    from unionimg.layers import identity
+
+    def broken(*_args: Any, **_kw: Any) -> list[str]:
+        raise ToolFailed("identity files could not be made (the test's fault)")
+
+    s = vm
+    monkeypatch.setattr(identity, "ensure_staged", broken)
+    res = s.cli("reconcile", "vm1")
+    assert res.exit_code != 0 and "the test's fault" in res.output, res.output
+    monkeypatch.undo()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    s.cli.ok("mount", "vm1", str(mnt), "--readonly")
+    s.cli.ok("umount", str(mnt))
+    assert s.cli("reconcile", "vm1").exit_code == 1  # the real conflict: it runs through

@@ -589,6 +589,10 @@ class Reconciler:
             failed = verdict is not None and not verdict.ok
             conflicted = [a for a in actions if a.action == CONFLICT]
             aside = () if failed else self._set_aside(name, b1, conflicted)
+        except BaseException:
+            wait([pre_commit])
+            watch.close()  # its descriptor on U would pin the mount, and U's loop device
+            raise
         finally:
             wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
         try:
