@@ -1,24 +1,25 @@
 """Typed records: every JSON file unionimg writes, its name and its fields, in one place.
 
-Each record is a frozen dataclass with ``to_json()`` (the JSON value written, keys and key
-order exactly as every earlier version wrote them) and ``from_json()`` (a classmethod that
-checks the value's shape and raises :class:`RecordError` naming the first field that is
-missing or of the wrong type). A record file has its name once, as ``FILE``; reading and
-writing go through :func:`unionimg.store.layout.read_record` and
-:func:`~unionimg.store.layout.write_record`, which turn a :class:`RecordError` into one
-:class:`DamagedRecord` line naming the file. ``Any`` stops here: it is the type of a
-``json.loads`` result and of what ``to_json`` gives ``json.dumps`` (:data:`JsonObject`).
+Each record is a frozen ``msgspec.Struct`` (see :class:`Record`) with ``to_json()`` (the
+JSON value written, keys and key order exactly as every earlier version wrote them) and
+``from_json()`` (a classmethod that checks the value's shape and raises
+:class:`RecordError` naming the first field that is missing or of the wrong type). A record
+file has its name once, as ``FILE``; reading and writing go through
+:func:`unionimg.store.layout.read_record` and :func:`~unionimg.store.layout.write_record`,
+which turn a :class:`RecordError` into one :class:`DamagedRecord` line naming the file.
+``Any`` stops here: it is the type of a ``json.loads`` result and of what ``to_json`` gives
+``json.dumps`` (:data:`JsonObject`).
 
 Reading is as lenient as the code before these types was, and no more: a field every
 version wrote is required, one added later (or always read with a default) keeps that
 default, keys a record does not know are ignored (a newer unionimg may add some).
 
-The records live in three modules, so a command pays at import only for the records it
-uses (making a frozen, slotted dataclass costs ~1 ms): this one (the store, bases,
-instances, layers, conflicts), :mod:`unionimg.store.reconcile_records` (reconcile's own
-files: held resolutions, ownership proposals, the undo record, reports, check baselines)
-and :mod:`unionimg.store.fleet_records` (systems, deployments, hosts). New domains add a
-``*_records`` module of their own built on :class:`Record` and :class:`Fields`.
+The records live in several modules, so a command loads only the records it uses: this one
+(the store, bases, instances, layers, conflicts), :mod:`unionimg.store.reconcile_records`
+(reconcile's own files: held resolutions, ownership proposals, the undo record, reports,
+check baselines), :mod:`unionimg.store.fleet_records` (systems, deployments, hosts) and one
+per later domain (migrate, placement, snapshot), each built on :class:`Record` and
+:class:`Fields`.
 
 In the store (trusted; see ``unionimg/store/layout.py`` for where each file lives):
 
