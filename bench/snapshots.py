@@ -54,13 +54,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import UNIONIMG, Uimg  # noqa: E402
+from unionimg.snapshots import policy  # noqa: E402
 from vm_fixtures import build  # noqa: E402
 
 LOAD = re.compile(r"unionimg-guest: load (\d+)")
@@ -145,13 +147,23 @@ def vcpu_seconds(u: Uimg, vm: str) -> float:
         conn.close()
 
 
-def rate(u: Uimg, vm: str, seconds: float) -> tuple[float, float]:
-    """The guest's counter over ``seconds``: iterations per wall second, and per second of
-    vCPU time the guest had (host contention cancels out of the second)."""
+class Rate(NamedTuple):
+    """The guest's counter over a window."""
+
+    wall: float  # iterations per wall second
+    per_vcpu_s: float  # per second of vCPU time the guest had (host contention cancels out)
+    load: float  # the guest's CPU load meanwhile (as the schedule's policy measures it)
+
+
+def rate(u: Uimg, vm: str, seconds: float, first: Callable[[], object] | None = None) -> Rate:
+    """The guest's counter over ``seconds``; ``first`` (a snapshot take) runs at the start,
+    inside the window."""
     a, c0, t0 = spins(u, vm), vcpu_seconds(u, vm), time.monotonic()
-    time.sleep(seconds)
+    if first is not None:
+        first()
+    time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
     b, c1, t1 = spins(u, vm), vcpu_seconds(u, vm), time.monotonic()
-    return (b - a) / (t1 - t0), (b - a) / max(c1 - c0, 1e-9)
+    return Rate((b - a) / (t1 - t0), (b - a) / max(c1 - c0, 1e-9), policy.load(c1 - c0, t1 - t0, 1))
 
 
 #: the ways of taking compared: the live take (the default), the live take with the overlay
@@ -183,9 +195,7 @@ def pause_compare(u: Uimg, vm: str, reps: int) -> dict[str, Any]:
     }
 
 
-def schedule_window(
-    u: Uimg, vm: str, lo: str, hi: str, window: float
-) -> tuple[tuple[float, float], list[float]]:
+def schedule_window(u: Uimg, vm: str, lo: str, hi: str, window: float) -> tuple[Rate, list[float]]:
     """The counter's rates over ``window`` s with ``snapshot schedule`` running; the pause
     of each snapshot it took."""
     proc = subprocess.Popen(
@@ -208,14 +218,14 @@ def slowdown(u: Uimg, vm: str, lo: str, hi: str, window: float, reps: int) -> di
     own work (libvirt's write, chunking)."""
     rows: list[dict[str, float]] = []
     for i in range(reps):
-        got: dict[str, tuple[float, float]] = {}
+        got: dict[str, Rate] = {}
         pauses: list[float] = []
         for what in ("alone", "sched") if i % 2 == 0 else ("sched", "alone"):
             if what == "alone":
                 got["alone"] = rate(u, vm, window)
             else:
                 got["sched"], pauses = schedule_window(u, vm, lo, hi, window)
-        (wa, ca), (ws, cs) = got["alone"], got["sched"]
+        (wa, ca, _), (ws, cs, _) = got["alone"], got["sched"]
         pause_share = sum(pauses) / window
         per_cpu = 1 - cs / ca
         rows.append({
@@ -243,34 +253,30 @@ def per_take(u: Uimg, vm: str, window: float, pairs: int) -> dict[str, Any]:
     costs the guest ``cost / I`` (cost = the lost counter seconds), which gives the adaptive
     default at the interval its policy sets for the load measured here, and fixed 5 min.
     Many short pairs, not a few long windows: the other tenants' noise averages out."""
-    from unionimg.snapshots import policy
-
     rows: list[dict[str, float]] = []
-    loads: list[float] = []
-    alone: list[float] = []  # the counter's rate in the windows without a take: the noise
+    alone: list[Rate] = []  # the windows without a take: the guest's load, and the noise
+    pauses: list[float] = []
+
+    def take() -> None:
+        pauses.append(float(u.json("snapshot", "take", vm, "--keep", "2")["pause_s"]))
+
     for i in range(pairs):
-        got: dict[str, tuple[float, float]] = {}
-        pause = 0.0
+        got: dict[str, Rate] = {}
         for what in ("alone", "take") if i % 2 == 0 else ("take", "alone"):
-            a, c0, t0 = spins(u, vm), vcpu_seconds(u, vm), time.monotonic()
-            if what == "take":
-                pause = float(u.json("snapshot", "take", vm, "--keep", "2")["pause_s"])
-            time.sleep(max(0.0, window - (time.monotonic() - t0)))
-            b, c1, t1 = spins(u, vm), vcpu_seconds(u, vm), time.monotonic()
-            got[what] = ((b - a) / (t1 - t0), (b - a) / max(c1 - c0, 1e-9))
-            if what == "alone":
-                loads.append(policy.load(c1 - c0, t1 - t0, 1))
-                alone.append(got[what][0])
-        (wa, ca), (wt, ct) = got["alone"], got["take"]
+            got[what] = rate(u, vm, window, take if what == "take" else None)
+        alone.append(got["alone"])
+        (wa, ca, _), (wt, ct, _) = got["alone"], got["take"]
         rows.append({
             "wall": round(1 - wt / wa, 4), "per_vcpu_s": round(1 - ct / ca, 4),
-            "pause_s": round(pause, 3),
+            "pause_s": round(pauses[-1], 3),
         })  # fmt: skip
     wall = statistics.median(r["wall"] for r in rows)
     per_cpu = statistics.median(r["per_vcpu_s"] for r in rows)
     cost_s = max(wall, 0.0) * window  # counter seconds one take costs (wall clock)
-    load_now = statistics.median(loads)
-    adaptive = policy.interval(load_now, 30.0, 600.0)  # the default --min 30s --max 10m
+    load_now = statistics.median(r.load for r in alone)
+    lo = policy.parse_duration(policy.DEFAULT_MIN, "--min")
+    hi = policy.parse_duration(policy.DEFAULT_MAX, "--max")
+    adaptive = policy.interval(load_now, lo, hi)  # the default schedule at this load
     return {
         "window_s": window,
         "pairs": rows,
@@ -281,16 +287,16 @@ def per_take(u: Uimg, vm: str, window: float, pairs: int) -> dict[str, Any]:
         },
         "per_vcpu_s_median": round(per_cpu, 4),
         "noise: spread of the windows without a take (stdev / mean)": round(
-            statistics.pstdev(alone) / statistics.mean(alone), 4
+            statistics.pstdev(r.wall for r in alone) / statistics.mean(r.wall for r in alone), 4
         ),
         "cost_per_take_s": round(cost_s, 3),
         "guest_load": round(load_now, 3),
-        "slowdown fixed 30s (direct when window = 30)": round(cost_s / 30.0, 4),
+        # fixed 30 s is also the default's densest (an idle guest's) interval
+        "slowdown fixed 30s (direct when window = 30)": round(cost_s / lo, 4),
         "slowdown fixed 5m": round(cost_s / 300.0, 4),
         f"slowdown default adaptive (interval {adaptive:.0f} s at this load)": round(
             cost_s / adaptive, 4
         ),
-        "slowdown default adaptive, worst case (an idle guest: 30 s)": round(cost_s / 30.0, 4),
     }
 
 
@@ -335,7 +341,8 @@ def main() -> None:
     schedules = (
         [("adaptive 5s-60s", "5s", "60s"), ("fixed 5s", "5s", "5s"), ("fixed 60s", "60s", "60s")]
         if args.quick
-        else [("adaptive 30s-10m", "30s", "10m"), ("fixed 30s", "30s", "30s"),
+        else [(f"adaptive {policy.DEFAULT_MIN}-{policy.DEFAULT_MAX}", policy.DEFAULT_MIN,
+               policy.DEFAULT_MAX), ("fixed 30s", "30s", "30s"),
               ("fixed 5m", "5m", "5m")]
     )  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench-snap-"))
@@ -382,10 +389,11 @@ def main() -> None:
             row["restore_s"] = round(time.monotonic() - t0, 2)
             wait_rounds(u, vm, r1 + 1, timeout=120)
             row["restore_to_load_s"] = round(time.monotonic() - t0, 2)
-            # slowdown of the guest's counter under each schedule: interleaved windows alone
-            # and with the schedule (the machine may be shared), their spread reported
+            # the cost of one take to the guest's counter, in pairs of windows with and
+            # without one (the machine may be shared: the spread is reported)
             row["per take"] = per_take(u, vm, args.take_window, take_pairs)
             print(json.dumps({str(mem): {"per take": row["per take"]}}, indent=2), flush=True)
+            # and under each real schedule: interleaved windows alone and with it
             for label, lo, hi in [] if args.no_schedules else schedules:
                 row[f"slowdown {label}"] = slowdown(u, vm, lo, hi, slow_window, reps)
             u("stop", vm, "--force")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, need, need_root
+from tests.conftest import Cli, need, need_root, need_uml_kernel
 from unionimg.boot import umlprobe
 from unionimg.errors import MissingCapability, UsageError
 
@@ -231,7 +231,7 @@ def test_build_script_recipe_and_cached_rerun(root: None) -> None:
     for option in ("BLK_DEV_UBD", "EXT4_FS", "OVERLAY_FS", "UML_NET_VECTOR", "DEVTMPFS_MOUNT"):
         assert option in recipe
     need_root()
-    if not umlprobe.BUILT.is_file() and umlprobe.select(override="").source == "packaged":
+    if not umlprobe.BUILT.is_file() and need_uml_kernel().source == "packaged":
         # not a missing component: setup builds a kernel only where the packaged one fails
         # (a CPU with AMX); the recipe above is checked everywhere, the cached rerun there
         pytest.skip("the packaged UML kernel boots here, so setup built none to rerun")

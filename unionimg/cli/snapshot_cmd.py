@@ -146,8 +146,12 @@ def push_cmd(c: Ctx, vm: str, to: str, at: int | None, as_json: bool) -> None:
 
 @snapshot.command("schedule")
 @click.argument("vm")
-@click.option("--min", "low", default="30s", show_default=True, help="Interval when idle.")
-@click.option("--max", "high", default="10m", show_default=True, help="Interval when busy.")
+@click.option(
+    "--min", "low", default=policy.DEFAULT_MIN, show_default=True, help="Interval when idle."
+)
+@click.option(
+    "--max", "high", default=policy.DEFAULT_MAX, show_default=True, help="Interval when busy."
+)
 @click.option("--to", "to", default=None, help="Copy each snapshot to this host.")
 @click.option("--keep", type=ASCII_INT, default=None, help="Keep only the N newest.")
 @click.option("--count", type=ASCII_INT, default=None, help="Stop after N snapshots.")

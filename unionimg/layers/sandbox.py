@@ -28,13 +28,14 @@ starting with :data:`PREFIX`; any other status is the command's own (128 + N: si
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from unionimg.errors import MissingCapability, UnionimgError
+import msgspec
+
+from unionimg.errors import UnionimgError
 from unionimg.runner import run, which
 
 PREFIX = "unionimg-sandbox: "
@@ -46,23 +47,9 @@ CHROOT_ENV = {
 #: The package's parent directory: the sandbox's Python runs with -S (no site, no editable
 #: finder: it starts in a third of the time) and finds unionimg there.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the directory holding unionimg/
-#: Third-party packages the inside imports (the records are msgspec Structs), found where this
-#: Python found them (its site-packages), without running ``site``
-_INSIDE_DEPENDS = ("msgspec",)
-
-
-def _dependency_dirs() -> list[str]:
-    """The directory of each dependency (host paths only), searched after the standard
-    library."""
-    out: list[str] = []
-    for name in _INSIDE_DEPENDS:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise MissingCapability(f"the Python package {name} is missing; run scripts/setup.sh")
-        where = str(Path(spec.origin).resolve().parents[1])
-        if where not in out and where != _PACKAGE_PARENT:
-            out.append(where)
-    return out
+#: Where the one third-party package the inside imports (msgspec: the records are Structs)
+#: lies — this Python's site-packages, searched after the standard library, without ``site``
+_DEPENDENCY_DIR = str(Path(msgspec.__file__).resolve().parents[1])
 
 
 def proc_start(pid: int, proc: str = "/proc") -> str | None:
@@ -82,7 +69,7 @@ def contained(module: str, args: Sequence[str], *, isolate: Sequence[str] = ()) 
     for the inside to check that unionimg still lives (:func:`parent_gone`)."""
     boot = (
         f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-        f"sys.path += {_dependency_dirs()!r}; "
+        f"sys.path.append({_DEPENDENCY_DIR!r}); "
         f"from {module} import main; sys.exit(main(sys.argv[1:]))"
     )
     return [

@@ -552,10 +552,24 @@ class Reconciler:
         entries: list[Entry],
     ) -> str:
         """Stage, check, swap and commit; returns the consistency checks' verdict."""
+        # opened before any write: its sync reports every write-back error; closed on every
+        # way out (an open descriptor on U pins the union, and U's loop device, after umount)
+        with WriteWatch(u) as watch:
+            return self._apply_watched(inst, u, b0, b1, actions, entries, watch)
+
+    def _apply_watched(
+        self,
+        inst: Instance,
+        u: Path,
+        b0: Generation,
+        b1: Generation,
+        actions: Sequence[Action],
+        entries: list[Entry],
+        watch: WriteWatch,
+    ) -> str:
         name = inst.name
         repo = self.hg(u, name)
         new, prev = u / "upper.new", u / "upper.prev"
-        watch = WriteWatch(u)  # before any write: its sync reports every write-back error
         fsops.remove_tree(new)  # a crash while staging leaves only this: no journal needed
         # Mercurial records the upper layer as it is (in its own process) while upper.new
         # is staged beside it: staging never changes an inode of upper/ (fsops replaces
@@ -589,22 +603,13 @@ class Reconciler:
             failed = verdict is not None and not verdict.ok
             conflicted = [a for a in actions if a.action == CONFLICT]
             aside = () if failed else self._set_aside(name, b1, conflicted)
-        except BaseException:
-            wait([pre_commit])
-            watch.close()  # its descriptor on U would pin the mount, and U's loop device
-            raise
         finally:
             wait([pre_commit])  # never leave Mercurial running on a U about to be unmounted
-        try:
-            pre = pre_commit.result()
-            checkpoint("reconcile:pre-committed")
-            # upper.new (and the commit) durable before the journal may say swap
-            sync_image(watch, self.store.root, name, f"reconcile {name}")
-        except BaseException:
-            watch.close()
-            raise
+        pre = pre_commit.result()
+        checkpoint("reconcile:pre-committed")
+        # upper.new (and the commit) durable before the journal may say swap
+        sync_image(watch, self.store.root, name, f"reconcile {name}")
         if verdict is not None and not verdict.ok:  # stays whole on B0: nothing swapped
-            watch.close()
             fsops.remove_tree(new)
             raise consistency.Inconsistent(verdict, b0.number)
         checkpoint("reconcile:staged")
@@ -622,12 +627,9 @@ class Reconciler:
         )
         write_record(_journal(self.store, name), journal)
         checkpoint("reconcile:swap-journaled")
-        try:
-            fsops.exchange(u / "upper", new)
-            checkpoint("reconcile:swapped")
-            self._finish(inst, u, journal, watch)
-        finally:
-            watch.close()
+        fsops.exchange(u / "upper", new)
+        checkpoint("reconcile:swapped")
+        self._finish(inst, u, journal, watch)
         return verdict.note if verdict is not None else consistency.SKIPPED
 
     def _finish(

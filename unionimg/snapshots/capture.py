@@ -328,10 +328,10 @@ BUSY_FLUSHES = 4
 
 @dataclass(frozen=True)
 class DiskCounters:
-    """One line of the guest's /proc/diskstats: writes completed, I/Os in flight, cache
-    flushes completed."""
+    """What the settling reads of one line of the guest's /proc/diskstats: I/Os in flight
+    and cache flushes completed (its data writes do not matter: they go on while a guest
+    rewrites a file, and only a journal commit flushes)."""
 
-    writes: int
     in_flight: int
     flushes: int
 
@@ -344,7 +344,7 @@ def disk_counters(diskstats: str, disk: str = U_DISK) -> DiskCounters:
         if len(f) >= 3 and f[2] == disk:
             if len(f) < 20 or not all(x.isdigit() for x in f[3:20]):
                 break
-            return DiskCounters(int(f[7]), int(f[11]), int(f[18]))
+            return DiskCounters(int(f[11]), int(f[18]))
     raise ToolFailed(f"the UML guest's /proc/diskstats has no full line for {disk}")
 
 
@@ -411,15 +411,16 @@ def sync_uml(sock: Path, console: Path, pid: int) -> None:
             f"{SYNC_TIMEOUT:.0f} s after 'sysrq s' (a guest kernel log level below 5 hides "
             "it: 'dmesg -n 7' in the guest); no snapshot taken"
         )
-    deadline = poll.Deadline(SYNC_TIMEOUT)
-    settle = Settle(disk_counters(uml.mconsole(sock, "proc diskstats")), time.monotonic())
-    while not settle.settled(disk_counters(uml.mconsole(sock, "proc diskstats")), time.monotonic()):
-        if deadline.passed():
-            raise ToolFailed(
-                f"UML guest (pid {pid}): its U disk ({U_DISK}) did not settle within "
-                f"{SYNC_TIMEOUT:.0f} s after its sync; no snapshot taken"
-            )
-        time.sleep(0.05)
+
+    def counters() -> DiskCounters:
+        return disk_counters(uml.mconsole(sock, "proc diskstats"))
+
+    settle = Settle(counters(), time.monotonic())
+    if not poll.until(lambda: settle.settled(counters(), time.monotonic()), SYNC_TIMEOUT, 0.05):
+        raise ToolFailed(
+            f"UML guest (pid {pid}): its U disk ({U_DISK}) did not settle within "
+            f"{SYNC_TIMEOUT:.0f} s after its sync; no snapshot taken"
+        )
 
 
 def capture_uml(rec: Running, upper: Path, stage: Path) -> Captured:

@@ -17,6 +17,10 @@ from unionimg.errors import UsageError
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(s|m|h|d)?")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 MAX_DURATION = 366 * 86400.0
+#: ``snapshot schedule``'s bounds when none are given: an idle guest every 30 s, a busy one
+#: every 10 minutes
+DEFAULT_MIN = "30s"
+DEFAULT_MAX = "10m"
 
 
 def parse_duration(text: str, what: str) -> float:
