@@ -97,8 +97,11 @@ fi
 
 # --- 3. a UML kernel that boots here ----------------------------------------------------------
 uml_source() {  # prints packaged | built | override, or nothing when no UML kernel boots
-  env -u UNIONIMG_UML_KERNEL .venv/bin/unionimg uml-kernel --json 2>/dev/null \
-    | sed -n 's/^ *"source": "\([a-z]*\)",\{0,1\}$/\1/p'
+  # (uml-kernel exits non-zero when none boots; that answer is the empty string, not a failure
+  # of this script under pipefail)
+  local json
+  json=$(env -u UNIONIMG_UML_KERNEL .venv/bin/unionimg uml-kernel --json 2>/dev/null) || true
+  sed -n 's/^ *"source": "\([a-z]*\)",\{0,1\}$/\1/p' <<<"$json"
 }
 source=$(uml_source)
 if [ "$source" != packaged ]; then
