@@ -16,16 +16,19 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import tarfile
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import UNIONIMG, Cli, make_tree, need_programs
@@ -129,12 +132,23 @@ def held(store: Store) -> set[str]:
 # -- a loopback TCP proxy that counts bytes and can cut a connection -------------------------
 class Proxy:
     """Forwards 127.0.0.1:port to the registry; counts bytes each way; the first ``cuts``
-    connections whose answer passes ``cut_after`` bytes are closed right there."""
+    connections whose answer passes ``cut_after`` bytes are closed right there; the first
+    ``busy`` requests whose bytes hold ``busy_on`` are answered 503 with Retry-After: 1 (what
+    a registry behind a load balancer answers while it restarts) instead of forwarded."""
 
-    def __init__(self, upstream: str, *, cut_after: int = 0, cuts: int = 0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        cut_after: int = 0,
+        cuts: int = 0,
+        busy_on: bytes = b"",
+        busy: int = 0,
+    ) -> None:
         host, _, port = upstream.removeprefix("http://").rpartition(":")
         self.upstream = (host, int(port))
         self.cut_after, self.cuts = cut_after, cuts
+        self.busy_on, self.busy = busy_on, busy
         self.up = 0  # client -> registry
         self.down = 0  # registry -> client
         self.requests = bytearray()  # the first 64 KiB each connection sent
@@ -168,6 +182,15 @@ class Proxy:
         try:
             while data := src.recv(65536):
                 with self.lock:
+                    if upward and self.busy and self.busy_on in data:
+                        self.busy -= 1
+                        dst = src  # answered here, never forwarded; the connection closes
+                        data = (
+                            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                            b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        dst.sendall(data)
+                        break
                     if upward:
                         self.up += len(data)
                         if kept < 65536:
@@ -330,6 +353,82 @@ def test_a_cut_transfer_is_retried_within_one_pull(
     assert p.requests.lower().count(b"range: bytes=") == 2
     assert blobs <= p.down < blobs + OVERHEAD  # every byte sent once
     assert held(store) == {src.base.diff_id, src.a.diff_id}
+
+
+def test_a_busy_registry_is_asked_again_after_its_retry_after(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    with Registry(registry.url) as reg:
+        hostcache.push_layers(src.store, reg, src.base.short)
+    store = empty_store(tmp_path / "host")
+    blob = f"/blobs/{src.base.meta.blob_digest}".encode()
+    # the blob's GET answered 503 twice: the pull waits the asked second each time, then gets it
+    with proxy(registry.url, busy_on=blob, busy=2) as p, Registry(p.url, backoff=0.01) as reg:
+        t0 = time.monotonic()
+        hostcache.pull_node(store, reg, src.base.diff_id)
+        waited = time.monotonic() - t0
+        assert reg.counters.retried == 2 and p.busy == 0
+    assert waited >= 2.0
+    assert held(store) == {src.base.diff_id}
+    # busier than the retries: one line with the registry's own answer, nothing imported
+    store2 = empty_store(tmp_path / "host2")
+    with (
+        proxy(registry.url, busy_on=blob, busy=9) as p,
+        Registry(p.url, retries=1, backoff=0.01) as reg,
+        pytest.raises(ToolFailed, match=r"HTTP 503") as exc,
+    ):
+        hostcache.pull_node(store2, reg, src.base.diff_id)
+    assert "\n" not in exc.value.message and p.busy == 7
+    assert held(store2) == set()
+
+
+def _manifest_link(registry: server_mod.Server, repo: str, digest: str) -> Path:
+    hexpart = digest.removeprefix("sha256:")
+    return (
+        registry.data
+        / f"docker/registry/v2/repositories/{repo}/_manifests/revisions/sha256/{hexpart}/link"
+    )
+
+
+def test_a_read_racing_a_rewrite_is_retried_and_a_same_push_writes_nothing(
+    src: Src, registry: server_mod.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Distribution rewrites a manifest's files in place, so a GET racing a PUT of the same
+    manifest reads an empty link and answers 500 (distribution issue #4489; two deploys of
+    one system at once hit it in CI). Here the empty link is made by hand, the real registry
+    answers the real 500, and the file is back before the client's second attempt."""
+    with Registry(registry.url) as reg:
+        report = hostcache.push_layers(src.store, reg, src.base.short)
+    digest = report.nodes[0]["manifest"]
+    link = _manifest_link(registry, REPO, digest)
+    saved = link.read_bytes()
+    assert saved.startswith(b"sha256:")
+    link.write_bytes(b"")  # what a concurrent PUT leaves for a moment
+    with Registry(registry.url, retries=0) as reg, pytest.raises(ToolFailed) as exc:
+        reg.get_manifest(REPO, digest)
+    assert "HTTP 500" in exc.value.message and "\n" not in exc.value.message
+    answers: list[int | None] = []
+    pause = Registry._pause
+
+    def restoring(self: Registry, attempt: int, resp: httpx.Response | None = None) -> None:
+        answers.append(None if resp is None else resp.status_code)
+        link.write_bytes(saved)  # the concurrent PUT finished
+        pause(self, attempt, resp)
+
+    monkeypatch.setattr(Registry, "_pause", restoring)
+    with Registry(registry.url) as reg:
+        _, got = reg.get_manifest(REPO, digest)
+        assert got == digest and reg.counters.retried == 1
+    assert answers == [500]
+    # pushing the same chain again writes no manifest: its tags already name these bytes
+    log_before = registry.log.read_text()
+    inode = link.stat().st_ino, link.stat().st_mtime_ns
+    with Registry(registry.url) as reg:
+        hostcache.push_layers(src.store, reg, src.base.short)
+    new_log = registry.log.read_text()[len(log_before) :]
+    assert "http.request.method=HEAD" in new_log
+    assert not re.search(r"method=PUT[^\n]*/manifests/", new_log), new_log[-2000:]
+    assert (link.stat().st_ino, link.stat().st_mtime_ns) == inode
 
 
 def _tamper(path: Path, at: int) -> None:

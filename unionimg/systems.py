@@ -292,7 +292,7 @@ def push(store: Store, reg: Registry, name: str, *, repo: str = SYSTEM_REPO) -> 
                     push_blob(reg, repo, layer.blob, layer.blob_digest, lambda: [LAYER_REPO])
                 pushed.add(vm.layer)
             reg.push_bytes(repo, config)
-        # (re)tagged either way: one PUT, and the tag names this very node afterwards
+        # tagged either way (no write when the tag already names it): it names this node
         parent = reg.put_manifest(repo, check_tag(node.name), manifest)
         out.nodes[node.name] = parent
     out.manifest = parent or ""

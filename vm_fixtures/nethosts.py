@@ -16,8 +16,12 @@ A :class:`Lab` is one private network on this machine:
 :attr:`Netns.prefix` runs a program inside a namespace with ``nsenter --net=/run/netns/NS``
 (the network namespace only; the registry needs no more). A host's sshd runs under ``ip
 netns exec``: the namespace's own ``/sys`` (a guest's tap device is looked up there) in a
-mount namespace of its own that receives the machine's mounts (a host's own mounts, such as
-a booted guest's, stay in it and go with its processes at teardown).
+mount namespace of its own, a slave copy of the machine's (a host's own mounts, such as a
+booted guest's, stay in it and go with its processes at teardown). A host's directory is
+bind-mounted on itself as a shared mount before its sshd starts, so what the tests mount
+under it later (a small tmpfs as a full store) reaches the host even where ``/`` is a
+private mount (a machine without systemd; unionimg makes ``/`` shared only once it boots a
+guest).
 Bytes on the wire are the kernel's counters of each host's ``eth0`` (``rx_bytes`` is what the
 host received), read with ``ip -n NS -s -j link show``: the namespace's own
 ``/sys/class/net/eth0/statistics`` as ``ip`` reads them.
@@ -292,6 +296,7 @@ class Lab:
         self.hosts: dict[str, Netns] = {}
         self._ports: dict[str, str] = {}
         self._next = 10
+        self._mounted: list[Path] = []  # the hosts' directories, bound on themselves
         self.client_key = self.workdir / "client_ed25519"
         STATE_DIR.mkdir(mode=0o700, exist_ok=True)
         (STATE_DIR / f"{self.id}.pid").write_text(f"{os.getpid()} {_proc_start(os.getpid())}")
@@ -361,6 +366,10 @@ class Lab:
         """A namespace host with its sshd listening and its own empty store directory."""
         hdir = self.workdir / f"host-{name}"
         hdir.mkdir(mode=0o700, exist_ok=True)
+        # shared (peer group of its own), so later mounts under it reach the host's copy
+        _run(["mount", "--bind", str(hdir), str(hdir)])
+        self._mounted.append(hdir)
+        _run(["mount", "--make-shared", str(hdir)])
         host = self._add_ns(name, Host, store=hdir / "store", dir=hdir)
         assert isinstance(host, Host)
         (hdir / "authorized_keys").write_text(
@@ -428,6 +437,8 @@ class Lab:
         for host in list(self.hosts.values()):
             _kill_netns(host.ns)
         self.hosts.clear()
+        while self._mounted:  # what a test mounted under one goes with it (lazily: busy is ok)
+            _run(["umount", "--recursive", "--lazy", str(self._mounted.pop())], check=False)
         if self.bridge_ns in _netns_list():
             _kill_netns(self.bridge_ns)
         _run(["ip", "link", "delete", self.ctl_if], check=False)

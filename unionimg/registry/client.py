@@ -15,12 +15,16 @@ the spec unionimg needs are small and stable (``/v2/`` API, distribution-spec v1
     PATCH LOCATION (Content-Range a-b)         one chunk (``chunk_size``), streamed from the file
     PUT LOCATION?digest=D                      close the session: the registry checks D
     PUT/GET /v2/R/manifests/REF                a manifest by tag or digest, with its media type
+    HEAD /v2/R/manifests/REF                   the digest REF names (a PUT that would change
+                                               nothing is not sent)
     GET /v2/R/blobs/D (Range: bytes=N-)        a blob, resumed from byte N of a ``.partial`` file
     GET /v2/R/tags/list, /v2/_catalog          listings
 
 httpx (a maintained, typed HTTP client) gives connection reuse, separate connect/read/write
 timeouts and streaming bodies both ways; everything else is here: bounded retries (a broken
-transfer is retried ``retries`` times, a pull resuming where it stopped), the sha256 of every
+transfer, or an answer in :data:`TRANSIENT` such as the 500 a Distribution registry gives a
+read racing a write of the same file, is retried ``retries`` times with backoff, a pull
+resuming where it stopped), the sha256 of every
 blob checked as it arrives before the file is renamed into place (a mismatch removes the
 partial file: exit 5), and byte counters (:class:`Counters`) for the callers' reports.
 
@@ -61,6 +65,13 @@ CHUNK: Final = 8 << 20
 MAX_LISTING: Final = 8 << 20
 """A catalog or tag list larger than this is refused (a registry is a remote party)."""
 RETRIES: Final = 3
+TRANSIENT: Final = frozenset({429, 500, 502, 503, 504})
+"""Answers another attempt may get past. Distribution's filesystem storage rewrites a link or
+manifest file in place (truncate, then write), so a GET racing a PUT of the same manifest reads
+an empty file and answers 500 "invalid checksum digest format" (distribution issue #4489); two
+deploys of one system at once did that."""
+MAX_RETRY_AFTER: Final = 10.0
+"""A registry's Retry-After is honoured up to this many seconds."""
 TIMEOUT: Final = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=10.0)
 
 _URL = re.compile(
@@ -92,19 +103,25 @@ class Counters:
     blobs_fetched: int = 0
     bytes_resumed: int = 0
     requests: int = 0
+    retried: int = 0
+    """Requests sent again after a broken connection or a transient answer (TRANSIENT)."""
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
 
 
 class _Retry(Exception):
-    """A transfer broke in a way another attempt may get past (the connection)."""
+    """A transfer broke in a way another attempt may get past (the connection, or a
+    TRANSIENT answer: then its cause is the ToolFailed that answer makes, and ``answer``
+    the answer, whose Retry-After the next attempt honours)."""
+
+    def __init__(self, answer: httpx.Response | None = None) -> None:
+        super().__init__()
+        self.answer = answer
 
 
 class Registry:
-    """One registry at ``url``; use as a context manager (closes its connections).
-
-    ``transport`` is for tests only (None: real sockets)."""
+    """One registry at ``url``; use as a context manager (closes its connections)."""
 
     def __init__(
         self,
@@ -134,6 +151,11 @@ class Registry:
         self._http.close()
 
     # -- the plumbing ---------------------------------------------------------------------
+    def _gave_up(self, exc: _Retry) -> ToolFailed:
+        """The error of a last failed attempt: the registry's own answer when it gave one."""
+        cause = exc.__cause__
+        return cause if isinstance(cause, ToolFailed) else self._down(cause or exc)
+
     def _down(self, exc: BaseException) -> ToolFailed:
         why = shown(str(exc))[:160] or type(exc).__name__
         return ToolFailed(
@@ -141,17 +163,32 @@ class Registry:
             "('unionimg registry serve --dir DIR --listen ADDR') or check --registry"
         )
 
+    def _pause(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        """Wait before attempt ``attempt + 1``: exponential backoff, or the answer's
+        Retry-After (seconds, at most MAX_RETRY_AFTER) when it asks for longer."""
+        wait = self.backoff * 2**attempt
+        after = resp.headers.get("retry-after", "") if resp is not None else ""
+        if after.isdigit():
+            wait = max(wait, min(float(after), MAX_RETRY_AFTER))
+        self.counters.retried += 1
+        time.sleep(wait)
+
     def _request(self, method: str, url: str | httpx.URL, **kw: Any) -> httpx.Response:
-        """One request with bounded retries on connection errors (all of unionimg's requests
-        but the streamed ones are idempotent or restartable)."""
+        """One request with bounded retries on connection errors and TRANSIENT answers (all
+        of unionimg's requests but the streamed ones are idempotent or restartable); the last
+        answer is returned whatever its status."""
         for attempt in range(self.retries + 1):
             self.counters.requests += 1
             try:
-                return self._http.request(method, url, **kw)
+                resp = self._http.request(method, url, **kw)
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise self._down(exc) from None
-                time.sleep(self.backoff * 2**attempt)
+                self._pause(attempt)
+                continue
+            if resp.status_code not in TRANSIENT or attempt == self.retries:
+                return resp
+            self._pause(attempt, resp)
         raise AssertionError("unreachable")
 
     def _fail(self, resp: httpx.Response, what: str) -> ToolFailed | NotFound:
@@ -185,8 +222,8 @@ class Registry:
         missing_ok: bool = False,
     ) -> bytes | None:
         """A GET whose body is read into memory, at most ``limit`` bytes (more: one line,
-        refused), with bounded retries on connection errors; None on 404 if ``missing_ok``."""
-        body = bytearray()
+        refused), with bounded retries on connection errors and TRANSIENT answers; None on
+        404 if ``missing_ok``."""
         for attempt in range(self.retries + 1):
             self.counters.requests += 1
             body = bytearray()
@@ -198,6 +235,9 @@ class Registry:
                         return None
                     if resp.status_code != 200:
                         resp.read()
+                        if resp.status_code in TRANSIENT and attempt < self.retries:
+                            self._pause(attempt, resp)
+                            continue
                         raise self._fail(resp, what)
                     for part in resp.iter_bytes():
                         body += part
@@ -205,13 +245,14 @@ class Registry:
                             raise ToolFailed(
                                 f"registry {self.url}: {what} is larger than {limit} bytes; refused"
                             )
-                break
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise self._down(exc) from None
-                time.sleep(self.backoff * 2**attempt)
-        self.counters.bytes_down += len(body)
-        return bytes(body)
+                self._pause(attempt)
+                continue
+            self.counters.bytes_down += len(body)
+            return bytes(body)
+        raise AssertionError("unreachable")
 
     def _listing(self, path: str, params: dict[str, int], key: str, what: str) -> list[str] | None:
         """A JSON listing (``{KEY: [names]}``) read up to :data:`MAX_LISTING` bytes; None
@@ -286,8 +327,8 @@ class Registry:
             except _Retry as exc:
                 location = None
                 if attempt == self.retries:
-                    raise self._down(exc.__cause__ or exc) from None
-                time.sleep(self.backoff * 2**attempt)
+                    raise self._gave_up(exc) from None
+                self._pause(attempt, exc.answer)
         raise AssertionError("unreachable")
 
     def push_bytes(self, repo: str, data: bytes, digest: str | None = None) -> str:
@@ -338,7 +379,10 @@ class Registry:
                         },
                     )
                     if resp.status_code != 202:
-                        raise self._fail(resp, f"uploading a chunk of blob {digest} to {repo}")
+                        failed = self._fail(resp, f"uploading a chunk of blob {digest} to {repo}")
+                        if resp.status_code in TRANSIENT:  # a new session starts over
+                            raise _Retry(resp) from failed
+                        raise failed
                     sent += len(data)
                     self.counters.bytes_up += len(data)
                     url = self._http.base_url.join(resp.headers.get("location", str(url)))
@@ -354,8 +398,12 @@ class Registry:
         self, repo: str, ref: str, data: bytes, media_type: str = MEDIA_MANIFEST
     ) -> str:
         """Store manifest ``data`` in ``repo`` under ``ref`` (a tag, or its own digest);
-        returns its digest (checked against the registry's answer)."""
+        returns its digest (checked against the registry's answer). A ``ref`` that already
+        names these very bytes is not written again: Distribution rewrites the files in place,
+        and a reader racing that write gets a 500 (see :data:`TRANSIENT`)."""
         digest = digest_of(data)
+        if self.manifest_digest(repo, ref, media_type) == digest:
+            return digest
         resp = self._request(
             "PUT",
             f"/v2/{check_repo(repo)}/manifests/{ref}",
@@ -371,6 +419,22 @@ class Registry:
             )
         self.counters.bytes_up += len(data)
         return digest
+
+    def manifest_digest(self, repo: str, ref: str, media_type: str = MEDIA_MANIFEST) -> str | None:
+        """The digest the registry says ``ref`` of ``repo`` names (its Docker-Content-Digest
+        header), or None when it holds no such manifest or does not say. Only a hint: what is
+        pulled is checked against its own digest."""
+        resp = self._request(
+            "HEAD",
+            f"/v2/{check_repo(repo)}/manifests/{ref}",
+            headers={"accept": media_type},
+        )
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._fail(resp, f"asking for manifest {ref} in {repo}")
+        said = resp.headers.get("docker-content-digest", "")
+        return said if said.startswith("sha256:") else None
 
     def get_manifest(
         self, repo: str, ref: str, media_type: str = MEDIA_MANIFEST
@@ -430,13 +494,13 @@ class Registry:
                 if attempt == self.retries:
                     kept = partial.stat().st_size if partial.exists() else 0
                     if not kept:
-                        raise self._down(exc.__cause__ or exc) from None
+                        raise self._gave_up(exc) from None
                     raise ToolFailed(
                         f"the transfer of blob {digest} from registry {self.url} broke after "
                         f"{kept} of {size} bytes ({shown(str(exc.__cause__))[:120]}); "
                         f"{partial} is kept: pull again to resume"
                     ) from None
-                time.sleep(self.backoff * 2**attempt)
+                self._pause(attempt, exc.answer)
         if actual != digest:
             partial.unlink(missing_ok=True)
             raise ToolFailed(_tampered(self.url, repo, digest, actual))
@@ -499,7 +563,10 @@ class Registry:
                     have, mode, h = 0, "wb", hashlib.sha256()
                 else:
                     resp.read()
-                    raise self._fail(resp, f"blob {digest} of {repo}")
+                    failed = self._fail(resp, f"blob {digest} of {repo}")
+                    if resp.status_code in TRANSIENT:
+                        raise _Retry(resp) from failed
+                    raise failed
                 with partial.open(mode) as fh:
                     for part in resp.iter_bytes():
                         if have + received + len(part) > size:
