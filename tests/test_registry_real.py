@@ -219,8 +219,10 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def proxy(upstream: str, **kw: int) -> Iterator[Proxy]:
-    p = Proxy(upstream, **kw)
+def proxy(
+    upstream: str, *, cut_after: int = 0, cuts: int = 0, busy_on: bytes = b"", busy: int = 0
+) -> Iterator[Proxy]:
+    p = Proxy(upstream, cut_after=cut_after, cuts=cuts, busy_on=busy_on, busy=busy)
     try:
         yield p
     finally:
