@@ -6,7 +6,9 @@ placement;
 ``recover VM --on HOST`` makes the VM on HOST from the layers already there (its base
 generations made from the cached layers, no ``base create``, a fresh U with the VM's MAC),
 boots it if asked, and plans again without the failed server so that a second failure is
-covered too (the seed's step 3.2(2)), applying that plan.
+covered too (the seed's step 3.2(2)), applying that plan. The failed server's other VMs are
+then pending (the servers file kept in the record lists them, with their failed server):
+recovering one of them later takes that failed server, on any host.
 
 The host side of ``recover`` is :func:`recover_here` (``unionimg recover VM --here``, run on
 the host over SSH by the controller).
@@ -26,7 +28,7 @@ from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
 from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore, snapshot
 from unionimg.placement import planner
-from unionimg.placement.fromstore import StoreCluster, cluster_from_system
+from unionimg.placement.fromstore import Pending, StoreCluster, cluster_from_system, pending_of
 from unionimg.placement.model import Cluster, Plan, evaluate
 from unionimg.registry import hostcache
 from unionimg.registry.client import Registry
@@ -260,9 +262,15 @@ def _toml_value(v: object) -> str:
     raise UsageError(f"servers file: cannot keep value {v!r}")
 
 
-def servers_after(servers_text: str, failed: str, moved: Mapping[str, str]) -> str:
+def servers_after(
+    servers_text: str,
+    failed: str,
+    moved: Mapping[str, str],
+    pending: Sequence[Pending] = (),
+) -> str:
     """The servers file without server ``failed``, each VM of ``moved`` running on its new
-    server."""
+    server, and ``pending`` (the failed servers' VMs not recovered yet) as its ``pending``
+    entries."""
     import tomllib
 
     doc = tomllib.loads(servers_text)
@@ -276,10 +284,74 @@ def servers_after(servers_text: str, failed: str, moved: Mapping[str, str]) -> s
         s["runs"] = runs
         lines.append("  { " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in s.items()) + " },")
     lines.append("]")
+    if pending:
+        lines.append("pending = [")
+        for pe in pending:
+            row = {"vm": pe.vm, "failed": pe.failed, "target": pe.target, "bytes": pe.bytes}
+            lines.append(
+                "  { " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in row.items()) + " },"
+            )
+        lines.append("]")
     if "placement" in doc:
         lines.append("[placement]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in doc["placement"].items()]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RecoveryStep:
+    """What ``recover VM --on HOST`` does to the record: the VM's failed server, what the
+    plan said for it, and the servers file a re-plan starts from."""
+
+    failed: str
+    planned_target: str | None
+    planned_bytes: int | None
+    was_pending: bool  # a VM of a server that failed before, left by an earlier re-plan
+    servers_after: str  # the VM on HOST, the failed server gone, the VMs still pending
+
+
+def recovery_step(rec: PlacementApplied, vm: str, host: str) -> RecoveryStep:
+    """Which server of the applied placement VM ``vm`` recovers from when made on ``host``.
+
+    A VM still pending recovery (its server failed and an earlier ``recover`` re-planned,
+    assuming it runs on its planned target) recovers from that failed server: on its planned
+    target or any other server, no healthy server dropped. Any other VM's server is taken as
+    failed now: its other VMs become pending, assumed on their planned targets, and a VM
+    already pending on that server moves on to this plan's target for it."""
+    import tomllib
+
+    doc = tomllib.loads(rec.servers)
+    pending = pending_of(doc, "the applied placement")
+    runs = {v: str(s.get("name")) for s in doc.get("server", []) for v in s.get("runs", [])}
+    if host not in {h.host for h in rec.hosts}:
+        raise NotFound(f"host {host} is not a server of the applied placement")
+    if vm not in runs:
+        raise NotFound(f"VM {vm} runs on no server of the applied placement")
+    if vm in pending:
+        pe = pending[vm]
+        rest = [q for q in pending.values() if q.vm != vm]
+        after = servers_after(rec.servers, pe.failed, {vm: host}, rest)
+        return RecoveryStep(pe.failed, pe.target, pe.bytes, True, after)
+    failed = runs[vm]
+    if failed == host:
+        if f"{vm}@{host}" in rec.recovered:
+            raise UsageError(f"VM {vm} was already recovered on {host} (the placement record)")
+        raise UsageError(f"VM {vm} ran on {host}; recover it on another server")
+    planned = next((r for r in rec.recovery if r.vm == vm and r.failed == failed), None)
+    others = {r.vm: r for r in rec.recovery if r.failed == failed and r.vm != vm}
+    moved = {vm: host, **{v: r.target for v, r in others.items()}}
+    rest = [
+        Pending(q.vm, q.failed, others[q.vm].target, others[q.vm].bytes) if q.vm in others else q
+        for q in pending.values()
+    ]
+    rest += [Pending(v, failed, r.target, r.bytes) for v, r in others.items() if v not in pending]
+    return RecoveryStep(
+        failed,
+        planned.target if planned else None,
+        planned.bytes if planned else None,
+        False,
+        servers_after(rec.servers, failed, moved, rest),
+    )
 
 
 def recover(
@@ -295,21 +367,17 @@ def recover(
     """VM ``vm`` (of the applied placement's system) made on ``host_name`` from the layers
     the placement keeps there (pulled first only if the host lacks some: the plan said so);
     then, with ``replan``, the placement planned and applied again without the VM's failed
-    server (the VM now runs on ``host_name``)."""
+    server (the VM now runs on ``host_name``; the failed server's other VMs, pending, are
+    assumed on their planned targets until recovered: :func:`recovery_step`)."""
     rec = applied(store)
     sc = cluster_from_system(store, rec.system, rec.servers, "the applied placement")
     if vm not in sc.vms:
         raise NotFound(f"VM {vm} is not in system {rec.system} of the applied placement")
+    step = recovery_step(rec, vm, host_name)
     held = {h.host: set(h.layers) for h in rec.hosts}
-    if host_name not in held:
-        raise NotFound(f"host {host_name} is not a server of the applied placement")
-    failed = sc.cluster.vm(vm).server
-    if failed == host_name:
-        raise UsageError(f"VM {vm} ran on {host_name}; recover it on another server")
     meta = sc.vms[vm]
     chain = [la.diff_id for la in layerstore.chain(store, meta.layer)]
     lacking = [d for d in chain if d not in held[host_name]]
-    planned = next((r for r in rec.recovery if r.vm == vm and r.failed == failed), None)
     host = hosts_mod.get(store, host_name)
     pulled = 0
     if lacking:
@@ -326,20 +394,19 @@ def recover(
     result: dict[str, Any] = {
         "vm": vm,
         "host": host_name,
-        "failed": failed,
-        "planned_target": planned.target if planned else None,
-        "planned_bytes": planned.bytes if planned else None,
+        "failed": step.failed,
+        "was_pending": step.was_pending,
+        "planned_target": step.planned_target,
+        "planned_bytes": step.planned_bytes,
         "layers_lacking": lacking,
         "bytes_pulled": pulled,
         "made": made,
     }
     if replan:
-        moved = {vm: host_name}
-        moved.update({r.vm: r.target for r in rec.recovery if r.failed == failed and r.vm != vm})
         again = apply(
             store,
             rec.system,
-            servers_after(rec.servers, failed, moved),
+            step.servers_after,
             rec.registry,
             method=method,
             time_limit=time_limit,

@@ -40,6 +40,40 @@ class StoreCluster:
     vms: Mapping[str, SystemVM]  # the system's VMs by name
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A VM of failed server ``failed`` not recovered yet: the re-plan that followed another
+    VM's recovery assumed it runs on ``target`` (the plan had ``bytes`` sent there)."""
+
+    vm: str
+    failed: str
+    target: str
+    bytes: int
+
+
+def pending_of(doc: Mapping[str, object], source: str = "servers file") -> dict[str, Pending]:
+    """The servers file's ``pending`` entries (written by ``recover`` when it re-plans), by
+    VM: ``pending = [{ vm = "db", failed = "h1", target = "h2", bytes = 0 }]``."""
+    rows = doc.get("pending", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f"{source}: 'pending' must be an array of tables")
+    out: dict[str, Pending] = {}
+    for r in rows:
+        if set(r) != {"vm", "failed", "target", "bytes"} or not all(
+            isinstance(r[k], str) and r[k] for k in ("vm", "failed", "target")
+        ):
+            raise UsageError(
+                f"{source}: a 'pending' entry has vm, failed, target (names) and bytes, no more"
+            )
+        n = r["bytes"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise UsageError(f"{source}: pending VM {r['vm']!r}: bytes is a whole number >= 0")
+        if r["vm"] in out:
+            raise UsageError(f"{source}: VM {r['vm']!r} is pending twice")
+        out[r["vm"]] = Pending(r["vm"], r["failed"], r["target"], n)
+    return out
+
+
 def layer_name(diff_id: str) -> str:
     return diff_id.removeprefix("sha256:")[:12]
 
@@ -52,9 +86,11 @@ def cluster_from_system(
         doc = tomllib.loads(servers_text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{source}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"server", "placement"})
+    unknown = sorted(set(doc) - {"server", "placement", "pending"})
     if unknown:
-        raise UsageError(f"{source}: unknown key {unknown[0]!r}; allowed: placement, server")
+        raise UsageError(
+            f"{source}: unknown key {unknown[0]!r}; allowed: pending, placement, server"
+        )
     servers = doc.get("server", [])
     if not isinstance(servers, list) or not all(isinstance(s, dict) for s in servers):
         raise UsageError(f"{source}: 'server' must be an array of tables")
@@ -76,6 +112,13 @@ def cluster_from_system(
     missing = sorted(set(by_name) - set(runs))
     if missing:
         raise UsageError(f"{source}: VM {missing[0]!r} of system {system} runs on no server")
+    server_names = {str(s.get("name")) for s in servers}
+    for p in pending_of(doc, source).values():
+        if runs.get(p.vm) != p.target or p.failed in server_names:
+            raise UsageError(
+                f"{source}: pending VM {p.vm!r} must run on its planned target {p.target!r} "
+                f"and its failed server {p.failed!r} be no server of the file"
+            )
     layers: dict[str, dict[str, object]] = {}
     diff_ids: dict[str, str] = {}
     vms: list[dict[str, object]] = []
