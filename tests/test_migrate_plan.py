@@ -118,3 +118,87 @@ def test_summary_by_reason() -> None:
     }
     assert s.send_bytes == 7 and s.layer_bytes == 100
     assert s.to_json()["bytes_sent"] == 107
+
+
+def test_summary_by_place_same_path_or_elsewhere() -> None:
+    """Each content found there is counted under its place (``base NAME/N``, ``layer L``,
+    ``vm NAME``, ``cache``), at the same path as in the VM (the guest's path) or elsewhere."""
+    shas = {n: f"{n:02x}" * 32 for n in range(1, 8)}
+    entries = [
+        d("upper"), d("upper/etc"), d(".hg"),
+        f("upper/etc/a", 10, shas[1]),  # base os/1 at /etc/a: same path
+        f("upper/etc/b", 20, shas[2]),  # base os/1 at /usr/b: elsewhere
+        f("upper/etc/c", 30, shas[3]),  # vm peer at /upper/etc/c: the guest's /etc/c
+        f("upper/etc/d", 40, shas[4]),  # vm peer at /upper/srv/d: elsewhere
+        f("upper/etc/e", 50, shas[5]),  # layer L1 at /etc/e
+        f(".hg/store", 60, shas[6]),  # cache: no paths
+        f("upper/etc/new", 70, shas[7]),  # nowhere
+    ]  # fmt: skip
+    found = {
+        shas[1]: "base os/1 /etc/a",
+        shas[2]: "base os/1 /usr/b",
+        shas[3]: "vm peer /upper/etc/c",
+        shas[4]: "vm peer /upper/srv/d",
+        shas[5]: "layer L1 /etc/e",
+        shas[6]: "cache",
+    }
+    s = plan.summary(entries, found, {}, [], [])
+    got = s.to_json()["found"]
+    assert got == {
+        "base os/1": {
+            "reason": "base", "contents": 2, "bytes": 30,
+            "same_path": {"contents": 1, "bytes": 10},
+            "elsewhere": {"contents": 1, "bytes": 20},
+        },
+        "vm peer": {
+            "reason": "vm", "contents": 2, "bytes": 70,
+            "same_path": {"contents": 1, "bytes": 30},
+            "elsewhere": {"contents": 1, "bytes": 40},
+        },
+        "layer L1": {
+            "reason": "layer", "contents": 1, "bytes": 50,
+            "same_path": {"contents": 1, "bytes": 50},
+            "elsewhere": {"contents": 0, "bytes": 0},
+        },
+        "cache": {"reason": "cache", "contents": 1, "bytes": 60},
+    }  # fmt: skip
+    assert s.by_reason["new"] == {"contents": 1, "bytes": 70}
+    # a layer offered by content: its paths are the guest's
+    lt = [d("usr"), f("usr/b", 20, shas[2])]
+    s = plan.summary([d("upper")], {shas[2]: "base os/1 /usr/b"}, {}, [], [], layer_entries=lt)
+    assert s.by_place["base os/1"].same_path.contents == 1 and s.files == 1
+
+
+@pytest.mark.parametrize(
+    ("label", "place"),
+    [
+        ("cache", ("cache", None)),
+        ("base os/1 /etc/a b", ("base os/1", "/etc/a b")),
+        ("layer L12 /x", ("layer L12", "/x")),
+        ("vm web /upper/etc/a", ("vm web", "/etc/a")),
+        ("vm web /.hg/store", ("vm web", None)),
+        ("base os/1", ("base os/1", None)),
+    ],
+)
+def test_places(label: str, place: tuple[str, str | None]) -> None:
+    assert plan.place_of(label) == place
+
+
+def test_the_dry_run_says_why_per_place(capsys: pytest.CaptureFixture[str]) -> None:
+    """The human output: per reason (``vm`` named as such), then per place, same path or
+    elsewhere."""
+    from unionimg.cli.migrate_cmd import _human
+
+    entries = [d("upper"), f("upper/a", 10, "01" * 32), f("upper/b", 20, "02" * 32)]
+    found = {"01" * 32: "vm peer /upper/a", "02" * 32: "base os/1 /usr/b"}
+    summ = plan.summary(entries, found, {}, [], [])
+    out = {
+        "instance": "web", "host": "h1", "dry_run": True, "finished_earlier": False,
+        "plan": summ.to_json(), "deltas": 0, "stream_bytes": 0, "seconds": 0.1,
+        "receiver": None,
+    }  # fmt: skip
+    _human(out)
+    text = capsys.readouterr().out
+    assert "found in the upper layer of a stopped VM there" in text
+    assert "in vm peer, same path" in text and "in base os/1, other paths" in text
+    assert text.index("vm peer") > text.index("stopped VM")

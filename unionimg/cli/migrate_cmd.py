@@ -14,7 +14,7 @@ import click
 
 from unionimg.cli._common import Ctx, emit, hv_option, json_option, json_text, pass_ctx
 from unionimg.display import shown
-from unionimg.migrate import plan, receive, send
+from unionimg.migrate import pending, plan, receive, send
 from unionimg.names import human_size
 
 
@@ -52,7 +52,34 @@ def _bar(enabled: bool, what: str) -> Iterator[Any]:
         yield note
 
 
+REASONS = {
+    "new": "sent (found nowhere there)",
+    "cache": "found in its object cache (an earlier transfer, or the VM's earlier stay)",
+    "base": "found in a base generation there",
+    "layer": "found in a snapshot layer there",
+    "vm": "found in the upper layer of a stopped VM there",
+}
+
+
+def _finished(d: dict[str, Any]) -> None:
+    name, host = shown(d["instance"]), shown(d["host"])
+    if d["dry_run"]:
+        click.echo(
+            f"host {host} holds instance {name} already (an earlier migration stopped before "
+            f"removing it here): would send nothing, keep its contents and remove it here"
+        )
+        return
+    click.echo(
+        f"host {host} held instance {name} already (an earlier migration stopped before "
+        f"removing it here): sent nothing; {d['kept_for_way_back']} content(s) kept for the "
+        "way back; removed here"
+    )
+
+
 def _human(d: dict[str, Any]) -> None:
+    if d["finished_earlier"]:
+        _finished(d)
+        return
     p = d["plan"]
     verb = "would send" if d["dry_run"] else "sent"
     click.echo(
@@ -60,13 +87,20 @@ def _human(d: dict[str, Any]) -> None:
         f"({human_size(p['file_bytes'])}), {p['contents']} distinct contents"
     )
     for why, row in sorted(p["by_reason"].items()):
-        label = {
-            "new": "sent (found nowhere there)",
-            "cache": "found in its object cache (an earlier transfer, or the VM's earlier stay)",
-            "base": "found in a base generation there",
-            "layer": "found in a snapshot layer there",
-        }.get(why, why)
+        label = REASONS.get(why, why)
         click.echo(f"  {row['contents']:6d} contents {human_size(row['bytes']):>10}  {label}")
+        for place, at in sorted(p["found"].items()):
+            if at["reason"] != why:
+                continue
+            if why == "cache":
+                continue  # the cache has no paths: its line above says it all
+            for key, words in (("same_path", "same path"), ("elsewhere", "other paths")):
+                sub = at[key]
+                if sub["contents"]:
+                    click.echo(
+                        f"  {sub['contents']:15d} {human_size(sub['bytes']):>10}    in "
+                        f"{shown(place)}, {words}"
+                    )
     if p["layers_sent"]:
         click.echo(
             f"  {len(p['layers_sent'])} chain layer(s) it lacks: "
@@ -141,6 +175,16 @@ def receive_offer(c: Ctx, hypervisor: str | None) -> None:
     (JSON)."""
     offer = receive.read_offer(sys.stdin.buffer, c.store)
     click.echo(json_text(receive.answer(c.store, offer, hypervisor).to_json(), sort_keys=True))
+
+
+@migrate_receive.command("status")
+@click.argument("name")
+@click.argument("mac")
+@click.argument("digest")
+@pass_ctx
+def receive_status(c: Ctx, name: str, mac: str, digest: str) -> None:
+    """Say (JSON) whether instance NAME with MAC, made from the offer DIGEST, is here."""
+    click.echo(json_text(pending.status(c.store, name, mac, digest).to_json(), sort_keys=True))
 
 
 @migrate_receive.command("push")

@@ -5,7 +5,9 @@ Sources, in the order they are asked:
 - **the object cache** ``STORE/migrate/objects/SHA256``: contents that arrived in a
   migration (verified before they were kept: a broken transfer's contents wait there for the
   rerun) and the contents of VMs that left this host (kept when they left, so their way back
-  sends only what changed). Files are named by their hash and written only after it checked;
+  sends only what changed). Files are named by their hash and written only after it checked
+  (as ``.SHA.PID.tmp`` until then: those of a writer that was killed are removed by the
+  next receive, :func:`sweep_temporaries`);
 - **base generations**: each generation's manifest (``manifest.sqlite``: path → sha256, made
   by unionimg from the trusted base); content read from the generation's tree mounted
   read-only;
@@ -107,6 +109,41 @@ class ObjectWriter:
         with contextlib.suppress(OSError):
             self.fh.close()
         self.tmp.unlink(missing_ok=True)
+
+
+_TMP_RE = re.compile(r"\.[0-9a-f]{64}\.([0-9]{1,10})\.tmp")
+
+
+def sweep_temporaries(store: Store) -> int:
+    """Remove the temporary files (``.SHA.PID.tmp``) that writers killed mid-content left in
+    the object cache: those whose process is gone (a live one may still be writing; a PID
+    taken again by another process keeps its file until a later sweep). The number
+    removed."""
+    try:
+        names = os.listdir(objects_dir(store))
+    except FileNotFoundError:
+        return 0
+    swept = 0
+    for name in names:
+        m = _TMP_RE.fullmatch(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            (objects_dir(store) / name).unlink()
+            swept += 1
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def keep_file(store: Store, src: BinaryIO, sha: str, size: int) -> bool:

@@ -9,9 +9,12 @@ an earlier file of the same content, and file sizes that together stay within th
 size. It reads nothing and writes nothing; the receiver calls it before it makes anything.
 
 :func:`summary` says what a migration sends and why (``--dry-run``, the JSON report): per
-reason (``staged``: an earlier, broken transfer left it on the receiver; ``base``: a base
-generation there holds it, at the same path or elsewhere; ``layer``: a layer there holds it;
-``new``: sent), how many files and bytes.
+reason (``cache``: the receiver's object cache holds it, from an earlier, broken transfer or
+the VM's earlier stay; ``base``: a base generation there holds it; ``layer``: a snapshot
+layer there; ``vm``: the upper layer of a stopped VM there; ``new``: sent), how many
+contents and bytes; and per place (``base NAME/N``, ``layer L...``, ``vm NAME``, ``cache``)
+the same, split into contents found at the same path as in the VM (the guest's path: U's
+``upper/P`` is ``/P``, a layer's ``P`` is ``/P``) and contents found elsewhere.
 """
 
 from __future__ import annotations
@@ -180,11 +183,43 @@ def file_contents(entries: Iterable[TreeEntry]) -> dict[str, int]:
 
 
 @dataclass
+class Count:
+    contents: int = 0
+    bytes: int = 0
+
+    def add(self, size: int) -> None:
+        self.contents += 1
+        self.bytes += size
+
+    def to_json(self) -> dict[str, int]:
+        return {"contents": self.contents, "bytes": self.bytes}
+
+
+@dataclass
+class PlaceRow:
+    """What one place on the receiver holds of the VM: in all, and (but the cache, which has
+    no paths) found at the same path as in the VM, or elsewhere."""
+
+    reason: str
+    all: Count = field(default_factory=Count)
+    same_path: Count = field(default_factory=Count)
+    elsewhere: Count = field(default_factory=Count)
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"reason": self.reason, **self.all.to_json()}
+        if self.reason != "cache":
+            out["same_path"] = self.same_path.to_json()
+            out["elsewhere"] = self.elsewhere.to_json()
+        return out
+
+
+@dataclass
 class Summary:
     files: int = 0
     file_bytes: int = 0
     contents: int = 0
     by_reason: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_place: dict[str, PlaceRow] = field(default_factory=dict)
     send_bytes: int = 0  # compressed payload of the contents sent
     layers_sent: list[str] = field(default_factory=list)
     layer_bytes: int = 0
@@ -195,6 +230,7 @@ class Summary:
             "file_bytes": self.file_bytes,
             "contents": self.contents,
             "by_reason": self.by_reason,
+            "found": {k: v.to_json() for k, v in sorted(self.by_place.items())},
             "content_bytes_sent": self.send_bytes,
             "layers_sent": self.layers_sent,
             "layer_bytes_sent": self.layer_bytes,
@@ -203,10 +239,42 @@ class Summary:
 
 
 def reason_of(label: str | None) -> str:
-    """The reason class of a receiver's label (``staged``, ``base ...``, ``layer ...``)."""
+    """The reason of a receiver's label (``cache``, ``base ...``, ``layer ...``, ``vm ...``),
+    ``new`` for a content found nowhere."""
     if label is None:
         return "new"
     return label.split(" ", 1)[0]
+
+
+def place_of(label: str) -> tuple[str, str | None]:
+    """(place, the guest's path there or None) of a receiver's label: ``cache`` →
+    (``cache``, None); ``base os/1 /etc/a`` → (``base os/1``, ``/etc/a``); ``layer L12 /etc/a``
+    → (``layer L12``, ``/etc/a``); ``vm web /upper/etc/a`` → (``vm web``, ``/etc/a``: a VM's
+    upper layer is the guest's root; a path outside it has no guest path)."""
+    kind, _, rest = label.partition(" ")
+    ref, _, path = rest.partition(" ")
+    if not ref:
+        return kind, None
+    place = f"{kind} {ref}"
+    if kind == "vm":
+        inside = path.lstrip("/")
+        return place, ("/" + inside.removeprefix("upper/")) if inside.startswith("upper/") else None
+    return place, path if path.startswith("/") else None
+
+
+def guest_paths(
+    entries: Iterable[TreeEntry], layer_entries: Iterable[TreeEntry] = ()
+) -> dict[str, set[str]]:
+    """sha256 → the guest's paths of the files holding it: U's ``upper/P`` is ``/P`` (U's
+    other top names have none), a layer tree's ``P`` is ``/P``."""
+    out: dict[str, set[str]] = {}
+    for e in entries:
+        if e.kind == "file" and e.sha256 and e.path.startswith("upper/"):
+            out.setdefault(e.sha256, set()).add("/" + e.path.removeprefix("upper/"))
+    for e in layer_entries:
+        if e.kind == "file" and e.sha256:
+            out.setdefault(e.sha256, set()).add("/" + e.path)
+    return out
 
 
 def summary(
@@ -215,21 +283,37 @@ def summary(
     compressed: Mapping[str, int],
     chain: Iterable[ChainLayer],
     layers_missing: Iterable[str],
+    *,
+    layer_entries: Iterable[TreeEntry] = (),
 ) -> Summary:
-    """What a migration sends and why (see the module docstring)."""
+    """What a migration sends and why (see the module docstring): ``entries`` are U's,
+    ``layer_entries`` those of the chain layers offered by content."""
     out = Summary()
-    files = [e for e in entries if e.kind == "file"]
+    u_entries = list(entries)
+    l_entries = list(layer_entries)
+    files = [e for e in (*u_entries, *l_entries) if e.kind == "file"]
     out.files = len(files)
     out.file_bytes = sum(e.size for e in files)
     contents = file_contents(files)
     out.contents = len(contents)
+    paths = guest_paths(u_entries, l_entries)
     for sha, size in sorted(contents.items()):
-        why = reason_of(found.get(sha))
+        label = found.get(sha)
+        why = reason_of(label)
         row = out.by_reason.setdefault(why, {"contents": 0, "bytes": 0})
         row["contents"] += 1
         row["bytes"] += size
         if why == "new":
             out.send_bytes += compressed.get(sha, size)
+        if label is None:
+            continue
+        place, path = place_of(label)
+        at = out.by_place.setdefault(place, PlaceRow(why))
+        at.all.add(size)
+        if path is not None and path in paths.get(sha, ()):
+            at.same_path.add(size)
+        else:
+            at.elsewhere.add(size)
     missing = set(layers_missing)
     for layer in chain:
         if layer.diff_id in missing:

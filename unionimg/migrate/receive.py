@@ -1,4 +1,4 @@
-"""The receiving side of a migration (``unionimg migrate-in offer|push``, run over SSH
+"""The receiving side of a migration (``unionimg migrate-in offer|push|status``, run over SSH
 by the sender's ``migrate``).
 
 ``offer`` (the offer as JSON on stdin): checks the offer (:mod:`.plan`), that no VM of that
@@ -13,10 +13,15 @@ file content (one it lacks, with its announced size) is hashed and kept in the o
 only when it matches. After the end frame (and nothing after it), the U tree is made in a
 staging directory from the cache and the store's own contents (each hashed as copied),
 scanned and compared with the offer's manifest entry by entry, made into the U image
-(``mke2fs -d``), and the instance recorded with the sender's MAC, U size and resources: the
-instance directory appears whole by one rename, or not at all. A refusal is one line; what
-arrived and was verified stays in the cache (a rerun does not need it again); nothing else is
-left.
+(``mke2fs -d``), and the instance recorded with the sender's MAC, U size and resources and
+the digest of the offer it was made from (:class:`.pending.Arrival`): the instance directory
+appears whole by one rename, or not at all. A refusal is one line; what arrived and was
+verified stays in the cache (a rerun does not need it again); nothing else is left. A receive
+first removes the temporary files of writers killed mid-content
+(:func:`.index.sweep_temporaries`).
+
+``status NAME MAC DIGEST`` (:func:`.pending.status`): whether this host holds that very VM
+(name, MAC, made from that offer): what a sender stopped after its stream asks.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layerstore import Origin
-from unionimg.migrate import delta, index, plan, tree
+from unionimg.migrate import delta, index, pending, plan, tree
 from unionimg.migrate.wire import Reader, StreamRefused
 from unionimg.names import check_hypervisor, check_name, parse_mac
 from unionimg.store.layout import Store, now_iso, read_record, write_record
@@ -292,10 +297,13 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
         raise StreamRefused("migration refused: the stream does not start with the offer")
     digest = header.get("offer_digest")
     offer = stored_offer(store, str(digest)) if digest is not None else parse_offer(header)
+    # what the instance records it was made from (the sender's pending record names it)
+    made_from = str(digest) if digest is not None else _text_digest(header)
     with (
         store.lock(LOCK, wait=False, purpose=f"migrate-in {offer.instance.name}"),
         contextlib.ExitStack() as stack,
     ):
+        index.sweep_temporaries(store)  # a killed receiver's partial contents
         ans = answer(store, offer, hypervisor)
         inst = _check_instance(store, offer.instance, hypervisor)
         chain = {c.diff_id: c for c in offer.chain}
@@ -427,7 +435,7 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
             )
         layers += _remake_layers(store, offer, inst)
         _make_generations(store, offer, _gens_to_make(store, offer, list(offer.chain)))
-        files, reused = _make_instance(store, offer, inst)
+        files, reused = _make_instance(store, offer, inst, made_from)
         if digest is not None:
             (offers_dir(store) / f"{digest}.json").unlink(missing_ok=True)
     return MigrateDone(
@@ -443,8 +451,20 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
     )
 
 
-def _make_instance(store: Store, offer: MigrateOffer, inst: Instance) -> tuple[int, int]:
-    """Stage U's tree, verify it, make the U image, record the instance (one rename)."""
+def _text_digest(header: dict[str, object]) -> str:
+    """The sha256 of an offer sent whole, as the sender computes it (``send.offer_digest``:
+    the same JSON text, keys sorted, no spaces)."""
+    return hashlib.sha256(
+        json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def _make_instance(
+    store: Store, offer: MigrateOffer, inst: Instance, made_from: str
+) -> tuple[int, int]:
+    """Stage U's tree, verify it, make the U image, record the instance and the offer it
+    was made from (:class:`.pending.Arrival`), all in one directory that appears by one
+    rename."""
     entries = list(offer.entries)
     wanted = set(plan.file_contents(entries))
     places = index.locate(store, wanted)
@@ -467,6 +487,7 @@ def _make_instance(store: Store, offer: MigrateOffer, inst: Instance) -> tuple[i
         idir.mkdir(mode=0o700)
         make_ext4(idir / "upper.img", "U", u, inst.size)
         write_record(idir / Instance.FILE, inst)
+        write_record(idir / pending.Arrival.FILE, pending.arrival(made_from, offer.sender))
         with store.lock("store", purpose=f"migrate-in {inst.name}"):
             if store.instance_dir(inst.name).exists():
                 raise Conflict(f"instance '{inst.name}' appeared meanwhile; nothing was made")

@@ -10,15 +10,24 @@
    any base generation, not in any snapshot layer).
 3. ``--dry-run`` stops here and says what would be sent and why: per reason, contents and
    bytes, and the exact compressed bytes (the stream is made and counted, not sent).
-4. Otherwise one stream goes to ``migrate-in push``: the offer, the missing layer
-   blobs (bottom first), the missing contents, the end; all of it one zstd stream, flushed
-   every :data:`FLUSH_EVERY` bytes so what arrived can be kept by the host; ``--bandwidth``
-   caps its rate. The host verifies and makes the VM, then says so.
+4. Otherwise a pending record (:mod:`.pending`: the host, the offer's digest, U's tree
+   digest) is written durably into the VM's directory: from here on the VM does not boot
+   here until this run, or a rerun, knows whether the host made it. Then one stream goes to
+   ``migrate-in push``: the offer, the missing layer blobs (bottom first), the missing
+   contents, the end; all of it one zstd stream, flushed every :data:`FLUSH_EVERY` bytes so
+   what arrived can be kept by the host; ``--bandwidth`` caps its rate. The host verifies
+   and makes the VM (recording the offer's digest in it), then says so.
 5. Only then the VM leaves this host: its file contents are kept in this store's object cache
-   (its way back sends only what changed), then the instance is removed.
+   (its way back sends only what changed), then the instance is removed (its pending record
+   with it).
 
-A failure at any step leaves the VM here untouched; the host keeps the contents it verified
-(the rerun sends only the rest).
+A failure before the stream leaves the VM here untouched. A push that fails asks the host
+(``migrate-in status``): if it made the VM all the same, the migration finishes; if not, the
+record goes and the error stands; if it cannot be asked, the record stays. The host keeps
+the contents it verified (the rerun sends only the rest). A run that finds a pending record
+asks its host first: when the host holds that very VM (name, MAC, offer digest) and U's tree
+here is the one sent, it only finishes (nothing sent); otherwise the record goes and the
+migration runs normally.
 """
 
 from __future__ import annotations
@@ -43,10 +52,10 @@ from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore, snapshot
 from unionimg.layers.running import running_on
-from unionimg.migrate import delta, index, plan, tree
+from unionimg.migrate import delta, index, pending, plan, tree
 from unionimg.migrate.wire import MAGIC, frame_head
 from unionimg.runner import stream
-from unionimg.store.layout import Store
+from unionimg.store.layout import Store, now_iso
 from unionimg.store.migrate_records import (
     PROTOCOL,
     ChainLayer,
@@ -78,12 +87,16 @@ class Outcome:
     kept: int = 0  # contents kept in this store's cache for the way back
     deltas: int = 0  # changed files sent as deltas on their base versions
     stages: dict[str, float] = field(default_factory=dict)
+    # the host held the VM already (an earlier run stopped after its confirmation): this
+    # run only kept its contents and removed it here (or, dry, would)
+    finished_earlier: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "instance": self.instance,
             "host": self.host,
             "dry_run": self.dry_run,
+            "finished_earlier": self.finished_earlier,
             "plan": self.summary.to_json(),
             "stream_bytes": self.wire_bytes,
             "receiver": self.done.to_json() if self.done else None,
@@ -211,11 +224,6 @@ def _delta(
     if len(new) != e.size:
         raise ToolFailed(f"instance file {e.path[:80]!r} changed while it was sent; retry")
     return delta.encode(old, new, level)
-
-
-def _all_entries(offer: MigrateOffer) -> list[TreeEntry]:
-    """U's entries, then those of the layers offered by content."""
-    return [*offer.entries, *(e for lt in offer.layer_trees for e in lt.entries)]
 
 
 def write_stream(
@@ -373,6 +381,93 @@ def _keep_for_way_back(store: Store, u: Path, entries: tuple[TreeEntry, ...]) ->
     return kept
 
 
+def ask_status(host: hosts_mod.Host, name: str, mac: str, digest: str) -> pending.Status:
+    """Whether the host holds instance ``name`` with ``mac`` made from the offer ``digest``
+    (``migrate-in status``)."""
+    out = host.run(["migrate-in", "status", name, mac, digest], what="migrate-in status")
+    try:
+        return pending.Status.from_json(json.loads(out))
+    except (ValueError, RecordError):
+        raise ToolFailed(f"host {host.name}: 'migrate-in status' gave no answer") from None
+
+
+def _earlier(
+    store: Store, inst: inst_mod.Instance, host: hosts_mod.Host, dry_run: bool
+) -> Outcome | None:
+    """A migration of this VM that stopped after its stream (its :class:`.pending.Pending`
+    record is here): when its host holds the VM, finish it (keep U's contents for the way
+    back; the caller removes the VM) and say so; otherwise drop the record (not in a dry
+    run) and return None: the migration runs normally."""
+    name = inst.name
+    earlier = pending.read(store, name)
+    if earlier is None:
+        return None
+    try:
+        there = hosts_mod.get(store, earlier.host)
+    except UnionimgError:
+        raise Conflict(
+            f"instance {name} was being migrated to host {earlier.host}, which is not "
+            f"recorded here any more, so whether it holds {name} is unknown: add it again "
+            f"('unionimg host add') and run 'unionimg migrate {name} --to {earlier.host}'"
+        ) from None
+    st = ask_status(there, name, earlier.mac, earlier.offer_digest)
+    if not st.holds:
+        if not dry_run:
+            pending.clear(store, name)
+        return None
+    if there.name != host.name:
+        raise Conflict(
+            f"instance {name} is on host {there.name} already (an earlier 'migrate' stopped "
+            f"before removing it here); run 'unionimg migrate {name} --to {there.name}' to "
+            "finish that one"
+        )
+    if dry_run:
+        out = Outcome(name, host.name, True, plan.Summary(), {})
+        out.finished_earlier = True
+        return out
+    stages: dict[str, float] = {}
+    t = time.monotonic()
+    with inst_mod.u_layer(store, name, write=False) as u:
+        entries = tuple(tree.scan(u, skip_top=SKIP_TOP, max_bytes=inst.size))
+        stages["scan"] = time.monotonic() - t
+        if pending.tree_digest(entries) != earlier.u_digest:
+            raise Conflict(
+                f"instance {name} changed here (mounted or reconciled) after host {host.name} "
+                f"made it from its earlier state; nothing was removed: keep one of the two "
+                f"('unionimg instance remove {name}' here, or there and migrate again)"
+            )
+        t = time.monotonic()
+        kept = _keep_for_way_back(store, u, entries)
+        stages["keep"] = time.monotonic() - t
+    there_all = {sha: f"vm {name}" for sha in plan.file_contents(entries)}
+    out = Outcome(name, host.name, False, plan.summary(entries, there_all, {}, (), ()), there_all)
+    out.kept = kept
+    out.stages = stages
+    out.finished_earlier = True
+    return out
+
+
+def _after_failed_push(
+    store: Store, inst: inst_mod.Instance, host: hosts_mod.Host, digest: str, exc: UnionimgError
+) -> None:
+    """The push failed after the pending record was written: ask the host whether it made
+    the VM all the same (the link may have broken after its final rename). Returns when it
+    did (the caller finishes); re-raises ``exc`` when it did not (the record dropped: the VM
+    boots here again); when the host cannot be asked, the record stays (the VM does not
+    boot here) and the error says to run the migration again."""
+    try:
+        st = ask_status(host, inst.name, inst.mac, digest)
+    except UnionimgError:
+        raise type(exc)(
+            f"{exc.message}; whether host {host.name} made instance {inst.name} is unknown "
+            f"(asking it failed too): run 'unionimg migrate {inst.name} --to {host.name}' "
+            f"again to find out ({inst.name} does not boot here until then)"
+        ) from None
+    if not st.holds:
+        pending.clear(store, inst.name)
+        raise exc
+
+
 def migrate(
     store: Store,
     name: str,
@@ -388,112 +483,152 @@ def migrate(
     """Migrate instance ``name`` to host ``host_name`` (see the module docstring);
     ``whole_layers``: chain layers the host lacks travel as their blobs, not by content."""
     start = time.monotonic()
-    note: Progress = progress or (lambda _d, _t, _w: None)
     host = hosts_mod.get(store, host_name)
     inst = inst_mod.load(store, name)
-    stages: dict[str, float] = {}
     with store.lock(f"instance-{name}", wait=False, purpose=f"migrate {name}"):
         _check_stopped(store, name)
-        chain = chain_of(store, inst)
-        with (
-            inst_mod.u_layer(store, name, write=False) as u,
-            contextlib.ExitStack() as mounts,
-        ):
-            t = time.monotonic()
-            entries = tuple(tree.scan(u, skip_top=SKIP_TOP, max_bytes=inst.size))
-            stages["scan"] = time.monotonic() - t
-            cands = delta_candidates(store, inst, entries)
-            offer = MigrateOffer(
-                PROTOCOL, inst, tuple(chain), entries, sender=str(store.root),
-                bases=tuple(sorted({b for b, _p in cands.values()})),
+        out = _earlier(store, inst, host, dry_run)
+        if out is None:
+            out = _migrate(
+                store, inst, host, rate=rate, dry_run=dry_run, hypervisor=hypervisor,
+                level=level, progress=progress, whole_layers=whole_layers,
             )  # fmt: skip
+    if not out.dry_run:
+        # the host has the VM, verified: now it leaves this host (its pending record with it)
+        from unionimg import ops  # deferred: ops pulls in the boot layer
+
+        try:
+            ops.remove_instance(store, name)
+        except UnionimgError as exc:
+            raise Conflict(
+                f"instance {name} was made on host {host.name}, but removing it here failed "
+                f"({exc.message}); run 'unionimg migrate {name} --to {host.name}' again to "
+                "finish"
+            ) from None
+    out.seconds = time.monotonic() - start
+    return out
+
+
+def _migrate(
+    store: Store,
+    inst: inst_mod.Instance,
+    host: hosts_mod.Host,
+    *,
+    rate: int | None,
+    dry_run: bool,
+    hypervisor: str | None,
+    level: int,
+    progress: Progress | None,
+    whole_layers: bool,
+) -> Outcome:
+    """The migration proper, under the instance's lock (see :func:`migrate`): the VM made
+    on the host and its contents kept here, or (``dry_run``) what would be sent."""
+    name = inst.name
+    note: Progress = progress or (lambda _d, _t, _w: None)
+    stages: dict[str, float] = {}
+    chain = chain_of(store, inst)
+    with (
+        inst_mod.u_layer(store, name, write=False) as u,
+        contextlib.ExitStack() as mounts,
+    ):
+        t = time.monotonic()
+        entries = tuple(tree.scan(u, skip_top=SKIP_TOP, max_bytes=inst.size))
+        stages["scan"] = time.monotonic() - t
+        cands = delta_candidates(store, inst, entries)
+        offer = MigrateOffer(
+            PROTOCOL, inst, tuple(chain), entries, sender=str(store.root),
+            bases=tuple(sorted({b for b, _p in cands.values()})),
+        )  # fmt: skip
+        t = time.monotonic()
+        ans = ask(host, offer, hypervisor)
+        asked = offer
+        stages["offer"] = time.monotonic() - t
+        layer_roots: dict[str, Path] = {}
+        if ans.layers_missing and not whole_layers:
+            # the layers the host lacks, offered by content: it finds what it can in
+            # its own bases, layers and VMs, remakes each layer and checks its diff_id
             t = time.monotonic()
+            stage = mounts.enter_context(store.staging("migrate-layers"))
+            trees = []
+            for i, diff_id in enumerate(ans.layers_missing):
+                layer = layerstore.get(store, diff_id)
+                root = mounts.enter_context(layerstore.mounted(store, layer, stage / f"l{i}"))
+                layer_roots[diff_id] = root
+                trees.append(LayerTree(diff_id, tree.root_entry(root), tuple(tree.scan(root))))
+            offer = offer.replace(layer_trees=tuple(trees))
+            stages["scan_layers"] = time.monotonic() - t
             ans = ask(host, offer, hypervisor)
             asked = offer
-            stages["offer"] = time.monotonic() - t
-            layer_roots: dict[str, Path] = {}
-            if ans.layers_missing and not whole_layers:
-                # the layers the host lacks, offered by content: it finds what it can in
-                # its own bases, layers and VMs, remakes each layer and checks its diff_id
-                t = time.monotonic()
-                stage = mounts.enter_context(store.staging("migrate-layers"))
-                trees = []
-                for i, diff_id in enumerate(ans.layers_missing):
-                    layer = layerstore.get(store, diff_id)
-                    root = mounts.enter_context(layerstore.mounted(store, layer, stage / f"l{i}"))
-                    layer_roots[diff_id] = root
-                    trees.append(LayerTree(diff_id, tree.root_entry(root), tuple(tree.scan(root))))
-                offer = offer.replace(layer_trees=tuple(trees))
-                stages["scan_layers"] = time.monotonic() - t
-                ans = ask(host, offer, hypervisor)
-                asked = offer
-            found = dict(ans.found)
-            if ans.layers_missing:  # their blobs made where not kept: the stream's offer
-                for diff_id in ans.layers_missing:  # says their real sizes
-                    layerstore.blob_path(store, layerstore.get(store, diff_id))
-                chain = chain_of(store, inst)
-                offer = offer.replace(chain=tuple(chain))
-            sizes = plan.file_contents(entries)
-            for lt in offer.layer_trees:
-                sizes.update(plan.file_contents(lt.entries))
-            layer_sizes = {c.diff_id: c.blob_size for c in chain}
-            total = sum(sizes.get(s, 0) for s in ans.hashes_missing) + sum(
-                layer_sizes.get(d, 0) for d in ans.layers_missing
-            )
-            missing = set(ans.hashes_missing)
-            usable = {n: bp for n, bp in cands.items() if n in missing and bp[0] in found}
-            stack = contextlib.ExitStack()
-            with stack:
-                base_root = None
-                if usable:  # the base generation's tree: the deltas' older versions
-                    stage = stack.enter_context(store.staging("migrate-base"))
-                    gen = base_mod.get_generation(store, inst.base, inst.generation)
-                    base_root = stack.enter_context(
-                        base_mod.generation_tree(store, gen, stage / "gen")
-                    )
+        found = dict(ans.found)
+        if ans.layers_missing:  # their blobs made where not kept: the stream's offer
+            for diff_id in ans.layers_missing:  # says their real sizes
+                layerstore.blob_path(store, layerstore.get(store, diff_id))
+            chain = chain_of(store, inst)
+            offer = offer.replace(chain=tuple(chain))
+        sizes = plan.file_contents(entries)
+        for lt in offer.layer_trees:
+            sizes.update(plan.file_contents(lt.entries))
+        layer_sizes = {c.diff_id: c.blob_size for c in chain}
+        total = sum(sizes.get(s, 0) for s in ans.hashes_missing) + sum(
+            layer_sizes.get(d, 0) for d in ans.layers_missing
+        )
+        missing = set(ans.hashes_missing)
+        usable = {n: bp for n, bp in cands.items() if n in missing and bp[0] in found}
+        summ = plan.summary(
+            entries, found, {}, chain, ans.layers_missing,
+            layer_entries=[e for lt in offer.layer_trees for e in lt.entries],
+        )  # fmt: skip
+        stack = contextlib.ExitStack()
+        with stack:
+            base_root = None
+            if usable:  # the base generation's tree: the deltas' older versions
+                stage = stack.enter_context(store.staging("migrate-base"))
+                gen = base_mod.get_generation(store, inst.base, inst.generation)
+                base_root = stack.enter_context(base_mod.generation_tree(store, gen, stage / "gen"))
 
-                def produce(st: _Stream, note: Progress = note) -> int:
-                    return write_stream(
-                        st, store, offer, ans, u, note, total, deltas=usable,
-                        base_root=base_root, level=level, asked=asked,
-                        layer_roots=layer_roots,
-                    )  # fmt: skip
+            def produce(st: _Stream, note: Progress = note) -> int:
+                return write_stream(
+                    st, store, offer, ans, u, note, total, deltas=usable,
+                    base_root=base_root, level=level, asked=asked,
+                    layer_roots=layer_roots,
+                )  # fmt: skip
 
-                t = time.monotonic()
-                if dry_run:
-                    counter = _Stream(lambda _data: None, None, level)
-                    n_delta = produce(counter, lambda *_a: None)
-                    stages["compress"] = time.monotonic() - t
-                    summ = plan.summary(_all_entries(offer), found, {}, chain, ans.layers_missing)
-                    out = Outcome(name, host.name, True, summ, found, counter.wire)
-                    out.deltas = n_delta
-                    out.seconds = time.monotonic() - start
-                    out.stages = stages
-                    return out
+            t = time.monotonic()
+            if dry_run:
+                counter = _Stream(lambda _data: None, None, level)
+                n_delta = produce(counter, lambda *_a: None)
+                stages["compress"] = time.monotonic() - t
+                out = Outcome(name, host.name, True, summ, found, counter.wire)
+                out.deltas = n_delta
+                out.stages = stages
+                return out
+            # from here the host may make the VM: until this run (or a rerun) knows whether
+            # it did, the VM does not boot here (written durably, before the first byte)
+            digest = offer_digest(offer)
+            pending.write(store, name, pending.Pending(
+                host=host.name, offer_digest=digest, mac=inst.mac,
+                u_digest=pending.tree_digest(entries), started=now_iso(),
+            ))  # fmt: skip
+            done: MigrateDone | None = None
+            wire = n_delta = 0
+            try:
                 done, wire, n_delta = _push(
                     host, produce, rate=rate, level=level, hypervisor=hypervisor
                 )
-                stages["push"] = time.monotonic() - t
-            if done.instance != name or done.mac != inst.mac:
-                raise ToolFailed(
-                    f"host {host.name} made {done.instance[:64]!r} ({done.mac[:20]}), not "
-                    f"{name} ({inst.mac}); the VM stays here"
-                )
-            t = time.monotonic()
-            kept = _keep_for_way_back(store, u, entries)
-            stages["keep"] = time.monotonic() - t
-    # the host has the VM, verified: now it leaves this host
-    from unionimg import ops  # deferred: ops pulls in the boot layer
-
-    try:
-        ops.remove_instance(store, name)
-    except UnionimgError as exc:
-        raise Conflict(
-            f"instance {name} was made on host {host.name}, but removing it here failed "
-            f"({exc.message}); remove it with 'unionimg instance remove {name}'"
-        ) from None
-    summ = plan.summary(_all_entries(offer), found, {}, chain, ans.layers_missing)
-    out = Outcome(name, host.name, False, summ, found, wire, done, time.monotonic() - start)
+                if done.instance != name or done.mac != inst.mac:
+                    raise ToolFailed(
+                        f"host {host.name} made {done.instance[:64]!r} ({done.mac[:20]}), "
+                        f"not {name} ({inst.mac}); the VM stays here"
+                    )
+            except UnionimgError as exc:
+                _after_failed_push(store, inst, host, digest, exc)
+                done = None  # made all the same: the link broke after the host's rename
+            stages["push"] = time.monotonic() - t
+        checkpoint("migrate:confirmed")  # the tests' stop between confirmation and removal
+        t = time.monotonic()
+        kept = _keep_for_way_back(store, u, entries)
+        stages["keep"] = time.monotonic() - t
+    out = Outcome(name, host.name, False, summ, found, wire, done)
     out.kept = kept
     out.deltas = n_delta
     out.stages = stages
