@@ -7,15 +7,20 @@ confirmation and removal: ``tests/test_migrate_real.py::test_killed_after_the_ho
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from unionimg import ops
 from unionimg.boot import control
 from unionimg.errors import Conflict, ToolFailed, UnionimgError, UsageError
-from unionimg.migrate import pending, receive, send
+from unionimg.migrate import index, pending, receive, send, tree
 from unionimg.store.layout import Store, write_record
 from unionimg.store.migrate_records import PROTOCOL, MigrateOffer, TreeEntry
 from unionimg.store.records import Instance
@@ -137,3 +142,92 @@ def test_a_failed_push_asks_the_host(tmp_path: Path) -> None:
     host = FakeHost(["no"])
     with pytest.raises(ToolFailed, match="gave no answer"):
         send.ask_status(host, "web", MAC, DIGEST)
+
+
+class Sender:
+    """A sender's store holding VM web (its U a plain directory standing for the mounted
+    image), its host h1 a :class:`FakeHost`, and the VM's removal recorded instead of run."""
+
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, answer: Any) -> None:
+        self.store = Store(tmp / "st")
+        make(self.store, instance())
+        self.u = tmp / "u"
+        (self.u / "upper" / "srv").mkdir(parents=True)
+        self.data = os.urandom(5000)
+        (self.u / "upper" / "srv" / "k.bin").write_bytes(self.data)
+        self.host = FakeHost(answer)
+        self.removed: list[str] = []
+
+        @contextlib.contextmanager
+        def u_layer(_store: Store, _name: str, *, write: bool) -> Iterator[Path]:
+            assert not write
+            yield self.u
+
+        def remove(_store: Store, name: str) -> None:
+            assert pending.read(self.store, name) is not None  # the record goes with the VM
+            self.removed.append(name)
+
+        monkeypatch.setattr(send.inst_mod, "u_layer", u_layer)
+        monkeypatch.setattr(send.hosts_mod, "get", lambda _s, _n: self.host)
+        monkeypatch.setattr(ops, "remove_instance", remove)
+        monkeypatch.setattr(send, "running_on", lambda _s, _n: None)
+        entries = tuple(tree.scan(self.u, skip_top=send.SKIP_TOP))
+        pending.write(self.store, "web", record().replace(u_digest=pending.tree_digest(entries)))
+
+    def kept(self) -> bool:
+        return index.has_object(self.store, hashlib.sha256(self.data).hexdigest())
+
+
+def test_a_rerun_finishes_when_the_host_holds_that_very_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Sender(tmp_path, monkeypatch, {"holds": True, "why": ""})
+    dry = send.migrate(s.store, "web", "h1", dry_run=True)
+    assert dry.finished_earlier and dry.dry_run and not s.removed and not s.kept()
+    out = send.migrate(s.store, "web", "h1")
+    assert s.host.asked[-1] == ["migrate-in", "status", "web", MAC, DIGEST]
+    assert out.finished_earlier and out.wire_bytes == 0 and out.done is None
+    assert s.removed == ["web"] and s.kept() and out.kept == 1
+    assert out.to_json()["plan"]["by_reason"] == {"vm": {"contents": 1, "bytes": 5000}}
+
+
+def test_a_rerun_removes_nothing_when_the_vm_changed_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Sender(tmp_path, monkeypatch, {"holds": True, "why": ""})
+    (s.u / "upper" / "srv" / "new").write_text("written after the kill\n")
+    with pytest.raises(Conflict) as exc:
+        send.migrate(s.store, "web", "h1")
+    assert "changed here" in exc.value.message and "nothing was removed" in exc.value.message
+    assert not s.removed and pending.read(s.store, "web") is not None
+
+
+def test_a_rerun_to_another_host_while_the_first_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Sender(tmp_path, monkeypatch, {"holds": True, "why": ""})
+    other = FakeHost({"holds": False})
+    other.name = "h2"
+    monkeypatch.setattr(send.hosts_mod, "get", lambda _s, n: s.host if n == "h1" else other)
+    with pytest.raises(Conflict, match=r"on host h1 already.*--to h1"):
+        send.migrate(s.store, "web", "h2")
+    assert not s.removed and pending.read(s.store, "web") is not None
+
+
+def test_a_rerun_the_host_does_not_hold_drops_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Sender(tmp_path, monkeypatch, {"holds": False, "why": "no instance web here"})
+    seen: list[bool] = []
+
+    def proceed(*_a: Any, **_k: Any) -> send.Outcome:
+        seen.append(pending.read(s.store, "web") is None)
+        raise ToolFailed("host h1: the offer stage (stands for the normal migration)")
+
+    monkeypatch.setattr(send, "_migrate", proceed)
+    with pytest.raises(ToolFailed, match="offer stage"):
+        send.migrate(s.store, "web", "h1", dry_run=True)
+    assert seen == [False]  # a dry run keeps the record
+    with pytest.raises(ToolFailed, match="offer stage"):
+        send.migrate(s.store, "web", "h1")
+    assert seen == [False, True] and not s.removed and not s.kept()

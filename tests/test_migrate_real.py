@@ -326,7 +326,7 @@ def test_killed_after_the_hosts_confirmation(env: Env) -> None:
     before_tree = u_tree(ctl, "kc", env.tmp)
     killed_at(ctl, "migrate:confirmed", "kc", "h1")
     assert "kc" in names(hcli(h1)) and "kc" in names(ctl)
-    # xen never starts here: were the check missing, boot would fail otherwise (exit 5)
+    # xen never starts here: were the check missing, boot would fail otherwise (exit 6)
     res = ctl.fails("boot", "kc", "--hypervisor", "xen", code=4)
     assert "does not boot here" in res.output, res.output
     assert "'unionimg migrate kc --to h1' again" in res.output, res.output
