@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from unionimg import hosts as hosts_mod
 from unionimg import ops
 from unionimg.boot import control
 from unionimg.errors import Conflict, ToolFailed, UnionimgError, UsageError
+from unionimg.layers import instance as inst_mod
 from unionimg.migrate import index, pending, receive, send, tree
 from unionimg.store.layout import Store, write_record
 from unionimg.store.migrate_records import PROTOCOL, MigrateOffer, TreeEntry
@@ -167,8 +169,8 @@ class Sender:
             assert pending.read(self.store, name) is not None  # the record goes with the VM
             self.removed.append(name)
 
-        monkeypatch.setattr(send.inst_mod, "u_layer", u_layer)
-        monkeypatch.setattr(send.hosts_mod, "get", lambda _s, _n: self.host)
+        monkeypatch.setattr(inst_mod, "u_layer", u_layer)
+        monkeypatch.setattr(hosts_mod, "get", lambda _s, _n: self.host)
         monkeypatch.setattr(ops, "remove_instance", remove)
         monkeypatch.setattr(send, "running_on", lambda _s, _n: None)
         entries = tuple(tree.scan(self.u, skip_top=send.SKIP_TOP))
@@ -208,7 +210,7 @@ def test_a_rerun_to_another_host_while_the_first_holds_it(
     s = Sender(tmp_path, monkeypatch, {"holds": True, "why": ""})
     other = FakeHost({"holds": False})
     other.name = "h2"
-    monkeypatch.setattr(send.hosts_mod, "get", lambda _s, n: s.host if n == "h1" else other)
+    monkeypatch.setattr(hosts_mod, "get", lambda _s, n: s.host if n == "h1" else other)
     with pytest.raises(Conflict, match=r"on host h1 already.*--to h1"):
         send.migrate(s.store, "web", "h2")
     assert not s.removed and pending.read(s.store, "web") is not None
