@@ -188,10 +188,19 @@ def test_dry_run_then_migrate(env: Env) -> None:
     assert plan["by_reason"]["new"]["bytes"] >= len(BIG)
     assert plan["by_reason"]["base"]["contents"] >= 1  # the busybox copy
     assert plan["by_reason"]["vm"]["bytes"] == len(SHARED)  # in the host's VM peer
+    # why, per place: peer holds it at /srv/shared.bin (web at /opt/same.bin), the base
+    # holds the busybox copy at /bin/busybox (web at /opt/bb-copy)
+    peer = plan["found"]["vm peer"]
+    assert peer["reason"] == "vm" and peer["elsewhere"]["bytes"] == len(SHARED), peer
+    bases = [v for k, v in plan["found"].items() if k.startswith("base tiny/")]
+    assert len(bases) == 1 and bases[0]["elsewhere"]["contents"] >= 1, plan["found"]
     assert dry["deltas"] == 1  # busybox, on the base's version
     assert names(hcli(h1)) == ["peer"] and "web" in names(ctl)
     dry_wire = h1.counters()["rx_bytes"] - rx0
     assert dry_wire < 200_000  # the offer only
+    human = ctl.ok("migrate", "web", "--to", "h1", "--dry-run").output
+    assert "found in the upper layer of a stopped VM there" in human, human
+    assert "in vm peer, other paths" in human, human
 
     rx0 = h1.counters()["rx_bytes"]
     out = migrate(ctl, "web", "h1")
