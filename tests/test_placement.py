@@ -17,7 +17,14 @@ from unionimg.errors import UsageError
 from unionimg.placement import exact, greedy, planner
 from unionimg.placement.example import SEED_EXAMPLE
 from unionimg.placement.generate import random_cluster
-from unionimg.placement.model import Cluster, Infeasible, Plan, evaluate, parse_cluster
+from unionimg.placement.model import (
+    Cluster,
+    Infeasible,
+    NoPlanFound,
+    Plan,
+    evaluate,
+    parse_cluster,
+)
 
 GB = 1 << 30
 
@@ -215,6 +222,9 @@ def test_plans_keep_the_rules(seed: int, servers: int, vms: int, load: float, me
             seed, servers, vms, trees=2, depth=2, fanout=2, disk=80 * GB, load=load, small=True
         )
         p = planner.plan(c, method, "worst", 20.0)
+    except NoPlanFound as exc:  # the heuristic's dead end: nothing proven
+        assert method == "heuristic" and exc.message.startswith("no plan found: ")
+        return
     except Infeasible as exc:
         assert exc.message.startswith("infeasible: ")
         return
@@ -228,9 +238,38 @@ def _replace(text: str, old: str, new: str) -> str:
 
 
 def test_infeasible_disk_names_the_binding_constraint() -> None:
-    c = parse_cluster(SEED_EXAMPLE.replace('disk = "270G"', 'disk = "160G"'))
+    """170 GB disks pass the quick checks at read time; CP-SAT proves no plan exists and
+    names disk (the model is feasible without it). The heuristic proves nothing: "no plan
+    found", not "infeasible"."""
+    c = parse_cluster(SEED_EXAMPLE.replace('disk = "270G"', 'disk = "170G"'))
     with pytest.raises(Infeasible, match=r"^infeasible: .*disk .* is the binding constraint"):
         planner.plan(c, "exact", "worst", 20.0)
+    with pytest.raises(NoPlanFound, match=r"^no plan found: the heuristic found none"):
+        planner.plan(c, "heuristic", "worst", 20.0)
+
+
+def test_infeasible_disk_at_parse() -> None:
+    """Disk too small for what rule (a) forces, whatever the plan, is refused at read time
+    naming disk: with 160 GB disks, Sj's failure needs its VMs' 120 GiB images and 85 GiB
+    of their chains off Sj against 200 GiB left on the others; and layers needing more
+    than all the disk left in total."""
+    with pytest.raises(
+        Infeasible,
+        match=r"^infeasible: when server Sj fails its VMs' images \(120 GiB\) and a copy of "
+        r"their chains off Sj \(rule \(a\), 85 GiB\) need 205 GiB of disk and the other "
+        r"servers have 200 GiB left .*\(disk is the binding constraint\)$",
+    ):
+        parse_cluster(SEED_EXAMPLE.replace('disk = "270G"', 'disk = "160G"'))
+    tiny = """\
+server = [{ name = "s1", disk = "10G" }, { name = "s2", disk = "10G" }]
+vm = [{ name = "v", server = "s1", layer = "top", image = "1G" }]
+layer = [{ name = "base", size = "8G" }, { name = "top", size = "1G", parent = "base" },
+         { name = "spare", size = "12G" }]
+"""
+    with pytest.raises(
+        Infeasible, match=r"^infeasible: the layers need at least 21 GiB stored .* 19 GiB of disk"
+    ):
+        parse_cluster(tiny)
 
 
 def test_infeasible_cpu_at_parse() -> None:
@@ -388,3 +427,63 @@ def test_running_chains_count_what_servers_hold(method: str) -> None:
     e0, e1 = evaluate(plain, p0), evaluate(held, p1)
     assert e0.worst == e1.worst == 0
     assert sum(e1.stored.values()) < sum(e0.stored.values())
+
+
+# -- the objective, explanations and the better plan kept --------------------------------------
+def _tight(seed: int = 23) -> Cluster:
+    """A small seeded cluster where the heuristic's passes send bytes and its local search
+    runs (found by trying seeds: the worst and total objectives lead it to different plans)."""
+    return random_cluster(seed, 5, 10, trees=2, depth=2, fanout=2, disk=24 * GB, small=True)
+
+
+def test_heuristic_follows_the_objective() -> None:
+    """--objective total ranks the heuristic's plans by the total first: here its local
+    search, led by the total, ends with 5 GiB in all where the worst objective's plan sends
+    9 GiB in all (the worst failures 2 and 3 GiB); the plan says which objective."""
+    c = _tight()
+    by_worst, by_total = greedy.heuristic(c, "worst"), greedy.heuristic(c, "total")
+    assert (by_worst.objective, by_total.objective) == ("worst", "total")
+    assert "by the total transfer" in by_total.reasons[0]
+    ew, et = evaluate(c, by_worst), evaluate(c, by_total)
+    _rules_kept(c, by_total)
+    assert et.total < ew.total, (et.total, ew.total)
+    assert planner.plan(c, "heuristic", "total").objective == "total"
+    # the ranking itself: total first for 'total', worst first for 'worst'
+    assert greedy.rank(et, "total") < greedy.rank(ew, "total")
+    assert greedy.rank(ew, "worst")[0] == ew.worst and greedy.rank(et, "total")[0] == et.total
+
+
+@pytest.mark.parametrize("objective", ["worst", "total"])
+def test_heuristic_plan_explained_per_layer(objective: str) -> None:
+    """A heuristic plan (here from its local search) explains every layer or part it keeps
+    with the rule that chose it, as the exact plan does, and every VM's recovery."""
+    c = _tight()
+    p = planner.plan(c, "heuristic", objective)
+    assert "local search" in p.reasons[0]
+    rules = ("(a)", "no VM needs it")
+    for la in c.layers:
+        names = [la.name, *(pt.name for pt in c.parts_of[la.name])]
+        lines = [r for r in p.reasons if any(r.startswith(f"{n} on ") for n in names)]
+        assert lines, la.name
+        for line in lines:
+            assert any(rule in line for rule in rules), line
+    for v in c.vms:
+        assert any(f"VM {v.name} -> " in r for r in p.reasons), v.name
+
+
+def test_exact_keeps_the_better_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner compares CP-SAT's plan with the heuristic's (its hint) in bytes and keeps
+    the better by the objective, saying which: a solver plan worse than the hint (as one cut
+    short by its time limit may be) gives way to the heuristic's."""
+    c = parse_cluster(SEED_EXAMPLE)
+    worse = greedy.conventional(c)  # 65 GiB at the worst failure; the heuristic: 0
+    bad = Plan("exact", "worst", worse.stores, worse.recovery, ("CP-SAT: stub",), "feasible", 0)
+    monkeypatch.setattr(exact, "solve", lambda *a, **k: bad)
+    p = planner.plan(c, "exact", "worst", 5.0)
+    assert p.method == "heuristic" and p.status == "feasible" and p.bound == 0
+    assert evaluate(c, p).worst == 0
+    assert any("the heuristic's plan is kept" in r for r in p.reasons), p.reasons
+    monkeypatch.undo()
+    q = planner.plan(c, "exact", "worst", 30.0)
+    assert q.method == "exact"
+    assert any(r.startswith("exact: CP-SAT's plan kept") for r in q.reasons), q.reasons

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from unionimg.placement.model import (
     RESOURCES,
     Cluster,
+    Evaluation,
     Infeasible,
+    NoPlanFound,
     Plan,
     evaluate,
+    explain,
     gib,
     stored_bytes,
     with_held,
@@ -336,15 +339,26 @@ LOCAL_SEARCH_MAX = 20_000  # parts x servers^2 up to which the heuristic also im
 LOCAL_SEARCH_SECONDS = 5.0  # the local search's time budget (repair or improvement)
 
 
-def heuristic(c: Cluster) -> Plan:
+def rank(ev: Evaluation, objective: str = "worst") -> tuple[int, int, int]:
+    """How good an evaluated plan is, lower better: (worst, total, bytes stored) for the
+    ``worst`` objective, (total, worst, bytes stored) for ``total``."""
+    if objective == "total":
+        return (ev.total, ev.worst, sum(ev.stored.values()))
+    return (ev.worst, ev.total, sum(ev.stored.values()))
+
+
+def heuristic(c: Cluster, objective: str = "worst") -> Plan:
     """The best of four :func:`heuristic_pass` variants (rule-(a) copies placed first or
-    last; chains copied to recovery targets or sent at recovery), by worst-case transfer,
-    then total, then bytes stored. When none finds a plan, or on a small cluster (parts x
-    servers^2 <= :data:`LOCAL_SEARCH_MAX`) whose best plan still sends bytes,
-    :func:`local_search` repairs or improves it within :data:`LOCAL_SEARCH_SECONDS`;
-    Infeasible only when that too ends with a rule broken."""
+    last; chains copied to recovery targets or sent at recovery), by :func:`rank` for
+    ``objective`` (worst: worst-case transfer, then total, then bytes stored; total: the
+    total first). When none finds a plan, or on a small cluster (parts x servers^2 <=
+    :data:`LOCAL_SEARCH_MAX`) whose best plan still sends bytes, :func:`local_search`
+    repairs or improves it within :data:`LOCAL_SEARCH_SECONDS`. The plan's reasons: which
+    of them gave it, then :func:`~unionimg.placement.model.explain` of the plan (one line
+    per layer or part and per recovery, naming the rule). :class:`NoPlanFound` only when
+    the local search too ends with a rule broken."""
     t0 = time.monotonic()
-    best: tuple[tuple[int, int, int], Plan] | None = None
+    best: tuple[tuple[int, int, int], Plan, str] | None = None
     last: Infeasible | None = None
     for first in (False, True):
         for copy in (True, False):
@@ -356,51 +370,40 @@ def heuristic(c: Cluster) -> Plan:
             ev = evaluate(c, p)
             if not ev.ok:
                 continue
-            key = (ev.worst, ev.total, sum(ev.stored.values()))
+            key = rank(ev, objective)
             if best is None or key < best[0]:
                 why = (
-                    f"heuristic: best of 4 passes (rule-(a) copies {'first' if first else 'last'}"
-                    f", chains {'copied to' if copy else 'sent to'} recovery targets)"
+                    f"heuristic: best of 4 passes by the {objective} transfer (rule-(a) copies "
+                    f"{'first' if first else 'last'}, chains "
+                    f"{'copied to' if copy else 'sent to'} recovery targets)"
                 )
-                best = (
-                    key,
-                    Plan(
-                        p.method,
-                        p.objective,
-                        p.stores,
-                        p.recovery,
-                        (why, *p.reasons),
-                        p.status,
-                        p.bound,
-                        0.0,
-                    ),
-                )
+                best = (key, p, why)
     small = len(c.parts()) * len(c.servers) ** 2 <= LOCAL_SEARCH_MAX
     if best is None or (small and best[0][0] > 0):
         # no pass found a plan (their disk reserve is greedy), or a small cluster where a
         # local search is cheap: repair / improve by moving copies (bounded in time)
         start = best[1].stores if best is not None else None
         try:
-            q = local_search(c, start, LOCAL_SEARCH_SECONDS)
+            q = local_search(c, start, LOCAL_SEARCH_SECONDS, objective)
         except Infeasible as exc:
             last = exc
         else:
-            ev = evaluate(c, q)
-            key = (ev.worst, ev.total, sum(ev.stored.values()))
+            key = rank(evaluate(c, q), objective)
             if best is None or key < best[0]:
-                best = (key, q)
+                best = (key, q, q.reasons[0])
     if best is None:
         assert last is not None
         raise last
-    p = best[1]
+    _, p, why = best
+    out = Plan("heuristic", objective, p.stores, p.recovery, (), "heuristic", None, 0.0)
     return Plan(
-        p.method,
-        p.objective,
+        "heuristic",
+        objective,
         p.stores,
         p.recovery,
-        p.reasons,
-        p.status,
-        p.bound,
+        (why, *explain(c, out, evaluate(c, out))),
+        "heuristic",
+        None,
         time.monotonic() - t0,
     )
 
@@ -464,8 +467,8 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
                 if best is None or key < best[0]:
                     best = (key, t, key[0] == 0)
             if best is None:
-                raise Infeasible(
-                    f"infeasible: when server {f.name} fails, VM {v.name} fits no other "
+                raise NoPlanFound(
+                    f"no plan found: when server {f.name} fails, VM {v.name} fits no other "
                     "server (the heuristic found no resources or disk left for it); try "
                     "--method exact"
                 )
@@ -505,9 +508,9 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
                 key=lambda s: disk[s] - running[s] - st.stored[s] - worst_extra[s],
             )
             if disk[t] - running[t] - st.stored[t] - worst_extra[t] < st.cost(p.name, t):
-                raise Infeasible(
-                    f"infeasible: no server besides {v.server} has disk for part {p.name} of "
-                    f"VM {v.name}'s chain (disk is the binding constraint)"
+                raise NoPlanFound(
+                    f"no plan found: the heuristic left no server besides {v.server} disk "
+                    f"for part {p.name} of VM {v.name}'s chain; try --method exact"
                 )
             st.put(p.name, t)
             st.reasons.append(
@@ -519,9 +522,9 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
             if p.name not in st.stores:
                 t = max((s.name for s in c.servers), key=lambda s: st.free(s) - worst_extra[s])
                 if st.free(t) - worst_extra[t] < st.cost(p.name, t):
-                    raise Infeasible(
-                        f"infeasible: no server has disk left for part {p.name} (no VM needs "
-                        "it; disk is the binding constraint)"
+                    raise NoPlanFound(
+                        f"no plan found: the heuristic left no server disk for part {p.name} "
+                        "(no VM needs it); try --method exact"
                     )
                 st.put(p.name, t)
                 st.reasons.append(f"{p.name} -> {t}: no VM needs it; most free disk")
@@ -540,10 +543,10 @@ def heuristic_pass(c: Cluster, copy: bool = True, a_first: bool = True) -> Plan:
 
 # -- repair and improvement: a local search over copies ----------------------------------------
 def _score(
-    c: Cluster, stores: Mapping[str, frozenset[str]]
+    c: Cluster, stores: Mapping[str, frozenset[str]], objective: str = "worst"
 ) -> tuple[tuple[int, int, int, int, int], dict[str, dict[str, str]]]:
-    """(rules broken, bytes short, worst transfer, total transfer, bytes stored) of
-    ``stores`` with the recovery :func:`recover` finds for them; lower is better."""
+    """(rules broken, bytes short, then :func:`rank` for ``objective``) of ``stores`` with
+    the recovery :func:`recover` finds for them; lower is better."""
     rec, _ = _recoveries(c, stores)
     ev = evaluate(c, Plan("heuristic", "worst", stores, rec))
     bad = len(ev.violations) + sum(
@@ -570,7 +573,7 @@ def _score(
                     if t.name != f.server and not _fits(c, t.name, [v])
                 ]
                 short += max(0, min(gaps, default=1 << 62))
-    return (bad, short, ev.worst, ev.total, sum(ev.stored.values())), rec
+    return (bad, short, *rank(ev, objective)), rec
 
 
 def _minimal(c: Cluster) -> dict[str, frozenset[str]]:
@@ -589,21 +592,27 @@ def _minimal(c: Cluster) -> dict[str, frozenset[str]]:
     return st.frozen()
 
 
-def local_search(c: Cluster, start: Mapping[str, frozenset[str]] | None, seconds: float) -> Plan:
+def local_search(
+    c: Cluster,
+    start: Mapping[str, frozenset[str]] | None,
+    seconds: float,
+    objective: str = "worst",
+) -> Plan:
     """Hill-climbing over where copies are: from ``start`` (or the fewest copies rule (a)
-    allows), repeatedly take the first move that lowers (rules broken, worst, total,
-    stored): drop a copy, add a copy (with its parents under ``whole_chains``), or move a
-    copy to another server — moving data off servers whose disk breaks rule (b) at a
-    failure, or onto a recovery target so nothing is sent. Recovery targets are re-chosen
-    by :func:`recover` after every move. Stops at a local optimum or after ``seconds``;
-    Infeasible if the best it reaches still breaks a rule."""
+    allows), repeatedly take the first move that lowers (rules broken, bytes short, then
+    :func:`rank` for ``objective``): drop a copy, add a copy (with its parents under
+    ``whole_chains``), or move a copy to another server — moving data off servers whose
+    disk breaks rule (b) at a failure, or onto a recovery target so nothing is sent.
+    Recovery targets are re-chosen by :func:`recover` after every move. Stops at a local
+    optimum or after ``seconds``; :class:`NoPlanFound` if the best it reaches still breaks
+    a rule. Its reasons: how it ran, then :func:`~unionimg.placement.model.explain`."""
     t0 = time.monotonic()
     stores: dict[str, frozenset[str]] = dict(start) if start is not None else _minimal(c)
     held = {s.name: c.held(s.name) for s in c.servers}
     parts = sorted(c.parts(), key=lambda p: -p.size)
     layer_of = {p.name: p.layer for p in parts}
     servers = [s.name for s in c.servers]
-    score, rec = _score(c, stores)
+    score, rec = _score(c, stores, objective)
     moves = 0
 
     def with_parents(st: dict[str, frozenset[str]], part: str, s: str) -> None:
@@ -642,30 +651,29 @@ def local_search(c: Cluster, start: Mapping[str, frozenset[str]] | None, seconds
         for cand in neighbours():
             if time.monotonic() - t0 >= seconds:
                 break
-            sc, r = _score(c, cand)
+            sc, r = _score(c, cand, objective)
             if sc < score:
                 stores, score, rec, improved = cand, sc, r, True
                 moves += 1
                 break
     if score[0]:
-        raise Infeasible(
-            "infeasible: the heuristic found no plan (its passes and a local search of "
+        raise NoPlanFound(
+            "no plan found: the heuristic found none (its passes and a local search of "
             f"{moves} moves still break {score[0]} rule(s), disk or resources at a failure); "
             "try --method exact"
         )
-    _, why = _recoveries(c, stores)
+    plan = Plan("heuristic", objective, stores, rec, (), "heuristic", None, 0.0)
+    head = (
+        f"heuristic: local search over copies by the {objective} transfer ({moves} moves, "
+        f"{time.monotonic() - t0:.2f} s) from "
+        + ("the best pass's plan" if start is not None else "the fewest copies (a) allows")
+    )
     return Plan(
         "heuristic",
-        "worst",
+        objective,
         stores,
         rec,
-        (
-            f"heuristic: local search over copies ({moves} moves, "
-            f"{time.monotonic() - t0:.2f} s) from "
-            + ("the best pass's plan" if start is not None else "the fewest copies (a) allows"),
-            *(f"{p} on {', '.join(sorted(w))}" for p, w in sorted(stores.items())),
-            *why,
-        ),
+        (head, *explain(c, plan, evaluate(c, plan))),
         "heuristic",
         None,
         time.monotonic() - t0,

@@ -35,6 +35,11 @@ class Infeasible(UsageError):
     the cluster the user gave is not acceptable as it is (exit 2)."""
 
 
+class NoPlanFound(Infeasible):
+    """A planner found no plan but nothing proves there is none (the heuristic's dead end,
+    the solver's time limit): "no plan found: ..." (exit 2, as Infeasible)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Server:
     name: str
@@ -187,7 +192,8 @@ def _known(table: Mapping[str, object], allowed: set[str], what: str) -> None:
 
 def parse_cluster(text: str, source: str = "cluster") -> Cluster:
     """The cluster of a TOML text (format: docs/placement.md), validated; UsageError (exit 2)
-    for bad input, :class:`Infeasible` (exit 7) when capacities cannot hold it even at rest."""
+    for bad input, :class:`Infeasible` (a UsageError: exit 2 too, its line starting
+    "infeasible:") when capacities cannot hold it even at rest."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -356,7 +362,9 @@ def cluster(
 
 
 def at_rest(c: Cluster) -> None:
-    """Infeasible when a server cannot even run its own VMs, or a VM fits no other server."""
+    """Infeasible when a server cannot even run its own VMs, a VM fits no other server, the
+    disk cannot hold what rule (a) forces (:func:`_least_disk`), or a failed server's VMs
+    need more of a resource than the other servers have left."""
     for s in c.servers:
         for r in RESOURCES:
             left = c.headroom(s.name, r)
@@ -382,6 +390,7 @@ def at_rest(c: Cluster) -> None:
                     f"has that much left (at most {fmt(r, best)}): {r} is the binding "
                     "constraint when its server fails"
                 )
+    _least_disk(c)
     for f in c.servers:  # the VMs of one failed server, all together, against the others
         for r in RESOURCES:
             need = sum(v.needs.get(r, 0.0) for v in c.vms_on(f.name))
@@ -392,6 +401,52 @@ def at_rest(c: Cluster) -> None:
                     f"and the other servers have {fmt(r, sum(h or 0.0 for h in rooms))} left "
                     f"({r} is the binding constraint)"
                 )
+
+
+def _least_disk(c: Cluster) -> None:
+    """Infeasible when the disk cannot hold what rule (a) forces, whatever the plan: in all,
+    one copy of every part (two where every server runs a VM needing it; none beyond the
+    held chains where servers running its VMs hold it for each other) against the servers'
+    disk left beside their VMs; and per failed server f, its VMs' images with one copy off
+    f of each part of their chains (rule (a): not held by another server) against the
+    other servers' disk left."""
+    free = {s.name: s.disk - c.running_image(s.name) for s in c.servers}
+    runs: dict[str, set[str]] = {}  # part -> servers running a VM that needs it
+    for v in c.vms:
+        for p in c.chain_parts(v.name):
+            runs.setdefault(p.name, set()).add(v.server)
+    least = 0
+    for p in c.parts():
+        r = runs.get(p.name, set())
+        if c.running_chains:
+            copies = 0 if len(r) >= 2 else 1
+        else:
+            copies = 2 if len(r) == len(c.servers) else 1
+        least += copies * p.size
+    have = sum(free.values())
+    if least > have:
+        raise Infeasible(
+            f"infeasible: the layers need at least {gib(least)} stored (a copy of each part, "
+            "two where every server runs a VM needing it: rule (a)) and the servers have "
+            f"{gib(have)} of disk left beside their VMs (disk is the binding constraint)"
+        )
+    for f in c.servers:
+        vms = c.vms_on(f.name)
+        if not vms:
+            continue
+        images = sum(v.image for v in vms)
+        parts = {p.name: p.size for v in vms for p in c.chain_parts(v.name)}
+        off = sum(n for name, n in parts.items() if not runs.get(name, set()) - {f.name})
+        if not c.running_chains:
+            off = sum(parts.values())
+        room = sum(n for s, n in free.items() if s != f.name)
+        if images + off > room:
+            raise Infeasible(
+                f"infeasible: when server {f.name} fails its VMs' images ({gib(images)}) and "
+                f"a copy of their chains off {f.name} (rule (a), {gib(off)}) need "
+                f"{gib(images + off)} of disk and the other servers have {gib(room)} left "
+                "beside their VMs (disk is the binding constraint)"
+            )
 
 
 def gib(n: float) -> str:
@@ -572,3 +627,78 @@ def evaluate(c: Cluster, plan: Plan) -> Evaluation:
         )
         failures.append(FailureOutcome(f.name, targets, tuple(lost), tuple(unplaced)))
     return Evaluation(tuple(failures), stored, tuple(violations))
+
+
+def explain(c: Cluster, p: Plan, ev: Evaluation) -> tuple[str, ...]:
+    """One line per stored layer (or part) and per VM's recovery target, read off the plan:
+    which rule or which saving chose it. For plans whose choices carry no reasons of their
+    own (the exact solver's, the heuristic's local search) and for the heuristic's passes
+    alike, so every optimizing planner explains its plan the same way."""
+    lines: list[str] = []
+    # which VMs recover on each server, per failure: a layer kept there serves those of them
+    # whose chain holds it
+    on_target: dict[str, list[tuple[str, str]]] = {}  # target -> [(failed, VM)]
+    for f, rec in sorted(p.recovery.items()):
+        for v, to in rec.items():
+            on_target.setdefault(to, []).append((f, v))
+    for la in c.layers:
+        parts = c.parts_of[la.name]
+        groups = {p.stores.get(pt.name, frozenset()) for pt in parts}
+        items = (
+            [(la.name, parts[0].name)] if len(groups) == 1 else [(pt.name, pt.name) for pt in parts]
+        )
+        for shown_name, part in items:
+            where = sorted(p.stores.get(part, frozenset()))
+            runs = sorted({c.vm(v).server for v in c.needers(la.name)})
+            users: list[str] = []
+            for s in where:
+                by_failure: dict[str, list[str]] = {}
+                for f, v in on_target.get(s, ()):
+                    if la.name in c.chain[v]:
+                        by_failure.setdefault(f, []).append(v)
+                users += [
+                    f"{', '.join(sorted(vs))} on {s} when {f} fails"
+                    for f, vs in sorted(by_failure.items())
+                ]
+            if not c.needers(la.name):
+                kept = "kept once" if len(where) == 1 else f"kept on {len(where)} servers"
+                lines.append(f"{shown_name} on {', '.join(where)}: no VM needs it; {kept}")
+            elif users:
+                rule = (
+                    "every server runs one of its VMs: a copy besides each one's own (a)"
+                    if len(runs) == len(c.servers)
+                    else f"not only on {', '.join(runs)} where its VMs run (a)"
+                )
+                lines.append(
+                    f"{shown_name} on {', '.join(where)}: {rule}; found in place by "
+                    f"{'; '.join(users)} (objective)"
+                )
+            else:
+                lines.append(
+                    f"{shown_name} on {', '.join(where)}: the copy off {', '.join(runs)} where its"
+                    " VMs run (a); the VMs recover elsewhere and get it sent"
+                )
+    for fo in ev.failures:
+        for t in fo.targets:
+            for v in t.vms:
+                vm = c.vm(v)
+                tight = min(
+                    (
+                        (r, (c.headroom(t.server, r) or 0.0))
+                        for r in RESOURCES
+                        if c.headroom(t.server, r) is not None and vm.needs.get(r)
+                    ),
+                    key=lambda rl: rl[1],
+                    default=None,
+                )
+                res = (
+                    f"{tight[0]} {fmt(tight[0], tight[1])} left there"
+                    if tight
+                    else "no resource limit there"
+                )
+                lacks = [pt.name for pt in c.chain_parts(v) if pt.name in t.missing]
+                lines.append(
+                    f"{fo.server} fails: VM {v} -> {t.server} ({res}; "
+                    + (f"lacks {', '.join(lacks)})" if lacks else "holds its whole chain)")
+                )
+    return tuple(lines)

@@ -6,8 +6,10 @@ fail, every other server can take a VM, every part of its chain can be sent ther
 1,000-VM x 100-server cluster is millions of variables, which neither builds nor proves
 anything within a CLI's time limit on a small machine (``bench/placement.py`` measures it),
 while a few thousand variables (the seed's example: 240) solve to optimality in about a
-second. The heuristic's plan is also the solver's starting hint, so the exact answer is
-never worse than the heuristic's.
+second. The heuristic's plan is also the solver's starting hint; since CP-SAT counts in
+rounded units and may stop at its time limit, both plans are evaluated in bytes and the better
+by the objective kept, the reasons saying which. Every optimizing planner's plan (exact,
+heuristic) is explained by :func:`~unionimg.placement.model.explain`.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from collections.abc import Callable
 from unionimg.errors import UsageError
 from unionimg.placement import exact, greedy
 from unionimg.placement.model import (
-    RESOURCES,
     Cluster,
     Evaluation,
     FailureOutcome,
     Infeasible,
+    NoPlanFound,
     Plan,
     evaluate,
-    fmt,
+    explain,
     gib,
 )
 
@@ -34,7 +36,6 @@ OBJECTIVES = ("worst", "total")
 SWITCH = 20_000  # variables of the CP-SAT model beyond which 'auto' uses the heuristic
 
 _GREEDY: dict[str, Callable[[Cluster], Plan]] = {
-    "heuristic": greedy.heuristic,
     "seed": greedy.seed,
     "conventional": greedy.conventional,
 }
@@ -50,40 +51,68 @@ def plan(
         raise UsageError(f"unknown objective {objective!r}; give worst or total")
     if method in _GREEDY:
         return _GREEDY[method](c)
+    if method == "heuristic":
+        return greedy.heuristic(c, objective)
     t0 = time.monotonic()
     size = exact.model_size(c)
     if method == "auto" and size > SWITCH:
-        p = greedy.heuristic(c)
+        p = greedy.heuristic(c, objective)
         why = (
             f"auto: heuristic, the exact model would have {size:,} variables "
             f"(over {SWITCH:,}; docs/placement.md)"
         )
         return _with(p, (why, *p.reasons))
     try:
-        hint: Plan | None = greedy.heuristic(c)
+        hint: Plan | None = greedy.heuristic(c, objective)
     except Infeasible:
         hint = None  # the heuristic's own dead end; the solver may still find a plan
     p = exact.solve(c, objective, time_limit, hint)
     if p.status == "unknown":
         if hint is None:
-            raise Infeasible(
-                f"infeasible: CP-SAT found no plan in {time_limit:g} s and the heuristic "
-                "none at all; raise --time-limit or the capacities"
+            raise NoPlanFound(
+                f"no plan found: CP-SAT found none in {time_limit:g} s and the heuristic "
+                "none at all (neither proves there is none); raise --time-limit or the "
+                "capacities"
             )
         why = f"exact: no plan within {time_limit:g} s; the heuristic's plan is kept"
         return _with(hint, (why, *hint.reasons))
     ev = evaluate(c, p)
-    head = p.reasons + (
+    auto: tuple[str, ...] = (
         (f"auto: exact, the model has {size:,} variables (<= {SWITCH:,})",)
         if method == "auto"
         else ()
     )
+    if hint is not None:
+        # the heuristic's plan was the solver's hint, but CP-SAT counts in rounded units and
+        # may stop at its time limit: the better of the two by the objective is kept
+        hev = evaluate(c, hint)
+        mine, theirs = greedy.rank(ev, objective), greedy.rank(hev, objective)
+        if hev.ok and (not ev.ok or theirs < mine):
+            why = (
+                f"exact: CP-SAT's plan ({p.status}) has {objective} transfer "
+                f"{gib(mine[0])}, the heuristic's {gib(theirs[0])}: the heuristic's plan is "
+                "kept (the solver's bound still holds)"
+            )
+            return Plan(
+                hint.method,
+                objective,
+                hint.stores,
+                hint.recovery,
+                (*p.reasons, *auto, why, *hint.reasons),
+                "feasible",
+                p.bound,
+                time.monotonic() - t0,
+            )
+        auto += (
+            f"exact: CP-SAT's plan kept, {objective} transfer {gib(mine[0])} against the "
+            f"heuristic's {gib(theirs[0])}" + ("" if hev.ok else " (which breaks a rule)"),
+        )
     return Plan(
         p.method,
         p.objective,
         p.stores,
         p.recovery,
-        head + explain(c, p, ev),
+        p.reasons + auto + explain(c, p, ev),
         p.status,
         p.bound,
         time.monotonic() - t0,
@@ -92,63 +121,6 @@ def plan(
 
 def _with(p: Plan, reasons: tuple[str, ...]) -> Plan:
     return Plan(p.method, p.objective, p.stores, p.recovery, reasons, p.status, p.bound, p.seconds)
-
-
-def explain(c: Cluster, p: Plan, ev: Evaluation) -> tuple[str, ...]:
-    """One line per stored layer (or part) and per VM's recovery target: which rule or which
-    saving chose it, read off the plan (for the solver, whose choices carry no reasons)."""
-    lines: list[str] = []
-    for la in c.layers:
-        parts = c.parts_of[la.name]
-        groups = {p.stores.get(pt.name, frozenset()) for pt in parts}
-        items = (
-            [(la.name, parts[0].name)] if len(groups) == 1 else [(pt.name, pt.name) for pt in parts]
-        )
-        for shown_name, part in items:
-            where = sorted(p.stores.get(part, frozenset()))
-            runs = sorted({c.vm(v).server for v in c.needers(la.name)})
-            users: list[str] = []
-            for f, rec in p.recovery.items():
-                for s in where:
-                    vs = sorted(v for v, t in rec.items() if t == s and la.name in c.chain[v])
-                    if vs:
-                        users.append(f"{', '.join(vs)} on {s} when {f} fails")
-            if not c.needers(la.name):
-                lines.append(f"{shown_name} on {', '.join(where)}: no VM needs it; kept once")
-            elif users:
-                lines.append(
-                    f"{shown_name} on {', '.join(where)}: not only on {', '.join(runs)} where its "
-                    f"VMs run (a); found in place by {'; '.join(users)} (objective)"
-                )
-            else:
-                lines.append(
-                    f"{shown_name} on {', '.join(where)}: the copy off {', '.join(runs)} where its"
-                    " VMs run (a); the VMs recover elsewhere and get it sent"
-                )
-    for fo in ev.failures:
-        for t in fo.targets:
-            for v in t.vms:
-                vm = c.vm(v)
-                tight = min(
-                    (
-                        (r, (c.headroom(t.server, r) or 0.0))
-                        for r in RESOURCES
-                        if c.headroom(t.server, r) is not None and vm.needs.get(r)
-                    ),
-                    key=lambda rl: rl[1],
-                    default=None,
-                )
-                res = (
-                    f"{tight[0]} {fmt(tight[0], tight[1])} left there"
-                    if tight
-                    else "no resource limit there"
-                )
-                lacks = [pt.name for pt in c.chain_parts(v) if pt.name in t.missing]
-                lines.append(
-                    f"{fo.server} fails: VM {v} -> {t.server} ({res}; "
-                    + (f"lacks {', '.join(lacks)})" if lacks else "holds its whole chain)")
-                )
-    return tuple(lines)
 
 
 def summary(c: Cluster, p: Plan, ev: Evaluation) -> dict[str, object]:
