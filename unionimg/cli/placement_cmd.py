@@ -437,7 +437,9 @@ def recover_cmd(
         click.echo(json_text(res, sort_keys=True))
         return
     click.echo(
-        f"{vm} (its server {res['failed']} failed) made on {host}: "
+        f"{vm} (its server {res['failed']} failed"
+        + ("; pending since an earlier re-plan" if res.get("was_pending") else "")
+        + f") made on {host}: "
         f"{len(res['layers_lacking'])} layer(s) lacking there, {res['bytes_pulled']} "
         f"bytes pulled (the plan: {res['planned_bytes']} bytes on {res['planned_target']})"
         + (", booted" if res["made"].get("booted") else "")

@@ -576,6 +576,24 @@ def _score(
     return (bad, short, *rank(ev, objective)), rec
 
 
+def _first_broken(c: Cluster, stores: Mapping[str, frozenset[str]]) -> str:
+    """The first rule ``stores`` breaks with the recovery :func:`recover` finds, in words."""
+    rec, why = _recoveries(c, stores)
+    ev = evaluate(c, Plan("heuristic", "worst", stores, rec))
+    if ev.violations:
+        return ev.violations[0]
+    for line in why:
+        if "fits no server" in line:
+            return line
+    for f in ev.failures:
+        for t in f.targets:
+            if t.over:
+                return f"{f.server} fails: {', '.join(t.over)} short on {t.server}"
+        if f.lost:
+            return f"{f.server} fails: {f.lost[0]} lost"
+    return "a failure not recoverable"
+
+
 def _minimal(c: Cluster) -> dict[str, frozenset[str]]:
     """The fewest copies rule (a) allows, largest layers first, each on the candidate with
     the most free disk (what a server's own VMs leave): a start for the local search."""
@@ -659,7 +677,7 @@ def local_search(
     if score[0]:
         raise NoPlanFound(
             "no plan found: the heuristic found none (its passes and a local search of "
-            f"{moves} moves still break {score[0]} rule(s), disk or resources at a failure); "
+            f"{moves} moves still break {score[0]} rule(s), first: {_first_broken(c, stores)}); "
             "try --method exact"
         )
     plan = Plan("heuristic", objective, stores, rec, (), "heuristic", None, 0.0)
