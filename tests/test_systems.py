@@ -495,3 +495,172 @@ def test_layer_extraction_falls_back_to_disk(
         assert (t / "srv" / "data").read_bytes() == (tree / "srv" / "data").read_bytes()
         assert layerstore.tree_digest(t, kind="base").diff_id == layer.diff_id
     assert not [m for m in mountinfo() if str(store.root) in m.target]
+
+
+# -- a system's pull: every blob checked before the first import (pure: a registry stand-in) ----
+class _FakeRegistry:
+    """What :func:`unionimg.registry.transfer.pull_nodes` asks of a registry, in memory: the
+    blob GET checks the sha256 on arrival and renames only a match, as the real client does;
+    ``events`` says what was fetched, in order."""
+
+    def __init__(self) -> None:
+        from unionimg.registry.client import Counters
+
+        self.url = "http://fake"
+        self.counters = Counters()
+        self.manifests: dict[str, bytes] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.events: list[str] = []
+
+    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+        from unionimg.errors import NotFound
+        from unionimg.registry.manifests import digest_of
+
+        if ref not in self.manifests:
+            raise NotFound(f"no manifest {ref}")
+        data = self.manifests[ref]
+        return data, digest_of(data)
+
+    def get_small_blob(self, repo: str, digest: str, cap: int) -> bytes:
+        return self.blobs[digest]
+
+    def fetch_blob(
+        self, repo: str, digest: str, size: int, dest: Path, *, on_bytes: Any = None
+    ) -> int:
+        from unionimg.errors import ToolFailed
+        from unionimg.registry.manifests import digest_of
+
+        self.events.append(f"fetch {digest[7:11]}")
+        data = self.blobs[digest]
+        self.counters.bytes_down += len(data)
+        if digest_of(data) != digest:
+            raise ToolFailed(f"blob {digest} has digest {digest_of(data)}: refused")
+        dest.write_bytes(data)
+        return len(data)
+
+
+def _fake_chains() -> tuple[_FakeRegistry, dict[str, str], dict[str, bytes]]:
+    """A base layer B and two layers over it, W and D (two VMs' chains), as image-tree nodes
+    in a fake registry; (registry, name -> diff_id, name -> the right blob bytes)."""
+    from unionimg.registry.manifests import digest_of, layer_blob, layer_manifest, layer_tag
+
+    reg = _FakeRegistry()
+    diff = {"B": "sha256:" + "b" * 64, "W": "sha256:" + "e" * 64, "D": "sha256:" + "d" * 64}
+    blobs = {n: f"blob of {n} ".encode() * 100 for n in diff}
+    descs = {n: layer_blob(digest_of(blobs[n]), len(blobs[n]), diff[n]) for n in diff}
+    for n in diff:
+        reg.blobs[digest_of(blobs[n])] = blobs[n]
+
+    def node(name: str, chain: list[str], parent: str | None) -> str:
+        meta = json.dumps({"diff_id": diff[name], "kind": "snapshot"}).encode()
+        reg.blobs[digest_of(meta)] = meta
+        data = layer_manifest(
+            meta, [descs[c] for c in chain], title=name, parent=parent, created="2026-12-02"
+        )
+        reg.manifests[layer_tag(diff[name])] = data
+        reg.manifests[digest_of(data)] = data
+        return digest_of(data)
+
+    base = node("B", ["B"], None)
+    node("W", ["B", "W"], base)
+    node("D", ["B", "D"], base)
+    return reg, diff, blobs
+
+
+def _fake_host(reg: _FakeRegistry, held: set[str], fail_on: str | None = None) -> dict[str, Any]:
+    def import_blob(blob: Path, meta: bytes, diff_id: str, parent: str | None, d: str) -> None:
+        from unionimg.errors import ToolFailed
+
+        assert blob.read_bytes() == reg.blobs[d] and (parent is None or parent in held)
+        reg.events.append(f"import {diff_id[7:8]}")
+        if diff_id == fail_on:
+            raise ToolFailed(f"layer {diff_id} refused")
+        held.add(diff_id)
+
+    def undo(diff_id: str) -> None:
+        reg.events.append(f"undo {diff_id[7:8]}")
+        held.remove(diff_id)
+
+    return {"have": held.__contains__, "import_blob": import_blob, "undo": undo}
+
+
+def _pull(reg: _FakeRegistry, refs: list[str], dl: Path, host: dict[str, Any]) -> Any:
+    from typing import cast
+
+    from unionimg.registry import transfer
+    from unionimg.registry.client import Registry
+    from unionimg.registry.manifests import LAYER_REPO
+
+    return transfer.pull_nodes(cast(Registry, reg), LAYER_REPO, refs, download_dir=dl, **host)
+
+
+def test_a_system_pull_fetches_every_blob_before_importing_any(tmp_path: Path) -> None:
+    """Two VMs' chains pulled at once (what materialize does): the shared base fetched once,
+    every blob fetched and checked before the first import; the report splits its seconds
+    into fetching and importing. A tampered blob of the second VM: nothing imported (before,
+    the first VM's layers were imported already), the verified blobs kept; once the registry
+    serves the right bytes, only that blob travels. An import that fails undoes the ones
+    before it (top first): the host holds what it held."""
+    from unionimg.errors import ToolFailed
+    from unionimg.registry.manifests import digest_of, layer_tag
+
+    reg, diff, blobs = _fake_chains()
+    refs = [layer_tag(diff["W"]), layer_tag(diff["D"])]
+    tampered = digest_of(blobs["D"])
+    reg.blobs[tampered] = blobs["D"][:-1] + b"X"
+    held: set[str] = set()
+    dl = tmp_path / "downloads"
+    with pytest.raises(ToolFailed, match="refused"):
+        _pull(reg, refs, dl, _fake_host(reg, held))
+    assert held == set()
+    assert not any(e.startswith("import") for e in reg.events), reg.events
+    kept = sorted(p.name for p in dl.iterdir())
+    assert kept == sorted(digest_of(blobs[n])[7:] + ".blob" for n in ("B", "W"))
+
+    reg.blobs[tampered] = blobs["D"]  # the registry repaired
+    reg.events.clear()
+    before = reg.counters.bytes_down
+    report = _pull(reg, refs, dl, _fake_host(reg, held))
+    assert reg.events == ["fetch " + tampered[7:11], "import b", "import e", "import d"]
+    assert report.bytes_pulled == reg.counters.bytes_down - before >= len(blobs["D"])
+    assert report.imported == [diff["B"], diff["W"], diff["D"]] and report.cache_hits == 0
+    assert report.layers == [diff["B"], diff["W"], diff["D"]] and not any(dl.iterdir())
+    assert report.manifest == "" and report.ref == " ".join(refs)
+    assert report.fetch_seconds >= 0 and report.import_seconds >= 0
+    assert report.fetch_seconds + report.import_seconds <= report.seconds + 1e-6
+    out = report.to_json()
+    assert {"fetch_seconds", "import_seconds", "seconds"} <= set(out)
+
+    # all held: nothing fetched, every layer a cache hit
+    reg.events.clear()
+    again = _pull(reg, refs, dl, _fake_host(reg, held))
+    assert reg.events == [] and again.cache_hits == 3 and again.imported == []
+
+    # an import that fails (D's): B and W, imported just before, are removed again
+    held2: set[str] = set()
+    dl2 = tmp_path / "downloads2"
+    reg.events.clear()
+    with pytest.raises(ToolFailed, match="refused"):
+        _pull(reg, refs, dl2, _fake_host(reg, held2, diff["D"]))
+    assert held2 == set()
+    assert reg.events[-5:] == ["import b", "import e", "import d", "undo e", "undo b"]
+    assert len(list(dl2.iterdir())) == 3  # verified, kept for the next pull
+
+
+def test_the_deploy_report_splits_pull_seconds() -> None:
+    """fetch_seconds (the network) and import_seconds (extracting the blobs) go from the
+    host's materialize report through the controller's reshaping into the deploy JSON."""
+    from unionimg import deploy, systems
+
+    mat = systems.Materialized("lab", "sha256:" + "a" * 64, "http://r")
+    mat.fetch_seconds, mat.import_seconds = 1.25, 2.5
+    mat.pull_seconds = mat.fetch_seconds + mat.import_seconds
+    host = json.loads(json.dumps(mat.to_json()))
+    assert (host["fetch_seconds"], host["import_seconds"], host["pull_seconds"]) == (
+        1.25,
+        2.5,
+        3.75,
+    )
+    out = deploy.HostOutcome("h1", ok=True, result=deploy._checked("h1", host)).to_json()
+    assert out["fetch_seconds"] == 1.25 and out["import_seconds"] == 2.5
+    assert out["fetch_seconds"] + out["import_seconds"] == out["pull_seconds"]

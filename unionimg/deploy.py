@@ -12,8 +12,10 @@ VMs an earlier deploy made there):
    from the registry, checks each, makes the VMs and boots them; its progress lines come back
    on SSH's stderr and drive one progress bar per host;
 3. the result is one report: per host the bytes it pulled, its cache hits, the layers it
-   imported, the VMs made, seconds; a host that failed has its error line (the others
-   go on), and the command exits with the first failure's code.
+   imported, the VMs made, seconds (the pull's split into fetching, the network, and
+   importing, the host's extraction; making base generations; making VMs); a host that
+   failed has its error line (the others go on), and the command exits with the first
+   failure's code.
 
 The node is named to hosts by its manifest digest (what the controller pushed), never by a
 tag another push may move meanwhile.
@@ -70,6 +72,8 @@ class HostOutcome:
             "booted": r.get("booted", []),
             "generations_made": r.get("generations_made", []),
             "pull_seconds": r.get("pull_seconds", 0.0),
+            "fetch_seconds": r.get("fetch_seconds", 0.0),
+            "import_seconds": r.get("import_seconds", 0.0),
             "base_seconds": r.get("base_seconds", 0.0),
             "vm_seconds": r.get("vm_seconds", 0.0),
             "seconds": round(self.seconds, 3),
@@ -113,7 +117,7 @@ def _parse_progress(host: str, line: str, watch: Watcher) -> None:
 
 _INTS = ("cache_hits", "bytes_pulled", "bytes_resumed")
 _LISTS = ("vms", "created", "replaced", "booted", "layers", "imported", "generations_made")
-_FLOATS = ("seconds", "pull_seconds", "base_seconds", "vm_seconds")
+_FLOATS = systems.SECONDS
 
 
 def _checked(host: str, obj: object) -> dict[str, Any]:

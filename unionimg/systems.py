@@ -17,9 +17,11 @@ layers, which are whole image-tree nodes of their own, and no system node names 
 Deploying (:mod:`unionimg.deploy` on the controller, :func:`materialize` on the host): the
 node's manifest is pushed to a registry (:func:`push`: each VM's chain as image-tree nodes,
 then the system node whose config blob is this record's JSON and whose ``layers`` are every
-blob its VMs need); the host pulls what it lacks, makes the base generations it lacks from
-their layers (the controller's numbers and digests, a delta chain whole:
-:func:`unionimg.layers.base.generation_from_layer`) and makes the VMs (:func:`materialize`).
+blob its VMs need); the host pulls what it lacks (every VM's missing blobs fetched and checked
+before any layer is imported: a bad blob leaves its layer cache as it was), makes the base
+generations it lacks from their layers (the controller's numbers and digests, a delta chain
+whole: :func:`unionimg.layers.base.generation_from_layer`) and makes the VMs
+(:func:`materialize`).
 """
 
 from __future__ import annotations
@@ -334,6 +336,17 @@ MAX_RECORD = 1 << 20
 U_OVERHEAD = 4 << 20  # what mke2fs writes into a fresh sparse U (see instance.create)
 
 
+SECONDS = (
+    "seconds",
+    "pull_seconds",
+    "fetch_seconds",
+    "import_seconds",
+    "base_seconds",
+    "vm_seconds",
+)
+"""The time fields of a :class:`Materialized` report."""
+
+
 @dataclass
 class Materialized:
     system: str
@@ -350,13 +363,15 @@ class Materialized:
     booted: list[str] = field(default_factory=list)
     generations_made: list[str] = field(default_factory=list)  # BASE/N made from layers
     seconds: float = 0.0
-    pull_seconds: float = 0.0
+    pull_seconds: float = 0.0  # fetch_seconds + import_seconds
+    fetch_seconds: float = 0.0  # the network: manifests, configs, blobs checked on arrival
+    import_seconds: float = 0.0  # extracting the verified blobs into the layer cache
     base_seconds: float = 0.0  # making the base generations the host lacked
     vm_seconds: float = 0.0  # making the VMs (fresh U images, identity)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()}
-        for key in ("seconds", "pull_seconds", "base_seconds", "vm_seconds"):
+        for key in SECONDS:
             out[key] = round(getattr(self, key), 3)
         return out
 
@@ -376,12 +391,16 @@ def materialize(
     progress: Progress | None = None,
 ) -> Materialized:
     """Make system node ``ref`` of the registry at ``url`` real on this host: pull the layers
-    this store lacks (each blob checked on arrival), then make each VM (its chain, a fresh U,
-    its MAC), and boot them with ``boot``. One deploy at a time per store (the ``deploy``
-    lock: a second is a Conflict). Everything is checked before anything changes: the node,
-    VM names and MACs taken here (only ``replace`` may replace VMs an earlier deploy made,
-    and only stopped ones), the space the missing layers and the U images need. A failure
-    while making the VMs removes the ones made and puts replaced ones back."""
+    this store lacks, then make each VM (its chain, a fresh U, its MAC), and boot them with
+    ``boot``. One deploy at a time per store (the ``deploy`` lock: a second is a Conflict).
+    Everything is checked before anything changes: the node, VM names and MACs taken here
+    (only ``replace`` may replace VMs an earlier deploy made, and only stopped ones), the
+    space the missing layers and the U images need. The pull takes every VM's chain at once
+    (:func:`hostcache.pull_nodes`): every missing blob is fetched and checked before the
+    first is imported, so a tampered, truncated or missing blob of any VM leaves the layer
+    cache as it was (the verified blobs stay in ``downloads/``, and the next deploy fetches
+    only the rest). A failure while making the VMs removes the ones made and puts replaced
+    ones back."""
     start = time.monotonic()
     note: Progress = progress or (lambda _phase, _done, _total: None)
     with store.lock(DEPLOY_LOCK, wait=False, purpose=f"deploy {ref}"), Registry(url) as reg:
@@ -403,14 +422,17 @@ def materialize(
             pulled[0] += n
             note("pull", pulled[0], total)
 
-        t_pull = time.monotonic()
         note("pull", 0, total)
-        for top in dict.fromkeys(vm.layer for vm in meta.vms):
-            report = hostcache.pull_node(store, reg, top, on_bytes=on_bytes)
-            out.imported += [d for d in report.imported if d not in out.imported]
-            out.bytes_pulled += report.bytes_pulled
-            out.bytes_resumed += report.bytes_resumed
-        out.pull_seconds = time.monotonic() - t_pull
+        # every VM's chain at once: all missing blobs fetched and checked before the first
+        # import, so a bad blob of any VM leaves the layer cache as it was
+        tops = [layer_tag(top) for top in dict.fromkeys(vm.layer for vm in meta.vms)]
+        report = hostcache.pull_nodes(store, reg, tops, on_bytes=on_bytes)
+        out.imported = report.imported
+        out.bytes_pulled = report.bytes_pulled
+        out.bytes_resumed = report.bytes_resumed
+        out.pull_seconds = report.seconds
+        out.fetch_seconds = report.fetch_seconds
+        out.import_seconds = report.import_seconds
         t_base = time.monotonic()
         _install_bases(store, bases)
         out.generations_made = [f"{n.base}/{n.generation}" for n in bases]

@@ -2,9 +2,12 @@
 
 :func:`push_layers` pushes a layer of the store with its whole chain (its blobs, its
 layer.json records, one image-tree node per layer); :func:`pull_node` brings a node and the
-layers of its chain the store lacks into the store: blobs fetched and checked
-(:mod:`.transfer`), then each imported with :func:`layerstore.import_blob`, which checks the
-blob digest again and the uncompressed diff_id while it extracts. The layer.json a registry
+layers of its chain the store lacks into the store (:func:`pull_nodes`: several nodes at
+once, a system's VMs): every missing blob fetched and checked first (:mod:`.transfer`), then
+each imported with :func:`layerstore.import_blob`, which checks the blob digest again and the
+uncompressed diff_id while it extracts. A failure leaves the layer cache as it was: nothing is
+imported before every blob arrived checked, and an import that fails removes the layers
+imported before it (:func:`layerstore.remove`). The layer.json a registry
 serves is read as a :class:`LayerMeta` record (a damaged one is refused) and only its
 ``kind`` and origin are taken: the parent is the layer below in the node's chain, the
 digests are the node's.
@@ -24,12 +27,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from unionimg.errors import NotFound, ToolFailed
+from unionimg.errors import ToolFailed
 from unionimg.fs.space import require_space
 from unionimg.layers import layerstore
 from unionimg.registry import transfer
 from unionimg.registry.client import Registry
-from unionimg.registry.manifests import LAYER_REPO, layer_tag
+from unionimg.registry.manifests import LAYER_REPO
 from unionimg.registry.transfer import LocalLayer, PullReport, PushReport
 from unionimg.store.layout import Store
 from unionimg.store.records import LayerMeta, RecordError
@@ -123,15 +126,43 @@ def pull_node(
     its chain into the store, fetching only the blobs of layers the store lacks.
     ``on_plan(bytes to fetch)`` once those are known, ``on_bytes(n)`` as they arrive (for a
     progress bar)."""
-    with store.lock(PULL_LOCK, wait=False, purpose=f"pull {ref}"):
+    return pull_nodes(store, reg, [ref], repo=repo, on_bytes=on_bytes, on_plan=on_plan)
+
+
+def pull_nodes(
+    store: Store,
+    reg: Registry,
+    refs: Sequence[str],
+    *,
+    repo: str = LAYER_REPO,
+    on_bytes: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> PullReport:
+    """Bring nodes ``refs`` of ``repo`` and their chains into the store at once (a system's
+    VMs: :func:`unionimg.systems.materialize`): every missing blob of every node is fetched
+    and checked before the first layer is imported, and an import that fails removes the
+    layers imported before it, so a failure leaves the layer cache as it was (verified
+    downloads stay in ``downloads/`` for the next pull). Under the ``pull`` lock."""
+    what = refs[0] if len(refs) == 1 else f"{len(refs)} nodes"
+    with store.lock(PULL_LOCK, wait=False, purpose=f"pull {what}"):
         sweep_downloads(store)
-        try:
-            return _pull(store, reg, repo, ref, on_bytes, on_plan)
-        except NotFound:
-            if not ref.startswith("sha256:"):
-                raise
-            # not a manifest digest: a layer's diff_id names its node by tag
-            return _pull(store, reg, repo, layer_tag(ref), on_bytes, on_plan)
+
+        def before_fetch(blobs: int, metas: Sequence[bytes]) -> None:
+            _check_space(store, blobs, metas)
+            if on_plan is not None:
+                on_plan(blobs)
+
+        return transfer.pull_nodes(
+            reg,
+            repo,
+            refs,
+            have=lambda d: layerstore.has(store, d),
+            import_blob=_importer(store),
+            download_dir=download_dir(store),
+            on_bytes=on_bytes,
+            check_space=before_fetch,
+            undo=lambda d: layerstore.remove(store, layerstore.get(store, d)),
+        )
 
 
 def sweep_downloads(store: Store, *, max_age: float = KEEP_DOWNLOADS) -> list[Path]:
@@ -151,31 +182,6 @@ def sweep_downloads(store: Store, *, max_age: float = KEEP_DOWNLOADS) -> list[Pa
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
-
-
-def _pull(
-    store: Store,
-    reg: Registry,
-    repo: str,
-    ref: str,
-    on_bytes: Callable[[int], None] | None,
-    on_plan: Callable[[int], None] | None,
-) -> PullReport:
-    def before_fetch(blobs: int, metas: Sequence[bytes]) -> None:
-        _check_space(store, blobs, metas)
-        if on_plan is not None:
-            on_plan(blobs)
-
-    return transfer.pull_node(
-        reg,
-        repo,
-        ref,
-        have=lambda d: layerstore.has(store, d),
-        import_blob=_importer(store),
-        download_dir=download_dir(store),
-        on_bytes=on_bytes,
-        check_space=before_fetch,
-    )
 
 
 def _check_space(store: Store, blobs: int, metas: Sequence[bytes]) -> None:

@@ -5,28 +5,32 @@ image-tree node manifest tagged ``layer-<diff_id hex>``: a blob the repository h
 sent again (HEAD first), a blob another repository of the registry holds is mounted
 (``?mount=&from=``: no bytes), only the rest is uploaded in chunks.
 
-:func:`pull_node` brings one node into a host: the node's manifest says the chain's diff_ids;
-the layers the host holds (``have``) cost nothing; for the missing ones it walks the parent
-annotations up to the nodes it needs (each node's ``layers`` must be its parent's plus one,
-and a parent the registry lacks is one line, nothing fetched), fetches every missing blob
-first (resumable ``.partial`` files in ``download_dir``, each blob's sha256 checked on
-arrival), and only when all arrived imports them bottom to top through ``import_blob`` (the
-layer store checks the uncompressed diff_id). A failure leaves nothing imported; verified
-blobs stay in ``download_dir`` for the next attempt.
+:func:`pull_nodes` brings nodes into a host (:func:`pull_node`: one), in three steps. Plan
+(:func:`plan_pull`): each node's manifest says its chain's diff_ids; the layers the host holds
+(``have``) cost nothing; for the missing ones it walks the parent annotations up to the nodes
+it needs (each node's ``layers`` must be its parent's plus one, and a parent the registry
+lacks is one line, nothing fetched). Fetch (:func:`fetch_blobs`): every missing blob of every
+node, each distinct blob once, into resumable ``.partial`` files in ``download_dir``, each
+blob's sha256 checked on arrival. Import (:func:`import_blobs`): only when every blob
+arrived checked, bottom to top through ``import_blob`` (the layer store checks the
+uncompressed diff_id); an import that fails has the ones before it undone. So a failure
+leaves the host's layers as they were; verified blobs stay in ``download_dir`` for the next
+attempt. The report splits the seconds: fetching (the network) and importing (the host).
 
 Both take plain values (:class:`LocalLayer`, callables), so they run against any layer store;
-:mod:`unionimg.registry.layerstore_glue` binds them to unionimg's own.
+:mod:`unionimg.registry.hostcache` binds them to unionimg's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unionimg.errors import NotFound, ToolFailed
+from unionimg.errors import NotFound, ToolFailed, UnionimgError
 from unionimg.registry.client import Registry
 from unionimg.registry.manifests import (
     ARTIFACT_LAYER,
@@ -151,14 +155,16 @@ def push_layers(
 class PullReport:
     registry: str
     repo: str
-    ref: str
-    manifest: str = ""
-    layers: list[str] = field(default_factory=list)  # the chain's diff_ids, bottom to top
-    cache_hits: int = 0
+    ref: str  # the node pulled (several: separated by spaces)
+    manifest: str = ""  # its manifest digest (empty when several nodes were pulled at once)
+    layers: list[str] = field(default_factory=list)  # the chains' diff_ids, bottom to top
+    cache_hits: int = 0  # layers of ``layers`` the store held (or got meanwhile)
     imported: list[str] = field(default_factory=list)
     bytes_pulled: int = 0
     bytes_resumed: int = 0
     seconds: float = 0.0
+    fetch_seconds: float = 0.0  # the network: manifests, configs, blobs (checked on arrival)
+    import_seconds: float = 0.0  # the host: each verified blob extracted into its layer
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -172,13 +178,18 @@ class PullReport:
             "bytes_pulled": self.bytes_pulled,
             "bytes_resumed": self.bytes_resumed,
             "seconds": round(self.seconds, 3),
+            "fetch_seconds": round(self.fetch_seconds, 3),
+            "import_seconds": round(self.import_seconds, 3),
         }
 
 
 ImportBlob = Callable[[Path, bytes, str, "str | None", str], None]
 """``import_blob(verified blob file, layer.json bytes, diff_id, parent diff_id, blob
 digest)``: put one layer into the host's store (its parent is already there, and is the
-layer below it in the node's chain, whatever the layer.json says); the file may be consumed."""
+layer below it in the node's chain, whatever the layer.json says). The file stays where it
+is (the puller removes it once every import succeeded)."""
+UndoImport = Callable[[str], None]
+"""``undo(diff_id)``: remove a layer this pull imported (a later import failed)."""
 
 
 def fetch_node(reg: Registry, repo: str, ref: str) -> Manifest:
@@ -186,46 +197,48 @@ def fetch_node(reg: Registry, repo: str, ref: str) -> Manifest:
     return parse_manifest(data, where=f"{repo}@{digest}", expect=ARTIFACT_LAYER)
 
 
-def pull_node(
-    reg: Registry,
-    repo: str,
-    ref: str,
-    *,
-    have: Callable[[str], bool],
-    import_blob: ImportBlob,
-    download_dir: Path,
-    on_bytes: Callable[[int], None] | None = None,
-    check_space: Callable[[int, Sequence[bytes]], None] | None = None,
-) -> PullReport:
-    """Bring image-tree node ``ref`` (a tag or manifest digest of ``repo``) and its chain into
-    a host: ``have(diff_id)`` says what the host holds; missing blobs are fetched (checked),
-    then imported bottom to top. Raises before importing anything if any blob or parent node
-    is missing or damaged. ``check_space(bytes of the missing blobs, their layer.json)``
-    runs before the first blob is fetched (raise StoreFull there: nothing fetched)."""
+@dataclass
+class PullPlan:
+    """What pulling one node needs, known from manifests and configs alone (no blob
+    fetched): the node, the indexes of its chain's layers the host lacks (bottom to top) and
+    their layer.json bytes."""
+
+    ref: str
+    top: Manifest
+    missing: list[int] = field(default_factory=list)
+    metas: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return self.top.diff_ids()
+
+
+def plan_pull(reg: Registry, repo: str, ref: str, *, have: Callable[[str], bool]) -> PullPlan:
+    """The plan of pulling node ``ref`` (a tag, a manifest digest, or a layer's diff_id:
+    its node's tag ``layer-<hex>``): the manifests of the parent nodes are walked up to the
+    lowest layer the host lacks (each must extend its parent by one layer; a parent the
+    registry lacks is NotFound) and each missing layer's layer.json is fetched."""
     check_repo(repo)
-    start = time.monotonic()
-    before, resumed_before = reg.counters.bytes_down, reg.counters.bytes_resumed
-    report = PullReport(reg.url, repo, ref)
-    top = fetch_node(reg, repo, ref)
-    report.manifest = top.digest
+    try:
+        top = fetch_node(reg, repo, ref)
+    except NotFound:
+        if not ref.startswith("sha256:"):
+            raise
+        top = fetch_node(reg, repo, layer_tag(ref))  # a diff_id names its node by tag
+    plan = PullPlan(ref, top)
     chain = top.diff_ids()
-    report.layers = list(chain)
-    missing = [i for i, d in enumerate(chain) if not have(d)]
-    report.cache_hits = len(chain) - len(missing)
-    if not missing:
-        report.seconds = time.monotonic() - start
-        return report
-    # the layer.json of every missing layer: the config of its node, found by walking up
-    metas: dict[int, bytes] = {}
+    plan.missing = [i for i, d in enumerate(chain) if not have(d)]
+    if not plan.missing:
+        return plan
     node, index = top, len(chain) - 1
-    lowest = missing[0]
+    lowest = plan.missing[0]
     while True:
-        if index in missing:
+        if index in plan.missing:
             meta = reg.get_small_blob(repo, node.config.digest, MAX_META)
             _check_meta(meta, chain[index], repo, node.digest)
-            metas[index] = meta
+            plan.metas[index] = meta
         if index == lowest:
-            break
+            return plan
         if node.parent is None:
             raise ToolFailed(
                 f"node {repo}@{node.digest} has {index + 1} layers but no parent node; "
@@ -244,30 +257,132 @@ def pull_node(
                 "layer; refused, nothing was pulled"
             )
         node, index = parent, index - 1
+
+
+def fetch_blobs(
+    reg: Registry,
+    repo: str,
+    plans: Sequence[PullPlan],
+    download_dir: Path,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+    check_space: Callable[[int, Sequence[bytes]], None] | None = None,
+) -> dict[str, Path]:
+    """Every blob the plans lack (each distinct blob once), into ``download_dir`` as
+    ``HEX.blob``: a verified file left by an earlier pull is used as it is, a ``.partial``
+    one resumed, the rest fetched, each blob's sha256 checked on arrival. Nothing is
+    imported. ``check_space(bytes of the missing blobs, their layer.json)`` runs before the
+    first blob is fetched. Returns blob digest -> verified file."""
+    wanted: dict[str, tuple[int, bytes]] = {}  # blob digest -> size, layer.json
+    for plan in plans:
+        for i in plan.missing:
+            desc = plan.top.layers[i]
+            wanted.setdefault(desc.digest, (desc.size, plan.metas[i]))
     if check_space is not None:
-        check_space(sum(top.layers[i].size for i in missing), [metas[i] for i in missing])
-    # every missing blob first (checked on arrival), then the imports
+        check_space(sum(size for size, _ in wanted.values()), [m for _, m in wanted.values()])
     download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    files: dict[int, Path] = {}
-    for i in missing:
-        desc = top.layers[i]
-        dest = download_dir / (desc.digest.removeprefix("sha256:") + ".blob")
+    files: dict[str, Path] = {}
+    for digest, (size, _meta) in wanted.items():
+        dest = download_dir / (digest.removeprefix("sha256:") + ".blob")
         if not dest.exists():
-            reg.fetch_blob(repo, desc.digest, desc.size, dest, on_bytes=on_bytes)
-        files[i] = dest
-    for i in missing:
-        if have(chain[i]):  # another pull brought it meanwhile
-            report.cache_hits += 1
-        else:
-            import_blob(
-                files[i], metas[i], chain[i], chain[i - 1] if i else None, top.layers[i].digest
-            )
-            report.imported.append(chain[i])
-        files[i].unlink(missing_ok=True)
+            reg.fetch_blob(repo, digest, size, dest, on_bytes=on_bytes)
+        files[digest] = dest
+    return files
+
+
+def import_blobs(
+    plans: Sequence[PullPlan],
+    files: dict[str, Path],
+    *,
+    have: Callable[[str], bool],
+    import_blob: ImportBlob,
+    undo: UndoImport | None = None,
+) -> list[str]:
+    """Import the verified blobs ``files`` of ``plans``, each chain bottom to top (a layer
+    the store holds by then is skipped); the diff_ids imported. When an import fails, the
+    layers this call imported are removed again (top first, through ``undo``) before the
+    error goes on, so the store holds what it held before; the verified files stay (the
+    next pull uses them). Once every import succeeded, the files are removed."""
+    imported: list[str] = []
+    try:
+        for plan in plans:
+            chain = plan.chain
+            for i in plan.missing:
+                if have(chain[i]):  # an earlier plan (or another pull) brought it
+                    continue
+                desc = plan.top.layers[i]
+                parent = chain[i - 1] if i else None
+                import_blob(files[desc.digest], plan.metas[i], chain[i], parent, desc.digest)
+                imported.append(chain[i])
+    except BaseException:
+        if undo is not None:
+            for diff_id in reversed(imported):
+                # the first error is the one to report; 'layer gc' removes what is left
+                with contextlib.suppress(UnionimgError, OSError):
+                    undo(diff_id)
+        raise
+    for path in files.values():
+        path.unlink(missing_ok=True)
+    return imported
+
+
+def pull_nodes(
+    reg: Registry,
+    repo: str,
+    refs: Sequence[str],
+    *,
+    have: Callable[[str], bool],
+    import_blob: ImportBlob,
+    download_dir: Path,
+    on_bytes: Callable[[int], None] | None = None,
+    check_space: Callable[[int, Sequence[bytes]], None] | None = None,
+    undo: UndoImport | None = None,
+) -> PullReport:
+    """Bring image-tree nodes ``refs`` (tags, manifest digests or diff_ids of ``repo``)
+    and their chains into a host, in three steps: every node planned (:func:`plan_pull`),
+    every missing blob of every node fetched and checked (:func:`fetch_blobs`), and only
+    then the imports (:func:`import_blobs`). So a missing parent node, or a blob that is
+    tampered, truncated or missing, raises before anything is imported; an import that
+    fails undoes the others (``undo``). ``have(diff_id)`` says what the host holds."""
+    check_repo(repo)
+    start = time.monotonic()
+    before, resumed_before = reg.counters.bytes_down, reg.counters.bytes_resumed
+    report = PullReport(reg.url, repo, " ".join(refs))
+    plans = [plan_pull(reg, repo, ref, have=have) for ref in refs]
+    if len(plans) == 1:
+        report.manifest = plans[0].top.digest
+    report.layers = list(dict.fromkeys(d for plan in plans for d in plan.chain))
+    files = fetch_blobs(reg, repo, plans, download_dir, on_bytes=on_bytes, check_space=check_space)
     report.bytes_pulled = reg.counters.bytes_down - before
     report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
+    report.fetch_seconds = time.monotonic() - start
+    t_import = time.monotonic()
+    report.imported = import_blobs(plans, files, have=have, import_blob=import_blob, undo=undo)
+    report.import_seconds = time.monotonic() - t_import
+    report.cache_hits = len(report.layers) - len(report.imported)
     report.seconds = time.monotonic() - start
     return report
+
+
+def pull_node(
+    reg: Registry,
+    repo: str,
+    ref: str,
+    *,
+    have: Callable[[str], bool],
+    import_blob: ImportBlob,
+    download_dir: Path,
+    on_bytes: Callable[[int], None] | None = None,
+    check_space: Callable[[int, Sequence[bytes]], None] | None = None,
+    undo: UndoImport | None = None,
+) -> PullReport:
+    """Bring image-tree node ``ref`` and its chain into a host (:func:`pull_nodes` of one
+    node): missing blobs fetched and checked, then imported bottom to top; raises before
+    importing anything if any blob or parent node is missing or damaged."""
+    return pull_nodes(
+        reg, repo, [ref], have=have, import_blob=import_blob, download_dir=download_dir,
+        on_bytes=on_bytes, check_space=check_space, undo=undo,
+    )  # fmt: skip
 
 
 def _check_meta(meta: bytes, diff_id: str, repo: str, node: str) -> None:
