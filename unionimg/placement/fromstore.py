@@ -17,6 +17,10 @@ VMs it runs (``running_chains``: there for free, counted with its VMs). A layer 
 split (``split_parts = 1``; the servers file may not ask for splits): the cache keeps layers
 whole, so a split plan could not be applied. A VM's ``image`` is
 its U size, ``cpu`` its vCPUs, ``memory`` its memory.
+
+``pending`` (written by ``recover`` when it re-plans after a failure, kept in the placement
+record's copy of the file) lists the failed server's VMs not recovered yet: each runs, in the
+file, on its planned target, and its failed server is no server of the file.
 """
 
 from __future__ import annotations
