@@ -525,6 +525,16 @@ class Reconciler:
         written = [
             len(a.data) for a in actions if a.action in (WRITE, CONFLICT) and a.data is not None
         ]
+        # a file's set-meta is a copy (its inode is shared with the live layer): owners
+        # renumbered, metadata merged
+        written += [
+            a.entry.size
+            for a in actions
+            if a.action in (SET_META, CONFLICT)
+            and a.data is None
+            and a.entry is not None
+            and a.entry.kind == FILE
+        ]
         dirs = sum(1 for e in entries if e.kind == DIR)
         u_need = (
             dirs * 4096
@@ -791,7 +801,7 @@ def _commit_paths(actions: Sequence[Action]) -> tuple[str, ...]:
     """What a reconcile changes in U, relative to U's root (for :meth:`Repo.commit_all`)."""
     paths = {history.SIDECAR_DIR}
     for a in actions:
-        if a.action in (WRITE, DROP, SET_META) or (a.action == CONFLICT and a.data is not None):
+        if a.action in (WRITE, DROP, SET_META) or (a.action == CONFLICT and a.entry is not None):
             paths.add("upper" + a.path if a.path != "/" else "upper")
     return tuple(sorted(paths))
 
@@ -816,7 +826,8 @@ def _apply_action(tree: Path, action: Action) -> None:
         # a conflict with data: what the live file holds while it is pending (plan.py)
         assert action.entry is not None
         fsops.write_entry(tree, action.path, action.entry, action.data)
-    elif action.action == SET_META:
+    elif action.action == SET_META or (action.action == CONFLICT and action.entry is not None):
+        # a conflict with an entry but no data: U's copy stays, its owner renumbered (plan.py)
         assert action.entry is not None
         fsops.set_meta(tree, action.path, action.entry)
         if action.entry.kind == DIR and not action.entry.opaque:  # item 6 (plan.py)

@@ -15,7 +15,9 @@ after everything below it):
   never in the live file. An ``error`` (policy ``fail``) makes the whole instance fail.
   A conflict whose structured merger gives a live content (dpkg's ``status``, apt's
   ``extended_states``: :attr:`StructuredResult.live`) has ``entry`` and ``data`` too: they
-  are written like a ``write`` while the conflict stays pending (its ``proposal``).
+  are written like a ``write`` while the conflict stays pending (its ``proposal``); one
+  with ``entry`` but no ``data`` keeps U's file with ``entry``'s owner (``set-meta``: a
+  system account the merge renumbered).
 * ``drop``: remove U's entry (file, symlink, whiteout, or a directory that is then empty) so
   the base shows through.
 * ``write``: replace U's entry by ``entry`` (kind, mode, uid, gid, xattrs, symlink target)
@@ -48,6 +50,15 @@ Choices beyond the table:
   merged by name, their ``-`` backups kept local) is merged by it instead of line by line:
   case 5 when clean, case 6 with the merger's artefacts (``proposal`` ...) when not, and its
   live content (dpkg's proposal) as the conflict's ``entry``/``data`` when it gives one.
+* A structured merge that renumbers the VM's system accounts itself (the user databases,
+  :func:`unionimg.reconcile.structured.user_database`: a VM's system user given the ID of
+  B1's new one) lists the VM's files of the old ID: after every path is decided, the ones
+  whose action keeps the VM's owner (``keep``, ``set-meta``, ``write``, a conflict) get the
+  new ID (``keep`` becomes ``set-meta``; a conflict keeps U's file with an ``entry`` of the
+  new owner and no ``data``, which the executor applies as a ``set-meta``); a dropped path,
+  or one whose B1 entry has the old ID too (B1's account's), is left alone. The policy's
+  action for :data:`~unionimg.reconcile.structured.RENUMBER_SYSTEM` and the four files is
+  the setting (``merge``: on).
 * A text file both sides added (no B0 version) that B1's dpkg status lists as a conffile of
   a package the VM has in the same version is merged against that conffile's pristine
   version (:func:`unionimg.reconcile.dpkgdb.pristine_ancestor`: B1's or the VM's copy when its
@@ -90,7 +101,15 @@ from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.policy import FAIL, KEEP_LOCAL, MERGE, TAKE_BASE, Policy
 from unionimg.reconcile.structured import CONFLICT as STRUCTURED_CONFLICT
 from unionimg.reconcile.structured import KEEP_LOCAL as STRUCTURED_KEEP_LOCAL
-from unionimg.reconcile.structured import MergeInput, Merger, Versions, merger_for
+from unionimg.reconcile.structured import (
+    RENUMBER_SYSTEM,
+    USER_UNIT,
+    MergeInput,
+    Merger,
+    Versions,
+    merger_for,
+)
+from unionimg.reconcile.userdb import OwnerChange
 
 __all__ = [
     "ACTIONS",
@@ -364,6 +383,9 @@ class _Planner:
         self._cache: dict[tuple[Source, str], bytes] = {}
         self._opaque_memo: dict[str, bool] = {}
         self._merge_memo: dict[str, object] = {}  # structured mergers' shared results
+        # the VM's system accounts renumbered by a merge: (its path, the files to chown)
+        self._renumbered: list[tuple[str, tuple[OwnerChange, ...]]] = []
+        self._renumber_system: bool | None = None  # the policy's setting, asked once
         self.transparent = self._opaque_over_nothing()
 
     # -- driving -------------------------------------------------------------------------
@@ -373,6 +395,7 @@ class _Planner:
         for path in sorted(self.u, key=lambda p: (-_depth(p), p)):
             self._decide(path)
         self._made_transparent()
+        self._chown_renumbered()
         ordered = sorted([*self.actions.values(), *self.reports], key=lambda a: self._order(a))
         return InstancePlan(ordered, self.unaffected)
 
@@ -435,6 +458,58 @@ class _Planner:
                         paths=hidden,
                     )
                 )
+
+    # -- system accounts renumbered by the user databases' merge (structured._auto) ---------
+    def _chown_renumbered(self) -> None:
+        """The VM's files owned by an ID its system account gave up (B1's account has it
+        now) get the account's new ID: an action that leaves the VM's owner in place
+        becomes (or stays) a ``set-meta``/``write`` with the new owner, so the executor
+        chowns a copy in the staging tree, never the live layer's inode. A path dropped
+        (B1's version shows) or whose owner is no longer the old one is left alone. The
+        user database's action names how many files moved."""
+        for source, changes in self._renumbered:
+            moved = 0
+            for change in changes:
+                moved += self._chown(change)
+            action = self.actions.get(source)
+            if action is not None and changes:
+                what = "uid" if changes[0].field == "uid" else "gid"
+                self._put(
+                    replace(
+                        action,
+                        reason=f"{action.reason}; {what} of {moved} of the "
+                        "VM's files changed to match",
+                    )
+                )
+
+    def _chown(self, change: OwnerChange) -> int:
+        """Give ``change.path`` its new owner in the plan; 1 if it did, else 0."""
+        action = self.actions.get(change.path)
+        u = self.u.get(change.path)
+        if action is None or u is None or action.action in (DROP, REPORT, ERROR):
+            return 0
+        base = u if action.entry is None or action.action == KEEP else action.entry
+        if (base.uid if change.field == "uid" else base.gid) != change.old:
+            return 0
+        if action.action != KEEP:  # B1's entry with that owner: B1's account's, left so
+            n = self._b1_entry(change.path)
+            if n is not None and (n.uid if change.field == "uid" else n.gid) == change.old:
+                return 0
+        entry = (
+            replace(base, uid=change.new)
+            if change.field == "uid"
+            else replace(base, gid=change.new)
+        )
+        why = (
+            f"owner {change.field} {change.old} → {change.new}: the VM's system account renumbered"
+        )
+        if action.action == KEEP:
+            self._put(
+                Action(change.path, action.case, SET_META, f"{action.reason}; {why}", entry=entry)
+            )
+        else:  # set-meta, write, a conflict (its live entry, or U's kept: set-meta'd)
+            self._put(replace(action, entry=entry, reason=f"{action.reason}; {why}"))
+        return 1
 
     def _find_hidden(self) -> None:
         """Sort the delta paths U lacks: case 1, or hidden below a whiteout, an opaque
@@ -893,7 +968,18 @@ class _Planner:
     ) -> None:
         """A file both sides changed that a structured merger knows (``MERGERS``): case 5
         when it merges, case 6 with its artefacts when it conflicts; the policy first."""
-        inp = MergeInput(path, versions, self._versions, self.u.values, self._merge_memo)
+        if self._renumber_system is None:  # the policy's setting (structured.RENUMBER_SYSTEM)
+            self._renumber_system = all(
+                self.policy.decide(p).action == MERGE for p in (RENUMBER_SYSTEM, *USER_UNIT)
+            )
+        inp = MergeInput(
+            path,
+            versions,
+            self._versions,
+            self.u.values,
+            self._merge_memo,
+            renumber_system=self._renumber_system,
+        )
         result = merger(inp)
         why = result.reason
         if result.outcome == STRUCTURED_KEEP_LOCAL:
@@ -920,8 +1006,14 @@ class _Planner:
                 path, 13, why, lambda: self._meta_conflict(path, meta, artifacts=artifacts)
             )
         else:
-            data = result.data
-            self._both_changed(path, 5, why, lambda: self._finish(path, 5, u, n, data, meta, why))
+            data, owners = result.data, result.owners
+
+            def merged() -> None:
+                self._finish(path, 5, u, n, data, meta, why)
+                if owners:  # the VM's files to chown (system accounts renumbered)
+                    self._renumbered.append((path, owners))
+
+            self._both_changed(path, 5, why, merged)
 
     def _versions(self, path: str) -> Versions:
         """Another file's three versions as the guest sees them, for a structured merger

@@ -20,7 +20,11 @@ three versions of a related file, the VM's upper entries) and returns a
   the files of the union); the user databases give both sides' entries except B1's ones
   whose ID (or range) clashes with the VM's entry, which keeps it (:func:`_live`: never two
   names with one ID, never a VM file given to B1's user; their proposal renumbers IDs and
-  implies chowns, which only ``resolve --take proposal`` applies);
+  implies chowns, which ``resolve --take proposal`` applies; a clash of system
+  accounts alone is taken at once, below);
+* ``merged`` with ``owners``: the user databases when every clash is one of system accounts
+  (:func:`_auto`): the proposal is taken at once, and ``owners`` lists the VM's files whose
+  owner it changes (the planner chowns them in the staging tree);
 * ``keep-local``: the VM's own version stays (the tools' ``-`` backups: ``/etc/passwd-`` is
   what ``useradd`` saved before its last change, meaningful only with the VM's own
   ``/etc/passwd``).
@@ -34,6 +38,14 @@ passwd, group, shadow and gshadow are one unit for ``pwck``/``grpck`` (users nam
 primary group, groups their members, shadow and gshadow their users and groups): a conflict in
 one makes the other three conflicts too, and their live versions leave out the same users and
 groups (:func:`_left_out`), so the live set is consistent until resolved.
+A VM's system account given the same ID as a new system account of B1 (``useradd --system``
+counts down from 999 on both sides) needs no person: when every conflict of the four files
+is such a clash (both IDs in B1's ``SYS_UID_MIN..SYS_UID_MAX``, or the GID pair, with a
+proposal in that range) and ``MergeInput.renumber_system`` holds (the policy's setting,
+:data:`RENUMBER_SYSTEM`), the four files take their proposal (B1's account keeps its ID, the
+VM's moves to a free system ID no side uses) and the files of the VM the move concerns are
+listed to chown (:func:`_auto`). A hardlinked file, a device node, fifo or socket, or a file
+too large to copy among them leaves the clash to the admin, as a login account's always is.
 Mergers of one planner run share ``MergeInput.memo`` (each file merged once).
 """
 
@@ -44,7 +56,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unionimg.entries import Entry
+from unionimg.display import shown
+from unionimg.entries import BLK, CHR, FIFO, FILE, LARGE_FILE, SOCK, SYMLINK, Entry
 from unionimg.reconcile import debconf, dpkgdb, userdb
 
 __all__ = [
@@ -52,6 +65,8 @@ __all__ = [
     "KEEP_LOCAL",
     "MERGED",
     "MERGERS",
+    "RENUMBER_SYSTEM",
+    "USER_UNIT",
     "MergeInput",
     "Merger",
     "StructuredResult",
@@ -83,6 +98,8 @@ class MergeInput:
     related: Callable[[str], Versions]  # the three versions of another file
     upper: Callable[[], Iterable[Entry]]  # every entry of the VM's upper layer
     memo: dict[str, object] = field(default_factory=dict)  # shared by one planner's mergers
+    # the VM's system accounts clashing with B1's are renumbered at once (RENUMBER_SYSTEM)
+    renumber_system: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +110,8 @@ class StructuredResult:
     artifacts: Mapping[str, bytes] = field(default_factory=dict)  # conflict: more artefacts
     # conflict: written live while the conflict is pending; None = the VM's version stays
     live: bytes | None = None
+    # merged: the VM's files whose owner the merge renumbered (the planner chowns them)
+    owners: tuple[userdb.OwnerChange, ...] = ()
 
 
 Merger = Callable[[MergeInput], StructuredResult]
@@ -121,6 +140,11 @@ _FORMATS = {
 # gshadow their users and groups. A conflict in one makes all four conflicts, their live
 # versions consistent (the same B1 users and groups left out of each).
 _UNIT = (PASSWD, GROUP, SHADOW, GSHADOW)
+USER_UNIT = _UNIT
+# Not a file (nothing can be below /etc/passwd): the policy's action for this path is the
+# setting of the automatic renumbering of system accounts (``merge``: on, the shipped rule;
+# any other action: off, the clash stays a conflict for ``resolve --take proposal``).
+RENUMBER_SYSTEM = "/etc/passwd/renumber-system-ids"
 
 
 def _ranges(inp: MergeInput) -> userdb.IdRanges:
@@ -257,18 +281,93 @@ def _live(inp: MergeInput) -> bytes | None:
     return userdb.live(own, own.clashing | users)  # subuid/subgid: their names are users'
 
 
+@dataclass(frozen=True, slots=True)
+class _Auto:
+    """The unit's proposal taken at once: what moves, and the files it concerns."""
+
+    moves: str  # "foo uid 999 → 100, foo gid 999 → 100", shortened
+
+
+def _unsafe(entry: Entry) -> str:
+    """Why reconcile does not chown ``entry`` itself ("": it does). The chown is a copy
+    renamed over the staging tree's entry (its inode is shared with the live layer)."""
+    if entry.kind in (CHR, BLK, FIFO, SOCK):
+        return f"{entry.kind} node"
+    if entry.link is not None and entry.kind in (FILE, SYMLINK):
+        return "hardlinked file"
+    if entry.kind == FILE and entry.size >= LARGE_FILE:
+        return f"file of {entry.size >> 20} MiB"
+    return ""
+
+
+def _auto(inp: MergeInput) -> _Auto | str | None:
+    """Whether the unit's proposal is taken at once: an :class:`_Auto` when every conflict
+    of passwd, group, shadow and gshadow is a clash of system accounts with a proposal
+    (:attr:`userdb.DbMerge.system_only`), the setting is on and every file to chown can be;
+    else why not (a string, when some clash is one of system accounts), or ``None``."""
+    key = "userdb:auto"
+    if key in inp.memo:
+        done = inp.memo[key]
+        return done if isinstance(done, _Auto | str) else None
+    out: _Auto | str | None = None
+    if not any(inp.related(p).too_large for p in _UNIT if p != inp.path) and not (
+        inp.path in _UNIT and inp.versions.too_large
+    ):
+        merges = [_own(inp, p) for p in _UNIT]
+        dirty = [m for m in merges if not m.clean]
+        if any(c.system for m in dirty for c in m.conflicts):
+            out = _auto_why(inp, dirty, merges)
+    inp.memo[key] = out
+    return out
+
+
+def _auto_why(
+    inp: MergeInput, dirty: list[userdb.DbMerge], merges: list[userdb.DbMerge]
+) -> _Auto | str:
+    if not inp.renumber_system:
+        return f"the policy turns it off ({RENUMBER_SYSTEM})"
+    if not all(m.system_only for m in dirty):
+        return "other entries of the user databases conflict too"
+    owned = {o.path for m in merges for o in m.owners}
+    for entry in inp.upper():
+        if entry.path in owned and (why := _unsafe(entry)):
+            return f"{shown(entry.path, 200)} is a {why}"
+    moves = [r.describe() for m in merges for r in m.renumberings]
+    named = ", ".join(moves[:_AUTO_SHOWN]) + (
+        f" (+{len(moves) - _AUTO_SHOWN} more)" if len(moves) > _AUTO_SHOWN else ""
+    )
+    return _Auto(named)
+
+
+_AUTO_SHOWN = 4  # renumberings named in one reason
+
+
 def user_database(inp: MergeInput) -> StructuredResult:
     """passwd, group, shadow, gshadow, subuid, subgid merged by name (:mod:`userdb`); a
-    conflict gives the live content of :func:`_live` while it is pending."""
+    conflict gives the live content of :func:`_live` while it is pending, or, when it is
+    only a clash of system accounts (:func:`_auto`), its proposal at once."""
     result = _merge_db(inp, inp.path)
     if result.clean:
         return StructuredResult(MERGED, result.data, result.reason())
+    auto = _auto(inp) if inp.path in _UNIT else None
+    if isinstance(auto, _Auto):
+        own = _own(inp, inp.path)
+        data = own.data if own.clean else own.proposal
+        assert data is not None  # system_only: a complete proposal
+        why = (
+            f"{own.fmt.name} merged by name, the VM's system accounts renumbered where B1's "
+            f"new ones took their IDs: {auto.moves}"
+        )
+        return StructuredResult(MERGED, data, why, owners=own.owners)
     artifacts: dict[str, bytes] = {}
     if result.proposal is not None:
         artifacts["proposal"] = result.proposal
     if result.owners:
         artifacts["proposal-owners"] = result.owners_json()
-    return StructuredResult(CONFLICT, result.data, result.reason(), artifacts, live=_live(inp))
+    reason = result.reason()
+    if isinstance(auto, str):
+        reason += f" (system accounts not renumbered automatically: {auto})"
+    return StructuredResult(CONFLICT, result.data, reason, artifacts, live=_live(inp))
 
 
 MERGERS: dict[str, Merger] = {path: user_database for path in _FORMATS}

@@ -24,6 +24,9 @@ systemd-sysusers allocates by name:
   it are aliases, not collisions. The same name given different IDs by both sides proposes
   B1's ID (when no other name of the VM has it) and the same ownership changes. At most
   256 renumberings are proposed per file (a guest's file may hold any number of entries).
+  A clash of an ID in the system range (``SYS_UID_MIN..SYS_UID_MAX``) whose proposal stays
+  there is marked ``EntryConflict.system``; a merge whose conflicts are all such is
+  ``DbMerge.system_only``, and reconcile may take its proposal itself (structured.py).
 * subuid/subgid ranges of different names that the merge would make overlap are a conflict
   proposing the VM's range moved to the first free place (from ``SUB_UID_MIN``).
 * A file that *follows* another (``follows``: the caller,
@@ -46,7 +49,7 @@ import bisect
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from unionimg.entries import WHITEOUT, Entry
@@ -132,6 +135,10 @@ class IdRanges:
             else (self.gid_system, self.gid_login)
         )
         return system if old < login[0] else login
+
+    def system(self, owner: Literal["uid", "gid"]) -> tuple[int, int]:
+        """SYS_UID_MIN..SYS_UID_MAX (or the GID pair): the IDs of system accounts."""
+        return self.uid_system if owner == "uid" else self.gid_system
 
 
 def _login_defs(data: bytes) -> dict[str, int]:
@@ -300,6 +307,9 @@ class EntryConflict:
     old: Line | None
     new: Line | None
     proposal: Line | None = None  # the VM's entry as proposed (None: no proposal)
+    # an ID both sides gave a system account (in SYS_UID_MIN..SYS_UID_MAX, or the GID
+    # pair), the proposal a free system ID: reconcile may take it itself (structured.py)
+    system: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +362,18 @@ class DbMerge:
         else:
             parts.append("no complete proposal: edit 'merged'")
         return "; ".join(parts)
+
+    @property
+    def system_only(self) -> bool:
+        """A conflict only because system accounts of both sides were given one ID (or
+        because of a group renumbering passwd follows), every clash with a proposal: the
+        proposal renumbers the VM's system accounts to free system IDs."""
+        return (
+            not self.clean
+            and self.proposal is not None
+            and all(c.system for c in self.conflicts)
+            and not self.fmt.ranges
+        )
 
     def owners_json(self) -> bytes:
         """The ownership changes as a JSON list (the ``proposal-owners`` artefact)."""
@@ -590,6 +612,8 @@ class _Merger:
             self.clashing.update(others)  # left out of the live file: the VM's entry keeps it
             lo, hi = self.ranges.for_id(fmt.owner, value)
             new = alloc.take(value, lo, hi) if self._may_propose() else None
+            sys_lo, sys_hi = self.ranges.system(fmt.owner)
+            system = new is not None and sys_lo <= value <= sys_hi and sys_lo <= new <= sys_hi
             who = ", ".join(_show(name) for name in others[:_SHOW_CONFLICTS])
             for key in mine:
                 why = f"{_show(key[1])}: {fmt.owner} {value} is also {who}'s in B1"
@@ -607,7 +631,7 @@ class _Merger:
                     fields[idf] = str(new).encode()
                     proposal = Line(b":".join(fields), key)
                 out.conflict = EntryConflict(
-                    key, why, self.l.get(key), self.o.get(key), self.n.get(key), proposal
+                    key, why, self.l.get(key), self.o.get(key), self.n.get(key), proposal, system
                 )
             if new is not None:
                 self._renumber(list(dict.fromkeys(k[1] for k in mine)), fmt.owner, value, new)
@@ -638,10 +662,7 @@ class _Merger:
             fields[3] = str(self.gid_moves[gid]).encode()
             if out.conflict is not None:
                 if out.conflict.proposal is not None:
-                    out.conflict = EntryConflict(
-                        key, out.conflict.why, out.conflict.local, out.conflict.old,
-                        out.conflict.new, Line(b":".join(fields), key),
-                    )  # fmt: skip
+                    out.conflict = replace(out.conflict, proposal=Line(b":".join(fields), key))
             else:
                 out.proposed = b":".join(fields)
             moved.append(f"{_show(key[1])} gid {gid} → {self.gid_moves[gid]}")
