@@ -19,9 +19,9 @@ import pytest
 
 from unionimg import hosts as hosts_mod
 from unionimg import ops
-from unionimg.boot import control
 from unionimg.errors import Conflict, ToolFailed, UnionimgError, UsageError
 from unionimg.layers import instance as inst_mod
+from unionimg.layers import union
 from unionimg.migrate import index, pending, receive, send, tree
 from unionimg.store.layout import Store, write_record
 from unionimg.store.migrate_records import PROTOCOL, MigrateOffer, TreeEntry
@@ -48,20 +48,30 @@ def record(host: str = "h1") -> pending.Pending:
 
 
 def test_the_boot_check_reads_the_senders_record_by_its_name(tmp_path: Path) -> None:
-    assert control.PENDING_MIGRATION == pending.Pending.FILE
+    assert inst_mod.PENDING_MIGRATION == pending.Pending.FILE
     store = Store(tmp_path / "st")
     make(store, instance())
-    control.refuse_pending_migration(store, "web")  # no record: boots
+    inst_mod.refuse_pending_migration(store, "web", "boot")  # no record: boots
     pending.write(store, "web", record())
     with pytest.raises(Conflict) as exc:
-        control.refuse_pending_migration(store, "web")
+        inst_mod.refuse_pending_migration(store, "web", "boot")
     msg = exc.value.message
     assert "does not boot here" in msg and "'unionimg migrate web --to h1' again" in msg
     assert "\n" not in msg and exc.value.exit_code == 4
     assert pending.read(store, "web") == record()
     pending.clear(store, "web")
-    control.refuse_pending_migration(store, "web")
+    inst_mod.refuse_pending_migration(store, "web", "boot")
     assert pending.read(store, "web") is None
+
+
+def test_mount_is_refused_too_while_the_record_is_there(tmp_path: Path) -> None:
+    store = Store(tmp_path / "st")
+    make(store, instance())
+    pending.write(store, "web", record())
+    with pytest.raises(Conflict) as exc:
+        union.mount(store, "web", tmp_path / "mnt")
+    assert "does not mount here" in exc.value.message and "--to h1" in exc.value.message
+    assert not (tmp_path / "mnt").exists()
 
 
 def test_status_holds_only_that_very_vm(tmp_path: Path) -> None:

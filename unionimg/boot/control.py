@@ -31,7 +31,6 @@ crashed guest from a stopped one until the next boot. The guest kernel always ge
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -48,7 +47,6 @@ from unionimg.boot.kernel import (
     shared_initramfs,
     uml_kernel,
 )
-from unionimg.display import shown
 from unionimg.errors import (
     Conflict,
     GuestFailed,
@@ -64,7 +62,15 @@ from unionimg.hypervisors.profiles import render_net_naming
 from unionimg.hypervisors.spec import BootSpec, instance_uuid
 from unionimg.layers import layerstore
 from unionimg.layers.base import chain_images, get_generation
-from unionimg.layers.instance import Instance, list_instances, load, mount_record, save, upper_image
+from unionimg.layers.instance import (
+    Instance,
+    list_instances,
+    load,
+    mount_record,
+    refuse_pending_migration,
+    save,
+    upper_image,
+)
 from unionimg.layers.running import (
     clear_crash,
     clear_running,
@@ -252,28 +258,6 @@ def _crash_error(store: Store, name: str) -> GuestFailed | None:
     return _failed(name, crash.reason, ready=crash.ready)
 
 
-PENDING_MIGRATION = "migrate-pending.json"  # unionimg.migrate.pending.Pending.FILE
-
-
-def refuse_pending_migration(store: Store, name: str) -> None:
-    """Conflict while a migration of the instance may have made it on another host (its
-    sender stopped after its stream: :mod:`unionimg.migrate.pending`): booting it here would
-    run the same machine, MAC and all, twice."""
-    path = store.instance_dir(name) / PENDING_MIGRATION
-    if not path.exists():
-        return
-    try:
-        host = str(json.loads(path.read_text(encoding="utf-8"))["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        host = "HOST"
-    host = shown(host, 64)
-    raise Conflict(
-        f"instance '{name}' does not boot here: it is being migrated to host {host}, which "
-        f"may hold it already; unless a 'migrate' of it still runs, run 'unionimg migrate "
-        f"{name} --to {host}' again to finish (or undo) the migration"
-    )
-
-
 def boot(
     store: Store,
     name: str,
@@ -289,7 +273,7 @@ def boot(
     from the console when it panics, misses a disk, its initramfs fails or it crashes; the
     crash is recorded for ``instance show``."""
     inst = load(store, name)
-    refuse_pending_migration(store, name)  # the first thing to say
+    refuse_pending_migration(store, name, "boot")  # the first thing to say
     driver = hypervisors.get(hypervisor or inst.hypervisor)
     hv = driver.name
     if not driver.capabilities.can_start:
@@ -303,7 +287,7 @@ def boot(
     if not can:
         raise MissingCapability(f"instance {name} cannot boot under {hv} on this host: {why}")
     with store.lock(f"instance-{name}", wait=False, purpose=f"boot {name}"):
-        refuse_pending_migration(store, name)  # its record may have appeared meanwhile
+        refuse_pending_migration(store, name, "boot")  # its record may have appeared meanwhile
         current = running_on(store, name)
         if current:
             raise Conflict(

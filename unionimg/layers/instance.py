@@ -4,10 +4,12 @@ instance's own Mercurial history, a fixed MAC, a hypervisor and resources."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from unionimg.display import shown
 from unionimg.errors import Conflict, NotFound, UsageError
 from unionimg.faults import checkpoint
 from unionimg.fs.image import disk_usage, make_ext4
@@ -278,3 +280,26 @@ def durable(u: Path) -> None:
     watch = _WATCHES.get(os.fspath(u))
     if watch is not None:
         watch.durable = True
+
+
+PENDING_MIGRATION = "migrate-pending.json"  # unionimg.migrate.pending.Pending.FILE
+
+
+def refuse_pending_migration(store: Store, name: str, verb: str) -> None:
+    """Conflict (naming ``verb``: boot, mount) while a migration of the instance may have
+    made it on another host (its sender stopped after its stream:
+    :mod:`unionimg.migrate.pending`): running or changing it here would make the same machine,
+    MAC and all, live in two places."""
+    path = store.instance_dir(name) / PENDING_MIGRATION
+    if not path.exists():
+        return
+    try:
+        host = str(json.loads(path.read_text(encoding="utf-8"))["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        host = "HOST"
+    host = shown(host, 64)
+    raise Conflict(
+        f"instance '{name}' does not {verb} here: it is being migrated to host {host}, which "
+        f"may hold it already; unless a 'migrate' of it still runs, run 'unionimg migrate "
+        f"{name} --to {host}' again to finish (or undo) the migration"
+    )

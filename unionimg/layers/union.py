@@ -20,7 +20,13 @@ from unionimg.fs.mounts import is_mounted, mount_overlay, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import snapshot, ucheck
 from unionimg.layers.base import get_generation, mount_layers, unmount_layers
-from unionimg.layers.instance import list_instances, load, mount_record, state
+from unionimg.layers.instance import (
+    list_instances,
+    load,
+    mount_record,
+    refuse_pending_migration,
+    state,
+)
 from unionimg.layers.status import check_u_writable
 from unionimg.layers.ucheck import sync_image
 from unionimg.store.layout import Store, now_iso, write_record
@@ -76,10 +82,12 @@ def mount(
     """Mount the union of instance ``name`` at ``target``; its mount record (as JSON)."""
     inst = load(store, name)
     _refuse_mounted(store, name)  # the first thing to say, whatever the target
+    refuse_pending_migration(store, name, "mount")
     target = check_target(store, target, allow_non_empty=allow_non_empty)
     require_root("mount")
     with store.lock(f"instance-{name}", wait=False, purpose=f"mount {name}"):
         _refuse_mounted(store, name)
+        refuse_pending_migration(store, name, "mount")
         st = state(store, name)
         if st == "running":
             raise Conflict(f"instance '{name}' is running; stop it before mounting")
