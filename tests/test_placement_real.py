@@ -241,3 +241,55 @@ def test_apply_removes_what_the_new_plan_moved_away(env: Env) -> None:
         f"{ {h: len(r['removed']) for h, r in second['hosts'].items()} }, in use "
         f"{ {h: len(r['in_use']) for h, r in second['hosts'].items()} }, {freed} bytes freed"
     )
+
+
+def test_recover_after_a_replan_in_any_order(env: Env) -> None:
+    """The order the audit found broken: web recovered WITH the re-plan first, then db. The
+    re-plan leaves db pending (from h1, assumed on its planned target); 'recover db' on that
+    target then recovers it from h1 — not refused as "ran on" it — and re-plans over h2 and
+    h3, the healthy server kept."""
+    ctl = env.ctl
+    for host in env.hosts.values():  # start clean: instances earlier tests made
+        for vm in ("web", "db", "dns"):
+            subprocess.run(
+                host.ssh_argv(str(UNIONIMG), "--store", str(host.store), "stop", vm, "--force"),
+                capture_output=True, timeout=60, check=False,
+            )  # fmt: skip
+            Cli(host.store)("instance", "remove", vm)
+    args = ["--from-store", "lab1", "--servers", str(env.servers)]
+    applied = json.loads(
+        ctl.ok("apply", "placement", *args, "--registry", env.url, "--json").output
+    )
+    target = applied["plan"]["failures"]["h1"]["targets"]
+    web_to = next(t["server"] for t in target if "web" in t["vms"])
+    db_to = next(t["server"] for t in target if "db" in t["vms"])
+    h1 = env.hosts["h1"]
+    h1.link(False)
+    try:
+        res = json.loads(ctl.ok("recover", "web", "--on", web_to, "--json").output)
+        assert res["failed"] == "h1" and res["was_pending"] is False, res
+        assert set(res["replan"]["hosts"]) == {"h2", "h3"} and res["replan"]["plan"]["ok"]
+        record = json.loads((ctl.store / "placement" / "applied.json").read_text())
+        assert 'vm = "db"' in record["servers"] and 'failed = "h1"' in record["servers"]
+        assert record["recovered"] == [f"web@{web_to}"]
+        res2 = json.loads(ctl.ok("recover", "db", "--on", db_to, "--json").output)
+        assert res2["failed"] == "h1" and res2["was_pending"] is True, res2
+        assert res2["planned_target"] == db_to
+        again = res2["replan"]
+        assert set(again["hosts"]) == {"h2", "h3"}, again["hosts"]
+        assert again["plan"]["ok"] is True
+        assert set(again["plan"]["failures"]) == {"h2", "h3"}
+        record = json.loads((ctl.store / "placement" / "applied.json").read_text())
+        assert "pending" not in record["servers"], record["servers"]
+        assert record["recovered"] == [f"web@{web_to}", f"db@{db_to}"]
+        made = json.loads(Cli(env.hosts[db_to].store).ok("instance", "show", "db", "--json").output)
+        assert made["mac"] == json.loads(ctl.ok("instance", "show", "db", "--json").output)["mac"]
+        # recovered there already: refused in one line, naming the record
+        res3 = ctl.fails("recover", "db", "--on", db_to, code=2)
+        assert "already recovered" in res3.output
+        print(
+            f"\n  recover web --on {web_to} (re-plan), then db --on {db_to}: db from h1, "
+            f"{res2['bytes_pulled']} layer bytes pulled, re-planned over h2, h3"
+        )
+    finally:
+        h1.link(True)
