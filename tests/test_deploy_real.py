@@ -12,7 +12,9 @@ node changed (wire bytes a small fraction of the first); the VMs keep their MACs
 boots them under User-Mode Linux on the host and their console says they came up on their
 MAC; bad input is one line and an exit code with nothing half-made on the host: a VM name the
 host already has, two deploys at once (the host's deploy lock), a host whose store is full,
-a host whose SSH key changed, a host that is down.
+a host whose SSH key changed, a host that is down, a system whose second VM's layer blob is
+tampered in the registry (the first VM's layers are not imported either; once the blob is
+pushed again, the next deploy fetches only what it had not verified yet).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Env:
     ctl: Cli
     url: str
     hosts: dict[str, Host]
+    srv: server_mod.Server
 
     def add_host(self, name: str) -> Host:
         host = self.lab.add_host(name)
@@ -82,7 +85,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Env]:
         change(ctl, "web", tmp, {"etc/web.conf": "role web, malware removed\n"})
         change(ctl, "dns", tmp, {"etc/dns.conf": "role dns, malware removed\n"})
         ctl.ok("system", "snapshot", "lab1", "--as", "lab2", "-m", "malware removed")
-        e = Env(tmp, lab, ctl, srv.url, {})
+        e = Env(tmp, lab, ctl, srv.url, {}, srv)
         for name in ("h1", "h2"):
             e.add_host(name)
         yield e
@@ -121,14 +124,22 @@ def deploy(env: Env, *args: str) -> dict[str, Any]:
     return data
 
 
-def nothing_made(host: Host, instances: list[str] | None = None) -> None:
+def nothing_made(
+    host: Host, instances: list[str] | None = None, *, verified_downloads: bool = False
+) -> None:
+    """No VM (but ``instances``), no deployment, nothing in the host's scratch space; no
+    download either, or with ``verified_downloads`` only whole, checked blobs (kept for the
+    next deploy to resume from), no partial one."""
     cli = hcli(host)
     names = [i["name"] for i in json.loads(cli.ok("instance", "list", "--json").output)]
     assert names == (instances or [])
     systems = host.store / "systems"
     assert not systems.is_dir() or not any(systems.glob("*/deployed.json"))
     downloads = host.store / "downloads"
-    assert not downloads.is_dir() or not any(downloads.iterdir())
+    if verified_downloads:
+        assert not downloads.is_dir() or all(p.suffix == ".blob" for p in downloads.iterdir())
+    else:
+        assert not downloads.is_dir() or not any(downloads.iterdir())
     tmp = host.store / "tmp"
     assert not tmp.is_dir() or not any(tmp.iterdir())
 
@@ -543,4 +554,74 @@ def test_debian_chain_made_from_layers(env: Env) -> None:
     print(
         f"Debian: host made generations 1 and 2 in {r['base_seconds']:.1f} s "
         f"(pull {r['pull_seconds']:.1f} s, VMs {r['vm_seconds']:.1f} s)"
+    )
+
+
+# -- a bad blob of one VM: nothing of the others imported ------------------------------------
+def _flip(path: Path, at: int) -> None:
+    os.chmod(path, 0o644)
+    with path.open("r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_tampered_blob_of_the_second_vm_changes_nothing_on_the_host(env: Env) -> None:
+    """lab1's second VM (db): its layer's blob altered in the registry's storage. The deploy
+    to an empty host fails (one line, exit 5) and leaves the host's layer cache empty: the
+    first VM's (web's) layers arrived checked but are not imported, since every blob of every
+    VM is verified before the first import (they wait in downloads/). The damaged blob is
+    removed from the registry's storage and the layer pushed again: the next deploy makes the
+    system, fetching only the blobs it had not verified yet (db's and dns's, not the base's
+    nor web's), and its report splits the pull's seconds into fetching and importing."""
+    ctl = env.ctl
+    ctl.ok("system", "push", "lab1", "--registry", env.url)  # when run alone
+    # read after the push: a base layer's blob (and its digest) is made by its first push
+    rows = {r["diff_id"]: r for r in json.loads(ctl.ok("layer", "list", "--json").output)}
+    vms = json.loads(ctl.ok("system", "show", "lab1", "--json").output)["vms"]
+    assert [vm["name"] for vm in vms] == ["web", "db", "dns"]
+    web, db, dns = (rows[vm["layer"]] for vm in vms)
+    base = rows[db["parent"]]
+    assert base["parent"] is None and web["parent"] == base["diff_id"]
+    stored = env.srv.blob_file(db["blob_digest"])
+    saved = stored.read_bytes()
+    host = env.add_host("t1")
+    layers = host.store / "layers"
+    try:
+        _flip(stored, min(100, len(saved) // 2))
+        res = ctl.fails("deploy", "lab1", "--host", "t1", "--registry", env.url, code=5)
+        assert "host t1" in res.output and db["blob_digest"] in res.output, res.output
+        assert "refused, nothing imported" in res.output
+        nothing_made(host, verified_downloads=True)
+        assert not layers.is_dir() or not any(layers.rglob("layer.json"))  # cache unchanged
+        assert json.loads(ctl.ok("host", "cache", "t1", "--json").output) == []
+        kept = sorted(p.name for p in (host.store / "downloads").iterdir())
+        assert kept == sorted(r["blob_digest"][7:] + ".blob" for r in (base, web)), kept
+
+        # repaired: the damaged blob removed from the registry's storage, the layer pushed again
+        stored.unlink()
+        ctl.ok("push", db["diff_id"], "--registry", env.url)
+        assert stored.read_bytes() == saved
+        before = host.counters()["rx_bytes"]
+        r = deploy(env, "deploy", "lab1", "--host", "t1")["hosts"]["t1"]
+    finally:
+        if not stored.exists() or stored.read_bytes() != saved:
+            stored.write_bytes(saved)  # the other tests' registry as it was
+    assert r["ok"], r
+    assert sorted(r["imported"]) == sorted(node_layers(ctl, "lab1")) and r["cache_hits"] == 0
+    rest = db["blob_size"] + dns["blob_size"]
+    wire = host.counters()["rx_bytes"] - before
+    assert rest <= r["bytes_pulled"] < rest + (64 << 10), (r, rest, base["blob_size"])
+    assert rest <= wire <= r["bytes_pulled"] + WIRE_SLACK
+    assert not any((host.store / "downloads").iterdir())  # used up
+    names = [i["name"] for i in json.loads(hcli(host).ok("instance", "list", "--json").output)]
+    assert sorted(names) == ["db", "dns", "web"]
+    # the pull's seconds: fetching (the network) and importing (the host), adding up
+    assert r["fetch_seconds"] > 0 and r["import_seconds"] > 0
+    assert abs(r["fetch_seconds"] + r["import_seconds"] - r["pull_seconds"]) < 0.01, r
+    print(
+        f"resumed deploy: {r['bytes_pulled']} B pulled (base {base['blob_size']} B not "
+        f"again); pull {r['pull_seconds']} s = fetch {r['fetch_seconds']} s + import "
+        f"{r['import_seconds']} s"
     )

@@ -738,3 +738,69 @@ def test_a_tampered_parent_manifest_is_refused(
     assert "tampered" in res.output
     assert held(store) == set()
     assert not hostcache.download_dir(store).exists()
+
+
+# -- several nodes at once (a system's VMs): every blob checked before the first import --------
+def test_pulling_two_nodes_imports_nothing_when_a_blob_of_the_second_is_tampered(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    """``hostcache.pull_nodes`` (what a deploy's host runs for a system's VMs): nodes A and B
+    over one base, B's blob altered in the registry's storage. Nothing is imported — not the
+    base nor A, whose blobs arrived checked (before, A's chain was imported first); those
+    wait in downloads/. The blob repaired, the next pull fetches only B's and imports all
+    three; its seconds split into fetching and importing."""
+    with Registry(registry.url) as reg:
+        hostcache.push_layers(src.store, reg, src.a.short)
+        hostcache.push_layers(src.store, reg, src.b.short)
+    stored = registry.blob_file(src.b.meta.blob_digest)
+    saved = stored.read_bytes()
+    _tamper(stored, 1000)
+    store = empty_store(tmp_path / "host")
+    refs = [layer_tag(src.a.diff_id), layer_tag(src.b.diff_id)]
+    with Registry(registry.url) as reg, pytest.raises(ToolFailed, match="nothing imported"):
+        hostcache.pull_nodes(store, reg, refs)
+    assert held(store) == set()
+    downloads = hostcache.download_dir(store)
+    assert sorted(p.name for p in downloads.iterdir()) == sorted(
+        la.meta.blob_digest[7:] + ".blob" for la in (src.base, src.a)
+    )
+    stored.write_bytes(saved)
+    with Registry(registry.url) as reg:
+        report = hostcache.pull_nodes(store, reg, refs)
+    assert report.imported == [src.base.diff_id, src.a.diff_id, src.b.diff_id]
+    size = src.b.meta.blob_size
+    assert size <= report.bytes_pulled < size + OVERHEAD  # the base's and A's blobs not again
+    assert held(store) == {src.base.diff_id, src.a.diff_id, src.b.diff_id}
+    assert not any(downloads.iterdir())
+    assert report.fetch_seconds > 0 and report.import_seconds > 0
+    assert report.fetch_seconds + report.import_seconds <= report.seconds
+    out = json.loads(json.dumps(report.to_json()))
+    assert abs(out["fetch_seconds"] + out["import_seconds"] - out["seconds"]) < 0.01, out
+
+
+def test_an_import_that_fails_removes_the_layers_imported_before_it(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    """A node whose blobs are right but whose layer.json names another parent than the
+    layer below it: the base imports, A's import is refused, and the base is removed again
+    (the store holds what it held); both verified blobs stay for the next pull."""
+    from unionimg.registry.manifests import layer_blob, layer_manifest
+    from unionimg.store.records import LayerMeta
+
+    with Registry(registry.url) as reg:
+        report = hostcache.push_layers(src.store, reg, src.a.short)
+        meta = json.loads((src.a.dir / LayerMeta.FILE).read_bytes())
+        meta["parent"] = None
+        bad = json.dumps(meta).encode()
+        reg.push_bytes(REPO, bad)
+        chain = [layer_blob(la.meta.blob_digest, la.meta.blob_size, la.diff_id)
+                 for la in (src.base, src.a)]  # fmt: skip
+        manifest = layer_manifest(
+            bad, chain, title="bad", parent=report.nodes[0]["manifest"], created="2026-12-02"
+        )
+        reg.put_manifest(REPO, "bad-parent", manifest)
+    store = empty_store(tmp_path / "host")
+    with Registry(registry.url) as reg, pytest.raises(ToolFailed, match="names parent none"):
+        hostcache.pull_node(store, reg, "bad-parent")
+    assert held(store) == set()
+    assert len(list(hostcache.download_dir(store).iterdir())) == 2
