@@ -126,6 +126,7 @@ def test_system_clash_takes_the_proposal_and_lists_the_files_to_chown() -> None:
         ("/var/lib/foo/state", "gid"),
     ]
     assert not results["/etc/shadow"].owners and not results["/etc/gshadow"].owners
+    assert [r.renumbered for r in results.values()] == ["uid", "gid", "", ""]
 
 
 def test_new_id_is_free_on_both_sides() -> None:
@@ -227,6 +228,19 @@ def test_plan_gives_the_vms_files_the_new_ids_and_names_them() -> None:
     # nothing else of the unit conflicts
     for name in ("passwd", "group", "shadow", "gshadow"):
         assert r.action(f"/etc/{name}").action == WRITE
+
+
+def test_plan_names_the_renumbering_when_no_file_moves() -> None:
+    b0, b1, u = trees()
+    for path in ("/var/lib/foo/state", "/var/lib/foo", "/etc/app.conf", "/etc/motd"):
+        u.remove(path)
+    r = run(u, b0, b1, reads=True)
+    passwd, group = r.action("/etc/passwd"), r.action("/etc/group")
+    assert "foo uid 999 → 100" in passwd.reason
+    assert passwd.reason.endswith("; uid of 0 of the VM's files changed to match")
+    assert group.reason.endswith("; gid of 0 of the VM's files changed to match")
+    assert r.plan.status == "changed" and not r.plan.conflicts
+    assert "files changed to match" not in r.action("/etc/shadow").reason
 
 
 @pytest.mark.parametrize("action", ["keep-local", "fail", "take-base"])

@@ -383,8 +383,9 @@ class _Planner:
         self._cache: dict[tuple[Source, str], bytes] = {}
         self._opaque_memo: dict[str, bool] = {}
         self._merge_memo: dict[str, object] = {}  # structured mergers' shared results
-        # the VM's system accounts renumbered by a merge: (its path, the files to chown)
-        self._renumbered: list[tuple[str, tuple[OwnerChange, ...]]] = []
+        # the VM's system accounts renumbered by a merge: (its path, the owner field, the
+        # files to chown)
+        self._renumbered: list[tuple[str, str, tuple[OwnerChange, ...]]] = []
         self._renumber_system: bool | None = None  # the policy's setting, asked once
         self.transparent = self._opaque_over_nothing()
 
@@ -467,13 +468,12 @@ class _Planner:
         chowns a copy in the staging tree, never the live layer's inode. A path dropped
         (B1's version shows) or whose owner is no longer the old one is left alone. The
         user database's action names how many files moved."""
-        for source, changes in self._renumbered:
+        for source, what, changes in self._renumbered:
             moved = 0
             for change in changes:
                 moved += self._chown(change)
             action = self.actions.get(source)
-            if action is not None and changes:
-                what = "uid" if changes[0].field == "uid" else "gid"
+            if action is not None:
                 self._put(
                     replace(
                         action,
@@ -1006,12 +1006,12 @@ class _Planner:
                 path, 13, why, lambda: self._meta_conflict(path, meta, artifacts=artifacts)
             )
         else:
-            data, owners = result.data, result.owners
+            data, owners, which = result.data, result.owners, result.renumbered
 
             def merged() -> None:
                 self._finish(path, 5, u, n, data, meta, why)
-                if owners:  # the VM's files to chown (system accounts renumbered)
-                    self._renumbered.append((path, owners))
+                if which:  # the VM's files to chown (system accounts renumbered)
+                    self._renumbered.append((path, which, owners))
 
             self._both_changed(path, 5, why, merged)
 

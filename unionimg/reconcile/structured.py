@@ -110,8 +110,10 @@ class StructuredResult:
     artifacts: Mapping[str, bytes] = field(default_factory=dict)  # conflict: more artefacts
     # conflict: written live while the conflict is pending; None = the VM's version stays
     live: bytes | None = None
-    # merged: the VM's files whose owner the merge renumbered (the planner chowns them)
+    # merged: the VM's files whose owner the merge renumbered (the planner chowns them),
+    # and which owner field ("uid", "gid"; "": none renumbered here) they move
     owners: tuple[userdb.OwnerChange, ...] = ()
+    renumbered: str = ""
 
 
 Merger = Callable[[MergeInput], StructuredResult]
@@ -358,7 +360,8 @@ def user_database(inp: MergeInput) -> StructuredResult:
             f"{own.fmt.name} merged by name, the VM's system accounts renumbered where B1's "
             f"new ones took their IDs: {auto.moves}"
         )
-        return StructuredResult(MERGED, data, why, owners=own.owners)
+        which = own.fmt.owner if own.fmt.id_field is not None else ""
+        return StructuredResult(MERGED, data, why, owners=own.owners, renumbered=which)
     artifacts: dict[str, bytes] = {}
     if result.proposal is not None:
         artifacts["proposal"] = result.proposal
