@@ -14,8 +14,9 @@ import click
 
 from unionimg.cli._common import Ctx, emit, hv_option, json_option, json_text, pass_ctx
 from unionimg.display import shown
+from unionimg.migrate import gc as gc_mod
 from unionimg.migrate import pending, plan, receive, send
-from unionimg.names import human_size
+from unionimg.names import human_size, parse_size
 
 
 @contextlib.contextmanager
@@ -118,32 +119,89 @@ def _human(d: dict[str, Any]) -> None:
         )
 
 
-@click.command("migrate")
-@click.argument("vm")
-@click.option("--to", "host", required=True, help="The host (see 'unionimg host list').")
-@click.option(
-    "--bandwidth",
-    default=None,
-    help="Cap the stream's rate: 50mbit, 6M (bytes/s), 800k (default: no cap).",
-)
-@click.option("--dry-run", is_flag=True, help="Say what would be sent and why; send nothing.")
-@click.option(
-    "--level",
-    type=click.IntRange(1, 22),
-    default=9,
-    show_default=True,
-    help="zstd level of the stream.",
-)
-@click.option(
-    "--whole-layers",
-    is_flag=True,
-    help="Send chain layers the host lacks as their blobs, not by content.",
-)
-@hv_option
-@json_option
+class _MigrateGroup(click.Group):
+    """``migrate VM --to HOST`` (the group's own callback, its parameters those of
+    :data:`_VM_PARAMS`) and ``migrate gc``: a first argument naming no subcommand, or any
+    ``--to``, is a VM to migrate (so a VM called ``gc`` still migrates with ``--to``)."""
+
+    def _migrates_a_vm(self, args: list[str]) -> bool:
+        to = any(a == "--to" or a.startswith("--to=") for a in args)
+        return bool(args) and (to or args[0] not in self.commands)
+
+    def _vm(self) -> click.Command:
+        return click.Command(self.name, params=_vm_params(), callback=_migrate_vm)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not self._migrates_a_vm(args):
+            return super().parse_args(ctx, args)
+        ctx.meta["unionimg.migrate_vm"] = True
+        ctx.allow_interspersed_args = True
+        ctx.allow_extra_args = False
+        return self._vm().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.meta.get("unionimg.migrate_vm"):
+            return ctx.invoke(_migrate_vm, **ctx.params)
+        return super().invoke(ctx)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        vm = self._vm()
+        formatter.write_usage(ctx.command_path, " ".join(vm.collect_usage_pieces(ctx)))
+        formatter.write_usage(ctx.command_path, "gc [OPTIONS]", prefix="   or: ")
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self._vm().format_options(ctx, formatter)
+        self.format_commands(ctx, formatter)
+
+
+def _vm_params() -> list[click.Parameter]:
+    """The parameters of ``migrate VM --to HOST`` (made anew for each parse)."""
+
+    @click.command()
+    @click.argument("vm")
+    @click.option("--to", "host", required=True, help="The host (see 'unionimg host list').")
+    @click.option(
+        "--bandwidth",
+        default=None,
+        help="Cap the stream's rate: 50mbit, 6M (bytes/s), 800k (default: no cap).",
+    )
+    @click.option("--dry-run", is_flag=True, help="Say what would be sent and why; send nothing.")
+    @click.option(
+        "--level",
+        type=click.IntRange(1, 22),
+        default=9,
+        show_default=True,
+        help="zstd level of the stream.",
+    )
+    @click.option(
+        "--whole-layers",
+        is_flag=True,
+        help="Send chain layers the host lacks as their blobs, not by content.",
+    )
+    @hv_option
+    @json_option
+    def holder() -> None:
+        """Only carries the parameters."""
+
+    return holder.params
+
+
 @pass_ctx
-def migrate_cmd(c: Ctx, vm: str, host: str, bandwidth: str | None, dry_run: bool, level: int,
+def _migrate_vm(c: Ctx, vm: str, host: str, bandwidth: str | None, dry_run: bool, level: int,
                 whole_layers: bool, hypervisor: str | None, as_json: bool) -> None:  # fmt: skip
+    rate = plan.parse_rate(bandwidth) if bandwidth is not None else None
+    with _bar(sys.stderr.isatty() and not as_json and not dry_run, f"{vm} -> {host}") as note:
+        out = send.migrate(
+            c.store, vm, host, rate=rate, dry_run=dry_run, hypervisor=hypervisor, level=level,
+            progress=note, whole_layers=whole_layers,
+        )  # fmt: skip
+    emit(out.to_json(), as_json, _human)
+
+
+@click.group("migrate", cls=_MigrateGroup)
+def migrate_cmd() -> None:
     """Move stopped VM to HOST, sending only the content HOST has nowhere (its base
     generations, layers, earlier transfers): the host verifies every file by hash and makes
     the VM (same MAC); only then is it removed here.
@@ -152,14 +210,68 @@ def migrate_cmd(c: Ctx, vm: str, host: str, bandwidth: str | None, dry_run: bool
     travels as one zstd stream. A broken transfer resumes when run again: the host keeps
     what arrived and checked. The VM's contents stay in this store's cache, so migrating it
     back sends only what changed meanwhile.
+
+    'migrate gc' bounds that cache (run it from cron or a systemd timer).
     """
-    rate = plan.parse_rate(bandwidth) if bandwidth is not None else None
-    with _bar(sys.stderr.isatty() and not as_json and not dry_run, f"{vm} -> {host}") as note:
-        out = send.migrate(
-            c.store, vm, host, rate=rate, dry_run=dry_run, hypervisor=hypervisor, level=level,
-            progress=note, whole_layers=whole_layers,
-        )  # fmt: skip
-    emit(out.to_json(), as_json, _human)
+
+
+GC_WHY = {
+    "tmp": "temporary file(s) of writers that are gone",
+    "offer": "offer(s) kept over a day, no stream followed",
+    "vm-index": "hash index(es) of VMs no longer here",
+    "layer-index": "hash index(es) of layers no longer here",
+    "redundant": "object(s) held elsewhere here (a base, a layer, a stopped VM)",
+    "lru": "object(s) least recently used, over --max-size",
+}
+
+
+def _gc_human(d: dict[str, Any]) -> None:
+    verb = "would remove" if d["dry_run"] else "removed"
+    for why, label in GC_WHY.items():
+        row = d["by_reason"].get(why)
+        if row:
+            click.echo(f"{verb} {row['files']:6d} {human_size(row['bytes']):>10}  {label}")
+    click.echo(
+        f"object cache: {d['objects_before']} objects ({human_size(d['bytes_before'])}) -> "
+        f"{d['objects_after']} ({human_size(d['bytes_after'])}); "
+        f"{'would free' if d['dry_run'] else 'freed'} {d['bytes_freed']} bytes"
+    )
+    if d["still_over"]:
+        click.echo(
+            f"still over --max-size {human_size(d['max_size'])}: {d['protected']} object(s) "
+            "are needed by a migration under way or broken, or by a VM being migrated away"
+        )
+
+
+def _max_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    return 0 if text.strip("0") == "" and text else parse_size(text, "--max-size")
+
+
+@migrate_cmd.command("gc")
+@click.option(
+    "--max-size",
+    default=None,
+    metavar="SIZE",
+    help="Then evict the least recently used objects until the cache holds at most SIZE "
+    "(4G, 500M; 0: every object not needed).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@json_option
+@pass_ctx
+def migrate_gc_cmd(c: Ctx, max_size: str | None, dry_run: bool, as_json: bool) -> None:
+    """Bound this store's migration object cache (migrate/objects): remove the temporary files
+    of dead writers, stale offers and hash indexes, objects whose content a base generation, a
+    layer or a stopped VM here holds too, then, with --max-size, the least recently used
+    objects until the cache fits.
+
+    Contents that a migration under way or broken (a kept offer) or a VM being migrated away
+    (its pending record) needs are never removed. Refused while a migration is being received
+    here.
+    """
+    out = gc_mod.gc(c.store, max_size=_max_size(max_size), dry_run=dry_run)
+    emit(out.to_json(), as_json, _gc_human)
 
 
 @click.group("migrate-in")

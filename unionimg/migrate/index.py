@@ -7,7 +7,11 @@ Sources, in the order they are asked:
   rerun) and the contents of VMs that left this host (kept when they left, so their way back
   sends only what changed). Files are named by their hash and written only after it checked
   (as ``.SHA.PID.tmp`` until then: those of a writer that was killed are removed by the
-  next receive, :func:`sweep_temporaries`);
+  next receive, :func:`sweep_temporaries`). An object's mtime says when it was last
+  **used**: set when it is written, and again (:func:`touch`) each time an offer or a
+  receive finds it here (:func:`locate`) or a leaving VM's content is found here already
+  (:func:`keep_file`); ``unionimg migrate gc`` (:mod:`.gc`) evicts the least recently used
+  first. Writers into the cache and the gc take the store lock :data:`CACHE_LOCK`;
 - **base generations**: each generation's manifest (``manifest.sqlite``: path → sha256, made
   by unionimg from the trusted base); content read from the generation's tree mounted
   read-only;
@@ -46,6 +50,9 @@ from unionimg.store.layout import Store, fsync_dir, read_record, write_record
 from unionimg.store.migrate_records import HashIndex
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+CACHE_LOCK = "migrate-in"
+"""The store lock of the object cache: a receive holds it throughout, a sender while it keeps
+a leaving VM's contents, ``migrate gc`` while it removes."""
 
 
 def migrate_dir(store: Store) -> Path:
@@ -64,6 +71,13 @@ def object_path(store: Store, sha: str) -> Path:
 
 def has_object(store: Store, sha: str) -> bool:
     return object_path(store, sha).is_file()
+
+
+def touch(store: Store, sha: str) -> None:
+    """Mark object ``sha`` as used now (its mtime: what the gc's LRU order reads; atime is
+    not kept reliably under relatime). A vanished object is left vanished."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(object_path(store, sha))
 
 
 class ObjectWriter:
@@ -114,22 +128,29 @@ class ObjectWriter:
 _TMP_RE = re.compile(r"\.[0-9a-f]{64}\.([0-9]{1,10})\.tmp")
 
 
-def sweep_temporaries(store: Store) -> int:
-    """Remove the temporary files (``.SHA.PID.tmp``) that writers killed mid-content left in
-    the object cache: those whose process is gone (a live one may still be writing; a PID
-    taken again by another process keeps its file until a later sweep). The number
-    removed."""
+def dead_temporaries(store: Store) -> list[Path]:
+    """The temporary files (``.SHA.PID.tmp``) of the object cache whose writer is gone (a
+    live one may still be writing; a PID taken again by another process keeps its file until
+    a later look)."""
     try:
-        names = os.listdir(objects_dir(store))
+        names = sorted(os.listdir(objects_dir(store)))
     except FileNotFoundError:
-        return 0
-    swept = 0
+        return []
+    out = []
     for name in names:
         m = _TMP_RE.fullmatch(name)
-        if m is None or _alive(int(m.group(1))):
-            continue
+        if m is not None and not _alive(int(m.group(1))):
+            out.append(objects_dir(store) / name)
+    return out
+
+
+def sweep_temporaries(store: Store) -> int:
+    """Remove the temporary files that writers killed mid-content left in the object cache
+    (:func:`dead_temporaries`). The number removed."""
+    swept = 0
+    for path in dead_temporaries(store):
         with contextlib.suppress(FileNotFoundError):
-            (objects_dir(store) / name).unlink()
+            path.unlink()
             swept += 1
     return swept
 
@@ -147,8 +168,10 @@ def _alive(pid: int) -> bool:
 
 
 def keep_file(store: Store, src: BinaryIO, sha: str, size: int) -> bool:
-    """Keep the content read from ``src`` in the cache (checked); False when it was there."""
+    """Keep the content read from ``src`` in the cache (checked); False when it was there
+    (then marked used: :func:`touch`). The caller holds :data:`CACHE_LOCK`."""
     if has_object(store, sha):
+        touch(store, sha)
         return False
     w = ObjectWriter(store, sha, size)
     while chunk := src.read(CHUNK):
@@ -220,6 +243,11 @@ def _vm_hashes(store: Store, name: str) -> dict[str, str] | None:
     return out
 
 
+def vm_contents(store: Store, name: str) -> set[str]:
+    """The contents of VM ``name``'s upper layer (empty for a running or mounted VM)."""
+    return set(_vm_hashes(store, name) or {})
+
+
 def _read_index(path: Path, stamp: str) -> dict[str, str] | None:
     try:
         rec = read_record(path, HashIndex)
@@ -233,12 +261,22 @@ def _write_index(path: Path, stamp: str, hashes: dict[str, str]) -> None:
     write_record(path, HashIndex(stamp, tuple(sorted(hashes.items()))))
 
 
-def locate(store: Store, wanted: set[str], *, with_layers: bool = True) -> dict[str, Place]:
+def locate(
+    store: Store,
+    wanted: set[str],
+    *,
+    with_layers: bool = True,
+    with_cache: bool = True,
+    skip_vms: frozenset[str] = frozenset(),
+) -> dict[str, Place]:
     """Where this store holds each of the ``wanted`` contents (those it holds nowhere are
-    absent from the result)."""
+    absent from the result). Contents found in the object cache are marked used
+    (:func:`touch`); ``with_cache=False`` looks only elsewhere (what the gc asks), and the
+    VMs named in ``skip_vms`` are not looked in."""
     out: dict[str, Place] = {}
-    for sha in wanted:
+    for sha in wanted if with_cache else ():
         if has_object(store, sha):
+            touch(store, sha)
             out[sha] = Place("cache", "", "")
     left = wanted - out.keys()
     for name in base_mod.list_bases(store):
@@ -264,6 +302,8 @@ def locate(store: Store, wanted: set[str], *, with_layers: bool = True) -> dict[
         for inst in inst_mod.list_instances(store):
             if not left:
                 break
+            if inst.name in skip_vms:
+                continue
             for sha, path in (_vm_hashes(store, inst.name) or {}).items():
                 if sha in left:
                     out[sha] = Place("vm", inst.name, path)

@@ -18,7 +18,10 @@ the digest of the offer it was made from (:class:`.pending.Arrival`): the instan
 appears whole by one rename, or not at all. A refusal is one line; what arrived and was
 verified stays in the cache (a rerun does not need it again); nothing else is left. A receive
 first removes the temporary files of writers killed mid-content
-(:func:`.index.sweep_temporaries`).
+(:func:`.index.sweep_temporaries`). A receive holds the object cache's lock
+(:data:`.index.CACHE_LOCK`) throughout, so ``migrate gc`` never removes what it uses; an offer
+is kept (``migrate/offers/``) until its stream made the VM (or a day), and the gc keeps every
+content a kept offer names.
 
 ``status NAME MAC DIGEST`` (:func:`.pending.status`): whether this host holds that very VM
 (name, MAC, made from that offer): what a sender stopped after its stream asks.
@@ -57,7 +60,7 @@ from unionimg.store.migrate_records import (
 )
 from unionimg.store.records import Instance, RecordError
 
-LOCK = "migrate-in"
+LOCK = index.CACHE_LOCK  # the object cache's: a gc waits for the receive to end
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 TOP_NAMES = frozenset({"upper", "work", ".hg", ".hgignore", ".unionimg", "upper.prev"})
 MAX_OFFER = 256 << 20

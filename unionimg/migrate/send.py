@@ -18,8 +18,9 @@
    what arrived can be kept by the host; ``--bandwidth`` caps its rate. The host verifies
    and makes the VM (recording the offer's digest in it), then says so.
 5. Only then the VM leaves this host: its file contents are kept in this store's object cache
-   (its way back sends only what changed), then the instance is removed (its pending record
-   with it).
+   (its way back sends only what changed; under the cache's lock, :data:`.index.CACHE_LOCK`,
+   which ``migrate gc`` takes too), then the instance is removed (its pending record with
+   it).
 
 A failure before the stream leaves the VM here untouched. A push that fails asks the host
 (``migrate-in status``): if it made the VM all the same, the migration finishes; if not, the
@@ -373,11 +374,14 @@ def _push(
 
 
 def _keep_for_way_back(store: Store, u: Path, entries: tuple[TreeEntry, ...]) -> int:
+    """Keep U's file contents in this store's object cache (those there already are marked
+    used), under the cache's lock (a ``migrate gc`` meanwhile waits); the number added."""
     kept = 0
-    for e in entries:
-        if e.kind == "file" and e.link is None and e.sha256:
-            with tree.open_file(u, e.path) as fh:
-                kept += index.keep_file(store, fh, e.sha256, e.size)
+    with store.lock(index.CACHE_LOCK, purpose="migrate: keeping contents for the way back"):
+        for e in entries:
+            if e.kind == "file" and e.link is None and e.sha256:
+                with tree.open_file(u, e.path) as fh:
+                    kept += index.keep_file(store, fh, e.sha256, e.size)
     return kept
 
 
