@@ -129,6 +129,23 @@ def test_system_clash_takes_the_proposal_and_lists_the_files_to_chown() -> None:
     assert [r.renumbered for r in results.values()] == ["uid", "gid", "", ""]
 
 
+def test_a_subuid_conflict_beside_keeps_the_base_users_the_unit_now_has() -> None:
+    """subuid is no part of the unit: its overlap stays a conflict, but its live file no
+    longer leaves out svcd (left out of the unit while a clash was pending, kept now)."""
+    files = unit(
+        {k: FOO[k] + ALICE[k].replace(b"1000", b"1001") for k in FOO},
+        {k: SVCD[k] + DEPLOY[k] for k in SVCD},
+    )
+    files["/etc/subuid"] = Versions(
+        b"", b"alice:100000:65536\n", b"svcd:300000:65536\ndeploy:100000:65536\n"
+    )
+    results = merge_all(files, UPPER)
+    assert results["/etc/passwd"].outcome == MERGED
+    sub = results["/etc/subuid"]
+    assert sub.outcome == STRUCTURED_CONFLICT and "overlaps deploy's" in sub.reason
+    assert sub.live == b"svcd:300000:65536\nalice:100000:65536\n"
+
+
 def test_new_id_is_free_on_both_sides() -> None:
     local = dict(FOO, passwd=b"a:x:100:999::/:/bin/false\n" + FOO["passwd"])
     new = dict(SVCD, passwd=SVCD["passwd"] + b"b:x:101:999::/:/bin/false\n")

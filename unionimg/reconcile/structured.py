@@ -275,6 +275,8 @@ def _live(inp: MergeInput) -> bytes | None:
     if left is None:
         return None
     users, groups = left
+    if isinstance(_auto(inp), _Auto):  # the unit took its proposal: no user is left out
+        users = groups = frozenset()
     own = _own(inp, inp.path)
     if inp.path in (PASSWD, SHADOW):
         return userdb.live(own, users)
