@@ -112,11 +112,10 @@ def test_every_decision_explained(seed_cluster: Cluster) -> None:
 def test_whole_layers_cost_on_the_example(
     seed_cluster: Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What never splitting a layer (the plans 'apply placement' can realize: a host's
-    layer cache keeps layers whole) costs on the seed's example: nothing for the exact plan
-    at the seed's 270 GB (two whole copies of b0 fit); with 230 GB disks the optimum goes
-    from 25 GiB (b0 split) to 40 GiB; the seed's own filters go from
-    40 to 65 GiB when Sk fails (b0 can no longer be split, so it is sent whole)."""
+    """What never splitting a layer (a servers file's default: no split_parts) costs on the
+    seed's example: nothing for the exact plan at the seed's 270 GB (two whole copies of b0
+    fit); with 230 GB disks the optimum goes from 25 GiB (b0 split) to 40 GiB; the seed's own
+    filters go from 40 to 65 GiB when Sk fails (b0 can no longer be split, so it is sent whole)."""
     whole_text = SEED_EXAMPLE.replace("split_parts = 2", "split_parts = 1")
     whole = parse_cluster(whole_text)
     assert all(len(whole.parts_of[la.name]) == 1 for la in whole.layers)

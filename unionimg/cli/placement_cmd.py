@@ -315,6 +315,9 @@ def apply_group() -> None:
 )
 @click.option("--here", is_flag=True, hidden=True)
 @click.option("--drop", "drops", multiple=True, hidden=True)
+@click.option("--parts", "parts_json", default=None, hidden=True)
+@click.option("--prune", is_flag=True, hidden=True)
+@click.option("--assemble", is_flag=True, hidden=True)
 @json_option
 @pass_ctx
 def apply_placement_cmd(
@@ -327,6 +330,9 @@ def apply_placement_cmd(
     time_limit: float,
     here: bool,
     drops: tuple[str, ...],
+    parts_json: str | None,
+    prune: bool,
+    assemble: bool,
     as_json: bool,
 ) -> None:
     """Plan where system SYSTEM's layers are kept on the hosts and copy them there (each host
@@ -337,6 +343,20 @@ def apply_placement_cmd(
     from unionimg.placement import apply as apply_mod
 
     if here:  # the host's side, run by the controller's 'apply placement' over SSH
+        if parts_json is not None:  # blob parts (split layers): keep, prune or assemble
+            from unionimg.placement import parts as parts_mod
+
+            wanted = apply_mod.parts_from_arg(parts_json)
+            if assemble:
+                if url is None:
+                    raise UsageError("apply placement --here --assemble: give --registry")
+                out = parts_mod.assemble_here(c.store, wanted, url)
+            elif prune:
+                out = parts_mod.prune_here(c.store, wanted)
+            else:
+                out = parts_mod.keep_here(c.store, wanted, url)
+            click.echo(json_text(out, sort_keys=True))
+            return
         click.echo(json_text(apply_mod.drop_here(c.store, drops), sort_keys=True))
         return
     for value, option in (

@@ -2,7 +2,9 @@
 to a registry, pulled by the host over SSH: only what it lacks), then removes from each host
 the layers the previous placement kept there and this one does not (unless a VM of that host
 uses them: :func:`drop_here`, run there as ``apply placement --here --drop``), and records the
-placement;
+placement. A layer the plan splits is kept as byte ranges of its blob on the hosts given
+only some of its parts (:mod:`unionimg.placement.parts`: fetched by HTTP Range, checked
+against the sha256 the controller computed, removed when no longer planned there);
 ``recover VM --on HOST`` makes the VM on HOST from the layers already there (its base
 generations made from the cached layers, no ``base create``, a fresh U with the VM's MAC),
 boots it if asked, and plans again without the failed server so that a second failure is
@@ -27,8 +29,15 @@ from unionimg import hosts as hosts_mod
 from unionimg.errors import Conflict, NotFound, UnionimgError, UsageError
 from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore, snapshot
+from unionimg.placement import parts as parts_mod
 from unionimg.placement import planner
-from unionimg.placement.fromstore import Pending, StoreCluster, cluster_from_system, pending_of
+from unionimg.placement.fromstore import (
+    Pending,
+    StoreCluster,
+    cluster_from_system,
+    layer_name,
+    pending_of,
+)
 from unionimg.placement.model import Cluster, Plan, evaluate
 from unionimg.registry import hostcache
 from unionimg.registry.client import Registry
@@ -59,19 +68,25 @@ class ApplyReport:
         return {"system": self.system, "plan": self.plan, "hosts": self.hosts}
 
 
-def _kept(c: Cluster, p: Plan, sc: StoreCluster) -> dict[str, list[str]]:
-    """Per server, the diff_ids the plan keeps there (layers whole: the cache has no parts)."""
+def _kept(
+    c: Cluster, p: Plan, sc: StoreCluster
+) -> tuple[dict[str, list[str]], dict[str, dict[str, list[int]]]]:
+    """Per server, the diff_ids the plan keeps there whole (all of a layer's parts: its layer
+    cache holds it) and, per split layer of which it keeps only some parts, their indexes (its
+    parts area holds those byte ranges of the blob)."""
     out: dict[str, list[str]] = {s.name: [] for s in c.servers}
+    split: dict[str, dict[str, list[int]]] = {s.name: {} for s in c.servers}
     for la in c.layers:
         where = [p.stores.get(pt.name, frozenset()) for pt in c.parts_of[la.name]]
-        if any(w != where[0] for w in where):
-            raise UsageError(
-                f"the plan splits layer {la.name}; a host's layer cache keeps layers whole: "
-                "set split_parts = 1 in the servers file's [placement]"
-            )
-        for s in sorted(where[0]):
-            out[s].append(sc.diff_id[la.name])
-    return out
+        for s in sorted(frozenset().union(*where)):
+            have = [k for k, w in enumerate(where) if s in w]
+            if c.running_chains and c.parts_of[la.name][0].name in c.held(s):
+                have = list(range(len(where)))  # a VM of s uses it: in its cache, whole
+            if len(have) == len(where):
+                out[s].append(sc.diff_id[la.name])
+            else:
+                split[s][sc.diff_id[la.name]] = have
+    return out, split
 
 
 def _tops(store: Store, diff_ids: Sequence[str]) -> list[str]:
@@ -103,20 +118,38 @@ def apply(
             f"the {p.method} plan breaks the placement rules ({problem}); nothing was copied: "
             "plan with --method exact or heuristic"
         )
-    kept = _kept(c, p, sc)
+    kept, split = _kept(c, p, sc)
     hosts = {s: hosts_mod.get(store, s) for s in kept}  # every server a registered host
     report = ApplyReport(system, planner.summary(c, p, ev))
     tops = {s: _tops(store, d) for s, d in kept.items()}
+    split_layers = sorted({d for per in split.values() for d in per})
+    blob_parts = {
+        d: parts_mod.blob_parts(store, d, len(c.parts_of[layer_name(d)])) for d in split_layers
+    }
     with Registry(url) as reg:
-        for top in dict.fromkeys(t for ts in tops.values() for t in ts):
+        for top in dict.fromkeys([*(t for ts in tops.values() for t in ts), *split_layers]):
             hostcache.push_layers(store, reg, top)
     before = _previous(store)
+    before_parts = parts_mod.read(store)[1]
     for s, host in hosts.items():
         pulled = 0
         for top in tops[s]:
             out = host.run_json(["pull", top, "--registry", url], timeout=APPLY_TIMEOUT)
             pulled += int(out.get("bytes_pulled", 0)) if isinstance(out, dict) else 0
         report.hosts[s] = {"layers": kept[s], "bytes_pulled": pulled}
+        wanted = _wanted(blob_parts, split[s])
+        if wanted:
+            out = host.run_json(
+                ["apply", "placement", "--here", "--parts", _parts_arg(wanted), "--registry", url],
+                timeout=APPLY_TIMEOUT,
+                what="fetching blob parts",
+            )
+            got = int(out.get("bytes_fetched", 0)) if isinstance(out, dict) else 0
+            report.hosts[s]["bytes_pulled"] = pulled + got
+        report.hosts[s]["parts"] = [
+            f"{d[7:19]}/{k}" for d, ix in sorted(split[s].items()) for k in ix
+        ]
+        report.hosts[s]["part_bytes"] = sum(x.size for x in wanted)
     # then what the previous placement kept on a host and this one does not goes (the new
     # copies are in place first, so rule (a) holds throughout); a layer a VM of that host
     # uses stays (the host's own references decide)
@@ -131,6 +164,13 @@ def apply(
             if isinstance(out, dict):
                 dropped = {k: out.get(k, dropped[k]) for k in dropped}
         report.hosts[s].update(dropped)
+        if before_parts.get(s) or split[s]:  # parts no longer planned here go too
+            wanted = _wanted(blob_parts, split[s])
+            args = ["apply", "placement", "--here", "--parts", _parts_arg(wanted), "--prune"]
+            out = host.run_json(args, timeout=APPLY_TIMEOUT, what="removing blob parts")
+            if isinstance(out, dict):
+                report.hosts[s]["parts_removed"] = out.get("parts_removed", [])
+    parts_mod.write(store, blob_parts, split)
     rec = PlacementApplied(
         system=system,
         registry=url,
@@ -153,6 +193,27 @@ def apply(
     path.parent.mkdir(mode=0o700, exist_ok=True)
     write_record(path, rec)
     return report
+
+
+def _wanted(
+    blob_parts: Mapping[str, Sequence[parts_mod.BlobPart]], split: Mapping[str, Sequence[int]]
+) -> list[parts_mod.BlobPart]:
+    return [blob_parts[d][k] for d, ix in sorted(split.items()) for k in ix]
+
+
+def _parts_arg(parts: Sequence[parts_mod.BlobPart]) -> str:
+    return json.dumps([x.to_json() for x in parts], separators=(",", ":"), sort_keys=True)
+
+
+def parts_from_arg(text: str) -> list[parts_mod.BlobPart]:
+    """The ``--parts`` JSON the controller hands a host (a list of blob parts)."""
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        raise UsageError("--parts: not JSON (it is given by the controller)") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UsageError("--parts: a JSON list of blob parts")
+    return [parts_mod.BlobPart.from_json(r, "--parts") for r in rows]
 
 
 def _previous(store: Store) -> dict[str, tuple[str, ...]]:
@@ -365,7 +426,9 @@ def recover(
     time_limit: float = 30.0,
 ) -> dict[str, Any]:
     """VM ``vm`` (of the applied placement's system) made on ``host_name`` from the layers
-    the placement keeps there (pulled first only if the host lacks some: the plan said so);
+    the placement keeps there (pulled first only if the host lacks some: the plan said so; a
+    split layer's blob first made there from the parts it holds and the ranges it lacks,
+    fetched by range, its digest checked: :func:`parts.assemble_here`);
     then, with ``replan``, the placement planned and applied again without the VM's failed
     server (the VM now runs on ``host_name``; the failed server's other VMs, pending, are
     assumed on their planned targets until recovered: :func:`recovery_step`)."""
@@ -380,6 +443,21 @@ def recover(
     lacking = [d for d in chain if d not in held[host_name]]
     host = hosts_mod.get(store, host_name)
     pulled = 0
+    # a lacking layer the placement split: its blob made on the host from the parts it
+    # holds and the ranges it lacks (fetched by range), checked, then imported by the pull
+    split_layers, split_held = parts_mod.read(store)
+    assembled: list[dict[str, Any]] = []
+    planned_range_bytes = 0
+    for d in lacking:
+        if d in split_layers:
+            held_ix = set(split_held.get(host_name, {}).get(d, []))
+            planned_range_bytes += sum(x.size for x in split_layers[d] if x.index not in held_ix)
+            args = ["apply", "placement", "--here", "--assemble"]
+            args += ["--parts", _parts_arg(split_layers[d]), "--registry", rec.registry]
+            out = host.run_json(args, timeout=APPLY_TIMEOUT, what=f"assembling {d[:19]}")
+            if isinstance(out, dict):
+                assembled.append(out)
+    ranges_fetched = sum(int(a.get("bytes_fetched", 0)) for a in assembled)
     if lacking:
         out = host.run_json(["pull", meta.layer, "--registry", rec.registry])
         pulled = int(out.get("bytes_pulled", 0)) if isinstance(out, dict) else 0
@@ -400,6 +478,9 @@ def recover(
         "planned_bytes": step.planned_bytes,
         "layers_lacking": lacking,
         "bytes_pulled": pulled,
+        "split_layers": [a.get("blob") for a in assembled],
+        "range_bytes_fetched": ranges_fetched,
+        "planned_range_bytes": planned_range_bytes,
         "made": made,
     }
     if replan:

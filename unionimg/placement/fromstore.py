@@ -13,9 +13,10 @@ The servers file (TOML)::
 Layers are named by the first 12 hex digits of their diff_id; a layer's size is what a host's
 layer cache keeps of it (its image and its blob). A host keeps a layer with its parents (the
 layer cache holds chains): the cluster has ``whole_chains``; a host holds the chains of the
-VMs it runs (``running_chains``: there for free, counted with its VMs). A layer is never
-split (``split_parts = 1``; the servers file may not ask for splits): the cache keeps layers
-whole, so a split plan could not be applied. A VM's ``image`` is
+VMs it runs (``running_chains``: there for free, counted with its VMs). A layer is not
+split unless the servers file's ``[placement]`` asks (``split_parts``, 1 to
+:data:`MAX_SPLIT`, and ``split_min``): a host then keeps part k of n of a layer as that byte
+range of its blob (:mod:`unionimg.placement.parts`), not in its layer cache. A VM's ``image`` is
 its U size, ``cpu`` its vCPUs, ``memory`` its memory.
 
 ``pending`` (written by ``recover`` when it re-plans after a failure, kept in the placement
@@ -35,6 +36,8 @@ from unionimg.layers import layerstore
 from unionimg.placement.model import Cluster, parse_doc
 from unionimg.store.fleet_records import SystemVM
 from unionimg.store.layout import Store
+
+MAX_SPLIT = 8  # parts a layer's blob may be split into (byte ranges kept on the hosts)
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,11 @@ def cluster_from_system(
             }
         )
     settings = dict(doc.get("placement", {}))
-    for key in ("split_parts", "split_min"):
-        if key in settings and not (key == "split_parts" and settings[key] == 1):
-            raise UsageError(
-                f"{source}: [placement] {key}: a host's layer cache keeps layers whole, so a "
-                "plan from the store never splits a layer (docs/placement.md); remove it"
-            )
-    settings["split_parts"] = 1  # never split: 'apply placement' could not realize it
+    parts = settings.setdefault("split_parts", 1)  # no splits unless the file asks
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= MAX_SPLIT:
+        raise UsageError(
+            f"{source}: [placement] split_parts must be a whole number 1 to {MAX_SPLIT}"
+        )
     settings["whole_chains"] = True
     settings["running_chains"] = True
     cluster = parse_doc(

@@ -509,6 +509,62 @@ class Registry:
         self.counters.blobs_fetched += 1
         return received
 
+    def fetch_range(self, repo: str, digest: str, start: int, end: int, dest: Path) -> str:
+        """Bytes ``start`` to ``end`` (exclusive) of blob ``digest`` of ``repo`` into ``dest``
+        (written whole, fsynced; retried from the start on a broken transfer), with
+        ``Range: bytes=START-END-1`` (the registry answers 206 with that Content-Range; any
+        other answer, or more or fewer bytes, is refused). Returns the range's sha256."""
+        check_repo(repo)
+        check_digest(digest)
+        want = end - start
+        if start < 0 or want <= 0:
+            raise UsageError(f"byte range {start}-{end} of blob {digest}: empty or negative")
+        headers = {"range": f"bytes={start}-{end - 1}"}
+        for attempt in range(self.retries + 1):
+            self.counters.requests += 1
+            h, got = hashlib.sha256(), 0
+            try:
+                with self._http.stream(
+                    "GET", f"/v2/{repo}/blobs/{digest}", headers=headers, follow_redirects=True
+                ) as resp:
+                    if resp.status_code != 206:
+                        resp.read()
+                        failed = self._fail(resp, f"bytes {start}-{end} of blob {digest}")
+                        if resp.status_code in TRANSIENT and attempt < self.retries:
+                            self._pause(attempt, resp)
+                            continue
+                        raise failed
+                    if _range_start(resp.headers.get("content-range", "")) != start:
+                        raise ToolFailed(
+                            f"registry {self.url} answered bytes {start}-{end} of blob {digest} "
+                            f"with {shown(resp.headers.get('content-range', ''))[:40]!r}; refused"
+                        )
+                    with dest.open("wb") as fh:
+                        for part in resp.iter_bytes():
+                            got += len(part)
+                            if got > want:
+                                raise ToolFailed(
+                                    f"registry {self.url} sent more than bytes {start}-{end} "
+                                    f"of blob {digest}; refused"
+                                )
+                            fh.write(part)
+                            h.update(part)
+                            self.counters.bytes_down += len(part)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+                self._pause(attempt)
+                continue
+            if got != want:
+                raise ToolFailed(
+                    f"registry {self.url} sent {got} of bytes {start}-{end} of blob {digest}; "
+                    "refused"
+                )
+            return "sha256:" + h.hexdigest()
+        raise AssertionError("unreachable")
+
     def _wrong_size(
         self, repo: str, digest: str, said: str, size: int, partial: Path
     ) -> ToolFailed:
