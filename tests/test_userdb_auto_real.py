@@ -29,7 +29,7 @@ import pytest
 
 from tests.conftest import Cli, need_programs
 from unionimg.fs.mounts import mountinfo, unmount_tree
-from unionimg.reconcile.structured import RENUMBER_SYSTEM
+from unionimg.reconcile.structured import RENUMBER_SYSTEM, RENUMBERED
 
 SYSTEM_USER = ["--system", "--user-group", "--no-create-home", "--shell", "/bin/false"]
 
@@ -41,6 +41,7 @@ class World:
     report: dict[str, dict[str, Any]]
     codes: dict[str, int]
     baseline: tuple[set[str], set[str]]
+    text: str  # the text output of a third VM's reconcile, without --json
 
 
 def tool(root: Path, name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -101,7 +102,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         copy(fixture, base0)
         baseline = problems(base0)
         cli.ok("base", "create", "tiny", "--from-dir", str(base0))
-        for vm in ("on", "off"):
+        for vm in ("on", "off", "text"):
             cli.ok("instance", "create", vm, "--base", "tiny")
             mnt = tmp / f"mnt-{vm}"
             mnt.mkdir()
@@ -120,7 +121,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
             res = cli("reconcile", vm, "--json", *args)
             report[vm] = json.loads(res.output)["instances"][0]
             codes[vm] = res.exit_code
-        yield World(cli, tmp, report, codes, baseline)
+        text = cli.ok("reconcile", "text").output
+        yield World(cli, tmp, report, codes, baseline, text)
     finally:
         unmount_tree(tmp)
         assert not [m for m in mountinfo() if m.target.startswith(str(tmp))]
@@ -142,6 +144,14 @@ def action(world: World, vm: str, path: str) -> dict[str, Any]:
     found: list[dict[str, Any]] = [a for a in world.report[vm]["actions"] if a["path"] == path]
     assert len(found) == 1, (path, world.report[vm]["actions"])
     return found[0]
+
+
+def test_text_output_names_the_renumbering(world: World) -> None:
+    lines = world.text.splitlines()
+    assert lines[0].startswith("text: generation 1 -> 2:") and "0 conflict(s)" in lines[0]
+    moved = [ln for ln in lines if RENUMBERED in ln]
+    assert len(moved) == 1 and moved[0].startswith("  /etc/passwd: passwd merged by name"), lines
+    assert "foo uid 999 →" in moved[0] and "foo gid 999 →" in moved[0], moved
 
 
 @pytest.mark.parametrize("result", ["on"], indirect=True)

@@ -25,6 +25,7 @@ from unionimg.layers import instance as inst_mod
 from unionimg.reconcile import apply as rec
 from unionimg.reconcile.checks import NOT_NEEDED
 from unionimg.reconcile.policy import Policy, load_policy
+from unionimg.reconcile.structured import RENUMBERED
 from unionimg.store.layout import Store
 
 
@@ -150,6 +151,12 @@ def _run_reconcile(
         # case 16: base changes an opaque directory of the VM keeps hiding (issue 12, item 6)
         hidden = [a for a in r.actions if a.case == 16 and a.action == "report"]
         hides = f", {len(hidden)} opaque director(ies) hiding base changes" if hidden else ""
+        # the VM's system accounts the user databases' merge renumbered (issue 12, item 3):
+        # the same moves are said by each of the four files; passwd's line says it once
+        moved = sorted(
+            (a for a in r.actions if a.case == 5 and RENUMBERED in a.reason),
+            key=lambda a: a.path != "/etc/passwd",
+        )[:1]
         return (
             f"{r.name}: generation {r.from_generation} -> {r.to_generation}: {verb}change "
             f"{changed} path(s), {len(new)} conflict(s){hides}{pending}"
@@ -159,6 +166,7 @@ def _run_reconcile(
             + "".join(
                 f"\n  hidden {shown(a.path)}: {shown(a.reason, backslash=False)}" for a in hidden
             )
+            + "".join(f"\n  {shown(a.path)}: {shown(a.reason, backslash=False)}" for a in moved)
             + (f"\n  checks: {r.checks}" if r.checks and r.checks != NOT_NEEDED else "")
         )
 

@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from unionimg.display import shown
 from unionimg.entries import BLK, CHR, FIFO, FILE, LARGE_FILE, SOCK, SYMLINK, Entry
@@ -117,6 +117,11 @@ class StructuredResult:
 
 
 Merger = Callable[[MergeInput], StructuredResult]
+
+
+RENUMBERED: Final = "the VM's system accounts renumbered"
+"""What a user database's reason says when the merge renumbered the VM's system accounts
+(the CLI's text output lists those paths)."""
 
 
 def keep_local(inp: MergeInput) -> StructuredResult:
@@ -359,8 +364,8 @@ def user_database(inp: MergeInput) -> StructuredResult:
         data = own.data if own.clean else own.proposal
         assert data is not None  # system_only: a complete proposal
         why = (
-            f"{own.fmt.name} merged by name, the VM's system accounts renumbered where B1's "
-            f"new ones took their IDs: {auto.moves}"
+            f"{own.fmt.name} merged by name, {RENUMBERED} where B1's new ones took their "
+            f"IDs: {auto.moves}"
         )
         which = own.fmt.owner if own.fmt.id_field is not None else ""
         return StructuredResult(MERGED, data, why, owners=own.owners, renumbered=which)
