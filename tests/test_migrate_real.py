@@ -442,3 +442,38 @@ def test_to_a_host_without_the_base(env: Env) -> None:
         assert [b["name"] for b in bases] == ["tiny"], bases
         assert u_tree(hcli(h), vm, env.tmp) == before_tree
         assert vm not in names(ctl)
+
+
+def test_gc_after_the_way_back_frees_bytes_and_the_next_way_back_still_works(env: Env) -> None:
+    """web came back to the controller (test_way_back_sends_only_the_change): the contents
+    the controller kept when it left are in web's upper layer again, so ``migrate gc`` frees
+    them (redundant); web leaves again (they are kept again), changes a little on h1 and
+    comes back: still only the change travels."""
+    ctl, h1 = env.ctl, hcli(env.hosts["h1"])
+    if "web" not in names(ctl):
+        pytest.skip("needs test_way_back_sends_only_the_change's VM back here")
+    big = hashlib.sha256(BIG.encode()).hexdigest()
+    assert (ctl.store / "migrate" / "objects" / big).is_file()
+    dry = json.loads(ctl.ok("migrate", "gc", "--dry-run", "--json").output)
+    assert (ctl.store / "migrate" / "objects" / big).is_file()
+    rep = json.loads(ctl.ok("migrate", "gc", "--json").output)
+    assert rep["removed"] == dry["removed"] and rep["dry_run"] is False
+    assert {"kind": "object", "name": big, "bytes": len(BIG), "why": "redundant: in vm web"} in (
+        rep["removed"]
+    ), rep["removed"]
+    assert rep["bytes_freed"] >= len(BIG) and rep["bytes_after"] < rep["bytes_before"]
+    assert not (ctl.store / "migrate" / "objects" / big).exists()
+    print(f"gc after the way back: {rep['bytes_freed']} B freed, {rep['by_reason']}")
+    out = migrate(ctl, "web", "h1")
+    assert out["plan"]["by_reason"].get("new", {"bytes": 0})["bytes"] < 100_000, out["plan"]
+    assert out["kept_for_way_back"] >= 1
+    assert (ctl.store / "migrate" / "objects" / big).is_file()  # kept again as it left
+    h1_rep = json.loads(h1.ok("migrate", "gc", "--json").output)  # web is there: redundant
+    assert h1_rep["bytes_freed"] >= len(BIG), h1_rep["by_reason"]
+    change(h1, "web", env.tmp, {"etc/changed-again": "a small change\n"})
+    before_tree = u_tree(h1, "web", env.tmp)
+    back = migrate(h1, "web", "ctl")
+    assert back["plan"]["by_reason"].get("new", {"bytes": 0})["bytes"] < 100_000, back["plan"]
+    assert back["plan"]["by_reason"]["cache"]["bytes"] >= len(BIG), back["plan"]
+    assert "web" in names(ctl) and "web" not in names(h1)
+    assert u_tree(ctl, "web", env.tmp) == before_tree
