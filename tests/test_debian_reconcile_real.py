@@ -29,11 +29,11 @@ host keys and machine-id unique across VMs; then app1 (openssh-server from the b
 both sides) boots under QEMU and its console says ``ssh.service`` is active.
 
 Conflicts that stay pending by design, each asserted: app1's package conflict (its uimg-conf
-1.0 live, every other package of both sides ``ii``); app1's system user and the base's svcd got
-the same system UID (useradd allocates downward from 999 on both sides): the VM's keeps it,
-svcd is left out until ``resolve``; clash1's dave keeps UID 1000, deploy left out likewise;
-every VM's login user and deploy got the same subuid range. No assertion is marked xfail:
-every part of issue 12 it exercises has landed.
+1.0 live, every other package of both sides ``ii``); clash1's dave keeps UID 1000, deploy is
+left out until ``resolve``; every VM's login user and deploy got the same subuid range. Not
+pending: app1's system user and the base's svcd got the same system UID (useradd allocates
+downward from 999 on both sides): reconcile renumbers the VM's system account itself. No
+assertion is marked xfail: every part of issue 12 it exercises has landed.
 """
 
 from __future__ import annotations
@@ -356,8 +356,9 @@ def test_sshd_config_check_passes(world: World, vm: str) -> None:
 @pytest.mark.parametrize("vm", ["web1", "db1", "app1"])
 def test_users_of_both_sides(world: World, vm: str) -> None:
     """Both sides' users. app1's local package's postinst user and the base's svcd got the
-    same system UID: a pending passwd conflict (its proposal renumbers the VM's user) whose
-    live files hold every user but svcd (the VM's user keeps the UID: never two names)."""
+    same system UID: reconcile renumbers the VM's system account itself (a free system ID,
+    its files chowned in the staged layer), so both are there with distinct IDs and nothing
+    is pending for it."""
     passwd = text(world.results[vm].files["/etc/passwd"])
     names = {line.split(":")[0]: line for line in passwd.splitlines()}
     own = USERS[vm][-1]
@@ -367,8 +368,10 @@ def test_users_of_both_sides(world: World, vm: str) -> None:
     if vm != "app1":
         assert "svcd" in names
         return
-    assert debs.SYSTEM_USER in names  # made by its local package's postinst
-    assert "svcd" not in names and "/etc/passwd" in conflicts(world, vm), why(world, vm)
+    assert debs.SYSTEM_USER in names and "svcd" in names, (sorted(names), why(world, vm))
+    uids = {n: int(names[n].split(":")[2]) for n in (debs.SYSTEM_USER, "svcd")}
+    assert len(set(uids.values())) == 2 and all(100 <= u <= 999 for u in uids.values()), uids
+    assert "/etc/passwd" not in conflicts(world, vm), why(world, vm)
 
 
 @pytest.mark.slow

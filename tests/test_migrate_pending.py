@@ -70,8 +70,13 @@ def test_mount_is_refused_too_while_the_record_is_there(tmp_path: Path) -> None:
     pending.write(store, "web", record())
     with pytest.raises(Conflict) as exc:
         union.mount(store, "web", tmp_path / "mnt")
-    assert "does not mount here" in exc.value.message and "--to h1" in exc.value.message
+    assert "does not mount read-write here" in exc.value.message
+    assert "--to h1" in exc.value.message and "\n" not in exc.value.message
     assert not (tmp_path / "mnt").exists()
+    # a read-only look is not refused for that reason (here: no such directory to mount on)
+    with pytest.raises(UnionimgError) as other:
+        union.mount(store, "web", tmp_path / "mnt", readonly=True)
+    assert "migrat" not in other.value.message
 
 
 def test_status_holds_only_that_very_vm(tmp_path: Path) -> None:

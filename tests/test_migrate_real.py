@@ -325,9 +325,10 @@ def test_killed_after_the_hosts_confirmation(env: Env) -> None:
     """The sender is killed after the host made the VM and said so, before the VM left
     here: both stores hold it, but here it does not boot (one line: run the migration
     again); the rerun asks the host, which holds that very VM, sends nothing, keeps the
-    contents for the way back and only then removes the VM here. A VM changed here
-    meanwhile (mounted by hand) is removed from neither side until the admin chooses; with
-    the host's copy removed, the rerun migrates it again."""
+    contents for the way back and only then removes the VM here. A read-write mount is
+    refused like the boot; a VM changed here meanwhile all the same (by a tool that does not
+    ask, as reconcile) is removed from neither side until the admin chooses; with the host's
+    copy removed, the rerun migrates it again."""
     ctl, h1 = env.ctl, env.hosts["h1"]
     data = os.urandom(500_000)
     sha = hashlib.sha256(data).hexdigest()
@@ -356,7 +357,15 @@ def test_killed_after_the_hosts_confirmation(env: Env) -> None:
     # the admin, the rerun migrates the changed VM normally
     make_vm(ctl, env.tmp, "kd", "52:54:00:14:00:07", {"srv/d.bin": os.urandom(100_000)})
     killed_at(ctl, "migrate:confirmed", "kd", "h1")
+    mnt = env.tmp / "mnt-kd-refused"
+    mnt.mkdir()
+    res = ctl.fails("mount", "kd", str(mnt), code=4)
+    assert "does not mount read-write here" in res.output, res.output
+    record = ctl.store / "instances" / "kd" / "migrate-pending.json"
+    aside = record.with_name("pending.aside")
+    record.rename(aside)  # what a tool that does not ask would do: change U all the same
     change(ctl, "kd", env.tmp, {"etc/after-the-kill": "changed here\n"})
+    aside.rename(record)
     res = ctl.fails("migrate", "kd", "--to", "h1", code=4)
     assert "changed here" in res.output and "nothing was removed" in res.output, res.output
     assert "kd" in names(ctl) and "kd" in names(hcli(h1))

@@ -286,7 +286,7 @@ PENDING_MIGRATION = "migrate-pending.json"  # unionimg.migrate.pending.Pending.F
 
 
 def refuse_pending_migration(store: Store, name: str, verb: str) -> None:
-    """Conflict (naming ``verb``: boot, mount) while a migration of the instance may have
+    """Conflict (naming ``verb``: boot, mount read-write) while a migration of the instance may have
     made it on another host (its sender stopped after its stream:
     :mod:`unionimg.migrate.pending`): running or changing it here would make the same machine,
     MAC and all, live in two places."""

@@ -82,12 +82,14 @@ def mount(
     """Mount the union of instance ``name`` at ``target``; its mount record (as JSON)."""
     inst = load(store, name)
     _refuse_mounted(store, name)  # the first thing to say, whatever the target
-    refuse_pending_migration(store, name, "mount")
+    if not readonly:  # a read-only look changes nothing a pending migration compares
+        refuse_pending_migration(store, name, "mount read-write")
     target = check_target(store, target, allow_non_empty=allow_non_empty)
     require_root("mount")
     with store.lock(f"instance-{name}", wait=False, purpose=f"mount {name}"):
         _refuse_mounted(store, name)
-        refuse_pending_migration(store, name, "mount")
+        if not readonly:
+            refuse_pending_migration(store, name, "mount read-write")
         st = state(store, name)
         if st == "running":
             raise Conflict(f"instance '{name}' is running; stop it before mounting")
