@@ -341,11 +341,10 @@ def apply_placement_cmd(
     placement is recorded for 'recover'."""
     # deferred on purpose: the store, hosts and registry side only for this command
     from unionimg.placement import apply as apply_mod
+    from unionimg.placement import parts as parts_mod
 
     if here:  # the host's side, run by the controller's 'apply placement' over SSH
         if parts_json is not None:  # blob parts (split layers): keep, prune or assemble
-            from unionimg.placement import parts as parts_mod
-
             wanted = apply_mod.parts_from_arg(parts_json)
             if assemble:
                 if url is None:
