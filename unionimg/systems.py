@@ -283,8 +283,9 @@ def push(store: Store, reg: Registry, name: str, *, repo: str = SYSTEM_REPO) -> 
         manifest = system_manifest(
             config, blobs, title=node.name, parent=parent, created=node.created
         )
-        if not _has_manifest(reg, repo, digest_of(manifest)):
-            # the node is new to the registry: its VMs' chains, their blobs in ``repo``
+        if reg.manifest_digest(repo, digest_of(manifest)) is None:
+            # new to the registry (one it holds has its blobs too: a registry accepts a
+            # manifest only when it holds every blob it names): its chains, blobs in ``repo``
             for vm in node.vms:
                 if vm.layer in pushed:
                     continue
@@ -301,16 +302,6 @@ def push(store: Store, reg: Registry, name: str, *, repo: str = SYSTEM_REPO) -> 
     out.bytes_sent = reg.counters.bytes_up - before
     out.seconds = time.monotonic() - start
     return out
-
-
-def _has_manifest(reg: Registry, repo: str, digest: str) -> bool:
-    """Whether the registry holds manifest ``digest`` in ``repo`` (then its blobs too: a
-    registry accepts a manifest only when it holds every blob it names)."""
-    try:
-        reg.get_manifest(repo, digest)
-    except NotFound:
-        return False
-    return True
 
 
 def fetch_node(reg: Registry, ref: str, *, repo: str = SYSTEM_REPO) -> tuple[Manifest, SystemMeta]:
