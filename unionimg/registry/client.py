@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import httpx
 
@@ -509,6 +509,31 @@ class Registry:
         self.counters.blobs_fetched += 1
         return received
 
+    def _stream_into(
+        self,
+        resp: httpx.Response,
+        fh: IO[bytes],
+        h: hashlib._Hash,
+        limit: int,
+        refuse: Callable[[], ToolFailed],
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """The answer's body written to ``fh`` and hashed into ``h``, then fsynced; at most
+        ``limit`` bytes (one more: ``refuse()`` is raised). Returns the bytes written."""
+        got = 0
+        for part in resp.iter_bytes():
+            if got + len(part) > limit:
+                raise refuse()
+            fh.write(part)
+            h.update(part)
+            got += len(part)
+            self.counters.bytes_down += len(part)
+            if on_bytes is not None:
+                on_bytes(len(part))
+        fh.flush()
+        os.fsync(fh.fileno())
+        return got
+
     def fetch_range(self, repo: str, digest: str, start: int, end: int, dest: Path) -> str:
         """Bytes ``start`` to ``end`` (exclusive) of blob ``digest`` of ``repo`` into ``dest``
         (written whole, fsynced; retried from the start on a broken transfer), with
@@ -540,18 +565,16 @@ class Registry:
                             f"with {shown(resp.headers.get('content-range', ''))[:40]!r}; refused"
                         )
                     with dest.open("wb") as fh:
-                        for part in resp.iter_bytes():
-                            got += len(part)
-                            if got > want:
-                                raise ToolFailed(
-                                    f"registry {self.url} sent more than bytes {start}-{end} "
-                                    f"of blob {digest}; refused"
-                                )
-                            fh.write(part)
-                            h.update(part)
-                            self.counters.bytes_down += len(part)
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                        got = self._stream_into(
+                            resp,
+                            fh,
+                            h,
+                            want,
+                            lambda: ToolFailed(
+                                f"registry {self.url} sent more than bytes {start}-{end} "
+                                f"of blob {digest}; refused"
+                            ),
+                        )
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise self._down(exc) from None
@@ -623,23 +646,16 @@ class Registry:
                     if resp.status_code in TRANSIENT:
                         raise _Retry(resp) from failed
                     raise failed
+
+                def too_much() -> ToolFailed:
+                    partial.unlink(missing_ok=True)
+                    return ToolFailed(
+                        f"registry {self.url} sent more than the {size} bytes of blob "
+                        f"{digest} in {repo}: refused (damaged or tampered; push it again)"
+                    )
+
                 with partial.open(mode) as fh:
-                    for part in resp.iter_bytes():
-                        if have + received + len(part) > size:
-                            fh.close()
-                            partial.unlink(missing_ok=True)
-                            raise ToolFailed(
-                                f"registry {self.url} sent more than the {size} bytes of blob "
-                                f"{digest} in {repo}: refused (damaged or tampered; push it again)"
-                            )
-                        fh.write(part)
-                        h.update(part)
-                        received += len(part)
-                        self.counters.bytes_down += len(part)
-                        if on_bytes is not None:
-                            on_bytes(len(part))
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    received = self._stream_into(resp, fh, h, size - have, too_much, on_bytes)
         except httpx.TransportError as exc:
             raise _Retry() from exc
         if have + received < size:
