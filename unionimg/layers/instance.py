@@ -282,7 +282,7 @@ def durable(u: Path) -> None:
         watch.durable = True
 
 
-PENDING_MIGRATION = "migrate-pending.json"  # unionimg.migrate.pending.Pending.FILE
+PENDING_MIGRATION = "migrate-pending.json"  # written by unionimg.migrate.pending
 
 
 def refuse_pending_migration(store: Store, name: str, verb: str) -> None:

@@ -44,7 +44,7 @@ class Pending(Record, frozen=True):
     whose stream was (or was being) sent; the VM does not boot here while it exists."""
 
     WHAT = "pending migration"
-    FILE = "migrate-pending.json"  # unionimg.boot.control reads it by this name
+    FILE = inst_mod.PENDING_MIGRATION  # boot and mount refuse the VM while it exists
 
     host: str
     offer_digest: str
