@@ -245,3 +245,13 @@ def make_tree(root: Path) -> Path:
 @pytest.fixture
 def src_tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "src")
+
+
+def flip_byte(path: Path, at: int) -> None:
+    """Invert byte ``at`` of ``path`` (a blob tampered with in a registry's storage)."""
+    os.chmod(path, 0o644)
+    with path.open("r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0xFF]))

@@ -34,6 +34,7 @@ from tests.conftest import (
     REQUIRE_REAL,
     UNIONIMG,
     Cli,
+    flip_byte,
     need,
     need_ssh_hosts,
     need_uml_kernel,
@@ -558,15 +559,6 @@ def test_debian_chain_made_from_layers(env: Env) -> None:
 
 
 # -- a bad blob of one VM: nothing of the others imported ------------------------------------
-def _flip(path: Path, at: int) -> None:
-    os.chmod(path, 0o644)
-    with path.open("r+b") as fh:
-        fh.seek(at)
-        byte = fh.read(1)
-        fh.seek(at)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-
-
 def test_a_tampered_blob_of_the_second_vm_changes_nothing_on_the_host(env: Env) -> None:
     """lab1's second VM (db): its layer's blob altered in the registry's storage. The deploy
     to an empty host fails (one line, exit 5) and leaves the host's layer cache empty: the
@@ -589,7 +581,7 @@ def test_a_tampered_blob_of_the_second_vm_changes_nothing_on_the_host(env: Env) 
     host = env.add_host("t1")
     layers = host.store / "layers"
     try:
-        _flip(stored, min(100, len(saved) // 2))
+        flip_byte(stored, min(100, len(saved) // 2))
         res = ctl.fails("deploy", "lab1", "--host", "t1", "--registry", env.url, code=5)
         assert "host t1" in res.output and db["blob_digest"] in res.output, res.output
         assert "refused, nothing imported" in res.output

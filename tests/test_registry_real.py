@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, make_tree, need_programs
+from tests.conftest import UNIONIMG, Cli, flip_byte, make_tree, need_programs
 from unionimg import poll
 from unionimg.errors import NotFound, ToolFailed
 from unionimg.layers import layerstore
@@ -433,21 +433,12 @@ def test_a_read_racing_a_rewrite_is_retried_and_a_same_push_writes_nothing(
     assert (link.stat().st_ino, link.stat().st_mtime_ns) == inode
 
 
-def _tamper(path: Path, at: int) -> None:
-    os.chmod(path, 0o644)
-    with path.open("r+b") as fh:
-        fh.seek(at)
-        byte = fh.read(1)
-        fh.seek(at)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-
-
 def test_a_tampered_blob_is_refused_nothing_imported(
     src: Src, registry: server_mod.Server, tmp_path: Path
 ) -> None:
     with Registry(registry.url) as reg:
         hostcache.push_layers(src.store, reg, src.a.short)
-    _tamper(registry.blob_file(src.a.meta.blob_digest), 1000)
+    flip_byte(registry.blob_file(src.a.meta.blob_digest), 1000)
     cli = Cli(tmp_path / "host")
     res = cli.fails("pull", src.a.diff_id, "--registry", registry.url, code=5)
     assert (
@@ -754,7 +745,7 @@ def test_pulling_two_nodes_imports_nothing_when_a_blob_of_the_second_is_tampered
         hostcache.push_layers(src.store, reg, src.b.short)
     stored = registry.blob_file(src.b.meta.blob_digest)
     saved = stored.read_bytes()
-    _tamper(stored, 1000)
+    flip_byte(stored, 1000)
     store = empty_store(tmp_path / "host")
     refs = [layer_tag(src.a.diff_id), layer_tag(src.b.diff_id)]
     with Registry(registry.url) as reg, pytest.raises(ToolFailed, match="nothing imported"):
