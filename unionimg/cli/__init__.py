@@ -12,7 +12,7 @@ imported only when one of its commands runs (``unionimg --help`` imports none of
     reconcile_cmd    reconcile, conflicts, resolve
     boot_cmd         render, boot, stop, console, switch, uml-kernel
     timer_cmd        timer install, remove
-    registry_cmd     registry serve, stop; push LAYER, pull REF
+    registry_cmd     registry serve, stop; push LAYER|SYSTEM, pull REF
     host_cmd         host add, key, list, cache, remove
     layer_cmd        layer list, show, tree, gc
     system_cmd       system create, snapshot, tree, show, push (materialize: run by deploy)
@@ -148,8 +148,9 @@ COMMANDS: dict[str, Lazy] = {
     ),
     "push": Lazy(
         "unionimg.cli.registry_cmd:push_cmd",
-        "Push LAYER and its chain of parents to a registry: blobs the repository holds are not "
-        "sent, blobs another repository of the registry holds are mounted, the rest uploaded.",
+        "Push layer or system node NAME to a registry: a layer with its chain of parents, a "
+        "system node with its ancestors and every layer its VMs need; blobs the registry holds "
+        "are not sent again.",
     ),
     "pull": Lazy(
         "unionimg.cli.registry_cmd:pull_cmd",

@@ -1,9 +1,15 @@
-"""``unionimg registry serve|stop``, ``push LAYER``, ``pull REF``: the image repository, an
-OCI registry (``unionimg.registry``)."""
+"""``unionimg registry serve|stop``, ``push LAYER|SYSTEM``, ``pull REF``: the image repository,
+an OCI registry (``unionimg.registry``).
+
+``push NAME`` takes a layer reference or a system node's name (:func:`what_to_push` decides
+which; a name that is both is refused, ``--layer``/``--system`` say which); a system node is
+pushed as ``system push`` does (:func:`unionimg.systems.push`, the same output; command
+groups do not import each other)."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -12,13 +18,16 @@ from typing import Any, TypeVar
 
 import click
 
+from unionimg import systems
 from unionimg.cli._common import Ctx, json_option, json_text, pass_ctx
-from unionimg.errors import NotFound, ToolFailed
+from unionimg.errors import NotFound, ToolFailed, UsageError
+from unionimg.layers import layerstore
 from unionimg.registry import hostcache
 from unionimg.registry import server as server_mod
 from unionimg.registry.client import Registry
-from unionimg.registry.manifests import LAYER_REPO, check_repo
+from unionimg.registry.manifests import LAYER_REPO, SYSTEM_REPO, check_repo
 from unionimg.registry.transfer import PushReport
+from unionimg.store.layout import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,21 +119,86 @@ def repo_option(f: F) -> F:
     )(f)
 
 
+_LAYER_LIKE = re.compile(r"(sha256:)?[0-9a-fA-F]{4,64}|L[0-9a-fA-F]{15}")
+"""What ``layerstore.get`` reads as a layer reference (a digest, 4+ hex digits, a label)."""
+
+
+def what_to_push(store: Store, name: str, *, layer: bool, system: bool) -> str:
+    """``"layer"`` or ``"system"``: what NAME of ``push`` names in ``store``. ``layer`` /
+    ``system`` (the options) force one; else a name that is both a layer reference that
+    resolves (or matches several layers) and a system node is refused (UsageError), and
+    one that is neither is NotFound, naming both kinds looked for."""
+    if layer and system:
+        raise UsageError("give --layer or --system, not both")
+    if layer:
+        return "layer"
+    if system:
+        return "system"
+    found: layerstore.Layer | None = None
+    failed: NotFound | UsageError | None = None
+    try:
+        found = layerstore.get(store, name)
+    except (NotFound, UsageError) as exc:
+        failed = exc
+    try:
+        is_system = systems.exists(store, name)
+    except UsageError:  # not a valid node name (a digest has ':')
+        is_system = False
+    # a reference that matches several layers is ambiguous as a layer, but still one
+    several = isinstance(failed, UsageError) and _LAYER_LIKE.fullmatch(name.strip()) is not None
+    if is_system and (found is not None or several):
+        what = f"layer {found.short}" if found is not None else "several layers"
+        raise UsageError(
+            f"'{name}' names both system node {name} and {what}; say which with "
+            f"'push --system {name}' or 'push --layer {name}'"
+        )
+    if is_system:
+        return "system"
+    if found is not None:
+        return "layer"
+    if several and failed is not None:
+        raise failed  # "X names N layers (...); give more of its digits"
+    raise NotFound(
+        f"nothing named '{name}' to push: no layer (digest, 4+ hex digits or label) and no "
+        "system node by that name; see 'unionimg layer list' and 'unionimg system tree'"
+    )
+
+
 @click.command("push")
-@click.argument("layer")
+@click.argument("name")
 @registry_option
-@repo_option
+@click.option(
+    "--repo",
+    default=None,
+    help=f"Repository of the pushed node in the registry [default: {LAYER_REPO} for a "
+    f"layer, {SYSTEM_REPO} for a system node, whose VMs' image-tree nodes always go to "
+    f"{LAYER_REPO}].",
+)
+@click.option("--layer", "as_layer", is_flag=True, help="NAME is a layer (not a system node).")
+@click.option("--system", "as_system", is_flag=True, help="NAME is a system node (not a layer).")
 @json_option
 @pass_ctx
-def push_cmd(c: Ctx, layer: str, url: str, repo: str, as_json: bool) -> None:
-    """Push LAYER and its chain of parents to a registry: blobs the repository holds are not
-    sent, blobs another repository of the registry holds are mounted, the rest uploaded.
+def push_cmd(
+    c: Ctx, name: str, url: str, repo: str | None, as_layer: bool, as_system: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Push layer or system node NAME to a registry: a layer with its chain of parents, a
+    system node with its ancestors and every layer its VMs need; blobs the registry holds
+    are not sent again.
 
-    Each layer of the chain becomes an image-tree node (an OCI manifest tagged
-    layer-<diff_id hex>, docs/oci.md). LAYER: a digest, 4+ hex digits or a label."""
-    check_repo(repo)
+    NAME: a layer (a digest, 4+ hex digits or its label) or a system node's name; a name
+    that is both is refused: say which with --layer or --system. Each layer of a chain
+    becomes an image-tree node (an OCI manifest tagged layer-<diff_id hex>); a system node
+    becomes a manifest tagged with its name, as 'system push' makes it (docs/oci.md).
+    Blobs the repository holds are not sent, blobs another repository of the registry
+    holds are mounted, the rest uploaded."""
+    kind = what_to_push(c.store, name, layer=as_layer, system=as_system)
+    if kind == "system":
+        _push_system(c, name, url, check_repo(repo or SYSTEM_REPO), as_json)
+        return
+    check_repo(repo or LAYER_REPO)
     with Registry(url) as reg:
-        report = hostcache.push_layers(c.store, reg, layer, repo=repo)
+        report = hostcache.push_layers(c.store, reg, name, repo=repo or LAYER_REPO)
 
     def human(r: PushReport) -> None:
         sent = sum(1 for v in r.blobs.values() if v == "uploaded")
@@ -137,9 +211,22 @@ def push_cmd(c: Ctx, layer: str, url: str, repo: str, as_json: bool) -> None:
         click.echo(f"top node {r.repo}@{r.top} tag {r.nodes[-1]['tag']}")
 
     if as_json:
-        click.echo(json_text(report.to_json()))
+        click.echo(json_text({"kind": "layer", **report.to_json()}))
     else:
         human(report)
+
+
+def _push_system(c: Ctx, name: str, url: str, repo: str, as_json: bool) -> None:
+    """What ``system push`` does, with ``"kind": "system"`` in its JSON."""
+    with Registry(url) as reg:
+        out = systems.push(c.store, reg, name, repo=repo)
+    if as_json:
+        click.echo(json_text({"kind": "system", **out.to_json()}, sort_keys=True))
+        return
+    click.echo(
+        f"pushed system {name} to {out.registry}/{out.repo}:{name} as {out.manifest} "
+        f"({out.bytes_sent} bytes sent, {round(out.seconds, 3)} s)"
+    )
 
 
 @click.command("pull")

@@ -138,7 +138,8 @@ def system_show(c: Ctx, name: str, as_json: bool) -> None:
 @pass_ctx
 def system_push(c: Ctx, name: str, url: str, as_json: bool) -> None:
     """Push system node NAME (and its ancestors, and every layer its VMs need) to a
-    registry as OCI manifests tagged with the node's name."""
+    registry as OCI manifests tagged with the node's name ('unionimg push NAME' does the
+    same)."""
     with Registry(url) as reg:
         out = systems.push(c.store, reg, name)
 
