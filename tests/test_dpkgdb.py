@@ -39,7 +39,7 @@ from unionimg.reconcile.dpkgdb import (
     parse,
 )
 from unionimg.reconcile.plan import plan_instance
-from unionimg.reconcile.policy import Policy
+from unionimg.reconcile.policy import Policy, Rule
 from unionimg.reconcile.pristine import PristineFinder, deb_member
 from unionimg.reconcile.structured import (
     CONFLICT,
@@ -325,13 +325,19 @@ def test_info_file_both_changed_follows_b1_when_b1_changed_the_package() -> None
     assert a.action == "drop" and "took over" not in a.reason  # nothing of it left in B1's
 
 
+# the package conflicts below are settled by the newer version when the setting is on (its
+# tests: tests/test_pkg_conflict.py); here it is off, so they stay package-level conflicts
+NEWER_OFF = Policy(rules=(Rule(1, dpkgdb.NEWER_WINS, "keep-local"),))
+
+
 def test_info_files_of_a_package_both_changed_conflict_with_the_status() -> None:
     b0 = dpkg_tree({"tool": "1"})
     vm = dpkg_tree({"tool": "1.1"})
     b1 = dpkg_tree({"tool": "2"})
-    r = run(upper_from(b0, vm), b0, b1, reads=True)
+    r = run(upper_from(b0, vm), b0, b1, reads=True, policy=NEWER_OFF)
     assert r.action(STATUS).action == "conflict"
     assert "tool:amd64 (local 1.1, B1 2)" in r.action(STATUS).reason
+    assert "newer version wins off: policy keep-local by rule 1" in r.action(STATUS).reason
     for ext_ in ("list", "md5sums"):
         a = r.action(f"/var/lib/dpkg/info/tool.{ext_}")
         assert a.action == "conflict" and "local 1.1, B1 2" in a.reason  # the VM's kept: whole
@@ -345,7 +351,7 @@ def test_package_conflict_writes_the_proposal_live_with_b1s_new_packages() -> No
     vm = dpkg_tree({"base-files": "1", "tool": "1.1", "mine": "1"})
     b1 = dpkg_tree({"base-files": "2", "tool": "2", "sshd": "1"})
     vm.file(STATUS, vm.data[STATUS], mode=0o600, uid=7)  # the VM's metadata of its file
-    r = run(upper_from(b0, vm), b0, b1, reads=True)
+    r = run(upper_from(b0, vm), b0, b1, reads=True, policy=NEWER_OFF)
     a = r.action(STATUS)
     assert (a.case, a.action) == (6, "conflict"), a
     assert "tool:amd64 (local 1.1, B1 2)" in a.reason and "live until resolved" in a.reason
@@ -365,7 +371,8 @@ def test_package_conflict_writes_the_proposal_live_with_b1s_new_packages() -> No
 
 def test_package_conflict_whose_proposal_is_the_vms_file_writes_nothing() -> None:
     b0 = dpkg_tree({"tool": "1"})
-    r = run(upper_from(b0, dpkg_tree({"tool": "1.1"})), b0, dpkg_tree({"tool": "2"}), reads=True)
+    vm, b1 = dpkg_tree({"tool": "1.1"}), dpkg_tree({"tool": "2"})
+    r = run(upper_from(b0, vm), b0, b1, reads=True, policy=NEWER_OFF)
     a = r.action(STATUS)
     assert a.action == "conflict" and a.data is None and a.entry is None, a
 

@@ -167,6 +167,12 @@ def _run_reconcile(
                 f"\n  hidden {shown(a.path)}: {shown(a.reason, backslash=False)}" for a in hidden
             )
             + "".join(f"\n  {shown(a.path)}: {shown(a.reason, backslash=False)}" for a in moved)
+            # packages both sides changed that the newer version settled (issue 12, item 2)
+            + "".join(
+                f"\n  package {shown(line, backslash=False)}"
+                for a in r.actions
+                for line in a.packages
+            )
             + (f"\n  checks: {r.checks}" if r.checks and r.checks != NOT_NEEDED else "")
         )
 

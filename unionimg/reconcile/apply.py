@@ -439,7 +439,7 @@ class Reconciler:
                 draft.report = draft.report.replace(
                     unaffected=plan.unaffected,
                     actions=tuple(
-                        ReportAction(a.path, a.case, a.action, a.reason)
+                        ReportAction(a.path, a.case, a.action, a.reason, a.packages)
                         for a in plan.actions
                         if a.action != KEEP
                     ),

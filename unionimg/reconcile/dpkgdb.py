@@ -75,7 +75,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 __all__ = [
@@ -85,6 +85,8 @@ __all__ = [
     "DIVERSIONS",
     "EXTENDED_STATES",
     "INFO",
+    "NEWER_WINS",
+    "NEWER_WINS_SAYS",
     "STATOVERRIDE",
     "STATUS",
     "UCF_CACHE",
@@ -93,16 +95,24 @@ __all__ = [
     "Conffile",
     "DbError",
     "FileResult",
+    "Newer",
     "Paragraph",
     "StatusMerge",
+    "compare_versions",
     "conffiles",
     "handles",
+    "info_path",
+    "list_paths",
     "md5_of",
+    "md5sums",
     "merge_file",
     "merge_status",
+    "newer_side",
     "package_of_info",
     "parse",
+    "parse_version",
     "pristine_ancestor",
+    "settle",
     "ucf_hashes",
     "version_of",
 ]
@@ -316,7 +326,9 @@ def _parse_lines(data: bytes, what: str) -> list[Paragraph]:
 
 
 # -- the 3-way merge by key --------------------------------------------------------------------
-Decision = Literal["unchanged", "local", "new", "same", "conflict"]
+Decision = Literal[
+    "unchanged", "local", "new", "same", "conflict", "base-newer", "local-newer"
+]  # base-newer / local-newer: a package conflict the newer version settled (settle())
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +341,7 @@ class Choice:
     @property
     def result(self) -> bytes | None:
         """The merged value (a conflict: the VM's)."""
-        if self.decision in ("new", "same"):
+        if self.decision in ("new", "same", "base-newer"):
             return self.new
         return self.local
 
@@ -368,6 +380,11 @@ class StatusMerge:
     )  # (local, new) of every conflicting key
     error: str = ""  # a side could not be parsed
     by_name: Mapping[str, tuple[Key, ...]] = field(default_factory=dict)  # keys of a package
+    # the package conflicts the newer version settled: one line each (settle())
+    settled: Mapping[Key, str] = field(default_factory=dict)
+    # why a package conflict was not settled by the newer version (settle()), by key
+    unsettled: Mapping[Key, str] = field(default_factory=dict)
+    off: str = ""  # why the newer-version rule did not run at all (the policy's setting)
 
     @property
     def clean(self) -> bool:
@@ -380,7 +397,9 @@ class StatusMerge:
     def decision(self, name: str, arch: str | None = None) -> tuple[Decision | None, str]:
         """What the merge did with package ``name`` (any architecture unless ``arch``): the
         strongest decision (conflict > local > new/same > unchanged) and its description."""
-        rank: dict[Decision, int] = {"conflict": 4, "local": 3, "new": 2, "same": 1}
+        rank: dict[Decision, int] = {
+            "conflict": 4, "local": 3, "local-newer": 3, "new": 2, "base-newer": 2, "same": 1
+        }  # fmt: skip
         found = [
             (rank.get(self.choices[key].decision, 0), key)
             for key in self.by_name.get(name, ())
@@ -432,15 +451,24 @@ class StatusMerge:
         conflicts = self.conflicts
         if conflicts:
             shown = "; ".join(
-                f"{_show_key(k)} ({self._versions(k)})" for k in conflicts[:_SHOW_CONFLICTS]
+                f"{_show_key(k)} ({self._versions(k)}"
+                + (
+                    f"; not settled by the newer version: {self.unsettled[k]}"
+                    if k in self.unsettled
+                    else ""
+                )
+                + ")"
+                for k in conflicts[:_SHOW_CONFLICTS]
             )
             more = len(conflicts) - _SHOW_CONFLICTS
             extra = f" (+{more} more)" if more > 0 else ""
+            off = f" ({self.off})" if self.off else ""
             return (
-                f"{self.what}: {len(conflicts)} package(s) changed on both sides: {shown}{extra}; "
-                "live until resolved: the proposal (the VM's versions of these packages, "
+                f"{self.what}: {len(conflicts)} package(s) changed on both sides: {shown}{extra}"
+                f"{off}; live until resolved: the proposal (the VM's versions of these packages, "
                 "everything else merged"
                 + ("; their info files stay the VM's)" if self.what == STATUS else ")")
+                + self._settled_note()
             )
         counts = {d: 0 for d in ("local", "new", "same")}
         for choice in self.choices.values():
@@ -449,7 +477,16 @@ class StatusMerge:
         return (
             f"{self.what} merged per package: {counts['new']} changed by B1, "
             f"{counts['local']} by the VM, {counts['same']} the same on both sides"
+            + self._settled_note()
         )
+
+    def _settled_note(self) -> str:
+        if not self.settled:
+            return ""
+        lines = list(self.settled.values())
+        more = len(lines) - _SHOW_CONFLICTS
+        extra = f" (+{more} more)" if more > 0 else ""
+        return f"; {NEWER_WINS_SAYS}: " + "; ".join(lines[:_SHOW_CONFLICTS]) + extra
 
 
 def _one(text: bytes, key: Key) -> Paragraph | None:
@@ -492,6 +529,179 @@ def merge_status(versions: Triple, *, what: str = STATUS) -> StatusMerge:
     for key in choices:
         by_name.setdefault(key[0], []).append(key)
     return StatusMerge(what, choices, paragraphs, by_name={n: tuple(k) for n, k in by_name.items()})
+
+
+# -- the newer version wins (issue 12, item 2) ----------------------------------------------------
+NEWER_WINS = "/var/lib/dpkg/status/newer-version-wins"
+"""The policy path whose action is the setting of :func:`newer_side` (``merge``: on)."""
+NEWER_WINS_SAYS = "newer version wins"  # what a status reason says before its package lines
+_VERSION_MAX = 256  # characters of a version string (a guest's may be anything)
+_EPOCH = re.compile(r"[0-9]{1,9}")
+_UPSTREAM = re.compile(r"[0-9][A-Za-z0-9.+~\-]*")
+_REVISION = re.compile(r"[A-Za-z0-9.+~]+")
+
+
+def parse_version(text: str) -> tuple[int, str, str]:
+    """``[epoch:]upstream[-revision]`` as Debian policy 5.6.12 defines it: the epoch a number,
+    the upstream version starting with a digit (letters, digits, ``. + ~ -``), the revision
+    (after the last hyphen) letters, digits and ``. + ~``. Anything else (a guest's status
+    may hold any bytes) is a :class:`DbError` saying why."""
+    if not text or len(text) > _VERSION_MAX:
+        raise DbError(f"version {_show(text)!r} is empty or too long")
+    epoch, colon, rest = text.partition(":")
+    if not colon:
+        epoch, rest = "0", text
+    elif not _EPOCH.fullmatch(epoch):
+        raise DbError(f"version {_show(text)!r}: its epoch is not a number")
+    upstream, hyphen, revision = rest.rpartition("-")
+    if not hyphen:
+        upstream, revision = rest, ""
+    if not _UPSTREAM.fullmatch(upstream):
+        raise DbError(
+            f"version {_show(text)!r}: the upstream version must start with a digit and hold "
+            "only letters, digits and . + ~ -"
+        )
+    if hyphen and not _REVISION.fullmatch(revision):
+        raise DbError(f"version {_show(text)!r}: the revision holds only letters, digits, . + ~")
+    return int(epoch), upstream, revision
+
+
+def _order(ch: str) -> int:
+    """dpkg's weight of a non-digit character: ``~`` before the end, the end before
+    letters, letters before anything else."""
+    if "0" <= ch <= "9":
+        return 0
+    if ch.isascii() and ch.isalpha():
+        return ord(ch)
+    if ch == "~":
+        return -1
+    return ord(ch) + 256
+
+
+def _compare_part(a: str, b: str) -> int:
+    """Debian's comparison of two upstream versions or two revisions: alternately the
+    longest non-digit prefixes (by :func:`_order`, character by character, the end counting
+    0) and the longest digit prefixes (as numbers)."""
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while (i < len(a) and not "0" <= a[i] <= "9") or (j < len(b) and not "0" <= b[j] <= "9"):
+            ac = _order(a[i]) if i < len(a) else 0
+            bc = _order(b[j]) if j < len(b) else 0
+            if ac != bc:
+                return ac - bc
+            i, j = i + 1, j + 1
+        k = i
+        while k < len(a) and "0" <= a[k] <= "9":
+            k += 1
+        m = j
+        while m < len(b) and "0" <= b[m] <= "9":
+            m += 1
+        x, y = int(a[i:k] or "0"), int(b[j:m] or "0")
+        if x != y:
+            return -1 if x < y else 1
+        i, j = k, m
+    return 0
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as version ``a`` sorts before, equal to or after ``b`` (``dpkg
+    --compare-versions``); :class:`DbError` for a malformed version (:func:`parse_version`)."""
+    (ea, ua, ra), (eb, ub, rb) = parse_version(a), parse_version(b)
+    if ea != eb:
+        return -1 if ea < eb else 1
+    found = _compare_part(ua, ub) or _compare_part(ra, rb)
+    return (found > 0) - (found < 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Newer:
+    """A package both sides changed to two versions, settled as apt would: the newer wins."""
+
+    key: Key
+    side: Literal["new", "local"]  # B1's version wins, or the VM's
+    base: str  # B1's version
+    vm: str  # the VM's version
+
+    def describe(self) -> str:
+        name = _show(self.key[0])
+        if self.side == "new":
+            return f"{name}: base {_show(self.base)} supersedes VM's {_show(self.vm)} (taken)"
+        return f"{name}: VM's {_show(self.vm)} supersedes base {_show(self.base)} (kept (newer))"
+
+
+def newer_side(key: Key, local: bytes | None, new: bytes | None) -> tuple[Newer | None, str]:
+    """Which version of a package both sides changed wins by apt's rule (an upgrade to the
+    newer version, never a downgrade of an installed newer one), or ``None`` and why the
+    rule does not decide: a side removed it or has it not fully installed, the two
+    versions are equal (other fields differ) or one is malformed. Whether the losing
+    side's copy is pristine is the planner's part (it needs the files)."""
+    paragraphs = [_one(x, key) if x is not None else None for x in (local, new)]
+    vm, base = paragraphs
+    if vm is None or base is None:
+        return None, f"{'the VM' if vm is None else 'B1'} removed it"
+    for who, p in (("the VM", vm), ("B1", base)):
+        if p.field("Status").split() != ["install", "ok", "installed"]:
+            return None, f"{who} has it {_show(p.field('Status')) or 'without a status'}"
+    try:
+        order = compare_versions(vm.field("Version"), base.field("Version"))
+    except DbError as err:
+        return None, str(err)
+    if order == 0:
+        return None, "the same version, other fields differ"
+    side: Literal["new", "local"] = "new" if order < 0 else "local"
+    return Newer(key, side, base.field("Version"), vm.field("Version")), ""
+
+
+def settle(
+    merge: StatusMerge,
+    newer: Mapping[Key, Newer],
+    unsettled: Mapping[Key, str],
+    off: str = "",
+) -> StatusMerge:
+    """``merge`` with the package conflicts in ``newer`` settled (``base-newer``: B1's
+    paragraph, ``local-newer``: the VM's) and the reasons of the others kept for its
+    reason line (``off``: why the rule did not run)."""
+    choices = dict(merge.choices)
+    for key, found in newer.items():
+        choice = choices[key]
+        decision: Decision = "base-newer" if found.side == "new" else "local-newer"
+        choices[key] = Choice(decision, choice.old, choice.local, choice.new)
+    return replace(
+        merge,
+        choices=choices,
+        settled={k: n.describe() for k, n in newer.items()},
+        unsettled=dict(unsettled),
+        off=off,
+    )
+
+
+def md5sums(data: bytes | None) -> dict[str, str]:
+    """A package's ``info/PKG.md5sums`` (``MD5  PATH`` per line, the path without its
+    leading ``/``): absolute path -> md5; lines of another form are left out."""
+    out: dict[str, str] = {}
+    for line in (data or b"").split(b"\n"):
+        words = line.split(None, 1)
+        if len(words) == 2 and re.fullmatch(rb"[0-9a-f]{32}", words[0]):
+            path = "/" + words[1].strip().decode("utf-8", "surrogateescape").lstrip("/")
+            out[path] = words[0].decode()
+    return out
+
+
+def list_paths(data: bytes | None) -> list[str]:
+    """A package's ``info/PKG.list``: its absolute paths (directories included)."""
+    out = []
+    for line in (data or b"").split(b"\n"):
+        path = line.rstrip(b"\r").decode("utf-8", "surrogateescape")
+        if path.startswith("/") and path != "/":
+            out.append(path)
+    return out
+
+
+def info_path(key: Key, ext: str, exists: Callable[[str], bool]) -> str:
+    """The info file of package ``key`` with extension ``ext``: ``NAME:ARCH.EXT`` (a
+    Multi-Arch: same package) when ``exists`` says it is there, else ``NAME.EXT``."""
+    qualified = f"{INFO}{key[0]}:{key[1]}.{ext}"
+    return qualified if key[1] and exists(qualified) else f"{INFO}{key[0]}.{ext}"
 
 
 # -- entries: diversions, statoverride ----------------------------------------------------------
@@ -666,8 +876,10 @@ def _info(
             f"{follows}: package changed on both sides ({described}); follows its "
             f"paragraph of {STATUS}: the VM's kept until resolved",
         )
-    if decision == "local":
+    if decision in ("local", "local-newer"):
         return FileResult("keep-local", reason=f"{follows}: follows the VM's paragraph")
+    if decision == "base-newer" and versions[2] is not None:  # the planner drops the VM's
+        return FileResult("merged", versions[2], f"{follows}: follows B1's newer version")
     if decision in ("new", "same"):
         if versions[2] is None:
             return FileResult(

@@ -161,6 +161,8 @@ class Action:
     data: bytes | None = None  # write of a regular file: the final content
     artifacts: Mapping[str, bytes] = field(default_factory=dict)  # conflict: files to set aside
     paths: tuple[str, ...] = ()  # report / conflict: other paths concerned (hidden changes)
+    # dpkg's status: the packages the newer version settled, one line each
+    packages: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -173,6 +175,8 @@ class Action:
             out["paths"] = list(self.paths)
         if self.artifacts:
             out["artifacts"] = sorted(self.artifacts)
+        if self.packages:
+            out["packages"] = list(self.packages)
         return out
 
 
@@ -387,16 +391,22 @@ class _Planner:
         # files to chown)
         self._renumbered: list[tuple[str, str, tuple[OwnerChange, ...]]] = []
         self._renumber_system: bool | None = None  # the policy's setting, asked once
+        # paths of packages the newer version settled: "base" (B1's shows) or "keep"
+        self._package_paths: dict[str, tuple[Literal["base", "keep"], str]] = {}
+        self._settled: dict[dpkgdb.Key, dpkgdb.Newer] = {}
+        self._infos: dict[str, list[tuple[str | None, str]]] | None = None  # U's, by package
         self.transparent = self._opaque_over_nothing()
 
     # -- driving -------------------------------------------------------------------------
     def run(self) -> InstancePlan:
         self._find_hidden()
+        self._settle_packages()
         # deepest first: a directory is decided after everything of U below it
         for path in sorted(self.u, key=lambda p: (-_depth(p), p)):
             self._decide(path)
         self._made_transparent()
         self._chown_renumbered()
+        self._name_settled()
         ordered = sorted([*self.actions.values(), *self.reports], key=lambda a: self._order(a))
         return InstancePlan(ordered, self.unaffected)
 
@@ -459,6 +469,189 @@ class _Planner:
                         paths=hidden,
                     )
                 )
+
+    # -- a package both sides changed: the newer version wins (issue 12, item 2) ------------
+    def _settle_packages(self) -> None:
+        """Package conflicts of dpkg's status the newer version settles, as apt would (it
+        upgrades to the newer version, never downgrades an installed newer one): the rule
+        is :func:`dpkgdb.newer_side`; the losing side's copy must be pristine
+        (:meth:`_vm_pristine`, :meth:`_base_pristine`). A settled package's paths in U are
+        claimed (``_package_paths``): B1's version wins → the VM's copies of its files and
+        its info files are dropped (B1's show), except conffiles the VM edited (merged as
+        any path both sides changed: against the pristine conffile) and obsolete ones
+        (kept, as dpkg keeps them); the VM's wins → they are kept. The status merge of the
+        memo has the settled paragraphs. Runs only when the status file is both sides'
+        change under ``merge`` and the policy's :data:`dpkgdb.NEWER_WINS` is ``merge``."""
+        u, change = self.u.get(dpkgdb.STATUS), self.delta.get(dpkgdb.STATUS)
+        if u is None or u.kind != FILE or change is None or change.new is None:
+            return
+        if change.new.kind != FILE or self.policy.decide(dpkgdb.STATUS).action != MERGE:
+            return
+        status = self._versions(dpkgdb.STATUS)
+        if status.too_large or status.local is None or status.new is None:
+            return
+        merge = dpkgdb.merge_status((status.old, status.local, status.new))
+        if merge.error or not merge.conflicts:
+            return
+        switch = self.policy.decide(dpkgdb.NEWER_WINS)
+        if switch.action != MERGE:
+            off = f"{dpkgdb.NEWER_WINS_SAYS} off: {switch.describe()}"
+            self._merge_memo["dpkgdb:status"] = dpkgdb.settle(merge, {}, {}, off)
+            return
+        unsettled: dict[dpkgdb.Key, str] = {}
+        for key in merge.conflicts:
+            choice = merge.choices[key]
+            found, why = dpkgdb.newer_side(key, choice.local, choice.new)
+            if found is not None:
+                claims, why = self._package_claims(found, choice.local or b"", choice.new or b"")
+                if claims is not None:
+                    self._settled[key] = found
+                    self._package_paths.update(claims)
+                    continue
+            unsettled[key] = why
+        self._merge_memo["dpkgdb:status"] = dpkgdb.settle(merge, self._settled, unsettled)
+
+    def _package_claims(
+        self, found: dpkgdb.Newer, local: bytes, new: bytes
+    ) -> tuple[dict[str, tuple[Literal["base", "keep"], str]] | None, str]:
+        """U's paths of a package the newer version settles and what becomes of them, or
+        ``None`` and why the losing side's copy is not pristine (a conflict stays)."""
+        key, what = found.key, found.describe()
+
+        def exists(path: str) -> bool:
+            return path in self.u or self._b1_entry(path) is not None
+
+        list_path = dpkgdb.info_path(key, "list", exists)
+        listed = self._versions(list_path)
+        vm_paths = dpkgdb.list_paths(listed.local)
+        b1_paths = dpkgdb.list_paths(listed.new)
+        if listed.local is None or listed.new is None:
+            return None, f"{'the VM' if listed.local is None else 'B1'} has no {list_path}"
+        infos = self._info_files(key)
+        if found.side == "local":
+            why = self._base_pristine(key, exists, b1_paths, vm_paths, infos)
+            if why:
+                return None, why
+            keep = f"of {what}"
+            return {p: ("keep", keep) for p in (*vm_paths, *infos) if self._held(p)}, ""
+        claims: dict[str, tuple[Literal["base", "keep"], str]] = {}
+        why = self._vm_pristine(key, exists, local, new, vm_paths, b1_paths, claims, what)
+        if why:
+            return None, why
+        for path in infos:
+            claims[path] = ("base", f"info file of {what}: B1's version shows")
+        return claims, ""
+
+    def _held(self, path: str) -> bool:
+        """Does U hold something at ``path`` other than a directory?"""
+        entry = self.u.get(path)
+        return entry is not None and entry.kind != DIR
+
+    def _info_files(self, key: dpkgdb.Key) -> list[str]:
+        """U's non-directory entries of the info files of package ``key``."""
+        if self._infos is None:
+            self._infos = {}
+            for path in self.u:
+                if path.startswith(dpkgdb.INFO) and self._held(path):
+                    found = dpkgdb.package_of_info(path)
+                    if found is not None:
+                        self._infos.setdefault(found[0], []).append((found[1], path))
+        return [p for arch, p in self._infos.get(key[0], []) if arch is None or arch == key[1]]
+
+    def _vm_pristine(
+        self,
+        key: dpkgdb.Key,
+        exists: Callable[[str], bool],
+        local: bytes,
+        new: bytes,
+        vm_paths: list[str],
+        b1_paths: list[str],
+        claims: dict[str, tuple[Literal["base", "keep"], str]],
+        what: str,
+    ) -> str:
+        """B1's newer version wins: every file of the VM's version its upper layer holds
+        must match the VM's ``md5sums`` (conffiles: their ``Conffiles:`` md5, an edited
+        one is merged like any path both sides changed); fills ``claims`` and returns
+        ``""``, else why not."""
+        sums_path = dpkgdb.info_path(key, "md5sums", exists)
+        sums = dpkgdb.md5sums(self._versions(sums_path).local)
+        mine = {c.path: c.md5 for c in dpkgdb.conffiles(local).values()}
+        theirs = set(dpkgdb.conffiles(new))
+        take = f"file of {what}: the VM's copy unmodified, B1's version shows"
+        for path in dict.fromkeys(vm_paths):
+            entry = self.u.get(path)
+            if entry is None or entry.kind in (DIR, SYMLINK):
+                continue  # not held; a directory is decided as such; dpkg checks no link
+            if entry.kind == WHITEOUT:
+                return f"the VM deleted {_show(path)} of its version"
+            if entry.kind != FILE or _is_hardlink(entry):
+                return f"the VM's {_show(path)} is a {entry.kind} (hardlinked or special)"
+            if entry.size >= LARGE_FILE:
+                return f"the VM's {_show(path)} is too large to check"
+            md5 = dpkgdb.md5_of(self._read("upper", path))
+            if path in mine:
+                if md5 == mine[path] and path in theirs:
+                    claims[path] = ("base", f"conffile of {what}: unmodified, B1's shows")
+                continue  # edited (merged as any path), or obsolete (kept, as dpkg does)
+            if path not in sums:
+                return f"the VM's {_show(path)} is not in its {_show(sums_path)}"
+            if sums[path] != md5:
+                return f"the VM changed {_show(path)} of its version (md5sums)"
+            claims[path] = ("base", take)
+        for path in b1_paths:  # B1's files the VM hides: a whiteout goes, anything else stays
+            entry = self.u.get(path)
+            if path in claims or entry is None or entry.kind == DIR or path in vm_paths:
+                continue
+            if entry.kind != WHITEOUT:
+                return f"the VM has {_show(path)} of B1's version from elsewhere"
+            claims[path] = ("base", f"file of {what}: the VM's deletion undone, B1's shows")
+        return ""
+
+    def _base_pristine(
+        self,
+        key: dpkgdb.Key,
+        exists: Callable[[str], bool],
+        b1_paths: list[str],
+        vm_paths: list[str],
+        infos: list[str],
+    ) -> str:
+        """The VM's newer version wins: B1's files of its version that B1 changed must match
+        B1's ``md5sums`` (conffiles aside), every file of the VM's version B1 changed must
+        be the VM's own copy, and no info file of B1's version the VM lacks may show;
+        ``""``, else why not."""
+        sums_path = dpkgdb.info_path(key, "md5sums", exists)
+        sums = dpkgdb.md5sums(self._versions(sums_path).new)
+        for path in b1_paths:
+            change = self.delta.get(path)
+            n = change.new if change is not None else None
+            if n is None or n.kind != FILE or path not in sums:
+                continue  # unchanged since B0, no file, or a conffile (not in md5sums)
+            if n.size >= LARGE_FILE or dpkgdb.md5_of(self._read("b1", path)) != sums[path]:
+                return f"B1 changed {_show(path)} of its version (md5sums)"
+        for path in vm_paths:
+            change = self.delta.get(path)
+            if (
+                change is not None
+                and change.new is not None
+                and change.new.kind != DIR
+                and path not in self.u
+            ):
+                return f"{_show(path)} of the VM's version is B0's, which B1 changed"
+        held = set(infos)
+        for path, change in self.delta.items():
+            if not path.startswith(dpkgdb.INFO) or path in held or change.new is None:
+                continue
+            found = dpkgdb.package_of_info(path)
+            if found is not None and found[0] == key[0] and found[1] in (None, key[1]):
+                return f"B1's version has {_show(path)}, which the VM's lacks"
+        return ""
+
+    def _name_settled(self) -> None:
+        """The status action names each package the newer version settled."""
+        action = self.actions.get(dpkgdb.STATUS)
+        if action is not None and self._settled:
+            lines = tuple(n.describe() for n in self._settled.values())
+            self._put(replace(action, packages=lines))
 
     # -- system accounts renumbered by the user databases' merge (structured._auto) ---------
     def _chown_renumbered(self) -> None:
@@ -574,6 +767,14 @@ class _Planner:
     def _decide(self, path: str) -> None:
         u = self.u[path]
         change = self.delta.get(path)
+        claimed = self._package_paths.get(path)
+        if claimed is not None:  # a file of a package the newer version settled
+            how, why = claimed
+            if how == "keep":
+                self._put(Action(path, 2, KEEP, why))
+            else:
+                self._take_base(path, 3, why)
+            return
         if u.kind == DIR:
             self._decide_dir(path, u, change)
         elif u.kind in SPECIAL_KINDS or _is_hardlink(u):

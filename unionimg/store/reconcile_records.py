@@ -154,9 +154,19 @@ class ReportAction(Record, frozen=True):
     case: int
     action: str  # plan's drop | write | set-meta | conflict | error | report
     reason: str
+    # dpkg's status: the packages the newer version settled, one line each (JSON only if any)
+    packages: tuple[str, ...] = ()
 
     def to_json(self) -> JsonObject:
-        return {"path": self.path, "case": self.case, "action": self.action, "reason": self.reason}
+        out: JsonObject = {
+            "path": self.path,
+            "case": self.case,
+            "action": self.action,
+            "reason": self.reason,
+        }
+        if self.packages:
+            out["packages"] = list(self.packages)
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Self:
@@ -166,6 +176,7 @@ class ReportAction(Record, frozen=True):
             case=f.integer("case"),
             action=f.text("action"),
             reason=f.text("reason"),
+            packages=f.maybe_texts("packages") or (),
         )
 
 
