@@ -41,8 +41,9 @@ packages() {  # $1 = Debian major release
   # hosts reached over SSH (deploy); the tests start one sshd per namespace host
   echo openssh-client openssh-server
   echo syslinux syslinux-common mtools dosfstools mmdebstrap
-  # the image repository: CNCF Distribution (unionimg registry serve, the registry tests)
-  echo docker-registry
+  # the image repository: CNCF Distribution (unionimg registry serve, the registry tests);
+  # skopeo: a standard client the interop test lists, inspects and copies unionimg's nodes with
+  echo docker-registry skopeo
   # bench/migrate.py's peers: rsync, casync, zsync
   echo rsync casync zsync
   # the VM repositories; python3-venv for `python3 -m venv` with Debian's own python3
