@@ -176,6 +176,30 @@ def test_dead_writers_and_stale_indexes_go(tmp_path: Path) -> None:
     assert alive.exists() and objects(store) == {sha}
 
 
+def test_stale_partial_arrivals_and_left_manifests_go(tmp_path: Path) -> None:
+    """A broken transfer's partial arrival goes after a day or once its content arrived
+    whole; a fresh one stays (a rerun chunks it). A left VM's manifest of large files goes
+    when the VM is here again; one of a VM still away stays (its way back needs it)."""
+    store = Store(tmp_path / "st")
+    whole = put(store, b"arrived whole since")
+    pdir = index.migrate_dir(store) / "partial"
+    pdir.mkdir(parents=True)
+    fresh, old, done = pdir / ("aa" * 32), pdir / ("bb" * 32), pdir / whole
+    for path in (fresh, old, done):
+        path.write_bytes(b"prefix")
+    os.utime(old, (NOW - 2 * gc.OFFER_KEPT, NOW - 2 * gc.OFFER_KEPT))
+    vm(store, "back", [])
+    index.keep_left(store, "back", {"/srv/db": "cc" * 32})
+    index.keep_left(store, "away", {"/srv/db": "dd" * 32})
+    rep = gc.gc(store)
+    assert {(r.kind, r.name) for r in rep.removed} == {
+        ("partial", old.name),
+        ("partial", done.name),
+        ("left", "back.json"),
+    }, rep.removed
+    assert fresh.exists() and index.read_left(store, "away") == {"/srv/db": "dd" * 32}
+
+
 def test_a_receive_in_progress_refuses_the_gc(tmp_path: Path) -> None:
     store = Store(tmp_path / "st")
     sha = put(store, b"in use")

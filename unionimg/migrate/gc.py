@@ -10,7 +10,11 @@ line, exit 4), removes in this order:
    :func:`.index.dead_temporaries`);
 2. **stale offers** (``migrate/offers/*.json`` over a day old: what a receive sweeps too)
    and **stale hash indexes**: ``migrate/vms/NAME.json`` of a VM no longer here,
-   ``migrate/layers/HEX.json`` of a layer no longer in the layer cache;
+   ``migrate/layers/HEX.json`` of a layer no longer in the layer cache; **partial
+   arrivals** (``migrate/partial/SHA``, what a broken transfer left of a large content,
+   :mod:`.cdc`) over a day old or whose content is in the cache whole; the **left
+   manifests** (``migrate/left/NAME.json``, the large files of a VM that left) of a VM
+   that is here again;
 3. **redundant objects**: contents this store holds elsewhere too — in a base generation's
    manifest, a snapshot layer, or the upper layer of a stopped VM (looked up as a migration
    looks them up, :func:`.index.locate`; a running or mounted VM, and a VM with a pending
@@ -52,7 +56,7 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 class Removed:
     """One file the gc removed (or, dry, would): what it is, its name, its bytes, why."""
 
-    kind: str  # object, tmp, offer, vm-index, layer-index
+    kind: str  # object, tmp, offer, vm-index, layer-index, left, partial
     name: str
     bytes: int
     why: str  # redundant (and where), lru, dead writer, stale
@@ -161,6 +165,24 @@ def _stale_indexes(store: Store) -> list[tuple[str, Path]]:
     if layers.is_dir():
         hexes = {la.hex for la in layerstore.list_layers(store)}
         out += [("layer-index", p) for p in sorted(layers.glob("*.json")) if p.stem not in hexes]
+    left = index.migrate_dir(store) / "left"
+    if left.is_dir():
+        here = {i.name for i in inst_mod.list_instances(store)}
+        out += [("left", p) for p in sorted(left.glob("*.json")) if p.stem in here]
+    return out
+
+
+def _stale_partials(store: Store, now: float) -> list[Path]:
+    """Partial arrivals over a day old, or whose content arrived whole since."""
+    d = index.migrate_dir(store) / "partial"
+    out = []
+    for path in sorted(d.iterdir()) if d.is_dir() else []:
+        try:
+            old = now - path.stat().st_mtime > OFFER_KEPT
+        except OSError:
+            continue
+        if old or not _SHA_RE.fullmatch(path.name) or index.has_object(store, path.name):
+            out.append(path)
     return out
 
 
@@ -187,7 +209,10 @@ def _gc(store: Store, max_size: int | None, dry_run: bool) -> Report:
     for path in stale_offers:
         drop("offer", path, _size(path), "over a day old, no stream followed")
     for kind, path in _stale_indexes(store):
-        drop(kind, path, _size(path), "its VM or layer is gone")
+        why = "its VM is here again" if kind == "left" else "its VM or layer is gone"
+        drop(kind, path, _size(path), why)
+    for path in _stale_partials(store, time.time()):
+        drop("partial", path, _size(path), "over a day old, or the content arrived whole")
     leaving = _leaving(store)
     for hashes in leaving.values():
         needed |= hashes

@@ -44,10 +44,11 @@ from unionimg.errors import UnionimgError, UsageError
 from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore
+from unionimg.migrate import cdc
 from unionimg.migrate.plan import Refused
 from unionimg.migrate.tree import CHUNK, open_file, scan
 from unionimg.store.layout import Store, fsync_dir, read_record, write_record
-from unionimg.store.migrate_records import HashIndex
+from unionimg.store.migrate_records import HashIndex, LeftManifest
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 CACHE_LOCK = "migrate-in"
@@ -123,6 +124,61 @@ class ObjectWriter:
         with contextlib.suppress(OSError):
             self.fh.close()
         self.tmp.unlink(missing_ok=True)
+
+    def keep_partial(self) -> bool:
+        """The link broke inside this content: keep what arrived as its partial arrival
+        (:func:`partial_path`), the nearest version a rerun chunks (:mod:`.cdc`: only the
+        chunks it holds whole are used, each hashed again); True when kept. Only for large
+        contents: a small one is simply sent again."""
+        with contextlib.suppress(OSError):
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        if self.size < cdc.MIN_FILE or self.got < cdc.MIN_CHUNK:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        dest = partial_path(self.final.parent.parent, self.sha)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, dest)
+            fsync_dir(dest.parent)
+        except OSError:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        return True
+
+
+def partial_path(mdir: Path, sha: str) -> Path:
+    """``STORE/migrate/partial/SHA``: what arrived of content SHA before a link broke."""
+    if not _SHA_RE.fullmatch(sha):
+        raise UsageError(f"{sha[:80]!r} is not a sha256")
+    return mdir / "partial" / sha
+
+
+def drop_partial(store: Store, sha: str) -> None:
+    """Content ``sha`` arrived whole: its partial arrival is no longer needed."""
+    partial_path(migrate_dir(store), sha).unlink(missing_ok=True)
+
+
+def left_path(store: Store, name: str) -> Path:
+    return migrate_dir(store) / "left" / f"{name}.json"
+
+
+def keep_left(store: Store, name: str, files: dict[str, str]) -> None:
+    """Record the large files (guest path → sha256) of VM ``name`` as it leaves (their
+    contents are kept in the cache): its way back chunks them as nearest versions."""
+    path = left_path(store, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_record(path, LeftManifest(name, tuple(sorted(files.items()))))
+
+
+def read_left(store: Store, name: str) -> dict[str, str]:
+    try:
+        rec = read_record(left_path(store, name), LeftManifest)
+    except (OSError, UnionimgError):
+        return {}
+    return dict(rec.files) if rec.instance == name else {}
 
 
 _TMP_RE = re.compile(r"\.[0-9a-f]{64}\.([0-9]{1,10})\.tmp")
@@ -346,15 +402,140 @@ class Sources:
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
-    def read(self, sha: str) -> Iterator[bytes]:
+    def open(self, sha: str) -> BinaryIO:
+        """Content ``sha`` opened for reading (the caller closes it)."""
         place = self.places[sha]
         if place.kind == "cache":
-            fh: BinaryIO = open(object_path(self.store, sha), "rb")  # noqa: SIM115
-        else:
-            fh = open_file(self.trees[(place.kind, place.ref)], place.path.lstrip("/"))
-        with fh:
+            return open(object_path(self.store, sha), "rb")
+        return open_file(self.trees[(place.kind, place.ref)], place.path.lstrip("/"))
+
+    def read(self, sha: str) -> Iterator[bytes]:
+        with self.open(sha) as fh:
             while chunk := fh.read(CHUNK):
                 yield chunk
+
+
+# -- the nearest versions of large contents (content-defined chunks, :mod:`.cdc`) ----------------
+@dataclass(frozen=True)
+class Seed:
+    """A nearest version of a content: another content of this store (``sha``, read where
+    :func:`locate` finds it) or a partial arrival (``partial``)."""
+
+    label: str
+    sha: str | None = None
+    partial: Path | None = None
+
+
+def nearest(
+    store: Store, name: str, base: str, generation: int, wanted: dict[str, set[str]]
+) -> dict[str, list[Seed]]:
+    """For each large content this store lacks (sha256 → its guest paths ``/P`` in the
+    offer), its nearest versions here, at most :data:`.cdc.MAX_SEEDS`, in this order: its
+    partial arrival (a broken transfer's), the same path in VM ``name``'s copy kept when it
+    left (:func:`keep_left`), in base generation ``base``/``generation``, in the other base
+    generations, in the upper layers of the stopped VMs here."""
+    out: dict[str, list[Seed]] = {}
+    if not wanted:
+        return out
+    left = read_left(store, name)
+    by_path: list[tuple[str, dict[str, str]]] = []
+    if left:
+        by_path.append((f"kept copy of vm {name}", left))
+    gens = []
+    for bname in base_mod.list_bases(store):
+        for gen in base_mod.generations(store, bname):
+            gens.append(((bname, gen.number) != (base, generation), bname, gen))
+    all_paths = set().union(*wanted.values())
+    for _other, bname, gen in sorted(gens, key=lambda g: (g[0], g[1], -g[2].number)):
+        files: dict[str, str] = {}
+        with gen.manifest() as man:
+            for path in all_paths:
+                e = man.get(path)
+                if e is not None and e.kind == "file" and e.sha256 and not e.xattrs:
+                    files[path] = e.sha256
+        if files:
+            by_path.append((f"base {bname}/{gen.number} (same path)", files))
+    for inst in inst_mod.list_instances(store):
+        hashes = _vm_hashes(store, inst.name) or {}
+        files = {
+            "/" + p.removeprefix("upper/"): sha
+            for sha, p in hashes.items()
+            if p.startswith("upper/") and "/" + p.removeprefix("upper/") in all_paths
+        }
+        if files:
+            by_path.append((f"vm {inst.name} (same path)", files))
+    for sha, paths in wanted.items():
+        seeds: list[Seed] = []
+        part = partial_path(migrate_dir(store), sha)
+        if part.is_file():
+            seeds.append(Seed("partial arrival of an earlier, broken transfer", partial=part))
+        taken = {sha}
+        for label, files in by_path:
+            for path in sorted(paths):
+                s = files.get(path)
+                if s is not None and s not in taken and len(seeds) < cdc.MAX_SEEDS:
+                    taken.add(s)
+                    seeds.append(Seed(label, sha=s))
+        if seeds:
+            out[sha] = seeds
+    return out
+
+
+class Nearest:
+    """The nearest versions (:func:`nearest`) chunked (:func:`.cdc.cut`) and open for
+    reading while the context lasts: per content, the list of chunk digests the answer
+    names (its seeds' chunks one after another) and each chunk's place."""
+
+    def __init__(self, store: Store, seeds: dict[str, list[Seed]]) -> None:
+        self.store = store
+        self.seeds = seeds
+        self.stack = contextlib.ExitStack()
+        self.have: dict[str, list[bytes]] = {}
+        self.where: dict[str, list[tuple[BinaryIO, int, int]]] = {}
+        self.labels: dict[str, str] = {}
+
+    def __enter__(self) -> Nearest:
+        if not self.seeds:
+            return self
+        shas = {s.sha for seeds in self.seeds.values() for s in seeds if s.sha is not None}
+        places = locate(self.store, shas) if shas else {}
+        src = self.stack.enter_context(Sources(self.store, places))
+        cut: dict[str, tuple[BinaryIO, list[cdc.Chunk]]] = {}
+        for sha, seeds in sorted(self.seeds.items()):
+            have: list[bytes] = []
+            where: list[tuple[BinaryIO, int, int]] = []
+            labels = []
+            for seed in seeds:
+                key = seed.sha or str(seed.partial)
+                if key not in cut:
+                    if seed.sha is not None:
+                        if seed.sha not in places:
+                            continue
+                        fh = self.stack.enter_context(src.open(seed.sha))
+                    else:
+                        assert seed.partial is not None
+                        try:
+                            fh = self.stack.enter_context(open(seed.partial, "rb"))
+                        except OSError:
+                            continue
+                    cut[key] = (fh, list(cdc.cut(fh)))
+                fh, chunks = cut[key]
+                labels.append(seed.label)
+                for off, length, d in chunks:
+                    have.append(d)
+                    where.append((fh, off, length))
+            if have:
+                self.have[sha] = have
+                self.where[sha] = where
+                self.labels[sha] = "; ".join(labels)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def read(self, sha: str, i: int) -> bytes:
+        fh, off, length = self.where[sha][i]
+        return os.pread(fh.fileno(), length, off)
 
 
 def decompressor() -> zstandard.ZstdDecompressor:

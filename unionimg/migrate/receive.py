@@ -30,11 +30,13 @@ content a kept offer names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,8 +49,8 @@ from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layerstore import Origin
-from unionimg.migrate import delta, index, pending, plan, tree
-from unionimg.migrate.wire import Reader, StreamRefused
+from unionimg.migrate import cdc, delta, index, pending, plan, tree
+from unionimg.migrate.wire import Reader, StreamEnded, StreamRefused
 from unionimg.names import check_hypervisor, check_name, parse_mac
 from unionimg.store.layout import Store, now_iso, read_record, write_record
 from unionimg.store.migrate_records import (
@@ -166,8 +168,12 @@ def _make_generations(store: Store, offer: MigrateOffer, make: list[ChainLayer])
         )
 
 
-def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> MigrateAnswer:
-    """What this store lacks of ``offer`` (see the module docstring); checks first."""
+def answer(
+    store: Store, offer: MigrateOffer, hypervisor: str | None = None, *, with_chunks: bool = True
+) -> MigrateAnswer:
+    """What this store lacks of ``offer`` (see the module docstring); checks first. With
+    ``with_chunks``, the chunk lists of the nearest versions of the large contents it lacks
+    (:func:`nearest_versions`)."""
     inst = _check_instance(store, offer.instance, hypervisor)
     chain = plan.check_chain(offer.chain)
     if tuple(c.diff_id for c in chain if c.kind == "snapshot") != inst.layers:
@@ -186,14 +192,50 @@ def answer(store: Store, offer: MigrateOffer, hypervisor: str | None = None) -> 
     for lt in offer.layer_trees:
         wanted |= set(plan.file_contents(lt.entries))
     places = index.locate(store, wanted | _bases(offer))
+    missing = tuple(sorted(wanted - places.keys()))
+    chunks: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    if with_chunks:
+        with nearest_versions(store, offer, missing) as near:
+            chunks = tuple((sha, cdc.encode_list(h)) for sha, h in sorted(near.have.items()))
+            labels = tuple(sorted(near.labels.items()))
     return MigrateAnswer(
         layers_missing=tuple(missing_layers),
-        hashes_missing=tuple(sorted(wanted - places.keys())),
+        hashes_missing=missing,
         found=tuple(sorted((sha, p.label) for sha, p in places.items())),
         base=inst.base,
         generation=inst.generation,
         install_base=bool(make),
+        chunks=chunks,
+        nearest=labels,
     )
+
+
+def nearest_versions(store: Store, offer: MigrateOffer, missing: tuple[str, ...]) -> index.Nearest:
+    """The nearest versions here of the offer's large contents (at least
+    :data:`.cdc.MIN_FILE`) this store lacks, by their guest paths in the offer
+    (:func:`.index.nearest`), ready to be chunked (enter the result)."""
+    layer_entries = [e for lt in offer.layer_trees for e in lt.entries]
+    sizes = plan.file_contents([*offer.entries, *layer_entries])
+    paths = plan.guest_paths(offer.entries, layer_entries)
+    large = {sha: paths.get(sha, set()) for sha in missing if sizes.get(sha, 0) >= cdc.MIN_FILE}
+    inst = offer.instance
+    return index.Nearest(store, index.nearest(store, inst.name, inst.base, inst.generation, large))
+
+
+def _fill(w: index.ObjectWriter, reader: Reader, feed: Callable[[bytes], None]) -> None:
+    """The frame's payload into ``feed`` (writing ``w``); a link that breaks meanwhile keeps
+    what arrived as the content's partial arrival (a rerun's nearest version), any other
+    failure drops it."""
+    try:
+        for chunk in reader.payload():
+            feed(chunk)
+    except (StreamEnded, zstandard.ZstdError):
+        w.keep_partial()
+        raise
+    except BaseException:
+        w.abort()
+        raise
 
 
 def _check_layer_trees(offer: MigrateOffer, needed: list[str]) -> set[str]:
@@ -307,7 +349,7 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
         contextlib.ExitStack() as stack,
     ):
         index.sweep_temporaries(store)  # a killed receiver's partial contents
-        ans = answer(store, offer, hypervisor)
+        ans = answer(store, offer, hypervisor, with_chunks=False)
         inst = _check_instance(store, offer.instance, hypervisor)
         chain = {c.diff_id: c for c in offer.chain}
         sizes = plan.file_contents(offer.entries)
@@ -323,8 +365,16 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
         bases = _bases(offer)
         sources: index.Sources | None = None
         max_delta = min(max_obj, delta.MAX_SIZE) * 9 // 8 + (64 << 10)
+        near = stack.enter_context(nearest_versions(store, offer, ans.hashes_missing))
+        limits = {
+            b"L": max_blob,
+            b"O": max_obj,
+            b"D": max_delta,
+            b"C": cdc.max_payload(max_obj),
+            b"E": 0,
+        }
         while True:
-            kind, header = reader.next({b"L": max_blob, b"O": max_obj, b"D": max_delta, b"E": 0})
+            kind, header = reader.next(limits)
             if kind == b"E":
                 if header.get("objects") != objects or header.get("layers") != layers:
                     raise StreamRefused(
@@ -349,16 +399,45 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
                         pass
                 else:
                     w = index.ObjectWriter(store, sha, sizes[sha])
+                    _fill(w, reader, w.write)
+                    w.done()
+                    index.drop_partial(store, sha)
+                want_objects.discard(sha)
+                objects += 1
+                got_bytes += sizes[sha]
+            elif kind == b"C":
+                sha = str(header.get("sha256", ""))
+                size = sizes.get(sha, -1)
+                if header.get("size") != size or sha in seen or sha not in near.have:
+                    raise StreamRefused(
+                        f"migration refused: chunked content {sha[:16]!r} is not in the offer "
+                        "(or not with that size, or twice, or this host answered no chunks "
+                        "for it); nothing was made"
+                    )
+                if reader.left > cdc.max_payload(size):
+                    raise StreamRefused(
+                        f"migration refused: chunked content {sha[:16]}: a recipe of "
+                        f"{reader.left} bytes for {size} bytes"
+                    )
+                seen.add(sha)
+                if sha in want_objects or not index.has_object(store, sha):
+                    w = index.ObjectWriter(store, sha, size)
+                    have = near.have[sha]
+                    rb = cdc.Rebuild(have, size, functools.partial(near.read, sha), w.write, sha)
+                    _fill(w, reader, rb.feed)
                     try:
-                        for chunk in reader.payload():
-                            w.write(chunk)
+                        rb.finish()
                     except BaseException:
                         w.abort()
                         raise
                     w.done()
+                    index.drop_partial(store, sha)
+                else:
+                    for _chunk in reader.payload():  # kept meanwhile
+                        pass
                 want_objects.discard(sha)
                 objects += 1
-                got_bytes += sizes[sha]
+                got_bytes += size
             elif kind == b"D":
                 sha, base = str(header.get("sha256", "")), str(header.get("base", ""))
                 size = sizes.get(sha, -1)

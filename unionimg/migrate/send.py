@@ -53,7 +53,7 @@ from unionimg.layers import base as base_mod
 from unionimg.layers import instance as inst_mod
 from unionimg.layers import layerstore, snapshot
 from unionimg.layers.running import running_on
-from unionimg.migrate import delta, index, pending, plan, tree
+from unionimg.migrate import cdc, delta, index, pending, plan, tree
 from unionimg.migrate.wire import MAGIC, frame_head
 from unionimg.runner import stream
 from unionimg.store.layout import Store, now_iso
@@ -70,9 +70,33 @@ from unionimg.store.records import ReconcileJournal, RecordError
 
 LEVEL = 9
 FLUSH_EVERY = 256 << 10
+MAX_ANSWER = 256 << 20  # a host's answer: chunk lists of large files (16 bytes a chunk)
 SKIP_TOP = ("lost+found",)
 Progress = Callable[[int, int, int], None]
 """``progress(raw_done, raw_total, wire_bytes)``."""
+
+
+@dataclass
+class Sent:
+    """How the stream carried each content: ``totals`` per method (``whole``, ``delta``,
+    ``chunks``: contents, their bytes, the frames' payload bytes before the stream's zstd)
+    and ``files``, one row per content sent as a delta or as chunks, or whole and of at
+    least :data:`.cdc.MIN_FILE` (``path``, ``sha256``, ``size``, ``method``, ``payload``,
+    ``why``; for chunks also ``chunks``, ``chunks_sent``, ``chunk_bytes_sent``,
+    ``nearest``)."""
+
+    deltas: int = 0
+    chunked: int = 0
+    totals: dict[str, dict[str, int]] = field(default_factory=dict)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, method: str, size: int, payload: int, row: dict[str, Any] | None) -> None:
+        t = self.totals.setdefault(method, {"contents": 0, "bytes": 0, "payload": 0})
+        t["contents"] += 1
+        t["bytes"] += size
+        t["payload"] += payload
+        if row is not None:
+            self.files.append({"method": method, "size": size, "payload": payload, **row})
 
 
 @dataclass
@@ -87,6 +111,7 @@ class Outcome:
     seconds: float = 0.0
     kept: int = 0  # contents kept in this store's cache for the way back
     deltas: int = 0  # changed files sent as deltas on their base versions
+    sent: Sent | None = None  # how each content went (whole, delta, chunks)
     stages: dict[str, float] = field(default_factory=dict)
     # the host held the VM already (an earlier run stopped after its confirmation): this
     # run only kept its contents and removed it here (or, dry, would)
@@ -103,6 +128,9 @@ class Outcome:
             "receiver": self.done.to_json() if self.done else None,
             "kept_for_way_back": self.kept,
             "deltas": self.deltas,
+            "chunked": self.sent.chunked if self.sent else 0,
+            "methods": self.sent.totals if self.sent else {},
+            "files": self.sent.files if self.sent else [],
             "seconds": round(self.seconds, 3),
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
         }
@@ -241,8 +269,13 @@ def write_stream(
     level: int = LEVEL,
     asked: MigrateOffer | None = None,
     layer_roots: dict[str, Path] | None = None,
-) -> int:
-    """The whole stream (see :mod:`unionimg.migrate.wire`); the number of deltas sent."""
+) -> Sent:
+    """The whole stream (see :mod:`unionimg.migrate.wire`); how each content went.
+
+    A missing content goes, in this order of preference: as a patch-from delta (the sender
+    holds the receiver's version: the base's at the same path, :mod:`.delta`) when it is
+    no larger than its chunks would be; as chunks (:mod:`.cdc`) when the receiver answered
+    a chunk list for it and at least one chunk is reused; whole otherwise."""
     st.put(MAGIC)
     # the offer the host kept is named by its digest; one changed since (layer blobs made
     # meanwhile: their sizes) travels whole
@@ -266,25 +299,74 @@ def write_stream(
         layers += 1
     missing = set(ans.hashes_missing)
     sent = 0
-    as_delta = 0
+    out = Sent()
     roots = layer_roots or {}
-    trees = [(u, offer.entries)] + [(roots[lt.diff_id], lt.entries) for lt in offer.layer_trees]
-    for root, entries in trees:
+    have = chunk_lists(ans, offer)
+    labels = dict(ans.nearest)
+    trees = [(u, offer.entries, "")] + [
+        (roots[lt.diff_id], lt.entries, f"{lt.diff_id[:19]}:") for lt in offer.layer_trees
+    ]
+    for root, entries, where in trees:
         for e in entries:  # in tree order: like files lie together in the stream
             if e.kind != "file" or e.link is not None or e.sha256 not in missing:
                 continue
             missing.discard(e.sha256)
-            if root is u and deltas and base_root is not None and e.sha256 in deltas:
-                patch = _delta(u, base_root, e, deltas[e.sha256], level)
-                if patch is not None:
-                    head = {"sha256": e.sha256, "size": e.size, "base": deltas[e.sha256][0]}
-                    st.put(frame_head(b"D", head, len(patch)))
-                    st.put(patch)
-                    done += e.size
-                    progress(done, total, st.wire)
-                    sent += 1
-                    as_delta += 1
-                    continue
+            shown = where + ("/" + e.path.removeprefix("upper/") if not where else "/" + e.path)
+            row: dict[str, Any] = {"path": shown, "sha256": e.sha256}
+            recipe = None
+            if e.sha256 in have and e.size >= cdc.MIN_FILE:
+                with tree.open_file(root, e.path) as fh:
+                    recipe = cdc.plan_recipe(cdc.cut(fh), have[e.sha256])
+                if not recipe.reused:
+                    row["why"] = (
+                        f"whole: no chunk of its nearest version there "
+                        f"({labels.get(e.sha256, '?')}) is in it"
+                    )
+                    recipe = None
+            patch = None
+            on = (deltas or {}).get(e.sha256) if root is u and base_root is not None else None
+            if on is not None and base_root is not None:
+                patch = _delta(u, base_root, e, on, level)
+                if patch is not None and recipe is not None:
+                    cost = _chunks_cost(root, e, recipe, level)
+                    if cost < len(patch):
+                        patch = None
+                    else:
+                        row["chunks_would_take"] = cost
+            if patch is not None and on is not None:
+                head = {"sha256": e.sha256, "size": e.size, "base": on[0]}
+                st.put(frame_head(b"D", head, len(patch)))
+                st.put(patch)
+                done += e.size
+                progress(done, total, st.wire)
+                sent += 1
+                out.deltas += 1
+                row["why"] = f"delta on the base's version at {on[1]}"
+                out.add("delta", e.size, len(patch), row)
+                continue
+            if recipe is not None:
+                _put_chunks(st, root, e, recipe, have[e.sha256], progress, done, total)
+                done += e.size
+                sent += 1
+                out.chunked += 1
+                nearest = labels.get(e.sha256, "?")
+                row.update(
+                    chunks=recipe.chunks,
+                    chunks_sent=recipe.sent,
+                    chunk_bytes_sent=recipe.sent_bytes,
+                    nearest=nearest,
+                    why=f"chunks: {recipe.sent:,} of {recipe.chunks:,} sent, nearest = {nearest}",
+                )
+                out.add("chunks", e.size, recipe.payload, row)
+                continue
+            if e.size >= cdc.MIN_FILE:
+                row.setdefault(
+                    "why",
+                    "whole: no nearest version there"
+                    if e.sha256 not in have
+                    else "whole: nothing reused",
+                )
+            out.add("whole", e.size, e.size, row if e.size >= cdc.MIN_FILE else None)
             st.put(frame_head(b"O", {"sha256": e.sha256, "size": e.size}, e.size))
             got = 0
             with tree.open_file(root, e.path) as fh:
@@ -301,7 +383,67 @@ def write_stream(
     st.put(frame_head(b"E", {"objects": sent, "layers": layers}, 0))
     st.finish()
     progress(total, total, st.wire)
-    return as_delta
+    return out
+
+
+def chunk_lists(ans: MigrateAnswer, offer: MigrateOffer) -> dict[str, list[bytes]]:
+    """The receiver's chunk lists (:mod:`.cdc`) of the contents it lacks, checked: only for
+    contents of the offer it asked for, each bounded."""
+    sizes = plan.file_contents(offer.entries)
+    for lt in offer.layer_trees:
+        sizes.update(plan.file_contents(lt.entries))
+    missing = set(ans.hashes_missing)
+    out: dict[str, list[bytes]] = {}
+    for sha, text in ans.chunks:
+        if sha not in missing or sha not in sizes:
+            continue
+        limit = cdc.MAX_SEEDS * cdc.max_chunks(max(sizes[sha], 1 << 30))
+        try:
+            out[sha] = cdc.decode_list(text, limit)
+        except plan.Refused as exc:
+            raise ToolFailed(f"the host's answer: {exc.message}") from None
+    return out
+
+
+def _chunks_cost(root: Path, e: TreeEntry, recipe: cdc.Recipe, level: int) -> int:
+    """What a recipe would cost in the stream: its pieces' heads and the new chunks
+    compressed (on their own: an estimate a little above what the stream pays)."""
+    z = zstandard.ZstdCompressor(level=level).compressobj()
+    n = 0
+    with tree.open_file(root, e.path) as fh:
+        for p in recipe.pieces:
+            if p[0] == "N":
+                n += len(z.compress(os.pread(fh.fileno(), p[2], p[1])))
+    n += len(z.flush())
+    return n + recipe.payload - recipe.sent_bytes
+
+
+def _put_chunks(
+    st: _Stream,
+    root: Path,
+    e: TreeEntry,
+    recipe: cdc.Recipe,
+    have: list[bytes],
+    progress: Progress,
+    done: int,
+    total: int,
+) -> None:
+    """A ``C`` frame: the recipe of ``e`` (its new chunks read again, each checked against
+    the plan: a file changed meanwhile fails)."""
+    assert e.sha256 is not None
+    st.put(frame_head(b"C", {"sha256": e.sha256, "size": e.size}, recipe.payload))
+    with tree.open_file(root, e.path) as fh:
+
+        def read_at(off: int, length: int) -> bytes:
+            return os.pread(fh.fileno(), length, off)
+
+        made = 0
+        for piece in cdc.pieces(recipe, have, read_at):
+            st.put(piece)
+            made += len(piece)
+            progress(done + made * e.size // max(recipe.payload, 1), total, st.wire)
+            if (done + made * e.size // max(recipe.payload, 1)) * 2 >= total:
+                checkpoint("migrate:half-sent")
 
 
 def _feed(
@@ -331,7 +473,7 @@ def _feed(
     out = bytearray()
 
     def sink(fd: int, data: bytes) -> None:
-        if fd == 1 and len(out) < 1 << 20:
+        if fd == 1 and len(out) < MAX_ANSWER:
             out.extend(data)
 
     thread = threading.Thread(target=writer, name="migrate-writer", daemon=True)
@@ -350,17 +492,18 @@ def _feed(
 
 def _push(
     host: hosts_mod.Host,
-    produce: Callable[[_Stream], int],
+    produce: Callable[[_Stream], Sent],
     *,
     rate: int | None,
     level: int,
     hypervisor: str | None,
-) -> tuple[MigrateDone, int, int]:
-    wired = [0, 0]
+) -> tuple[MigrateDone, int, Sent]:
+    wired = [0]
+    sent: list[Sent] = []
 
     def feed(write: Callable[[bytes], None]) -> None:
         st = _Stream(write, rate, level)
-        wired[1] = produce(st)
+        sent.append(produce(st))
         wired[0] = st.wire
 
     args = ["migrate-in", "push", "--json"]
@@ -368,20 +511,26 @@ def _push(
         args += ["--hypervisor", hypervisor]
     out = _feed(host, args, feed)
     try:
-        return MigrateDone.from_json(json.loads(out)), wired[0], wired[1]
+        return MigrateDone.from_json(json.loads(out)), wired[0], sent[0] if sent else Sent()
     except (ValueError, RecordError):
         raise ToolFailed(f"host {host.name}: 'migrate-in push' gave no result") from None
 
 
-def _keep_for_way_back(store: Store, u: Path, entries: tuple[TreeEntry, ...]) -> int:
+def _keep_for_way_back(store: Store, name: str, u: Path, entries: tuple[TreeEntry, ...]) -> int:
     """Keep U's file contents in this store's object cache (those there already are marked
-    used), under the cache's lock (a ``migrate gc`` meanwhile waits); the number added."""
+    used), under the cache's lock (a ``migrate gc`` meanwhile waits), and the guest paths of
+    its large files (:func:`.index.keep_left`: the nearest versions its way back chunks);
+    the number added."""
     kept = 0
+    large: dict[str, str] = {}
     with store.lock(index.CACHE_LOCK, purpose="migrate: keeping contents for the way back"):
         for e in entries:
             if e.kind == "file" and e.link is None and e.sha256:
                 with tree.open_file(u, e.path) as fh:
                     kept += index.keep_file(store, fh, e.sha256, e.size)
+                if e.size >= cdc.MIN_FILE and e.path.startswith("upper/"):
+                    large["/" + e.path.removeprefix("upper/")] = e.sha256
+        index.keep_left(store, name, large)
     return kept
 
 
@@ -441,7 +590,7 @@ def _earlier(
                 f"('unionimg instance remove {name}' here, or there and migrate again)"
             )
         t = time.monotonic()
-        kept = _keep_for_way_back(store, u, entries)
+        kept = _keep_for_way_back(store, name, u, entries)
         stages["keep"] = time.monotonic() - t
     there_all = {sha: f"vm {name}" for sha in plan.file_contents(entries)}
     out = Outcome(name, host.name, False, plan.summary(entries, there_all, {}, (), ()), there_all)
@@ -590,7 +739,7 @@ def _migrate(
                 gen = base_mod.get_generation(store, inst.base, inst.generation)
                 base_root = stack.enter_context(base_mod.generation_tree(store, gen, stage / "gen"))
 
-            def produce(st: _Stream, note: Progress = note) -> int:
+            def produce(st: _Stream, note: Progress = note) -> Sent:
                 return write_stream(
                     st, store, offer, ans, u, note, total, deltas=usable,
                     base_root=base_root, level=level, asked=asked,
@@ -600,10 +749,11 @@ def _migrate(
             t = time.monotonic()
             if dry_run:
                 counter = _Stream(lambda _data: None, None, level)
-                n_delta = produce(counter, lambda *_a: None)
+                how = produce(counter, lambda *_a: None)
                 stages["compress"] = time.monotonic() - t
                 out = Outcome(name, host.name, True, summ, found, counter.wire)
-                out.deltas = n_delta
+                out.deltas = how.deltas
+                out.sent = how
                 out.stages = stages
                 return out
             # from here the host may make the VM: until this run (or a rerun) knows whether
@@ -614,9 +764,10 @@ def _migrate(
                 u_digest=pending.tree_digest(entries), started=now_iso(),
             ))  # fmt: skip
             done: MigrateDone | None = None
-            wire = n_delta = 0
+            wire = 0
+            how = Sent()
             try:
-                done, wire, n_delta = _push(
+                done, wire, how = _push(
                     host, produce, rate=rate, level=level, hypervisor=hypervisor
                 )
                 if done.instance != name or done.mac != inst.mac:
@@ -630,10 +781,11 @@ def _migrate(
             stages["push"] = time.monotonic() - t
         checkpoint("migrate:confirmed")  # the tests' stop between confirmation and removal
         t = time.monotonic()
-        kept = _keep_for_way_back(store, u, entries)
+        kept = _keep_for_way_back(store, name, u, entries)
         stages["keep"] = time.monotonic() - t
     out = Outcome(name, host.name, False, summ, found, wire, done)
     out.kept = kept
-    out.deltas = n_delta
+    out.deltas = how.deltas
+    out.sent = how
     out.stages = stages
     return out

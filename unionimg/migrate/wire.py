@@ -10,6 +10,8 @@ big-endian payload length and the payload. The stream starts with :data:`MAGIC`,
 - ``O`` a file content: header ``{"sha256", "size"}``, payload the content;
 - ``D`` a file content as a delta (:mod:`.delta`): header ``{"sha256", "size", "base"}``,
   payload a zstd frame made with the base content as its dictionary;
+- ``C`` a file content as content-defined chunks (:mod:`.cdc`): header ``{"sha256",
+  "size"}``, payload its recipe against the chunk list the receiver answered;
 - ``E`` the end: header ``{"objects": N, "layers": N}`` (what was announced), then nothing.
 
 The reader bounds everything before reading it: a header of at most :data:`MAX_HEADER`
@@ -28,9 +30,16 @@ from unionimg.errors import GuestDataRefused
 
 MAGIC = b"UNIONIMG-MIGRATE-1\n"
 MAX_HEADER = 256 << 20
-TYPES = (b"H", b"L", b"O", b"D", b"E")
+TYPES = (b"H", b"L", b"O", b"D", b"C", b"E")
 _HEAD = struct.Struct(">cI")
-NAMES = {b"H": "offer", b"L": "layer", b"O": "content", b"D": "delta", b"E": "end"}
+NAMES = {
+    b"H": "offer",
+    b"L": "layer",
+    b"O": "content",
+    b"D": "delta",
+    b"C": "chunked content",
+    b"E": "end",
+}
 _LEN = struct.Struct(">Q")
 
 

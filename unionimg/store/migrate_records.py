@@ -192,7 +192,10 @@ class MigrateOffer(Record, frozen=True):
 class MigrateAnswer(Record, frozen=True):
     """The receiver's answer to an offer: the chain layers it lacks, the file contents it
     has nowhere (sha256), and for each content it has, where (a short label: ``staged``,
-    ``base NAME/N``, ``layer L...``); the base generation the VM will lie on there."""
+    ``base NAME/N``, ``layer L...``); the base generation the VM will lie on there. For a
+    large content it lacks but holds a nearest version of (``unionimg.migrate.cdc``):
+    ``chunks`` (sha256 → base64 of the chunk digests of that version, one after another)
+    and ``nearest`` (sha256 → what that version is, e.g. ``kept copy of vm web``)."""
 
     WHAT = "migration answer"
 
@@ -202,6 +205,8 @@ class MigrateAnswer(Record, frozen=True):
     base: str
     generation: int
     install_base: bool = False
+    chunks: tuple[tuple[str, str], ...] = ()
+    nearest: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> JsonObject:
         return {
@@ -211,6 +216,8 @@ class MigrateAnswer(Record, frozen=True):
             "base": self.base,
             "generation": self.generation,
             "install_base": self.install_base,
+            "chunks": dict(self.chunks),
+            "nearest": dict(self.nearest),
         }
 
     @classmethod
@@ -228,7 +235,21 @@ class MigrateAnswer(Record, frozen=True):
             base=f.text("base"),
             generation=f.integer("generation"),
             install_base=f.flag("install_base", False),
+            chunks=_text_map(data, "chunks"),
+            nearest=_text_map(data, "nearest"),
         )
+
+
+def _text_map(data: object, key: str) -> tuple[tuple[str, str], ...]:
+    """An optional mapping of strings to strings (absent: empty), sorted."""
+    if not isinstance(data, dict) or key not in data:
+        return ()
+    out = []
+    for k, v in Fields(data).mapping(key).items():
+        if type(v) is not str:
+            raise RecordError(f"field {key!r}[{k[:16]!r}] is not a string")
+        out.append((k, v))
+    return tuple(sorted(out))
 
 
 class MigrateDone(Record, frozen=True):
@@ -300,3 +321,22 @@ class HashIndex(Record, frozen=True):
                 raise RecordError(f"field 'hashes'[{sha[:16]!r}] is not a string")
             out.append((sha, path))
         return cls(stamp=f.text("stamp"), hashes=tuple(sorted(out)))
+
+
+class LeftManifest(Record, frozen=True):
+    """``migrate/left/NAME.json``: the large files of VM ``NAME``'s upper layer as it left
+    this store (guest path → sha256; their contents kept in the object cache), where its
+    way back finds the nearest version of a large file changed meanwhile."""
+
+    WHAT = "left VM manifest"
+
+    instance: str
+    files: tuple[tuple[str, str], ...]
+
+    def to_json(self) -> JsonObject:
+        return {"instance": self.instance, "files": dict(self.files)}
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = Fields(data)
+        return cls(instance=f.text("instance"), files=_text_map(data, "files"))

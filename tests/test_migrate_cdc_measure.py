@@ -1,0 +1,98 @@
+"""The measurement behind the migration's choice between a patch-from delta, chunks and the
+whole file (docs/migrate.md, "Which one, measured"): 16 and 66 MiB of random words, three
+places overwritten with 200 bytes and one 315-byte insertion, zstd level 9. Run with ``-s``
+to see the figures::
+
+    .venv/bin/pytest -q -s tests/test_migrate_cdc_measure.py -p no:cacheprovider
+
+It checks what the rule relies on: where a patch-from delta applies (the sender holds the
+older version, up to 64 MiB) it is smaller than the chunks; past that it finds nothing,
+while the chunks cost a few hundredths of the file compressed; and of the chunk sizes
+tried, 8/32/128 KiB costs (next to) least, chunks and answer together.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+
+import zstandard
+from pyfastcdc import FastCDC
+
+from tests.test_migrate_cdc_real import words
+from unionimg.migrate import cdc, delta
+
+
+def edit(old: bytes, edits: int = 4, seed: int = 7) -> bytes:
+    new = bytearray(old)
+    rng = random.Random(seed)
+    for _ in range(edits - 1):
+        at = rng.randrange(len(new) - 1000)
+        new[at : at + 200] = bytes(rng.randrange(97, 123) for _ in range(200))
+    new[len(old) // 2 : len(old) // 2] = b"a row inserted on h1 " * 15
+    return bytes(new)
+
+
+def z9(data: bytes) -> int:
+    return len(zstandard.ZstdCompressor(level=9).compress(data))
+
+
+def chunks_cost(old: bytes, new: bytes) -> tuple[int, int, cdc.Recipe, float]:
+    """(recipe compressed, answer bytes, recipe, seconds for both sides' cutting)."""
+    t = time.monotonic()
+    have = [d for _o, _n, d in cdc.cut(io.BytesIO(old))]
+    recipe = cdc.plan_recipe(cdc.cut(io.BytesIO(new)), have)
+    payload = b"".join(cdc.pieces(recipe, have, lambda o, n: new[o : o + n]))
+    took = time.monotonic() - t
+    return z9(payload), len(cdc.encode_list(have)), recipe, took
+
+
+def patch_from(old: bytes, new: bytes) -> int:
+    wl = min(31, max(20, (len(old) + len(new)).bit_length() + 1))
+    params = zstandard.ZstdCompressionParameters.from_level(9, window_log=wl)
+    d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return len(zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(new))
+
+
+def test_which_method_costs_least() -> None:
+    for size in (16 << 20, 66 << 20):
+        old = words(size, seed=14)
+        new = edit(old)
+        t = time.monotonic()
+        whole = z9(new)
+        t_whole = time.monotonic() - t
+        chunks, answer, recipe, t_chunks = chunks_cost(old, new)
+        t = time.monotonic()
+        pf = patch_from(old, new)
+        t_pf = time.monotonic() - t
+        print(
+            f"\n{size >> 20} MiB: whole {whole:,} B ({t_whole:.2f} s); patch-from {pf:,} B "
+            f"({t_pf:.2f} s); chunks {chunks:,} B ({recipe.sent} of {recipe.chunks:,} sent, "
+            f"{t_chunks:.2f} s), answer {answer:,} B"
+        )
+        assert recipe.sent <= 8
+        assert chunks < whole // 50
+        if size <= delta.MAX_SIZE:
+            assert pf < chunks  # where it applies, the delta wins: it is tried first
+        else:
+            assert pf > whole // 2  # past 64 MiB patch-from finds (next to) nothing
+
+
+def test_chunk_sizes() -> None:
+    old = words(66 << 20, seed=14)
+    new = edit(old)
+    costs = {}
+    for mn, avg, mx in ((4, 16, 64), (8, 32, 128), (16, 64, 256), (32, 128, 512)):
+        c = FastCDC(avg << 10, min_size=mn << 10, max_size=mx << 10)
+        have = {cdc.digest(ch.data) for ch in c.cut_buf(old)}
+        sent = b"".join(bytes(ch.data) for ch in c.cut_buf(new) if cdc.digest(ch.data) not in have)
+        costs[(mn, avg, mx)] = (z9(sent), len(cdc.encode_list(have)))
+        print(f"\n{mn}/{avg}/{mx} KiB: chunks sent {costs[(mn, avg, mx)][0]:,} B, answer "
+              f"{costs[(mn, avg, mx)][1]:,} B")  # fmt: skip
+    total = {k: a + b for k, (a, b) in costs.items()}
+    ours = (cdc.MIN_CHUNK >> 10, cdc.AVG_CHUNK >> 10, cdc.MAX_CHUNK >> 10)
+    # chunks and answer together: ours within 10 % of the cheapest, with half the answer
+    # (and half the chunks to hash and list) of the next smaller size
+    assert total[ours] <= min(total.values()) * 1.1, total
+    assert costs[ours][1] * 2 <= costs[(4, 16, 64)][1] + 16, costs

@@ -1,0 +1,248 @@
+"""Large changed files as content-defined chunks (FastCDC) against the receiver's nearest
+version: the rsync model, for when the sender does not hold what the receiver holds.
+
+The receiver chunks its nearest version(s) of a large content it lacks (:mod:`.index`
+``nearest``: a broken transfer's partial arrival, the VM's own copy kept when it left, the
+same path in a base generation or another VM) with :func:`cut` and answers the list of their
+chunk digests (:func:`encode_list`). The sender cuts the new file the same way and writes a
+**recipe** (:func:`plan_recipe`, :func:`pieces`): runs of chunks the receiver holds, named by
+their place in its list, and the chunks it lacks, whole. The receiver remakes the file
+(:class:`Rebuild`) from its own chunks (each hashed again as it is read) and the received
+ones, bounded: a recipe that makes more than the announced size, a chunk over
+:data:`MAX_CHUNK`, one under :data:`MIN_CHUNK` that is not the file's last, a reference
+outside the list, a run whose digests are not the ones the receiver has there, a chunk
+that does not hash to its digest — refused in one line; the caller then drops the partial
+output (only the whole file's sha256, checked by the object writer, makes it a content).
+
+Pieces of a recipe (the payload of a ``C`` frame, :mod:`.wire`)::
+
+    R  u32 start  u32 count  16-byte check   count chunks of the receiver's list from start;
+                                             check = the first 16 bytes of the sha256 of
+                                             their digests (the list the sender was answered)
+    N  u32 length 16-byte digest  bytes      a chunk the receiver lacks
+
+A chunk's digest is the first :data:`DIGEST` bytes of its sha256 (a collision can only make
+the whole file's sha256 fail: refused, never wrong bytes). Sizes measured (docs/migrate.md):
+8/32/128 KiB minimum/average/maximum (FastCDC's average parameter 32 KiB; the real average
+is about 40 KiB), files of at least :data:`MIN_FILE`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from pyfastcdc import FastCDC
+
+from unionimg.errors import ToolFailed
+from unionimg.migrate.plan import Refused
+
+MIN_CHUNK = 8 << 10
+AVG_CHUNK = 32 << 10
+MAX_CHUNK = 128 << 10
+MIN_FILE = 1 << 20
+DIGEST = 16
+MAX_SEEDS = 3
+_RUN = struct.Struct(">cII16s")
+_NEW = struct.Struct(">cI16s")
+
+
+def chunker() -> FastCDC:
+    return FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()[:DIGEST]
+
+
+Chunk = tuple[int, int, bytes]
+"""(offset, length, digest) of one chunk of a file."""
+
+
+def cut(fh: BinaryIO) -> Iterator[Chunk]:
+    """The chunks of the stream ``fh`` (read in bounded pieces, never whole)."""
+    for c in chunker().cut_stream(fh):
+        yield c.offset, c.length, digest(c.data)
+
+
+def encode_list(digests: Iterable[bytes]) -> str:
+    return base64.b64encode(b"".join(digests)).decode()
+
+
+def decode_list(text: str, max_chunks: int) -> list[bytes]:
+    """A receiver's chunk list (base64 of the digests one after another), bounded."""
+    if len(text) > (max_chunks * DIGEST * 4) // 3 + 8:
+        raise Refused("migration refused: a chunk list longer than its files allow")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused("migration refused: a chunk list is not base64") from None
+    if len(raw) % DIGEST:
+        raise Refused("migration refused: a chunk list is ill-formed")
+    return [raw[i : i + DIGEST] for i in range(0, len(raw), DIGEST)]
+
+
+def max_chunks(size: int) -> int:
+    """The most chunks FastCDC cuts a file of ``size`` bytes into."""
+    return size // MIN_CHUNK + 1
+
+
+def max_payload(size: int) -> int:
+    """The largest recipe a file of ``size`` bytes may take (every piece but the last makes
+    at least :data:`MIN_CHUNK` bytes)."""
+    return size + (max_chunks(size) + 1) * _RUN.size
+
+
+def run_check(digests: Iterable[bytes]) -> bytes:
+    return hashlib.sha256(b"".join(digests)).digest()[:DIGEST]
+
+
+Piece = tuple[str, int, int, bytes]
+"""``("R", start, count, b"")`` or ``("N", offset, length, digest)``."""
+
+
+@dataclass
+class Recipe:
+    """A new file against the receiver's list: its :data:`Piece` s in file order."""
+
+    pieces: list[Piece] = field(default_factory=list)
+    chunks: int = 0  # chunks of the new file
+    sent: int = 0  # of which sent whole
+    sent_bytes: int = 0
+    payload: int = 0  # bytes of the recipe (the C frame's payload)
+
+    @property
+    def reused(self) -> int:
+        return self.chunks - self.sent
+
+
+def plan_recipe(chunks: Iterable[Chunk], have: list[bytes]) -> Recipe:
+    """The recipe of a file cut into ``chunks`` for a receiver holding ``have``."""
+    where: dict[bytes, int] = {}
+    for i, d in enumerate(have):
+        where.setdefault(d, i)
+    out = Recipe()
+    runs: list[list[int]] = []  # [start, count, index in pieces]
+    last: list[int] | None = None
+    for off, length, d in chunks:
+        out.chunks += 1
+        at_have = where.get(d)
+        if at_have is None:
+            last = None
+            out.pieces.append(("N", off, length, d))
+            out.sent += 1
+            out.sent_bytes += length
+        elif last is not None and last[0] + last[1] == at_have:
+            last[1] += 1
+        else:
+            last = [at_have, 1, len(out.pieces)]
+            runs.append(last)
+            out.pieces.append(("R", at_have, 1, b""))
+    for start, count, at in runs:
+        out.pieces[at] = ("R", start, count, b"")
+    out.payload = sum(_RUN.size if p[0] == "R" else _NEW.size + p[2] for p in out.pieces)
+    return out
+
+
+def pieces(
+    recipe: Recipe, have: list[bytes], read_at: Callable[[int, int], bytes]
+) -> Iterator[bytes]:
+    """The recipe's bytes; ``read_at(offset, length)`` reads the new file (a chunk that no
+    longer hashes to what the plan saw means the file changed meanwhile: ToolFailed)."""
+    for p in recipe.pieces:
+        if p[0] == "R":
+            start, count = p[1], p[2]
+            yield _RUN.pack(b"R", start, count, run_check(have[start : start + count]))
+            continue
+        _k, off, length, d = p
+        data = read_at(off, length)
+        if len(data) != length or digest(data) != d:
+            raise ToolFailed("a file changed while it was sent; retry")
+        yield _NEW.pack(b"N", length, d) + data
+
+
+class Rebuild:
+    """A file remade from a recipe fed in pieces of any size (:meth:`feed`, then
+    :meth:`finish`): ``have`` is the receiver's list, ``read(i)`` reads its chunk ``i``
+    (checked here against ``have[i]``), ``out`` takes the file's bytes in order, each chunk
+    only once verified. ``size`` is the announced size; ``what`` names the content."""
+
+    def __init__(
+        self,
+        have: list[bytes],
+        size: int,
+        read: Callable[[int], bytes],
+        out: Callable[[bytes], None],
+        what: str,
+    ) -> None:
+        self.have = have
+        self.size = size
+        self.read = read
+        self.out = out
+        self.what = what[:16]
+        self.made = 0
+        self.buf = bytearray()
+
+    def _bad(self, why: str) -> Refused:
+        return Refused(
+            f"migration refused: chunked content {self.what}...: {why}; nothing was made"
+        )
+
+    def _emit(self, data: bytes) -> None:
+        n = len(data)
+        if self.made + n > self.size:
+            raise self._bad(f"the recipe makes more than the announced {self.size} bytes")
+        if n < MIN_CHUNK and self.made + n != self.size:
+            raise self._bad(f"a chunk of {n} bytes that is not the file's last")
+        self.made += n
+        self.out(data)
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while self.buf:
+            kind = bytes(self.buf[:1])
+            if kind == b"R":
+                if len(self.buf) < _RUN.size:
+                    return
+                _k, start, count, check = _RUN.unpack_from(self.buf)
+                del self.buf[: _RUN.size]
+                if count < 1 or start + count > len(self.have):
+                    raise self._bad(f"a reference to chunks {start}..{start + count} it lacks")
+                if run_check(self.have[start : start + count]) != check:
+                    raise self._bad(
+                        "a run of chunks not the ones answered (they changed here since): "
+                        "run the migration again"
+                    )
+                for i in range(start, start + count):
+                    chunk = self.read(i)
+                    if digest(chunk) != self.have[i]:
+                        raise self._bad(f"chunk {i} of its nearest version here is damaged")
+                    self._emit(chunk)
+            elif kind == b"N":
+                if len(self.buf) < _NEW.size:
+                    return
+                _k, length, d = _NEW.unpack_from(self.buf)
+                if not 0 < length <= MAX_CHUNK:
+                    raise self._bad(f"a chunk of {length} bytes (at most {MAX_CHUNK})")
+                if self.made + length > self.size:
+                    raise self._bad(f"the recipe makes more than the announced {self.size} bytes")
+                if len(self.buf) < _NEW.size + length:
+                    return
+                chunk = bytes(self.buf[_NEW.size : _NEW.size + length])
+                del self.buf[: _NEW.size + length]
+                if digest(chunk) != d:
+                    raise self._bad("a chunk does not match its digest")
+                self._emit(chunk)
+            else:
+                raise self._bad(f"an unknown recipe piece {kind!r}")
+
+    def finish(self) -> None:
+        if self.buf:
+            raise self._bad("the recipe ends inside a piece")
+        if self.made != self.size:
+            raise self._bad(f"the recipe makes {self.made} bytes, not the announced {self.size}")
