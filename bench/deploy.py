@@ -19,13 +19,17 @@ host's pull split into its fetch (the network: manifests, configs, blobs, each b
 sha256 checked as it arrives) and its import (extracting each verified blob into its layer
 image), the host making the base generations it lacked (from the pulled layers: no
 ``base create``), the VMs (fresh U images, identity), and the rest (SSH, the cache query,
-checks, records); and the share of the first deploy's time that is the transfer (push +
-fetch). Goals: first deploy <= 12 % of the no-cache bytes (seed: 25.1 %), redeploy <= 0.1 %
-(seed: 0.17 %); deploy time dominated by the transfer.
+checks, records), with the load average when each began; and the share of the first
+deploy's time that is the transfer (push + fetch). The first deploy is measured twice: over
+the unlimited veths (a memory copy: gigabytes a second), and with ``--rate`` (default
+``1gbit``, a datacenter link) to a second empty host through a second, empty registry, with
+``tc tbf`` limiting what the host and the registry receive (its pull; the controller's push).
+Goals: first deploy <= 12 % of the no-cache bytes (seed: 25.1 %), redeploy <= 0.1 % (seed:
+0.17 %); deploy time dominated by the transfer.
 
 Run as root (minutes; the Debian fixture is built once and cached)::
 
-    .venv/bin/python bench/deploy.py [--vms 10] [--keep]
+    .venv/bin/python bench/deploy.py [--vms 10] [--rate 1gbit|none] [--keep]
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -46,7 +52,7 @@ from bench.common import UNIONIMG, Uimg, sh  # noqa: E402
 from unionimg.layers.layer import write_blob  # noqa: E402
 from unionimg.registry import server  # noqa: E402
 from vm_fixtures import build  # noqa: E402
-from vm_fixtures.nethosts import Lab  # noqa: E402
+from vm_fixtures.nethosts import Host, Lab  # noqa: E402
 
 APT_CACHE = Path("/var/cache/apt/archives")
 
@@ -129,18 +135,87 @@ def initial_files(vm: str) -> dict[str, str]:
     }
 
 
+@dataclass
+class Row:
+    what: str
+    wire: int
+    host: dict[str, Any]
+    secs: float
+    push: float
+    load: float
+
+
+def first_deploy(ctl: Uimg, host: Host, registry: str, name: str) -> Row:
+    """``deploy initial`` to the empty namespace host ``host`` through ``registry``."""
+    host.authorize(ctl("host", "key").strip())
+    ctl("host", "add", name, "--ssh", f"root@{host.addr}", "--store", str(host.store),
+        "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub))  # fmt: skip
+    return deploy_row(ctl, host, name, "deploy", "initial", registry)
+
+
+def deploy_row(ctl: Uimg, host: Host, name: str, verb: str, node: str, registry: str) -> Row:
+    before = host.counters()["rx_bytes"]
+    load = os.getloadavg()[0]
+    t = time.monotonic()
+    rep = ctl.json(verb, node, "--host", name, "--registry", registry)
+    secs = time.monotonic() - t
+    wire = host.counters()["rx_bytes"] - before
+    h = rep["hosts"][name]
+    if not h["ok"]:
+        raise SystemExit(f"{verb} {node}: {h['error']}")
+    return Row(f"{verb} {node}", wire, h, secs, rep["push_seconds"], load)
+
+
+def print_times(rows: list[Row]) -> None:
+    print(
+        f"{'':30}{'total s':>8}{'push s':>8}{'pull s':>8}{'fetch s':>8}{'import s':>9}"
+        f"{'base s':>8}{'VMs s':>8}{'other s':>8}{'load':>6}  layers pulled"
+    )
+    for row in rows:
+        h = row.host
+        pull, made, vms = h["pull_seconds"], h["base_seconds"], h["vm_seconds"]
+        fetch, imp = h["fetch_seconds"], h["import_seconds"]  # pull = fetch + import
+        gens = ", ".join(h["generations_made"])
+        other = row.secs - row.push - pull - made - vms  # SSH, the cache query, checks, records
+        print(
+            f"{row.what:30}{row.secs:>8.1f}{row.push:>8.1f}{pull:>8.1f}{fetch:>8.1f}{imp:>9.1f}"
+            f"{made:>8.1f}{vms:>8.1f}{other:>8.1f}{row.load:>6.1f}  {len(h['imported'])} of "
+            f"{h['layers']} ({h['cache_hits']} cached)"
+            f"{'; generations made: ' + gens if gens else ''}"
+        )
+
+
+def transfer_share(row: Row, link: str) -> str:
+    moved = row.host["fetch_seconds"] + row.push  # the transfer: the push and the fetch
+    rest = row.secs - moved
+    verdict = "the transfer dominates" if moved > rest else "unionimg's own work dominates"
+    return (
+        f"first deploy, {link}: push + fetch {moved:.1f} s of {row.secs:.1f} s "
+        f"({100 * moved / row.secs:.0f} %), the host's import, base, VMs and the rest "
+        f"{rest:.1f} s: {verdict}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vms", type=int, default=10)
+    ap.add_argument(
+        "--rate",
+        default="1gbit",
+        help="The link rate (tc tbf) of the second first deploy, to a new host through a new "
+        "registry: what the host and the registry receive (default 1gbit, a datacenter "
+        "link; 'none': skip it).",
+    )
     ap.add_argument("--keep", action="store_true", help="Keep the work directory.")
     args = ap.parse_args()
     roles = ROLES[: args.vms]
     work = Path(tempfile.mkdtemp(prefix="unionimg-bench-deploy."))
     lab = Lab(work / "lab")
-    srv = None
+    servers: list[server.Server] = []
     try:
         reg = lab.add_namespace("reg")
         srv = server.start(work / "registry", f"{reg.addr}:5000", prefix=reg.prefix)
+        servers.append(srv)
         ctl = Uimg(work / "ctl")
         t = time.monotonic()
         ctl("base", "create", "deb", "--from-dir", str(build("debian")))
@@ -155,7 +230,10 @@ def main() -> None:
         vm_args = [a for vm in names for a in ("--instance", vm)]
         t = time.monotonic()
         ctl("system", "create", "initial", *vm_args, "-m", "initial")
-        print(f"system create ({len(names)} VMs snapshotted): {time.monotonic() - t:.1f} s")
+        print(
+            f"system create ({len(names)} VMs snapshotted; the base generation's layer and "
+            f"its blob made): {time.monotonic() - t:.1f} s"
+        )
         for vm in names:
             edit_union(ctl, vm, work / "mnt", [], cleaned_files(vm))
         ctl("system", "snapshot", "initial", "--as", "cleaned", "-m", "malware removed")
@@ -168,52 +246,43 @@ def main() -> None:
         no_cache = sum(flat.values())
 
         host = lab.add_host("h1")
-        host.authorize(ctl("host", "key").strip())
-        ctl("host", "add", "h1", "--ssh", f"root@{host.addr}", "--store", str(host.store),
-            "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub))  # fmt: skip
-        rows = []
-        for verb, node in (("deploy", "initial"), ("redeploy", "cleaned"),
-                           ("redeploy", "restored")):  # fmt: skip
-            before = host.counters()["rx_bytes"]
-            t = time.monotonic()
-            rep = ctl.json(verb, node, "--host", "h1", "--registry", srv.url)
-            secs = time.monotonic() - t
-            wire = host.counters()["rx_bytes"] - before
-            h = rep["hosts"]["h1"]
-            if not h["ok"]:
-                raise SystemExit(f"{verb} {node}: {h['error']}")
-            rows.append((f"{verb} {node}", wire, h, secs, rep["push_seconds"]))
+        rows = [first_deploy(ctl, host, srv.url, "h1")]
+        for node in ("cleaned", "restored"):
+            rows.append(deploy_row(ctl, host, "h1", "redeploy", node, srv.url))
+        limited: Row | None = None
+        if args.rate != "none":
+            # a first deploy again, over a limited link: a new registry (the controller
+            # pushes every blob again) and a new empty host, both receiving at the rate
+            reg2 = lab.add_namespace("reg2")
+            srv2 = server.start(work / "registry2", f"{reg2.addr}:5000", prefix=reg2.prefix)
+            servers.append(srv2)
+            host2 = lab.add_host("h2")
+            reg2.limit(args.rate)
+            host2.limit(args.rate)
+            limited = first_deploy(ctl, host2, srv2.url, "h2")
+            limited.what = f"deploy initial @ {args.rate}"
         print()
         print(f"{'':28}{'wire bytes':>14}{'no cache':>14}{'ratio':>9}  (seed)")
         seeds = ["25.1 %", "0.17 %", "0.17 %"]
-        for (what, wire, _h, _s, _p), seed in zip(rows, seeds, strict=True):
-            print(f"{what:28}{wire:>14,}{no_cache:>14,}{100 * wire / no_cache:>8.3f}%  ({seed})")
-        print()
-        print(
-            f"{'':26}{'total s':>8}{'push s':>8}{'pull s':>8}{'fetch s':>8}{'import s':>9}"
-            f"{'base s':>8}{'VMs s':>8}{'other s':>8}  layers pulled"
-        )
-        for what, _wire, h, secs, push in rows:
-            pull, made, vms = h["pull_seconds"], h["base_seconds"], h["vm_seconds"]
-            fetch, imp = h["fetch_seconds"], h["import_seconds"]  # pull = fetch + import
-            gens = ", ".join(h["generations_made"])
-            other = secs - push - pull - made - vms  # SSH, the cache query, checks, records
+        for row, seed in zip(rows, seeds, strict=True):
             print(
-                f"{what:26}{secs:>8.1f}{push:>8.1f}{pull:>8.1f}{fetch:>8.1f}{imp:>9.1f}"
-                f"{made:>8.1f}{vms:>8.1f}{other:>8.1f}  {len(h['imported'])} of {h['layers']} "
-                f"({h['cache_hits']} cached){'; generations made: ' + gens if gens else ''}"
+                f"{row.what:28}{row.wire:>14,}{no_cache:>14,}{100 * row.wire / no_cache:>8.3f}%"
+                f"  ({seed})"
             )
-        first = rows[0]
-        moved = first[2]["fetch_seconds"] + first[4]  # the transfer: the push and the fetch
-        print(
-            f"first deploy: push + fetch {moved:.1f} s of {first[3]:.1f} s "
-            f"({100 * moved / first[3]:.0f} %; the push includes making blobs the store had "
-            "not kept); the host's import, base, VMs and the rest make up the remainder"
-        )
+        if limited is not None:
+            print(
+                f"{limited.what:28}{limited.wire:>14,}{no_cache:>14,}"
+                f"{100 * limited.wire / no_cache:>8.3f}%"
+            )
+        print()
+        print_times(rows + ([limited] if limited is not None else []))
+        print(transfer_share(rows[0], "unlimited veth"))
+        if limited is not None:
+            print(transfer_share(limited, f"host and registry links at {args.rate} (tc tbf)"))
         print()
         print("per VM, flattened (no cache): " + ", ".join(f"{k} {v:,}" for k, v in flat.items()))
     finally:
-        if srv is not None:
+        for srv in servers:
             srv.stop()
         lab.close()
         if args.keep:

@@ -28,8 +28,10 @@ The canonical tar (what :func:`write_blob` writes; standard tools read it):
   ``gid``, ``size``, ``mtime`` when the ustar field cannot hold them; the archive ends with
   two zero blocks padded to a 10240-byte record (as GNU tar and Python's tarfile do).
 
-Reading a blob (:func:`read_blob`) trusts nothing in it: the blob's sha256 is checked before a
-byte is parsed (when the caller knows it), the tar is parsed by this module's own bounded
+Reading a blob (:func:`read_blob`) trusts nothing in it: the blob's sha256 is computed in the
+same read that decompresses it and checked (when the caller knows it) before the extracted
+tree is handed back, so nothing extracted is used before its blob is known good; the tar is
+parsed by this module's own bounded
 reader (header checksums, a pax header of at most 1 MiB, paths of at most 4096 bytes, no
 ``..``, no absolute path, no global or GNU extension headers, no entry twice), every entry is
 created in a fresh directory only beneath directories this reader made itself (never through a
@@ -43,15 +45,18 @@ goes). Errors are one line: :class:`LayerRefused` (exit 8, as guest data refused
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
+import queue
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -68,6 +73,7 @@ base of 700 MiB would spend 45 s at level 9 to save 9 % of the bytes."""
 BLOCK = 512
 RECORD = 20 * BLOCK
 CHUNK = 1 << 20
+PIPE_DEPTH = 64  # tar chunks waiting for the compressing thread (at most 64 MiB)
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -80,6 +86,10 @@ KINDS = ("base", "snapshot", "delta")
 
 class LayerRefused(GuestDataRefused):
     """A tree that cannot be a layer, or a blob whose tar or digest is not what it must be."""
+
+
+class BlobDamaged(LayerRefused):
+    """A blob whose digest, or whose tar's digest (the diff_id), is not the expected one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,8 +404,52 @@ class Writer(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
+class _Compressor:
+    """zstd on a thread of its own (zstd runs without the GIL): the tar's chunks are
+    compressed in the order they were written by one single-threaded zstd stream, so the
+    blob is byte for byte the one a single thread makes, while the caller reads files and
+    hashes the tar on the other core. At most :data:`PIPE_DEPTH`
+    chunks wait; an error of ``out`` is raised on the caller's next write or at ``close``."""
+
+    def __init__(self, emit: Callable[[bytes], None]) -> None:
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_content_size=False)
+        self._zc = cctx.compressobj()
+        self._emit = emit
+        self._queue: queue.Queue[bytes | None] = queue.Queue(PIPE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="unionimg-zstd", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._error is None:
+                try:
+                    self._emit(self._zc.compress(data))
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def compress(self, data: bytes) -> None:
+        self._raise()
+        self._queue.put(data)
+
+    def close(self, *, flush: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        if flush:
+            self._emit(self._zc.flush())
+
+
 class _Sink:
-    """Tar bytes in: hashed (the diff_id), compressed, the blob hashed and written."""
+    """Tar bytes in: hashed (the diff_id), compressed (on a thread: :class:`_Compressor`),
+    the blob hashed and written."""
 
     def __init__(self, out: Writer | None) -> None:
         self.tar_hash = hashlib.sha256()
@@ -403,14 +457,24 @@ class _Sink:
         self.tar_size = 0
         self.blob_size = 0
         self._out = out
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_content_size=False)
-        self._zc = cctx.compressobj() if out is not None else None
+        self._pending = bytearray()  # small writes, handed on a CHUNK at a time (zstd's
+        # stream makes the same bytes however its input is cut)
+        self._zc = _Compressor(self._emit) if out is not None else None
 
     def write(self, data: bytes) -> None:
-        self.tar_hash.update(data)
         self.tar_size += len(data)
+        if self._pending or len(data) < CHUNK:  # headers and small files: gathered
+            self._pending += data
+            if len(self._pending) < CHUNK:
+                return
+            data = bytes(self._pending)
+            self._pending.clear()
+        self._hand_on(data)
+
+    def _hand_on(self, data: bytes) -> None:
+        self.tar_hash.update(data)
         if self._zc is not None:
-            self._emit(self._zc.compress(data))
+            self._zc.compress(data)
 
     def _emit(self, data: bytes) -> None:
         if data and self._out is not None:
@@ -423,8 +487,17 @@ class _Sink:
         if pad < 2 * BLOCK:
             pad += RECORD
         self.write(b"\0" * pad)
+        if self._pending:
+            self._hand_on(bytes(self._pending))
+            self._pending.clear()
         if self._zc is not None:
-            self._emit(self._zc.flush())
+            self._zc.close()
+
+    def abort(self) -> None:
+        """Stop the compressing thread (an error while the tree was read)."""
+        if self._zc is not None:
+            with contextlib.suppress(BaseException):
+                self._zc.close(flush=False)
 
 
 def write_blob(
@@ -450,10 +523,14 @@ def write_blob(
         )
     sink = _Sink(out)
     btree = os.fsencode(tree)
-    for item in items:
-        sink.write(_header(item))
-        if item.kind == "file" and item.size:
-            _copy_file(os.path.join(btree, item.path), item, sink)
+    try:
+        for item in items:
+            sink.write(_header(item))
+            if item.kind == "file" and item.size:
+                _copy_file(os.path.join(btree, item.path), item, sink)
+    except BaseException:
+        sink.abort()
+        raise
     sink.close()
     return BlobInfo(
         diff_id="sha256:" + sink.tar_hash.hexdigest(),
@@ -485,50 +562,83 @@ def _copy_file(path: bytes, item: _Item, sink: _Sink) -> None:
 
 
 # -- reading -----------------------------------------------------------------------------------
-class _Source:
-    """The blob's decompressed bytes, hashed as they are read (the diff_id)."""
+class _Hashed:
+    """The blob file as the decompressor reads it, its bytes hashed on the way (the blob
+    digest, without a second read of the file)."""
 
     def __init__(self, raw: BinaryIO) -> None:
-        self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
+        self._raw = raw
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.hash.update(data)
+        return data
+
+    def rest(self) -> str:
+        """``sha256:HEX`` of the whole file: what the decompressor left unread hashed too."""
+        while data := self._raw.read(CHUNK):
+            self.hash.update(data)
+        return "sha256:" + self.hash.hexdigest()
+
+
+class _Source:
+    """The blob's decompressed bytes, hashed as they are read (the diff_id). Small reads
+    (headers) are served from the current chunk by offset, never by copying what is left
+    of it."""
+
+    def __init__(self, raw: _Hashed) -> None:
+        # the decompressor asks only read(n) of its source
+        source = cast("IO[bytes]", raw)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK)
         self.hash = hashlib.sha256()
         self.size = 0
         self._buf = b""
+        self._pos = 0
 
-    def read_exact(self, n: int) -> bytes:
-        parts = [self._buf[:n]]
-        got = len(parts[0])
-        self._buf = self._buf[n:]
-        while got < n:
-            try:
-                data = self._reader.read(max(CHUNK, n - got))
-            except zstandard.ZstdError as exc:
-                raise LayerRefused(f"the blob is not valid zstd ({exc})") from None
-            if not data:
-                raise LayerRefused("the blob's tar is truncated (it ends inside an entry)")
+    def _more(self, n: int) -> bytes:
+        try:
+            data = self._reader.read(n)
+        except zstandard.ZstdError as exc:
+            raise LayerRefused(f"the blob is not valid zstd ({exc})") from None
+        if data:
             self.hash.update(data)
             self.size += len(data)
-            take = data[: n - got]
-            parts.append(take)
-            got += len(take)
-            self._buf = data[len(take) :]
-        return b"".join(parts)
+        return data
+
+    def read_exact(self, n: int) -> bytes:
+        pos, buf = self._pos, self._buf
+        if pos + n <= len(buf):  # the common case: inside the current chunk
+            self._pos = pos + n
+            return buf[pos : pos + n] if n < len(buf) else buf
+        parts = [buf[pos:]]
+        got = len(parts[0])
+        self._buf, self._pos = b"", 0
+        while got < n:
+            data = self._more(max(CHUNK, n - got))
+            if not data:
+                raise LayerRefused("the blob's tar is truncated (it ends inside an entry)")
+            want = n - got
+            if len(data) > want:
+                parts.append(data[:want])
+                self._buf, self._pos = data, want
+                got = n
+            else:
+                parts.append(data)
+                got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def drain(self) -> bytes:
         """Everything left (hashed); returns the first bytes of it that are not zero. At most
         :data:`MAX_TRAILER` bytes may follow the end-of-archive blocks (a zstd frame of
         terabytes of zeros is a few MiB: it is refused, never hashed to its end)."""
-        nonzero = self._buf.strip(b"\0")
-        self._buf = b""
+        nonzero = self._buf[self._pos :].strip(b"\0")
+        self._buf, self._pos = b"", 0
         after = 0
         while True:
-            try:
-                data = self._reader.read(CHUNK)
-            except zstandard.ZstdError as exc:
-                raise LayerRefused(f"the blob is not valid zstd ({exc})") from None
+            data = self._more(CHUNK)
             if not data:
                 return nonzero
-            self.hash.update(data)
-            self.size += len(data)
             after += len(data)
             if not nonzero:
                 nonzero = data.strip(b"\0")
@@ -709,45 +819,62 @@ def read_blob(
 ) -> BlobInfo:
     """Extract the layer blob ``blob`` into ``dest`` (a new, empty directory the caller
     owns, removed by the caller on failure) in overlayfs format; its digests, checked against
-    the expected ones given. ``policy``: stricter than ``kind``'s, if given. Needs root
+    the expected ones given. One read of the file: its sha256 is computed as the decompressor
+    reads it and checked when the extraction ends (a blob whose tar was refused is refused
+    as damaged when its digest is wrong too), so the caller must use nothing of ``dest``
+    before this returns. ``policy``: stricter than ``kind``'s, if given. Needs root
     (owners, whiteouts, ``trusted.*`` xattrs)."""
     policy = policy or policy_for(kind)
-    if expected_blob_digest is not None:
-        got = file_digest(blob)
-        if got != expected_blob_digest:
-            raise LayerRefused(
-                f"blob {blob.name} has digest {got}, not the expected {expected_blob_digest}: "
-                "it was damaged or tampered with; fetch it again"
-            )
     blob_size = blob.stat().st_size
-    with open(blob, "rb") as raw:
+    with open(blob, "rb") as fh:
+        raw = _Hashed(fh)
         src = _Source(raw)
         try:
-            count = _extract(src, os.fsencode(dest), policy)
-        except OSError as exc:  # say, a name longer than 255 bytes: one line, not a traceback
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(
-                    f"no space left to extract a layer into {dest}; free space in the store "
-                    "and retry"
-                ) from None
-            where = (
-                _show(os.fsencode(exc.filename).removeprefix(os.fsencode(dest) + b"/"))
-                if (exc.filename)
-                else ""
-            )
-            raise LayerRefused(
-                f"the blob's tar cannot be extracted: {exc.strerror} {where}".rstrip()
-            ) from None
-        if src.drain():
-            raise LayerRefused("the blob's tar has data after its end-of-archive blocks")
+            count = _extract_all(src, dest, policy)
+        except (LayerRefused, StoreFull):
+            if expected_blob_digest is not None:  # a damaged blob: say so, not what it broke
+                _check_digest(blob, raw.rest(), expected_blob_digest)
+            raise
+        blob_digest = raw.rest()
+    if expected_blob_digest is not None:
+        _check_digest(blob, blob_digest, expected_blob_digest)
     diff_id = "sha256:" + src.hash.hexdigest()
     if expected_diff_id is not None and diff_id != expected_diff_id:
-        raise LayerRefused(
+        raise BlobDamaged(
             f"blob {blob.name} holds a tar of digest {diff_id}, not the expected layer "
             f"{expected_diff_id}: it was damaged or tampered with; fetch it again"
         )
-    blob_digest = expected_blob_digest or file_digest(blob)
     return BlobInfo(diff_id, blob_digest, blob_size, src.size, count)
+
+
+def _check_digest(blob: Path, got: str, expected: str) -> None:
+    if got != expected:
+        raise BlobDamaged(
+            f"blob {blob.name} has digest {got}, not the expected {expected}: "
+            "it was damaged or tampered with; fetch it again"
+        )
+
+
+def _extract_all(src: _Source, dest: Path, policy: Policy) -> int:
+    """:func:`_extract` and the end of the blob checked; an OSError as one line."""
+    try:
+        count = _extract(src, os.fsencode(dest), policy)
+    except OSError as exc:  # say, a name longer than 255 bytes: one line, not a traceback
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(
+                f"no space left to extract a layer into {dest}; free space in the store and retry"
+            ) from None
+        where = (
+            _show(os.fsencode(exc.filename).removeprefix(os.fsencode(dest) + b"/"))
+            if (exc.filename)
+            else ""
+        )
+        raise LayerRefused(
+            f"the blob's tar cannot be extracted: {exc.strerror} {where}".rstrip()
+        ) from None
+    if src.drain():
+        raise LayerRefused("the blob's tar has data after its end-of-archive blocks")
+    return count
 
 
 def file_digest(path: Path) -> str:
@@ -860,7 +987,7 @@ def _write_file(src: _Source, full: bytes, size: int, rel: bytes) -> None:
         left = size
         while left:
             data = src.read_exact(min(CHUNK, left))
-            if data.count(0) == len(data):  # zeros: a hole (a guest's sparse file stays sparse)
+            if _zeros(data):  # a hole (a guest's sparse file stays sparse)
                 os.lseek(fd, len(data), os.SEEK_CUR)
             else:
                 _write_all(fd, data, rel)
@@ -870,6 +997,17 @@ def _write_file(src: _Source, full: bytes, size: int, rel: bytes) -> None:
         os.close(fd)
     if size % BLOCK:
         src.read_exact(-size % BLOCK)
+
+
+_ZERO_CHUNK = bytes(CHUNK)
+
+
+def _zeros(data: bytes) -> bool:
+    """Whether ``data`` is all zero bytes (a compare with zeros: stops at the first other
+    byte, so a chunk of data costs next to nothing)."""
+    if len(data) == CHUNK:
+        return data == _ZERO_CHUNK
+    return data == bytes(len(data))
 
 
 def _write_all(fd: int, data: bytes, rel: bytes) -> None:
@@ -921,6 +1059,7 @@ def digest_hex(diff_id: str) -> str:
 __all__ = [
     "KINDS",
     "ZSTD_LEVEL",
+    "BlobDamaged",
     "BlobInfo",
     "LayerRefused",
     "Policy",

@@ -16,11 +16,14 @@ blob was made (or fetched) anyway to know the layer's digests, it is what a push
 deploy sends, and it is small (the zstd of the layer's changed bytes; a snapshot after an
 ``apt-get install`` costs a few MiB twice: image and blob). The blob is extracted for
 ``mke2fs -d`` onto a tmpfs when memory allows (:func:`_scratch`), so the tree is never
-written to disk nor removed from it. A base generation adopted as a
-layer (:func:`adopt_image`) costs nothing: its image is a hard link to the generation's
-``base.img`` and its blob is made the first time :func:`blob_path` asks for it (one read of
-the tree, from the image, checked against the recorded digests; kept from then on; delete it
-to get the space back, it will be made again, byte for byte the same).
+written to disk nor removed from it; the blob's digest and its tar's are checked in that one
+read, before the layer appears. Layers of one pull can be built at once and appear bottom to
+top (:func:`stage_blob`, :class:`StagedLayer`). A base generation adopted as a layer
+(:func:`adopt_image`) shares its image: a hard link to the generation's ``base.img``; its
+blob is made then, from the image (one read of the tree, checked against the diff_id), so a
+push or a deploy only sends it (the Debian fixture: a 147 MB blob, ~3 s once, at adoption,
+instead of in the first deploy). Delete it to get the space back: :func:`blob_path` makes
+it again, byte for byte the same, when it is asked for.
 
 References (what :func:`remove` and ``layer gc`` keep): a layer is referenced by its child
 layers (their ``parent``), by each instance whose chain holds it (``Instance.layers``), by a
@@ -64,6 +67,7 @@ from unionimg.fs.image import default_size, disk_usage, make_ext4
 from unionimg.fs.mounts import mount_image, require_root, unmount_tree
 from unionimg.fs.space import require_space
 from unionimg.layers.layer import (
+    BlobDamaged,
     BlobInfo,
     LayerRefused,
     digest_hex,
@@ -293,11 +297,15 @@ class Origin:
     message: str = ""
 
 
-def _check_parent(store: Store, parent: str | None, kind: str) -> None:
+def _check_kind(parent: str | None, kind: str) -> None:
     if kind == "base" and parent is not None:
         raise UsageError("a base layer is a whole tree: it has no parent")
     if kind != "base" and parent is None:
         raise UsageError(f"a {kind} layer lies over a parent layer: name it")
+
+
+def _check_parent(store: Store, parent: str | None, kind: str) -> None:
+    _check_kind(parent, kind)
     if parent is not None and not has(store, parent):
         raise NotFound(
             f"parent layer {parent} is not in this store; pull or import it first "
@@ -334,7 +342,10 @@ def put_tree(
         existing = _same(store, info.diff_id, parent)
         if existing is not None:
             return existing, False
-        return _import(store, stage, blob, info, parent=parent, kind=kind, origin=origin), True
+        build, meta = _import_build(
+            store, stage, blob, info, parent=parent, kind=kind, origin=origin
+        )
+        return _publish(store, build, meta), True
 
 
 def import_blob(
@@ -348,36 +359,101 @@ def import_blob(
     origin: Origin | None = None,
 ) -> tuple[Layer, bool]:
     """A verified blob (from a registry, another host) as a layer over ``parent``; (the
-    layer, whether it is new). The blob's digest is checked first (when given), then the tar
-    is parsed defensively (:func:`.layer.read_blob`) and its diff_id must be
-    ``expected_diff_id``; on any failure nothing is left in the store (exit 8, one line).
+    layer, whether it is new): :func:`stage_blob` then :meth:`StagedLayer.publish`. The
+    blob's digest (when given) and the uncompressed diff_id are checked in the one read that
+    extracts it (:func:`.layer.read_blob`), the tar parsed defensively, and only a layer that
+    passed both appears; on any failure nothing is left in the store (exit 8, one line).
     The blob file is copied (or hard-linked, same file system) into the layer."""
+    require_root("importing a layer")
+    _check_parent(store, parent, kind)
+    staged = stage_blob(
+        store, blob_path, expected_diff_id, parent, kind=kind,
+        expected_blob_digest=expected_blob_digest, origin=origin,
+    )  # fmt: skip
+    return staged.publish()
+
+
+class StagedLayer:
+    """A layer built from a blob in a private staging directory (its image made, both
+    digests checked), not yet in the layer cache: :meth:`publish` renames it into place
+    once its parent is there (so layers of one chain can be built at once, and appear
+    bottom to top), :meth:`discard` removes it. Either ends it."""
+
+    def __init__(
+        self,
+        store: Store,
+        stack: contextlib.ExitStack,
+        build: Path | None,
+        meta: LayerMeta | None,
+        existing: Layer | None,
+    ) -> None:
+        self._store = store
+        self._stack = stack
+        self._build = build
+        self.meta = meta
+        self._existing = existing
+
+    def publish(self) -> tuple[Layer, bool]:
+        """The layer in the cache; (it, whether it is new). Its parent must be there by now
+        (else NotFound, nothing added); a layer of the same diff_id that appeared meanwhile
+        is returned as it is (over another parent: Conflict)."""
+        try:
+            if self._existing is not None:
+                return self._existing, False
+            assert self._build is not None and self.meta is not None
+            _check_parent(self._store, self.meta.parent, self.meta.kind)
+            existing = _same(self._store, self.meta.diff_id, self.meta.parent)
+            if existing is not None:
+                return existing, False
+            return _publish(self._store, self._build, self.meta), True
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove what was built (nothing of it was ever in the cache)."""
+        self._stack.close()
+
+
+def stage_blob(
+    store: Store,
+    blob_path: Path,
+    expected_diff_id: str,
+    parent: str | None,
+    *,
+    kind: str,
+    expected_blob_digest: str | None = None,
+    origin: Origin | None = None,
+) -> StagedLayer:
+    """Build the layer of blob ``blob_path`` over ``parent`` in a staging directory, checked
+    as :func:`import_blob` checks it, without adding it to the cache: the parent need not be
+    here yet (:meth:`StagedLayer.publish` requires it). Safe to run in several threads at
+    once (each its own staging directory and scratch tmpfs). A layer the cache holds already
+    is not built again. On failure nothing is left (exit 8, one line)."""
     require_root("importing a layer")
     try:
         digest_hex(expected_diff_id)
     except ValueError:
         raise UsageError(f"'{expected_diff_id}' is not a sha256 digest (sha256:HEX)") from None
-    _check_parent(store, parent, kind)
-    existing = _same(store, expected_diff_id, parent)
-    if existing is not None:
-        return existing, False
-    with store.staging("import") as stage:
+    _check_kind(parent, kind)
+    stack = contextlib.ExitStack()
+    try:
+        existing = _same(store, expected_diff_id, parent)
+        if existing is not None:
+            return StagedLayer(store, stack, None, None, existing)
+        stage = stack.enter_context(store.staging("import"))
         blob = stage / BLOB
         try:
             os.link(blob_path, blob)
         except OSError:
             shutil.copyfile(blob_path, blob)
-        got = file_digest(blob)
-        if expected_blob_digest is not None and got != expected_blob_digest:
-            raise LayerRefused(
-                f"blob {blob_path} has digest {got}, not the expected {expected_blob_digest}: "
-                "it was damaged or tampered with; fetch it again"
-            )
-        info = BlobInfo(expected_diff_id, got, blob.stat().st_size, 0, 0)
-        layer = _import(
+        info = BlobInfo(expected_diff_id, expected_blob_digest or "", blob.stat().st_size, 0, 0)
+        build, meta = _import_build(
             store, stage, blob, info, parent=parent, kind=kind, origin=origin or Origin()
         )
-        return layer, True
+        return StagedLayer(store, stack, build, meta, None)
+    except BaseException:
+        stack.close()
+        raise
 
 
 def _same(store: Store, diff_id: str, parent: str | None) -> Layer | None:
@@ -392,7 +468,7 @@ def _same(store: Store, diff_id: str, parent: str | None) -> Layer | None:
     return layer
 
 
-def _import(
+def _import_build(
     store: Store,
     stage: Path,
     blob: Path,
@@ -401,15 +477,21 @@ def _import(
     parent: str | None,
     kind: str,
     origin: Origin,
-) -> Layer:
+) -> tuple[Path, LayerMeta]:
     """Build the layer directory in ``stage`` from ``blob`` (extracted, its diff_id checked
-    against ``info.diff_id``) and rename it into place."""
+    against ``info.diff_id`` and, when ``info.blob_digest`` is set, the blob against it, in
+    the same read); the directory and its record, for :func:`_publish`."""
     tree = stage / "tree"
     tree.mkdir(mode=0o755)
     require_space(store.root, info.blob_size * 4, f"make layer {digest_hex(info.diff_id)[:12]}")
+    expect = info.blob_digest or None
     with _scratch(tree) as in_memory:
         try:
-            got = read_blob(blob, tree, kind=kind, expected_diff_id=info.diff_id)
+            got = read_blob(
+                blob, tree, kind=kind, expected_diff_id=info.diff_id, expected_blob_digest=expect
+            )
+        except BlobDamaged:
+            raise
         except (LayerRefused, StoreFull):
             if not in_memory:
                 raise
@@ -418,9 +500,10 @@ def _import(
             unmount_tree(tree)
             shutil.rmtree(tree)
             tree.mkdir(mode=0o755)
-            got = read_blob(blob, tree, kind=kind, expected_diff_id=info.diff_id)
-        return _build(store, stage, blob, tree, info, got, parent=parent, kind=kind,
-                      origin=origin)  # fmt: skip
+            got = read_blob(
+                blob, tree, kind=kind, expected_diff_id=info.diff_id, expected_blob_digest=expect
+            )
+        return _build(store, stage, blob, tree, got, parent=parent, kind=kind, origin=origin)
 
 
 #: the share of the memory available that extracting one layer may take (:func:`_scratch`)
@@ -467,27 +550,27 @@ def _build(
     stage: Path,
     blob: Path,
     tree: Path,
-    info: BlobInfo,
     got: BlobInfo,
     *,
     parent: str | None,
     kind: str,
     origin: Origin,
-) -> Layer:
-    """The layer directory built in ``stage`` from the extracted ``tree``, renamed into place."""
+) -> tuple[Path, LayerMeta]:
+    """The layer directory built in ``stage`` from the extracted ``tree`` (what
+    :func:`.layer.read_blob` found: ``got``), and its record; not yet in place."""
     build = stage / "layer"
     build.mkdir(mode=0o700)
     used, inodes = _usage(tree)
     # a root base layer is a whole base: labelled BASE, as an adopted generation's is, so a
     # host can make it a base generation by hard link (what a deploy does; systems.py)
-    label = "BASE" if parent is None and kind == "base" else label_of(info.diff_id)
+    label = "BASE" if parent is None and kind == "base" else label_of(got.diff_id)
     make_ext4(build / IMAGE, label, tree, default_size(used, inodes), inodes=inodes)
     _same_root(build / IMAGE, tree)
     os.rename(blob, build / BLOB)
     meta = LayerMeta(
-        diff_id=info.diff_id,
-        blob_digest=info.blob_digest,
-        blob_size=info.blob_size,
+        diff_id=got.diff_id,
+        blob_digest=got.blob_digest,
+        blob_size=got.blob_size,
         tar_size=got.tar_size,
         parent=parent,
         kind=kind,
@@ -503,7 +586,7 @@ def _build(
     )
     os.chmod(build / IMAGE, 0o400)
     write_record(build / LayerMeta.FILE, meta)
-    return _publish(store, build, meta)
+    return build, meta
 
 
 def _same_root(image: Path, tree: Path) -> None:
@@ -571,7 +654,8 @@ def adopt_image(
 ) -> Layer:
     """An image made elsewhere in the store (a base generation's ``base.img`` or
     ``layer.img``, whose diff_id the caller computed with :func:`tree_digest`) as a layer:
-    hard-linked, no copy. ``blob``: its blob, when the caller has one (moved in)."""
+    hard-linked, no copy. ``blob``: its blob, when the caller has one (moved in); else it is
+    made from the image now (one read of its tree, its tar checked to be ``diff_id``)."""
     require_root("adopting a layer")
     _check_parent(store, parent, kind)
     existing = _same(store, diff_id, parent)
@@ -584,10 +668,11 @@ def adopt_image(
             os.link(image, build / IMAGE)
         except OSError:
             shutil.copyfile(image, build / IMAGE)
-        blob_digest, blob_size = "", 0
         if blob is not None:
             os.rename(blob, build / BLOB)
             blob_digest, blob_size = file_digest(build / BLOB), (build / BLOB).stat().st_size
+        else:
+            blob_digest, blob_size = _blob_of_image(stage, image, build / BLOB, diff_id, kind)
         meta = LayerMeta(
             diff_id=diff_id,
             blob_digest=blob_digest,
@@ -607,6 +692,28 @@ def adopt_image(
         )
         write_record(build / LayerMeta.FILE, meta)
         return _publish(store, build, meta)
+
+
+def _blob_of_image(
+    stage: Path, image: Path, blob: Path, diff_id: str, kind: str
+) -> tuple[str, int]:
+    """The blob of the layer image ``image`` written to ``blob`` (its tree mounted read-only
+    in ``stage``), its tar checked to be layer ``diff_id``; (its digest, its size). Made
+    when the layer is made, so a push only sends it (:func:`blob_path`)."""
+    mnt = stage / "mnt"
+    mount_image(image, mnt, readonly=True, exclusive=False, guest=kind == "snapshot")
+    try:
+        with open(blob, "wb") as out:
+            info = write_blob(mnt, out, kind=kind)
+    finally:
+        unmount_tree(mnt)
+    if info.diff_id != diff_id:
+        raise LayerRefused(
+            f"image {image.name} gives a tar of digest {info.diff_id}, not the layer "
+            f"{diff_id} it is adopted as: it was changed meanwhile; retry"
+        )
+    os.chmod(blob, 0o400)
+    return info.blob_digest, info.blob_size
 
 
 def tree_digest(tree: Path, *, kind: str, exclude: frozenset[bytes] = frozenset()) -> BlobInfo:

@@ -4,9 +4,11 @@
 layer.json records, one image-tree node per layer); :func:`pull_node` brings a node and the
 layers of its chain the store lacks into the store (:func:`pull_nodes`: several nodes at
 once, a system's VMs): every missing blob fetched and checked first (:mod:`.transfer`), then
-each imported with :func:`layerstore.import_blob`, which checks the blob digest again and the
-uncompressed diff_id while it extracts. A failure leaves the layer cache as it was: nothing is
-imported before every blob arrived checked, and an import that fails removes the layers
+each built with :func:`layerstore.stage_blob` (two at a time: a base layer's extraction and
+``mke2fs`` beside its snapshots'), which checks the blob digest again and the uncompressed
+diff_id in the one read that extracts it, and put into the cache bottom to top. A failure
+leaves the layer cache as it was: nothing is imported before every blob arrived checked, a
+layer built but not yet in place is discarded, and an import that fails removes the layers
 imported before it (:func:`layerstore.remove`). The layer.json a registry
 serves is read as a :class:`LayerMeta` record (a damaged one is refused) and only its
 ``kind`` and origin are taken: the parent is the layer below in the node's chain, the
@@ -78,10 +80,10 @@ def push_layers(store: Store, reg: Registry, ref: str, *, repo: str = LAYER_REPO
     return transfer.push_layers(reg, repo, local_chain(store, ref))
 
 
-def _importer(store: Store) -> transfer.ImportBlob:
-    def import_one(
+def _stager(store: Store) -> transfer.StageBlob:
+    def stage_one(
         blob: Path, meta_bytes: bytes, diff_id: str, parent: str | None, blob_digest: str
-    ) -> None:
+    ) -> layerstore.StagedLayer:
         try:
             meta = LayerMeta.from_json(json.loads(meta_bytes))
         except (RecordError, ValueError) as exc:
@@ -94,7 +96,7 @@ def _importer(store: Store) -> transfer.ImportBlob:
                 f"the layer record of {diff_id} from the registry names parent "
                 f"{meta.parent or 'none'}, but its node lies over {parent or 'none'}; refused"
             )
-        layerstore.import_blob(
+        return layerstore.stage_blob(
             store,
             blob,
             diff_id,
@@ -110,7 +112,7 @@ def _importer(store: Store) -> transfer.ImportBlob:
             ),
         )
 
-    return import_one
+    return stage_one
 
 
 def pull_node(
@@ -157,7 +159,7 @@ def pull_nodes(
             repo,
             refs,
             have=lambda d: layerstore.has(store, d),
-            import_blob=_importer(store),
+            stage_blob=_stager(store),
             download_dir=download_dir(store),
             on_bytes=on_bytes,
             check_space=before_fetch,

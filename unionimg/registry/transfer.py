@@ -12,7 +12,8 @@ it needs (each node's ``layers`` must be its parent's plus one, and a parent the
 lacks is one line, nothing fetched). Fetch (:func:`fetch_blobs`): every missing blob of every
 node, each distinct blob once, into resumable ``.partial`` files in ``download_dir``, each
 blob's sha256 checked on arrival. Import (:func:`import_blobs`): only when every blob
-arrived checked, bottom to top through ``import_blob`` (the layer store checks the
+arrived checked, bottom to top through ``import_blob``, or with ``stage_blob`` built
+:data:`IMPORT_WORKERS` at a time and put in place bottom to top (the layer store checks the
 uncompressed diff_id); an import that fails has the ones before it undone. So a failure
 leaves the host's layers as they were; verified blobs stay in ``download_dir`` for the next
 attempt. The report splits the seconds: fetching (the network) and importing (the host).
@@ -27,8 +28,10 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from unionimg.errors import NotFound, ToolFailed, UnionimgError
 from unionimg.registry.client import Registry
@@ -188,6 +191,24 @@ ImportBlob = Callable[[Path, bytes, str, "str | None", str], None]
 digest)``: put one layer into the host's store (its parent is already there, and is the
 layer below it in the node's chain, whatever the layer.json says). The file stays where it
 is (the puller removes it once every import succeeded)."""
+
+
+class Staged(Protocol):
+    """A layer built from a verified blob but not yet in the host's store."""
+
+    def publish(self) -> object:
+        """Put it into the store (its parent is there by then)."""
+
+    def discard(self) -> None:
+        """Remove it (a no-op once published)."""
+
+
+StageBlob = Callable[[Path, bytes, str, "str | None", str], Staged]
+"""``stage_blob(...)``, the arguments of :data:`ImportBlob`: build the layer without putting
+it into the store (its parent may not be there yet); called from several threads at once."""
+IMPORT_WORKERS = 2
+"""Layers built at once in a pull (the blobs are independent: their extraction and
+``mke2fs`` run side by side)."""
 UndoImport = Callable[[str], None]
 """``undo(diff_id)``: remove a layer this pull imported (a later import failed)."""
 
@@ -290,30 +311,64 @@ def fetch_blobs(
     return files
 
 
+@dataclass(frozen=True)
+class _Job:
+    blob: Path
+    meta: bytes
+    diff_id: str
+    parent: str | None
+    digest: str
+
+
+def _jobs(
+    plans: Sequence[PullPlan], files: dict[str, Path], have: Callable[[str], bool]
+) -> list[_Job]:
+    """The layers to import, each chain bottom to top, each layer once (a parent before
+    its children), the ones the store holds left out."""
+    jobs: dict[str, _Job] = {}
+    for plan in plans:
+        chain = plan.chain
+        for i in plan.missing:
+            if chain[i] in jobs or have(chain[i]):
+                continue
+            desc = plan.top.layers[i]
+            parent = chain[i - 1] if i else None
+            jobs[chain[i]] = _Job(files[desc.digest], plan.metas[i], chain[i], parent, desc.digest)
+    return list(jobs.values())
+
+
 def import_blobs(
     plans: Sequence[PullPlan],
     files: dict[str, Path],
     *,
     have: Callable[[str], bool],
-    import_blob: ImportBlob,
+    import_blob: ImportBlob | None = None,
+    stage_blob: StageBlob | None = None,
     undo: UndoImport | None = None,
+    workers: int = IMPORT_WORKERS,
 ) -> list[str]:
     """Import the verified blobs ``files`` of ``plans``, each chain bottom to top (a layer
-    the store holds by then is skipped); the diff_ids imported. When an import fails, the
-    layers this call imported are removed again (top first, through ``undo``) before the
+    the store holds by then is skipped); the diff_ids imported. With ``stage_blob``, the
+    layers are built ``workers`` at a time (a pull's base layer and its snapshots at once:
+    extraction and ``mke2fs`` of independent blobs on both cores), and each appears in the
+    store in chain order, its parent first; else ``import_blob`` imports them one by one.
+    When an import fails, the layers built but not yet in the store are discarded and the
+    ones this call put there are removed again (top first, through ``undo``) before the
     error goes on, so the store holds what it held before; the verified files stay (the
     next pull uses them). Once every import succeeded, the files are removed."""
+    jobs = _jobs(plans, files, have)
     imported: list[str] = []
     try:
-        for plan in plans:
-            chain = plan.chain
-            for i in plan.missing:
-                if have(chain[i]):  # an earlier plan (or another pull) brought it
+        if stage_blob is not None:
+            _stage_and_publish(jobs, stage_blob, have, imported, workers)
+        elif import_blob is not None:
+            for job in jobs:
+                if have(job.diff_id):  # another pull brought it meanwhile
                     continue
-                desc = plan.top.layers[i]
-                parent = chain[i - 1] if i else None
-                import_blob(files[desc.digest], plan.metas[i], chain[i], parent, desc.digest)
-                imported.append(chain[i])
+                import_blob(job.blob, job.meta, job.diff_id, job.parent, job.digest)
+                imported.append(job.diff_id)
+        elif jobs:
+            raise ValueError("import_blobs: give import_blob or stage_blob")
     except BaseException:
         if undo is not None:
             for diff_id in reversed(imported):
@@ -326,13 +381,49 @@ def import_blobs(
     return imported
 
 
+def _stage_and_publish(
+    jobs: Sequence[_Job],
+    stage_blob: StageBlob,
+    have: Callable[[str], bool],
+    imported: list[str],
+    workers: int,
+) -> None:
+    """Build every job's layer on ``workers`` threads (in job order, so a thread waits for
+    no other), publish each in job order as soon as it and the ones before it are built;
+    on failure, cancel what has not started and discard what was built, unpublished."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+        futures = [
+            pool.submit(stage_blob, j.blob, j.meta, j.diff_id, j.parent, j.digest) for j in jobs
+        ]
+        try:
+            for job, fut in zip(jobs, futures, strict=True):
+                staged = fut.result()
+                if have(job.diff_id):  # another pull brought it meanwhile
+                    staged.discard()
+                    continue
+                staged.publish()
+                imported.append(job.diff_id)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            for fut in futures:
+                if fut.cancelled():
+                    continue
+                with contextlib.suppress(BaseException):
+                    fut.result().discard()  # ended already when it was published
+            raise
+
+
 def pull_nodes(
     reg: Registry,
     repo: str,
     refs: Sequence[str],
     *,
     have: Callable[[str], bool],
-    import_blob: ImportBlob,
+    import_blob: ImportBlob | None = None,
+    stage_blob: StageBlob | None = None,
     download_dir: Path,
     on_bytes: Callable[[int], None] | None = None,
     check_space: Callable[[int, Sequence[bytes]], None] | None = None,
@@ -357,7 +448,9 @@ def pull_nodes(
     report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
     report.fetch_seconds = time.monotonic() - start
     t_import = time.monotonic()
-    report.imported = import_blobs(plans, files, have=have, import_blob=import_blob, undo=undo)
+    report.imported = import_blobs(
+        plans, files, have=have, import_blob=import_blob, stage_blob=stage_blob, undo=undo
+    )
     report.import_seconds = time.monotonic() - t_import
     report.cache_hits = len(report.layers) - len(report.imported)
     report.seconds = time.monotonic() - start
@@ -370,7 +463,8 @@ def pull_node(
     ref: str,
     *,
     have: Callable[[str], bool],
-    import_blob: ImportBlob,
+    import_blob: ImportBlob | None = None,
+    stage_blob: StageBlob | None = None,
     download_dir: Path,
     on_bytes: Callable[[int], None] | None = None,
     check_space: Callable[[int, Sequence[bytes]], None] | None = None,
@@ -380,8 +474,8 @@ def pull_node(
     node): missing blobs fetched and checked, then imported bottom to top; raises before
     importing anything if any blob or parent node is missing or damaged."""
     return pull_nodes(
-        reg, repo, [ref], have=have, import_blob=import_blob, download_dir=download_dir,
-        on_bytes=on_bytes, check_space=check_space, undo=undo,
+        reg, repo, [ref], have=have, import_blob=import_blob, stage_blob=stage_blob,
+        download_dir=download_dir, on_bytes=on_bytes, check_space=check_space, undo=undo,
     )  # fmt: skip
 
 

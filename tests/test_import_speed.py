@@ -1,0 +1,281 @@
+"""What makes a host's import and a controller's blob faster keeps every check (issue 13):
+the blob's digest checked in the read that extracts it (a tampered blob, or bytes appended
+after its zstd frame, refused with nothing left in the cache), layers built ahead of their
+parent but put in place only over it, a pull's layers built two at a time and all removed
+again when one fails, the compressing thread giving the very bytes one thread gives, and a
+base generation's blob made when its layer is adopted.
+
+Root: whiteouts are character devices, images are made with ``mke2fs`` and mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tests.conftest import flip_byte, make_tree
+from unionimg.errors import NotFound
+from unionimg.layers import base as base_mod
+from unionimg.layers import layerstore
+from unionimg.layers.layer import (
+    ZSTD_LEVEL,
+    BlobDamaged,
+    LayerRefused,
+    file_digest,
+    read_blob,
+    write_blob,
+)
+from unionimg.layers.layerstore import Origin
+from unionimg.registry import transfer
+from unionimg.store.layout import Store
+
+pytestmark = pytest.mark.usefixtures("root")
+T0 = 1_700_000_000
+
+
+def _stamp(root: Path) -> Path:
+    for top, dirs, files in os.walk(root, topdown=False):
+        for name in dirs + files:
+            os.utime(os.path.join(top, name), (T0, T0), follow_symlinks=False)
+    os.utime(root, (T0, T0))
+    return root
+
+
+def _snapshot_tree(root: Path, text: str) -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/conf").write_text(text)
+    (root / "big").write_bytes(os.urandom(3 << 20))  # chunks across the reader's buffer
+    return _stamp(root)
+
+
+def _store(path: Path) -> Store:
+    s = Store(path)
+    s.init()
+    return s
+
+
+def _chain(tmp_path: Path) -> tuple[Store, layerstore.Layer, layerstore.Layer]:
+    src = _store(tmp_path / "src")
+    base, _ = layerstore.put_tree(
+        src, _stamp(make_tree(tmp_path / "base")), parent=None, kind="base",
+        origin=Origin("test", base="b", generation=1),
+    )  # fmt: skip
+    snap, _ = layerstore.put_tree(
+        src, _snapshot_tree(tmp_path / "u", "one\n"), parent=base.diff_id, kind="snapshot",
+        origin=Origin("instance vm", instance="vm"),
+    )  # fmt: skip
+    return src, base, snap
+
+
+def _empty(store: Store) -> bool:
+    return layerstore.list_layers(store) == [] and os.listdir(store.tmp_dir) == []
+
+
+def test_the_compressing_thread_gives_the_bytes_one_thread_gives(tmp_path: Path) -> None:
+    """write_blob compresses on a thread, in chunks gathered from headers and files: the
+    blob is the zstd stream one thread makes of the same tar (so digests recorded before
+    stay true), and an error of the writer reaches the caller, the thread ended."""
+    tree = _snapshot_tree(tmp_path / "t", "x\n")
+    blob = tmp_path / "b.zst"
+    with open(blob, "wb") as out:
+        info = write_blob(tree, out, kind="snapshot")
+    tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob.read_bytes())
+    assert len(tar) == info.tar_size
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_content_size=False)
+    z = cctx.compressobj()
+    assert z.compress(tar) + z.flush() == blob.read_bytes()
+
+    class Broken:
+        def write(self, data: bytes, /) -> int:
+            raise OSError(28, "No space left on device")
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="No space"):
+        write_blob(tree, Broken(), kind="snapshot")
+    time.sleep(0.2)
+    assert threading.active_count() == before
+
+
+def test_a_tampered_blob_is_refused_in_the_extracting_read(tmp_path: Path) -> None:
+    """The digest is checked in the one read that extracts: a flipped byte in the blob, or
+    bytes appended after its zstd frame (the decompressor stumbles on them first), refused
+    as damaged (the digest's verdict, not what the damage broke); nothing in the cache,
+    nothing in staging."""
+    _src, base, _snap = _chain(tmp_path)
+    for how in ("flip", "append"):
+        bad = tmp_path / f"{how}.zst"
+        bad.write_bytes(base.blob.read_bytes())
+        if how == "flip":
+            flip_byte(bad, bad.stat().st_size // 2)
+        else:
+            with open(bad, "ab") as fh:
+                fh.write(b"\0" * (3 << 20))  # past what the decompressor reads
+        dst = _store(tmp_path / f"dst-{how}")
+        with pytest.raises(BlobDamaged, match="damaged or tampered"):
+            layerstore.import_blob(
+                dst, bad, base.diff_id, None, kind="base",
+                expected_blob_digest=base.meta.blob_digest,
+            )  # fmt: skip
+        assert _empty(dst)
+        with pytest.raises(BlobDamaged):
+            layerstore.stage_blob(
+                dst, bad, base.diff_id, None, kind="base",
+                expected_blob_digest=base.meta.blob_digest,
+            )  # fmt: skip
+        assert _empty(dst)
+    # the same blob, intact, in the same read: its digest found without a second read
+    dest = tmp_path / "x"
+    dest.mkdir()
+    got = read_blob(base.blob, dest, kind="base", expected_blob_digest=base.meta.blob_digest)
+    assert got.blob_digest == base.meta.blob_digest and got.diff_id == base.diff_id
+
+
+def test_a_layer_built_before_its_parent_appears_only_over_it(tmp_path: Path) -> None:
+    """stage_blob builds a snapshot whose parent is not in the store yet; publishing it then
+    is NotFound, nothing added; built again once the parent is there, it publishes. A
+    discarded build leaves nothing."""
+    _src, base, snap = _chain(tmp_path)
+    dst = _store(tmp_path / "dst")
+    early = layerstore.stage_blob(
+        dst, snap.blob, snap.diff_id, base.diff_id, kind="snapshot",
+        expected_blob_digest=snap.meta.blob_digest,
+    )  # fmt: skip
+    assert os.listdir(dst.tmp_dir) != []  # built, in staging
+    with pytest.raises(NotFound, match="parent layer"):
+        early.publish()
+    assert _empty(dst)
+    base_staged = layerstore.stage_blob(dst, base.blob, base.diff_id, None, kind="base")
+    snap_staged = layerstore.stage_blob(dst, snap.blob, snap.diff_id, base.diff_id, kind="snapshot")
+    base_staged.publish()
+    layer, new = snap_staged.publish()
+    assert new and layer.meta.blob_digest == snap.meta.blob_digest
+    assert [la.diff_id for la in layerstore.chain(dst, snap.diff_id)] == [
+        snap.diff_id,
+        base.diff_id,
+    ]
+    assert os.listdir(dst.tmp_dir) == []
+    again = layerstore.stage_blob(dst, snap.blob, snap.diff_id, base.diff_id, kind="snapshot")
+    assert again.publish() == (layer, False)  # held already: not built again
+    other = _store(tmp_path / "other")
+    dropped = layerstore.stage_blob(other, base.blob, base.diff_id, None, kind="base")
+    dropped.discard()
+    assert _empty(other)
+
+
+class _Plan:
+    """What import_blobs reads of a PullPlan: the chain, the missing indexes, the layer.json
+    bytes and the blob descriptors."""
+
+    class _Top:
+        def __init__(self, digests: list[str]) -> None:
+            self.layers = [type("D", (), {"digest": d})() for d in digests]
+
+    def __init__(self, chain: list[str], digests: list[str]) -> None:
+        self.chain = tuple(chain)
+        self.missing = list(range(len(chain)))
+        self.metas = dict.fromkeys(self.missing, b"{}")
+        self.top = self._Top(digests)
+
+
+def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path: Path) -> None:
+    """import_blobs with stage_blob (what a host's pull uses): a base and three snapshots
+    built two at a time (the snapshots while the base is still being built), put in place
+    base first; then a pull whose third blob is tampered: the layers it put in place are
+    removed again, the ones built but not placed discarded, the store as it was."""
+    src, base, snap = _chain(tmp_path)
+    snaps = [snap]
+    for i in (2, 3):
+        layer, _ = layerstore.put_tree(
+            src, _snapshot_tree(tmp_path / f"u{i}", f"{i}\n"), parent=base.diff_id,
+            kind="snapshot", origin=Origin("instance vm", instance=f"vm{i}"),
+        )  # fmt: skip
+        snaps.append(layer)
+    dl = tmp_path / "downloads"
+    dl.mkdir()
+
+    def downloads() -> dict[str, Path]:  # verified downloads (import_blobs removes them)
+        out = {}
+        for la in [base, *snaps]:
+            path = dl / (la.meta.blob_digest[7:] + ".blob")
+            path.write_bytes(la.blob.read_bytes())
+            out[la.meta.blob_digest] = path
+        return out
+
+    def plans() -> list[_Plan]:
+        return [
+            _Plan([base.diff_id, s.diff_id], [base.meta.blob_digest, s.meta.blob_digest])
+            for s in snaps
+        ]
+
+    def run(dst: Store, files: dict[str, Path], tamper: str | None = None) -> list[str]:
+        running: list[int] = []
+        most = [0]
+        lock = threading.Lock()
+
+        def stage(
+            blob: Path, meta: bytes, diff_id: str, parent: str | None, digest: str
+        ) -> layerstore.StagedLayer:
+            with lock:
+                running.append(1)
+                most[0] = max(most[0], len(running))
+            try:
+                time.sleep(0.3)  # long enough for the other worker to start
+                expect = "sha256:" + "0" * 64 if diff_id == tamper else digest
+                kind = "base" if parent is None else "snapshot"
+                return layerstore.stage_blob(
+                    dst, blob, diff_id, parent, kind=kind, expected_blob_digest=expect
+                )
+            finally:
+                with lock:
+                    running.pop()
+
+        def undo(diff_id: str) -> None:
+            layerstore.remove(dst, layerstore.get(dst, diff_id))
+
+        out = transfer.import_blobs(
+            plans(),  # type: ignore[arg-type]  # the fields import_blobs reads
+            files,
+            have=lambda d: layerstore.has(dst, d),
+            stage_blob=stage,
+            undo=undo,
+            workers=2,
+        )
+        assert most[0] == 2
+        return out
+
+    dst = _store(tmp_path / "dst")
+    files = downloads()
+    assert run(dst, files) == [base.diff_id] + [s.diff_id for s in snaps]
+    assert {la.diff_id for la in layerstore.list_layers(dst)} == {base.diff_id} | {
+        s.diff_id for s in snaps
+    }
+    assert not any(p.exists() for p in files.values())  # removed once all were imported
+    bad = _store(tmp_path / "bad")
+    files = downloads()
+    with pytest.raises(LayerRefused, match="damaged or tampered"):
+        run(bad, files, tamper=snaps[1].diff_id)
+    assert _empty(bad)
+    assert all(p.exists() for p in files.values())  # kept for the next pull
+
+
+def test_a_base_generation_layer_gets_its_blob_when_adopted(tmp_path: Path) -> None:
+    """A base generation adopted as a layer (the first snapshot, delta or push asks for it)
+    has its blob made then, from its image, checked to be the layer: a push only sends it
+    (blob_path returns it as it is)."""
+    s = _store(tmp_path / "s")
+    base_mod.create(s, "b", _stamp(make_tree(tmp_path / "tree")))
+    layer = base_mod.generation_layer(s, base_mod.get_generation(s, "b", 1))
+    assert layer.blob.is_file() and layer.meta.blob_digest
+    assert file_digest(layer.blob) == layer.meta.blob_digest
+    made = layer.blob.stat().st_mtime_ns
+    assert layerstore.blob_path(s, layer) == layer.blob
+    assert layer.blob.stat().st_mtime_ns == made
+    out = tmp_path / "x"
+    out.mkdir()
+    got = read_blob(layer.blob, out, kind="base", expected_blob_digest=layer.meta.blob_digest)
+    assert got.diff_id == layer.diff_id
