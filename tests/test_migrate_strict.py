@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,6 +217,63 @@ def test_deltas_are_checked(setup: Setup) -> None:
     liar = zstandard.ZstdCompressor(dict_data=delta._dict(busybox)).compress(os.urandom(len(fresh)))
     refused(setup, with_delta(named, bb_sha, liar), 8, "does not make its announced")
     assert not (setup.host.store / "migrate" / "objects" / sha).exists()
+
+
+def test_chunked_contents_are_checked(setup: Setup) -> None:
+    """A large content sent as chunks (``C``) against the host's nearest version (here a
+    partial arrival of it, as a broken transfer leaves): hostile recipes are refused in one
+    line, nothing of them kept, the partial arrival unchanged; a good recipe whose stream
+    is cut keeps only its verified chunks, and never shortens a longer partial arrival."""
+    import io
+
+    from unionimg.migrate import cdc, index
+
+    big = os.urandom(3 << 20)
+    sha = hashlib.sha256(big).hexdigest()
+    entry = TreeEntry("upper/big.bin", "file", 0o644, 0, 0, 1, len(big), sha)
+    o = with_entries(setup.offer, [entry])
+    partial = index.partial_path(setup.host.store / "migrate", sha)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    held = big[: (1 << 20) + 12345]
+    partial.write_bytes(held)
+    have = [dg for _o, _n, dg in cdc.cut(io.BytesIO(held))]
+    recipe = cdc.plan_recipe(cdc.cut(io.BytesIO(big)), have)
+    good = b"".join(cdc.pieces(recipe, have, lambda off, n: big[off : off + n]))
+    assert recipe.reused >= len(have) - 1
+
+    def with_recipe(payload: bytes, size: int = len(big), what: str = sha) -> bytes:
+        raw = bytearray(MAGIC)
+        raw += frame_head(b"H", o.to_json(), 0)
+        raw += frame_head(b"C", {"sha256": what, "size": size}, len(payload))
+        raw += payload
+        raw += frame_head(b"E", {"objects": 1, "layers": 0}, 0)
+        return zstandard.ZstdCompressor(level=3).compress(bytes(raw))
+
+    run = struct.Struct(">cII16s")
+    bad_ref = run.pack(b"R", len(have) + 5, 1, bytes(16))
+    cases = [
+        (good + run.pack(b"R", 0, 1, cdc.run_check(have[:1])), "more than the announced"),
+        (bad_ref + good, "lacks"),
+        (run.pack(b"R", 0, 2, cdc.run_check(have[1:3])) + good, "not the ones answered"),
+        (b"N" + (cdc.MAX_CHUNK + 1).to_bytes(4, "big") + bytes(16) + good, "at most"),
+        (good[:-1], "ends inside a piece"),
+    ]
+    for payload, why in cases:
+        refused(setup, with_recipe(payload), 8, why)
+        assert partial.read_bytes() == held  # not replaced by what the refusal left
+    refused(setup, with_recipe(good, size=len(big) - 1), 8, "not in the offer")
+    small = next(e for e in o.entries if e.kind == "file" and e.path.endswith("data.bin"))
+    assert small.sha256 is not None
+    refused(setup, with_recipe(good, size=small.size, what=small.sha256), 8, "no chunks")
+    huge = good + bytes(cdc.max_payload(len(big)))
+    refused(setup, with_recipe(huge), 8, "more than announced or allowed")
+    assert not (setup.host.store / "migrate" / "objects" / sha).exists()
+    # cut inside the recipe: the chunks before the cut are kept, if more than it held
+    whole = with_recipe(good)
+    for cut_at, longer in ((len(whole) // 8, False), (len(whole) * 7 // 8, True)):
+        refused(setup, whole[:cut_at], 8, "ended early")
+        got = partial.read_bytes()
+        assert big.startswith(got) and (len(got) > len(held)) == longer, (len(got), cut_at)
 
 
 def test_the_unchanged_stream_makes_the_vm_and_a_taken_name_is_refused(setup: Setup) -> None:

@@ -92,6 +92,12 @@ def max_chunks(size: int) -> int:
     return size // MIN_CHUNK + 1
 
 
+def list_limit(size: int) -> int:
+    """The most chunk digests a receiver lists for a file of ``size`` bytes (its nearest
+    versions may be larger than the file: up to four times it, or 1 GiB, each)."""
+    return MAX_SEEDS * max_chunks(max(4 * size, 1 << 30))
+
+
 def max_payload(size: int) -> int:
     """The largest recipe a file of ``size`` bytes may take (every piece but the last makes
     at least :data:`MIN_CHUNK` bytes)."""

@@ -128,8 +128,8 @@ class ObjectWriter:
     def keep_partial(self) -> bool:
         """The link broke inside this content: keep what arrived as its partial arrival
         (:func:`partial_path`), the nearest version a rerun chunks (:mod:`.cdc`: only the
-        chunks it holds whole are used, each hashed again); True when kept. Only for large
-        contents: a small one is simply sent again."""
+        chunks it holds whole are used, each hashed again) unless an earlier one holds more;
+        True when kept. Only for large contents: a small one is simply sent again."""
         with contextlib.suppress(OSError):
             self.fh.flush()
             os.fsync(self.fh.fileno())
@@ -139,6 +139,12 @@ class ObjectWriter:
             self.tmp.unlink(missing_ok=True)
             return False
         dest = partial_path(self.final.parent.parent, self.sha)
+        try:
+            if dest.stat().st_size >= self.got:  # an earlier run's, longer: it stays
+                self.tmp.unlink(missing_ok=True)
+                return False
+        except FileNotFoundError:
+            pass
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.tmp, dest)
@@ -484,11 +490,15 @@ def nearest(
 class Nearest:
     """The nearest versions (:func:`nearest`) chunked (:func:`.cdc.cut`) and open for
     reading while the context lasts: per content, the list of chunk digests the answer
-    names (its seeds' chunks one after another) and each chunk's place."""
+    names (its seeds' chunks one after another, at most :func:`.cdc.list_limit` of the
+    content's size in ``sizes``: a far larger seed is left out) and each chunk's place."""
 
-    def __init__(self, store: Store, seeds: dict[str, list[Seed]]) -> None:
+    def __init__(
+        self, store: Store, seeds: dict[str, list[Seed]], sizes: dict[str, int] | None = None
+    ) -> None:
         self.store = store
         self.seeds = seeds
+        self.sizes = sizes or {}
         self.stack = contextlib.ExitStack()
         self.have: dict[str, list[bytes]] = {}
         self.where: dict[str, list[tuple[BinaryIO, int, int]]] = {}
@@ -505,6 +515,7 @@ class Nearest:
             have: list[bytes] = []
             where: list[tuple[BinaryIO, int, int]] = []
             labels = []
+            largest = max(4 * self.sizes.get(sha, 0), 1 << 30)
             for seed in seeds:
                 key = seed.sha or str(seed.partial)
                 if key not in cut:
@@ -518,8 +529,13 @@ class Nearest:
                             fh = self.stack.enter_context(open(seed.partial, "rb"))
                         except OSError:
                             continue
+                    if os.fstat(fh.fileno()).st_size > largest:
+                        continue  # far larger than the file: not read, not listed
                     cut[key] = (fh, list(cdc.cut(fh)))
                 fh, chunks = cut[key]
+                limit = cdc.list_limit(self.sizes.get(sha, 0))
+                if len(have) + len(chunks) > limit:
+                    continue  # the sender's bound (cdc.list_limit)
                 labels.append(seed.label)
                 for off, length, d in chunks:
                     have.append(d)

@@ -220,7 +220,8 @@ def nearest_versions(store: Store, offer: MigrateOffer, missing: tuple[str, ...]
     paths = plan.guest_paths(offer.entries, layer_entries)
     large = {sha: paths.get(sha, set()) for sha in missing if sizes.get(sha, 0) >= cdc.MIN_FILE}
     inst = offer.instance
-    return index.Nearest(store, index.nearest(store, inst.name, inst.base, inst.generation, large))
+    seeds = index.nearest(store, inst.name, inst.base, inst.generation, large)
+    return index.Nearest(store, seeds, sizes)
 
 
 def _fill(w: index.ObjectWriter, reader: Reader, feed: Callable[[bytes], None]) -> None:
