@@ -113,6 +113,7 @@ def test_a_large_own_file_edited_there_comes_back_as_chunks(env: Env) -> None:
     make_big_vm(ctl, env.tmp, "cdb", "52:54:00:14:0c:01", "srv/db.words", old)
     out = migrate(ctl, "cdb", "h1")  # the first trip: h1 has no version of it
     assert row(out, "/srv/db.words")["method"] == "whole", out["files"]
+    print(f"\nfirst trip (whole): stream {out['stream_bytes']} B, stages {out['stages']}")
     assert "cdb" in names(h1) and "cdb" not in names(ctl)
 
     # edited on h1 in a few places: three overwritten, one insertion (the rest shifts)
@@ -141,7 +142,8 @@ def test_a_large_own_file_edited_there_comes_back_as_chunks(env: Env) -> None:
     bound = 2 * EDITS * cdc.MAX_CHUNK + 300_000
     print(
         f"way back with chunks: {wire} B on the wire ({r['chunks_sent']} of {r['chunks']} "
-        f"chunks, {r['chunk_bytes_sent']} B raw), whole compressed {whole} B"
+        f"chunks, {r['chunk_bytes_sent']} B raw), whole compressed {whole} B; "
+        f"stages {out['stages']}"
     )
     assert wire < bound, (wire, bound, r)
     assert wire < whole // 20, (wire, whole)

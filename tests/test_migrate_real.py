@@ -195,6 +195,12 @@ def test_dry_run_then_migrate(env: Env) -> None:
     bases = [v for k, v in plan["found"].items() if k.startswith("base tiny/")]
     assert len(bases) == 1 and bases[0]["elsewhere"]["contents"] >= 1, plan["found"]
     assert dry["deltas"] == 1  # busybox, on the base's version
+    # the host answered chunks of its busybox too (same path, over 1 MiB): the delta was
+    # measured smaller than those chunks would be, so it went as the delta
+    (bb_row,) = [r for r in dry["files"] if r["path"] == "/bin/busybox"]
+    assert bb_row["method"] == "delta", bb_row
+    assert bb_row["chunks_would_take"] > bb_row["payload"], bb_row
+    assert dry["methods"]["delta"]["contents"] == 1 and dry["chunked"] == 0
     assert names(hcli(h1)) == ["peer"] and "web" in names(ctl)
     dry_wire = h1.counters()["rx_bytes"] - rx0
     assert dry_wire < 200_000  # the offer only
