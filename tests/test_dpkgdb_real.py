@@ -24,15 +24,19 @@ After ``reconcile --all``:
   pristine 1.0 conffile: the VM's line 2 and the base's line 18;
 * db2: the same conffile conflicts on line 18 only (one narrow block, line 2 merged), the
   live file stays the VM's;
-* db3 upgraded ``uimg-up`` to its own 1.5 where the base goes to 2.0: a package-level
+* db3 upgraded ``uimg-up`` to its own 1.5 where the base goes to 2.0, and edited a file of
+  it (``NOTES``, no conffile: the newer version does not settle it): a package-level
   conflict naming both versions, pending; while it is, the live status is the proposal
   (never a half state): ``dpkg -l`` lists the base's new packages ``ii`` and uimg-up 1.5
   (its changed info files stay the VM's), ``--audit`` clean; resolved with the proposal;
-* db4 installed ``uimg-x`` 1.0 and edited its conffile; the base installed 1.0 (generation 2,
-  .deb kept in its apt cache) and upgraded to 2.0 (generation 3): a package conflict, and
+* db4 installed ``uimg-x`` 1.0 and edited its conffile and its ``VERSION``; the base
+  installed 1.0 (generation 2, .deb kept in its apt cache) and upgraded to 2.0 (generation
+  3): a package conflict, and
   the conffile merged against 1.0's pristine copy from the base's cache (the VM's version,
   as on an upgrade): 2.0's line 10 and the VM's line 2; ``resolve --take local`` of its
-  status writes the VM's own status back over the live proposal.
+  status writes the VM's own status back over the live proposal;
+* db5 as db4 without the ``VERSION`` edit: the newer version wins (B1's 2.0 whole, the
+  conffile merged the same way), nothing pending.
 """
 
 from __future__ import annotations
@@ -71,8 +75,9 @@ VM_EDITS = {
 UP_LOCAL = dataclasses.replace(
     debs.conf_package(1, "uimg-up", UP_CONF),
     version="1.5",
-    files={"/usr/share/uimg-up/VERSION": b"1.5\n"},
-)  # db3's own version of the package the base upgrades to 2.0
+    files={"/usr/share/uimg-up/VERSION": b"1.5\n", "/usr/share/uimg-up/NOTES": b"notes\n"},
+)  # db3's own version of the package the base upgrades to 2.0 (db3 edits its NOTES)
+X_VERSION = "/usr/share/uimg-x/VERSION"
 
 
 @dataclass
@@ -128,7 +133,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         debs.install(tmp / "b0", up1)
         cli.ok("base", "create", "deb", "--from-dir", str(tmp / "b0"))
         subprocess.run(["umount", str(tmp / "b0")], check=True, timeout=60)
-        vms = {"db1": [plain, conf1], "db2": [conf1], "db3": [up15], "db4": [x1]}
+        vms = {"db1": [plain, conf1], "db2": [conf1], "db3": [up15], "db4": [x1], "db5": [x1]}
         for vm, installs in vms.items():
             cache = vm == "db2"  # db1's pristine comes from generation 2, db2's from its cache
             cli.ok("instance", "create", vm, "--base", "deb")
@@ -139,8 +144,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
                 debs.install(mnt, *installs, cache=cache)  # no maintainer scripts: noexec is fine
                 if vm in VM_EDITS:
                     (mnt / CONF.lstrip("/")).write_bytes(VM_EDITS[vm])
-                if vm == "db4":
-                    (mnt / X_CONF.lstrip("/")).write_bytes(edit(PRISTINE, 2, "option02 = db4"))
+                if vm in ("db4", "db5"):
+                    (mnt / X_CONF.lstrip("/")).write_bytes(edit(PRISTINE, 2, f"option02 = {vm}"))
+                if vm == "db4":  # a file of the package, not a conffile: no newer-version rule
+                    (mnt / X_VERSION.lstrip("/")).write_bytes(b"1.0 edited\n")
+                if vm == "db3":
+                    (mnt / "usr/share/uimg-up/NOTES").write_bytes(b"edited\n")
             finally:
                 cli.ok("umount", str(mnt))
         # generation 2 installs (apt's cache emptied after), generation 3 edits the conffile
@@ -258,7 +267,8 @@ def test_package_both_sides_changed_is_a_package_conflict_never_a_half_state(
 ) -> None:
     found = conflicts(world, "db3")
     status = found.pop("/var/lib/dpkg/status")
-    assert "uimg-up:all (local 1.5, B1 2.0)" in status, status
+    assert "uimg-up:all (local 1.5, B1 2.0; not settled by the newer version: the VM " in status
+    assert "changed /usr/share/uimg-up/NOTES of its version" in status, status
     assert "live until resolved: the proposal" in status, status
     md5sums = found.pop("/var/lib/dpkg/info/uimg-up.md5sums")
     assert "local 1.5, B1 2.0" in md5sums and "follows its paragraph" in md5sums
@@ -335,7 +345,7 @@ def test_conffile_of_the_vms_older_version_merges_against_its_pristine_from_the_
     assert (a["case"], a["action"]) == (5, "write"), a
     assert "uimg-x 1.0's pristine conffile, the VM's version" in a["reason"], a["reason"]
     found = conflicts(world, "db4")
-    assert "uimg-x:all (local 1.0, B1 2.0)" in found.pop("/var/lib/dpkg/status")
+    assert "uimg-x:all (local 1.0, B1 2.0" in found.pop("/var/lib/dpkg/status")
     assert set(found) <= {
         "/var/lib/dpkg/info/uimg-x.md5sums", "/usr/share/uimg-x/VERSION"
     }, found  # fmt: skip
@@ -380,3 +390,27 @@ def test_resolving_a_live_package_conflict_with_local_writes_the_vms_status_back
     assert live() == local
     left = {c["path"] for c in json.loads(cli.ok("conflicts", "db4", "--json").output)}
     assert "/var/lib/dpkg/status" not in left, left
+
+
+@pytest.mark.slow
+def test_base_newer_version_taken_whole_with_the_vms_conffile_edit_merged(world: World) -> None:
+    """db5 installed uimg-x 1.0 and edited only its conffile; the base went to 2.0: the
+    newer version wins (the VM's copy is pristine but for the conffile), the conffile is
+    merged against 1.0's pristine copy from the base, and nothing is left pending."""
+    assert conflicts(world, "db5") == {}, world.report["db5"]
+    status = action(world, "db5", "/var/lib/dpkg/status")
+    assert status["packages"] == ["uimg-x: base 2.0 supersedes VM's 1.0 (taken)"], status
+    assert action(world, "db5", X_VERSION)["action"] == "drop"
+    mnt = world.tmp / "after-db5"
+    mnt.mkdir()
+    world.cli.ok("mount", "db5", str(mnt), "--readonly")
+    try:
+        merged = (mnt / X_CONF.lstrip("/")).read_bytes()
+        assert merged == edit(debs.conffile_text(2), 2, "option02 = db5"), merged
+        assert (mnt / X_VERSION.lstrip("/")).read_bytes() == b"2.0\n"
+        verify = dpkg(mnt, "--verify", "uimg-x")  # the edited conffile alone
+        assert verify.stdout.split() == ["??5??????", "c", X_CONF], verify
+        listed = dpkg(mnt, "-l", "uimg-x").stdout
+        assert any(ln.split()[:3] == ["ii", "uimg-x", "2.0"] for ln in listed.splitlines())
+    finally:
+        world.cli.ok("umount", str(mnt))

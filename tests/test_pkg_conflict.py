@@ -6,6 +6,7 @@ decisions on small trees (which files of the package drop, stay, or keep it a co
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from tests.test_plan import Tree, run
 from unionimg.reconcile import dpkgdb
 from unionimg.reconcile.dpkgdb import INFO, STATUS, DbError, compare_versions, md5_of
 from unionimg.reconcile.policy import Policy, Rule
+from unionimg.store.reconcile_records import PackageConflicts
 
 # -- Debian's version comparison ----------------------------------------------------------------
 ORDERED = [
@@ -117,7 +119,7 @@ def tool(version: str, *, extra: Mapping[str, bytes] | None = None, conf: bytes 
     return version, files, {"/etc/tool.conf": conf}
 
 
-BASE = {"base-files": ("12", {"/etc/debian_version": b"12\n"}, {})}
+BASE: dict[str, Package] = {"base-files": ("12", {"/etc/debian_version": b"12\n"}, {})}
 
 
 def test_base_newer_version_taken_whole_when_the_vms_copy_is_pristine() -> None:
@@ -134,8 +136,8 @@ def test_base_newer_version_taken_whole_when_the_vms_copy_is_pristine() -> None:
     for ext in ("list", "md5sums"):
         assert r.action(f"{INFO}tool.{ext}").action == "drop"
     assert r.plan.conflicts == []
-    assert r.plan.to_json()["actions"]  # serialisable, packages included
-    assert any(a.get("packages") for a in r.plan.to_json()["actions"])  # type: ignore[union-attr]
+    reported = json.loads(json.dumps(r.plan.to_json()))["actions"]  # packages included
+    assert [a["packages"] for a in reported if "packages" in a] == [list(status.packages)]
 
 
 def test_base_newer_with_an_edited_conffile_leaves_a_conflict_on_that_conffile_only() -> None:
@@ -236,3 +238,19 @@ def test_the_vms_deletion_of_a_file_b1s_version_has_is_undone() -> None:
     r = run(upper_from(b0, vm), b0, b1, reads=True)
     assert r.action("/usr/share/tool/data").action == "drop"
     assert r.action(STATUS).packages and r.plan.conflicts == []
+
+
+def test_a_pending_package_conflict_lists_its_paths_for_resolve_package() -> None:
+    """What ``resolve --package`` applies as one unit: U's entries of the package (info
+    files and files), the conffile the VM edited apart (``--take base`` keeps it)."""
+    b0 = tree(BASE)
+    vm = tree({**BASE, "tool": tool("1")})
+    vm.file("/usr/bin/tool", b"patched by hand\n")
+    vm.file("/etc/tool.conf", CONF.replace(b"value2\n", b"mine\n"))
+    b1 = tree({**BASE, "tool": tool("2")})
+    status = run(upper_from(b0, vm), b0, b1, reads=True).action(STATUS)
+    listed = PackageConflicts.from_json(json.loads(status.artifacts["packages"]))
+    (only,) = listed.items
+    assert (only.label, only.local, only.base) == ("tool:all", "1", "2")
+    assert set(only.files) == {"/usr/bin/tool", f"{INFO}tool.list", f"{INFO}tool.md5sums"}
+    assert only.edited_conffiles == ("/etc/tool.conf",)

@@ -227,7 +227,7 @@ def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
 
 @click.command("resolve")
 @click.argument("vm")
-@click.argument("path")
+@click.argument("path", required=False)
 @click.option(
     "--take",
     type=click.Choice(["local", "base", "merged", "proposal"]),
@@ -241,13 +241,35 @@ def conflicts_cmd(c: Ctx, vm: str, as_json: bool) -> None:
     default=None,
     help="Use this file's content for PATH.",
 )
+@click.option(
+    "--package",
+    default=None,
+    help="A package conflict of dpkg's status (NAME or NAME:ARCH) instead of a PATH: "
+    "--take base|local applies its paragraph, info files and files together.",
+)
 @pass_ctx
-def resolve_cmd(c: Ctx, vm: str, path: str, take: str | None, file: Path | None) -> None:
+def resolve_cmd(
+    c: Ctx, vm: str, path: str | None, take: str | None, file: Path | None, package: str | None
+) -> None:
     """Settle one conflict of VM; recorded in its history.
 
     A conflict policy 'fail' held (the VM stayed on its generation) is settled by the next
     reconcile to that generation: --take base/local decide the path there, --take
-    merged/--file write it now and keep it."""
+    merged/--file write it now and keep it. A package both sides changed is settled whole
+    with --package (--take base of the status file or of the package's files is refused
+    while it is pending: it would leave the package half one side's, half the other's)."""
+    if package is not None:
+        if path is not None or file is not None or take not in ("base", "local"):
+            raise UsageError("--package takes no PATH and no --file, and --take base or local")
+        out = rec.resolve_package(c.store, vm, package, take=take)
+        click.echo(f"resolved package {shown(out['package'])} in {vm}: took {shown(out['took'])}")
+        for kept in out["kept_conffiles"]:
+            click.echo(f"  kept the VM's edited conffile {shown(kept)} (as dpkg keeps it)")
+        if out["pending_packages"]:
+            click.echo(f"  still pending: {', '.join(shown(p) for p in out['pending_packages'])}")
+        return
+    if path is None:
+        raise UsageError("give the PATH of a conflict, or --package NAME")
     out = rec.resolve(c.store, vm, path, take=take, file=file)
     click.echo(f"resolved {shown(out['path'])} in {out['name']}: took {shown(out['took'])}")
     if "applied_by" in out:  # a conflict policy 'fail' held: the VM is still on its generation

@@ -72,7 +72,7 @@ from unionimg.layers.status import (
 )
 from unionimg.layers.ucheck import sync_image
 from unionimg.reconcile import checks as consistency
-from unionimg.reconcile import ldcache
+from unionimg.reconcile import dpkgdb, ldcache
 from unionimg.reconcile.dpkgdb import Conffile
 from unionimg.reconcile.merge import is_binary, merge3
 from unionimg.reconcile.plan import (
@@ -80,6 +80,7 @@ from unionimg.reconcile.plan import (
     DROP,
     ERROR,
     KEEP,
+    PACKAGES,
     SET_META,
     WRITE,
     Action,
@@ -99,6 +100,8 @@ from unionimg.store.reconcile_records import (
     HeldResolution,
     HeldResolutions,
     LastReconcile,
+    PackageConflict,
+    PackageConflicts,
     ReconcileReport,
     ReportAction,
     ReportConflict,
@@ -441,7 +444,7 @@ class Reconciler:
                     actions=tuple(
                         ReportAction(a.path, a.case, a.action, a.reason, a.packages)
                         for a in plan.actions
-                        if a.action != KEEP
+                        if a.action != KEEP or a.packages  # a kept status names its packages
                     ),
                     conflicts=tuple(
                         ReportConflict(a.path, a.reason, a.case) for a in plan.conflicts
@@ -924,6 +927,8 @@ def resolve(
                 f"instance '{name}' has no conflict at {path}; see 'unionimg conflicts {name}'"
             )
         c = match[0]
+        if take == "base":
+            _refuse_half_state(name, path, pending)
         aside = Path(c.dir)
         how = take or f"file {file}"
         what = f"resolve {path} in {name}"
@@ -1035,6 +1040,167 @@ def resolve(
     if c.held:
         out["applied_by"] = f"unionimg reconcile {name} --to-generation {c.generation}"
     return out
+
+
+# -- a package conflict as one unit (issue 12, item 2) -------------------------------------------
+def _pending_packages(
+    pending: Sequence[ConflictRecord],
+) -> tuple[ConflictRecord | None, PackageConflicts]:
+    """The pending status conflict and its packages (none: no such conflict, or one
+    recorded without them)."""
+    status = next((c for c in pending if c.path == dpkgdb.STATUS), None)
+    if status is None:
+        return None, PackageConflicts()
+    source = Path(status.dir) / PACKAGES
+    if not source.is_file():
+        return status, PackageConflicts()
+    return status, read_record(source, PackageConflicts)
+
+
+def _refuse_half_state(name: str, path: str, pending: Sequence[ConflictRecord]) -> None:
+    """``--take base`` of the status file, or of a file of a package still in conflict,
+    would put B1's paragraph over the VM's files of another version (or the reverse):
+    refused, naming ``--package``."""
+    _, packages = _pending_packages(pending)
+    hit = [
+        p for p in packages.items
+        if path == dpkgdb.STATUS or path in p.files or path in p.edited_conffiles
+    ]  # fmt: skip
+    if hit:
+        labels = ", ".join(shown(p.label) for p in hit[:_PATHS_NAMED])
+        more = f" (+{len(hit) - _PATHS_NAMED} more)" if len(hit) > _PATHS_NAMED else ""
+        raise UsageError(
+            f"--take base of {shown(path)} would leave a package half B1's, half the VM's "
+            f"(pending package conflict: {labels}{more}); take each package whole: 'unionimg "
+            f"resolve {name} --package {shown(hit[0].package)} --take base|local'"
+        )
+
+
+def _with_paragraph(live: bytes, base: bytes, conflict: PackageConflict) -> bytes:
+    """The live status with the package's paragraph made B1's (from B1's whole status, the
+    conflict's ``base-new``), or left out where B1 has none; sorted as dpkg writes it."""
+    key = (conflict.package, conflict.architecture)
+    try:
+        mine = {p.key: p for p in dpkgdb.parse(live)}
+        theirs = {p.key: p for p in dpkgdb.parse(base, what="B1's status")}
+    except dpkgdb.DbError as err:
+        raise UsageError(
+            f"{dpkgdb.STATUS} cannot be read per package ({err}); resolve it by path"
+        ) from None
+    if key in theirs:
+        mine[key] = theirs[key]
+    else:
+        mine.pop(key, None)
+    return b"".join(mine[k].text + b"\n" for k in sorted(mine))
+
+
+def resolve_package(store: Store, name: str, package: str, *, take: str) -> JsonObject:
+    """``resolve VM --package P --take base|local``: a pending package conflict of dpkg's
+    status settled as one unit. ``base``: B1's paragraph written into the live status, and
+    U's entries of the package (its files, info files, whiteouts over B1's) removed so B1's
+    version shows — a conffile the VM edited stays (dpkg keeps a modified conffile on an
+    upgrade; ``dpkg --verify`` then flags it as any edited conffile). ``local``: the VM's
+    version, already live, stays. The package's pending path conflicts are settled with it;
+    the status conflict when its last package is. Everything is read and checked before
+    U changes; each change is a rename or an unlink, the conflict records are rewritten
+    only after the commit, so a failure part-way leaves the conflict pending and the same
+    command finishes it."""
+    if take not in ("base", "local"):
+        raise UsageError("--package takes --take base or --take local")
+    inst = load(store, name)
+    st = state(store, name)
+    if st != "stopped":
+        raise Conflict(f"instance '{name}' is {st}; stop or umount it before resolving")
+    with store.lock(f"instance-{name}", purpose=f"resolve {name}"):
+        pending = conflicts(store, name)
+        status, packages = _pending_packages(pending)
+        if status is None or not packages.items:
+            raise NotFound(
+                f"instance '{name}' has no pending package conflict; "
+                f"see 'unionimg conflicts {name}'"
+            )
+        if status.held:
+            raise UsageError(
+                f"{dpkgdb.STATUS} of {name} is held by policy fail; resolve it by path"
+            )
+        found = [p for p in packages.items if package in (p.package, p.label)]
+        if len(found) != 1:
+            names = ", ".join(shown(p.label) for p in packages.items)
+            raise (NotFound if not found else UsageError)(
+                f"instance '{name}' has {'no' if not found else 'more than one'} pending package "
+                f"conflict {shown(package)} (pending: {names})"
+            )
+        conflict = found[0]
+        aside = Path(status.dir)
+        how = f"{take} (package {conflict.label}: local {conflict.local}, B1 {conflict.base})"
+        what = f"resolve package {conflict.label} in {name}"
+        with (
+            u_layer(store, name, write=True) as u,
+            WriteWatch(u) as watch,
+            history.open_repo(u, guest=name) as repo,
+        ):
+            upper = u / "upper"
+            live_entry = _upper_entry(upper, dpkgdb.STATUS)
+            data = None
+            if take == "base":
+                if live_entry is None or live_entry.kind != "file":
+                    raise UsageError(f"{dpkgdb.STATUS} is no regular file in {name}'s layer")
+                if any(_under_opaque(upper, p) for p in conflict.files):
+                    raise UsageError(
+                        f"a file of {shown(conflict.label)} is below an opaque directory of "
+                        "the VM, where B1's cannot show; resolve its paths by hand"
+                    )
+                base = (aside / "base-new").read_bytes()
+                live = fsops.read_file(upper, dpkgdb.STATUS)
+                data = _with_paragraph(live, base, conflict)
+            entries = scan_upper(u, hash_files=False)
+            require_u_space(
+                store, u, name, commit_estimate(u, entries, [len(data or b"")] * 2), what
+            )
+            checkpoint("resolve:checked")
+            if data is not None and live_entry is not None:
+                for path in conflict.files:
+                    fsops.remove_entry(upper, path)
+                fsops.write_entry(upper, dpkgdb.STATUS, replace(live_entry, size=len(data)), data)
+            fsops.syncfs(upper)
+            settled = {*conflict.files, *(() if take == "base" else conflict.edited_conffiles)}
+            left = tuple(p for p in packages.items if p is not conflict)
+            record = Resolution(
+                path=dpkgdb.STATUS, took=how, generation=status.generation, resolved=now_iso()
+            )
+            fsops.write_beneath(
+                u,
+                f"{history.SIDECAR_DIR}/{Resolution.FILE}",
+                compact(record).encode("utf-8"),
+                append=True,
+            )
+            try:
+                node = _commit(
+                    repo, u, inst, f"resolve package {conflict.label} in {name}: took {how}"
+                )
+                sync_image(watch, store.root, name, what)
+            except (OSError, ToolFailed) as exc:
+                raise blame_space(exc, store, u, name, what) from exc
+            if node is not None:
+                history.verify_node(u, node, repo)
+            durable(u)
+            done = [
+                c for c in pending if c.path in settled or (c.path == dpkgdb.STATUS and not left)
+            ]
+            if left:
+                write_record(aside / PACKAGES, PackageConflicts(left))
+            _write_conflicts(store, name, [c for c in pending if c not in done])
+        for c in done:
+            fsops.remove_tree(Path(c.dir))
+    return {
+        "name": name,
+        "package": conflict.label,
+        "took": how,
+        "node": node,
+        "settled": sorted(c.path for c in done),
+        "kept_conffiles": list(conflict.edited_conffiles) if take == "base" else [],
+        "pending_packages": [p.label for p in left],
+    }
 
 
 def _size_of(path: Path | None) -> int:

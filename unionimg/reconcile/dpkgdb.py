@@ -8,18 +8,31 @@ Here the three versions (B0 = ancestor, local = the VM's, B1 = the new base) are
 * a paragraph both sides kept stays; added, changed or removed on one side takes that side
   (B1's packages plus the VM's local installs, removals and changes); the same change on both
   sides (both installed one same version) is taken once;
-* a package both sides changed differently (two versions, or removed on one side and
-  changed on the other) is a **package-level conflict** whose reason names the package and
-  both versions. Its ``proposal`` artefact is the merge that keeps the VM's version of each
-  conflicting package (its changed files are in the upper layer, which wins over the base's;
-  its ``info/`` files stay the VM's, below) with everything else merged, and the proposal is
+* a package both sides changed to two versions, both fully installed, is settled as apt
+  settles it — it upgrades to the newer version and never downgrades an installed newer
+  one — when the losing side's copy is pristine (:func:`newer_side` here, Debian's version
+  order by :func:`compare_versions`; the files are the planner's part, see
+  :meth:`unionimg.reconcile.plan._Planner._settle_packages`): ``base-newer`` takes B1's
+  paragraph, ``local-newer`` keeps the VM's, each named in the reason ("openssh-server:
+  base 1:9.2p1-2+deb12u3 supersedes VM's 1:9.2p1-2 (taken)", "... (kept (newer))"). The
+  policy's action for :data:`NEWER_WINS` is the setting (``merge``: on);
+* any other package both sides changed differently (removed on one side and changed on
+  the other, the same version with other fields, a malformed version, a losing copy that
+  is not pristine, or the setting off) is a **package-level conflict** whose reason names
+  the package, both versions and why the newer version did not settle it. Its
+  ``proposal`` artefact is the merge that keeps the VM's version of each conflicting
+  package (its changed files are in the upper layer, which wins over the base's; its
+  ``info/`` files stay the VM's, below) with everything else merged, and the proposal is
   also what the live file holds while the conflict is pending (``FileResult.live``): every
   package B1 added or changed that the VM did not touch has its paragraph with its files and
   ``info/`` from B1, the VM's own packages theirs — never a half state (files of a package
   without its paragraph). The conflict stays pending with its artefacts (``merged`` with
   both paragraphs between markers, ``local`` = the VM's whole file before, ``base-new``...):
-  ``resolve --take local`` writes the VM's own file back, ``--take base`` lets B1's show,
-  ``--take proposal`` keeps what is live;
+  ``resolve --package P --take base|local`` settles one package whole (its paragraph,
+  info files and files: the status conflict's ``packages`` artefact lists them),
+  ``resolve --take local`` writes the VM's own file back, ``--take proposal`` keeps what is
+  live; ``--take base`` of the file is refused while a package is pending (B1's paragraph
+  over the VM's files of another version would be a half state);
 * a file that cannot be parsed (a hostile or damaged guest's status: a line that is no
   field, a paragraph without ``Package``, a package named twice) is a conflict saying which
   side and which line, never an exception;
@@ -56,8 +69,10 @@ never B1's paragraph over the VM's files of another version.
 
 Deliberately NOT done: re-applying the VM's package operations (``dpkg -i`` of the VM's own
 cached ``.deb``s, their maintainer scripts) on the new base. That would run guest-controlled
-code on the host, as root; a package-level conflict with both versions is the answer where
-the sides differ.
+code on the host, as root. Where the sides differ, the newer version (a whole side's copy of
+the package, as it is) wins where that is unambiguous; elsewhere a package-level conflict
+with both versions is the answer. Maintainer scripts of the winning version are not run:
+a B1 that wins was configured by them in the base, a VM's newer one in the VM.
 
 Conffiles (issue 12, item 4): :func:`pristine_ancestor` gives the planner the merge
 ancestor of a conffile both sides added: from B1's ``Conffiles:`` (the base is trusted; the

@@ -64,6 +64,15 @@ Choices beyond the table:
   version (:func:`unionimg.reconcile.dpkgdb.pristine_ancestor`: B1's or the VM's copy when its
   md5 is the one of B1's ``Conffiles:`` line, else the content reader's optional
   ``pristine`` lookup in the apt caches), so only really overlapping lines conflict.
+* A package both sides changed to two versions (dpkg's status merged per package,
+  :mod:`unionimg.reconcile.dpkgdb`) is settled by the newer version where the losing side's
+  copy is pristine, before any path is decided (:meth:`_Planner._settle_packages`): the
+  winner's paragraph, info files and files together — B1's: the VM's copies of the
+  package's files and info files dropped (or B1's written below an opaque directory),
+  whiteouts over B1's files of it dropped, a conffile the VM edited decided as any path
+  both sides changed (merged against its pristine version, else a conflict on it alone),
+  an obsolete conffile kept; the VM's: kept. A package left in conflict lists its paths in
+  the status conflict's ``packages`` artefact (``resolve --package``).
 * Metadata merges per field (mode, uid, gid) and per extended attribute name.
 * Hardlinked files, sockets, fifos and device nodes are reported and left alone; their case
   is 2 when the base did not touch them, else 0 (outside the table).
@@ -77,6 +86,7 @@ Choices beyond the table:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
@@ -113,6 +123,7 @@ from unionimg.reconcile.userdb import OwnerChange
 
 __all__ = [
     "ACTIONS",
+    "PACKAGES",
     "Action",
     "BaseView",
     "ContentReader",
@@ -128,6 +139,7 @@ ACTIONS = (KEEP, DROP, WRITE, SET_META, CONFLICT, REPORT, ERROR)
 CHANGING = (DROP, WRITE, SET_META)
 OUTSIDE_TABLE = 0  # case number of reports about what the table does not cover
 SPECIAL_KINDS = frozenset((CHR, BLK, FIFO, SOCK))
+PACKAGES = "packages"  # a status conflict's artefact: its pending packages (resolve --package)
 _LIST_LIMIT = 5  # paths named in one reason line
 
 Source = Literal["upper", "b0", "b1"]
@@ -219,7 +231,9 @@ class InstancePlan:
             "status": self.status,
             "unaffected": self.unaffected,
             "counts": self.counts(),
-            "actions": [a.to_json() for a in self.actions if include_keep or a.action != KEEP],
+            "actions": [
+                a.to_json() for a in self.actions if include_keep or a.action != KEEP or a.packages
+            ],
         }
 
 
@@ -394,6 +408,7 @@ class _Planner:
         # paths of packages the newer version settled: "base" (B1's shows) or "keep"
         self._package_paths: dict[str, tuple[Literal["base", "keep"], str]] = {}
         self._settled: dict[dpkgdb.Key, dpkgdb.Newer] = {}
+        self._unsettled: list[dict[str, object]] = []  # pending package conflicts (resolve)
         self._infos: dict[str, list[tuple[str | None, str]]] | None = None  # U's, by package
         self.transparent = self._opaque_over_nothing()
 
@@ -494,22 +509,66 @@ class _Planner:
         if merge.error or not merge.conflicts:
             return
         switch = self.policy.decide(dpkgdb.NEWER_WINS)
-        if switch.action != MERGE:
-            off = f"{dpkgdb.NEWER_WINS_SAYS} off: {switch.describe()}"
-            self._merge_memo["dpkgdb:status"] = dpkgdb.settle(merge, {}, {}, off)
-            return
+        off = "" if switch.action == MERGE else f"{dpkgdb.NEWER_WINS_SAYS} off: {switch.describe()}"
         unsettled: dict[dpkgdb.Key, str] = {}
         for key in merge.conflicts:
             choice = merge.choices[key]
-            found, why = dpkgdb.newer_side(key, choice.local, choice.new)
+            found, why = dpkgdb.newer_side(key, choice.local, choice.new) if not off else (None, "")
             if found is not None:
                 claims, why = self._package_claims(found, choice.local or b"", choice.new or b"")
                 if claims is not None:
                     self._settled[key] = found
                     self._package_paths.update(claims)
                     continue
-            unsettled[key] = why
-        self._merge_memo["dpkgdb:status"] = dpkgdb.settle(merge, self._settled, unsettled)
+            if why:
+                unsettled[key] = why
+            self._unsettled.append(self._package_conflict(key, choice.local, choice.new))
+        self._merge_memo["dpkgdb:status"] = dpkgdb.settle(merge, self._settled, unsettled, off)
+
+    def _package_conflict(
+        self, key: dpkgdb.Key, local: bytes | None, new: bytes | None
+    ) -> dict[str, object]:
+        """What ``resolve --package`` needs of a package conflict left pending (the status
+        conflict's ``packages`` artefact, :class:`~unionimg.store.reconcile_records.
+        PackageConflicts`): U's entries of the package (its files and info files; a
+        conffile the VM edited apart: ``resolve --take base`` keeps it, as dpkg keeps a
+        modified conffile on an upgrade) and both versions."""
+
+        def exists(path: str) -> bool:
+            return path in self.u or self._b1_entry(path) is not None
+
+        listed = self._versions(dpkgdb.info_path(key, "list", exists))
+        mine = {c.path: c.md5 for c in dpkgdb.conffiles(local).values()}
+        files: list[str] = []
+        edited: list[str] = []
+        for path in dict.fromkeys(
+            [*dpkgdb.list_paths(listed.local), *dpkgdb.list_paths(listed.new)]
+        ):
+            entry = self.u.get(path)
+            if entry is None or entry.kind == DIR:
+                continue
+            if (
+                path in mine
+                and entry.kind == FILE
+                and entry.size < LARGE_FILE
+                and dpkgdb.md5_of(self._read("upper", path)) != mine[path]
+            ):
+                edited.append(path)
+                continue
+            files.append(path)
+
+        def version(data: bytes | None) -> str:
+            found = dpkgdb.version_of(data, *key) if data is not None else None
+            return found if found is not None else "removed"
+
+        return {
+            "package": key[0],
+            "architecture": key[1],
+            "local": version(local),
+            "base": version(new),
+            "files": [*self._info_files(key), *files],
+            "edited_conffiles": edited,
+        }
 
     def _package_claims(
         self, found: dpkgdb.Newer, local: bytes, new: bytes
@@ -647,11 +706,17 @@ class _Planner:
         return ""
 
     def _name_settled(self) -> None:
-        """The status action names each package the newer version settled."""
+        """The status action names each package the newer version settled; a status
+        conflict sets aside its pending packages for ``resolve --package``."""
         action = self.actions.get(dpkgdb.STATUS)
         if action is not None and self._settled:
             lines = tuple(n.describe() for n in self._settled.values())
-            self._put(replace(action, packages=lines))
+            action = replace(action, packages=lines)
+            self._put(action)
+        if action is not None and action.action == CONFLICT and self._unsettled:
+            listed = json.dumps(self._unsettled, ensure_ascii=True, sort_keys=True)
+            aside = {**action.artifacts, PACKAGES: listed.encode("ascii") + b"\n"}
+            self._put(replace(action, artifacts=aside))
 
     # -- system accounts renumbered by the user databases' merge (structured._auto) ---------
     def _chown_renumbered(self) -> None:

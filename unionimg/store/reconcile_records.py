@@ -108,6 +108,66 @@ class OwnerChanges(Record, frozen=True):
         return cls(record_list(data, OwnerChange, ""))
 
 
+class PackageConflict(Record, frozen=True):
+    """A package both sides changed that stays a conflict (dpkg's status): what ``resolve
+    --package`` applies as one unit. Written by the planner (:mod:`unionimg.reconcile.plan`)
+    into the status conflict's ``packages`` artefact."""
+
+    WHAT = "package conflict"
+
+    package: str
+    architecture: str
+    local: str  # the VM's version ("removed": none)
+    base: str  # B1's version
+    files: tuple[str, ...]  # U's entries of the package: its info files and files
+    edited_conffiles: tuple[str, ...] = ()  # conffiles the VM edited (kept by --take base)
+
+    def to_json(self) -> JsonObject:
+        return {
+            "package": self.package,
+            "architecture": self.architecture,
+            "local": self.local,
+            "base": self.base,
+            "files": list(self.files),
+            "edited_conffiles": list(self.edited_conffiles),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        f = Fields(data)
+        files, edited = f.texts("files"), f.maybe_texts("edited_conffiles") or ()
+        if not all(p.startswith("/") and "/../" not in p + "/" for p in (*files, *edited)):
+            raise RecordError("field 'files' holds a path that is not absolute and plain")
+        return cls(
+            package=f.text("package"),
+            architecture=f.text("architecture"),
+            local=f.text("local"),
+            base=f.text("base"),
+            files=files,
+            edited_conffiles=edited,
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.package}:{self.architecture}" if self.architecture else self.package
+
+
+class PackageConflicts(Record, frozen=True):
+    """A status conflict's ``packages`` artefact: its packages still pending."""
+
+    WHAT = "package conflict list"
+    FILE = "packages"
+
+    items: tuple[PackageConflict, ...] = ()
+
+    def to_json(self) -> list[JsonObject]:
+        return [c.to_json() for c in self.items]
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        return cls(record_list(data, PackageConflict, ""))
+
+
 class LastReconcile(Record, frozen=True):
     """The last reconcile applied to an instance, for ``reconcile --undo``."""
 
