@@ -1,41 +1,48 @@
 """Migration benchmark (issue 14): bytes on a narrow link, unionimg beside its peers.
 
-Two stores on one machine: the controller (this process's store) and a namespace host with
-its own sshd (:mod:`vm_fixtures.nethosts`), its link limited with ``tc tbf`` (``--rate``,
-default 50mbit); unionimg's bytes are the kernel's counters of the host's eth0 (what it
-received: the stream, SSH and TCP overhead included), its time the command's wall time.
+Two stores on one machine: the controller (this process's store) and namespace hosts with
+their own sshd (:mod:`vm_fixtures.nethosts`), each host's link limited with ``tc tbf``
+(``--rate``, default 50mbit). Everything is sent over that link in the same run and counted
+the same way: the kernel's counters of the receiving host's eth0 (``to host``: what it
+received, protocol, SSH/HTTP and TCP overhead included; ``back``: what it sent), and the wall
+time of the transfer. Every result is checked on the receiver: unionimg's VM mounted there
+and the peers' rebuilt image or tree must equal the sender's (a tree digest: paths, kinds,
+modes, owners, xattrs, contents, files' mtimes; an image's sha256); one that does not is
+reported failed and not compared.
 
-Pairs:
+Pairs (``--pairs a,c,d,b``; ``--quick``: the tiny busybox base, a few MB, no (b)):
 
-(a) same OS: both stores hold the same base (the Debian fixture; ``--quick``: the tiny
-    busybox base) and the host one VM of its own (a package of its own, a few edits); the
-    migrating VM has the same base plus ~30 MB of its own packages (real Debian packages
-    unpacked into its union with ``dpkg-deb -x``; ``--quick``: a few MB of the host's
-    libraries) and 5 % of the base's regular files changed (4 KiB rewritten in each);
+(a) same OS: both stores hold the same base (the Debian fixture) and the host one VM of its
+    own (a package of its own, a few edits); the migrating VM has the same base plus ~30 MB
+    of its own packages (real Debian packages unpacked into its union with ``dpkg-deb -x``;
+    ``--quick``: a few MB of the host's libraries) and 5 % of the base's regular files
+    changed (4 KiB rewritten in each);
 (c) the way back after a small change: on the host the VM gets ~1 MB new and 20 files
-    edited, then goes back to the controller, which kept its contents when it left.
-
+    edited, then goes back to the controller, which kept its contents when it left;
+(d) a large own file: a VM whose upper layer holds a large file of its own (``--big``,
+    default 200M; ``--quick`` 20M: random words, compressible about threefold) goes to the
+    host (not measured), 1 % of that file is rewritten there in scattered 4 KiB pieces
+    (page-aligned, as a database writes) and 2 % appended, and it comes back;
 (b) different OS release: the host holds only a Debian 13 (trixie) base, made with
     mmdebstrap from the Debian mirror (cached in .cache/bench-migrate/trixie), the VM is
     built like (a)'s on the Debian 12 fixture: its base layer travels by content, found
-    where the Debian 13 tree holds the same files (``--no-b`` skips it; ``--quick`` too).
+    where the Debian 13 tree holds the same files.
 
-Peers, on the same pair, computed here (not sent over the link; rsync's own byte count):
+Columns (:mod:`bench.migrate_peers` runs the peers): unionimg (``migrate --level``), its
+stream alone (payload, not a transfer), ``rsync image`` (``--no-whole-file -z
+--compress-choice=zstd`` of the flattened image, ``mke2fs -d`` of the VM's union, onto the
+receiver's image), ``rsync tree`` (the same with ``-aAXH`` for the file tree onto the
+receiver's tree), ``casync --seed`` (the receiver's image as seed, chunks over HTTP),
+``zsync -i`` (the receiver's image as input, ranges over HTTP), ``zstd -3 copy`` (the whole
+image through ssh), and the ``limit`` (computed, not sent: the distinct 4 KiB blocks of the
+sender's files that the receiver's files do not hold, compressed together with zstd at the
+stream's level). The receiver's image and tree: in (a) its own VM's, in (b) its Debian 13
+tree's, in (c) and (d) the VM's as it left.
 
-- ``rsync image``: ``rsync --no-whole-file -z --compress-choice=zstd`` of the sender's
-  flattened image (the VM's whole union, ``mke2fs -d``) onto the receiver's flattened image
-  (for (a) its own VM's; for (c) the VM's earlier image): "Total bytes sent";
-- ``rsync tree``: the same for the file trees (``-a``, onto a copy of the receiver's tree);
-- ``casync --seed``: the chunks of the sender's image (``casync make``, its default chunk
-  sizes and zstd) that the receiver's image (chunked the same way: what ``--seed`` finds)
-  lacks, as casync stores them, plus the index;
-- ``zstd -3``: the whole flattened image compressed (a plain compressed copy);
-- ``limit``: the distinct 4 KiB blocks of the sender's files that the receiver's files do not
-  hold, compressed together with zstd at the stream's level.
+Run as root (the Debian fixture is built once and cached; 10-20 min for all pairs)::
 
-Run as root (minutes; the Debian fixture is built once and cached)::
-
-    .venv/bin/python bench/migrate.py [--quick] [--rate 50mbit] [--level 9] [--keep]
+    .venv/bin/python bench/migrate.py [--quick] [--pairs a,c,d,b] [--rate 50mbit]
+        [--level 9] [--big 200M] [--json FILE] [--keep]
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +69,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import UNIONIMG, Uimg, sh  # noqa: E402
 from bench.deploy import deb_for  # noqa: E402
+from bench.migrate_peers import Outcome, all_peers, on_wire, tree_digest  # noqa: E402
 from vm_fixtures import build  # noqa: E402
 from vm_fixtures.nethosts import Host, Lab  # noqa: E402
 
@@ -71,7 +80,7 @@ BLOCK = 4096
 
 
 class Mounted:
-    """A VM's union mounted read-only while the block lasts."""
+    """A VM's union mounted (read-only unless ``write``) while the block lasts."""
 
     def __init__(self, u: Uimg, vm: str, mnt: Path, *, write: bool = False) -> None:
         self.u, self.vm, self.mnt, self.write = u, vm, mnt, write
@@ -103,57 +112,6 @@ def flatten(u: Uimg, vm: str, work: Path, name: str) -> tuple[Path, Path]:
         sh("mke2fs", "-F", "-q", "-t", "ext4", "-d", str(mnt), str(img))
         sh("cp", "-a", f"{mnt}/.", str(tree))
     return img, tree
-
-
-def rsync_sent(src: Path, basis: Path, work: Path, *, tree: bool) -> int:
-    """rsync's "Total bytes sent" for ``src`` onto a copy of ``basis`` (its delta: the
-    basis is what the receiver holds)."""
-    dst = work / ("rsync-tree" if tree else "rsync-img")
-    shutil.rmtree(dst, ignore_errors=True)
-    if tree:
-        sh("cp", "-a", str(basis), str(dst))
-        args = ["rsync", "-aX", "--delete", f"{src}/", f"{dst}/"]
-    else:
-        dst.mkdir()
-        sh("cp", "--sparse=always", str(basis), str(dst / src.name))
-        args = ["rsync", "--inplace", str(src), str(dst / src.name)]
-    out = sh(args[0], "--no-whole-file", "-z", "--compress-choice=zstd", "--stats", *args[1:])
-    shutil.rmtree(dst, ignore_errors=True)
-    m = re.search(r"Total bytes sent: ([\d,.]+)", out)
-    if not m:
-        raise SystemExit(f"rsync printed no byte count: {out[-300:]}")
-    return int(re.sub(r"[,.]", "", m.group(1)))
-
-
-def casync_needed(src: Path, seed: Path, work: Path) -> int:
-    """Bytes casync would fetch: the sender's chunks the seed's chunking lacks, as stored
-    (zstd), and the index."""
-    d = work / "casync"
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    sh("casync", "make", f"--store={d / 'src'}", str(d / "src.caibx"), str(src))
-    sh("casync", "make", f"--store={d / 'seed'}", str(d / "seed.caibx"), str(seed))
-
-    def chunks(store: Path) -> dict[str, int]:
-        return {p.name: p.stat().st_size for p in store.rglob("*.cacnk")}
-
-    have = chunks(d / "seed")
-    total = sum(size for name, size in chunks(d / "src").items() if name not in have)
-    total += (d / "src.caibx").stat().st_size
-    shutil.rmtree(d, ignore_errors=True)
-    return total
-
-
-def zstd_size(path: Path, level: int) -> int:
-    proc = subprocess.Popen(["zstd", "-q", "-c", f"-{level}", "-T2", str(path)],
-                            stdout=subprocess.PIPE)  # fmt: skip
-    assert proc.stdout is not None
-    n = 0
-    while chunk := proc.stdout.read(1 << 20):
-        n += len(chunk)
-    if proc.wait() != 0:
-        raise SystemExit("zstd failed")
-    return n
 
 
 def _blocks(root: Path) -> Any:
@@ -235,6 +193,7 @@ def trixie_rootfs() -> Path:
         return TRIXIE
     partial = TRIXIE.with_name("trixie.partial")
     shutil.rmtree(partial, ignore_errors=True)
+    TRIXIE.parent.mkdir(parents=True, exist_ok=True)
     print("mmdebstrap trixie (a few minutes, once) ...")
     done = subprocess.run(
         ["mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
@@ -259,7 +218,82 @@ def image_of(tree: Path, img: Path) -> Path:
     return img
 
 
-def add_host(lab: Lab, ctl: Uimg, name: str, store: Path | None = None) -> Host:
+# -- pair (d): a large file of the VM's own ----------------------------------------------
+
+_VOCAB: list[str] = []
+
+
+def words(rng: random.Random, n: int) -> bytes:
+    """``n`` bytes of words drawn at random from a fixed vocabulary of 5,000 (a line break
+    after about one word in twelve): text zstd compresses about threefold, no pattern."""
+    if not _VOCAB:
+        v = random.Random(7)
+        _VOCAB.extend("".join(v.choices("abcdefghijklmnopqrstuvwxyz", k=v.randint(2, 11)))
+                      for _ in range(5000))  # fmt: skip
+        _VOCAB.extend(w + "\n" for w in _VOCAB[:450])
+    out = b""
+    while len(out) < n:
+        out += (" ".join(rng.choices(_VOCAB, k=n // 6 + 16)) + " ").encode()
+    return out[:n]
+
+
+def write_big(path: Path, size: int, rng: random.Random) -> None:
+    with open(path, "wb") as fh:
+        left = size
+        while left > 0:
+            chunk = words(rng, min(left, 8 << 20))
+            fh.write(chunk)
+            left -= len(chunk)
+
+
+def edit_big(path: Path, rng: random.Random) -> tuple[int, int]:
+    """Rewrite 1 % of ``path`` in scattered 4 KiB pieces (page-aligned, new words) and
+    append 2 % more words; returns (pieces, bytes appended)."""
+    size = path.stat().st_size
+    pieces = max(1, size // 100 // BLOCK)
+    appended = size // 50
+    with open(path, "r+b") as fh:
+        for page in sorted(rng.sample(range(size // BLOCK), pieces)):
+            fh.seek(page * BLOCK)
+            fh.write(words(rng, BLOCK))
+        fh.seek(0, os.SEEK_END)
+        fh.write(words(rng, appended))
+    return pieces, appended
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", text.strip().upper())
+    if not m:
+        raise SystemExit(f"bad size {text!r} (e.g. 200M)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What the pairs share: options, the lab, the controller's store, the work directory."""
+
+    args: argparse.Namespace
+    lab: Lab
+    work: Path
+    ctl: Uimg
+    base: str
+    size: str
+    rng: random.Random
+    h1: Host | None = None
+    hu: Uimg | None = None
+    back: Host | None = None
+    kept: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def level(self) -> str:
+        return str(self.args.level)
+
+
+def add_host(lab: Lab, name: str, store: Path | None = None) -> Host:
     host = lab.add_host(name)
     if store is not None:
         host.store = store
@@ -272,150 +306,276 @@ def record_host(u: Uimg, name: str, host: Host) -> None:
       "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub))  # fmt: skip
 
 
-def migrate(u: Uimg, vm: str, to: str, wire_host: Host, level: int) -> dict[str, Any]:
-    dry = u.json("migrate", vm, "--to", to, "--dry-run", "--level", str(level))
-    before = wire_host.counters()["rx_bytes"]
-    t = time.monotonic()
-    out: dict[str, Any] = u.json("migrate", vm, "--to", to, "--level", str(level))
-    out["wall"] = time.monotonic() - t
-    out["wire"] = wire_host.counters()["rx_bytes"] - before
-    out["dry"] = dry
+def setup_h1(b: Bench) -> tuple[Host, Uimg, Host]:
+    """h1 (the base and a VM of its own, reached from the controller as "h1") and the
+    controller as a host ("ctl", reached from h1's store), made once."""
+    if b.h1 is not None and b.hu is not None and b.back is not None:
+        return b.h1, b.hu, b.back
+    h1 = add_host(b.lab, "h1")
+    hu = Uimg(h1.store)
+    hu("instance", "list")
+    sh("cp", "-a", str(b.ctl.store / "bases" / b.base), str(h1.store / "bases" / b.base))
+    back = add_host(b.lab, "back", b.ctl.store)
+    record_host(b.ctl, "h1", h1)
+    record_host(hu, "ctl", back)
+    # the host's own VM: a package of its own and a few edits
+    hu("instance", "create", "other", "--base", b.base, "--hypervisor", "uml",
+       "--mac", "52:54:00:14:0f:01", "--size", b.size)  # fmt: skip
+    with Mounted(hu, "other", b.work / "mnt", write=True) as mnt:
+        if not b.args.quick:
+            deb = deb_for("fortunes", b.work / "debs")
+            if deb is not None:
+                sh("dpkg-deb", "-x", str(deb), str(mnt))
+        (mnt / "etc" / "motd").write_text("the host's own VM\n")
+    b.h1, b.hu, b.back = h1, hu, back
+    return h1, hu, back
+
+
+def move(u: Uimg, vm: str, to: str, level: str) -> dict[str, Any]:
+    """An unmeasured migration (the setup of a later pair)."""
+    out: dict[str, Any] = u.json("migrate", vm, "--to", to, "--level", level)
     return out
 
 
-def report(title: str, row: dict[str, int], secs: float, rate: int) -> None:
-    print(f"\n{title}")
-    lim = row["limit"]
-    print(f"  {'':24}{'bytes':>14}{'vs limit':>10}{'at rate':>10}")
-    for what, n in row.items():
-        print(f"  {what:24}{n:>14,}{n / lim:>9.2f}x{n * 8 / rate:>9.1f}s")
-    print(f"  unionimg wall time {secs:.1f} s (scan, offer, stream, verify, mke2fs, remove)")
+def unionimg_move(b: Bench, sender: Uimg, vm: str, to: str, host: Host, receiver: Uimg,
+                  want: str) -> tuple[Outcome, dict[str, Any]]:  # fmt: skip
+    """``migrate VM --to TO`` on the wire of ``host``, then the VM mounted on the receiver
+    compared with the sender's tree."""
+    out = Outcome("unionimg")
+    report: dict[str, Any] = {}
+    on_wire(host, out, lambda: report.update(
+        sender.json("migrate", vm, "--to", to, "--level", b.level)))  # fmt: skip
+    print(f"  unionimg: {out.rx:,} B to the host, {out.secs:.1f} s {out.note}".rstrip(), flush=True)
+    if not out.note:
+        with Mounted(receiver, vm, b.work / "mnt") as mnt:
+            got = tree_digest(mnt)
+        out.ok = got == want
+        if not out.ok:
+            out.note = "failed: the VM on the receiver differs from the sender's tree"
+    return out, report
 
 
-def run_b(args: argparse.Namespace, lab: Lab, ctl: Uimg, base: str, size: str, work: Path,
-          rate: int) -> None:  # fmt: skip
-    """(b) a Debian 13 host for a VM on the Debian 12 fixture."""
-    # (b) a Debian 13 host for a VM on the Debian 12 fixture
+def run_pair(b: Bench, key: str, title: str, *, host: Host, sender: Uimg, vm: str, to: str,
+             receiver: Uimg, src: tuple[Path, Path], basis: tuple[Path, Path],
+             held: list[Path]) -> dict[str, Any]:  # fmt: skip
+    """unionimg and every peer over ``host``'s limited link, the limit, the goals."""
+    print(f"\n({key}) {title}: sending ...", flush=True)
+    want = tree_digest(src[1])
+    host.limit(b.args.rate)
+    try:
+        uo, report = unionimg_move(b, sender, vm, to, host, receiver, want)
+        peers = all_peers(host, src, basis, want, b.work, b.lab.ctl_addr)
+    finally:
+        host.limit(None)
+    lim = limit(src[1], held, b.args.level)
+    res: dict[str, Any] = {
+        "pair": key, "title": title, "rate": b.args.rate, "limit": lim,
+        "unionimg": {**uo.to_json(), "stream_bytes": report.get("stream_bytes"),
+                     "plan": (report.get("plan") or {}).get("by_reason"),
+                     "methods": report.get("methods"), "chunked": report.get("chunked"),
+                     "deltas": report.get("deltas"), "stages": report.get("stages")},
+        "peers": [p.to_json() for p in peers],
+    }  # fmt: skip
+    res["goals"] = goals(key, uo, peers, lim)
+    b.results.append(res)
+    print_pair(res)
+    return res
+
+
+def goals(key: str, uo: Outcome, peers: list[Outcome], lim: int) -> list[dict[str, Any]]:
+    """The issue's goals for this pair, each met or not, with the figures that decide it."""
+    out = []
+    ok = [p for p in peers if p.ok]
+    failed = [p.name for p in peers if not p.ok]
+    beaten = [p for p in ok if uo.rx < p.rx]
+    detail = ", ".join(f"{p.name} {p.rx / uo.rx:.2f}x" for p in ok) if uo.rx else ""
+    if failed:
+        detail += f"; failed, not compared: {', '.join(failed)}"
+    out.append({"goal": "fewer bytes than every peer", "detail": detail,
+                "met": uo.ok and len(beaten) == len(ok) and not failed})  # fmt: skip
+    over = uo.rx / lim - 1 if lim else float("inf")
+    out.append({"goal": "within 10 % of the limit", "detail": f"{over:+.1%}",
+                "met": uo.ok and over <= 0.10})  # fmt: skip
+    if key == "a":
+        full = next((p for p in peers if p.name.startswith("zstd") and p.ok), None)
+        saving = 1 - uo.rx / full.rx if full else None
+        out.append({"goal": "saving vs the full zstd copy >= 38.7 % (the seed's)",
+                    "detail": f"{saving:.1%}" if saving is not None else "no zstd copy",
+                    "met": uo.ok and saving is not None and saving >= 0.387})  # fmt: skip
+    return out
+
+
+def print_pair(res: dict[str, Any]) -> None:
+    lim = res["limit"]
+    u = res["unionimg"]
+    full = next((p["rx"] for p in res["peers"] if p["name"].startswith("zstd") and p["ok"]), 0)
+
+    def ratios(n: int) -> str:
+        vs_full = f"{n / full:>9.3f}x" if full else f"{'-':>10}"
+        return f"{n / lim:>9.2f}x{vs_full}" if lim else f"{'-':>10}{vs_full}"
+
+    print(f"\n({res['pair']}) {res['title']}  [link {res['rate']}]")
+    print(f"  {'':18}{'to host':>14}{'back':>11}{'xfer s':>8}{'prep s':>8}"
+          f"{'vs limit':>10}{'vs zstd':>10}  check")  # fmt: skip
+    for row in [u, *res["peers"]]:
+        check = "ok" if row["ok"] else row["note"][:60]
+        prep = f"{row['prep']:>8.1f}" if row["prep"] else f"{'':>8}"
+        print(f"  {row['name']:18}{row['rx']:>14,}{row['tx']:>11,}{row['secs']:>8.1f}{prep}"
+              f"{ratios(row['rx'])}  {check}")  # fmt: skip
+        if row is u and u.get("stream_bytes"):
+            print(f"  {'  its stream':18}{u['stream_bytes']:>14,}{'':>27}"
+                  f"{ratios(u['stream_bytes'])}  (payload alone)")  # fmt: skip
+    print(f"  {'limit':18}{lim:>14,}{'':>27}{ratios(lim)}  (computed)")
+    print(f"  unionimg: plan {json.dumps(u['plan'])}")
+    if u.get("methods"):
+        print(f"  unionimg: methods {json.dumps(u['methods'])}, chunked {u['chunked']}, "
+              f"deltas {u['deltas']}")  # fmt: skip
+    print(f"  unionimg: stages {json.dumps(u['stages'])}")
+    for g in res["goals"]:
+        print(f"  goal: {g['goal']}: {'met' if g['met'] else 'NOT met'} ({g['detail']})")
+
+
+def pair_a(b: Bench, measure: bool) -> None:
+    """(a): the VM app made here, sent to h1 (measured, or only moved for (c))."""
+    h1, hu, _back = setup_h1(b)
+    ctl = b.ctl
+    ctl("instance", "create", "app", "--base", b.base, "--hypervisor", "uml",
+        "--mac", "52:54:00:14:0f:02", "--size", b.size)  # fmt: skip
+    with Mounted(ctl, "app", b.work / "mnt", write=True) as mnt:
+        changed = change_base_files(mnt, 0.05, b.rng)
+        own = own_content(mnt, b.args.quick, b.work)
+    print(f"VM app: {changed} base files changed, {own:,} bytes of its own")
+    src = flatten(ctl, "app", b.work, "a-src")
+    b.kept["a-src"] = src
+    if not measure:
+        move(ctl, "app", "h1", b.level)
+        return
+    basis = flatten(hu, "other", b.work, "a-recv")
+    run_pair(b, "a", "same OS: the host holds the base and a VM of its own", host=h1,
+             sender=ctl, vm="app", to="h1", receiver=hu, src=src, basis=basis,
+             held=[basis[1]])  # fmt: skip
+    drop(*basis)
+
+
+def pair_c(b: Bench) -> None:
+    """(c): app edited on h1 and sent back to the controller, which kept its contents."""
+    _h1, hu, back = setup_h1(b)
+    with Mounted(hu, "app", b.work / "mnt", write=True) as mnt:
+        (mnt / "srv").mkdir(exist_ok=True)
+        (mnt / "srv" / "new-data.bin").write_bytes(b.rng.randbytes(1 << 20))
+        etc = sorted(p for p in (mnt / "etc").rglob("*") if p.is_file() and not p.is_symlink())
+        for p in etc[:20]:
+            with open(p, "a") as fh:
+                fh.write("# edited on h1\n")
+    src = flatten(hu, "app", b.work, "c-src")
+    basis = b.kept.pop("a-src")
+    run_pair(b, "c", "the way back: ~1 MB new, 20 files edited", host=back, sender=hu,
+             vm="app", to="ctl", receiver=b.ctl, src=src, basis=basis, held=[basis[1]])  # fmt: skip
+    drop(*src, *basis)
+
+
+def pair_d(b: Bench) -> None:
+    """(d): a VM with a large file of its own goes to h1 (not measured), the file is edited
+    there, and the VM comes back."""
+    _h1, hu, back = setup_h1(b)
+    ctl = b.ctl
+    size = parse_size(b.args.big or ("20M" if b.args.quick else "200M"))
+    ctl("instance", "create", "big", "--base", b.base, "--hypervisor", "uml",
+        "--mac", "52:54:00:14:0f:04", "--size", b.size)  # fmt: skip
+    rng = random.Random(16)
+    with Mounted(ctl, "big", b.work / "mnt", write=True) as mnt:
+        (mnt / "srv").mkdir(exist_ok=True)
+        write_big(mnt / "srv" / "data.words", size, rng)
+    left = flatten(ctl, "big", b.work, "d-left")
+    t = time.monotonic()
+    there = move(ctl, "big", "h1", b.level)
+    print(f"VM big: {size:,} B file of its own; to h1 (no limit, not measured): "
+          f"{there['stream_bytes']:,} B stream, {time.monotonic() - t:.1f} s")  # fmt: skip
+    with Mounted(hu, "big", b.work / "mnt", write=True) as mnt:
+        pieces, appended = edit_big(mnt / "srv" / "data.words", rng)
+    print(f"VM big on h1: {pieces} pieces of 4 KiB rewritten, {appended:,} B appended")
+    src = flatten(hu, "big", b.work, "d-src")
+    run_pair(b, "d", f"a large own file ({size >> 20} MiB): 1 % rewritten in 4 KiB pieces "
+             "and 2 % appended on the host, the way back", host=back, sender=hu, vm="big",
+             to="ctl", receiver=ctl, src=src, basis=left, held=[left[1]])  # fmt: skip
+    drop(*src, *left)
+
+
+def pair_b(b: Bench) -> None:
+    """(b): a Debian 13 host for a VM on the Debian 12 fixture."""
     trixie = trixie_rootfs()
-    h4 = add_host(lab, ctl, "h4")
+    h4 = add_host(b.lab, "h4")
     h4u = Uimg(h4.store)
     h4u("base", "create", "trixie", "--from-dir", str(trixie))
-    record_host(ctl, "h4", h4)
-    ctl("instance", "create", "appb", "--base", base, "--hypervisor", "uml",
-        "--mac", "52:54:00:14:0f:03", "--size", size)  # fmt: skip
-    with Mounted(ctl, "appb", work / "mnt", write=True) as mnt:
+    record_host(b.ctl, "h4", h4)
+    b.ctl("instance", "create", "appb", "--base", b.base, "--hypervisor", "uml",
+          "--mac", "52:54:00:14:0f:03", "--size", b.size)  # fmt: skip
+    with Mounted(b.ctl, "appb", b.work / "mnt", write=True) as mnt:
         change_base_files(mnt, 0.05, random.Random(15))
-        own_content(mnt, args.quick, work)
-    b_img, b_tree = flatten(ctl, "appb", work, "b-src")
-    r_img = image_of(trixie, work / "b-recv.img")
-    row_b: dict[str, int] = {}
-    h4.limit(args.rate)
-    out = migrate(ctl, "appb", "h4", h4, args.level)
-    h4.limit(None)
-    row_b["unionimg (wire)"] = out["wire"]
-    row_b["unionimg (stream)"] = out["stream_bytes"]
-    print("\n(b) plan:", json.dumps(out["dry"]["plan"]["by_reason"]))
-    print("(b) stages:", json.dumps(out["stages"]))
-    row_b["rsync image"] = rsync_sent(b_img, r_img, work, tree=False)
-    row_b["rsync tree"] = rsync_sent(b_tree, trixie, work, tree=True)
-    row_b["casync --seed"] = casync_needed(b_img, r_img, work)
-    row_b["zstd -3 image"] = zstd_size(b_img, 3)
-    row_b["limit"] = limit(b_tree, [trixie], args.level)
-    report("(b) different release: the host holds a Debian 13 base only", row_b,
-           out["wall"], rate)  # fmt: skip
+        own_content(mnt, b.args.quick, b.work)
+    src = flatten(b.ctl, "appb", b.work, "b-src")
+    basis = (image_of(trixie, b.work / "b-recv.img"), trixie)
+    run_pair(b, "b", "different release: the host holds a Debian 13 base only", host=h4,
+             sender=b.ctl, vm="appb", to="h4", receiver=h4u, src=src, basis=basis,
+             held=[trixie])  # fmt: skip
+    drop(*src, basis[0])
+
+
+def drop(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="The tiny base, a few MB: seconds.")
+    ap.add_argument("--quick", action="store_true", help="The tiny base, a few MB: a minute.")
+    ap.add_argument("--pairs", help="Pairs to run, e.g. a,c or d (default a,c,d,b; --quick "
+                    "a,c,d); (c) without (a) moves (a)'s VM first, unmeasured.")  # fmt: skip
+    ap.add_argument("--only-b", action="store_true", help="Pair (b) alone (= --pairs b).")
+    ap.add_argument("--no-b", action="store_true", help="Skip pair (b).")
     ap.add_argument("--rate", default="50mbit", help="The host links' tc rate.")
     ap.add_argument("--level", type=int, default=9, help="zstd level of stream and limit.")
+    ap.add_argument("--big", help="Size of (d)'s large file (default 200M; --quick 20M).")
+    ap.add_argument("--json", type=Path, help="Write every pair's figures to this file.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory.")
-    ap.add_argument("--no-b", action="store_true", help="Skip pair (b) (Debian 13 receiver).")
-    ap.add_argument("--only-b", action="store_true", help="Run pair (b) alone.")
     args = ap.parse_args()
-    m = re.fullmatch(r"(\d+)mbit", args.rate)
-    rate = int(m.group(1)) * 10**6 if m else 50 * 10**6
-    rng = random.Random(14)
+    pairs = args.pairs or ("b" if args.only_b else "a,c,d" if args.quick else "a,c,d,b")
+    wanted = [p.strip() for p in pairs.split(",") if p.strip()]
+    if args.no_b:
+        wanted = [p for p in wanted if p != "b"]
+    if not wanted or set(wanted) - set("abcd"):
+        raise SystemExit(f"--pairs: a comma-separated list of a, b, c, d (got {pairs!r})")
     work = Path(tempfile.mkdtemp(prefix="unionimg-bench-migrate."))
     lab = Lab(work / "lab")
     base = "tiny" if args.quick else "deb"
+    started = time.monotonic()
     try:
         ctl = Uimg(work / "ctl")
         t = time.monotonic()
         ctl("base", "create", base, "--from-dir", str(build("tiny" if args.quick else "debian")))
         print(f"base create ({base}): {time.monotonic() - t:.1f} s")
-        h1 = add_host(lab, ctl, "h1")
-        hu = Uimg(h1.store)
-        hu("instance", "list")
-        sh("cp", "-a", str(ctl.store / "bases" / base), str(h1.store / "bases" / base))
-        back = add_host(lab, ctl, "back", ctl.store)
-        record_host(ctl, "h1", h1)
-        record_host(hu, "ctl", back)
-        size = "512M" if args.quick else "4G"
-        # the host's own VM: a package of its own and a few edits
-        hu("instance", "create", "other", "--base", base, "--hypervisor", "uml",
-           "--mac", "52:54:00:14:0f:01", "--size", size)  # fmt: skip
-        with Mounted(hu, "other", work / "mnt", write=True) as mnt:
-            if not args.quick:
-                deb = deb_for("fortunes", work / "debs")
-                if deb is not None:
-                    sh("dpkg-deb", "-x", str(deb), str(mnt))
-            (mnt / "etc" / "motd").write_text("the host's own VM\n")
-        # the migrating VM: 5 % of the base's files changed, ~30 MB of its own
-        ctl("instance", "create", "app", "--base", base, "--hypervisor", "uml",
-            "--mac", "52:54:00:14:0f:02", "--size", size)  # fmt: skip
-        with Mounted(ctl, "app", work / "mnt", write=True) as mnt:
-            changed = change_base_files(mnt, 0.05, rng)
-            own = own_content(mnt, args.quick, work)
-        print(f"VM app: {changed} base files changed, {own:,} bytes of its own")
-
-        if args.only_b:
-            run_b(args, lab, ctl, base, size, work, rate)
-            return
-        # (a) same OS
-        s_img, s_tree = flatten(ctl, "app", work, "a-src")
-        r_img, r_tree = flatten(hu, "other", work, "a-recv")
-        row_a: dict[str, int] = {}
-        h1.limit(args.rate)
-        out = migrate(ctl, "app", "h1", h1, args.level)
-        h1.limit(None)
-        row_a["unionimg (wire)"] = out["wire"]
-        row_a["unionimg (stream)"] = out["stream_bytes"]
-        print("(a) plan:", json.dumps(out["dry"]["plan"]["by_reason"]))
-        print("(a) stages:", json.dumps(out["stages"]))
-        row_a["rsync image"] = rsync_sent(s_img, r_img, work, tree=False)
-        row_a["rsync tree"] = rsync_sent(s_tree, r_tree, work, tree=True)
-        row_a["casync --seed"] = casync_needed(s_img, r_img, work)
-        row_a["zstd -3 image"] = zstd_size(s_img, 3)
-        row_a["limit"] = limit(s_tree, [r_tree], args.level)
-        report("(a) same OS: host holds the base and a VM of its own", row_a, out["wall"], rate)
-
-        # (c) the way back after a small change on the host
-        with Mounted(hu, "app", work / "mnt", write=True) as mnt:
-            (mnt / "srv").mkdir(exist_ok=True)
-            (mnt / "srv" / "new-data.bin").write_bytes(rng.randbytes(1 << 20))
-            etc = sorted(p for p in (mnt / "etc").rglob("*") if p.is_file() and not p.is_symlink())
-            for p in etc[:20]:
-                with open(p, "a") as fh:
-                    fh.write("# edited on h1\n")
-        c_img, c_tree = flatten(hu, "app", work, "c-src")
-        row_c: dict[str, int] = {}
-        back.limit(args.rate)
-        out = migrate(hu, "app", "ctl", back, args.level)
-        back.limit(None)
-        row_c["unionimg (wire)"] = out["wire"]
-        row_c["unionimg (stream)"] = out["stream_bytes"]
-        print("\n(c) plan:", json.dumps(out["dry"]["plan"]["by_reason"]))
-        row_c["rsync image"] = rsync_sent(c_img, s_img, work, tree=False)
-        row_c["rsync tree"] = rsync_sent(c_tree, s_tree, work, tree=True)
-        row_c["casync --seed"] = casync_needed(c_img, s_img, work)
-        row_c["zstd -3 image"] = zstd_size(c_img, 3)
-        row_c["limit"] = limit(c_tree, [s_tree], args.level)
-        report("(c) the way back: ~1 MB new, 20 files edited", row_c, out["wall"], rate)
-
-        if not (args.quick or args.no_b):
-            run_b(args, lab, ctl, base, size, work, rate)
+        b = Bench(args, lab, work, ctl, base, "512M" if args.quick else "4G", random.Random(14))
+        if "a" in wanted or "c" in wanted:
+            pair_a(b, measure="a" in wanted)
+        if "c" in wanted:
+            pair_c(b)
+        if "d" in wanted:
+            pair_d(b)
+        if "b" in wanted:
+            pair_b(b)
+        print(f"\nsummary ({args.rate}, {time.monotonic() - started:.0f} s in all):")
+        for res in b.results:
+            met = sum(g["met"] for g in res["goals"])
+            print(f"  ({res['pair']}) unionimg {res['unionimg']['rx']:,} B; limit "
+                  f"{res['limit']:,} B; goals met {met}/{len(res['goals'])}")  # fmt: skip
+        if args.json:
+            args.json.write_text(json.dumps({"rate": args.rate, "level": args.level,
+                                             "quick": args.quick, "pairs": b.results},
+                                            indent=1) + "\n")  # fmt: skip
+            print(f"JSON: {args.json}")
     finally:
         lab.close()
         subprocess.run(["umount", "-R", str(work / "mnt")], capture_output=True, check=False)
