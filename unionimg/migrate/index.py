@@ -25,6 +25,13 @@ Sources, in the order they are asked:
 Every content taken from a source is hashed again while it is copied
 (:func:`unionimg.migrate.tree.build`): a source that does not hold what its index says fails
 the build in one line, never yields wrong bytes.
+
+For a large content it lacks, a store also finds its **nearest versions** (:func:`nearest`,
+chunked by :class:`Nearest` for :mod:`.cdc`): a broken transfer's **partial arrival** of it
+(``STORE/migrate/partial/SHA``, :meth:`ObjectWriter.keep_partial`), the same guest path in
+the copy of that VM kept when it left (``STORE/migrate/left/NAME.json``, :func:`keep_left`:
+its large files' paths; their contents are in the object cache), in a base generation, or in
+a stopped VM's upper layer.
 """
 
 from __future__ import annotations
@@ -519,16 +526,16 @@ class Nearest:
             for seed in seeds:
                 key = seed.sha or str(seed.partial)
                 if key not in cut:
-                    if seed.sha is not None:
-                        if seed.sha not in places:
-                            continue
-                        fh = self.stack.enter_context(src.open(seed.sha))
-                    else:
-                        assert seed.partial is not None
-                        try:
+                    try:  # gone meanwhile (an offer takes no lock: a gc may run): skipped
+                        if seed.sha is not None:
+                            if seed.sha not in places:
+                                continue
+                            fh = self.stack.enter_context(src.open(seed.sha))
+                        else:
+                            assert seed.partial is not None
                             fh = self.stack.enter_context(open(seed.partial, "rb"))
-                        except OSError:
-                            continue
+                    except OSError:
+                        continue
                     if os.fstat(fh.fileno()).st_size > largest:
                         continue  # far larger than the file: not read, not listed
                     cut[key] = (fh, list(cdc.cut(fh)))

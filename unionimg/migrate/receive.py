@@ -4,13 +4,17 @@ by the sender's ``migrate``).
 ``offer`` (the offer as JSON on stdin): checks the offer (:mod:`.plan`), that no VM of that
 name or MAC is here, that the VM's base generation is here with the very same tree (or that
 this host can make it: generation 1 of a base it lacks, from its layer), and answers which
-chain layers and file contents it lacks (:mod:`.index`: found nowhere here).
+chain layers and file contents it lacks (:mod:`.index`: found nowhere here), and for each
+large one it lacks but holds a nearest version of, that version's chunk digests
+(:mod:`.cdc`, :func:`nearest_versions`).
 
 ``push`` (a framed zstd stream on stdin, :mod:`.wire`): checks the offer again, then takes
 each frame as it comes: a layer blob (one of those it lacks, bottom first) is imported into
 the layer cache (its diff_id checked by :func:`unionimg.layers.layerstore.import_blob`); a
 file content (one it lacks, with its announced size) is hashed and kept in the object cache
-only when it matches. After the end frame (and nothing after it), the U tree is made in a
+only when it matches; a delta or a chunked content is rebuilt with bounds, then the same. A
+link that breaks inside a large content keeps what arrived of it as its partial arrival
+(the rerun's nearest version). After the end frame (and nothing after it), the U tree is made in a
 staging directory from the cache and the store's own contents (each hashed as copied),
 scanned and compared with the offer's manifest entry by entry, made into the U image
 (``mke2fs -d``), and the instance recorded with the sender's MAC, U size and resources and

@@ -14,11 +14,14 @@
    digest) is written durably into the VM's directory: from here on the VM does not boot
    here until this run, or a rerun, knows whether the host made it. Then one stream goes to
    ``migrate-in push``: the offer, the missing layer blobs (bottom first), the missing
-   contents, the end; all of it one zstd stream, flushed every :data:`FLUSH_EVERY` bytes so
+   contents (each whole, as a patch-from delta on the base's version, or as chunks against
+   the host's nearest version when it answered their list: :func:`write_stream` says which
+   when), the end; all of it one zstd stream, flushed every :data:`FLUSH_EVERY` bytes so
    what arrived can be kept by the host; ``--bandwidth`` caps its rate. The host verifies
    and makes the VM (recording the offer's digest in it), then says so.
 5. Only then the VM leaves this host: its file contents are kept in this store's object cache
-   (its way back sends only what changed; under the cache's lock, :data:`.index.CACHE_LOCK`,
+   with its large files' paths (its way back sends only what changed, a large file edited
+   there as the chunks this store lacks; under the cache's lock, :data:`.index.CACHE_LOCK`,
    which ``migrate gc`` takes too), then the instance is removed (its pending record with
    it).
 
