@@ -211,6 +211,7 @@ class VmResult:
     error: str | None
     checked: debvm.Checked | None = None
     own_kept: list[str] = field(default_factory=list)  # own changes missing (empty: all kept)
+    settled: list[str] = field(default_factory=list)  # packages the newer version settled
 
 
 @dataclass
@@ -300,6 +301,11 @@ def read_back(
             str(r["status"]),
             [str(c["path"]) for c in r["conflicts"]],  # type: ignore[attr-defined]
             r["error"],  # type: ignore[arg-type]
+            settled=[
+                str(line)
+                for a in r.get("actions", [])  # type: ignore[attr-defined]
+                for line in a.get("packages", [])
+            ],
         )
         mnt = work / "check"
         store.mount(vm, mnt, readonly=True)
@@ -550,6 +556,11 @@ def report(args: argparse.Namespace, ours: Ours, naive: Naive | None, wall: floa
     print(f"{'conflicts: real (designed)':34}{r_des:>22}{nd:>26}")
     print(f"{'conflicts: real (other)':34}{r_other:>22}{no:>26}")
     print(f"{'conflicts: noise (generated/volatile)':34}{r_noise:>22}{nn:>26}")
+    settled = [line for v in ours.vms for line in v.settled]
+    print(
+        f"{'packages settled (newer wins)':34}{len(settled):>22}"
+        + (f"   (e.g. {settled[0]})" if settled else "")
+    )
     consistent = sum(1 for v in ours.vms if v.checked is not None and v.checked.ok)
     updated = sum(1 for v in ours.vms if v.generation == 2)
     whole = sum(1 for v in ours.vms if v.checked is not None and v.checked.ok and not v.own_kept)

@@ -1145,6 +1145,13 @@ def resolve_package(store: Store, name: str, package: str, *, take: str) -> Json
             if take == "base":
                 if live_entry is None or live_entry.kind != "file":
                     raise UsageError(f"{dpkgdb.STATUS} is no regular file in {name}'s layer")
+                for path in conflict.files:  # each removed whole below: no directory
+                    entry = _upper_entry(upper, path)
+                    if entry is not None and entry.kind == DIR:
+                        raise UsageError(
+                            f"{shown(path)} of {shown(conflict.label)} is a directory in "
+                            f"{name}'s layer now; resolve its paths by hand"
+                        )
                 if any(_under_opaque(upper, p) for p in conflict.files):
                     raise UsageError(
                         f"a file of {shown(conflict.label)} is below an opaque directory of "
