@@ -12,6 +12,7 @@ change's doing).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
@@ -28,7 +29,7 @@ from tests.test_migrate_real import make_vm, share_base
 from tests.test_systems import tiny_store
 from unionimg.fs.mounts import unmount_tree
 from unionimg.layers import instance as inst_mod
-from unionimg.migrate import send, tree
+from unionimg.migrate import cdc, index, send, tree
 from unionimg.migrate.wire import MAGIC, frame_head
 from unionimg.store.layout import Store
 from unionimg.store.migrate_records import PROTOCOL, MigrateOffer, TreeEntry
@@ -224,10 +225,6 @@ def test_chunked_contents_are_checked(setup: Setup) -> None:
     partial arrival of it, as a broken transfer leaves): hostile recipes are refused in one
     line, nothing of them kept, the partial arrival unchanged; a good recipe whose stream
     is cut keeps only its verified chunks, and never shortens a longer partial arrival."""
-    import io
-
-    from unionimg.migrate import cdc, index
-
     big = os.urandom(3 << 20)
     sha = hashlib.sha256(big).hexdigest()
     entry = TreeEntry("upper/big.bin", "file", 0o644, 0, 0, 1, len(big), sha)
