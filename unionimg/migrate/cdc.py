@@ -22,9 +22,9 @@ Pieces of a recipe (the payload of a ``C`` frame, :mod:`.wire`)::
     N  u32 length 16-byte digest  bytes      a chunk the receiver lacks
 
 A chunk's digest is the first :data:`DIGEST` bytes of its sha256 (a collision can only make
-the whole file's sha256 fail: refused, never wrong bytes). Sizes measured (docs/migrate.md):
-8/32/128 KiB minimum/average/maximum (FastCDC's average parameter 32 KiB; the real average
-is about 40 KiB), files of at least :data:`MIN_FILE`.
+the whole file's sha256 fail: refused, never wrong bytes). Sizes measured (docs/migrate.md,
+``tests/test_migrate_cdc_measure.py``): 2/8/32 KiB minimum/average/maximum (FastCDC's average
+parameter 8 KiB; the real average is about 10 KiB), files of at least :data:`MIN_FILE`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from pyfastcdc import FastCDC
 from unionimg.errors import ToolFailed
 from unionimg.migrate.plan import Refused
 
-MIN_CHUNK = 8 << 10
-AVG_CHUNK = 32 << 10
-MAX_CHUNK = 128 << 10
+MIN_CHUNK = 2 << 10
+AVG_CHUNK = 8 << 10
+MAX_CHUNK = 32 << 10
 MIN_FILE = 1 << 20
 DIGEST = 16
 MAX_SEEDS = 3
