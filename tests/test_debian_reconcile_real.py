@@ -28,11 +28,12 @@ base; ``sshd -t`` of the guest's own sshd in a test-owned chroot (``debvm.guest_
 host keys and machine-id unique across VMs; then app1 (openssh-server from the base, users of
 both sides) boots under QEMU and its console says ``ssh.service`` is active.
 
-Conflicts that stay pending by design, each asserted: app1's package conflict (its uimg-conf
-1.0 live, every other package of both sides ``ii``); clash1's dave keeps UID 1000, deploy is
+Conflicts that stay pending by design, each asserted: clash1's dave keeps UID 1000, deploy is
 left out until ``resolve``; every VM's login user and deploy got the same subuid range. Not
 pending: app1's system user and the base's svcd got the same system UID (useradd allocates
-downward from 999 on both sides): reconcile renumbers the VM's system account itself. No
+downward from 999 on both sides): reconcile renumbers the VM's system account itself; app1's
+uimg-conf 1.0 (pristine but for its edited conffile) and the base's 2.0: the newer version
+is taken whole, the conffile merged. No
 assertion is marked xfail: every part of issue 12 it exercises has landed.
 """
 
@@ -323,22 +324,24 @@ def test_dpkg_verify_no_worse_than_the_base(world: World, vm: str) -> None:
 @pytest.mark.parametrize("vm", ["web1", "db1", "app1"])
 def test_base_and_own_packages_installed(world: World, vm: str) -> None:
     """``dpkg -l``: the base's packages and the VM's own are ``ii``. A package both sides
-    changed (app1's local uimg-conf 1.0, the base's 2.0) stays the VM's version live by
-    design (re-applying the VM's package would run its maintainer scripts on the host): a
-    pending package conflict that ``unionimg conflicts`` lists naming both versions."""
+    changed (app1's local uimg-conf 1.0, the base's 2.0) is settled as apt would settle it:
+    the VM's copy is pristine but for its edited conffile (merged, below), so the base's
+    newer version is taken whole, reported per package, and nothing stays pending for it
+    (the VM's package is never re-applied: that would run its maintainer scripts on the
+    host)."""
     pkgs = world.results[vm].checked.packages
     want = [*BASE_PACKAGES, *OWN_PACKAGES[vm]]
     states = {p: pkgs.get(p, ("absent", ""))[0] for p in want}
     assert all(s == "ii" for s in states.values()), (states, why(world, vm))
+    assert pkgs["uimg-conf"][1] == "2.0"  # the base's newer version
     if vm != "app1":
-        assert pkgs["uimg-conf"][1] == "2.0"  # the base's newer version
         return
-    assert pkgs["uimg-conf"][1] == "1.0"  # the VM's, live while the conflict is pending
     listed = shows(world.cli, "conflicts", vm)
-    status = [c for c in listed if c["path"] == "/var/lib/dpkg/status"]
-    assert len(status) == 1, listed
-    reason = status[0]["reason"]
-    assert "uimg-conf" in reason and "local 1.0" in reason and "B1 2.0" in reason, reason
+    assert "/var/lib/dpkg/status" not in {c["path"] for c in listed}, listed
+    status = [a for a in world.results[vm].report["actions"] if a["path"] == "/var/lib/dpkg/status"]
+    assert len(status) == 1 and status[0]["packages"] == [
+        "uimg-conf: base 2.0 supersedes VM's 1.0 (taken)"
+    ], status
 
 
 @pytest.mark.slow
