@@ -1,11 +1,12 @@
 """Importing a pulled base layer on a host: its blob extracted on disk vs on a tmpfs.
 
-What a host does with each layer it pulls (``layerstore.import_blob``): check the blob,
-extract it while checking its diff_id, ``mke2fs -d`` the tree into the layer's image, remove
-the tree. The Debian fixture's base layer (a 147 MB blob, a 780 MiB tree of ~12k paths) is
-imported into an empty store, alternating the two ways in one period so the machine's load
-weighs on both alike: the tree on disk (written, read by mke2fs, removed again) or on a tmpfs
-(``layerstore._scratch``: never written to disk).
+What a host does with each layer it pulls (``layerstore.import_blob``): extract the blob
+while checking, in that one read, its digest and its tar's (the diff_id), ``mke2fs -d`` the
+tree into the layer's image, remove the tree (a pull builds two layers at once this way:
+``layerstore.stage_blob``). The Debian fixture's base layer (a 147 MB blob, a 595 MB tar
+of ~12k paths) is imported into an empty store, alternating the two ways in one period so
+the machine's load weighs on both alike: the tree on disk (written, read by mke2fs, removed
+again) or on a tmpfs (``layerstore._scratch``: never written to disk).
 
 Run as root (the Debian fixture is built once and cached)::
 
