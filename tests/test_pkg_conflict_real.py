@@ -12,10 +12,11 @@ without it. Three VMs install it with the host's ``dpkg --root`` on their mounte
   removes it on an upgrade), ``dpkg --verify`` clean, no conflict, the text output says
   ``package uimg-p: base 2.0 supersedes VM's 1.0 (taken)``;
 * ``kept``: 3.0: the VM's newer version stays whole, reported ``kept (newer)``;
-* ``edited``: 1.0 with ``VERSION`` edited (not a conffile): a package conflict naming the
-  edit; ``resolve --take base`` of the status file is refused naming ``--package``;
-  ``resolve edited --package uimg-p --take base`` makes it 2.0 whole, every conflict of the
-  package settled, ``dpkg --verify`` clean.
+* ``edited``: 1.0 with ``VERSION`` edited (not a conffile) and its conffile edited: a
+  package conflict naming the edit; ``resolve --take base`` of the status file is refused
+  naming ``--package``; ``resolve edited --package uimg-p --take base`` makes it 2.0 whole
+  but for the edited conffile, which stays the VM's (as dpkg keeps a modified conffile),
+  every conflict of the package settled, ``dpkg --verify`` clean but for that conffile.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from unionimg.fs.mounts import mountinfo, unmount_tree
 
 CONF = "/etc/uimg-p.conf"
 STATUS = "/var/lib/dpkg/status"
+EDITED_CONF = debs.conffile_text(1).replace(b"value02", b"edited")
 
 
 def package(version: str) -> debs.Deb:
@@ -90,6 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
                 debs.install(mnt, built[version])
                 if vm == "edited":
                     (mnt / "usr/share/uimg-p/VERSION").write_bytes(b"1.0 patched by hand\n")
+                    (mnt / CONF.lstrip("/")).write_bytes(EDITED_CONF)
             finally:
                 cli.ok("umount", str(mnt))
         cli.ok("base", "update", "deb", "--run", debs.install_command(built["2.0"]))
@@ -125,9 +128,10 @@ def installed(root: Path) -> str:
     return f"{rows[0][0]} {rows[0][2]}"
 
 
-def consistent(root: Path) -> None:
+def consistent(root: Path, edited: str = "") -> None:
+    """``dpkg --verify`` clean (but for the conffile ``edited``), ``--audit`` clean."""
     verify = dpkg(root, "--verify", "uimg-p")
-    assert (verify.returncode, verify.stdout) == (0, ""), verify
+    assert verify.stdout == (f"??5?????? c {edited}\n" if edited else ""), verify
     audit = dpkg(root, "--audit")
     assert (audit.returncode, audit.stdout) == (0, ""), audit
 
@@ -173,9 +177,11 @@ def test_edited_package_conflict_then_resolved_whole_by_package(world: World) ->
         assert installed(root) == "ii 1.0"
     out = cli.ok("resolve", "edited", "--package", "uimg-p", "--take", "base").output
     assert "resolved package uimg-p:all in edited: took base" in out, out
+    assert f"kept the VM's edited conffile {CONF}" in out, out  # as dpkg keeps it
     assert conflicts(world, "edited") == {}  # the status and every path of the package
     for root in mounted(world, "edited"):
         assert installed(root) == "ii 2.0"
-        consistent(root)
+        consistent(root, edited=CONF)
+        assert (root / CONF.lstrip("/")).read_bytes() == EDITED_CONF
         assert (root / "usr/share/uimg-p/VERSION").read_bytes() == b"2.0\n"
         assert not (root / "usr/share/uimg-p/only-1.0").exists()
