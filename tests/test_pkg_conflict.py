@@ -254,3 +254,17 @@ def test_a_pending_package_conflict_lists_its_paths_for_resolve_package() -> Non
     assert (only.label, only.local, only.base) == ("tool:all", "1", "2")
     assert set(only.files) == {"/usr/bin/tool", f"{INFO}tool.list", f"{INFO}tool.md5sums"}
     assert only.edited_conffiles == ("/etc/tool.conf",)
+
+
+def test_vms_newer_version_kept_names_the_files_only_the_base_version_has() -> None:
+    """dpkg would remove them on an upgrade; the union shows them, owned by no package: the
+    report says so."""
+    b0 = tree(BASE)
+    vm = tree({**BASE, "tool": tool("3")})
+    b1 = tree({**BASE, "tool": tool("2", extra={"/usr/share/tool/only-2": b"2\n"})})
+    r = run(upper_from(b0, vm), b0, b1, reads=True)
+    assert r.action(STATUS).packages == (
+        "tool: VM's 3 supersedes base 2 (kept (newer); 1 file(s) only the base's version has "
+        "stay, unowned: /usr/share/tool/only-2)",
+    )
+    assert r.plan.conflicts == []

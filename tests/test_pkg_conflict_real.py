@@ -11,7 +11,8 @@ without it. Three VMs install it with the host's ``dpkg --root`` on their mounte
   ``reconcile`` the VM has 2.0 whole (status, files, info; 1.0's own file gone as dpkg
   removes it on an upgrade), ``dpkg --verify`` clean, no conflict, the text output says
   ``package uimg-p: base 2.0 supersedes VM's 1.0 (taken)``;
-* ``kept``: 3.0: the VM's newer version stays whole, reported ``kept (newer)``;
+* ``kept``: 3.0: the VM's newer version stays whole, reported ``kept (newer)`` with the
+  file only the base's 2.0 has (it shows, owned by no package: named in the report);
 * ``edited``: 1.0 with ``VERSION`` edited (not a conffile) and its conffile edited: a
   package conflict naming the edit; ``resolve --take base`` of the status file is refused
   naming ``--package``; ``resolve edited --package uimg-p --take base`` makes it 2.0 whole
@@ -153,7 +154,10 @@ def test_base_newer_version_replaces_the_vms_pristine_older_one_whole(world: Wor
 @pytest.mark.slow
 def test_vms_newer_version_kept_whole(world: World) -> None:
     status = next(a for a in world.report["kept"]["actions"] if a["path"] == STATUS)
-    assert status["packages"] == ["uimg-p: VM's 3.0 supersedes base 2.0 (kept (newer))"], status
+    assert status["packages"] == [
+        "uimg-p: VM's 3.0 supersedes base 2.0 (kept (newer); 1 file(s) only the base's "
+        "version has stay, unowned: /usr/share/uimg-p/only-2.0)"
+    ], status
     assert conflicts(world, "kept") == {}
     assert world.report["kept"]["applied"], world.report["kept"]
     for root in mounted(world, "kept"):

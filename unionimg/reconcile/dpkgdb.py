@@ -636,12 +636,23 @@ class Newer:
     side: Literal["new", "local"]  # B1's version wins, or the VM's
     base: str  # B1's version
     vm: str  # the VM's version
+    # the VM's kept: files only B1's version has, which show in the union, owned by no
+    # package (dpkg would remove them on an upgrade; the planner cannot hide what U lacks)
+    unowned: tuple[str, ...] = ()
 
     def describe(self) -> str:
         name = _show(self.key[0])
         if self.side == "new":
             return f"{name}: base {_show(self.base)} supersedes VM's {_show(self.vm)} (taken)"
-        return f"{name}: VM's {_show(self.vm)} supersedes base {_show(self.base)} (kept (newer))"
+        left = ""
+        if self.unowned:
+            left = (
+                f"; {len(self.unowned)} file(s) only the base's version has stay, unowned: "
+                f"{_show(self.unowned[0])}" + (" ..." if len(self.unowned) > 1 else "")
+            )
+        return (
+            f"{name}: VM's {_show(self.vm)} supersedes base {_show(self.base)} (kept (newer){left})"
+        )
 
 
 def newer_side(key: Key, local: bytes | None, new: bytes | None) -> tuple[Newer | None, str]:

@@ -408,6 +408,7 @@ class _Planner:
         # paths of packages the newer version settled: "base" (B1's shows) or "keep"
         self._package_paths: dict[str, tuple[Literal["base", "keep"], str]] = {}
         self._settled: dict[dpkgdb.Key, dpkgdb.Newer] = {}
+        self._settled_notes: dict[dpkgdb.Key, dpkgdb.Newer] = {}  # with their unowned files
         self._unsettled: list[dict[str, object]] = []  # pending package conflicts (resolve)
         self._infos: dict[str, list[tuple[str | None, str]]] | None = None  # U's, by package
         self.transparent = self._opaque_over_nothing()
@@ -517,7 +518,7 @@ class _Planner:
             if found is not None:
                 claims, why = self._package_claims(found, choice.local or b"", choice.new or b"")
                 if claims is not None:
-                    self._settled[key] = found
+                    self._settled[key] = self._settled_notes.get(key, found)
                     self._package_paths.update(claims)
                     continue
             if why:
@@ -591,6 +592,15 @@ class _Planner:
             why = self._base_pristine(key, exists, b1_paths, vm_paths, infos)
             if why:
                 return None, why
+            mine = set(vm_paths)
+            unowned = tuple(
+                p for p in b1_paths
+                if p not in mine and p not in self.u and self._added_by_b1(p)
+            )  # fmt: skip
+            if unowned:
+                found = replace(found, unowned=unowned)
+                self._settled_notes[key] = found
+                what = found.describe()
             keep = f"of {what}"
             return {p: ("keep", keep) for p in (*vm_paths, *infos) if self._held(p)}, ""
         claims: dict[str, tuple[Literal["base", "keep"], str]] = {}
@@ -600,6 +610,11 @@ class _Planner:
         for path in infos:
             claims[path] = ("base", f"info file of {what}: B1's version shows")
         return claims, ""
+
+    def _added_by_b1(self, path: str) -> bool:
+        """Did B1 add or change a non-directory at ``path`` (so it shows in the union)?"""
+        change = self.delta.get(path)
+        return change is not None and change.new is not None and change.new.kind != DIR
 
     def _held(self, path: str) -> bool:
         """Does U hold something at ``path`` other than a directory?"""
