@@ -164,9 +164,65 @@ def test_chunks_over_the_maximum_or_empty() -> None:
     refused(NEWP.pack(b"N", 1 << 31, b"\0" * 16), 1 << 32, "at most")
 
 
-def test_a_short_chunk_that_is_not_the_last() -> None:
-    small = new_chunk(b"x" * 100)
-    refused(small + new_chunk(OLD[: cdc.MIN_CHUNK]), 100 + cdc.MIN_CHUNK, "not the file's last")
+def scattered(old: bytes, pages: int = 12) -> bytes:
+    """``pages`` 4 KiB pieces rewritten at scattered, page-aligned places."""
+    rng = random.Random(5)
+    new = bytearray(old)
+    for n, page in enumerate(sorted(rng.sample(range(len(old) // 4096), pages))):
+        new[page * 4096 : (page + 1) * 4096] = words(4096, seed=100 + n)
+    return bytes(new)
+
+
+def fine_of(seed: bytes, ranges: list[tuple[int, int]]) -> tuple[list[bytes], list[bytes]]:
+    """What the host answers when asked to look finer at ``ranges`` of its list: its fine
+    chunks' digests and bytes, region after region."""
+    cs = chunks_of(seed)
+    digests, datas = [], []
+    for a, b in ranges:
+        region = b"".join(seed[o : o + n] for o, n, _d in cs[a:b])
+        for c in cdc.fine_chunker().cut_buf(region):
+            digests.append(cdc.digest(c.data))
+            datas.append(bytes(c.data))
+    return digests, datas
+
+
+def test_scattered_edits_refined_send_little_more_than_the_edits() -> None:
+    """Scattered 4 KiB edits: each resends one or two whole chunks (~10 KiB each); the
+    changed regions asked again finer (1 KiB), only about the edited bytes travel, and the
+    host rebuilds the file exactly from both of its lists."""
+    new = scattered(OLD)
+    have = [d for _o, _n, d in chunks_of(OLD)]
+    coarse = cdc.plan_recipe(chunks_of(new), have)
+    ranges = cdc.regions(coarse)
+    assert cdc.decode_regions(cdc.encode_regions(ranges), len(have)) == ranges
+    assert len(ranges) >= 6
+    fine, fine_data = fine_of(OLD, ranges)
+    recipe = cdc.refine_recipe(coarse, fine, lambda off, n: new[off : off + n])
+    assert recipe.sent_bytes < coarse.sent_bytes * 0.7, (recipe.sent_bytes, coarse.sent_bytes)
+    assert recipe.sent_bytes < 12 * 4096 * 2
+    payload = b"".join(cdc.pieces(recipe, have, lambda off, n: new[off : off + n], fine))
+    assert len(payload) == recipe.payload <= cdc.max_payload(len(new))
+    where = {i: (o, n) for i, (o, n, _d) in enumerate(chunks_of(OLD))}
+    out = bytearray()
+    rb = cdc.Rebuild(
+        have, len(new), lambda i: OLD[where[i][0] : where[i][0] + where[i][1]], out.extend,
+        "f" * 64, fine, lambda i: fine_data[i],
+    )  # fmt: skip
+    for i in range(0, len(payload), 5000):
+        rb.feed(payload[i : i + 5000])
+    rb.finish()
+    assert bytes(out) == new
+    # a fine reference outside the fine list, or to the wrong run, is refused like a coarse
+    bad = RUN.pack(b"F", len(fine), 1, bytes(16))
+    with pytest.raises(Refused, match="lacks"):
+        cdc.Rebuild(have, len(new), lambda i: b"", out.extend, "f" * 64, fine).feed(bad)
+
+
+def test_regions_asked_are_checked() -> None:
+    assert cdc.decode_regions("", 10) == []
+    for text in ("3-2", "0-0", "1-5,4-6", "0-11", "x-2", "0-65", "-1-2", "1-2-3"):
+        with pytest.raises(Refused, match="region"):
+            cdc.decode_regions(text, 100 if text == "0-65" else 10)
 
 
 def test_unknown_references_and_pieces() -> None:

@@ -130,6 +130,8 @@ def test_a_large_own_file_edited_there_comes_back_as_chunks(env: Env) -> None:
     r = row(dry, "/srv/db.words")
     assert r["method"] == "chunks" and r["nearest"] == "kept copy of vm cdb", r
     assert r["chunks_sent"] <= 2 * EDITS and r["chunks"] > 1000, r
+    # the changed regions were asked again finer: only about the edited bytes are sent
+    assert r["refined"] is True and r["chunk_bytes_sent"] < EDITS * 3 * cdc.FINE_MAX, r
     assert r["why"].startswith(f"chunks: {r['chunks_sent']} of {r['chunks']:,} sent"), r
     assert dry["chunked"] == 1 and dry["methods"]["chunks"]["contents"] == 1
 

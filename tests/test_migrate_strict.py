@@ -259,6 +259,12 @@ def test_chunked_contents_are_checked(setup: Setup) -> None:
         refused(setup, with_recipe(payload), 8, why)
         assert partial.read_bytes() == held  # not replaced by what the refusal left
     refused(setup, with_recipe(good, size=len(big) - 1), 8, "not in the offer")
+    # regions to look at finer that no honest sender asks for
+    for text in ("5-3", f"0-{len(have) + 1}", "0-2,1-3", "a-b"):
+        o_refine = o.replace(refine=((sha, text),))
+        raw = bytearray(MAGIC) + frame_head(b"H", o_refine.to_json(), 0)
+        raw += frame_head(b"E", {"objects": 0, "layers": 0}, 0)
+        refused(setup, zstandard.ZstdCompressor().compress(bytes(raw)), 8, "region to refine")
     small = next(e for e in o.entries if e.kind == "file" and e.path.endswith("data.bin"))
     assert small.sha256 is not None
     refused(setup, with_recipe(good, size=small.size, what=small.sha256), 8, "no chunks")

@@ -9,17 +9,25 @@ chunk digests (:func:`encode_list`). The sender cuts the new file the same way a
 their place in its list, and the chunks it lacks, whole. The receiver remakes the file
 (:class:`Rebuild`) from its own chunks (each hashed again as it is read) and the received
 ones, bounded: a recipe that makes more than the announced size, a chunk over
-:data:`MAX_CHUNK`, one under :data:`MIN_CHUNK` that is not the file's last, a reference
-outside the list, a run whose digests are not the ones the receiver has there, a chunk
-that does not hash to its digest — refused in one line; the caller then drops the partial
-output (only the whole file's sha256, checked by the object writer, makes it a content).
+:data:`MAX_CHUNK` or empty, a reference outside the lists, a run whose digests are not
+the ones the receiver has there, a chunk that does not hash to its digest — refused in
+one line; the caller then drops the partial output (only the whole file's sha256, checked
+by the object writer, makes it a content).
+
+A second, finer look (scattered small edits): the sender's changed **regions** (its chunks
+the receiver lacks between two runs of the receiver's, :func:`regions`) name the receiver's
+chunks they replace; asked again with them, the receiver cuts those finer
+(:func:`fine_chunker`, 256 B/1 KiB/4 KiB) and answers their digests; the sender then cuts
+each changed region finer too and sends runs of the receiver's fine chunks and only the
+fine chunks it lacks (:func:`refine_recipe`).
 
 Pieces of a recipe (the payload of a ``C`` frame, :mod:`.wire`)::
 
     R  u32 start  u32 count  16-byte check   count chunks of the receiver's list from start;
                                              check = the first 16 bytes of the sha256 of
                                              their digests (the list the sender was answered)
-    N  u32 length 16-byte digest  bytes      a chunk the receiver lacks
+    F  u32 start  u32 count  16-byte check   the same, of the receiver's fine chunks
+    N  u32 length 16-byte digest  bytes      a chunk (or fine chunk) the receiver lacks
 
 A chunk's digest is the first :data:`DIGEST` bytes of its sha256 (a collision can only make
 the whole file's sha256 fail: refused, never wrong bytes). Sizes measured (docs/migrate.md,
@@ -48,12 +56,20 @@ MAX_CHUNK = 32 << 10
 MIN_FILE = 1 << 20
 DIGEST = 16
 MAX_SEEDS = 3
+FINE_MIN = 256
+FINE_AVG = 1 << 10
+FINE_MAX = 4 << 10
+MAX_REFINE = 64  # the host's chunks one changed region may lie on (a second, finer look)
 _RUN = struct.Struct(">cII16s")
 _NEW = struct.Struct(">cI16s")
 
 
 def chunker() -> FastCDC:
     return FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
+
+
+def fine_chunker() -> FastCDC:
+    return FastCDC(FINE_AVG, min_size=FINE_MIN, max_size=FINE_MAX)
 
 
 def digest(data: bytes | memoryview) -> bytes:
@@ -99,9 +115,9 @@ def list_limit(size: int) -> int:
 
 
 def max_payload(size: int) -> int:
-    """The largest recipe a file of ``size`` bytes may take (every piece but the last makes
-    at least :data:`MIN_CHUNK` bytes)."""
-    return size + (max_chunks(size) + 1) * _RUN.size
+    """The largest recipe a file of ``size`` bytes may take (a piece per fine chunk, and one
+    more per changed region, each with its head)."""
+    return size + (2 * (size // FINE_MIN) + 4) * _RUN.size
 
 
 def run_check(digests: Iterable[bytes]) -> bytes:
@@ -109,7 +125,8 @@ def run_check(digests: Iterable[bytes]) -> bytes:
 
 
 Piece = tuple[str, int, int, bytes]
-"""``("R", start, count, b"")`` or ``("N", offset, length, digest)``."""
+"""``("R", start, count, b"")`` (the host's chunks), ``("F", start, count, b"")`` (its fine
+chunks, :func:`refine_recipe`) or ``("N", offset, length, digest)`` (sent)."""
 
 
 @dataclass
@@ -151,19 +168,119 @@ def plan_recipe(chunks: Iterable[Chunk], have: list[bytes]) -> Recipe:
             out.pieces.append(("R", at_have, 1, b""))
     for start, count, at in runs:
         out.pieces[at] = ("R", start, count, b"")
-    out.payload = sum(_RUN.size if p[0] == "R" else _NEW.size + p[2] for p in out.pieces)
+    out.payload = sum(_RUN.size if p[0] != "N" else _NEW.size + p[2] for p in out.pieces)
+    return out
+
+
+def regions(recipe: Recipe) -> list[tuple[int, int]]:
+    """The host's chunks ``(a, b)`` (its list's ``a`` to ``b - 1``) that each changed region
+    of the file replaces: a run of sent chunks between two runs of the host's, where those
+    are apart by at most :data:`MAX_REFINE` chunks. The host cuts them finer
+    (:func:`fine_chunker`) when asked again; the sender then refines (:func:`refine_recipe`)."""
+    out: list[tuple[int, int]] = []
+    after: int | None = None  # the host's chunk after the last run
+    gap = False
+    for p in recipe.pieces:
+        if p[0] == "R":
+            near = after is not None and 0 < p[1] - after <= MAX_REFINE
+            if gap and near and after is not None and (not out or out[-1][1] <= after):
+                out.append((after, p[1]))
+            after = p[1] + p[2]
+            gap = False
+        elif p[0] == "N":
+            gap = True
+    return out
+
+
+def encode_regions(ranges: list[tuple[int, int]]) -> str:
+    return ",".join(f"{a}-{b}" for a, b in ranges)
+
+
+def decode_regions(text: str, chunks: int) -> list[tuple[int, int]]:
+    """The regions a sender asks to see finer: increasing, apart, within the host's
+    ``chunks``, each at most :data:`MAX_REFINE` chunks."""
+    out: list[tuple[int, int]] = []
+    if not text:
+        return out
+    last = 0
+    for part in text.split(",")[: chunks + 1]:
+        a_text, _, b_text = part.partition("-")
+        if not (a_text.isdigit() and b_text.isdigit()) or len(part) > 24:
+            raise Refused("migration refused: a region to refine is ill-formed")
+        a, b = int(a_text), int(b_text)
+        if not last <= a < b <= chunks or b - a > MAX_REFINE:
+            raise Refused("migration refused: a region to refine is out of range")
+        out.append((a, b))
+        last = b
+    return out
+
+
+def refine_recipe(
+    recipe: Recipe, fine: list[bytes], read_at: Callable[[int, int], bytes]
+) -> Recipe:
+    """``recipe`` with each changed region (its sent chunks between two runs, at most
+    :data:`MAX_REFINE` chunks of the largest size) cut finer and matched against the host's
+    fine chunks ``fine``: what they share becomes runs of ``F``, only the rest is sent."""
+    where: dict[bytes, int] = {}
+    for i, d in enumerate(fine):
+        where.setdefault(d, i)
+    out = Recipe(chunks=recipe.chunks)
+    ps = recipe.pieces
+    i = 0
+    while i < len(ps):
+        if ps[i][0] != "N":
+            out.pieces.append(ps[i])
+            i += 1
+            continue
+        j = i
+        while j < len(ps) and ps[j][0] == "N":
+            j += 1
+        gap = ps[i:j]
+        start, end = gap[0][1], gap[-1][1] + gap[-1][2]
+        if not where or end - start > MAX_REFINE * MAX_CHUNK:
+            for p in gap:
+                out.pieces.append(p)
+                out.sent += 1
+                out.sent_bytes += p[2]
+            i = j
+            continue
+        data = read_at(start, end - start)
+        if len(data) != end - start:
+            raise ToolFailed("a file changed while it was sent; retry")
+        last: list[int] | None = None
+        for c in fine_chunker().cut_buf(data):
+            d = digest(c.data)
+            at = where.get(d)
+            if at is None:
+                last = None
+                out.pieces.append(("N", start + c.offset, c.length, d))
+                out.sent_bytes += c.length
+            elif last is not None and last[0] + last[1] == at:
+                last[1] += 1
+                out.pieces[last[2]] = ("F", last[0], last[1], b"")
+            else:
+                last = [at, 1, len(out.pieces)]
+                out.pieces.append(("F", at, 1, b""))
+        out.sent += len(gap)  # the coarse chunks that changed (some of them now in part)
+        i = j
+    out.payload = sum(_RUN.size if p[0] != "N" else _NEW.size + p[2] for p in out.pieces)
     return out
 
 
 def pieces(
-    recipe: Recipe, have: list[bytes], read_at: Callable[[int, int], bytes]
+    recipe: Recipe,
+    have: list[bytes],
+    read_at: Callable[[int, int], bytes],
+    fine: list[bytes] | None = None,
 ) -> Iterator[bytes]:
     """The recipe's bytes; ``read_at(offset, length)`` reads the new file (a chunk that no
     longer hashes to what the plan saw means the file changed meanwhile: ToolFailed)."""
     for p in recipe.pieces:
-        if p[0] == "R":
+        if p[0] in ("R", "F"):
             start, count = p[1], p[2]
-            yield _RUN.pack(b"R", start, count, run_check(have[start : start + count]))
+            listed = have if p[0] == "R" else (fine or [])
+            check = run_check(listed[start : start + count])
+            yield _RUN.pack(p[0].encode(), start, count, check)
             continue
         _k, off, length, d = p
         data = read_at(off, length)
@@ -175,8 +292,10 @@ def pieces(
 class Rebuild:
     """A file remade from a recipe fed in pieces of any size (:meth:`feed`, then
     :meth:`finish`): ``have`` is the receiver's list, ``read(i)`` reads its chunk ``i``
-    (checked here against ``have[i]``), ``out`` takes the file's bytes in order, each chunk
-    only once verified. ``size`` is the announced size; ``what`` names the content."""
+    (checked here against ``have[i]``), ``fine`` and ``read_fine`` the same for its fine
+    chunks (:func:`refine_recipe`), ``out`` takes the file's bytes in order, each chunk only
+    once verified. ``size`` is the announced size; ``what`` names the content. (The
+    caller bounds the recipe's length, :func:`max_payload`: a piece makes at least a byte.)"""
 
     def __init__(
         self,
@@ -185,10 +304,11 @@ class Rebuild:
         read: Callable[[int], bytes],
         out: Callable[[bytes], None],
         what: str,
+        fine: list[bytes] | None = None,
+        read_fine: Callable[[int], bytes] | None = None,
     ) -> None:
-        self.have = have
+        self.lists = {b"R": (have, read), b"F": (fine or [], read_fine or read)}
         self.size = size
-        self.read = read
         self.out = out
         self.what = what[:16]
         self.made = 0
@@ -203,8 +323,6 @@ class Rebuild:
         n = len(data)
         if self.made + n > self.size:
             raise self._bad(f"the recipe makes more than the announced {self.size} bytes")
-        if n < MIN_CHUNK and self.made + n != self.size:
-            raise self._bad(f"a chunk of {n} bytes that is not the file's last")
         self.made += n
         self.out(data)
 
@@ -212,21 +330,26 @@ class Rebuild:
         self.buf += data
         while self.buf:
             kind = bytes(self.buf[:1])
-            if kind == b"R":
+            if kind in self.lists:
                 if len(self.buf) < _RUN.size:
                     return
                 _k, start, count, check = _RUN.unpack_from(self.buf)
                 del self.buf[: _RUN.size]
-                if count < 1 or start + count > len(self.have):
+                have, read = self.lists[kind]
+                if count < 1 or start + count > len(have):
                     raise self._bad(f"a reference to chunks {start}..{start + count} it lacks")
-                if run_check(self.have[start : start + count]) != check:
+                if run_check(have[start : start + count]) != check:
                     raise self._bad(
                         "a run of chunks not the ones answered (they changed here since): "
                         "run the migration again"
                     )
                 for i in range(start, start + count):
-                    chunk = self.read(i)
-                    if digest(chunk) != self.have[i]:
+                    chunk = read(i)
+                    if len(chunk) > self.size - self.made:
+                        raise self._bad(
+                            f"the recipe makes more than the announced {self.size} bytes"
+                        )
+                    if digest(chunk) != have[i]:
                         raise self._bad(f"chunk {i} of its nearest version here is damaged")
                     self._emit(chunk)
             elif kind == b"N":

@@ -36,6 +36,7 @@ a stopped VM's upper layer.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import os
@@ -498,14 +499,24 @@ class Nearest:
     """The nearest versions (:func:`nearest`) chunked (:func:`.cdc.cut`) and open for
     reading while the context lasts: per content, the list of chunk digests the answer
     names (its seeds' chunks one after another, at most :func:`.cdc.list_limit` of the
-    content's size in ``sizes``: a far larger seed is left out) and each chunk's place."""
+    content's size in ``sizes``: a far larger seed is left out) and each chunk's place; for
+    the contents ``refine`` names (sha256 → regions of that list, :func:`.cdc.regions`),
+    the fine chunks of those regions too (kept in memory: 2 MiB a region at most)."""
 
     def __init__(
-        self, store: Store, seeds: dict[str, list[Seed]], sizes: dict[str, int] | None = None
+        self,
+        store: Store,
+        seeds: dict[str, list[Seed]],
+        sizes: dict[str, int] | None = None,
+        refine: dict[str, str] | None = None,
     ) -> None:
         self.store = store
         self.seeds = seeds
         self.sizes = sizes or {}
+        self.refine = refine or {}
+        self.fine: dict[str, list[bytes]] = {}
+        # a fine chunk: (its region's first chunk, the region's chunk ends, offset, length)
+        self.fine_where: dict[str, list[tuple[int, list[int], int, int]]] = {}
         self.stack = contextlib.ExitStack()
         self.have: dict[str, list[bytes]] = {}
         self.where: dict[str, list[tuple[BinaryIO, int, int]]] = {}
@@ -551,7 +562,41 @@ class Nearest:
                 self.have[sha] = have
                 self.where[sha] = where
                 self.labels[sha] = "; ".join(labels)
+                if sha in self.refine:
+                    self._refine(sha, cdc.decode_regions(self.refine[sha], len(have)))
         return self
+
+    def _refine(self, sha: str, ranges: list[tuple[int, int]]) -> None:
+        """The fine chunks (:func:`.cdc.fine_chunker`) of the regions ``ranges`` of
+        content ``sha``'s list (one region in memory at a time: at most MAX_REFINE chunks,
+        2 MiB; what is kept is where each fine chunk lies)."""
+        fine: list[bytes] = []
+        where: list[tuple[int, list[int], int, int]] = []
+        for a, b in ranges:
+            region = bytearray()
+            ends = []
+            for i in range(a, b):
+                region += self.read(sha, i)
+                ends.append(len(region))
+            for c in cdc.fine_chunker().cut_buf(bytes(region)):
+                fine.append(cdc.digest(c.data))
+                where.append((a, ends, c.offset, c.length))
+        self.fine[sha] = fine
+        self.fine_where[sha] = where
+
+    def read_fine(self, sha: str, i: int) -> bytes:
+        """Fine chunk ``i`` of content ``sha``'s nearest versions, read from the chunks it
+        lies in (its digest is checked by the caller, :class:`.cdc.Rebuild`)."""
+        a, ends, off, length = self.fine_where[sha][i]
+        out = bytearray()
+        k = bisect.bisect_right(ends, off)
+        start = ends[k - 1] if k else 0
+        while len(out) < length and k < len(ends):
+            chunk = self.read(sha, a + k)
+            out += chunk[max(0, off - start) : off + length - start]
+            start = ends[k]
+            k += 1
+        return bytes(out)
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()

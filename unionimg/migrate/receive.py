@@ -199,10 +199,12 @@ def answer(
     missing = tuple(sorted(wanted - places.keys()))
     chunks: tuple[tuple[str, str], ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
+    fine: tuple[tuple[str, str], ...] = ()
     if with_chunks:
         with nearest_versions(store, offer, missing) as near:
             chunks = tuple((sha, cdc.encode_list(h)) for sha, h in sorted(near.have.items()))
             labels = tuple(sorted(near.labels.items()))
+            fine = tuple((sha, cdc.encode_list(f)) for sha, f in sorted(near.fine.items()))
     return MigrateAnswer(
         layers_missing=tuple(missing_layers),
         hashes_missing=missing,
@@ -212,20 +214,22 @@ def answer(
         install_base=bool(make),
         chunks=chunks,
         nearest=labels,
+        fine=fine,
     )
 
 
 def nearest_versions(store: Store, offer: MigrateOffer, missing: tuple[str, ...]) -> index.Nearest:
     """The nearest versions here of the offer's large contents (at least
     :data:`.cdc.MIN_FILE`) this store lacks, by their guest paths in the offer
-    (:func:`.index.nearest`), ready to be chunked (enter the result)."""
+    (:func:`.index.nearest`), ready to be chunked (enter the result), with the regions the
+    offer asks to see finer (``refine``)."""
     layer_entries = [e for lt in offer.layer_trees for e in lt.entries]
     sizes = plan.file_contents([*offer.entries, *layer_entries])
     paths = plan.guest_paths(offer.entries, layer_entries)
     large = {sha: paths.get(sha, set()) for sha in missing if sizes.get(sha, 0) >= cdc.MIN_FILE}
     inst = offer.instance
     seeds = index.nearest(store, inst.name, inst.base, inst.generation, large)
-    return index.Nearest(store, seeds, sizes)
+    return index.Nearest(store, seeds, sizes, {s: r for s, r in offer.refine if s in large})
 
 
 def _fill(w: index.ObjectWriter, reader: Reader, feed: Callable[[bytes], None]) -> None:
@@ -428,7 +432,15 @@ def _receive(store: Store, reader: Reader, raw: BinaryIO, hypervisor: str | None
                 if sha in want_objects or not index.has_object(store, sha):
                     w = index.ObjectWriter(store, sha, size)
                     have = near.have[sha]
-                    rb = cdc.Rebuild(have, size, functools.partial(near.read, sha), w.write, sha)
+                    rb = cdc.Rebuild(
+                        have,
+                        size,
+                        functools.partial(near.read, sha),
+                        w.write,
+                        sha,
+                        near.fine.get(sha),
+                        functools.partial(near.read_fine, sha),
+                    )
                     _fill(w, reader, rb.feed)
                     try:
                         rb.finish()

@@ -37,6 +37,7 @@ migration runs normally.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -305,6 +306,7 @@ def write_stream(
     out = Sent()
     roots = layer_roots or {}
     have = chunk_lists(ans, offer)
+    fine = chunk_lists(ans, offer, fine=True)
     labels = dict(ans.nearest)
     trees = [(u, offer.entries, "")] + [
         (roots[lt.diff_id], lt.entries, f"{lt.diff_id[:19]}:") for lt in offer.layer_trees
@@ -320,6 +322,11 @@ def write_stream(
             if e.sha256 in have and e.size >= cdc.MIN_FILE:
                 with tree.open_file(root, e.path) as fh:
                     recipe = cdc.plan_recipe(cdc.cut(fh), have[e.sha256])
+                    if recipe.reused and e.sha256 in fine:
+                        recipe = cdc.refine_recipe(
+                            recipe, fine[e.sha256], functools.partial(_pread, fh)
+                        )
+                        row["refined"] = True
                 if not recipe.reused:
                     row["why"] = (
                         f"whole: no chunk of its nearest version there "
@@ -348,7 +355,10 @@ def write_stream(
                 out.add("delta", e.size, len(patch), row)
                 continue
             if recipe is not None:
-                _put_chunks(st, root, e, recipe, have[e.sha256], progress, done, total)
+                _put_chunks(
+                    st, root, e, recipe, (have[e.sha256], fine.get(e.sha256)),
+                    progress, done, total,
+                )  # fmt: skip
                 done += e.size
                 sent += 1
                 out.chunked += 1
@@ -389,16 +399,45 @@ def write_stream(
     return out
 
 
-def chunk_lists(ans: MigrateAnswer, offer: MigrateOffer) -> dict[str, list[bytes]]:
-    """The receiver's chunk lists (:mod:`.cdc`) of the contents it lacks, checked: only for
-    contents of the offer it asked for, each bounded (:func:`.cdc.list_limit`); a list that
-    is not is left out (that content goes whole)."""
+def _regions(
+    u: Path, offer: MigrateOffer, ans: MigrateAnswer, layer_roots: dict[str, Path]
+) -> dict[str, str]:
+    """Content → the host's chunk regions (:func:`.cdc.regions`) its changed parts replace,
+    for each large content the host answered a chunk list for (each file cut here once)."""
+    have = chunk_lists(ans, offer)
+    out: dict[str, str] = {}
+    trees = [(u, offer.entries)] + [(layer_roots[t.diff_id], t.entries) for t in offer.layer_trees]
+    for root, entries in trees:
+        for e in entries:
+            sha = e.sha256
+            if e.kind != "file" or e.link is not None or sha is None or sha not in have:
+                continue
+            if sha in out or e.size < cdc.MIN_FILE:
+                continue
+            with tree.open_file(root, e.path) as fh:
+                ranges = cdc.regions(cdc.plan_recipe(cdc.cut(fh), have[sha]))
+            if ranges:
+                out[sha] = cdc.encode_regions(ranges)
+    return out
+
+
+def _pread(fh: BinaryIO, off: int, length: int) -> bytes:
+    return os.pread(fh.fileno(), length, off)
+
+
+def chunk_lists(
+    ans: MigrateAnswer, offer: MigrateOffer, *, fine: bool = False
+) -> dict[str, list[bytes]]:
+    """The receiver's chunk lists (:mod:`.cdc`) of the contents it lacks (``fine``: its
+    fine chunks of the regions the offer asked for), checked: only for contents of the
+    offer it asked for, each bounded (:func:`.cdc.list_limit`); a list that is not is left
+    out (that content goes whole, or unrefined)."""
     sizes = plan.file_contents(offer.entries)
     for lt in offer.layer_trees:
         sizes.update(plan.file_contents(lt.entries))
     missing = set(ans.hashes_missing)
     out: dict[str, list[bytes]] = {}
-    for sha, text in ans.chunks:
+    for sha, text in ans.fine if fine else ans.chunks:
         if sha not in missing or sha not in sizes:
             continue
         with contextlib.suppress(plan.Refused):
@@ -424,7 +463,7 @@ def _put_chunks(
     root: Path,
     e: TreeEntry,
     recipe: cdc.Recipe,
-    have: list[bytes],
+    lists: tuple[list[bytes], list[bytes] | None],
     progress: Progress,
     done: int,
     total: int,
@@ -439,7 +478,7 @@ def _put_chunks(
             return os.pread(fh.fileno(), length, off)
 
         made = 0
-        for piece in cdc.pieces(recipe, have, read_at):
+        for piece in cdc.pieces(recipe, lists[0], read_at, lists[1]):
             st.put(piece)
             made += len(piece)
             progress(done + made * e.size // max(recipe.payload, 1), total, st.wire)
@@ -713,6 +752,13 @@ def _migrate(
             stages["scan_layers"] = time.monotonic() - t
             ans = ask(host, offer, hypervisor)
             asked = offer
+        regions = _regions(u, offer, ans, layer_roots)
+        if regions:  # changed regions of large files: the host cuts its chunks there finer
+            t = time.monotonic()
+            offer = offer.replace(refine=tuple(sorted(regions.items())))
+            ans = ask(host, offer, hypervisor)
+            asked = offer
+            stages["refine"] = time.monotonic() - t
         found = dict(ans.found)
         if ans.layers_missing:  # their blobs made where not kept: the stream's offer
             for diff_id in ans.layers_missing:  # says their real sizes

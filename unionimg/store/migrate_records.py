@@ -158,9 +158,11 @@ class MigrateOffer(Record, frozen=True):
     sender: str = ""
     bases: tuple[str, ...] = ()  # contents a delta may lie on (the base's older versions)
     layer_trees: tuple[LayerTree, ...] = ()  # chain layers offered by content
+    # content → the host's chunk ranges ("a-b,...") to cut finer (unionimg.migrate.cdc)
+    refine: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> JsonObject:
-        return {
+        out: JsonObject = {
             "layer_trees": [t.to_json() for t in self.layer_trees],
             "protocol": self.protocol,
             "instance": self.instance.to_json(),
@@ -169,6 +171,9 @@ class MigrateOffer(Record, frozen=True):
             "sender": self.sender,
             "bases": list(self.bases),
         }
+        if self.refine:
+            out["refine"] = dict(self.refine)
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Self:
@@ -186,6 +191,7 @@ class MigrateOffer(Record, frozen=True):
             sender=f.text("sender", ""),
             bases=f.maybe_texts("bases") or (),
             layer_trees=f.records("layer_trees", LayerTree, ()),
+            refine=_text_map(data, "refine"),
         )
 
 
@@ -195,7 +201,9 @@ class MigrateAnswer(Record, frozen=True):
     ``base NAME/N``, ``layer L...``); the base generation the VM will lie on there. For a
     large content it lacks but holds a nearest version of (``unionimg.migrate.cdc``):
     ``chunks`` (sha256 → base64 of the chunk digests of that version, one after another)
-    and ``nearest`` (sha256 → what that version is, e.g. ``kept copy of vm web``)."""
+    and ``nearest`` (sha256 → what that version is, e.g. ``kept copy of vm web``); when the
+    offer asked to look finer at some of those chunks (``refine``), ``fine`` (sha256 →
+    base64 of the digests of their fine chunks)."""
 
     WHAT = "migration answer"
 
@@ -207,6 +215,7 @@ class MigrateAnswer(Record, frozen=True):
     install_base: bool = False
     chunks: tuple[tuple[str, str], ...] = ()
     nearest: tuple[tuple[str, str], ...] = ()
+    fine: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> JsonObject:
         return {
@@ -218,6 +227,7 @@ class MigrateAnswer(Record, frozen=True):
             "install_base": self.install_base,
             "chunks": dict(self.chunks),
             "nearest": dict(self.nearest),
+            "fine": dict(self.fine),
         }
 
     @classmethod
@@ -237,6 +247,7 @@ class MigrateAnswer(Record, frozen=True):
             install_base=f.flag("install_base", False),
             chunks=_text_map(data, "chunks"),
             nearest=_text_map(data, "nearest"),
+            fine=_text_map(data, "fine"),
         )
 
 
