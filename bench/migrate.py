@@ -552,6 +552,9 @@ def main() -> None:
     lab = Lab(work / "lab")
     base = "tiny" if args.quick else "deb"
     started = time.monotonic()
+    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    print(f"unionimg at {head or 'unknown'} (the working tree's code runs on both sides)")
     try:
         ctl = Uimg(work / "ctl")
         t = time.monotonic()
@@ -573,7 +576,8 @@ def main() -> None:
                   f"{res['limit']:,} B; goals met {met}/{len(res['goals'])}")  # fmt: skip
         if args.json:
             args.json.write_text(json.dumps({"rate": args.rate, "level": args.level,
-                                             "quick": args.quick, "pairs": b.results},
+                                             "quick": args.quick, "unionimg_at": head,
+                                             "pairs": b.results},
                                             indent=1) + "\n")  # fmt: skip
             print(f"JSON: {args.json}")
     finally:
