@@ -1123,6 +1123,11 @@ def resolve_package(store: Store, name: str, package: str, *, take: str) -> Json
             raise UsageError(
                 f"{dpkgdb.STATUS} of {name} is held by policy fail; resolve it by path"
             )
+        if status.generation != inst.generation:  # its base-new is another generation's
+            raise UsageError(
+                f"the package conflicts of {name} are of generation {status.generation}, the "
+                f"VM is on {inst.generation}; resolve {dpkgdb.STATUS} by path"
+            )
         found = [p for p in packages.items if package in (p.package, p.label)]
         if len(found) != 1:
             names = ", ".join(shown(p.label) for p in packages.items)
