@@ -42,7 +42,7 @@ tree's, in (c) and (d) the VM's as it left.
 Run as root (the Debian fixture is built once and cached; 10-20 min for all pairs)::
 
     .venv/bin/python bench/migrate.py [--quick] [--pairs a,c,d,b] [--rate 50mbit]
-        [--level 9] [--big 200M] [--json FILE] [--keep]
+        [--level 9] [--big 200M] [--json FILE] [--at COMMIT] [--keep]
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ import zstandard
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import UNIONIMG, Uimg, sh  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import Uimg, sh  # noqa: E402
 from bench.deploy import deb_for  # noqa: E402
 from bench.migrate_peers import Outcome, all_peers, on_wire, tree_digest  # noqa: E402
 from vm_fixtures import build  # noqa: E402
@@ -303,7 +304,7 @@ def add_host(lab: Lab, name: str, store: Path | None = None) -> Host:
 def record_host(u: Uimg, name: str, host: Host) -> None:
     host.authorize(u("host", "key").strip())
     u("host", "add", name, "--ssh", f"root@{host.addr}", "--store", str(host.store),
-      "--unionimg", str(UNIONIMG), "--host-key", str(host.host_key_pub))  # fmt: skip
+      "--unionimg", str(common.UNIONIMG), "--host-key", str(host.host_key_pub))  # fmt: skip
 
 
 def setup_h1(b: Bench) -> tuple[Host, Uimg, Host]:
@@ -529,6 +530,26 @@ def drop(*paths: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def pinned(commit: str, work: Path) -> tuple[Path, str]:
+    """unionimg as committed at ``commit`` (``git archive`` of unionimg/ into the work
+    directory) and a program running it with this venv's Python, for both sides; returns the
+    program and the commit's short name."""
+    code = work / "code"
+    code.mkdir()
+    rev = sh("git", "-C", str(REPO), "rev-parse", "--short", f"{commit}^{{commit}}").strip()
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "unionimg"],
+                         capture_output=True, check=True, timeout=120).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(code)], input=tar, check=True, timeout=120)
+    prog = code / "run-unionimg"
+    prog.write_text(
+        f"#!{REPO / '.venv' / 'bin' / 'python3'}\n"
+        f"import sys\nsys.path.insert(0, {str(code)!r})\n"
+        "from unionimg.cli import main\nsys.exit(main())\n"
+    )
+    prog.chmod(0o755)
+    return prog, rev
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="The tiny base, a few MB: a minute.")
@@ -541,6 +562,8 @@ def main() -> None:
     ap.add_argument("--big", help="Size of (d)'s large file (default 200M; --quick 20M).")
     ap.add_argument("--json", type=Path, help="Write every pair's figures to this file.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory.")
+    ap.add_argument("--at", metavar="COMMIT", help="Run unionimg as committed at COMMIT (both "
+                    "sides), not the working tree's code.")  # fmt: skip
     args = ap.parse_args()
     pairs = args.pairs or ("b" if args.only_b else "a,c,d" if args.quick else "a,c,d,b")
     wanted = [p.strip() for p in pairs.split(",") if p.strip()]
@@ -552,10 +575,13 @@ def main() -> None:
     lab = Lab(work / "lab")
     base = "tiny" if args.quick else "deb"
     started = time.monotonic()
-    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
-    print(f"unionimg at {head or 'unknown'} (the working tree's code runs on both sides)")
     try:
+        if args.at:
+            common.UNIONIMG, head = pinned(args.at, work)
+            print(f"unionimg at {head} (as committed, on both sides)")
+        else:
+            head = sh("git", "-C", str(REPO), "describe", "--always", "--dirty").strip()
+            print(f"unionimg at {head} (the working tree's code, on both sides)")
         ctl = Uimg(work / "ctl")
         t = time.monotonic()
         ctl("base", "create", base, "--from-dir", str(build("tiny" if args.quick else "debian")))
