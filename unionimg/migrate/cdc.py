@@ -177,19 +177,27 @@ def regions(recipe: Recipe) -> list[tuple[int, int]]:
     of the file replaces: a run of sent chunks between two runs of the host's, where those
     are apart by at most :data:`MAX_REFINE` chunks. The host cuts them finer
     (:func:`fine_chunker`) when asked again; the sender then refines (:func:`refine_recipe`)."""
+    return regions_and_bytes(recipe)[0]
+
+
+def regions_and_bytes(recipe: Recipe) -> tuple[list[tuple[int, int]], int]:
+    """:func:`regions`, and the bytes of the file's sent chunks in them (what a finer look
+    may save part of)."""
     out: list[tuple[int, int]] = []
     after: int | None = None  # the host's chunk after the last run
-    gap = False
+    gap = 0  # bytes of the sent chunks since the last run
+    total = 0
     for p in recipe.pieces:
         if p[0] == "R":
             near = after is not None and 0 < p[1] - after <= MAX_REFINE
             if gap and near and after is not None and (not out or out[-1][1] <= after):
                 out.append((after, p[1]))
+                total += gap
             after = p[1] + p[2]
-            gap = False
+            gap = 0
         elif p[0] == "N":
-            gap = True
-    return out
+            gap += p[2]
+    return out, total
 
 
 def encode_regions(ranges: list[tuple[int, int]]) -> str:
