@@ -77,6 +77,24 @@ def _finished(d: dict[str, Any]) -> None:
     )
 
 
+FILE_ROWS = 20
+"""At most this many per-file lines (delta or chunks) in the text output; --json has all."""
+
+
+def _file_rows(files: list[dict[str, Any]]) -> None:
+    """One line per content sent as a delta or as chunks: its path, how and why, its bytes
+    in the stream against its size; the largest first, cut at :data:`FILE_ROWS`."""
+    rows = [f for f in files if f["method"] in ("delta", "chunks")]
+    rows.sort(key=lambda f: (-f["size"], f["path"]))
+    for f in rows[:FILE_ROWS]:
+        click.echo(
+            f"    {shown(f['path'], 80)}: {human_size(f['payload'])} for "
+            f"{human_size(f['size'])}, {shown(f['why'], 120)}"
+        )
+    if len(rows) > FILE_ROWS:
+        click.echo(f"    ... and {len(rows) - FILE_ROWS} more (--json lists them all)")
+
+
 def _human(d: dict[str, Any]) -> None:
     if d["finished_earlier"]:
         _finished(d)
@@ -109,6 +127,12 @@ def _human(d: dict[str, Any]) -> None:
         )
     if d["deltas"]:
         click.echo(f"  {d['deltas']} changed file(s) as deltas on the base's version")
+    if d["chunked"]:
+        click.echo(
+            f"  {d['chunked']} large file(s) as content-defined chunks against the host's "
+            "nearest version"
+        )
+    _file_rows(d["files"])
     click.echo(f"{verb}: {d['stream_bytes']} bytes in one zstd stream ({d['seconds']} s)")
     if not d["dry_run"] and d["receiver"]:
         r = d["receiver"]
