@@ -749,7 +749,9 @@ def generation_from_layer(
 
     Nothing is copied and no ``mke2fs`` runs: the generation's manifest is a scan of its
     whole tree (the image, or the overlay of its chain, mounted read-only; ``lost+found``
-    left out as ``base create`` leaves it out), its kernel the tree's newest
+    left out as ``base create`` leaves it out) or, for a whole base layer pulled here, the
+    same records made from its verified blob as it was extracted (no second read of the
+    tree: :func:`.layerstore.tree_manifest`), its kernel the tree's newest
     ``/boot/vmlinuz-*`` (else its parent's). Its history is not recorded here (no
     Mercurial commit of the whole tree, which ``base create`` pays): ``base log`` shows
     only what this store committed itself, and the generation's ``hg_node`` is its layer's
@@ -810,7 +812,7 @@ def generation_from_layer(
                     below = mount_layers(store, parent, mnt / "b")
                     tree = mnt / "overlay-of-the-chain"  # the longest path: unmounted first
                     mount_overlay([mnt / "t", *below], None, None, tree)
-                entries = list(scan_tree(tree, skip_top=("lost+found",)))
+                entries = _layer_entries(layer, tree)
                 for e in entries:
                     if e.path != "/" and e.path.split("/")[1] in RESERVED_TOP:
                         raise ToolFailed(
@@ -851,6 +853,22 @@ def generation_from_layer(
             else:
                 os.rename(gdir, final)
     return get_generation(store, name, number)
+
+
+def _layer_entries(layer: layerstore.Layer, tree: Path) -> list[Entry]:
+    """The manifest entries of a generation made from ``layer`` (its whole ``tree``
+    mounted): those its verified blob's extraction recorded, for a whole base layer pulled
+    here (:func:`.layerstore.tree_manifest`: the same records, without reading the tree
+    again), else a scan of ``tree``."""
+    from unionimg.layers import layerstore  # deferred on purpose (see above)
+
+    started = time.monotonic()
+    recorded = layerstore.tree_manifest(layer)
+    entries = recorded if recorded is not None else scan_tree(tree, skip_top=("lost+found",))
+    _log.debug("manifest of layer %s (%s): %.1f s", layer.short,
+               "recorded" if recorded is not None else "scanned",
+               time.monotonic() - started)  # fmt: skip
+    return entries
 
 
 def _repair_history(store: Store, name: str, gens: list[Generation]) -> None:

@@ -54,14 +54,15 @@ import queue
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 
+from unionimg.entries import BLK, CHR, DIR, FIFO, FILE, OVERLAY_XATTR_PREFIXES, SYMLINK, Entry
 from unionimg.errors import GuestDataRefused, StoreFull
-from unionimg.fs.manifest import sha256_file
+from unionimg.fs.manifest import sha256_file, stat_entry
 
 log = logging.getLogger(__name__)
 
@@ -808,6 +809,95 @@ def _clean(name: bytes) -> bytes:
     return b"/".join(parts)
 
 
+_REC_KIND = {b"2": SYMLINK, b"3": CHR, b"4": BLK, b"6": FIFO}
+
+
+def _guest(rel: bytes) -> str:
+    return "/" + os.fsdecode(rel)
+
+
+def _scan_key(rel: bytes) -> tuple[tuple[bytes, ...], bytes]:
+    """Where :func:`.manifest.scan_tree` puts ``rel``: a directory's entries together, in
+    name order, directories visited depth first in name order (the root first)."""
+    parent, _, name = rel.rpartition(b"/")
+    return (tuple(parent.split(b"/")) if parent else (), name)
+
+
+def scan_order(path: str) -> tuple[tuple[bytes, ...], bytes]:
+    """The sort key that puts manifest paths (``/etc/hostname``) in scan order."""
+    return _scan_key(os.fsencode(path[1:]))
+
+
+class _Record:
+    """The manifest entries of what :func:`_extract` makes, from the tar's headers and the
+    file bytes as they stream by; ``usable`` False when the tree holds what it does not
+    record (then the caller scans)."""
+
+    def __init__(self) -> None:
+        self.made: dict[bytes, Entry] = {}
+        self.links: dict[bytes, bytes] = {}  # a hard link's name -> the name of the content
+        self.restat: list[bytes] = [b""]  # the root, and directories made for their children
+        self.usable = True
+
+    def add(self, full: bytes, rel: bytes, ent: _Entry, kind: str, sha: str | None = None) -> None:
+        if not self.usable:
+            return
+        if rel == b"":
+            self.usable = not ent.xattrs  # the root: stat_entry at the end
+            return
+        rdev = None
+        if kind in (CHR, BLK):
+            rdev = os.makedev(ent.devmajor, ent.devminor)
+            if kind == CHR and rdev == 0:  # a whiteout, though not named as one
+                self.usable = False
+                return
+        if ent.xattrs:
+            names = ent.xattrs.keys()
+            if any(n.startswith(OVERLAY_XATTR_PREFIXES) or "posix_acl_default" in n for n in names):
+                self.usable = False  # overlay markers; children's inherited ACLs
+                return
+            # what the kernel kept of them (ACLs, capabilities): read back, as a scan does
+            entry = stat_entry(os.fsdecode(full), _guest(rel), hash_files=False)
+            self.made[rel] = replace(entry, sha256=sha) if sha else entry
+            return
+        self.made[rel] = Entry(
+            path=_guest(rel),
+            kind=kind,
+            mode=0o777 if kind == SYMLINK else ent.mode,
+            uid=ent.uid,
+            gid=ent.gid,
+            size=ent.size if kind == FILE else 0,
+            sha256=sha,
+            target=os.fsdecode(ent.linkname) if kind == SYMLINK else None,
+            rdev=rdev,
+        )
+
+    def entries(self, root: bytes) -> list[Entry]:
+        """Every entry as :func:`.manifest.scan_tree` of the tree gives it with
+        ``skip_top=("lost+found",)``, in its order; [] when not ``usable``."""
+        if not self.usable:
+            return []
+        made = dict(self.made)
+        for rel in self.restat:
+            if rel not in made:
+                real = os.path.join(root, rel) if rel else root
+                made[rel] = stat_entry(os.fsdecode(real), _guest(rel), hash_files=False)
+        if made[b""].xattrs:
+            return []
+        groups: dict[bytes, list[bytes]] = {}
+        for rel, first in self.links.items():
+            made[rel] = replace(made[first], path=_guest(rel))
+            groups.setdefault(first, [first]).append(rel)
+        kept = {r: e for r, e in made.items() if r.split(b"/", 1)[0] != b"lost+found"}
+        for names in groups.values():
+            names = [n for n in names if n in kept]
+            if len(names) > 1:
+                link = _guest(min(names, key=_scan_key))
+                for n in names:
+                    kept[n] = replace(kept[n], link=link)
+        return [kept[r] for r in sorted(kept, key=_scan_key)]
+
+
 def read_blob(
     blob: Path,
     dest: Path,
@@ -816,6 +906,7 @@ def read_blob(
     expected_diff_id: str | None = None,
     expected_blob_digest: str | None = None,
     policy: Policy | None = None,
+    manifest: list[Entry] | None = None,
 ) -> BlobInfo:
     """Extract the layer blob ``blob`` into ``dest`` (a new, empty directory the caller
     owns, removed by the caller on failure) in overlayfs format; its digests, checked against
@@ -823,14 +914,22 @@ def read_blob(
     reads it and checked when the extraction ends (a blob whose tar was refused is refused
     as damaged when its digest is wrong too), so the caller must use nothing of ``dest``
     before this returns. ``policy``: stricter than ``kind``'s, if given. Needs root
-    (owners, whiteouts, ``trusted.*`` xattrs)."""
+    (owners, whiteouts, ``trusted.*`` xattrs).
+
+    ``manifest``: a list that gets the extracted tree's manifest entries (what
+    :func:`.manifest.scan_tree` of the tree, or of its image, gives: the sha256 of each file
+    computed from the bytes as they are extracted, not read again), appended only once both
+    digests were found good; left empty when the tree holds what this reader does not
+    record itself (whiteouts, opaque directories, ACLs inherited from a default ACL,
+    overlay xattrs, xattrs on the root): the caller then scans the tree."""
     policy = policy or policy_for(kind)
     blob_size = blob.stat().st_size
+    rec = _Record() if manifest is not None else None
     with open(blob, "rb") as fh:
         raw = _Hashed(fh)
         src = _Source(raw)
         try:
-            count = _extract_all(src, dest, policy)
+            count = _extract_all(src, dest, policy, rec)
         except (LayerRefused, StoreFull):
             if expected_blob_digest is not None:  # a damaged blob: say so, not what it broke
                 _check_digest(blob, raw.rest(), expected_blob_digest)
@@ -844,6 +943,8 @@ def read_blob(
             f"blob {blob.name} holds a tar of digest {diff_id}, not the expected layer "
             f"{expected_diff_id}: it was damaged or tampered with; fetch it again"
         )
+    if rec is not None and manifest is not None:  # only now: both digests are good
+        manifest.extend(rec.entries(os.fsencode(dest)))
     return BlobInfo(diff_id, blob_digest, blob_size, src.size, count)
 
 
@@ -855,10 +956,10 @@ def _check_digest(blob: Path, got: str, expected: str) -> None:
         )
 
 
-def _extract_all(src: _Source, dest: Path, policy: Policy) -> int:
+def _extract_all(src: _Source, dest: Path, policy: Policy, rec: _Record | None = None) -> int:
     """:func:`_extract` and the end of the blob checked; an OSError as one line."""
     try:
-        count = _extract(src, os.fsencode(dest), policy)
+        count = _extract(src, os.fsencode(dest), policy, rec)
     except OSError as exc:  # say, a name longer than 255 bytes: one line, not a traceback
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFull(
@@ -882,7 +983,7 @@ def file_digest(path: Path) -> str:
     return "sha256:" + sha256_file(path)
 
 
-def _extract(src: _Source, root: bytes, policy: Policy) -> int:
+def _extract(src: _Source, root: bytes, policy: Policy, rec: _Record | None = None) -> int:
     kinds: dict[bytes, str] = {b"": "dir"}  # what this reader made: path -> dir/file/other
     explicit: set[bytes] = set()  # directories the tar itself named
     dir_times: list[tuple[bytes, int]] = []
@@ -896,6 +997,8 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
             if made is None:
                 os.mkdir(os.path.join(root, up), 0o755)
                 kinds[up] = "dir"
+                if rec is not None:
+                    rec.restat.append(up)
             elif made != "dir":
                 raise LayerRefused(
                     f"the blob's tar has {_show(rel)} beneath {_show(up)}, which is not a "
@@ -903,11 +1006,14 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
                 )
         full = os.path.join(root, rel) if rel else root
         t = ent.typeflag
+        sha: str | None = None
         if base.startswith(WH_PREFIX.encode()):
             if t not in (b"0", b"\0") or ent.size:
                 raise LayerRefused(f"the blob's tar has a whiteout {_show(rel)} that is not empty")
             if base == WH_OPAQUE.encode():
                 _once(kinds, rel, "marker")
+                if rec is not None:
+                    rec.usable = False  # an opaque directory: what a scan says of it varies
                 os.setxattr(
                     os.path.join(root, parent) if parent else root,
                     OPAQUE_XATTR,
@@ -921,6 +1027,8 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
             if not base[len(WH_PREFIX) :] or base[len(WH_PREFIX) :] in (b".", b".."):
                 raise LayerRefused(f"the blob's tar has a whiteout {_show(rel)} naming nothing")
             _once(kinds, target, "whiteout")
+            if rec is not None:
+                rec.usable = False  # a whiteout: a layer over others, never a whole tree
             os.mknod(os.path.join(root, target), stat.S_IFCHR | 0o000, os.makedev(0, 0))
             continue
         if t == b"5":
@@ -932,12 +1040,14 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
                 os.mkdir(full, 0o700)
             _meta(full, ent, policy, rel, is_dir=True)
             dir_times.append((full, ent.mtime))
+            if rec is not None:
+                rec.add(full, rel, ent, DIR)
             continue
         if rel == b"":
             raise LayerRefused("the blob's tar has the root as something other than a directory")
         if t in (b"0", b"\0"):
             _once(kinds, rel, "file")
-            _write_file(src, full, ent.size, rel)
+            sha = _write_file(src, full, ent.size, rel, hashed=rec is not None)
         elif t == b"1":
             target = _clean(ent.linkname)
             if kinds.get(target) != "file":
@@ -947,6 +1057,8 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
                 )
             _once(kinds, rel, "file")
             os.link(os.path.join(root, target), full, follow_symlinks=False)
+            if rec is not None:
+                rec.links[rel] = rec.links.get(target, target)
             continue  # the link shares its target's inode and metadata
         elif t == b"2":
             if not ent.linkname or len(ent.linkname) > MAX_PATH or b"\0" in ent.linkname:
@@ -963,6 +1075,8 @@ def _extract(src: _Source, root: bytes, policy: Policy) -> int:
             fmt = stat.S_IFCHR if t == b"3" else stat.S_IFBLK if t == b"4" else stat.S_IFIFO
             os.mknod(full, fmt | 0o600, os.makedev(ent.devmajor, ent.devminor))
         _meta(full, ent, policy, rel, is_dir=False)
+        if rec is not None:
+            rec.add(full, rel, ent, FILE if t in (b"0", b"\0") else _REC_KIND[t], sha)
     for full, mtime in reversed(dir_times):
         os.utime(full, (mtime, mtime), follow_symlinks=False)
     return count
@@ -981,12 +1095,18 @@ def _once(kinds: dict[bytes, str], rel: bytes, what: str) -> None:
     kinds[rel] = what
 
 
-def _write_file(src: _Source, full: bytes, size: int, rel: bytes) -> None:
+def _write_file(
+    src: _Source, full: bytes, size: int, rel: bytes, *, hashed: bool = False
+) -> str | None:
+    """Write the file's ``size`` bytes from the tar; their sha256 (hex) with ``hashed``."""
     fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    sha = hashlib.sha256() if hashed else None
     try:
         left = size
         while left:
             data = src.read_exact(min(CHUNK, left))
+            if sha is not None:
+                sha.update(data)
             if _zeros(data):  # a hole (a guest's sparse file stays sparse)
                 os.lseek(fd, len(data), os.SEEK_CUR)
             else:
@@ -997,6 +1117,7 @@ def _write_file(src: _Source, full: bytes, size: int, rel: bytes) -> None:
         os.close(fd)
     if size % BLOCK:
         src.read_exact(-size % BLOCK)
+    return sha.hexdigest() if sha is not None else None
 
 
 _ZERO_CHUNK = bytes(CHUNK)
@@ -1067,5 +1188,6 @@ __all__ = [
     "file_digest",
     "policy_for",
     "read_blob",
+    "scan_order",
     "write_blob",
 ]

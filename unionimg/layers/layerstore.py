@@ -62,8 +62,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from unionimg.entries import Entry
 from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
 from unionimg.fs.image import default_size, disk_usage, make_ext4
+from unionimg.fs.manifest import Manifest, write_manifest
 from unionimg.fs.mounts import mount_image, require_root, unmount_tree
 from unionimg.fs.space import require_space
 from unionimg.layers.layer import (
@@ -73,6 +75,7 @@ from unionimg.layers.layer import (
     digest_hex,
     file_digest,
     read_blob,
+    scan_order,
     write_blob,
 )
 from unionimg.runner import run
@@ -83,6 +86,9 @@ log = logging.getLogger(__name__)
 
 LAYERS = Path("layers") / "sha256"
 IMAGE = "layer.img"
+#: a whole base layer's manifest (:func:`.manifest.write_manifest`, no info), recorded as its
+#: verified blob was extracted (:func:`.layer.read_blob`): :func:`tree_manifest`
+MANIFEST = "manifest.sqlite"
 BLOB = "blob.tar.zst"
 LOCK = "layers"
 MAX_CHAIN = 64
@@ -485,11 +491,15 @@ def _import_build(
     tree.mkdir(mode=0o755)
     require_space(store.root, info.blob_size * 4, f"make layer {digest_hex(info.diff_id)[:12]}")
     expect = info.blob_digest or None
+    # a whole base's manifest, made in the same read (a base generation made from the layer
+    # uses it instead of scanning its tree again: :func:`tree_manifest`)
+    entries: list[Entry] | None = [] if kind == "base" and parent is None else None
     with _scratch(tree) as in_memory:
         try:
             got = read_blob(
-                blob, tree, kind=kind, expected_diff_id=info.diff_id, expected_blob_digest=expect
-            )
+                blob, tree, kind=kind, expected_diff_id=info.diff_id,
+                expected_blob_digest=expect, manifest=entries,
+            )  # fmt: skip
         except BlobDamaged:
             raise
         except (LayerRefused, StoreFull):
@@ -500,10 +510,15 @@ def _import_build(
             unmount_tree(tree)
             shutil.rmtree(tree)
             tree.mkdir(mode=0o755)
+            entries = [] if entries is not None else None
             got = read_blob(
-                blob, tree, kind=kind, expected_diff_id=info.diff_id, expected_blob_digest=expect
-            )
-        return _build(store, stage, blob, tree, got, parent=parent, kind=kind, origin=origin)
+                blob, tree, kind=kind, expected_diff_id=info.diff_id,
+                expected_blob_digest=expect, manifest=entries,
+            )  # fmt: skip
+        return _build(
+            store, stage, blob, tree, got, parent=parent, kind=kind, origin=origin,
+            entries=entries or None,
+        )  # fmt: skip
 
 
 #: the share of the memory available that extracting one layer may take (:func:`_scratch`)
@@ -555,11 +570,15 @@ def _build(
     parent: str | None,
     kind: str,
     origin: Origin,
+    entries: list[Entry] | None = None,
 ) -> tuple[Path, LayerMeta]:
     """The layer directory built in ``stage`` from the extracted ``tree`` (what
-    :func:`.layer.read_blob` found: ``got``), and its record; not yet in place."""
+    :func:`.layer.read_blob` found: ``got``), and its record; not yet in place. ``entries``:
+    the tree's manifest as the extraction recorded it, kept as :data:`MANIFEST`."""
     build = stage / "layer"
     build.mkdir(mode=0o700)
+    if entries:
+        write_manifest(entries, build / MANIFEST)
     used, inodes = _usage(tree)
     # a root base layer is a whole base: labelled BASE, as an adopted generation's is, so a
     # host can make it a base generation by hard link (what a deploy does; systems.py)
@@ -587,6 +606,19 @@ def _build(
     os.chmod(build / IMAGE, 0o400)
     write_record(build / LayerMeta.FILE, meta)
     return build, meta
+
+
+def tree_manifest(layer: Layer) -> list[Entry] | None:
+    """The manifest entries of whole base layer ``layer``'s tree as its extraction recorded
+    them (:data:`MANIFEST`), in the order :func:`.manifest.scan_tree` gives them; None when
+    it has none (a layer made or adopted here, a delta, one pulled by an older unionimg, or
+    a tree the extraction does not record): the caller scans the image instead."""
+    path = layer.dir / MANIFEST
+    if layer.meta.kind != "base" or layer.meta.parent is not None or not path.is_file():
+        return None
+    with Manifest(path) as m:
+        entries = list(m)
+    return sorted(entries, key=lambda e: scan_order(e.path))
 
 
 def _same_root(image: Path, tree: Path) -> None:
