@@ -392,8 +392,13 @@ def goals(key: str, uo: Outcome, peers: list[Outcome], lim: int) -> list[dict[st
     detail = ", ".join(f"{p.name} {p.rx / uo.rx:.2f}x" for p in ok) if uo.rx else ""
     if failed:
         detail += f"; failed, not compared: {', '.join(failed)}"
-    out.append({"goal": "fewer bytes than every peer", "detail": detail,
+    out.append({"goal": "fewer bytes to the host than every peer", "detail": detail,
                 "met": uo.ok and len(beaten) == len(ok) and not failed})  # fmt: skip
+    both = [p for p in ok if uo.rx + uo.tx < p.rx + p.tx]
+    out.append({"goal": "fewer bytes than every peer, both directions counted",
+                "detail": ", ".join(f"{p.name} {(p.rx + p.tx) / (uo.rx + uo.tx):.2f}x"
+                                    for p in ok) if uo.rx else "",
+                "met": uo.ok and len(both) == len(ok) and not failed})  # fmt: skip
     over = uo.rx / lim - 1 if lim else float("inf")
     out.append({"goal": "within 10 % of the limit", "detail": f"{over:+.1%}",
                 "met": uo.ok and over <= 0.10})  # fmt: skip
