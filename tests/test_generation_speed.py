@@ -1,9 +1,9 @@
 """A host's base generation from a pulled base layer without a second read of its tree
 (issue 13): the manifest recorded while the verified blob was extracted holds the very
 records a scan of the layer's image gives (hard links, symlinks, devices, FIFOs, xattrs,
-setuid, empty and sparse files, lost+found left out, the tiny fixture), a generation made
-from it holds the same manifest rows as one made by the scan, and a blob whose digest
-fails gives no manifest.
+setuid, default ACLs, empty and sparse files, lost+found left out, the tiny and Debian
+fixtures), a generation made from it holds the same manifest rows as one made by the scan,
+and a blob whose digest fails gives no manifest.
 
 Root: images are made with ``mke2fs`` and mounted, owners and ``trusted.*`` xattrs set.
 """
@@ -69,6 +69,16 @@ def _rich_tree(root: Path) -> Path:
     os.chown(root / "dev" / "loop9", 0, 6)
     (root / "srv").mkdir()
     os.chmod(root / "srv", 0o2775)
+    # a default ACL (systemd's /var/log/journal has one): children inherit it, one of them
+    # stripped of it after (its tar entry has no ACL; extracted, it inherits one again)
+    (root / "acl" / "sub").mkdir(parents=True)
+    for d in (root / "acl", root / "acl" / "sub"):
+        os.setxattr(d, "system.posix_acl_access", _acl(0o7, 0o5, 0o5, 0o5))
+        os.setxattr(d, "system.posix_acl_default", _acl(0o7, 0o5, 0o7, 0o5))
+    (root / "acl" / "file").write_text("inherits\n")
+    os.setxattr(root / "acl" / "file", "system.posix_acl_access", _acl(0o6, 0o4, 0o6, 0o4))
+    (root / "acl" / "sub" / "bare").write_text("stripped\n")
+    os.removexattr(root / "acl" / "sub" / "bare", "system.posix_acl_access")
     (root / "lost+found").mkdir()
     (root / "lost+found" / "stray").write_text("left out\n")
     for top, dirs, files in os.walk(root, topdown=False):
@@ -76,6 +86,21 @@ def _rich_tree(root: Path) -> Path:
             os.utime(os.path.join(top, name), (T0, T0), follow_symlinks=False)
     os.utime(root, (T0, T0))
     return root
+
+
+def _acl(user: int, group: int, named: int, other: int) -> bytes:
+    """A POSIX ACL xattr value: owner, group, user 1000 (``named``), mask, other."""
+    undefined = 0xFFFFFFFF
+    out = (2).to_bytes(4, "little")
+    for tag, perm, uid in (
+        (0x01, user, undefined),
+        (0x02, named, 1000),
+        (0x04, group, undefined),
+        (0x10, named | group, undefined),
+        (0x20, other, undefined),
+    ):
+        out += tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + uid.to_bytes(4, "little")
+    return out
 
 
 def _pulled(tmp_path: Path, tree: Path) -> tuple[Store, layerstore.Layer]:
@@ -133,6 +158,7 @@ def test_the_recorded_manifest_is_the_scan_of_the_image(tmp_path: Path) -> None:
     assert by_path["/dev/loop9"].rdev == os.makedev(7, 9)
     assert dict(by_path["/a/link"].xattrs) == {"trusted.onlink": b"s".hex()}
     assert "/lost+found" not in by_path and "/lost+found/stray" not in by_path
+    assert "system.posix_acl_access" in dict(by_path["/acl/sub/bare"].xattrs)
 
 
 def test_a_generation_from_the_recorded_manifest_has_the_scans_rows(tmp_path: Path) -> None:
@@ -150,6 +176,12 @@ def test_a_generation_from_the_recorded_manifest_has_the_scans_rows(tmp_path: Pa
 def test_the_tiny_fixture(tmp_path: Path) -> None:
     """The tiny fixture's tree (busybox, its links and devices): the same records."""
     _same_as_scan(tmp_path, vm_fixtures.build("tiny"))
+
+
+def test_the_debian_fixture(tmp_path: Path) -> None:
+    """The Debian fixture (what bench/deploy.py deploys: 12k entries, capabilities, the
+    journal directory's default ACL): the same records; the recorded manifest is used."""
+    _same_as_scan(tmp_path, vm_fixtures.build("debian"))
 
 
 def test_no_manifest_from_a_blob_whose_digest_fails(tmp_path: Path) -> None:

@@ -810,6 +810,7 @@ def _clean(name: bytes) -> bytes:
 
 
 _REC_KIND = {b"2": SYMLINK, b"3": CHR, b"4": BLK, b"6": FIFO}
+_ACL_DEFAULT = "system.posix_acl_default"
 
 
 def _guest(rel: bytes) -> str:
@@ -836,7 +837,9 @@ class _Record:
     def __init__(self) -> None:
         self.made: dict[bytes, Entry] = {}
         self.links: dict[bytes, bytes] = {}  # a hard link's name -> the name of the content
-        self.restat: list[bytes] = [b""]  # the root, and directories made for their children
+        self.restat: set[bytes] = {b""}  # the root, and directories made for their children
+        self.acl_dirs: set[bytes] = set()  # directories with a default ACL (their children
+        # inherit it: what the kernel made of it is read back, as a scan reads it)
         self.usable = True
 
     def add(self, full: bytes, rel: bytes, ent: _Entry, kind: str, sha: str | None = None) -> None:
@@ -851,14 +854,17 @@ class _Record:
             if kind == CHR and rdev == 0:  # a whiteout, though not named as one
                 self.usable = False
                 return
-        if ent.xattrs:
-            names = ent.xattrs.keys()
-            if any(n.startswith(OVERLAY_XATTR_PREFIXES) or "posix_acl_default" in n for n in names):
-                self.usable = False  # overlay markers; children's inherited ACLs
-                return
-            # what the kernel kept of them (ACLs, capabilities): read back, as a scan does
+        if any(n.startswith(OVERLAY_XATTR_PREFIXES) for n in ent.xattrs):
+            self.usable = False  # overlay's own markers
+            return
+        parent = rel.rpartition(b"/")[0]
+        if ent.xattrs or parent in self.acl_dirs or (parent and parent in self.restat):
+            # what the kernel kept of them (ACLs, capabilities) or added (an ACL inherited
+            # from the directory's default ACL): read back, as a scan reads it
             entry = stat_entry(os.fsdecode(full), _guest(rel), hash_files=False)
             self.made[rel] = replace(entry, sha256=sha) if sha else entry
+            if kind == DIR and any(n == _ACL_DEFAULT for n, _ in entry.xattrs):
+                self.acl_dirs.add(rel)
             return
         self.made[rel] = Entry(
             path=_guest(rel),
@@ -920,8 +926,9 @@ def read_blob(
     :func:`.manifest.scan_tree` of the tree, or of its image, gives: the sha256 of each file
     computed from the bytes as they are extracted, not read again), appended only once both
     digests were found good; left empty when the tree holds what this reader does not
-    record itself (whiteouts, opaque directories, ACLs inherited from a default ACL,
-    overlay xattrs, xattrs on the root): the caller then scans the tree."""
+    record itself (whiteouts, opaque directories, overlay xattrs, xattrs on the root): the
+    caller then scans the tree. An entry with xattrs, or in a directory with a default ACL
+    (it inherits one), has its metadata read back from what was made."""
     policy = policy or policy_for(kind)
     blob_size = blob.stat().st_size
     rec = _Record() if manifest is not None else None
@@ -998,7 +1005,7 @@ def _extract(src: _Source, root: bytes, policy: Policy, rec: _Record | None = No
                 os.mkdir(os.path.join(root, up), 0o755)
                 kinds[up] = "dir"
                 if rec is not None:
-                    rec.restat.append(up)
+                    rec.restat.add(up)
             elif made != "dir":
                 raise LayerRefused(
                     f"the blob's tar has {_show(rel)} beneath {_show(up)}, which is not a "
