@@ -24,6 +24,7 @@ from unionimg.store.migrate_records import (
     ChainLayer,
     HashIndex,
     LayerTree,
+    LeftManifest,
     MigrateAnswer,
     MigrateDone,
     MigrateOffer,
@@ -246,6 +247,7 @@ EXAMPLES: list[Record] = [
     MigrateAnswer(("sha256:" + "cd" * 32,), ("ab" * 32,), (("ef" * 32, "cache"),), "os", 1),
     MigrateDone("web", "52:54:00:00:00:01", "uml", 3, 2, 0, 4096, 1, 1.5),
     HashIndex("12:4096:17", (("ab" * 32, "upper/etc/hosts"),)),
+    LeftManifest("web", (("/var/lib/db/big.sqlite", "ef" * 32),)),
     LayerTree(
         "sha256:" + "cd" * 32,
         TreeEntry(".", "dir", 0o755, 0, 0, 3),
