@@ -127,12 +127,12 @@ def _human(d: dict[str, Any]) -> None:
         )
     if d["deltas"]:
         click.echo(f"  {d['deltas']} changed file(s) as deltas on the base's version")
-    if d["chunked"]:
+    if d.get("chunked"):
         click.echo(
             f"  {d['chunked']} large file(s) as content-defined chunks against the host's "
             "nearest version"
         )
-    _file_rows(d["files"])
+    _file_rows(d.get("files", []))
     click.echo(f"{verb}: {d['stream_bytes']} bytes in one zstd stream ({d['seconds']} s)")
     if not d["dry_run"] and d["receiver"]:
         r = d["receiver"]
