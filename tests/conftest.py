@@ -10,6 +10,12 @@ fixture that requests it, or ``pytestmark = pytest.mark.usefixtures("root")``);
 tests a non-root user can run. :func:`need_root` fails a test that calls it without that
 mark, so a new root-needing test cannot slip out of the marker.
 
+Disk: a whole run makes dozens of Debian-fixture stores (1-3 GiB each) and pytest keeps every
+temporary directory until the next run; so a passing test's ``tmp_path`` is reclaimed at its
+teardown, and the directories a test module made (its module-scoped stores) when the module
+ends without a failure (:func:`reclaim`: unmounted and detached first, never followed into a
+mount). A failing test or module keeps its directories for inspection.
+
 Golden files (``tests/golden/``): ``pytest --regenerate-output`` rewrites them instead of
 comparing (:class:`Golden`; ``UNIONIMG_REGEN_GOLDEN=1`` does the same); review the diff.
 """
@@ -20,7 +26,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +43,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 ROOT_FIXTURE = "root"
 
 _running: list[pytest.Item] = []  # the test being set up, run or torn down (for need_root)
+_PASSED = pytest.StashKey[bool]()  # every phase of the test so far passed
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,10 +70,61 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _running[:] = [item]
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    del item
-    _running.clear()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if report.failed:
+        item.stash[_PASSED] = False
+    elif report.when == "call":
+        item.stash[_PASSED] = item.stash.get(_PASSED, report.passed)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """After the test's fixtures are finalized (``store`` unmounts its tree): clear
+    :data:`_running`; reclaim a passing test's ``tmp_path`` (a teardown that raised keeps it)."""
+    try:
+        yield
+    finally:
+        _running.clear()
+    funcargs = getattr(item, "funcargs", None) or {}
+    if item.stash.get(_PASSED, False) and isinstance(funcargs.get("tmp_path"), Path):
+        reclaim(funcargs["tmp_path"])
+
+
+def reclaim(path: Path) -> None:
+    """Remove a test's directory: whatever is still mounted below it unmounted and loop
+    devices on its files detached first; left whole if a mount stays (rmtree never descends
+    into a file system the test did not make)."""
+    if not path.exists():
+        return
+    unmount_tree(path)
+    if os.geteuid() == 0:
+        for dev in sorted(_loop_devices(path)):
+            subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+    prefix = str(path) + "/"
+    if any(m.target == str(path) or m.target.startswith(prefix) for m in mountinfo()):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reclaim_module_dirs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """The directories a module's fixtures made (``tmp_path_factory.mktemp``: its Debian
+    stores), reclaimed when the module ends with no test failed. Autouse, so set up before
+    and finalized after the module's own fixtures."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for name in sorted(set(os.listdir(base)) - before):
+            reclaim(base / name)
 
 
 def need(condition: object, reason: str) -> None:
