@@ -162,6 +162,7 @@ def test_first_deploy_pulls_everything_then_redeploy_only_changed(env: Env) -> N
         r = report["hosts"][h.name]
         assert r["ok"], r
         assert r["cache_hits"] == 0 and sorted(r["imported"]) == sorted(one)
+        assert r["cached_before"] == 0  # the host's own count, in materialize's report
         assert r["bytes_pulled"] >= blob_bytes
         wire = h.counters()["rx_bytes"] - before[h.name]
         assert blob_bytes <= wire <= r["bytes_pulled"] + WIRE_SLACK, (wire, r)
@@ -185,6 +186,7 @@ def test_first_deploy_pulls_everything_then_redeploy_only_changed(env: Env) -> N
     assert r["ok"], r
     assert sorted(r["imported"]) == sorted(new)
     assert r["cache_hits"] == len(two) - 2
+    assert r["cached_before"] == len(one)
     assert sorted(r["replaced"]) == ["db", "dns", "web"]
     wire = h1.counters()["rx_bytes"] - before1
     new_bytes = sum(sizes[d] for d in new)

@@ -348,6 +348,7 @@ class Materialized:
     replaced: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)  # every layer the node needs
     cache_hits: int = 0  # of those, the ones the host held before
+    cached_before: int = 0  # layers of any node the host's cache held before
     imported: list[str] = field(default_factory=list)
     bytes_pulled: int = 0
     bytes_resumed: int = 0
@@ -398,6 +399,7 @@ def materialize(
         man, meta = fetch_node(reg, ref, repo=repo)
         out = Materialized(meta.name, man.digest, reg.url, vms=[vm.name for vm in meta.vms])
         replaced = _check_names(store, meta, replace)
+        out.cached_before = len(layerstore.list_layers(store))
         missing = [d for d in man.layers if not layerstore.has(store, d.annotations[ANN_DIFF_ID])]
         bases = _check_bases(store, reg, man)
         out.layers = list(dict.fromkeys(man.diff_ids()))
