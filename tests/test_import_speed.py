@@ -20,6 +20,7 @@ import zstandard
 
 from tests.conftest import flip_byte, make_tree
 from unionimg.errors import NotFound
+from unionimg.fs.follow import Abandoned, Growing
 from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layer import (
@@ -136,6 +137,84 @@ def test_a_tampered_blob_is_refused_in_the_extracting_read(tmp_path: Path) -> No
     assert got.blob_digest == base.meta.blob_digest and got.diff_id == base.diff_id
 
 
+class _Watched(Growing):
+    """A Growing that notes how far the file was written each time a reader got bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.ends_seen: list[int] = []
+
+    def _await(self, pos: int, seen: int) -> tuple[Path, int, int]:
+        path, end, restarts = super()._await(pos, seen)
+        self.ends_seen.append(-1 if self.finished else end)
+        return path, end, restarts
+
+
+def test_a_layer_is_extracted_while_its_blob_arrives(tmp_path: Path) -> None:
+    """stage_blob with ``follow``: the snapshot's blob written in parts by another thread
+    (as the registry client writes a download), the layer extracted from the bytes written
+    so far, the complete file taken into the layer once it is there; the layer is the one
+    built from the finished file. A blob that is damaged is refused the same way, and a
+    transfer that gives up ends the build with nothing left."""
+    _src, base, snap = _chain(tmp_path)
+    data = snap.blob.read_bytes()
+    dst = _store(tmp_path / "dst")
+    layerstore.import_blob(dst, base.blob, base.diff_id, None, kind="base")
+
+    def feed(g: Growing, body: bytes, give_up: bool = False) -> None:
+        partial, dest = tmp_path / "dl.partial", tmp_path / "dl.blob"
+        with partial.open("wb") as fh:
+            g.begin(partial, 0)
+            step = max(len(body) // 40, 1)
+            for i in range(0, len(body), step):
+                if give_up and i > len(body) // 2:
+                    g.fail("the registry went away")
+                    return
+                fh.write(body[i : i + step])
+                fh.flush()
+                g.wrote(min(i + step, len(body)))
+                time.sleep(0.01)
+        os.replace(partial, dest)
+        g.finish(dest)
+
+    g = _Watched(len(data))
+    writer = threading.Thread(target=feed, args=(g, data))
+    writer.start()
+    staged = layerstore.stage_blob(
+        dst, tmp_path / "dl.blob", snap.diff_id, base.diff_id, kind="snapshot",
+        expected_blob_digest=snap.meta.blob_digest, follow=g,
+    )  # fmt: skip
+    writer.join()
+    layer, new = staged.publish()
+    assert new and layer.diff_id == snap.diff_id
+    assert layerstore.blob_path(dst, layer).read_bytes() == data
+    assert sum(1 for e in g.ends_seen if 0 < e < len(data)) > 5  # read while it grew
+    layerstore.remove(dst, layer)
+
+    bad = bytearray(data)
+    bad[len(bad) // 3] ^= 0xFF
+    g = _Watched(len(bad))
+    writer = threading.Thread(target=feed, args=(g, bytes(bad)))
+    writer.start()
+    with pytest.raises(BlobDamaged, match="damaged or tampered"):
+        layerstore.stage_blob(
+            dst, tmp_path / "dl.blob", snap.diff_id, base.diff_id, kind="snapshot",
+            expected_blob_digest=snap.meta.blob_digest, follow=g,
+        )  # fmt: skip
+    writer.join()
+    g = _Watched(len(data))
+    writer = threading.Thread(target=feed, args=(g, data, True))
+    writer.start()
+    with pytest.raises(Abandoned, match="went away"):
+        layerstore.stage_blob(
+            dst, tmp_path / "dl.blob", snap.diff_id, base.diff_id, kind="snapshot",
+            expected_blob_digest=snap.meta.blob_digest, follow=g,
+        )  # fmt: skip
+    writer.join()
+    assert {la.diff_id for la in layerstore.list_layers(dst)} == {base.diff_id}
+    assert os.listdir(dst.tmp_dir) == []
+
+
 def test_a_layer_built_before_its_parent_appears_only_over_it(tmp_path: Path) -> None:
     """stage_blob builds a snapshot whose parent is not in the store yet; publishing it then
     is NotFound, nothing added; built again once the parent is there, it publishes. A
@@ -219,8 +298,16 @@ def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path:
         lock = threading.Lock()
 
         def stage(
-            blob: Path, meta: bytes, diff_id: str, parent: str | None, digest: str
+            blob: Path,
+            meta: bytes,
+            diff_id: str,
+            parent: str | None,
+            digest: str,
+            /,
+            *,
+            follow: Growing | None = None,
         ) -> layerstore.StagedLayer:
+            assert follow is None  # import_blobs builds from verified files
             with lock:
                 running.append(1)
                 most[0] = max(most[0], len(running))

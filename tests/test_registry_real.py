@@ -129,12 +129,17 @@ def held(store: Store) -> set[str]:
     return {la.diff_id for la in layerstore.list_layers(store)}
 
 
+RANGE_HEADER = re.compile(rb"(?im)^range: [^\r\n]*\r\n")
+
+
 # -- a loopback TCP proxy that counts bytes and can cut a connection -------------------------
 class Proxy:
     """Forwards 127.0.0.1:port to the registry; counts bytes each way; the first ``cuts``
     connections whose answer passes ``cut_after`` bytes are closed right there; the first
     ``busy`` requests whose bytes hold ``busy_on`` are answered 503 with Retry-After: 1 (what
-    a registry behind a load balancer answers while it restarts) instead of forwarded."""
+    a registry behind a load balancer answers while it restarts) instead of forwarded; the
+    first ``unrange`` requests asking a Range lose that header (the registry answers 200 with
+    the whole blob, as a cache or server that ignores Range does)."""
 
     def __init__(
         self,
@@ -144,11 +149,13 @@ class Proxy:
         cuts: int = 0,
         busy_on: bytes = b"",
         busy: int = 0,
+        unrange: int = 0,
     ) -> None:
         host, _, port = upstream.removeprefix("http://").rpartition(":")
         self.upstream = (host, int(port))
         self.cut_after, self.cuts = cut_after, cuts
         self.busy_on, self.busy = busy_on, busy
+        self.unrange = unrange
         self.up = 0  # client -> registry
         self.down = 0  # registry -> client
         self.requests = bytearray()  # the first 64 KiB each connection sent
@@ -191,6 +198,9 @@ class Proxy:
                         )
                         dst.sendall(data)
                         break
+                    if upward and self.unrange and RANGE_HEADER.search(data):
+                        self.unrange -= 1
+                        data = RANGE_HEADER.sub(b"", data)
                     if upward:
                         self.up += len(data)
                         if kept < 65536:
@@ -220,9 +230,15 @@ class Proxy:
 
 @contextlib.contextmanager
 def proxy(
-    upstream: str, *, cut_after: int = 0, cuts: int = 0, busy_on: bytes = b"", busy: int = 0
+    upstream: str,
+    *,
+    cut_after: int = 0,
+    cuts: int = 0,
+    busy_on: bytes = b"",
+    busy: int = 0,
+    unrange: int = 0,
 ) -> Iterator[Proxy]:
-    p = Proxy(upstream, cut_after=cut_after, cuts=cuts, busy_on=busy_on, busy=busy)
+    p = Proxy(upstream, cut_after=cut_after, cuts=cuts, busy_on=busy_on, busy=busy, unrange=unrange)
     try:
         yield p
     finally:
@@ -355,6 +371,33 @@ def test_a_cut_transfer_is_retried_within_one_pull(
     assert p.requests.lower().count(b"range: bytes=") == 2
     assert blobs <= p.down < blobs + OVERHEAD  # every byte sent once
     assert held(store) == {src.base.diff_id, src.a.diff_id}
+
+
+def test_a_resume_answered_with_the_whole_blob_rebuilds_from_the_file(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    """A pull extracts each blob while it arrives. The base's transfer is cut 700 kB in; the
+    retry asks the rest (Range) but gets the whole blob again (200: the proxy drops the
+    header): the file starts over beneath the extraction, which is thrown away and done again
+    from the complete, verified file. The layers are the pushed ones."""
+    with Registry(registry.url) as reg:
+        hostcache.push_layers(src.store, reg, src.a.short)
+    store = empty_store(tmp_path / "host")
+    blobs = src.base.meta.blob_size + src.a.meta.blob_size
+    with (
+        proxy(registry.url, cut_after=700_000, cuts=1, unrange=1) as p,
+        Registry(p.url, backoff=0.5) as reg,
+    ):
+        report = hostcache.pull_node(store, reg, src.a.diff_id)
+    assert p.unrange == 0 and report.bytes_resumed == 0  # it did start over
+    assert blobs + 600_000 < p.down < blobs + 700_000 + OVERHEAD
+    assert report.rebuilt == 1, report
+    assert held(store) == {src.base.diff_id, src.a.diff_id}
+    for la in (src.base, src.a):
+        got = layerstore.get(store, la.diff_id)
+        assert got.meta.blob_digest == la.meta.blob_digest
+        assert layerstore.blob_path(store, got).stat().st_size == la.meta.blob_size
+    assert list(hostcache.download_dir(store).iterdir()) == []
 
 
 def test_a_busy_registry_is_asked_again_after_its_retry_after(

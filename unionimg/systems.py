@@ -357,7 +357,8 @@ class Materialized:
     seconds: float = 0.0
     pull_seconds: float = 0.0  # fetch_seconds + import_seconds
     fetch_seconds: float = 0.0  # the network: manifests, configs, blobs checked on arrival
-    import_seconds: float = 0.0  # extracting the verified blobs into the layer cache
+    import_seconds: float = 0.0  # building the layers after the last blob arrived (they are
+    # extracted while their blobs arrive: what the builds took beyond the transfer)
     base_seconds: float = 0.0  # making the base generations the host lacked
     vm_seconds: float = 0.0  # making the VMs (fresh U images, identity)
 

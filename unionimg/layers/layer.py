@@ -56,7 +56,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Protocol, cast
 
 import zstandard
 
@@ -563,23 +563,34 @@ def _copy_file(path: bytes, item: _Item, sink: _Sink) -> None:
 
 
 # -- reading -----------------------------------------------------------------------------------
+class ByteSource(Protocol):
+    """What a blob is read from: a file opened ``rb``, or a reader of one as it arrives."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class _Hashed:
     """The blob file as the decompressor reads it, its bytes hashed on the way (the blob
     digest, without a second read of the file)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: ByteSource) -> None:
         self._raw = raw
         self.hash = hashlib.sha256()
+        self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
         self.hash.update(data)
+        self.size += len(data)
         return data
 
     def rest(self) -> str:
         """``sha256:HEX`` of the whole file: what the decompressor left unread hashed too."""
         while data := self._raw.read(CHUNK):
             self.hash.update(data)
+            self.size += len(data)
         return "sha256:" + self.hash.hexdigest()
 
 
@@ -913,6 +924,7 @@ def read_blob(
     expected_blob_digest: str | None = None,
     policy: Policy | None = None,
     manifest: list[Entry] | None = None,
+    opener: Callable[[], ByteSource] | None = None,
 ) -> BlobInfo:
     """Extract the layer blob ``blob`` into ``dest`` (a new, empty directory the caller
     owns, removed by the caller on failure) in overlayfs format; its digests, checked against
@@ -928,11 +940,15 @@ def read_blob(
     digests were found good; left empty when the tree holds what this reader does not
     record itself (whiteouts, opaque directories, overlay xattrs, xattrs on the root): the
     caller then scans the tree. An entry with xattrs, or in a directory with a default ACL
-    (it inherits one), has its metadata read back from what was made."""
+    (it inherits one), has its metadata read back from what was made.
+
+    ``opener``: where the blob's bytes come from instead of the file ``blob`` (named in
+    messages only): a reader of the blob as it arrives (:class:`unionimg.fs.follow.GrowingReader`),
+    whose end is the end of the complete file."""
     policy = policy or policy_for(kind)
-    blob_size = blob.stat().st_size
     rec = _Record() if manifest is not None else None
-    with open(blob, "rb") as fh:
+    source: ByteSource = opener() if opener is not None else open(blob, "rb")  # noqa: SIM115
+    with contextlib.closing(source) as fh:
         raw = _Hashed(fh)
         src = _Source(raw)
         try:
@@ -942,6 +958,7 @@ def read_blob(
                 _check_digest(blob, raw.rest(), expected_blob_digest)
             raise
         blob_digest = raw.rest()
+    blob_size = raw.size
     if expected_blob_digest is not None:
         _check_digest(blob, blob_digest, expected_blob_digest)
     diff_id = "sha256:" + src.hash.hexdigest()

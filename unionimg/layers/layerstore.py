@@ -64,6 +64,7 @@ from pathlib import Path
 
 from unionimg.entries import Entry
 from unionimg.errors import Conflict, NotFound, StoreFull, ToolFailed, UsageError
+from unionimg.fs.follow import Growing
 from unionimg.fs.image import default_size, disk_usage, make_ext4
 from unionimg.fs.manifest import Manifest, write_manifest
 from unionimg.fs.mounts import mount_image, require_root, unmount_tree
@@ -71,6 +72,7 @@ from unionimg.fs.space import require_space
 from unionimg.layers.layer import (
     BlobDamaged,
     BlobInfo,
+    ByteSource,
     LayerRefused,
     digest_hex,
     file_digest,
@@ -429,12 +431,19 @@ def stage_blob(
     kind: str,
     expected_blob_digest: str | None = None,
     origin: Origin | None = None,
+    follow: Growing | None = None,
 ) -> StagedLayer:
     """Build the layer of blob ``blob_path`` over ``parent`` in a staging directory, checked
     as :func:`import_blob` checks it, without adding it to the cache: the parent need not be
     here yet (:meth:`StagedLayer.publish` requires it). Safe to run in several threads at
     once (each its own staging directory and scratch tmpfs). A layer the cache holds already
-    is not built again. On failure nothing is left (exit 8, one line)."""
+    is not built again. On failure nothing is left (exit 8, one line).
+
+    ``follow``: the blob is still arriving; it is extracted as its bytes are written
+    (:mod:`unionimg.fs.follow`), and the complete file (``follow.wait()``, verified by the
+    fetch) taken into the layer once the extraction read it to its end. A fetch that
+    starts over beneath the extraction raises :class:`~unionimg.fs.follow.Restarted`, one
+    that fails :class:`~unionimg.fs.follow.Abandoned` (the caller has the fetch's error)."""
     require_root("importing a layer")
     try:
         digest_hex(expected_diff_id)
@@ -448,14 +457,23 @@ def stage_blob(
             return StagedLayer(store, stack, None, None, existing)
         stage = stack.enter_context(store.staging("import"))
         blob = stage / BLOB
-        try:
-            os.link(blob_path, blob)
-        except OSError:
-            shutil.copyfile(blob_path, blob)
-        info = BlobInfo(expected_diff_id, expected_blob_digest or "", blob.stat().st_size, 0, 0)
+
+        def take_blob() -> None:  # the verified file into the staging directory
+            src = follow.wait() if follow is not None else blob_path
+            try:
+                os.link(src, blob)
+            except OSError:
+                shutil.copyfile(src, blob)
+
+        if follow is None:
+            take_blob()
+        size = follow.size if follow is not None else blob.stat().st_size
+        info = BlobInfo(expected_diff_id, expected_blob_digest or "", size, 0, 0)
         build, meta = _import_build(
-            store, stage, blob, info, parent=parent, kind=kind, origin=origin or Origin()
-        )
+            store, stage, blob, info, parent=parent, kind=kind, origin=origin or Origin(),
+            opener=follow.reader if follow is not None else None,
+            arrived=take_blob if follow is not None else None,
+        )  # fmt: skip
         return StagedLayer(store, stack, build, meta, None)
     except BaseException:
         stack.close()
@@ -483,10 +501,14 @@ def _import_build(
     parent: str | None,
     kind: str,
     origin: Origin,
+    opener: Callable[[], ByteSource] | None = None,
+    arrived: Callable[[], None] | None = None,
 ) -> tuple[Path, LayerMeta]:
     """Build the layer directory in ``stage`` from ``blob`` (extracted, its diff_id checked
     against ``info.diff_id`` and, when ``info.blob_digest`` is set, the blob against it, in
-    the same read); the directory and its record, for :func:`_publish`."""
+    the same read); the directory and its record, for :func:`_publish`. ``opener``: read
+    the blob from there (it is arriving); ``arrived()`` then puts the complete file at
+    ``blob``, once the extraction is done."""
     tree = stage / "tree"
     tree.mkdir(mode=0o755)
     require_space(store.root, info.blob_size * 4, f"make layer {digest_hex(info.diff_id)[:12]}")
@@ -498,7 +520,7 @@ def _import_build(
         try:
             got = read_blob(
                 blob, tree, kind=kind, expected_diff_id=info.diff_id,
-                expected_blob_digest=expect, manifest=entries,
+                expected_blob_digest=expect, manifest=entries, opener=opener,
             )  # fmt: skip
         except BlobDamaged:
             raise
@@ -513,8 +535,10 @@ def _import_build(
             entries = [] if entries is not None else None
             got = read_blob(
                 blob, tree, kind=kind, expected_diff_id=info.diff_id,
-                expected_blob_digest=expect, manifest=entries,
+                expected_blob_digest=expect, manifest=entries, opener=opener,
             )  # fmt: skip
+        if arrived is not None:
+            arrived()
         return _build(
             store, stage, blob, tree, got, parent=parent, kind=kind, origin=origin,
             entries=entries or None,

@@ -50,6 +50,7 @@ import httpx
 
 from unionimg.display import shown
 from unionimg.errors import NotFound, ToolFailed, UsageError
+from unionimg.fs.follow import Growing
 from unionimg.fs.manifest import sha256_file
 from unionimg.registry.manifests import (
     MAX_MANIFEST,
@@ -473,6 +474,7 @@ class Registry:
         dest: Path,
         *,
         on_bytes: Callable[[int], None] | None = None,
+        follow: Growing | None = None,
     ) -> int:
         """Blob ``digest`` of ``repo`` (``size`` bytes, from its manifest) into ``dest``.
 
@@ -480,14 +482,17 @@ class Registry:
         transfer is resumed with ``Range: bytes=N-`` (the registry answers 206; a 200 starts
         over). The sha256 is computed while the bytes arrive (over the partial file's part
         first); only a match renames the file to ``dest``; a mismatch, or more bytes than
-        ``size``, removes the partial file and raises ToolFailed. Returns the bytes received."""
+        ``size``, removes the partial file and raises ToolFailed. Returns the bytes received.
+        ``follow``: told where the bytes are written and how far, and when ``dest`` is
+        complete and verified, so readers can consume the blob as it arrives (a pull
+        extracting it meanwhile: :mod:`unionimg.fs.follow`); the caller fails it on error."""
         check_repo(repo)
         check_digest(digest)
         partial = dest.with_name(dest.name + ".partial")
         received = 0
         for attempt in range(self.retries + 1):
             try:
-                got, actual = self._fetch_once(repo, digest, size, partial, on_bytes)
+                got, actual = self._fetch_once(repo, digest, size, partial, on_bytes, follow)
                 received += got
                 break
             except _Retry as exc:
@@ -507,6 +512,8 @@ class Registry:
         os.replace(partial, dest)
         fsync_dir(dest.parent)
         self.counters.blobs_fetched += 1
+        if follow is not None:
+            follow.finish(dest)
         return received
 
     def _stream_into(
@@ -605,6 +612,7 @@ class Registry:
         size: int,
         partial: Path,
         on_bytes: Callable[[int], None] | None,
+        follow: Growing | None = None,
     ) -> tuple[int, str]:
         """One GET of the blob's rest; returns the bytes received and the whole file's
         sha256, computed as the bytes arrive (over the resumed prefix first)."""
@@ -612,6 +620,8 @@ class Registry:
         if have > size:
             partial.unlink()
             have = 0
+        if follow is not None:
+            follow.begin(partial, have)
         if have == size:
             return 0, "sha256:" + sha256_file(partial)
         headers = {"range": f"bytes={have}-"} if have else {}
@@ -640,6 +650,8 @@ class Registry:
                     if length is not None and length != str(size):
                         raise self._wrong_size(repo, digest, length, size, partial)
                     have, mode, h = 0, "wb", hashlib.sha256()
+                    if follow is not None:
+                        follow.begin(partial, 0)  # started over: readers past 0 restart
                 else:
                     resp.read()
                     failed = self._fail(resp, f"blob {digest} of {repo}")
@@ -655,7 +667,11 @@ class Registry:
                     )
 
                 with partial.open(mode) as fh:
-                    received = self._stream_into(resp, fh, h, size - have, too_much, on_bytes)
+                    arrived = on_bytes
+                    if follow is not None:
+                        tail = _Tail(fh, follow, have, on_bytes)
+                        arrived = tail.wrote
+                    received = self._stream_into(resp, fh, h, size - have, too_much, arrived)
         except httpx.TransportError as exc:
             raise _Retry() from exc
         if have + received < size:
@@ -663,6 +679,22 @@ class Registry:
                 f"the transfer of blob {digest} stopped at byte {have + received} of {size}"
             )
         return received, "sha256:" + h.hexdigest()
+
+
+class _Tail:
+    """After each part written: flushed, and the follower told how far the file goes."""
+
+    def __init__(
+        self, fh: IO[bytes], follow: Growing, start: int, on_bytes: Callable[[int], None] | None
+    ) -> None:
+        self._fh, self._follow, self._end, self._on_bytes = fh, follow, start, on_bytes
+
+    def wrote(self, n: int) -> None:
+        self._fh.flush()
+        self._end += n
+        self._follow.wrote(self._end)
+        if self._on_bytes is not None:
+            self._on_bytes(n)
 
 
 def _with_digest(url: httpx.URL | str, digest: str) -> httpx.URL:

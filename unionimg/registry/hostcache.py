@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from unionimg.errors import ToolFailed
+from unionimg.fs.follow import Growing
 from unionimg.fs.space import require_space
 from unionimg.layers import layerstore
 from unionimg.registry import transfer
@@ -82,7 +83,14 @@ def push_layers(store: Store, reg: Registry, ref: str, *, repo: str = LAYER_REPO
 
 def _stager(store: Store) -> transfer.StageBlob:
     def stage_one(
-        blob: Path, meta_bytes: bytes, diff_id: str, parent: str | None, blob_digest: str
+        blob: Path,
+        meta_bytes: bytes,
+        diff_id: str,
+        parent: str | None,
+        blob_digest: str,
+        /,
+        *,
+        follow: Growing | None = None,
     ) -> layerstore.StagedLayer:
         try:
             meta = LayerMeta.from_json(json.loads(meta_bytes))
@@ -110,6 +118,7 @@ def _stager(store: Store) -> transfer.StageBlob:
                 instance=meta.instance,
                 message=meta.message,
             ),
+            follow=follow,
         )
 
     return stage_one

@@ -9,14 +9,17 @@ sent again (HEAD first), a blob another repository of the registry holds is moun
 (:func:`plan_pull`): each node's manifest says its chain's diff_ids; the layers the host holds
 (``have``) cost nothing; for the missing ones it walks the parent annotations up to the nodes
 it needs (each node's ``layers`` must be its parent's plus one, and a parent the registry
-lacks is one line, nothing fetched). Fetch (:func:`fetch_blobs`): every missing blob of every
-node, each distinct blob once, into resumable ``.partial`` files in ``download_dir``, each
-blob's sha256 checked on arrival. Import (:func:`import_blobs`): only when every blob
-arrived checked, bottom to top through ``import_blob``, or with ``stage_blob`` built
-:data:`IMPORT_WORKERS` at a time and put in place bottom to top (the layer store checks the
-uncompressed diff_id); an import that fails has the ones before it undone. So a failure
-leaves the host's layers as they were; verified blobs stay in ``download_dir`` for the next
-attempt. The report splits the seconds: fetching (the network) and importing (the host).
+lacks is one line, nothing fetched). Fetch: every missing blob of every node, each distinct
+blob once, into resumable ``.partial`` files in ``download_dir``, each blob's sha256 checked
+on arrival. Import: with ``stage_blob`` (a host's pull), the layers are built
+:data:`IMPORT_WORKERS` at a time from each blob's bytes as they arrive
+(:func:`_fetch_while_staging`, :mod:`unionimg.fs.follow`) and put in place bottom to top only
+once every blob arrived checked (the layer store checks the blob digest again and the
+uncompressed diff_id); with ``import_blob``, fetched first (:func:`fetch_blobs`), then
+imported bottom to top (:func:`import_blobs`). An import that fails has the ones before it
+undone. So a failure leaves the host's layers as they were; verified blobs stay in
+``download_dir`` for the next attempt. The report splits the seconds: fetching (the
+network, until the last blob arrived) and importing (the host's work beyond that).
 
 Both take plain values (:class:`LocalLayer`, callables), so they run against any layer store;
 :mod:`unionimg.registry.hostcache` binds them to unionimg's own.
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from unionimg.errors import NotFound, ToolFailed, UnionimgError
+from unionimg.fs.follow import Growing, Restarted
 from unionimg.registry.client import Registry
 from unionimg.registry.manifests import (
     ARTIFACT_LAYER,
@@ -168,6 +172,7 @@ class PullReport:
     seconds: float = 0.0
     fetch_seconds: float = 0.0  # the network: manifests, configs, blobs (checked on arrival)
     import_seconds: float = 0.0  # the host: each verified blob extracted into its layer
+    rebuilt: int = 0  # layers built again from the complete file (it started over under them)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -183,6 +188,7 @@ class PullReport:
             "seconds": round(self.seconds, 3),
             "fetch_seconds": round(self.fetch_seconds, 3),
             "import_seconds": round(self.import_seconds, 3),
+            "rebuilt": self.rebuilt,
         }
 
 
@@ -203,9 +209,25 @@ class Staged(Protocol):
         """Remove it (a no-op once published)."""
 
 
-StageBlob = Callable[[Path, bytes, str, "str | None", str], Staged]
-"""``stage_blob(...)``, the arguments of :data:`ImportBlob`: build the layer without putting
-it into the store (its parent may not be there yet); called from several threads at once."""
+class StageBlob(Protocol):
+    """``stage_blob(...)``, the arguments of :data:`ImportBlob`: build the layer without
+    putting it into the store (its parent may not be there yet); called from several threads
+    at once. ``follow``: the blob is still arriving at that path: read it as it is written
+    (:mod:`unionimg.fs.follow`), take the complete file once it is there."""
+
+    def __call__(
+        self,
+        blob: Path,
+        meta: bytes,
+        diff_id: str,
+        parent: str | None,
+        digest: str,
+        /,
+        *,
+        follow: Growing | None = None,
+    ) -> Staged: ...
+
+
 IMPORT_WORKERS = 2
 """Layers built at once in a pull (the blobs are independent: their extraction and
 ``mke2fs`` run side by side)."""
@@ -294,6 +316,22 @@ def fetch_blobs(
     one resumed, the rest fetched, each blob's sha256 checked on arrival. Nothing is
     imported. ``check_space(bytes of the missing blobs, their layer.json)`` runs before the
     first blob is fetched. Returns blob digest -> verified file."""
+    wanted = _wanted(plans, download_dir, check_space)
+    files: dict[str, Path] = {}
+    for digest, (size, dest) in wanted.items():
+        if not dest.exists():
+            reg.fetch_blob(repo, digest, size, dest, on_bytes=on_bytes)
+        files[digest] = dest
+    return files
+
+
+def _wanted(
+    plans: Sequence[PullPlan],
+    download_dir: Path,
+    check_space: Callable[[int, Sequence[bytes]], None] | None,
+) -> dict[str, tuple[int, Path]]:
+    """Blob digest -> (size, its file in ``download_dir``) of every blob the plans lack,
+    each once, in chain order; ``check_space`` run, ``download_dir`` made."""
     wanted: dict[str, tuple[int, bytes]] = {}  # blob digest -> size, layer.json
     for plan in plans:
         for i in plan.missing:
@@ -302,13 +340,10 @@ def fetch_blobs(
     if check_space is not None:
         check_space(sum(size for size, _ in wanted.values()), [m for _, m in wanted.values()])
     download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for digest, (size, _meta) in wanted.items():
-        dest = download_dir / (digest.removeprefix("sha256:") + ".blob")
-        if not dest.exists():
-            reg.fetch_blob(repo, digest, size, dest, on_bytes=on_bytes)
-        files[digest] = dest
-    return files
+    return {
+        digest: (size, download_dir / (digest.removeprefix("sha256:") + ".blob"))
+        for digest, (size, _meta) in wanted.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -443,18 +478,107 @@ def pull_nodes(
     if len(plans) == 1:
         report.manifest = plans[0].top.digest
     report.layers = list(dict.fromkeys(d for plan in plans for d in plan.chain))
-    files = fetch_blobs(reg, repo, plans, download_dir, on_bytes=on_bytes, check_space=check_space)
-    report.bytes_pulled = reg.counters.bytes_down - before
-    report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
-    report.fetch_seconds = time.monotonic() - start
-    t_import = time.monotonic()
-    report.imported = import_blobs(
-        plans, files, have=have, import_blob=import_blob, stage_blob=stage_blob, undo=undo
-    )
-    report.import_seconds = time.monotonic() - t_import
+    if stage_blob is not None:
+        report.imported = _fetch_while_staging(
+            reg, repo, plans, download_dir, have=have, stage_blob=stage_blob,
+            on_bytes=on_bytes, check_space=check_space, undo=undo, report=report,
+        )  # fmt: skip
+        report.bytes_pulled = reg.counters.bytes_down - before
+        report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
+    else:
+        files = fetch_blobs(
+            reg, repo, plans, download_dir, on_bytes=on_bytes, check_space=check_space
+        )
+        report.bytes_pulled = reg.counters.bytes_down - before
+        report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
+        report.fetch_seconds = time.monotonic() - start
+        t_import = time.monotonic()
+        report.imported = import_blobs(plans, files, have=have, import_blob=import_blob, undo=undo)
+        report.import_seconds = time.monotonic() - t_import
     report.cache_hits = len(report.layers) - len(report.imported)
     report.seconds = time.monotonic() - start
     return report
+
+
+def _fetch_while_staging(
+    reg: Registry,
+    repo: str,
+    plans: Sequence[PullPlan],
+    download_dir: Path,
+    *,
+    have: Callable[[str], bool],
+    stage_blob: StageBlob,
+    on_bytes: Callable[[int], None] | None,
+    check_space: Callable[[int, Sequence[bytes]], None] | None,
+    undo: UndoImport | None,
+    report: PullReport,
+    workers: int = IMPORT_WORKERS,
+) -> list[str]:
+    """Fetch the plans' missing blobs (in the order their layers are built) while
+    ``workers`` threads build those layers from the bytes as they arrive (each blob's
+    :class:`~unionimg.fs.follow.Growing`: a base layer's extraction runs during its own
+    download instead of after it); then, only once every blob arrived and matched its
+    digest, put the layers in place bottom to top. A fetch that fails stops the builds and
+    discards them (nothing is put in place); a build whose blob the registry sent again from
+    its start (a 200 to a resumed GET) is built again from the complete file. The report's
+    ``fetch_seconds`` run until the last blob arrived, ``import_seconds`` from then on (what
+    the builds took beyond the transfer). The imported diff_ids are returned; an import that
+    fails undoes the ones before it, as :func:`import_blobs` does."""
+    start = time.monotonic()
+    wanted = _wanted(plans, download_dir, check_space)
+    jobs = _jobs(plans, {d: path for d, (_size, path) in wanted.items()}, have)
+    tails = {d: Growing(size) for d, (size, _path) in wanted.items()}
+    order = list(dict.fromkeys([j.digest for j in jobs] + list(wanted)))
+    imported: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+        for digest in order:
+            if wanted[digest][1].exists():  # verified by an earlier pull
+                tails[digest].finish(wanted[digest][1])
+        futures = [
+            pool.submit(
+                stage_blob, j.blob, j.meta, j.diff_id, j.parent, j.digest, follow=tails[j.digest]
+            )
+            for j in jobs
+        ]
+        try:
+            for digest in order:
+                size, dest = wanted[digest]
+                if not tails[digest].finished:
+                    reg.fetch_blob(
+                        repo, digest, size, dest, on_bytes=on_bytes, follow=tails[digest]
+                    )
+            report.fetch_seconds = time.monotonic() - start
+            t_import = time.monotonic()
+            for job, fut in zip(jobs, futures, strict=True):
+                try:
+                    staged = fut.result()
+                except Restarted:  # its bytes changed under it: built again from the file
+                    staged = stage_blob(job.blob, job.meta, job.diff_id, job.parent, job.digest)
+                    report.rebuilt += 1
+                if have(job.diff_id):  # another pull brought it meanwhile
+                    staged.discard()
+                    continue
+                staged.publish()
+                imported.append(job.diff_id)
+            report.import_seconds = time.monotonic() - t_import
+        except BaseException:
+            for tail in tails.values():
+                tail.fail("the pull stopped")  # a build waiting for bytes ends now
+            for fut in futures:
+                fut.cancel()
+            for fut in futures:
+                if fut.cancelled():
+                    continue
+                with contextlib.suppress(BaseException):
+                    fut.result().discard()  # ended already when it was published
+            if undo is not None:
+                for diff_id in reversed(imported):
+                    with contextlib.suppress(UnionimgError, OSError):
+                        undo(diff_id)
+            raise
+    for _size, path in wanted.values():
+        path.unlink(missing_ok=True)
+    return imported
 
 
 def pull_node(
