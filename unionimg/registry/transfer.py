@@ -31,7 +31,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -405,15 +405,32 @@ def import_blobs(
         elif jobs:
             raise ValueError("import_blobs: give import_blob or stage_blob")
     except BaseException:
-        if undo is not None:
-            for diff_id in reversed(imported):
-                # the first error is the one to report; 'layer gc' removes what is left
-                with contextlib.suppress(UnionimgError, OSError):
-                    undo(diff_id)
+        _undo(imported, undo)
         raise
     for path in files.values():
         path.unlink(missing_ok=True)
     return imported
+
+
+def _undo(imported: Sequence[str], undo: UndoImport | None) -> None:
+    """Remove the layers a failed pull put in place, top first."""
+    if undo is None:
+        return
+    for diff_id in reversed(imported):
+        # the first error is the one to report; 'layer gc' removes what is left
+        with contextlib.suppress(UnionimgError, OSError):
+            undo(diff_id)
+
+
+def _discard(futures: Sequence[Future[Staged]]) -> None:
+    """Cancel the builds not started, discard the ones made (not yet in place)."""
+    for fut in futures:
+        fut.cancel()
+    for fut in futures:
+        if fut.cancelled():
+            continue
+        with contextlib.suppress(BaseException):
+            fut.result().discard()  # ended already when it was published
 
 
 def _stage_and_publish(
@@ -441,13 +458,7 @@ def _stage_and_publish(
                 staged.publish()
                 imported.append(job.diff_id)
         except BaseException:
-            for fut in futures:
-                fut.cancel()
-            for fut in futures:
-                if fut.cancelled():
-                    continue
-                with contextlib.suppress(BaseException):
-                    fut.result().discard()  # ended already when it was published
+            _discard(futures)
             raise
 
 
@@ -564,17 +575,8 @@ def _fetch_while_staging(
         except BaseException:
             for tail in tails.values():
                 tail.fail("the pull stopped")  # a build waiting for bytes ends now
-            for fut in futures:
-                fut.cancel()
-            for fut in futures:
-                if fut.cancelled():
-                    continue
-                with contextlib.suppress(BaseException):
-                    fut.result().discard()  # ended already when it was published
-            if undo is not None:
-                for diff_id in reversed(imported):
-                    with contextlib.suppress(UnionimgError, OSError):
-                        undo(diff_id)
+            _discard(futures)
+            _undo(imported, undo)
             raise
     for _size, path in wanted.values():
         path.unlink(missing_ok=True)
