@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 from collections.abc import Generator, Iterator
@@ -303,6 +304,14 @@ def make_tree(root: Path) -> Path:
 @pytest.fixture
 def src_tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "src")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a registry or server the test starts takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def flip_byte(path: Path, at: int) -> None:

@@ -31,7 +31,6 @@ import hashlib
 import importlib
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, make_tree, need, need_programs
+from tests.conftest import Cli, free_port, make_tree, need, need_programs
 from unionimg import systems
 from unionimg.layers import layerstore
 from unionimg.layers.layerstore import Layer, Origin
@@ -70,13 +69,6 @@ except ImportError:
 pytestmark = pytest.mark.usefixtures("root")
 
 MIRROR = "mirror/layers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -13,7 +13,6 @@ fit is that kind's own error. The registry is asked afterwards what it holds (pl
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, make_tree, need_programs
+from tests.conftest import Cli, free_port, make_tree, need_programs
 from unionimg import systems
 from unionimg.layers import layerstore
 from unionimg.layers.layerstore import Layer, Origin
@@ -33,13 +32,6 @@ from unionimg.store.fleet_records import SystemMeta, SystemVM
 from unionimg.store.layout import Store, now_iso
 
 pytestmark = pytest.mark.usefixtures("root")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

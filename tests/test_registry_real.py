@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, flip_byte, make_tree, need_programs
+from tests.conftest import UNIONIMG, Cli, flip_byte, free_port, make_tree, need_programs
 from unionimg import poll
 from unionimg.errors import NotFound, ToolFailed
 from unionimg.layers import layerstore
@@ -54,13 +54,6 @@ pytestmark = pytest.mark.usefixtures("root")
 REPO = "unionimg/layers"
 OVERHEAD = 32 << 10
 """Manifests, configs and HTTP framing a push or pull may add to the layers' blob bytes."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- a store with a chain: base -> A, base -> B ------------------------------------------------

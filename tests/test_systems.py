@@ -13,7 +13,6 @@ image-tree nodes, read back with plain HTTP.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, need, need_programs
+from tests.conftest import Cli, free_port, need, need_programs
 from unionimg.fs.mounts import unmount_tree
 from unionimg.registry import server as server_mod
 from unionimg.registry.manifests import (
@@ -34,13 +33,6 @@ from unionimg.registry.manifests import (
 pytestmark = pytest.mark.usefixtures("root")
 
 MACS = {"web": "52:54:00:13:00:01", "db": "52:54:00:13:00:02", "dns": "52:54:00:13:00:03"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def change(cli: Cli, vm: str, where: Path, files: dict[str, str]) -> None:
