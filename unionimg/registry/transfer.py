@@ -492,7 +492,7 @@ def pull_nodes(
     if stage_blob is not None:
         report.imported = _fetch_while_staging(
             reg, repo, plans, download_dir, have=have, stage_blob=stage_blob,
-            on_bytes=on_bytes, check_space=check_space, undo=undo, report=report,
+            on_bytes=on_bytes, check_space=check_space, undo=undo, report=report, start=start,
         )  # fmt: skip
         report.bytes_pulled = reg.counters.bytes_down - before
         report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
@@ -523,6 +523,7 @@ def _fetch_while_staging(
     check_space: Callable[[int, Sequence[bytes]], None] | None,
     undo: UndoImport | None,
     report: PullReport,
+    start: float,
     workers: int = IMPORT_WORKERS,
 ) -> list[str]:
     """Fetch the plans' missing blobs (in the order their layers are built) while
@@ -533,9 +534,9 @@ def _fetch_while_staging(
     discards them (nothing is put in place); a build whose blob the registry sent again from
     its start (a 200 to a resumed GET) is built again from the complete file. The report's
     ``fetch_seconds`` run until the last blob arrived, ``import_seconds`` from then on (what
-    the builds took beyond the transfer). The imported diff_ids are returned; an import that
-    fails undoes the ones before it, as :func:`import_blobs` does."""
-    start = time.monotonic()
+    the builds took beyond the transfer; both from ``start``, the pull's). The imported
+    diff_ids are returned; an import that fails undoes the ones before it, as
+    :func:`import_blobs` does."""
     wanted = _wanted(plans, download_dir, check_space)
     jobs = _jobs(plans, {d: path for d, (_size, path) in wanted.items()}, have)
     tails = {d: Growing(size) for d, (size, _path) in wanted.items()}
