@@ -248,25 +248,26 @@ def test_a_layer_built_before_its_parent_appears_only_over_it(tmp_path: Path) ->
 
 
 class _Plan:
-    """What import_blobs reads of a PullPlan: the chain, the missing indexes, the layer.json
-    bytes and the blob descriptors."""
+    """What a pull reads of a PullPlan to fetch and build: the chain, the missing indexes,
+    the layer.json bytes and the blob descriptors (digest, size)."""
 
     class _Top:
-        def __init__(self, digests: list[str]) -> None:
-            self.layers = [type("D", (), {"digest": d})() for d in digests]
+        def __init__(self, blobs: list[tuple[str, int]]) -> None:
+            self.layers = [type("D", (), {"digest": d, "size": n})() for d, n in blobs]
 
-    def __init__(self, chain: list[str], digests: list[str]) -> None:
+    def __init__(self, chain: list[str], blobs: list[tuple[str, int]]) -> None:
         self.chain = tuple(chain)
         self.missing = list(range(len(chain)))
         self.metas = dict.fromkeys(self.missing, b"{}")
-        self.top = self._Top(digests)
+        self.top = self._Top(blobs)
 
 
 def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path: Path) -> None:
-    """import_blobs with stage_blob (what a host's pull uses): a base and three snapshots
-    built two at a time (the snapshots while the base is still being built), put in place
-    base first; then a pull whose third blob is tampered: the layers it put in place are
-    removed again, the ones built but not placed discarded, the store as it was."""
+    """A host's pull (``transfer._fetch_while_staging``, its blobs in downloads/ already, so
+    no registry is asked): a base and three snapshots built two at a time (the snapshots
+    while the base is still being built), put in place base first; then a pull whose third
+    blob is tampered: the layers it put in place are removed again, the ones built but not
+    placed discarded, the store as it was."""
     src, base, snap = _chain(tmp_path)
     snaps = [snap]
     for i in (2, 3):
@@ -278,7 +279,7 @@ def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path:
     dl = tmp_path / "downloads"
     dl.mkdir()
 
-    def downloads() -> dict[str, Path]:  # verified downloads (import_blobs removes them)
+    def downloads() -> dict[str, Path]:  # verified downloads (the pull removes them)
         out = {}
         for la in [base, *snaps]:
             path = dl / (la.meta.blob_digest[7:] + ".blob")
@@ -288,7 +289,10 @@ def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path:
 
     def plans() -> list[_Plan]:
         return [
-            _Plan([base.diff_id, s.diff_id], [base.meta.blob_digest, s.meta.blob_digest])
+            _Plan(
+                [base.diff_id, s.diff_id],
+                [(la.meta.blob_digest, la.meta.blob_size) for la in (base, s)],
+            )
             for s in snaps
         ]
 
@@ -307,7 +311,7 @@ def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path:
             *,
             follow: Growing | None = None,
         ) -> layerstore.StagedLayer:
-            assert follow is None  # import_blobs builds from verified files
+            assert follow is not None and follow.finished  # verified files, all there
             with lock:
                 running.append(1)
                 most[0] = max(most[0], len(running))
@@ -325,12 +329,19 @@ def test_a_pull_builds_two_layers_at_once_and_a_failure_leaves_nothing(tmp_path:
         def undo(diff_id: str) -> None:
             layerstore.remove(dst, layerstore.get(dst, diff_id))
 
-        out = transfer.import_blobs(
-            plans(),  # type: ignore[arg-type]  # the fields import_blobs reads
-            files,
+        report = transfer.PullReport("-", "-", "-")
+        out = transfer._fetch_while_staging(
+            None,  # type: ignore[arg-type]  # every blob is in downloads/: no registry asked
+            "-",
+            plans(),  # type: ignore[arg-type]  # the fields a pull reads
+            dl,
             have=lambda d: layerstore.has(dst, d),
             stage_blob=stage,
+            on_bytes=None,
+            check_space=None,
             undo=undo,
+            report=report,
+            start=time.monotonic(),
             workers=2,
         )
         assert most[0] == 2

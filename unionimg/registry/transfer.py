@@ -11,15 +11,14 @@ sent again (HEAD first), a blob another repository of the registry holds is moun
 it needs (each node's ``layers`` must be its parent's plus one, and a parent the registry
 lacks is one line, nothing fetched). Fetch: every missing blob of every node, each distinct
 blob once, into resumable ``.partial`` files in ``download_dir``, each blob's sha256 checked
-on arrival. Import: with ``stage_blob`` (a host's pull), the layers are built
-:data:`IMPORT_WORKERS` at a time from each blob's bytes as they arrive
-(:func:`_fetch_while_staging`, :mod:`unionimg.fs.follow`) and put in place bottom to top only
-once every blob arrived checked (the layer store checks the blob digest again and the
-uncompressed diff_id); with ``import_blob``, fetched first (:func:`fetch_blobs`), then
-imported bottom to top (:func:`import_blobs`). An import that fails has the ones before it
-undone. So a failure leaves the host's layers as they were; verified blobs stay in
-``download_dir`` for the next attempt. The report splits the seconds: fetching (the
-network, until the last blob arrived) and importing (the host's work beyond that).
+on arrival. Import, meanwhile (:func:`_fetch_while_staging`): the layers are built
+:data:`IMPORT_WORKERS` at a time through ``stage_blob`` from each blob's bytes as they arrive
+(:mod:`unionimg.fs.follow`) and put in place bottom to top only once every blob arrived
+checked (the layer store checks the blob digest again and the uncompressed diff_id). An
+import that fails has the ones before it undone. So a failure leaves the host's layers as
+they were; verified blobs stay in ``download_dir`` for the next attempt. The report splits
+the seconds: fetching (the network, until the last blob arrived) and importing (the host's
+work beyond that).
 
 Both take plain values (:class:`LocalLayer`, callables), so they run against any layer store;
 :mod:`unionimg.registry.hostcache` binds them to unionimg's own.
@@ -192,13 +191,6 @@ class PullReport:
         }
 
 
-ImportBlob = Callable[[Path, bytes, str, "str | None", str], None]
-"""``import_blob(verified blob file, layer.json bytes, diff_id, parent diff_id, blob
-digest)``: put one layer into the host's store (its parent is already there, and is the
-layer below it in the node's chain, whatever the layer.json says). The file stays where it
-is (the puller removes it once every import succeeded)."""
-
-
 class Staged(Protocol):
     """A layer built from a verified blob but not yet in the host's store."""
 
@@ -210,10 +202,11 @@ class Staged(Protocol):
 
 
 class StageBlob(Protocol):
-    """``stage_blob(...)``, the arguments of :data:`ImportBlob`: build the layer without
-    putting it into the store (its parent may not be there yet); called from several threads
-    at once. ``follow``: the blob is still arriving at that path: read it as it is written
-    (:mod:`unionimg.fs.follow`), take the complete file once it is there."""
+    """``stage_blob(blob file, layer.json bytes, diff_id, parent diff_id, blob digest)``:
+    build the layer without putting it into the store (its parent may not be there yet, and
+    is the layer below it in the node's chain, whatever the layer.json says); called from
+    several threads at once. ``follow``: the blob is still arriving at that path: read it as
+    it is written (:mod:`unionimg.fs.follow`), take the complete file once it is there."""
 
     def __call__(
         self,
@@ -302,29 +295,6 @@ def plan_pull(reg: Registry, repo: str, ref: str, *, have: Callable[[str], bool]
         node, index = parent, index - 1
 
 
-def fetch_blobs(
-    reg: Registry,
-    repo: str,
-    plans: Sequence[PullPlan],
-    download_dir: Path,
-    *,
-    on_bytes: Callable[[int], None] | None = None,
-    check_space: Callable[[int, Sequence[bytes]], None] | None = None,
-) -> dict[str, Path]:
-    """Every blob the plans lack (each distinct blob once), into ``download_dir`` as
-    ``HEX.blob``: a verified file left by an earlier pull is used as it is, a ``.partial``
-    one resumed, the rest fetched, each blob's sha256 checked on arrival. Nothing is
-    imported. ``check_space(bytes of the missing blobs, their layer.json)`` runs before the
-    first blob is fetched. Returns blob digest -> verified file."""
-    wanted = _wanted(plans, download_dir, check_space)
-    files: dict[str, Path] = {}
-    for digest, (size, dest) in wanted.items():
-        if not dest.exists():
-            reg.fetch_blob(repo, digest, size, dest, on_bytes=on_bytes)
-        files[digest] = dest
-    return files
-
-
 def _wanted(
     plans: Sequence[PullPlan],
     download_dir: Path,
@@ -372,46 +342,6 @@ def _jobs(
     return list(jobs.values())
 
 
-def import_blobs(
-    plans: Sequence[PullPlan],
-    files: dict[str, Path],
-    *,
-    have: Callable[[str], bool],
-    import_blob: ImportBlob | None = None,
-    stage_blob: StageBlob | None = None,
-    undo: UndoImport | None = None,
-    workers: int = IMPORT_WORKERS,
-) -> list[str]:
-    """Import the verified blobs ``files`` of ``plans``, each chain bottom to top (a layer
-    the store holds by then is skipped); the diff_ids imported. With ``stage_blob``, the
-    layers are built ``workers`` at a time (a pull's base layer and its snapshots at once:
-    extraction and ``mke2fs`` of independent blobs on both cores), and each appears in the
-    store in chain order, its parent first; else ``import_blob`` imports them one by one.
-    When an import fails, the layers built but not yet in the store are discarded and the
-    ones this call put there are removed again (top first, through ``undo``) before the
-    error goes on, so the store holds what it held before; the verified files stay (the
-    next pull uses them). Once every import succeeded, the files are removed."""
-    jobs = _jobs(plans, files, have)
-    imported: list[str] = []
-    try:
-        if stage_blob is not None:
-            _stage_and_publish(jobs, stage_blob, have, imported, workers)
-        elif import_blob is not None:
-            for job in jobs:
-                if have(job.diff_id):  # another pull brought it meanwhile
-                    continue
-                import_blob(job.blob, job.meta, job.diff_id, job.parent, job.digest)
-                imported.append(job.diff_id)
-        elif jobs:
-            raise ValueError("import_blobs: give import_blob or stage_blob")
-    except BaseException:
-        _undo(imported, undo)
-        raise
-    for path in files.values():
-        path.unlink(missing_ok=True)
-    return imported
-
-
 def _undo(imported: Sequence[str], undo: UndoImport | None) -> None:
     """Remove the layers a failed pull put in place, top first."""
     if undo is None:
@@ -433,54 +363,24 @@ def _discard(futures: Sequence[Future[Staged]]) -> None:
             fut.result().discard()  # ended already when it was published
 
 
-def _stage_and_publish(
-    jobs: Sequence[_Job],
-    stage_blob: StageBlob,
-    have: Callable[[str], bool],
-    imported: list[str],
-    workers: int,
-) -> None:
-    """Build every job's layer on ``workers`` threads (in job order, so a thread waits for
-    no other), publish each in job order as soon as it and the ones before it are built;
-    on failure, cancel what has not started and discard what was built, unpublished."""
-    if not jobs:
-        return
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
-        futures = [
-            pool.submit(stage_blob, j.blob, j.meta, j.diff_id, j.parent, j.digest) for j in jobs
-        ]
-        try:
-            for job, fut in zip(jobs, futures, strict=True):
-                staged = fut.result()
-                if have(job.diff_id):  # another pull brought it meanwhile
-                    staged.discard()
-                    continue
-                staged.publish()
-                imported.append(job.diff_id)
-        except BaseException:
-            _discard(futures)
-            raise
-
-
 def pull_nodes(
     reg: Registry,
     repo: str,
     refs: Sequence[str],
     *,
     have: Callable[[str], bool],
-    import_blob: ImportBlob | None = None,
-    stage_blob: StageBlob | None = None,
+    stage_blob: StageBlob,
     download_dir: Path,
     on_bytes: Callable[[int], None] | None = None,
     check_space: Callable[[int, Sequence[bytes]], None] | None = None,
     undo: UndoImport | None = None,
 ) -> PullReport:
     """Bring image-tree nodes ``refs`` (tags, manifest digests or diff_ids of ``repo``)
-    and their chains into a host, in three steps: every node planned (:func:`plan_pull`),
-    every missing blob of every node fetched and checked (:func:`fetch_blobs`), and only
-    then the imports (:func:`import_blobs`). So a missing parent node, or a blob that is
-    tampered, truncated or missing, raises before anything is imported; an import that
-    fails undoes the others (``undo``). ``have(diff_id)`` says what the host holds."""
+    and their chains into a host: every node planned (:func:`plan_pull`), then every missing
+    blob of every node fetched and checked while its layer is built, and only then the
+    layers put in place (:func:`_fetch_while_staging`). So a missing parent node, or a blob
+    that is tampered, truncated or missing, raises before anything is in place; an import
+    that fails undoes the others (``undo``). ``have(diff_id)`` says what the host holds."""
     check_repo(repo)
     start = time.monotonic()
     before, resumed_before = reg.counters.bytes_down, reg.counters.bytes_resumed
@@ -489,23 +389,12 @@ def pull_nodes(
     if len(plans) == 1:
         report.manifest = plans[0].top.digest
     report.layers = list(dict.fromkeys(d for plan in plans for d in plan.chain))
-    if stage_blob is not None:
-        report.imported = _fetch_while_staging(
-            reg, repo, plans, download_dir, have=have, stage_blob=stage_blob,
-            on_bytes=on_bytes, check_space=check_space, undo=undo, report=report, start=start,
-        )  # fmt: skip
-        report.bytes_pulled = reg.counters.bytes_down - before
-        report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
-    else:
-        files = fetch_blobs(
-            reg, repo, plans, download_dir, on_bytes=on_bytes, check_space=check_space
-        )
-        report.bytes_pulled = reg.counters.bytes_down - before
-        report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
-        report.fetch_seconds = time.monotonic() - start
-        t_import = time.monotonic()
-        report.imported = import_blobs(plans, files, have=have, import_blob=import_blob, undo=undo)
-        report.import_seconds = time.monotonic() - t_import
+    report.imported = _fetch_while_staging(
+        reg, repo, plans, download_dir, have=have, stage_blob=stage_blob,
+        on_bytes=on_bytes, check_space=check_space, undo=undo, report=report, start=start,
+    )  # fmt: skip
+    report.bytes_pulled = reg.counters.bytes_down - before
+    report.bytes_resumed = reg.counters.bytes_resumed - resumed_before
     report.cache_hits = len(report.layers) - len(report.imported)
     report.seconds = time.monotonic() - start
     return report
@@ -535,8 +424,10 @@ def _fetch_while_staging(
     its start (a 200 to a resumed GET) is built again from the complete file. The report's
     ``fetch_seconds`` run until the last blob arrived, ``import_seconds`` from then on (what
     the builds took beyond the transfer; both from ``start``, the pull's). The imported
-    diff_ids are returned; an import that fails undoes the ones before it, as
-    :func:`import_blobs` does."""
+    diff_ids are returned; an import that fails undoes the ones before it (``undo``, top
+    first), so the store holds what it held before; the verified files stay in
+    ``download_dir`` (the next pull uses them), and are removed once every layer is in
+    place. ``reg`` is asked only for blobs ``download_dir`` lacks."""
     wanted = _wanted(plans, download_dir, check_space)
     jobs = _jobs(plans, {d: path for d, (_size, path) in wanted.items()}, have)
     tails = {d: Growing(size) for d, (size, _path) in wanted.items()}
@@ -590,18 +481,17 @@ def pull_node(
     ref: str,
     *,
     have: Callable[[str], bool],
-    import_blob: ImportBlob | None = None,
-    stage_blob: StageBlob | None = None,
+    stage_blob: StageBlob,
     download_dir: Path,
     on_bytes: Callable[[int], None] | None = None,
     check_space: Callable[[int, Sequence[bytes]], None] | None = None,
     undo: UndoImport | None = None,
 ) -> PullReport:
     """Bring image-tree node ``ref`` and its chain into a host (:func:`pull_nodes` of one
-    node): missing blobs fetched and checked, then imported bottom to top; raises before
-    importing anything if any blob or parent node is missing or damaged."""
+    node): missing blobs fetched and checked, then put in place bottom to top; raises before
+    anything is in place if any blob or parent node is missing or damaged."""
     return pull_nodes(
-        reg, repo, [ref], have=have, import_blob=import_blob, stage_blob=stage_blob,
+        reg, repo, [ref], have=have, stage_blob=stage_blob,
         download_dir=download_dir, on_bytes=on_bytes, check_space=check_space, undo=undo,
     )  # fmt: skip
 
