@@ -125,3 +125,30 @@ def test_a_reader_never_reads_past_what_the_writer_announced(tmp_path: Path) -> 
     with pytest.raises(Restarted):
         r.read(50_000)
     r.close()
+
+
+def test_a_file_renamed_before_the_reader_opened_it_is_found_at_its_new_name(
+    tmp_path: Path,
+) -> None:
+    """The reader was told of ``b.partial``; the writer finished and renamed it before the
+    reader's first read opened it (8 hosts pulling at once met this): the reader waits for
+    the writer's next word and reads the file where it is now."""
+    g = Growing(len(DATA))
+    partial, dest = tmp_path / "b.partial", tmp_path / "b"
+    partial.write_bytes(DATA)
+    g.begin(partial, 0)
+    g.wrote(len(DATA))
+    r = g.reader()
+    path, end, _restarts, news = g._await(0, 0)  # what the reader was told
+    assert (path, end) == (partial, len(DATA))
+    os.replace(partial, dest)  # renamed; finish() not said yet
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(r.read()))
+    t.start()
+    time.sleep(0.1)
+    assert t.is_alive()  # waiting for the writer's word, not failing on the old name
+    g.finish(dest)
+    t.join(timeout=5)
+    assert got == [DATA]
+    assert news < g._await(0, 0)[3]
+    r.close()

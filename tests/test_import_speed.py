@@ -144,10 +144,10 @@ class _Watched(Growing):
         super().__init__(size)
         self.ends_seen: list[int] = []
 
-    def _await(self, pos: int, seen: int) -> tuple[Path, int, int]:
-        path, end, restarts = super()._await(pos, seen)
+    def _await(self, pos: int, seen: int) -> tuple[Path, int, int, int]:
+        path, end, restarts, news = super()._await(pos, seen)
         self.ends_seen.append(-1 if self.finished else end)
-        return path, end, restarts
+        return path, end, restarts, news
 
 
 def test_a_layer_is_extracted_while_its_blob_arrives(tmp_path: Path) -> None:

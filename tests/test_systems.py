@@ -517,7 +517,14 @@ class _FakeRegistry:
         return self.blobs[digest]
 
     def fetch_blob(
-        self, repo: str, digest: str, size: int, dest: Path, *, on_bytes: Any = None
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        dest: Path,
+        *,
+        on_bytes: Any = None,
+        follow: Any = None,
     ) -> int:
         from unionimg.errors import ToolFailed
         from unionimg.registry.manifests import digest_of
@@ -528,6 +535,8 @@ class _FakeRegistry:
         if digest_of(data) != digest:
             raise ToolFailed(f"blob {digest} has digest {digest_of(data)}: refused")
         dest.write_bytes(data)
+        if follow is not None:
+            follow.finish(dest)
         return len(data)
 
 
@@ -559,21 +568,39 @@ def _fake_chains() -> tuple[_FakeRegistry, dict[str, str], dict[str, bytes]]:
     return reg, diff, blobs
 
 
-def _fake_host(reg: _FakeRegistry, held: set[str], fail_on: str | None = None) -> dict[str, Any]:
-    def import_blob(blob: Path, meta: bytes, diff_id: str, parent: str | None, d: str) -> None:
+class _FakeStaged:
+    """A layer 'built' from its blob; publishing it is the import the events record."""
+
+    def __init__(self, reg: _FakeRegistry, held: set[str], diff_id: str, parent: str | None,
+                 fail: bool) -> None:  # fmt: skip
+        self.reg, self.held, self.diff_id, self.parent, self.fail = reg, held, diff_id, parent, fail
+
+    def publish(self) -> None:
         from unionimg.errors import ToolFailed
 
-        assert blob.read_bytes() == reg.blobs[d] and (parent is None or parent in held)
-        reg.events.append(f"import {diff_id[7:8]}")
-        if diff_id == fail_on:
-            raise ToolFailed(f"layer {diff_id} refused")
-        held.add(diff_id)
+        assert self.parent is None or self.parent in self.held
+        self.reg.events.append(f"import {self.diff_id[7:8]}")
+        if self.fail:
+            raise ToolFailed(f"layer {self.diff_id} refused")
+        self.held.add(self.diff_id)
+
+    def discard(self) -> None:
+        pass
+
+
+def _fake_host(reg: _FakeRegistry, held: set[str], fail_on: str | None = None) -> dict[str, Any]:
+    def stage_blob(
+        blob: Path, meta: bytes, diff_id: str, parent: str | None, d: str, /, *, follow: Any = None
+    ) -> _FakeStaged:
+        path = follow.wait() if follow is not None else blob  # its bytes arrived, checked
+        assert path.read_bytes() == reg.blobs[d]
+        return _FakeStaged(reg, held, diff_id, parent, diff_id == fail_on)
 
     def undo(diff_id: str) -> None:
         reg.events.append(f"undo {diff_id[7:8]}")
         held.remove(diff_id)
 
-    return {"have": held.__contains__, "import_blob": import_blob, "undo": undo}
+    return {"have": held.__contains__, "stage_blob": stage_blob, "undo": undo}
 
 
 def _pull(reg: _FakeRegistry, refs: list[str], dl: Path, host: dict[str, Any]) -> Any:

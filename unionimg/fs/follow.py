@@ -41,6 +41,7 @@ class Growing:
         self._restarts: list[int] = []  # the offsets the writer started over at
         self._done: Path | None = None
         self._error: str | None = None
+        self._news = 0  # counts what the writer said
 
     # the writer's side
     def begin(self, path: Path, offset: int) -> None:
@@ -49,18 +50,21 @@ class Growing:
             if offset < self._end:
                 self._restarts.append(offset)
             self._path, self._end = path, offset
+            self._news += 1
             self._cond.notify_all()
 
     def wrote(self, end: int) -> None:
         """Bytes up to ``end`` are written (flushed to the file)."""
         with self._cond:
             self._end = end
+            self._news += 1
             self._cond.notify_all()
 
     def finish(self, path: Path) -> None:
         """The file is complete and verified, now at ``path`` (the same inode: a rename)."""
         with self._cond:
             self._done, self._path, self._end = path, path, self.size
+            self._news += 1
             self._cond.notify_all()
 
     def fail(self, why: str) -> None:
@@ -68,6 +72,7 @@ class Growing:
         with self._cond:
             if self._done is None and self._error is None:
                 self._error = why
+            self._news += 1
             self._cond.notify_all()
 
     # the readers' side
@@ -87,9 +92,9 @@ class Growing:
     def reader(self) -> GrowingReader:
         return GrowingReader(self)
 
-    def _await(self, pos: int, seen: int) -> tuple[Path, int, int]:
+    def _await(self, pos: int, seen: int) -> tuple[Path, int, int, int]:
         """Wait until bytes past ``pos`` are written or the file is complete; (the path,
-        the end readable, the restarts count). Raises Restarted / Abandoned."""
+        the end readable, the restarts count, the news count). Raises Restarted / Abandoned."""
         with self._cond:
             while True:
                 if any(at < pos for at in self._restarts[seen:]):
@@ -97,8 +102,14 @@ class Growing:
                 if self._error is not None and self._done is None:
                     raise Abandoned(self._error)
                 if self._path is not None and (self._end > pos or self._done is not None):
-                    return self._path, self._end, len(self._restarts)
+                    return self._path, self._end, len(self._restarts), self._news
                 self._cond.wait()
+
+    def _await_news(self, news: int) -> None:
+        """Wait until the writer says anything after its ``news``-th word (the file a
+        reader was told of is gone: renamed at the finish, or removed to start over)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._news != news)
 
 
 class GrowingReader:
@@ -119,11 +130,17 @@ class GrowingReader:
             return b"".join(parts)
         if n == 0:
             return b""
-        path, end, self._seen = self._g._await(self._pos, self._seen)
-        if self._pos >= end:
-            return b""  # complete: the end
-        if self._fd is None:
-            self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        while True:
+            path, end, self._seen, news = self._g._await(self._pos, self._seen)
+            if self._pos >= end:
+                return b""  # complete: the end
+            if self._fd is not None:
+                break
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:  # renamed or removed since: ask again when told
+                self._g._await_news(news)
         data = os.pread(self._fd, min(n, end - self._pos), self._pos)
         if not data:  # the writer said it wrote bytes the file does not hold
             raise Restarted(f"the file ends at byte {self._pos}, before {end}")
