@@ -193,24 +193,19 @@ def test_a_layer_is_extracted_while_its_blob_arrives(tmp_path: Path) -> None:
 
     bad = bytearray(data)
     bad[len(bad) // 3] ^= 0xFF
-    g = _Watched(len(bad))
-    writer = threading.Thread(target=feed, args=(g, bytes(bad)))
-    writer.start()
-    with pytest.raises(BlobDamaged, match="damaged or tampered"):
-        layerstore.stage_blob(
-            dst, tmp_path / "dl.blob", snap.diff_id, base.diff_id, kind="snapshot",
-            expected_blob_digest=snap.meta.blob_digest, follow=g,
-        )  # fmt: skip
-    writer.join()
-    g = _Watched(len(data))
-    writer = threading.Thread(target=feed, args=(g, data, True))
-    writer.start()
-    with pytest.raises(Abandoned, match="went away"):
-        layerstore.stage_blob(
-            dst, tmp_path / "dl.blob", snap.diff_id, base.diff_id, kind="snapshot",
-            expected_blob_digest=snap.meta.blob_digest, follow=g,
-        )  # fmt: skip
-    writer.join()
+    for body, give_up, error, words in (
+        (bytes(bad), False, BlobDamaged, "damaged or tampered"),
+        (data, True, Abandoned, "went away"),
+    ):
+        g = _Watched(len(body))
+        writer = threading.Thread(target=feed, args=(g, body, give_up))
+        writer.start()
+        with pytest.raises(error, match=words):
+            layerstore.stage_blob(
+                dst, tmp_path / "dl.blob", snap.diff_id, base.diff_id, kind="snapshot",
+                expected_blob_digest=snap.meta.blob_digest, follow=g,
+            )  # fmt: skip
+        writer.join()
     assert {la.diff_id for la in layerstore.list_layers(dst)} == {base.diff_id}
     assert os.listdir(dst.tmp_dir) == []
 
