@@ -8,6 +8,12 @@ of ~12k paths) is imported into an empty store, alternating the two ways in one 
 the machine's load weighs on both alike: the tree on disk (written, read by mke2fs, removed
 again) or on a tmpfs (``layerstore._scratch``: never written to disk).
 
+Then, per round, where a tmpfs import's time goes: the extraction alone
+(``layer.read_blob`` into a tmpfs, digests and manifest as the import makes them), ``mke2fs
+-d`` of that tree into an image on the store's disk (``fs.image.make_ext4``, which fsyncs
+it), and the disk's floor for that image: as many bytes as the image holds written to a new
+file there and fsynced.
+
 Run as root (the Debian fixture is built once and cached)::
 
     .venv/bin/python bench/layer_import.py [--rounds 2]
@@ -26,7 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from unionimg.fs.image import default_size, make_ext4  # noqa: E402
+from unionimg.fs.mounts import unmount_tree  # noqa: E402
 from unionimg.layers import base, layerstore  # noqa: E402
+from unionimg.layers.layer import read_blob  # noqa: E402
+from unionimg.runner import run  # noqa: E402
 from unionimg.store.layout import Store  # noqa: E402
 from vm_fixtures import build  # noqa: E402
 
@@ -62,11 +72,50 @@ def main() -> None:
                 shutil.rmtree(dst.root)
         for mode, times in results.items():
             print(f"{mode:>5}: " + ", ".join(f"{x:.1f} s" for x in times))
+        for rnd in range(args.rounds):
+            parts = _split(blob, layer.meta.blob_digest, work / f"split-{rnd}")
+            print(
+                f"round {rnd + 1} split: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+            )
     finally:
-        from unionimg.fs.mounts import unmount_tree
-
         unmount_tree(work)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _split(blob: Path, digest: str, where: Path) -> dict[str, float]:
+    """Seconds of the extraction, of ``mke2fs -d``, and of writing the image's bytes with
+    fsync (the disk's floor), one after the other."""
+    where.mkdir()
+    tree = where / "tree"
+    tree.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=4g,mode=0755", "bench-split", str(tree)])
+    try:
+        t = time.monotonic()
+        read_blob(blob, tree, kind="base", expected_blob_digest=digest, manifest=[])
+        extract = time.monotonic() - t
+        used, inodes = layerstore._usage(tree)
+        t = time.monotonic()
+        make_ext4(where / "image", "BASE", tree, default_size(used, inodes), inodes=inodes)
+        mke2fs = time.monotonic() - t
+    finally:
+        unmount_tree(tree)
+    allocated = (where / "image").stat().st_blocks * 512
+    chunk = os.urandom(1 << 20)
+    t = time.monotonic()
+    fd = os.open(where / "floor", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for _ in range(allocated >> 20):
+            os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    floor = time.monotonic() - t
+    shutil.rmtree(where)
+    return {
+        "extraction": extract,
+        "mke2fs -d": mke2fs,
+        f"disk floor ({allocated >> 20} MiB)": floor,
+    }
 
 
 if __name__ == "__main__":

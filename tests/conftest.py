@@ -232,7 +232,8 @@ def _loop_devices(below: Path) -> set[str]:
         ["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True, check=False
     ).stdout
     rows = [line.split(None, 1) for line in out.splitlines() if line.strip()]
-    return {row[0] for row in rows if len(row) == 2 and row[1].strip().startswith(str(below))}
+    prefix = str(below).rstrip("/") + "/"  # below /x/test_a1, not /x/test_a10
+    return {row[0] for row in rows if len(row) == 2 and row[1].strip().startswith(prefix)}
 
 
 @pytest.fixture

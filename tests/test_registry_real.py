@@ -220,22 +220,11 @@ class Proxy:
         self.closed = True
         self.sock.close()
 
+    def __enter__(self) -> Proxy:
+        return self
 
-@contextlib.contextmanager
-def proxy(
-    upstream: str,
-    *,
-    cut_after: int = 0,
-    cuts: int = 0,
-    busy_on: bytes = b"",
-    busy: int = 0,
-    unrange: int = 0,
-) -> Iterator[Proxy]:
-    p = Proxy(upstream, cut_after=cut_after, cuts=cuts, busy_on=busy_on, busy=busy, unrange=unrange)
-    try:
-        yield p
-    finally:
-        p.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- pushing -----------------------------------------------------------------------------------
@@ -272,7 +261,7 @@ def test_a_second_repository_mounts_instead_of_uploading(
     with Registry(registry.url) as reg:
         hostcache.push_layers(src.store, reg, src.a.short, repo="team1/layers")
     blobs = src.base.meta.blob_size + src.a.meta.blob_size
-    with proxy(registry.url) as p, Registry(p.url) as reg:
+    with Proxy(registry.url) as p, Registry(p.url) as reg:
         report = hostcache.push_layers(src.store, reg, src.a.short, repo="team2/layers")
         assert reg.counters.blobs_mounted == 2 and reg.counters.blobs_uploaded == 2  # configs
     assert set(report.blobs.values()) == {"mounted"}
@@ -330,7 +319,7 @@ def test_a_cut_transfer_resumes_from_its_partial_file(
     cut = 400_000
     # the connection is cut 400 kB into the answer; no retry: one line, the partial file kept
     with (
-        proxy(registry.url, cut_after=cut, cuts=1) as p,
+        Proxy(registry.url, cut_after=cut, cuts=1) as p,
         Registry(p.url, retries=0) as reg,
         pytest.raises(ToolFailed, match=r"broke after .* pull again to resume") as exc,
     ):
@@ -341,7 +330,7 @@ def test_a_cut_transfer_resumes_from_its_partial_file(
     have = partial.stat().st_size
     assert cut - OVERHEAD < have <= cut
     # the next pull asks for the rest only (Range), and checks the whole file's sha256
-    with proxy(registry.url) as p, Registry(p.url) as reg:
+    with Proxy(registry.url) as p, Registry(p.url) as reg:
         report = hostcache.pull_node(store, reg, src.base.diff_id)
     assert f"range: bytes={have}-".encode() in p.requests.lower()
     assert report.bytes_resumed == have
@@ -358,7 +347,7 @@ def test_a_cut_transfer_is_retried_within_one_pull(
         hostcache.push_layers(src.store, reg, src.a.short)
     store = empty_store(tmp_path / "host")
     blobs = src.base.meta.blob_size + src.a.meta.blob_size
-    with proxy(registry.url, cut_after=700_000, cuts=2) as p, Registry(p.url, backoff=0.01) as reg:
+    with Proxy(registry.url, cut_after=700_000, cuts=2) as p, Registry(p.url, backoff=0.01) as reg:
         report = hostcache.pull_node(store, reg, src.a.diff_id)
     assert report.bytes_resumed > 0
     assert p.requests.lower().count(b"range: bytes=") == 2
@@ -378,7 +367,7 @@ def test_a_resume_answered_with_the_whole_blob_rebuilds_from_the_file(
     store = empty_store(tmp_path / "host")
     blobs = src.base.meta.blob_size + src.a.meta.blob_size
     with (
-        proxy(registry.url, cut_after=700_000, cuts=1, unrange=1) as p,
+        Proxy(registry.url, cut_after=700_000, cuts=1, unrange=1) as p,
         Registry(p.url, backoff=0.5) as reg,
     ):
         report = hostcache.pull_node(store, reg, src.a.diff_id)
@@ -401,7 +390,7 @@ def test_a_busy_registry_is_asked_again_after_its_retry_after(
     store = empty_store(tmp_path / "host")
     blob = f"/blobs/{src.base.meta.blob_digest}".encode()
     # the blob's GET answered 503 twice: the pull waits the asked second each time, then gets it
-    with proxy(registry.url, busy_on=blob, busy=2) as p, Registry(p.url, backoff=0.01) as reg:
+    with Proxy(registry.url, busy_on=blob, busy=2) as p, Registry(p.url, backoff=0.01) as reg:
         t0 = time.monotonic()
         hostcache.pull_node(store, reg, src.base.diff_id)
         waited = time.monotonic() - t0
@@ -411,7 +400,7 @@ def test_a_busy_registry_is_asked_again_after_its_retry_after(
     # busier than the retries: one line with the registry's own answer, nothing imported
     store2 = empty_store(tmp_path / "host2")
     with (
-        proxy(registry.url, busy_on=blob, busy=9) as p,
+        Proxy(registry.url, busy_on=blob, busy=9) as p,
         Registry(p.url, retries=1, backoff=0.01) as reg,
         pytest.raises(ToolFailed, match=r"HTTP 503") as exc,
     ):

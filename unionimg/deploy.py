@@ -50,7 +50,6 @@ class HostOutcome:
     ok: bool = False
     error: str = ""
     exit_code: int = 0
-    cached_before: int = 0  # layers the host held before
     result: dict[str, Any] = field(default_factory=dict)  # the host's materialize report
     seconds: float = 0.0
 
@@ -60,7 +59,7 @@ class HostOutcome:
             "host": self.host,
             "ok": self.ok,
             "error": self.error or None,
-            "cached_before": self.cached_before,
+            "cached_before": r.get("cached_before", 0),  # layers the host held before
             "cache_hits": r.get("cache_hits", 0),
             "layers": len(r.get("layers", [])),
             "imported": r.get("imported", []),
@@ -176,7 +175,6 @@ def deploy_one(
         except ValueError:
             result = None
         out.result = _checked(host.name, result)
-        out.cached_before = out.result["cached_before"]  # said by materialize: no SSH round trip
         out.ok = True
         watch(host.name, "done", 1, 1)
     except UnionimgError as exc:

@@ -400,7 +400,7 @@ def materialize(
         man, meta = fetch_node(reg, ref, repo=repo)
         out = Materialized(meta.name, man.digest, reg.url, vms=[vm.name for vm in meta.vms])
         replaced = _check_names(store, meta, replace)
-        out.cached_before = len(layerstore.list_layers(store))
+        out.cached_before = layerstore.count(store)
         missing = [d for d in man.layers if not layerstore.has(store, d.annotations[ANN_DIFF_ID])]
         bases = _check_bases(store, reg, man)
         out.layers = list(dict.fromkeys(man.diff_ids()))

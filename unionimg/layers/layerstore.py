@@ -162,12 +162,22 @@ def _load(path: Path) -> Layer:
     return Layer(meta, path)
 
 
-def list_layers(store: Store) -> list[Layer]:
-    """Every layer in the store, oldest first (then by digest)."""
+def _layer_paths(store: Store) -> list[Path]:
+    """The directories of the layers in the store (each with its record)."""
     root = layers_dir(store)
     if not root.is_dir():
         return []
-    out = [_load(p) for p in root.iterdir() if (p / LayerMeta.FILE).is_file()]
+    return [p for p in root.iterdir() if (p / LayerMeta.FILE).is_file()]
+
+
+def count(store: Store) -> int:
+    """How many layers the store holds (no record read)."""
+    return len(_layer_paths(store))
+
+
+def list_layers(store: Store) -> list[Layer]:
+    """Every layer in the store, oldest first (then by digest)."""
+    out = [_load(p) for p in _layer_paths(store)]
     return sorted(out, key=lambda la: (la.meta.created, la.hex))
 
 
