@@ -361,6 +361,29 @@ def test_commit_u_image_full(vm: Small) -> None:
     same(before, snapshot(vm))
 
 
+def test_snapshot_space_runs_out_while_its_layer_is_written(vm: Small, monkeypatch: Any) -> None:
+    """A layer is extracted straight into its new image, loop-mounted in staging; the store
+    fills up meanwhile (the filler grown once the image is mounted), so the image's blocks
+    cannot be written: the snapshot fails in one line, the store is as it was, nothing stays
+    mounted or attached (the fixture checks), and with room again it succeeds."""
+    cli = vm.cli
+    put_upper(vm.store, "vm1", "srv/first", b"1\n")
+    cli.ok("instance", "snapshot", "vm1")  # the generation's layer adopted, a first layer
+    put_upper(vm.store, "vm1", "srv/data.bin", os.urandom(8 << 20))
+    before = snapshot(vm)
+    monkeypatch.setenv("UNIONIMG_FILL_AT", "layer-import:image-mounted")
+    monkeypatch.setenv("UNIONIMG_FILL_FILE", str(vm.filler))
+    res = cli("instance", "snapshot", "vm1")
+    monkeypatch.delenv("UNIONIMG_FILL_AT")
+    assert_full(res, vm, needed=False)
+    same(before, snapshot(vm))
+    vm.free()
+    cli.ok("instance", "snapshot", "vm1")
+    layers = json.loads(cli.ok("instance", "show", "vm1", "--json").output)["layers"]
+    assert len(layers) == 2, layers
+    assert read_upper(vm.store, "vm1", "srv/data.bin") is None  # frozen into the layer
+
+
 # -- reconcile and resolve -------------------------------------------------------------------
 def test_reconcile_checks_space_first(vm: Small) -> None:
     s = vm

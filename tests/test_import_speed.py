@@ -10,7 +10,11 @@ Root: whiteouts are character devices, images are made with ``mke2fs`` and mount
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -18,9 +22,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import flip_byte, make_tree
+from tests.conftest import _loop_devices, flip_byte, make_tree
 from unionimg.errors import NotFound
 from unionimg.fs.follow import Abandoned, Growing
+from unionimg.fs.mounts import mountinfo
 from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layer import (
@@ -135,6 +140,103 @@ def test_a_tampered_blob_is_refused_in_the_extracting_read(tmp_path: Path) -> No
     dest.mkdir()
     got = read_blob(base.blob, dest, kind="base", expected_blob_digest=base.meta.blob_digest)
     assert got.blob_digest == base.meta.blob_digest and got.diff_id == base.diff_id
+
+
+def _mount_count(image: Path) -> int:
+    """How many times the kernel mounted ``image`` (``mke2fs -d`` makes it with 0)."""
+    out = subprocess.run(
+        ["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"^Mount count:\s+(\d+)", out, re.MULTILINE)
+    assert found, out
+    return int(found.group(1))
+
+
+def _image_tree(store: Store, layer: layerstore.Layer, where: Path) -> str:
+    """The diff_id of the tar made again from the layer's image (its tree, exactly)."""
+    with layerstore.mounted(store, layer, where):
+        return layerstore.tree_digest(where, kind=layer.meta.kind).diff_id
+
+
+def _nothing_left(store: Store, tmp_path: Path) -> None:
+    assert layerstore.list_layers(store) == [] and os.listdir(store.tmp_dir) == []
+    assert [m.target for m in mountinfo() if m.target.startswith(str(store.root))] == []
+    deadline = time.monotonic() + 10
+    while _loop_devices(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)  # an auto-clear loop device goes after its last user
+    assert not _loop_devices(tmp_path)
+
+
+def test_a_layer_is_extracted_straight_into_its_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the (tar bytes, entries) its record claims, a layer is extracted into a new
+    image (``mke2fs`` here, then mounted once: mount count 1) instead of a tmpfs copied by
+    ``mke2fs -d`` (mount count 0); its tree is the layer exactly (the tar made again from
+    the image has the diff_id: setuid, hard link, symlink, xattr, device node, FIFO,
+    whiteouts) and a whole base's manifest is the one the other way records. A claim too
+    small for the real tar (the image fills up) or one no tar can have: the layer is built
+    the other way, the same layer. A tampered blob or a hostile tar: refused in one line,
+    nothing left in the cache, staging, mounts or loop devices."""
+    caplog.set_level("INFO", logger="unionimg.layers.layerstore")
+    _src, base, snap = _chain(tmp_path)
+    dst = _store(tmp_path / "dst")
+    for layer, parent in ((base, None), (snap, base.diff_id)):
+        got, new = layerstore.import_blob(
+            dst, layer.blob, layer.diff_id, parent, kind=layer.meta.kind,
+            expected_blob_digest=layer.meta.blob_digest,
+            hint=(layer.meta.tar_size, layer.meta.entries),
+        )  # fmt: skip
+        assert new and _mount_count(got.image) == 1, layer.meta.kind
+        assert _image_tree(dst, got, tmp_path / "m") == layer.diff_id
+    direct = layerstore.tree_manifest(layerstore.get(dst, base.diff_id))
+    other = _store(tmp_path / "other")
+    got, _ = layerstore.import_blob(other, base.blob, base.diff_id, None, kind="base")
+    assert _mount_count(got.image) == 0 and direct is not None
+    assert direct == layerstore.tree_manifest(got)
+
+    # a file larger than the image the claim makes room for (random: no holes, no zstd)
+    big = _stamp(make_tree(tmp_path / "big"))
+    (big / "data.bin").write_bytes(os.urandom(80 << 20))
+    _stamp(big)
+    large, _ = layerstore.put_tree(
+        _store(tmp_path / "src2"), big, parent=None, kind="base", origin=Origin("test")
+    )
+    entries = large.meta.entries
+    for name, hint in (("small", (entries * 512, entries)), ("impossible", (100, 5))):
+        d = _store(tmp_path / f"dst-{name}")
+        got, new = layerstore.import_blob(
+            d, large.blob, large.diff_id, None, kind="base", hint=hint
+        )
+        assert new and _mount_count(got.image) == 0, name
+        tried = "built the other way" in caplog.text  # the image was made, and filled up
+        assert tried == (name == "small"), caplog.text
+        caplog.clear()
+        assert _image_tree(d, got, tmp_path / "m") == large.diff_id
+
+    bad = tmp_path / "bad.zst"
+    bad.write_bytes(base.blob.read_bytes())
+    flip_byte(bad, bad.stat().st_size // 2)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("etc/", "../escaped"):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(b""))
+    hostile = tmp_path / "hostile.zst"
+    hostile.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+    for blob, digest, error, words in (
+        (bad, base.meta.blob_digest, BlobDamaged, "damaged or tampered"),
+        (hostile, None, LayerRefused, "'..'"),
+    ):
+        d = _store(tmp_path / f"dst-{blob.stem}")
+        with pytest.raises(error, match=words):
+            layerstore.import_blob(
+                d, blob, base.diff_id, None, kind="base", expected_blob_digest=digest,
+                hint=(1 << 20, 100),
+            )  # fmt: skip
+        _nothing_left(d, tmp_path / f"dst-{blob.stem}")
+    assert not (tmp_path / "escaped").exists()
 
 
 class _Watched(Growing):

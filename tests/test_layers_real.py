@@ -323,16 +323,21 @@ def test_guest_sparse_file_refused(cli: Cli, src_tree: Path, tmp_path: Path) -> 
     assert "layers" not in js(cli, "instance", "show", "vm1")
 
 
-@pytest.mark.parametrize("step", POINTS["snapshot"])
+@pytest.mark.parametrize(
+    "step",
+    [f"snapshot:{p}" for p in POINTS["snapshot"]]
+    + [f"layer-import:{p}" for p in POINTS["layer-import"]],
+)
 def test_snapshot_killed_at_every_step(tree: Cli, tmp_path: Path, step: str) -> None:
-    """SIGKILL at each step of a snapshot: the VM's union shows the same files at once (the
-    layer holds what the upper held until the swap), nothing stays mounted, and the next
-    snapshot finishes the job: one layer, an empty upper, then nothing more to freeze."""
+    """SIGKILL at each step of a snapshot (and while its layer's new image is mounted in
+    staging): the VM's union shows the same files at once (the layer holds what the upper
+    held until the swap), nothing stays mounted, and the next snapshot finishes the job: one
+    layer, an empty upper, then nothing more to freeze."""
     cli = tree
     mnt = tmp_path / "mnt"
     write(cli, "vm1", mnt, {"etc/a-file": "A\n", "etc/motd": None, "etc/hostname": "vm1\n"})
     before = read_union(cli, "vm1", mnt)
-    env = dict(os.environ, UNIONIMG_CRASH_AT=f"snapshot:{step}")
+    env = dict(os.environ, UNIONIMG_CRASH_AT=step)
     proc = subprocess.run(
         [str(UNIONIMG), "--store", str(cli.store), "instance", "snapshot", "vm1"],
         env=env, capture_output=True, text=True, check=False,

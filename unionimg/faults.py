@@ -19,6 +19,7 @@ POINTS: dict[str, tuple[str, ...]] = {
     "base-update": ("staged", "image-made", "committed", "published"),
     "instance-create": ("staged", "image-made", "published"),
     "snapshot": ("layer-made", "committed", "saved", "swapped"),
+    "layer-import": ("image-mounted",),
     "reconcile": (
         "pre-committed",
         "staged",

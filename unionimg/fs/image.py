@@ -34,8 +34,9 @@ def default_size(used: int, inodes: int) -> int:
     return max(64 << 20, (need + mib - 1) // mib * mib)
 
 
-def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int = 0) -> None:
-    """A sparse raw ext4 image labeled ``label`` holding exactly ``source``.
+def make_ext4(image: Path, label: str, source: Path | None, size: int, *, inodes: int = 0) -> None:
+    """A sparse raw ext4 image labeled ``label`` holding exactly ``source`` (``None``: an
+    empty file system, its root and ``lost+found``).
 
     ``mke2fs -d`` copies owners, modes, symlinks, device nodes, xattrs and hardlinks
     without mounting anything; lazy init keeps the file sparse.
@@ -61,9 +62,9 @@ def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int =
         "0",
         "-E",
         "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
-        "-d",
-        str(source),
     ]
+    if source is not None:
+        args += ["-d", str(source)]
     by_ratio = size // 16384
     if inodes and inodes * 5 // 4 + 1024 > by_ratio:
         args += ["-N", str(inodes * 5 // 4 + 1024)]
@@ -73,7 +74,8 @@ def make_ext4(image: Path, label: str, source: Path, size: int, *, inodes: int =
         image.unlink(missing_ok=True)
         text = res.stderr + res.stdout
         if "No space left on device" in text:  # the host's ENOSPC: the store is full
-            raise StoreFull(full_message(image.parent, _tree_bytes(source), f"make {image.name}"))
+            need = _tree_bytes(source) if source is not None else 4 << 20
+            raise StoreFull(full_message(image.parent, need, f"make {image.name}"))
         if re.search(
             r"Could not allocate|No free space|too many inodes|"
             r"Could not allocate inode",

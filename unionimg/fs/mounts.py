@@ -85,14 +85,20 @@ def require_root(action: str) -> None:
 
 
 def mount_image(
-    image: Path, target: Path, *, readonly: bool, exclusive: bool = True, guest: bool = False
+    image: Path,
+    target: Path,
+    *,
+    readonly: bool,
+    exclusive: bool = True,
+    guest: bool = False,
+    options: str = "",
 ) -> None:
     """Mount a raw ext4 image through a loop device that is detached on unmount.
 
     Read-only mounts use a read-only loop device and skip journal replay (``noload``),
     so not a single byte of the image is written. ``guest``: the image is guest data (a U
     image; see :mod:`unionimg.layers.ucheck`, which checks it first): mounted with
-    :data:`GUEST_EXT4_OPTIONS`.
+    :data:`GUEST_EXT4_OPTIONS`. ``options``: more mount options, comma-separated.
     """
     require_root("mounting an image")
     target.mkdir(parents=True, exist_ok=True)
@@ -101,6 +107,8 @@ def mount_image(
     opts = "loop,ro,noload" if readonly else "loop,rw"
     if guest:
         opts += "," + GUEST_EXT4_OPTIONS
+    if options:
+        opts += "," + options
     run(
         ["mount", "-t", "ext4", "-o", opts, str(image), str(target)],
         what=f"mounting {image.name} at {target}",

@@ -119,6 +119,7 @@ def _stager(store: Store) -> transfer.StageBlob:
                 message=meta.message,
             ),
             follow=follow,
+            hint=(meta.tar_size, meta.entries),
         )
 
     return stage_one
