@@ -85,20 +85,14 @@ def require_root(action: str) -> None:
 
 
 def mount_image(
-    image: Path,
-    target: Path,
-    *,
-    readonly: bool,
-    exclusive: bool = True,
-    guest: bool = False,
-    options: str = "",
+    image: Path, target: Path, *, readonly: bool, exclusive: bool = True, guest: bool = False
 ) -> None:
     """Mount a raw ext4 image through a loop device that is detached on unmount.
 
     Read-only mounts use a read-only loop device and skip journal replay (``noload``),
     so not a single byte of the image is written. ``guest``: the image is guest data (a U
     image; see :mod:`unionimg.layers.ucheck`, which checks it first): mounted with
-    :data:`GUEST_EXT4_OPTIONS`. ``options``: more mount options, comma-separated.
+    :data:`GUEST_EXT4_OPTIONS`.
     """
     require_root("mounting an image")
     target.mkdir(parents=True, exist_ok=True)
@@ -107,12 +101,34 @@ def mount_image(
     opts = "loop,ro,noload" if readonly else "loop,rw"
     if guest:
         opts += "," + GUEST_EXT4_OPTIONS
-    if options:
-        opts += "," + options
     run(
         ["mount", "-t", "ext4", "-o", opts, str(image), str(target)],
         what=f"mounting {image.name} at {target}",
     )
+
+
+def mount_new_image(image: Path, target: Path) -> None:
+    """Mount ``image``, a file system this host just made (``mke2fs``) and is about to fill,
+    read-write at ``target`` (``nosuid,nodev,noexec``; its inode tables left as they are:
+    ``noinit_itable``) through a loop device with direct I/O, so what is written reaches the
+    image's blocks without a second copy in the page cache (a 595 MB tree extracted into a
+    new image and synced: 3.0-4.5 s with it, 6.4-9.9 s without, on this machine kind). The
+    loop device is detached when ``target`` is unmounted. Where direct I/O cannot be had
+    (the store on a file system without it), an ordinary loop device."""
+    require_root("mounting an image")
+    target.mkdir(parents=True, exist_ok=True)
+    opts = f"rw,{GUEST_FLAGS},noinit_itable"
+    what = f"mounting {image.name} at {target}"
+    setup = run(["losetup", "--find", "--show", "--direct-io=on", str(image)], check=False)
+    device = setup.stdout.strip()
+    if setup.returncode != 0 or not device.startswith("/dev/loop"):
+        log.info("no direct I/O loop device for %s: %s", image.name, setup.stderr.strip())
+        run(["mount", "-t", "ext4", "-o", "loop," + opts, str(image), str(target)], what=what)
+        return
+    try:
+        run(["mount", "-t", "ext4", "-o", opts, device, str(target)], what=what)
+    finally:  # mounted: detached once unmounted (the kernel's auto-clear); else now
+        run(["losetup", "--detach", device], check=False)
 
 
 def loop_users(image: Path) -> list[str]:

@@ -74,6 +74,8 @@ base of 700 MiB would spend 45 s at level 9 to save 9 % of the bytes."""
 BLOCK = 512
 RECORD = 20 * BLOCK
 CHUNK = 1 << 20
+#: chunks the decompressing thread may be ahead of the extraction (:class:`_Source`)
+READ_AHEAD = 4
 PIPE_DEPTH = 64  # tar chunks waiting for the compressing thread (at most 64 MiB)
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
@@ -597,7 +599,10 @@ class _Hashed:
 class _Source:
     """The blob's decompressed bytes, hashed as they are read (the diff_id). Small reads
     (headers) are served from the current chunk by offset, never by copying what is left
-    of it."""
+    of it. The decompression and both digests run in a thread of their own, at most
+    :data:`READ_AHEAD` chunks ahead of the extraction (zstd and sha256 release the GIL, so
+    they overlap the extraction's writes: 2 cores here); :meth:`close` stops it. ``hash``
+    and ``size`` are whole once the end was read (or after :meth:`close`)."""
 
     def __init__(self, raw: _Hashed) -> None:
         # the decompressor asks only read(n) of its source
@@ -607,16 +612,55 @@ class _Source:
         self.size = 0
         self._buf = b""
         self._pos = 0
+        self._chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(READ_AHEAD)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name="unionimg-unzstd", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last: bytes | BaseException | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = self._reader.read(CHUNK)
+                except zstandard.ZstdError as exc:
+                    last = LayerRefused(f"the blob is not valid zstd ({exc})")
+                    break
+                if not data:
+                    break
+                self.hash.update(data)
+                self.size += len(data)
+                self._put(data)
+        except BaseException as exc:  # a read that failed (the blob arriving: given up)
+            last = exc
+        self._put(last)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _more(self, n: int) -> bytes:
-        try:
-            data = self._reader.read(n)
-        except zstandard.ZstdError as exc:
-            raise LayerRefused(f"the blob is not valid zstd ({exc})") from None
-        if data:
-            self.hash.update(data)
-            self.size += len(data)
-        return data
+        """The next chunk (of at most :data:`CHUNK` bytes, whatever ``n``); b"" at the end."""
+        del n
+        if self._ended:
+            return b""
+        item = self._chunks.get()
+        if isinstance(item, bytes):
+            return item
+        self._ended = True
+        if item is not None:
+            raise item
+        return b""
+
+    def close(self) -> None:
+        """Stop the decompressing thread (it ends at its next chunk) and wait for it."""
+        self._stop.set()
+        self._thread.join()
 
     def read_exact(self, n: int) -> bytes:
         pos, buf = self._pos, self._buf
@@ -952,7 +996,10 @@ def read_blob(
         raw = _Hashed(fh)
         src = _Source(raw)
         try:
-            count = _extract_all(src, dest, policy, rec)
+            try:
+                count = _extract_all(src, dest, policy, rec)
+            finally:
+                src.close()  # before anything else reads the blob or the digests
         except (LayerRefused, StoreFull):
             if expected_blob_digest is not None:  # a damaged blob: say so, not what it broke
                 _check_digest(blob, raw.rest(), expected_blob_digest)

@@ -14,10 +14,15 @@ What is kept and what it costs: a layer made from a tree (:func:`put_tree`: snap
 deltas) or imported from a blob (:func:`import_blob`) keeps its blob beside its image: the
 blob was made (or fetched) anyway to know the layer's digests, it is what a push or a
 deploy sends, and it is small (the zstd of the layer's changed bytes; a snapshot after an
-``apt-get install`` costs a few MiB twice: image and blob). The blob is extracted for
-``mke2fs -d`` onto a tmpfs when memory allows (:func:`_scratch`), so the tree is never
-written to disk nor removed from it; the blob's digest and its tar's are checked in that one
-read, before the layer appears. Layers of one pull can be built at once and appear bottom to
+``apt-get install`` costs a few MiB twice: image and blob). When the size of the layer's
+tar and its number of entries are known (a snapshot's own tar; a pulled layer's record
+claims them), the blob is extracted straight into a new, empty image made here by
+``mke2fs`` and loop-mounted in the staging directory, synced to the disk as it is written
+(:func:`_image_at`): the disk writes the layer while its blob is still being read. Else, or
+when that image is too small for the real tar, the blob is extracted onto a tmpfs when
+memory allows (:func:`_scratch`; on disk otherwise) and ``mke2fs -d`` copies the tree into
+the image. Either way the blob's digest and its tar's are checked in that one read, before
+the layer appears. Layers of one pull can be built at once and appear bottom to
 top (:func:`stage_blob`, :class:`StagedLayer`). A base generation adopted as a layer
 (:func:`adopt_image`) shares its image: a hard link to the generation's ``base.img``; its
 blob is made then, from the image (one read of the tree, checked against the diff_id), so a
@@ -69,7 +74,7 @@ from unionimg.faults import checkpoint
 from unionimg.fs.follow import Growing
 from unionimg.fs.image import BLOCK, default_size, disk_usage, make_ext4
 from unionimg.fs.manifest import Manifest, write_manifest
-from unionimg.fs.mounts import GUEST_FLAGS, mount_image, require_root, unmount_tree
+from unionimg.fs.mounts import mount_image, mount_new_image, require_root, unmount_tree
 from unionimg.fs.space import WriteWatch, free_space, require_space
 from unionimg.layers.layer import (
     BlobDamaged,
@@ -627,9 +632,7 @@ def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) ->
     fsynced; on any exit unmounted (the caller removes the image)."""
     size, inodes = geometry
     make_ext4(image, label, None, size, inodes=inodes)
-    mount_image(
-        image, tree, readonly=False, exclusive=False, options=f"{GUEST_FLAGS},noinit_itable"
-    )
+    mount_new_image(image, tree)
     try:
         (tree / "lost+found").rmdir()
         with WriteWatch(tree) as watch:
