@@ -453,10 +453,12 @@ def test_chain_view_follows_overlayfs_rules(tmp_path: Path, root: None) -> None:
 def test_layer_extraction_falls_back_to_disk(
     tmp_path: Path, root: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A layer is extracted on a tmpfs (never written to disk before mke2fs copies it into
-    the image); one larger than the tmpfs may hold is extracted on disk instead, the same
-    layer. Here the tmpfs gets 64 KiB for a 1 MiB file: the import still makes the layer,
-    its image gives back its digest, and no tmpfs is left mounted."""
+    """Without a size claim to make its image first (the other way of
+    ``layerstore._import_build``), a layer is extracted on a tmpfs (never written to disk
+    before mke2fs copies it into the image); one larger than the tmpfs may hold is
+    extracted on disk instead, the same layer. Here the tmpfs gets 64 KiB for a 1 MiB file:
+    the import still makes the layer, its image gives back its digest, and no tmpfs is left
+    mounted."""
     import os
 
     from unionimg.fs.mounts import mountinfo
@@ -469,6 +471,7 @@ def test_layer_extraction_falls_back_to_disk(
     (tree / "srv").mkdir(parents=True)
     (tree / "srv" / "data").write_bytes(os.urandom(1 << 20))
     avail = layerstore._available_memory()
+    monkeypatch.setattr(layerstore, "_direct_geometry", lambda store, hint: None)
     monkeypatch.setattr(layerstore, "SCRATCH_MIN", 0)
     monkeypatch.setattr(layerstore, "SCRATCH_SHARE", max(avail // (64 << 10), 1))
     calls: list[Path] = []

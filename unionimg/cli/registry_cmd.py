@@ -239,7 +239,8 @@ def pull_cmd(c: Ctx, ref: str, url: str, repo: str, as_json: bool) -> None:
     """Pull image-tree node REF and its chain into this store's layer cache, fetching only
     the layers it lacks (each blob's sha256 checked on arrival; a broken pull resumes).
 
-    REF: a tag (layer-<hex>), a node's manifest digest, or a layer's diff_id."""
+    REF: a tag (layer-<hex>), a node's manifest digest, or a layer's diff_id
+    (sha256:<hex>, or the 64 hex digits alone)."""
     check_repo(repo)
     with Registry(url) as reg, _progress(not as_json and sys.stderr.isatty()) as (plan, step):
         report = hostcache.pull_node(c.store, reg, ref, repo=repo, on_plan=plan, on_bytes=step)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,8 @@ from unionimg.registry.manifests import (
 MAX_MOUNT_CANDIDATES = 32
 """Repositories asked for a blob before it is uploaded (HEAD, ~1 ms each)."""
 MAX_META = 1 << 20
+#: a diff_id's hex digits alone (as ``layer list`` shows them): a pull's REF
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -250,14 +253,17 @@ class PullPlan:
 
 
 def plan_pull(reg: Registry, repo: str, ref: str, *, have: Callable[[str], bool]) -> PullPlan:
-    """The plan of pulling node ``ref`` (a tag, a manifest digest, or a layer's diff_id:
-    its node's tag ``layer-<hex>``): the manifests of the parent nodes are walked up to the
+    """The plan of pulling node ``ref`` (a tag, a manifest digest, or a layer's diff_id —
+    ``sha256:HEX`` or the 64 hex digits alone, when no tag has that name: its node's tag
+    ``layer-<hex>``): the manifests of the parent nodes are walked up to the
     lowest layer the host lacks (each must extend its parent by one layer; a parent the
     registry lacks is NotFound) and each missing layer's layer.json is fetched."""
     check_repo(repo)
     try:
         top = fetch_node(reg, repo, ref)
     except NotFound:
+        if HEX64.fullmatch(ref):  # a diff_id's 64 hex digits, as a layer is shown
+            ref = "sha256:" + ref
         if not ref.startswith("sha256:"):
             raise
         top = fetch_node(reg, repo, layer_tag(ref))  # a diff_id names its node by tag
