@@ -486,15 +486,22 @@ class _Sink:
             self._out.write(data)
 
     def close(self) -> None:
+        """The end-of-archive padding, the last chunk, the compressor flushed and its thread
+        ended — also when the writer's error comes out here (it may reach the caller only
+        now: the thread met it after the last chunk of the loop was handed on)."""
         pad = -self.tar_size % RECORD
         if pad < 2 * BLOCK:
             pad += RECORD
-        self.write(b"\0" * pad)
-        if self._pending:
-            self._hand_on(bytes(self._pending))
-            self._pending.clear()
+        try:
+            self.write(b"\0" * pad)
+            if self._pending:
+                self._hand_on(bytes(self._pending))
+                self._pending.clear()
+        except BaseException:
+            self.abort()
+            raise
         if self._zc is not None:
-            self._zc.close()
+            self._zc.close()  # joins its thread before it raises
 
     def abort(self) -> None:
         """Stop the compressing thread (an error while the tree was read)."""
