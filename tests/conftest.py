@@ -27,6 +27,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -234,6 +235,15 @@ def _loop_devices(below: Path) -> set[str]:
     rows = [line.split(None, 1) for line in out.splitlines() if line.strip()]
     prefix = str(below).rstrip("/") + "/"  # below /x/test_a1, not /x/test_a10
     return {row[0] for row in rows if len(row) == 2 and row[1].strip().startswith(prefix)}
+
+
+def loops_left(below: Path, timeout: float = 10.0) -> set[str]:
+    """The loop devices still attached below ``below`` once the kernel had ``timeout``
+    seconds to detach the auto-clear ones (it does after their last user went)."""
+    deadline = time.monotonic() + timeout
+    while (loops := _loop_devices(below)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return loops
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from tests.conftest import REPO, Cli, _loop_devices
+from tests.conftest import REPO, Cli, loops_left
 from unionimg.faults import fill
 from unionimg.fs.mounts import mountinfo, unmount_tree
 from unionimg.fs.space import WriteWatch
@@ -81,9 +80,7 @@ def _release(tmp: Path, mnt: Path) -> None:
     """Unmount everything below ``tmp``; nothing may have stayed mounted or attached."""
     leaked = [m.target for m in mountinfo() if m.target.startswith(str(mnt) + "/")]
     unmount_tree(tmp)
-    deadline = time.monotonic() + 10
-    while (loops := _loop_devices(tmp)) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the kernel detaches an auto-clear loop device after its last user
+    loops = loops_left(tmp)
     assert not leaked, f"test left mounts behind: {leaked}"
     assert not loops, f"test left loop devices attached: {loops}"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import _loop_devices, flip_byte, make_tree
+from tests.conftest import flip_byte, loops_left, make_tree
 from unionimg.errors import NotFound
 from unionimg.fs.follow import Abandoned, Growing
 from unionimg.fs.mounts import mountinfo
@@ -175,10 +175,7 @@ def _image_tree(store: Store, layer: layerstore.Layer, where: Path) -> str:
 def _nothing_left(store: Store, tmp_path: Path) -> None:
     assert layerstore.list_layers(store) == [] and os.listdir(store.tmp_dir) == []
     assert [m.target for m in mountinfo() if m.target.startswith(str(store.root))] == []
-    deadline = time.monotonic() + 10
-    while _loop_devices(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.1)  # an auto-clear loop device goes after its last user
-    assert not _loop_devices(tmp_path)
+    assert not loops_left(tmp_path)
 
 
 def test_a_layer_is_extracted_straight_into_its_image(

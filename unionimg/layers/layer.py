@@ -651,9 +651,8 @@ class _Source:
             except queue.Full:
                 continue
 
-    def _more(self, n: int) -> bytes:
-        """The next chunk (of at most :data:`CHUNK` bytes, whatever ``n``); b"" at the end."""
-        del n
+    def _more(self) -> bytes:
+        """The next chunk (of at most :data:`CHUNK` bytes); b"" at the end."""
         if self._ended:
             return b""
         item = self._chunks.get()
@@ -678,7 +677,7 @@ class _Source:
         got = len(parts[0])
         self._buf, self._pos = b"", 0
         while got < n:
-            data = self._more(max(CHUNK, n - got))
+            data = self._more()
             if not data:
                 raise LayerRefused("the blob's tar is truncated (it ends inside an entry)")
             want = n - got
@@ -699,7 +698,7 @@ class _Source:
         self._buf, self._pos = b"", 0
         after = 0
         while True:
-            data = self._more(CHUNK)
+            data = self._more()
             if not data:
                 return nonzero
             after += len(data)

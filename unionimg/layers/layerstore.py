@@ -545,57 +545,55 @@ def _import_build(
     expect = info.blob_digest or None
     # a root base layer is a whole base: labelled BASE, as an adopted generation's is, so a
     # host can make it a base generation by hard link (what a deploy does; systems.py)
-    label = "BASE" if parent is None and kind == "base" else label_of(info.diff_id)
     whole = kind == "base" and parent is None
+    label = "BASE" if whole else label_of(info.diff_id)
 
-    def extract(entries: list[Entry] | None) -> BlobInfo:
-        return read_blob(
+    def extract() -> tuple[BlobInfo, list[Entry] | None]:
+        # a whole base's manifest, made in the same read (a base generation made from the
+        # layer uses it instead of scanning its tree again: :func:`tree_manifest`)
+        entries: list[Entry] | None = [] if whole else None
+        got = read_blob(
             blob, tree, kind=kind, expected_diff_id=info.diff_id,
             expected_blob_digest=expect, manifest=entries, opener=opener,
         )  # fmt: skip
+        return got, entries or None
 
-    # a whole base's manifest, made in the same read (a base generation made from the layer
-    # uses it instead of scanning its tree again: :func:`tree_manifest`)
-    entries: list[Entry] | None = [] if whole else None
+    build = stage / "layer"
+    build.mkdir(mode=0o700)
+    made: tuple[BlobInfo, list[Entry] | None] | None = None
     geometry = _direct_geometry(store, hint)
     if geometry is not None:
-        build = stage / "layer"
-        build.mkdir(mode=0o700)
         try:
             with _image_at(build / IMAGE, label, geometry, tree):
-                got = extract(entries)
+                made = extract()
         except BlobDamaged:
             raise
         except (LayerRefused, StoreFull, ToolFailed, UsageError, OSError) as exc:
+            # (also after a whole extraction: the image's last sync lost a write)
             log.info("layer %s built the other way: %s", digest_hex(info.diff_id)[:12], exc)
-            shutil.rmtree(build)
-            entries = [] if whole else None
-        else:
-            if arrived is not None:
-                arrived()
-            return _finish(build, blob, got, label, parent=parent, kind=kind, origin=origin,
-                           entries=entries or None)  # fmt: skip
-    with _scratch(tree) as in_memory:
-        try:
-            got = extract(entries)
-        except BlobDamaged:
-            raise
-        except (LayerRefused, StoreFull):
-            if not in_memory:
+            (build / IMAGE).unlink(missing_ok=True)
+            made = None
+    if made is None:
+        with _scratch(tree) as in_memory:
+            try:
+                made = extract()
+            except BlobDamaged:
                 raise
-            # too large for the memory it may use, or an xattr tmpfs lacks: on disk instead
-            # (a hostile tar is refused there again, the same way)
-            unmount_tree(tree)
-            shutil.rmtree(tree)
-            tree.mkdir(mode=0o755)
-            entries = [] if whole else None
-            got = extract(entries)
-        if arrived is not None:
-            arrived()
-        return _build(
-            stage, blob, tree, got, label, parent=parent, kind=kind, origin=origin,
-            entries=entries or None,
-        )  # fmt: skip
+            except (LayerRefused, StoreFull):
+                if not in_memory:
+                    raise
+                # too large for the memory it may use, or an xattr tmpfs lacks: on disk
+                # instead (a hostile tar is refused there again, the same way)
+                unmount_tree(tree)
+                shutil.rmtree(tree)
+                tree.mkdir(mode=0o755)
+                made = extract()
+            _image_of_tree(build / IMAGE, tree, label)
+    if arrived is not None:
+        arrived()
+    got, entries = made
+    return build, _finish(build, blob, got, label, parent=parent, kind=kind, origin=origin,
+                          entries=entries)  # fmt: skip
 
 
 #: how often a layer's image is synced to the disk while its blob is extracted into it
@@ -704,29 +702,11 @@ def _scratch(tree: Path) -> Iterator[bool]:
             unmount_tree(tree)
 
 
-def _build(
-    stage: Path,
-    blob: Path,
-    tree: Path,
-    got: BlobInfo,
-    label: str,
-    *,
-    parent: str | None,
-    kind: str,
-    origin: Origin,
-    entries: list[Entry] | None = None,
-) -> tuple[Path, LayerMeta]:
-    """The layer directory built in ``stage`` from the extracted ``tree`` (what
-    :func:`.layer.read_blob` found: ``got``) by ``mke2fs -d``, and its record; not yet in
-    place."""
-    build = stage / "layer"
-    build.mkdir(mode=0o700)
+def _image_of_tree(image: Path, tree: Path, label: str) -> None:
+    """The layer's image made from its extracted ``tree`` by ``mke2fs -d``."""
     used, inodes = _usage(tree)
-    make_ext4(build / IMAGE, label, tree, default_size(used, inodes), inodes=inodes)
-    _same_root(build / IMAGE, tree)
-    return _finish(
-        build, blob, got, label, parent=parent, kind=kind, origin=origin, entries=entries
-    )
+    make_ext4(image, label, tree, default_size(used, inodes), inodes=inodes)
+    _same_root(image, tree)
 
 
 def _finish(
@@ -739,10 +719,10 @@ def _finish(
     kind: str,
     origin: Origin,
     entries: list[Entry] | None,
-) -> tuple[Path, LayerMeta]:
+) -> LayerMeta:
     """The layer directory ``build`` (its image made) completed: the blob moved in, the
     manifest ``entries`` (the tree's, as the extraction recorded it) kept as
-    :data:`MANIFEST`, its record written; not yet in place."""
+    :data:`MANIFEST`, its record written; not yet in place. Its record."""
     if entries:
         write_manifest(entries, build / MANIFEST)
     os.rename(blob, build / BLOB)
@@ -765,7 +745,7 @@ def _finish(
     )
     os.chmod(build / IMAGE, 0o400)
     write_record(build / LayerMeta.FILE, meta)
-    return build, meta
+    return meta
 
 
 def tree_manifest(layer: Layer) -> list[Entry] | None:

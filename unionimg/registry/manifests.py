@@ -69,6 +69,11 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def is_digest(value: str) -> bool:
+    """Whether ``value`` is ``sha256:`` and 64 lowercase hex digits."""
+    return _DIGEST.fullmatch(value) is not None
+
+
 def check_digest(value: str, what: str = "digest") -> str:
     if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         raise UsageError(f"{what} {value!r} is not a sha256 digest (sha256: and 64 hex digits)")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +44,7 @@ from unionimg.registry.manifests import (
     Descriptor,
     Manifest,
     check_repo,
+    is_digest,
     layer_blob,
     layer_manifest,
     layer_tag,
@@ -54,8 +54,6 @@ from unionimg.registry.manifests import (
 MAX_MOUNT_CANDIDATES = 32
 """Repositories asked for a blob before it is uploaded (HEAD, ~1 ms each)."""
 MAX_META = 1 << 20
-#: a diff_id's hex digits alone (as ``layer list`` shows them): a pull's REF
-HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,7 @@ def plan_pull(reg: Registry, repo: str, ref: str, *, have: Callable[[str], bool]
     try:
         top = fetch_node(reg, repo, ref)
     except NotFound:
-        if HEX64.fullmatch(ref):  # a diff_id's 64 hex digits, as a layer is shown
+        if is_digest("sha256:" + ref):  # a diff_id's 64 hex digits, as a layer is shown
             ref = "sha256:" + ref
         if not ref.startswith("sha256:"):
             raise
