@@ -30,6 +30,7 @@ from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layer import (
     CHUNK,
+    UNCACHED_MIN,
     ZSTD_LEVEL,
     BlobDamaged,
     LayerRefused,
@@ -176,6 +177,63 @@ def _nothing_left(store: Store, tmp_path: Path) -> None:
     assert layerstore.list_layers(store) == [] and os.listdir(store.tmp_dir) == []
     assert [m.target for m in mountinfo() if m.target.startswith(str(store.root))] == []
     assert not loops_left(tmp_path)
+
+
+def _resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(out.stdout.split()[0])
+
+
+def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
+    """``read_blob(uncached=True)`` (what a layer extracted into its new image uses):
+    files of UNCACHED_MIN bytes or more are written with O_DIRECT — none of their pages is
+    left in the page cache, where the same files extracted the ordinary way leave them all —
+    and every file is the same byte for byte: sizes on and off the alignment and the
+    reader's chunk, a hole that stays a hole, a file of zeros that stays sparse, setuid
+    kept; the diff_id of the tree made again is the blob's."""
+    tree = make_tree(tmp_path / "t")
+    sizes = {
+        "below": UNCACHED_MIN - 1, "at": UNCACHED_MIN, "odd": UNCACHED_MIN + 1,
+        "chunk": CHUNK, "chunk-odd": CHUNK + 4097, "three": 3 * CHUNK + 100,
+    }  # fmt: skip
+    for name, size in sizes.items():
+        (tree / name).write_bytes(os.urandom(size))
+    with open(tree / "holey", "wb") as fh:  # data, a chunk of zeros, data
+        fh.write(os.urandom(CHUNK))
+        fh.seek(2 * CHUNK)
+        fh.write(os.urandom(CHUNK // 2))
+    with open(tree / "zeros", "wb") as fh:
+        fh.truncate(4 * CHUNK)
+    os.chmod(tree / "three", 0o4755)
+    _stamp(tree)
+    blob = tmp_path / "b.zst"
+    with open(blob, "wb") as fh:
+        info = write_blob(tree, fh, kind="base")
+    for uncached in (True, False):
+        dest = tmp_path / f"x-{uncached}"
+        dest.mkdir()
+        got = read_blob(blob, dest, kind="base", expected_diff_id=info.diff_id, uncached=uncached)
+        assert got.diff_id == info.diff_id
+        for name in [*sizes, "holey", "zeros"]:
+            assert (dest / name).read_bytes() == (tree / name).read_bytes(), name
+        assert (dest / "zeros").stat().st_blocks == 0
+        assert (dest / "holey").stat().st_blocks * 512 <= 2 * CHUNK
+        assert (dest / "three").stat().st_mode & 0o7777 == 0o4755
+        assert layerstore.tree_digest(dest, kind="base").diff_id == info.diff_id
+    # the pages a write leaves (before anything reads them): none for a file written
+    # uncached, all for one written the ordinary way
+    for uncached in (True, False):
+        dest = tmp_path / f"y-{uncached}"
+        dest.mkdir()
+        read_blob(blob, dest, kind="base", uncached=uncached)
+        pages = _resident_pages(dest / "three")
+        whole = -(-sizes["three"] // 4096)
+        assert (pages <= 1) if uncached else (pages >= whole - 1), (uncached, pages)
+        assert _resident_pages(dest / "below") > 0  # a small file: the ordinary way
 
 
 def test_a_layer_is_extracted_straight_into_its_image(

@@ -548,13 +548,13 @@ def _import_build(
     whole = kind == "base" and parent is None
     label = "BASE" if whole else label_of(info.diff_id)
 
-    def extract() -> tuple[BlobInfo, list[Entry] | None]:
+    def extract(uncached: bool = False) -> tuple[BlobInfo, list[Entry] | None]:
         # a whole base's manifest, made in the same read (a base generation made from the
         # layer uses it instead of scanning its tree again: :func:`tree_manifest`)
         entries: list[Entry] | None = [] if whole else None
         got = read_blob(
             blob, tree, kind=kind, expected_diff_id=info.diff_id,
-            expected_blob_digest=expect, manifest=entries, opener=opener,
+            expected_blob_digest=expect, manifest=entries, opener=opener, uncached=uncached,
         )  # fmt: skip
         return got, entries or None
 
@@ -565,7 +565,7 @@ def _import_build(
     if geometry is not None:
         try:
             with _image_at(build / IMAGE, label, geometry, tree):
-                made = extract()
+                made = extract(uncached=True)  # the big files' data around the page cache
         except BlobDamaged:
             raise
         except (LayerRefused, StoreFull, ToolFailed, UsageError, OSError) as exc:
