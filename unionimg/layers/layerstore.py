@@ -627,7 +627,8 @@ def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) ->
     every 0.1-0.25 s beat every 1 s and only at the end). The image is made here, by
     ``mke2fs``: the host kernel mounts no file system
     it did not make; the extraction writes into it through the VFS as it writes into a
-    tmpfs. On a normal exit: synced (a write the disk lost raises OSError), unmounted,
+    tmpfs, the data of its big files with O_DIRECT (the caller's ``read_blob(uncached=True)``:
+    no page-cache page for bytes the host will not read back). On a normal exit: synced (a write the disk lost raises OSError), unmounted,
     fsynced; on any exit unmounted (the caller removes the image)."""
     size, inodes = geometry
     make_ext4(image, label, None, size, inodes=inodes)
