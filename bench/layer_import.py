@@ -96,7 +96,7 @@ def main() -> None:
 
 def _split(blob: Path, digest: str, where: Path) -> dict[str, float]:
     """Seconds of the extraction, of ``mke2fs -d``, and of writing the image's bytes with
-    fsync (the disk's floor), one after the other."""
+    fsync (the floors: :func:`_floor`), one after the other."""
     where.mkdir()
     tree = where / "tree"
     tree.mkdir()

@@ -625,11 +625,11 @@ def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) ->
     blob is still being extracted (the Debian base layer, 595 MB of tar: 3.4 s this way
     against 6.1-8.0 s onto a tmpfs then ``mke2fs -d``, ``bench/layer_import.py``; syncing
     every 0.1-0.25 s beat every 1 s and only at the end). The image is made here, by
-    ``mke2fs``: the host kernel mounts no file system
-    it did not make; the extraction writes into it through the VFS as it writes into a
-    tmpfs, the data of its big files with O_DIRECT (the caller's ``read_blob(uncached=True)``:
-    no page-cache page for bytes the host will not read back). On a normal exit: synced (a write the disk lost raises OSError), unmounted,
-    fsynced; on any exit unmounted (the caller removes the image)."""
+    ``mke2fs``: the host kernel mounts no file system it did not make; the extraction
+    writes into it through the VFS as it writes into a tmpfs, the data of its big files
+    with O_DIRECT (the caller's ``read_blob(uncached=True)``: no page-cache page for bytes
+    the host will not read back). On a normal exit: synced (a write the disk lost raises
+    OSError), unmounted, fsynced; on any exit unmounted (the caller removes the image)."""
     size, inodes = geometry
     make_ext4(image, label, None, size, inodes=inodes)
     mount_new_image(image, tree)
