@@ -38,6 +38,8 @@ packages() {  # $1 = Debian major release
   echo libvirt-dev libxml2-utils
   # images, mounts, initramfs, boot disks
   echo fuse-overlayfs e2fsprogs attr cpio kmod iproute2 util-linux zstd
+  # fincore: the tests check which of a file's pages a layer import left in the page cache
+  echo util-linux-extra
   # hosts reached over SSH (deploy); the tests start one sshd per namespace host
   echo openssh-client openssh-server
   echo syslinux syslinux-common mtools dosfstools mmdebstrap

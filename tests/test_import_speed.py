@@ -180,7 +180,7 @@ def _nothing_left(store: Store, tmp_path: Path) -> None:
 
 
 def _resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (util-linux ``fincore``)."""
+    """Pages of ``path`` in the page cache (``fincore``: util-linux-extra, in setup.sh)."""
     out = subprocess.run(
         ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES", str(path)],
         capture_output=True, text=True, check=True,

@@ -311,6 +311,7 @@ def test_setup_lists_packages_per_debian_release() -> None:
         "bc",
         "libelf-dev",
         "mmdebstrap",
+        "util-linux-extra",
     ):
         assert needed in bookworm and needed in trixie, needed
     assert "pkg-config" in bookworm and "pkgconf" in trixie and "pkg-config" not in trixie

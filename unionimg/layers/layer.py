@@ -1270,12 +1270,12 @@ class _Uncached:
     file's blocks: no page-cache page is taken for it. A layer's image is written once,
     synced, and read by a guest, not by the host; filling a new page-cache page costs the
     host more than moving the bytes (in a VM whose memory its hypervisor hands out on first
-    touch, ~10x more: the Debian base extracted in 3.2-4.3 s this way against 2.6-8.1 s
-    through the page cache, ad-hoc runs on this machine kind). Each write is a whole
-    :data:`CHUNK` at an offset that is a multiple of it; a file's last bytes short of
-    :data:`ALIGN`, and the rest of a write the file system cut short, go through the page
-    cache (padding the last block instead made the truncation to the file's size read that
-    block back from the disk, file by file)."""
+    touch, ~10x more: the Debian base extracted in 3.0-3.75 s this way against 2.6-8.1 s
+    through the page cache, 9 ad-hoc runs each on this machine kind, ``docs/scale.md``).
+    Each write is a whole :data:`CHUNK` at an offset that is a multiple of it; a file's last
+    bytes short of :data:`ALIGN`, and the rest of a write the file system cut short, go
+    through the page cache (padding the last block instead made the truncation to the
+    file's size read that block back from the disk, file by file)."""
 
     def __init__(self) -> None:
         self._buf = mmap.mmap(-1, CHUNK)
