@@ -333,3 +333,22 @@ def flip_byte(path: Path, at: int) -> None:
         byte = fh.read(1)
         fh.seek(at)
         fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (``fincore``: util-linux-extra, in setup.sh)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(out.stdout.split()[0])
+
+
+def on_a_page_cache_fs(path: Path) -> None:
+    """Skip (fail under UNIONIMG_REQUIRE_REAL=1) where ``path`` is on a tmpfs: its pages
+    are its data, never dropped."""
+    fstype = subprocess.run(
+        ["findmnt", "--noheadings", "--output", "FSTYPE", "--target", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    need(fstype not in ("tmpfs", "ramfs"), f"{path} is on a {fstype}, whose pages stay")

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import flip_byte, loops_left, make_tree
+from tests.conftest import flip_byte, loops_left, make_tree, resident_pages
 from unionimg.errors import NotFound
 from unionimg.fs.follow import Abandoned, Growing
 from unionimg.fs.mounts import mountinfo
+from unionimg.fs.pagecache import Recycler
 from unionimg.layers import base as base_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layer import (
@@ -179,15 +180,6 @@ def _nothing_left(store: Store, tmp_path: Path) -> None:
     assert not loops_left(tmp_path)
 
 
-def _resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (``fincore``: util-linux-extra, in setup.sh)."""
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES", str(path)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return int(out.stdout.split()[0])
-
-
 def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
     """``read_blob(uncached=True)`` (what a layer extracted into its new image uses):
     files of UNCACHED_MIN bytes or more are written with O_DIRECT — none of their pages is
@@ -208,6 +200,11 @@ def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
         fh.write(os.urandom(CHUNK // 2))
     with open(tree / "zeros", "wb") as fh:
         fh.truncate(4 * CHUNK)
+    with open(tree / "tail-hole", "wb") as fh:  # data, then a chunk of zeros to its end
+        fh.write(os.urandom(CHUNK + 100))
+        fh.truncate(3 * CHUNK + 100)
+    (tree / "small-zeros").write_bytes(bytes(5000))
+    (tree / "no-bytes").write_bytes(b"")
     os.chmod(tree / "three", 0o4755)
     _stamp(tree)
     blob = tmp_path / "b.zst"
@@ -218,7 +215,7 @@ def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
         dest.mkdir()
         got = read_blob(blob, dest, kind="base", expected_diff_id=info.diff_id, uncached=uncached)
         assert got.diff_id == info.diff_id
-        for name in [*sizes, "holey", "zeros"]:
+        for name in [*sizes, "holey", "zeros", "tail-hole", "small-zeros", "no-bytes"]:
             assert (dest / name).read_bytes() == (tree / name).read_bytes(), name
         assert (dest / "zeros").stat().st_blocks == 0
         assert (dest / "holey").stat().st_blocks * 512 <= 2 * CHUNK
@@ -229,11 +226,20 @@ def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
     for uncached in (True, False):
         dest = tmp_path / f"y-{uncached}"
         dest.mkdir()
-        read_blob(blob, dest, kind="base", uncached=uncached)
-        pages = _resident_pages(dest / "three")
+        recycle = Recycler()
+        read_blob(blob, dest, kind="base", uncached=uncached, recycle=recycle)
+        # told of what went through the page cache (for the image's flusher to drop it):
+        # the small files and the big ones' last bytes off the alignment; nothing when cached
+        said = {Path(os.fsdecode(p)).name for p in recycle.take()}
+        if uncached:
+            assert {"below", "odd", "chunk-odd", "three", "small-zeros", "tail-hole"} <= said
+            assert not said & {"at", "chunk", "holey", "zeros", "no-bytes"}
+        else:
+            assert not said
+        pages = resident_pages(dest / "three")
         whole = -(-sizes["three"] // 4096)
         assert (pages <= 1) if uncached else (pages >= whole - 1), (uncached, pages)
-        assert _resident_pages(dest / "below") > 0  # a small file: the ordinary way
+        assert resident_pages(dest / "below") > 0  # a small file: the ordinary way
 
 
 def test_a_layer_is_extracted_straight_into_its_image(

@@ -31,7 +31,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import UNIONIMG, Cli, flip_byte, free_port, make_tree, need_programs
+from tests.conftest import (
+    UNIONIMG,
+    Cli,
+    flip_byte,
+    free_port,
+    make_tree,
+    need_programs,
+    resident_pages,
+)
 from unionimg import poll
 from unionimg.errors import NotFound, ToolFailed
 from unionimg.layers import layerstore
@@ -305,6 +313,7 @@ def test_pull_fetches_only_the_layers_a_store_lacks(
     got = layerstore.chain(store, src.b.diff_id)
     assert [la.diff_id for la in got] == [src.b.diff_id, src.base.diff_id]
     for la, orig in zip(got, (src.b, src.base), strict=True):
+        assert resident_pages(la.blob) == 0  # fetched, extracted once, kept: not cached
         assert la.meta.blob_digest == orig.meta.blob_digest
         assert la.meta.kind == orig.meta.kind and la.meta.message == orig.meta.message
         assert la.meta.label == orig.meta.label

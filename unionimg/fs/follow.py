@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from unionimg.fs.pagecache import DropBehind, drop
+
 
 class Restarted(Exception):
     """The writer started the file over below what this reader had read."""
@@ -119,6 +121,7 @@ class GrowingReader:
     def __init__(self, growing: Growing) -> None:
         self._g = growing
         self._fd: int | None = None
+        self._behind: DropBehind | None = None
         self._pos = 0
         self._seen = 0  # the writer's restarts accounted for
 
@@ -138,6 +141,7 @@ class GrowingReader:
                 break
             try:
                 self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self._behind = DropBehind(self._fd)  # read once: no page of it kept
                 break
             except FileNotFoundError:  # renamed or removed since: ask again when told
                 self._g._await_news(news)
@@ -145,10 +149,13 @@ class GrowingReader:
         if not data:  # the writer said it wrote bytes the file does not hold
             raise Restarted(f"the file ends at byte {self._pos}, before {end}")
         self._pos += len(data)
+        if self._behind is not None:
+            self._behind.at(self._pos)
         return data
 
     def close(self) -> None:
         if self._fd is not None:
+            drop(self._fd)  # what is left of it: read once
             os.close(self._fd)
             self._fd = None
 

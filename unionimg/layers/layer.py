@@ -65,6 +65,7 @@ import zstandard
 from unionimg.entries import BLK, CHR, DIR, FIFO, FILE, OVERLAY_XATTR_PREFIXES, SYMLINK, Entry
 from unionimg.errors import GuestDataRefused, StoreFull
 from unionimg.fs.manifest import sha256_file, stat_entry
+from unionimg.fs.pagecache import Recycler
 
 log = logging.getLogger(__name__)
 
@@ -982,6 +983,7 @@ def read_blob(
     manifest: list[Entry] | None = None,
     opener: Callable[[], ByteSource] | None = None,
     uncached: bool = False,
+    recycle: Recycler | None = None,
 ) -> BlobInfo:
     """Extract the layer blob ``blob`` into ``dest`` (a new, empty directory the caller
     owns, removed by the caller on failure) in overlayfs format; its digests, checked against
@@ -1006,7 +1008,9 @@ def read_blob(
     ``uncached``: write the data of files of :data:`UNCACHED_MIN` bytes or more with
     ``O_DIRECT`` (:class:`_Uncached`) where ``dest``'s file system takes it: their bytes go
     to the disk instead of into new page-cache pages (an image the caller syncs and will
-    not read back; ignored where ``O_DIRECT`` cannot be had)."""
+    not read back; ignored where ``O_DIRECT`` cannot be had). ``recycle``: with
+    ``uncached``, told of every file whose bytes, or last bytes, went through the page
+    cache, for the caller to drop them from it once synced (:class:`.pagecache.Recycler`)."""
     policy = policy or policy_for(kind)
     rec = _Record() if manifest is not None else None
     source: ByteSource = opener() if opener is not None else open(blob, "rb")  # noqa: SIM115
@@ -1015,7 +1019,7 @@ def read_blob(
         src = _Source(raw)
         try:
             try:
-                with _Uncached.at(dest) if uncached else contextlib.nullcontext() as out:
+                with _Uncached.at(dest, recycle) if uncached else contextlib.nullcontext() as out:
                     count = _extract_all(src, dest, policy, rec, out)
             finally:
                 src.close()  # before anything else reads the blob or the digests
@@ -1215,21 +1219,25 @@ def _write_file(
     fd = os.open(full, _NEW_FILE | (os.O_DIRECT if direct is not None else 0), 0o600)
     sha = hashlib.sha256() if hashed else None
     try:
-        left = size
+        left, hole = size, False
         while left:
             data = src.read_exact(min(CHUNK, left))
             if sha is not None:
                 sha.update(data)
-            if _zeros(data):  # a hole (a guest's sparse file stays sparse)
+            hole = _zeros(data)
+            if hole:  # a hole (a guest's sparse file stays sparse)
                 os.lseek(fd, len(data), os.SEEK_CUR)
             elif direct is not None:
                 direct.write(fd, data, rel)
             else:
                 _write_all(fd, data, rel)
             left -= len(data)
-        os.ftruncate(fd, size)
+        if hole:  # the file ends in a hole: its size set (each write set it so far)
+            os.ftruncate(fd, size)
     finally:
         os.close(fd)
+    if out is not None and out.recycle is not None and size and (not direct or size % ALIGN):
+        out.recycle.wrote(full)  # bytes of it in the page cache
     if size % BLOCK:
         src.read_exact(-size % BLOCK)
     return sha.hexdigest() if sha is not None else None
@@ -1277,12 +1285,13 @@ class _Uncached:
     through the page cache (padding the last block instead made the truncation to the
     file's size read that block back from the disk, file by file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recycle: Recycler | None = None) -> None:
         self._buf = mmap.mmap(-1, CHUNK)
+        self.recycle = recycle  # told of the files written (partly) through the page cache
 
     @classmethod
     @contextlib.contextmanager
-    def at(cls, dest: Path) -> Iterator[_Uncached | None]:
+    def at(cls, dest: Path, recycle: Recycler | None = None) -> Iterator[_Uncached | None]:
         """One for files made under ``dest``, or None where its file system refuses
         ``O_DIRECT`` (asked of an unnamed file, ``O_TMPFILE``: nothing to remove)."""
         try:
@@ -1292,7 +1301,7 @@ class _Uncached:
             yield None
             return
         os.close(probe)
-        out = cls()
+        out = cls(recycle)
         try:
             yield out
         finally:

@@ -75,6 +75,7 @@ from unionimg.fs.follow import Growing
 from unionimg.fs.image import BLOCK, default_size, disk_usage, make_ext4
 from unionimg.fs.manifest import Manifest, write_manifest
 from unionimg.fs.mounts import mount_image, mount_new_image, require_root, unmount_tree
+from unionimg.fs.pagecache import Recycler
 from unionimg.fs.space import WriteWatch, free_space, require_space
 from unionimg.layers.layer import (
     BlobDamaged,
@@ -548,13 +549,14 @@ def _import_build(
     whole = kind == "base" and parent is None
     label = "BASE" if whole else label_of(info.diff_id)
 
-    def extract(uncached: bool = False) -> tuple[BlobInfo, list[Entry] | None]:
+    def extract(recycle: Recycler | None = None) -> tuple[BlobInfo, list[Entry] | None]:
         # a whole base's manifest, made in the same read (a base generation made from the
         # layer uses it instead of scanning its tree again: :func:`tree_manifest`)
         entries: list[Entry] | None = [] if whole else None
         got = read_blob(
             blob, tree, kind=kind, expected_diff_id=info.diff_id,
-            expected_blob_digest=expect, manifest=entries, opener=opener, uncached=uncached,
+            expected_blob_digest=expect, manifest=entries, opener=opener,
+            uncached=recycle is not None, recycle=recycle,
         )  # fmt: skip
         return got, entries or None
 
@@ -564,8 +566,8 @@ def _import_build(
     geometry = _direct_geometry(store, hint)
     if geometry is not None:
         try:
-            with _image_at(build / IMAGE, label, geometry, tree):
-                made = extract(uncached=True)  # the big files' data around the page cache
+            with _image_at(build / IMAGE, label, geometry, tree) as recycle:
+                made = extract(recycle)  # the big files' data around the page cache
         except BlobDamaged:
             raise
         except (LayerRefused, StoreFull, ToolFailed, UsageError, OSError) as exc:
@@ -618,7 +620,7 @@ def _direct_geometry(store: Store, hint: tuple[int, int] | None) -> tuple[int, i
 
 
 @contextlib.contextmanager
-def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) -> Iterator[None]:
+def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) -> Iterator[Recycler]:
     """A new, empty ext4 image (``mke2fs``, no ``lost+found``) mounted read-write on
     ``tree`` (``nosuid,nodev,noexec``) while the context lasts, and synced every
     :data:`FLUSH_EVERY` seconds meanwhile, so the disk writes the layer's blocks while its
@@ -628,8 +630,11 @@ def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) ->
     ``mke2fs``: the host kernel mounts no file system it did not make; the extraction
     writes into it through the VFS as it writes into a tmpfs, the data of its big files
     with O_DIRECT (the caller's ``read_blob(uncached=True)``: no page-cache page for bytes
-    the host will not read back). On a normal exit: synced (a write the disk lost raises
-    OSError), unmounted, fsynced; on any exit unmounted (the caller removes the image)."""
+    the host will not read back), and the files it says it wrote through the page cache
+    (the :class:`~unionimg.fs.pagecache.Recycler` yielded) dropped from it after each sync,
+    so the pages are used again instead of new ones taken. On a normal exit: synced (a
+    write the disk lost raises OSError), unmounted, fsynced; on any exit unmounted (the
+    caller removes the image)."""
     size, inodes = geometry
     make_ext4(image, label, None, size, inodes=inodes)
     mount_new_image(image, tree)
@@ -639,19 +644,22 @@ def _image_at(image: Path, label: str, geometry: tuple[int, int], tree: Path) ->
             checkpoint("layer-import:image-mounted")
             failed: list[OSError] = []
             stop = threading.Event()
+            recycle = Recycler()
 
             def flush() -> None:
                 while not stop.wait(FLUSH_EVERY):
+                    written = recycle.take()
                     try:
                         watch.sync()
                     except OSError as exc:  # said at the end: the flusher only stops
                         failed.append(exc)
                         return
+                    recycle.drop(written)  # on the disk now: their pages can go
 
             flusher = threading.Thread(target=flush, name="unionimg-flush", daemon=True)
             flusher.start()
             try:
-                yield
+                yield recycle
             finally:
                 stop.set()
                 flusher.join()

@@ -52,6 +52,7 @@ from unionimg.display import shown
 from unionimg.errors import NotFound, ToolFailed, UsageError
 from unionimg.fs.follow import Growing
 from unionimg.fs.manifest import sha256_file
+from unionimg.fs.pagecache import DropBehind, drop
 from unionimg.registry.manifests import (
     MAX_MANIFEST,
     MEDIA_MANIFEST,
@@ -526,8 +527,12 @@ class Registry:
         on_bytes: Callable[[int], None] | None = None,
     ) -> int:
         """The answer's body written to ``fh`` and hashed into ``h``, then fsynced; at most
-        ``limit`` bytes (one more: ``refuse()`` is raised). Returns the bytes written."""
+        ``limit`` bytes (one more: ``refuse()`` is raised). Returns the bytes written. What
+        is written leaves the page cache behind the writer (:class:`DropBehind`): the host
+        keeps the blob, it does not read it again but once, as it arrives."""
         got = 0
+        start = fh.tell()
+        behind = DropBehind(fh.fileno(), start)
         for part in resp.iter_bytes():
             if got + len(part) > limit:
                 raise refuse()
@@ -537,8 +542,10 @@ class Registry:
             self.counters.bytes_down += len(part)
             if on_bytes is not None:
                 on_bytes(len(part))
+            behind.at(start + got)
         fh.flush()
         os.fsync(fh.fileno())
+        drop(fh.fileno())
         return got
 
     def fetch_range(self, repo: str, digest: str, start: int, end: int, dest: Path) -> str:
