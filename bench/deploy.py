@@ -18,8 +18,9 @@ Prints bytes and ratios side by side, and where each deploy's time goes: the pus
 host's pull split into its fetch (the network: manifests, configs, blobs, each blob's
 sha256 checked as it arrives) and its import (extracting each verified blob into its layer
 image), the host making the base generations it lacked (from the pulled layers: no
-``base create``), the VMs (fresh U images, identity), and the rest (SSH, the cache query,
-checks, records), with the load average when each began; and the share of the first
+``base create``), the VMs (fresh U images, identity), and the rest (split: the SSH
+connection and the host's program starting, the host's checks and records, the
+controller's own), with the load average when each began; and the share of the first
 deploy's time that is the transfer (push + fetch). The first deploy is measured twice: over
 the unlimited veths (a memory copy: gigabytes a second), and with ``--rate`` (default
 ``1gbit``, a datacenter link) to a second empty host through a second, empty registry, with
@@ -176,13 +177,23 @@ def print_times(rows: list[Row]) -> None:
         pull, made, vms = h["pull_seconds"], h["base_seconds"], h["vm_seconds"]
         fetch, imp = h["fetch_seconds"], h["import_seconds"]  # pull = fetch + import
         gens = ", ".join(h["generations_made"])
-        other = row.secs - row.push - pull - made - vms  # SSH, the cache query, checks, records
+        other = row.secs - row.push - pull - made - vms  # split below
         print(
             f"{row.what:30}{row.secs:>8.1f}{row.push:>8.1f}{pull:>8.1f}{fetch:>8.1f}{imp:>9.1f}"
             f"{made:>8.1f}{vms:>8.1f}{other:>8.1f}{row.load:>6.1f}  {len(h['imported'])} of "
             f"{h['layers']} ({h['cache_hits']} cached)"
             f"{'; generations made: ' + gens if gens else ''}"
         )
+    print(
+        f"{'other s, split:':30}{'SSH + the host starting':>24}{'host, besides':>15}"
+        f"{'controller':>12}"
+    )
+    for row in rows:
+        h = row.host
+        ssh = h["seconds"] - h["host_seconds"]  # the connection, the host's program starting
+        host = h["host_seconds"] - h["pull_seconds"] - h["base_seconds"] - h["vm_seconds"]
+        ctl = row.secs - row.push - h["seconds"]  # the controller's own: lookups, records
+        print(f"{row.what:30}{ssh:>24.2f}{host:>15.2f}{ctl:>12.2f}")
 
 
 def transfer_share(row: Row, link: str) -> str:

@@ -10,6 +10,7 @@ Root: whiteouts are character devices, images are made with ``mke2fs`` and mount
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -23,11 +24,12 @@ import pytest
 import zstandard
 
 from tests.conftest import flip_byte, loops_left, make_tree, resident_pages
-from unionimg.errors import NotFound
+from unionimg.errors import NotFound, StoreFull
 from unionimg.fs.follow import Abandoned, Growing
 from unionimg.fs.mounts import mountinfo
 from unionimg.fs.pagecache import Recycler
 from unionimg.layers import base as base_mod
+from unionimg.layers import layer as layer_mod
 from unionimg.layers import layerstore
 from unionimg.layers.layer import (
     CHUNK,
@@ -206,6 +208,9 @@ def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
     (tree / "small-zeros").write_bytes(bytes(5000))
     (tree / "no-bytes").write_bytes(b"")
     os.chmod(tree / "three", 0o4755)
+    os.chown(tree / "odd", 1234, 5678)  # handed over: owner, mode, times set by descriptor
+    os.chmod(tree / "odd", 0o640)
+    os.link(tree / "chunk", tree / "chunk.hard")  # a link to a file still being written
     _stamp(tree)
     blob = tmp_path / "b.zst"
     with open(blob, "wb") as fh:
@@ -220,6 +225,10 @@ def test_big_files_are_written_around_the_page_cache(tmp_path: Path) -> None:
         assert (dest / "zeros").stat().st_blocks == 0
         assert (dest / "holey").stat().st_blocks * 512 <= 2 * CHUNK
         assert (dest / "three").stat().st_mode & 0o7777 == 0o4755
+        st = (dest / "odd").stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o640)
+        assert st.st_mtime == (tree / "odd").stat().st_mtime
+        assert (dest / "chunk.hard").stat().st_ino == (dest / "chunk").stat().st_ino
         assert layerstore.tree_digest(dest, kind="base").diff_id == info.diff_id
     # the pages a write leaves (before anything reads them): none for a file written
     # uncached, all for one written the ordinary way
@@ -550,3 +559,56 @@ def test_a_base_generation_layer_gets_its_blob_when_adopted(tmp_path: Path) -> N
     out.mkdir()
     got = read_blob(layer.blob, out, kind="base", expected_blob_digest=layer.meta.blob_digest)
     assert got.diff_id == layer.diff_id
+
+
+def _writers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "unionimg-write"]
+
+
+def test_a_file_handed_to_the_writing_thread_fails_as_one_written_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The big files ``read_blob(uncached=True)`` hands to a thread of their own: a setuid
+    one where the policy refuses it is refused before it is handed over; a write that
+    fails there (EIO, a full disk) fails the extraction in one line, as the same write in
+    the extracting thread would; no writing thread is left, no descriptor open."""
+    tree = tmp_path / "t"
+    tree.mkdir()
+    for i in range(6):
+        (tree / f"big{i}").write_bytes(os.urandom(UNCACHED_MIN * (i + 1) + 7))
+    os.chmod(tree / "big3", 0o4755)
+    _stamp(tree)
+    blob = tmp_path / "b.zst"
+    with open(blob, "wb") as fh:
+        write_blob(tree, fh, kind="base")
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def extract(name: str, policy: layer_mod.Policy | None = None) -> None:
+        dest = tmp_path / name
+        dest.mkdir()
+        read_blob(blob, dest, kind="base", uncached=True, policy=policy)
+
+    with pytest.raises(LayerRefused, match="setuid or setgid file /big3"):
+        extract("no-setuid", layer_mod.Policy(devices=False, setuid=False))
+    real = layer_mod._write_handed
+    for err, raised in ((errno.EIO, LayerRefused), (errno.ENOSPC, StoreFull)):
+        calls = [0]
+
+        def failing(buf: object, job: object, err: int = err, calls: list[int] = calls) -> None:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise OSError(err, os.strerror(err))
+            real(buf, job)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(layer_mod, "_write_handed", failing)
+        with pytest.raises(raised) as exc:
+            extract(f"fail-{err}")
+        assert "\n" not in str(exc.value)
+        assert calls[0] >= 2
+    monkeypatch.setattr(layer_mod, "_write_handed", real)
+    assert not _writers()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    extract("good")  # and the same blob, undisturbed
+    for i in range(6):
+        assert (tmp_path / "good" / f"big{i}").read_bytes() == (tree / f"big{i}").read_bytes()
+    assert not _writers()

@@ -75,7 +75,8 @@ class HostOutcome:
             "import_seconds": r.get("import_seconds", 0.0),
             "base_seconds": r.get("base_seconds", 0.0),
             "vm_seconds": r.get("vm_seconds", 0.0),
-            "seconds": round(self.seconds, 3),
+            "host_seconds": r.get("seconds", 0.0),  # the host's own, from its start
+            "seconds": round(self.seconds, 3),  # the controller's: SSH and the host's start too
         }
 
 

@@ -83,6 +83,10 @@ PIPE_DEPTH = 64  # tar chunks waiting for the compressing thread (at most 64 MiB
 #: with ``read_blob(uncached=True)``, files of at least this size are written with O_DIRECT
 #: (the Debian base: 1,539 of its 9,905 files, 80 % of its bytes)
 UNCACHED_MIN = 64 << 10
+#: those up to this size by a thread of their own (:meth:`_Uncached.hand_over`), at most
+#: HAND_OVER_BYTES of them waiting for it at a time
+HAND_OVER_MAX = 8 << 20
+HAND_OVER_BYTES = 32 << 20
 ALIGN = 4096  # what an O_DIRECT write's length and buffer are a multiple of
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
@@ -910,6 +914,12 @@ class _Record:
         # inherit it: what the kernel made of it is read back, as a scan reads it)
         self.usable = True
 
+    def reads_back(self, rel: bytes) -> bool:
+        """Whether :meth:`add` reads the metadata of ``rel`` (no xattrs of its own) back
+        from what was made."""
+        parent = rel.rpartition(b"/")[0]
+        return self.usable and (parent in self.acl_dirs or bool(parent and parent in self.restat))
+
     def add(self, full: bytes, rel: bytes, ent: _Entry, kind: str, sha: str | None = None) -> None:
         if not self.usable:
             return
@@ -1006,9 +1016,10 @@ def read_blob(
     whose end is the end of the complete file.
 
     ``uncached``: write the data of files of :data:`UNCACHED_MIN` bytes or more with
-    ``O_DIRECT`` (:class:`_Uncached`) where ``dest``'s file system takes it: their bytes go
-    to the disk instead of into new page-cache pages (an image the caller syncs and will
-    not read back; ignored where ``O_DIRECT`` cannot be had). ``recycle``: with
+    ``O_DIRECT`` (:class:`_Uncached`, most of them by a writing thread of its own) where
+    ``dest``'s file system takes it: their bytes go to the disk instead of into new
+    page-cache pages (an image the caller syncs and will not read back; ignored where
+    ``O_DIRECT`` cannot be had). ``recycle``: with
     ``uncached``, told of every file whose bytes, or last bytes, went through the page
     cache, for the caller to drop them from it once synced (:class:`.pagecache.Recycler`)."""
     policy = policy or policy_for(kind)
@@ -1153,6 +1164,12 @@ def _extract(
             raise LayerRefused("the blob's tar has the root as something other than a directory")
         if t in (b"0", b"\0"):
             _once(kinds, rel, "file")
+            if out is not None and out.takes(ent, rel, rec):
+                _check_mode(ent, policy, rel, is_dir=False)  # refused here, not in its thread
+                sha = out.hand_over(src, full, ent, rel, hashed=rec is not None)
+                if rec is not None:
+                    rec.add(full, rel, ent, FILE, sha)
+                continue  # its data, owner, mode and times: the writing thread's
             sha = _write_file(src, full, ent.size, rel, hashed=rec is not None, out=out)
         elif t == b"1":
             target = _clean(ent.linkname)
@@ -1183,6 +1200,8 @@ def _extract(
         _meta(full, ent, policy, rel, is_dir=False)
         if rec is not None:
             rec.add(full, rel, ent, FILE if t in (b"0", b"\0") else _REC_KIND[t], sha)
+    if out is not None:
+        out.drain()  # every file handed over written, or its error raised
     for full, mtime in reversed(dir_times):
         os.utime(full, (mtime, mtime), follow_symlinks=False)
     return count
@@ -1283,11 +1302,21 @@ class _Uncached:
     Each write is a whole :data:`CHUNK` at an offset that is a multiple of it; a file's last
     bytes short of :data:`ALIGN`, and the rest of a write the file system cut short, go
     through the page cache (padding the last block instead made the truncation to the
-    file's size read that block back from the disk, file by file)."""
+    file's size read that block back from the disk, file by file).
+
+    Each such write waits for the disk; the files up to :data:`HAND_OVER_MAX` are written
+    by a thread of their own (:meth:`hand_over`), so those waits overlap the extraction of
+    the files after them (the Debian base into its image: 1.58-1.68 s against 2.1-2.25 s
+    written in the extracting thread, three runs each, ad hoc on this machine kind)."""
 
     def __init__(self, recycle: Recycler | None = None) -> None:
-        self._buf = mmap.mmap(-1, CHUNK)
+        self._buf = mmap.mmap(-1, CHUNK)  # the extraction thread's (files it writes itself)
         self.recycle = recycle  # told of the files written (partly) through the page cache
+        self._jobs: queue.SimpleQueue[_Handed | None] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._waiting = 0  # bytes handed over, not yet written
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     @classmethod
     @contextlib.contextmanager
@@ -1305,33 +1334,170 @@ class _Uncached:
         try:
             yield out
         finally:
+            out._stop()
             out._buf.close()
 
     def write(self, fd: int, data: bytes, rel: bytes) -> None:
-        n = len(data)
-        aligned = n - n % ALIGN
-        buf = self._buf
-        buf[:n] = data
-        with memoryview(buf) as whole, whole[:n] as view:
-            done = 0
-            if aligned:
-                try:
-                    done = os.write(fd, view[:aligned])
-                except OSError as exc:
-                    _no_space(exc, rel)
-                    raise
-            if done < n:  # the file's last bytes, or a write cut short: the rest cached
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                _write_all(fd, view[done:], rel)
+        _direct(self._buf, fd, data, rel)
+
+    # -- files handed over to the writing thread
+    def takes(self, ent: _Entry, rel: bytes, rec: _Record | None) -> bool:
+        """Whether the file of ``ent`` is handed over (:meth:`hand_over`): of
+        :data:`UNCACHED_MIN` to :data:`HAND_OVER_MAX` bytes, no xattrs, and nothing of its
+        metadata read back for the manifest (which needs it made first)."""
+        return (
+            UNCACHED_MIN <= ent.size <= HAND_OVER_MAX
+            and not ent.xattrs
+            and (rec is None or not rec.reads_back(rel))
+        )
+
+    def hand_over(
+        self, src: _Source, full: bytes, ent: _Entry, rel: bytes, *, hashed: bool
+    ) -> str | None:
+        """Create the file ``full`` (here: a name refused, or taken, is this thread's
+        error), read its bytes from the tar, and hand them with the open file to the
+        writing thread, which writes them with O_DIRECT and sets the owner, mode and times
+        on the descriptor (never by name) while this thread goes on with the tar: the
+        writes' waits for the disk overlap the extraction. At most
+        :data:`HAND_OVER_BYTES` wait at a time. An error of the writing thread is raised
+        by a later call, or by :meth:`drain`. The sha256 (hex) of the bytes with
+        ``hashed``."""
+        self._raise()
+        size = ent.size
+        fd = os.open(full, _NEW_FILE | os.O_DIRECT, 0o600)
+        try:
+            sha = hashlib.sha256() if hashed else None
+            parts: list[bytes] = []
+            left = size
+            while left:
+                data = src.read_exact(min(CHUNK, left))
+                if sha is not None:
+                    sha.update(data)
+                parts.append(data)
+                left -= len(data)
+            if size % BLOCK:
+                src.read_exact(-size % BLOCK)
+            with self._room:
+                while self._waiting and self._waiting + size > HAND_OVER_BYTES:
+                    self._room.wait()
+                self._waiting += size
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="unionimg-write", daemon=True
+                )
+                self._thread.start()
+        except BaseException:
+            os.close(fd)
+            raise
+        self._jobs.put(_Handed(fd, parts, ent, rel, full))
+        return sha.hexdigest() if sha is not None else None
+
+    def drain(self) -> None:
+        """Wait until every file handed over is written; its first error raised."""
+        with self._room:
+            while self._waiting:
+                self._room.wait()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, _Stopped()
+            raise error
+
+    def _run(self) -> None:
+        buf: mmap.mmap | None = None
+        try:
+            buf = mmap.mmap(-1, CHUNK)
+        except OSError as exc:  # every file handed over is closed all the same
+            self._error = self._error or exc
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None and buf is not None:
+                    _write_handed(buf, job)
+                    if self.recycle is not None and job.ent.size % ALIGN:
+                        self.recycle.wrote(job.full)  # its last bytes: in the page cache
+            except BaseException as exc:
+                if self._error is None:
+                    self._error = exc
+            finally:
+                os.close(job.fd)
+                with self._room:
+                    self._waiting -= job.ent.size
+                    self._room.notify_all()
+        if buf is not None:
+            buf.close()
+
+    def _stop(self) -> None:
+        """End the writing thread: what it has not written yet is not written (the
+        extraction failed), every descriptor closed."""
+        if self._thread is None:
+            return
+        if self._error is None:
+            self._error = _Stopped()
+        self._jobs.put(None)
+        self._thread.join()
 
 
-def _meta(full: bytes, ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> None:
-    mode = ent.mode
-    if mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir and not policy.setuid:
+class _Stopped(Exception):
+    """The writing thread's error was raised already, or the extraction stopped."""
+
+
+@dataclass(frozen=True)
+class _Handed:
+    fd: int
+    parts: list[bytes]
+    ent: _Entry
+    rel: bytes
+    full: bytes
+
+
+def _write_handed(buf: mmap.mmap, job: _Handed) -> None:
+    """The writing thread's part of a file handed over: its bytes (holes left holes),
+    then owner, mode and times, all through its descriptor."""
+    fd, ent, hole = job.fd, job.ent, False
+    for data in job.parts:
+        hole = _zeros(data)
+        if hole:
+            os.lseek(fd, len(data), os.SEEK_CUR)
+        else:
+            _direct(buf, fd, data, job.rel)
+    if hole:
+        os.ftruncate(fd, ent.size)
+    os.chown(fd, ent.uid, ent.gid)
+    os.chmod(fd, ent.mode)  # after chown, which clears setuid and setgid
+    os.utime(fd, (ent.mtime, ent.mtime))
+
+
+def _direct(buf: mmap.mmap, fd: int, data: bytes, rel: bytes) -> None:
+    """``data`` written at ``fd``'s offset through the aligned ``buf`` with O_DIRECT (what
+    is off the alignment through the page cache)."""
+    n = len(data)
+    aligned = n - n % ALIGN
+    buf[:n] = data
+    with memoryview(buf) as whole, whole[:n] as view:
+        done = 0
+        if aligned:
+            try:
+                done = os.write(fd, view[:aligned])
+            except OSError as exc:
+                _no_space(exc, rel)
+                raise
+        if done < n:  # the file's last bytes, or a write cut short: the rest cached
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _write_all(fd, view[done:], rel)
+
+
+def _check_mode(ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> None:
+    if ent.mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir and not policy.setuid:
         raise LayerRefused(
             f"the blob's tar has a setuid or setgid file {_show(rel)}, which this kind of "
             "layer may not hold"
         )
+
+
+def _meta(full: bytes, ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> None:
+    mode = ent.mode
+    _check_mode(ent, policy, rel, is_dir=is_dir)
     os.chown(full, ent.uid, ent.gid, follow_symlinks=False)
     for name, value in sorted(ent.xattrs.items()):
         if name.startswith(("trusted.overlay.", "user.overlay.")):
