@@ -55,7 +55,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Protocol, cast
@@ -1238,21 +1238,7 @@ def _write_file(
     fd = os.open(full, _NEW_FILE | (os.O_DIRECT if direct is not None else 0), 0o600)
     sha = hashlib.sha256() if hashed else None
     try:
-        left, hole = size, False
-        while left:
-            data = src.read_exact(min(CHUNK, left))
-            if sha is not None:
-                sha.update(data)
-            hole = _zeros(data)
-            if hole:  # a hole (a guest's sparse file stays sparse)
-                os.lseek(fd, len(data), os.SEEK_CUR)
-            elif direct is not None:
-                direct.write(fd, data, rel)
-            else:
-                _write_all(fd, data, rel)
-            left -= len(data)
-        if hole:  # the file ends in a hole: its size set (each write set it so far)
-            os.ftruncate(fd, size)
+        _put_data(fd, _read_parts(src, size, sha), size, rel, direct.buf if direct else None)
     finally:
         os.close(fd)
     if out is not None and out.recycle is not None and size and (not direct or size % ALIGN):
@@ -1310,7 +1296,7 @@ class _Uncached:
     written in the extracting thread, three runs each, ad hoc on this machine kind)."""
 
     def __init__(self, recycle: Recycler | None = None) -> None:
-        self._buf = mmap.mmap(-1, CHUNK)  # the extraction thread's (files it writes itself)
+        self.buf = mmap.mmap(-1, CHUNK)  # the extraction thread's (files it writes itself)
         self.recycle = recycle  # told of the files written (partly) through the page cache
         self._jobs: queue.SimpleQueue[_Handed | None] = queue.SimpleQueue()
         self._room = threading.Condition()
@@ -1335,10 +1321,7 @@ class _Uncached:
             yield out
         finally:
             out._stop()
-            out._buf.close()
-
-    def write(self, fd: int, data: bytes, rel: bytes) -> None:
-        _direct(self._buf, fd, data, rel)
+            out.buf.close()
 
     # -- files handed over to the writing thread
     def takes(self, ent: _Entry, rel: bytes, rec: _Record | None) -> bool:
@@ -1367,14 +1350,7 @@ class _Uncached:
         fd = os.open(full, _NEW_FILE | os.O_DIRECT, 0o600)
         try:
             sha = hashlib.sha256() if hashed else None
-            parts: list[bytes] = []
-            left = size
-            while left:
-                data = src.read_exact(min(CHUNK, left))
-                if sha is not None:
-                    sha.update(data)
-                parts.append(data)
-                left -= len(data)
+            parts = list(_read_parts(src, size, sha))
             if size % BLOCK:
                 src.read_exact(-size % BLOCK)
             with self._room:
@@ -1454,18 +1430,41 @@ class _Handed:
 def _write_handed(buf: mmap.mmap, job: _Handed) -> None:
     """The writing thread's part of a file handed over: its bytes (holes left holes),
     then owner, mode and times, all through its descriptor."""
-    fd, ent, hole = job.fd, job.ent, False
-    for data in job.parts:
-        hole = _zeros(data)
-        if hole:
-            os.lseek(fd, len(data), os.SEEK_CUR)
-        else:
-            _direct(buf, fd, data, job.rel)
-    if hole:
-        os.ftruncate(fd, ent.size)
+    fd, ent = job.fd, job.ent
+    _put_data(fd, job.parts, ent.size, job.rel, buf)
     os.chown(fd, ent.uid, ent.gid)
     os.chmod(fd, ent.mode)  # after chown, which clears setuid and setgid
     os.utime(fd, (ent.mtime, ent.mtime))
+
+
+def _read_parts(src: _Source, size: int, sha: hashlib._Hash | None) -> Iterator[bytes]:
+    """A file's ``size`` bytes from the tar, a chunk at a time, hashed into ``sha``."""
+    left = size
+    while left:
+        data = src.read_exact(min(CHUNK, left))
+        if sha is not None:
+            sha.update(data)
+        yield data
+        left -= len(data)
+
+
+def _put_data(
+    fd: int, parts: Iterable[bytes], size: int, rel: bytes, buf: mmap.mmap | None
+) -> None:
+    """A new file's ``size`` bytes written from ``parts``: a chunk of zeros left a hole (a
+    guest's sparse file stays sparse), the others with O_DIRECT through ``buf`` or, without
+    one, through the page cache; the size set where the file ends in a hole."""
+    hole = False
+    for data in parts:
+        hole = _zeros(data)
+        if hole:
+            os.lseek(fd, len(data), os.SEEK_CUR)
+        elif buf is not None:
+            _direct(buf, fd, data, rel)
+        else:
+            _write_all(fd, data, rel)
+    if hole:  # each write set the size so far
+        os.ftruncate(fd, size)
 
 
 def _direct(buf: mmap.mmap, fd: int, data: bytes, rel: bytes) -> None:
