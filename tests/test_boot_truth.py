@@ -142,6 +142,34 @@ def test_silent_stop_before_the_union_root_is_a_failure() -> None:
     assert said is not None and said.startswith("linux.uml was killed by SIGABRT")
 
 
+def test_a_uml_fault_after_the_guest_halted_is_a_clean_stop() -> None:
+    """Debian's UML 6.1 is now and then killed by SIGABRT in its own exit path, after the
+    guest's kernel printed its halt line: the guest had finished, so that is no crash. The
+    same signal before the halt line, or a halt without the union root, still is."""
+    sigabrt = "linux.uml was killed by SIGABRT"
+    halted = [READY, "unionimg-guest: hello", "reboot: System halted"]
+    v = analyse(halted, halted)
+    assert v.ready and v.halted and v.failure is None
+    assert stop_reason(v, hypervisor_says=sigabrt, stop_requested=False) is None
+    powered = analyse([READY], [READY, "reboot: Power down"])
+    assert powered.halted
+    assert stop_reason(powered, hypervisor_says=sigabrt, stop_requested=False) is None
+    # the halt line not last: something ran after it, so the signal counts
+    after = analyse([READY], [READY, "reboot: System halted", "userspace - child died"])
+    assert not after.halted
+    said = stop_reason(after, hypervisor_says=sigabrt, stop_requested=False)
+    assert said is not None and said.startswith(sigabrt)
+    # halted before the union root: the boot failed, whatever UML did after
+    early = analyse(["Run /init as init process"], ["reboot: System halted"])
+    said = stop_reason(early, hypervisor_says=sigabrt, stop_requested=False)
+    assert said is not None and said.startswith(sigabrt)
+    # a panic is a panic, halt line or not
+    panicked = analyse([READY], [READY, "Kernel panic - not syncing: x", "reboot: System halted"])
+    assert stop_reason(panicked, hypervisor_says=sigabrt, stop_requested=False) == (
+        "kernel panic: x"
+    )
+
+
 def test_console_reading_is_bounded(tmp_path: Path) -> None:
     """A guest that floods its console: the head holds the readiness line, the tail the
     panic; the middle is never read."""

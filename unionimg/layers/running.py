@@ -29,11 +29,15 @@ failure).
 its hypervisor (libvirt's shut-off reason ``crashed`` after a pvpanic report, UML's exit
 status) or the missing readiness line says it failed, ``crashed.json`` is written in the
 instance's directory (:func:`record_crash`); ``instance show`` then says ``crashed`` with the
-reason, and the next boot clears it.
+reason, and the next boot clears it. A hypervisor process that ends badly only after its guest
+reached the union root and its kernel printed its halt line (``reboot: System halted``, the
+console's last line) is warned about, not recorded: the guest had finished
+(:func:`teardown_fault`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 from dataclasses import dataclass
@@ -45,6 +49,8 @@ from unionimg.hypervisors import Running
 from unionimg.names import shown
 from unionimg.store.layout import Store, now_iso, read_json, write_json
 from unionimg.store.records import DamagedRecord
+
+log = logging.getLogger(__name__)
 
 RUNNING_FILE = "running.json"
 CRASH_FILE = "crashed.json"
@@ -59,6 +65,9 @@ READY = re.compile(r"^unionimg-init: switching root to the union of ")
 INIT_ERROR = re.compile(r"^unionimg-init: error: (.*)$")
 PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)$")
 INIT_EXIT = re.compile(r"Attempted to kill init! exitcode=(0x[0-9a-fA-F]+)")
+#: the guest kernel's last words when it finished a halt or a power-off (UML, which has no
+#: power-off driver, halts for both)
+HALTED = re.compile(r"^reboot: (System halted|Power down)$")
 #: a kernel log line's time stamp, ``[    1.234567] ``
 _STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 #: a line before the panic that may say why (switch_root's error, UML's ptrace failure...)
@@ -123,6 +132,9 @@ class ConsoleVerdict:
     """One line saying why the boot failed (quoted, escaped), or None."""
     last_line: str
     """The log's last line (quoted), for messages about a guest that stopped silently."""
+    halted: bool = False
+    """The log ends with the kernel's halt (or power-off) line: the guest's kernel finished
+    its shutdown; whatever its hypervisor's process did after it was not the guest's."""
 
 
 def _init_exit(code_hex: str, ready: bool, cause: str | None) -> str:
@@ -152,10 +164,11 @@ def analyse(head: list[str], tail: list[str]) -> ConsoleVerdict:
     """The verdict of a console log given as :func:`read_console` returns it."""
     ready = any(READY.match(line) for line in head)
     last = quote(tail[-1]) if tail else ""
+    halted = bool(tail) and HALTED.match(tail[-1]) is not None
     for line in tail:
         m = INIT_ERROR.match(line)
         if m:
-            return ConsoleVerdict(ready, f"the initramfs failed: {quote(m.group(1))}", last)
+            return ConsoleVerdict(ready, f"the initramfs failed: {quote(m.group(1))}", last, halted)
     for index, line in enumerate(tail):
         m = PANIC.search(line)
         if not m:
@@ -168,8 +181,18 @@ def analyse(head: list[str], tail: list[str]) -> ConsoleVerdict:
             reason += f" ({_init_exit(exited.group(1), ready, cause)})"
         if cause:
             reason += f" after '{quote(cause)}'"
-        return ConsoleVerdict(ready, reason, last)
-    return ConsoleVerdict(ready, None, last)
+        return ConsoleVerdict(ready, reason, last, halted)
+    return ConsoleVerdict(ready, None, last, halted)
+
+
+def teardown_fault(verdict: ConsoleVerdict, hypervisor_says: str | None) -> bool:
+    """The hypervisor's process failed after the guest had finished: the guest reached its
+    union root, then its kernel halted (its last console line), and only then did the
+    process end badly (Debian's UML 6.1 is now and then killed by SIGABRT in its own exit
+    path, after "reboot: System halted": its exit calls have closed the console, so it says
+    nothing). The guest's disks were synced and its devices shut down before that line, so
+    its stop was clean; the caller says what the process did as a warning."""
+    return bool(hypervisor_says) and verdict.ready and verdict.halted and not verdict.failure
 
 
 def console_verdict(path: Path) -> ConsoleVerdict:
@@ -182,13 +205,15 @@ def stop_reason(
     """Why a guest that is gone failed, or None when it ended well: it powered off after the
     readiness line, or an admin stopped it (a panic on the console still counts then).
     ``hypervisor_says``: the hypervisor's own evidence of a crash (libvirt's shut-off reason
-    ``crashed``, UML killed by a signal or exiting non-zero), or None."""
+    ``crashed``, UML killed by a signal or exiting non-zero), or None; it does not count
+    when the guest had reached its union root and its kernel then finished a halt (see
+    :func:`teardown_fault`)."""
     if verdict.failure:
         return verdict.failure
     if stop_requested:
         return None
     last = f"; last console line: '{verdict.last_line}'" if verdict.last_line else "; no output"
-    if hypervisor_says:
+    if hypervisor_says and not teardown_fault(verdict, hypervisor_says):
         return f"{hypervisor_says}{last}"
     if not verdict.ready:
         return (
@@ -259,6 +284,14 @@ def _cleanup(store: Store, name: str, rec: Running, evidence: str | None) -> Non
     console = Path(rec.console)
     verdict = console_verdict(console)
     reason = stop_reason(verdict, hypervisor_says=evidence, stop_requested=rec.stopping)
+    if reason is None and not rec.stopping and teardown_fault(verdict, evidence):
+        log.warning(
+            "%s: %s after its guest had halted (console: '%s'); the guest's shutdown was "
+            "complete, so it counts as stopped",
+            name,
+            evidence,
+            verdict.last_line,
+        )
     if reason is not None:
         record_crash(
             store,
