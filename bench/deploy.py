@@ -18,9 +18,10 @@ Prints bytes and ratios side by side, and where each deploy's time goes: the pus
 host's pull split into its fetch (the network: manifests, configs, blobs, each blob's
 sha256 checked as it arrives) and its import (extracting each verified blob into its layer
 image), the host making the base generations it lacked (from the pulled layers: no
-``base create``), the VMs (fresh U images, identity), and the rest (split: the SSH
-connection and the host's program starting, the host's checks and records, the
-controller's own), with the load average when each began; and the share of the first
+``base create``), the VMs (fresh U images, identity), and the rest (split: SSH's part
+once the node was handed to the host, the host's checks and records, the controller's
+own; the SSH connection and the host's program starting happen during the push, and their
+time is printed beside it), with the load average when each began; and the share of the first
 deploy's time that is the transfer (push + fetch). The first deploy is measured twice: over
 the unlimited veths (a memory copy: gigabytes a second), and with ``--rate`` (default
 ``1gbit``, a datacenter link) to a second empty host through a second, empty registry, with
@@ -185,15 +186,17 @@ def print_times(rows: list[Row]) -> None:
             f"{'; generations made: ' + gens if gens else ''}"
         )
     print(
-        f"{'other s, split:':30}{'SSH + the host starting':>24}{'host, besides':>15}"
-        f"{'controller':>12}"
+        f"{'other s, split:':30}{'SSH, besides':>13}{'host, besides':>15}{'controller':>12}"
+        f"   {'(SSH + the host starting, during the push)':>20}"
     )
     for row in rows:
         h = row.host
-        ssh = h["seconds"] - h["host_seconds"]  # the connection, the host's program starting
+        ssh = h["seconds"] - h["host_seconds"]  # SSH's part after the node was handed over
         host = h["host_seconds"] - h["pull_seconds"] - h["base_seconds"] - h["vm_seconds"]
         ctl = row.secs - row.push - h["seconds"]  # the controller's own: lookups, records
-        print(f"{row.what:30}{ssh:>24.2f}{host:>15.2f}{ctl:>12.2f}")
+        start = h["start_seconds"]
+        hidden = "never said ready" if start is None else f"{start:.2f} of {row.push:.2f}"
+        print(f"{row.what:30}{ssh:>13.2f}{host:>15.2f}{ctl:>12.2f}   ({hidden})")
 
 
 def transfer_share(row: Row, link: str) -> str:

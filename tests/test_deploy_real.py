@@ -163,6 +163,8 @@ def test_first_deploy_pulls_everything_then_redeploy_only_changed(env: Env) -> N
         assert r["ok"], r
         assert r["cache_hits"] == 0 and sorted(r["imported"]) == sorted(one)
         assert r["cached_before"] == 0  # the host's own count, in materialize's report
+        # the host's program started and said ready while the controller pushed
+        assert r["start_seconds"] is not None and 0 < r["start_seconds"] < 60, r
         assert r["bytes_pulled"] >= blob_bytes
         wire = h.counters()["rx_bytes"] - before[h.name]
         assert blob_bytes <= wire <= r["bytes_pulled"] + WIRE_SLACK, (wire, r)
@@ -265,6 +267,22 @@ def test_two_deploys_at_once(env: Env) -> None:
     assert len(bad) == 1 and bad[0].startswith("unionimg: error: host h4"), bad
     names = [i["name"] for i in json.loads(hcli(h4).ok("instance", "list", "--json").output)]
     assert sorted(names) == ["db", "dns", "web"]
+
+
+def test_registry_down_at_the_push(env: Env) -> None:
+    """The hosts' programs start while the controller pushes; a push that fails (nothing
+    listens at the registry's address) hands them no node: each ends with its store as it
+    was, and the deploy says the push's error in one line."""
+    h9 = env.add_host("h9")
+    dead = env.url.rsplit(":", 1)[0] + ":5999"
+    res = env.ctl.fails("deploy", "lab1", "--host", "h9", "--registry", dead, code=5)
+    lines = [ln for ln in res.output.strip().splitlines() if ln]
+    assert len(lines) == 1 and "5999" in lines[0] and "h9" not in lines[0], lines
+    nothing_made(h9)
+    layers = h9.store / "layers"
+    assert not layers.is_dir() or not any(layers.rglob("layer.json"))
+    # the same host then deploys through the live registry
+    assert deploy(env, "deploy", "lab1", "--host", "h9")["hosts"]["h9"]["ok"]
 
 
 def test_store_full_on_host(env: Env) -> None:

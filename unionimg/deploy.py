@@ -3,19 +3,22 @@
 ``deploy SYSTEM --host H... --registry URL [--boot]`` (``redeploy`` the same, replacing the
 VMs an earlier deploy made there):
 
-1. the controller pushes the node (and its ancestors) to the registry
-   (:func:`unionimg.systems.push`: blobs the registry holds are not sent again);
-2. for each host, at once (one thread per host, each its own SSH connection): it asks what
-   the host holds (``unionimg layer list --json`` there: the cache hits), then runs
-   ``unionimg system materialize NODE-DIGEST --registry URL [--replace] [--boot]`` there
-   (:func:`unionimg.systems.materialize`): the host pulls only the blobs it lacks straight
+1. for each host, at once (one thread per host, each its own SSH command over the host's
+   shared connection), ``unionimg system materialize - --registry URL [--replace] [--boot]``
+   is started there: the host's program starts, says ``ready`` and waits for the node on its
+   standard input, so the SSH connection and the program's start happen while
+2. the controller pushes the node (and its ancestors) to the registry
+   (:func:`unionimg.systems.push`: blobs the registry holds are not sent again); then the
+   pushed manifest's digest is handed to every waiting host (a failed push hands none: each
+   host ends without touching its store, and the push's error is the deploy's);
+3. each host (:func:`unionimg.systems.materialize`) pulls only the blobs it lacks straight
    from the registry, checks each, makes the VMs and boots them; its progress lines come back
    on SSH's stderr and drive one progress bar per host;
-3. the result is one report: per host the bytes it pulled, its cache hits, the layers it
-   imported, the VMs made, seconds (the pull's split into fetching, the network, and
-   importing, the host's extraction; making base generations; making VMs); a host that
-   failed has its error line (the others go on), and the command exits with the first
-   failure's code.
+4. the result is one report: per host the bytes it pulled, its cache hits (from the host's
+   own report), the layers it imported, the VMs made, seconds (the pull's split into
+   fetching, the network, and importing, the host's extraction; making base generations;
+   making VMs; the host's start, hidden behind the push); a host that failed has its error
+   line (the others go on), and the command exits with the first failure's code.
 
 The node is named to hosts by its manifest digest (what the controller pushed), never by a
 tag another push may move meanwhile.
@@ -24,6 +27,7 @@ tag another push may move meanwhile.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +55,8 @@ class HostOutcome:
     error: str = ""
     exit_code: int = 0
     result: dict[str, Any] = field(default_factory=dict)  # the host's materialize report
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the node handed to the host to its report
+    start_seconds: float | None = None  # from the SSH command to the host's "ready"
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
@@ -76,7 +81,10 @@ class HostOutcome:
             "base_seconds": r.get("base_seconds", 0.0),
             "vm_seconds": r.get("vm_seconds", 0.0),
             "host_seconds": r.get("seconds", 0.0),  # the host's own, from its start
-            "seconds": round(self.seconds, 3),  # the controller's: SSH and the host's start too
+            # the controller's, from the node handed over: SSH's part and the report's way back
+            "seconds": round(self.seconds, 3),
+            # SSH and the host's program starting, during the push (None: it never said ready)
+            "start_seconds": None if self.start_seconds is None else round(self.start_seconds, 3),
         }
 
 
@@ -140,24 +148,72 @@ def _checked(host: str, obj: object) -> dict[str, Any]:
     return out
 
 
+class Handoff:
+    """The pushed node's digest, handed to one host's waiting ``system materialize -``
+    through a pipe that is its SSH command's standard input: :meth:`pipe` (the host's
+    thread, before it starts the command) and :meth:`give` (the controller, once the push
+    ended; None: the push failed, the host gets end-of-file and ends) in either order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._given = False
+        self._digest: str | None = None
+        self.given_at: float | None = None
+
+    def pipe(self) -> int:
+        """A new pipe's read end, for the SSH command's stdin (the caller closes it)."""
+        read, write = os.pipe()
+        with self._lock:
+            self._fd = write
+            if self._given:
+                self._send()
+        return read
+
+    def give(self, digest: str | None) -> None:
+        with self._lock:
+            self._given, self._digest = True, digest
+            self.given_at = time.monotonic()
+            if self._fd is not None:
+                self._send()
+
+    def _send(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self._digest is not None:
+                os.write(fd, f"{self._digest}\n".encode("ascii"))  # < PIPE_BUF: never blocks
+        except OSError:
+            pass  # the host's command has already ended: its own outcome says why
+        finally:
+            os.close(fd)
+
+
 def deploy_one(
     host: hosts_mod.Host,
-    manifest: str,
+    handoff: Handoff,
     url: str,
     *,
     replace: bool,
     boot: bool,
     watch: Watcher,
 ) -> HostOutcome:
+    """Materialize the node ``handoff`` gives on ``host`` (see the module docstring)."""
     out = HostOutcome(host.name)
     start = time.monotonic()
     try:
-        args = ["system", "materialize", manifest, "--registry", url, "--progress", "--json"]
+        args = ["system", "materialize", "-", "--registry", url, "--progress", "--json"]
         if replace:
             args.append("--replace")
         if boot:
             args.append("--boot")
         pending = bytearray()
+
+        def on_progress(host_name: str, phase: str, done: int, total: int) -> None:
+            if phase == "ready" and out.start_seconds is None:
+                out.start_seconds = time.monotonic() - start
+            watch(host_name, phase, done, total)
 
         def sink(fd: int, data: bytes) -> None:
             if fd != 2:
@@ -168,9 +224,13 @@ def deploy_one(
                 pending[:] = rest
                 text = line.decode(errors="replace")
                 if text.startswith(PROGRESS_PREFIX):
-                    _parse_progress(host.name, text, watch)
+                    _parse_progress(host.name, text, on_progress)
 
-        text = host.stream(args, sink, what="materializing the system")
+        stdin = handoff.pipe()
+        try:
+            text = host.stream(args, sink, what="materializing the system", stdin=stdin)
+        finally:
+            os.close(stdin)
         try:
             result = json.loads(text)
         except ValueError:
@@ -182,7 +242,8 @@ def deploy_one(
         out.error = exc.message
         out.exit_code = exc.exit_code
         watch(host.name, "failed", 0, 1)
-    out.seconds = time.monotonic() - start
+    given = handoff.given_at if handoff.given_at is not None else start
+    out.seconds = time.monotonic() - max(start, given)
     return out
 
 
@@ -209,8 +270,6 @@ def deploy(
     targets = [hosts_mod.get(store, h) for h in host_names]
     systems.get(store, system)
     url_for_hosts = check_url(host_registry or registry)
-    with Registry(registry) as reg:
-        pushed = systems.push(store, reg, system)
     lock = threading.Lock()
 
     def locked_watch(host: str, phase: str, done: int, total: int) -> None:
@@ -218,16 +277,27 @@ def deploy(
             with lock:
                 watch(host, phase, done, total)
 
+    handoffs = [Handoff() for _ in targets]
     with ThreadPoolExecutor(max_workers=min(len(targets), 32)) as pool:
-        outcomes = list(
-            pool.map(
-                lambda h: deploy_one(
-                    h, pushed.manifest, url_for_hosts, replace=replace, boot=boot,
-                    watch=locked_watch,
-                ),
-                targets,
+        futures = [
+            pool.submit(
+                deploy_one, h, hand, url_for_hosts, replace=replace, boot=boot,
+                watch=locked_watch,
             )
-        )  # fmt: skip
+            for h, hand in zip(targets, handoffs, strict=True)
+        ]  # fmt: skip
+        try:
+            with Registry(registry) as reg:
+                pushed = systems.push(store, reg, system)
+        except BaseException:
+            for hand in handoffs:
+                hand.give(None)  # each host reads end-of-file and ends, its store untouched
+            for fut in futures:
+                fut.cancel()
+            raise
+        for hand in handoffs:
+            hand.give(pushed.manifest)
+        outcomes = [fut.result() for fut in futures]
     return DeployReport(
         system,
         pushed.manifest,

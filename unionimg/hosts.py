@@ -189,9 +189,10 @@ class Host:
         return self.outcome(res, what or " ".join(args[:2]))
 
     def stream(self, args: Sequence[str], sink: Callable[[int, bytes], None], *,
-               what: str = "") -> str:  # fmt: skip
-        """:meth:`run` with the remote output handed to ``sink`` as it comes."""
-        res = stream(self.remote_argv(args), sink)
+               what: str = "", stdin: int | None = None) -> str:  # fmt: skip
+        """:meth:`run` with the remote output handed to ``sink`` as it comes; ``stdin``: a
+        file descriptor the remote command reads (else this process's own stdin)."""
+        res = stream(self.remote_argv(args), sink, stdin=stdin)
         return self.outcome(res, what or " ".join(args[:2]))
 
     def run_json(self, args: Sequence[str], *, timeout: float | None = QUERY_TIMEOUT,

@@ -15,6 +15,7 @@ import click
 from unionimg import systems
 from unionimg.cli._common import Ctx, emit, json_option, json_text, pass_ctx
 from unionimg.display import shown
+from unionimg.errors import UsageError
 from unionimg.registry.client import Registry
 from unionimg.registry.manifests import SYSTEM_REPO
 from unionimg.store.fleet_records import SystemMeta
@@ -191,6 +192,21 @@ def _progress_printer(enabled: bool) -> systems.Progress | None:
     return note
 
 
+#: longest line read as the node on stdin: a manifest digest is 71 characters
+MAX_REF_LINE = 256
+
+
+def _ref_from_stdin() -> str:
+    line = sys.stdin.buffer.readline(MAX_REF_LINE)
+    ref = line.decode("ascii", errors="replace").strip()
+    if not ref:
+        raise UsageError(
+            "no system node came on stdin (the deploy that started this ended before its "
+            "push did); nothing was done"
+        )
+    return ref
+
+
 @system.command("materialize", hidden=True)
 @click.argument("ref")
 @click.option("--registry", "url", required=True, help="The registry, http://HOST:PORT.")
@@ -210,11 +226,17 @@ def system_materialize(
     as_json: bool,
 ) -> None:  # fmt: skip
     """Make system node REF of a registry real in this store (what 'deploy' runs on a host):
-    pull the layers this store lacks, make the VMs, boot them with --boot."""
+    pull the layers this store lacks, make the VMs, boot them with --boot. REF '-': say
+    'ready' (with --progress) and read REF as one line from stdin (the deploy pushes the
+    node meanwhile); end-of-file instead ends the command with nothing done."""
+    note = _progress_printer(progress)
+    if ref == "-":
+        if note is not None:
+            note("ready", 0, 0)
+        ref = _ref_from_stdin()
     out = systems.materialize(
-        c.store, url, ref, repo=repo, replace=replace, boot=boot,
-        progress=_progress_printer(progress),
-    )  # fmt: skip
+        c.store, url, ref, repo=repo, replace=replace, boot=boot, progress=note
+    )
 
     def human(d: dict[str, Any]) -> None:
         click.echo(
