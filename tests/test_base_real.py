@@ -138,6 +138,46 @@ def test_gc_and_remove(cli: Cli, src_tree: Path, tmp_path: Path) -> None:
     assert json.loads(cli.ok("base", "list", "--json").output) == []
 
 
+def test_instances_made_at_once_get_one_name_and_distinct_macs(cli: Cli, src_tree: Path) -> None:
+    """U images are made outside the store lock (a deploy makes its VMs at once): the lock
+    still decides the name and the MAC when each is put in place. Four processes make vm1
+    at once: one makes it, three are refused in one line; four make vm2..vm5 with derived
+    MACs at once: four distinct MACs. Nothing is left in the store's scratch space."""
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    base = [str(REPO / ".venv" / "bin" / "unionimg"), "--store", str(cli.store)]
+
+    def together(names: list[str]) -> list[subprocess.CompletedProcess[str]]:
+        procs = [
+            subprocess.Popen(
+                [*base, "instance", "create", n, "--base", "deb"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in names
+        ]
+        done = []
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return done
+
+    same = together(["vm1"] * 4)
+    assert sorted(r.returncode for r in same) == [0, 4, 4, 4], [r.stderr for r in same]
+    for r in same:
+        if r.returncode:
+            assert r.stderr.strip() == (
+                "unionimg: error: instance 'vm1' already exists; remove it first or pick "
+                "another name"
+            )
+    others = together(["vm2", "vm3", "vm4", "vm5"])
+    assert [r.returncode for r in others] == [0] * 4, [r.stderr for r in others]
+    macs = {i["name"]: i["mac"] for i in json.loads(cli.ok("instance", "list", "--json").output)}
+    assert sorted(macs) == ["vm1", "vm2", "vm3", "vm4", "vm5"]
+    assert len(set(macs.values())) == 5, macs
+    assert list((cli.store / "tmp").iterdir()) == []
+
+
 def tree_listing(root: Path) -> list[tuple[str, int]]:
     out = []
     for dirpath, _dirs, files in os.walk(root):

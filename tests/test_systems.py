@@ -13,6 +13,7 @@ image-tree nodes, read back with plain HTTP.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -686,3 +687,57 @@ def test_the_deploy_report_splits_pull_seconds() -> None:
     out = deploy.HostOutcome("h1", ok=True, result=deploy._checked("h1", host)).to_json()
     assert out["fetch_seconds"] == 1.25 and out["import_seconds"] == 2.5
     assert out["fetch_seconds"] + out["import_seconds"] == out["pull_seconds"]
+
+
+def test_a_vm_that_fails_undoes_the_vms_made_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deploy makes its VMs a few at once (:data:`systems.VM_WORKERS`); when one fails,
+    the ones not started are not made, the ones made (before or beside it) are removed and
+    the VM it was replacing is put back: the host holds what it held. The VM making itself
+    is replaced here by one that makes a directory (its real work is tested above and in
+    test_deploy_real): what is checked is the undoing around it."""
+    from unionimg import systems
+    from unionimg.errors import ToolFailed
+    from unionimg.store.fleet_records import SystemMeta, SystemVM
+    from unionimg.store.layout import Store
+
+    store = Store(tmp_path / "store")
+    store.tmp_dir.mkdir(parents=True)
+    old = store.instance_dir("vm0")
+    old.mkdir(parents=True)
+    (old / "instance.json").write_text("the replaced VM\n")
+    started: list[str] = []
+
+    def make(_store: Store, name: str, _layer: str, **_kw: object) -> None:
+        started.append(name)
+        if name == "vm1":
+            time.sleep(0.02)
+            raise ToolFailed("mke2fs failed making vm1's U image")
+        time.sleep(0.1)  # the ones beside it finish after it failed
+        store.instance_dir(name).mkdir()
+
+    monkeypatch.setattr(systems.snap_mod, "create_from", make)
+    monkeypatch.setattr(systems.control, "forget", lambda _store, _name: None)
+    layer = "sha256:" + "a" * 64
+    vms = tuple(
+        SystemVM(
+            name=f"vm{i}",
+            layer=layer,
+            mac=f"52:54:00:14:00:{i:02x}",
+            hypervisor="uml",
+            memory=96,
+            vcpus=1,
+            size=64 << 20,
+        )
+        for i in range(12)
+    )
+    meta = SystemMeta(name="s", parent=None, created="2026-12-03T00:00:00Z", message="", vms=vms)
+    notes: list[tuple[str, int, int]] = []
+    with pytest.raises(ToolFailed, match="vm1"):
+        systems._make_vms(store, meta, ["vm0"], lambda *a: notes.append(a))
+    assert sorted(p.name for p in store.instances_dir.iterdir()) == ["vm0"]
+    assert (old / "instance.json").read_text() == "the replaced VM\n"
+    assert len(started) < len(vms), started  # the failure stopped what had not started
+    assert list(store.tmp_dir.iterdir()) == []
+    assert notes[0] == ("vm", 0, 12) and all(n[2] == 12 for n in notes)

@@ -140,6 +140,20 @@ def base_ref(inst: Instance) -> BaseRef:
     return BaseRef(instance=inst.name, base=inst.base, generation=inst.generation)
 
 
+def _check_free(store: Store, name: str, mac: str | None) -> dict[str, str]:
+    """Conflict when instance ``name`` exists or ``mac`` is taken; the MACs taken (MAC ->
+    instance)."""
+    if store.instance_dir(name).exists():
+        raise Conflict(f"instance '{name}' already exists; remove it first or pick another name")
+    taken = {i.mac: i.name for i in list_instances(store)}
+    if mac is not None and mac in taken:
+        raise Conflict(
+            f"MAC {mac} is already used by instance '{taken[mac]}'; "
+            "give another --mac or leave it out to derive one"
+        )
+    return taken
+
+
 def create(
     store: Store,
     name: str,
@@ -176,49 +190,45 @@ def create(
     if not 1 <= vcpus <= 256:
         raise UsageError(f"vcpus {vcpus} is out of range; give 1 to 256")
     gen = get_generation(store, base, generation)
-    with store.lock("store", purpose=f"instance create {name}"):
-        if store.instance_dir(name).exists():
-            raise Conflict(
-                f"instance '{name}' already exists; remove it first or pick another name"
-            )
-        taken = {i.mac: i.name for i in list_instances(store)}
-        if mac_norm is not None and mac_norm in taken:
-            raise Conflict(
-                f"MAC {mac_norm} is already used by instance '{taken[mac_norm]}'; "
-                "give another --mac or leave it out to derive one"
-            )
-        inst = Instance(
-            name=name,
-            base=base,
-            generation=gen.number,
-            mac=mac_norm or derive_mac(name, taken),
-            hypervisor=hypervisor,
-            size=size,
-            memory=memory,
-            vcpus=vcpus,
-            created=now_iso(),
-            nic_name=nic_name,
-            layers=layers,
-        )
-        # what mke2fs writes into the sparse U (measured: 2.2 MiB for 4 GiB, 16 MiB for 1 TiB)
-        require_space(store.root, (4 << 20) + size // 65536, f"create instance {name}")
-        with store.staging(f"inst-{name}") as stage:
-            u_tree = stage / "u"
-            u_tree.mkdir(mode=0o755)
-            _prepare_u_tree(store, u_tree, inst)
-            scratch = stage / "identity"  # ssh-keygen's output, removed with the staging
-            scratch.mkdir(mode=0o700)
-            with (  # its own machine-id and SSH host keys; its chain's view with layers
-                gen.manifest() as base_manifest,
-                chain_lookup(store, base_manifest, layers, stage / "layers") as below,
-            ):
-                identity.ensure_instance(u_tree / "upper", below, scratch, name)
-            checkpoint("instance-create:staged")
-            idir = stage / "instance"
-            idir.mkdir(mode=0o700)
-            checkpoint("instance-create:space-checked")  # full-disk tests fill it here
-            make_ext4(idir / "upper.img", "U", u_tree, size)
-            checkpoint("instance-create:image-made")
+    _check_free(store, name, mac_norm)  # early, for a quick answer; again when it is published
+    inst = Instance(
+        name=name,
+        base=base,
+        generation=gen.number,
+        mac=mac_norm or "",  # derived when it is published, among the MACs taken then
+        hypervisor=hypervisor,
+        size=size,
+        memory=memory,
+        vcpus=vcpus,
+        created=now_iso(),
+        nic_name=nic_name,
+        layers=layers,
+    )
+    # what mke2fs writes into the sparse U (measured: 2.2 MiB for 4 GiB, 16 MiB for 1 TiB)
+    require_space(store.root, (4 << 20) + size // 65536, f"create instance {name}")
+    # the U image is made without the store lock (its tree and image are the new
+    # instance's own, in staging), so instances made at once (a deploy's) overlap; the
+    # lock is held to check the name and the MAC and to put the instance in place
+    with store.staging(f"inst-{name}") as stage:
+        u_tree = stage / "u"
+        u_tree.mkdir(mode=0o755)
+        _prepare_u_tree(store, u_tree, inst)
+        scratch = stage / "identity"  # ssh-keygen's output, removed with the staging
+        scratch.mkdir(mode=0o700)
+        with (  # its own machine-id and SSH host keys; its chain's view with layers
+            gen.manifest() as base_manifest,
+            chain_lookup(store, base_manifest, layers, stage / "layers") as below,
+        ):
+            identity.ensure_instance(u_tree / "upper", below, scratch, name)
+        checkpoint("instance-create:staged")
+        idir = stage / "instance"
+        idir.mkdir(mode=0o700)
+        checkpoint("instance-create:space-checked")  # full-disk tests fill it here
+        make_ext4(idir / "upper.img", "U", u_tree, size)
+        checkpoint("instance-create:image-made")
+        with store.lock("store", purpose=f"instance create {name}"):
+            taken = _check_free(store, name, mac_norm)
+            inst = inst.replace(mac=mac_norm or derive_mac(name, taken))
             write_record(idir / Instance.FILE, inst)
             os.rename(idir, store.instance_dir(name))
             checkpoint("instance-create:published")
