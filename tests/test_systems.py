@@ -717,8 +717,8 @@ def test_a_vm_that_fails_undoes_the_vms_made_at_once(
         time.sleep(0.1)  # the ones beside it finish after it failed
         store.instance_dir(name).mkdir()
 
-    monkeypatch.setattr(systems.snap_mod, "create_from", make)
-    monkeypatch.setattr(systems.control, "forget", lambda _store, _name: None)
+    monkeypatch.setattr("unionimg.layers.snapshot.create_from", make)
+    monkeypatch.setattr("unionimg.boot.control.forget", lambda _store, _name: None)
     layer = "sha256:" + "a" * 64
     vms = tuple(
         SystemVM(
