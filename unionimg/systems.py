@@ -404,10 +404,15 @@ def materialize(
         replaced = _check_names(store, meta, replace)
         out.cached_before = layerstore.count(store)
         missing = [d for d in man.layers if not layerstore.has(store, d.annotations[ANN_DIFF_ID])]
-        bases = _check_bases(store, reg, man)
+        # the registry's layer.json of each layer this host lacks, asked once
+        remote = {
+            d: _remote_meta(reg, d) for d in dict.fromkeys(man.diff_ids())
+            if not layerstore.has(store, d)
+        }  # fmt: skip
+        bases = _check_bases(store, man, remote)
         out.layers = list(dict.fromkeys(man.diff_ids()))
         out.cache_hits = len(out.layers) - len({d.annotations[ANN_DIFF_ID] for d in missing})
-        needed = sum(_layer_needs(reg, d) for d in missing) + sum(
+        needed = sum(_layer_needs(remote, d) for d in missing) + sum(
             U_OVERHEAD + vm.size // 65536 for vm in meta.vms
         )
         require_space(store.root, needed, f"deploy system {meta.name} (its missing layers)")
@@ -422,7 +427,16 @@ def materialize(
         # every VM's chain at once: all missing blobs fetched and checked before the first
         # import, so a bad blob of any VM leaves the layer cache as it was
         tops = [layer_tag(top) for top in dict.fromkeys(vm.layer for vm in meta.vms)]
-        report = hostcache.pull_nodes(store, reg, tops, on_bytes=on_bytes)
+        # the store's empty Mercurial repository, which the base generations and the VMs
+        # made below copy: made (once per store, an 'hg init') while the layers arrive
+        template = threading.Thread(
+            target=base_mod.hg_template, args=(store,), name="unionimg-hg-template", daemon=True
+        )
+        template.start()
+        try:
+            report = hostcache.pull_nodes(store, reg, tops, on_bytes=on_bytes)
+        finally:
+            template.join()  # a failure of its own is raised where it is used
         out.imported = report.imported
         out.bytes_pulled = report.bytes_pulled
         out.bytes_resumed = report.bytes_resumed
@@ -461,10 +475,11 @@ def _remote_meta(reg: Registry, diff_id: str) -> LayerMeta | None:
     return lm if lm.diff_id == diff_id else None
 
 
-def _layer_needs(reg: Registry, desc: Descriptor) -> int:
+def _layer_needs(remote: dict[str, LayerMeta | None], desc: Descriptor) -> int:
     """Bytes a missing layer needs here: its blob while it arrives, its image, its tar
-    while it is extracted (the image-tree node's layer.json says the sizes)."""
-    lm = _remote_meta(reg, desc.annotations[ANN_DIFF_ID])
+    while it is extracted (the image-tree node's layer.json, in ``remote``, says the
+    sizes)."""
+    lm = remote.get(desc.annotations[ANN_DIFF_ID])
     if lm is None:
         return 3 * desc.size
     return desc.size + max(lm.image_size, 0) + max(lm.tar_size, 0)
@@ -482,7 +497,9 @@ class _BaseNeed:
     parent: int | None
 
 
-def _check_bases(store: Store, reg: Registry, man: Manifest) -> list[_BaseNeed]:
+def _check_bases(
+    store: Store, man: Manifest, remote: dict[str, LayerMeta | None]
+) -> list[_BaseNeed]:
     """The base generations under the node's layers (kinds base and delta): each one this
     host has must hold the very same tree (a generation of the same name and number with
     another tree is a Conflict: VMs would boot on the wrong base); each one it lacks is made
@@ -494,7 +511,7 @@ def _check_bases(store: Store, reg: Registry, man: Manifest) -> list[_BaseNeed]:
         if layerstore.has(store, diff_id):
             lm: LayerMeta | None = layerstore.get(store, diff_id).meta
         else:
-            lm = _remote_meta(reg, diff_id)
+            lm = remote.get(diff_id)
         if lm is None or lm.kind == "snapshot":
             continue
         if lm.base is None or lm.generation is None or lm.generation < 1:

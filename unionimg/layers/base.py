@@ -148,6 +148,13 @@ class Generation:
         }
 
 
+def hg_template(store: Store) -> Path:
+    """The store's empty Mercurial repository, made by ``hg init`` the first time: a new
+    repository (a base's history, an instance's) is a copy of it, a few small files,
+    instead of a Mercurial start-up each."""
+    return store.publish(store.root / "templates" / "hg-empty", history.init_repo)
+
+
 def layer_label(diff_id: str) -> str:
     """``L`` + the first 15 hex digits of a layer's diff_id (ext4 labels hold 16 chars)."""
     return "L" + diff_id.removeprefix("sha256:")[:15]
@@ -695,7 +702,7 @@ def create(
             bdir.mkdir(mode=0o700)
             (bdir / "generations").mkdir(mode=0o700)
             repo = bdir / "history"
-            history.init_repo(repo)
+            history.init_repo(repo, template=hg_template(store))
             write_record(bdir / BaseMeta.FILE, BaseMeta(name, now_iso()))
             with _staging_tree(store, stage, [src]) as tree:
                 made = _build_generation(
@@ -793,7 +800,7 @@ def generation_from_layer(
             if new_base:
                 top = stage / "base"
                 (top / "generations").mkdir(mode=0o700, parents=True)
-                history.init_repo(top / "history")
+                history.init_repo(top / "history", template=hg_template(store))
                 write_record(top / BaseMeta.FILE, BaseMeta(name, now_iso()))
                 gdir = top / "generations" / str(number)
             else:

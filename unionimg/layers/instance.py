@@ -16,7 +16,7 @@ from unionimg.fs.image import disk_usage, make_ext4
 from unionimg.fs.mounts import is_mounted, require_root, umount
 from unionimg.fs.space import WriteWatch, require_space
 from unionimg.layers import history, identity, ucheck
-from unionimg.layers.base import generations, get_generation
+from unionimg.layers.base import generations, get_generation, hg_template
 from unionimg.layers.chainview import chain_lookup
 from unionimg.layers.ucheck import sync_image
 from unionimg.mac import derive_mac
@@ -117,11 +117,6 @@ def describe(store: Store, inst: Instance) -> JsonObject:
 
 
 # -- create / remove ----------------------------------------------------------------------
-def hg_template(store: Store) -> Path:
-    """The store's empty Mercurial repository, made by ``hg init`` the first time."""
-    return store.publish(store.root / "templates" / "hg-empty", history.init_repo)
-
-
 def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
     """The content of a new U image: empty upper/ and work/, and the history repository.
 

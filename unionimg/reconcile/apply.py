@@ -57,11 +57,12 @@ from unionimg.layers.base import (
     Generation,
     generations,
     get_generation,
+    hg_template,
     mount_generation,
     unmount_layers,
 )
 from unionimg.layers.base import delta as base_delta
-from unionimg.layers.instance import Instance, durable, hg_template, load, save, state, u_layer
+from unionimg.layers.instance import Instance, durable, load, save, state, u_layer
 from unionimg.layers.snapshot import refuse_reconcile
 from unionimg.layers.status import (
     blame_space,
