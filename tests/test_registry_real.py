@@ -320,6 +320,27 @@ def test_pull_fetches_only_the_layers_a_store_lacks(
     assert not any(hostcache.download_dir(store).iterdir())
 
 
+def test_two_nodes_over_one_parent_ask_for_the_parent_once(
+    src: Src, registry: server_mod.Server, tmp_path: Path
+) -> None:
+    """A client keeps the manifests and small blobs it fetched and checked, by digest: a
+    pull of two nodes over one parent asks for the parent's manifest and layer.json once.
+    A tag is asked each time (it may move); content fetched by digest is never stale."""
+    for layer in (src.a, src.b):
+        Cli(src.store.root).ok("push", layer.short, "--registry", registry.url)
+    store = empty_store(tmp_path / "host")
+    with Registry(registry.url) as reg:
+        hostcache.pull_nodes(store, reg, [layer_tag(src.a.diff_id), layer_tag(src.b.diff_id)])
+        # two tops by tag, each with its layer.json; the parent node and its layer.json once
+        assert reg.counters.requests == 2 * 2 + 2 + 3, reg.counters  # + the three blobs
+        before = reg.counters.requests
+        top, digest = reg.get_manifest(REPO, layer_tag(src.a.diff_id))
+        assert reg.counters.requests == before + 1  # by tag: asked again
+        assert reg.get_manifest(REPO, digest) == (top, digest)
+        assert reg.counters.requests == before + 1  # by digest: known
+    assert held(store) == {src.base.diff_id, src.a.diff_id, src.b.diff_id}
+
+
 def test_a_cut_transfer_resumes_from_its_partial_file(
     src: Src, registry: server_mod.Server, tmp_path: Path
 ) -> None:

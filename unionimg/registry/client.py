@@ -67,6 +67,9 @@ CHUNK: Final = 8 << 20
 MAX_LISTING: Final = 8 << 20
 """A catalog or tag list larger than this is refused (a registry is a remote party)."""
 RETRIES: Final = 3
+KNOWN_MAX: Final = 16 << 20
+"""Bytes of checked manifests and small blobs one client keeps by digest (asked again, they
+are not fetched again)."""
 TRANSIENT: Final = frozenset({429, 500, 502, 503, 504})
 """Answers another attempt may get past. Distribution's filesystem storage rewrites a link or
 manifest file in place (truncate, then write), so a GET racing a PUT of the same manifest reads
@@ -139,6 +142,10 @@ class Registry:
         self.chunk_size = max(1, chunk_size)
         self.backoff = backoff
         self.counters = Counters()
+        # manifests and small blobs already fetched and checked, by (repo, digest): content
+        # addressed, so never stale; a pull of many nodes asks for the shared ones once
+        self._known: dict[tuple[str, str], bytes] = {}
+        self._known_bytes = 0
         self._http = httpx.Client(
             base_url=self.url, timeout=timeout, follow_redirects=False, trust_env=False
         )
@@ -445,6 +452,9 @@ class Registry:
         digest, the bytes are checked against it; by tag, the digest is computed (never taken
         from the registry's header)."""
         path = f"/v2/{check_repo(repo)}/manifests/{ref}"
+        known = self._known.get((repo, ref)) if ref.startswith("sha256:") else None
+        if known is not None:
+            return known, ref
         what = f"manifest {ref} of {repo}"
         data = self._get_bounded(path, what, MAX_MANIFEST, headers={"accept": media_type})
         assert data is not None  # not missing_ok: a 404 raised NotFound
@@ -454,17 +464,29 @@ class Registry:
                 f"manifest {repo}@{ref} from registry {self.url} has digest {digest}: refused "
                 "(damaged or tampered in the registry; push it again)"
             )
+        self._keep(repo, digest, data)
         return data, digest
+
+    def _keep(self, repo: str, digest: str, data: bytes) -> None:
+        """Remember checked content by its digest (up to :data:`KNOWN_MAX` bytes in all)."""
+        if (repo, digest) in self._known or self._known_bytes + len(data) > KNOWN_MAX:
+            return
+        self._known[(repo, digest)] = data
+        self._known_bytes += len(data)
 
     # -- fetching blobs ---------------------------------------------------------------------
     def get_small_blob(self, repo: str, digest: str, max_size: int = 1 << 20) -> bytes:
         """A small blob (a config) into memory, checked against ``digest``."""
         check_digest(digest)
         path = f"/v2/{check_repo(repo)}/blobs/{digest}"
+        known = self._known.get((repo, digest))
+        if known is not None and len(known) <= max_size:
+            return known
         data = self._get_bounded(path, f"blob {digest} of {repo}", max_size, follow_redirects=True)
         assert data is not None  # not missing_ok: a 404 raised NotFound
         if digest_of(data) != digest:
             raise ToolFailed(_tampered(self.url, repo, digest, digest_of(data)))
+        self._keep(repo, digest, data)
         return data
 
     def fetch_blob(
