@@ -42,7 +42,9 @@ def test_a_stream_written_once_leaves_no_page_behind(tmp_path: Path) -> None:
     mib = 3 * DROP_EVERY // MIB
     _write(tmp_path / "kept", mib, behind=False)
     _write(tmp_path / "dropped", mib, behind=True)
-    assert resident_pages(tmp_path / "kept") >= mib * PAGES_PER_MIB - 1
+    # the control: written the ordinary way, the pages stay (most of them: the kernel may
+    # reclaim some meanwhile, a balloon asking this VM for memory, other work's pressure)
+    assert resident_pages(tmp_path / "kept") >= mib * PAGES_PER_MIB // 2
     assert resident_pages(tmp_path / "dropped") <= 1
     assert (tmp_path / "dropped").stat().st_size == mib * MIB  # advice only: nothing lost
 
@@ -63,7 +65,7 @@ def test_a_reader_following_a_file_drops_what_it_read(tmp_path: Path) -> None:
     assert got == data
     assert resident_pages(path) <= DROP_EVERY // 4096
     assert path.read_bytes() == data
-    assert resident_pages(path) >= mib * PAGES_PER_MIB - 1
+    assert resident_pages(path) >= mib * PAGES_PER_MIB // 2  # a plain read: kept (the control)
 
 
 def test_small_files_leave_the_page_cache_once_synced(tmp_path: Path) -> None:
