@@ -1170,7 +1170,10 @@ def _extract(
                 if rec is not None:
                     rec.add(full, rel, ent, FILE, sha)
                 continue  # its data, owner, mode and times: the writing thread's
-            sha = _write_file(src, full, ent.size, rel, hashed=rec is not None, out=out)
+            sha = _write_file(src, full, ent, rel, policy, hashed=rec is not None, out=out)
+            if rec is not None:
+                rec.add(full, rel, ent, FILE, sha)
+            continue  # its owner, xattrs, mode and times: set through its descriptor
         elif t == b"1":
             target = _clean(ent.linkname)
             if kinds.get(target) != "file":
@@ -1199,7 +1202,7 @@ def _extract(
             os.mknod(full, fmt | 0o600, os.makedev(ent.devmajor, ent.devminor))
         _meta(full, ent, policy, rel, is_dir=False)
         if rec is not None:
-            rec.add(full, rel, ent, FILE if t in (b"0", b"\0") else _REC_KIND[t], sha)
+            rec.add(full, rel, ent, _REC_KIND[t])
     if out is not None:
         out.drain()  # every file handed over written, or its error raised
     for full, mtime in reversed(dir_times):
@@ -1226,19 +1229,24 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 def _write_file(
     src: _Source,
     full: bytes,
-    size: int,
+    ent: _Entry,
     rel: bytes,
+    policy: Policy,
     *,
     hashed: bool = False,
     out: _Uncached | None = None,
 ) -> str | None:
-    """Write the file's ``size`` bytes from the tar; their sha256 (hex) with ``hashed``.
-    With ``out``, a file of :data:`UNCACHED_MIN` bytes or more is written through it."""
+    """Write the file's bytes from the tar, then its owner, xattrs, mode and times through
+    its descriptor (:func:`_meta_fd`); their sha256 (hex) with ``hashed``. With ``out``, a
+    file of :data:`UNCACHED_MIN` bytes or more is written through it."""
+    size = ent.size
+    _check_mode(ent, policy, rel, is_dir=False)
     direct = out if out is not None and size >= UNCACHED_MIN else None
     fd = os.open(full, _NEW_FILE | (os.O_DIRECT if direct is not None else 0), 0o600)
     sha = hashlib.sha256() if hashed else None
     try:
         _put_data(fd, _read_parts(src, size, sha), size, rel, direct.buf if direct else None)
+        _meta_fd(fd, ent, rel)
     finally:
         os.close(fd)
     if out is not None and out.recycle is not None and size and (not direct or size % ALIGN):
@@ -1432,9 +1440,7 @@ def _write_handed(buf: mmap.mmap, job: _Handed) -> None:
     then owner, mode and times, all through its descriptor."""
     fd, ent = job.fd, job.ent
     _put_data(fd, job.parts, ent.size, job.rel, buf)
-    os.chown(fd, ent.uid, ent.gid)
-    os.chmod(fd, ent.mode)  # after chown, which clears setuid and setgid
-    os.utime(fd, (ent.mtime, ent.mtime))
+    _meta_fd(fd, ent, job.rel)
 
 
 def _read_parts(src: _Source, size: int, sha: hashlib._Hash | None) -> Iterator[bytes]:
@@ -1494,16 +1500,32 @@ def _check_mode(ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> Non
         )
 
 
-def _meta(full: bytes, ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> None:
-    mode = ent.mode
-    _check_mode(ent, policy, rel, is_dir=is_dir)
-    os.chown(full, ent.uid, ent.gid, follow_symlinks=False)
-    for name, value in sorted(ent.xattrs.items()):
+def _xattrs_of(ent: _Entry, rel: bytes) -> list[tuple[str, bytes]]:
+    """The entry's xattrs, in name order; overlayfs's own refused."""
+    for name in ent.xattrs:
         if name.startswith(("trusted.overlay.", "user.overlay.")):
             raise LayerRefused(
                 f"the blob's tar sets overlayfs's own {name} on {_show(rel)}; a layer says "
                 "whiteouts and opaque directories only by .wh. names"
             )
+    return sorted(ent.xattrs.items())
+
+
+def _meta_fd(fd: int, ent: _Entry, rel: bytes) -> None:
+    """A regular file's owner, xattrs, mode and times, through its open descriptor (no
+    name looked up again; its mode was checked before it was made)."""
+    os.chown(fd, ent.uid, ent.gid)
+    for name, value in _xattrs_of(ent, rel):
+        os.setxattr(fd, name, value)
+    os.chmod(fd, ent.mode)  # after chown, which clears setuid and setgid
+    os.utime(fd, (ent.mtime, ent.mtime))
+
+
+def _meta(full: bytes, ent: _Entry, policy: Policy, rel: bytes, *, is_dir: bool) -> None:
+    mode = ent.mode
+    _check_mode(ent, policy, rel, is_dir=is_dir)
+    os.chown(full, ent.uid, ent.gid, follow_symlinks=False)
+    for name, value in _xattrs_of(ent, rel):
         os.setxattr(full, name, value, follow_symlinks=False)
     if ent.typeflag != b"2":
         os.chmod(full, mode)
