@@ -179,6 +179,35 @@ def test_instances_made_at_once_get_one_name_and_distinct_macs(cli: Cli, src_tre
     assert list((cli.store / "tmp").iterdir()) == []
 
 
+def test_a_generation_removed_while_an_instance_is_made_is_a_conflict(
+    cli: Cli, src_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The U image is made outside the store lock, so a 'base gc' may run meanwhile and
+    remove the (not yet used) generation the instance is made on: putting the instance in
+    place then finds it gone and refuses, in one line, with nothing made."""
+    from unionimg.fs.image import make_ext4
+
+    cli.ok("base", "create", "deb", "--from-dir", str(src_tree))
+    patch = tmp_path / "p"
+    patch.mkdir()
+    (patch / "f").write_text("1")
+    cli.ok("base", "update", "deb", "--apply-dir", str(patch), "--full")
+
+    def make_then_gc(*args: Any, **kwargs: Any) -> None:
+        make_ext4(*args, **kwargs)
+        assert json.loads(cli.ok("base", "gc", "--json").output) == [
+            {"base": "deb", "generation": 1}
+        ]
+
+    monkeypatch.setattr("unionimg.layers.instance.make_ext4", make_then_gc)
+    res = cli.fails("instance", "create", "vm1", "--base", "deb", "--generation", "1", code=4)
+    assert "generation 1 was removed while instance 'vm1' was being made" in res.output
+    monkeypatch.undo()
+    assert json.loads(cli.ok("instance", "list", "--json").output) == []
+    assert list((cli.store / "tmp").iterdir()) == []
+    cli.ok("instance", "create", "vm1", "--base", "deb")  # on generation 2: still there
+
+
 def tree_listing(root: Path) -> list[tuple[str, int]]:
     out = []
     for dirpath, _dirs, files in os.walk(root):

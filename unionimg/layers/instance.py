@@ -223,6 +223,15 @@ def create(
         checkpoint("instance-create:image-made")
         with store.lock("store", purpose=f"instance create {name}"):
             taken = _check_free(store, name, mac_norm)
+            # 'base gc' and 'base remove' keep what instances use, under this lock: the
+            # generation must still be there now that this one will use it
+            try:
+                get_generation(store, base, gen.number)
+            except NotFound:
+                raise Conflict(
+                    f"base '{base}' generation {gen.number} was removed while instance "
+                    f"'{name}' was being made on it; nothing was made: create it again"
+                ) from None
             inst = inst.replace(mac=mac_norm or derive_mac(name, taken))
             write_record(idir / Instance.FILE, inst)
             os.rename(idir, store.instance_dir(name))
