@@ -157,23 +157,21 @@ class Handoff:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._given = False
         self._digest: str | None = None
-        self.given_at: float | None = None
+        self.given_at: float | None = None  # when give() was called
 
     def pipe(self) -> int:
         """A new pipe's read end, for the SSH command's stdin (the caller closes it)."""
         read, write = os.pipe()
         with self._lock:
             self._fd = write
-            if self._given:
+            if self.given_at is not None:
                 self._send()
         return read
 
     def give(self, digest: str | None) -> None:
         with self._lock:
-            self._given, self._digest = True, digest
-            self.given_at = time.monotonic()
+            self._digest, self.given_at = digest, time.monotonic()
             if self._fd is not None:
                 self._send()
 

@@ -674,8 +674,8 @@ def _make_vms(store: Store, meta: SystemMeta, replaced: list[str], note: Progres
             finally:  # the first failure stops what has not started; the rest end first
                 pool.shutdown(wait=True, cancel_futures=True)
             for fut in futures:
-                if not fut.cancelled() and fut.exception() is not None:
-                    fut.result()  # raises it
+                if not fut.cancelled():
+                    fut.result()  # the first failure raised
         except BaseException:
             for name in made:
                 shutil.rmtree(store.instance_dir(name), ignore_errors=True)

@@ -1164,13 +1164,13 @@ def _extract(
             raise LayerRefused("the blob's tar has the root as something other than a directory")
         if t in (b"0", b"\0"):
             _once(kinds, rel, "file")
+            _check_mode(ent, policy, rel, is_dir=False)  # before it is made (and handed over)
             if out is not None and out.takes(ent, rel, rec):
-                _check_mode(ent, policy, rel, is_dir=False)  # refused here, not in its thread
                 sha = out.hand_over(src, full, ent, rel, hashed=rec is not None)
                 if rec is not None:
                     rec.add(full, rel, ent, FILE, sha)
                 continue  # its data, owner, mode and times: the writing thread's
-            sha = _write_file(src, full, ent, rel, policy, hashed=rec is not None, out=out)
+            sha = _write_file(src, full, ent, rel, hashed=rec is not None, out=out)
             if rec is not None:
                 rec.add(full, rel, ent, FILE, sha)
             continue  # its owner, xattrs, mode and times: set through its descriptor
@@ -1231,7 +1231,6 @@ def _write_file(
     full: bytes,
     ent: _Entry,
     rel: bytes,
-    policy: Policy,
     *,
     hashed: bool = False,
     out: _Uncached | None = None,
@@ -1240,7 +1239,6 @@ def _write_file(
     its descriptor (:func:`_meta_fd`); their sha256 (hex) with ``hashed``. With ``out``, a
     file of :data:`UNCACHED_MIN` bytes or more is written through it."""
     size = ent.size
-    _check_mode(ent, policy, rel, is_dir=False)
     direct = out if out is not None and size >= UNCACHED_MIN else None
     fd = os.open(full, _NEW_FILE | (os.O_DIRECT if direct is not None else 0), 0o600)
     sha = hashlib.sha256() if hashed else None

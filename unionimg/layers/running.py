@@ -192,7 +192,7 @@ def teardown_fault(verdict: ConsoleVerdict, hypervisor_says: str | None) -> bool
     path, after "reboot: System halted": its exit calls have closed the console, so it says
     nothing). The guest's disks were synced and its devices shut down before that line, so
     its stop was clean; the caller says what the process did as a warning."""
-    return bool(hypervisor_says) and verdict.ready and verdict.halted and not verdict.failure
+    return bool(hypervisor_says) and verdict.ready and verdict.halted
 
 
 def console_verdict(path: Path) -> ConsoleVerdict:
@@ -284,7 +284,7 @@ def _cleanup(store: Store, name: str, rec: Running, evidence: str | None) -> Non
     console = Path(rec.console)
     verdict = console_verdict(console)
     reason = stop_reason(verdict, hypervisor_says=evidence, stop_requested=rec.stopping)
-    if reason is None and not rec.stopping and teardown_fault(verdict, evidence):
+    if reason is None and evidence and not rec.stopping:  # stop_reason's teardown_fault
         log.warning(
             "%s: %s after its guest had halted (console: '%s'); the guest's shutdown was "
             "complete, so it counts as stopped",
