@@ -255,6 +255,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, root: None) -> Iterator[Worl
         print("debian reconcile world:", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
         unmount_tree(tmp)
         assert not [m for m in mountinfo() if m.target.startswith(str(tmp))]
+        for vm in VMS:  # removing an instance undefines its libvirt domain (kvm boots left one)
+            if cli("instance", "show", vm, "--json").exit_code == 0:
+                cli.ok("instance", "remove", vm)
 
 
 def conflicts(world: World, vm: str) -> list[str]:

@@ -48,6 +48,7 @@ from unionimg.boot.initramfs import (
 )
 from unionimg.errors import MissingCapability, UsageError
 from unionimg.fs.mounts import OVERLAY_OPTIONS
+from unionimg.layers.running import analyse, console_lines
 from unionimg.runner import run
 
 BUSYBOX = Path("/bin/busybox")
@@ -409,6 +410,37 @@ def boot(argv: list[str], *, env: dict[str, str] | None = None, stop_at: str = "
     return Boot(console, seconds, returncode)
 
 
+def assert_uml_powered_off(result: Boot) -> None:
+    """The guest's kernel finished its own halt and its UML process ended. It exits 0 then;
+    but Debian's UML 6.1 is now and then killed by SIGABRT in its own exit path after the
+    guest's halt line (its exit calls have closed the console, so it says nothing; CI saw it
+    twice in some thousands of boots). The guest had finished by then, so that counts too,
+    as unionimg's own verdict has it (``running.teardown_fault``): only SIGABRT, and only with
+    the halt line last on the console."""
+    if result.returncode == 0:
+        return
+    lines = console_lines(result.console.encode())
+    verdict = analyse(lines, lines)
+    assert result.returncode == -signal.SIGABRT and verdict.halted, (
+        f"UML ended with {result.returncode}:\n{result.console[-4000:]}"
+    )
+    print(f"warning: UML was killed by SIGABRT after the guest halted ('{verdict.last_line}')")
+
+
+def test_uml_powered_off_takes_sigabrt_only_after_the_halt_line() -> None:
+    console = "GUEST-DONE\r\nreboot: System halted\n"
+    assert_uml_powered_off(Boot(console, 1.0, 0))
+    assert_uml_powered_off(Boot(console, 1.0, -signal.SIGABRT))
+    for bad in (
+        Boot(console, 1.0, -signal.SIGSEGV),
+        Boot(console, 1.0, 1),
+        Boot("GUEST-DONE\n", 1.0, -signal.SIGABRT),
+        Boot(console + "userspace - child died\n", 1.0, -signal.SIGABRT),
+    ):
+        with pytest.raises(AssertionError):
+            assert_uml_powered_off(bad)
+
+
 def check_guest(result: Boot, lab: Lab, u_image: Path, *, version: str, mac: str) -> None:
     console = result.console
     tail = console[-4000:]
@@ -526,7 +558,7 @@ def test_boot_uml_with_tap_nic(lab: Lab, u_image: Path) -> None:
         run(["ip", "link", "del", tap], check=False)
     assert tap not in run(["ip", "-o", "link", "show"]).stdout
     print(f"UML boot to power-off: {result.seconds:.1f} s")
-    assert result.returncode == 0, result.console[-4000:]
+    assert_uml_powered_off(result)
     check_guest(result, lab, u_image, version=version, mac=UML_MAC)
 
 
@@ -575,7 +607,7 @@ def test_uml_without_u_says_why(lab: Lab, debug: bool) -> None:
         assert "unionimg-init: unionimg.debug: starting a shell" in console
         assert shell_banner in console
     else:
-        assert result.returncode == 0
+        assert_uml_powered_off(result)
         assert "unionimg-init: powering off" in console
         assert shell_banner not in console
     assert result.seconds < 30
@@ -651,7 +683,7 @@ def test_uml_boots_a_chain(lab: Lab, chain_lab: ChainLab, u_image: Path) -> None
         console,
         re.MULTILINE,
     ), console[-4000:]
-    assert result.returncode == 0
+    assert_uml_powered_off(result)
     # read-only all the way: BASE and the layers unchanged, U clean
     assert sha256(chain_lab.base) == chain_lab.base_sha256
     run(["e2fsck", "-fn", str(top.image)])
@@ -711,7 +743,8 @@ def test_uml_chain_with_a_layer_missing_says_which(
     assert top.label not in message
     assert "unionimg-init: powering off" in result.console
     assert "unionimg-guest: chain" not in result.console
-    assert result.returncode == 0 and result.seconds < 30
+    assert_uml_powered_off(result)
+    assert result.seconds < 30
 
 
 @pytest.mark.slow
@@ -737,7 +770,7 @@ def test_uml_refuses_a_malformed_chain(lab: Lab, u_image: Path, lowers: str, why
     assert error.group(1).startswith(f"unionimg.lowers={lowers}: ")
     assert why in error.group(1)
     assert "switching root" not in result.console
-    assert result.returncode == 0
+    assert_uml_powered_off(result)
 
 
 if __name__ == "__main__":  # pragma: no cover

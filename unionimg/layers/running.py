@@ -96,7 +96,8 @@ def quote(text: str, limit: int = QUOTE_MAX) -> str:
     return display.shown(text, limit)
 
 
-def _lines(data: bytes) -> list[str]:
+def console_lines(data: bytes) -> list[str]:
+    """A console's text as its non-empty lines, without the kernel's time stamps."""
     text = data.decode("utf-8", errors="replace")
     out = []
     for raw in text.replace("\r", "\n").split("\n"):
@@ -113,13 +114,13 @@ def read_console(path: Path) -> tuple[list[str], list[str]]:
             head = fh.read(HEAD_BYTES)
             size = fh.seek(0, 2)
             if size <= HEAD_BYTES:
-                return _lines(head), _lines(head)
+                return console_lines(head), console_lines(head)
             fh.seek(max(size - TAIL_BYTES, HEAD_BYTES))
             tail = fh.read(TAIL_BYTES)
     except OSError:
         return [], []
     # the tail's first line may be cut in the middle: drop it
-    return _lines(head), _lines(tail)[1:]
+    return console_lines(head), console_lines(tail)[1:]
 
 
 @dataclass(frozen=True)
