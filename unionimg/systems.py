@@ -403,15 +403,12 @@ def materialize(
         out = Materialized(meta.name, man.digest, reg.url, vms=[vm.name for vm in meta.vms])
         replaced = _check_names(store, meta, replace)
         out.cached_before = layerstore.count(store)
-        missing = [d for d in man.layers if not layerstore.has(store, d.annotations[ANN_DIFF_ID])]
-        # the registry's layer.json of each layer this host lacks, asked once
-        remote = {
-            d: _remote_meta(reg, d) for d in dict.fromkeys(man.diff_ids())
-            if not layerstore.has(store, d)
-        }  # fmt: skip
-        bases = _check_bases(store, man, remote)
         out.layers = list(dict.fromkeys(man.diff_ids()))
-        out.cache_hits = len(out.layers) - len({d.annotations[ANN_DIFF_ID] for d in missing})
+        # the registry's layer.json of each layer this host lacks, asked once
+        remote = {d: _remote_meta(reg, d) for d in out.layers if not layerstore.has(store, d)}
+        missing = [d for d in man.layers if d.annotations[ANN_DIFF_ID] in remote]
+        bases = _check_bases(store, man, remote)
+        out.cache_hits = len(out.layers) - len(remote)
         needed = sum(_layer_needs(remote, d) for d in missing) + sum(
             U_OVERHEAD + vm.size // 65536 for vm in meta.vms
         )
@@ -505,13 +502,11 @@ def _check_bases(
     another tree is a Conflict: VMs would boot on the wrong base); each one it lacks is made
     here from its layer, with the controller's number, so a VM's base and generation mean the
     same on both sides — every generation of a delta chain, reusing the ones the host has.
-    Checked before anything is pulled; the generations to make, bottom first."""
+    Checked before anything is pulled; the generations to make, bottom first. ``remote``:
+    the registry's layer.json of each layer this host lacks (and only of those)."""
     metas: dict[str, LayerMeta] = {}
     for diff_id in dict.fromkeys(man.diff_ids()):
-        if layerstore.has(store, diff_id):
-            lm: LayerMeta | None = layerstore.get(store, diff_id).meta
-        else:
-            lm = remote.get(diff_id)
+        lm = remote[diff_id] if diff_id in remote else layerstore.get(store, diff_id).meta
         if lm is None or lm.kind == "snapshot":
             continue
         if lm.base is None or lm.generation is None or lm.generation < 1:

@@ -226,9 +226,10 @@ def boot_probe(kernel: Path, *, timeout: float = 30.0, busybox: Path = BUSYBOX) 
                 uml.stop(pid, force=True, umid=umid, argv0_hint=kernel.name)
             code = uml.exit_status(pid)
         seconds = time.monotonic() - started
-        text = console.read_bytes().decode(errors="replace") if console.exists() else ""
+        raw = console.read_bytes() if console.exists() else b""
+    text = raw.decode(errors="replace")
     reached = MARKER in text
-    lines = console_lines(text.encode())
+    lines = console_lines(raw)
     # Debian's UML 6.1 is now and then killed by SIGABRT in its own exit path after the
     # kernel's halt line (see running.teardown_fault): the kernel ran its user process and
     # finished; caching a "fails" for that would send this host to a kernel it lacks

@@ -117,7 +117,7 @@ def describe(store: Store, inst: Instance) -> JsonObject:
 
 
 # -- create / remove ----------------------------------------------------------------------
-def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
+def _prepare_u_tree(store: Store, root: Path, ref: BaseRef) -> None:
     """The content of a new U image: empty upper/ and work/, and the history repository.
 
     The repository starts empty: an instance with no local changes has nothing to record,
@@ -127,7 +127,7 @@ def _prepare_u_tree(store: Store, root: Path, inst: Instance) -> None:
         (root / d).mkdir(mode=0o755)
     (root / ".hgignore").write_text(history.hgignore_text(), encoding="utf-8")
     history.init_repo(root, template=hg_template(store))
-    history.write_sidecar(root, "", {BaseRef.FILE: compact(base_ref(inst))})
+    history.write_sidecar(root, "", {BaseRef.FILE: compact(ref)})
 
 
 def base_ref(inst: Instance) -> BaseRef:
@@ -186,19 +186,6 @@ def create(
         raise UsageError(f"vcpus {vcpus} is out of range; give 1 to 256")
     gen = get_generation(store, base, generation)
     _check_free(store, name, mac_norm)  # early, for a quick answer; again when it is published
-    inst = Instance(
-        name=name,
-        base=base,
-        generation=gen.number,
-        mac=mac_norm or "",  # derived when it is published, among the MACs taken then
-        hypervisor=hypervisor,
-        size=size,
-        memory=memory,
-        vcpus=vcpus,
-        created=now_iso(),
-        nic_name=nic_name,
-        layers=layers,
-    )
     # what mke2fs writes into the sparse U (measured: 2.2 MiB for 4 GiB, 16 MiB for 1 TiB)
     require_space(store.root, (4 << 20) + size // 65536, f"create instance {name}")
     # the U image is made without the store lock (its tree and image are the new
@@ -207,7 +194,7 @@ def create(
     with store.staging(f"inst-{name}") as stage:
         u_tree = stage / "u"
         u_tree.mkdir(mode=0o755)
-        _prepare_u_tree(store, u_tree, inst)
+        _prepare_u_tree(store, u_tree, BaseRef(instance=name, base=base, generation=gen.number))
         scratch = stage / "identity"  # ssh-keygen's output, removed with the staging
         scratch.mkdir(mode=0o700)
         with (  # its own machine-id and SSH host keys; its chain's view with layers
@@ -232,7 +219,19 @@ def create(
                     f"base '{base}' generation {gen.number} was removed while instance "
                     f"'{name}' was being made on it; nothing was made: create it again"
                 ) from None
-            inst = inst.replace(mac=mac_norm or derive_mac(name, taken))
+            inst = Instance(
+                name=name,
+                base=base,
+                generation=gen.number,
+                mac=mac_norm or derive_mac(name, taken),  # among the MACs taken now
+                hypervisor=hypervisor,
+                size=size,
+                memory=memory,
+                vcpus=vcpus,
+                created=now_iso(),
+                nic_name=nic_name,
+                layers=layers,
+            )
             write_record(idir / Instance.FILE, inst)
             os.rename(idir, store.instance_dir(name))
             checkpoint("instance-create:published")
